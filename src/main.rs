@@ -1,1 +1,94 @@
-fn main(){}
+//! The `tim` binary: `tim serve` runs a server from a TOML config file and command-line overrides.
+
+use std::{net::SocketAddr, path::PathBuf};
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use signal_hook::{
+    consts::{SIGINT, SIGTERM},
+    iterator::Signals,
+};
+use tim::config::Config;
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+#[derive(Parser)]
+#[command(name = "tim", version, about = "tim: an io_uring thread-per-core instant-messaging engine")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run a server node.
+    Serve(ServeArgs),
+    /// Print the default configuration as TOML.
+    DefaultConfig,
+}
+
+#[derive(clap::Args)]
+struct ServeArgs {
+    /// TOML config file; options not in it keep their defaults.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Listen address of the binary protocol (overrides server.listen).
+    #[arg(long, value_name = "ADDR")]
+    listen: Option<SocketAddr>,
+    /// Number of shards; 0 = one per core (overrides server.shards).
+    #[arg(long, value_name = "N")]
+    shards: Option<usize>,
+    /// Storage backend (overrides store.backend): memory.
+    #[arg(long, value_name = "BACKEND")]
+    store: Option<String>,
+    /// I/O driver: auto, io_uring or epoll (overrides server.driver).
+    #[arg(long, value_name = "DRIVER")]
+    driver: Option<String>,
+}
+
+fn main() -> anyhow::Result<()> {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    let cli = Cli::parse();
+    match cli.command {
+        Command::DefaultConfig => {
+            print!("{}", tim::config::DEFAULT_TOML);
+            Ok(())
+        }
+        Command::Serve(args) => serve(args),
+    }
+}
+
+fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let mut cfg = match &args.config {
+        Some(path) => Config::from_file(path)?,
+        None => Config::default(),
+    };
+    if let Some(a) = args.listen {
+        cfg.server.listen = a;
+    }
+    if let Some(n) = args.shards {
+        cfg.server.shards = n;
+    }
+    if let Some(s) = args.store {
+        cfg.store.backend = s;
+    }
+    if let Some(d) = args.driver {
+        cfg.server.driver = d;
+    }
+    // Register before starting so that no signal is missed.
+    let mut signals = Signals::new([SIGTERM, SIGINT]).context("installing signal handlers")?;
+    let server = tim::server::start(cfg)?;
+    let driver = server.drivers.first().map_or("?", |d| d.name());
+    // Tests and scripts read this line to learn the bound address.
+    println!("tim listening on {} ({} shards, {driver} driver)", server.addr, server.drivers.len());
+    use std::io::Write;
+    std::io::stdout().flush()?;
+    if let Some(sig) = signals.forever().next() {
+        log::info!("signal {sig}: shutting down");
+    }
+    server.stop();
+    server.join()?;
+    log::info!("stopped");
+    Ok(())
+}

@@ -66,9 +66,7 @@ impl<T> Mesh<T> {
         assert!(shards > 0 && capacity > 0);
         let inboxes = (0..shards)
             .map(|me| Inbox {
-                from: (0..shards)
-                    .map(|src| (src != me).then(|| ArrayQueue::new(capacity)))
-                    .collect(),
+                from: (0..shards).map(|src| (src != me).then(|| ArrayQueue::new(capacity))).collect(),
                 parked: CachePadded::new(AtomicBool::new(false)),
                 signal: AtomicBool::new(false),
                 waker: AtomicWaker::new(),
@@ -85,7 +83,7 @@ impl<T> Mesh<T> {
     /// The port of shard `me`. Each shard must take exactly one.
     pub fn port(self: &Arc<Self>, me: usize, spin_rounds: u32) -> MeshPort<T> {
         assert!(me < self.shards());
-        MeshPort { mesh: self.clone(), me, spin_rounds, next: 0 }
+        MeshPort { mesh: self.clone(), me, spin_rounds, next: std::cell::Cell::new(0) }
     }
 
     /// Make shard `dst`'s current or next wait return (with an empty batch), e.g. for shutdown.
@@ -120,7 +118,7 @@ pub struct MeshPort<T> {
     me: usize,
     spin_rounds: u32,
     /// Round-robin start of the next drain, so that no source starves another.
-    next: usize,
+    next: std::cell::Cell<usize>,
 }
 
 impl<T> MeshPort<T> {
@@ -154,7 +152,7 @@ impl<T> MeshPort<T> {
     }
 
     /// Move up to `max` waiting messages into `out` without waiting; returns how many.
-    pub fn try_recv_batch(&mut self, out: &mut Vec<T>, max: usize) -> usize {
+    pub fn try_recv_batch(&self, out: &mut Vec<T>, max: usize) -> usize {
         let inbox = &self.mesh.inboxes[self.me];
         let n = inbox.from.len();
         let mut taken = 0;
@@ -163,7 +161,7 @@ impl<T> MeshPort<T> {
         loop {
             let before = taken;
             for i in 0..n {
-                let src = (self.next + i) % n;
+                let src = (self.next.get() + i) % n;
                 let Some(q) = &inbox.from[src] else { continue };
                 let mut k = 0;
                 while taken < max && k < share {
@@ -177,7 +175,7 @@ impl<T> MeshPort<T> {
                     }
                 }
             }
-            self.next = (self.next + 1) % n;
+            self.next.set((self.next.get() + 1) % n);
             if taken == before || taken >= max {
                 return taken;
             }
@@ -186,7 +184,7 @@ impl<T> MeshPort<T> {
 
     /// Wait until at least one message is waiting (or [`Mesh::signal`] was called), then move up to
     /// `max` into `out`. Returns how many were moved; 0 means "signalled".
-    pub async fn recv_batch(&mut self, out: &mut Vec<T>, max: usize) -> usize {
+    pub async fn recv_batch(&self, out: &mut Vec<T>, max: usize) -> usize {
         loop {
             let n = self.try_recv_batch(out, max);
             if n > 0 {
@@ -239,8 +237,7 @@ impl<T> Future for Park<'_, T> {
         inbox.waker.register(cx.waker());
         inbox.parked.store(true, Ordering::SeqCst);
         fence(Ordering::SeqCst);
-        let ready = inbox.signal.load(Ordering::SeqCst)
-            || inbox.from.iter().flatten().any(|q| !q.is_empty());
+        let ready = inbox.signal.load(Ordering::SeqCst) || inbox.from.iter().flatten().any(|q| !q.is_empty());
         if ready {
             inbox.parked.store(false, Ordering::Relaxed);
             Poll::Ready(())
@@ -278,7 +275,7 @@ mod tests {
         let mesh = Mesh::<u32>::new(3, 16);
         let a = mesh.port(0, 0);
         let b = mesh.port(1, 0);
-        let mut c = mesh.port(2, 0);
+        let c = mesh.port(2, 0);
         for i in 0..5 {
             a.try_send(2, i).unwrap();
             b.try_send(2, 100 + i).unwrap();

@@ -138,14 +138,12 @@ where
         let make = make.clone();
         let ready_tx = ready_tx.clone();
         let cfg = cfg.clone();
-        let t = std::thread::Builder::new()
-            .name(format!("{}-{id}", cfg.thread_name))
-            .spawn(move || {
-                if cfg.pin_cores {
-                    pin_to_core(id % cores);
-                }
-                run_shard(&cfg, id, port, &*make, ready_tx);
-            })?;
+        let t = std::thread::Builder::new().name(format!("{}-{id}", cfg.thread_name)).spawn(move || {
+            if cfg.pin_cores {
+                pin_to_core(id % cores);
+            }
+            run_shard(&cfg, id, port, &*make, ready_tx);
+        })?;
         threads.push(t);
     }
     drop(ready_tx);
@@ -155,9 +153,7 @@ where
         match ready_rx.recv() {
             Ok((id, Ok(kind))) => drivers[id] = kind,
             Ok((_, Err(e))) => first_err = first_err.or(Some(e)),
-            Err(_) => {
-                first_err = first_err.or(Some(io::Error::other("shard thread died at start")))
-            }
+            Err(_) => first_err = first_err.or(Some(io::Error::other("shard thread died at start"))),
         }
     }
     if let Some(e) = first_err {

@@ -12,8 +12,15 @@ fn ping_pong(driver: Driver) -> Vec<DriverKind> {
     const ROUNDS: u64 = 2000;
     let total = Arc::new(AtomicU64::new(0));
     let t2 = total.clone();
-    let cfg = RuntimeConfig { shards: 2, driver, pin_cores: false, mesh_capacity: 8, spin_rounds: 4, ..Default::default() };
-    let shards = start::<u64, _, _>(&cfg, move |mut ctx| {
+    let cfg = RuntimeConfig {
+        shards: 2,
+        driver,
+        pin_cores: false,
+        mesh_capacity: 8,
+        spin_rounds: 4,
+        ..Default::default()
+    };
+    let shards = start::<u64, _, _>(&cfg, move |ctx| {
         let total = t2.clone();
         async move {
             let other = 1 - ctx.id;

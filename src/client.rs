@@ -1,0 +1,334 @@
+//! A blocking Rust client for protocol v1, used by the tests and tools.
+//!
+//! Key types: [`Client`] (one connection), [`Event`] (any server frame, decoded), [`Delivery`],
+//! [`ClientError`]. [`decode_event`] turns a validated frame into an [`Event`] and can be reused by
+//! other transports (for example an async load generator).
+//!
+//! Request helpers (`register`, `login`, …) wait for their answer; frames that arrive meanwhile
+//! (deliveries, acks) are kept and returned by later calls to [`Client::recv`].
+
+use std::{
+    collections::VecDeque,
+    io::{self, Read, Write},
+    net::{SocketAddr, TcpStream},
+    time::Duration,
+};
+
+use rkyv::rancor;
+
+use crate::{
+    frame::{self, AlignedBuf, Parsed, HEADER_BYTES},
+    protocol::{self, conv, kind, ErrorCode, Stamp},
+};
+
+/// The largest frame the client accepts from a server.
+pub const CLIENT_FRAME_BYTES_MAX: usize = 64 << 20;
+
+/// A message delivered to this client.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Delivery {
+    pub stamp: Stamp,
+    pub client_msg_id: u64,
+    pub body: Vec<u8>,
+}
+
+/// Any frame a server sends, decoded into owned values.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Event {
+    RegisterOk(protocol::RegisterOk),
+    LoginOk(protocol::LoginOk),
+    TokenIssued(protocol::TokenIssued),
+    Pong(protocol::Pong),
+    SendAck(protocol::SendAck),
+    Deliver(Delivery),
+    Bye,
+    Error(protocol::Error),
+    Kick(protocol::Kick),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("i/o: {0}")]
+    Io(#[from] io::Error),
+    #[error("connection closed by the server")]
+    Closed,
+    #[error("server error {code} ({name:?}): {message}")]
+    Server { code: u16, name: Option<ErrorCode>, message: String },
+    #[error("kicked: {0} ({1:?})")]
+    Kicked(u16, Option<ErrorCode>),
+    #[error("malformed frame from server: {0}")]
+    Malformed(String),
+}
+
+impl ClientError {
+    /// The protocol error code, if this is a server error or a kick.
+    pub fn code(&self) -> Option<ErrorCode> {
+        match self {
+            ClientError::Server { name, .. } => *name,
+            ClientError::Kicked(_, c) => *c,
+            _ => None,
+        }
+    }
+}
+
+pub type Result<T> = std::result::Result<T, ClientError>;
+
+/// Decode a server frame (kind and payload) into an [`Event`], validating the archive.
+pub fn decode_event(k: u16, payload: &[u8]) -> Result<Event> {
+    fn de<A, T>(payload: &[u8]) -> Result<T>
+    where
+        A: rkyv::Portable
+            + for<'a> rkyv::bytecheck::CheckBytes<rkyv::api::high::HighValidator<'a, rancor::Error>>
+            + rkyv::Deserialize<T, rkyv::api::high::HighDeserializer<rancor::Error>>,
+    {
+        let a = frame::access::<A>(payload).map_err(|e| ClientError::Malformed(e.to_string()))?;
+        rkyv::deserialize::<T, rancor::Error>(a).map_err(|e| ClientError::Malformed(e.to_string()))
+    }
+    Ok(match k {
+        kind::REGISTER_OK => Event::RegisterOk(de::<protocol::ArchivedRegisterOk, _>(payload)?),
+        kind::LOGIN_OK => Event::LoginOk(de::<protocol::ArchivedLoginOk, _>(payload)?),
+        kind::TOKEN_ISSUED => Event::TokenIssued(de::<protocol::ArchivedTokenIssued, _>(payload)?),
+        kind::PONG => Event::Pong(de::<protocol::ArchivedPong, _>(payload)?),
+        kind::SEND_ACK => Event::SendAck(de::<protocol::ArchivedSendAck, _>(payload)?),
+        kind::BYE => Event::Bye,
+        kind::ERROR => Event::Error(de::<protocol::ArchivedError, _>(payload)?),
+        kind::KICK => Event::Kick(de::<protocol::ArchivedKick, _>(payload)?),
+        kind::DELIVER => {
+            let stamp = Stamp::read(payload).ok_or_else(|| ClientError::Malformed("short stamp".into()))?;
+            let send = frame::access::<protocol::ArchivedSend>(&payload[Stamp::BYTES..])
+                .map_err(|e| ClientError::Malformed(e.to_string()))?;
+            Event::Deliver(Delivery {
+                stamp,
+                client_msg_id: send.client_msg_id.to_native(),
+                body: send.body.as_slice().to_vec(),
+            })
+        }
+        other => return Err(ClientError::Malformed(format!("unexpected frame kind {other}"))),
+    })
+}
+
+pub struct Client {
+    stream: TcpStream,
+    buf: AlignedBuf,
+    pending: VecDeque<Event>,
+}
+
+impl Client {
+    pub fn connect(addr: SocketAddr) -> Result<Client> {
+        let stream = TcpStream::connect(addr)?;
+        stream.set_nodelay(true)?;
+        stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+        Ok(Client { stream, buf: AlignedBuf::new(64 * 1024), pending: VecDeque::new() })
+    }
+
+    /// How long `recv` and the request helpers wait for a frame (None: forever).
+    pub fn set_timeout(&self, t: Option<Duration>) -> Result<()> {
+        Ok(self.stream.set_read_timeout(t)?)
+    }
+
+    pub fn stream(&self) -> &TcpStream {
+        &self.stream
+    }
+
+    /// Write a frame of `k` carrying `value`'s archive.
+    pub fn send_frame<T>(&mut self, k: u16, value: &T) -> Result<()>
+    where
+        T: rkyv::Archive
+            + for<'a> rkyv::Serialize<
+                rkyv::api::high::HighSerializer<
+                    Vec<u8>,
+                    rkyv::ser::allocator::ArenaHandle<'a>,
+                    rancor::Error,
+                >,
+            >,
+    {
+        self.write_raw(&frame::encode(k, value))
+    }
+
+    /// Write bytes as they are (for tests of bad input).
+    pub fn write_raw(&mut self, bytes: &[u8]) -> Result<()> {
+        Ok(self.stream.write_all(bytes)?)
+    }
+
+    /// The next frame from the server: a kept one first, else one read from the socket.
+    pub fn recv(&mut self) -> Result<Event> {
+        if let Some(e) = self.pending.pop_front() {
+            return Ok(e);
+        }
+        self.read_event()
+    }
+
+    /// Whether a frame is kept, not yet returned by `recv`.
+    pub fn has_pending(&self) -> bool {
+        !self.pending.is_empty()
+    }
+
+    fn read_event(&mut self) -> Result<Event> {
+        loop {
+            match frame::parse(self.buf.filled(), CLIENT_FRAME_BYTES_MAX) {
+                Parsed::Frame(h, total) => {
+                    let payload = &self.buf.filled()[HEADER_BYTES..HEADER_BYTES + h.len as usize];
+                    let ev = decode_event(h.kind, payload);
+                    self.buf.start += total;
+                    if self.buf.is_empty() {
+                        self.buf.clear();
+                    }
+                    return ev;
+                }
+                Parsed::Partial { need } => {
+                    self.buf.compact();
+                    if need > self.buf.capacity() {
+                        let mut big = AlignedBuf::new(frame::padded(need));
+                        let have = self.buf.filled().len();
+                        big.spare()[..have].copy_from_slice(self.buf.filled());
+                        big.end = have;
+                        self.buf = big;
+                    }
+                    let n = self.stream.read(self.buf.spare())?;
+                    if n == 0 {
+                        return Err(ClientError::Closed);
+                    }
+                    self.buf.end += n;
+                }
+                Parsed::TooLarge(h) | Parsed::BadFlags(h) => {
+                    return Err(ClientError::Malformed(format!("bad header {h:?}")));
+                }
+            }
+        }
+    }
+
+    /// Read until `pick` accepts an event; an `Error` answering `request_kind` becomes
+    /// `ClientError::Server`, a `Kick` becomes `ClientError::Kicked`; others are kept.
+    fn wait_for<T>(&mut self, request_kind: u16, mut pick: impl FnMut(&Event) -> Option<T>) -> Result<T> {
+        loop {
+            let ev = self.read_event()?;
+            if let Some(t) = pick(&ev) {
+                return Ok(t);
+            }
+            match ev {
+                Event::Error(e) if e.request_kind == request_kind => {
+                    return Err(ClientError::Server {
+                        code: e.code,
+                        name: ErrorCode::from_u16(e.code),
+                        message: e.message,
+                    })
+                }
+                Event::Kick(k) => return Err(ClientError::Kicked(k.reason, ErrorCode::from_u16(k.reason))),
+                other => self.pending.push_back(other),
+            }
+        }
+    }
+
+    pub fn register(&mut self, name: &str, password: &str) -> Result<u64> {
+        self.send_frame(
+            kind::REGISTER,
+            &protocol::Register { name: name.into(), password: password.into() },
+        )?;
+        self.wait_for(kind::REGISTER, |e| match e {
+            Event::RegisterOk(r) => Some(r.user_id),
+            _ => None,
+        })
+    }
+
+    pub fn login(
+        &mut self,
+        name: &str,
+        password: &str,
+        device_type: u8,
+        device_id: &str,
+    ) -> Result<protocol::LoginOk> {
+        let l = protocol::Login {
+            name: name.into(),
+            password: password.into(),
+            device_type,
+            device_id: device_id.into(),
+        };
+        self.send_frame(kind::LOGIN, &l)?;
+        self.wait_login(kind::LOGIN)
+    }
+
+    pub fn login_token(
+        &mut self,
+        token: &str,
+        device_type: u8,
+        device_id: &str,
+    ) -> Result<protocol::LoginOk> {
+        let l = protocol::LoginToken { token: token.into(), device_type, device_id: device_id.into() };
+        self.send_frame(kind::LOGIN_TOKEN, &l)?;
+        self.wait_login(kind::LOGIN_TOKEN)
+    }
+
+    fn wait_login(&mut self, k: u16) -> Result<protocol::LoginOk> {
+        self.wait_for(k, |e| match e {
+            Event::LoginOk(ok) => Some(ok.clone()),
+            _ => None,
+        })
+    }
+
+    pub fn issue_token(&mut self, ttl_secs: u32) -> Result<protocol::TokenIssued> {
+        self.send_frame(kind::ISSUE_TOKEN, &protocol::IssueToken { ttl_secs })?;
+        self.wait_for(kind::ISSUE_TOKEN, |e| match e {
+            Event::TokenIssued(t) => Some(t.clone()),
+            _ => None,
+        })
+    }
+
+    pub fn ping(&mut self, nonce: u64) -> Result<protocol::Pong> {
+        self.send_frame(kind::PING, &protocol::Ping { nonce })?;
+        self.wait_for(kind::PING, |e| match e {
+            Event::Pong(p) if p.nonce == nonce => Some(p.clone()),
+            _ => None,
+        })
+    }
+
+    /// Send a 1:1 message without waiting for its ack.
+    pub fn send(&mut self, to: u64, client_msg_id: u64, body: &[u8]) -> Result<()> {
+        self.send_frame(
+            kind::SEND,
+            &protocol::Send { conv: conv::DIRECT, to, client_msg_id, body: body.to_vec() },
+        )
+    }
+
+    /// Send a 1:1 message and wait for its ack (or its error).
+    pub fn send_wait(&mut self, to: u64, client_msg_id: u64, body: &[u8]) -> Result<protocol::SendAck> {
+        self.send(to, client_msg_id, body)?;
+        loop {
+            let ack = self.wait_for(u16::MAX, |e| match e {
+                Event::SendAck(a) if a.client_msg_id == client_msg_id => Some(Ok(a.clone())),
+                Event::Error(err) if err.request_kind == kind::SEND && err.client_msg_id == client_msg_id => {
+                    Some(Err(ClientError::Server {
+                        code: err.code,
+                        name: ErrorCode::from_u16(err.code),
+                        message: err.message.clone(),
+                    }))
+                }
+                _ => None,
+            })?;
+            return ack;
+        }
+    }
+
+    /// Acknowledge receipt of everything up to `seq` in a conversation.
+    pub fn delivery_ack(&mut self, peer: u64, seq: u64) -> Result<()> {
+        self.send_frame(kind::DELIVERY_ACK, &protocol::DeliveryAck { conv: conv::DIRECT, peer, seq })
+    }
+
+    /// The next delivered message (other frames are kept for `recv`).
+    pub fn next_delivery(&mut self) -> Result<Delivery> {
+        if let Some(i) = self.pending.iter().position(|e| matches!(e, Event::Deliver(_))) {
+            if let Some(Event::Deliver(d)) = self.pending.remove(i) {
+                return Ok(d);
+            }
+        }
+        self.wait_for(u16::MAX, |e| match e {
+            Event::Deliver(d) => Some(d.clone()),
+            _ => None,
+        })
+    }
+
+    /// Log out and wait for the server's `Bye`.
+    pub fn logout(&mut self) -> Result<()> {
+        self.send_frame(kind::LOGOUT, &protocol::Logout { reserved: 0 })?;
+        self.wait_for(kind::LOGOUT, |e| matches!(e, Event::Bye).then_some(()))
+    }
+}

@@ -1,0 +1,337 @@
+//! Configuration: the TOML file, its defaults, and every limit the server enforces, in one place.
+//! README.md lists every option; keep the two in step.
+
+use std::{net::SocketAddr, path::Path};
+
+use anyhow::{bail, Context};
+use serde::Deserialize;
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub store: StoreConfig,
+    pub limits: Limits,
+    pub sessions: SessionPolicy,
+    pub security: Security,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    /// Address of the binary protocol listener.
+    pub listen: SocketAddr,
+    /// Number of shards (executor threads); 0 means one per available core.
+    pub shards: usize,
+    /// "auto" (io_uring, else epoll), "io_uring" or "epoll".
+    pub driver: String,
+    /// Pin each shard thread to a core.
+    pub pin_cores: bool,
+    /// Threads that hash and verify passwords and run store calls.
+    pub worker_threads: usize,
+    /// io_uring submission queue entries per shard.
+    pub ring_entries: u32,
+    /// Executor turns a shard spins on an empty mesh before parking.
+    pub spin_rounds: u32,
+    /// Listen backlog per shard.
+    pub backlog: i32,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StoreConfig {
+    /// "memory" (no-data mode: nothing survives a restart).
+    pub backend: String,
+}
+
+/// Every limit, named `*_max` or with its unit last.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    /// Largest frame payload accepted from a client, in bytes.
+    pub frame_bytes_max: usize,
+    /// Largest message body, in bytes.
+    pub body_bytes_max: usize,
+    /// Size of a pooled read buffer, in bytes.
+    pub read_buffer_bytes: usize,
+    /// Read buffers kept in each shard's pool.
+    pub read_buffers_pooled_max: usize,
+    /// Connections one shard accepts; further ones get TooManyConnections and are closed.
+    pub connections_per_shard_max: usize,
+    /// Unacknowledged sends per session; the server stops reading the socket at this count.
+    pub inflight_per_session_max: u32,
+    /// Bytes queued for a session before it is closed as a slow consumer.
+    pub session_outbound_bytes_max: usize,
+    /// Slots per ordered pair of shards in the mesh.
+    pub mesh_queue_capacity: usize,
+    /// Envelopes held per destination shard while its mesh queue is full.
+    pub mesh_overflow_max: usize,
+    /// Envelopes a shard handles per drain of the mesh.
+    pub mesh_batch_max: usize,
+    /// Milliseconds a new connection has to log in.
+    pub login_timeout_ms: u64,
+    /// Milliseconds without any frame after which a session is closed.
+    pub idle_timeout_ms: u64,
+    /// Milliseconds the server drains on shutdown before closing what is left.
+    pub shutdown_drain_ms: u64,
+    /// Client message ids remembered per shard for resend dedup.
+    pub dedup_entries_max: usize,
+    /// Seconds a client message id is remembered for resend dedup.
+    pub dedup_window_secs: u64,
+    /// Live conversations (sequence counters) per shard.
+    pub conversations_per_shard_max: usize,
+    /// Default and greatest lifetime of a one-shot login token, in seconds.
+    pub token_ttl_secs: u32,
+    /// Live one-shot tokens per account.
+    pub tokens_per_user_max: usize,
+    /// Pending password hash/verify jobs; beyond it logins get Busy.
+    pub worker_queue_max: usize,
+}
+
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum DevicePolicy {
+    /// A login over a limit kicks the oldest session in the way (it gets Kick(Replaced)).
+    KickOldest,
+    /// A login over a limit is refused with DeviceLimit.
+    Refuse,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SessionPolicy {
+    /// Sessions one account may hold at once.
+    pub per_account_max: usize,
+    /// Sessions one account may hold per device type.
+    pub per_device_type_max: usize,
+    /// What happens when a login would go over a limit.
+    pub policy: DevicePolicy,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Security {
+    /// Hex key (32 bytes) for the keyed hash of account names. Empty: a random key per process
+    /// (fine for the memory store, whose accounts die with the process).
+    pub name_key: String,
+    /// argon2id memory cost in KiB. Lower only for tests and benchmarks.
+    pub argon2_m_kib: u32,
+    /// argon2id iterations.
+    pub argon2_t: u32,
+    /// argon2id parallelism.
+    pub argon2_p: u32,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            listen: "0.0.0.0:7100".parse().expect("valid"),
+            shards: 0,
+            driver: "auto".into(),
+            pin_cores: true,
+            worker_threads: 0,
+            ring_entries: 1024,
+            spin_rounds: 64,
+            backlog: 4096,
+        }
+    }
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        StoreConfig { backend: "memory".into() }
+    }
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            frame_bytes_max: 64 * 1024,
+            body_bytes_max: 32 * 1024,
+            read_buffer_bytes: 64 * 1024,
+            read_buffers_pooled_max: 64,
+            connections_per_shard_max: 200_000,
+            inflight_per_session_max: 256,
+            session_outbound_bytes_max: 4 * 1024 * 1024,
+            mesh_queue_capacity: 65_536,
+            mesh_overflow_max: 1 << 20,
+            mesh_batch_max: 512,
+            login_timeout_ms: 10_000,
+            idle_timeout_ms: 90_000,
+            shutdown_drain_ms: 2_000,
+            dedup_entries_max: 1 << 20,
+            dedup_window_secs: 600,
+            conversations_per_shard_max: 4 << 20,
+            token_ttl_secs: 300,
+            tokens_per_user_max: 16,
+            worker_queue_max: 4096,
+        }
+    }
+}
+
+impl Default for SessionPolicy {
+    fn default() -> Self {
+        SessionPolicy { per_account_max: 8, per_device_type_max: 2, policy: DevicePolicy::KickOldest }
+    }
+}
+
+impl Default for Security {
+    fn default() -> Self {
+        // OWASP's argon2id recommendation: 19 MiB, 2 iterations, 1 lane.
+        Security { name_key: String::new(), argon2_m_kib: 19 * 1024, argon2_t: 2, argon2_p: 1 }
+    }
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            server: ServerConfig::default(),
+            store: StoreConfig::default(),
+            limits: Limits::default(),
+            sessions: SessionPolicy::default(),
+            security: Security::default(),
+        }
+    }
+}
+
+impl Config {
+    pub fn from_file(path: &Path) -> anyhow::Result<Config> {
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("reading config {}", path.display()))?;
+        let cfg: Config =
+            toml::from_str(&text).with_context(|| format!("parsing config {}", path.display()))?;
+        Ok(cfg)
+    }
+
+    /// Check relations between options; called after overrides are applied.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        let l = &self.limits;
+        if !["auto", "io_uring", "epoll"].contains(&self.server.driver.as_str()) {
+            bail!("server.driver must be auto, io_uring or epoll, not {:?}", self.server.driver);
+        }
+        if self.store.backend != "memory" {
+            bail!("store.backend {:?} is not available in this build (memory)", self.store.backend);
+        }
+        if l.frame_bytes_max < 1024 || l.frame_bytes_max > 64 << 20 {
+            bail!("limits.frame_bytes_max must be within 1 KiB..64 MiB");
+        }
+        if l.body_bytes_max + 1024 > l.frame_bytes_max {
+            bail!("limits.body_bytes_max must leave 1 KiB of room under limits.frame_bytes_max");
+        }
+        if l.read_buffer_bytes < 4096 || l.read_buffer_bytes % 8 != 0 {
+            bail!("limits.read_buffer_bytes must be a multiple of 8 and at least 4096");
+        }
+        for (name, v) in [
+            ("limits.connections_per_shard_max", l.connections_per_shard_max),
+            ("limits.inflight_per_session_max", l.inflight_per_session_max as usize),
+            ("limits.mesh_queue_capacity", l.mesh_queue_capacity),
+            ("limits.mesh_batch_max", l.mesh_batch_max),
+            ("limits.dedup_entries_max", l.dedup_entries_max),
+            ("limits.conversations_per_shard_max", l.conversations_per_shard_max),
+            ("limits.tokens_per_user_max", l.tokens_per_user_max),
+            ("limits.worker_queue_max", l.worker_queue_max),
+            ("sessions.per_account_max", self.sessions.per_account_max),
+            ("sessions.per_device_type_max", self.sessions.per_device_type_max),
+            ("limits.login_timeout_ms", l.login_timeout_ms as usize),
+            ("limits.idle_timeout_ms", l.idle_timeout_ms as usize),
+            ("limits.token_ttl_secs", l.token_ttl_secs as usize),
+        ] {
+            if v == 0 {
+                bail!("{name} must be greater than 0");
+            }
+        }
+        if l.session_outbound_bytes_max < l.frame_bytes_max * 2 {
+            bail!("limits.session_outbound_bytes_max must be at least twice limits.frame_bytes_max");
+        }
+        if !self.security.name_key.is_empty() {
+            let key = hex::decode(&self.security.name_key).context("security.name_key is not hex")?;
+            if key.len() != 32 {
+                bail!("security.name_key must be 32 bytes (64 hex digits)");
+            }
+        }
+        if self.security.argon2_m_kib < 8 * self.security.argon2_p.max(1) || self.security.argon2_t == 0 {
+            bail!("security.argon2_* out of range (m_kib >= 8 * p, t >= 1)");
+        }
+        Ok(())
+    }
+
+    pub fn shard_count(&self) -> usize {
+        if self.server.shards == 0 {
+            tim_shards::runtime::available_cores()
+        } else {
+            self.server.shards
+        }
+    }
+}
+
+/// The default configuration, every option with its meaning. `tim default-config` prints it; a
+/// test checks it equals [`Config::default`].
+pub const DEFAULT_TOML: &str = r#"# tim configuration. Every option is shown with its default.
+
+[server]
+listen = "0.0.0.0:7100"     # binary protocol listener
+shards = 0                  # executor threads; 0 = one per core
+driver = "auto"             # auto (io_uring, else epoll) | io_uring | epoll
+pin_cores = true            # pin each shard thread to a core
+worker_threads = 0          # password hashing / store threads; 0 = one per shard
+ring_entries = 1024         # io_uring submission queue entries per shard
+spin_rounds = 64            # executor turns spent polling an empty mesh before parking
+backlog = 4096              # listen backlog per shard
+
+[store]
+backend = "memory"          # memory: no-data mode, nothing survives a restart
+
+[limits]
+frame_bytes_max = 65536             # largest frame payload from a client (closes the connection)
+body_bytes_max = 32768              # largest message body
+read_buffer_bytes = 65536           # size of a pooled read buffer
+read_buffers_pooled_max = 64        # read buffers kept per shard
+connections_per_shard_max = 200000  # further connections get TooManyConnections
+inflight_per_session_max = 256      # unacknowledged sends; the server stops reading at this count
+session_outbound_bytes_max = 4194304 # queued output before a session is closed as SlowConsumer
+mesh_queue_capacity = 65536         # slots per ordered pair of shards
+mesh_overflow_max = 1048576         # envelopes held per shard while mesh queues are full
+mesh_batch_max = 512                # envelopes handled per mesh drain
+login_timeout_ms = 10000            # time to log in after connecting
+idle_timeout_ms = 90000             # time without any frame before a session is closed
+shutdown_drain_ms = 2000            # time sessions get to drain on shutdown
+dedup_entries_max = 1048576         # client message ids remembered per shard
+dedup_window_secs = 600             # how long a client message id is remembered
+conversations_per_shard_max = 4194304 # live conversation counters per shard
+token_ttl_secs = 300                # default and greatest one-shot token lifetime
+tokens_per_user_max = 16            # live one-shot tokens per account
+worker_queue_max = 4096             # queued hashing/store jobs; beyond it: Busy
+
+[sessions]
+per_account_max = 8                 # sessions per account
+per_device_type_max = 2             # sessions per account and device type
+policy = "kick_oldest"              # kick_oldest | refuse
+
+[security]
+name_key = ""                       # 64 hex digits keying the account-name hash; "" = random per process
+argon2_m_kib = 19456                # argon2id memory cost (KiB); lower only for tests/benchmarks
+argon2_t = 2                        # argon2id iterations
+argon2_p = 1                        # argon2id lanes
+"#;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The documented default file parses to exactly the built-in defaults, and validates.
+    #[test]
+    fn default_toml_matches_defaults() {
+        let parsed: Config = toml::from_str(DEFAULT_TOML).unwrap();
+        assert_eq!(format!("{parsed:?}"), format!("{:?}", Config::default()));
+        parsed.validate().unwrap();
+    }
+
+    /// Unknown options and broken relations are refused with a message naming the option.
+    #[test]
+    fn rejects_bad_config() {
+        assert!(toml::from_str::<Config>("[limits]\nframe_bytes_mx = 1").is_err());
+        let mut c = Config::default();
+        c.limits.body_bytes_max = c.limits.frame_bytes_max;
+        assert!(c.validate().unwrap_err().to_string().contains("body_bytes_max"));
+    }
+}

@@ -1,0 +1,91 @@
+//! The whole contract between shards: every message that crosses the mesh is an [`Envelope`].
+//!
+//! Roles of a shard for a given key (see docs/ARCHITECTURE.md):
+//! - **session shard** (S/T): owns a connection and its session;
+//! - **conversation owner** (C): owns a conversation's sequence counter and resend dedup;
+//! - **user owner** (U): owns a user's live state: sessions on any shard, tokens.
+//!
+//! A 1:1 send goes S → C (`Submit`), C → S (`Acked`/`Rejected`), C → U of both users (`Fanout`),
+//! U → T of each session (`Deliver`). Message bodies travel as one shared [`Bytes`] frame.
+
+use bytes::{Bytes, BytesMut};
+
+use crate::{
+    protocol::{DeviceType, ErrorCode},
+    store::UserId,
+};
+
+/// A session anywhere in the process: the shard in the top 16 bits, a shard-local id below.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SessionRef(pub u64);
+
+impl SessionRef {
+    pub const NONE: SessionRef = SessionRef(u64::MAX);
+
+    pub fn new(shard: usize, local: u64) -> SessionRef {
+        debug_assert!(shard < 1 << 16 && local < 1 << 48);
+        SessionRef(((shard as u64) << 48) | local)
+    }
+
+    #[inline]
+    pub fn shard(self) -> usize {
+        (self.0 >> 48) as usize
+    }
+}
+
+/// What the conversation owner tells the sender's session about an accepted message.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AckInfo {
+    pub client_msg_id: u64,
+    pub msg_id: u64,
+    pub seq: u64,
+    pub ts_ms: u64,
+    pub duplicate: bool,
+}
+
+/// A message on its way to its conversation owner. `frame` is the future `Deliver` frame: header,
+/// a blank stamp, and the sender's `Send` archive copied once from the read buffer.
+pub struct Submit {
+    pub origin: SessionRef,
+    pub sender: UserId,
+    pub to: UserId,
+    pub conv: u8,
+    pub client_msg_id: u64,
+    pub frame: BytesMut,
+}
+
+/// A login asking the user owner for a place among the user's sessions.
+pub struct Attach {
+    pub user: UserId,
+    pub session: SessionRef,
+    pub device_type: DeviceType,
+    /// `Some(hash)`: a token login; the token must be live and is consumed.
+    pub token: Option<[u8; 32]>,
+}
+
+pub enum Envelope {
+    /// S → C.
+    Submit(Box<Submit>),
+    /// C → S: the message is sequenced (and, in data mode, stored).
+    Acked { session: SessionRef, ack: AckInfo },
+    /// C → S: the message was refused.
+    Rejected { session: SessionRef, client_msg_id: u64, code: ErrorCode },
+    /// C → U: deliver to every session of `user` except `skip`.
+    Fanout { user: UserId, skip: SessionRef, frame: Bytes },
+    /// U → T: write a frame to one session.
+    Deliver { session: SessionRef, frame: Bytes },
+    /// S → U.
+    Attach(Box<Attach>),
+    /// U → S: the answer to `Attach`.
+    AttachResult { session: SessionRef, user: UserId, result: Result<(), ErrorCode> },
+    /// T → U: a logged-in session ended.
+    Detach { user: UserId, session: SessionRef },
+    /// U → T: close a session with this reason.
+    Kick { session: SessionRef, reason: ErrorCode },
+    /// S → U: remember a one-shot token.
+    StoreToken { user: UserId, session: SessionRef, hash: [u8; 32], expires_at_ms: u64 },
+    /// U → S: the answer to `StoreToken`.
+    TokenResult { session: SessionRef, result: Result<(), ErrorCode> },
+}
+
+const _: () = assert!(std::mem::size_of::<Envelope>() <= 64);

@@ -1,0 +1,377 @@
+//! Protocol v1: frame kinds, the rkyv message types of each kind, the delivery stamp, device types
+//! and error codes. `docs/PROTOCOL.md` is the normative description; this file must agree with it.
+//!
+//! Every frame's payload is the rkyv archive of the type named by its kind, except `DELIVER`,
+//! whose payload is a fixed 48-byte [`Stamp`] followed by the sender's `Send` archive, verbatim.
+
+use rkyv::{Archive, Deserialize, Serialize};
+
+/// Protocol version spoken by this server (reported in `LoginOk`).
+pub const PROTOCOL_VERSION: u16 = 1;
+
+/// Frame kinds. Client → server kinds are below 100, server → client kinds are 100 and above.
+pub mod kind {
+    pub const REGISTER: u16 = 1;
+    pub const LOGIN: u16 = 2;
+    pub const LOGIN_TOKEN: u16 = 3;
+    pub const ISSUE_TOKEN: u16 = 4;
+    pub const PING: u16 = 5;
+    pub const SEND: u16 = 6;
+    pub const DELIVERY_ACK: u16 = 7;
+    pub const LOGOUT: u16 = 8;
+
+    pub const REGISTER_OK: u16 = 101;
+    pub const LOGIN_OK: u16 = 102;
+    pub const TOKEN_ISSUED: u16 = 104;
+    pub const PONG: u16 = 105;
+    pub const SEND_ACK: u16 = 106;
+    pub const DELIVER: u16 = 107;
+    pub const BYE: u16 = 108;
+    pub const ERROR: u16 = 120;
+    pub const KICK: u16 = 121;
+
+    /// Human name of a kind, for logs and errors.
+    pub fn name(kind: u16) -> &'static str {
+        match kind {
+            REGISTER => "Register",
+            LOGIN => "Login",
+            LOGIN_TOKEN => "LoginToken",
+            ISSUE_TOKEN => "IssueToken",
+            PING => "Ping",
+            SEND => "Send",
+            DELIVERY_ACK => "DeliveryAck",
+            LOGOUT => "Logout",
+            REGISTER_OK => "RegisterOk",
+            LOGIN_OK => "LoginOk",
+            TOKEN_ISSUED => "TokenIssued",
+            PONG => "Pong",
+            SEND_ACK => "SendAck",
+            DELIVER => "Deliver",
+            BYE => "Bye",
+            ERROR => "Error",
+            KICK => "Kick",
+            _ => "unknown",
+        }
+    }
+}
+
+/// Conversation kinds carried in `Send.conv` and the delivery stamp.
+pub mod conv {
+    /// A 1:1 conversation; `to` is the peer's user id.
+    pub const DIRECT: u8 = 1;
+}
+
+/// Device types a session declares at login; limits apply per type.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[repr(u8)]
+pub enum DeviceType {
+    Other = 0,
+    Mobile = 1,
+    Tablet = 2,
+    Desktop = 3,
+    Web = 4,
+}
+
+impl DeviceType {
+    pub const COUNT: usize = 5;
+
+    pub fn from_u8(v: u8) -> Option<DeviceType> {
+        Some(match v {
+            0 => DeviceType::Other,
+            1 => DeviceType::Mobile,
+            2 => DeviceType::Tablet,
+            3 => DeviceType::Desktop,
+            4 => DeviceType::Web,
+            _ => return None,
+        })
+    }
+}
+
+/// Error codes of `Error` frames (and `Kick.reason`). Stable: clients switch on them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[repr(u16)]
+pub enum ErrorCode {
+    /// The payload failed validation as an archive of its kind's type.
+    Malformed = 1,
+    /// The frame kind is not one a client may send.
+    UnknownKind = 2,
+    /// The header's payload length is over `frame_bytes_max`. The connection is closed.
+    FrameTooLarge = 3,
+    /// The header's flags are not zero. The connection is closed.
+    BadHeader = 4,
+    /// The operation needs a logged-in session.
+    NotLoggedIn = 10,
+    /// Login or register on a session that is already logged in.
+    AlreadyLoggedIn = 11,
+    /// No account has that name.
+    UnknownUser = 12,
+    /// The password does not match.
+    WrongPassword = 13,
+    /// Register: the name is taken.
+    NameTaken = 14,
+    /// Register/login: the name breaks the name rules.
+    InvalidName = 15,
+    /// Register: the password breaks the password rules.
+    InvalidPassword = 16,
+    /// LoginToken: unknown, expired or already used.
+    InvalidToken = 17,
+    /// Login refused: the account is at its session limit and the policy is `refuse`.
+    DeviceLimit = 18,
+    /// Unknown device type or a device id over its limit.
+    InvalidDevice = 19,
+    /// IssueToken: the account already holds `tokens_per_user_max` live tokens.
+    TooManyTokens = 20,
+    /// Send: the recipient does not exist.
+    UnknownRecipient = 30,
+    /// Send: unsupported conversation kind.
+    InvalidConversation = 31,
+    /// Send: the session has `inflight_per_session_max` unacknowledged sends.
+    TooManyInFlight = 32,
+    /// The server is overloaded on this path; retry later with the same client message id.
+    Busy = 33,
+    /// Send: the body is over `body_bytes_max`.
+    BodyTooLarge = 34,
+    /// No login within `login_timeout_ms` of connecting. The connection is closed.
+    LoginTimeout = 40,
+    /// No frame within `idle_timeout_ms`. The connection is closed.
+    IdleTimeout = 41,
+    /// Kick: a newer login of the same account took this session's place.
+    Replaced = 42,
+    /// Kick: the server is shutting down.
+    ShuttingDown = 43,
+    /// The session's outbound queue is over `session_outbound_bytes_max`. Closed.
+    SlowConsumer = 44,
+    /// The shard is at `connections_per_shard_max`. Closed.
+    TooManyConnections = 45,
+    /// An internal failure (store error). The request may be retried.
+    Internal = 50,
+}
+
+impl ErrorCode {
+    pub fn code(self) -> u16 {
+        self as u16
+    }
+
+    pub fn from_u16(v: u16) -> Option<ErrorCode> {
+        use ErrorCode::*;
+        Some(match v {
+            1 => Malformed,
+            2 => UnknownKind,
+            3 => FrameTooLarge,
+            4 => BadHeader,
+            10 => NotLoggedIn,
+            11 => AlreadyLoggedIn,
+            12 => UnknownUser,
+            13 => WrongPassword,
+            14 => NameTaken,
+            15 => InvalidName,
+            16 => InvalidPassword,
+            17 => InvalidToken,
+            18 => DeviceLimit,
+            19 => InvalidDevice,
+            20 => TooManyTokens,
+            30 => UnknownRecipient,
+            31 => InvalidConversation,
+            32 => TooManyInFlight,
+            33 => Busy,
+            34 => BodyTooLarge,
+            40 => LoginTimeout,
+            41 => IdleTimeout,
+            42 => Replaced,
+            43 => ShuttingDown,
+            44 => SlowConsumer,
+            45 => TooManyConnections,
+            50 => Internal,
+            _ => return None,
+        })
+    }
+
+    /// Short text sent in `Error.message`.
+    pub fn text(self) -> &'static str {
+        use ErrorCode::*;
+        match self {
+            Malformed => "payload is not a valid archive of its kind",
+            UnknownKind => "unknown frame kind",
+            FrameTooLarge => "frame over the size cap",
+            BadHeader => "frame header flags must be zero",
+            NotLoggedIn => "log in first",
+            AlreadyLoggedIn => "already logged in",
+            UnknownUser => "unknown user",
+            WrongPassword => "wrong password",
+            NameTaken => "name taken",
+            InvalidName => "invalid name",
+            InvalidPassword => "invalid password",
+            InvalidToken => "invalid, expired or used token",
+            DeviceLimit => "session limit reached",
+            InvalidDevice => "invalid device",
+            TooManyTokens => "too many live tokens",
+            UnknownRecipient => "unknown recipient",
+            InvalidConversation => "invalid conversation",
+            TooManyInFlight => "too many unacknowledged sends",
+            Busy => "server busy, retry",
+            BodyTooLarge => "body too large",
+            LoginTimeout => "login timeout",
+            IdleTimeout => "idle timeout",
+            Replaced => "replaced by a newer login",
+            ShuttingDown => "server shutting down",
+            SlowConsumer => "too slow to read",
+            TooManyConnections => "too many connections",
+            Internal => "internal error",
+        }
+    }
+}
+
+// ---- client → server ----
+
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct Register {
+    pub name: String,
+    pub password: String,
+}
+
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct Login {
+    pub name: String,
+    pub password: String,
+    pub device_type: u8,
+    pub device_id: String,
+}
+
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct LoginToken {
+    pub token: String,
+    pub device_type: u8,
+    pub device_id: String,
+}
+
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct IssueToken {
+    /// Requested lifetime in seconds; 0 means the server default. Capped by `token_ttl_secs`.
+    pub ttl_secs: u32,
+}
+
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct Ping {
+    pub nonce: u64,
+}
+
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct Send {
+    /// Conversation kind, see [`conv`].
+    pub conv: u8,
+    /// The peer's user id for [`conv::DIRECT`].
+    pub to: u64,
+    /// Chosen by the client, unique per sender and conversation; a resend with the same id is
+    /// acknowledged again and not delivered twice.
+    pub client_msg_id: u64,
+    pub body: Vec<u8>,
+}
+
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct DeliveryAck {
+    pub conv: u8,
+    /// The other side of the conversation, as in the stamp's `from` (or `to` for own messages).
+    pub peer: u64,
+    /// Everything up to and including this sequence number has been received.
+    pub seq: u64,
+}
+
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct Logout {
+    pub reserved: u64,
+}
+
+// ---- server → client ----
+
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct RegisterOk {
+    pub user_id: u64,
+}
+
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct LoginOk {
+    pub user_id: u64,
+    pub session_id: u64,
+    pub server_time_ms: u64,
+    /// Send something (a Ping will do) at least this often, or be closed.
+    pub idle_timeout_ms: u32,
+    pub protocol_version: u16,
+}
+
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct TokenIssued {
+    pub token: String,
+    pub expires_at_ms: u64,
+}
+
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct Pong {
+    pub nonce: u64,
+    pub server_time_ms: u64,
+}
+
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct SendAck {
+    pub client_msg_id: u64,
+    pub msg_id: u64,
+    pub seq: u64,
+    pub ts_ms: u64,
+    /// True when this acknowledges a resend of an already accepted message.
+    pub duplicate: bool,
+}
+
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct Error {
+    pub code: u16,
+    /// The kind of the request this answers, 0 when none.
+    pub request_kind: u16,
+    /// For `Send` errors: the client message id; else 0.
+    pub client_msg_id: u64,
+    pub message: String,
+}
+
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct Kick {
+    pub reason: u16,
+    pub message: String,
+}
+
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct Bye {
+    pub reserved: u64,
+}
+
+/// The server's stamp at the start of a `DELIVER` payload: fixed 48 bytes, little-endian.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Stamp {
+    pub msg_id: u64,
+    pub seq: u64,
+    pub ts_ms: u64,
+    pub from: u64,
+    pub to: u64,
+    pub conv: u8,
+}
+
+impl Stamp {
+    pub const BYTES: usize = 48;
+
+    pub fn write(&self, out: &mut [u8]) {
+        let out = &mut out[..Self::BYTES];
+        out[0..8].copy_from_slice(&self.msg_id.to_le_bytes());
+        out[8..16].copy_from_slice(&self.seq.to_le_bytes());
+        out[16..24].copy_from_slice(&self.ts_ms.to_le_bytes());
+        out[24..32].copy_from_slice(&self.from.to_le_bytes());
+        out[32..40].copy_from_slice(&self.to.to_le_bytes());
+        out[40] = self.conv;
+        out[41..48].fill(0);
+    }
+
+    pub fn read(b: &[u8]) -> Option<Stamp> {
+        if b.len() < Self::BYTES {
+            return None;
+        }
+        let u = |i: usize| u64::from_le_bytes(b[i..i + 8].try_into().expect("8 bytes"));
+        Some(Stamp { msg_id: u(0), seq: u(8), ts_ms: u(16), from: u(24), to: u(32), conv: b[40] })
+    }
+}
+const _: () = assert!(Stamp::BYTES % 8 == 0);

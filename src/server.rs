@@ -1,0 +1,137 @@
+//! Starting and stopping a server: bind one SO_REUSEPORT listener per shard, start the worker
+//! threads and the shards, and on stop let every shard drain its sessions and end.
+//!
+//! Key types: [`Server`] (a running server), [`start`].
+
+use std::{
+    net::SocketAddr,
+    rc::Rc,
+    sync::{atomic::Ordering, Arc},
+    thread::JoinHandle,
+    time::{Duration, Instant},
+};
+
+use anyhow::Context;
+use tim_shards::{listener::bind_reuseport_group, Driver, DriverKind, RuntimeConfig, ShardContext, Shards};
+
+use crate::{
+    auth::Auth,
+    config::Config,
+    conn,
+    envelope::Envelope,
+    shard::{Shard, Shared, CURRENT, SHARDS_MAX},
+    store::{MemoryStore, Store},
+    workers::Workers,
+};
+
+/// A running server.
+pub struct Server {
+    pub addr: SocketAddr,
+    pub drivers: Vec<DriverKind>,
+    shared: Arc<Shared>,
+    shards: Shards<Envelope>,
+    workers: Vec<JoinHandle<()>>,
+}
+
+pub fn start(cfg: Config) -> anyhow::Result<Server> {
+    cfg.validate()?;
+    let shards = cfg.shard_count();
+    anyhow::ensure!(shards <= SHARDS_MAX, "at most {SHARDS_MAX} shards");
+    let driver = match cfg.server.driver.as_str() {
+        "io_uring" => Driver::IoUring,
+        "epoll" => Driver::Epoll,
+        _ => Driver::Auto,
+    };
+    let (addr, listeners) = bind_reuseport_group(cfg.server.listen, shards, cfg.server.backlog)
+        .with_context(|| format!("binding {}", cfg.server.listen))?;
+    let worker_threads = if cfg.server.worker_threads == 0 { shards } else { cfg.server.worker_threads };
+    let (workers, worker_handles) = Workers::start(worker_threads, cfg.limits.worker_queue_max);
+    let store: Arc<dyn Store> = Arc::new(MemoryStore::default());
+    let shared = Arc::new(Shared {
+        auth: Auth::new(&cfg.security)?,
+        store,
+        workers,
+        stop: Default::default(),
+        dropped_envelopes: Default::default(),
+        cfg: cfg.clone(),
+    });
+    let rt = RuntimeConfig {
+        shards,
+        driver,
+        pin_cores: cfg.server.pin_cores,
+        ring_entries: cfg.server.ring_entries,
+        mesh_capacity: cfg.limits.mesh_queue_capacity,
+        spin_rounds: cfg.server.spin_rounds,
+        thread_name: "tim-shard".into(),
+    };
+    let listeners: Vec<_> = listeners.into_iter().map(|l| std::sync::Mutex::new(Some(l))).collect();
+    let listeners = Arc::new(listeners);
+    let sh = shared.clone();
+    let running = tim_shards::start::<Envelope, _, _>(&rt, move |ctx: ShardContext<Envelope>| {
+        let listener =
+            listeners[ctx.id].lock().expect("not poisoned").take().expect("one listener per shard");
+        run_shard(ctx, sh.clone(), listener)
+    })?;
+    Ok(Server { addr, drivers: running.drivers.clone(), shared, shards: running, workers: worker_handles })
+}
+
+impl Server {
+    /// Begin a graceful stop: shards stop accepting, kick their sessions with ShuttingDown, drain.
+    pub fn stop(&self) {
+        self.shared.stop.store(true, Ordering::Release);
+        self.shards.signal_all();
+    }
+
+    /// Wait for the shards (and then the workers) to end.
+    pub fn join(self) -> anyhow::Result<()> {
+        self.shards.join()?;
+        drop(self.shared);
+        for w in self.workers {
+            let _ = w.join();
+        }
+        Ok(())
+    }
+}
+
+async fn run_shard(ctx: ShardContext<Envelope>, shared: Arc<Shared>, listener: std::net::TcpListener) {
+    if ctx.driver == DriverKind::Epoll {
+        let _ = listener.set_nonblocking(true);
+    }
+    let listener = match monoio::net::TcpListener::from_std(listener) {
+        Ok(l) => l,
+        Err(e) => {
+            log::error!("shard {}: listener: {e}", ctx.id);
+            return;
+        }
+    };
+    let drain = Duration::from_millis(shared.cfg.limits.shutdown_drain_ms);
+    let conn_max = shared.cfg.limits.connections_per_shard_max;
+    let shard = Rc::new(Shard::new(ctx.id, ctx.shards, shared, ctx.port));
+    CURRENT.with(|c| *c.borrow_mut() = Some(shard.clone()));
+    monoio::spawn(shard.clone().run_mesh());
+    loop {
+        monoio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _peer)) => {
+                    if shard.sessions.borrow().len() >= conn_max {
+                        conn::refuse(stream);
+                    } else {
+                        monoio::spawn(conn::serve(shard.clone(), stream));
+                    }
+                }
+                Err(e) => {
+                    log::warn!("shard {}: accept: {e}", shard.id);
+                    monoio::time::sleep(Duration::from_millis(10)).await;
+                }
+            },
+            _ = shard.shutdown.wait() => break,
+        }
+    }
+    drop(listener);
+    let deadline = Instant::now() + drain;
+    while !shard.sessions.borrow().is_empty() && Instant::now() < deadline {
+        monoio::time::sleep(Duration::from_millis(5)).await;
+    }
+    log::info!("shard {} stopped ({} sessions left)", shard.id, shard.sessions.borrow().len());
+    CURRENT.with(|c| *c.borrow_mut() = None);
+}
