@@ -1,0 +1,139 @@
+//! Test harness: start real `tim serve` processes on dynamic ports and talk to them over real
+//! sockets with the project's client.
+#![allow(dead_code)]
+
+use std::{
+    io::{BufRead, BufReader},
+    net::SocketAddr,
+    process::{Child, Command, ExitStatus, Stdio},
+    time::{Duration, Instant},
+};
+
+use tim::client::Client;
+
+pub const PASSWORD: &str = "correct horse battery";
+
+/// Drivers every behaviour test runs on.
+#[macro_export]
+macro_rules! on_both_drivers {
+    ($($name:ident),* $(,)?) => {
+        mod io_uring { $( #[test] fn $name() { super::$name("io_uring") } )* }
+        mod epoll { $( #[test] fn $name() { super::$name("epoll") } )* }
+    };
+}
+
+pub struct TestServer {
+    child: Child,
+    pub addr: SocketAddr,
+    _dir: tempfile::TempDir,
+    next_name: std::cell::Cell<u32>,
+}
+
+impl TestServer {
+    /// A 2-shard server on `driver` with test-speed argon2 and `extra` TOML appended (sections
+    /// in `extra` must not repeat the ones written here: server, security).
+    pub fn start(driver: &str, extra: &str) -> TestServer {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = dir.path().join("tim.toml");
+        let text = format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\nshards = 2\ndriver = \"{driver}\"\npin_cores = false\n\
+             worker_threads = 2\n\n[security]\nargon2_m_kib = 64\nargon2_t = 1\n\n{extra}\n"
+        );
+        std::fs::write(&cfg, text).unwrap();
+        let mut child = Command::new(env!("CARGO_BIN_EXE_tim"))
+            .args(["serve", "--config"])
+            .arg(&cfg)
+            .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()))
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start tim");
+        let mut line = String::new();
+        let mut out = BufReader::new(child.stdout.take().unwrap());
+        out.read_line(&mut line).unwrap();
+        let addr = line
+            .strip_prefix("tim listening on ")
+            .and_then(|rest| rest.split_whitespace().next())
+            .unwrap_or_else(|| panic!("unexpected first line from tim: {line:?}"))
+            .parse()
+            .unwrap();
+        assert!(line.contains(&format!("{driver} driver")), "driver: {line}");
+        TestServer { child, addr, _dir: dir, next_name: std::cell::Cell::new(0) }
+    }
+
+    pub fn client(&self) -> Client {
+        Client::connect(self.addr).unwrap()
+    }
+
+    /// A fresh unique account name.
+    pub fn name(&self, prefix: &str) -> String {
+        let n = self.next_name.get();
+        self.next_name.set(n + 1);
+        format!("{prefix}-{n}")
+    }
+
+    /// Register a new account; returns its name and id.
+    pub fn register(&self, prefix: &str) -> (String, u64) {
+        let name = self.name(prefix);
+        let id = self.client().register(&name, PASSWORD).unwrap();
+        (name, id)
+    }
+
+    /// A logged-in client of `name` (device type 3, desktop).
+    pub fn login(&self, name: &str, device_type: u8) -> (Client, u64) {
+        let mut c = self.client();
+        let ok = c.login(name, PASSWORD, device_type, "dev").unwrap();
+        (c, ok.session_id)
+    }
+
+    /// Logged-in clients of `name` whose sessions sit on shard `shard` (reconnects until so).
+    pub fn login_on_shard(&self, name: &str, device_type: u8, shard: u64) -> Client {
+        for _ in 0..200 {
+            let (c, session) = self.login(name, device_type);
+            if session >> 48 == shard {
+                return c;
+            }
+            let mut c = c;
+            c.logout().unwrap();
+        }
+        panic!("could not land a session on shard {shard}");
+    }
+
+    /// Send SIGTERM and wait for the process to exit.
+    pub fn terminate(&mut self) -> ExitStatus {
+        // SAFETY: plain kill(2) on our child's pid.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(st) = self.child.try_wait().unwrap() {
+                return st;
+            }
+            assert!(Instant::now() < deadline, "tim did not exit after SIGTERM");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// The server process is still running.
+    pub fn alive(&mut self) -> bool {
+        self.child.try_wait().unwrap().is_none()
+    }
+
+    /// Two users who can talk, to show the server still serves others.
+    pub fn assert_serves_others(&self) {
+        let (a, _) = self.register("alive-a");
+        let (b, b_id) = self.register("alive-b");
+        let (mut ca, _) = self.login(&a, 3);
+        let (mut cb, _) = self.login(&b, 3);
+        let ack = ca.send_wait(b_id, 1, b"still here").unwrap();
+        assert_eq!(ack.seq, 1);
+        let d = cb.next_delivery().unwrap();
+        assert_eq!(d.body, b"still here");
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
