@@ -292,20 +292,17 @@ impl Client {
     /// Send a 1:1 message and wait for its ack (or its error).
     pub fn send_wait(&mut self, to: u64, client_msg_id: u64, body: &[u8]) -> Result<protocol::SendAck> {
         self.send(to, client_msg_id, body)?;
-        loop {
-            let ack = self.wait_for(u16::MAX, |e| match e {
-                Event::SendAck(a) if a.client_msg_id == client_msg_id => Some(Ok(a.clone())),
-                Event::Error(err) if err.request_kind == kind::SEND && err.client_msg_id == client_msg_id => {
-                    Some(Err(ClientError::Server {
-                        code: err.code,
-                        name: ErrorCode::from_u16(err.code),
-                        message: err.message.clone(),
-                    }))
-                }
-                _ => None,
-            })?;
-            return ack;
-        }
+        self.wait_for(u16::MAX, |e| match e {
+            Event::SendAck(a) if a.client_msg_id == client_msg_id => Some(Ok(a.clone())),
+            Event::Error(err) if err.request_kind == kind::SEND && err.client_msg_id == client_msg_id => {
+                Some(Err(ClientError::Server {
+                    code: err.code,
+                    name: ErrorCode::from_u16(err.code),
+                    message: err.message.clone(),
+                }))
+            }
+            _ => None,
+        })?
     }
 
     /// Acknowledge receipt of everything up to `seq` in a conversation.

@@ -8,6 +8,7 @@ use serde::Deserialize;
 
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
+#[derive(Default)]
 pub struct Config {
     pub server: ServerConfig,
     pub store: StoreConfig,
@@ -182,18 +183,6 @@ impl Default for Security {
     }
 }
 
-impl Default for Config {
-    fn default() -> Self {
-        Config {
-            server: ServerConfig::default(),
-            store: StoreConfig::default(),
-            limits: Limits::default(),
-            sessions: SessionPolicy::default(),
-            security: Security::default(),
-        }
-    }
-}
-
 impl Config {
     pub fn from_file(path: &Path) -> anyhow::Result<Config> {
         let text =
@@ -218,7 +207,7 @@ impl Config {
         if l.body_bytes_max + 1024 > l.frame_bytes_max {
             bail!("limits.body_bytes_max must leave 1 KiB of room under limits.frame_bytes_max");
         }
-        if l.read_buffer_bytes < 4096 || l.read_buffer_bytes % 8 != 0 {
+        if l.read_buffer_bytes < 4096 || !l.read_buffer_bytes.is_multiple_of(8) {
             bail!("limits.read_buffer_bytes must be a multiple of 8 and at least 4096");
         }
         for (name, v) in [

@@ -108,7 +108,7 @@ where
         + for<'a> Serialize<HighSerializer<Vec<u8>, rkyv::ser::allocator::ArenaHandle<'a>, rancor::Error>>,
 {
     let start = out.len();
-    debug_assert!(start % ALIGN == 0);
+    debug_assert!(start.is_multiple_of(ALIGN));
     out.extend_from_slice(&[0u8; HEADER_BYTES]);
     // The payload is serialized after the header; rkyv aligns relative to the writer's start, and
     // the header is 8 bytes, so payload-relative alignment holds too.
@@ -147,7 +147,7 @@ impl AlignedBuf {
     const BUF_ALIGN: usize = 16;
 
     pub fn new(cap: usize) -> AlignedBuf {
-        assert!(cap > 0 && cap % ALIGN == 0);
+        assert!(cap > 0 && cap.is_multiple_of(ALIGN));
         let layout = Layout::from_size_align(cap, Self::BUF_ALIGN).expect("valid layout");
         // SAFETY: layout has non-zero size.
         let ptr = unsafe { alloc::alloc_zeroed(layout) };
@@ -188,7 +188,7 @@ impl AlignedBuf {
         if self.start == 0 {
             return;
         }
-        debug_assert!(self.start % ALIGN == 0);
+        debug_assert!(self.start.is_multiple_of(ALIGN));
         let len = self.end - self.start;
         // SAFETY: both ranges lie inside the allocation; `copy` handles overlap.
         unsafe { std::ptr::copy(self.ptr.as_ptr().add(self.start), self.ptr.as_ptr(), len) };

@@ -374,4 +374,4 @@ impl Stamp {
         Some(Stamp { msg_id: u(0), seq: u(8), ts_ms: u(16), from: u(24), to: u(32), conv: b[40] })
     }
 }
-const _: () = assert!(Stamp::BYTES % 8 == 0);
+const _: () = assert!(Stamp::BYTES.is_multiple_of(8));

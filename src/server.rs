@@ -85,7 +85,9 @@ impl Server {
     /// Wait for the shards (and then the workers) to end.
     pub fn join(self) -> anyhow::Result<()> {
         self.shards.join()?;
-        drop(self.shared);
+        // Tasks left on a stopped executor are not dropped, so Shared may outlive the shards:
+        // end the workers explicitly.
+        self.shared.workers.stop();
         for w in self.workers {
             let _ = w.join();
         }

@@ -127,6 +127,8 @@ struct UserLive {
     tokens: Vec<([u8; 32], u64)>,
 }
 
+// Submits stay boxed: they are handed back to `on_submit` as `Envelope::Submit(Box<_>)`.
+#[allow(clippy::vec_box)]
 enum ConvState {
     /// Checking that the recipient exists (and, with a durable store, loading the last sequence).
     Loading(Vec<Box<Submit>>),
@@ -521,6 +523,7 @@ impl Shard {
     }
 
     /// Give `sub` the next sequence number of its conversation, stamp it, ack it and fan it out.
+    #[allow(clippy::boxed_local)] // it arrives boxed in its envelope
     fn sequence(&self, mut sub: Box<Submit>, last_seq: &mut u64, now: u64) {
         *last_seq += 1;
         let ack = AckInfo {

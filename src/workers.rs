@@ -7,11 +7,13 @@ use std::thread::JoinHandle;
 use crossbeam_channel::{bounded, Sender, TrySendError};
 use futures_channel::oneshot;
 
-type Job = Box<dyn FnOnce() + Send + 'static>;
+/// `None` tells one worker thread to end.
+type Job = Option<Box<dyn FnOnce() + Send + 'static>>;
 
 #[derive(Clone)]
 pub struct Workers {
     tx: Sender<Job>,
+    threads: usize,
 }
 
 /// The worker pool is full or gone.
@@ -20,24 +22,25 @@ pub struct Workers {
 pub struct Busy;
 
 impl Workers {
-    /// Start `threads` workers with a queue of `queue_max` jobs. The threads end when every
-    /// `Workers` handle is dropped.
+    /// Start `threads` workers with a queue of `queue_max` jobs. The threads end after
+    /// [`Workers::stop`] (or when every handle is dropped).
     pub fn start(threads: usize, queue_max: usize) -> (Workers, Vec<JoinHandle<()>>) {
         let (tx, rx) = bounded::<Job>(queue_max);
-        let handles = (0..threads.max(1))
+        let threads = threads.max(1);
+        let handles = (0..threads)
             .map(|i| {
                 let rx = rx.clone();
                 std::thread::Builder::new()
                     .name(format!("worker-{i}"))
                     .spawn(move || {
-                        while let Ok(job) = rx.recv() {
+                        while let Ok(Some(job)) = rx.recv() {
                             job();
                         }
                     })
                     .expect("spawn worker thread")
             })
             .collect();
-        (Workers { tx }, handles)
+        (Workers { tx, threads }, handles)
     }
 
     /// Run `f` on a worker and wait for its result.
@@ -47,13 +50,22 @@ impl Workers {
         F: FnOnce() -> R + Send + 'static,
     {
         let (rtx, rrx) = oneshot::channel();
-        let job: Job = Box::new(move || {
+        let job: Job = Some(Box::new(move || {
             let _ = rtx.send(f());
-        });
+        }));
         match self.tx.try_send(job) {
             Ok(()) => {}
             Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => return Err(Busy),
         }
         rrx.await.map_err(|_| Busy)
+    }
+}
+
+impl Workers {
+    /// Let every worker thread finish the jobs queued before this call, then end.
+    pub fn stop(&self) {
+        for _ in 0..self.threads {
+            let _ = self.tx.send(None);
+        }
     }
 }

@@ -1,0 +1,151 @@
+//! Session lifecycle over real sockets: device limits and their policies, ping, idle and login
+//! timeouts, logout, and graceful shutdown on SIGTERM.
+
+mod common;
+use std::time::{Duration, Instant};
+
+use common::*;
+use tim::{client::Event, protocol::ErrorCode};
+
+/// kick_oldest: a login over the per-device-type limit kicks the oldest session of that type, and
+/// one over the per-account limit kicks the oldest session of any type.
+fn device_limit_kick_oldest(driver: &str) {
+    let s = TestServer::start(
+        driver,
+        "[sessions]\nper_account_max = 3\nper_device_type_max = 2\npolicy = \"kick_oldest\"\n",
+    );
+    let (alice, _) = s.register("alice");
+    let (bob, bob_id) = s.register("bob");
+    let (mut p1, _) = s.login(&alice, 1);
+    let (mut p2, _) = s.login(&alice, 1);
+    let (mut p3, _) = s.login(&alice, 1); // third phone: p1 goes
+    let err = p1.recv().unwrap();
+    assert_eq!(
+        err,
+        Event::Kick(tim::protocol::Kick { reason: 42, message: "replaced by a newer login".into() })
+    );
+    let (mut d1, _) = s.login(&alice, 3); // fourth session over per_account_max 3 (p2, p3, d1): none kicked
+    let (mut w1, _) = s.login(&alice, 4); // p2, p3, d1, w1 > 3: oldest (p2) goes
+    match p2.recv().unwrap() {
+        Event::Kick(k) => assert_eq!(k.reason, ErrorCode::Replaced as u16),
+        other => panic!("unexpected {other:?}"),
+    }
+    // the survivors all get a message; the kicked ones are closed
+    let (mut b, _) = s.login(&bob, 3);
+    b.send_wait(s_id(&mut p3), 1, b"hi").unwrap_or_else(|e| panic!("{e}"));
+    for c in [&mut p3, &mut d1, &mut w1] {
+        assert_eq!(c.next_delivery().unwrap().body, b"hi");
+    }
+    assert!(matches!(
+        p1.recv(),
+        Err(tim::client::ClientError::Closed) | Err(tim::client::ClientError::Io(_))
+    ));
+    let _ = bob_id;
+}
+
+/// The user id of a logged-in client, by pinging the server for nothing but a round trip.
+fn s_id(c: &mut tim::client::Client) -> u64 {
+    // The token's first 16 hex digits are the user id.
+    let t = c.issue_token(1).unwrap();
+    u64::from_str_radix(&t.token[..16], 16).unwrap()
+}
+
+/// refuse: a login over a limit gets DeviceLimit and the existing sessions stay.
+fn device_limit_refuse(driver: &str) {
+    let s = TestServer::start(
+        driver,
+        "[sessions]\nper_account_max = 2\nper_device_type_max = 1\npolicy = \"refuse\"\n",
+    );
+    let (alice, _) = s.register("alice");
+    let (mut p1, _) = s.login(&alice, 1);
+    let mut c = s.client();
+    assert_eq!(c.login(&alice, PASSWORD, 1, "").unwrap_err().code(), Some(ErrorCode::DeviceLimit));
+    let (_d1, _) = s.login(&alice, 3);
+    assert_eq!(c.login(&alice, PASSWORD, 4, "").unwrap_err().code(), Some(ErrorCode::DeviceLimit));
+    assert_eq!(p1.ping(9).unwrap().nonce, 9, "the first session is untouched");
+    // when one leaves, a place frees up
+    p1.logout().unwrap();
+    let mut tries = 0;
+    loop {
+        match c.login(&alice, PASSWORD, 1, "") {
+            Ok(_) => break,
+            Err(e) if e.code() == Some(ErrorCode::DeviceLimit) && tries < 50 => {
+                tries += 1;
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Err(e) => panic!("{e}"),
+        }
+    }
+}
+
+/// Pings keep a session alive past the idle timeout; silence closes it with IdleTimeout.
+fn ping_and_idle_timeout(driver: &str) {
+    let s = TestServer::start(driver, "[limits]\nidle_timeout_ms = 400\n");
+    let (alice, _) = s.register("alice");
+    let (mut a, _) = s.login(&alice, 3);
+    let (mut quiet, _) = s.login(&alice, 1);
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_millis(900) {
+        let p = a.ping(start.elapsed().as_millis() as u64).unwrap();
+        assert!(p.server_time_ms > 0);
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    match quiet.recv().unwrap() {
+        Event::Error(e) => assert_eq!(e.code, ErrorCode::IdleTimeout as u16),
+        other => panic!("unexpected {other:?}"),
+    }
+    assert!(quiet.recv().is_err(), "closed after the idle timeout");
+    assert!(a.ping(1).is_ok(), "the pinging session lives");
+}
+
+/// A connection that does not log in within login_timeout_ms gets LoginTimeout and is closed,
+/// even if it pings.
+fn login_timeout(driver: &str) {
+    let s = TestServer::start(driver, "[limits]\nlogin_timeout_ms = 300\n");
+    let mut c = s.client();
+    let start = Instant::now();
+    assert!(c.ping(1).is_ok());
+    match c.recv().unwrap() {
+        Event::Error(e) => assert_eq!(e.code, ErrorCode::LoginTimeout as u16),
+        other => panic!("unexpected {other:?}"),
+    }
+    assert!(start.elapsed() >= Duration::from_millis(250));
+    assert!(c.recv().is_err());
+}
+
+/// Logout answers Bye and closes; the account's other sessions are unaffected.
+fn logout(driver: &str) {
+    let s = TestServer::start(driver, "");
+    let (alice, _) = s.register("alice");
+    let (mut a1, _) = s.login(&alice, 1);
+    let (mut a2, _) = s.login(&alice, 3);
+    a1.logout().unwrap();
+    assert!(a1.recv().is_err());
+    assert!(a2.ping(3).is_ok());
+}
+
+/// SIGTERM: connected clients get Kick(ShuttingDown), new connections are refused, exit code 0.
+fn graceful_shutdown(driver: &str) {
+    let mut s = TestServer::start(driver, "");
+    let (alice, _) = s.register("alice");
+    let (mut a, _) = s.login(&alice, 3);
+    let mut anon = s.client();
+    let status = s.terminate();
+    assert!(status.success(), "exit status {status:?}");
+    for c in [&mut a, &mut anon] {
+        match c.recv().unwrap() {
+            Event::Kick(k) => assert_eq!(k.reason, ErrorCode::ShuttingDown as u16),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert!(std::net::TcpStream::connect(s.addr).is_err(), "no longer listening");
+}
+
+on_both_drivers!(
+    device_limit_kick_oldest,
+    device_limit_refuse,
+    ping_and_idle_timeout,
+    login_timeout,
+    logout,
+    graceful_shutdown
+);
