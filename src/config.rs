@@ -315,6 +315,15 @@ mod tests {
         parsed.validate().unwrap();
     }
 
+    /// README.md shows the whole default file: every option line of it, verbatim.
+    #[test]
+    fn readme_shows_every_option() {
+        let readme = include_str!("../README.md");
+        for line in DEFAULT_TOML.lines().filter(|l| !l.is_empty() && !l.starts_with('#')) {
+            assert!(readme.contains(line), "README.md lacks config line {line:?}");
+        }
+    }
+
     /// Unknown options and broken relations are refused with a message naming the option.
     #[test]
     fn rejects_bad_config() {
