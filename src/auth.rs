@@ -96,7 +96,7 @@ pub fn new_token(user: u64) -> (String, [u8; 32]) {
 
 /// Split a token's text into its user id and the hash of its secret.
 pub fn parse_token(text: &str) -> Option<(u64, [u8; 32])> {
-    if text.len() != TOKEN_CHARS || !text.is_ascii() {
+    if text.len() != TOKEN_CHARS || !text.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
         return None;
     }
     let user = u64::from_str_radix(&text[..16], 16).ok()?;
@@ -143,5 +143,7 @@ mod tests {
         assert_eq!(parse_token(&text), Some((42, hash)));
         assert_eq!(parse_token("zz"), None);
         assert_eq!(parse_token(&"g".repeat(48)), None);
+        assert_eq!(parse_token(&text.to_uppercase()), None, "only lowercase hex");
+        assert_eq!(parse_token(&format!("+{}", &text[1..])), None);
     }
 }

@@ -65,7 +65,7 @@ pub struct Limits {
     pub session_outbound_bytes_max: usize,
     /// Slots per ordered pair of shards in the mesh.
     pub mesh_queue_capacity: usize,
-    /// Envelopes held per destination shard while its mesh queue is full.
+    /// Envelopes one shard holds back, over all destinations, while mesh queues are full.
     pub mesh_overflow_max: usize,
     /// Envelopes a shard handles per drain of the mesh.
     pub mesh_batch_max: usize,

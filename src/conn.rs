@@ -31,6 +31,10 @@ use crate::{
 const IOV_MAX: usize = 64;
 /// Time a closing session gets to flush its last frames.
 const CLOSE_FLUSH_MS: u64 = 1000;
+/// Time a writer waits for a socket that accepts nothing before giving the session up.
+const WRITE_STALL_MS: u64 = 60_000;
+/// Bytes a `Send` archive may carry besides its body (its root struct and alignment padding).
+pub const SEND_OVERHEAD_BYTES_MAX: usize = 64;
 
 /// Answers that a reader waits for after posting a request to another shard.
 enum Reply {
@@ -218,6 +222,11 @@ impl Reader<'_> {
         let mut try_first = false;
         loop {
             if self.session.closing.get() {
+                break;
+            }
+            if self.logged_in_at.is_none() && Instant::now() >= login_deadline {
+                // Also when frames keep arriving: a connection gets one login window.
+                self.session.push(Shard::error_frame(ErrorCode::LoginTimeout, 0, 0));
                 break;
             }
             if !try_first {
@@ -442,7 +451,11 @@ impl Reader<'_> {
         if to == 0 {
             return reject(ErrorCode::UnknownRecipient);
         }
-        if m.body.len() > self.shard.cfg().limits.body_bytes_max {
+        // The payload is forwarded verbatim, so it may hold nothing but the body and the archive's
+        // own few bytes: bytes the archive does not reference would travel to every recipient.
+        if m.body.len() > self.shard.cfg().limits.body_bytes_max
+            || payload.len() > m.body.len() + SEND_OVERHEAD_BYTES_MAX
+        {
             return reject(ErrorCode::BodyTooLarge);
         }
         // The Deliver frame: header, blank stamp (filled by the conversation owner), and the
@@ -464,6 +477,9 @@ impl Reader<'_> {
     }
 
     async fn register(&self, name: String, password: String) -> Flow {
+        if self.session.user() != 0 {
+            return self.error(ErrorCode::AlreadyLoggedIn, kind::REGISTER);
+        }
         if let Err(code) = auth::check_name(&name).and(auth::check_password(&password)) {
             return self.error(code, kind::REGISTER);
         }
@@ -549,13 +565,17 @@ impl Reader<'_> {
         self.shard.post(user_shard(user, self.shard.shards), Envelope::Attach(Box::new(attach)));
         match rx.await {
             Ok(Reply::Attach(Ok(user))) => {
+                let limits = &self.shard.cfg().limits;
                 self.session.user.set(user);
                 self.logged_in_at = Some(Instant::now());
                 let ok = protocol::LoginOk {
                     user_id: user,
                     session_id: self.session.id.0,
                     server_time_ms: now_ms(),
-                    idle_timeout_ms: self.shard.cfg().limits.idle_timeout_ms.min(u32::MAX as u64) as u32,
+                    idle_timeout_ms: limits.idle_timeout_ms.min(u32::MAX as u64) as u32,
+                    frame_bytes_max: limits.frame_bytes_max as u32,
+                    body_bytes_max: limits.body_bytes_max as u32,
+                    inflight_max: limits.inflight_per_session_max,
                     protocol_version: protocol::PROTOCOL_VERSION,
                 };
                 self.reply(kind::LOGIN_OK, &ok)
@@ -618,14 +638,8 @@ async fn write_loop(stream: Rc<TcpStream>, session: Rc<Session>) {
             match err.kind() {
                 io::ErrorKind::Interrupted => continue,
                 io::ErrorKind::WouldBlock => {
-                    let wait = if session.closing.get() {
-                        Duration::from_millis(CLOSE_FLUSH_MS)
-                    } else {
-                        Duration::from_secs(60)
-                    };
-                    match monoio::time::timeout(wait, stream.writable(false)).await {
-                        Ok(Ok(())) => continue,
-                        _ => break 'outer,
+                    if !wait_writable(&stream, &session).await {
+                        break 'outer;
                     }
                 }
                 _ => break 'outer,
@@ -651,4 +665,22 @@ async fn write_loop(stream: Rc<TcpStream>, session: Rc<Session>) {
     // SAFETY: fd is open (the stream is alive); shutdown wakes the reader with EOF.
     unsafe { libc::shutdown(fd, libc::SHUT_RDWR) };
     session.reader.notify();
+}
+
+/// Wait until the socket takes more bytes. Gives up after `WRITE_STALL_MS`, or `CLOSE_FLUSH_MS`
+/// once the session is closing (also when it starts closing during the wait).
+async fn wait_writable(stream: &TcpStream, session: &Session) -> bool {
+    let start = Instant::now();
+    loop {
+        let limit = if session.closing.get() { CLOSE_FLUSH_MS } else { WRITE_STALL_MS };
+        let Some(left) = Duration::from_millis(limit).checked_sub(start.elapsed()) else {
+            return false;
+        };
+        monoio::select! {
+            r = monoio::time::timeout(left, stream.writable(false)) => return matches!(r, Ok(Ok(()))),
+            _ = session.writer.wait() => {
+                // Woken by new frames or by close(): re-check the limit and wait again.
+            }
+        }
+    }
 }

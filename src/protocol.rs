@@ -101,7 +101,7 @@ pub enum ErrorCode {
     BadHeader = 4,
     /// The operation needs a logged-in session.
     NotLoggedIn = 10,
-    /// Login or register on a session that is already logged in.
+    /// Login, token login or register on a session that is already logged in.
     AlreadyLoggedIn = 11,
     /// No account has that name.
     UnknownUser = 12,
@@ -125,11 +125,10 @@ pub enum ErrorCode {
     UnknownRecipient = 30,
     /// Send: unsupported conversation kind.
     InvalidConversation = 31,
-    /// Send: the session has `inflight_per_session_max` unacknowledged sends.
-    TooManyInFlight = 32,
     /// The server is overloaded on this path; retry later with the same client message id.
     Busy = 33,
-    /// Send: the body is over `body_bytes_max`.
+    /// Send: the body is over `body_bytes_max`, or the archive carries more than
+    /// `SEND_OVERHEAD_BYTES_MAX` bytes besides its body.
     BodyTooLarge = 34,
     /// No login within `login_timeout_ms` of connecting. The connection is closed.
     LoginTimeout = 40,
@@ -172,7 +171,6 @@ impl ErrorCode {
             20 => TooManyTokens,
             30 => UnknownRecipient,
             31 => InvalidConversation,
-            32 => TooManyInFlight,
             33 => Busy,
             34 => BodyTooLarge,
             40 => LoginTimeout,
@@ -207,7 +205,6 @@ impl ErrorCode {
             TooManyTokens => "too many live tokens",
             UnknownRecipient => "unknown recipient",
             InvalidConversation => "invalid conversation",
-            TooManyInFlight => "too many unacknowledged sends",
             Busy => "server busy, retry",
             BodyTooLarge => "body too large",
             LoginTimeout => "login timeout",
@@ -295,6 +292,12 @@ pub struct LoginOk {
     pub server_time_ms: u64,
     /// Send something (a Ping will do) at least this often, or be closed.
     pub idle_timeout_ms: u32,
+    /// The server's `frame_bytes_max`: the largest payload it accepts.
+    pub frame_bytes_max: u32,
+    /// The server's `body_bytes_max`: the largest message body it accepts.
+    pub body_bytes_max: u32,
+    /// The server's `inflight_per_session_max`: unacknowledged sends before it stops reading.
+    pub inflight_max: u32,
     pub protocol_version: u16,
 }
 

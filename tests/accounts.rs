@@ -14,6 +14,13 @@ fn register_and_login(driver: &str) {
     assert_eq!(ok.user_id, id);
     assert_eq!(ok.protocol_version, 1);
     assert!(ok.idle_timeout_ms > 0);
+    assert_eq!(
+        (ok.frame_bytes_max, ok.body_bytes_max, ok.inflight_max),
+        (65536, 32768, 256),
+        "limits announced"
+    );
+    // registering from a logged-in session is refused
+    assert_eq!(c.register("carol", PASSWORD).unwrap_err().code(), Some(ErrorCode::AlreadyLoggedIn));
     // logging in twice on one session is refused
     let err = c.login("alice", PASSWORD, 1, "phone-1").unwrap_err();
     assert_eq!(err.code(), Some(ErrorCode::AlreadyLoggedIn));

@@ -98,6 +98,22 @@ fn malformed_payload(driver: &str) {
     f.extend_from_slice(&p);
     a.write_raw(&f).unwrap();
     expect_error(a.recv().unwrap(), ErrorCode::Malformed);
+    // A valid Send archive with unreferenced bytes in front of it: they would travel to every
+    // recipient, so it is refused.
+    let (_, bob_id) = s.register("bob");
+    let send = tim::protocol::Send { conv: 1, to: bob_id, client_msg_id: 8, body: b"x".to_vec() };
+    let plain = tim::frame::encode(kind::SEND, &send);
+    let archive_len = u32::from_le_bytes(plain[0..4].try_into().unwrap()) as usize;
+    let mut padded = vec![0u8; 200];
+    padded.extend_from_slice(&plain[8..8 + archive_len]);
+    let mut f = header(padded.len() as u32, kind::SEND, 0);
+    f.extend_from_slice(&padded);
+    f.resize(tim::frame::frame_bytes(padded.len()), 0);
+    a.write_raw(&f).unwrap();
+    match a.recv().unwrap() {
+        Event::Error(e) => assert_eq!((e.code, e.client_msg_id), (ErrorCode::BodyTooLarge as u16, 8)),
+        other => panic!("unexpected {other:?}"),
+    }
     // non-zero flags are refused and close the connection
     let mut c = s.client();
     c.write_raw(&header(0, kind::PING, 1)).unwrap();
