@@ -55,6 +55,10 @@ pub struct Session {
     inflight_max: u32,
     closing: Cell<bool>,
     reply: RefCell<Option<oneshot::Sender<Reply>>>,
+    /// When the connection was accepted (for the login timeout).
+    pub created: Instant,
+    /// When bytes last arrived (for the idle timeout).
+    last_rx: Cell<Instant>,
 }
 
 impl Session {
@@ -72,7 +76,30 @@ impl Session {
             inflight_max: l.inflight_per_session_max,
             closing: Cell::new(false),
             reply: RefCell::new(None),
+            created: Instant::now(),
+            last_rx: Cell::new(Instant::now()),
         }
+    }
+
+    /// The timeout this session has run into at `now`, if any. Checked by the shard's sweep
+    /// ([`Shard::run_timeouts`]) rather than by a timer per read, which would be re-armed on
+    /// every readiness wait. A session paused at its in-flight limit is not idle.
+    pub fn timed_out(&self, now: Instant, login: Duration, idle: Duration) -> Option<ErrorCode> {
+        if self.closing.get() {
+            None
+        } else if self.user() == 0 {
+            (now.duration_since(self.created) >= login).then_some(ErrorCode::LoginTimeout)
+        } else if self.inflight.get() < self.inflight_max && now.duration_since(self.last_rx.get()) >= idle {
+            Some(ErrorCode::IdleTimeout)
+        } else {
+            None
+        }
+    }
+
+    /// Close with an `Error` frame carrying `code`.
+    pub fn fail(&self, code: ErrorCode) {
+        self.push(Shard::error_frame(code, 0, 0));
+        self.close();
     }
 
     pub fn user(&self) -> UserId {
@@ -179,7 +206,7 @@ pub async fn serve(shard: Rc<Shard>, stream: TcpStream) {
     }
     let stream = Rc::new(stream);
     let writer = monoio::spawn(write_loop(stream.clone(), session.clone()));
-    let mut reader = Reader { shard: &shard, session: &session, stream: &stream, logged_in_at: None };
+    let mut reader = Reader { shard: &shard, session: &session, stream: &stream };
     reader.run().await;
     session.close();
     writer.await;
@@ -209,14 +236,10 @@ struct Reader<'a> {
     shard: &'a Rc<Shard>,
     session: &'a Rc<Session>,
     stream: &'a Rc<TcpStream>,
-    logged_in_at: Option<Instant>,
 }
 
 impl Reader<'_> {
     async fn run(&mut self) {
-        let limits = &self.shard.cfg().limits;
-        let login_deadline = Instant::now() + Duration::from_millis(limits.login_timeout_ms);
-        let idle = Duration::from_millis(limits.idle_timeout_ms);
         let fd = self.stream.as_raw_fd();
         let mut held: Option<AlignedBuf> = None;
         let mut try_first = false;
@@ -224,25 +247,11 @@ impl Reader<'_> {
             if self.session.closing.get() {
                 break;
             }
-            if self.logged_in_at.is_none() && Instant::now() >= login_deadline {
-                // Also when frames keep arriving: a connection gets one login window.
-                self.session.push(Shard::error_frame(ErrorCode::LoginTimeout, 0, 0));
-                break;
-            }
             if !try_first {
-                let (wait, code) = match self.logged_in_at {
-                    Some(_) => (idle, ErrorCode::IdleTimeout),
-                    None => {
-                        (login_deadline.saturating_duration_since(Instant::now()), ErrorCode::LoginTimeout)
-                    }
-                };
-                match monoio::time::timeout(wait, self.stream.readable(false)).await {
-                    Err(_) => {
-                        self.session.push(Shard::error_frame(code, 0, 0));
-                        break;
-                    }
-                    Ok(Err(_)) => break,
-                    Ok(Ok(())) => {}
+                // Timeouts close the session from the shard's sweep; the writer's shutdown(2)
+                // then wakes this wait.
+                if self.stream.readable(false).await.is_err() {
+                    break;
                 }
                 if self.session.closing.get() {
                     break;
@@ -269,6 +278,7 @@ impl Reader<'_> {
                 break;
             }
             buf.end += n as usize;
+            self.session.last_rx.set(Instant::now());
             // A full read suggests more is waiting: read again before arming readiness.
             try_first = n as usize == want;
             match self.frames(&mut buf).await {
@@ -567,7 +577,7 @@ impl Reader<'_> {
             Ok(Reply::Attach(Ok(user))) => {
                 let limits = &self.shard.cfg().limits;
                 self.session.user.set(user);
-                self.logged_in_at = Some(Instant::now());
+                self.session.last_rx.set(Instant::now());
                 let ok = protocol::LoginOk {
                     user_id: user,
                     session_id: self.session.id.0,

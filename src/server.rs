@@ -111,6 +111,7 @@ async fn run_shard(ctx: ShardContext<Envelope>, shared: Arc<Shared>, listener: s
     let shard = Rc::new(Shard::new(ctx.id, ctx.shards, shared, ctx.port));
     CURRENT.with(|c| *c.borrow_mut() = Some(shard.clone()));
     monoio::spawn(shard.clone().run_mesh());
+    monoio::spawn(shard.clone().run_timeouts());
     loop {
         monoio::select! {
             accepted = listener.accept() => match accepted {

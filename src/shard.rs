@@ -364,6 +364,29 @@ impl Shard {
         }
     }
 
+    /// Close sessions that ran into the login or idle timeout. One sweep per tick over the
+    /// shard's sessions replaces a timer per connection.
+    pub async fn run_timeouts(self: Rc<Self>) {
+        let l = &self.cfg().limits;
+        let login = Duration::from_millis(l.login_timeout_ms);
+        let idle = Duration::from_millis(l.idle_timeout_ms);
+        let tick = (login.min(idle) / 8).clamp(Duration::from_millis(5), Duration::from_secs(1));
+        let mut expired = Vec::new();
+        while !self.shutting_down.get() {
+            monoio::time::sleep(tick).await;
+            let now = std::time::Instant::now();
+            expired.extend(
+                self.sessions
+                    .borrow()
+                    .values()
+                    .filter_map(|s| s.timed_out(now, login, idle).map(|c| (s.clone(), c))),
+            );
+            for (s, code) in expired.drain(..) {
+                s.fail(code);
+            }
+        }
+    }
+
     /// Stop accepting and tell every session the server is going away.
     pub fn begin_shutdown(&self) {
         if self.shutting_down.replace(true) {
@@ -580,12 +603,13 @@ impl Shard {
 
     fn on_fanout(&self, user: UserId, skip: SessionRef, frame: Bytes) {
         debug_assert_eq!(user_shard(user, self.shards), self.id, "fanout on the wrong shard");
-        let targets: Vec<SessionRef> = match self.users.borrow().get(&user) {
-            Some(live) => live.sessions.iter().map(|s| s.session).filter(|&s| s != skip).collect(),
-            None => return,
-        };
-        for session in targets {
-            self.post(session.shard(), Envelope::Deliver { session, frame: frame.clone() });
+        // Called only from `handle`, inside `drain_local`: a post to this shard only queues, so
+        // holding `users` while posting cannot re-enter it.
+        debug_assert!(self.draining.get());
+        let users = self.users.borrow();
+        let Some(live) = users.get(&user) else { return };
+        for s in live.sessions.iter().filter(|s| s.session != skip) {
+            self.post(s.session.shard(), Envelope::Deliver { session: s.session, frame: frame.clone() });
         }
     }
 
