@@ -1,0 +1,74 @@
+//! End-to-end benchmarks over loopback against an in-process tim server (2 shards, memory store):
+//! a Ping round trip, and a 1:1 message from send to the sender's ack and the recipient's
+//! delivery, with the two sessions on different shards so every message crosses the mesh.
+
+use std::time::Duration;
+
+use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use tim::{client::Client, config::Config};
+
+const PASSWORD: &str = "bench password";
+
+fn start() -> tim::server::Server {
+    let mut cfg = Config::default();
+    cfg.server.listen = "127.0.0.1:0".parse().unwrap();
+    cfg.server.shards = 2;
+    cfg.server.pin_cores = false;
+    cfg.security.argon2_m_kib = 64;
+    cfg.security.argon2_t = 1;
+    tim::server::start(cfg).expect("server starts")
+}
+
+/// A logged-in client of `name` whose session sits on `shard`.
+fn login_on(server: &tim::server::Server, name: &str, device_type: u8, shard: u64) -> Client {
+    for _ in 0..200 {
+        let mut c = Client::connect(server.addr).unwrap();
+        let ok = c.login(name, PASSWORD, device_type, "bench").unwrap();
+        if ok.session_id >> 48 == shard {
+            return c;
+        }
+        c.logout().unwrap();
+    }
+    panic!("no session on shard {shard}");
+}
+
+fn e2e(c: &mut Criterion) {
+    let server = start();
+    let mut reg = Client::connect(server.addr).unwrap();
+    reg.register("bench-a", PASSWORD).unwrap();
+    let b_id = reg.register("bench-b", PASSWORD).unwrap();
+    let mut a = login_on(&server, "bench-a", 3, 0);
+    let mut b = login_on(&server, "bench-b", 3, 1);
+    let mut g = c.benchmark_group("e2e_loopback");
+    g.throughput(Throughput::Elements(1));
+    let mut nonce = 0u64;
+    g.bench_function("ping_round_trip", |bench| {
+        bench.iter(|| {
+            nonce += 1;
+            a.ping(nonce).unwrap()
+        })
+    });
+    let body = [b'x'; 64];
+    let mut cmid = 0u64;
+    g.bench_function("send_ack_deliver_64B_cross_shard", |bench| {
+        bench.iter(|| {
+            cmid += 1;
+            let ack = a.send_wait(b_id, cmid, &body).unwrap();
+            let d = b.next_delivery().unwrap();
+            assert_eq!(d.stamp.seq, ack.seq);
+        })
+    });
+    g.finish();
+    server.stop();
+    server.join().unwrap();
+}
+
+criterion_group! {
+    name = benches;
+    config = Criterion::default()
+        .sample_size(30)
+        .warm_up_time(Duration::from_millis(500))
+        .measurement_time(Duration::from_secs(3));
+    targets = e2e
+}
+criterion_main!(benches);
