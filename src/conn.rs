@@ -247,7 +247,10 @@ impl Reader<'_> {
             if self.session.closing.get() {
                 break;
             }
-            if !try_first {
+            if try_first {
+                // Reading again at once: give the shard's other tasks their turn first.
+                tim_shards::yield_now().await;
+            } else {
                 // Timeouts close the session from the shard's sweep; the writer's shutdown(2)
                 // then wakes this wait.
                 if self.stream.readable(false).await.is_err() {

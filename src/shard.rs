@@ -361,6 +361,8 @@ impl Shard {
             for env in batch.drain(..) {
                 self.dispatch(env);
             }
+            // Under steady traffic `recv_batch` never waits: let the connections run.
+            tim_shards::yield_now().await;
         }
     }
 

@@ -12,6 +12,6 @@ pub mod mesh;
 pub mod partition;
 pub mod runtime;
 
-pub use mesh::{Mesh, MeshPort, SendError};
+pub use mesh::{yield_now, Mesh, MeshPort, SendError};
 pub use partition::{mix64, partition_of, shard_of, shard_of_partition, PARTITIONS};
 pub use runtime::{start, Driver, DriverKind, RuntimeConfig, ShardContext, Shards};

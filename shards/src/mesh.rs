@@ -210,7 +210,12 @@ impl<T> MeshPort<T> {
     }
 }
 
-/// Gives the executor one turn (other tasks and the I/O driver run), then completes.
+/// Give the executor one turn (other tasks and the I/O driver run), then continue. A task that
+/// finds work every time it looks must call this between batches, or it starves the others.
+pub fn yield_now() -> impl Future<Output = ()> {
+    YieldNow(false)
+}
+
 struct YieldNow(bool);
 
 impl Future for YieldNow {
