@@ -44,6 +44,10 @@ pub enum Event {
     Bye,
     Error(protocol::Error),
     Kick(protocol::Kick),
+    /// One message of a history page.
+    HistoryMsg(Delivery),
+    HistoryEnd(protocol::HistoryEnd),
+    CatchUpEnd(protocol::CatchUpEnd),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -93,18 +97,20 @@ pub fn decode_event(k: u16, payload: &[u8]) -> Result<Event> {
         kind::BYE => Event::Bye,
         kind::ERROR => Event::Error(de::<protocol::ArchivedError, _>(payload)?),
         kind::KICK => Event::Kick(de::<protocol::ArchivedKick, _>(payload)?),
-        kind::DELIVER => {
-            let stamp = Stamp::read(payload).ok_or_else(|| ClientError::Malformed("short stamp".into()))?;
-            let send = frame::access::<protocol::ArchivedSend>(&payload[Stamp::BYTES..])
-                .map_err(|e| ClientError::Malformed(e.to_string()))?;
-            Event::Deliver(Delivery {
-                stamp,
-                client_msg_id: send.client_msg_id.to_native(),
-                body: send.body.as_slice().to_vec(),
-            })
-        }
+        kind::DELIVER => Event::Deliver(delivery(payload)?),
+        kind::HISTORY_MSG => Event::HistoryMsg(delivery(payload)?),
+        kind::HISTORY_END => Event::HistoryEnd(de::<protocol::ArchivedHistoryEnd, _>(payload)?),
+        kind::CATCHUP_END => Event::CatchUpEnd(de::<protocol::ArchivedCatchUpEnd, _>(payload)?),
         other => return Err(ClientError::Malformed(format!("unexpected frame kind {other}"))),
     })
+}
+
+/// Decode a `DELIVER` (or `HISTORY_MSG`) payload: the stamp, then the sender's `Send` archive.
+pub fn delivery(payload: &[u8]) -> Result<Delivery> {
+    let stamp = Stamp::read(payload).ok_or_else(|| ClientError::Malformed("short stamp".into()))?;
+    let send = frame::access::<protocol::ArchivedSend>(&payload[Stamp::BYTES..])
+        .map_err(|e| ClientError::Malformed(e.to_string()))?;
+    Ok(Delivery { stamp, client_msg_id: send.client_msg_id.to_native(), body: send.body.as_slice().to_vec() })
 }
 
 pub struct Client {
@@ -321,6 +327,47 @@ impl Client {
             Event::Deliver(d) => Some(d.clone()),
             _ => None,
         })
+    }
+
+    /// One page of a 1:1 conversation's history: with `older`, messages before `anchor_seq`
+    /// (0: from the newest), newest first; else messages after it, oldest first.
+    pub fn history(
+        &mut self,
+        peer: u64,
+        anchor_seq: u64,
+        older: bool,
+        limit: u32,
+    ) -> Result<(Vec<Delivery>, protocol::HistoryEnd)> {
+        let h =
+            protocol::History { conv: conv::DIRECT, peer, anchor_seq, direction: u8::from(!older), limit };
+        self.send_frame(kind::HISTORY, &h)?;
+        let mut page = Vec::new();
+        let end = self.wait_for(kind::HISTORY, |e| match e {
+            Event::HistoryMsg(d) => {
+                page.push(d.clone());
+                None
+            }
+            Event::HistoryEnd(end) => Some(end.clone()),
+            _ => None,
+        });
+        // `wait_for` kept the page's messages aside; they belong to this call, not to `recv`.
+        self.pending.retain(|e| !matches!(e, Event::HistoryMsg(_)));
+        Ok((page, end?))
+    }
+
+    /// Read until `CatchUpEnd`: the deliveries it closes, and its count. Other frames are kept.
+    pub fn catch_up(&mut self) -> Result<(Vec<Delivery>, protocol::CatchUpEnd)> {
+        let mut got = Vec::new();
+        let end = self.wait_for(u16::MAX, |e| match e {
+            Event::Deliver(d) => {
+                got.push(d.clone());
+                None
+            }
+            Event::CatchUpEnd(end) => Some(end.clone()),
+            _ => None,
+        });
+        self.pending.retain(|e| !matches!(e, Event::Deliver(_)));
+        Ok((got, end?))
     }
 
     /// Log out and wait for the server's `Bye`.

@@ -41,8 +41,20 @@ pub struct ServerConfig {
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct StoreConfig {
-    /// "memory" (no-data mode: nothing survives a restart).
+    /// "embedded" (SQLite under `data_dir`, the default) or "memory" (no-data mode: nothing
+    /// survives a restart).
     pub backend: String,
+    /// Directory of the embedded store.
+    pub data_dir: std::path::PathBuf,
+    /// Messages committed in one transaction at most.
+    pub commit_batch_max: usize,
+    /// Microseconds a commit waits for more messages before it starts (0: only what is queued).
+    pub commit_wait_us: u64,
+    /// Milliseconds a send waits for its commit before it gets StoreUnavailable.
+    pub commit_timeout_ms: u64,
+    /// SQLite `synchronous` for the embedded store: "full" (durable against power loss) or
+    /// "normal" (durable against a crash of tim, not of the machine).
+    pub synchronous: String,
 }
 
 /// Every limit, named `*_max` or with its unit last.
@@ -71,7 +83,7 @@ pub struct Limits {
     pub mesh_batch_max: usize,
     /// Milliseconds a new connection has to log in.
     pub login_timeout_ms: u64,
-    /// Milliseconds without any frame after which a session is closed.
+    /// Milliseconds without any bytes received after which a session is closed.
     pub idle_timeout_ms: u64,
     /// Milliseconds the server drains on shutdown before closing what is left.
     pub shutdown_drain_ms: u64,
@@ -87,6 +99,14 @@ pub struct Limits {
     pub tokens_per_user_max: usize,
     /// Pending password hash/verify jobs; beyond it logins get Busy.
     pub worker_queue_max: usize,
+    /// Messages in one history page at most.
+    pub history_page_max: u32,
+    /// Stored messages sent to a device at login at most.
+    pub catchup_messages_max: u32,
+    /// How far back (seconds) catch-up at login looks.
+    pub catchup_window_secs: u64,
+    /// Milliseconds between flushes of delivery-ack cursors to the store.
+    pub cursor_flush_ms: u64,
 }
 
 #[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
@@ -140,7 +160,14 @@ impl Default for ServerConfig {
 
 impl Default for StoreConfig {
     fn default() -> Self {
-        StoreConfig { backend: "memory".into() }
+        StoreConfig {
+            backend: "embedded".into(),
+            data_dir: "tim-data".into(),
+            commit_batch_max: 1024,
+            commit_wait_us: 0,
+            commit_timeout_ms: 5000,
+            synchronous: "full".into(),
+        }
     }
 }
 
@@ -166,6 +193,10 @@ impl Default for Limits {
             token_ttl_secs: 300,
             tokens_per_user_max: 16,
             worker_queue_max: 4096,
+            history_page_max: 200,
+            catchup_messages_max: 5000,
+            catchup_window_secs: 7 * 24 * 3600,
+            cursor_flush_ms: 100,
         }
     }
 }
@@ -198,8 +229,17 @@ impl Config {
         if !["auto", "io_uring", "epoll"].contains(&self.server.driver.as_str()) {
             bail!("server.driver must be auto, io_uring or epoll, not {:?}", self.server.driver);
         }
-        if self.store.backend != "memory" {
-            bail!("store.backend {:?} is not available in this build (memory)", self.store.backend);
+        if !["memory", "embedded"].contains(&self.store.backend.as_str()) {
+            bail!("store.backend must be memory or embedded, not {:?}", self.store.backend);
+        }
+        if !["full", "normal"].contains(&self.store.synchronous.as_str()) {
+            bail!("store.synchronous must be full or normal");
+        }
+        if self.store.commit_batch_max == 0 || self.store.commit_timeout_ms == 0 {
+            bail!("store.commit_batch_max and store.commit_timeout_ms must be greater than 0");
+        }
+        if self.store.commit_wait_us > 100_000 {
+            bail!("store.commit_wait_us must be at most 100000");
         }
         if l.frame_bytes_max < 1024 || l.frame_bytes_max > 64 << 20 {
             bail!("limits.frame_bytes_max must be within 1 KiB..64 MiB");
@@ -224,6 +264,9 @@ impl Config {
             ("limits.login_timeout_ms", l.login_timeout_ms as usize),
             ("limits.idle_timeout_ms", l.idle_timeout_ms as usize),
             ("limits.token_ttl_secs", l.token_ttl_secs as usize),
+            ("limits.history_page_max", l.history_page_max as usize),
+            ("limits.catchup_messages_max", l.catchup_messages_max as usize),
+            ("limits.cursor_flush_ms", l.cursor_flush_ms as usize),
         ] {
             if v == 0 {
                 bail!("{name} must be greater than 0");
@@ -268,7 +311,12 @@ spin_rounds = 64            # executor turns spent polling an empty mesh before 
 backlog = 4096              # listen backlog per shard
 
 [store]
-backend = "memory"          # memory: no-data mode, nothing survives a restart
+backend = "embedded"        # embedded: SQLite (WAL) under data_dir | memory: no-data mode
+data_dir = "tim-data"       # directory of the embedded store
+commit_batch_max = 1024     # messages committed in one transaction at most
+commit_wait_us = 0          # wait for more messages before a commit starts (0: take what is queued)
+commit_timeout_ms = 5000    # a send gets StoreUnavailable if its commit takes longer
+synchronous = "full"        # embedded: full (survives power loss) | normal (survives a tim crash)
 
 [limits]
 frame_bytes_max = 65536             # largest frame payload from a client (closes the connection)
@@ -282,7 +330,7 @@ mesh_queue_capacity = 65536         # slots per ordered pair of shards
 mesh_overflow_max = 1048576         # envelopes held per shard while mesh queues are full
 mesh_batch_max = 512                # envelopes handled per mesh drain
 login_timeout_ms = 10000            # time to log in after connecting
-idle_timeout_ms = 90000             # time without any frame before a session is closed
+idle_timeout_ms = 90000             # time without any bytes received before a session is closed
 shutdown_drain_ms = 2000            # time sessions get to drain on shutdown
 dedup_entries_max = 1048576         # client message ids remembered per shard
 dedup_window_secs = 600             # how long a client message id is remembered
@@ -290,6 +338,10 @@ conversations_per_shard_max = 4194304 # live conversation counters per shard
 token_ttl_secs = 300                # default and greatest one-shot token lifetime
 tokens_per_user_max = 16            # live one-shot tokens per account
 worker_queue_max = 4096             # queued hashing/store jobs; beyond it: Busy
+history_page_max = 200              # messages in one history page at most
+catchup_messages_max = 5000         # stored messages sent to a device at login at most
+catchup_window_secs = 604800        # how far back catch-up at login looks
+cursor_flush_ms = 100               # delivery-ack cursors are written to the store this often
 
 [sessions]
 per_account_max = 8                 # sessions per account

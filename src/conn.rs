@@ -23,8 +23,9 @@ use crate::{
     envelope::{AckInfo, Attach, Envelope, SessionRef, Submit},
     frame::{self, AlignedBuf, Parsed, HEADER_BYTES},
     protocol::{self, conv, kind, DeviceType, ErrorCode, Stamp},
+    shard::direct_key,
     shard::{now_ms, user_shard, LocalNotify, Shard},
-    store::{StoreError, UserId},
+    store::{device_hash, Cursor, Page, StoreError, UserId},
 };
 
 /// Frames written by one `sendmsg`.
@@ -59,6 +60,12 @@ pub struct Session {
     pub created: Instant,
     /// When bytes last arrived (for the idle timeout).
     last_rx: Cell<Instant>,
+    /// A login is being checked: the login timeout waits for its answer.
+    login_pending: Cell<bool>,
+    /// Hash of the logged-in device id (see `store::device_hash`).
+    device: Cell<u64>,
+    /// Notified by the writer each time it has written: paced pushes wait on it.
+    drained: LocalNotify,
 }
 
 impl Session {
@@ -78,6 +85,9 @@ impl Session {
             reply: RefCell::new(None),
             created: Instant::now(),
             last_rx: Cell::new(Instant::now()),
+            login_pending: Cell::new(false),
+            device: Cell::new(0),
+            drained: LocalNotify::default(),
         }
     }
 
@@ -88,7 +98,8 @@ impl Session {
         if self.closing.get() {
             None
         } else if self.user() == 0 {
-            (now.duration_since(self.created) >= login).then_some(ErrorCode::LoginTimeout)
+            let late = now.duration_since(self.created) >= login && !self.login_pending.get();
+            late.then_some(ErrorCode::LoginTimeout)
         } else if self.inflight.get() < self.inflight_max && now.duration_since(self.last_rx.get()) >= idle {
             Some(ErrorCode::IdleTimeout)
         } else {
@@ -117,6 +128,15 @@ impl Session {
             return;
         }
         self.push_unchecked(frame);
+    }
+
+    /// Queue a frame once the outbound queue is under half its limit: for long streams of
+    /// stored messages, which must not trip the slow-consumer limit by themselves.
+    pub async fn push_paced(&self, frame: Bytes) {
+        while !self.closing.get() && self.out_bytes.get() + frame.len() > self.out_bytes_max / 2 {
+            self.drained.wait().await;
+        }
+        self.push(frame);
     }
 
     fn push_unchecked(&self, frame: Bytes) {
@@ -170,6 +190,8 @@ impl Session {
         debug_assert!(n > 0, "ack without a send in flight");
         self.inflight.set(n.saturating_sub(1));
         if n == self.inflight_max {
+            // The reader resumes: the idle clock starts again from here.
+            self.last_rx.set(Instant::now());
             self.reader.notify();
         }
     }
@@ -230,6 +252,23 @@ pub fn refuse(stream: TcpStream) {
 enum Flow {
     Continue,
     Close,
+}
+
+/// Marks a login in progress for as long as it lives: a login the server has read is answered,
+/// even if the login window closes while its password is being checked.
+struct LoginPending<'a>(&'a Session);
+
+impl<'a> LoginPending<'a> {
+    fn new(s: &'a Session) -> Self {
+        s.login_pending.set(true);
+        LoginPending(s)
+    }
+}
+
+impl Drop for LoginPending<'_> {
+    fn drop(&mut self) {
+        self.0.login_pending.set(false);
+    }
 }
 
 struct Reader<'a> {
@@ -408,10 +447,25 @@ impl Reader<'_> {
                 self.send(payload, m)
             }
             kind::DELIVERY_ACK => {
-                let _ack = access!(protocol::ArchivedDeliveryAck);
-                // No-data mode keeps no delivery cursors; durable stores record them here.
+                let a = access!(protocol::ArchivedDeliveryAck);
+                let (peer, seq) = (a.peer.to_native(), a.seq.to_native());
+                if a.conv != conv::DIRECT || peer == 0 {
+                    return self.error(ErrorCode::InvalidConversation, k);
+                }
                 self.shard.stats.delivery_acks.set(self.shard.stats.delivery_acks.get() + 1);
+                let user = self.session.user();
+                let device = self.session.device.get();
+                self.shard.note_cursor(Cursor { user, device, conv: direct_key(user, peer), seq });
                 Flow::Continue
+            }
+            kind::HISTORY => {
+                let h = access!(protocol::ArchivedHistory);
+                let (peer, anchor, dir, limit) =
+                    (h.peer.to_native(), h.anchor_seq.to_native(), h.direction, h.limit.to_native());
+                if h.conv != conv::DIRECT || peer == 0 || dir > 1 {
+                    return self.error(ErrorCode::InvalidConversation, k);
+                }
+                self.history(peer, anchor, dir == 0, limit).await
             }
             kind::PING => {
                 let p = access!(protocol::ArchivedPing);
@@ -428,13 +482,13 @@ impl Reader<'_> {
             kind::LOGIN => {
                 let l = access!(protocol::ArchivedLogin);
                 let (name, password) = (l.name.as_str().to_owned(), l.password.as_str().to_owned());
-                let device = (l.device_type, l.device_id.len());
+                let device = (l.device_type, l.device_id.as_str().to_owned());
                 self.login(name, password, device).await
             }
             kind::LOGIN_TOKEN => {
                 let l = access!(protocol::ArchivedLoginToken);
                 let token = auth::parse_token(l.token.as_str());
-                let device = (l.device_type, l.device_id.len());
+                let device = (l.device_type, l.device_id.as_str().to_owned());
                 self.login_token(token, device).await
             }
             kind::ISSUE_TOKEN => {
@@ -482,7 +536,15 @@ impl Reader<'_> {
         f.put_slice(payload);
         f.put_bytes(0, frame::padded(len) - len);
         let sender = self.session.user();
-        let sub = Submit { origin: self.session.id, sender, to, conv: conv::DIRECT, client_msg_id, frame: f };
+        let sub = Submit {
+            origin: self.session.id,
+            sender,
+            to,
+            conv: conv::DIRECT,
+            client_msg_id,
+            sender_device: self.session.device.get(),
+            frame: f,
+        };
         self.session.inflight.set(self.session.inflight.get() + 1);
         let dst = crate::shard::conv_shard(crate::shard::direct_key(sender, to), self.shard.shards);
         self.shard.post(dst, Envelope::Submit(Box::new(sub)));
@@ -515,18 +577,19 @@ impl Reader<'_> {
         }
     }
 
-    fn check_device(&self, device: (u8, usize), k: u16) -> Result<DeviceType, Flow> {
+    fn check_device(&self, device: &(u8, String), k: u16) -> Result<DeviceType, Flow> {
         if self.session.user() != 0 {
             return Err(self.error(ErrorCode::AlreadyLoggedIn, k));
         }
         match DeviceType::from_u8(device.0) {
-            Some(t) if device.1 <= auth::DEVICE_ID_BYTES_MAX => Ok(t),
+            Some(t) if device.1.len() <= auth::DEVICE_ID_BYTES_MAX => Ok(t),
             _ => Err(self.error(ErrorCode::InvalidDevice, k)),
         }
     }
 
-    async fn login(&mut self, name: String, password: String, device: (u8, usize)) -> Flow {
-        let device_type = match self.check_device(device, kind::LOGIN) {
+    async fn login(&mut self, name: String, password: String, device: (u8, String)) -> Flow {
+        let _pending = LoginPending::new(self.session);
+        let device_type = match self.check_device(&device, kind::LOGIN) {
             Ok(t) => t,
             Err(flow) => return flow,
         };
@@ -551,25 +614,26 @@ impl Reader<'_> {
             Ok(Err(code)) => return self.error(code, kind::LOGIN),
             Err(_) => return self.error(ErrorCode::Busy, kind::LOGIN),
         };
-        self.attach(user, device_type, None, kind::LOGIN).await
+        self.attach(user, (device_type, &device.1), None, kind::LOGIN).await
     }
 
-    async fn login_token(&mut self, token: Option<(u64, [u8; 32])>, device: (u8, usize)) -> Flow {
-        let device_type = match self.check_device(device, kind::LOGIN_TOKEN) {
+    async fn login_token(&mut self, token: Option<(u64, [u8; 32])>, device: (u8, String)) -> Flow {
+        let _pending = LoginPending::new(self.session);
+        let device_type = match self.check_device(&device, kind::LOGIN_TOKEN) {
             Ok(t) => t,
             Err(flow) => return flow,
         };
         let Some((user, hash)) = token.filter(|&(u, _)| u != 0) else {
             return self.error(ErrorCode::InvalidToken, kind::LOGIN_TOKEN);
         };
-        self.attach(user, device_type, Some(hash), kind::LOGIN_TOKEN).await
+        self.attach(user, (device_type, &device.1), Some(hash), kind::LOGIN_TOKEN).await
     }
 
     /// Ask the user's owner shard for a place among the user's sessions, then answer the login.
     async fn attach(
         &mut self,
         user: UserId,
-        device_type: DeviceType,
+        (device_type, device_id): (DeviceType, &str),
         token: Option<[u8; 32]>,
         k: u16,
     ) -> Flow {
@@ -580,6 +644,7 @@ impl Reader<'_> {
             Ok(Reply::Attach(Ok(user))) => {
                 let limits = &self.shard.cfg().limits;
                 self.session.user.set(user);
+                self.session.device.set(device_hash(user, device_id));
                 self.session.last_rx.set(Instant::now());
                 let ok = protocol::LoginOk {
                     user_id: user,
@@ -591,11 +656,44 @@ impl Reader<'_> {
                     inflight_max: limits.inflight_per_session_max,
                     protocol_version: protocol::PROTOCOL_VERSION,
                 };
-                self.reply(kind::LOGIN_OK, &ok)
+                let flow = self.reply(kind::LOGIN_OK, &ok);
+                if self.shard.shared.store.durable() {
+                    monoio::spawn(catch_up(self.shard.clone(), self.session.clone()));
+                }
+                flow
             }
             Ok(Reply::Attach(Err(code))) => self.error(code, k),
             Ok(Reply::Token(_)) | Err(_) => self.error(ErrorCode::Internal, k),
         }
+    }
+
+    /// Answer a `History` request: `HISTORY_MSG` frames, then `HISTORY_END`.
+    async fn history(&self, peer: UserId, anchor: u64, older: bool, limit: u32) -> Flow {
+        let max = self.shard.cfg().limits.history_page_max;
+        let limit = if limit == 0 { max } else { limit.min(max) };
+        let user = self.session.user();
+        let conv_key = direct_key(user, peer);
+        let store = self.shard.shared.store.clone();
+        let page = match self
+            .shard
+            .shared
+            .workers
+            .run(move || store.history(conv_key, anchor, older, limit))
+            .await
+        {
+            Ok(Ok(page)) => page,
+            Ok(Err(e)) => {
+                log::warn!("store: {e}");
+                return self.error(ErrorCode::StoreUnavailable, kind::HISTORY);
+            }
+            Err(_) => return self.error(ErrorCode::Busy, kind::HISTORY),
+        };
+        let count = page.payloads.len() as u32;
+        for p in page.payloads {
+            self.session.push_paced(stored_frame(kind::HISTORY_MSG, &p)).await;
+        }
+        let end = protocol::HistoryEnd { conv: conv::DIRECT, peer, count, more: page.more };
+        self.reply(kind::HISTORY_END, &end)
     }
 
     async fn issue_token(&self, ttl_secs: u32) -> Flow {
@@ -671,8 +769,10 @@ async fn write_loop(stream: Rc<TcpStream>, session: Rc<Session>) {
             }
         }
         session.out_bytes.set(session.out_bytes.get() - written);
+        session.drained.notify();
     }
     session.closing.set(true);
+    session.drained.notify();
     session.outq.borrow_mut().clear();
     session.out_bytes.set(0);
     // SAFETY: fd is open (the stream is alive); shutdown wakes the reader with EOF.
@@ -696,4 +796,50 @@ async fn wait_writable(stream: &TcpStream, session: &Session) -> bool {
             }
         }
     }
+}
+
+/// A frame of `k` around a stored `DELIVER` payload (stamp + Send archive), as delivered live.
+fn stored_frame(k: u16, payload: &[u8]) -> Bytes {
+    let mut f = BytesMut::with_capacity(frame::frame_bytes(payload.len()));
+    f.put_u32_le(payload.len() as u32);
+    f.put_u16_le(k);
+    f.put_u16_le(0);
+    f.put_slice(payload);
+    f.put_bytes(0, frame::padded(payload.len()) - payload.len());
+    f.freeze()
+}
+
+/// After a login on a durable store: send the device what it has not acknowledged (as `DELIVER`
+/// frames, paced by the writer), then `CATCHUP_END`. Live deliveries may interleave; clients drop
+/// repeats by (conversation, seq).
+async fn catch_up(shard: Rc<Shard>, session: Rc<Session>) {
+    let l = &shard.cfg().limits;
+    let (user, device) = (session.user(), session.device.get());
+    let since = now_ms().saturating_sub(l.catchup_window_secs * 1000);
+    let limit = l.catchup_messages_max;
+    let store = shard.shared.store.clone();
+    let page: Page = match shard.shared.workers.run(move || store.catch_up(user, device, since, limit)).await
+    {
+        Ok(Ok(page)) => page,
+        Ok(Err(e)) => {
+            log::warn!("store: catch-up of user {user}: {e}");
+            session.push(Shard::error_frame(ErrorCode::StoreUnavailable, kind::LOGIN, 0));
+            return;
+        }
+        Err(_) => {
+            session.push(Shard::error_frame(ErrorCode::Busy, kind::LOGIN, 0));
+            return;
+        }
+    };
+    let count = page.payloads.len() as u32;
+    for p in page.payloads {
+        if session.closing.get() {
+            return;
+        }
+        session.push_paced(stored_frame(kind::DELIVER, &p)).await;
+    }
+    session.push(Bytes::from(frame::encode(
+        kind::CATCHUP_END,
+        &protocol::CatchUpEnd { count, more: page.more },
+    )));
 }

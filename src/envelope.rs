@@ -51,6 +51,8 @@ pub struct Submit {
     pub to: UserId,
     pub conv: u8,
     pub client_msg_id: u64,
+    /// Hash of the sending session's device id (see `store::device_hash`).
+    pub sender_device: u64,
     pub frame: BytesMut,
 }
 

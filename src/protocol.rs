@@ -19,6 +19,7 @@ pub mod kind {
     pub const SEND: u16 = 6;
     pub const DELIVERY_ACK: u16 = 7;
     pub const LOGOUT: u16 = 8;
+    pub const HISTORY: u16 = 9;
 
     pub const REGISTER_OK: u16 = 101;
     pub const LOGIN_OK: u16 = 102;
@@ -29,6 +30,10 @@ pub mod kind {
     pub const BYE: u16 = 108;
     pub const ERROR: u16 = 120;
     pub const KICK: u16 = 121;
+    /// One message of a history page: same payload layout as `DELIVER`.
+    pub const HISTORY_MSG: u16 = 109;
+    pub const HISTORY_END: u16 = 110;
+    pub const CATCHUP_END: u16 = 111;
 
     /// Human name of a kind, for logs and errors.
     pub fn name(kind: u16) -> &'static str {
@@ -41,6 +46,7 @@ pub mod kind {
             SEND => "Send",
             DELIVERY_ACK => "DeliveryAck",
             LOGOUT => "Logout",
+            HISTORY => "History",
             REGISTER_OK => "RegisterOk",
             LOGIN_OK => "LoginOk",
             TOKEN_ISSUED => "TokenIssued",
@@ -50,6 +56,9 @@ pub mod kind {
             BYE => "Bye",
             ERROR => "Error",
             KICK => "Kick",
+            HISTORY_MSG => "HistoryMsg",
+            HISTORY_END => "HistoryEnd",
+            CATCHUP_END => "CatchUpEnd",
             _ => "unknown",
         }
     }
@@ -132,7 +141,7 @@ pub enum ErrorCode {
     BodyTooLarge = 34,
     /// No login within `login_timeout_ms` of connecting. The connection is closed.
     LoginTimeout = 40,
-    /// No frame within `idle_timeout_ms`. The connection is closed.
+    /// No bytes received within `idle_timeout_ms`. The connection is closed.
     IdleTimeout = 41,
     /// Kick: a newer login of the same account took this session's place.
     Replaced = 42,
@@ -144,6 +153,9 @@ pub enum ErrorCode {
     TooManyConnections = 45,
     /// An internal failure (store error). The request may be retried.
     Internal = 50,
+    /// The message store did not commit in time or failed. Nothing was acknowledged; retry with
+    /// the same client message id.
+    StoreUnavailable = 51,
 }
 
 impl ErrorCode {
@@ -180,6 +192,7 @@ impl ErrorCode {
             44 => SlowConsumer,
             45 => TooManyConnections,
             50 => Internal,
+            51 => StoreUnavailable,
             _ => return None,
         })
     }
@@ -214,6 +227,7 @@ impl ErrorCode {
             SlowConsumer => "too slow to read",
             TooManyConnections => "too many connections",
             Internal => "internal error",
+            StoreUnavailable => "message store unavailable, retry",
         }
     }
 }
@@ -271,6 +285,19 @@ pub struct DeliveryAck {
     pub peer: u64,
     /// Everything up to and including this sequence number has been received.
     pub seq: u64,
+}
+
+/// Ask for a page of a conversation's stored messages.
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct History {
+    pub conv: u8,
+    pub peer: u64,
+    /// With `direction` 0 (older): messages with seq < anchor_seq, newest first; anchor 0 means
+    /// "from the newest". With `direction` 1 (newer): messages with seq > anchor_seq, oldest first.
+    pub anchor_seq: u64,
+    pub direction: u8,
+    /// At most this many (capped by `history_page_max`; 0 means the cap).
+    pub limit: u32,
 }
 
 #[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq)]
@@ -337,6 +364,25 @@ pub struct Error {
 pub struct Kick {
     pub reason: u16,
     pub message: String,
+}
+
+/// Closes a history page: `count` `HISTORY_MSG` frames came before it.
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct HistoryEnd {
+    pub conv: u8,
+    pub peer: u64,
+    pub count: u32,
+    /// More messages lie beyond this page in the asked direction.
+    pub more: bool,
+}
+
+/// Sent once after login when the store is durable: `count` stored messages this device had not
+/// acknowledged were sent (as `DELIVER` frames) before it.
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct CatchUpEnd {
+    pub count: u32,
+    /// More were waiting than `catchup_messages_max`: fetch them with `History`.
+    pub more: bool,
 }
 
 #[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq)]

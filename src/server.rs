@@ -20,7 +20,7 @@ use crate::{
     conn,
     envelope::Envelope,
     shard::{Shard, Shared, CURRENT, SHARDS_MAX},
-    store::{MemoryStore, Store},
+    store::{embedded::EmbeddedStore, MemoryStore, Store},
     workers::Workers,
 };
 
@@ -46,7 +46,10 @@ pub fn start(cfg: Config) -> anyhow::Result<Server> {
         .with_context(|| format!("binding {}", cfg.server.listen))?;
     let worker_threads = if cfg.server.worker_threads == 0 { shards } else { cfg.server.worker_threads };
     let (workers, worker_handles) = Workers::start(worker_threads, cfg.limits.worker_queue_max);
-    let store: Arc<dyn Store> = Arc::new(MemoryStore::default());
+    let store: Arc<dyn Store> = match cfg.store.backend.as_str() {
+        "memory" => Arc::new(MemoryStore::default()),
+        _ => Arc::new(EmbeddedStore::open(&cfg.store).context("opening the embedded store")?),
+    };
     let shared = Arc::new(Shared {
         auth: Auth::new(&cfg.security)?,
         store,
@@ -88,6 +91,7 @@ impl Server {
         // Tasks left on a stopped executor are not dropped, so Shared may outlive the shards:
         // end the workers explicitly.
         self.shared.workers.stop();
+        self.shared.store.close();
         for w in self.workers {
             let _ = w.join();
         }
@@ -112,6 +116,9 @@ async fn run_shard(ctx: ShardContext<Envelope>, shared: Arc<Shared>, listener: s
     CURRENT.with(|c| *c.borrow_mut() = Some(shard.clone()));
     monoio::spawn(shard.clone().run_mesh());
     monoio::spawn(shard.clone().run_timeouts());
+    if shard.shared.store.durable() {
+        monoio::spawn(shard.clone().run_cursor_flush());
+    }
     loop {
         monoio::select! {
             accepted = listener.accept() => match accepted {
@@ -135,6 +142,7 @@ async fn run_shard(ctx: ShardContext<Envelope>, shared: Arc<Shared>, listener: s
     while !shard.sessions.borrow().is_empty() && Instant::now() < deadline {
         monoio::time::sleep(Duration::from_millis(5)).await;
     }
+    shard.flush_cursors().await;
     log::info!("shard {} stopped ({} sessions left)", shard.id, shard.sessions.borrow().len());
     CURRENT.with(|c| *c.borrow_mut() = None);
 }

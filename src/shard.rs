@@ -33,7 +33,7 @@ use crate::{
     envelope::{AckInfo, Attach, Envelope, SessionRef, Submit},
     frame::{self, AlignedBuf},
     protocol::{self, kind, DeviceType, ErrorCode, Stamp},
-    store::{Store, UserId},
+    store::{ConvKey, ConvLoad, Cursor, Store, StoreError, StoredMessage, UserId},
     workers::Workers,
 };
 
@@ -142,12 +142,46 @@ struct Conv {
 
 /// Submits waiting for one conversation to load.
 const CONV_WAITERS_MAX: usize = 1024;
+/// Recent sends loaded with a conversation to rebuild its resend dedup.
+const CONV_RECENT_MAX: usize = 4096;
+
+/// A sequenced message on its way out: the sender's ack and the shared `DELIVER` frame.
+struct Outgoing {
+    ack: AckInfo,
+    origin: SessionRef,
+    sender: UserId,
+    to: UserId,
+    frame: Bytes,
+}
+
+impl Outgoing {
+    /// Length of the frame's payload (stamp + Send archive), from its header.
+    fn payload_len(&self) -> usize {
+        frame::Header::read(&self.frame).len as usize
+    }
+}
+
+/// Sequenced messages of one store partition waiting for their commit.
+#[derive(Default)]
+struct CommitQueue {
+    pending: VecDeque<(StoredMessage, Outgoing)>,
+    /// A `run_commits` task is working on this queue.
+    busy: bool,
+}
 
 type DedupKey = (UserId, UserId, u64);
 
+/// A remembered send: its ids, and whether its commit has succeeded (a resend of a send whose
+/// commit is still open gets `Busy`).
+#[derive(Clone, Copy)]
+struct Sent {
+    ack: AckInfo,
+    committed: bool,
+}
+
 /// Recently accepted (sender, recipient, client message id) → their ack, bounded in count and age.
 struct Dedup {
-    map: HashMap<DedupKey, AckInfo, RandomState>,
+    map: HashMap<DedupKey, Sent, RandomState>,
     order: VecDeque<(DedupKey, u64)>,
     max: usize,
     window_ms: u64,
@@ -165,15 +199,26 @@ impl Dedup {
         }
     }
 
-    fn get(&mut self, key: &DedupKey, now: u64) -> Option<AckInfo> {
+    fn get(&mut self, key: &DedupKey, now: u64) -> Option<Sent> {
         self.evict(now);
         self.map.get(key).copied()
     }
 
-    fn insert(&mut self, key: DedupKey, ack: AckInfo, now: u64) {
-        self.order.push_back((key, now));
-        self.map.insert(key, ack);
-        self.evict(now);
+    fn insert(&mut self, key: DedupKey, sent: Sent, at: u64) {
+        self.order.push_back((key, at));
+        self.map.insert(key, sent);
+        self.evict(at);
+    }
+
+    fn settle(&mut self, key: &DedupKey, committed: bool) {
+        if committed {
+            if let Some(s) = self.map.get_mut(key) {
+                s.committed = true;
+            }
+        } else {
+            // Failed for good: a resend is a new message.
+            self.map.remove(key);
+        }
     }
 }
 
@@ -200,8 +245,11 @@ pub struct Shard {
     users: RefCell<HashMap<UserId, UserLive, RandomState>>,
     convs: RefCell<HashMap<(UserId, UserId), Conv, RandomState>>,
     dedup: RefCell<Dedup>,
+    commits: RefCell<Vec<CommitQueue>>,
     ids: Cell<(u64, u64)>,
     pool: RefCell<Vec<AlignedBuf>>,
+    /// Delivery cursors acknowledged since the last flush: (user, device, conversation) → seq.
+    cursors: RefCell<HashMap<(UserId, u64, ConvKey), u64, RandomState>>,
     pub shutting_down: Cell<bool>,
     pub shutdown: LocalNotify,
     pub stats: Stats,
@@ -230,8 +278,10 @@ impl Shard {
             users: RefCell::new(HashMap::default()),
             convs: RefCell::new(HashMap::default()),
             dedup: RefCell::new(dedup),
+            commits: RefCell::new((0..shared.store.partitions()).map(|_| CommitQueue::default()).collect()),
             ids: Cell::new((0, 0)),
             pool: RefCell::new(Vec::new()),
+            cursors: RefCell::new(HashMap::default()),
             shutting_down: Cell::new(false),
             shutdown: LocalNotify::default(),
             stats: Stats::default(),
@@ -389,6 +439,46 @@ impl Shard {
         }
     }
 
+    /// Remember a device's delivery ack; written to the store by `run_cursor_flush`.
+    pub fn note_cursor(&self, c: Cursor) {
+        if !self.shared.store.durable() {
+            return;
+        }
+        let mut cursors = self.cursors.borrow_mut();
+        let seq = cursors.entry((c.user, c.device, c.conv)).or_insert(0);
+        *seq = (*seq).max(c.seq);
+    }
+
+    /// Write acknowledged cursors to the store every `cursor_flush_ms`, in one batch. A cursor
+    /// lost in a crash only means a device gets those messages again at its next login.
+    pub async fn run_cursor_flush(self: Rc<Self>) {
+        let every = Duration::from_millis(self.cfg().limits.cursor_flush_ms);
+        while !self.shutting_down.get() {
+            monoio::time::sleep(every).await;
+            self.flush_cursors().await;
+        }
+    }
+
+    /// Write the cursors noted so far (the shard's last act before it stops, too).
+    pub async fn flush_cursors(&self) {
+        {
+            let batch: Vec<Cursor> = self
+                .cursors
+                .borrow_mut()
+                .drain()
+                .map(|((user, device, conv), seq)| Cursor { user, device, conv, seq })
+                .collect();
+            if !batch.is_empty() {
+                let store = self.shared.store.clone();
+                match self.shared.workers.run(move || store.save_cursors(&batch)).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => log::warn!("store: saving cursors: {e}"),
+                    Err(_) => log::warn!("store: saving cursors: worker pool busy"),
+                }
+            }
+        }
+    }
+
     /// Stop accepting and tell every session the server is going away.
     pub fn begin_shutdown(&self) {
         if self.shutting_down.replace(true) {
@@ -467,8 +557,11 @@ impl Shard {
         debug_assert_eq!(conv_shard(key, self.shards), self.id, "submit on the wrong shard");
         let now = now_ms();
         let dkey = (sub.sender, sub.to, sub.client_msg_id);
-        if let Some(mut ack) = self.dedup.borrow_mut().get(&dkey, now) {
-            ack.duplicate = true;
+        if let Some(sent) = self.dedup.borrow_mut().get(&dkey, now) {
+            if !sent.committed {
+                return self.reject(sub.origin, sub.client_msg_id, ErrorCode::Busy);
+            }
+            let ack = AckInfo { duplicate: true, ..sent.ack };
             return self.post(sub.origin.shard(), Envelope::Acked { session: sub.origin, ack });
         }
         let mut convs = self.convs.borrow_mut();
@@ -497,47 +590,64 @@ impl Shard {
         }
     }
 
-    /// Check the recipient exists (the only lookup a conversation needs in no-data mode), then
-    /// hand everything that waited back to `on_submit`, in order.
+    /// Check the recipient exists and load the conversation's last sequence number and recent
+    /// sends (for resend dedup across restarts), then hand everything that waited back to
+    /// `on_submit`, in order.
     fn spawn_conv_load(&self, key: (UserId, UserId), sender: UserId, to: UserId) {
         let me = self.rc();
         monoio::spawn(async move {
             let store = me.shared.store.clone();
-            let exists: Result<bool, ErrorCode> = if sender == to {
-                Ok(true)
-            } else {
-                match me.shared.workers.run(move || store.account_exists(to)).await {
-                    Ok(Ok(b)) => Ok(b),
-                    Ok(Err(e)) => {
-                        log::warn!("store: {e}");
-                        Err(ErrorCode::Internal)
-                    }
-                    Err(_) => Err(ErrorCode::Busy),
+            let l = &me.cfg().limits;
+            let since = now_ms().saturating_sub(l.dedup_window_secs * 1000);
+            let recent_max = l.dedup_entries_max.min(CONV_RECENT_MAX);
+            let job = move || -> Result<Option<ConvLoad>, StoreError> {
+                if sender != to && !store.account_exists(to)? {
+                    return Ok(None);
                 }
+                store.load_conv(key, since, recent_max).map(Some)
+            };
+            let loaded = match me.shared.workers.run(job).await {
+                Ok(Ok(Some(load))) => Ok(load),
+                Ok(Ok(None)) => Err(ErrorCode::UnknownRecipient),
+                Ok(Err(e)) => {
+                    log::warn!("store: {e}");
+                    Err(ErrorCode::StoreUnavailable)
+                }
+                Err(_) => Err(ErrorCode::Busy),
             };
             let waiters = {
                 let mut convs = me.convs.borrow_mut();
-                let Some(conv) = convs.get_mut(&key) else {
-                    return;
-                };
+                let Some(conv) = convs.get_mut(&key) else { return };
                 let state = std::mem::replace(&mut conv.state, ConvState::Ready);
-                if exists != Ok(true) {
-                    convs.remove(&key);
+                match &loaded {
+                    Ok(load) => conv.last_seq = load.last_seq,
+                    Err(_) => {
+                        convs.remove(&key);
+                    }
                 }
                 match state {
                     ConvState::Loading(w) => w,
                     ConvState::Ready => Vec::new(),
                 }
             };
-            let code = match exists {
-                Ok(true) => None,
-                Ok(false) => Some(ErrorCode::UnknownRecipient),
-                Err(c) => Some(c),
-            };
+            if let Ok(load) = &loaded {
+                let mut dedup = me.dedup.borrow_mut();
+                for r in load.recent.iter().rev() {
+                    let to = if r.sender == key.0 { key.1 } else { key.0 };
+                    let ack = AckInfo {
+                        client_msg_id: r.client_msg_id,
+                        msg_id: r.msg_id,
+                        seq: r.seq,
+                        ts_ms: r.ts_ms,
+                        duplicate: false,
+                    };
+                    dedup.insert((r.sender, to, r.client_msg_id), Sent { ack, committed: true }, r.ts_ms);
+                }
+            }
             for sub in waiters {
-                match code {
-                    None => me.dispatch(Envelope::Submit(sub)),
-                    Some(code) => me.reject(sub.origin, sub.client_msg_id, code),
+                match loaded {
+                    Ok(_) => me.dispatch(Envelope::Submit(sub)),
+                    Err(code) => me.reject(sub.origin, sub.client_msg_id, code),
                 }
             }
         });
@@ -567,11 +677,42 @@ impl Shard {
             conv: sub.conv,
         };
         stamp.write(&mut sub.frame[frame::HEADER_BYTES..]);
-        self.dedup.borrow_mut().insert((sub.sender, sub.to, sub.client_msg_id), ack, now);
+        let durable = self.shared.store.durable();
+        let dkey = (sub.sender, sub.to, sub.client_msg_id);
+        self.dedup.borrow_mut().insert(dkey, Sent { ack, committed: !durable }, now);
         self.stats.messages_sequenced.set(self.stats.messages_sequenced.get() + 1);
-        let Submit { origin, sender, to, frame, .. } = *sub;
+        let Submit { origin, sender, to, frame, client_msg_id, sender_device, .. } = *sub;
         let frame = frame.freeze();
-        self.post(origin.shard(), Envelope::Acked { session: origin, ack });
+        let out = Outgoing { ack, origin, sender, to, frame };
+        if !durable {
+            return self.publish(out, true);
+        }
+        let msg = StoredMessage {
+            conv: direct_key(sender, to),
+            seq: ack.seq,
+            msg_id: ack.msg_id,
+            ts_ms: now,
+            sender,
+            sender_device,
+            client_msg_id,
+            payload: out.frame.slice(frame::HEADER_BYTES..frame::HEADER_BYTES + out.payload_len()),
+        };
+        let part = self.shared.store.partition_of(msg.conv);
+        let mut commits = self.commits.borrow_mut();
+        let q = &mut commits[part];
+        q.pending.push_back((msg, out));
+        if !q.busy {
+            q.busy = true;
+            monoio::spawn(self.rc().run_commits(part));
+        }
+    }
+
+    /// Ack a message to its sender (if `ack`) and fan it out to both users' sessions.
+    fn publish(&self, out: Outgoing, ack: bool) {
+        let Outgoing { ack: info, origin, sender, to, frame } = out;
+        if ack {
+            self.post(origin.shard(), Envelope::Acked { session: origin, ack: info });
+        }
         if to == sender {
             self.post(user_shard(to, self.shards), Envelope::Fanout { user: to, skip: origin, frame });
         } else {
@@ -581,6 +722,57 @@ impl Shard {
                 user_shard(sender, self.shards),
                 Envelope::Fanout { user: sender, skip: origin, frame },
             );
+        }
+    }
+
+    /// Commit queued messages of store partition `part`, one batch at a time, and publish each
+    /// batch once it is committed: nothing is acked or delivered before it is durable. A commit
+    /// that takes longer than `commit_timeout_ms` fails its sends with StoreUnavailable; if it
+    /// succeeds later, its messages are delivered then, and a resend gets the original ack.
+    async fn run_commits(self: Rc<Self>, part: usize) {
+        let batch_max = self.shared.cfg.store.commit_batch_max;
+        let timeout = Duration::from_millis(self.shared.cfg.store.commit_timeout_ms);
+        loop {
+            let batch: Vec<(StoredMessage, Outgoing)> = {
+                let mut commits = self.commits.borrow_mut();
+                let q = &mut commits[part];
+                let n = q.pending.len().min(batch_max);
+                if n == 0 {
+                    q.busy = false;
+                    return;
+                }
+                q.pending.drain(..n).collect()
+            };
+            let (tx, mut rx) = futures_channel::oneshot::channel();
+            let msgs: Vec<StoredMessage> = batch.iter().map(|(m, _)| m.clone()).collect();
+            self.shared.store.append(part, msgs, Box::new(move |r| drop(tx.send(r))));
+            match monoio::time::timeout(timeout, &mut rx).await {
+                Ok(outcome) => self.settle(batch, matches!(outcome, Ok(Ok(()))), true),
+                Err(_) => {
+                    for (_, out) in &batch {
+                        self.reject(out.origin, out.ack.client_msg_id, ErrorCode::StoreUnavailable);
+                    }
+                    let me = self.clone();
+                    monoio::spawn(async move {
+                        let committed = matches!(rx.await, Ok(Ok(())));
+                        me.settle(batch, committed, false);
+                    });
+                }
+            }
+        }
+    }
+
+    /// Record the outcome of a commit: publish what was committed (acking only a sender that is
+    /// still waiting), refuse what failed.
+    fn settle(&self, batch: Vec<(StoredMessage, Outgoing)>, committed: bool, sender_waiting: bool) {
+        for (_, out) in batch {
+            let key = (out.sender, out.to, out.ack.client_msg_id);
+            self.dedup.borrow_mut().settle(&key, committed);
+            if committed {
+                self.publish(out, sender_waiting);
+            } else if sender_waiting {
+                self.reject(out.origin, out.ack.client_msg_id, ErrorCode::StoreUnavailable);
+            }
         }
     }
 

@@ -1,22 +1,81 @@
-//! The store boundary. Shards never call a store directly: store calls run on the worker threads
-//! ([`crate::workers`]) so that storage I/O never blocks an event loop. A backend implements
-//! [`Store`]; this build has the in-memory backend (no-data mode). The embedded and PostgreSQL
-//! backends slot in behind the same trait.
+//! The store boundary. Shards never call a store directly: reads and account writes run on the
+//! worker threads ([`crate::workers`]), and message commits are handed to the store with
+//! [`Store::append`], which queues them on the store's own thread(s) and calls back when they are
+//! committed. Storage I/O never blocks an event loop.
 //!
-//! Account names are never stored: only their keyed hash ([`NameKey`]).
+//! Backends: [`memory::MemoryStore`] (no-data mode) and [`embedded::EmbeddedStore`] (SQLite in
+//! WAL mode, the default). Account names are never stored: only their keyed hash ([`NameKey`]).
 
-use std::{collections::HashMap, sync::Mutex};
+pub mod embedded;
+pub mod memory;
+
+use bytes::Bytes;
+
+pub use memory::MemoryStore;
 
 pub type UserId = u64;
 
 /// HMAC-SHA256 of a normalized account name under the server's name key.
 pub type NameKey = [u8; 32];
 
+/// A 1:1 conversation: its two users, smaller first.
+pub type ConvKey = (UserId, UserId);
+
 #[derive(Clone, Debug)]
 pub struct Account {
     pub id: UserId,
     /// argon2id PHC string.
     pub password_hash: String,
+}
+
+/// A sequenced message as stored.
+#[derive(Clone, Debug)]
+pub struct StoredMessage {
+    pub conv: ConvKey,
+    pub seq: u64,
+    pub msg_id: u64,
+    pub ts_ms: u64,
+    pub sender: UserId,
+    /// Hash of the sending session's device id: catch-up does not send a device its own sends.
+    pub sender_device: u64,
+    pub client_msg_id: u64,
+    /// The `DELIVER` payload: stamp and the sender's `Send` archive, exactly as delivered.
+    pub payload: Bytes,
+}
+
+/// A recent send of a conversation, to rebuild resend dedup after a restart.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RecentSend {
+    pub sender: UserId,
+    pub client_msg_id: u64,
+    pub msg_id: u64,
+    pub seq: u64,
+    pub ts_ms: u64,
+}
+
+/// What a conversation owner needs to take a conversation over.
+#[derive(Clone, Debug, Default)]
+pub struct ConvLoad {
+    pub last_seq: u64,
+    /// Sends within the dedup window, newest first.
+    pub recent: Vec<RecentSend>,
+}
+
+/// A page of stored `DELIVER` payloads.
+#[derive(Clone, Debug, Default)]
+pub struct Page {
+    pub payloads: Vec<Bytes>,
+    /// More lie beyond the page.
+    pub more: bool,
+}
+
+/// A device's delivery cursor: everything up to `seq` of `conv` was received.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Cursor {
+    pub user: UserId,
+    pub device: u64,
+    pub conv: ConvKey,
+    pub seq: u64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -27,53 +86,68 @@ pub enum StoreError {
     Unavailable(String),
 }
 
-/// A storage backend. Methods are blocking and are called from worker threads only.
+/// Called once with the outcome of an [`Store::append`].
+pub type CommitDone = Box<dyn FnOnce(Result<(), StoreError>) + Send>;
+
+/// A storage backend. Except [`Store::append`], methods block and are called from worker
+/// threads only.
 pub trait Store: Send + Sync + 'static {
+    /// Whether acknowledged messages survive a restart (false in no-data mode).
+    fn durable(&self) -> bool;
+
     /// Create an account; fails with `NameTaken` if the name key exists.
     fn create_account(&self, name: &NameKey, password_hash: String) -> Result<UserId, StoreError>;
     fn account_by_name(&self, name: &NameKey) -> Result<Option<Account>, StoreError>;
     fn account_exists(&self, user: UserId) -> Result<bool, StoreError>;
-    /// Whether acknowledged messages survive a restart (false in no-data mode).
-    fn durable(&self) -> bool;
+
+    /// Independent commit streams (e.g. database servers); a conversation commits on
+    /// `partition_of(conv)`, and a slow stream does not hold up the others.
+    fn partitions(&self) -> usize {
+        1
+    }
+    fn partition_of(&self, _conv: ConvKey) -> usize {
+        0
+    }
+
+    /// Queue `batch` (all of partition `partition`) for one commit, and return at once; `done`
+    /// is called exactly once, from any thread, when the batch is committed or has failed.
+    fn append(&self, partition: usize, batch: Vec<StoredMessage>, done: CommitDone);
+
+    /// The last sequence number of `conv` and its sends since `since_ms` (at most `recent_max`).
+    fn load_conv(&self, conv: ConvKey, since_ms: u64, recent_max: usize) -> Result<ConvLoad, StoreError>;
+
+    /// With `older`: messages with seq < `anchor` (all if `anchor` is 0), newest first; else
+    /// messages with seq > `anchor`, oldest first. At most `limit`.
+    fn history(&self, conv: ConvKey, anchor: u64, older: bool, limit: u32) -> Result<Page, StoreError>;
+
+    /// Messages of `user`'s conversations since `since_ms` that `device` has not acknowledged and
+    /// did not send itself, oldest first, at most `limit`.
+    fn catch_up(&self, user: UserId, device: u64, since_ms: u64, limit: u32) -> Result<Page, StoreError>;
+
+    /// Advance delivery cursors (a cursor never goes back).
+    fn save_cursors(&self, cursors: &[Cursor]) -> Result<(), StoreError>;
+
+    /// Finish queued commits and release the store; called once at shutdown.
+    fn close(&self) {}
 }
 
-/// No-data mode: accounts live in memory, messages are relayed and not kept.
-#[derive(Default)]
-pub struct MemoryStore {
-    inner: Mutex<MemoryInner>,
-}
-
-#[derive(Default)]
-struct MemoryInner {
-    by_name: HashMap<NameKey, UserId>,
-    accounts: HashMap<UserId, Account>,
-    last_id: UserId,
-}
-
-impl Store for MemoryStore {
-    fn create_account(&self, name: &NameKey, password_hash: String) -> Result<UserId, StoreError> {
-        let mut g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-        if g.by_name.contains_key(name) {
-            return Err(StoreError::NameTaken);
+/// A device id's 64-bit hash, as stored with cursors and messages.
+pub fn device_hash(user: UserId, device_id: &str) -> u64 {
+    use std::hash::{Hash, Hasher};
+    // Stable across processes and versions: FNV-1a over the user id and the device id.
+    struct Fnv(u64);
+    impl Hasher for Fnv {
+        fn finish(&self) -> u64 {
+            self.0
         }
-        g.last_id += 1;
-        let id = g.last_id;
-        g.by_name.insert(*name, id);
-        g.accounts.insert(id, Account { id, password_hash });
-        Ok(id)
+        fn write(&mut self, bytes: &[u8]) {
+            for b in bytes {
+                self.0 = (self.0 ^ *b as u64).wrapping_mul(0x100_0000_01b3);
+            }
+        }
     }
-
-    fn account_by_name(&self, name: &NameKey) -> Result<Option<Account>, StoreError> {
-        let g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-        Ok(g.by_name.get(name).and_then(|id| g.accounts.get(id)).cloned())
-    }
-
-    fn account_exists(&self, user: UserId) -> Result<bool, StoreError> {
-        let g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-        Ok(g.accounts.contains_key(&user))
-    }
-
-    fn durable(&self) -> bool {
-        false
-    }
+    let mut h = Fnv(0xcbf2_9ce4_8422_2325);
+    h.write(&user.to_le_bytes());
+    device_id.as_bytes().hash(&mut h);
+    h.finish() & (i64::MAX as u64)
 }

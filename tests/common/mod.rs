@@ -12,6 +12,8 @@ use std::{
 use tim::client::Client;
 
 pub const PASSWORD: &str = "correct horse battery";
+/// A fixed name key, so that accounts are found again after a restart on the same data.
+pub const NAME_KEY: &str = "00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff";
 
 /// Drivers every behaviour test runs on.
 #[macro_export]
@@ -25,19 +27,34 @@ macro_rules! on_both_drivers {
 pub struct TestServer {
     child: Child,
     pub addr: SocketAddr,
-    _dir: tempfile::TempDir,
+    dir: Option<tempfile::TempDir>,
     next_name: std::cell::Cell<u32>,
 }
 
 impl TestServer {
-    /// A 2-shard server on `driver` with test-speed argon2 and `extra` TOML appended (sections
-    /// in `extra` must not repeat the ones written here: server, security).
+    /// A 2-shard server on `driver` with the memory store, test-speed argon2 and `extra` TOML
+    /// appended (sections in `extra` must not repeat the ones written here: server, security,
+    /// store).
     pub fn start(driver: &str, extra: &str) -> TestServer {
+        Self::start_with_store(driver, "backend = \"memory\"", extra)
+    }
+
+    /// As [`TestServer::start`], with `store` as the body of the `[store]` section; a
+    /// `data_dir` in the server's temporary directory is added.
+    pub fn start_with_store(driver: &str, store: &str, extra: &str) -> TestServer {
         let dir = tempfile::tempdir().unwrap();
+        Self::start_in(dir, driver, store, extra)
+    }
+
+    /// Start a server whose data lives in `dir` (to restart on the same data).
+    pub fn start_in(dir: tempfile::TempDir, driver: &str, store: &str, extra: &str) -> TestServer {
         let cfg = dir.path().join("tim.toml");
+        let data = dir.path().join("data");
         let text = format!(
             "[server]\nlisten = \"127.0.0.1:0\"\nshards = 2\ndriver = \"{driver}\"\npin_cores = false\n\
-             worker_threads = 2\n\n[security]\nargon2_m_kib = 64\nargon2_t = 1\n\n{extra}\n"
+             worker_threads = 2\n\n[security]\nargon2_m_kib = 64\nargon2_t = 1\nname_key = \"{NAME_KEY}\"\n\n\
+             [store]\n{store}\ndata_dir = \"{}\"\n\n{extra}\n",
+            data.display()
         );
         std::fs::write(&cfg, text).unwrap();
         let mut child = Command::new(env!("CARGO_BIN_EXE_tim"))
@@ -58,7 +75,7 @@ impl TestServer {
             .parse()
             .unwrap();
         assert!(line.contains(&format!("{driver} driver")), "driver: {line}");
-        TestServer { child, addr, _dir: dir, next_name: std::cell::Cell::new(0) }
+        TestServer { child, addr, dir: Some(dir), next_name: std::cell::Cell::new(0) }
     }
 
     pub fn client(&self) -> Client {
@@ -111,6 +128,19 @@ impl TestServer {
             assert!(Instant::now() < deadline, "tim did not exit after SIGTERM");
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// Kill the server with SIGKILL (a crash) and keep its data directory.
+    pub fn crash(mut self) -> tempfile::TempDir {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        self.dir.take().unwrap()
+    }
+
+    /// Stop the server with SIGTERM (exit code 0 expected) and keep its data directory.
+    pub fn stop_keep(mut self) -> tempfile::TempDir {
+        assert!(self.terminate().success());
+        self.dir.take().unwrap()
     }
 
     /// The server process is still running.

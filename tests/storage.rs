@@ -1,0 +1,219 @@
+//! Storage over real sockets, as one conformance suite run on every store: acks after commit,
+//! history paging, offline catch-up per device, sequence numbers and resend dedup across restarts,
+//! and a kill -9 under load. The memory store (no-data mode) skips what needs durability.
+
+mod common;
+use std::{collections::BTreeMap, time::Duration};
+
+use common::*;
+use tim::client::{Client, Event};
+
+/// The stores this suite runs on, as `[store]` bodies.
+fn store(name: &str) -> &'static str {
+    match name {
+        "memory" => "backend = \"memory\"",
+        "embedded" => "backend = \"embedded\"\nsynchronous = \"normal\"",
+        other => panic!("unknown store {other}"),
+    }
+}
+
+fn durable(name: &str) -> bool {
+    name != "memory"
+}
+
+const FAST_CURSORS: &str = "[limits]\ncursor_flush_ms = 20\n";
+
+fn start(name: &str) -> TestServer {
+    TestServer::start_with_store("io_uring", store(name), FAST_CURSORS)
+}
+
+fn login_device(s: &TestServer, name: &str, device: &str) -> Client {
+    let mut c = s.client();
+    c.login(name, PASSWORD, 3, device).unwrap();
+    c
+}
+
+/// Messages are acked and delivered on every store; history pages walk a conversation both ways
+/// on durable stores and are empty without one.
+fn history_pages(st: &str) {
+    let s = start(st);
+    let (alice, _) = s.register("alice");
+    let (bob, bob_id) = s.register("bob");
+    let mut a = login_device(&s, &alice, "a1");
+    let mut b = login_device(&s, &bob, "b1");
+    if durable(st) {
+        assert_eq!(b.catch_up().unwrap().1.count, 0);
+        assert_eq!(a.catch_up().unwrap().1.count, 0);
+    }
+    for i in 1..=25u64 {
+        assert_eq!(a.send_wait(bob_id, i, format!("h{i}").as_bytes()).unwrap().seq, i);
+    }
+    for i in 1..=25u64 {
+        assert_eq!(b.next_delivery().unwrap().stamp.seq, i);
+    }
+    let (page, end) = b.history(s_user(&mut a), 0, true, 10).unwrap();
+    if !durable(st) {
+        assert!(page.is_empty() && !end.more, "no history without a store");
+        return;
+    }
+    let seqs: Vec<u64> = page.iter().map(|d| d.stamp.seq).collect();
+    assert_eq!(seqs, (16..=25).rev().collect::<Vec<_>>(), "newest first");
+    assert!(end.more);
+    assert_eq!(end.count, 10);
+    assert_eq!(page[0].body, b"h25");
+    let (page, end) = b.history(s_user(&mut a), 16, true, 100).unwrap();
+    assert_eq!(page.len(), 15);
+    assert!(!end.more);
+    let (page, end) = a.history(bob_id, 20, false, 3).unwrap();
+    assert_eq!(page.iter().map(|d| d.stamp.seq).collect::<Vec<_>>(), vec![21, 22, 23]);
+    assert!(end.more);
+    // a page is capped by history_page_max (200) and the request's limit
+    let (page, _) = a.history(bob_id, 0, false, 0).unwrap();
+    assert_eq!(page.len(), 25);
+}
+
+/// A user's id, from a token (its first 16 hex digits).
+fn s_user(c: &mut Client) -> u64 {
+    let t = c.issue_token(1).unwrap();
+    u64::from_str_radix(&t.token[..16], 16).unwrap()
+}
+
+/// Messages to an offline user arrive at the next login on every device; each device catches up
+/// from its own cursor, and the sending device does not get its own sends back.
+fn offline_catch_up(st: &str) {
+    if !durable(st) {
+        return;
+    }
+    let s = start(st);
+    let (alice, alice_id) = s.register("alice");
+    let (bob, bob_id) = s.register("bob");
+    {
+        let mut a1 = login_device(&s, &alice, "a1");
+        a1.catch_up().unwrap();
+        for i in 1..=3u64 {
+            a1.send_wait(bob_id, i, format!("o{i}").as_bytes()).unwrap();
+        }
+        a1.logout().unwrap();
+    }
+    // bob's phone: everything, then it acks only up to seq 2
+    let mut phone = login_device(&s, &bob, "phone");
+    let (got, end) = phone.catch_up().unwrap();
+    assert_eq!((end.count, end.more), (3, false));
+    assert_eq!(got.iter().map(|d| d.stamp.seq).collect::<Vec<_>>(), vec![1, 2, 3]);
+    assert_eq!(got[2].body, b"o3");
+    assert_eq!(got[0].stamp.from, alice_id);
+    phone.delivery_ack(alice_id, 2).unwrap();
+    phone.ping(1).unwrap();
+    std::thread::sleep(Duration::from_millis(150)); // > cursor_flush_ms
+    phone.logout().unwrap();
+    let mut phone = login_device(&s, &bob, "phone");
+    let (got, _) = phone.catch_up().unwrap();
+    assert_eq!(
+        got.iter().map(|d| d.stamp.seq).collect::<Vec<_>>(),
+        vec![3],
+        "what was not acked comes again"
+    );
+    // bob's laptop has its own cursor: everything
+    let mut laptop = login_device(&s, &bob, "laptop");
+    assert_eq!(laptop.catch_up().unwrap().1.count, 3);
+    // alice's other device gets her sends (multi-device sync); the sending device does not
+    let mut a2 = login_device(&s, &alice, "a2");
+    assert_eq!(a2.catch_up().unwrap().1.count, 3);
+    let mut a1 = login_device(&s, &alice, "a1");
+    assert_eq!(a1.catch_up().unwrap().1.count, 0);
+}
+
+/// After a restart a conversation continues after its last stored sequence number, and a resend
+/// within the dedup window gets its original ack.
+fn restart_keeps_sequences_and_dedup(st: &str) {
+    if !durable(st) {
+        return;
+    }
+    let s = start(st);
+    let (alice, _) = s.register("alice");
+    let (_bob, bob_id) = s.register("bob");
+    let mut a = login_device(&s, &alice, "a1");
+    let mut acks = Vec::new();
+    for i in 1..=5u64 {
+        acks.push(a.send_wait(bob_id, 100 + i, b"before").unwrap());
+    }
+    drop(a);
+    let dir = s.stop_keep();
+    let s = TestServer::start_in(dir, "io_uring", store(st), FAST_CURSORS);
+    let mut a = login_device(&s, &alice, "a1");
+    let again = a.send_wait(bob_id, 103, b"before").unwrap();
+    assert!(again.duplicate);
+    assert_eq!((again.msg_id, again.seq, again.ts_ms), (acks[2].msg_id, acks[2].seq, acks[2].ts_ms));
+    let next = a.send_wait(bob_id, 200, b"after").unwrap();
+    assert_eq!(next.seq, 6, "sequence continues after the last stored one");
+    assert!(next.msg_id > acks[4].msg_id);
+}
+
+/// kill -9 under load: after a restart every acked message is stored, sequence numbers are
+/// unique, and the offline recipient gets every acked message exactly once.
+fn crash_under_load(st: &str) {
+    if !durable(st) {
+        return;
+    }
+    let s = start(st);
+    let (alice, _) = s.register("alice");
+    let (bob, bob_id) = s.register("bob");
+    let mut a = login_device(&s, &alice, "a1");
+    a.catch_up().unwrap();
+    // keep 32 sends in flight; crash after 400 acks
+    let mut acked: BTreeMap<u64, u64> = BTreeMap::new(); // client_msg_id -> seq
+    let mut next = 1u64;
+    for _ in 0..32 {
+        a.send(bob_id, next, &next.to_le_bytes()).unwrap();
+        next += 1;
+    }
+    while acked.len() < 400 {
+        match a.recv().unwrap() {
+            Event::SendAck(ack) => {
+                acked.insert(ack.client_msg_id, ack.seq);
+                a.send(bob_id, next, &next.to_le_bytes()).unwrap();
+                next += 1;
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    let dir = s.crash();
+    let s = TestServer::start_in(dir, "io_uring", store(st), FAST_CURSORS);
+    let mut b = login_device(&s, &bob, "b1");
+    let (got, end) = b.catch_up().unwrap();
+    assert!(!end.more);
+    let mut seen: BTreeMap<u64, u64> = BTreeMap::new();
+    for d in &got {
+        assert!(seen.insert(d.stamp.seq, d.client_msg_id).is_none(), "seq {} delivered twice", d.stamp.seq);
+        assert_eq!(d.body, d.client_msg_id.to_le_bytes());
+    }
+    for (cmid, seq) in &acked {
+        assert_eq!(seen.get(seq), Some(cmid), "acked message {cmid} (seq {seq}) lost");
+    }
+    // everything stored is a message that was sent; the rest of the window may or may not be
+    assert!(seen.values().all(|&cmid| cmid < next));
+    // the sender resends what it never saw acked: stored ones are acked as duplicates with their
+    // stored seq, the others get new, unused sequence numbers
+    let mut a = login_device(&s, &alice, "a1");
+    a.catch_up().unwrap();
+    let mut used: std::collections::BTreeSet<u64> = seen.keys().copied().collect();
+    for cmid in 1..next {
+        if acked.contains_key(&cmid) {
+            continue;
+        }
+        let ack = a.send_wait(bob_id, cmid, &cmid.to_le_bytes()).unwrap();
+        match seen.iter().find(|(_, &c)| c == cmid) {
+            Some((&seq, _)) => assert!(ack.duplicate && ack.seq == seq),
+            None => assert!(!ack.duplicate && used.insert(ack.seq), "seq {} reused", ack.seq),
+        }
+    }
+}
+
+macro_rules! on_every_store {
+    ($($name:ident),* $(,)?) => {
+        mod memory { $( #[test] fn $name() { super::$name("memory") } )* }
+        mod embedded { $( #[test] fn $name() { super::$name("embedded") } )* }
+    };
+}
+
+on_every_store!(history_pages, offline_catch_up, restart_keeps_sequences_and_dedup, crash_under_load);
