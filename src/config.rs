@@ -41,8 +41,8 @@ pub struct ServerConfig {
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct StoreConfig {
-    /// "embedded" (SQLite under `data_dir`, the default) or "memory" (no-data mode: nothing
-    /// survives a restart).
+    /// "embedded" (SQLite under `data_dir`, the default), "postgres" (partitioned over
+    /// PostgreSQL servers) or "memory" (no-data mode: nothing survives a restart).
     pub backend: String,
     /// Directory of the embedded store.
     pub data_dir: std::path::PathBuf,
@@ -55,6 +55,51 @@ pub struct StoreConfig {
     /// SQLite `synchronous` for the embedded store: "full" (durable against power loss) or
     /// "normal" (durable against a crash of tim, not of the machine).
     pub synchronous: String,
+    pub postgres: PostgresConfig,
+}
+
+/// The PostgreSQL backend: ranges of the partition space, each on its own server or database.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PostgresConfig {
+    /// Connections tim opens to each partition range at most.
+    pub connections_per_partition: usize,
+    /// Milliseconds a connection attempt may take.
+    pub connect_timeout_ms: u64,
+    /// Threads of the runtime that drives the PostgreSQL connections.
+    pub threads: usize,
+    #[serde(rename = "partition")]
+    pub partitions: Vec<PgPartition>,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PgPartition {
+    /// An inclusive range of partitions, "FIRST-LAST", within 0..=4095.
+    pub slots: String,
+    /// A libpq-style connection URL, e.g. "postgres://tim@db1:5432/tim".
+    pub url: String,
+}
+
+impl Default for PostgresConfig {
+    fn default() -> Self {
+        PostgresConfig { connections_per_partition: 4, connect_timeout_ms: 2000, threads: 2, partitions: Vec::new() }
+    }
+}
+
+impl PgPartition {
+    /// The inclusive slot range.
+    pub fn range(&self) -> anyhow::Result<(u32, u32)> {
+        let (a, b) = self
+            .slots
+            .split_once('-')
+            .ok_or_else(|| anyhow::anyhow!("slots {:?} must look like \"0-2047\"", self.slots))?;
+        let (a, b): (u32, u32) = (a.trim().parse()?, b.trim().parse()?);
+        if a > b || b >= tim_shards::PARTITIONS {
+            bail!("slots {:?} must be a range within 0-{}", self.slots, tim_shards::PARTITIONS - 1);
+        }
+        Ok((a, b))
+    }
 }
 
 /// Every limit, named `*_max` or with its unit last.
@@ -167,6 +212,7 @@ impl Default for StoreConfig {
             commit_wait_us: 0,
             commit_timeout_ms: 5000,
             synchronous: "full".into(),
+            postgres: PostgresConfig::default(),
         }
     }
 }
@@ -229,8 +275,26 @@ impl Config {
         if !["auto", "io_uring", "epoll"].contains(&self.server.driver.as_str()) {
             bail!("server.driver must be auto, io_uring or epoll, not {:?}", self.server.driver);
         }
-        if !["memory", "embedded"].contains(&self.store.backend.as_str()) {
-            bail!("store.backend must be memory or embedded, not {:?}", self.store.backend);
+        if !["memory", "embedded", "postgres"].contains(&self.store.backend.as_str()) {
+            bail!("store.backend must be memory, embedded or postgres, not {:?}", self.store.backend);
+        }
+        if self.store.backend == "postgres" {
+            let pg = &self.store.postgres;
+            if pg.connections_per_partition == 0 || pg.threads == 0 || pg.connect_timeout_ms == 0 {
+                bail!("store.postgres: connections_per_partition, threads and connect_timeout_ms must be > 0");
+            }
+            let mut owner = vec![false; tim_shards::PARTITIONS as usize];
+            for p in &pg.partitions {
+                let (a, b) = p.range()?;
+                for slot in a..=b {
+                    if std::mem::replace(&mut owner[slot as usize], true) {
+                        bail!("store.postgres: partition {slot} is in two ranges");
+                    }
+                }
+            }
+            if let Some(slot) = owner.iter().position(|o| !o) {
+                bail!("store.postgres: partition {slot} is in no range; the ranges must cover 0-4095");
+            }
         }
         if !["full", "normal"].contains(&self.store.synchronous.as_str()) {
             bail!("store.synchronous must be full or normal");
@@ -311,12 +375,24 @@ spin_rounds = 64            # executor turns spent polling an empty mesh before 
 backlog = 4096              # listen backlog per shard
 
 [store]
-backend = "embedded"        # embedded: SQLite (WAL) under data_dir | memory: no-data mode
+backend = "embedded"        # embedded: SQLite (WAL) under data_dir | postgres | memory: no-data mode
 data_dir = "tim-data"       # directory of the embedded store
 commit_batch_max = 1024     # messages committed in one transaction at most
 commit_wait_us = 0          # wait for more messages before a commit starts (0: take what is queued)
 commit_timeout_ms = 5000    # a send gets StoreUnavailable if its commit takes longer
 synchronous = "full"        # embedded: full (survives power loss) | normal (survives a tim crash)
+
+[store.postgres]
+connections_per_partition = 4 # connections to each partition range at most
+connect_timeout_ms = 2000   # a connection attempt may take this long
+threads = 2                 # threads of the runtime driving the PostgreSQL connections
+# Ranges of the 4096 partitions, each on its own server or database; together they cover 0-4095:
+# [[store.postgres.partition]]
+# slots = "0-2047"
+# url = "postgres://tim@db1:5432/tim"
+# [[store.postgres.partition]]
+# slots = "2048-4095"
+# url = "postgres://tim@db2:5432/tim"
 
 [limits]
 frame_bytes_max = 65536             # largest frame payload from a client (closes the connection)

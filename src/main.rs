@@ -39,7 +39,7 @@ struct ServeArgs {
     /// Number of shards; 0 = one per core (overrides server.shards).
     #[arg(long, value_name = "N")]
     shards: Option<usize>,
-    /// Storage backend (overrides store.backend): embedded or memory.
+    /// Storage backend (overrides store.backend): embedded, postgres or memory.
     #[arg(long, value_name = "BACKEND")]
     store: Option<String>,
     /// I/O driver: auto, io_uring or epoll (overrides server.driver).

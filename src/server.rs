@@ -20,7 +20,7 @@ use crate::{
     conn,
     envelope::Envelope,
     shard::{Shard, Shared, CURRENT, SHARDS_MAX},
-    store::{embedded::EmbeddedStore, MemoryStore, Store},
+    store::{embedded::EmbeddedStore, postgres::PostgresStore, MemoryStore, Store},
     workers::Workers,
 };
 
@@ -48,6 +48,7 @@ pub fn start(cfg: Config) -> anyhow::Result<Server> {
     let (workers, worker_handles) = Workers::start(worker_threads, cfg.limits.worker_queue_max);
     let store: Arc<dyn Store> = match cfg.store.backend.as_str() {
         "memory" => Arc::new(MemoryStore::default()),
+        "postgres" => Arc::new(PostgresStore::open(&cfg.store.postgres).context("opening the postgres store")?),
         _ => Arc::new(EmbeddedStore::open(&cfg.store).context("opening the embedded store")?),
     };
     let shared = Arc::new(Shared {

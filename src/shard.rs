@@ -75,10 +75,16 @@ pub fn direct_key(a: UserId, b: UserId) -> (UserId, UserId) {
     }
 }
 
+/// The hash that places a 1:1 conversation (on a shard, and on a store partition).
+#[inline]
+pub fn conv_hash(key: (UserId, UserId)) -> u64 {
+    mix64(key.0 ^ mix64(key.1))
+}
+
 /// The shard owning a 1:1 conversation.
 #[inline]
 pub fn conv_shard(key: (UserId, UserId), shards: usize) -> usize {
-    shard_of(mix64(key.0 ^ mix64(key.1)), shards)
+    shard_of(conv_hash(key), shards)
 }
 
 /// A single-threaded, level-style notification: `notify` before `wait` is not lost.

@@ -8,6 +8,7 @@
 
 pub mod embedded;
 pub mod memory;
+pub mod postgres;
 
 use bytes::Bytes;
 

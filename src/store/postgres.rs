@@ -1,0 +1,457 @@
+//! The PostgreSQL store: the 4096 partitions are split into ranges, each range on its own
+//! PostgreSQL server or database (`[[store.postgres.partition]]`). Every key lives on the
+//! partition of its hash:
+//!
+//! - a conversation, with its messages and the delivery cursors of its readers, on the
+//!   partition of the conversation's hash (the same hash that picks its owner shard);
+//! - an account on the partition of its name key; its user id carries that partition in its low
+//!   12 bits (`id = n * 4096 + partition`), so the account is found from the id as well.
+//!
+//! Cursors live with their conversation (not with their user) so that catch-up is one local join
+//! per server instead of a join across servers.
+//!
+//! The connections live on a dedicated multi-threaded tokio runtime (`store.postgres.threads`),
+//! a bounded pool per range. [`Store::append`] hands the batch to that runtime and returns; the
+//! batch goes to PostgreSQL as one multi-row `INSERT … SELECT FROM UNNEST(…)` (one round trip,
+//! one implicit transaction). A range that is down or stalled only fails or delays the commits of
+//! its own conversations; broken connections are dropped and replaced on the next use, so tim
+//! reconnects by itself when the server returns. The schema is created and migrated at start,
+//! under an advisory lock, and versioned in `tim_schema`.
+
+use std::{sync::Arc, time::Duration};
+
+use bytes::Bytes;
+use tokio::sync::{Mutex, Semaphore};
+use tokio_postgres::{types::Type, Client, NoTls};
+
+use super::{
+    Account, CommitDone, ConvKey, ConvLoad, Cursor, NameKey, Page, RecentSend, Store, StoreError, StoredMessage,
+    UserId,
+};
+use crate::config::PostgresConfig;
+
+/// Schema version written by this build.
+pub const SCHEMA_VERSION: i32 = 1;
+
+const SCHEMA_V1: &str = "
+CREATE SEQUENCE user_ids;
+CREATE TABLE accounts (
+    id            int8 PRIMARY KEY,
+    name_key      bytea NOT NULL UNIQUE,
+    password_hash text NOT NULL,
+    created_ms    int8 NOT NULL
+);
+CREATE TABLE messages (
+    conv_a        int8 NOT NULL,
+    conv_b        int8 NOT NULL,
+    seq           int8 NOT NULL,
+    msg_id        int8 NOT NULL,
+    ts_ms         int8 NOT NULL,
+    sender        int8 NOT NULL,
+    sender_device int8 NOT NULL,
+    client_msg_id int8 NOT NULL,
+    payload       bytea NOT NULL,
+    PRIMARY KEY (conv_a, conv_b, seq)
+);
+CREATE INDEX messages_by_a ON messages (conv_a, ts_ms);
+CREATE INDEX messages_by_b ON messages (conv_b, ts_ms);
+CREATE TABLE cursors (
+    user_id int8 NOT NULL,
+    device  int8 NOT NULL,
+    conv_a  int8 NOT NULL,
+    conv_b  int8 NOT NULL,
+    seq     int8 NOT NULL,
+    PRIMARY KEY (user_id, device, conv_a, conv_b)
+);
+";
+
+const PARTITIONS: u64 = tim_shards::PARTITIONS as u64;
+
+/// One partition range: its server and a bounded pool of connections to it.
+struct Range {
+    url: String,
+    config: tokio_postgres::Config,
+    idle: Mutex<Vec<Client>>,
+    slots: Semaphore,
+}
+
+/// A connection checked out of a range's pool; returned on `put`, dropped if it broke.
+struct Conn<'a> {
+    range: &'a Range,
+    client: Option<Client>,
+    _permit: tokio::sync::SemaphorePermit<'a>,
+}
+
+impl Conn<'_> {
+    fn client(&self) -> &Client {
+        self.client.as_ref().expect("present until dropped")
+    }
+}
+
+impl Drop for Conn<'_> {
+    fn drop(&mut self) {
+        if let Some(c) = self.client.take() {
+            if !c.is_closed() {
+                if let Ok(mut idle) = self.range.idle.try_lock() {
+                    idle.push(c);
+                }
+            }
+        }
+    }
+}
+
+fn pg_err(e: tokio_postgres::Error) -> StoreError {
+    StoreError::Unavailable(e.to_string())
+}
+
+impl Range {
+    async fn conn(&self) -> Result<Conn<'_>, StoreError> {
+        let permit = self.slots.acquire().await.map_err(|_| StoreError::Unavailable("pool closed".into()))?;
+        let pooled = {
+            let mut idle = self.idle.lock().await;
+            loop {
+                match idle.pop() {
+                    Some(c) if c.is_closed() => continue,
+                    other => break other,
+                }
+            }
+        };
+        let client = match pooled {
+            Some(c) => c,
+            None => {
+                let (client, connection) = self.config.connect(NoTls).await.map_err(pg_err)?;
+                let url = self.url.clone();
+                tokio::spawn(async move {
+                    if let Err(e) = connection.await {
+                        log::warn!("postgres {}: connection ended: {e}", redact(&url));
+                    }
+                });
+                client
+            }
+        };
+        Ok(Conn { range: self, client: Some(client), _permit: permit })
+    }
+}
+
+/// A URL without its password, for logs.
+fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(s), Some(at)) if at > s => {
+            let cred = &url[s + 3..at];
+            let user = cred.split(':').next().unwrap_or("");
+            format!("{}{}@{}", &url[..s + 3], user, &url[at + 1..])
+        }
+        _ => url.to_string(),
+    }
+}
+
+pub struct PostgresStore {
+    rt: tokio::runtime::Runtime,
+    ranges: Vec<Arc<Range>>,
+    /// Slot → index into `ranges`.
+    owner: Vec<u16>,
+}
+
+fn i(v: u64) -> i64 {
+    v as i64
+}
+fn u(v: i64) -> u64 {
+    v as u64
+}
+
+impl PostgresStore {
+    pub fn open(cfg: &PostgresConfig) -> anyhow::Result<PostgresStore> {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(cfg.threads)
+            .thread_name("store-pg")
+            .enable_all()
+            .build()?;
+        let mut ranges: Vec<Arc<Range>> = Vec::new();
+        let mut owner = vec![u16::MAX; PARTITIONS as usize];
+        for p in &cfg.partitions {
+            let (a, b) = p.range()?;
+            let mut config: tokio_postgres::Config =
+                p.url.parse().map_err(|e| anyhow::anyhow!("store.postgres url {}: {e}", redact(&p.url)))?;
+            config.connect_timeout(Duration::from_millis(cfg.connect_timeout_ms));
+            let index = ranges.len() as u16;
+            ranges.push(Arc::new(Range {
+                url: p.url.clone(),
+                config,
+                idle: Mutex::new(Vec::new()),
+                slots: Semaphore::new(cfg.connections_per_partition),
+            }));
+            for slot in a..=b {
+                owner[slot as usize] = index;
+            }
+        }
+        anyhow::ensure!(owner.iter().all(|&o| o != u16::MAX), "store.postgres ranges must cover 0-4095");
+        let store = PostgresStore { rt, ranges, owner };
+        for r in &store.ranges {
+            store.rt.block_on(migrate(r)).map_err(|e| anyhow::anyhow!("postgres {}: {e}", redact(&r.url)))?;
+        }
+        Ok(store)
+    }
+
+    fn range_of_slot(&self, slot: u64) -> &Arc<Range> {
+        &self.ranges[self.owner[(slot % PARTITIONS) as usize] as usize]
+    }
+
+    fn conv_range(&self, conv: ConvKey) -> &Arc<Range> {
+        self.range_of_slot(tim_shards::partition_of(crate::shard::conv_hash(conv)) as u64)
+    }
+
+    fn name_slot(name: &NameKey) -> u64 {
+        u64::from(u32::from_le_bytes([name[0], name[1], name[2], name[3]])) % PARTITIONS
+    }
+
+    fn block_on<T>(&self, f: impl std::future::Future<Output = Result<T, StoreError>>) -> Result<T, StoreError> {
+        self.rt.block_on(f)
+    }
+}
+
+async fn migrate(r: &Range) -> Result<(), StoreError> {
+    let mut conn = r.conn().await?;
+    let client = conn.client.as_mut().expect("present");
+    let tx = client.transaction().await.map_err(pg_err)?;
+    tx.batch_execute(
+        "SELECT pg_advisory_xact_lock(7100);
+         CREATE TABLE IF NOT EXISTS tim_schema (version int4 NOT NULL);",
+    )
+    .await
+    .map_err(pg_err)?;
+    let version: Option<i32> =
+        tx.query_opt("SELECT max(version) FROM tim_schema", &[]).await.map_err(pg_err)?.and_then(|r| r.get(0));
+    let version = version.unwrap_or(0);
+    if version > SCHEMA_VERSION {
+        return Err(StoreError::Unavailable(format!(
+            "schema version {version} is newer than this build's {SCHEMA_VERSION}"
+        )));
+    }
+    if version < 1 {
+        tx.batch_execute(SCHEMA_V1).await.map_err(pg_err)?;
+        tx.execute("INSERT INTO tim_schema (version) VALUES (1)", &[]).await.map_err(pg_err)?;
+    }
+    tx.commit().await.map_err(pg_err)
+}
+
+async fn insert_batch(range: &Range, batch: &[StoredMessage]) -> Result<(), StoreError> {
+    let conn = range.conn().await?;
+    let col = |f: fn(&StoredMessage) -> u64| batch.iter().map(|m| i(f(m))).collect::<Vec<i64>>();
+    let (a, b, seq, msg_id, ts) =
+        (col(|m| m.conv.0), col(|m| m.conv.1), col(|m| m.seq), col(|m| m.msg_id), col(|m| m.ts_ms));
+    let (sender, device, cmid) = (col(|m| m.sender), col(|m| m.sender_device), col(|m| m.client_msg_id));
+    let payload: Vec<&[u8]> = batch.iter().map(|m| &m.payload[..]).collect();
+    let arr = Type::INT8_ARRAY;
+    conn.client()
+        .execute_typed(
+            "INSERT INTO messages (conv_a, conv_b, seq, msg_id, ts_ms, sender, sender_device, client_msg_id, payload)
+             SELECT * FROM UNNEST($1::int8[], $2::int8[], $3::int8[], $4::int8[], $5::int8[], $6::int8[],
+                                  $7::int8[], $8::int8[], $9::bytea[])",
+            &[
+                (&a, arr.clone()),
+                (&b, arr.clone()),
+                (&seq, arr.clone()),
+                (&msg_id, arr.clone()),
+                (&ts, arr.clone()),
+                (&sender, arr.clone()),
+                (&device, arr.clone()),
+                (&cmid, arr),
+                (&payload, Type::BYTEA_ARRAY),
+            ],
+        )
+        .await
+        .map_err(pg_err)?;
+    Ok(())
+}
+
+fn page(rows: Vec<Vec<u8>>, limit: u32) -> Page {
+    let more = rows.len() > limit as usize;
+    Page { payloads: rows.into_iter().take(limit as usize).map(Bytes::from).collect(), more }
+}
+
+impl Store for PostgresStore {
+    fn durable(&self) -> bool {
+        true
+    }
+
+    fn create_account(&self, name: &NameKey, password_hash: String) -> Result<UserId, StoreError> {
+        let slot = Self::name_slot(name);
+        let range = self.range_of_slot(slot).clone();
+        let now = crate::shard::now_ms();
+        self.block_on(async move {
+            let conn = range.conn().await?;
+            let row = conn
+                .client()
+                .query_opt(
+                    "INSERT INTO accounts (id, name_key, password_hash, created_ms)
+                     VALUES (nextval('user_ids') * 4096 + $1, $2, $3, $4)
+                     ON CONFLICT (name_key) DO NOTHING RETURNING id",
+                    &[&i(slot), &&name[..], &password_hash, &i(now)],
+                )
+                .await
+                .map_err(pg_err)?;
+            row.map(|r| u(r.get(0))).ok_or(StoreError::NameTaken)
+        })
+    }
+
+    fn account_by_name(&self, name: &NameKey) -> Result<Option<Account>, StoreError> {
+        let range = self.range_of_slot(Self::name_slot(name)).clone();
+        self.block_on(async move {
+            let conn = range.conn().await?;
+            let row = conn
+                .client()
+                .query_opt("SELECT id, password_hash FROM accounts WHERE name_key = $1", &[&&name[..]])
+                .await
+                .map_err(pg_err)?;
+            Ok(row.map(|r| Account { id: u(r.get(0)), password_hash: r.get(1) }))
+        })
+    }
+
+    fn account_exists(&self, user: UserId) -> Result<bool, StoreError> {
+        let range = self.range_of_slot(user % PARTITIONS).clone();
+        self.block_on(async move {
+            let conn = range.conn().await?;
+            let row =
+                conn.client().query_opt("SELECT 1 FROM accounts WHERE id = $1", &[&i(user)]).await.map_err(pg_err)?;
+            Ok(row.is_some())
+        })
+    }
+
+    fn partitions(&self) -> usize {
+        self.ranges.len()
+    }
+
+    fn partition_of(&self, conv: ConvKey) -> usize {
+        let slot = tim_shards::partition_of(crate::shard::conv_hash(conv));
+        self.owner[slot as usize] as usize
+    }
+
+    fn append(&self, partition: usize, batch: Vec<StoredMessage>, done: CommitDone) {
+        let range = self.ranges[partition].clone();
+        self.rt.spawn(async move {
+            done(insert_batch(&range, &batch).await);
+        });
+    }
+
+    fn load_conv(&self, conv: ConvKey, since_ms: u64, recent_max: usize) -> Result<ConvLoad, StoreError> {
+        let range = self.conv_range(conv).clone();
+        self.block_on(async move {
+            let conn = range.conn().await?;
+            let c = conn.client();
+            let last: Option<i64> = c
+                .query_one("SELECT max(seq) FROM messages WHERE conv_a = $1 AND conv_b = $2", &[&i(conv.0), &i(conv.1)])
+                .await
+                .map_err(pg_err)?
+                .get(0);
+            let rows = c
+                .query(
+                    "SELECT sender, client_msg_id, msg_id, seq, ts_ms FROM messages
+                     WHERE conv_a = $1 AND conv_b = $2 AND ts_ms >= $3 ORDER BY seq DESC LIMIT $4",
+                    &[&i(conv.0), &i(conv.1), &i(since_ms), &(recent_max as i64)],
+                )
+                .await
+                .map_err(pg_err)?;
+            let recent = rows
+                .iter()
+                .map(|r| RecentSend {
+                    sender: u(r.get(0)),
+                    client_msg_id: u(r.get(1)),
+                    msg_id: u(r.get(2)),
+                    seq: u(r.get(3)),
+                    ts_ms: u(r.get(4)),
+                })
+                .collect();
+            Ok(ConvLoad { last_seq: last.map_or(0, u), recent })
+        })
+    }
+
+    fn history(&self, conv: ConvKey, anchor: u64, older: bool, limit: u32) -> Result<Page, StoreError> {
+        let range = self.conv_range(conv).clone();
+        let sql = if older {
+            "SELECT payload FROM messages WHERE conv_a = $1 AND conv_b = $2 AND seq < $3 ORDER BY seq DESC LIMIT $4"
+        } else {
+            "SELECT payload FROM messages WHERE conv_a = $1 AND conv_b = $2 AND seq > $3 ORDER BY seq ASC LIMIT $4"
+        };
+        let anchor = if older && anchor == 0 { i64::MAX } else { i(anchor) };
+        let rows = self.block_on(async move {
+            let conn = range.conn().await?;
+            let rows = conn
+                .client()
+                .query(sql, &[&i(conv.0), &i(conv.1), &anchor, &(limit as i64 + 1)])
+                .await
+                .map_err(pg_err)?;
+            Ok(rows.into_iter().map(|r| r.get::<_, Vec<u8>>(0)).collect::<Vec<_>>())
+        })?;
+        Ok(page(rows, limit))
+    }
+
+    fn catch_up(&self, user: UserId, device: u64, since_ms: u64, limit: u32) -> Result<Page, StoreError> {
+        // A user's conversations are spread over every range: ask them all at once, merge by time.
+        let ranges = self.ranges.clone();
+        let mut rows: Vec<(i64, i64, i64, i64, Vec<u8>)> = self.block_on(async move {
+            let tasks: Vec<_> = ranges
+                .into_iter()
+                .map(|range| {
+                    tokio::spawn(async move {
+                        let conn = range.conn().await?;
+                        let rows = conn
+                            .client()
+                            .query(
+                                "SELECT m.ts_ms, m.conv_a, m.conv_b, m.seq, m.payload FROM messages m
+                                 LEFT JOIN cursors c ON c.user_id = $1 AND c.device = $2
+                                                    AND c.conv_a = m.conv_a AND c.conv_b = m.conv_b
+                                 WHERE (m.conv_a = $1 OR m.conv_b = $1) AND m.ts_ms >= $3
+                                   AND m.seq > COALESCE(c.seq, 0)
+                                   AND NOT (m.sender = $1 AND m.sender_device = $2)
+                                 ORDER BY m.ts_ms, m.conv_a, m.conv_b, m.seq LIMIT $4",
+                                &[&i(user), &i(device), &i(since_ms), &(limit as i64 + 1)],
+                            )
+                            .await
+                            .map_err(pg_err)?;
+                        Ok::<_, StoreError>(
+                            rows.into_iter()
+                                .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3), r.get(4)))
+                                .collect::<Vec<_>>(),
+                        )
+                    })
+                })
+                .collect();
+            let mut all = Vec::new();
+            for t in tasks {
+                all.extend(t.await.map_err(|e| StoreError::Unavailable(e.to_string()))??);
+            }
+            Ok(all)
+        })?;
+        rows.sort_by_key(|r| (r.0, r.1, r.2, r.3));
+        Ok(page(rows.into_iter().map(|r| r.4).collect(), limit))
+    }
+
+    fn save_cursors(&self, cursors: &[Cursor]) -> Result<(), StoreError> {
+        let mut by_range: Vec<Vec<&Cursor>> = vec![Vec::new(); self.ranges.len()];
+        for c in cursors {
+            let slot = tim_shards::partition_of(crate::shard::conv_hash(c.conv));
+            by_range[self.owner[slot as usize] as usize].push(c);
+        }
+        for (index, group) in by_range.into_iter().enumerate().filter(|(_, g)| !g.is_empty()) {
+            let range = self.ranges[index].clone();
+            let col = |f: fn(&Cursor) -> u64| group.iter().map(|c| i(f(c))).collect::<Vec<i64>>();
+            let (users, devices, a, b, seqs) =
+                (col(|c| c.user), col(|c| c.device), col(|c| c.conv.0), col(|c| c.conv.1), col(|c| c.seq));
+            self.block_on(async move {
+                let conn = range.conn().await?;
+                conn.client()
+                    .execute(
+                        "INSERT INTO cursors (user_id, device, conv_a, conv_b, seq)
+                         SELECT * FROM UNNEST($1::int8[], $2::int8[], $3::int8[], $4::int8[], $5::int8[])
+                         ON CONFLICT (user_id, device, conv_a, conv_b)
+                         DO UPDATE SET seq = GREATEST(cursors.seq, excluded.seq)",
+                        &[&users, &devices, &a, &b, &seqs],
+                    )
+                    .await
+                    .map_err(pg_err)?;
+                Ok(())
+            })?;
+        }
+        Ok(())
+    }
+}
