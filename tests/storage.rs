@@ -8,13 +8,26 @@ use std::{collections::BTreeMap, time::Duration};
 use common::*;
 use tim::client::{Client, Event};
 
-/// The stores this suite runs on, as `[store]` bodies.
-fn store(name: &str) -> &'static str {
+/// A `[store]` body for `name`: for postgres, two fresh databases on the two shared throwaway
+/// PostgreSQL servers, each holding half of the partitions.
+fn store(name: &str) -> String {
     match name {
-        "memory" => "backend = \"memory\"",
-        "embedded" => "backend = \"embedded\"\nsynchronous = \"normal\"",
+        "memory" => "backend = \"memory\"".into(),
+        "embedded" => "backend = \"embedded\"\nsynchronous = \"normal\"".into(),
+        "postgres" => {
+            let servers = pg::shared();
+            postgres_store(&pg::fresh_db(&servers[0]), &pg::fresh_db(&servers[1]))
+        }
         other => panic!("unknown store {other}"),
     }
+}
+
+pub fn postgres_store(url_low: &str, url_high: &str) -> String {
+    format!(
+        "backend = \"postgres\"\n[store.postgres]\nconnect_timeout_ms = 1000\n\
+         [[store.postgres.partition]]\nslots = \"0-2047\"\nurl = \"{url_low}\"\n\
+         [[store.postgres.partition]]\nslots = \"2048-4095\"\nurl = \"{url_high}\"\n"
+    )
 }
 
 fn durable(name: &str) -> bool {
@@ -23,8 +36,10 @@ fn durable(name: &str) -> bool {
 
 const FAST_CURSORS: &str = "[limits]\ncursor_flush_ms = 20\n";
 
-fn start(name: &str) -> TestServer {
-    TestServer::start_with_store("io_uring", store(name), FAST_CURSORS)
+/// A server on store `name`, and the `[store]` body to restart it on the same data.
+fn start(name: &str) -> (TestServer, String) {
+    let body = store(name);
+    (TestServer::start_with_store("io_uring", &body, FAST_CURSORS), body)
 }
 
 fn login_device(s: &TestServer, name: &str, device: &str) -> Client {
@@ -36,7 +51,7 @@ fn login_device(s: &TestServer, name: &str, device: &str) -> Client {
 /// Messages are acked and delivered on every store; history pages walk a conversation both ways
 /// on durable stores and are empty without one.
 fn history_pages(st: &str) {
-    let s = start(st);
+    let (s, _) = start(st);
     let (alice, _) = s.register("alice");
     let (bob, bob_id) = s.register("bob");
     let mut a = login_device(&s, &alice, "a1");
@@ -84,7 +99,7 @@ fn offline_catch_up(st: &str) {
     if !durable(st) {
         return;
     }
-    let s = start(st);
+    let (s, _) = start(st);
     let (alice, alice_id) = s.register("alice");
     let (bob, bob_id) = s.register("bob");
     {
@@ -129,7 +144,7 @@ fn restart_keeps_sequences_and_dedup(st: &str) {
     if !durable(st) {
         return;
     }
-    let s = start(st);
+    let (s, body) = start(st);
     let (alice, _) = s.register("alice");
     let (_bob, bob_id) = s.register("bob");
     let mut a = login_device(&s, &alice, "a1");
@@ -139,7 +154,7 @@ fn restart_keeps_sequences_and_dedup(st: &str) {
     }
     drop(a);
     let dir = s.stop_keep();
-    let s = TestServer::start_in(dir, "io_uring", store(st), FAST_CURSORS);
+    let s = TestServer::start_in(dir, "io_uring", &body, FAST_CURSORS);
     let mut a = login_device(&s, &alice, "a1");
     let again = a.send_wait(bob_id, 103, b"before").unwrap();
     assert!(again.duplicate);
@@ -155,7 +170,7 @@ fn crash_under_load(st: &str) {
     if !durable(st) {
         return;
     }
-    let s = start(st);
+    let (s, body) = start(st);
     let (alice, _) = s.register("alice");
     let (bob, bob_id) = s.register("bob");
     let mut a = login_device(&s, &alice, "a1");
@@ -178,7 +193,7 @@ fn crash_under_load(st: &str) {
         }
     }
     let dir = s.crash();
-    let s = TestServer::start_in(dir, "io_uring", store(st), FAST_CURSORS);
+    let s = TestServer::start_in(dir, "io_uring", &body, FAST_CURSORS);
     let mut b = login_device(&s, &bob, "b1");
     let (got, end) = b.catch_up().unwrap();
     assert!(!end.more);
@@ -213,6 +228,7 @@ macro_rules! on_every_store {
     ($($name:ident),* $(,)?) => {
         mod memory { $( #[test] fn $name() { super::$name("memory") } )* }
         mod embedded { $( #[test] fn $name() { super::$name("embedded") } )* }
+        mod postgres { $( #[test] fn $name() { super::$name("postgres") } )* }
     };
 }
 

@@ -11,6 +11,8 @@ use std::{
 
 use tim::client::Client;
 
+pub mod pg;
+
 pub const PASSWORD: &str = "correct horse battery";
 /// A fixed name key, so that accounts are found again after a restart on the same data.
 pub const NAME_KEY: &str = "00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff";
@@ -39,8 +41,9 @@ impl TestServer {
         Self::start_with_store(driver, "backend = \"memory\"", extra)
     }
 
-    /// As [`TestServer::start`], with `store` as the body of the `[store]` section; a
-    /// `data_dir` in the server's temporary directory is added.
+    /// As [`TestServer::start`], with `store` as the body of the `[store]` section (it may end
+    /// with `[store.postgres]` sub-tables); a `data_dir` in the server's temporary directory is
+    /// added.
     pub fn start_with_store(driver: &str, store: &str, extra: &str) -> TestServer {
         let dir = tempfile::tempdir().unwrap();
         Self::start_in(dir, driver, store, extra)
@@ -53,7 +56,7 @@ impl TestServer {
         let text = format!(
             "[server]\nlisten = \"127.0.0.1:0\"\nshards = 2\ndriver = \"{driver}\"\npin_cores = false\n\
              worker_threads = 2\n\n[security]\nargon2_m_kib = 64\nargon2_t = 1\nname_key = \"{NAME_KEY}\"\n\n\
-             [store]\n{store}\ndata_dir = \"{}\"\n\n{extra}\n",
+             [store]\ndata_dir = \"{}\"\n{store}\n\n{extra}\n",
             data.display()
         );
         std::fs::write(&cfg, text).unwrap();
