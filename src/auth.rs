@@ -27,12 +27,16 @@ pub struct Auth {
 }
 
 impl Auth {
-    pub fn new(sec: &Security) -> anyhow::Result<Auth> {
-        let name_key = if sec.name_key.is_empty() {
-            random_bytes::<32>()
-        } else {
+    /// `data_dir`: where a generated name key is kept when `security.name_key` is empty (the
+    /// embedded store); `None` with an empty key means a random key for this process only.
+    pub fn new(sec: &Security, data_dir: Option<&std::path::Path>) -> anyhow::Result<Auth> {
+        let name_key = if !sec.name_key.is_empty() {
             let v = hex::decode(&sec.name_key)?;
             v.try_into().map_err(|_| anyhow::anyhow!("security.name_key must be 32 bytes"))?
+        } else if let Some(dir) = data_dir {
+            load_or_create_key(&dir.join("name.key"))?
+        } else {
+            random_bytes::<32>()
         };
         let params = Params::new(sec.argon2_m_kib, sec.argon2_t, sec.argon2_p, None)
             .map_err(|e| anyhow::anyhow!("argon2 parameters: {e}"))?;
@@ -61,6 +65,28 @@ impl Auth {
             Ok(parsed) => self.argon.verify_password(password.as_bytes(), &parsed).is_ok(),
             Err(_) => false,
         }
+    }
+}
+
+/// Read a 32-byte hex key from `path`, or create it (mode 0600) with a random key.
+fn load_or_create_key(path: &std::path::Path) -> anyhow::Result<[u8; 32]> {
+    use std::{io::Write, os::unix::fs::OpenOptionsExt};
+    match std::fs::read_to_string(path) {
+        Ok(text) => {
+            let v = hex::decode(text.trim()).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+            v.try_into().map_err(|_| anyhow::anyhow!("{}: the key must be 32 bytes", path.display()))
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            if let Some(parent) = path.parent() {
+                std::fs::create_dir_all(parent)?;
+            }
+            let key = random_bytes::<32>();
+            let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path)?;
+            writeln!(f, "{}", hex::encode(key))?;
+            f.sync_all()?;
+            Ok(key)
+        }
+        Err(e) => Err(anyhow::anyhow!("{}: {e}", path.display())),
     }
 }
 
@@ -116,20 +142,25 @@ mod tests {
     #[test]
     fn name_keys() {
         let sec = Security { argon2_m_kib: 64, argon2_t: 1, ..Security::default() };
-        let a = Auth::new(&sec).unwrap();
-        let b = Auth::new(&sec).unwrap();
+        let a = Auth::new(&sec, None).unwrap();
+        let b = Auth::new(&sec, None).unwrap();
         assert_eq!(a.name_key("Alice"), a.name_key("alice"));
         assert_ne!(a.name_key("alice"), a.name_key("bob"));
         assert_ne!(a.name_key("alice"), b.name_key("alice"), "random per-process key");
         assert!(check_name(" alice").is_err() && check_name("").is_err() && check_name("a\nb").is_err());
         assert!(check_name("ålice").is_ok());
+        // a generated key is kept in the data directory and found again
+        let dir = tempfile::tempdir().unwrap();
+        let c = Auth::new(&sec, Some(dir.path())).unwrap();
+        let d = Auth::new(&sec, Some(dir.path())).unwrap();
+        assert_eq!(c.name_key("alice"), d.name_key("alice"));
     }
 
     /// Password hashes verify only the right password.
     #[test]
     fn passwords() {
         let sec = Security { argon2_m_kib: 64, argon2_t: 1, ..Security::default() };
-        let a = Auth::new(&sec).unwrap();
+        let a = Auth::new(&sec, None).unwrap();
         let h = a.hash_password("correct horse").unwrap();
         assert!(h.starts_with("$argon2id$"));
         assert!(a.verify_password(&h, "correct horse"));

@@ -83,7 +83,12 @@ pub struct PgPartition {
 
 impl Default for PostgresConfig {
     fn default() -> Self {
-        PostgresConfig { connections_per_partition: 4, connect_timeout_ms: 2000, threads: 2, partitions: Vec::new() }
+        PostgresConfig {
+            connections_per_partition: 4,
+            connect_timeout_ms: 2000,
+            threads: 2,
+            partitions: Vec::new(),
+        }
     }
 }
 
@@ -177,8 +182,9 @@ pub struct SessionPolicy {
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Security {
-    /// Hex key (32 bytes) for the keyed hash of account names. Empty: a random key per process
-    /// (fine for the memory store, whose accounts die with the process).
+    /// Hex key (32 bytes) for the keyed hash of account names. Empty: generated once and kept in
+    /// `data_dir/name.key` with the embedded store, random per process with the memory store
+    /// (whose accounts die with it); the postgres store requires it.
     pub name_key: String,
     /// argon2id memory cost in KiB. Lower only for tests and benchmarks.
     pub argon2_m_kib: u32,
@@ -281,7 +287,9 @@ impl Config {
         if self.store.backend == "postgres" {
             let pg = &self.store.postgres;
             if pg.connections_per_partition == 0 || pg.threads == 0 || pg.connect_timeout_ms == 0 {
-                bail!("store.postgres: connections_per_partition, threads and connect_timeout_ms must be > 0");
+                bail!(
+                    "store.postgres: connections_per_partition, threads and connect_timeout_ms must be > 0"
+                );
             }
             let mut owner = vec![false; tim_shards::PARTITIONS as usize];
             for p in &pg.partitions {
@@ -338,6 +346,9 @@ impl Config {
         }
         if l.session_outbound_bytes_max < l.frame_bytes_max * 2 {
             bail!("limits.session_outbound_bytes_max must be at least twice limits.frame_bytes_max");
+        }
+        if self.store.backend == "postgres" && self.security.name_key.is_empty() {
+            bail!("security.name_key must be set with the postgres store (every node must use the same key)");
         }
         if !self.security.name_key.is_empty() {
             let key = hex::decode(&self.security.name_key).context("security.name_key is not hex")?;
@@ -425,7 +436,8 @@ per_device_type_max = 2             # sessions per account and device type
 policy = "kick_oldest"              # kick_oldest | refuse
 
 [security]
-name_key = ""                       # 64 hex digits keying the account-name hash; "" = random per process
+name_key = ""                       # 64 hex digits keying the account-name hash; "" = kept in data_dir/name.key
+                                    # (embedded), random per process (memory); required with postgres
 argon2_m_kib = 19456                # argon2id memory cost (KiB); lower only for tests/benchmarks
 argon2_t = 2                        # argon2id iterations
 argon2_p = 1                        # argon2id lanes

@@ -48,11 +48,16 @@ pub fn start(cfg: Config) -> anyhow::Result<Server> {
     let (workers, worker_handles) = Workers::start(worker_threads, cfg.limits.worker_queue_max);
     let store: Arc<dyn Store> = match cfg.store.backend.as_str() {
         "memory" => Arc::new(MemoryStore::default()),
-        "postgres" => Arc::new(PostgresStore::open(&cfg.store.postgres).context("opening the postgres store")?),
+        "postgres" => {
+            Arc::new(PostgresStore::open(&cfg.store.postgres).context("opening the postgres store")?)
+        }
         _ => Arc::new(EmbeddedStore::open(&cfg.store).context("opening the embedded store")?),
     };
     let shared = Arc::new(Shared {
-        auth: Auth::new(&cfg.security)?,
+        auth: Auth::new(
+            &cfg.security,
+            (cfg.store.backend == "embedded").then_some(cfg.store.data_dir.as_path()),
+        )?,
         store,
         workers,
         stop: Default::default(),

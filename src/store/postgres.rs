@@ -25,8 +25,8 @@ use tokio::sync::{Mutex, Semaphore};
 use tokio_postgres::{types::Type, Client, NoTls};
 
 use super::{
-    Account, CommitDone, ConvKey, ConvLoad, Cursor, NameKey, Page, RecentSend, Store, StoreError, StoredMessage,
-    UserId,
+    Account, CommitDone, ConvKey, ConvLoad, Cursor, NameKey, Page, RecentSend, Store, StoreError,
+    StoredMessage, UserId,
 };
 use crate::config::PostgresConfig;
 
@@ -204,7 +204,10 @@ impl PostgresStore {
         u64::from(u32::from_le_bytes([name[0], name[1], name[2], name[3]])) % PARTITIONS
     }
 
-    fn block_on<T>(&self, f: impl std::future::Future<Output = Result<T, StoreError>>) -> Result<T, StoreError> {
+    fn block_on<T>(
+        &self,
+        f: impl std::future::Future<Output = Result<T, StoreError>>,
+    ) -> Result<T, StoreError> {
         self.rt.block_on(f)
     }
 }
@@ -219,8 +222,11 @@ async fn migrate(r: &Range) -> Result<(), StoreError> {
     )
     .await
     .map_err(pg_err)?;
-    let version: Option<i32> =
-        tx.query_opt("SELECT max(version) FROM tim_schema", &[]).await.map_err(pg_err)?.and_then(|r| r.get(0));
+    let version: Option<i32> = tx
+        .query_opt("SELECT max(version) FROM tim_schema", &[])
+        .await
+        .map_err(pg_err)?
+        .and_then(|r| r.get(0));
     let version = version.unwrap_or(0);
     if version > SCHEMA_VERSION {
         return Err(StoreError::Unavailable(format!(
@@ -311,8 +317,11 @@ impl Store for PostgresStore {
         let range = self.range_of_slot(user % PARTITIONS).clone();
         self.block_on(async move {
             let conn = range.conn().await?;
-            let row =
-                conn.client().query_opt("SELECT 1 FROM accounts WHERE id = $1", &[&i(user)]).await.map_err(pg_err)?;
+            let row = conn
+                .client()
+                .query_opt("SELECT 1 FROM accounts WHERE id = $1", &[&i(user)])
+                .await
+                .map_err(pg_err)?;
             Ok(row.is_some())
         })
     }
@@ -339,7 +348,10 @@ impl Store for PostgresStore {
             let conn = range.conn().await?;
             let c = conn.client();
             let last: Option<i64> = c
-                .query_one("SELECT max(seq) FROM messages WHERE conv_a = $1 AND conv_b = $2", &[&i(conv.0), &i(conv.1)])
+                .query_one(
+                    "SELECT max(seq) FROM messages WHERE conv_a = $1 AND conv_b = $2",
+                    &[&i(conv.0), &i(conv.1)],
+                )
                 .await
                 .map_err(pg_err)?
                 .get(0);
