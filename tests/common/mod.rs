@@ -60,7 +60,17 @@ impl TestServer {
             data.display()
         );
         std::fs::write(&cfg, text).unwrap();
-        let mut child = Command::new(env!("CARGO_BIN_EXE_tim"))
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_tim"));
+        // SAFETY: prctl is async-signal-safe. The server dies with the thread that started it
+        // (the test's own thread), so a killed test run leaves no server behind.
+        unsafe {
+            use std::os::unix::process::CommandExt;
+            cmd.pre_exec(|| {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                Ok(())
+            });
+        }
+        let mut child = cmd
             .args(["serve", "--config"])
             .arg(&cfg)
             .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()))
