@@ -448,7 +448,8 @@ impl Reader<'_> {
             }
             kind::DELIVERY_ACK => {
                 let a = access!(protocol::ArchivedDeliveryAck);
-                let (peer, seq) = (a.peer.to_native(), a.seq.to_native());
+                // Stores keep sequence numbers as signed 64-bit integers.
+                let (peer, seq) = (a.peer.to_native(), a.seq.to_native().min(i64::MAX as u64));
                 if a.conv != conv::DIRECT || peer == 0 {
                     return self.error(ErrorCode::InvalidConversation, k);
                 }
@@ -460,8 +461,12 @@ impl Reader<'_> {
             }
             kind::HISTORY => {
                 let h = access!(protocol::ArchivedHistory);
-                let (peer, anchor, dir, limit) =
-                    (h.peer.to_native(), h.anchor_seq.to_native(), h.direction, h.limit.to_native());
+                let (peer, anchor, dir, limit) = (
+                    h.peer.to_native(),
+                    h.anchor_seq.to_native().min(i64::MAX as u64),
+                    h.direction,
+                    h.limit.to_native(),
+                );
                 if h.conv != conv::DIRECT || peer == 0 || dir > 1 {
                     return self.error(ErrorCode::InvalidConversation, k);
                 }
@@ -658,7 +663,7 @@ impl Reader<'_> {
                 };
                 let flow = self.reply(kind::LOGIN_OK, &ok);
                 if self.shard.shared.store.durable() {
-                    monoio::spawn(catch_up(self.shard.clone(), self.session.clone()));
+                    monoio::spawn(catch_up(self.shard.clone(), self.session.clone(), k));
                 }
                 flow
             }
@@ -812,7 +817,7 @@ fn stored_frame(k: u16, payload: &[u8]) -> Bytes {
 /// After a login on a durable store: send the device what it has not acknowledged (as `DELIVER`
 /// frames, paced by the writer), then `CATCHUP_END`. Live deliveries may interleave; clients drop
 /// repeats by (conversation, seq).
-async fn catch_up(shard: Rc<Shard>, session: Rc<Session>) {
+async fn catch_up(shard: Rc<Shard>, session: Rc<Session>, login_kind: u16) {
     let l = &shard.cfg().limits;
     let (user, device) = (session.user(), session.device.get());
     let since = now_ms().saturating_sub(l.catchup_window_secs * 1000);
@@ -823,11 +828,11 @@ async fn catch_up(shard: Rc<Shard>, session: Rc<Session>) {
         Ok(Ok(page)) => page,
         Ok(Err(e)) => {
             log::warn!("store: catch-up of user {user}: {e}");
-            session.push(Shard::error_frame(ErrorCode::StoreUnavailable, kind::LOGIN, 0));
+            session.push(Shard::error_frame(ErrorCode::StoreUnavailable, login_kind, 0));
             return;
         }
         Err(_) => {
-            session.push(Shard::error_frame(ErrorCode::Busy, kind::LOGIN, 0));
+            session.push(Shard::error_frame(ErrorCode::Busy, login_kind, 0));
             return;
         }
     };

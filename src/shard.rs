@@ -465,23 +465,27 @@ impl Shard {
         }
     }
 
-    /// Write the cursors noted so far (the shard's last act before it stops, too).
+    /// Write the cursors noted so far (the shard's last act before it stops, too). Cursors whose
+    /// write fails are kept for the next flush.
     pub async fn flush_cursors(&self) {
-        {
-            let batch: Vec<Cursor> = self
-                .cursors
-                .borrow_mut()
-                .drain()
-                .map(|((user, device, conv), seq)| Cursor { user, device, conv, seq })
-                .collect();
-            if !batch.is_empty() {
-                let store = self.shared.store.clone();
-                match self.shared.workers.run(move || store.save_cursors(&batch)).await {
-                    Ok(Ok(())) => {}
-                    Ok(Err(e)) => log::warn!("store: saving cursors: {e}"),
-                    Err(_) => log::warn!("store: saving cursors: worker pool busy"),
-                }
-            }
+        let batch: Vec<Cursor> = self
+            .cursors
+            .borrow_mut()
+            .drain()
+            .map(|((user, device, conv), seq)| Cursor { user, device, conv, seq })
+            .collect();
+        if batch.is_empty() {
+            return;
+        }
+        let store = self.shared.store.clone();
+        let kept = batch.clone();
+        match self.shared.workers.run(move || store.save_cursors(&batch)).await {
+            Ok(Ok(())) => return,
+            Ok(Err(e)) => log::warn!("store: saving cursors: {e}"),
+            Err(_) => log::warn!("store: saving cursors: worker pool busy"),
+        }
+        for c in kept {
+            self.note_cursor(c);
         }
     }
 
