@@ -101,13 +101,9 @@ fn dropping_a_paused_server_stops_it() {
 
 const HOLD_ENV: &str = "TIM_PG_HARNESS_HOLD";
 
-#[test]
-#[ignore = "helper of servers_die_with_a_killed_test_process; does nothing unless TIM_PG_HARNESS_HOLD is set"]
+/// The child's part of `servers_die_with_a_killed_test_process`: start servers, report them on
+/// stdout, and wait to be killed -9.
 fn hold_servers_until_killed() {
-    // Proves nothing alone: starts servers, reports them on stdout and waits to be killed -9.
-    if std::env::var_os(HOLD_ENV).is_none() {
-        return;
-    }
     let private = PgServer::start();
     let paused = PgServer::start();
     paused.pause();
@@ -126,9 +122,13 @@ fn hold_servers_until_killed() {
 fn servers_die_with_a_killed_test_process() {
     // Proves: kill -9 of a test process takes its postmasters and backends down (parent-death
     // signal); sweep_stale then removes the left-behind directories, stopping the paused server.
+    // The test runs itself again as the child that holds the servers (told so by HOLD_ENV).
+    if std::env::var_os(HOLD_ENV).is_some() {
+        return hold_servers_until_killed();
+    }
     let mut child = KillOnDrop(
         Command::new(std::env::current_exe().unwrap())
-            .args(["--ignored", "--exact", "hold_servers_until_killed", "--nocapture", "--test-threads=1"])
+            .args(["--exact", "servers_die_with_a_killed_test_process", "--nocapture", "--test-threads=1"])
             .env(HOLD_ENV, "1")
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
@@ -138,7 +138,7 @@ fn servers_die_with_a_killed_test_process() {
     let mut servers = Vec::new();
     for line in BufReader::new(child.0.stdout.take().unwrap()).lines() {
         let line = line.unwrap();
-        // libtest's "test hold_servers_until_killed ... " precedes it on the same line.
+        // libtest's "test servers_die_with_a_killed_test_process ... " precedes it on the line.
         if let Some((_, rest)) = line.split_once("SERVERS ") {
             for s in rest.split(' ') {
                 let (pid, dir) = s.split_once(':').unwrap();
