@@ -14,7 +14,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use bytes::{Buf, BufMut, Bytes, BytesMut};
+use bytes::{BufMut, Bytes, BytesMut};
 use futures_channel::oneshot;
 use monoio::net::TcpStream;
 
@@ -25,11 +25,10 @@ use crate::{
     protocol::{self, conv, kind, DeviceType, ErrorCode, Stamp},
     shard::direct_key,
     shard::{now_ms, user_shard, LocalNotify, Shard},
+    sockio,
     store::{device_hash, Cursor, Page, StoreError, UserId},
 };
 
-/// Frames written by one `sendmsg`.
-const IOV_MAX: usize = 64;
 /// Time a closing session gets to flush its last frames.
 const CLOSE_FLUSH_MS: u64 = 1000;
 /// Time a writer waits for a socket that accepts nothing before giving the session up.
@@ -723,7 +722,7 @@ impl Reader<'_> {
 /// Write queued frames until the session closes, then shut the socket down so the reader wakes.
 async fn write_loop(stream: Rc<TcpStream>, session: Rc<Session>) {
     let fd = stream.as_raw_fd();
-    let mut iov: Vec<libc::iovec> = Vec::with_capacity(IOV_MAX);
+    let mut iov: Vec<libc::iovec> = Vec::with_capacity(sockio::IOV_MAX);
     'outer: loop {
         while session.outq.borrow().is_empty() {
             if session.closing.get() {
@@ -731,48 +730,19 @@ async fn write_loop(stream: Rc<TcpStream>, session: Rc<Session>) {
             }
             session.writer.wait().await;
         }
-        iov.clear();
-        {
-            let q = session.outq.borrow();
-            for b in q.iter().take(IOV_MAX) {
-                iov.push(libc::iovec { iov_base: b.as_ptr() as *mut _, iov_len: b.len() });
-            }
-        }
         let written = loop {
-            // SAFETY: iovecs point into Bytes held by `outq`, which is not touched until this
-            // returns; msghdr is zeroed except for the iovec array.
-            let r = unsafe {
-                let mut msg: libc::msghdr = std::mem::zeroed();
-                msg.msg_iov = iov.as_mut_ptr();
-                msg.msg_iovlen = iov.len() as _;
-                libc::sendmsg(fd, &msg, libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL)
-            };
-            if r >= 0 {
-                break r as usize;
-            }
-            let err = io::Error::last_os_error();
-            match err.kind() {
-                io::ErrorKind::Interrupted => continue,
-                io::ErrorKind::WouldBlock => {
+            let sent = sockio::send_frames(fd, &session.outq.borrow(), &mut iov);
+            match sent {
+                Ok(n) => break n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     if !wait_writable(&stream, &session).await {
                         break 'outer;
                     }
                 }
-                _ => break 'outer,
+                Err(_) => break 'outer,
             }
         };
-        let mut left = written;
-        let mut q = session.outq.borrow_mut();
-        while left > 0 {
-            let front = q.front_mut().expect("wrote no more than was queued");
-            if front.len() <= left {
-                left -= front.len();
-                q.pop_front();
-            } else {
-                front.advance(left);
-                left = 0;
-            }
-        }
+        sockio::consume(&mut session.outq.borrow_mut(), written);
         session.out_bytes.set(session.out_bytes.get() - written);
         session.drained.notify();
     }

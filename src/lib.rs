@@ -8,6 +8,7 @@
 //! - [`shard`]: one core's state — sessions, user and conversation partitions, dedup, routing;
 //! - [`auth`]: names, passwords (argon2id), one-shot tokens;
 //! - [`store`]: the storage boundary and the in-memory (no-data) backend;
+//! - [`sockio`]: batched `sendmsg` writes of queued frames;
 //! - [`workers`]: threads for blocking work (password hashing, store calls);
 //! - [`config`]: the TOML config and every limit;
 //! - [`server`]: start and graceful stop;
@@ -24,5 +25,6 @@ pub mod frame;
 pub mod protocol;
 pub mod server;
 pub mod shard;
+pub mod sockio;
 pub mod store;
 pub mod workers;

@@ -111,10 +111,8 @@ fn hold_servers_until_killed() {
     for s in pg::shared().iter().chain([&private, &paused]) {
         line += &format!(" {}:{}", s.pid().unwrap(), s.dir().display());
     }
-    // Not captured: `println!` would be, without --nocapture.
-    use std::io::Write;
-    writeln!(std::io::stdout(), "{line}").unwrap();
-    std::io::stdout().flush().unwrap();
+    // The child runs with --nocapture, so this reaches the parent's pipe.
+    println!("{line}");
     thread::sleep(Duration::from_secs(120));
 }
 

@@ -22,7 +22,7 @@ use std::{
     time::Duration,
 };
 
-use bytes::{Buf, Bytes};
+use bytes::Bytes;
 use clap::{Parser, ValueEnum};
 use monoio::net::{TcpListener, TcpStream};
 use signal_hook::{
@@ -35,8 +35,6 @@ use tim_shards::{listener::bind_reuseport_group, Driver, DriverKind, RuntimeConf
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-/// Frames written by one `sendmsg` (as in tim).
-const IOV_MAX: usize = 64;
 /// Size of a pooled read buffer, and buffers kept per shard (tim's defaults).
 const READ_BUFFER_BYTES: usize = 64 * 1024;
 const READ_BUFFERS_POOLED_MAX: usize = 64;
@@ -305,7 +303,7 @@ fn echo_frames(buf: &mut AlignedBuf, conn: &Conn, frame_max: usize) -> bool {
 /// wakes.
 async fn write_loop(stream: Rc<TcpStream>, conn: Rc<Conn>) {
     let fd = stream.as_raw_fd();
-    let mut iov: Vec<libc::iovec> = Vec::with_capacity(IOV_MAX);
+    let mut iov: Vec<libc::iovec> = Vec::with_capacity(tim::sockio::IOV_MAX);
     'outer: loop {
         while conn.outq.borrow().is_empty() {
             if conn.closing.get() {
@@ -313,30 +311,11 @@ async fn write_loop(stream: Rc<TcpStream>, conn: Rc<Conn>) {
             }
             conn.writer.wait().await;
         }
-        iov.clear();
-        iov.extend(
-            conn.outq
-                .borrow()
-                .iter()
-                .take(IOV_MAX)
-                .map(|b| libc::iovec { iov_base: b.as_ptr() as *mut _, iov_len: b.len() }),
-        );
         let written = loop {
-            // SAFETY: the iovecs point into Bytes held by `outq`, which only grows at the back
-            // (never drops or moves a Bytes' data) until this returns; msghdr is zeroed except for
-            // the iovec array.
-            let r = unsafe {
-                let mut msg: libc::msghdr = std::mem::zeroed();
-                msg.msg_iov = iov.as_mut_ptr();
-                msg.msg_iovlen = iov.len() as _;
-                libc::sendmsg(fd, &msg, libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL)
-            };
-            if r >= 0 {
-                break r as usize;
-            }
-            match io::Error::last_os_error().kind() {
-                io::ErrorKind::Interrupted => continue,
-                io::ErrorKind::WouldBlock => {
+            let sent = tim::sockio::send_frames(fd, &conn.outq.borrow(), &mut iov);
+            match sent {
+                Ok(n) => break n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     let wait = if conn.closing.get() {
                         Duration::from_millis(CLOSE_FLUSH_MS)
                     } else {
@@ -346,21 +325,10 @@ async fn write_loop(stream: Rc<TcpStream>, conn: Rc<Conn>) {
                         break 'outer;
                     }
                 }
-                _ => break 'outer,
+                Err(_) => break 'outer,
             }
         };
-        let mut left = written;
-        let mut q = conn.outq.borrow_mut();
-        while left > 0 {
-            let front = q.front_mut().expect("wrote no more than was queued");
-            if front.len() <= left {
-                left -= front.len();
-                q.pop_front();
-            } else {
-                front.advance(left);
-                left = 0;
-            }
-        }
+        tim::sockio::consume(&mut conn.outq.borrow_mut(), written);
         let before = conn.out_bytes.get();
         conn.out_bytes.set(before - written);
         if before >= OUT_BYTES_MAX && before - written < OUT_BYTES_MAX {
