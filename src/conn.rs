@@ -662,7 +662,11 @@ impl Reader<'_> {
                 };
                 let flow = self.reply(kind::LOGIN_OK, &ok);
                 if self.shard.shared.store.durable() {
-                    monoio::spawn(catch_up(self.shard.clone(), self.session.clone(), k));
+                    // Taken after the user owner attached this session: every message stamped
+                    // later is fanned out to it live, so catch-up stops here (a message stamped
+                    // in the same millisecond may come both ways; clients drop repeats by seq).
+                    let attached_ms = now_ms();
+                    monoio::spawn(catch_up(self.shard.clone(), self.session.clone(), k, attached_ms));
                 }
                 flow
             }
@@ -784,28 +788,28 @@ fn stored_frame(k: u16, payload: &[u8]) -> Bytes {
     f.freeze()
 }
 
-/// After a login on a durable store: send the device what it has not acknowledged (as `DELIVER`
-/// frames, paced by the writer), then `CATCHUP_END`. Live deliveries may interleave; clients drop
-/// repeats by (conversation, seq).
-async fn catch_up(shard: Rc<Shard>, session: Rc<Session>, login_kind: u16) {
+/// After a login on a durable store: send the device what it has not acknowledged and that was
+/// stamped up to its attach (as `DELIVER` frames, paced by the writer), then `CATCHUP_END`. Live
+/// deliveries (stamped after the attach) may interleave.
+async fn catch_up(shard: Rc<Shard>, session: Rc<Session>, login_kind: u16, until: u64) {
     let l = &shard.cfg().limits;
     let (user, device) = (session.user(), session.device.get());
     let since = now_ms().saturating_sub(l.catchup_window_secs * 1000);
     let limit = l.catchup_messages_max;
     let store = shard.shared.store.clone();
-    let page: Page = match shard.shared.workers.run(move || store.catch_up(user, device, since, limit)).await
-    {
-        Ok(Ok(page)) => page,
-        Ok(Err(e)) => {
-            log::warn!("store: catch-up of user {user}: {e}");
-            session.push(Shard::error_frame(ErrorCode::StoreUnavailable, login_kind, 0));
-            return;
-        }
-        Err(_) => {
-            session.push(Shard::error_frame(ErrorCode::Busy, login_kind, 0));
-            return;
-        }
-    };
+    let page: Page =
+        match shard.shared.workers.run(move || store.catch_up(user, device, since, until, limit)).await {
+            Ok(Ok(page)) => page,
+            Ok(Err(e)) => {
+                log::warn!("store: catch-up of user {user}: {e}");
+                session.push(Shard::error_frame(ErrorCode::StoreUnavailable, login_kind, 0));
+                return;
+            }
+            Err(_) => {
+                session.push(Shard::error_frame(ErrorCode::Busy, login_kind, 0));
+                return;
+            }
+        };
     let count = page.payloads.len() as u32;
     for p in page.payloads {
         if session.closing.get() {

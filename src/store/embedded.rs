@@ -330,19 +330,26 @@ impl Store for EmbeddedStore {
         Ok(page(rows, limit))
     }
 
-    fn catch_up(&self, user: UserId, device: u64, since_ms: u64, limit: u32) -> Result<Page, StoreError> {
+    fn catch_up(
+        &self,
+        user: UserId,
+        device: u64,
+        since_ms: u64,
+        until_ms: u64,
+        limit: u32,
+    ) -> Result<Page, StoreError> {
         let rows = self.with_reader(|c| {
             let mut stmt = c.prepare_cached(
                 "SELECT m.payload FROM messages m
                  LEFT JOIN cursors c
                    ON c.user = ?1 AND c.device = ?2 AND c.conv_a = m.conv_a AND c.conv_b = m.conv_b
-                 WHERE (m.conv_a = ?1 OR m.conv_b = ?1) AND m.ts_ms >= ?3
+                 WHERE (m.conv_a = ?1 OR m.conv_b = ?1) AND m.ts_ms >= ?3 AND m.ts_ms <= ?5
                    AND m.seq > COALESCE(c.seq, 0)
                    AND NOT (m.sender = ?1 AND m.sender_device = ?2)
                  ORDER BY m.ts_ms, m.conv_a, m.conv_b, m.seq LIMIT ?4",
             )?;
-            let rows =
-                stmt.query_map(params![i(user), i(device), i(since_ms), limit as i64 + 1], |r| r.get(0))?;
+            let args = params![i(user), i(device), i(since_ms), limit as i64 + 1, i(until_ms)];
+            let rows = stmt.query_map(args, |r| r.get(0))?;
             rows.collect::<rusqlite::Result<Vec<Vec<u8>>>>()
         })?;
         Ok(page(rows, limit))

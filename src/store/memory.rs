@@ -58,7 +58,14 @@ impl Store for MemoryStore {
         Ok(Page::default())
     }
 
-    fn catch_up(&self, _user: UserId, _device: u64, _since_ms: u64, _limit: u32) -> Result<Page, StoreError> {
+    fn catch_up(
+        &self,
+        _user: UserId,
+        _device: u64,
+        _since: u64,
+        _until: u64,
+        _limit: u32,
+    ) -> Result<Page, StoreError> {
         Ok(Page::default())
     }
 

@@ -121,9 +121,16 @@ pub trait Store: Send + Sync + 'static {
     /// messages with seq > `anchor`, oldest first. At most `limit`.
     fn history(&self, conv: ConvKey, anchor: u64, older: bool, limit: u32) -> Result<Page, StoreError>;
 
-    /// Messages of `user`'s conversations since `since_ms` that `device` has not acknowledged and
-    /// did not send itself, oldest first, at most `limit`.
-    fn catch_up(&self, user: UserId, device: u64, since_ms: u64, limit: u32) -> Result<Page, StoreError>;
+    /// Messages of `user`'s conversations stamped within `since_ms..=until_ms` that `device` has
+    /// not acknowledged and did not send itself, oldest first, at most `limit`.
+    fn catch_up(
+        &self,
+        user: UserId,
+        device: u64,
+        since_ms: u64,
+        until_ms: u64,
+        limit: u32,
+    ) -> Result<Page, StoreError>;
 
     /// Advance delivery cursors (a cursor never goes back).
     fn save_cursors(&self, cursors: &[Cursor]) -> Result<(), StoreError>;

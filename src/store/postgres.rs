@@ -397,7 +397,14 @@ impl Store for PostgresStore {
         Ok(page(rows, limit))
     }
 
-    fn catch_up(&self, user: UserId, device: u64, since_ms: u64, limit: u32) -> Result<Page, StoreError> {
+    fn catch_up(
+        &self,
+        user: UserId,
+        device: u64,
+        since_ms: u64,
+        until_ms: u64,
+        limit: u32,
+    ) -> Result<Page, StoreError> {
         // A user's conversations are spread over every range: ask them all at once, merge by time.
         let ranges = self.ranges.clone();
         let mut rows: Vec<(i64, i64, i64, i64, Vec<u8>)> = self.block_on(async move {
@@ -412,11 +419,11 @@ impl Store for PostgresStore {
                                 "SELECT m.ts_ms, m.conv_a, m.conv_b, m.seq, m.payload FROM messages m
                                  LEFT JOIN cursors c ON c.user_id = $1 AND c.device = $2
                                                     AND c.conv_a = m.conv_a AND c.conv_b = m.conv_b
-                                 WHERE (m.conv_a = $1 OR m.conv_b = $1) AND m.ts_ms >= $3
+                                 WHERE (m.conv_a = $1 OR m.conv_b = $1) AND m.ts_ms >= $3 AND m.ts_ms <= $5
                                    AND m.seq > COALESCE(c.seq, 0)
                                    AND NOT (m.sender = $1 AND m.sender_device = $2)
                                  ORDER BY m.ts_ms, m.conv_a, m.conv_b, m.seq LIMIT $4",
-                                &[&i(user), &i(device), &i(since_ms), &(limit as i64 + 1)],
+                                &[&i(user), &i(device), &i(since_ms), &(limit as i64 + 1), &i(until_ms)],
                             )
                             .await
                             .map_err(pg_err)?;

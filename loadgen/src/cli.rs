@@ -1,0 +1,361 @@
+//! The command line ([`Args`], parsed by clap) and the checked run configuration built from it
+//! ([`Config`]): resolved server addresses, the source address list, users, window or rate.
+
+use std::{
+    net::{IpAddr, Ipv4Addr, SocketAddr, ToSocketAddrs},
+    time::Duration,
+};
+
+use anyhow::{bail, Context};
+use clap::{Parser, ValueEnum};
+
+/// Connections one user can hold with the server's default session policy
+/// (`sessions.per_account_max` = 8; `per_device_type_max` = 2 × 5 device types = 10).
+pub const SESSIONS_PER_USER_DEFAULT: u32 = 8;
+/// Connection indices fit in 20 bits of a client message id.
+pub const CONNECTIONS_MAX: u32 = 1 << 20;
+/// Device types of protocol v1 (0..=4).
+pub const DEVICE_TYPES: u8 = 5;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum ScenarioName {
+    /// Each connection sends 1:1 messages to a peer user; every delivery is checked.
+    OneToOne,
+    /// Logged-in connections held open with pings (server memory per idle connection).
+    Idle,
+    /// Connect, log in, log out, as fast as possible.
+    LoginStorm,
+    /// Send frames to an `echo-limit` server and count the echoes (no login).
+    Echo,
+}
+
+impl ScenarioName {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ScenarioName::OneToOne => "one-to-one",
+            ScenarioName::Idle => "idle",
+            ScenarioName::LoginStorm => "login-storm",
+            ScenarioName::Echo => "echo",
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum PeerChoice {
+    /// User i writes to user (i + 1) % users.
+    Fixed,
+    /// Each message goes to a random other user.
+    Random,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum DriverArg {
+    Auto,
+    IoUring,
+    Epoll,
+}
+
+/// tim-loadgen: a thread-per-core client swarm for tim, with a delivery ledger.
+///
+/// Users are named `{prefix}-{i}`; connection c belongs to user c % users and is that user's
+/// (c / users)-th connection, which logs in with device type (device-type + c / users) % 5. The
+/// server's `sessions.per_account_max` (default 8) and `per_device_type_max` (default 2 per
+/// type) bound the connections one user can hold: with more, the server kicks older sessions.
+#[derive(Parser, Debug, Clone)]
+#[command(name = "tim-loadgen", version)]
+pub struct Args {
+    /// Server address HOST:PORT (repeatable; connections are spread over the addresses).
+    #[arg(long = "addr", value_name = "HOST:PORT", default_value = "127.0.0.1:7100")]
+    pub addrs: Vec<String>,
+    /// What the connections do.
+    #[arg(long, value_enum, default_value = "one-to-one")]
+    pub scenario: ScenarioName,
+    /// Connections (login-storm: concurrent workers).
+    #[arg(long, default_value_t = 100)]
+    pub connections: u32,
+    /// Distinct users (accounts); default: one per connection. At most --connections.
+    #[arg(long)]
+    pub users: Option<u32>,
+    /// Seconds of measured load (after every connection has logged in).
+    #[arg(long, default_value_t = 10.0)]
+    pub duration: f64,
+    /// Message body size in bytes (at least 32: the ledger header).
+    #[arg(long, default_value_t = 64)]
+    pub body_bytes: usize,
+    /// Open loop: messages per second over all connections. With --window too, the window
+    /// caps each connection's unacknowledged messages.
+    #[arg(long, value_name = "MSGS_PER_S")]
+    pub rate: Option<f64>,
+    /// Closed loop: unacknowledged messages kept in flight per connection (default 16).
+    #[arg(long)]
+    pub window: Option<u32>,
+    /// Local addresses to bind outgoing connections to, round-robin: a range
+    /// `127.0.0.2-127.0.0.9` or a comma-separated list.
+    #[arg(long, value_name = "ADDRS")]
+    pub source_addrs: Option<String>,
+    /// Print one line of JSON with the results last on stdout.
+    #[arg(long)]
+    pub json: bool,
+    /// Executor threads (default: one per core).
+    #[arg(long)]
+    pub threads: Option<usize>,
+    /// Password of every user.
+    #[arg(long, default_value = "tim-loadgen-password")]
+    pub password: String,
+    /// User name prefix: users are `{prefix}-{i}`.
+    #[arg(long, default_value = "lg")]
+    pub user_prefix: String,
+    /// Device type of each user's first connection; further ones take the next types.
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u8).range(0..5))]
+    pub device_type: u8,
+    /// Recipient choice for one-to-one.
+    #[arg(long, value_enum, default_value = "fixed")]
+    pub peer: PeerChoice,
+    /// Seconds after the duration during which acks and deliveries are still collected.
+    #[arg(long, default_value_t = 3.0)]
+    pub drain: f64,
+    /// Seconds allowed for connecting and logging in every connection.
+    #[arg(long, default_value_t = 60.0)]
+    pub setup_timeout: f64,
+    /// Connection setups (connect + login) in progress at once, over all threads.
+    #[arg(long, default_value_t = 256)]
+    pub setup_concurrency: u32,
+    /// Milliseconds one TCP connect may take.
+    #[arg(long, default_value_t = 5000)]
+    pub connect_timeout_ms: u64,
+    /// Connect attempts per connection before it counts as failed.
+    #[arg(long, default_value_t = 3)]
+    pub connect_attempts: u32,
+    /// Milliseconds before a send refused with Busy/Internal is resent (same client_msg_id).
+    #[arg(long, default_value_t = 20)]
+    pub retry_ms: u64,
+    /// Resends of one message before it is given up.
+    #[arg(long, default_value_t = 50)]
+    pub retries_max: u32,
+    /// Idle: milliseconds between pings (default: a third of LoginOk.idle_timeout_ms).
+    #[arg(long)]
+    pub ping_ms: Option<u64>,
+    /// Refuse to start when a user would need more connections than this (the server's
+    /// session limits; see above).
+    #[arg(long, default_value_t = SESSIONS_PER_USER_DEFAULT)]
+    pub sessions_per_user_max: u32,
+    /// I/O driver of the executors.
+    #[arg(long, value_enum, default_value = "auto")]
+    pub driver: DriverArg,
+    /// Pin executor threads to cores (off by default: the server usually shares the machine).
+    #[arg(long)]
+    pub pin: bool,
+    /// Do not acknowledge deliveries (by default receivers send a DeliveryAck per conversation
+    /// and read batch, as real clients do).
+    #[arg(long)]
+    pub no_delivery_acks: bool,
+    /// No progress lines on stderr.
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+/// Whether sends are paced (open loop) or bounded by a window (closed loop).
+#[derive(Clone, Copy, Debug)]
+pub enum Load {
+    /// Keep `window` messages in flight per connection.
+    Closed { window: u32 },
+    /// `rate` messages per second over all connections; at most `cap` in flight per connection.
+    Open { rate: f64, cap: u32 },
+}
+
+/// The checked configuration of a run.
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub scenario: ScenarioName,
+    pub addrs: Vec<SocketAddr>,
+    pub sources: Vec<IpAddr>,
+    pub connections: u32,
+    pub users: u32,
+    pub threads: usize,
+    pub duration: Duration,
+    pub drain: Duration,
+    pub setup_timeout: Duration,
+    pub setup_concurrency: u32,
+    pub connect_timeout: Duration,
+    pub connect_attempts: u32,
+    pub body_bytes: usize,
+    pub load: Load,
+    pub peer: PeerChoice,
+    pub password: String,
+    pub user_prefix: String,
+    pub device_type: u8,
+    pub retry: Duration,
+    pub retries_max: u32,
+    pub ping: Option<Duration>,
+    pub driver: DriverArg,
+    pub pin: bool,
+    pub json: bool,
+    pub quiet: bool,
+    pub delivery_acks: bool,
+}
+
+/// In-flight cap per connection in open loop when no --window is given.
+const OPEN_LOOP_CAP_DEFAULT: u32 = 4096;
+
+impl Config {
+    pub fn from_args(a: Args) -> anyhow::Result<Config> {
+        let mut addrs = Vec::new();
+        for s in &a.addrs {
+            let addr = s
+                .to_socket_addrs()
+                .with_context(|| format!("resolving --addr {s}"))?
+                .next()
+                .with_context(|| format!("--addr {s} resolves to nothing"))?;
+            addrs.push(addr);
+        }
+        let sources = match &a.source_addrs {
+            Some(s) => parse_sources(s)?,
+            None => Vec::new(),
+        };
+        if let Some(bad) = sources.iter().find(|ip| addrs.iter().any(|a| a.is_ipv4() != ip.is_ipv4())) {
+            bail!("--source-addrs {bad} is not of the same family as every --addr");
+        }
+        if a.connections == 0 || a.connections > CONNECTIONS_MAX {
+            bail!("--connections must be within 1..={CONNECTIONS_MAX}");
+        }
+        let users = a.users.unwrap_or(a.connections);
+        if users == 0 || users > a.connections {
+            bail!("--users must be within 1..=--connections ({})", a.connections);
+        }
+        let per_user = a.connections.div_ceil(users);
+        let needs_sessions = a.scenario != ScenarioName::Echo;
+        if needs_sessions && per_user > a.sessions_per_user_max {
+            bail!(
+                "{} connections over {users} users is {per_user} sessions per user, over the {} a \
+                 user can hold (the server's sessions.per_account_max / per_device_type_max; raise \
+                 --users, or --sessions-per-user-max if the server allows more)",
+                a.connections,
+                a.sessions_per_user_max
+            );
+        }
+        let ok = |x: f64, zero_ok: bool| x.is_finite() && (x > 0.0 || (zero_ok && x == 0.0));
+        if !ok(a.duration, false) || !ok(a.setup_timeout, false) {
+            bail!("--duration and --setup-timeout must be positive");
+        }
+        if !ok(a.drain, true) {
+            bail!("--drain must not be negative");
+        }
+        if a.body_bytes < crate::ledger::BODY_HEADER_BYTES {
+            bail!("--body-bytes must be at least {} (the ledger header)", crate::ledger::BODY_HEADER_BYTES);
+        }
+        let load = match (a.rate, a.window) {
+            (Some(rate), window) => {
+                if !(rate > 0.0 && rate.is_finite()) {
+                    bail!("--rate must be positive");
+                }
+                Load::Open { rate, cap: window.unwrap_or(OPEN_LOOP_CAP_DEFAULT).max(1) }
+            }
+            (None, Some(0)) => bail!("--window must be at least 1"),
+            (None, window) => Load::Closed { window: window.unwrap_or(16) },
+        };
+        let threads = a.threads.unwrap_or_else(tim_shards::runtime::available_cores).max(1);
+        if a.password.len() < 8 {
+            bail!("--password must have at least 8 bytes (the server's password rule)");
+        }
+        Ok(Config {
+            scenario: a.scenario,
+            addrs,
+            sources,
+            connections: a.connections,
+            users,
+            threads: threads.min(a.connections as usize),
+            duration: Duration::from_secs_f64(a.duration),
+            drain: Duration::from_secs_f64(a.drain),
+            setup_timeout: Duration::from_secs_f64(a.setup_timeout),
+            setup_concurrency: a.setup_concurrency.max(1),
+            connect_timeout: Duration::from_millis(a.connect_timeout_ms.max(1)),
+            connect_attempts: a.connect_attempts.max(1),
+            body_bytes: a.body_bytes,
+            load,
+            peer: a.peer,
+            password: a.password,
+            user_prefix: a.user_prefix,
+            device_type: a.device_type,
+            retry: Duration::from_millis(a.retry_ms),
+            retries_max: a.retries_max,
+            ping: a.ping_ms.map(|ms| Duration::from_millis(ms.max(1))),
+            driver: a.driver,
+            pin: a.pin,
+            json: a.json,
+            quiet: a.quiet,
+            delivery_acks: !a.no_delivery_acks,
+        })
+    }
+
+    /// The user connection `conn` belongs to.
+    #[inline]
+    pub fn user_of(&self, conn: u32) -> u32 {
+        conn % self.users
+    }
+
+    /// Which of its user's connections `conn` is (0 = the first, which registers the user).
+    #[inline]
+    pub fn rank_of(&self, conn: u32) -> u32 {
+        conn / self.users
+    }
+
+    pub fn user_name(&self, user: u32) -> String {
+        format!("{}-{user}", self.user_prefix)
+    }
+
+    /// Device type of connection `conn`: consecutive connections of a user take consecutive types.
+    pub fn device_type_of(&self, conn: u32) -> u8 {
+        ((self.device_type as u32 + self.rank_of(conn)) % DEVICE_TYPES as u32) as u8
+    }
+
+    /// Server address for connection `conn` (attempt `n`, for workers that reconnect).
+    pub fn addr_for(&self, conn: u32, n: u64) -> SocketAddr {
+        self.addrs[((conn as u64 + n * self.connections as u64) % self.addrs.len() as u64) as usize]
+    }
+
+    /// Local address to bind for connection `conn` (attempt `n`), if any were given.
+    pub fn source_for(&self, conn: u32, n: u64) -> Option<IpAddr> {
+        if self.sources.is_empty() {
+            return None;
+        }
+        Some(self.sources[((conn as u64 + n * self.connections as u64) % self.sources.len() as u64) as usize])
+    }
+}
+
+/// `127.0.0.2-127.0.0.9` (IPv4 range, inclusive) or `a,b,c` (any addresses).
+pub fn parse_sources(s: &str) -> anyhow::Result<Vec<IpAddr>> {
+    let mut out = Vec::new();
+    for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        if let Some((lo, hi)) = part.split_once('-') {
+            let lo: Ipv4Addr = lo.trim().parse().with_context(|| format!("bad address {lo:?}"))?;
+            let hi: Ipv4Addr = hi.trim().parse().with_context(|| format!("bad address {hi:?}"))?;
+            let (lo, hi) = (u32::from(lo), u32::from(hi));
+            if hi < lo || hi - lo >= 1 << 16 {
+                bail!("bad source address range {part:?}");
+            }
+            out.extend((lo..=hi).map(|v| IpAddr::V4(Ipv4Addr::from(v))));
+        } else {
+            out.push(part.parse().with_context(|| format!("bad address {part:?}"))?);
+        }
+    }
+    if out.is_empty() {
+        bail!("--source-addrs names no address");
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Ranges are inclusive and lists may mix in single addresses.
+    #[test]
+    fn sources() {
+        let v = parse_sources("127.0.0.2-127.0.0.4").unwrap();
+        assert_eq!(v.len(), 3);
+        assert_eq!(v[2], "127.0.0.4".parse::<IpAddr>().unwrap());
+        assert_eq!(parse_sources("127.0.0.2, 127.0.0.7").unwrap().len(), 2);
+        assert!(parse_sources("127.0.0.9-127.0.0.2").is_err());
+        assert!(parse_sources("").is_err());
+    }
+}

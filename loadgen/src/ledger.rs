@@ -1,0 +1,375 @@
+//! The delivery ledger: what each connection sent, got acknowledged and received, kept in
+//! per-connection tables on the connection's own thread (no lock or shared write per message),
+//! and merged once at the end.
+//!
+//! Every message body starts with a [`BodyHeader`] (sender connection, per-connection counter,
+//! send time), so a receiver knows exactly which message it got. A sender keeps a bitmap of its
+//! acknowledged counters ([`SendLog`]); a receiver keeps, per sender connection, a bitmap of the
+//! counters it received ([`RecvLog`]), and counts duplicates and order violations as they
+//! arrive. [`merge`] then asks the scenario which connections each acknowledged message was
+//! meant for and checks every one of them got it: missing → lost; received by a connection it
+//! was not meant for → misrouted.
+
+use std::collections::VecDeque;
+
+use rustc_hash::FxHashMap;
+use tim::protocol::Stamp;
+
+/// Bytes of [`BodyHeader`] at the start of every body.
+pub const BODY_HEADER_BYTES: usize = 32;
+const MAGIC: u32 = u32::from_le_bytes(*b"TLG1");
+/// Body flag: this copy was resent after a refusal (exempt from the send-order check).
+pub const FLAG_RESENT: u32 = 1;
+
+/// What a body carries for the ledger, little-endian at its start.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BodyHeader {
+    pub run_id: u32,
+    pub conn: u32,
+    pub flags: u32,
+    pub counter: u64,
+    /// Microseconds since the run's base instant when the message was (meant to be) sent.
+    pub sent_us: u64,
+}
+
+impl BodyHeader {
+    /// Write the header at the start of `body` (which is at least [`BODY_HEADER_BYTES`] long).
+    pub fn write(&self, body: &mut [u8]) {
+        body[0..4].copy_from_slice(&MAGIC.to_le_bytes());
+        body[4..8].copy_from_slice(&self.run_id.to_le_bytes());
+        body[8..12].copy_from_slice(&self.conn.to_le_bytes());
+        body[12..16].copy_from_slice(&self.flags.to_le_bytes());
+        body[16..24].copy_from_slice(&self.counter.to_le_bytes());
+        body[24..32].copy_from_slice(&self.sent_us.to_le_bytes());
+    }
+
+    /// The header of `body`, if it has one.
+    pub fn read(body: &[u8]) -> Option<BodyHeader> {
+        if body.len() < BODY_HEADER_BYTES {
+            return None;
+        }
+        let u32_at = |i: usize| u32::from_le_bytes(body[i..i + 4].try_into().expect("4 bytes"));
+        let u64_at = |i: usize| u64::from_le_bytes(body[i..i + 8].try_into().expect("8 bytes"));
+        if u32_at(0) != MAGIC {
+            return None;
+        }
+        Some(BodyHeader {
+            run_id: u32_at(4),
+            conn: u32_at(8),
+            flags: u32_at(12),
+            counter: u64_at(16),
+            sent_us: u64_at(24),
+        })
+    }
+}
+
+/// Client message ids: 16 bits of run id, 20 bits of connection, 28 bits of counter. Unique per
+/// sending account across its devices (connections differ) and, with high probability, across
+/// runs against the same server within its dedup window.
+pub const COUNTER_BITS: u32 = 28;
+pub const COUNTER_MAX: u64 = (1 << COUNTER_BITS) - 1;
+
+pub fn client_msg_id(run_id: u32, conn: u32, counter: u64) -> u64 {
+    ((run_id as u64 & 0xffff) << 48) | ((conn as u64) << COUNTER_BITS) | (counter & COUNTER_MAX)
+}
+
+/// The connection and counter a client message id of this run names, if it is one of ours.
+pub fn split_client_msg_id(run_id: u32, id: u64) -> Option<(u32, u64)> {
+    if id >> 48 != run_id as u64 & 0xffff {
+        return None;
+    }
+    Some((((id >> COUNTER_BITS) & 0xfffff) as u32, id & COUNTER_MAX))
+}
+
+/// A growable bitmap over message counters.
+#[derive(Clone, Debug, Default)]
+pub struct Bits {
+    words: Vec<u64>,
+    ones: u64,
+}
+
+impl Bits {
+    /// Set bit `n`; true if it was already set.
+    #[inline]
+    pub fn set(&mut self, n: u64) -> bool {
+        let (w, b) = ((n / 64) as usize, n % 64);
+        if w >= self.words.len() {
+            self.words.resize((w + 1).max(self.words.len() * 2), 0);
+        }
+        let was = self.words[w] & (1 << b) != 0;
+        self.words[w] |= 1 << b;
+        self.ones += u64::from(!was);
+        was
+    }
+
+    #[inline]
+    pub fn get(&self, n: u64) -> bool {
+        self.words.get((n / 64) as usize).is_some_and(|w| w & (1 << (n % 64)) != 0)
+    }
+
+    pub fn count(&self) -> u64 {
+        self.ones
+    }
+
+    /// The set bits, ascending.
+    pub fn iter(&self) -> impl Iterator<Item = u64> + '_ {
+        self.words.iter().enumerate().flat_map(|(i, &w)| {
+            let mut w = w;
+            std::iter::from_fn(move || {
+                if w == 0 {
+                    return None;
+                }
+                let b = w.trailing_zeros() as u64;
+                w &= w - 1;
+                Some(i as u64 * 64 + b)
+            })
+        })
+    }
+
+    /// (bits set in both, bits set here but not in `other`).
+    pub fn overlap(&self, other: &Bits) -> (u64, u64) {
+        let (mut both, mut only) = (0, 0);
+        for (i, &w) in self.words.iter().enumerate() {
+            let o = other.words.get(i).copied().unwrap_or(0);
+            both += (w & o).count_ones() as u64;
+            only += (w & !o).count_ones() as u64;
+        }
+        (both, only)
+    }
+}
+
+/// A message sent and not yet answered.
+#[derive(Clone, Copy, Debug)]
+pub struct Inflight {
+    pub sent_us: u64,
+    pub to: u64,
+    pub resends: u32,
+}
+
+/// A sending connection's side of the ledger.
+#[derive(Default)]
+pub struct SendLog {
+    /// Counter of the next new message.
+    pub next: u64,
+    pub inflight: FxHashMap<u64, Inflight>,
+    /// Refused messages waiting to be resent: (due, µs since base; counter).
+    pub resend: VecDeque<(u64, u64)>,
+    pub acked: Bits,
+    /// Messages given up after too many refusals, or refused for good.
+    pub abandoned: u64,
+}
+
+/// How a received message fits the ledger.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Received {
+    pub duplicate: bool,
+    pub out_of_order: bool,
+}
+
+/// A receiving connection's side of the ledger.
+#[derive(Default)]
+pub struct RecvLog {
+    /// Per sender connection: the counters received.
+    pub from: FxHashMap<u32, Bits>,
+    /// Per (sender connection, recipient user): the highest counter received un-resent.
+    order: FxHashMap<(u32, u64), u64>,
+    /// Per conversation (its two user ids, smaller first): the highest seq received.
+    seq: FxHashMap<(u64, u64), u64>,
+}
+
+impl RecvLog {
+    /// Record message `counter` of connection `sender`. `stamp` is the server's (absent for
+    /// echoes): within a conversation its seq must rise. Un-resent messages of one sender to one
+    /// recipient must arrive in counter order.
+    pub fn record(&mut self, sender: u32, counter: u64, flags: u32, stamp: Option<&Stamp>) -> Received {
+        if self.from.entry(sender).or_default().set(counter) {
+            return Received { duplicate: true, out_of_order: false };
+        }
+        let mut out_of_order = false;
+        let to = stamp.map_or(0, |s| s.to);
+        if flags & FLAG_RESENT == 0 {
+            let max = self.order.entry((sender, to)).or_insert(counter);
+            if counter < *max {
+                out_of_order = true;
+            }
+            *max = (*max).max(counter);
+        }
+        if let Some(s) = stamp {
+            let key = if s.from <= s.to { (s.from, s.to) } else { (s.to, s.from) };
+            let last = self.seq.entry(key).or_insert(0);
+            if s.seq <= *last {
+                out_of_order = true;
+            }
+            *last = (*last).max(s.seq);
+        }
+        Received { duplicate: false, out_of_order }
+    }
+}
+
+/// What one connection leaves for the merge.
+pub struct ConnLedger {
+    pub conn: u32,
+    pub acked: Bits,
+    pub received: FxHashMap<u32, Bits>,
+    /// Sent and never answered by the end.
+    pub unanswered: u64,
+    pub abandoned: u64,
+}
+
+impl ConnLedger {
+    pub fn new(conn: u32, send: SendLog, recv: RecvLog) -> ConnLedger {
+        ConnLedger {
+            conn,
+            acked: send.acked,
+            received: recv.from,
+            unanswered: send.inflight.len() as u64,
+            abandoned: send.abandoned,
+        }
+    }
+}
+
+/// The verdict of the merge.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Verdict {
+    /// Acknowledged messages.
+    pub acked: u64,
+    /// Deliveries the acknowledged messages owed (message × session it was meant for).
+    pub expected: u64,
+    /// Of those, received.
+    pub delivered: u64,
+    /// Of those, never received.
+    pub lost: u64,
+    /// Received by a connection the message was not meant for.
+    pub misrouted: u64,
+    /// Received although the sender never saw the ack (answer still on the way at the end).
+    pub delivered_unacked: u64,
+    pub unanswered: u64,
+    pub abandoned: u64,
+}
+
+/// Check every acknowledged message against its receivers. `receivers(sender, counter, out)`
+/// pushes the connections that message was meant for.
+pub fn merge(
+    ledgers: &[ConnLedger],
+    connections: u32,
+    mut receivers: impl FnMut(u32, u64, &mut Vec<u32>),
+) -> Verdict {
+    let mut by_conn: Vec<Option<&ConnLedger>> = vec![None; connections as usize];
+    for l in ledgers {
+        by_conn[l.conn as usize] = Some(l);
+    }
+    let mut v = Verdict::default();
+    let mut rv = Vec::new();
+    for l in ledgers {
+        v.acked += l.acked.count();
+        v.unanswered += l.unanswered;
+        v.abandoned += l.abandoned;
+        for n in l.acked.iter() {
+            rv.clear();
+            receivers(l.conn, n, &mut rv);
+            for &r in &rv {
+                v.expected += 1;
+                let got = by_conn
+                    .get(r as usize)
+                    .copied()
+                    .flatten()
+                    .and_then(|rl| rl.received.get(&l.conn))
+                    .is_some_and(|b| b.get(n));
+                if got {
+                    v.delivered += 1;
+                } else {
+                    v.lost += 1;
+                }
+            }
+        }
+    }
+    let empty = Bits::default();
+    let mut received_acked = 0;
+    for l in ledgers {
+        for (&s, bits) in &l.received {
+            let acked = by_conn.get(s as usize).copied().flatten().map_or(&empty, |sl| &sl.acked);
+            let (both, only) = bits.overlap(acked);
+            received_acked += both;
+            v.delivered_unacked += only;
+        }
+    }
+    v.misrouted = received_acked.saturating_sub(v.delivered);
+    v
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn body_header_round_trip() {
+        let h = BodyHeader { run_id: 7, conn: 3, flags: FLAG_RESENT, counter: 1 << 40, sent_us: 99 };
+        let mut body = vec![0u8; 64];
+        h.write(&mut body);
+        assert_eq!(BodyHeader::read(&body), Some(h));
+        assert_eq!(BodyHeader::read(&body[..31]), None);
+        body[0] ^= 1;
+        assert_eq!(BodyHeader::read(&body), None);
+    }
+
+    #[test]
+    fn msg_ids() {
+        let id = client_msg_id(0x1_2345, 0xfffff, COUNTER_MAX);
+        assert_eq!(split_client_msg_id(0x1_2345, id), Some((0xfffff, COUNTER_MAX)));
+        assert_eq!(split_client_msg_id(0x1_2346, id), None);
+    }
+
+    #[test]
+    fn bits() {
+        let mut b = Bits::default();
+        assert!(!b.set(3));
+        assert!(b.set(3));
+        assert!(!b.set(200));
+        assert_eq!(b.iter().collect::<Vec<_>>(), vec![3, 200]);
+        assert_eq!(b.count(), 2);
+        let mut o = Bits::default();
+        o.set(3);
+        assert_eq!(b.overlap(&o), (1, 1));
+    }
+
+    /// Duplicates, counter regressions and seq regressions are noticed; resent copies are exempt
+    /// from the counter-order check only.
+    #[test]
+    fn recv_checks() {
+        let mut r = RecvLog::default();
+        let st = |seq| Stamp { msg_id: seq, seq, ts_ms: 0, from: 1, to: 2, conv: 1 };
+        assert_eq!(r.record(0, 1, 0, Some(&st(1))), Received { duplicate: false, out_of_order: false });
+        assert!(r.record(0, 1, 0, Some(&st(1))).duplicate);
+        assert!(!r.record(0, 0, FLAG_RESENT, Some(&st(2))).out_of_order);
+        assert!(r.record(0, 3, 0, Some(&st(2))).out_of_order);
+        assert!(r.record(0, 2, 0, Some(&st(4))).out_of_order);
+    }
+
+    /// Two connections of user 0 (conns 0, 2) and one of user 1 (conn 1); conn 0 writes to
+    /// user 1, so each message is owed to conns 1 and 2.
+    #[test]
+    fn merge_counts() {
+        let mut send0 = SendLog::default();
+        for n in 0..4 {
+            send0.acked.set(n);
+        }
+        let mut r1 = RecvLog::default();
+        let mut r2 = RecvLog::default();
+        for n in 0..4 {
+            r1.record(0, n, 0, None);
+        }
+        for n in [0, 1, 2, 4] {
+            r2.record(0, n, 0, None);
+        }
+        let ledgers = vec![
+            ConnLedger::new(0, send0, RecvLog::default()),
+            ConnLedger::new(1, SendLog::default(), r1),
+            ConnLedger::new(2, SendLog::default(), r2),
+        ];
+        let v = merge(&ledgers, 3, |_, _, out| out.extend([1, 2]));
+        assert_eq!((v.acked, v.expected, v.delivered, v.lost), (4, 8, 7, 1));
+        assert_eq!((v.misrouted, v.delivered_unacked), (0, 1));
+        let v = merge(&ledgers, 3, |_, _, out| out.push(1));
+        assert_eq!((v.expected, v.delivered, v.lost, v.misrouted), (4, 4, 0, 3));
+    }
+}

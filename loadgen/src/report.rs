@@ -1,0 +1,225 @@
+//! The end of a run: merge the ledgers, print a readable summary on stdout and, with `--json`,
+//! one line of JSON last; decide the exit status.
+
+use hdrhistogram::Histogram;
+use serde_json::{json, Map, Value};
+
+use crate::{
+    cli::Load,
+    coordinator::Outcome,
+    global::Global,
+    ledger,
+    scenario::Scenario,
+    stats::{fmt_us, C, H},
+};
+
+/// Print the results; true if the run passed (no acknowledged message lost or duplicated,
+/// nothing out of order or misrouted, and something was done at all).
+pub fn finish(g: &Global, o: &Outcome) -> bool {
+    let cfg = &g.cfg;
+    let r = g.results.lock().expect("results lock");
+    let c = |x: C| r.counters[x as usize];
+    let secs = o.run_time.as_secs_f64().max(1e-9);
+    let verdict = match (&g.scenario, g.live.get()) {
+        (Scenario::Messaging(plan), Some(live)) => {
+            Some(ledger::merge(&r.ledgers, cfg.connections, |s, n, out| plan.receivers(live, s, n, out)))
+        }
+        _ => None,
+    };
+    let v = verdict.unwrap_or_default();
+    let (duplicated, out_of_order) = (c(C::Duplicated), c(C::OutOfOrder));
+    let errors = c(C::Errors);
+    let mut problems = Vec::new();
+    if v.lost > 0 {
+        problems.push(format!("{} deliveries lost", v.lost));
+    }
+    if duplicated > 0 {
+        let in_catch_up = c(C::DupInCatchUp);
+        if in_catch_up > 0 {
+            problems.push(format!(
+                "{duplicated} duplicate deliveries ({in_catch_up} before the session's CatchUpEnd)"
+            ));
+        } else {
+            problems.push(format!("{duplicated} duplicate deliveries"));
+        }
+    }
+    if out_of_order > 0 {
+        problems.push(format!("{out_of_order} deliveries out of order"));
+    }
+    if v.misrouted > 0 {
+        problems.push(format!("{} deliveries to a session they were not meant for", v.misrouted));
+    }
+    if r.stuck > 0 {
+        problems.push(format!("{} connections did not end (their ledger is missing)", r.stuck));
+    }
+    if matches!(g.scenario, Scenario::Idle) && o.connected_at_end < o.ready as u64 {
+        problems.push(format!(
+            "{} of {} connections dropped during the run",
+            o.ready as u64 - o.connected_at_end,
+            o.ready
+        ));
+    }
+    let did_nothing = match g.scenario {
+        Scenario::Messaging(_) => v.acked == 0,
+        Scenario::Idle => o.connected_at_end == 0,
+        Scenario::LoginStorm => c(C::Logins) == 0,
+    };
+    if did_nothing {
+        problems.push("nothing was done (no connection ready, or nothing answered)".into());
+    }
+
+    // ---- readable summary ----
+    let load = match cfg.load {
+        Load::Closed { window } => format!("window {window}"),
+        Load::Open { rate, cap } => format!("rate {rate}/s (in flight ≤ {cap} per connection)"),
+    };
+    println!(
+        "tim-loadgen {}: {} connections, {} users, {} threads; {}; body {} B; {:.1} s",
+        cfg.scenario.as_str(),
+        cfg.connections,
+        cfg.users,
+        cfg.threads,
+        load,
+        cfg.body_bytes,
+        secs
+    );
+    println!(
+        "  setup: {}/{} ready in {:.2} s ({} failed)",
+        o.ready,
+        cfg.connections,
+        o.setup_time.as_secs_f64(),
+        o.setup_failed
+    );
+    let hist = |x: H| &r.hists[x as usize];
+    match g.scenario {
+        Scenario::Messaging(_) => {
+            println!(
+                "  sent {}  acked {}  delivered {} of {} owed  ({:.0} acked/s, {:.0} delivered/s)",
+                c(C::Sent),
+                v.acked,
+                v.delivered,
+                v.expected,
+                v.acked as f64 / secs,
+                v.delivered as f64 / secs
+            );
+            println!(
+                "  lost {}  duplicated {duplicated}  out of order {out_of_order}  misrouted {}  \
+                 unanswered {}  given up {}  resent {}  delivered before ack {}  replayed from earlier runs {}",
+                v.lost,
+                v.misrouted,
+                v.unanswered,
+                v.abandoned,
+                c(C::Resent),
+                v.delivered_unacked,
+                c(C::Foreign)
+            );
+            if !o.drained {
+                println!("  drain timed out after {:.2} s", o.drain_time.as_secs_f64());
+            }
+            println!("  {}", latency_line("send→ack    ", hist(H::Ack)));
+            println!("  {}", latency_line("send→deliver", hist(H::Deliver)));
+        }
+        Scenario::Idle => {
+            println!(
+                "  connected at the end {}/{}  pings {}  pongs {}",
+                o.connected_at_end,
+                cfg.connections,
+                c(C::Sent),
+                c(C::Acked)
+            );
+            println!("  {}", latency_line("ping→pong", hist(H::Ack)));
+        }
+        Scenario::LoginStorm => {
+            println!("  logins {}  ({:.0}/s)", c(C::Logins), c(C::Logins) as f64 / secs);
+            println!("  {}", latency_line("login→ok", hist(H::Login)));
+        }
+    }
+    println!("  errors {errors}");
+    for (k, n) in &r.errors {
+        println!("    {k}: {n}");
+    }
+    if problems.is_empty() {
+        println!("  result: OK");
+    } else {
+        println!("  result: FAILED: {}", problems.join("; "));
+    }
+
+    // ---- JSON ----
+    if cfg.json {
+        let mut m = Map::new();
+        m.insert("scenario".into(), json!(cfg.scenario.as_str()));
+        m.insert("ok".into(), json!(problems.is_empty()));
+        m.insert("connections".into(), json!(cfg.connections));
+        m.insert("ready".into(), json!(o.ready));
+        m.insert("setup_failed".into(), json!(o.setup_failed));
+        m.insert("connected".into(), json!(o.connected_at_end));
+        m.insert("users".into(), json!(cfg.users));
+        m.insert("threads".into(), json!(cfg.threads));
+        m.insert("body_bytes".into(), json!(cfg.body_bytes));
+        match cfg.load {
+            Load::Closed { window } => m.insert("window".into(), json!(window)),
+            Load::Open { rate, .. } => m.insert("rate".into(), json!(rate)),
+        };
+        m.insert("duration_s".into(), json!(round3(secs)));
+        m.insert("setup_s".into(), json!(round3(o.setup_time.as_secs_f64())));
+        m.insert("drain_s".into(), json!(round3(o.drain_time.as_secs_f64())));
+        m.insert("drained".into(), json!(o.drained));
+        m.insert("sent".into(), json!(c(C::Sent)));
+        let acked = if verdict.is_some() { v.acked } else { c(C::Acked) };
+        m.insert("acked".into(), json!(acked));
+        m.insert("delivered".into(), json!(v.delivered));
+        m.insert("expected_deliveries".into(), json!(v.expected));
+        m.insert("lost".into(), json!(v.lost));
+        m.insert("duplicated".into(), json!(duplicated));
+        m.insert("duplicated_before_catch_up_end".into(), json!(c(C::DupInCatchUp)));
+        m.insert("out_of_order".into(), json!(out_of_order));
+        m.insert("misrouted".into(), json!(v.misrouted));
+        m.insert("unanswered".into(), json!(v.unanswered));
+        m.insert("given_up".into(), json!(v.abandoned));
+        m.insert("resent".into(), json!(c(C::Resent)));
+        m.insert("delivered_before_ack".into(), json!(v.delivered_unacked));
+        m.insert("foreign".into(), json!(c(C::Foreign)));
+        m.insert("errors".into(), json!(errors));
+        m.insert("errors_by_kind".into(), json!(r.errors));
+        m.insert("msgs_per_s".into(), json!(round3(v.delivered as f64 / secs)));
+        m.insert("acked_per_s".into(), json!(round3(v.acked as f64 / secs)));
+        m.insert("logins".into(), json!(c(C::Logins)));
+        m.insert("logins_per_s".into(), json!(round3(c(C::Logins) as f64 / secs)));
+        for (name, h) in [("ack", hist(H::Ack)), ("deliver", hist(H::Deliver)), ("login", hist(H::Login))] {
+            for (q, label) in [(0.5, "p50"), (0.9, "p90"), (0.99, "p99"), (0.999, "p999")] {
+                m.insert(format!("{name}_{label}_us"), json!(quantile(h, q)));
+            }
+            m.insert(format!("{name}_max_us"), json!(h.max()));
+        }
+        m.insert("stuck_connections".into(), json!(r.stuck));
+        println!("{}", Value::Object(m));
+    }
+    problems.is_empty()
+}
+
+fn quantile(h: &Histogram<u64>, q: f64) -> u64 {
+    if h.is_empty() {
+        0
+    } else {
+        h.value_at_quantile(q)
+    }
+}
+
+fn round3(x: f64) -> f64 {
+    (x * 1000.0).round() / 1000.0
+}
+
+fn latency_line(label: &str, h: &Histogram<u64>) -> String {
+    if h.is_empty() {
+        return format!("{label}  (none)");
+    }
+    format!(
+        "{label}  p50 {}  p90 {}  p99 {}  p999 {}  max {}  (n = {})",
+        fmt_us(h.value_at_quantile(0.5)),
+        fmt_us(h.value_at_quantile(0.9)),
+        fmt_us(h.value_at_quantile(0.99)),
+        fmt_us(h.value_at_quantile(0.999)),
+        fmt_us(h.max()),
+        h.len()
+    )
+}

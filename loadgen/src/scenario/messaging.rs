@@ -1,0 +1,485 @@
+//! The message engine shared by one-to-one, echo (and later group and room): per connection a
+//! writer task that issues sends (closed loop: keep `window` unacknowledged; open loop: paced to
+//! the connection's share of `--rate`) and resends refused ones, and the connection's own task
+//! that reads acks, refusals and deliveries and keeps the connection's side of the ledger.
+//!
+//! A scenario supplies a [`Plan`]: the recipient of each message, the connections it is owed
+//! to, and how to read incoming frames ([`Incoming`]).
+
+use std::{
+    cell::{Cell, RefCell},
+    rc::Rc,
+    sync::Arc,
+    time::Duration,
+};
+
+use rustc_hash::FxHashMap;
+use tim::{
+    client::{decode_event, Event},
+    frame,
+    protocol::{self, conv, kind, ErrorCode, Stamp},
+};
+
+use super::{join_run, Joined};
+use crate::{
+    cli::Load,
+    global::{mix, LiveSet, Phase},
+    ledger::{self, BodyHeader, ConnLedger, Inflight, RecvLog, SendLog, BODY_HEADER_BYTES, FLAG_RESENT},
+    net::{FrameReader, Io},
+    session::retryable,
+    stats::{C, H},
+    worker::{Notify, Worker},
+};
+
+/// An incoming frame as the engine sees it.
+pub enum Incoming<'a> {
+    /// The server accepted one of our messages.
+    Ack {
+        client_msg_id: u64,
+        duplicate: bool,
+    },
+    /// A message delivered to this connection.
+    Deliver {
+        stamp: Option<Stamp>,
+        body: &'a [u8],
+    },
+    /// Our own frame came back (echo server): acknowledged and delivered in one.
+    Echo {
+        client_msg_id: u64,
+        body: &'a [u8],
+    },
+    /// The server refused one of our messages.
+    Refused {
+        client_msg_id: u64,
+        code: u16,
+    },
+    /// Any other `Error` frame.
+    Error {
+        code: u16,
+        request_kind: u16,
+    },
+    Kick {
+        reason: u16,
+    },
+    /// A durable server finished replaying stored messages after login.
+    CatchUpEnd,
+    /// Frames the engine ignores (Pong, …).
+    Ignore,
+    /// A kind the scenario does not expect, or a payload that fails validation.
+    Unexpected(u16),
+}
+
+/// What a message scenario decides.
+pub trait Plan: Send + Sync + 'static {
+    /// Whether connections log in before sending (false for an echo server).
+    fn logs_in(&self) -> bool {
+        true
+    }
+
+    /// The recipient (`Send.to`) of message `counter` of connection `conn`; `None` when the
+    /// connection has nobody to write to.
+    fn to(&self, live: &LiveSet, conn: u32, counter: u64) -> Option<u64>;
+
+    /// Push the connections message `counter` of `conn` is owed to, once acknowledged.
+    fn receivers(&self, live: &LiveSet, conn: u32, counter: u64, out: &mut Vec<u32>);
+
+    /// How many connections that message is owed to.
+    fn fanout(&self, live: &LiveSet, conn: u32, counter: u64) -> u64 {
+        let mut v = Vec::new();
+        self.receivers(live, conn, counter, &mut v);
+        v.len() as u64
+    }
+
+    /// Whether receivers acknowledge deliveries (`DeliveryAck`, per conversation, once per read
+    /// batch), as real clients do so that a durable server does not replay them at next login.
+    fn delivery_acks(&self) -> bool {
+        true
+    }
+
+    /// Read an incoming frame.
+    fn classify<'a>(&self, k: u16, payload: &'a [u8]) -> Incoming<'a> {
+        classify_im(k, payload)
+    }
+}
+
+/// How a tim server's frames read: deliveries in place (stamp + the sender's `Send` archive),
+/// everything else through `tim::client::decode_event`.
+pub fn classify_im(k: u16, payload: &[u8]) -> Incoming<'_> {
+    if k == kind::DELIVER {
+        let Some(stamp) = Stamp::read(payload) else {
+            return Incoming::Unexpected(k);
+        };
+        return match frame::access::<protocol::ArchivedSend>(&payload[Stamp::BYTES..]) {
+            Ok(send) => Incoming::Deliver { stamp: Some(stamp), body: send.body.as_slice() },
+            Err(_) => Incoming::Unexpected(k),
+        };
+    }
+    match decode_event(k, payload) {
+        Ok(Event::SendAck(a)) => Incoming::Ack { client_msg_id: a.client_msg_id, duplicate: a.duplicate },
+        Ok(Event::Error(e)) if e.request_kind == kind::SEND && e.client_msg_id != 0 => {
+            Incoming::Refused { client_msg_id: e.client_msg_id, code: e.code }
+        }
+        Ok(Event::Error(e)) => Incoming::Error { code: e.code, request_kind: e.request_kind },
+        Ok(Event::Kick(k)) => Incoming::Kick { reason: k.reason },
+        Ok(Event::CatchUpEnd(_)) => Incoming::CatchUpEnd,
+        Ok(_) => Incoming::Ignore,
+        Err(_) => Incoming::Unexpected(k),
+    }
+}
+
+/// One connection of a message scenario.
+struct Conn {
+    w: Rc<Worker>,
+    plan: Arc<dyn Plan>,
+    idx: u32,
+    io: Io,
+    wake: Rc<Notify>,
+    send: RefCell<SendLog>,
+    recv: RefCell<RecvLog>,
+    /// Reused for every send (its body buffer keeps its allocation).
+    msg: RefCell<protocol::Send>,
+    dead: Cell<bool>,
+    no_recipient: Cell<bool>,
+    /// This connection's user id (0 without login).
+    user_id: u64,
+    /// Highest seq received per conversation peer, not yet acknowledged to the server.
+    pending_acks: RefCell<FxHashMap<u64, u64>>,
+    send_delivery_acks: bool,
+    /// Duplicates received before this connection's CatchUpEnd (if one comes).
+    dup_before_catch_up: Cell<u64>,
+    caught_up: Cell<bool>,
+    /// When the frames being handled were read (µs since base; one clock read per batch).
+    rx_now: Cell<u64>,
+}
+
+pub async fn run(w: &Rc<Worker>, idx: u32, plan: Arc<dyn Plan>) {
+    let Some(Joined { io, mut rd, login }) = join_run(w, idx, plan.logs_in()).await else {
+        return;
+    };
+    if let (Some(ok), Load::Closed { window }) = (&login, w.g.cfg.load) {
+        if idx == 0 && window > ok.inflight_max {
+            eprintln!(
+                "tim-loadgen: warning: --window {window} is over the server's in-flight limit {} \
+                 (it stops reading a session at that count)",
+                ok.inflight_max
+            );
+        }
+    }
+    let send_delivery_acks = plan.delivery_acks() && w.g.cfg.delivery_acks;
+    let body_bytes = w.g.cfg.body_bytes;
+    let c = Rc::new(Conn {
+        w: w.clone(),
+        plan,
+        idx,
+        io,
+        wake: Rc::new(Notify::default()),
+        send: RefCell::new(SendLog::default()),
+        recv: RefCell::new(RecvLog::default()),
+        msg: RefCell::new(protocol::Send {
+            conv: conv::DIRECT,
+            to: 0,
+            client_msg_id: 0,
+            body: vec![b'.'; body_bytes],
+        }),
+        dead: Cell::new(false),
+        no_recipient: Cell::new(false),
+        user_id: login.map_or(0, |l| l.user_id),
+        pending_acks: RefCell::new(FxHashMap::default()),
+        send_delivery_acks,
+        dup_before_catch_up: Cell::new(0),
+        caught_up: Cell::new(false),
+        rx_now: Cell::new(0),
+    });
+    w.watch_phase(&c.wake);
+    w.stats.add(C::Connected, 1);
+    let writer = monoio::spawn(writer(c.clone()));
+    read_loop(&c, &mut rd).await;
+    if w.phase() < Phase::Stop {
+        w.stats.error("disconnected during the run");
+    }
+    c.dead.set(true);
+    c.wake.notify();
+    writer.await;
+    rd.release(w);
+    w.stats.sub(C::Connected, 1);
+    let send = std::mem::take(&mut *c.send.borrow_mut());
+    w.stats.sub(C::Inflight, send.inflight.len() as u64);
+    let recv = std::mem::take(&mut *c.recv.borrow_mut());
+    w.leave_ledger(ConnLedger::new(idx, send, recv));
+}
+
+async fn read_loop(c: &Conn, rd: &mut FrameReader) {
+    let mut new_batch = true;
+    loop {
+        match rd.next(&c.io, &c.w).await {
+            Ok(Some((k, payload))) => {
+                if new_batch {
+                    c.rx_now.set(c.w.now_us());
+                    new_batch = false;
+                }
+                c.handle(k, payload);
+                if !rd.frame_ready() {
+                    c.ack_deliveries();
+                    new_batch = true;
+                }
+            }
+            Ok(None) => return,
+            Err(e) => {
+                if !c.io.is_closed() {
+                    c.w.stats.error(&format!("read: {:?}", e.kind()));
+                }
+                return;
+            }
+        }
+    }
+}
+
+impl Conn {
+    fn handle(&self, k: u16, payload: &[u8]) {
+        match self.plan.classify(k, payload) {
+            Incoming::Ack { client_msg_id, duplicate } => self.on_ack(client_msg_id, duplicate),
+            Incoming::Deliver { stamp, body } => self.on_deliver(stamp.as_ref(), body),
+            Incoming::Echo { client_msg_id, body } => {
+                self.on_ack(client_msg_id, false);
+                self.on_deliver(None, body);
+            }
+            Incoming::Refused { client_msg_id, code } => self.on_refused(client_msg_id, code),
+            Incoming::Error { code, request_kind } => self.w.stats.server_error(code, request_kind),
+            Incoming::Kick { reason } => {
+                let name = ErrorCode::from_u16(reason).map_or_else(|| "Unknown".into(), |c| format!("{c:?}"));
+                self.w.stats.error(&format!("kicked: {name}({reason})"));
+            }
+            Incoming::CatchUpEnd => {
+                if !self.caught_up.replace(true) {
+                    self.w.stats.add(C::DupInCatchUp, self.dup_before_catch_up.get());
+                }
+            }
+            Incoming::Ignore => {}
+            Incoming::Unexpected(k) => self.w.stats.error(&format!("unexpected frame: {}", kind::name(k))),
+        }
+    }
+
+    fn on_ack(&self, client_msg_id: u64, duplicate: bool) {
+        let stats = &self.w.stats;
+        let Some((conn, counter)) =
+            ledger::split_client_msg_id(self.w.g.run_id, client_msg_id).filter(|&(conn, _)| conn == self.idx)
+        else {
+            stats.error("ack of an unknown message");
+            return;
+        };
+        debug_assert_eq!(conn, self.idx);
+        let mut send = self.send.borrow_mut();
+        let Some(m) = send.inflight.remove(&counter) else {
+            stats.error("ack of a message not in flight");
+            return;
+        };
+        if send.acked.set(counter) {
+            stats.error("second ack of a message");
+        }
+        drop(send);
+        if duplicate {
+            stats.error("ack marked duplicate");
+        }
+        stats.record(H::Ack, self.rx_now.get().saturating_sub(m.sent_us));
+        stats.add(C::Acked, 1);
+        stats.sub(C::Inflight, 1);
+        stats.add(C::Expected, self.plan.fanout(self.w.g.live(), self.idx, counter));
+        self.wake.notify();
+    }
+
+    fn on_refused(&self, client_msg_id: u64, code: u16) {
+        let stats = &self.w.stats;
+        stats.server_error(code, kind::SEND);
+        let Some((_, counter)) =
+            ledger::split_client_msg_id(self.w.g.run_id, client_msg_id).filter(|&(conn, _)| conn == self.idx)
+        else {
+            return;
+        };
+        let cfg = &self.w.g.cfg;
+        let mut send = self.send.borrow_mut();
+        let Some(m) = send.inflight.get_mut(&counter) else {
+            return;
+        };
+        if retryable(code) && m.resends < cfg.retries_max {
+            m.resends += 1;
+            let due = self.rx_now.get() + cfg.retry.as_micros() as u64;
+            send.resend.push_back((due, counter));
+            drop(send);
+            self.wake.notify();
+        } else {
+            send.inflight.remove(&counter);
+            send.abandoned += 1;
+            stats.sub(C::Inflight, 1);
+            drop(send);
+            stats.error("message given up");
+            self.wake.notify();
+        }
+    }
+
+    fn on_deliver(&self, stamp: Option<&Stamp>, body: &[u8]) {
+        let stats = &self.w.stats;
+        let Some(h) = BodyHeader::read(body) else {
+            stats.add(C::Foreign, 1);
+            return;
+        };
+        if h.run_id != self.w.g.run_id {
+            stats.add(C::Foreign, 1);
+            return;
+        }
+        let r = self.recv.borrow_mut().record(h.conn, h.counter, h.flags, stamp);
+        if r.duplicate {
+            stats.add(C::Duplicated, 1);
+            if !self.caught_up.get() {
+                self.dup_before_catch_up.set(self.dup_before_catch_up.get() + 1);
+            }
+        } else {
+            stats.add(C::Delivered, 1);
+            stats.record(H::Deliver, self.rx_now.get().saturating_sub(h.sent_us));
+        }
+        if r.out_of_order {
+            stats.add(C::OutOfOrder, 1);
+        }
+        if let (Some(s), true) = (stamp, self.send_delivery_acks) {
+            let peer = if s.from == self.user_id { s.to } else { s.from };
+            let mut acks = self.pending_acks.borrow_mut();
+            let seq = acks.entry(peer).or_insert(0);
+            *seq = (*seq).max(s.seq);
+        }
+    }
+
+    /// Queue a `DeliveryAck` per conversation with deliveries not yet acknowledged.
+    fn ack_deliveries(&self) {
+        let mut acks = self.pending_acks.borrow_mut();
+        if acks.is_empty() || self.dead.get() {
+            return;
+        }
+        for (peer, seq) in acks.drain() {
+            self.io.queue(kind::DELIVERY_ACK, &protocol::DeliveryAck { conv: conv::DIRECT, peer, seq });
+        }
+        drop(acks);
+        self.wake.notify();
+    }
+
+    /// Queue message `counter` (new, or a resend) as a Send frame.
+    fn queue(&self, counter: u64, m: &Inflight, resend: bool) {
+        let g = &self.w.g;
+        let mut msg = self.msg.borrow_mut();
+        msg.to = m.to;
+        msg.client_msg_id = ledger::client_msg_id(g.run_id, self.idx, counter);
+        BodyHeader {
+            run_id: g.run_id,
+            conn: self.idx,
+            flags: if resend { FLAG_RESENT } else { 0 },
+            counter,
+            sent_us: m.sent_us,
+        }
+        .write(&mut msg.body[..BODY_HEADER_BYTES]);
+        frame::encode_into(kind::SEND, &*msg, &mut self.io.out());
+    }
+
+    /// Issue the next new message, stamped as sent at `sent_us`. False when there is none.
+    fn issue(&self, sent_us: u64) -> bool {
+        let g = &self.w.g;
+        let mut send = self.send.borrow_mut();
+        let counter = send.next;
+        if counter > ledger::COUNTER_MAX {
+            return false;
+        }
+        let Some(to) = self.plan.to(g.live(), self.idx, counter) else {
+            if !self.no_recipient.replace(true) {
+                self.w.stats.error("connection has no recipient");
+            }
+            return false;
+        };
+        send.next += 1;
+        let m = Inflight { sent_us, to, resends: 0 };
+        send.inflight.insert(counter, m);
+        drop(send);
+        self.queue(counter, &m, false);
+        self.w.stats.add(C::Sent, 1);
+        self.w.stats.add(C::Inflight, 1);
+        true
+    }
+
+    /// Queue the resends that are due; returns when the next one is due.
+    fn resend_due(&self, now: u64) -> Option<u64> {
+        loop {
+            let mut send = self.send.borrow_mut();
+            let &(due, counter) = send.resend.front()?;
+            if due > now {
+                return Some(due);
+            }
+            send.resend.pop_front();
+            let Some(&m) = send.inflight.get(&counter) else {
+                continue;
+            };
+            drop(send);
+            self.queue(counter, &m, true);
+            self.w.stats.add(C::Resent, 1);
+        }
+    }
+
+    fn inflight(&self) -> usize {
+        self.send.borrow().inflight.len()
+    }
+}
+
+/// Issue, pace and resend until the run stops; then shut the socket down.
+async fn writer(c: Rc<Conn>) {
+    let g = c.w.g.clone();
+    let live = g.live();
+    let run_start = g.run_start_us();
+    // Open loop: this connection's k-th message is due at start + offset + k × interval.
+    let (interval_us, offset_us) = match g.cfg.load {
+        Load::Open { rate, .. } => {
+            let per_conn = rate / live.live_count().max(1) as f64;
+            let interval = 1e6 / per_conn;
+            let jitter = (mix(g.run_id as u64 ^ c.idx as u64) % 1_000_000) as f64 / 1e6;
+            (interval, interval * jitter)
+        }
+        Load::Closed { .. } => (0.0, 0.0),
+    };
+    let mut issued: u64 = 0;
+    loop {
+        let phase = c.w.phase();
+        if phase >= Phase::Stop || c.dead.get() {
+            break;
+        }
+        let now = c.w.now_us();
+        let mut next_wake = c.resend_due(now);
+        if phase == Phase::Run {
+            match g.cfg.load {
+                Load::Closed { window } => while c.inflight() < window as usize && c.issue(now) {},
+                Load::Open { cap, .. } => {
+                    let due_at = |k: u64| run_start + (offset_us + k as f64 * interval_us) as u64;
+                    while due_at(issued) <= now && c.inflight() < cap as usize && c.issue(due_at(issued)) {
+                        issued += 1;
+                    }
+                    if c.inflight() < cap as usize {
+                        let t = due_at(issued);
+                        next_wake = Some(next_wake.map_or(t, |w| w.min(t)));
+                    }
+                }
+            }
+        }
+        if c.io.has_output() {
+            if let Err(e) = c.io.flush().await {
+                if !c.io.is_closed() {
+                    c.w.stats.error(&format!("write: {:?}", e.kind()));
+                }
+                break;
+            }
+            if next_wake.is_some_and(|t| t <= c.w.now_us()) {
+                continue;
+            }
+        }
+        match next_wake {
+            Some(t) => {
+                let wait = Duration::from_micros(t.saturating_sub(c.w.now_us()));
+                let _ = monoio::time::timeout(wait, c.wake.wait()).await;
+            }
+            None => c.wake.wait().await,
+        }
+    }
+    c.io.shutdown();
+}

@@ -1,0 +1,122 @@
+//! Scenarios: what each connection slot does. A slot is one connection (one-to-one, echo, idle)
+//! or one worker that keeps reconnecting (login-storm).
+//!
+//! Message scenarios share one engine ([`messaging`]) and differ only in a [`Plan`]: who a
+//! message goes to, which connections it is owed to, how frames are read. A new message
+//! scenario (group, room) is one small module implementing [`Plan`], one [`ScenarioName`]
+//! value and one line in [`Scenario::new`].
+//!
+//! [`ScenarioName`]: crate::cli::ScenarioName
+
+pub mod echo;
+pub mod idle;
+pub mod login_storm;
+pub mod messaging;
+pub mod one_to_one;
+
+use std::{
+    rc::Rc,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+pub use messaging::Plan;
+use tim::protocol::{self, kind, LoginOk};
+
+use crate::{
+    cli::{Config, ScenarioName},
+    global::Phase,
+    net::{FrameReader, Io},
+    session,
+    worker::Worker,
+};
+
+/// The scenario of a run.
+#[derive(Clone)]
+pub enum Scenario {
+    /// Connections sending messages, checked by the ledger.
+    Messaging(Arc<dyn Plan>),
+    Idle,
+    LoginStorm,
+}
+
+impl Scenario {
+    pub fn new(cfg: &Config) -> Scenario {
+        match cfg.scenario {
+            ScenarioName::OneToOne => Scenario::Messaging(Arc::new(one_to_one::OneToOne::new(cfg))),
+            ScenarioName::Echo => Scenario::Messaging(Arc::new(echo::Echo)),
+            ScenarioName::Idle => Scenario::Idle,
+            ScenarioName::LoginStorm => Scenario::LoginStorm,
+        }
+    }
+
+    /// Whether the run ends with a drain period (answers still collected, nothing new started).
+    pub fn drains(&self) -> bool {
+        !matches!(self, Scenario::Idle)
+    }
+}
+
+/// Run connection slot `conn` on its thread until the run stops.
+pub async fn run_slot(w: &Rc<Worker>, conn: u32) {
+    match &w.g.scenario {
+        Scenario::Messaging(plan) => messaging::run(w, conn, plan.clone()).await,
+        Scenario::Idle => idle::run(w, conn).await,
+        Scenario::LoginStorm => login_storm::run(w, conn).await,
+    }
+}
+
+/// A connection that is set up and takes part in the run.
+pub struct Joined {
+    pub io: Io,
+    pub rd: FrameReader,
+    pub login: Option<LoginOk>,
+}
+
+/// Connect (and log in, if `log_in`), report ready, and wait for the run to start. `None` if
+/// setup failed (counted) or the run started without this connection.
+pub async fn join_run(w: &Worker, conn: u32, log_in: bool) -> Option<Joined> {
+    let g = &w.g;
+    let deadline: Instant = g.setup_deadline();
+    let (io, mut rd, login) = {
+        let _pass = w.setup_gate.pass().await;
+        if w.phase() != Phase::Setup {
+            return None;
+        }
+        let Some(io) = session::connect(w, conn, 0, deadline).await else {
+            g.setup_failed();
+            return None;
+        };
+        let mut rd = FrameReader::default();
+        let login = if log_in {
+            match session::log_in(w, &io, &mut rd, conn, deadline).await {
+                Ok(ok) => Some(ok),
+                Err(e) => {
+                    w.stats.error(&e.name("login"));
+                    rd.release(w);
+                    g.setup_failed();
+                    return None;
+                }
+            }
+        } else {
+            None
+        };
+        (io, rd, login)
+    };
+    if !g.ready(conn, login.as_ref().map(|l| l.user_id)) {
+        rd.release(w);
+        io.shutdown();
+        return None;
+    }
+    // Keep the session alive while the rest of the swarm logs in (a Ping with nonce 0).
+    let keepalive = login.as_ref().map(|l| Duration::from_millis(l.idle_timeout_ms as u64 / 3));
+    match keepalive.filter(|d| !d.is_zero()) {
+        Some(every) => {
+            while monoio::time::timeout(every, w.wait_past(Phase::Setup)).await.is_err() {
+                io.queue(kind::PING, &protocol::Ping { nonce: 0 });
+                let _ = io.flush().await; // a dead connection shows when the run reads it
+            }
+        }
+        None => w.wait_past(Phase::Setup).await,
+    }
+    Some(Joined { io, rd, login })
+}

@@ -1,0 +1,188 @@
+//! End to end: a real `tim serve` process (2 shards, test-speed argon2, config in a temporary
+//! directory), `tim-loadgen` run against it, and its `--json` line checked: every acknowledged
+//! message delivered exactly once to every session it was meant for, and logins that work.
+//!
+//! The `tim` binary is taken from beside `tim-loadgen`; when it is not there (a plain
+//! `cargo test -p tim-loadgen` builds only the library of `tim`), it is built first.
+
+use std::{
+    io::{BufRead, BufReader},
+    path::PathBuf,
+    process::{Child, Command, Output, Stdio},
+    sync::Mutex,
+    time::{Duration, Instant},
+};
+
+use serde_json::Value;
+
+const LOADGEN: &str = env!("CARGO_BIN_EXE_tim-loadgen");
+
+/// The `tim` binary of the same build profile, built on first use if missing.
+fn tim_binary() -> PathBuf {
+    static BUILT: Mutex<bool> = Mutex::new(false);
+    let tim = PathBuf::from(LOADGEN).with_file_name(format!("tim{}", std::env::consts::EXE_SUFFIX));
+    let mut built = BUILT.lock().unwrap_or_else(|e| e.into_inner());
+    if !*built && !tim.exists() {
+        let profile_dir = PathBuf::from(LOADGEN);
+        let release = profile_dir.parent().and_then(|d| d.file_name()).is_some_and(|n| n == "release");
+        let mut cmd = Command::new(option_env!("CARGO").unwrap_or("cargo"));
+        cmd.args(["build", "-p", "tim", "--bin", "tim"]).current_dir(env!("CARGO_MANIFEST_DIR"));
+        if release {
+            cmd.arg("--release");
+        }
+        let status = cmd.status().expect("run cargo build -p tim");
+        assert!(status.success(), "cargo build -p tim --bin tim failed");
+    }
+    *built = true;
+    assert!(tim.exists(), "no tim binary at {}", tim.display());
+    tim
+}
+
+/// A `tim serve` child process, killed on drop.
+struct Server {
+    child: Child,
+    addr: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Server {
+    /// Start a server; `store` is the body of its `[store]` section (`{data}` is replaced by a
+    /// data directory inside the server's temporary directory).
+    fn start(store: &str) -> Server {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = dir.path().join("tim.toml");
+        let data = dir.path().join("data");
+        let store = store.replace("{data}", &data.display().to_string());
+        let text = format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\nshards = 2\npin_cores = false\n\n\
+             [security]\nargon2_m_kib = 64\nargon2_t = 1\n\n[store]\n{store}\n"
+        );
+        std::fs::write(&cfg, text).unwrap();
+        let mut child = Command::new(tim_binary())
+            .args(["serve", "--config"])
+            .arg(&cfg)
+            .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()))
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start tim");
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+        let addr = line
+            .strip_prefix("tim listening on ")
+            .and_then(|rest| rest.split_whitespace().next())
+            .unwrap_or_else(|| panic!("unexpected first line from tim: {line:?}"))
+            .to_owned();
+        Server { child, addr, _dir: dir }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Run tim-loadgen with `args` (plus `--json --quiet`), within `limit`; returns its exit
+/// status and the JSON line.
+fn loadgen(addr: &str, args: &[&str], limit: Duration) -> (Output, Value) {
+    let mut child = Command::new(LOADGEN)
+        .args(["--addr", addr, "--json", "--quiet"])
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start tim-loadgen");
+    let deadline = Instant::now() + limit;
+    while child.try_wait().unwrap().is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("tim-loadgen {args:?} did not end within {limit:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let out = child.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let line = stdout
+        .lines()
+        .rev()
+        .find(|l| l.starts_with('{'))
+        .unwrap_or_else(|| panic!("no JSON line; stdout:\n{stdout}\nstderr:\n{stderr}"));
+    let v: Value = serde_json::from_str(line).expect("valid JSON");
+    println!("{stdout}");
+    (out, v)
+}
+
+fn n(v: &Value, key: &str) -> u64 {
+    v[key].as_u64().unwrap_or_else(|| panic!("{key} missing or not a count in {v}"))
+}
+
+/// The tests run one at a time: on two cores a loaded neighbour would slow the readers of the
+/// swarm until the server closes them as slow consumers (as it should), which is not what these
+/// tests are about.
+static SERIAL: Mutex<()> = Mutex::new(());
+
+/// 20 connections over 10 users (2 sessions each), each writing to the next user (30 k msgs/s in
+/// all, open loop, so that receivers in a debug build keep up): every message is owed to the
+/// peer's 2 sessions and to the sender's other session, and the ledger finds every one of them,
+/// once.
+#[test]
+fn one_to_one_ledger() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let server = Server::start("backend = \"memory\"");
+    let args = [
+        "--scenario",
+        "one-to-one",
+        "--connections",
+        "20",
+        "--users",
+        "10",
+        "--duration",
+        "3",
+        "--rate",
+        "30000",
+    ];
+    let (out, v) = loadgen(&server.addr, &args, Duration::from_secs(30));
+    let acked = n(&v, "acked");
+    assert!(acked > 0, "nothing acknowledged: {v}");
+    assert_eq!(n(&v, "lost"), 0, "{v}");
+    assert_eq!(n(&v, "duplicated"), 0, "{v}");
+    assert_eq!(n(&v, "out_of_order"), 0, "{v}");
+    assert_eq!(n(&v, "misrouted"), 0, "{v}");
+    assert_eq!(n(&v, "expected_deliveries"), acked * 3, "{v}");
+    assert_eq!(n(&v, "delivered"), acked * 3, "{v}");
+    assert_eq!(n(&v, "connections"), 20);
+    assert!(v["msgs_per_s"].as_f64().unwrap() > 0.0);
+    assert!(n(&v, "deliver_p99_us") >= n(&v, "deliver_p50_us"));
+    assert!(out.status.success(), "exit status {:?}", out.status);
+}
+
+/// Eight workers logging in and out for 2 seconds: logins happen and nothing fails.
+#[test]
+fn login_storm() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let server = Server::start("backend = \"memory\"");
+    let args = ["--scenario", "login-storm", "--connections", "8", "--duration", "2"];
+    let (out, v) = loadgen(&server.addr, &args, Duration::from_secs(30));
+    assert!(n(&v, "logins") > 0, "{v}");
+    assert_eq!(n(&v, "errors"), 0, "{v}");
+    assert!(out.status.success(), "exit status {:?}", out.status);
+}
+
+/// With the durable embedded store, the same users run twice: the second run's sessions get a
+/// catch-up at login, which must not repeat messages they also get live.
+#[test]
+fn durable_store_second_run_has_no_duplicates() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let server = Server::start("backend = \"embedded\"\ndata_dir = \"{data}\"");
+    let args = ["--scenario", "one-to-one", "--connections", "40", "--users", "20", "--duration", "2"];
+    for run in 0..2 {
+        let (out, v) = loadgen(&server.addr, &args, Duration::from_secs(30));
+        assert!(n(&v, "acked") > 0, "run {run}: {v}");
+        assert_eq!(n(&v, "lost"), 0, "run {run}: {v}");
+        assert_eq!(n(&v, "duplicated"), 0, "run {run}: {v}");
+        assert!(out.status.success(), "run {run}: exit status {:?}", out.status);
+    }
+}
