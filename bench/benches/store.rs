@@ -71,7 +71,11 @@ fn bench_store(c: &mut Criterion, name: &str, store: &dyn Store) {
 fn embedded(c: &mut Criterion) {
     for sync in ["full", "normal"] {
         let dir = tempfile::tempdir().unwrap();
-        let cfg = StoreConfig { data_dir: dir.path().to_path_buf(), synchronous: sync.into(), ..StoreConfig::default() };
+        let cfg = StoreConfig {
+            data_dir: dir.path().to_path_buf(),
+            synchronous: sync.into(),
+            ..StoreConfig::default()
+        };
         let store = EmbeddedStore::open(&cfg).unwrap();
         bench_store(c, &format!("embedded_sync_{sync}"), &store);
     }
