@@ -137,8 +137,8 @@ pub struct Limits {
     pub idle_timeout_ms: u64,
     /// Milliseconds the server drains on shutdown before closing what is left.
     pub shutdown_drain_ms: u64,
-    /// Client message ids remembered per shard for resend dedup.
-    pub dedup_entries_max: usize,
+    /// Latest sends remembered per conversation for resend dedup.
+    pub dedup_per_conversation_max: usize,
     /// Seconds a client message id is remembered for resend dedup.
     pub dedup_window_secs: u64,
     /// Live conversations (sequence counters) per shard.
@@ -239,7 +239,7 @@ impl Default for Limits {
             login_timeout_ms: 10_000,
             idle_timeout_ms: 90_000,
             shutdown_drain_ms: 2_000,
-            dedup_entries_max: 1 << 20,
+            dedup_per_conversation_max: 256,
             dedup_window_secs: 600,
             conversations_per_shard_max: 4 << 20,
             token_ttl_secs: 300,
@@ -327,7 +327,7 @@ impl Config {
             ("limits.inflight_per_session_max", l.inflight_per_session_max as usize),
             ("limits.mesh_queue_capacity", l.mesh_queue_capacity),
             ("limits.mesh_batch_max", l.mesh_batch_max),
-            ("limits.dedup_entries_max", l.dedup_entries_max),
+            ("limits.dedup_per_conversation_max", l.dedup_per_conversation_max),
             ("limits.conversations_per_shard_max", l.conversations_per_shard_max),
             ("limits.tokens_per_user_max", l.tokens_per_user_max),
             ("limits.worker_queue_max", l.worker_queue_max),
@@ -419,7 +419,7 @@ mesh_batch_max = 512                # envelopes handled per mesh drain
 login_timeout_ms = 10000            # time to log in after connecting
 idle_timeout_ms = 90000             # time without any bytes received before a session is closed
 shutdown_drain_ms = 2000            # time sessions get to drain on shutdown
-dedup_entries_max = 1048576         # client message ids remembered per shard
+dedup_per_conversation_max = 256    # latest sends remembered per conversation for resend dedup
 dedup_window_secs = 600             # how long a client message id is remembered
 conversations_per_shard_max = 4194304 # live conversation counters per shard
 token_ttl_secs = 300                # default and greatest one-shot token lifetime

@@ -144,6 +144,9 @@ enum ConvState {
 struct Conv {
     last_seq: u64,
     state: ConvState,
+    /// Resend dedup: the conversation's latest sends (at most `dedup_per_conversation_max`,
+    /// none older than `dedup_window_secs`), oldest first.
+    recent: VecDeque<Sent>,
 }
 
 /// Submits waiting for one conversation to load.
@@ -175,56 +178,31 @@ struct CommitQueue {
     busy: bool,
 }
 
-type DedupKey = (UserId, UserId, u64);
-
-/// A remembered send: its ids, and whether its commit has succeeded (a resend of a send whose
-/// commit is still open gets `Busy`).
+/// A remembered send of a conversation: its ids, and whether its commit has succeeded (a resend
+/// of a send whose commit is still open gets `Busy`).
 #[derive(Clone, Copy)]
 struct Sent {
+    sender: UserId,
     ack: AckInfo,
     committed: bool,
 }
 
-/// Recently accepted (sender, recipient, client message id) → their ack, bounded in count and age.
-struct Dedup {
-    map: HashMap<DedupKey, Sent, RandomState>,
-    order: VecDeque<(DedupKey, u64)>,
-    max: usize,
-    window_ms: u64,
-}
-
-impl Dedup {
-    fn evict(&mut self, now: u64) {
-        while let Some(&(key, at)) = self.order.front() {
-            if self.order.len() > self.max || at + self.window_ms < now {
-                self.order.pop_front();
-                self.map.remove(&key);
-            } else {
-                break;
-            }
+impl Conv {
+    /// The remembered send of `sender` with `client_msg_id`, forgetting sends older than the
+    /// window first. Recent sends of one conversation sit together in memory, and a resend is
+    /// almost always of one of the last few: scanning them costs less than a shard-wide map.
+    fn find(&mut self, sender: UserId, client_msg_id: u64, now: u64, window_ms: u64) -> Option<&mut Sent> {
+        while self.recent.front().is_some_and(|s| s.ack.ts_ms + window_ms < now) {
+            self.recent.pop_front();
         }
+        self.recent.iter_mut().rev().find(|s| s.ack.client_msg_id == client_msg_id && s.sender == sender)
     }
 
-    fn get(&mut self, key: &DedupKey, now: u64) -> Option<Sent> {
-        self.evict(now);
-        self.map.get(key).copied()
-    }
-
-    fn insert(&mut self, key: DedupKey, sent: Sent, at: u64) {
-        self.order.push_back((key, at));
-        self.map.insert(key, sent);
-        self.evict(at);
-    }
-
-    fn settle(&mut self, key: &DedupKey, committed: bool) {
-        if committed {
-            if let Some(s) = self.map.get_mut(key) {
-                s.committed = true;
-            }
-        } else {
-            // Failed for good: a resend is a new message.
-            self.map.remove(key);
+    fn remember(&mut self, sent: Sent, max: usize) {
+        if self.recent.len() >= max {
+            self.recent.pop_front();
         }
+        self.recent.push_back(sent);
     }
 }
 
@@ -250,7 +228,8 @@ pub struct Shard {
     next_session: Cell<u64>,
     users: RefCell<HashMap<UserId, UserLive, RandomState>>,
     convs: RefCell<HashMap<(UserId, UserId), Conv, RandomState>>,
-    dedup: RefCell<Dedup>,
+    dedup_window_ms: u64,
+    dedup_max: usize,
     commits: RefCell<Vec<CommitQueue>>,
     ids: Cell<(u64, u64)>,
     pool: RefCell<Vec<AlignedBuf>>,
@@ -265,12 +244,6 @@ impl Shard {
     pub fn new(id: usize, shards: usize, shared: Arc<Shared>, port: MeshPort<Envelope>) -> Shard {
         assert!(shards <= SHARDS_MAX);
         let l = &shared.cfg.limits;
-        let dedup = Dedup {
-            map: HashMap::default(),
-            order: VecDeque::new(),
-            max: l.dedup_entries_max,
-            window_ms: l.dedup_window_secs * 1000,
-        };
         Shard {
             id,
             shards,
@@ -283,7 +256,8 @@ impl Shard {
             next_session: Cell::new(1),
             users: RefCell::new(HashMap::default()),
             convs: RefCell::new(HashMap::default()),
-            dedup: RefCell::new(dedup),
+            dedup_window_ms: l.dedup_window_secs * 1000,
+            dedup_max: l.dedup_per_conversation_max,
             commits: RefCell::new((0..shared.store.partitions()).map(|_| CommitQueue::default()).collect()),
             ids: Cell::new((0, 0)),
             pool: RefCell::new(Vec::new()),
@@ -566,19 +540,23 @@ impl Shard {
         let key = direct_key(sub.sender, sub.to);
         debug_assert_eq!(conv_shard(key, self.shards), self.id, "submit on the wrong shard");
         let now = now_ms();
-        let dkey = (sub.sender, sub.to, sub.client_msg_id);
-        if let Some(sent) = self.dedup.borrow_mut().get(&dkey, now) {
-            if !sent.committed {
-                return self.reject(sub.origin, sub.client_msg_id, ErrorCode::Busy);
-            }
-            let ack = AckInfo { duplicate: true, ..sent.ack };
-            return self.post(sub.origin.shard(), Envelope::Acked { session: sub.origin, ack });
-        }
         let mut convs = self.convs.borrow_mut();
         match convs.get_mut(&key) {
             // Handling runs inside `drain_local`, so the posts made while sequencing only queue:
             // nothing re-enters while `convs` is borrowed.
-            Some(Conv { state: ConvState::Ready, last_seq }) => self.sequence(sub, last_seq, now),
+            Some(conv) if matches!(conv.state, ConvState::Ready) => {
+                match conv.find(sub.sender, sub.client_msg_id, now, self.dedup_window_ms).copied() {
+                    Some(sent) if !sent.committed => {
+                        self.reject(sub.origin, sub.client_msg_id, ErrorCode::Busy)
+                    }
+                    Some(sent) => {
+                        let ack = AckInfo { duplicate: true, ..sent.ack };
+                        self.post(sub.origin.shard(), Envelope::Acked { session: sub.origin, ack });
+                    }
+                    None => self.sequence(sub, conv, now),
+                }
+            }
+            Some(Conv { state: ConvState::Ready, .. }) => unreachable!("handled above"),
             Some(Conv { state: ConvState::Loading(waiters), .. }) => {
                 if waiters.len() < CONV_WAITERS_MAX {
                     waiters.push(sub);
@@ -593,7 +571,9 @@ impl Shard {
                     return self.reject(sub.origin, sub.client_msg_id, ErrorCode::Busy);
                 }
                 let (sender, to) = (sub.sender, sub.to);
-                convs.insert(key, Conv { last_seq: 0, state: ConvState::Loading(vec![sub]) });
+                let conv =
+                    Conv { last_seq: 0, state: ConvState::Loading(vec![sub]), recent: VecDeque::new() };
+                convs.insert(key, conv);
                 drop(convs);
                 self.spawn_conv_load(key, sender, to);
             }
@@ -609,7 +589,7 @@ impl Shard {
             let store = me.shared.store.clone();
             let l = &me.cfg().limits;
             let since = now_ms().saturating_sub(l.dedup_window_secs * 1000);
-            let recent_max = l.dedup_entries_max.min(CONV_RECENT_MAX);
+            let recent_max = l.dedup_per_conversation_max.min(CONV_RECENT_MAX);
             let job = move || -> Result<Option<ConvLoad>, StoreError> {
                 if sender != to && !store.account_exists(to)? {
                     return Ok(None);
@@ -630,7 +610,19 @@ impl Shard {
                 let Some(conv) = convs.get_mut(&key) else { return };
                 let state = std::mem::replace(&mut conv.state, ConvState::Ready);
                 match &loaded {
-                    Ok(load) => conv.last_seq = load.last_seq,
+                    Ok(load) => {
+                        conv.last_seq = load.last_seq;
+                        for r in load.recent.iter().rev() {
+                            let ack = AckInfo {
+                                client_msg_id: r.client_msg_id,
+                                msg_id: r.msg_id,
+                                seq: r.seq,
+                                ts_ms: r.ts_ms,
+                                duplicate: false,
+                            };
+                            conv.remember(Sent { sender: r.sender, ack, committed: true }, me.dedup_max);
+                        }
+                    }
                     Err(_) => {
                         convs.remove(&key);
                     }
@@ -640,20 +632,6 @@ impl Shard {
                     ConvState::Ready => Vec::new(),
                 }
             };
-            if let Ok(load) = &loaded {
-                let mut dedup = me.dedup.borrow_mut();
-                for r in load.recent.iter().rev() {
-                    let to = if r.sender == key.0 { key.1 } else { key.0 };
-                    let ack = AckInfo {
-                        client_msg_id: r.client_msg_id,
-                        msg_id: r.msg_id,
-                        seq: r.seq,
-                        ts_ms: r.ts_ms,
-                        duplicate: false,
-                    };
-                    dedup.insert((r.sender, to, r.client_msg_id), Sent { ack, committed: true }, r.ts_ms);
-                }
-            }
             for sub in waiters {
                 match loaded {
                     Ok(_) => me.dispatch(Envelope::Submit(sub)),
@@ -669,12 +647,13 @@ impl Shard {
 
     /// Give `sub` the next sequence number of its conversation, stamp it, ack it and fan it out.
     #[allow(clippy::boxed_local)] // it arrives boxed in its envelope
-    fn sequence(&self, mut sub: Box<Submit>, last_seq: &mut u64, now: u64) {
-        *last_seq += 1;
+    fn sequence(&self, mut sub: Box<Submit>, conv: &mut Conv, now: u64) {
+        conv.last_seq += 1;
+        let last_seq = conv.last_seq;
         let ack = AckInfo {
             client_msg_id: sub.client_msg_id,
             msg_id: self.next_msg_id(now),
-            seq: *last_seq,
+            seq: last_seq,
             ts_ms: now,
             duplicate: false,
         };
@@ -688,8 +667,7 @@ impl Shard {
         };
         stamp.write(&mut sub.frame[frame::HEADER_BYTES..]);
         let durable = self.shared.store.durable();
-        let dkey = (sub.sender, sub.to, sub.client_msg_id);
-        self.dedup.borrow_mut().insert(dkey, Sent { ack, committed: !durable }, now);
+        conv.remember(Sent { sender: sub.sender, ack, committed: !durable }, self.dedup_max);
         self.stats.messages_sequenced.set(self.stats.messages_sequenced.get() + 1);
         let Submit { origin, sender, to, frame, client_msg_id, sender_device, .. } = *sub;
         let frame = frame.freeze();
@@ -776,13 +754,27 @@ impl Shard {
     /// still waiting), refuse what failed.
     fn settle(&self, batch: Vec<(StoredMessage, Outgoing)>, committed: bool, sender_waiting: bool) {
         for (_, out) in batch {
-            let key = (out.sender, out.to, out.ack.client_msg_id);
-            self.dedup.borrow_mut().settle(&key, committed);
+            self.settle_sent(&out, committed);
             if committed {
                 self.publish(out, sender_waiting);
             } else if sender_waiting {
                 self.reject(out.origin, out.ack.client_msg_id, ErrorCode::StoreUnavailable);
             }
+        }
+    }
+
+    /// Mark a remembered send committed, or forget it if its commit failed for good (a resend is
+    /// then a new message).
+    fn settle_sent(&self, out: &Outgoing, committed: bool) {
+        let mut convs = self.convs.borrow_mut();
+        let Some(conv) = convs.get_mut(&direct_key(out.sender, out.to)) else { return };
+        let cmid = out.ack.client_msg_id;
+        match conv.recent.iter().rposition(|s| s.ack.client_msg_id == cmid && s.sender == out.sender) {
+            Some(i) if committed => conv.recent[i].committed = true,
+            Some(i) => {
+                conv.recent.remove(i);
+            }
+            None => {}
         }
     }
 
