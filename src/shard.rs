@@ -147,6 +147,10 @@ struct Conv {
     /// Resend dedup: the conversation's latest sends (at most `dedup_per_conversation_max`,
     /// none older than `dedup_window_secs`), oldest first.
     recent: VecDeque<Sent>,
+    /// Per sender of this conversation (at most two), the greatest client message id
+    /// remembered: a send above it cannot be a resend, which spares the scan for clients whose
+    /// ids rise.
+    newest: [(UserId, u64); 2],
 }
 
 /// Submits waiting for one conversation to load.
@@ -195,12 +199,24 @@ impl Conv {
         while self.recent.front().is_some_and(|s| s.ack.ts_ms + window_ms < now) {
             self.recent.pop_front();
         }
+        if self.newest.iter().any(|&(u, max)| u == sender && client_msg_id > max) {
+            return None;
+        }
         self.recent.iter_mut().rev().find(|s| s.ack.client_msg_id == client_msg_id && s.sender == sender)
     }
 
     fn remember(&mut self, sent: Sent, max: usize) {
         if self.recent.len() >= max {
             self.recent.pop_front();
+        }
+        let cmid = sent.ack.client_msg_id;
+        match self.newest.iter_mut().find(|(u, _)| *u == sent.sender) {
+            Some((_, m)) => *m = (*m).max(cmid),
+            None => {
+                if let Some(slot) = self.newest.iter_mut().find(|(u, _)| *u == 0) {
+                    *slot = (sent.sender, cmid);
+                }
+            }
         }
         self.recent.push_back(sent);
     }
@@ -571,8 +587,12 @@ impl Shard {
                     return self.reject(sub.origin, sub.client_msg_id, ErrorCode::Busy);
                 }
                 let (sender, to) = (sub.sender, sub.to);
-                let conv =
-                    Conv { last_seq: 0, state: ConvState::Loading(vec![sub]), recent: VecDeque::new() };
+                let conv = Conv {
+                    last_seq: 0,
+                    state: ConvState::Loading(vec![sub]),
+                    recent: VecDeque::new(),
+                    newest: [(0, 0); 2],
+                };
                 convs.insert(key, conv);
                 drop(convs);
                 self.spawn_conv_load(key, sender, to);
@@ -907,4 +927,34 @@ impl Shard {
 thread_local! {
     /// The shard of the current thread, for tasks spawned from `&Shard` methods.
     pub static CURRENT: RefCell<Option<Rc<Shard>>> = const { RefCell::new(None) };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sent(sender: UserId, cmid: u64, ts_ms: u64) -> Sent {
+        let ack = AckInfo { client_msg_id: cmid, msg_id: cmid, seq: cmid, ts_ms, duplicate: false };
+        Sent { sender, ack, committed: true }
+    }
+
+    /// Resend dedup finds remembered sends whatever order their ids come in, per sender, and
+    /// forgets by count and by age.
+    #[test]
+    fn conversation_dedup() {
+        let mut c =
+            Conv { last_seq: 0, state: ConvState::Ready, recent: VecDeque::new(), newest: [(0, 0); 2] };
+        for cmid in [50, 7, 900, 3] {
+            c.remember(sent(1, cmid, 1000), 4);
+        }
+        c.remember(sent(2, 7, 1000), 4); // pushes out (1, 50)
+        assert!(c.find(1, 50, 1000, 60_000).is_none(), "evicted by count");
+        assert_eq!(c.find(1, 7, 1000, 60_000).map(|s| s.sender), Some(1));
+        assert_eq!(c.find(2, 7, 1000, 60_000).map(|s| s.sender), Some(2));
+        assert!(c.find(1, 3, 1000, 60_000).is_some(), "an id below the newest is still found");
+        assert!(c.find(1, 901, 1000, 60_000).is_none());
+        assert!(c.find(3, 7, 1000, 60_000).is_none(), "another sender's id");
+        assert!(c.find(1, 900, 62_000, 60_000).is_none(), "forgotten after the window");
+        assert!(c.recent.is_empty());
+    }
 }
