@@ -417,7 +417,9 @@ impl Reader<'_> {
         Flow::Continue
     }
 
-    /// Handle one validated-size frame. `payload` is the archive, read in place.
+    /// Handle one validated-size frame. `payload` is the archive, read in place. Operations that
+    /// wait (on a worker or another shard) are boxed: they are rare, and inline they would make
+    /// every idle connection's task as large as the largest of them.
     async fn frame(&mut self, k: u16, payload: &[u8]) -> Flow {
         let logged_in = self.session.user() != 0;
         if !logged_in
@@ -469,7 +471,7 @@ impl Reader<'_> {
                 if h.conv != conv::DIRECT || peer == 0 || dir > 1 {
                     return self.error(ErrorCode::InvalidConversation, k);
                 }
-                self.history(peer, anchor, dir == 0, limit).await
+                Box::pin(self.history(peer, anchor, dir == 0, limit)).await
             }
             kind::PING => {
                 let p = access!(protocol::ArchivedPing);
@@ -481,24 +483,24 @@ impl Reader<'_> {
             kind::REGISTER => {
                 let r = access!(protocol::ArchivedRegister);
                 let (name, password) = (r.name.as_str().to_owned(), r.password.as_str().to_owned());
-                self.register(name, password).await
+                Box::pin(self.register(name, password)).await
             }
             kind::LOGIN => {
                 let l = access!(protocol::ArchivedLogin);
                 let (name, password) = (l.name.as_str().to_owned(), l.password.as_str().to_owned());
                 let device = (l.device_type, l.device_id.as_str().to_owned());
-                self.login(name, password, device).await
+                Box::pin(self.login(name, password, device)).await
             }
             kind::LOGIN_TOKEN => {
                 let l = access!(protocol::ArchivedLoginToken);
                 let token = auth::parse_token(l.token.as_str());
                 let device = (l.device_type, l.device_id.as_str().to_owned());
-                self.login_token(token, device).await
+                Box::pin(self.login_token(token, device)).await
             }
             kind::ISSUE_TOKEN => {
                 let t = access!(protocol::ArchivedIssueToken);
                 let ttl = t.ttl_secs.to_native();
-                self.issue_token(ttl).await
+                Box::pin(self.issue_token(ttl)).await
             }
             kind::LOGOUT => {
                 let _ = access!(protocol::ArchivedLogout);
@@ -739,7 +741,7 @@ async fn write_loop(stream: Rc<TcpStream>, session: Rc<Session>) {
             match sent {
                 Ok(n) => break n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    if !wait_writable(&stream, &session).await {
+                    if !Box::pin(wait_writable(&stream, &session)).await {
                         break 'outer;
                     }
                 }
