@@ -48,7 +48,8 @@ pub struct StoreConfig {
     pub data_dir: std::path::PathBuf,
     /// Messages committed in one transaction at most.
     pub commit_batch_max: usize,
-    /// Microseconds a commit waits for more messages before it starts (0: only what is queued).
+    /// Microseconds a shard's commit waits for more messages before it starts (0: it takes
+    /// what is queued; the 1 ms timer rounds it up).
     pub commit_wait_us: u64,
     /// Milliseconds a send waits for its commit before it gets StoreUnavailable.
     pub commit_timeout_ms: u64,
@@ -389,7 +390,7 @@ backlog = 4096              # listen backlog per shard
 backend = "embedded"        # embedded: SQLite (WAL) under data_dir | postgres | memory: no-data mode
 data_dir = "tim-data"       # directory of the embedded store
 commit_batch_max = 1024     # messages committed in one transaction at most
-commit_wait_us = 0          # wait for more messages before a commit starts (0: take what is queued)
+commit_wait_us = 0          # a shard's commit waits this long for more messages (0: takes what is queued)
 commit_timeout_ms = 5000    # a send gets StoreUnavailable if its commit takes longer
 synchronous = "full"        # embedded: full (survives power loss) | normal (survives a tim crash)
 

@@ -740,7 +740,13 @@ impl Shard {
     async fn run_commits(self: Rc<Self>, part: usize) {
         let batch_max = self.shared.cfg.store.commit_batch_max;
         let timeout = Duration::from_millis(self.shared.cfg.store.commit_timeout_ms);
+        let gather = Duration::from_micros(self.shared.cfg.store.commit_wait_us);
         loop {
+            let short = self.commits.borrow()[part].pending.len() < batch_max;
+            if short && !gather.is_zero() {
+                // Let more messages join this commit (rounded up to the 1 ms timer).
+                monoio::time::sleep(gather).await;
+            }
             let batch: Vec<(StoredMessage, Outgoing)> = {
                 let mut commits = self.commits.borrow_mut();
                 let q = &mut commits[part];

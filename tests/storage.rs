@@ -224,6 +224,34 @@ fn crash_under_load(st: &str) {
     }
 }
 
+/// A commit that waits for more messages (`commit_wait_us`) still acks every message once, in
+/// order, and a resend still gets its original ack.
+fn gathered_commits(st: &str) {
+    let body = format!("commit_wait_us = 2000\n{}", store(st));
+    let s = TestServer::start_with_store("io_uring", &body, FAST_CURSORS);
+    let (alice, _) = s.register("alice");
+    let (bob, bob_id) = s.register("bob");
+    let mut a = login_device(&s, &alice, "a1");
+    let mut b = login_device(&s, &bob, "b1");
+    for i in 1..=50u64 {
+        a.send(bob_id, i, &i.to_le_bytes()).unwrap();
+    }
+    let mut seqs = Vec::new();
+    while seqs.len() < 50 {
+        match a.recv().unwrap() {
+            Event::SendAck(ack) => seqs.push((ack.client_msg_id, ack.seq)),
+            Event::CatchUpEnd(_) => {}
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!(seqs, (1..=50u64).map(|i| (i, i)).collect::<Vec<_>>());
+    for i in 1..=50u64 {
+        assert_eq!(b.next_delivery().unwrap().stamp.seq, i);
+    }
+    let again = a.send_wait(bob_id, 25, &25u64.to_le_bytes()).unwrap();
+    assert!(again.duplicate && again.seq == 25);
+}
+
 macro_rules! on_every_store {
     ($($name:ident),* $(,)?) => {
         mod memory { $( #[test] fn $name() { super::$name("memory") } )* }
@@ -232,4 +260,10 @@ macro_rules! on_every_store {
     };
 }
 
-on_every_store!(history_pages, offline_catch_up, restart_keeps_sequences_and_dedup, crash_under_load);
+on_every_store!(
+    history_pages,
+    offline_catch_up,
+    restart_keeps_sequences_and_dedup,
+    crash_under_load,
+    gathered_commits
+);

@@ -2,7 +2,7 @@
 //!
 //! - One **committer thread** owns the connection that writes messages. It takes the first queued
 //!   batch, then everything else queued (from every shard) up to `commit_batch_max` messages,
-//!   optionally waiting `commit_wait_us` for more, and commits them in one transaction: group
+//!   and commits them in one transaction: group
 //!   commit, so durability costs one fsync per batch rather than per message.
 //! - Account writes and cursor writes use a second connection under a mutex (they are rare or
 //!   already batched); SQLite serializes writers and `busy_timeout` absorbs the overlap.
@@ -11,12 +11,7 @@
 //!
 //! The schema is versioned with `PRAGMA user_version` and migrated at open.
 
-use std::{
-    path::Path,
-    sync::Mutex,
-    thread::JoinHandle,
-    time::{Duration, Instant},
-};
+use std::{path::Path, sync::Mutex, thread::JoinHandle, time::Duration};
 
 use bytes::Bytes;
 use crossbeam_channel::{unbounded, Receiver, Sender};
@@ -123,10 +118,9 @@ impl EmbeddedStore {
         let writer = open(&path, &cfg.synchronous)?;
         let (tx, rx) = unbounded::<Job>();
         let batch_max = cfg.commit_batch_max;
-        let wait = Duration::from_micros(cfg.commit_wait_us);
         let committer = std::thread::Builder::new()
             .name("store-commit".into())
-            .spawn(move || run_committer(writer, rx, batch_max, wait))?;
+            .spawn(move || run_committer(writer, rx, batch_max))?;
         Ok(EmbeddedStore {
             jobs: Mutex::new(Some(tx)),
             committer: Mutex::new(Some(committer)),
@@ -171,24 +165,19 @@ impl Drop for EmbeddedStore {
     }
 }
 
-fn run_committer(mut conn: Connection, rx: Receiver<Job>, batch_max: usize, wait: Duration) {
+fn run_committer(mut conn: Connection, rx: Receiver<Job>, batch_max: usize) {
     let mut jobs: Vec<Job> = Vec::new();
     while let Ok(first) = rx.recv() {
         let mut count = first.0.len();
         jobs.push(first);
-        let deadline = Instant::now() + wait;
+        // Everything the shards queued while the last commit ran goes into this one.
         while count < batch_max {
-            let next = match rx.try_recv() {
-                Ok(j) => Some(j),
-                Err(_) if !wait.is_zero() => rx.recv_deadline(deadline).ok(),
-                Err(_) => None,
-            };
-            match next {
-                Some(j) => {
+            match rx.try_recv() {
+                Ok(j) => {
                     count += j.0.len();
                     jobs.push(j);
                 }
-                None => break,
+                Err(_) => break,
             }
         }
         let result = commit(&mut conn, &jobs);
