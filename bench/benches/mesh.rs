@@ -84,21 +84,6 @@ impl Future for NextCmd<'_> {
     }
 }
 
-/// Gives the executor one turn, then completes.
-struct YieldNow(bool);
-
-impl Future for YieldNow {
-    type Output = ();
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
-        if self.0 {
-            return Poll::Ready(());
-        }
-        self.0 = true;
-        cx.waker().wake_by_ref();
-        Poll::Pending
-    }
-}
-
 /// Send `msg` to `dst`, yielding to the executor while the queue is full.
 async fn send_until_accepted(port: &MeshPort<u64>, dst: usize, mut msg: u64) {
     loop {
@@ -106,7 +91,7 @@ async fn send_until_accepted(port: &MeshPort<u64>, dst: usize, mut msg: u64) {
             Ok(()) => return,
             Err(SendError::Full(m)) => {
                 msg = m;
-                YieldNow(false).await;
+                tim_shards::yield_now().await;
             }
             Err(SendError::ToSelf(_)) => unreachable!("benchmarks never send to self"),
         }
