@@ -37,7 +37,7 @@ use tim::{
     config::{PgPartition, PostgresConfig},
     store::{postgres::PostgresStore, Store, StoredMessage},
 };
-use tokio_postgres::{types::Type, Client, NoTls};
+use tokio_postgres::{Client, NoTls};
 
 const SCHEMA: &str = "tim_pg_placement";
 const SIZES: [usize; 3] = [1, 64, 1024];
@@ -112,31 +112,9 @@ async fn commit_pool(store: &PostgresStore, msgs: Vec<StoredMessage>) {
     outcome.expect("commit answered").expect("commit succeeded");
 }
 
-/// The same statement as src/store/postgres.rs `insert_batch`, on a shard-local connection.
+/// tim's own insert (`tim::store::postgres::insert_messages`), on a shard-local connection.
 async fn commit_shard(client: &Client, batch: Vec<StoredMessage>) {
-    let col = |f: fn(&StoredMessage) -> u64| batch.iter().map(|m| f(m) as i64).collect::<Vec<i64>>();
-    let (a, b, seq, msg_id, ts) =
-        (col(|m| m.conv.0), col(|m| m.conv.1), col(|m| m.seq), col(|m| m.msg_id), col(|m| m.ts_ms));
-    let (sender, device, cmid) = (col(|m| m.sender), col(|m| m.sender_device), col(|m| m.client_msg_id));
-    let payload: Vec<&[u8]> = batch.iter().map(|m| &m.payload[..]).collect();
-    let arr = Type::INT8_ARRAY;
-    let params: [(&(dyn tokio_postgres::types::ToSql + Sync), Type); 9] = [
-        (&a, arr.clone()),
-        (&b, arr.clone()),
-        (&seq, arr.clone()),
-        (&msg_id, arr.clone()),
-        (&ts, arr.clone()),
-        (&sender, arr.clone()),
-        (&device, arr.clone()),
-        (&cmid, arr),
-        (&payload, Type::BYTEA_ARRAY),
-    ];
-    let insert = client.execute_typed(
-        "INSERT INTO messages (conv_a, conv_b, seq, msg_id, ts_ms, sender, sender_device, client_msg_id, payload)
-         SELECT * FROM UNNEST($1::int8[], $2::int8[], $3::int8[], $4::int8[], $5::int8[], $6::int8[],
-                              $7::int8[], $8::int8[], $9::bytea[])",
-        &params,
-    );
+    let insert = tim::store::postgres::insert_messages(client, &batch);
     let rows = monoio::time::timeout(COMMIT_TIMEOUT, insert).await.expect("commit in time");
     assert_eq!(rows.expect("commit succeeded"), batch.len() as u64);
 }

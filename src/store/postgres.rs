@@ -242,13 +242,21 @@ async fn migrate(r: &Range) -> Result<(), StoreError> {
 
 async fn insert_batch(range: &Range, batch: &[StoredMessage]) -> Result<(), StoreError> {
     let conn = range.conn().await?;
+    insert_messages(conn.client(), batch).await.map_err(pg_err)?;
+    Ok(())
+}
+
+/// Insert `batch` with one statement (`INSERT … SELECT FROM UNNEST(…)`: one round trip, one
+/// implicit transaction). Returns the rows inserted. Public for the placement benchmark, which
+/// runs it on a shard-local connection.
+pub async fn insert_messages(client: &Client, batch: &[StoredMessage]) -> Result<u64, tokio_postgres::Error> {
     let col = |f: fn(&StoredMessage) -> u64| batch.iter().map(|m| i(f(m))).collect::<Vec<i64>>();
     let (a, b, seq, msg_id, ts) =
         (col(|m| m.conv.0), col(|m| m.conv.1), col(|m| m.seq), col(|m| m.msg_id), col(|m| m.ts_ms));
     let (sender, device, cmid) = (col(|m| m.sender), col(|m| m.sender_device), col(|m| m.client_msg_id));
     let payload: Vec<&[u8]> = batch.iter().map(|m| &m.payload[..]).collect();
     let arr = Type::INT8_ARRAY;
-    conn.client()
+    client
         .execute_typed(
             "INSERT INTO messages (conv_a, conv_b, seq, msg_id, ts_ms, sender, sender_device, client_msg_id, payload)
              SELECT * FROM UNNEST($1::int8[], $2::int8[], $3::int8[], $4::int8[], $5::int8[], $6::int8[],
@@ -266,8 +274,6 @@ async fn insert_batch(range: &Range, batch: &[StoredMessage]) -> Result<(), Stor
             ],
         )
         .await
-        .map_err(pg_err)?;
-    Ok(())
 }
 
 fn page(rows: Vec<Vec<u8>>, limit: u32) -> Page {
