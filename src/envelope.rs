@@ -8,10 +8,11 @@
 //! A 1:1 send goes S → C (`Submit`), C → S (`Acked`/`Rejected`), C → U of both users (`Fanout`),
 //! U → T of each session (`Deliver`). Message bodies travel as one shared [`Bytes`] frame.
 
-use bytes::{Bytes, BytesMut};
+use bytes::{BufMut, Bytes, BytesMut};
 
 use crate::{
-    protocol::{DeviceType, ErrorCode},
+    frame,
+    protocol::{kind, DeviceType, ErrorCode, Stamp},
     store::UserId,
 };
 
@@ -54,6 +55,22 @@ pub struct Submit {
     /// Hash of the sending session's device id (see `store::device_hash`).
     pub sender_device: u64,
     pub frame: BytesMut,
+}
+
+impl Submit {
+    /// The future `DELIVER` frame of a `Send` payload: header, a blank stamp (written in place
+    /// by the conversation owner), the sender's archive verbatim, and padding.
+    pub fn blank_deliver(send_payload: &[u8]) -> BytesMut {
+        let len = Stamp::BYTES + send_payload.len();
+        let mut f = BytesMut::with_capacity(frame::frame_bytes(len));
+        f.put_u32_le(len as u32);
+        f.put_u16_le(kind::DELIVER);
+        f.put_u16_le(0);
+        f.put_bytes(0, Stamp::BYTES);
+        f.put_slice(send_payload);
+        f.put_bytes(0, frame::padded(len) - len);
+        f
+    }
 }
 
 /// A login asking the user owner for a place among the user's sessions.

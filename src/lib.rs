@@ -3,9 +3,19 @@
 //! Where things are (bytes → frame → operation → state):
 //! - [`frame`]: the 8-byte header, padding, aligned read buffers, rkyv encode/validated access;
 //! - [`protocol`]: frame kinds, message types, the delivery stamp, error codes (docs/PROTOCOL.md);
-//! - [`conn`]: a connection's reader and writer tasks and its [`conn::Session`];
+//! - [`transport`]: bytes on a socket ↔ whole frames (today [`transport::tcp`]);
+//! - [`session`]: a connection's login state and queues, and its requests
+//!   ([`session::requests`]), whatever the transport;
 //! - [`envelope`]: everything that crosses between shards, in one enum;
-//! - [`shard`]: one core's state — sessions, user and conversation partitions, dedup, routing;
+//! - [`placement`]: key → partition → owner;
+//! - [`roles`]: the owner roles as state machines without I/O — [`roles::UserOwner`] (sessions,
+//!   device limits, tokens, fan-out to sessions), [`roles::ConvOwner`] (sequence, resend dedup);
+//! - [`commit`]: the commit pipeline's per-partition queues (group commit);
+//! - [`shard`]: one core's runtime — executes the roles' effects: mesh routing, sessions,
+//!   timeouts, store work, the committers, delivery cursors;
+//! - [`sim`]: the seeded deterministic simulation of several shards' roles, clients and a
+//!   faulty store;
+//! - [`notify`]: a single-threaded multi-waiter notification;
 //! - [`auth`]: names, passwords (argon2id), one-shot tokens;
 //! - [`store`]: the storage boundary and the in-memory (no-data) backend;
 //! - [`sockio`]: batched `sendmsg` writes of queued frames;
@@ -18,13 +28,19 @@
 
 pub mod auth;
 pub mod client;
+pub mod commit;
 pub mod config;
-pub mod conn;
 pub mod envelope;
 pub mod frame;
+pub mod notify;
+pub mod placement;
 pub mod protocol;
+pub mod roles;
 pub mod server;
+pub mod session;
 pub mod shard;
+pub mod sim;
 pub mod sockio;
 pub mod store;
+pub mod transport;
 pub mod workers;

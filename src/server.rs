@@ -17,10 +17,10 @@ use tim_shards::{listener::bind_reuseport_group, Driver, DriverKind, RuntimeConf
 use crate::{
     auth::Auth,
     config::Config,
-    conn,
     envelope::Envelope,
     shard::{Shard, Shared, CURRENT, SHARDS_MAX},
     store::{embedded::EmbeddedStore, postgres::PostgresStore, MemoryStore, Store},
+    transport::tcp,
     workers::Workers,
 };
 
@@ -125,14 +125,15 @@ async fn run_shard(ctx: ShardContext<Envelope>, shared: Arc<Shared>, listener: s
     if shard.shared.store.durable() {
         monoio::spawn(shard.clone().run_cursor_flush());
     }
-    loop {
+    // A stop signalled before this loop first waits is seen here; later ones wake the wait.
+    while !shard.shutting_down.get() {
         monoio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((stream, _peer)) => {
                     if shard.sessions.borrow().len() >= conn_max {
-                        conn::refuse(stream);
+                        tcp::refuse(stream);
                     } else {
-                        monoio::spawn(conn::serve(shard.clone(), stream));
+                        monoio::spawn(tcp::serve(shard.clone(), stream));
                     }
                 }
                 Err(e) => {

@@ -1,41 +1,44 @@
-//! One shard's state and its handling of [`Envelope`]s: the sessions it owns, the users and
-//! conversations of its partitions, resend dedup, and routing to other shards.
+//! The shard runtime: everything one core owns, and the only place that executes effects — it
+//! touches the sockets' sessions, the mesh, timers and the store; the owner roles
+//! ([`crate::roles`]) only decide.
 //!
-//! Key types: [`Shard`] (everything one core owns; shared by its tasks through `Rc`), [`Shared`]
-//! (what all shards share: config, auth, store, workers), [`LocalNotify`].
+//! Key types: [`Shard`] (one core's runtime; shared by its tasks through `Rc`), [`Shared`] (what
+//! all shards share: config, auth, store, workers).
 //!
 //! Everything here runs on the shard's own thread; `RefCell` borrows are never held across an
-//! `.await`. Envelopes for the shard itself go through a local FIFO instead of the mesh, so that
-//! handling one never re-enters another.
+//! `.await` nor while effects run. Envelopes for the shard itself go through a local FIFO
+//! instead of the mesh, so that handling one never re-enters another.
 
 use std::{
     cell::{Cell, RefCell},
     collections::{HashMap, VecDeque},
-    future::Future,
-    pin::Pin,
     rc::Rc,
     sync::{
         atomic::{AtomicBool, AtomicU64, Ordering},
         Arc,
     },
-    task::{Context, Poll, Waker},
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
 use ahash::RandomState;
-use bytes::Bytes;
-use tim_shards::{mix64, shard_of, MeshPort, SendError};
+use tim_shards::{MeshPort, SendError};
 
 use crate::{
     auth::Auth,
-    config::{Config, DevicePolicy},
-    conn::Session,
-    envelope::{AckInfo, Attach, Envelope, SessionRef, Submit},
-    frame::{self, AlignedBuf},
-    protocol::{self, kind, DeviceType, ErrorCode, Stamp},
-    store::{ConvKey, ConvLoad, Cursor, Store, StoreError, StoredMessage, UserId},
+    commit::CommitQueues,
+    config::Config,
+    envelope::{Envelope, SessionRef},
+    frame::AlignedBuf,
+    notify::LocalNotify,
+    placement::Placement,
+    protocol::ErrorCode,
+    roles::{ConvOwner, Effect, Effects, LoadRequest, Sequenced, UserOwner},
+    session::Session,
+    store::{ConvKey, Cursor, Store, UserId},
     workers::Workers,
 };
+
+pub use crate::roles::conv::SHARDS_MAX;
 
 /// What every shard shares. Immutable after start, or atomic.
 pub struct Shared {
@@ -54,179 +57,10 @@ pub fn now_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }
 
-/// Message ids: 41 bits of milliseconds since 2024-01-01, 10 bits of shard, 13 bits of counter.
-const ID_EPOCH_MS: u64 = 1_704_067_200_000;
-pub const SHARDS_MAX: usize = 1024;
-const ID_COUNTER_BITS: u32 = 13;
-
-/// The shard owning a user's live state.
-#[inline]
-pub fn user_shard(user: UserId, shards: usize) -> usize {
-    shard_of(mix64(user), shards)
-}
-
-/// The key of a 1:1 conversation: its two users, smaller first.
-#[inline]
-pub fn direct_key(a: UserId, b: UserId) -> (UserId, UserId) {
-    if a <= b {
-        (a, b)
-    } else {
-        (b, a)
-    }
-}
-
-/// The hash that places a 1:1 conversation (on a shard, and on a store partition).
-#[inline]
-pub fn conv_hash(key: (UserId, UserId)) -> u64 {
-    mix64(key.0 ^ mix64(key.1))
-}
-
-/// The shard owning a 1:1 conversation.
-#[inline]
-pub fn conv_shard(key: (UserId, UserId), shards: usize) -> usize {
-    shard_of(conv_hash(key), shards)
-}
-
-/// A single-threaded, level-style notification: `notify` before `wait` is not lost.
-#[derive(Default)]
-pub struct LocalNotify {
-    flag: Cell<bool>,
-    waker: RefCell<Option<Waker>>,
-}
-
-impl LocalNotify {
-    pub fn notify(&self) {
-        self.flag.set(true);
-        if let Some(w) = self.waker.borrow_mut().take() {
-            w.wake();
-        }
-    }
-
-    pub fn wait(&self) -> impl Future<Output = ()> + '_ {
-        NotifyWait(self)
-    }
-}
-
-struct NotifyWait<'a>(&'a LocalNotify);
-
-impl Future for NotifyWait<'_> {
-    type Output = ();
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
-        if self.0.flag.replace(false) {
-            return Poll::Ready(());
-        }
-        *self.0.waker.borrow_mut() = Some(cx.waker().clone());
-        Poll::Pending
-    }
-}
-
-struct LiveSession {
-    session: SessionRef,
-    device_type: DeviceType,
-}
-
-/// A user's live state, held by the user's owner shard.
-#[derive(Default)]
-struct UserLive {
-    /// Oldest login first.
-    sessions: Vec<LiveSession>,
-    tokens: Vec<([u8; 32], u64)>,
-}
-
-// Submits stay boxed: they are handed back to `on_submit` as `Envelope::Submit(Box<_>)`.
-#[allow(clippy::vec_box)]
-enum ConvState {
-    /// Checking that the recipient exists (and, with a durable store, loading the last sequence).
-    Loading(Vec<Box<Submit>>),
-    Ready,
-}
-
-struct Conv {
-    last_seq: u64,
-    state: ConvState,
-    /// Resend dedup: the conversation's latest sends (at most `dedup_per_conversation_max`,
-    /// none older than `dedup_window_secs`), oldest first.
-    recent: VecDeque<Sent>,
-    /// Per sender of this conversation (at most two), the greatest client message id
-    /// remembered: a send above it cannot be a resend, which spares the scan for clients whose
-    /// ids rise.
-    newest: [(UserId, u64); 2],
-}
-
-/// Submits waiting for one conversation to load.
-const CONV_WAITERS_MAX: usize = 1024;
-/// Recent sends loaded with a conversation to rebuild its resend dedup.
-const CONV_RECENT_MAX: usize = 4096;
-
-/// A sequenced message on its way out: the sender's ack and the shared `DELIVER` frame.
-struct Outgoing {
-    ack: AckInfo,
-    origin: SessionRef,
-    sender: UserId,
-    to: UserId,
-    frame: Bytes,
-}
-
-impl Outgoing {
-    /// Length of the frame's payload (stamp + Send archive), from its header.
-    fn payload_len(&self) -> usize {
-        frame::Header::read(&self.frame).len as usize
-    }
-}
-
-/// Sequenced messages of one store partition waiting for their commit.
-#[derive(Default)]
-struct CommitQueue {
-    pending: VecDeque<(StoredMessage, Outgoing)>,
-    /// A `run_commits` task is working on this queue.
-    busy: bool,
-}
-
-/// A remembered send of a conversation: its ids, and whether its commit has succeeded (a resend
-/// of a send whose commit is still open gets `Busy`).
-#[derive(Clone, Copy)]
-struct Sent {
-    sender: UserId,
-    ack: AckInfo,
-    committed: bool,
-}
-
-impl Conv {
-    /// The remembered send of `sender` with `client_msg_id`, forgetting sends older than the
-    /// window first. Recent sends of one conversation sit together in memory, and a resend is
-    /// almost always of one of the last few: scanning them costs less than a shard-wide map.
-    fn find(&mut self, sender: UserId, client_msg_id: u64, now: u64, window_ms: u64) -> Option<&mut Sent> {
-        while self.recent.front().is_some_and(|s| s.ack.ts_ms + window_ms < now) {
-            self.recent.pop_front();
-        }
-        if self.newest.iter().any(|&(u, max)| u == sender && client_msg_id > max) {
-            return None;
-        }
-        self.recent.iter_mut().rev().find(|s| s.ack.client_msg_id == client_msg_id && s.sender == sender)
-    }
-
-    fn remember(&mut self, sent: Sent, max: usize) {
-        if self.recent.len() >= max {
-            self.recent.pop_front();
-        }
-        let cmid = sent.ack.client_msg_id;
-        match self.newest.iter_mut().find(|(u, _)| *u == sent.sender) {
-            Some((_, m)) => *m = (*m).max(cmid),
-            None => {
-                if let Some(slot) = self.newest.iter_mut().find(|(u, _)| *u == 0) {
-                    *slot = (sent.sender, cmid);
-                }
-            }
-        }
-        self.recent.push_back(sent);
-    }
-}
-
 /// Counters of one shard.
 #[derive(Default)]
 pub struct Stats {
     pub accepted: Cell<u64>,
-    pub messages_sequenced: Cell<u64>,
     pub deliveries: Cell<u64>,
     pub delivery_acks: Cell<u64>,
 }
@@ -234,6 +68,7 @@ pub struct Stats {
 pub struct Shard {
     pub id: usize,
     pub shards: usize,
+    pub placement: Placement,
     pub shared: Arc<Shared>,
     port: MeshPort<Envelope>,
     local: RefCell<VecDeque<Envelope>>,
@@ -242,12 +77,13 @@ pub struct Shard {
     overflow_len: Cell<usize>,
     pub sessions: RefCell<HashMap<u64, Rc<Session>, RandomState>>,
     next_session: Cell<u64>,
-    users: RefCell<HashMap<UserId, UserLive, RandomState>>,
-    convs: RefCell<HashMap<(UserId, UserId), Conv, RandomState>>,
-    dedup_window_ms: u64,
-    dedup_max: usize,
-    commits: RefCell<Vec<CommitQueue>>,
-    ids: Cell<(u64, u64)>,
+    /// The user owner role for this shard's partitions.
+    users: RefCell<UserOwner>,
+    /// The conversation owner role for this shard's partitions.
+    convs: RefCell<ConvOwner>,
+    commits: RefCell<CommitQueues>,
+    /// Scratch for the effects of one role call (reused, so that handling allocates nothing).
+    effects: RefCell<Effects>,
     pool: RefCell<Vec<AlignedBuf>>,
     /// Delivery cursors acknowledged since the last flush: (user, device, conversation) → seq.
     cursors: RefCell<HashMap<(UserId, u64, ConvKey), u64, RandomState>>,
@@ -259,10 +95,13 @@ pub struct Shard {
 impl Shard {
     pub fn new(id: usize, shards: usize, shared: Arc<Shared>, port: MeshPort<Envelope>) -> Shard {
         assert!(shards <= SHARDS_MAX);
-        let l = &shared.cfg.limits;
+        let cfg = &shared.cfg;
+        let placement = Placement::new(shards);
+        let store = &shared.store;
         Shard {
             id,
             shards,
+            placement,
             port,
             local: RefCell::new(VecDeque::new()),
             draining: Cell::new(false),
@@ -270,12 +109,20 @@ impl Shard {
             overflow_len: Cell::new(0),
             sessions: RefCell::new(HashMap::default()),
             next_session: Cell::new(1),
-            users: RefCell::new(HashMap::default()),
-            convs: RefCell::new(HashMap::default()),
-            dedup_window_ms: l.dedup_window_secs * 1000,
-            dedup_max: l.dedup_per_conversation_max,
-            commits: RefCell::new((0..shared.store.partitions()).map(|_| CommitQueue::default()).collect()),
-            ids: Cell::new((0, 0)),
+            users: RefCell::new(UserOwner::new(
+                cfg.sessions.clone(),
+                cfg.limits.tokens_per_user_max,
+                RandomState::new(),
+            )),
+            convs: RefCell::new(ConvOwner::new(
+                id,
+                placement,
+                store.durable(),
+                &cfg.limits,
+                RandomState::new(),
+            )),
+            commits: RefCell::new(CommitQueues::new(store.partitions(), cfg.store.commit_batch_max)),
+            effects: RefCell::new(Vec::new()),
             pool: RefCell::new(Vec::new()),
             cursors: RefCell::new(HashMap::default()),
             shutting_down: Cell::new(false),
@@ -293,6 +140,11 @@ impl Shard {
         let n = self.next_session.get();
         self.next_session.set(n + 1);
         SessionRef::new(self.id, n)
+    }
+
+    /// Messages this shard's conversation owner has sequenced.
+    pub fn messages_sequenced(&self) -> u64 {
+        self.convs.borrow().sequenced
     }
 
     // ---- read buffer pool ----
@@ -491,11 +343,22 @@ impl Shard {
         }
     }
 
-    // ---- envelope handling ----
+    // ---- envelope handling: sessions here, roles through effects ----
 
     fn handle(&self, env: Envelope) {
+        let now = now_ms();
+        let mut fx = std::mem::take(&mut *self.effects.borrow_mut());
         match env {
-            Envelope::Submit(sub) => self.on_submit(sub),
+            Envelope::Submit(sub) => self.convs.borrow_mut().submit(sub, now, &mut fx),
+            Envelope::Fanout { user, skip, frame } => {
+                debug_assert_eq!(self.placement.user(user), self.id, "fanout on the wrong shard");
+                self.users.borrow().fanout(user, skip, &frame, &mut fx);
+            }
+            Envelope::Attach(a) => self.users.borrow_mut().attach(&a, now, &mut fx),
+            Envelope::Detach { user, session } => self.users.borrow_mut().detach(user, session),
+            Envelope::StoreToken { user, session, hash, expires_at_ms } => {
+                self.users.borrow_mut().store_token(user, session, hash, expires_at_ms, now, &mut fx)
+            }
             Envelope::Acked { session, ack } => {
                 if let Some(s) = self.session(session) {
                     s.on_acked(&ack);
@@ -506,32 +369,25 @@ impl Shard {
                     s.on_rejected(client_msg_id, code);
                 }
             }
-            Envelope::Fanout { user, skip, frame } => self.on_fanout(user, skip, frame),
             Envelope::Deliver { session, frame } => {
                 if let Some(s) = self.session(session) {
                     self.stats.deliveries.set(self.stats.deliveries.get() + 1);
                     s.push(frame);
                 }
             }
-            Envelope::Attach(a) => self.on_attach(a),
             Envelope::AttachResult { session, user, result } => match self.session(session) {
                 Some(s) => s.on_attach_result(user, result),
                 None => {
                     if result.is_ok() {
                         // The connection ended while logging in: undo the attach.
-                        self.post(user_shard(user, self.shards), Envelope::Detach { user, session });
+                        self.post(self.placement.user(user), Envelope::Detach { user, session });
                     }
                 }
             },
-            Envelope::Detach { user, session } => self.on_detach(user, session),
             Envelope::Kick { session, reason } => {
                 if let Some(s) = self.session(session) {
                     s.kick(reason);
                 }
-            }
-            Envelope::StoreToken { user, session, hash, expires_at_ms } => {
-                let result = self.on_store_token(user, hash, expires_at_ms);
-                self.post(session.shard(), Envelope::TokenResult { session, result });
             }
             Envelope::TokenResult { session, result } => {
                 if let Some(s) = self.session(session) {
@@ -539,6 +395,32 @@ impl Shard {
                 }
             }
         }
+        self.execute(&mut fx);
+        *self.effects.borrow_mut() = fx;
+    }
+
+    /// Carry out the effects of a role call, in order. Runs with no role borrowed: a post to
+    /// this shard only queues (handling runs inside `drain_local`).
+    fn execute(&self, fx: &mut Effects) {
+        for effect in fx.drain(..) {
+            match effect {
+                Effect::Post(dst, env) => self.post(dst, env),
+                Effect::LoadConv(req) => self.spawn_conv_load(req),
+                Effect::Commit(s) => {
+                    let part = self.shared.store.partition_of(s.conv());
+                    if self.commits.borrow_mut().push(part, s) {
+                        monoio::spawn(self.rc().run_commits(part));
+                    }
+                }
+            }
+        }
+    }
+
+    /// Call a role outside envelope handling (from a task) and carry out its effects.
+    fn with_convs(&self, f: impl FnOnce(&mut ConvOwner, &mut Effects)) {
+        let mut fx = Vec::new();
+        f(&mut self.convs.borrow_mut(), &mut fx);
+        self.execute(&mut fx);
     }
 
     fn session(&self, r: SessionRef) -> Option<Rc<Session>> {
@@ -550,71 +432,26 @@ impl Shard {
         self.post(session.shard(), Envelope::Rejected { session, client_msg_id, code });
     }
 
-    // conversation owner
-
-    fn on_submit(&self, sub: Box<Submit>) {
-        let key = direct_key(sub.sender, sub.to);
-        debug_assert_eq!(conv_shard(key, self.shards), self.id, "submit on the wrong shard");
-        let now = now_ms();
-        let mut convs = self.convs.borrow_mut();
-        match convs.get_mut(&key) {
-            // Handling runs inside `drain_local`, so the posts made while sequencing only queue:
-            // nothing re-enters while `convs` is borrowed.
-            Some(conv) if matches!(conv.state, ConvState::Ready) => {
-                match conv.find(sub.sender, sub.client_msg_id, now, self.dedup_window_ms).copied() {
-                    Some(sent) if !sent.committed => {
-                        self.reject(sub.origin, sub.client_msg_id, ErrorCode::Busy)
-                    }
-                    Some(sent) => {
-                        let ack = AckInfo { duplicate: true, ..sent.ack };
-                        self.post(sub.origin.shard(), Envelope::Acked { session: sub.origin, ack });
-                    }
-                    None => self.sequence(sub, conv, now),
-                }
-            }
-            Some(Conv { state: ConvState::Ready, .. }) => unreachable!("handled above"),
-            Some(Conv { state: ConvState::Loading(waiters), .. }) => {
-                if waiters.len() < CONV_WAITERS_MAX {
-                    waiters.push(sub);
-                } else {
-                    drop(convs);
-                    self.reject(sub.origin, sub.client_msg_id, ErrorCode::Busy);
-                }
-            }
-            None => {
-                if convs.len() >= self.cfg().limits.conversations_per_shard_max {
-                    drop(convs);
-                    return self.reject(sub.origin, sub.client_msg_id, ErrorCode::Busy);
-                }
-                let (sender, to) = (sub.sender, sub.to);
-                let conv = Conv {
-                    last_seq: 0,
-                    state: ConvState::Loading(vec![sub]),
-                    recent: VecDeque::new(),
-                    newest: [(0, 0); 2],
-                };
-                convs.insert(key, conv);
-                drop(convs);
-                self.spawn_conv_load(key, sender, to);
-            }
-        }
+    fn rc(&self) -> Rc<Shard> {
+        CURRENT.with(|c| c.borrow().clone()).expect("shard registered on its thread")
     }
 
-    /// Check the recipient exists and load the conversation's last sequence number and recent
-    /// sends (for resend dedup across restarts), then hand everything that waited back to
-    /// `on_submit`, in order.
-    fn spawn_conv_load(&self, key: (UserId, UserId), sender: UserId, to: UserId) {
+    // ---- store work asked for by the roles ----
+
+    /// Check a conversation's recipient and load its last sequence and recent sends on a worker,
+    /// then hand the outcome to the conversation owner.
+    fn spawn_conv_load(&self, req: LoadRequest) {
         let me = self.rc();
         monoio::spawn(async move {
             let store = me.shared.store.clone();
-            let l = &me.cfg().limits;
-            let since = now_ms().saturating_sub(l.dedup_window_secs * 1000);
-            let recent_max = l.dedup_per_conversation_max.min(CONV_RECENT_MAX);
-            let job = move || -> Result<Option<ConvLoad>, StoreError> {
-                if sender != to && !store.account_exists(to)? {
-                    return Ok(None);
+            let key = req.key;
+            let job = move || -> Result<Option<crate::store::ConvLoad>, crate::store::StoreError> {
+                if let Some(to) = req.check_recipient {
+                    if !store.account_exists(to)? {
+                        return Ok(None);
+                    }
                 }
-                store.load_conv(key, since, recent_max).map(Some)
+                store.load_conv(req.key, req.since_ms, req.recent_max).map(Some)
             };
             let loaded = match me.shared.workers.run(job).await {
                 Ok(Ok(Some(load))) => Ok(load),
@@ -625,147 +462,31 @@ impl Shard {
                 }
                 Err(_) => Err(ErrorCode::Busy),
             };
-            let waiters = {
-                let mut convs = me.convs.borrow_mut();
-                let Some(conv) = convs.get_mut(&key) else { return };
-                let state = std::mem::replace(&mut conv.state, ConvState::Ready);
-                match &loaded {
-                    Ok(load) => {
-                        conv.last_seq = load.last_seq;
-                        for r in load.recent.iter().rev() {
-                            let ack = AckInfo {
-                                client_msg_id: r.client_msg_id,
-                                msg_id: r.msg_id,
-                                seq: r.seq,
-                                ts_ms: r.ts_ms,
-                                duplicate: false,
-                            };
-                            conv.remember(Sent { sender: r.sender, ack, committed: true }, me.dedup_max);
-                        }
-                    }
-                    Err(_) => {
-                        convs.remove(&key);
-                    }
-                }
-                match state {
-                    ConvState::Loading(w) => w,
-                    ConvState::Ready => Vec::new(),
-                }
-            };
-            for sub in waiters {
-                match loaded {
-                    Ok(_) => me.dispatch(Envelope::Submit(sub)),
-                    Err(code) => me.reject(sub.origin, sub.client_msg_id, code),
-                }
-            }
+            me.with_convs(|c, fx| c.loaded(key, loaded, now_ms(), fx));
         });
     }
 
-    fn rc(&self) -> Rc<Shard> {
-        CURRENT.with(|c| c.borrow().clone()).expect("shard registered on its thread")
-    }
-
-    /// Give `sub` the next sequence number of its conversation, stamp it, ack it and fan it out.
-    #[allow(clippy::boxed_local)] // it arrives boxed in its envelope
-    fn sequence(&self, mut sub: Box<Submit>, conv: &mut Conv, now: u64) {
-        conv.last_seq += 1;
-        let last_seq = conv.last_seq;
-        let ack = AckInfo {
-            client_msg_id: sub.client_msg_id,
-            msg_id: self.next_msg_id(now),
-            seq: last_seq,
-            ts_ms: now,
-            duplicate: false,
-        };
-        let stamp = Stamp {
-            msg_id: ack.msg_id,
-            seq: ack.seq,
-            ts_ms: now,
-            from: sub.sender,
-            to: sub.to,
-            conv: sub.conv,
-        };
-        stamp.write(&mut sub.frame[frame::HEADER_BYTES..]);
-        let durable = self.shared.store.durable();
-        conv.remember(Sent { sender: sub.sender, ack, committed: !durable }, self.dedup_max);
-        self.stats.messages_sequenced.set(self.stats.messages_sequenced.get() + 1);
-        let Submit { origin, sender, to, frame, client_msg_id, sender_device, .. } = *sub;
-        let frame = frame.freeze();
-        let out = Outgoing { ack, origin, sender, to, frame };
-        if !durable {
-            return self.publish(out, true);
-        }
-        let msg = StoredMessage {
-            conv: direct_key(sender, to),
-            seq: ack.seq,
-            msg_id: ack.msg_id,
-            ts_ms: now,
-            sender,
-            sender_device,
-            client_msg_id,
-            payload: out.frame.slice(frame::HEADER_BYTES..frame::HEADER_BYTES + out.payload_len()),
-        };
-        let part = self.shared.store.partition_of(msg.conv);
-        let mut commits = self.commits.borrow_mut();
-        let q = &mut commits[part];
-        q.pending.push_back((msg, out));
-        if !q.busy {
-            q.busy = true;
-            monoio::spawn(self.rc().run_commits(part));
-        }
-    }
-
-    /// Ack a message to its sender (if `ack`) and fan it out to both users' sessions.
-    fn publish(&self, out: Outgoing, ack: bool) {
-        let Outgoing { ack: info, origin, sender, to, frame } = out;
-        if ack {
-            self.post(origin.shard(), Envelope::Acked { session: origin, ack: info });
-        }
-        if to == sender {
-            self.post(user_shard(to, self.shards), Envelope::Fanout { user: to, skip: origin, frame });
-        } else {
-            let fanout_to = Envelope::Fanout { user: to, skip: SessionRef::NONE, frame: frame.clone() };
-            self.post(user_shard(to, self.shards), fanout_to);
-            self.post(
-                user_shard(sender, self.shards),
-                Envelope::Fanout { user: sender, skip: origin, frame },
-            );
-        }
-    }
-
-    /// Commit queued messages of store partition `part`, one batch at a time, and publish each
-    /// batch once it is committed: nothing is acked or delivered before it is durable. A commit
-    /// that takes longer than `commit_timeout_ms` fails its sends with StoreUnavailable; if it
-    /// succeeds later, its messages are delivered then, and a resend gets the original ack.
+    /// The committer of store partition `part`: commit its queued messages one batch at a time
+    /// and settle each batch once committed, so nothing is acked or delivered before it is
+    /// durable. A commit that takes longer than `commit_timeout_ms` fails its sends with
+    /// StoreUnavailable; if it succeeds later, its messages are delivered then, and a resend gets
+    /// the original ack.
     async fn run_commits(self: Rc<Self>, part: usize) {
-        let batch_max = self.shared.cfg.store.commit_batch_max;
         let timeout = Duration::from_millis(self.shared.cfg.store.commit_timeout_ms);
         let gather = Duration::from_micros(self.shared.cfg.store.commit_wait_us);
         loop {
-            let short = self.commits.borrow()[part].pending.len() < batch_max;
-            if short && !gather.is_zero() {
+            if !gather.is_zero() && !self.commits.borrow().full(part) {
                 // Let more messages join this commit (rounded up to the 1 ms timer).
                 monoio::time::sleep(gather).await;
             }
-            let batch: Vec<(StoredMessage, Outgoing)> = {
-                let mut commits = self.commits.borrow_mut();
-                let q = &mut commits[part];
-                let n = q.pending.len().min(batch_max);
-                if n == 0 {
-                    q.busy = false;
-                    return;
-                }
-                q.pending.drain(..n).collect()
-            };
+            let Some(batch) = self.commits.borrow_mut().next_batch(part) else { return };
             let (tx, mut rx) = futures_channel::oneshot::channel();
-            let msgs: Vec<StoredMessage> = batch.iter().map(|(m, _)| m.clone()).collect();
+            let msgs = batch.iter().map(Sequenced::stored).collect();
             self.shared.store.append(part, msgs, Box::new(move |r| drop(tx.send(r))));
             match monoio::time::timeout(timeout, &mut rx).await {
                 Ok(outcome) => self.settle(batch, matches!(outcome, Ok(Ok(()))), true),
                 Err(_) => {
-                    for (_, out) in &batch {
-                        self.reject(out.origin, out.ack.client_msg_id, ErrorCode::StoreUnavailable);
-                    }
+                    self.with_convs(|c, fx| batch.iter().for_each(|s| c.commit_timed_out(s, fx)));
                     let me = self.clone();
                     monoio::spawn(async move {
                         let committed = matches!(rx.await, Ok(Ok(())));
@@ -776,191 +497,16 @@ impl Shard {
         }
     }
 
-    /// Record the outcome of a commit: publish what was committed (acking only a sender that is
-    /// still waiting), refuse what failed.
-    fn settle(&self, batch: Vec<(StoredMessage, Outgoing)>, committed: bool, sender_waiting: bool) {
-        for (_, out) in batch {
-            self.settle_sent(&out, committed);
-            if committed {
-                self.publish(out, sender_waiting);
-            } else if sender_waiting {
-                self.reject(out.origin, out.ack.client_msg_id, ErrorCode::StoreUnavailable);
+    fn settle(&self, batch: Vec<Sequenced>, committed: bool, sender_waiting: bool) {
+        self.with_convs(|c, fx| {
+            for s in batch {
+                c.settled(s, committed, sender_waiting, fx);
             }
-        }
-    }
-
-    /// Mark a remembered send committed, or forget it if its commit failed for good (a resend is
-    /// then a new message).
-    fn settle_sent(&self, out: &Outgoing, committed: bool) {
-        let mut convs = self.convs.borrow_mut();
-        let Some(conv) = convs.get_mut(&direct_key(out.sender, out.to)) else { return };
-        let cmid = out.ack.client_msg_id;
-        match conv.recent.iter().rposition(|s| s.ack.client_msg_id == cmid && s.sender == out.sender) {
-            Some(i) if committed => conv.recent[i].committed = true,
-            Some(i) => {
-                conv.recent.remove(i);
-            }
-            None => {}
-        }
-    }
-
-    fn next_msg_id(&self, now: u64) -> u64 {
-        let now = now.saturating_sub(ID_EPOCH_MS);
-        let (mut last, mut ctr) = self.ids.get();
-        if now > last {
-            last = now;
-            ctr = 0;
-        } else {
-            ctr += 1;
-            if ctr >= 1 << ID_COUNTER_BITS {
-                last += 1; // borrow from the next millisecond: ids never repeat or go back
-                ctr = 0;
-            }
-        }
-        self.ids.set((last, ctr));
-        (last << (ID_COUNTER_BITS + 10)) | ((self.id as u64) << ID_COUNTER_BITS) | ctr
-    }
-
-    // user owner
-
-    fn on_fanout(&self, user: UserId, skip: SessionRef, frame: Bytes) {
-        debug_assert_eq!(user_shard(user, self.shards), self.id, "fanout on the wrong shard");
-        // Called only from `handle`, inside `drain_local`: a post to this shard only queues, so
-        // holding `users` while posting cannot re-enter it.
-        debug_assert!(self.draining.get());
-        let users = self.users.borrow();
-        let Some(live) = users.get(&user) else { return };
-        for s in live.sessions.iter().filter(|s| s.session != skip) {
-            self.post(s.session.shard(), Envelope::Deliver { session: s.session, frame: frame.clone() });
-        }
-    }
-
-    fn on_attach(&self, a: Box<Attach>) {
-        let result = self.attach(&a);
-        self.post(a.session.shard(), Envelope::AttachResult { session: a.session, user: a.user, result });
-    }
-
-    fn attach(&self, a: &Attach) -> Result<(), ErrorCode> {
-        let policy = &self.cfg().sessions;
-        let now = now_ms();
-        let mut users = self.users.borrow_mut();
-        let live = users.entry(a.user).or_default();
-        live.tokens.retain(|&(_, exp)| exp > now);
-        let token_at = match a.token {
-            Some(h) => match live.tokens.iter().position(|&(t, _)| t == h) {
-                Some(i) => Some(i),
-                None => {
-                    if live.sessions.is_empty() && live.tokens.is_empty() {
-                        users.remove(&a.user);
-                    }
-                    return Err(ErrorCode::InvalidToken);
-                }
-            },
-            None => None,
-        };
-        // Decide every kick first, so that a refusal changes nothing.
-        let mut kicks: Vec<usize> = Vec::new();
-        let same_type: Vec<usize> =
-            (0..live.sessions.len()).filter(|&i| live.sessions[i].device_type == a.device_type).collect();
-        if same_type.len() >= policy.per_device_type_max {
-            if policy.policy == DevicePolicy::Refuse {
-                return Err(ErrorCode::DeviceLimit);
-            }
-            kicks.extend(&same_type[..same_type.len() + 1 - policy.per_device_type_max]);
-        }
-        let remaining = live.sessions.len() - kicks.len();
-        if remaining >= policy.per_account_max {
-            if policy.policy == DevicePolicy::Refuse {
-                return Err(ErrorCode::DeviceLimit);
-            }
-            let more = remaining + 1 - policy.per_account_max;
-            let extra: Vec<usize> =
-                (0..live.sessions.len()).filter(|i| !kicks.contains(i)).take(more).collect();
-            kicks.extend(extra);
-        }
-        if let Some(i) = token_at {
-            live.tokens.swap_remove(i);
-        }
-        kicks.sort_unstable();
-        let mut kicked = Vec::with_capacity(kicks.len());
-        for &i in kicks.iter().rev() {
-            kicked.push(live.sessions.remove(i).session);
-        }
-        live.sessions.push(LiveSession { session: a.session, device_type: a.device_type });
-        drop(users);
-        for session in kicked {
-            self.post(session.shard(), Envelope::Kick { session, reason: ErrorCode::Replaced });
-        }
-        Ok(())
-    }
-
-    fn on_detach(&self, user: UserId, session: SessionRef) {
-        let mut users = self.users.borrow_mut();
-        if let Some(live) = users.get_mut(&user) {
-            live.sessions.retain(|s| s.session != session);
-            if live.sessions.is_empty() && live.tokens.is_empty() {
-                users.remove(&user);
-            }
-        }
-    }
-
-    fn on_store_token(&self, user: UserId, hash: [u8; 32], expires_at_ms: u64) -> Result<(), ErrorCode> {
-        let now = now_ms();
-        let mut users = self.users.borrow_mut();
-        let live = users.entry(user).or_default();
-        live.tokens.retain(|&(_, exp)| exp > now);
-        if live.tokens.len() >= self.cfg().limits.tokens_per_user_max {
-            return Err(ErrorCode::TooManyTokens);
-        }
-        live.tokens.push((hash, expires_at_ms));
-        Ok(())
-    }
-
-    /// Build an `Error` frame.
-    pub fn error_frame(code: ErrorCode, request_kind: u16, client_msg_id: u64) -> Bytes {
-        Bytes::from(frame::encode(
-            kind::ERROR,
-            &protocol::Error {
-                code: code.code(),
-                request_kind,
-                client_msg_id,
-                message: code.text().to_string(),
-            },
-        ))
+        });
     }
 }
 
 thread_local! {
     /// The shard of the current thread, for tasks spawned from `&Shard` methods.
     pub static CURRENT: RefCell<Option<Rc<Shard>>> = const { RefCell::new(None) };
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn sent(sender: UserId, cmid: u64, ts_ms: u64) -> Sent {
-        let ack = AckInfo { client_msg_id: cmid, msg_id: cmid, seq: cmid, ts_ms, duplicate: false };
-        Sent { sender, ack, committed: true }
-    }
-
-    /// Resend dedup finds remembered sends whatever order their ids come in, per sender, and
-    /// forgets by count and by age.
-    #[test]
-    fn conversation_dedup() {
-        let mut c =
-            Conv { last_seq: 0, state: ConvState::Ready, recent: VecDeque::new(), newest: [(0, 0); 2] };
-        for cmid in [50, 7, 900, 3] {
-            c.remember(sent(1, cmid, 1000), 4);
-        }
-        c.remember(sent(2, 7, 1000), 4); // pushes out (1, 50)
-        assert!(c.find(1, 50, 1000, 60_000).is_none(), "evicted by count");
-        assert_eq!(c.find(1, 7, 1000, 60_000).map(|s| s.sender), Some(1));
-        assert_eq!(c.find(2, 7, 1000, 60_000).map(|s| s.sender), Some(2));
-        assert!(c.find(1, 3, 1000, 60_000).is_some(), "an id below the newest is still found");
-        assert!(c.find(1, 901, 1000, 60_000).is_none());
-        assert!(c.find(3, 7, 1000, 60_000).is_none(), "another sender's id");
-        assert!(c.find(1, 900, 62_000, 60_000).is_none(), "forgotten after the window");
-        assert!(c.recent.is_empty());
-    }
 }

@@ -13,7 +13,8 @@ use tim::{
 
 /// Whether the 1:1 conversation of `a` and `b` lives in the low half of the partitions.
 fn low_half(a: u64, b: u64) -> bool {
-    tim_shards::partition_of(tim::shard::conv_hash(tim::shard::direct_key(a, b))) < tim_shards::PARTITIONS / 2
+    tim_shards::partition_of(tim::placement::conv_hash(tim::placement::direct_key(a, b)))
+        < tim_shards::PARTITIONS / 2
 }
 
 fn login(s: &TestServer, name: &str) -> Client {

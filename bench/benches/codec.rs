@@ -87,7 +87,7 @@ fn partition(c: &mut Criterion) {
         b.iter(|| {
             let mut acc = 0usize;
             for id in 0..1024u64 {
-                acc += tim::shard::user_shard(black_box(id), 4);
+                acc += tim::placement::user_shard(black_box(id), 4);
             }
             acc
         })
@@ -96,7 +96,7 @@ fn partition(c: &mut Criterion) {
         b.iter(|| {
             let mut acc = 0usize;
             for id in 0..1024u64 {
-                acc += tim::shard::conv_shard(tim::shard::direct_key(black_box(id), 77), 4);
+                acc += tim::placement::conv_shard(tim::placement::direct_key(black_box(id), 77), 4);
             }
             acc
         })

@@ -197,7 +197,7 @@ impl PostgresStore {
     }
 
     fn conv_range(&self, conv: ConvKey) -> &Arc<Range> {
-        self.range_of_slot(tim_shards::partition_of(crate::shard::conv_hash(conv)) as u64)
+        self.range_of_slot(tim_shards::partition_of(crate::placement::conv_hash(conv)) as u64)
     }
 
     fn name_slot(name: &NameKey) -> u64 {
@@ -337,7 +337,7 @@ impl Store for PostgresStore {
     }
 
     fn partition_of(&self, conv: ConvKey) -> usize {
-        let slot = tim_shards::partition_of(crate::shard::conv_hash(conv));
+        let slot = tim_shards::partition_of(crate::placement::conv_hash(conv));
         self.owner[slot as usize] as usize
     }
 
@@ -454,7 +454,7 @@ impl Store for PostgresStore {
     fn save_cursors(&self, cursors: &[Cursor]) -> Result<(), StoreError> {
         let mut by_range: Vec<Vec<&Cursor>> = vec![Vec::new(); self.ranges.len()];
         for c in cursors {
-            let slot = tim_shards::partition_of(crate::shard::conv_hash(c.conv));
+            let slot = tim_shards::partition_of(crate::placement::conv_hash(c.conv));
             by_range[self.owner[slot as usize] as usize].push(c);
         }
         for (index, group) in by_range.into_iter().enumerate().filter(|(_, g)| !g.is_empty()) {

@@ -1,0 +1,438 @@
+//! The conversation owner: for each 1:1 conversation of its partitions, the sequence counter and
+//! the resend dedup of its latest sends.
+//!
+//! A `Submit` for a conversation not held yet starts a load ([`Effect::LoadConv`]: the recipient
+//! must exist; with a durable store the last sequence and the recent sends come back too), and
+//! waits with the others that arrive meanwhile. A sequenced message is stamped in place, then
+//! either published at once (no-data mode) or handed to the commit pipeline
+//! ([`Effect::Commit`]) and published when [`ConvOwner::settled`] says it is committed: nothing
+//! is acked or delivered before it is durable.
+
+use std::collections::{HashMap, VecDeque};
+
+use ahash::RandomState;
+use bytes::Bytes;
+
+use super::{Effect, Effects, InvariantError};
+use crate::{
+    config::Limits,
+    envelope::{AckInfo, Envelope, SessionRef, Submit},
+    frame,
+    placement::{direct_key, Owner, Placement},
+    protocol::{ErrorCode, Stamp},
+    store::{ConvKey, ConvLoad, StoredMessage, UserId},
+};
+
+/// Submits waiting for one conversation to load.
+pub const CONV_WAITERS_MAX: usize = 1024;
+/// Recent sends loaded with a conversation to rebuild its resend dedup.
+pub const CONV_RECENT_MAX: usize = 4096;
+
+/// Message ids: 41 bits of milliseconds since 2024-01-01, 10 bits of shard, 13 bits of counter.
+const ID_EPOCH_MS: u64 = 1_704_067_200_000;
+/// Shards whose ids fit the message id layout.
+pub const SHARDS_MAX: usize = 1024;
+const ID_COUNTER_BITS: u32 = 13;
+
+/// A store read the runtime runs for the owner, answered with [`ConvOwner::loaded`].
+#[derive(Clone, Debug)]
+pub struct LoadRequest {
+    pub key: ConvKey,
+    /// The recipient must exist (not asked for a note to oneself).
+    pub check_recipient: Option<UserId>,
+    /// Sends since this time are loaded for resend dedup.
+    pub since_ms: u64,
+    pub recent_max: usize,
+}
+
+/// A sequenced message on its way out: the sender's ack and the shared `DELIVER` frame.
+pub struct Sequenced {
+    pub ack: AckInfo,
+    pub origin: SessionRef,
+    pub sender: UserId,
+    pub to: UserId,
+    pub sender_device: u64,
+    pub frame: Bytes,
+}
+
+impl Sequenced {
+    pub fn conv(&self) -> ConvKey {
+        direct_key(self.sender, self.to)
+    }
+
+    /// The message as stored: its `DELIVER` payload (stamp + Send archive) shares the frame.
+    pub fn stored(&self) -> StoredMessage {
+        let len = frame::Header::read(&self.frame).len as usize;
+        StoredMessage {
+            conv: self.conv(),
+            seq: self.ack.seq,
+            msg_id: self.ack.msg_id,
+            ts_ms: self.ack.ts_ms,
+            sender: self.sender,
+            sender_device: self.sender_device,
+            client_msg_id: self.ack.client_msg_id,
+            payload: self.frame.slice(frame::HEADER_BYTES..frame::HEADER_BYTES + len),
+        }
+    }
+}
+
+// Submits stay boxed: they arrive as `Envelope::Submit(Box<_>)`.
+#[allow(clippy::vec_box)]
+enum ConvState {
+    /// Checking that the recipient exists (and, with a durable store, loading the last sequence).
+    Loading(Vec<Box<Submit>>),
+    Ready,
+}
+
+struct Conv {
+    last_seq: u64,
+    state: ConvState,
+    /// Resend dedup: the conversation's latest sends (at most `dedup_per_conversation_max`,
+    /// none older than `dedup_window_secs`), oldest first.
+    recent: VecDeque<Sent>,
+    /// Per sender of this conversation (at most two), the greatest client message id
+    /// remembered: a send above it cannot be a resend, which spares the scan for clients whose
+    /// ids rise.
+    newest: [(UserId, u64); 2],
+}
+
+/// A remembered send of a conversation: its ids, and whether its commit has succeeded (a resend
+/// of a send whose commit is still open gets `Busy`).
+#[derive(Clone, Copy)]
+struct Sent {
+    sender: UserId,
+    ack: AckInfo,
+    committed: bool,
+}
+
+impl Conv {
+    fn new(state: ConvState) -> Conv {
+        Conv { last_seq: 0, state, recent: VecDeque::new(), newest: [(0, 0); 2] }
+    }
+
+    /// The remembered send of `sender` with `client_msg_id`, forgetting sends older than the
+    /// window first. Recent sends of one conversation sit together in memory, and a resend is
+    /// almost always of one of the last few: scanning them costs less than a shard-wide map.
+    fn find(&mut self, sender: UserId, client_msg_id: u64, now: u64, window_ms: u64) -> Option<&mut Sent> {
+        while self.recent.front().is_some_and(|s| s.ack.ts_ms + window_ms < now) {
+            self.recent.pop_front();
+        }
+        if self.newest.iter().any(|&(u, max)| u == sender && client_msg_id > max) {
+            return None;
+        }
+        self.recent.iter_mut().rev().find(|s| s.ack.client_msg_id == client_msg_id && s.sender == sender)
+    }
+
+    fn remember(&mut self, sent: Sent, max: usize) {
+        if self.recent.len() >= max {
+            self.recent.pop_front();
+        }
+        let cmid = sent.ack.client_msg_id;
+        match self.newest.iter_mut().find(|(u, _)| *u == sent.sender) {
+            Some((_, m)) => *m = (*m).max(cmid),
+            None => {
+                if let Some(slot) = self.newest.iter_mut().find(|(u, _)| *u == 0) {
+                    *slot = (sent.sender, cmid);
+                }
+            }
+        }
+        self.recent.push_back(sent);
+    }
+}
+
+/// Message ids of one shard: unique and rising, whatever the clock does.
+struct MsgIds {
+    shard: u64,
+    last_ms: u64,
+    counter: u64,
+}
+
+impl MsgIds {
+    fn next(&mut self, now: u64) -> u64 {
+        let now = now.saturating_sub(ID_EPOCH_MS);
+        if now > self.last_ms {
+            self.last_ms = now;
+            self.counter = 0;
+        } else {
+            self.counter += 1;
+            if self.counter >= 1 << ID_COUNTER_BITS {
+                self.last_ms += 1; // borrow from the next millisecond: ids never repeat or go back
+                self.counter = 0;
+            }
+        }
+        (self.last_ms << (ID_COUNTER_BITS + 10)) | (self.shard << ID_COUNTER_BITS) | self.counter
+    }
+}
+
+pub struct ConvOwner {
+    me: Owner,
+    placement: Placement,
+    durable: bool,
+    convs: HashMap<ConvKey, Conv, RandomState>,
+    dedup_window_ms: u64,
+    dedup_max: usize,
+    convs_max: usize,
+    ids: MsgIds,
+    /// Messages sequenced so far.
+    pub sequenced: u64,
+}
+
+impl ConvOwner {
+    pub fn new(me: Owner, placement: Placement, durable: bool, l: &Limits, hasher: RandomState) -> ConvOwner {
+        assert!(placement.shards() <= SHARDS_MAX && me < placement.shards());
+        ConvOwner {
+            me,
+            placement,
+            durable,
+            convs: HashMap::with_hasher(hasher),
+            dedup_window_ms: l.dedup_window_secs * 1000,
+            dedup_max: l.dedup_per_conversation_max,
+            convs_max: l.conversations_per_shard_max,
+            ids: MsgIds { shard: me as u64, last_ms: 0, counter: 0 },
+            sequenced: 0,
+        }
+    }
+
+    /// A send arrives: answer a resend from dedup, sequence a new one, or wait for the load.
+    pub fn submit(&mut self, sub: Box<Submit>, now: u64, out: &mut Effects) {
+        let key = direct_key(sub.sender, sub.to);
+        // A message on the wrong owner would get a second, conflicting sequence.
+        assert_eq!(self.placement.conv(key), self.me, "submit on the wrong conversation owner");
+        match self.convs.get_mut(&key) {
+            Some(conv) => match &mut conv.state {
+                ConvState::Ready => {
+                    match conv.find(sub.sender, sub.client_msg_id, now, self.dedup_window_ms).copied() {
+                        Some(sent) if !sent.committed => {
+                            reject(out, sub.origin, sub.client_msg_id, ErrorCode::Busy)
+                        }
+                        Some(sent) => {
+                            let ack = AckInfo { duplicate: true, ..sent.ack };
+                            out.push(Effect::Post(
+                                sub.origin.shard(),
+                                Envelope::Acked { session: sub.origin, ack },
+                            ));
+                        }
+                        None => {
+                            let s = sequence(conv, &mut self.ids, sub, now, self.durable, self.dedup_max);
+                            self.sequenced += 1;
+                            if self.durable {
+                                out.push(Effect::Commit(s));
+                            } else {
+                                publish(&self.placement, s, true, out);
+                            }
+                        }
+                    }
+                }
+                ConvState::Loading(waiters) => {
+                    if waiters.len() < CONV_WAITERS_MAX {
+                        waiters.push(sub);
+                    } else {
+                        reject(out, sub.origin, sub.client_msg_id, ErrorCode::Busy);
+                    }
+                }
+            },
+            None => {
+                if self.convs.len() >= self.convs_max {
+                    return reject(out, sub.origin, sub.client_msg_id, ErrorCode::Busy);
+                }
+                let check_recipient = (sub.sender != sub.to).then_some(sub.to);
+                self.convs.insert(key, Conv::new(ConvState::Loading(vec![sub])));
+                out.push(Effect::LoadConv(LoadRequest {
+                    key,
+                    check_recipient,
+                    since_ms: now.saturating_sub(self.dedup_window_ms),
+                    recent_max: self.dedup_max.min(CONV_RECENT_MAX),
+                }));
+            }
+        }
+    }
+
+    /// A load finished: take the conversation over (or drop it) and handle, in order, every
+    /// send that waited for it.
+    pub fn loaded(&mut self, key: ConvKey, result: Result<ConvLoad, ErrorCode>, now: u64, out: &mut Effects) {
+        let Some(conv) = self.convs.get_mut(&key) else { return };
+        let ConvState::Loading(waiters) = std::mem::replace(&mut conv.state, ConvState::Ready) else {
+            return;
+        };
+        match result {
+            Ok(load) => {
+                conv.last_seq = conv.last_seq.max(load.last_seq);
+                for r in load.recent.iter().rev() {
+                    let ack = AckInfo {
+                        client_msg_id: r.client_msg_id,
+                        msg_id: r.msg_id,
+                        seq: r.seq,
+                        ts_ms: r.ts_ms,
+                        duplicate: false,
+                    };
+                    conv.remember(Sent { sender: r.sender, ack, committed: true }, self.dedup_max);
+                }
+                for sub in waiters {
+                    self.submit(sub, now, out);
+                }
+            }
+            Err(code) => {
+                self.convs.remove(&key);
+                for sub in waiters {
+                    reject(out, sub.origin, sub.client_msg_id, code);
+                }
+            }
+        }
+    }
+
+    /// A commit ended. Publish what was committed (acking only a sender still waiting), refuse
+    /// what failed, and remember the outcome for resend dedup: a committed send answers its
+    /// resends with the original ack; a failed one is forgotten (its resend is a new message).
+    pub fn settled(&mut self, s: Sequenced, committed: bool, sender_waiting: bool, out: &mut Effects) {
+        if let Some(conv) = self.convs.get_mut(&s.conv()) {
+            let cmid = s.ack.client_msg_id;
+            match conv.recent.iter().rposition(|r| r.ack.client_msg_id == cmid && r.sender == s.sender) {
+                Some(i) if committed => conv.recent[i].committed = true,
+                Some(i) => {
+                    conv.recent.remove(i);
+                }
+                None => {}
+            }
+        }
+        if committed {
+            publish(&self.placement, s, sender_waiting, out);
+        } else if sender_waiting {
+            reject(out, s.origin, s.ack.client_msg_id, ErrorCode::StoreUnavailable);
+        }
+    }
+
+    /// A commit took longer than `commit_timeout_ms`: its sender gets StoreUnavailable now; the
+    /// commit's outcome comes later through [`ConvOwner::settled`] with `sender_waiting` false.
+    pub fn commit_timed_out(&mut self, s: &Sequenced, out: &mut Effects) {
+        reject(out, s.origin, s.ack.client_msg_id, ErrorCode::StoreUnavailable);
+    }
+
+    /// Conversations held (ready or loading).
+    pub fn len(&self) -> usize {
+        self.convs.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.convs.is_empty()
+    }
+
+    /// The last sequence number given in `key`, if held.
+    pub fn last_seq(&self, key: ConvKey) -> Option<u64> {
+        self.convs.get(&key).map(|c| c.last_seq)
+    }
+
+    /// Remembered sends never exceed their cap, go back in sequence, or belong to a third user.
+    pub fn check(&self) -> Result<(), InvariantError> {
+        for (&key, conv) in &self.convs {
+            let fail =
+                |what: String| Err(InvariantError { key: key.0, what: format!("conv {key:?}: {what}") });
+            if conv.recent.len() > self.dedup_max {
+                return fail(format!("{} remembered sends > dedup max", conv.recent.len()));
+            }
+            let mut prev = 0;
+            for s in &conv.recent {
+                if s.ack.seq <= prev || s.ack.seq > conv.last_seq {
+                    return fail(format!(
+                        "remembered seq {} out of order (last {})",
+                        s.ack.seq, conv.last_seq
+                    ));
+                }
+                if s.sender != key.0 && s.sender != key.1 {
+                    return fail(format!("remembered send of user {} outside the conversation", s.sender));
+                }
+                prev = s.ack.seq;
+            }
+        }
+        Ok(())
+    }
+}
+
+fn reject(out: &mut Effects, session: SessionRef, client_msg_id: u64, code: ErrorCode) {
+    out.push(Effect::Post(session.shard(), Envelope::Rejected { session, client_msg_id, code }));
+}
+
+/// Give `sub` the next sequence number of its conversation and stamp its frame in place.
+#[allow(clippy::boxed_local)] // it arrives boxed in its envelope
+fn sequence(
+    conv: &mut Conv,
+    ids: &mut MsgIds,
+    mut sub: Box<Submit>,
+    now: u64,
+    durable: bool,
+    dedup_max: usize,
+) -> Sequenced {
+    conv.last_seq += 1;
+    let ack = AckInfo {
+        client_msg_id: sub.client_msg_id,
+        msg_id: ids.next(now),
+        seq: conv.last_seq,
+        ts_ms: now,
+        duplicate: false,
+    };
+    let stamp =
+        Stamp { msg_id: ack.msg_id, seq: ack.seq, ts_ms: now, from: sub.sender, to: sub.to, conv: sub.conv };
+    stamp.write(&mut sub.frame[frame::HEADER_BYTES..]);
+    conv.remember(Sent { sender: sub.sender, ack, committed: !durable }, dedup_max);
+    let Submit { origin, sender, to, frame, sender_device, .. } = *sub;
+    Sequenced { ack, origin, sender, to, sender_device, frame: frame.freeze() }
+}
+
+/// Ack a message to its sender (if `ack`) and fan it out to both users' sessions.
+fn publish(placement: &Placement, s: Sequenced, ack: bool, out: &mut Effects) {
+    let Sequenced { ack: info, origin, sender, to, frame, .. } = s;
+    if ack {
+        out.push(Effect::Post(origin.shard(), Envelope::Acked { session: origin, ack: info }));
+    }
+    if to == sender {
+        out.push(Effect::Post(placement.user(to), Envelope::Fanout { user: to, skip: origin, frame }));
+    } else {
+        let fanout_to = Envelope::Fanout { user: to, skip: SessionRef::NONE, frame: frame.clone() };
+        out.push(Effect::Post(placement.user(to), fanout_to));
+        out.push(Effect::Post(
+            placement.user(sender),
+            Envelope::Fanout { user: sender, skip: origin, frame },
+        ));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sent(sender: UserId, cmid: u64, ts_ms: u64) -> Sent {
+        let ack = AckInfo { client_msg_id: cmid, msg_id: cmid, seq: cmid, ts_ms, duplicate: false };
+        Sent { sender, ack, committed: true }
+    }
+
+    /// Resend dedup finds remembered sends whatever order their ids come in, per sender, and
+    /// forgets by count and by age.
+    #[test]
+    fn conversation_dedup() {
+        let mut c = Conv::new(ConvState::Ready);
+        for cmid in [50, 7, 900, 3] {
+            c.remember(sent(1, cmid, 1000), 4);
+        }
+        c.remember(sent(2, 7, 1000), 4); // pushes out (1, 50)
+        assert!(c.find(1, 50, 1000, 60_000).is_none(), "evicted by count");
+        assert_eq!(c.find(1, 7, 1000, 60_000).map(|s| s.sender), Some(1));
+        assert_eq!(c.find(2, 7, 1000, 60_000).map(|s| s.sender), Some(2));
+        assert!(c.find(1, 3, 1000, 60_000).is_some(), "an id below the newest is still found");
+        assert!(c.find(1, 901, 1000, 60_000).is_none());
+        assert!(c.find(3, 7, 1000, 60_000).is_none(), "another sender's id");
+        assert!(c.find(1, 900, 62_000, 60_000).is_none(), "forgotten after the window");
+        assert!(c.recent.is_empty());
+    }
+
+    /// Message ids rise and never repeat, also when the clock stands still or goes back.
+    #[test]
+    fn message_ids_rise() {
+        let mut ids = MsgIds { shard: 3, last_ms: 0, counter: 0 };
+        let mut prev = 0;
+        for i in 0..20_000u64 {
+            let now = ID_EPOCH_MS + 5 - (i % 3);
+            let id = ids.next(now);
+            assert!(id > prev);
+            prev = id;
+        }
+    }
+}

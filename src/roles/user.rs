@@ -1,0 +1,198 @@
+//! The user owner: for each user of its partitions, the live sessions (on any shard) and the
+//! live one-shot tokens.
+//!
+//! Inputs: `Attach` (a login asking for a place among the user's sessions; device limits are
+//! decided here, kicking or refusing), `Detach`, `StoreToken`, and `Fanout` (a frame for every
+//! session of the user). Outputs: `AttachResult`, `Kick`, `TokenResult` and `Deliver` envelopes.
+
+use std::collections::HashMap;
+
+use ahash::RandomState;
+use bytes::Bytes;
+
+use super::{Effect, Effects, InvariantError};
+use crate::{
+    config::{DevicePolicy, SessionPolicy},
+    envelope::{Attach, Envelope, SessionRef},
+    protocol::{DeviceType, ErrorCode},
+    store::UserId,
+};
+
+struct LiveSession {
+    session: SessionRef,
+    device_type: DeviceType,
+}
+
+/// A user's live state.
+#[derive(Default)]
+struct UserLive {
+    /// Oldest login first.
+    sessions: Vec<LiveSession>,
+    /// (token hash, expiry in ms since the epoch).
+    tokens: Vec<([u8; 32], u64)>,
+}
+
+impl UserLive {
+    fn is_empty(&self) -> bool {
+        self.sessions.is_empty() && self.tokens.is_empty()
+    }
+}
+
+pub struct UserOwner {
+    users: HashMap<UserId, UserLive, RandomState>,
+    policy: SessionPolicy,
+    tokens_per_user_max: usize,
+}
+
+impl UserOwner {
+    pub fn new(policy: SessionPolicy, tokens_per_user_max: usize, hasher: RandomState) -> UserOwner {
+        assert!(policy.per_account_max > 0 && policy.per_device_type_max > 0);
+        UserOwner { users: HashMap::with_hasher(hasher), policy, tokens_per_user_max }
+    }
+
+    /// Give a login its place among the user's sessions (consuming its token, if any), kicking
+    /// older sessions or refusing as the device policy says, and answer the login's shard.
+    pub fn attach(&mut self, a: &Attach, now: u64, out: &mut Effects) {
+        let result = self.try_attach(a, now, out);
+        out.push(Effect::Post(
+            a.session.shard(),
+            Envelope::AttachResult { session: a.session, user: a.user, result },
+        ));
+    }
+
+    fn try_attach(&mut self, a: &Attach, now: u64, out: &mut Effects) -> Result<(), ErrorCode> {
+        let policy = &self.policy;
+        let live = self.users.entry(a.user).or_default();
+        live.tokens.retain(|&(_, exp)| exp > now);
+        let token_at = match a.token {
+            Some(h) => match live.tokens.iter().position(|&(t, _)| t == h) {
+                Some(i) => Some(i),
+                None => {
+                    if live.is_empty() {
+                        self.users.remove(&a.user);
+                    }
+                    return Err(ErrorCode::InvalidToken);
+                }
+            },
+            None => None,
+        };
+        // Decide every kick first, so that a refusal changes nothing.
+        let mut kicks: Vec<usize> = Vec::new();
+        let same_type: Vec<usize> =
+            (0..live.sessions.len()).filter(|&i| live.sessions[i].device_type == a.device_type).collect();
+        if same_type.len() >= policy.per_device_type_max {
+            if policy.policy == DevicePolicy::Refuse {
+                return Err(self.refuse(a.user));
+            }
+            kicks.extend(&same_type[..same_type.len() + 1 - policy.per_device_type_max]);
+        }
+        let remaining = live.sessions.len() - kicks.len();
+        if remaining >= policy.per_account_max {
+            if policy.policy == DevicePolicy::Refuse {
+                return Err(self.refuse(a.user));
+            }
+            let more = remaining + 1 - policy.per_account_max;
+            let extra: Vec<usize> =
+                (0..live.sessions.len()).filter(|i| !kicks.contains(i)).take(more).collect();
+            kicks.extend(extra);
+        }
+        if let Some(i) = token_at {
+            live.tokens.swap_remove(i);
+        }
+        kicks.sort_unstable();
+        for &i in kicks.iter().rev() {
+            let session = live.sessions.remove(i).session;
+            out.push(Effect::Post(session.shard(), Envelope::Kick { session, reason: ErrorCode::Replaced }));
+        }
+        live.sessions.push(LiveSession { session: a.session, device_type: a.device_type });
+        Ok(())
+    }
+
+    fn refuse(&mut self, user: UserId) -> ErrorCode {
+        if self.users.get(&user).is_some_and(UserLive::is_empty) {
+            self.users.remove(&user);
+        }
+        ErrorCode::DeviceLimit
+    }
+
+    /// A logged-in session ended (or a login's connection ended before it was answered).
+    pub fn detach(&mut self, user: UserId, session: SessionRef) {
+        if let Some(live) = self.users.get_mut(&user) {
+            live.sessions.retain(|s| s.session != session);
+            if live.is_empty() {
+                self.users.remove(&user);
+            }
+        }
+    }
+
+    /// Remember a one-shot token of `user` and answer the issuing session.
+    pub fn store_token(
+        &mut self,
+        user: UserId,
+        session: SessionRef,
+        hash: [u8; 32],
+        expires_at_ms: u64,
+        now: u64,
+        out: &mut Effects,
+    ) {
+        let live = self.users.entry(user).or_default();
+        live.tokens.retain(|&(_, exp)| exp > now);
+        let result = if live.tokens.len() >= self.tokens_per_user_max {
+            Err(ErrorCode::TooManyTokens)
+        } else {
+            live.tokens.push((hash, expires_at_ms));
+            Ok(())
+        };
+        out.push(Effect::Post(session.shard(), Envelope::TokenResult { session, result }));
+    }
+
+    /// Deliver `frame` to every session of `user` but `skip`.
+    pub fn fanout(&self, user: UserId, skip: SessionRef, frame: &Bytes, out: &mut Effects) {
+        let Some(live) = self.users.get(&user) else { return };
+        for s in live.sessions.iter().filter(|s| s.session != skip) {
+            out.push(Effect::Post(
+                s.session.shard(),
+                Envelope::Deliver { session: s.session, frame: frame.clone() },
+            ));
+        }
+    }
+
+    /// The live sessions of `user`, oldest first.
+    pub fn sessions(&self, user: UserId) -> impl Iterator<Item = (SessionRef, DeviceType)> + '_ {
+        self.users.get(&user).into_iter().flat_map(|l| l.sessions.iter().map(|s| (s.session, s.device_type)))
+    }
+
+    /// Users with live state (sessions or tokens).
+    pub fn len(&self) -> usize {
+        self.users.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.users.is_empty()
+    }
+
+    /// Device limits hold for every user, no session is listed twice, no empty entry is kept.
+    pub fn check(&self) -> Result<(), InvariantError> {
+        for (&user, live) in &self.users {
+            let fail = |what: String| Err(InvariantError { key: user, what });
+            if live.is_empty() {
+                return fail("empty live state kept".into());
+            }
+            if live.sessions.len() > self.policy.per_account_max {
+                return fail(format!("{} sessions > per_account_max", live.sessions.len()));
+            }
+            for t in 0..DeviceType::COUNT as u8 {
+                let n = live.sessions.iter().filter(|s| s.device_type as u8 == t).count();
+                if n > self.policy.per_device_type_max {
+                    return fail(format!("{n} sessions of device type {t} > per_device_type_max"));
+                }
+            }
+            for (i, s) in live.sessions.iter().enumerate() {
+                if live.sessions[..i].iter().any(|o| o.session == s.session) {
+                    return fail(format!("session {:?} listed twice", s.session));
+                }
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,221 @@
+//! Sessions: a connection's login state, outbound queue and in-flight sends, whatever transport
+//! carries its bytes; and ([`requests`]) the handling of the requests it sends.
+//!
+//! A transport ([`crate::transport`]) turns bytes into whole frames and hands each to
+//! [`requests::Requests::frame`]; it writes what the session queues. The session never touches a
+//! socket, so a WebSocket transport can feed the same logic.
+//!
+//! Key types: [`Session`], [`Flow`].
+
+pub mod requests;
+
+use std::{
+    cell::{Cell, RefCell},
+    collections::VecDeque,
+    time::{Duration, Instant},
+};
+
+use bytes::Bytes;
+use futures_channel::oneshot;
+
+use crate::{
+    config::Limits,
+    envelope::{AckInfo, SessionRef},
+    frame,
+    notify::LocalNotify,
+    protocol::{self, kind, ErrorCode},
+    store::UserId,
+};
+
+/// What the transport does after a frame.
+pub enum Flow {
+    Continue,
+    Close,
+}
+
+/// Answers that a request waits for after posting to another shard.
+pub(crate) enum Reply {
+    Attach(Result<UserId, ErrorCode>),
+    Token(Result<(), ErrorCode>),
+}
+
+/// Build an `Error` frame.
+pub fn error_frame(code: ErrorCode, request_kind: u16, client_msg_id: u64) -> Bytes {
+    Bytes::from(frame::encode(
+        kind::ERROR,
+        &protocol::Error { code: code.code(), request_kind, client_msg_id, message: code.text().to_string() },
+    ))
+}
+
+pub struct Session {
+    pub id: SessionRef,
+    /// 0 until logged in.
+    pub(crate) user: Cell<UserId>,
+    pub(crate) outq: RefCell<VecDeque<Bytes>>,
+    pub(crate) out_bytes: Cell<usize>,
+    pub(crate) out_bytes_max: usize,
+    pub(crate) writer: LocalNotify,
+    pub(crate) reader: LocalNotify,
+    pub(crate) inflight: Cell<u32>,
+    pub(crate) inflight_max: u32,
+    pub(crate) closing: Cell<bool>,
+    pub(crate) reply: RefCell<Option<oneshot::Sender<Reply>>>,
+    /// When the connection was accepted (for the login timeout).
+    pub created: Instant,
+    /// When bytes last arrived (for the idle timeout).
+    pub(crate) last_rx: Cell<Instant>,
+    /// A login is being checked: the login timeout waits for its answer.
+    pub(crate) login_pending: Cell<bool>,
+    /// Hash of the logged-in device id (see `store::device_hash`).
+    pub(crate) device: Cell<u64>,
+    /// Notified by the writer each time it has written: paced pushes wait on it.
+    pub(crate) drained: LocalNotify,
+}
+
+impl Session {
+    pub fn new(id: SessionRef, l: &Limits) -> Session {
+        Session {
+            id,
+            user: Cell::new(0),
+            outq: RefCell::new(VecDeque::new()),
+            out_bytes: Cell::new(0),
+            out_bytes_max: l.session_outbound_bytes_max,
+            writer: LocalNotify::default(),
+            reader: LocalNotify::default(),
+            inflight: Cell::new(0),
+            inflight_max: l.inflight_per_session_max,
+            closing: Cell::new(false),
+            reply: RefCell::new(None),
+            created: Instant::now(),
+            last_rx: Cell::new(Instant::now()),
+            login_pending: Cell::new(false),
+            device: Cell::new(0),
+            drained: LocalNotify::default(),
+        }
+    }
+
+    /// The timeout this session has run into at `now`, if any. Checked by the shard's sweep
+    /// ([`crate::shard::Shard::run_timeouts`]) rather than by a timer per read, which would be re-armed on
+    /// every readiness wait. A session paused at its in-flight limit is not idle.
+    pub fn timed_out(&self, now: Instant, login: Duration, idle: Duration) -> Option<ErrorCode> {
+        if self.closing.get() {
+            None
+        } else if self.user() == 0 {
+            let late = now.duration_since(self.created) >= login && !self.login_pending.get();
+            late.then_some(ErrorCode::LoginTimeout)
+        } else if self.inflight.get() < self.inflight_max && now.duration_since(self.last_rx.get()) >= idle {
+            Some(ErrorCode::IdleTimeout)
+        } else {
+            None
+        }
+    }
+
+    /// Close with an `Error` frame carrying `code`.
+    pub fn fail(&self, code: ErrorCode) {
+        self.push(error_frame(code, 0, 0));
+        self.close();
+    }
+
+    pub fn user(&self) -> UserId {
+        self.user.get()
+    }
+
+    /// Queue a frame for writing. A session over its outbound limit is closed as a slow consumer.
+    pub fn push(&self, frame: Bytes) {
+        if self.closing.get() {
+            return;
+        }
+        if self.out_bytes.get() + frame.len() > self.out_bytes_max {
+            self.push_unchecked(error_frame(ErrorCode::SlowConsumer, 0, 0));
+            self.close();
+            return;
+        }
+        self.push_unchecked(frame);
+    }
+
+    /// Queue a frame once the outbound queue is under half its limit: for long streams of
+    /// stored messages, which must not trip the slow-consumer limit by themselves.
+    pub async fn push_paced(&self, frame: Bytes) {
+        while !self.closing.get() && self.out_bytes.get() + frame.len() > self.out_bytes_max / 2 {
+            self.drained.wait().await;
+        }
+        self.push(frame);
+    }
+
+    fn push_unchecked(&self, frame: Bytes) {
+        self.out_bytes.set(self.out_bytes.get() + frame.len());
+        self.outq.borrow_mut().push_back(frame);
+        self.writer.notify();
+    }
+
+    /// Flush what is queued, then close.
+    pub fn close(&self) {
+        if !self.closing.replace(true) {
+            self.writer.notify();
+            self.reader.notify();
+        }
+    }
+
+    pub fn kick(&self, reason: ErrorCode) {
+        if self.closing.get() {
+            return;
+        }
+        let f = frame::encode(
+            kind::KICK,
+            &protocol::Kick { reason: reason.code(), message: reason.text().into() },
+        );
+        self.push_unchecked(Bytes::from(f));
+        self.close();
+    }
+
+    pub fn on_acked(&self, ack: &AckInfo) {
+        let f = frame::encode(
+            kind::SEND_ACK,
+            &protocol::SendAck {
+                client_msg_id: ack.client_msg_id,
+                msg_id: ack.msg_id,
+                seq: ack.seq,
+                ts_ms: ack.ts_ms,
+                duplicate: ack.duplicate,
+            },
+        );
+        self.push(Bytes::from(f));
+        self.release_inflight();
+    }
+
+    pub fn on_rejected(&self, client_msg_id: u64, code: ErrorCode) {
+        self.push(error_frame(code, kind::SEND, client_msg_id));
+        self.release_inflight();
+    }
+
+    fn release_inflight(&self) {
+        let n = self.inflight.get();
+        debug_assert!(n > 0, "ack without a send in flight");
+        self.inflight.set(n.saturating_sub(1));
+        if n == self.inflight_max {
+            // The reader resumes: the idle clock starts again from here.
+            self.last_rx.set(Instant::now());
+            self.reader.notify();
+        }
+    }
+
+    pub fn on_attach_result(&self, user: UserId, result: Result<(), ErrorCode>) {
+        self.answer(Reply::Attach(result.map(|()| user)));
+    }
+
+    pub fn on_token_result(&self, result: Result<(), ErrorCode>) {
+        self.answer(Reply::Token(result));
+    }
+
+    fn answer(&self, r: Reply) {
+        if let Some(tx) = self.reply.borrow_mut().take() {
+            let _ = tx.send(r);
+        }
+    }
+
+    fn expect_reply(&self) -> oneshot::Receiver<Reply> {
+        let (tx, rx) = oneshot::channel();
+        *self.reply.borrow_mut() = Some(tx);
+        rx
+    }
+}

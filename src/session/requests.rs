@@ -1,0 +1,425 @@
+//! The requests of a session: every frame kind a client may send, decoded in place and
+//! answered. Requests that wait (password checks and store reads on a worker, answers from
+//! another shard) are boxed futures: they are rare, and inline they would make every idle
+//! connection's task as large as the largest of them.
+//!
+//! Key types: [`Requests`] (one session's request handler, fed whole frames by a transport).
+
+use std::{rc::Rc, time::Instant};
+
+use bytes::{BufMut, Bytes, BytesMut};
+
+use super::{error_frame, Flow, Reply, Session};
+use crate::{
+    auth,
+    envelope::{Attach, Envelope, Submit},
+    frame,
+    placement::direct_key,
+    protocol::{self, conv, kind, DeviceType, ErrorCode},
+    shard::{now_ms, Shard},
+    store::{device_hash, Cursor, Page, StoreError, UserId},
+};
+
+/// Bytes a `Send` archive may carry besides its body (its root struct and alignment padding).
+pub const SEND_OVERHEAD_BYTES_MAX: usize = 64;
+
+/// Marks a login in progress for as long as it lives: a login the server has read is answered,
+/// even if the login window closes while its password is being checked.
+struct LoginPending<'a>(&'a Session);
+
+impl<'a> LoginPending<'a> {
+    fn new(s: &'a Session) -> Self {
+        s.login_pending.set(true);
+        LoginPending(s)
+    }
+}
+
+impl Drop for LoginPending<'_> {
+    fn drop(&mut self) {
+        self.0.login_pending.set(false);
+    }
+}
+
+/// One session's request handler.
+pub struct Requests<'a> {
+    pub shard: &'a Rc<Shard>,
+    pub session: &'a Rc<Session>,
+}
+
+impl Requests<'_> {
+    fn error(&self, code: ErrorCode, request_kind: u16) -> Flow {
+        self.session.push(error_frame(code, request_kind, 0));
+        Flow::Continue
+    }
+
+    fn reply<T>(&self, k: u16, value: &T) -> Flow
+    where
+        T: rkyv::Archive
+            + for<'b> rkyv::Serialize<
+                rkyv::api::high::HighSerializer<
+                    Vec<u8>,
+                    rkyv::ser::allocator::ArenaHandle<'b>,
+                    rkyv::rancor::Error,
+                >,
+            >,
+    {
+        self.session.push(Bytes::from(frame::encode(k, value)));
+        Flow::Continue
+    }
+
+    /// Handle one whole frame of kind `k` whose size the transport has checked. `payload` is
+    /// the archive, read in place. Operations that wait (on a worker or another shard) are
+    /// boxed: they are rare, and inline they would make every idle connection's task as large as
+    /// the largest of them.
+    pub async fn frame(&mut self, k: u16, payload: &[u8]) -> Flow {
+        if k == kind::SEND {
+            // Stop taking sends at the in-flight limit until acks come back; the transport reads
+            // nothing more meanwhile.
+            while self.session.inflight.get() >= self.session.inflight_max {
+                self.session.reader.wait().await;
+                if self.session.closing.get() {
+                    return Flow::Close;
+                }
+            }
+        }
+        let logged_in = self.session.user() != 0;
+        if !logged_in
+            && !matches!(k, kind::REGISTER | kind::LOGIN | kind::LOGIN_TOKEN | kind::PING | kind::LOGOUT)
+        {
+            return if kind::name(k) == "unknown" || k >= 100 {
+                self.error(ErrorCode::UnknownKind, k)
+            } else {
+                self.error(ErrorCode::NotLoggedIn, k)
+            };
+        }
+        macro_rules! access {
+            ($t:ty) => {
+                match frame::access::<$t>(payload) {
+                    Ok(a) => a,
+                    Err(e) => {
+                        log::debug!("session {:?}: malformed {}: {e}", self.session.id, kind::name(k));
+                        return self.error(ErrorCode::Malformed, k);
+                    }
+                }
+            };
+        }
+        match k {
+            kind::SEND => {
+                let m = access!(protocol::ArchivedSend);
+                self.send(payload, m)
+            }
+            kind::DELIVERY_ACK => {
+                let a = access!(protocol::ArchivedDeliveryAck);
+                // Stores keep sequence numbers as signed 64-bit integers.
+                let (peer, seq) = (a.peer.to_native(), a.seq.to_native().min(i64::MAX as u64));
+                if a.conv != conv::DIRECT || peer == 0 {
+                    return self.error(ErrorCode::InvalidConversation, k);
+                }
+                self.shard.stats.delivery_acks.set(self.shard.stats.delivery_acks.get() + 1);
+                let user = self.session.user();
+                let device = self.session.device.get();
+                self.shard.note_cursor(Cursor { user, device, conv: direct_key(user, peer), seq });
+                Flow::Continue
+            }
+            kind::HISTORY => {
+                let h = access!(protocol::ArchivedHistory);
+                let (peer, anchor, dir, limit) = (
+                    h.peer.to_native(),
+                    h.anchor_seq.to_native().min(i64::MAX as u64),
+                    h.direction,
+                    h.limit.to_native(),
+                );
+                if h.conv != conv::DIRECT || peer == 0 || dir > 1 {
+                    return self.error(ErrorCode::InvalidConversation, k);
+                }
+                Box::pin(self.history(peer, anchor, dir == 0, limit)).await
+            }
+            kind::PING => {
+                let p = access!(protocol::ArchivedPing);
+                self.reply(
+                    kind::PONG,
+                    &protocol::Pong { nonce: p.nonce.to_native(), server_time_ms: now_ms() },
+                )
+            }
+            kind::REGISTER => {
+                let r = access!(protocol::ArchivedRegister);
+                let (name, password) = (r.name.as_str().to_owned(), r.password.as_str().to_owned());
+                Box::pin(self.register(name, password)).await
+            }
+            kind::LOGIN => {
+                let l = access!(protocol::ArchivedLogin);
+                let (name, password) = (l.name.as_str().to_owned(), l.password.as_str().to_owned());
+                let device = (l.device_type, l.device_id.as_str().to_owned());
+                Box::pin(self.login(name, password, device)).await
+            }
+            kind::LOGIN_TOKEN => {
+                let l = access!(protocol::ArchivedLoginToken);
+                let token = auth::parse_token(l.token.as_str());
+                let device = (l.device_type, l.device_id.as_str().to_owned());
+                Box::pin(self.login_token(token, device)).await
+            }
+            kind::ISSUE_TOKEN => {
+                let t = access!(protocol::ArchivedIssueToken);
+                let ttl = t.ttl_secs.to_native();
+                Box::pin(self.issue_token(ttl)).await
+            }
+            kind::LOGOUT => {
+                let _ = access!(protocol::ArchivedLogout);
+                self.session.push(Bytes::from(frame::encode(kind::BYE, &protocol::Bye { reserved: 0 })));
+                Flow::Close
+            }
+            _ => self.error(ErrorCode::UnknownKind, k),
+        }
+    }
+
+    fn send(&self, payload: &[u8], m: &protocol::ArchivedSend) -> Flow {
+        let client_msg_id = m.client_msg_id.to_native();
+        let reject = |code: ErrorCode| {
+            self.session.push(error_frame(code, kind::SEND, client_msg_id));
+            Flow::Continue
+        };
+        if m.conv != conv::DIRECT {
+            return reject(ErrorCode::InvalidConversation);
+        }
+        let to = m.to.to_native();
+        if to == 0 {
+            return reject(ErrorCode::UnknownRecipient);
+        }
+        // The payload is forwarded verbatim, so it may hold nothing but the body and the archive's
+        // own few bytes: bytes the archive does not reference would travel to every recipient.
+        if m.body.len() > self.shard.cfg().limits.body_bytes_max
+            || payload.len() > m.body.len() + SEND_OVERHEAD_BYTES_MAX
+        {
+            return reject(ErrorCode::BodyTooLarge);
+        }
+        // Copied once into the Deliver frame; after this no byte of the body is touched again.
+        let f = Submit::blank_deliver(payload);
+        let sender = self.session.user();
+        let sub = Submit {
+            origin: self.session.id,
+            sender,
+            to,
+            conv: conv::DIRECT,
+            client_msg_id,
+            sender_device: self.session.device.get(),
+            frame: f,
+        };
+        self.session.inflight.set(self.session.inflight.get() + 1);
+        let dst = self.shard.placement.conv(direct_key(sender, to));
+        self.shard.post(dst, Envelope::Submit(Box::new(sub)));
+        Flow::Continue
+    }
+
+    async fn register(&self, name: String, password: String) -> Flow {
+        if self.session.user() != 0 {
+            return self.error(ErrorCode::AlreadyLoggedIn, kind::REGISTER);
+        }
+        if let Err(code) = auth::check_name(&name).and(auth::check_password(&password)) {
+            return self.error(code, kind::REGISTER);
+        }
+        let shared = self.shard.shared.clone();
+        let job = move || {
+            let key = shared.auth.name_key(&name);
+            let hash = shared.auth.hash_password(&password)?;
+            shared.store.create_account(&key, hash).map_err(|e| match e {
+                StoreError::NameTaken => ErrorCode::NameTaken,
+                StoreError::Unavailable(m) => {
+                    log::warn!("store: {m}");
+                    ErrorCode::Internal
+                }
+            })
+        };
+        match self.shard.shared.workers.run(job).await {
+            Ok(Ok(user_id)) => self.reply(kind::REGISTER_OK, &protocol::RegisterOk { user_id }),
+            Ok(Err(code)) => self.error(code, kind::REGISTER),
+            Err(_) => self.error(ErrorCode::Busy, kind::REGISTER),
+        }
+    }
+
+    fn check_device(&self, device: &(u8, String), k: u16) -> Result<DeviceType, Flow> {
+        if self.session.user() != 0 {
+            return Err(self.error(ErrorCode::AlreadyLoggedIn, k));
+        }
+        match DeviceType::from_u8(device.0) {
+            Some(t) if device.1.len() <= auth::DEVICE_ID_BYTES_MAX => Ok(t),
+            _ => Err(self.error(ErrorCode::InvalidDevice, k)),
+        }
+    }
+
+    async fn login(&mut self, name: String, password: String, device: (u8, String)) -> Flow {
+        let _pending = LoginPending::new(self.session);
+        let device_type = match self.check_device(&device, kind::LOGIN) {
+            Ok(t) => t,
+            Err(flow) => return flow,
+        };
+        if let Err(code) = auth::check_name(&name) {
+            return self.error(code, kind::LOGIN);
+        }
+        let shared = self.shard.shared.clone();
+        let job = move || {
+            let key = shared.auth.name_key(&name);
+            match shared.store.account_by_name(&key) {
+                Ok(Some(acc)) if shared.auth.verify_password(&acc.password_hash, &password) => Ok(acc.id),
+                Ok(Some(_)) => Err(ErrorCode::WrongPassword),
+                Ok(None) => Err(ErrorCode::UnknownUser),
+                Err(e) => {
+                    log::warn!("store: {e}");
+                    Err(ErrorCode::Internal)
+                }
+            }
+        };
+        let user = match self.shard.shared.workers.run(job).await {
+            Ok(Ok(user)) => user,
+            Ok(Err(code)) => return self.error(code, kind::LOGIN),
+            Err(_) => return self.error(ErrorCode::Busy, kind::LOGIN),
+        };
+        self.attach(user, (device_type, &device.1), None, kind::LOGIN).await
+    }
+
+    async fn login_token(&mut self, token: Option<(u64, [u8; 32])>, device: (u8, String)) -> Flow {
+        let _pending = LoginPending::new(self.session);
+        let device_type = match self.check_device(&device, kind::LOGIN_TOKEN) {
+            Ok(t) => t,
+            Err(flow) => return flow,
+        };
+        let Some((user, hash)) = token.filter(|&(u, _)| u != 0) else {
+            return self.error(ErrorCode::InvalidToken, kind::LOGIN_TOKEN);
+        };
+        self.attach(user, (device_type, &device.1), Some(hash), kind::LOGIN_TOKEN).await
+    }
+
+    /// Ask the user's owner shard for a place among the user's sessions, then answer the login.
+    async fn attach(
+        &mut self,
+        user: UserId,
+        (device_type, device_id): (DeviceType, &str),
+        token: Option<[u8; 32]>,
+        k: u16,
+    ) -> Flow {
+        let rx = self.session.expect_reply();
+        let attach = Attach { user, session: self.session.id, device_type, token };
+        self.shard.post(self.shard.placement.user(user), Envelope::Attach(Box::new(attach)));
+        match rx.await {
+            Ok(Reply::Attach(Ok(user))) => {
+                let limits = &self.shard.cfg().limits;
+                self.session.user.set(user);
+                self.session.device.set(device_hash(user, device_id));
+                self.session.last_rx.set(Instant::now());
+                let ok = protocol::LoginOk {
+                    user_id: user,
+                    session_id: self.session.id.0,
+                    server_time_ms: now_ms(),
+                    idle_timeout_ms: limits.idle_timeout_ms.min(u32::MAX as u64) as u32,
+                    frame_bytes_max: limits.frame_bytes_max as u32,
+                    body_bytes_max: limits.body_bytes_max as u32,
+                    inflight_max: limits.inflight_per_session_max,
+                    protocol_version: protocol::PROTOCOL_VERSION,
+                };
+                let flow = self.reply(kind::LOGIN_OK, &ok);
+                if self.shard.shared.store.durable() {
+                    // Taken after the user owner attached this session: every message stamped
+                    // later is fanned out to it live, so catch-up stops here (a message stamped
+                    // in the same millisecond may come both ways; clients drop repeats by seq).
+                    let attached_ms = now_ms();
+                    monoio::spawn(catch_up(self.shard.clone(), self.session.clone(), k, attached_ms));
+                }
+                flow
+            }
+            Ok(Reply::Attach(Err(code))) => self.error(code, k),
+            Ok(Reply::Token(_)) | Err(_) => self.error(ErrorCode::Internal, k),
+        }
+    }
+
+    /// Answer a `History` request: `HISTORY_MSG` frames, then `HISTORY_END`.
+    async fn history(&self, peer: UserId, anchor: u64, older: bool, limit: u32) -> Flow {
+        let max = self.shard.cfg().limits.history_page_max;
+        let limit = if limit == 0 { max } else { limit.min(max) };
+        let user = self.session.user();
+        let conv_key = direct_key(user, peer);
+        let store = self.shard.shared.store.clone();
+        let page = match self
+            .shard
+            .shared
+            .workers
+            .run(move || store.history(conv_key, anchor, older, limit))
+            .await
+        {
+            Ok(Ok(page)) => page,
+            Ok(Err(e)) => {
+                log::warn!("store: {e}");
+                return self.error(ErrorCode::StoreUnavailable, kind::HISTORY);
+            }
+            Err(_) => return self.error(ErrorCode::Busy, kind::HISTORY),
+        };
+        let count = page.payloads.len() as u32;
+        for p in page.payloads {
+            self.session.push_paced(stored_frame(kind::HISTORY_MSG, &p)).await;
+        }
+        let end = protocol::HistoryEnd { conv: conv::DIRECT, peer, count, more: page.more };
+        self.reply(kind::HISTORY_END, &end)
+    }
+
+    async fn issue_token(&self, ttl_secs: u32) -> Flow {
+        let max = self.shard.cfg().limits.token_ttl_secs;
+        let ttl = if ttl_secs == 0 { max } else { ttl_secs.min(max) };
+        let user = self.session.user();
+        let (text, hash) = auth::new_token(user);
+        let expires_at_ms = now_ms() + ttl as u64 * 1000;
+        let rx = self.session.expect_reply();
+        let env = Envelope::StoreToken { user, session: self.session.id, hash, expires_at_ms };
+        self.shard.post(self.shard.placement.user(user), env);
+        match rx.await {
+            Ok(Reply::Token(Ok(()))) => {
+                self.reply(kind::TOKEN_ISSUED, &protocol::TokenIssued { token: text, expires_at_ms })
+            }
+            Ok(Reply::Token(Err(code))) => self.error(code, kind::ISSUE_TOKEN),
+            Ok(Reply::Attach(_)) | Err(_) => self.error(ErrorCode::Internal, kind::ISSUE_TOKEN),
+        }
+    }
+}
+
+/// A frame of `k` around a stored `DELIVER` payload (stamp + Send archive), as delivered live.
+fn stored_frame(k: u16, payload: &[u8]) -> Bytes {
+    let mut f = BytesMut::with_capacity(frame::frame_bytes(payload.len()));
+    f.put_u32_le(payload.len() as u32);
+    f.put_u16_le(k);
+    f.put_u16_le(0);
+    f.put_slice(payload);
+    f.put_bytes(0, frame::padded(payload.len()) - payload.len());
+    f.freeze()
+}
+
+/// After a login on a durable store: send the device what it has not acknowledged and that was
+/// stamped up to its attach (as `DELIVER` frames, paced by the writer), then `CATCHUP_END`. Live
+/// deliveries (stamped after the attach) may interleave.
+async fn catch_up(shard: Rc<Shard>, session: Rc<Session>, login_kind: u16, until: u64) {
+    let l = &shard.cfg().limits;
+    let (user, device) = (session.user(), session.device.get());
+    let since = now_ms().saturating_sub(l.catchup_window_secs * 1000);
+    let limit = l.catchup_messages_max;
+    let store = shard.shared.store.clone();
+    let page: Page =
+        match shard.shared.workers.run(move || store.catch_up(user, device, since, until, limit)).await {
+            Ok(Ok(page)) => page,
+            Ok(Err(e)) => {
+                log::warn!("store: catch-up of user {user}: {e}");
+                session.push(error_frame(ErrorCode::StoreUnavailable, login_kind, 0));
+                return;
+            }
+            Err(_) => {
+                session.push(error_frame(ErrorCode::Busy, login_kind, 0));
+                return;
+            }
+        };
+    let count = page.payloads.len() as u32;
+    for p in page.payloads {
+        if session.closing.get() {
+            return;
+        }
+        session.push_paced(stored_frame(kind::DELIVER, &p)).await;
+    }
+    session.push(Bytes::from(frame::encode(
+        kind::CATCHUP_END,
+        &protocol::CatchUpEnd { count, more: page.more },
+    )));
+}

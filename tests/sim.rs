@@ -1,0 +1,47 @@
+//! The seeded simulation over a bounded number of seeds (see `tim::sim`).
+//!
+//! `TIM_SIM_SEEDS=N` runs N seeds (default 1000) of `TIM_SIM_STEPS` steps (default 3000);
+//! `TIM_SIM_SEED=S` replays one seed, printing its report.
+
+fn env_u64(name: &str) -> Option<u64> {
+    std::env::var(name).ok().map(|v| v.parse().unwrap_or_else(|_| panic!("{name} must be a number")))
+}
+
+/// Every seed keeps every invariant; a failing seed is printed with the command that replays it.
+#[test]
+fn seeds_keep_invariants() {
+    let steps = env_u64("TIM_SIM_STEPS").unwrap_or(3000) as usize;
+    let seeds: Vec<u64> = match env_u64("TIM_SIM_SEED") {
+        Some(seed) => vec![seed],
+        None => (0..env_u64("TIM_SIM_SEEDS").unwrap_or(1000)).collect(),
+    };
+    let mut total = tim::sim::SimReport::default();
+    for &seed in &seeds {
+        match tim::sim::run(seed, steps) {
+            Ok(r) => {
+                if seeds.len() == 1 {
+                    println!("seed {seed}: {r:?}");
+                }
+                total.sends += r.sends;
+                total.acks += r.acks;
+                total.duplicate_acks += r.duplicate_acks;
+                total.deliveries += r.deliveries;
+                total.rejections += r.rejections;
+                total.logins += r.logins;
+                total.kicks += r.kicks;
+                total.commit_timeouts += r.commit_timeouts;
+                total.store_failures += r.store_failures;
+            }
+            Err(f) => panic!(
+                "{f}\nreplay with: TIM_SIM_SEED={seed} TIM_SIM_STEPS={steps} cargo test -p tim --test sim -- --nocapture"
+            ),
+        }
+    }
+    println!("{} seeds: {total:?}", seeds.len());
+    // The seeds must reach the paths the invariants are about, or they prove nothing.
+    if seeds.len() >= 50 {
+        assert!(total.acks > 1000 && total.deliveries > 1000, "{total:?}");
+        assert!(total.duplicate_acks > 0 && total.kicks > 0, "{total:?}");
+        assert!(total.commit_timeouts > 0 && total.store_failures > 0, "{total:?}");
+    }
+}
