@@ -9,6 +9,8 @@ use std::{
 use anyhow::{bail, Context};
 use clap::{Parser, ValueEnum};
 
+use crate::server_cpu::ServerCpu;
+
 /// Connections one user can hold with the server's default session policy
 /// (`sessions.per_account_max` = 8; `per_device_type_max` = 2 × 5 device types = 10).
 pub const SESSIONS_PER_USER_DEFAULT: u32 = 8;
@@ -152,6 +154,13 @@ pub struct Args {
     /// No progress lines on stderr.
     #[arg(long)]
     pub quiet: bool,
+    /// PID of the server, on this machine: report the CPU time it used in the measured window
+    /// (user + system over all its threads, from /proc/PID/stat) as server_cpu_s, the cores it
+    /// kept busy on average (server_cpu_util), and server_cpu_us_per_msg: server CPU µs per
+    /// delivered message, the denominator being the delivered messages (`delivered`), so one
+    /// message's send, ack and delivery count as one (none without deliveries).
+    #[arg(long, value_name = "PID")]
+    pub server_pid: Option<u32>,
 }
 
 /// Whether sends are paced (open loop) or bounded by a window (closed loop).
@@ -192,6 +201,8 @@ pub struct Config {
     pub json: bool,
     pub quiet: bool,
     pub delivery_acks: bool,
+    /// The server process whose CPU time is measured (--server-pid).
+    pub server_cpu: Option<ServerCpu>,
 }
 
 /// In-flight cap per connection in open loop when no --window is given.
@@ -257,6 +268,7 @@ impl Config {
         if a.password.len() < 8 {
             bail!("--password must have at least 8 bytes (the server's password rule)");
         }
+        let server_cpu = a.server_pid.map(ServerCpu::open).transpose()?;
         Ok(Config {
             scenario: a.scenario,
             addrs,
@@ -284,6 +296,7 @@ impl Config {
             json: a.json,
             quiet: a.quiet,
             delivery_acks: !a.no_delivery_acks,
+            server_cpu,
         })
     }
 

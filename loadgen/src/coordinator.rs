@@ -26,6 +26,8 @@ pub struct Outcome {
     /// Every answer and delivery came in before the drain period ran out.
     pub drained: bool,
     pub drain_time: Duration,
+    /// With --server-pid: the server's CPU time over `run_time`, or why it could not be read.
+    pub server_cpu: Option<Result<Duration, String>>,
 }
 
 const SETUP_POLL: Duration = Duration::from_millis(20);
@@ -76,11 +78,14 @@ pub fn run(g: &Global) -> Outcome {
         connected_at_end: 0,
         drained: true,
         drain_time: Duration::ZERO,
+        server_cpu: cfg.server_cpu.as_ref().map(|_| Err("no measured window".to_owned())),
     };
     if ready == 0 {
         g.set_phase(Phase::Stop);
         return out;
     }
+    // The server's CPU time is read right around the instants that bound `run_time`.
+    let cpu_start = cfg.server_cpu.as_ref().map(|s| s.read());
     let start = Instant::now();
     let end = start + cfg.duration;
     let mut prev = stats::sum(&g.slots);
@@ -106,6 +111,12 @@ pub fn run(g: &Global) -> Outcome {
         }
     }
     out.run_time = start.elapsed();
+    if let (Some(s), Some(cpu_start)) = (&cfg.server_cpu, cpu_start) {
+        out.server_cpu = Some(match (cpu_start, s.read()) {
+            (Ok(a), Ok(b)) => Ok(b.saturating_sub(a)),
+            (Err(e), _) | (_, Err(e)) => Err(format!("{e:#}")),
+        });
+    }
     out.connected_at_end = stats::sum(&g.slots)[C::Connected as usize];
     if g.scenario.drains() {
         g.set_phase(Phase::Drain);

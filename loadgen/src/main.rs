@@ -11,7 +11,8 @@
 //! - [`scenario`]: what connections do (one-to-one, idle, login-storm, echo);
 //! - [`ledger`]: per-connection send/receive tables and the final merge;
 //! - [`stats`]: counters, histograms, error tallies;
-//! - [`coordinator`]: phases and the progress line; [`report`]: the summary and JSON.
+//! - [`coordinator`]: phases and the progress line; [`report`]: the summary and JSON;
+//! - [`server_cpu`]: the server's CPU time over the run (`--server-pid`).
 //!
 //! Exit status: 0 when the run passed, 1 when the ledger found lost, duplicated, out-of-order
 //! or misrouted deliveries (or nothing was done), 2 on bad arguments or a failure to start.
@@ -23,6 +24,7 @@ mod ledger;
 mod net;
 mod report;
 mod scenario;
+mod server_cpu;
 mod session;
 mod stats;
 mod worker;

@@ -134,6 +134,22 @@ pub fn finish(g: &Global, o: &Outcome) -> bool {
             println!("  {}", latency_line("login→ok", hist(H::Login)));
         }
     }
+    // Server CPU over the window: seconds, cores busy, µs per delivery (none without one).
+    let server_cpu = o.server_cpu.as_ref().map(|r| {
+        r.as_ref().map(|cpu| {
+            let s = cpu.as_secs_f64();
+            (s, s / secs, (v.delivered > 0).then(|| s * 1e6 / v.delivered as f64))
+        })
+    });
+    let pid = cfg.server_cpu.as_ref().map_or(0, |s| s.pid);
+    match &server_cpu {
+        Some(Ok((s, util, per_msg))) => println!(
+            "  server CPU (pid {pid}): {s:.3} s in {secs:.1} s = {util:.2} cores busy{}",
+            per_msg.map_or(String::new(), |us| format!("; {us:.2} µs per delivered message"))
+        ),
+        Some(Err(e)) => println!("  server CPU (pid {pid}): not measured: {e}"),
+        None => {}
+    }
     println!("  errors {errors}");
     for (k, n) in &r.errors {
         println!("    {k}: {n}");
@@ -192,6 +208,19 @@ pub fn finish(g: &Global, o: &Outcome) -> bool {
             m.insert(format!("{name}_max_us"), json!(h.max()));
         }
         m.insert("stuck_connections".into(), json!(r.stuck));
+        if let Some(cpu) = &server_cpu {
+            let (s, util, per_msg) = match cpu {
+                Ok((s, util, per_msg)) => (Some(round3(*s)), Some(round3(*util)), per_msg.map(round3)),
+                Err(e) => {
+                    m.insert("server_cpu_error".into(), json!(e));
+                    (None, None, None)
+                }
+            };
+            m.insert("server_pid".into(), json!(pid));
+            m.insert("server_cpu_s".into(), json!(s));
+            m.insert("server_cpu_util".into(), json!(util));
+            m.insert("server_cpu_us_per_msg".into(), json!(per_msg));
+        }
         println!("{}", Value::Object(m));
     }
     problems.is_empty()

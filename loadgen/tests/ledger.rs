@@ -186,3 +186,55 @@ fn durable_store_second_run_has_no_duplicates() {
         assert!(out.status.success(), "run {run}: exit status {:?}", out.status);
     }
 }
+
+/// `--server-pid`: the server's CPU time over the measured window is reported, and divided by
+/// the deliveries gives a finite, positive cost per message.
+#[test]
+fn server_cpu() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let server = Server::start("backend = \"memory\"");
+    let pid = server.child.id().to_string();
+    let args = [
+        "--scenario",
+        "one-to-one",
+        "--connections",
+        "8",
+        "--users",
+        "4",
+        "--duration",
+        "2",
+        "--rate",
+        "20000",
+        "--server-pid",
+        &pid,
+    ];
+    let (out, v) = loadgen(&server.addr, &args, Duration::from_secs(30));
+    assert!(out.status.success(), "exit status {:?}", out.status);
+    assert!(n(&v, "delivered") > 0, "{v}");
+    assert_eq!(v["server_pid"].as_u64(), Some(server.child.id() as u64), "{v}");
+    let cpu = v["server_cpu_s"].as_f64().unwrap_or_else(|| panic!("no server_cpu_s in {v}"));
+    assert!(cpu > 0.0, "{v}");
+    let util = v["server_cpu_util"].as_f64().unwrap_or_else(|| panic!("no server_cpu_util in {v}"));
+    assert!(util > 0.0 && util.is_finite(), "{v}");
+    let per_msg =
+        v["server_cpu_us_per_msg"].as_f64().unwrap_or_else(|| panic!("no server_cpu_us_per_msg in {v}"));
+    assert!(per_msg > 0.0 && per_msg.is_finite(), "{v}");
+    // the per-message figure is the CPU time over the deliveries
+    let expect = cpu * 1e6 / n(&v, "delivered") as f64;
+    assert!((per_msg - expect).abs() <= expect * 0.01 + 0.01, "{per_msg} vs {expect}: {v}");
+}
+
+/// A PID that is not a running process is refused before anything starts (exit status 2).
+#[test]
+fn server_pid_missing() {
+    let out = Command::new(LOADGEN)
+        .args(["--addr", "127.0.0.1:9", "--quiet", "--server-pid", "4294967295"])
+        .output()
+        .expect("run tim-loadgen");
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("--server-pid 4294967295") && stderr.contains("/proc/4294967295/stat"),
+        "{stderr}"
+    );
+}
