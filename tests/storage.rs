@@ -1,12 +1,16 @@
 //! Storage over real sockets, as one conformance suite run on every store: acks after commit,
 //! history paging, offline catch-up per device, sequence numbers and resend dedup across restarts,
-//! and a kill -9 under load. The memory store (no-data mode) skips what needs durability.
+//! and a kill -9 under load. The memory store (no-data mode) skips what needs durability. Where
+//! the server shapes a request before the store sees it, the store is also called directly.
 
 mod common;
 use std::{collections::BTreeMap, time::Duration};
 
 use common::*;
-use tim::client::{Client, Event};
+use tim::{
+    client::{Client, Event},
+    store::{Store, StoredMessage},
+};
 
 /// A `[store]` body for `name`: for postgres, two fresh databases on the two shared throwaway
 /// PostgreSQL servers, each holding half of the partitions.
@@ -85,6 +89,75 @@ fn history_pages(st: &str) {
     // a page is capped by history_page_max (200) and the request's limit
     let (page, _) = a.history(bob_id, 0, false, 0).unwrap();
     assert_eq!(page.len(), 25);
+}
+
+/// A history anchor of 2^63 or more lies past every sequence number (`seq < anchor` and
+/// `seq > anchor` of a u64, 5.10): going older the page starts from the newest message, going
+/// newer it is empty. Over the protocol, and on the store itself, which must not read such an
+/// anchor as a negative number even when the server does not clamp it first.
+fn huge_history_anchor(st: &str) {
+    const HUGE: [u64; 3] = [1 << 63, (1 << 63) + 5, u64::MAX];
+    let (s, _) = start(st);
+    let (alice, _) = s.register("alice");
+    let (_bob, bob_id) = s.register("bob");
+    let mut a = login_device(&s, &alice, "a1");
+    for i in 1..=5u64 {
+        a.send_wait(bob_id, i, format!("x{i}").as_bytes()).unwrap();
+    }
+    let newest_first: Vec<u64> = if durable(st) { (1..=5).rev().collect() } else { Vec::new() };
+    for anchor in HUGE {
+        let (page, end) = a.history(bob_id, anchor, true, 10).unwrap();
+        assert_eq!(page.iter().map(|d| d.stamp.seq).collect::<Vec<_>>(), newest_first, "older from {anchor}");
+        assert!(!end.more);
+        let (page, end) = a.history(bob_id, anchor, false, 10).unwrap();
+        assert!(page.is_empty() && !end.more, "newer from {anchor}");
+    }
+    drop(s);
+
+    // The store, with the anchor as it comes.
+    let dir = tempfile::tempdir().unwrap();
+    let text = format!("[store]\ndata_dir = {:?}\n{}\n", dir.path().join("data"), store(st));
+    let cfg: tim::config::Config = toml::from_str(&text).unwrap();
+    let store: Box<dyn Store> = match st {
+        "memory" => Box::new(tim::store::MemoryStore::default()),
+        "embedded" => Box::new(tim::store::embedded::EmbeddedStore::open(&cfg.store).unwrap()),
+        _ => Box::new(tim::store::postgres::PostgresStore::open(&cfg.store.postgres).unwrap()),
+    };
+    let conv = (1, 2);
+    let batch = (1..=5u64)
+        .map(|seq| StoredMessage {
+            conv,
+            seq,
+            msg_id: seq,
+            ts_ms: 1_700_000_000_000 + seq,
+            sender: 1,
+            sender_device: 1,
+            client_msg_id: seq,
+            payload: bytes::Bytes::from(format!("p{seq}")),
+        })
+        .collect();
+    let (tx, rx) = std::sync::mpsc::channel();
+    store.append(store.partition_of(conv), batch, Box::new(move |r| tx.send(r.is_ok()).unwrap()));
+    assert!(rx.recv_timeout(Duration::from_secs(30)).unwrap(), "commit failed");
+    let bodies = |p: tim::store::Page| p.payloads.iter().map(|b| b.to_vec()).collect::<Vec<_>>();
+    let newest_first: Vec<Vec<u8>> =
+        if durable(st) { (1..=5).rev().map(|i| format!("p{i}").into_bytes()).collect() } else { Vec::new() };
+    for anchor in HUGE {
+        assert_eq!(
+            bodies(store.history(conv, anchor, true, 10).unwrap()),
+            newest_first,
+            "older from {anchor}"
+        );
+        let newer = store.history(conv, anchor, false, 10).unwrap();
+        assert!(newer.payloads.is_empty() && !newer.more, "newer from {anchor}");
+    }
+    // the largest anchor that is a signed number, and the usual ones, for comparison
+    let max = i64::MAX as u64;
+    assert_eq!(bodies(store.history(conv, max, true, 10).unwrap()), newest_first);
+    assert!(store.history(conv, max, false, 10).unwrap().payloads.is_empty());
+    assert_eq!(bodies(store.history(conv, 0, true, 10).unwrap()), newest_first);
+    assert_eq!(bodies(store.history(conv, 0, false, 10).unwrap()).len(), newest_first.len());
+    store.close();
 }
 
 /// A user's id, from a token (its first 16 hex digits).
@@ -265,5 +338,6 @@ on_every_store!(
     offline_catch_up,
     restart_keeps_sequences_and_dedup,
     crash_under_load,
-    gathered_commits
+    gathered_commits,
+    huge_history_anchor
 );

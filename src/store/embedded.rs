@@ -309,7 +309,9 @@ impl Store for EmbeddedStore {
         } else {
             "SELECT payload FROM messages WHERE conv_a = ?1 AND conv_b = ?2 AND seq > ?3 ORDER BY seq ASC LIMIT ?4"
         };
-        let anchor = if older && anchor == 0 { i64::MAX } else { i(anchor) };
+        // Sequence numbers stay below 2^63: a larger anchor lies past every message (going
+        // older: from the newest; going newer: nothing), it must not wrap to a negative number.
+        let anchor = if older && anchor == 0 { i64::MAX } else { i(anchor.min(i64::MAX as u64)) };
         let rows = self.with_reader(|c| {
             let mut stmt = c.prepare_cached(sql)?;
             let rows =
