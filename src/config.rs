@@ -142,8 +142,12 @@ pub struct Limits {
     pub dedup_per_conversation_max: usize,
     /// Seconds a client message id is remembered for resend dedup.
     pub dedup_window_secs: u64,
-    /// Live conversations (sequence counters) per shard.
+    /// Live conversations (sequence counters, resend dedup) per shard; at the cap the least
+    /// recently used one that has nothing open is evicted to make room.
     pub conversations_per_shard_max: usize,
+    /// Seconds after which an unused conversation is evicted from memory (reloaded from the
+    /// store when next used).
+    pub conversation_idle_secs: u64,
     /// Default and greatest lifetime of a one-shot login token, in seconds.
     pub token_ttl_secs: u32,
     /// Live one-shot tokens per account.
@@ -243,6 +247,7 @@ impl Default for Limits {
             dedup_per_conversation_max: 256,
             dedup_window_secs: 600,
             conversations_per_shard_max: 4 << 20,
+            conversation_idle_secs: 600,
             token_ttl_secs: 300,
             tokens_per_user_max: 16,
             worker_queue_max: 4096,
@@ -422,7 +427,8 @@ idle_timeout_ms = 90000             # time without any bytes received before a s
 shutdown_drain_ms = 2000            # time sessions get to drain on shutdown
 dedup_per_conversation_max = 256    # latest sends remembered per conversation for resend dedup
 dedup_window_secs = 600             # how long a client message id is remembered
-conversations_per_shard_max = 4194304 # live conversation counters per shard
+conversations_per_shard_max = 4194304 # live conversations per shard (least recently used evicted at the cap)
+conversation_idle_secs = 600        # an unused conversation is evicted after this (reloaded when used)
 token_ttl_secs = 300                # default and greatest one-shot token lifetime
 tokens_per_user_max = 16            # live one-shot tokens per account
 worker_queue_max = 4096             # queued hashing/store jobs; beyond it: Busy

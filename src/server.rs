@@ -18,6 +18,7 @@ use crate::{
     auth::Auth,
     config::Config,
     envelope::Envelope,
+    protocol::ErrorCode,
     shard::{Shard, Shared, CURRENT, SHARDS_MAX},
     store::{embedded::EmbeddedStore, postgres::PostgresStore, MemoryStore, Store},
     transport::tcp,
@@ -105,6 +106,46 @@ impl Server {
     }
 }
 
+/// Connections the kernel completed but the shard had not accepted when it stopped would be
+/// reset when the listener closes: accept each and tell it the server is going away.
+fn kick_backlog(listener: &monoio::net::TcpListener) {
+    use std::os::fd::AsRawFd;
+    let kick = crate::frame::encode(
+        crate::protocol::kind::KICK,
+        &crate::protocol::Kick {
+            reason: ErrorCode::ShuttingDown.code(),
+            message: ErrorCode::ShuttingDown.text().into(),
+        },
+    );
+    let lfd = listener.as_raw_fd();
+    // With io_uring the listener is blocking: accept4 must not wait for a connection.
+    // SAFETY: fcntl on a valid fd.
+    unsafe { libc::fcntl(lfd, libc::F_SETFL, libc::fcntl(lfd, libc::F_GETFL) | libc::O_NONBLOCK) };
+    for _ in 0..BACKLOG_KICK_MAX {
+        // SAFETY: a valid listening fd; null address pointers are allowed.
+        let fd = unsafe {
+            libc::accept4(
+                lfd,
+                std::ptr::null_mut(),
+                std::ptr::null_mut(),
+                libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+            )
+        };
+        if fd < 0 {
+            break;
+        }
+        // SAFETY: `fd` is ours to write to and close; MSG_DONTWAIT never blocks.
+        unsafe {
+            libc::send(fd, kick.as_ptr().cast(), kick.len(), libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL);
+            libc::shutdown(fd, libc::SHUT_WR);
+            libc::close(fd);
+        }
+    }
+}
+
+/// Pending connections one shard answers at shutdown, at most (the rest are reset).
+const BACKLOG_KICK_MAX: usize = 4096;
+
 async fn run_shard(ctx: ShardContext<Envelope>, shared: Arc<Shared>, listener: std::net::TcpListener) {
     if ctx.driver == DriverKind::Epoll {
         let _ = listener.set_nonblocking(true);
@@ -144,6 +185,7 @@ async fn run_shard(ctx: ShardContext<Envelope>, shared: Arc<Shared>, listener: s
             _ = shard.shutdown.wait() => break,
         }
     }
+    kick_backlog(&listener);
     drop(listener);
     let deadline = Instant::now() + drain;
     while !shard.sessions.borrow().is_empty() && Instant::now() < deadline {

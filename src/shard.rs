@@ -40,6 +40,9 @@ use crate::{
 
 pub use crate::roles::conv::SHARDS_MAX;
 
+/// Conversation eviction-queue entries one timeout tick looks at, at most.
+const EVICT_PER_TICK_MAX: usize = 4096;
+
 /// What every shard shares. Immutable after start, or atomic.
 pub struct Shared {
     pub cfg: Config,
@@ -145,6 +148,11 @@ impl Shard {
     /// Messages this shard's conversation owner has sequenced.
     pub fn messages_sequenced(&self) -> u64 {
         self.convs.borrow().sequenced
+    }
+
+    /// Conversations this shard holds in memory.
+    pub fn conversations(&self) -> usize {
+        self.convs.borrow().len()
     }
 
     // ---- read buffer pool ----
@@ -284,6 +292,8 @@ impl Shard {
             for (s, code) in expired.drain(..) {
                 s.fail(code);
             }
+            // Idle conversations go, a bounded number per tick.
+            self.convs.borrow_mut().evict_idle(now_ms(), EVICT_PER_TICK_MAX);
         }
     }
 

@@ -77,6 +77,9 @@ pub struct SimConfig {
     /// Store latency is uniform in `0..store_latency_ms`, with rare stalls past the timeout.
     pub store_latency_ms: u64,
     pub store_fail_percent: u64,
+    /// Conversations per shard before the least recently used is evicted.
+    pub convs_max: usize,
+    pub conversation_idle_secs: u64,
     pub steps: usize,
 }
 
@@ -99,6 +102,8 @@ impl SimConfig {
             commit_timeout_ms: 20 + r.below(60),
             store_latency_ms: 1 + r.below(30),
             store_fail_percent: r.below(8),
+            convs_max: if r.chance(50) { 2 + r.below(10) as usize } else { 1 << 20 },
+            conversation_idle_secs: 1 + r.below(2),
             steps,
         }
     }
@@ -139,6 +144,8 @@ pub struct SimReport {
     pub kicks: u64,
     pub commit_timeouts: u64,
     pub store_failures: u64,
+    /// Conversations evicted (idle, or to make room at the cap).
+    pub evictions: u64,
 }
 
 /// Events kept for a failure's report (`TIM_SIM_TRACE` overrides it when replaying a seed).
@@ -240,8 +247,13 @@ struct Sim {
     next_cmid: HashMap<UserId, u64>,
     /// Client message ids each user has sent, for resends.
     sent_ids: HashMap<UserId, Vec<(u64, UserId)>>,
-    /// (sender, conversation, client id) → its ack, and whether an ack said it was new.
-    acked: HashMap<(UserId, ConvKey, u64), (AckInfo, bool)>,
+    /// (sender, conversation, client id, generation) → its ack, and whether an ack said it was
+    /// new. The generation is that of the owner's conversation when it handled the send: with a
+    /// memory store an evicted conversation forgets its dedup (0 with a durable store, whose
+    /// dedup survives eviction).
+    acked: HashMap<(UserId, ConvKey, u64, u64), (AckInfo, bool)>,
+    /// The generation each send was handled in.
+    handled_in: HashMap<(SessionRef, u64), u64>,
     /// (conversation, seq) → the message.
     known: HashMap<(ConvKey, u64), Known>,
     /// Per pending send: sessions that were logged in when it was submitted.
@@ -272,7 +284,12 @@ pub fn run(seed: u64, steps: usize) -> Result<SimReport, Box<SimFailure>> {
 impl Sim {
     fn new(seed: u64, cfg: SimConfig) -> Sim {
         let placement = Placement::new(cfg.shards);
-        let limits = Limits { dedup_per_conversation_max: 100_000, ..Limits::default() };
+        let limits = Limits {
+            dedup_per_conversation_max: 100_000,
+            conversations_per_shard_max: cfg.convs_max,
+            conversation_idle_secs: cfg.conversation_idle_secs,
+            ..Limits::default()
+        };
         let hasher = || RandomState::with_seeds(1, 2, 3, 4);
         let shards = (0..cfg.shards)
             .map(|id| SimShard {
@@ -298,6 +315,7 @@ impl Sim {
             next_cmid: HashMap::new(),
             sent_ids: HashMap::new(),
             acked: HashMap::new(),
+            handled_in: HashMap::new(),
             known: HashMap::new(),
             expect_at_submit: HashMap::new(),
             expectations: Vec::new(),
@@ -319,6 +337,13 @@ impl Sim {
         for step in 0..self.cfg.steps {
             self.step = step;
             self.now += self.rng.below(3);
+            if self.rng.chance(10) {
+                let shard = self.rng.below(self.cfg.shards as u64) as usize;
+                let n = self.shards[shard].convs.evict_idle(self.now, 64);
+                if n > 0 {
+                    self.note(format!("shard {shard}: evicted {n} idle conversations"));
+                }
+            }
             let busy = self.mesh.iter().any(|q| !q.is_empty()) || self.due_timer().is_some();
             if busy && self.rng.chance(65) {
                 self.progress()?;
@@ -344,6 +369,7 @@ impl Sim {
                 break;
             }
         }
+        self.report.evictions = self.shards.iter().map(|s| s.convs.evicted).sum();
         self.check_end()
     }
 
@@ -527,10 +553,15 @@ impl Sim {
         let mut fx = Vec::new();
         match env {
             Envelope::Submit(sub) => {
-                if self.placement.conv(direct_key(sub.sender, sub.to)) != dst {
-                    return Err(format!("submit of {:?} on shard {dst}", direct_key(sub.sender, sub.to)));
+                let key = direct_key(sub.sender, sub.to);
+                if self.placement.conv(key) != dst {
+                    return Err(format!("submit of {key:?} on shard {dst}"));
                 }
-                self.shards[dst].convs.submit(sub, now, &mut fx)
+                let (origin, cmid) = (sub.origin, sub.client_msg_id);
+                let convs = &mut self.shards[dst].convs;
+                convs.submit(sub, now, &mut fx);
+                let generation = if self.cfg.durable { 0 } else { convs.generation(key).unwrap_or(0) };
+                self.handled_in.insert((origin, cmid), generation);
             }
             Envelope::Fanout { user, skip, frame } => {
                 if self.placement.user(user) != dst {
@@ -602,6 +633,7 @@ impl Sim {
         let sender = c.user;
         let key = direct_key(sender, to);
         let expected = self.expect_at_submit.remove(&(session, cmid)).unwrap_or_default();
+        let generation = self.handled_in.remove(&(session, cmid)).unwrap_or(0);
         let ack = match answer {
             Err(code) => {
                 self.report.rejections += 1;
@@ -620,7 +652,7 @@ impl Sim {
         }
         // Acks to different sessions travel different queues: a resend's duplicate ack may
         // arrive before the original's. Only one ack per send may say it is new.
-        let entry = self.acked.entry((sender, key, cmid)).or_insert((ack, false));
+        let entry = self.acked.entry((sender, key, cmid, generation)).or_insert((ack, false));
         if (entry.0.seq, entry.0.msg_id) != (ack.seq, ack.msg_id) {
             return Err(format!(
                 "send {cmid} of user {sender} in {key:?} acked as seq {} and as seq {}",
@@ -825,7 +857,7 @@ impl Sim {
             }
         }
         if self.cfg.durable {
-            for ((sender, key, cmid), (ack, _)) in &self.acked {
+            for ((sender, key, cmid, _), (ack, _)) in &self.acked {
                 let stored = self.store.messages.get(key).and_then(|m| m.get(&ack.seq));
                 if stored.is_none_or(|&(s, id, _, _)| (s, id) != (*sender, *cmid)) {
                     return Err(format!("acked seq {} of {key:?} lost from the store", ack.seq));

@@ -17,7 +17,11 @@ fn seeds_keep_invariants() {
     };
     let mut total = tim::sim::SimReport::default();
     for &seed in &seeds {
-        match tim::sim::run(seed, steps) {
+        // A role's own assertion (checked in release builds too) panics: report its seed as well.
+        let outcome = std::panic::catch_unwind(|| tim::sim::run(seed, steps)).unwrap_or_else(|_| {
+            panic!("seed {seed} panicked\nreplay with: TIM_SIM_SEED={seed} TIM_SIM_STEPS={steps} cargo test -p tim --test sim -- --nocapture")
+        });
+        match outcome {
             Ok(r) => {
                 if seeds.len() == 1 {
                     println!("seed {seed}: {r:?}");
@@ -28,6 +32,7 @@ fn seeds_keep_invariants() {
                 total.deliveries += r.deliveries;
                 total.rejections += r.rejections;
                 total.logins += r.logins;
+                total.evictions += r.evictions;
                 total.kicks += r.kicks;
                 total.commit_timeouts += r.commit_timeouts;
                 total.store_failures += r.store_failures;
@@ -43,5 +48,6 @@ fn seeds_keep_invariants() {
         assert!(total.acks > 1000 && total.deliveries > 1000, "{total:?}");
         assert!(total.duplicate_acks > 0 && total.kicks > 0, "{total:?}");
         assert!(total.commit_timeouts > 0 && total.store_failures > 0, "{total:?}");
+        assert!(total.evictions > 0, "{total:?}");
     }
 }

@@ -87,13 +87,19 @@ enum ConvState {
 struct Conv {
     last_seq: u64,
     state: ConvState,
-    /// Resend dedup: the conversation's latest sends (at most `dedup_per_conversation_max`,
-    /// none older than `dedup_window_secs`), oldest first.
+    /// Resend dedup: the conversation's latest sends (at most `dedup_per_conversation_max` of
+    /// each sender, none older than `dedup_window_secs`), oldest first.
     recent: VecDeque<Sent>,
-    /// Per sender of this conversation (at most two), the greatest client message id
-    /// remembered: a send above it cannot be a resend, which spares the scan for clients whose
-    /// ids rise.
-    newest: [(UserId, u64); 2],
+    /// Per sender of this conversation (at most two): the greatest client message id
+    /// remembered (a send above it cannot be a resend, which spares the scan for clients whose
+    /// ids rise), and how many of the sender's sends are remembered.
+    newest: [(UserId, u64, usize); 2],
+    /// When a send last arrived, for eviction.
+    last_used_ms: u64,
+    /// Sequenced sends whose commit has not settled: the conversation stays while any is open.
+    open_commits: u32,
+    /// Tells this conversation's entries in the eviction queue from those of an earlier one.
+    generation: u64,
 }
 
 /// A remembered send of a conversation: its ids, and whether its commit has succeeded (a resend
@@ -106,8 +112,20 @@ struct Sent {
 }
 
 impl Conv {
-    fn new(state: ConvState) -> Conv {
-        Conv { last_seq: 0, state, recent: VecDeque::new(), newest: [(0, 0); 2] }
+    fn new(state: ConvState, last_seq: u64, now: u64, generation: u64) -> Conv {
+        Conv {
+            last_seq,
+            state,
+            recent: VecDeque::new(),
+            newest: [(0, 0, 0); 2],
+            last_used_ms: now,
+            open_commits: 0,
+            generation,
+        }
+    }
+
+    fn evictable(&self) -> bool {
+        matches!(self.state, ConvState::Ready) && self.open_commits == 0
     }
 
     /// The remembered send of `sender` with `client_msg_id`, forgetting sends older than the
@@ -115,28 +133,45 @@ impl Conv {
     /// almost always of one of the last few: scanning them costs less than a shard-wide map.
     fn find(&mut self, sender: UserId, client_msg_id: u64, now: u64, window_ms: u64) -> Option<&mut Sent> {
         while self.recent.front().is_some_and(|s| s.ack.ts_ms + window_ms < now) {
-            self.recent.pop_front();
+            let old = self.recent.pop_front().expect("non-empty");
+            self.forget(old.sender);
         }
-        if self.newest.iter().any(|&(u, max)| u == sender && client_msg_id > max) {
+        if self.newest.iter().any(|&(u, max, _)| u == sender && client_msg_id > max) {
             return None;
         }
         self.recent.iter_mut().rev().find(|s| s.ack.client_msg_id == client_msg_id && s.sender == sender)
     }
 
+    /// Remember a send. Each sender has room for `max` of its own: a peer's sends never push
+    /// mine out.
     fn remember(&mut self, sent: Sent, max: usize) {
-        if self.recent.len() >= max {
-            self.recent.pop_front();
-        }
-        let cmid = sent.ack.client_msg_id;
-        match self.newest.iter_mut().find(|(u, _)| *u == sent.sender) {
-            Some((_, m)) => *m = (*m).max(cmid),
-            None => {
-                if let Some(slot) = self.newest.iter_mut().find(|(u, _)| *u == 0) {
-                    *slot = (sent.sender, cmid);
+        let slot = match self.newest.iter().position(|&(u, _, _)| u == sent.sender) {
+            Some(i) => i,
+            None => match self.newest.iter().position(|&(u, _, _)| u == 0) {
+                Some(i) => {
+                    self.newest[i] = (sent.sender, 0, 0);
+                    i
                 }
-            }
+                // Only the conversation's two users send in it.
+                None => unreachable!("a third sender in a 1:1 conversation"),
+            },
+        };
+        if self.newest[slot].2 >= max {
+            let i = self.recent.iter().position(|s| s.sender == sent.sender).expect("counted");
+            self.recent.remove(i);
+            self.newest[slot].2 -= 1;
         }
+        let n = &mut self.newest[slot];
+        n.1 = n.1.max(sent.ack.client_msg_id);
+        n.2 += 1;
         self.recent.push_back(sent);
+    }
+
+    /// A remembered send of `sender` was dropped.
+    fn forget(&mut self, sender: UserId) {
+        if let Some(n) = self.newest.iter_mut().find(|n| n.0 == sender) {
+            n.2 -= 1;
+        }
     }
 }
 
@@ -172,10 +207,25 @@ pub struct ConvOwner {
     dedup_window_ms: u64,
     dedup_max: usize,
     convs_max: usize,
+    idle_ms: u64,
+    /// Conversations in the order they were last used, roughly (a clock queue: an entry used
+    /// since it was queued goes to the back again when it reaches the front), with the
+    /// generation of the conversation each entry was queued for.
+    lru: VecDeque<(ConvKey, u64, u64)>,
+    generations: u64,
+    /// Without a durable store an evicted conversation's counter cannot be reloaded: every
+    /// conversation starts above the greatest sequence number ever evicted here, so a
+    /// conversation's numbers keep rising across an eviction.
+    evicted_seq_max: u64,
     ids: MsgIds,
     /// Messages sequenced so far.
     pub sequenced: u64,
+    /// Conversations evicted so far.
+    pub evicted: u64,
 }
+
+/// Queue entries an eviction pass looks at, at most, to make room for a new conversation.
+const MAKE_ROOM_SCAN_MAX: usize = 64;
 
 impl ConvOwner {
     pub fn new(me: Owner, placement: Placement, durable: bool, l: &Limits, hasher: RandomState) -> ConvOwner {
@@ -188,8 +238,13 @@ impl ConvOwner {
             dedup_window_ms: l.dedup_window_secs * 1000,
             dedup_max: l.dedup_per_conversation_max,
             convs_max: l.conversations_per_shard_max,
+            idle_ms: l.conversation_idle_secs * 1000,
+            lru: VecDeque::new(),
+            generations: 0,
+            evicted_seq_max: 0,
             ids: MsgIds { shard: me as u64, last_ms: 0, counter: 0 },
             sequenced: 0,
+            evicted: 0,
         }
     }
 
@@ -201,6 +256,7 @@ impl ConvOwner {
         match self.convs.get_mut(&key) {
             Some(conv) => match &mut conv.state {
                 ConvState::Ready => {
+                    conv.last_used_ms = now;
                     match conv.find(sub.sender, sub.client_msg_id, now, self.dedup_window_ms).copied() {
                         Some(sent) if !sent.committed => {
                             reject(out, sub.origin, sub.client_msg_id, ErrorCode::Busy)
@@ -216,6 +272,7 @@ impl ConvOwner {
                             let s = sequence(conv, &mut self.ids, sub, now, self.durable, self.dedup_max);
                             self.sequenced += 1;
                             if self.durable {
+                                conv.open_commits += 1;
                                 out.push(Effect::Commit(s));
                             } else {
                                 publish(&self.placement, s, true, out);
@@ -232,11 +289,18 @@ impl ConvOwner {
                 }
             },
             None => {
-                if self.convs.len() >= self.convs_max {
+                if self.convs.len() >= self.convs_max && !self.make_room() {
                     return reject(out, sub.origin, sub.client_msg_id, ErrorCode::Busy);
                 }
                 let check_recipient = (sub.sender != sub.to).then_some(sub.to);
-                self.convs.insert(key, Conv::new(ConvState::Loading(vec![sub])));
+                self.generations += 1;
+                let generation = self.generations;
+                // A durable store's load gives the counter; without one it starts past every
+                // evicted conversation's.
+                let floor = if self.durable { 0 } else { self.evicted_seq_max };
+                let conv = Conv::new(ConvState::Loading(vec![sub]), floor, now, generation);
+                self.convs.insert(key, conv);
+                self.lru.push_back((key, now, generation));
                 out.push(Effect::LoadConv(LoadRequest {
                     key,
                     check_recipient,
@@ -254,6 +318,7 @@ impl ConvOwner {
         let ConvState::Loading(waiters) = std::mem::replace(&mut conv.state, ConvState::Ready) else {
             return;
         };
+        conv.last_used_ms = now;
         match result {
             Ok(load) => {
                 conv.last_seq = conv.last_seq.max(load.last_seq);
@@ -284,15 +349,19 @@ impl ConvOwner {
     /// what failed, and remember the outcome for resend dedup: a committed send answers its
     /// resends with the original ack; a failed one is forgotten (its resend is a new message).
     pub fn settled(&mut self, s: Sequenced, committed: bool, sender_waiting: bool, out: &mut Effects) {
-        if let Some(conv) = self.convs.get_mut(&s.conv()) {
-            let cmid = s.ack.client_msg_id;
-            match conv.recent.iter().rposition(|r| r.ack.client_msg_id == cmid && r.sender == s.sender) {
-                Some(i) if committed => conv.recent[i].committed = true,
-                Some(i) => {
-                    conv.recent.remove(i);
-                }
-                None => {}
+        let conv = self.convs.get_mut(&s.conv());
+        // An open commit keeps its conversation from eviction, so it is still here.
+        let conv = conv.expect("a conversation with an open commit is kept");
+        assert!(conv.open_commits > 0, "a commit settled twice");
+        conv.open_commits -= 1;
+        let cmid = s.ack.client_msg_id;
+        match conv.recent.iter().rposition(|r| r.ack.client_msg_id == cmid && r.sender == s.sender) {
+            Some(i) if committed => conv.recent[i].committed = true,
+            Some(i) => {
+                conv.recent.remove(i);
+                conv.forget(s.sender);
             }
+            None => {}
         }
         if committed {
             publish(&self.placement, s, sender_waiting, out);
@@ -307,6 +376,58 @@ impl ConvOwner {
         reject(out, s.origin, s.ack.client_msg_id, ErrorCode::StoreUnavailable);
     }
 
+    /// Evict conversations unused for `conversation_idle_secs` (with no load or commit open),
+    /// looking at most at `budget` queue entries. With a durable store an evicted conversation
+    /// is loaded again, with its resend dedup, when it is next used.
+    pub fn evict_idle(&mut self, now: u64, budget: usize) -> usize {
+        let mut evicted = 0;
+        for _ in 0..budget {
+            let Some(&(key, queued_ms, generation)) = self.lru.front() else { break };
+            let Some(conv) = self.convs.get(&key).filter(|c| c.generation == generation) else {
+                self.lru.pop_front();
+                continue;
+            };
+            if conv.last_used_ms > queued_ms || !conv.evictable() {
+                // Used since it was queued, or busy: to the back, as of its last use.
+                let at = conv.last_used_ms.max(if conv.evictable() { 0 } else { now });
+                self.lru.pop_front();
+                self.lru.push_back((key, at, generation));
+                continue;
+            }
+            if now < queued_ms + self.idle_ms {
+                break; // the rest were used later
+            }
+            self.lru.pop_front();
+            self.evict(key);
+            evicted += 1;
+        }
+        evicted
+    }
+
+    /// At the cap: evict the least recently used conversation that can go, idle or not.
+    fn make_room(&mut self) -> bool {
+        // An entry used since it was queued goes back with its last use, and can go when seen
+        // again: a short queue may be looked at more than once.
+        for _ in 0..MAKE_ROOM_SCAN_MAX {
+            let Some((key, queued_ms, generation)) = self.lru.pop_front() else { break };
+            let Some(conv) = self.convs.get(&key).filter(|c| c.generation == generation) else { continue };
+            if conv.last_used_ms > queued_ms || !conv.evictable() {
+                self.lru.push_back((key, conv.last_used_ms, generation));
+                continue;
+            }
+            self.evict(key);
+            return true;
+        }
+        false
+    }
+
+    fn evict(&mut self, key: ConvKey) {
+        let conv = self.convs.remove(&key).expect("evicting a held conversation");
+        debug_assert!(conv.evictable());
+        self.evicted_seq_max = self.evicted_seq_max.max(conv.last_seq);
+        self.evicted += 1;
+    }
+
     /// Conversations held (ready or loading).
     pub fn len(&self) -> usize {
         self.convs.len()
@@ -314,6 +435,11 @@ impl ConvOwner {
 
     pub fn is_empty(&self) -> bool {
         self.convs.is_empty()
+    }
+
+    /// The generation of the conversation held for `key` (a new one after each eviction).
+    pub fn generation(&self, key: ConvKey) -> Option<u64> {
+        self.convs.get(&key).map(|c| c.generation)
     }
 
     /// The last sequence number given in `key`, if held.
@@ -326,8 +452,21 @@ impl ConvOwner {
         for (&key, conv) in &self.convs {
             let fail =
                 |what: String| Err(InvariantError { key: key.0, what: format!("conv {key:?}: {what}") });
-            if conv.recent.len() > self.dedup_max {
-                return fail(format!("{} remembered sends > dedup max", conv.recent.len()));
+            for &(u, _, n) in &conv.newest {
+                let counted = conv.recent.iter().filter(|s| s.sender == u && u != 0).count();
+                if u != 0 && (n != counted || n > self.dedup_max) {
+                    return fail(format!(
+                        "user {u}: {counted} remembered sends, counted {n}, max {}",
+                        self.dedup_max
+                    ));
+                }
+            }
+            let uncommitted = conv.recent.iter().filter(|s| !s.committed).count();
+            if uncommitted > conv.open_commits as usize {
+                return fail(format!(
+                    "{uncommitted} uncommitted sends but {} open commits",
+                    conv.open_commits
+                ));
             }
             let mut prev = 0;
             for s in &conv.recent {
@@ -408,12 +547,17 @@ mod tests {
     /// forgets by count and by age.
     #[test]
     fn conversation_dedup() {
-        let mut c = Conv::new(ConvState::Ready);
+        let mut c = Conv::new(ConvState::Ready, 0, 0, 1);
         for cmid in [50, 7, 900, 3] {
             c.remember(sent(1, cmid, 1000), 4);
         }
-        c.remember(sent(2, 7, 1000), 4); // pushes out (1, 50)
+        for cmid in 1..=10 {
+            c.remember(sent(2, cmid, 1000), 4); // a peer's sends push out only its own
+        }
+        assert!(c.find(1, 50, 1000, 60_000).is_some(), "not pushed out by the peer");
+        c.remember(sent(1, 8, 1000), 4); // pushes out (1, 50)
         assert!(c.find(1, 50, 1000, 60_000).is_none(), "evicted by count");
+        c.remember(sent(2, 7, 1000), 4);
         assert_eq!(c.find(1, 7, 1000, 60_000).map(|s| s.sender), Some(1));
         assert_eq!(c.find(2, 7, 1000, 60_000).map(|s| s.sender), Some(2));
         assert!(c.find(1, 3, 1000, 60_000).is_some(), "an id below the newest is still found");
