@@ -206,6 +206,13 @@ impl Client {
     /// Read until `pick` accepts an event; an `Error` answering `request_kind` becomes
     /// `ClientError::Server`, a `Kick` becomes `ClientError::Kicked`; others are kept.
     fn wait_for<T>(&mut self, request_kind: u16, mut pick: impl FnMut(&Event) -> Option<T>) -> Result<T> {
+        // Events kept while waiting for something else come first.
+        for i in 0..self.pending.len() {
+            if let Some(t) = pick(&self.pending[i]) {
+                self.pending.remove(i);
+                return Ok(t);
+            }
+        }
         loop {
             let ev = self.read_event()?;
             if let Some(t) = pick(&ev) {

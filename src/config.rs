@@ -145,6 +145,10 @@ pub struct Limits {
     /// Live conversations (sequence counters, resend dedup) per shard; at the cap the least
     /// recently used one that has nothing open is evicted to make room.
     pub conversations_per_shard_max: usize,
+    /// Milliseconds a request waits for an answer from another shard or the store pipeline
+    /// (a Send's ack, a login's place among the user's sessions, a token) before it is answered
+    /// with Timeout.
+    pub answer_timeout_ms: u64,
     /// Seconds after which an unused conversation is evicted from memory (reloaded from the
     /// store when next used).
     pub conversation_idle_secs: u64,
@@ -248,6 +252,7 @@ impl Default for Limits {
             dedup_window_secs: 600,
             conversations_per_shard_max: 4 << 20,
             conversation_idle_secs: 600,
+            answer_timeout_ms: 30_000,
             token_ttl_secs: 300,
             tokens_per_user_max: 16,
             worker_queue_max: 4096,
@@ -350,6 +355,9 @@ impl Config {
                 bail!("{name} must be greater than 0");
             }
         }
+        if l.answer_timeout_ms < self.store.commit_timeout_ms + 100 {
+            bail!("limits.answer_timeout_ms must exceed store.commit_timeout_ms by at least 100");
+        }
         if l.session_outbound_bytes_max < l.frame_bytes_max * 2 {
             bail!("limits.session_outbound_bytes_max must be at least twice limits.frame_bytes_max");
         }
@@ -429,6 +437,7 @@ dedup_per_conversation_max = 256    # latest sends remembered per conversation f
 dedup_window_secs = 600             # how long a client message id is remembered
 conversations_per_shard_max = 4194304 # live conversations per shard (least recently used evicted at the cap)
 conversation_idle_secs = 600        # an unused conversation is evicted after this (reloaded when used)
+answer_timeout_ms = 30000           # a Send, login or token request unanswered this long gets Timeout
 token_ttl_secs = 300                # default and greatest one-shot token lifetime
 tokens_per_user_max = 16            # live one-shot tokens per account
 worker_queue_max = 4096             # queued hashing/store jobs; beyond it: Busy

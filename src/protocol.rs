@@ -156,6 +156,9 @@ pub enum ErrorCode {
     /// The message store did not commit in time or failed. Nothing was acknowledged; retry with
     /// the same client message id.
     StoreUnavailable = 51,
+    /// The server did not answer within `answer_timeout_ms` (a hand-off between its threads was
+    /// lost or held up). The outcome is unknown: retry (a Send with the same client message id).
+    Timeout = 52,
 }
 
 impl ErrorCode {
@@ -193,6 +196,7 @@ impl ErrorCode {
             45 => TooManyConnections,
             50 => Internal,
             51 => StoreUnavailable,
+            52 => Timeout,
             _ => return None,
         })
     }
@@ -228,6 +232,7 @@ impl ErrorCode {
             TooManyConnections => "too many connections",
             Internal => "internal error",
             StoreUnavailable => "message store unavailable, retry",
+            Timeout => "no answer in time, retry",
         }
     }
 }

@@ -278,7 +278,9 @@ impl Shard {
         let l = &self.cfg().limits;
         let login = Duration::from_millis(l.login_timeout_ms);
         let idle = Duration::from_millis(l.idle_timeout_ms);
-        let tick = (login.min(idle) / 8).clamp(Duration::from_millis(5), Duration::from_secs(1));
+        let answer_timeout = Duration::from_millis(l.answer_timeout_ms);
+        let tick =
+            (login.min(idle).min(answer_timeout) / 8).clamp(Duration::from_millis(5), Duration::from_secs(1));
         let mut expired = Vec::new();
         while !self.shutting_down.get() {
             monoio::time::sleep(tick).await;
@@ -291,6 +293,10 @@ impl Shard {
             );
             for (s, code) in expired.drain(..) {
                 s.fail(code);
+            }
+            // Sends whose answer was lost or held up get Timeout: an in-flight count never leaks.
+            for s in self.sessions.borrow().values() {
+                s.fail_overdue_sends(now, answer_timeout);
             }
             // Idle conversations go, a bounded number per tick.
             self.convs.borrow_mut().evict_idle(now_ms(), EVICT_PER_TICK_MAX);
@@ -385,15 +391,15 @@ impl Shard {
                     s.push(frame);
                 }
             }
-            Envelope::AttachResult { session, user, result } => match self.session(session) {
-                Some(s) => s.on_attach_result(user, result),
-                None => {
-                    if result.is_ok() {
-                        // The connection ended while logging in: undo the attach.
-                        self.post(self.placement.user(user), Envelope::Detach { user, session });
-                    }
+            Envelope::AttachResult { session, user, result } => {
+                let taken = self.session(session).is_some_and(|s| s.on_attach_result(user, result));
+                if !taken && result.is_ok() {
+                    // The connection ended, or its login timed out, while the user owner gave it
+                    // a place: undo the attach, or a phantom session would count against the
+                    // user's device limits.
+                    self.post(self.placement.user(user), Envelope::Detach { user, session });
                 }
-            },
+            }
             Envelope::Kick { session, reason } => {
                 if let Some(s) = self.session(session) {
                     s.kick(reason);

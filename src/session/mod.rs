@@ -58,6 +58,9 @@ pub struct Session {
     pub(crate) reader: LocalNotify,
     pub(crate) inflight: Cell<u32>,
     pub(crate) inflight_max: u32,
+    /// The sends in flight (`inflight` of them), oldest first: client message id and when its
+    /// bytes arrived. One unanswered past `answer_timeout_ms` is answered with Timeout.
+    pub(crate) pending: RefCell<VecDeque<(u64, Instant)>>,
     pub(crate) closing: Cell<bool>,
     pub(crate) reply: RefCell<Option<oneshot::Sender<Reply>>>,
     /// When the connection was accepted (for the login timeout).
@@ -84,6 +87,7 @@ impl Session {
             reader: LocalNotify::default(),
             inflight: Cell::new(0),
             inflight_max: l.inflight_per_session_max,
+            pending: RefCell::new(VecDeque::new()),
             closing: Cell::new(false),
             reply: RefCell::new(None),
             created: Instant::now(),
@@ -168,7 +172,16 @@ impl Session {
         self.close();
     }
 
+    /// A send is handed to its conversation owner.
+    pub(crate) fn send_started(&self, client_msg_id: u64) {
+        self.inflight.set(self.inflight.get() + 1);
+        self.pending.borrow_mut().push_back((client_msg_id, self.last_rx.get()));
+    }
+
     pub fn on_acked(&self, ack: &AckInfo) {
+        if !self.answered(ack.client_msg_id) {
+            return;
+        }
         let f = frame::encode(
             kind::SEND_ACK,
             &protocol::SendAck {
@@ -180,18 +193,48 @@ impl Session {
             },
         );
         self.push(Bytes::from(f));
-        self.release_inflight();
     }
 
     pub fn on_rejected(&self, client_msg_id: u64, code: ErrorCode) {
-        self.push(error_frame(code, kind::SEND, client_msg_id));
+        if self.answered(client_msg_id) {
+            self.push(error_frame(code, kind::SEND, client_msg_id));
+        }
+    }
+
+    /// Take a send off the in-flight list. False for an answer that comes after the send was
+    /// already answered with Timeout: the client has its answer, and must not get a second.
+    fn answered(&self, client_msg_id: u64) -> bool {
+        let mut pending = self.pending.borrow_mut();
+        let Some(i) = pending.iter().position(|&(c, _)| c == client_msg_id) else { return false };
+        pending.remove(i);
+        drop(pending);
         self.release_inflight();
+        true
+    }
+
+    /// Answer Timeout to every send in flight since before `now - timeout`.
+    pub fn fail_overdue_sends(&self, now: Instant, timeout: Duration) {
+        loop {
+            let overdue = {
+                let mut pending = self.pending.borrow_mut();
+                match pending.front() {
+                    Some(&(cmid, since)) if now.duration_since(since) >= timeout => {
+                        pending.pop_front();
+                        Some(cmid)
+                    }
+                    _ => None,
+                }
+            };
+            let Some(cmid) = overdue else { break };
+            self.push(error_frame(ErrorCode::Timeout, kind::SEND, cmid));
+            self.release_inflight();
+        }
     }
 
     fn release_inflight(&self) {
         let n = self.inflight.get();
-        debug_assert!(n > 0, "ack without a send in flight");
-        self.inflight.set(n.saturating_sub(1));
+        assert!(n > 0, "an answer without a send in flight");
+        self.inflight.set(n - 1);
         if n == self.inflight_max {
             // The reader resumes: the idle clock starts again from here.
             self.last_rx.set(Instant::now());
@@ -199,21 +242,30 @@ impl Session {
         }
     }
 
-    pub fn on_attach_result(&self, user: UserId, result: Result<(), ErrorCode>) {
-        self.answer(Reply::Attach(result.map(|()| user)));
+    /// The user owner's answer to this session's login. Returns false when no login waits for
+    /// it any more (it timed out): the runtime then undoes an attach that succeeded, so that no
+    /// phantom session counts against the user's device limits.
+    pub fn on_attach_result(&self, user: UserId, result: Result<(), ErrorCode>) -> bool {
+        self.answer(Reply::Attach(result.map(|()| user)))
     }
 
     pub fn on_token_result(&self, result: Result<(), ErrorCode>) {
         self.answer(Reply::Token(result));
     }
 
-    fn answer(&self, r: Reply) {
-        if let Some(tx) = self.reply.borrow_mut().take() {
-            let _ = tx.send(r);
+    fn answer(&self, r: Reply) -> bool {
+        match self.reply.borrow_mut().take() {
+            Some(tx) => tx.send(r).is_ok(),
+            None => false,
         }
     }
 
-    fn expect_reply(&self) -> oneshot::Receiver<Reply> {
+    /// Stop waiting for an answer (its request timed out).
+    pub(crate) fn forget_reply(&self) {
+        self.reply.borrow_mut().take();
+    }
+
+    pub(crate) fn expect_reply(&self) -> oneshot::Receiver<Reply> {
         let (tx, rx) = oneshot::channel();
         *self.reply.borrow_mut() = Some(tx);
         rx

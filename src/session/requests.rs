@@ -204,7 +204,7 @@ impl Requests<'_> {
             sender_device: self.session.device.get(),
             frame: f,
         };
-        self.session.inflight.set(self.session.inflight.get() + 1);
+        self.session.send_started(client_msg_id);
         let dst = self.shard.placement.conv(direct_key(sender, to));
         self.shard.post(dst, Envelope::Submit(Box::new(sub)));
         Flow::Continue
@@ -299,7 +299,7 @@ impl Requests<'_> {
         let rx = self.session.expect_reply();
         let attach = Attach { user, session: self.session.id, device_type, token };
         self.shard.post(self.shard.placement.user(user), Envelope::Attach(Box::new(attach)));
-        match rx.await {
+        match self.wait_reply(rx).await {
             Ok(Reply::Attach(Ok(user))) => {
                 let limits = &self.shard.cfg().limits;
                 self.session.user.set(user);
@@ -325,8 +325,22 @@ impl Requests<'_> {
                 }
                 flow
             }
-            Ok(Reply::Attach(Err(code))) => self.error(code, k),
-            Ok(Reply::Token(_)) | Err(_) => self.error(ErrorCode::Internal, k),
+            Ok(Reply::Attach(Err(code))) | Err(code) => self.error(code, k),
+            Ok(Reply::Token(_)) => self.error(ErrorCode::Internal, k),
+        }
+    }
+
+    /// Wait for another shard's answer, at most `answer_timeout_ms`. A late answer then finds
+    /// no one waiting (an attach that succeeded late is undone by the runtime).
+    async fn wait_reply(&self, rx: futures_channel::oneshot::Receiver<Reply>) -> Result<Reply, ErrorCode> {
+        let timeout = std::time::Duration::from_millis(self.shard.cfg().limits.answer_timeout_ms);
+        match monoio::time::timeout(timeout, rx).await {
+            Ok(Ok(reply)) => Ok(reply),
+            Ok(Err(_)) => Err(ErrorCode::Internal),
+            Err(_) => {
+                self.session.forget_reply();
+                Err(ErrorCode::Timeout)
+            }
         }
     }
 
@@ -368,12 +382,12 @@ impl Requests<'_> {
         let rx = self.session.expect_reply();
         let env = Envelope::StoreToken { user, session: self.session.id, hash, expires_at_ms };
         self.shard.post(self.shard.placement.user(user), env);
-        match rx.await {
+        match self.wait_reply(rx).await {
             Ok(Reply::Token(Ok(()))) => {
                 self.reply(kind::TOKEN_ISSUED, &protocol::TokenIssued { token: text, expires_at_ms })
             }
-            Ok(Reply::Token(Err(code))) => self.error(code, kind::ISSUE_TOKEN),
-            Ok(Reply::Attach(_)) | Err(_) => self.error(ErrorCode::Internal, kind::ISSUE_TOKEN),
+            Ok(Reply::Token(Err(code))) | Err(code) => self.error(code, kind::ISSUE_TOKEN),
+            Ok(Reply::Attach(_)) => self.error(ErrorCode::Internal, kind::ISSUE_TOKEN),
         }
     }
 }
