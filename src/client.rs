@@ -362,7 +362,8 @@ impl Client {
         Ok((page, end?))
     }
 
-    /// Read until `CatchUpEnd`: the deliveries it closes, and its count. Other frames are kept.
+    /// Read until `CatchUpEnd`: the deliveries it closes, and the end itself (its count, and
+    /// `unavailable` > 0 when store ranges did not answer). Other frames are kept.
     pub fn catch_up(&mut self) -> Result<(Vec<Delivery>, protocol::CatchUpEnd)> {
         let mut got = Vec::new();
         let end = self.wait_for(u16::MAX, |e| match e {
@@ -381,5 +382,31 @@ impl Client {
     pub fn logout(&mut self) -> Result<()> {
         self.send_frame(kind::LOGOUT, &protocol::Logout { reserved: 0 })?;
         self.wait_for(kind::LOGOUT, |e| matches!(e, Event::Bye).then_some(()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `CatchUpEnd` encodes as docs/PROTOCOL.md 6.11 shows, byte for byte, and decodes back.
+    #[test]
+    fn catch_up_end_bytes_match_the_protocol_document() {
+        let end = protocol::CatchUpEnd { count: 3, more: false, unavailable: 0 };
+        let f = frame::encode(kind::CATCHUP_END, &end);
+        #[rustfmt::skip]
+        let want = [
+            0x0c, 0, 0, 0, 0x6f, 0, 0, 0,
+            3, 0, 0, 0, 0, 0, 0, 0,
+            0, 0, 0, 0, 0, 0, 0, 0,
+        ];
+        assert_eq!(f, want);
+        let end = protocol::CatchUpEnd { count: 5000, more: true, unavailable: 1 };
+        let f = frame::encode(kind::CATCHUP_END, &end);
+        assert_eq!(&f[8..20], [0x88, 0x13, 0, 0, 1, 0, 0, 0, 1, 0, 0, 0]);
+        match decode_event(kind::CATCHUP_END, &f[8..20]).unwrap() {
+            Event::CatchUpEnd(got) => assert_eq!(got, end),
+            other => panic!("decoded {other:?}"),
+        }
     }
 }

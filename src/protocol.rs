@@ -388,7 +388,11 @@ pub struct CatchUpEnd {
     pub count: u32,
     /// More were waiting than `catchup_messages_max`: fetch them with `History`.
     pub more: bool,
+    /// Store ranges that did not answer in time: the catch-up left out their conversations'
+    /// messages (log in again later, or page them with `History`). 0: the catch-up is complete.
+    pub unavailable: u32,
 }
+const _: () = assert!(std::mem::size_of::<ArchivedCatchUpEnd>() == 12);
 
 #[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq)]
 pub struct Bye {

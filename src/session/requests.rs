@@ -17,7 +17,7 @@ use crate::{
     placement::direct_key,
     protocol::{self, conv, kind, DeviceType, ErrorCode},
     shard::{now_ms, Shard},
-    store::{device_hash, Cursor, Page, StoreError, UserId},
+    store::{device_hash, CatchUp, Cursor, StoreError, UserId},
 };
 
 /// Bytes a `Send` archive may carry besides its body (its root struct and alignment padding).
@@ -412,9 +412,9 @@ async fn catch_up(shard: Rc<Shard>, session: Rc<Session>, login_kind: u16, until
     let since = now_ms().saturating_sub(l.catchup_window_secs * 1000);
     let limit = l.catchup_messages_max;
     let store = shard.shared.store.clone();
-    let page: Page =
+    let CatchUp { page, unavailable } =
         match shard.shared.workers.run(move || store.catch_up(user, device, since, until, limit)).await {
-            Ok(Ok(page)) => page,
+            Ok(Ok(found)) => found,
             Ok(Err(e)) => {
                 log::warn!("store: catch-up of user {user}: {e}");
                 session.push(error_frame(ErrorCode::StoreUnavailable, login_kind, 0));
@@ -434,6 +434,6 @@ async fn catch_up(shard: Rc<Shard>, session: Rc<Session>, login_kind: u16, until
     }
     session.push(Bytes::from(frame::encode(
         kind::CATCHUP_END,
-        &protocol::CatchUpEnd { count, more: page.more },
+        &protocol::CatchUpEnd { count, more: page.more, unavailable },
     )));
 }

@@ -18,7 +18,7 @@ use crossbeam_channel::{unbounded, Receiver, Sender};
 use rusqlite::{params, Connection, ErrorCode as SqliteCode, OptionalExtension};
 
 use super::{
-    Account, CommitDone, ConvKey, ConvLoad, Cursor, NameKey, Page, RecentSend, Store, StoreError,
+    Account, CatchUp, CommitDone, ConvKey, ConvLoad, Cursor, NameKey, Page, RecentSend, Store, StoreError,
     StoredMessage, UserId,
 };
 use crate::config::StoreConfig;
@@ -328,7 +328,7 @@ impl Store for EmbeddedStore {
         since_ms: u64,
         until_ms: u64,
         limit: u32,
-    ) -> Result<Page, StoreError> {
+    ) -> Result<CatchUp, StoreError> {
         let rows = self.with_reader(|c| {
             let mut stmt = c.prepare_cached(
                 "SELECT m.payload FROM messages m
@@ -343,7 +343,7 @@ impl Store for EmbeddedStore {
             let rows = stmt.query_map(args, |r| r.get(0))?;
             rows.collect::<rusqlite::Result<Vec<Vec<u8>>>>()
         })?;
-        Ok(page(rows, limit))
+        Ok(CatchUp { page: page(rows, limit), unavailable: 0 })
     }
 
     fn close(&self) {

@@ -4,7 +4,8 @@
 use std::{collections::HashMap, sync::Mutex};
 
 use super::{
-    Account, CommitDone, ConvKey, ConvLoad, Cursor, NameKey, Page, Store, StoreError, StoredMessage, UserId,
+    Account, CatchUp, CommitDone, ConvKey, ConvLoad, Cursor, NameKey, Page, Store, StoreError, StoredMessage,
+    UserId,
 };
 
 #[derive(Default)]
@@ -65,8 +66,8 @@ impl Store for MemoryStore {
         _since: u64,
         _until: u64,
         _limit: u32,
-    ) -> Result<Page, StoreError> {
-        Ok(Page::default())
+    ) -> Result<CatchUp, StoreError> {
+        Ok(CatchUp::default())
     }
 
     fn save_cursors(&self, _cursors: &[Cursor]) -> Result<(), StoreError> {

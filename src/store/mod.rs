@@ -70,6 +70,15 @@ pub struct Page {
     pub more: bool,
 }
 
+/// What a login's catch-up found: the messages of the store ranges that answered, and how many
+/// did not answer in time (their messages are not in `page`).
+#[derive(Clone, Debug, Default)]
+pub struct CatchUp {
+    pub page: Page,
+    /// Store ranges (PostgreSQL servers) that did not answer; 0: the catch-up is complete.
+    pub unavailable: u32,
+}
+
 /// A device's delivery cursor: everything up to `seq` of `conv` was received.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Cursor {
@@ -130,7 +139,7 @@ pub trait Store: Send + Sync + 'static {
         since_ms: u64,
         until_ms: u64,
         limit: u32,
-    ) -> Result<Page, StoreError>;
+    ) -> Result<CatchUp, StoreError>;
 
     /// Advance delivery cursors (a cursor never goes back).
     fn save_cursors(&self, cursors: &[Cursor]) -> Result<(), StoreError>;

@@ -25,7 +25,7 @@ use tokio::sync::{Mutex, Semaphore};
 use tokio_postgres::{types::Type, Client, NoTls};
 
 use super::{
-    Account, CommitDone, ConvKey, ConvLoad, Cursor, NameKey, Page, RecentSend, Store, StoreError,
+    Account, CatchUp, CommitDone, ConvKey, ConvLoad, Cursor, NameKey, Page, RecentSend, Store, StoreError,
     StoredMessage, UserId,
 };
 use crate::config::PostgresConfig;
@@ -200,7 +200,8 @@ impl PostgresStore {
         self.range_of_slot(tim_shards::partition_of(crate::placement::conv_hash(conv)) as u64)
     }
 
-    fn name_slot(name: &NameKey) -> u64 {
+    /// The partition of an account, from its name key (its id then carries it in its low 12 bits).
+    pub fn name_slot(name: &NameKey) -> u64 {
         u64::from(u32::from_le_bytes([name[0], name[1], name[2], name[3]])) % PARTITIONS
     }
 
@@ -412,7 +413,7 @@ impl Store for PostgresStore {
         since_ms: u64,
         until_ms: u64,
         limit: u32,
-    ) -> Result<Page, StoreError> {
+    ) -> Result<CatchUp, StoreError> {
         // A user's conversations are spread over every range: ask them all at once, merge by time.
         let ranges = self.ranges.clone();
         let mut rows: Vec<(i64, i64, i64, i64, Vec<u8>)> = self.block_on(async move {
@@ -450,7 +451,7 @@ impl Store for PostgresStore {
             Ok(all)
         })?;
         rows.sort_by_key(|r| (r.0, r.1, r.2, r.3));
-        Ok(page(rows.into_iter().map(|r| r.4).collect(), limit))
+        Ok(CatchUp { page: page(rows.into_iter().map(|r| r.4).collect(), limit), unavailable: 0 })
     }
 
     fn save_cursors(&self, cursors: &[Cursor]) -> Result<(), StoreError> {
