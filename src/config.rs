@@ -28,8 +28,12 @@ pub struct ServerConfig {
     pub driver: String,
     /// Pin each shard thread to a core.
     pub pin_cores: bool,
-    /// Threads that hash and verify passwords and run store calls.
+    /// Threads that hash and verify passwords (argon2id); 0 means one per shard.
     pub worker_threads: usize,
+    /// Threads that run store calls (account lookups and writes, conversation loads, history,
+    /// catch-up, cursor saves); 0 means one per shard, plus one per PostgreSQL connection
+    /// (`connections_per_partition` × ranges) with the postgres store.
+    pub store_threads: usize,
     /// io_uring submission queue entries per shard.
     pub ring_entries: u32,
     /// Executor turns a shard spins on an empty mesh before parking.
@@ -156,7 +160,7 @@ pub struct Limits {
     pub token_ttl_secs: u32,
     /// Live one-shot tokens per account.
     pub tokens_per_user_max: usize,
-    /// Pending password hash/verify jobs; beyond it logins get Busy.
+    /// Pending jobs per worker pool (password hashing; store calls); beyond it: Busy.
     pub worker_queue_max: usize,
     /// Messages in one history page at most.
     pub history_page_max: u32,
@@ -211,6 +215,7 @@ impl Default for ServerConfig {
             driver: "auto".into(),
             pin_cores: true,
             worker_threads: 0,
+            store_threads: 0,
             ring_entries: 1024,
             spin_rounds: 64,
             backlog: 4096,
@@ -394,7 +399,8 @@ listen = "0.0.0.0:7100"     # binary protocol listener
 shards = 0                  # executor threads; 0 = one per core
 driver = "auto"             # auto (io_uring, else epoll) | io_uring | epoll
 pin_cores = true            # pin each shard thread to a core
-worker_threads = 0          # password hashing / store threads; 0 = one per shard
+worker_threads = 0          # password hashing threads; 0 = one per shard
+store_threads = 0           # store call threads; 0 = one per shard (+ one per PostgreSQL connection)
 ring_entries = 1024         # io_uring submission queue entries per shard
 spin_rounds = 64            # executor turns spent polling an empty mesh before parking
 backlog = 4096              # listen backlog per shard
@@ -440,7 +446,7 @@ conversation_idle_secs = 600        # an unused conversation is evicted after th
 answer_timeout_ms = 30000           # a Send, login or token request unanswered this long gets Timeout
 token_ttl_secs = 300                # default and greatest one-shot token lifetime
 tokens_per_user_max = 16            # live one-shot tokens per account
-worker_queue_max = 4096             # queued hashing/store jobs; beyond it: Busy
+worker_queue_max = 4096             # queued jobs per worker pool (hashing; store calls); beyond it: Busy
 history_page_max = 200              # messages in one history page at most
 catchup_messages_max = 5000         # stored messages sent to a device at login at most
 catchup_window_secs = 604800        # how far back catch-up at login looks

@@ -19,7 +19,7 @@
 //! - [`auth`]: names, passwords (argon2id), one-shot tokens;
 //! - [`store`]: the storage boundary and the in-memory (no-data) backend;
 //! - [`sockio`]: batched `sendmsg` writes of queued frames;
-//! - [`workers`]: threads for blocking work (password hashing, store calls);
+//! - [`workers`]: two thread pools for blocking work (password hashing; store calls);
 //! - [`config`]: the TOML config and every limit;
 //! - [`server`]: start and graceful stop;
 //! - [`client`]: a blocking Rust client for protocol v1 (tests, tools).

@@ -45,8 +45,19 @@ pub fn start(cfg: Config) -> anyhow::Result<Server> {
     };
     let (addr, listeners) = bind_reuseport_group(cfg.server.listen, shards, cfg.server.backlog)
         .with_context(|| format!("binding {}", cfg.server.listen))?;
-    let worker_threads = if cfg.server.worker_threads == 0 { shards } else { cfg.server.worker_threads };
-    let (workers, worker_handles) = Workers::start(worker_threads, cfg.limits.worker_queue_max);
+    let hash_threads = if cfg.server.worker_threads == 0 { shards } else { cfg.server.worker_threads };
+    let store_threads = match cfg.server.store_threads {
+        // A store call holds its thread while it waits on the database, and a range that stops
+        // answering can hold at most one thread per connection of its pool (further calls to it
+        // fail at once): one thread per connection leaves the other ranges theirs.
+        0 if cfg.store.backend == "postgres" => {
+            let pg = &cfg.store.postgres;
+            shards + pg.connections_per_partition * pg.partitions.len()
+        }
+        0 => shards,
+        n => n,
+    };
+    let (workers, worker_handles) = Workers::start(hash_threads, store_threads, cfg.limits.worker_queue_max);
     let store: Arc<dyn Store> = match cfg.store.backend.as_str() {
         "memory" => Arc::new(MemoryStore::default()),
         "postgres" => {

@@ -337,10 +337,10 @@ impl Shard {
         }
         let store = self.shared.store.clone();
         let kept = batch.clone();
-        match self.shared.workers.run(move || store.save_cursors(&batch)).await {
+        match self.shared.workers.store.run(move || store.save_cursors(&batch)).await {
             Ok(Ok(())) => return,
             Ok(Err(e)) => log::warn!("store: saving cursors: {e}"),
-            Err(_) => log::warn!("store: saving cursors: worker pool busy"),
+            Err(e) => log::warn!("store: saving cursors: {e}"),
         }
         for c in kept {
             self.note_cursor(c);
@@ -469,14 +469,14 @@ impl Shard {
                 }
                 store.load_conv(req.key, req.since_ms, req.recent_max).map(Some)
             };
-            let loaded = match me.shared.workers.run(job).await {
+            let loaded = match me.shared.workers.store.run(job).await {
                 Ok(Ok(Some(load))) => Ok(load),
                 Ok(Ok(None)) => Err(ErrorCode::UnknownRecipient),
                 Ok(Err(e)) => {
                     log::warn!("store: {e}");
                     Err(ErrorCode::StoreUnavailable)
                 }
-                Err(_) => Err(ErrorCode::Busy),
+                Err(e) => Err(e.code_or(ErrorCode::StoreUnavailable)),
             };
             me.with_convs(|c, fx| c.loaded(key, loaded, now_ms(), fx));
         });

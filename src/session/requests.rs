@@ -217,22 +217,33 @@ impl Requests<'_> {
         if let Err(code) = auth::check_name(&name).and(auth::check_password(&password)) {
             return self.error(code, kind::REGISTER);
         }
+        // Hash on the hashing pool, then write on the store pool: neither waits behind the
+        // other kind of job.
+        let workers = &self.shard.shared.workers;
         let shared = self.shard.shared.clone();
-        let job = move || {
-            let key = shared.auth.name_key(&name);
+        let hashed = workers.hash.run(move || {
             let hash = shared.auth.hash_password(&password)?;
-            shared.store.create_account(&key, hash).map_err(|e| match e {
+            Ok::<_, ErrorCode>((shared.auth.name_key(&name), hash))
+        });
+        let (key, hash) = match hashed.await {
+            Ok(Ok(hashed)) => hashed,
+            Ok(Err(code)) => return self.error(code, kind::REGISTER),
+            Err(e) => return self.error(e.code_or(ErrorCode::Internal), kind::REGISTER),
+        };
+        let store = self.shard.shared.store.clone();
+        let created = workers.store.run(move || {
+            store.create_account(&key, hash).map_err(|e| match e {
                 StoreError::NameTaken => ErrorCode::NameTaken,
                 StoreError::Unavailable(m) => {
                     log::warn!("store: {m}");
                     ErrorCode::Internal
                 }
             })
-        };
-        match self.shard.shared.workers.run(job).await {
+        });
+        match created.await {
             Ok(Ok(user_id)) => self.reply(kind::REGISTER_OK, &protocol::RegisterOk { user_id }),
             Ok(Err(code)) => self.error(code, kind::REGISTER),
-            Err(_) => self.error(ErrorCode::Busy, kind::REGISTER),
+            Err(e) => self.error(e.code_or(ErrorCode::Internal), kind::REGISTER),
         }
     }
 
@@ -255,23 +266,30 @@ impl Requests<'_> {
         if let Err(code) = auth::check_name(&name) {
             return self.error(code, kind::LOGIN);
         }
+        // Read the account on the store pool, then check the password on the hashing pool.
+        let workers = &self.shard.shared.workers;
         let shared = self.shard.shared.clone();
-        let job = move || {
-            let key = shared.auth.name_key(&name);
-            match shared.store.account_by_name(&key) {
-                Ok(Some(acc)) if shared.auth.verify_password(&acc.password_hash, &password) => Ok(acc.id),
-                Ok(Some(_)) => Err(ErrorCode::WrongPassword),
+        let found =
+            workers.store.run(move || match shared.store.account_by_name(&shared.auth.name_key(&name)) {
+                Ok(Some(acc)) => Ok(acc),
                 Ok(None) => Err(ErrorCode::UnknownUser),
                 Err(e) => {
                     log::warn!("store: {e}");
                     Err(ErrorCode::Internal)
                 }
-            }
-        };
-        let user = match self.shard.shared.workers.run(job).await {
-            Ok(Ok(user)) => user,
+            });
+        let account = match found.await {
+            Ok(Ok(account)) => account,
             Ok(Err(code)) => return self.error(code, kind::LOGIN),
-            Err(_) => return self.error(ErrorCode::Busy, kind::LOGIN),
+            Err(e) => return self.error(e.code_or(ErrorCode::Internal), kind::LOGIN),
+        };
+        let shared = self.shard.shared.clone();
+        let verified =
+            workers.hash.run(move || shared.auth.verify_password(&account.password_hash, &password));
+        let user = match verified.await {
+            Ok(true) => account.id,
+            Ok(false) => return self.error(ErrorCode::WrongPassword, kind::LOGIN),
+            Err(e) => return self.error(e.code_or(ErrorCode::Internal), kind::LOGIN),
         };
         self.attach(user, (device_type, &device.1), None, kind::LOGIN).await
     }
@@ -355,6 +373,7 @@ impl Requests<'_> {
             .shard
             .shared
             .workers
+            .store
             .run(move || store.history(conv_key, anchor, older, limit))
             .await
         {
@@ -363,7 +382,7 @@ impl Requests<'_> {
                 log::warn!("store: {e}");
                 return self.error(ErrorCode::StoreUnavailable, kind::HISTORY);
             }
-            Err(_) => return self.error(ErrorCode::Busy, kind::HISTORY),
+            Err(e) => return self.error(e.code_or(ErrorCode::StoreUnavailable), kind::HISTORY),
         };
         let count = page.payloads.len() as u32;
         for p in page.payloads {
@@ -405,26 +424,27 @@ fn stored_frame(k: u16, payload: &[u8]) -> Bytes {
 
 /// After a login on a durable store: send the device what it has not acknowledged and that was
 /// stamped up to its attach (as `DELIVER` frames, paced by the writer), then `CATCHUP_END`. Live
-/// deliveries (stamped after the attach) may interleave.
+/// deliveries (stamped after the attach) may interleave. Store ranges that did not answer in
+/// time are left out and counted in `CATCHUP_END`'s `unavailable`.
 async fn catch_up(shard: Rc<Shard>, session: Rc<Session>, login_kind: u16, until: u64) {
     let l = &shard.cfg().limits;
     let (user, device) = (session.user(), session.device.get());
     let since = now_ms().saturating_sub(l.catchup_window_secs * 1000);
     let limit = l.catchup_messages_max;
     let store = shard.shared.store.clone();
-    let CatchUp { page, unavailable } =
-        match shard.shared.workers.run(move || store.catch_up(user, device, since, until, limit)).await {
-            Ok(Ok(found)) => found,
-            Ok(Err(e)) => {
-                log::warn!("store: catch-up of user {user}: {e}");
-                session.push(error_frame(ErrorCode::StoreUnavailable, login_kind, 0));
-                return;
-            }
-            Err(_) => {
-                session.push(error_frame(ErrorCode::Busy, login_kind, 0));
-                return;
-            }
-        };
+    let found = shard.shared.workers.store.run(move || store.catch_up(user, device, since, until, limit));
+    let CatchUp { page, unavailable } = match found.await {
+        Ok(Ok(found)) => found,
+        Ok(Err(e)) => {
+            log::warn!("store: catch-up of user {user}: {e}");
+            session.push(error_frame(ErrorCode::StoreUnavailable, login_kind, 0));
+            return;
+        }
+        Err(e) => {
+            session.push(error_frame(e.code_or(ErrorCode::StoreUnavailable), login_kind, 0));
+            return;
+        }
+    };
     let count = page.payloads.len() as u32;
     for p in page.payloads {
         if session.closing.get() {

@@ -1,7 +1,7 @@
 //! The store boundary. Shards never call a store directly: reads and account writes run on the
-//! worker threads ([`crate::workers`]), and message commits are handed to the store with
-//! [`Store::append`], which queues them on the store's own thread(s) and calls back when they are
-//! committed. Storage I/O never blocks an event loop.
+//! store pool's threads ([`crate::workers::Workers::store`]), and message commits are handed to
+//! the store with [`Store::append`], which queues them on the store's own thread(s) and calls
+//! back when they are committed. Storage I/O never blocks an event loop.
 //!
 //! Backends: [`memory::MemoryStore`] (no-data mode) and [`embedded::EmbeddedStore`] (SQLite in
 //! WAL mode, the default). Account names are never stored: only their keyed hash ([`NameKey`]).
@@ -99,8 +99,8 @@ pub enum StoreError {
 /// Called once with the outcome of an [`Store::append`].
 pub type CommitDone = Box<dyn FnOnce(Result<(), StoreError>) + Send>;
 
-/// A storage backend. Except [`Store::append`], methods block and are called from worker
-/// threads only.
+/// A storage backend. Except [`Store::append`], methods block and are called from the store
+/// pool's threads only.
 pub trait Store: Send + Sync + 'static {
     /// Whether acknowledged messages survive a restart (false in no-data mode).
     fn durable(&self) -> bool;
