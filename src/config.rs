@@ -69,8 +69,16 @@ pub struct StoreConfig {
 pub struct PostgresConfig {
     /// Connections tim opens to each partition range at most.
     pub connections_per_partition: usize,
-    /// Milliseconds a connection attempt may take.
+    /// Milliseconds a connection attempt may take, startup and authentication included.
     pub connect_timeout_ms: u64,
+    /// Milliseconds a call waits for a free connection of a range's pool. While a range is not
+    /// answering (a call to it timed out and none has succeeded since), a call that finds no
+    /// free connection fails at once instead.
+    pub acquire_timeout_ms: u64,
+    /// Milliseconds one statement may take: enforced by tim (the connection is then dropped) and
+    /// by the server (`statement_timeout`, set on every connection). Also the deadline of each
+    /// range's part of a login's catch-up.
+    pub statement_timeout_ms: u64,
     /// Threads of the runtime that drives the PostgreSQL connections.
     pub threads: usize,
     #[serde(rename = "partition")]
@@ -91,6 +99,8 @@ impl Default for PostgresConfig {
         PostgresConfig {
             connections_per_partition: 4,
             connect_timeout_ms: 2000,
+            acquire_timeout_ms: 2000,
+            statement_timeout_ms: 2000,
             threads: 2,
             partitions: Vec::new(),
         }
@@ -302,9 +312,15 @@ impl Config {
         }
         if self.store.backend == "postgres" {
             let pg = &self.store.postgres;
-            if pg.connections_per_partition == 0 || pg.threads == 0 || pg.connect_timeout_ms == 0 {
+            if pg.connections_per_partition == 0
+                || pg.threads == 0
+                || pg.connect_timeout_ms == 0
+                || pg.acquire_timeout_ms == 0
+                || pg.statement_timeout_ms == 0
+            {
                 bail!(
-                    "store.postgres: connections_per_partition, threads and connect_timeout_ms must be > 0"
+                    "store.postgres: connections_per_partition, threads, connect_timeout_ms, \
+                     acquire_timeout_ms and statement_timeout_ms must be > 0"
                 );
             }
             let mut owner = vec![false; tim_shards::PARTITIONS as usize];
@@ -415,7 +431,9 @@ synchronous = "full"        # embedded: full (survives power loss) | normal (sur
 
 [store.postgres]
 connections_per_partition = 4 # connections to each partition range at most
-connect_timeout_ms = 2000   # a connection attempt may take this long
+connect_timeout_ms = 2000   # a connection attempt (startup and authentication included) may take this long
+acquire_timeout_ms = 2000   # wait for a free pooled connection at most this long (not at all while a range is not answering)
+statement_timeout_ms = 2000 # a statement may take this long (tim drops the connection; also set as the server's statement_timeout)
 threads = 2                 # threads of the runtime driving the PostgreSQL connections
 # Ranges of the 4096 partitions, each on its own server or database; together they cover 0-4095:
 # [[store.postgres.partition]]

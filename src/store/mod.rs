@@ -100,7 +100,8 @@ pub enum StoreError {
 pub type CommitDone = Box<dyn FnOnce(Result<(), StoreError>) + Send>;
 
 /// A storage backend. Except [`Store::append`], methods block and are called from the store
-/// pool's threads only.
+/// pool's threads only; every one of them returns within a bounded time, even when a database
+/// server stops answering (the PostgreSQL store times out its connections and statements).
 pub trait Store: Send + Sync + 'static {
     /// Whether acknowledged messages survive a restart (false in no-data mode).
     fn durable(&self) -> bool;
@@ -131,7 +132,10 @@ pub trait Store: Send + Sync + 'static {
     fn history(&self, conv: ConvKey, anchor: u64, older: bool, limit: u32) -> Result<Page, StoreError>;
 
     /// Messages of `user`'s conversations stamped within `since_ms..=until_ms` that `device` has
-    /// not acknowledged and did not send itself, oldest first, at most `limit`.
+    /// not acknowledged and did not send itself, oldest first, at most `limit`. A store spread
+    /// over several servers gives each a deadline and answers with what the others hold,
+    /// counting those that did not answer ([`CatchUp::unavailable`]); a single store answers
+    /// complete or fails.
     fn catch_up(
         &self,
         user: UserId,

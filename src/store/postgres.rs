@@ -13,15 +13,27 @@
 //! The connections live on a dedicated multi-threaded tokio runtime (`store.postgres.threads`),
 //! a bounded pool per range. [`Store::append`] hands the batch to that runtime and returns; the
 //! batch goes to PostgreSQL as one multi-row `INSERT … SELECT FROM UNNEST(…)` (one round trip,
-//! one implicit transaction). A range that is down or stalled only fails or delays the commits of
-//! its own conversations; broken connections are dropped and replaced on the next use, so tim
-//! reconnects by itself when the server returns. The schema is created and migrated at start,
-//! under an advisory lock, and versioned in `tim_schema`.
+//! one implicit transaction). A range that is down or stalled only fails or delays the calls that
+//! need it: connecting, waiting for a pooled connection and every statement have a timeout
+//! (`connect_timeout_ms`, `acquire_timeout_ms`, `statement_timeout_ms`, the last also set as the
+//! server's `statement_timeout`); a connection whose statement timed out or broke is dropped and
+//! replaced on the next use, so tim reconnects by itself when the server returns; while a range is
+//! not answering, calls that find no free connection fail at once (a range's `stalled` flag). A
+//! login's catch-up asks every range with a deadline and answers with what came back, counting the
+//! ranges that did not answer. The schema is created and migrated at start, under an advisory lock,
+//! and versioned in `tim_schema`.
 
-use std::{sync::Arc, time::Duration};
+use std::{
+    future::Future,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    },
+    time::Duration,
+};
 
 use bytes::Bytes;
-use tokio::sync::{Mutex, Semaphore};
+use tokio::sync::Semaphore;
 use tokio_postgres::{types::Type, Client, NoTls};
 
 use super::{
@@ -67,18 +79,38 @@ CREATE TABLE cursors (
 
 const PARTITIONS: u64 = tim_shards::PARTITIONS as u64;
 
+/// How long each step of a store call may take.
+#[derive(Clone, Copy, Debug)]
+struct Timeouts {
+    /// Connecting: TCP, startup and authentication.
+    connect: Duration,
+    /// Waiting for a free connection of the pool.
+    acquire: Duration,
+    /// One statement.
+    statement: Duration,
+}
+
 /// One partition range: its server and a bounded pool of connections to it.
 struct Range {
     url: String,
     config: tokio_postgres::Config,
-    idle: Mutex<Vec<Client>>,
+    /// Connections not in use; never locked across an `.await`.
+    idle: std::sync::Mutex<Vec<Client>>,
     slots: Semaphore,
+    timeouts: Timeouts,
+    /// A call to this range timed out and none has succeeded since. Calls then take a free
+    /// connection or fail at once, instead of queueing behind the stuck ones: a range that
+    /// stops answering holds at most its pool's worth of callers.
+    stalled: AtomicBool,
 }
 
-/// A connection checked out of a range's pool; returned on `put`, dropped if it broke.
+/// A connection checked out of a range's pool. It goes back to the pool on drop only if its last
+/// statement ended normally (answered, or refused by the server); a connection whose statement
+/// timed out, broke, or was abandoned midway (its caller gave up) is dropped and closed.
 struct Conn<'a> {
     range: &'a Range,
     client: Option<Client>,
+    reusable: AtomicBool,
     _permit: tokio::sync::SemaphorePermit<'a>,
 }
 
@@ -86,15 +118,45 @@ impl Conn<'_> {
     fn client(&self) -> &Client {
         self.client.as_ref().expect("present until dropped")
     }
+
+    /// Run one statement of this connection within the statement timeout.
+    async fn timed<T>(
+        &self,
+        statement: impl Future<Output = Result<T, tokio_postgres::Error>>,
+    ) -> Result<T, StoreError> {
+        self.reusable.store(false, Ordering::Relaxed);
+        let limit = self.range.timeouts.statement;
+        match tokio::time::timeout(limit, statement).await {
+            Ok(Ok(v)) => {
+                self.reusable.store(true, Ordering::Relaxed);
+                self.range.stalled.store(false, Ordering::Relaxed);
+                Ok(v)
+            }
+            Err(_) => {
+                self.range.stalled.store(true, Ordering::Relaxed);
+                Err(StoreError::Unavailable(format!(
+                    "postgres {}: statement timed out after {} ms",
+                    redact(&self.range.url),
+                    limit.as_millis()
+                )))
+            }
+            Ok(Err(e)) => {
+                // The server answered (e.g. a constraint, or its own statement_timeout): the
+                // connection is sound. Anything else (I/O, protocol) leaves it suspect.
+                if e.as_db_error().is_some() {
+                    self.reusable.store(true, Ordering::Relaxed);
+                }
+                Err(pg_err(e))
+            }
+        }
+    }
 }
 
 impl Drop for Conn<'_> {
     fn drop(&mut self) {
         if let Some(c) = self.client.take() {
-            if !c.is_closed() {
-                if let Ok(mut idle) = self.range.idle.try_lock() {
-                    idle.push(c);
-                }
+            if self.reusable.load(Ordering::Relaxed) && !c.is_closed() {
+                self.range.idle.lock().unwrap_or_else(|p| p.into_inner()).push(c);
             }
         }
     }
@@ -105,10 +167,27 @@ fn pg_err(e: tokio_postgres::Error) -> StoreError {
 }
 
 impl Range {
+    /// A connection of the pool: an idle one, else a new one. Waits at most `acquire` for a
+    /// free slot (not at all while the range is stalled) and `connect` to connect.
     async fn conn(&self) -> Result<Conn<'_>, StoreError> {
-        let permit = self.slots.acquire().await.map_err(|_| StoreError::Unavailable("pool closed".into()))?;
+        let unavailable =
+            |what: &str| StoreError::Unavailable(format!("postgres {}: {what}", redact(&self.url)));
+        let permit = if self.stalled.load(Ordering::Relaxed) {
+            self.slots.try_acquire().map_err(|_| unavailable("not answering, every connection busy"))?
+        } else {
+            match tokio::time::timeout(self.timeouts.acquire, self.slots.acquire()).await {
+                Ok(p) => p.map_err(|_| unavailable("pool closed"))?,
+                Err(_) => {
+                    self.stalled.store(true, Ordering::Relaxed);
+                    return Err(unavailable(&format!(
+                        "no free connection within {} ms",
+                        self.timeouts.acquire.as_millis()
+                    )));
+                }
+            }
+        };
         let pooled = {
-            let mut idle = self.idle.lock().await;
+            let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
             loop {
                 match idle.pop() {
                     Some(c) if c.is_closed() => continue,
@@ -119,7 +198,19 @@ impl Range {
         let client = match pooled {
             Some(c) => c,
             None => {
-                let (client, connection) = self.config.connect(NoTls).await.map_err(pg_err)?;
+                // tokio-postgres's own connect_timeout covers only the TCP connect; a server that
+                // accepts but does not answer (stopped, overloaded) would hang the startup.
+                let (client, connection) =
+                    match tokio::time::timeout(self.timeouts.connect, self.config.connect(NoTls)).await {
+                        Ok(r) => r.map_err(pg_err)?,
+                        Err(_) => {
+                            self.stalled.store(true, Ordering::Relaxed);
+                            return Err(unavailable(&format!(
+                                "connecting timed out after {} ms",
+                                self.timeouts.connect.as_millis()
+                            )));
+                        }
+                    };
                 let url = self.url.clone();
                 tokio::spawn(async move {
                     if let Err(e) = connection.await {
@@ -129,7 +220,7 @@ impl Range {
                 client
             }
         };
-        Ok(Conn { range: self, client: Some(client), _permit: permit })
+        Ok(Conn { range: self, client: Some(client), reusable: AtomicBool::new(false), _permit: permit })
     }
 }
 
@@ -166,6 +257,11 @@ impl PostgresStore {
             .thread_name("store-pg")
             .enable_all()
             .build()?;
+        let timeouts = Timeouts {
+            connect: Duration::from_millis(cfg.connect_timeout_ms),
+            acquire: Duration::from_millis(cfg.acquire_timeout_ms),
+            statement: Duration::from_millis(cfg.statement_timeout_ms),
+        };
         let mut ranges: Vec<Arc<Range>> = Vec::new();
         let mut owner = vec![u16::MAX; PARTITIONS as usize];
         for p in &cfg.partitions {
@@ -173,12 +269,18 @@ impl PostgresStore {
             let mut config: tokio_postgres::Config =
                 p.url.parse().map_err(|e| anyhow::anyhow!("store.postgres url {}: {e}", redact(&p.url)))?;
             config.connect_timeout(Duration::from_millis(cfg.connect_timeout_ms));
+            // The server enforces the statement timeout too, so that a statement tim gave up on
+            // does not run on; it is set at connection startup (no extra round trip).
+            let options = config.get_options().map(|o| format!("{o} ")).unwrap_or_default();
+            config.options(format!("{options}-c statement_timeout={}", cfg.statement_timeout_ms));
             let index = ranges.len() as u16;
             ranges.push(Arc::new(Range {
                 url: p.url.clone(),
                 config,
-                idle: Mutex::new(Vec::new()),
+                idle: std::sync::Mutex::new(Vec::new()),
                 slots: Semaphore::new(cfg.connections_per_partition),
+                timeouts,
+                stalled: AtomicBool::new(false),
             }));
             for slot in a..=b {
                 owner[slot as usize] = index;
@@ -186,8 +288,17 @@ impl PostgresStore {
         }
         anyhow::ensure!(owner.iter().all(|&o| o != u16::MAX), "store.postgres ranges must cover 0-4095");
         let store = PostgresStore { rt, ranges, owner };
+        // Five statements, each under the server's statement_timeout; bounded here as well.
+        let migrate_limit = timeouts.acquire + timeouts.connect + 5 * timeouts.statement;
         for r in &store.ranges {
-            store.rt.block_on(migrate(r)).map_err(|e| anyhow::anyhow!("postgres {}: {e}", redact(&r.url)))?;
+            store
+                .rt
+                .block_on(async {
+                    tokio::time::timeout(migrate_limit, migrate(r))
+                        .await
+                        .unwrap_or_else(|_| Err(StoreError::Unavailable("migration timed out".into())))
+                })
+                .map_err(|e| anyhow::anyhow!("postgres {}: {e}", redact(&r.url)))?;
         }
         Ok(store)
     }
@@ -238,12 +349,14 @@ async fn migrate(r: &Range) -> Result<(), StoreError> {
         tx.batch_execute(SCHEMA_V1).await.map_err(pg_err)?;
         tx.execute("INSERT INTO tim_schema (version) VALUES (1)", &[]).await.map_err(pg_err)?;
     }
-    tx.commit().await.map_err(pg_err)
+    tx.commit().await.map_err(pg_err)?;
+    conn.reusable.store(true, Ordering::Relaxed);
+    Ok(())
 }
 
 async fn insert_batch(range: &Range, batch: &[StoredMessage]) -> Result<(), StoreError> {
     let conn = range.conn().await?;
-    insert_messages(conn.client(), batch).await.map_err(pg_err)?;
+    conn.timed(insert_messages(conn.client(), batch)).await?;
     Ok(())
 }
 
@@ -294,15 +407,13 @@ impl Store for PostgresStore {
         self.block_on(async move {
             let conn = range.conn().await?;
             let row = conn
-                .client()
-                .query_opt(
+                .timed(conn.client().query_opt(
                     "INSERT INTO accounts (id, name_key, password_hash, created_ms)
                      VALUES (nextval('user_ids') * 4096 + $1, $2, $3, $4)
                      ON CONFLICT (name_key) DO NOTHING RETURNING id",
                     &[&i(slot), &&name[..], &password_hash, &i(now)],
-                )
-                .await
-                .map_err(pg_err)?;
+                ))
+                .await?;
             row.map(|r| u(r.get(0))).ok_or(StoreError::NameTaken)
         })
     }
@@ -312,10 +423,13 @@ impl Store for PostgresStore {
         self.block_on(async move {
             let conn = range.conn().await?;
             let row = conn
-                .client()
-                .query_opt("SELECT id, password_hash FROM accounts WHERE name_key = $1", &[&&name[..]])
-                .await
-                .map_err(pg_err)?;
+                .timed(
+                    conn.client().query_opt(
+                        "SELECT id, password_hash FROM accounts WHERE name_key = $1",
+                        &[&&name[..]],
+                    ),
+                )
+                .await?;
             Ok(row.map(|r| Account { id: u(r.get(0)), password_hash: r.get(1) }))
         })
     }
@@ -325,10 +439,8 @@ impl Store for PostgresStore {
         self.block_on(async move {
             let conn = range.conn().await?;
             let row = conn
-                .client()
-                .query_opt("SELECT 1 FROM accounts WHERE id = $1", &[&i(user)])
-                .await
-                .map_err(pg_err)?;
+                .timed(conn.client().query_opt("SELECT 1 FROM accounts WHERE id = $1", &[&i(user)]))
+                .await?;
             Ok(row.is_some())
         })
     }
@@ -354,22 +466,20 @@ impl Store for PostgresStore {
         self.block_on(async move {
             let conn = range.conn().await?;
             let c = conn.client();
-            let last: Option<i64> = c
-                .query_one(
+            let last: Option<i64> = conn
+                .timed(c.query_one(
                     "SELECT max(seq) FROM messages WHERE conv_a = $1 AND conv_b = $2",
                     &[&i(conv.0), &i(conv.1)],
-                )
-                .await
-                .map_err(pg_err)?
+                ))
+                .await?
                 .get(0);
-            let rows = c
-                .query(
+            let rows = conn
+                .timed(c.query(
                     "SELECT sender, client_msg_id, msg_id, seq, ts_ms FROM messages
                      WHERE conv_a = $1 AND conv_b = $2 AND ts_ms >= $3 ORDER BY seq DESC LIMIT $4",
                     &[&i(conv.0), &i(conv.1), &i(since_ms), &(recent_max as i64)],
-                )
-                .await
-                .map_err(pg_err)?;
+                ))
+                .await?;
             let recent = rows
                 .iter()
                 .map(|r| RecentSend {
@@ -397,10 +507,8 @@ impl Store for PostgresStore {
         let rows = self.block_on(async move {
             let conn = range.conn().await?;
             let rows = conn
-                .client()
-                .query(sql, &[&i(conv.0), &i(conv.1), &anchor, &(limit as i64 + 1)])
-                .await
-                .map_err(pg_err)?;
+                .timed(conn.client().query(sql, &[&i(conv.0), &i(conv.1), &anchor, &(limit as i64 + 1)]))
+                .await?;
             Ok(rows.into_iter().map(|r| r.get::<_, Vec<u8>>(0)).collect::<Vec<_>>())
         })?;
         Ok(page(rows, limit))
@@ -414,44 +522,65 @@ impl Store for PostgresStore {
         until_ms: u64,
         limit: u32,
     ) -> Result<CatchUp, StoreError> {
-        // A user's conversations are spread over every range: ask them all at once, merge by time.
+        // A user's conversations are spread over every range: ask them all at once, each within
+        // the statement timeout (connecting included), and merge by time what came back. A range
+        // that fails or misses its deadline is counted, not waited for: the device gets the rest
+        // now, and the missing messages at a later login (or with History).
         let ranges = self.ranges.clone();
-        let mut rows: Vec<(i64, i64, i64, i64, Vec<u8>)> = self.block_on(async move {
+        let deadline = ranges.first().map_or(Duration::ZERO, |r| r.timeouts.statement);
+        let (mut rows, unavailable) = self.rt.block_on(async move {
             let tasks: Vec<_> = ranges
                 .into_iter()
                 .map(|range| {
                     tokio::spawn(async move {
-                        let conn = range.conn().await?;
-                        let rows = conn
-                            .client()
-                            .query(
-                                "SELECT m.ts_ms, m.conv_a, m.conv_b, m.seq, m.payload FROM messages m
-                                 LEFT JOIN cursors c ON c.user_id = $1 AND c.device = $2
-                                                    AND c.conv_a = m.conv_a AND c.conv_b = m.conv_b
-                                 WHERE (m.conv_a = $1 OR m.conv_b = $1) AND m.ts_ms >= $3 AND m.ts_ms <= $5
-                                   AND m.seq > COALESCE(c.seq, 0)
-                                   AND NOT (m.sender = $1 AND m.sender_device = $2)
-                                 ORDER BY m.ts_ms, m.conv_a, m.conv_b, m.seq LIMIT $4",
-                                &[&i(user), &i(device), &i(since_ms), &(limit as i64 + 1), &i(until_ms)],
+                        let work = async {
+                            let conn = range.conn().await?;
+                            let rows = conn
+                                .timed(conn.client().query(
+                                    "SELECT m.ts_ms, m.conv_a, m.conv_b, m.seq, m.payload FROM messages m
+                                     LEFT JOIN cursors c ON c.user_id = $1 AND c.device = $2
+                                                        AND c.conv_a = m.conv_a AND c.conv_b = m.conv_b
+                                     WHERE (m.conv_a = $1 OR m.conv_b = $1) AND m.ts_ms >= $3 AND m.ts_ms <= $5
+                                       AND m.seq > COALESCE(c.seq, 0)
+                                       AND NOT (m.sender = $1 AND m.sender_device = $2)
+                                     ORDER BY m.ts_ms, m.conv_a, m.conv_b, m.seq LIMIT $4",
+                                    &[&i(user), &i(device), &i(since_ms), &(limit as i64 + 1), &i(until_ms)],
+                                ))
+                                .await?;
+                            Ok::<_, StoreError>(
+                                rows.into_iter()
+                                    .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3), r.get(4)))
+                                    .collect::<Vec<(i64, i64, i64, i64, Vec<u8>)>>(),
                             )
-                            .await
-                            .map_err(pg_err)?;
-                        Ok::<_, StoreError>(
-                            rows.into_iter()
-                                .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3), r.get(4)))
-                                .collect::<Vec<_>>(),
-                        )
+                        };
+                        match tokio::time::timeout(deadline, work).await {
+                            Ok(r) => r,
+                            Err(_) => {
+                                range.stalled.store(true, Ordering::Relaxed);
+                                Err(StoreError::Unavailable(format!(
+                                    "postgres {}: no answer within {} ms",
+                                    redact(&range.url),
+                                    deadline.as_millis()
+                                )))
+                            }
+                        }
                     })
                 })
                 .collect();
-            let mut all = Vec::new();
+            let (mut all, mut unavailable) = (Vec::new(), 0u32);
             for t in tasks {
-                all.extend(t.await.map_err(|e| StoreError::Unavailable(e.to_string()))??);
+                match t.await.map_err(|e| StoreError::Unavailable(e.to_string())).and_then(|r| r) {
+                    Ok(rows) => all.extend(rows),
+                    Err(e) => {
+                        log::warn!("store: catch-up of user {user}: {e}");
+                        unavailable += 1;
+                    }
+                }
             }
-            Ok(all)
-        })?;
+            (all, unavailable)
+        });
         rows.sort_by_key(|r| (r.0, r.1, r.2, r.3));
-        Ok(CatchUp { page: page(rows.into_iter().map(|r| r.4).collect(), limit), unavailable: 0 })
+        Ok(CatchUp { page: page(rows.into_iter().map(|r| r.4).collect(), limit), unavailable })
     }
 
     fn save_cursors(&self, cursors: &[Cursor]) -> Result<(), StoreError> {
@@ -467,16 +596,14 @@ impl Store for PostgresStore {
                 (col(|c| c.user), col(|c| c.device), col(|c| c.conv.0), col(|c| c.conv.1), col(|c| c.seq));
             self.block_on(async move {
                 let conn = range.conn().await?;
-                conn.client()
-                    .execute(
-                        "INSERT INTO cursors (user_id, device, conv_a, conv_b, seq)
-                         SELECT * FROM UNNEST($1::int8[], $2::int8[], $3::int8[], $4::int8[], $5::int8[])
-                         ON CONFLICT (user_id, device, conv_a, conv_b)
-                         DO UPDATE SET seq = GREATEST(cursors.seq, excluded.seq)",
-                        &[&users, &devices, &a, &b, &seqs],
-                    )
-                    .await
-                    .map_err(pg_err)?;
+                conn.timed(conn.client().execute(
+                    "INSERT INTO cursors (user_id, device, conv_a, conv_b, seq)
+                     SELECT * FROM UNNEST($1::int8[], $2::int8[], $3::int8[], $4::int8[], $5::int8[])
+                     ON CONFLICT (user_id, device, conv_a, conv_b)
+                     DO UPDATE SET seq = GREATEST(cursors.seq, excluded.seq)",
+                    &[&users, &devices, &a, &b, &seqs],
+                ))
+                .await?;
                 Ok(())
             })?;
         }
