@@ -484,9 +484,13 @@ impl Shard {
 
     /// The committer of store partition `part`: commit its queued messages one batch at a time
     /// and settle each batch once committed, so nothing is acked or delivered before it is
-    /// durable. A commit that takes longer than `commit_timeout_ms` fails its sends with
-    /// StoreUnavailable; if it succeeds later, its messages are delivered then, and a resend gets
-    /// the original ack.
+    /// durable. A send whose commit has not ended `commit_timeout_ms` after it was sequenced
+    /// gets StoreUnavailable; if the commit succeeds later, its messages are delivered then, and a
+    /// resend gets the original ack.
+    ///
+    /// The deadline runs from the sequencing (the stamp's `ts_ms`), not from the append: messages
+    /// that queued behind a stalled batch have already waited for it, and counting their
+    /// timeout from their own append made them wait up to twice `commit_timeout_ms`.
     async fn run_commits(self: Rc<Self>, part: usize) {
         let timeout = Duration::from_millis(self.shared.cfg.store.commit_timeout_ms);
         let gather = Duration::from_micros(self.shared.cfg.store.commit_wait_us);
@@ -498,8 +502,12 @@ impl Shard {
             let Some(batch) = self.commits.borrow_mut().next_batch(part) else { return };
             let (tx, mut rx) = futures_channel::oneshot::channel();
             let msgs = batch.iter().map(Sequenced::stored).collect();
+            // Wall-clock milliseconds, as stamped; a clock step is clamped to 0..=timeout.
+            let oldest_ms = batch.iter().map(|s| s.ack.ts_ms).min().unwrap_or(0);
+            let waited = Duration::from_millis(now_ms().saturating_sub(oldest_ms));
+            let left = timeout.saturating_sub(waited);
             self.shared.store.append(part, msgs, Box::new(move |r| drop(tx.send(r))));
-            match monoio::time::timeout(timeout, &mut rx).await {
+            match monoio::time::timeout(left, &mut rx).await {
                 Ok(outcome) => self.settle(batch, matches!(outcome, Ok(Ok(()))), true),
                 Err(_) => {
                     self.with_convs(|c, fx| batch.iter().for_each(|s| c.commit_timed_out(s, fx)));
