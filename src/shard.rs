@@ -508,12 +508,12 @@ impl Shard {
             let left = timeout.saturating_sub(waited);
             self.shared.store.append(part, msgs, Box::new(move |r| drop(tx.send(r))));
             match monoio::time::timeout(left, &mut rx).await {
-                Ok(outcome) => self.settle(batch, matches!(outcome, Ok(Ok(()))), true),
+                Ok(outcome) => self.settle(batch, matches!(outcome, Ok(Ok(_))), true),
                 Err(_) => {
                     self.with_convs(|c, fx| batch.iter().for_each(|s| c.commit_timed_out(s, fx)));
                     let me = self.clone();
                     monoio::spawn(async move {
-                        let committed = matches!(rx.await, Ok(Ok(())));
+                        let committed = matches!(rx.await, Ok(Ok(_)));
                         me.settle(batch, committed, false);
                     });
                 }

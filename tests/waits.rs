@@ -5,57 +5,89 @@ mod common;
 use std::{collections::HashMap, time::Duration};
 
 use common::*;
-use tim::{client::Event, protocol::ErrorCode};
+use tim::{
+    client::Event,
+    placement::{conv_shard, direct_key, user_shard},
+    protocol::ErrorCode,
+};
 
 /// With mesh queues of one slot and no overflow room, envelopes between shards are dropped
-/// (counted); every send still gets exactly one answer — its ack, or Busy or Timeout — and the
-/// session keeps working.
+/// (counted): here a flood of deliveries from shard 1 to shard 0 keeps the one slot busy, so
+/// acks of alice's sends (owned by shard 1, for her session on shard 0) are lost. Every send
+/// still gets exactly one answer — its ack, Busy or Timeout — and the session keeps working.
 #[test]
 fn lost_answers_become_timeouts() {
     let s = TestServer::start_with_store(
         "io_uring",
         "backend = \"memory\"\ncommit_timeout_ms = 100",
-        "[limits]\nmesh_queue_capacity = 1\nmesh_overflow_max = 0\nanswer_timeout_ms = 400\n\
-         inflight_per_session_max = 64\n",
+        "[limits]\nmesh_queue_capacity = 1\nmesh_overflow_max = 0\nanswer_timeout_ms = 300\n",
     );
-    let (alice, _) = s.register("alice");
+    let (alice, alice_id) = s.register("alice");
     let mut peers = Vec::new();
-    for _ in 0..8 {
-        peers.push(s.register("peer").1);
-    }
-    let mut a = s.login_on_shard(&alice, 3, 0);
-    a.set_timeout(Some(Duration::from_secs(20))).unwrap();
-    const N: u64 = 3000;
-    for i in 1..=N {
-        a.send(peers[i as usize % peers.len()], i, b"x").unwrap();
-    }
-    let mut answers: HashMap<u64, Result<u64, ErrorCode>> = HashMap::new();
-    while answers.len() < N as usize {
-        let (cmid, answer) = match a.recv().expect("every send is answered") {
-            Event::SendAck(ack) => (ack.client_msg_id, Ok(ack.seq)),
-            Event::Error(e) => (e.client_msg_id, Err(ErrorCode::from_u16(e.code).expect("a known code"))),
-            _ => continue,
-        };
-        assert!(answers.insert(cmid, answer).is_none(), "send {cmid} answered twice");
-    }
-    let timeouts = answers.values().filter(|a| **a == Err(ErrorCode::Timeout)).count();
-    let busy = answers.values().filter(|a| **a == Err(ErrorCode::Busy)).count();
-    let acked = answers.values().filter(|a| a.is_ok()).count();
-    assert_eq!(timeouts + busy + acked, N as usize, "only acks, Busy and Timeout");
-    assert!(
-        timeouts > 0,
-        "the one-slot mesh lost nothing: the test proves nothing ({acked} acked, {busy} busy)"
-    );
-    // The session is not wedged: a send now is answered.
-    a.set_timeout(Some(Duration::from_secs(5))).unwrap();
-    a.send(peers[0], N + 1, b"after").unwrap();
-    loop {
-        match a.recv().expect("answered") {
-            Event::SendAck(ack) if ack.client_msg_id == N + 1 => break,
-            Event::Error(e) if e.client_msg_id == N + 1 => break,
-            _ => {}
+    while peers.len() < 4 {
+        let (_, id) = s.register("peer");
+        if conv_shard(direct_key(alice_id, id), 2) == 1 {
+            peers.push(id);
         }
     }
+    // The flood: carol (session on shard 1) writes to dave, whose user owner and conversation
+    // with carol are on shard 1 and whose four sessions are on shard 0.
+    let (carol, carol_id) = s.register("carol");
+    let (dave, dave_id) = loop {
+        let (name, id) = s.register("dave");
+        if user_shard(id, 2) == 1 && conv_shard(direct_key(carol_id, id), 2) == 1 {
+            break (name, id);
+        }
+    };
+    let _daves: Vec<_> = [1, 1, 3, 3].iter().map(|&t| s.login_on_shard(&dave, t, 0)).collect();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flood = {
+        let mut c = s.login_on_shard(&carol, 3, 1);
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            c.set_timeout(Some(Duration::from_secs(2))).unwrap();
+            let mut i = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                for _ in 0..32 {
+                    i += 1;
+                    c.send(dave_id, i, b"flood").unwrap();
+                }
+                for _ in 0..32 {
+                    let _ = c.recv();
+                }
+            }
+        })
+    };
+    let mut a = s.login_on_shard(&alice, 3, 0);
+    a.set_timeout(Some(Duration::from_secs(10))).unwrap();
+    const N: u64 = 300;
+    let mut answers: HashMap<u64, Result<u64, ErrorCode>> = HashMap::new();
+    for i in 1..=N {
+        a.send(peers[i as usize % peers.len()], i, b"x").unwrap();
+        // Window 1: each send is answered before the next.
+        loop {
+            let (cmid, answer) = match a.recv().expect("every send is answered") {
+                Event::SendAck(ack) => (ack.client_msg_id, Ok(ack.seq)),
+                Event::Error(e) => (e.client_msg_id, Err(ErrorCode::from_u16(e.code).expect("a known code"))),
+                _ => continue,
+            };
+            assert!(answers.insert(cmid, answer).is_none(), "send {cmid} answered twice");
+            if cmid == i {
+                break;
+            }
+        }
+        if answers.values().filter(|a| **a == Err(ErrorCode::Timeout)).count() >= 3 {
+            break;
+        }
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    flood.join().unwrap();
+    let timeouts = answers.values().filter(|a| **a == Err(ErrorCode::Timeout)).count();
+    assert!(
+        answers.values().all(|a| matches!(a, Ok(_) | Err(ErrorCode::Timeout) | Err(ErrorCode::Busy))),
+        "only acks, Busy and Timeout: {answers:?}"
+    );
+    assert!(timeouts > 0, "no ack was lost: the test proves nothing ({} answers)", answers.len());
 }
 
 /// A History request while the login's catch-up is pacing on the same session's writer: both

@@ -182,7 +182,7 @@ fn run_committer(mut conn: Connection, rx: Receiver<Job>, batch_max: usize) {
         }
         let result = commit(&mut conn, &jobs);
         for (_, done) in jobs.drain(..) {
-            done(result.as_ref().map(|_| ()).map_err(|e| StoreError::Unavailable(e.to_string())));
+            done(result.as_ref().map(|_| Vec::new()).map_err(|e| StoreError::Unavailable(e.to_string())));
         }
     }
 }

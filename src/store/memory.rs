@@ -48,7 +48,7 @@ impl Store for MemoryStore {
     }
 
     fn append(&self, _partition: usize, _batch: Vec<StoredMessage>, done: CommitDone) {
-        done(Ok(()))
+        done(Ok(Vec::new()))
     }
 
     fn load_conv(&self, _conv: ConvKey, _since_ms: u64, _recent_max: usize) -> Result<ConvLoad, StoreError> {

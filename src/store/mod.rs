@@ -96,8 +96,14 @@ pub enum StoreError {
     Unavailable(String),
 }
 
+/// Messages of an appended batch that the store already held under the same (conversation,
+/// sender, client message id), as (index in the batch, the stored original). They were not
+/// stored again: a resend whose first attempt was committed after all (an ambiguous commit)
+/// gets the original's ids. Empty when every message was new (no allocation).
+pub type Duplicates = Vec<(usize, RecentSend)>;
+
 /// Called once with the outcome of an [`Store::append`].
-pub type CommitDone = Box<dyn FnOnce(Result<(), StoreError>) + Send>;
+pub type CommitDone = Box<dyn FnOnce(Result<Duplicates, StoreError>) + Send>;
 
 /// A storage backend. Except [`Store::append`], methods block and are called from the store
 /// pool's threads only; every one of them returns within a bounded time, even when a database
@@ -121,7 +127,9 @@ pub trait Store: Send + Sync + 'static {
     }
 
     /// Queue `batch` (all of partition `partition`) for one commit, and return at once; `done`
-    /// is called exactly once, from any thread, when the batch is committed or has failed.
+    /// is called exactly once, from any thread, when the batch is committed or has failed. A
+    /// message whose (conversation, sender, client message id) is already stored is not stored
+    /// again but reported in [`Duplicates`]; the rest of the batch commits.
     fn append(&self, partition: usize, batch: Vec<StoredMessage>, done: CommitDone);
 
     /// The last sequence number of `conv` and its sends since `since_ms` (at most `recent_max`).

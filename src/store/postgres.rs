@@ -354,10 +354,10 @@ async fn migrate(r: &Range) -> Result<(), StoreError> {
     Ok(())
 }
 
-async fn insert_batch(range: &Range, batch: &[StoredMessage]) -> Result<(), StoreError> {
+async fn insert_batch(range: &Range, batch: &[StoredMessage]) -> Result<super::Duplicates, StoreError> {
     let conn = range.conn().await?;
     conn.timed(insert_messages(conn.client(), batch)).await?;
-    Ok(())
+    Ok(Vec::new())
 }
 
 /// Insert `batch` with one statement (`INSERT … SELECT FROM UNNEST(…)`: one round trip, one
