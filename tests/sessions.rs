@@ -43,6 +43,51 @@ fn device_limit_kick_oldest(driver: &str) {
     let _ = bob_id;
 }
 
+/// A session closed while frames are queued for it gets all of them and then the reason, even if
+/// it keeps writing after the close: the server discards its input instead of resetting the
+/// connection (a reset would destroy what the client had not read yet).
+fn kicked_session_gets_its_queue_and_the_kick(driver: &str) {
+    let s = TestServer::start(
+        driver,
+        "[sessions]\nper_account_max = 8\nper_device_type_max = 1\npolicy = \"kick_oldest\"\n",
+    );
+    let (alice, _) = s.register("alice");
+    let (bob, bob_id) = s.register("bob");
+    let (mut a, _) = s.login(&alice, 3);
+    let (mut b, _) = s.login(&bob, 1);
+    // b reads nothing while 60 messages of 30 KB queue for it
+    const N: u64 = 60;
+    let body = vec![7u8; 30_000];
+    for i in 1..=N {
+        a.send_wait(bob_id, i, &body).unwrap();
+    }
+    let (_b2, _) = s.login(&bob, 1); // the same device type again: b is kicked
+    std::thread::sleep(Duration::from_millis(100));
+    b.send_frame(tim::protocol::kind::PING, &tim::protocol::Ping { nonce: 1 }).unwrap();
+    b.set_timeout(Some(Duration::from_secs(10))).unwrap();
+    let (mut delivered, mut kicked) = (0u64, false);
+    loop {
+        match b.recv() {
+            Ok(Event::Deliver(d)) => {
+                assert!(!kicked, "a delivery after the kick");
+                assert_eq!((d.client_msg_id, d.body.len()), (delivered + 1, body.len()));
+                delivered += 1;
+            }
+            Ok(Event::Kick(k)) => {
+                assert_eq!(k.reason, ErrorCode::Replaced as u16);
+                kicked = true;
+            }
+            // the ping may have been read before the kick
+            Ok(Event::Pong(_)) => assert!(!kicked, "a pong after the kick"),
+            Ok(other) => panic!("unexpected {other:?}"),
+            Err(tim::client::ClientError::Closed) => break,
+            Err(e) => panic!("connection ended by {e} after {delivered} deliveries (kicked: {kicked})"),
+        }
+    }
+    assert_eq!(delivered, N, "every queued message arrived");
+    assert!(kicked, "the kick arrived");
+}
+
 /// The user id of a logged-in client, by pinging the server for nothing but a round trip.
 fn s_id(c: &mut tim::client::Client) -> u64 {
     // The token's first 16 hex digits are the user id.
@@ -143,6 +188,7 @@ fn graceful_shutdown(driver: &str) {
 
 on_both_drivers!(
     device_limit_kick_oldest,
+    kicked_session_gets_its_queue_and_the_kick,
     device_limit_refuse,
     ping_and_idle_timeout,
     login_timeout,

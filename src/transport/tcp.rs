@@ -4,8 +4,15 @@
 //!
 //! An idle connection holds no read buffer: one is taken from the shard's pool only when the
 //! socket is readable, and kept only while a frame is incomplete.
+//!
+//! Closing is a lingering close: the writer flushes what is queued (the last frame says why),
+//! shuts down its sending side (FIN), and waits briefly for the peer to close too, while the
+//! reader keeps reading and discarding whatever the peer still sends. Closing a socket with
+//! unread input makes the kernel answer with a reset, and a reset destroys whatever the peer
+//! had not read yet: the queued frames and the Kick or Error that explains the close.
 
 use std::{
+    cell::Cell,
     io,
     os::fd::AsRawFd,
     rc::Rc,
@@ -17,16 +24,36 @@ use monoio::net::TcpStream;
 use crate::{
     envelope::Envelope,
     frame::{self, AlignedBuf, Parsed, HEADER_BYTES},
+    notify::LocalNotify,
     protocol::ErrorCode,
     session::{error_frame, requests::Requests, Flow, Session},
     shard::Shard,
     sockio,
 };
 
-/// Time a closing session gets to flush its last frames.
+/// Time a closing session's socket may accept nothing before the rest of its queue is dropped.
 const CLOSE_FLUSH_MS: u64 = 1000;
+/// Time the peer gets to close its side after ours is shut down, while its input is discarded.
+const CLOSE_LINGER_MS: u64 = 500;
 /// Time a writer waits for a socket that accepts nothing before giving the session up.
 const WRITE_STALL_MS: u64 = 60_000;
+
+/// What the reader and writer tasks of one connection share.
+struct Conn {
+    stream: TcpStream,
+    /// The reader has seen the end of the input (EOF or an error): no more lingering.
+    input_ended: Cell<bool>,
+    input_done: LocalNotify,
+    /// The writer has finished its lingering close: the reader stops discarding.
+    output_ended: Cell<bool>,
+}
+
+impl Conn {
+    fn shutdown(&self, how: libc::c_int) {
+        // SAFETY: fd is open (the stream is alive).
+        unsafe { libc::shutdown(self.stream.as_raw_fd(), how) };
+    }
+}
 
 /// Serve one accepted connection until it closes, then clean up after it.
 pub async fn serve(shard: Rc<Shard>, stream: TcpStream) {
@@ -37,10 +64,17 @@ pub async fn serve(shard: Rc<Shard>, stream: TcpStream) {
     if shard.shutting_down.get() {
         session.kick(ErrorCode::ShuttingDown);
     }
-    let stream = Rc::new(stream);
-    let writer = monoio::spawn(write_loop(stream.clone(), session.clone()));
-    let mut reader = Reader { shard: &shard, session: &session, stream: &stream };
+    let conn = Rc::new(Conn {
+        stream,
+        input_ended: Cell::new(false),
+        input_done: LocalNotify::default(),
+        output_ended: Cell::new(false),
+    });
+    let writer = monoio::spawn(write_loop(conn.clone(), session.clone()));
+    let mut reader = Reader { shard: &shard, session: &session, conn: &conn };
     reader.run().await;
+    conn.input_ended.set(true);
+    conn.input_done.notify();
     session.close();
     writer.await;
     shard.sessions.borrow_mut().remove(&id.0);
@@ -63,32 +97,32 @@ pub fn refuse(stream: TcpStream) {
 struct Reader<'a> {
     shard: &'a Rc<Shard>,
     session: &'a Rc<Session>,
-    stream: &'a Rc<TcpStream>,
+    conn: &'a Rc<Conn>,
 }
 
 impl Reader<'_> {
+    /// Read and handle frames until the input ends. Once the session is closing, read and
+    /// discard instead, until the peer closes or the writer shuts the socket down.
     async fn run(&mut self) {
-        let fd = self.stream.as_raw_fd();
+        let stream = &self.conn.stream;
+        let fd = stream.as_raw_fd();
         let mut held: Option<AlignedBuf> = None;
         let mut try_first = false;
         loop {
-            if self.session.closing.get() {
-                break;
-            }
             if try_first {
                 // Reading again at once: give the shard's other tasks their turn first.
                 tim_shards::yield_now().await;
-            } else {
-                // Timeouts close the session from the shard's sweep; the writer's shutdown(2)
-                // then wakes this wait.
-                if self.stream.readable(false).await.is_err() {
-                    break;
-                }
-                if self.session.closing.get() {
-                    break;
-                }
+            } else if stream.readable(false).await.is_err() {
+                // Timeouts and kicks close the session from elsewhere; the writer's
+                // shutdown(SHUT_RD) after its lingering close ends this wait.
+                break;
             }
+            let closing = self.session.closing.get();
             let mut buf = held.take().unwrap_or_else(|| self.shard.take_buf());
+            if closing {
+                // What is left of an incomplete frame will never be handled.
+                buf.clear();
+            }
             let spare = buf.spare();
             let want = spare.len();
             // SAFETY: `spare` is valid writable memory of `want` bytes; MSG_DONTWAIT never blocks.
@@ -108,16 +142,22 @@ impl Reader<'_> {
                 self.shard.put_buf(buf);
                 break;
             }
-            buf.end += n as usize;
-            self.session.last_rx.set(Instant::now());
             // A full read suggests more is waiting: read again before arming readiness.
             try_first = n as usize == want;
-            match self.frames(&mut buf).await {
-                Flow::Continue => {}
-                Flow::Close => {
-                    self.shard.put_buf(buf);
+            if closing {
+                // Discarded: read only so that no unread input turns the close into a reset.
+                self.shard.put_buf(buf);
+                if self.conn.output_ended.get() {
+                    // The peer had its linger time; a peer that still sends is not waited for.
                     break;
                 }
+                continue;
+            }
+            buf.end += n as usize;
+            self.session.last_rx.set(Instant::now());
+            if let Flow::Close = self.frames(&mut buf).await {
+                self.session.close();
+                buf.clear();
             }
             self.keep_or_return(&mut held, buf);
         }
@@ -179,9 +219,11 @@ impl Reader<'_> {
     }
 }
 
-/// Write queued frames until the session closes, then shut the socket down so the reader wakes.
-async fn write_loop(stream: Rc<TcpStream>, session: Rc<Session>) {
-    let fd = stream.as_raw_fd();
+/// Write queued frames until the session closes; then close lingering (see the module doc):
+/// shut down the sending side, give the peer [`CLOSE_LINGER_MS`] to close its side while the
+/// reader discards its input, and shut down the receiving side, which ends the reader.
+async fn write_loop(conn: Rc<Conn>, session: Rc<Session>) {
+    let fd = conn.stream.as_raw_fd();
     let mut iov: Vec<libc::iovec> = Vec::with_capacity(sockio::IOV_MAX);
     'outer: loop {
         while session.outq.borrow().is_empty() {
@@ -195,7 +237,7 @@ async fn write_loop(stream: Rc<TcpStream>, session: Rc<Session>) {
             match sent {
                 Ok(n) => break n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    if !Box::pin(wait_writable(&stream, &session)).await {
+                    if !Box::pin(wait_writable(&conn.stream, &session)).await {
                         break 'outer;
                     }
                 }
@@ -210,9 +252,18 @@ async fn write_loop(stream: Rc<TcpStream>, session: Rc<Session>) {
     session.drained.notify();
     session.outq.borrow_mut().clear();
     session.out_bytes.set(0);
-    // SAFETY: fd is open (the stream is alive); shutdown wakes the reader with EOF.
-    unsafe { libc::shutdown(fd, libc::SHUT_RDWR) };
-    session.reader.notify();
+    // FIN after everything written: the peer reads all of it, then sees the end.
+    conn.shutdown(libc::SHUT_WR);
+    if !conn.input_ended.get() {
+        let done = conn.input_done.wait();
+        monoio::select! {
+            _ = done => {}
+            _ = monoio::time::sleep(Duration::from_millis(CLOSE_LINGER_MS)) => {}
+        }
+    }
+    // Wakes the reader, whose reads then end once the input already here is discarded.
+    conn.output_ended.set(true);
+    conn.shutdown(libc::SHUT_RD);
 }
 
 /// Wait until the socket takes more bytes. Gives up after `WRITE_STALL_MS`, or `CLOSE_FLUSH_MS`
