@@ -150,6 +150,9 @@ pub struct Limits {
     pub login_timeout_ms: u64,
     /// Milliseconds without any bytes received after which a session is closed.
     pub idle_timeout_ms: u64,
+    /// Milliseconds a frame may stay incomplete (its first bytes read, the rest not) before the
+    /// session is closed, so that a client cannot hold a read buffer by stopping mid-frame.
+    pub partial_frame_timeout_ms: u64,
     /// Milliseconds the server drains on shutdown before closing what is left.
     pub shutdown_drain_ms: u64,
     /// Latest sends remembered per conversation for resend dedup.
@@ -262,6 +265,7 @@ impl Default for Limits {
             mesh_batch_max: 512,
             login_timeout_ms: 10_000,
             idle_timeout_ms: 90_000,
+            partial_frame_timeout_ms: 10_000,
             shutdown_drain_ms: 2_000,
             dedup_per_conversation_max: 256,
             dedup_window_secs: 600,
@@ -367,6 +371,7 @@ impl Config {
             ("sessions.per_device_type_max", self.sessions.per_device_type_max),
             ("limits.login_timeout_ms", l.login_timeout_ms as usize),
             ("limits.idle_timeout_ms", l.idle_timeout_ms as usize),
+            ("limits.partial_frame_timeout_ms", l.partial_frame_timeout_ms as usize),
             ("limits.token_ttl_secs", l.token_ttl_secs as usize),
             ("limits.history_page_max", l.history_page_max as usize),
             ("limits.catchup_messages_max", l.catchup_messages_max as usize),
@@ -456,6 +461,7 @@ mesh_overflow_max = 1048576         # envelopes held per shard while mesh queues
 mesh_batch_max = 512                # envelopes handled per mesh drain
 login_timeout_ms = 10000            # time to log in after connecting
 idle_timeout_ms = 90000             # time without any bytes received before a session is closed
+partial_frame_timeout_ms = 10000    # a frame begun must be complete within this time (IdleTimeout)
 shutdown_drain_ms = 2000            # time sessions get to drain on shutdown
 dedup_per_conversation_max = 256    # latest sends remembered per conversation for resend dedup
 dedup_window_secs = 600             # how long a client message id is remembered

@@ -2,7 +2,11 @@
 //! serving every other session, and nothing crashes.
 
 mod common;
-use std::{io::Write, net::TcpStream, time::Duration};
+use std::{
+    io::Write,
+    net::TcpStream,
+    time::{Duration, Instant},
+};
 
 use common::*;
 use tim::{
@@ -189,6 +193,55 @@ fn slow_consumer(driver: &str) {
     s.assert_serves_others();
 }
 
+/// A frame begun and never finished closes the session with IdleTimeout after
+/// `partial_frame_timeout_ms`, long before the idle timeout, logged in or not, even if its bytes
+/// trickle in; a session that sent whole frames and then nothing stays.
+fn partial_frame_times_out(driver: &str) {
+    let s = TestServer::start(driver, "[limits]\npartial_frame_timeout_ms = 300\n");
+    let (alice, _) = s.register("alice");
+    let (mut quiet, _) = s.login(&alice, 1);
+    let closed_by_partial_timeout = |c: &mut tim::client::Client, start: Instant| {
+        expect_error(c.recv().unwrap(), ErrorCode::IdleTimeout);
+        let waited = start.elapsed();
+        assert!(waited >= Duration::from_millis(250) && waited < Duration::from_secs(5), "{waited:?}");
+        assert!(c.recv().is_err(), "closed");
+    };
+    // logged in: a Send header announcing 20000 bytes, and 100 of them
+    let (mut a, _) = s.login(&alice, 3);
+    a.set_timeout(Some(Duration::from_secs(10))).unwrap();
+    let start = Instant::now();
+    let mut f = header(20_000, kind::SEND, 0);
+    f.extend_from_slice(&[0u8; 100]);
+    a.write_raw(&f).unwrap();
+    closed_by_partial_timeout(&mut a, start);
+    // before login: part of a header, or a whole header and nothing after it
+    for cut in [3usize, 8] {
+        let mut c = s.client();
+        c.set_timeout(Some(Duration::from_secs(10))).unwrap();
+        let start = Instant::now();
+        c.write_raw(&header(8, kind::PING, 0)[..cut]).unwrap();
+        closed_by_partial_timeout(&mut c, start);
+    }
+    // bytes that keep coming without completing the frame do not restart the clock
+    let (mut t, _) = s.login(&alice, 4);
+    t.set_timeout(Some(Duration::from_secs(10))).unwrap();
+    let start = Instant::now();
+    t.write_raw(&header(20_000, kind::SEND, 0)).unwrap();
+    let mut stream = t.stream().try_clone().unwrap();
+    let trickle = std::thread::spawn(move || {
+        for _ in 0..40 {
+            std::thread::sleep(Duration::from_millis(50));
+            if stream.write_all(&[0u8; 8]).is_err() {
+                break;
+            }
+        }
+    });
+    closed_by_partial_timeout(&mut t, start);
+    trickle.join().unwrap();
+    assert_eq!(quiet.ping(1).unwrap().nonce, 1, "a session without a partial frame stays");
+    s.assert_serves_others();
+}
+
 on_both_drivers!(
     frame_over_cap,
     random_bytes,
@@ -196,5 +249,6 @@ on_both_drivers!(
     malformed_payload,
     before_login,
     truncated_then_close,
-    slow_consumer
+    slow_consumer,
+    partial_frame_times_out
 );

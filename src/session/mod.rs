@@ -73,6 +73,10 @@ pub struct Session {
     pub(crate) device: Cell<u64>,
     /// Notified by the writer each time it has written: paced pushes wait on it.
     pub(crate) drained: LocalNotify,
+    /// Since when the transport has held an incomplete frame (set and cleared by the transport).
+    pub(crate) partial_since: Cell<Option<Instant>>,
+    /// `limits.partial_frame_timeout_ms`.
+    pub(crate) partial_frame_timeout: Duration,
 }
 
 impl Session {
@@ -95,15 +99,23 @@ impl Session {
             login_pending: Cell::new(false),
             device: Cell::new(0),
             drained: LocalNotify::default(),
+            partial_since: Cell::new(None),
+            partial_frame_timeout: Duration::from_millis(l.partial_frame_timeout_ms),
         }
     }
 
     /// The timeout this session has run into at `now`, if any. Checked by the shard's sweep
     /// ([`crate::shard::Shard::run_timeouts`]) rather than by a timer per read, which would be re-armed on
-    /// every readiness wait. A session paused at its in-flight limit is not idle.
+    /// every readiness wait. A session paused at its in-flight limit is not idle. A frame left
+    /// incomplete for `partial_frame_timeout` closes the session as idle too (logged in or not):
+    /// bytes that never complete a frame hold a read buffer, and keep the idle clock from running.
     pub fn timed_out(&self, now: Instant, login: Duration, idle: Duration) -> Option<ErrorCode> {
+        let partial_late =
+            self.partial_since.get().is_some_and(|t| now.duration_since(t) >= self.partial_frame_timeout);
         if self.closing.get() {
             None
+        } else if partial_late {
+            Some(ErrorCode::IdleTimeout)
         } else if self.user() == 0 {
             let late = now.duration_since(self.created) >= login && !self.login_pending.get();
             late.then_some(ErrorCode::LoginTimeout)

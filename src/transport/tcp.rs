@@ -106,6 +106,7 @@ impl Reader<'_> {
     async fn run(&mut self) {
         let stream = &self.conn.stream;
         let fd = stream.as_raw_fd();
+        let frame_max = self.shard.cfg().limits.frame_bytes_max;
         let mut held: Option<AlignedBuf> = None;
         let mut try_first = false;
         loop {
@@ -155,12 +156,25 @@ impl Reader<'_> {
             }
             buf.end += n as usize;
             self.session.last_rx.set(Instant::now());
+            if self.session.partial_since.get().is_some()
+                && !matches!(frame::parse(buf.filled(), frame_max), Parsed::Partial { .. })
+            {
+                // The pending frame is whole now (or refused): its clock stops before it is
+                // handled, which may wait (at the in-flight limit) for longer than the timeout.
+                self.session.partial_since.set(None);
+            }
             if let Flow::Close = self.frames(&mut buf).await {
                 self.session.close();
                 buf.clear();
             }
+            if !buf.is_empty() && self.session.partial_since.get().is_none() {
+                // A new incomplete frame: the sweep closes the session if it stays incomplete
+                // for `partial_frame_timeout_ms`. Later bytes of it do not restart the clock.
+                self.session.partial_since.set(Some(Instant::now()));
+            }
             self.keep_or_return(&mut held, buf);
         }
+        self.session.partial_since.set(None);
         if let Some(b) = held {
             self.shard.put_buf(b);
         }
