@@ -49,6 +49,9 @@ struct ServeArgs {
 
 fn main() -> anyhow::Result<()> {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    // A panic on any thread (a shard, a worker) aborts the whole process rather than leaving it
+    // running without that thread; a supervisor restarts it (README, docs/ARCHITECTURE.md).
+    tim_shards::abort_on_panic();
     let cli = Cli::parse();
     match cli.command {
         Command::DefaultConfig => {

@@ -6,12 +6,15 @@
 //!   wakes a receiver only when it is parked, and a receiver spins briefly before parking.
 //! - [`partition`]: key → partition → shard, as plain functions.
 //! - [`listener`]: a per-shard SO_REUSEPORT TCP listener.
+//! - [`panic`]: a panic on any thread aborts the process instead of leaving it half alive.
 
 pub mod listener;
 pub mod mesh;
+pub mod panic;
 pub mod partition;
 pub mod runtime;
 
 pub use mesh::{yield_now, Mesh, MeshPort, SendError};
+pub use panic::abort_on_panic;
 pub use partition::{mix64, partition_of, shard_of, shard_of_partition, PARTITIONS};
 pub use runtime::{start, Driver, DriverKind, RuntimeConfig, ShardContext, Shards};
