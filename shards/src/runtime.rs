@@ -1,5 +1,7 @@
-//! Starting the shards: one OS thread per shard, pinned to a core, each running its own monoio
-//! executor with a timer.
+//! Starting the shards: one OS thread per shard, pinned to a CPU, each running its own monoio
+//! executor with a timer. Shard `i` is pinned to the `i`-th CPU of those the process may run on
+//! ([`allowed_cpus`]), so that `taskset -c 2,3 tim serve` (or a cgroup cpuset, or systemd's
+//! `CPUAffinity=`) puts the shards on CPUs 2 and 3 rather than on 0 and 1.
 //!
 //! Key types: [`RuntimeConfig`], [`Driver`] (asked for), [`DriverKind`] (obtained),
 //! [`ShardContext`] (what a shard's main future receives), [`Shards`] (the running set).
@@ -49,7 +51,7 @@ impl DriverKind {
 pub struct RuntimeConfig {
     pub shards: usize,
     pub driver: Driver,
-    /// Pin shard `i` to core `i % available cores`.
+    /// Pin shard `i` to the `i`-th allowed CPU (wrapping around), see [`allowed_cpus`].
     pub pin_cores: bool,
     /// io_uring submission queue entries per shard.
     pub ring_entries: u32,
@@ -130,7 +132,7 @@ where
     assert!(cfg.shards > 0, "at least one shard");
     let mesh = Mesh::<T>::new(cfg.shards, cfg.mesh_capacity);
     let make = Arc::new(make);
-    let cores = available_cores();
+    let cpus = if cfg.pin_cores { allowed_cpus() } else { Vec::new() };
     let (ready_tx, ready_rx) = mpsc::channel::<(usize, io::Result<DriverKind>)>();
     let mut threads = Vec::with_capacity(cfg.shards);
     for id in 0..cfg.shards {
@@ -138,9 +140,10 @@ where
         let make = make.clone();
         let ready_tx = ready_tx.clone();
         let cfg = cfg.clone();
+        let cpu = (!cpus.is_empty()).then(|| cpus[id % cpus.len()]);
         let t = std::thread::Builder::new().name(format!("{}-{id}", cfg.thread_name)).spawn(move || {
-            if cfg.pin_cores {
-                pin_to_core(id % cores);
+            if let Some(cpu) = cpu {
+                pin_to_cpu(cpu);
             }
             run_shard(&cfg, id, port, &*make, ready_tx);
         })?;
@@ -212,13 +215,29 @@ fn run_shard<T, F, Fut>(
     }
 }
 
-fn pin_to_core(core: usize) {
+/// The CPUs the calling thread may run on, ascending: its `sched_getaffinity` set, which is what
+/// `taskset`, cgroup cpusets and systemd's `CPUAffinity=` restrict (threads inherit it). Empty if
+/// it cannot be read.
+pub fn allowed_cpus() -> Vec<usize> {
+    // SAFETY: cpu_set_t is plain data; sched_getaffinity fills it for the calling thread, and
+    // CPU_ISSET reads it within CPU_SETSIZE.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        if libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) != 0 {
+            log::debug!("could not read the allowed CPUs: {}", io::Error::last_os_error());
+            return Vec::new();
+        }
+        (0..libc::CPU_SETSIZE as usize).filter(|&cpu| libc::CPU_ISSET(cpu, &set)).collect()
+    }
+}
+
+fn pin_to_cpu(cpu: usize) {
     // SAFETY: cpu_set_t is plain data; sched_setaffinity reads it for the calling thread.
     unsafe {
         let mut set: libc::cpu_set_t = std::mem::zeroed();
-        libc::CPU_SET(core, &mut set);
+        libc::CPU_SET(cpu, &mut set);
         if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
-            log::debug!("could not pin shard thread to core {core}: {}", io::Error::last_os_error());
+            log::debug!("could not pin shard thread to CPU {cpu}: {}", io::Error::last_os_error());
         }
     }
 }
