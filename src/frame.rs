@@ -6,15 +6,12 @@
 //! Key types: [`Header`], [`AlignedBuf`] (an aligned byte buffer, used as read buffer),
 //! [`Parsed`] (what [`parse`] finds at the front of a buffer), [`encode`].
 
-use std::{
-    alloc::{self, Layout},
-    ptr::NonNull,
-};
-
 use rkyv::{
     api::high::{HighSerializer, HighValidator},
     bytecheck::CheckBytes,
-    rancor, Archive, Portable, Serialize,
+    rancor,
+    util::AlignedVec,
+    Archive, Portable, Serialize,
 };
 
 pub const HEADER_BYTES: usize = 8;
@@ -132,45 +129,41 @@ where
     out
 }
 
-/// A fixed-capacity byte buffer whose start is 16-aligned. Holds bytes `[start, end)`.
+/// A fixed-capacity byte buffer whose start is 16-aligned. Holds bytes `[start, end)`; reads go
+/// into the spare tail `[end, capacity)`.
+///
+/// Backed by rkyv's `AlignedVec`, zero-filled once when made, so that every byte is initialized
+/// and this type needs no unsafe code of its own.
 pub struct AlignedBuf {
-    ptr: NonNull<u8>,
-    cap: usize,
+    bytes: AlignedVec<{ AlignedBuf::BUF_ALIGN }>,
     pub start: usize,
     pub end: usize,
 }
-
-// SAFETY: AlignedBuf owns its allocation exclusively, like a Box<[u8]>.
-unsafe impl Send for AlignedBuf {}
 
 impl AlignedBuf {
     const BUF_ALIGN: usize = 16;
 
     pub fn new(cap: usize) -> AlignedBuf {
         assert!(cap > 0 && cap.is_multiple_of(ALIGN));
-        let layout = Layout::from_size_align(cap, Self::BUF_ALIGN).expect("valid layout");
-        // SAFETY: layout has non-zero size.
-        let ptr = unsafe { alloc::alloc_zeroed(layout) };
-        let ptr = NonNull::new(ptr).unwrap_or_else(|| alloc::handle_alloc_error(layout));
-        AlignedBuf { ptr, cap, start: 0, end: 0 }
+        let mut bytes = AlignedVec::with_capacity(cap);
+        bytes.resize(cap, 0);
+        AlignedBuf { bytes, start: 0, end: 0 }
     }
 
     pub fn capacity(&self) -> usize {
-        self.cap
+        self.bytes.len()
     }
 
     /// The filled part.
     #[inline]
     pub fn filled(&self) -> &[u8] {
-        // SAFETY: [start, end) is within the allocation and initialized (allocated zeroed).
-        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr().add(self.start), self.end - self.start) }
+        &self.bytes[self.start..self.end]
     }
 
     /// The free tail, to read into.
     #[inline]
     pub fn spare(&mut self) -> &mut [u8] {
-        // SAFETY: [end, cap) is within the allocation and initialized.
-        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr().add(self.end), self.cap - self.end) }
+        &mut self.bytes[self.end..]
     }
 
     #[inline]
@@ -189,19 +182,9 @@ impl AlignedBuf {
             return;
         }
         debug_assert!(self.start.is_multiple_of(ALIGN));
-        let len = self.end - self.start;
-        // SAFETY: both ranges lie inside the allocation; `copy` handles overlap.
-        unsafe { std::ptr::copy(self.ptr.as_ptr().add(self.start), self.ptr.as_ptr(), len) };
+        self.bytes.copy_within(self.start..self.end, 0);
+        self.end -= self.start;
         self.start = 0;
-        self.end = len;
-    }
-}
-
-impl Drop for AlignedBuf {
-    fn drop(&mut self) {
-        let layout = Layout::from_size_align(self.cap, Self::BUF_ALIGN).expect("valid layout");
-        // SAFETY: allocated in `new` with this layout.
-        unsafe { alloc::dealloc(self.ptr.as_ptr(), layout) };
     }
 }
 
@@ -228,6 +211,25 @@ mod tests {
         // an empty-ish struct still encodes a valid payload
         let f = encode(kind::LOGOUT, &Logout { reserved: 0 });
         assert_eq!(f.len(), 16);
+    }
+
+    /// The read buffer: reads land in the spare tail, compaction moves the unread rest to the
+    /// (16-aligned) front, and a cleared buffer offers its whole capacity again.
+    #[test]
+    fn aligned_buf_cursors() {
+        let mut buf = AlignedBuf::new(64);
+        assert_eq!((buf.capacity(), buf.spare().len()), (64, 64));
+        assert_eq!(buf.filled().as_ptr() as usize % 16, 0);
+        buf.spare()[..24].copy_from_slice(&[7u8; 24]);
+        buf.end = 24;
+        buf.start = 16;
+        buf.compact();
+        assert_eq!((buf.start, buf.end, buf.filled()), (0, 8, &[7u8; 8][..]));
+        assert_eq!(buf.spare().len(), 56);
+        buf.start = 8;
+        assert!(buf.is_empty());
+        buf.clear();
+        assert_eq!(buf.spare().len(), 64);
     }
 
     /// Oversized, flagged and incomplete headers are recognised before any payload is read.
