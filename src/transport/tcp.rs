@@ -14,12 +14,14 @@
 use std::{
     cell::Cell,
     io,
-    os::fd::AsRawFd,
+    net::Shutdown,
+    os::fd::{AsRawFd, BorrowedFd},
     rc::Rc,
     time::{Duration, Instant},
 };
 
 use monoio::net::TcpStream;
+use socket2::SockRef;
 
 use crate::{
     envelope::Envelope,
@@ -49,10 +51,19 @@ struct Conn {
 }
 
 impl Conn {
-    fn shutdown(&self, how: libc::c_int) {
-        // SAFETY: fd is open (the stream is alive).
-        unsafe { libc::shutdown(self.stream.as_raw_fd(), how) };
+    fn shutdown(&self, how: Shutdown) {
+        let _ = with_sock(&self.stream, |s| s.shutdown(how));
     }
+}
+
+/// Run `f` on the stream as a socket2 socket, for the calls that are not on the hot path (the `recv` and
+/// `sendmsg` of every frame stay direct libc calls into the pooled buffer and the queued
+/// frames).
+fn with_sock<R>(stream: &TcpStream, f: impl FnOnce(SockRef<'_>) -> R) -> R {
+    // SAFETY: the descriptor stays open while `stream` is borrowed (monoio's TcpStream
+    // implements AsRawFd but not AsFd).
+    let fd = unsafe { BorrowedFd::borrow_raw(stream.as_raw_fd()) };
+    f(SockRef::from(&fd))
 }
 
 /// Serve one accepted connection until it closes, then clean up after it.
@@ -88,10 +99,7 @@ pub async fn serve(shard: Rc<Shard>, stream: TcpStream) {
 /// Refuse a connection over the shard's limit: one error frame, best effort, then close.
 pub fn refuse(stream: TcpStream) {
     let f = error_frame(ErrorCode::TooManyConnections, 0, 0);
-    // SAFETY: valid fd and buffer; MSG_DONTWAIT never blocks.
-    unsafe {
-        libc::send(stream.as_raw_fd(), f.as_ptr().cast(), f.len(), libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL);
-    }
+    let _ = with_sock(&stream, |s| s.send_with_flags(&f, libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL));
 }
 
 struct Reader<'a> {
@@ -267,7 +275,7 @@ async fn write_loop(conn: Rc<Conn>, session: Rc<Session>) {
     session.outq.borrow_mut().clear();
     session.out_bytes.set(0);
     // FIN after everything written: the peer reads all of it, then sees the end.
-    conn.shutdown(libc::SHUT_WR);
+    conn.shutdown(Shutdown::Write);
     if !conn.input_ended.get() {
         let done = conn.input_done.wait();
         monoio::select! {
@@ -277,7 +285,7 @@ async fn write_loop(conn: Rc<Conn>, session: Rc<Session>) {
     }
     // Wakes the reader, whose reads then end once the input already here is discarded.
     conn.output_ended.set(true);
-    conn.shutdown(libc::SHUT_RD);
+    conn.shutdown(Shutdown::Read);
 }
 
 /// Wait until the socket takes more bytes. Gives up after `WRITE_STALL_MS`, or `CLOSE_FLUSH_MS`
