@@ -433,3 +433,45 @@ impl Stamp {
     }
 }
 const _: () = assert!(Stamp::BYTES.is_multiple_of(8));
+
+// The wire format is rkyv's archive layout: the archived size and alignment of every protocol
+// type, as docs/PROTOCOL.md gives them. A change of rkyv (its version is pinned exactly in the
+// workspace Cargo.toml) or of its format features (pointer width, alignment) anywhere in the
+// build would change them silently; here it fails to compile. (`ArchivedCatchUpEnd` is left out
+// while its fields change.)
+const _: () = assert!(std::mem::size_of::<ArchivedRegister>() == 16);
+const _: () = assert!(std::mem::align_of::<ArchivedRegister>() == 4);
+const _: () = assert!(std::mem::size_of::<ArchivedLogin>() == 28);
+const _: () = assert!(std::mem::align_of::<ArchivedLogin>() == 4);
+const _: () = assert!(std::mem::size_of::<ArchivedLoginToken>() == 20);
+const _: () = assert!(std::mem::align_of::<ArchivedLoginToken>() == 4);
+const _: () = assert!(std::mem::size_of::<ArchivedIssueToken>() == 4);
+const _: () = assert!(std::mem::align_of::<ArchivedIssueToken>() == 4);
+const _: () = assert!(std::mem::size_of::<ArchivedPing>() == 8);
+const _: () = assert!(std::mem::align_of::<ArchivedPing>() == 8);
+const _: () = assert!(std::mem::size_of::<ArchivedSend>() == 32);
+const _: () = assert!(std::mem::align_of::<ArchivedSend>() == 8);
+const _: () = assert!(std::mem::size_of::<ArchivedDeliveryAck>() == 24);
+const _: () = assert!(std::mem::align_of::<ArchivedDeliveryAck>() == 8);
+const _: () = assert!(std::mem::size_of::<ArchivedLogout>() == 8);
+const _: () = assert!(std::mem::align_of::<ArchivedLogout>() == 8);
+const _: () = assert!(std::mem::size_of::<ArchivedHistory>() == 32);
+const _: () = assert!(std::mem::align_of::<ArchivedHistory>() == 8);
+const _: () = assert!(std::mem::size_of::<ArchivedRegisterOk>() == 8);
+const _: () = assert!(std::mem::align_of::<ArchivedRegisterOk>() == 8);
+const _: () = assert!(std::mem::size_of::<ArchivedLoginOk>() == 48);
+const _: () = assert!(std::mem::align_of::<ArchivedLoginOk>() == 8);
+const _: () = assert!(std::mem::size_of::<ArchivedTokenIssued>() == 16);
+const _: () = assert!(std::mem::align_of::<ArchivedTokenIssued>() == 8);
+const _: () = assert!(std::mem::size_of::<ArchivedPong>() == 16);
+const _: () = assert!(std::mem::align_of::<ArchivedPong>() == 8);
+const _: () = assert!(std::mem::size_of::<ArchivedSendAck>() == 40);
+const _: () = assert!(std::mem::align_of::<ArchivedSendAck>() == 8);
+const _: () = assert!(std::mem::size_of::<ArchivedBye>() == 8);
+const _: () = assert!(std::mem::align_of::<ArchivedBye>() == 8);
+const _: () = assert!(std::mem::size_of::<ArchivedError>() == 24);
+const _: () = assert!(std::mem::align_of::<ArchivedError>() == 8);
+const _: () = assert!(std::mem::size_of::<ArchivedKick>() == 12);
+const _: () = assert!(std::mem::align_of::<ArchivedKick>() == 4);
+const _: () = assert!(std::mem::size_of::<ArchivedHistoryEnd>() == 24);
+const _: () = assert!(std::mem::align_of::<ArchivedHistoryEnd>() == 8);
