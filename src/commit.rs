@@ -22,24 +22,44 @@ struct Queue {
 pub struct CommitQueues {
     queues: Vec<Queue>,
     batch_max: usize,
+    backlog_max: usize,
+}
+
+/// What [`CommitQueues::push`] did with a message.
+pub enum Queued {
+    /// Queued behind a working committer.
+    Waiting,
+    /// Queued on an idle partition: start its committer.
+    StartCommitter,
+    /// The partition's backlog is full (its store is stalled or slow): the message is handed
+    /// back, to be refused at once.
+    Full(Sequenced),
 }
 
 impl CommitQueues {
-    pub fn new(partitions: usize, batch_max: usize) -> CommitQueues {
-        assert!(partitions > 0 && batch_max > 0);
-        CommitQueues { queues: (0..partitions).map(|_| Queue::default()).collect(), batch_max }
+    pub fn new(partitions: usize, batch_max: usize, backlog_max: usize) -> CommitQueues {
+        assert!(partitions > 0 && batch_max > 0 && backlog_max > 0);
+        CommitQueues { queues: (0..partitions).map(|_| Queue::default()).collect(), batch_max, backlog_max }
     }
 
     pub fn partitions(&self) -> usize {
         self.queues.len()
     }
 
-    /// Queue a message on `part`. Returns true when the partition has no committer and one must
-    /// be started (it then counts as busy until [`CommitQueues::next_batch`] returns `None`).
-    pub fn push(&mut self, part: usize, s: Sequenced) -> bool {
+    /// Queue a message on `part`, unless `backlog_max` are waiting there already. A partition
+    /// without a committer needs one started; it then counts as busy until
+    /// [`CommitQueues::next_batch`] returns `None`.
+    pub fn push(&mut self, part: usize, s: Sequenced) -> Queued {
         let q = &mut self.queues[part];
+        if q.pending.len() >= self.backlog_max {
+            return Queued::Full(s);
+        }
         q.pending.push_back(s);
-        !std::mem::replace(&mut q.busy, true)
+        if std::mem::replace(&mut q.busy, true) {
+            Queued::Waiting
+        } else {
+            Queued::StartCommitter
+        }
     }
 
     /// Messages waiting on `part`.

@@ -52,6 +52,9 @@ pub struct StoreConfig {
     pub data_dir: std::path::PathBuf,
     /// Messages committed in one transaction at most.
     pub commit_batch_max: usize,
+    /// Messages one shard holds waiting for their commit on one store partition at most; while
+    /// a partition's store stalls, further sends to it get StoreUnavailable at once.
+    pub commit_backlog_max: usize,
     /// Microseconds a shard's commit waits for more messages before it starts (0: it takes
     /// what is queued; the 1 ms timer rounds it up).
     pub commit_wait_us: u64,
@@ -242,6 +245,7 @@ impl Default for StoreConfig {
             backend: "embedded".into(),
             data_dir: "tim-data".into(),
             commit_batch_max: 1024,
+            commit_backlog_max: 8192,
             commit_wait_us: 0,
             commit_timeout_ms: 5000,
             synchronous: "full".into(),
@@ -343,8 +347,11 @@ impl Config {
         if !["full", "normal"].contains(&self.store.synchronous.as_str()) {
             bail!("store.synchronous must be full or normal");
         }
-        if self.store.commit_batch_max == 0 || self.store.commit_timeout_ms == 0 {
-            bail!("store.commit_batch_max and store.commit_timeout_ms must be greater than 0");
+        if self.store.commit_batch_max == 0
+            || self.store.commit_timeout_ms == 0
+            || self.store.commit_backlog_max == 0
+        {
+            bail!("store.commit_batch_max, commit_backlog_max and commit_timeout_ms must be greater than 0");
         }
         if self.store.commit_wait_us > 100_000 {
             bail!("store.commit_wait_us must be at most 100000");
@@ -430,6 +437,7 @@ backlog = 4096              # listen backlog per shard
 backend = "embedded"        # embedded: SQLite (WAL) under data_dir | postgres | memory: no-data mode
 data_dir = "tim-data"       # directory of the embedded store
 commit_batch_max = 1024     # messages committed in one transaction at most
+commit_backlog_max = 8192   # messages waiting for their commit per shard and partition; then StoreUnavailable at once
 commit_wait_us = 0          # a shard's commit waits this long for more messages (0: takes what is queued)
 commit_timeout_ms = 5000    # a send gets StoreUnavailable if its commit takes longer
 synchronous = "full"        # embedded: full (survives power loss) | normal (survives a tim crash)

@@ -151,6 +151,8 @@ pub enum ErrorCode {
     SlowConsumer = 44,
     /// The shard is at `connections_per_shard_max`. Closed.
     TooManyConnections = 45,
+    /// A frame was left incomplete for `partial_frame_timeout_ms`. Closed.
+    PartialFrameTimeout = 46,
     /// An internal failure (store error). The request may be retried.
     Internal = 50,
     /// The message store did not commit in time or failed. Nothing was acknowledged; retry with
@@ -194,6 +196,7 @@ impl ErrorCode {
             43 => ShuttingDown,
             44 => SlowConsumer,
             45 => TooManyConnections,
+            46 => PartialFrameTimeout,
             50 => Internal,
             51 => StoreUnavailable,
             52 => Timeout,
@@ -230,6 +233,7 @@ impl ErrorCode {
             ShuttingDown => "server shutting down",
             SlowConsumer => "too slow to read",
             TooManyConnections => "too many connections",
+            PartialFrameTimeout => "incomplete frame timeout",
             Internal => "internal error",
             StoreUnavailable => "message store unavailable, retry",
             Timeout => "no answer in time, retry",

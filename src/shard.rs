@@ -25,16 +25,16 @@ use tim_shards::{MeshPort, SendError};
 
 use crate::{
     auth::Auth,
-    commit::CommitQueues,
+    commit::{CommitQueues, Queued},
     config::Config,
     envelope::{Envelope, SessionRef},
     frame::AlignedBuf,
     notify::LocalNotify,
     placement::Placement,
     protocol::ErrorCode,
-    roles::{ConvOwner, Effect, Effects, LoadRequest, Sequenced, UserOwner},
+    roles::{CommitOutcome, ConvOwner, Effect, Effects, LoadRequest, Sequenced, UserOwner},
     session::Session,
-    store::{ConvKey, Cursor, Store, UserId},
+    store::{ConvKey, Cursor, Duplicates, Store, UserId},
     workers::Workers,
 };
 
@@ -124,7 +124,11 @@ impl Shard {
                 &cfg.limits,
                 RandomState::new(),
             )),
-            commits: RefCell::new(CommitQueues::new(store.partitions(), cfg.store.commit_batch_max)),
+            commits: RefCell::new(CommitQueues::new(
+                store.partitions(),
+                cfg.store.commit_batch_max,
+                cfg.store.commit_backlog_max,
+            )),
             effects: RefCell::new(Vec::new()),
             pool: RefCell::new(Vec::new()),
             cursors: RefCell::new(HashMap::default()),
@@ -279,8 +283,9 @@ impl Shard {
         let login = Duration::from_millis(l.login_timeout_ms);
         let idle = Duration::from_millis(l.idle_timeout_ms);
         let answer_timeout = Duration::from_millis(l.answer_timeout_ms);
-        let tick =
-            (login.min(idle).min(answer_timeout) / 8).clamp(Duration::from_millis(5), Duration::from_secs(1));
+        let partial = Duration::from_millis(l.partial_frame_timeout_ms);
+        let tick = (login.min(idle).min(answer_timeout).min(partial) / 8)
+            .clamp(Duration::from_millis(5), Duration::from_secs(1));
         let mut expired = Vec::new();
         while !self.shutting_down.get() {
             monoio::time::sleep(tick).await;
@@ -424,8 +429,14 @@ impl Shard {
                 Effect::LoadConv(req) => self.spawn_conv_load(req),
                 Effect::Commit(s) => {
                     let part = self.shared.store.partition_of(s.conv());
-                    if self.commits.borrow_mut().push(part, s) {
-                        monoio::spawn(self.rc().run_commits(part));
+                    let queued = self.commits.borrow_mut().push(part, s);
+                    match queued {
+                        Queued::Waiting => {}
+                        Queued::StartCommitter => drop(monoio::spawn(self.rc().run_commits(part))),
+                        // A stalled partition's backlog is full: StoreUnavailable now, not later.
+                        Queued::Full(s) => {
+                            self.with_convs(|c, fx| c.settled(s, CommitOutcome::Failed, true, fx))
+                        }
                     }
                 }
             }
@@ -508,23 +519,32 @@ impl Shard {
             let left = timeout.saturating_sub(waited);
             self.shared.store.append(part, msgs, Box::new(move |r| drop(tx.send(r))));
             match monoio::time::timeout(left, &mut rx).await {
-                Ok(outcome) => self.settle(batch, matches!(outcome, Ok(Ok(_))), true),
+                Ok(outcome) => self.settle(batch, outcome.ok().and_then(Result::ok), true),
                 Err(_) => {
                     self.with_convs(|c, fx| batch.iter().for_each(|s| c.commit_timed_out(s, fx)));
                     let me = self.clone();
                     monoio::spawn(async move {
-                        let committed = matches!(rx.await, Ok(Ok(_)));
-                        me.settle(batch, committed, false);
+                        let outcome = rx.await.ok().and_then(Result::ok);
+                        me.settle(batch, outcome, false);
                     });
                 }
             }
         }
     }
 
-    fn settle(&self, batch: Vec<Sequenced>, committed: bool, sender_waiting: bool) {
+    /// Hand a batch's outcome to the conversation owner: `None` if the commit failed, else the
+    /// messages the store already held.
+    fn settle(&self, batch: Vec<Sequenced>, committed: Option<Duplicates>, sender_waiting: bool) {
         self.with_convs(|c, fx| {
-            for s in batch {
-                c.settled(s, committed, sender_waiting, fx);
+            for (i, s) in batch.into_iter().enumerate() {
+                let outcome = match &committed {
+                    None => CommitOutcome::Failed,
+                    Some(dups) => match dups.iter().find(|(at, _)| *at == i) {
+                        Some(&(_, original)) => CommitOutcome::Duplicate(original),
+                        None => CommitOutcome::Stored,
+                    },
+                };
+                c.settled(s, outcome, sender_waiting, fx);
             }
         });
     }

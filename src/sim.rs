@@ -29,13 +29,13 @@ use ahash::RandomState;
 use bytes::{Bytes, BytesMut};
 
 use crate::{
-    commit::CommitQueues,
+    commit::{CommitQueues, Queued},
     config::{DevicePolicy, Limits, SessionPolicy},
     envelope::{AckInfo, Attach, Envelope, SessionRef, Submit},
     frame::HEADER_BYTES,
     placement::{conv_hash, direct_key, Placement},
     protocol::{conv, DeviceType, ErrorCode, Stamp},
-    roles::{ConvOwner, Effect, Effects, Sequenced, UserOwner},
+    roles::{CommitOutcome, ConvOwner, Effect, Effects, Sequenced, UserOwner},
     store::{ConvKey, ConvLoad, RecentSend, UserId},
 };
 
@@ -73,6 +73,7 @@ pub struct SimConfig {
     pub policy: SessionPolicy,
     pub inflight_max: usize,
     pub commit_batch_max: usize,
+    pub commit_backlog_max: usize,
     pub commit_timeout_ms: u64,
     /// Store latency is uniform in `0..store_latency_ms`, with rare stalls past the timeout.
     pub store_latency_ms: u64,
@@ -99,6 +100,7 @@ impl SimConfig {
             },
             inflight_max: 1 + r.below(6) as usize,
             commit_batch_max: 1 + r.below(8) as usize,
+            commit_backlog_max: 2 + r.below(30) as usize,
             commit_timeout_ms: 20 + r.below(60),
             store_latency_ms: 1 + r.below(30),
             store_fail_percent: r.below(8),
@@ -146,6 +148,12 @@ pub struct SimReport {
     pub store_failures: u64,
     /// Conversations evicted (idle, or to make room at the cap).
     pub evictions: u64,
+    /// Commits reported failed that were stored all the same.
+    pub ambiguous_commits: u64,
+    /// Messages the store already held (resends of ambiguous commits).
+    pub store_duplicates: u64,
+    /// Sends refused at once because their partition's commit backlog was full.
+    pub backlog_full: u64,
 }
 
 /// Events kept for a failure's report (`TIM_SIM_TRACE` overrides it when replaying a seed).
@@ -295,7 +303,11 @@ impl Sim {
             .map(|id| SimShard {
                 users: UserOwner::new(cfg.policy.clone(), limits.tokens_per_user_max, hasher()),
                 convs: ConvOwner::new(id, placement, cfg.durable, &limits, hasher()),
-                commits: CommitQueues::new(cfg.store_partitions, cfg.commit_batch_max),
+                commits: CommitQueues::new(
+                    cfg.store_partitions,
+                    cfg.commit_batch_max,
+                    cfg.commit_backlog_max,
+                ),
             })
             .collect();
         Sim {
@@ -426,9 +438,18 @@ impl Sim {
                 }
                 Effect::Commit(s) => {
                     let part = (conv_hash(s.conv()) % self.cfg.store_partitions as u64) as usize;
-                    if self.shards[shard].commits.push(part, s) {
-                        let gather = self.rng.below(2);
-                        self.schedule(self.now + gather, Timer::Committer { shard, part });
+                    match self.shards[shard].commits.push(part, s) {
+                        Queued::Waiting => {}
+                        Queued::StartCommitter => {
+                            let gather = self.rng.below(2);
+                            self.schedule(self.now + gather, Timer::Committer { shard, part });
+                        }
+                        Queued::Full(s) => {
+                            self.report.backlog_full += 1;
+                            let mut fx = Vec::new();
+                            self.shards[shard].convs.settled(s, CommitOutcome::Failed, true, &mut fx);
+                            self.execute(shard, fx);
+                        }
                     }
                 }
             }
@@ -487,40 +508,57 @@ impl Sim {
                     batch.len(),
                     done_at - START_MS
                 ));
+                // As the runtime does: a send's deadline runs from its sequencing.
+                let oldest_ms = batch.iter().map(|s| s.ack.ts_ms).min().unwrap_or(self.now);
+                let deadline = (oldest_ms + self.cfg.commit_timeout_ms).max(self.now);
                 self.commits_open.insert(id, OpenCommit { batch, ok, timed_out: false, done: false });
                 self.schedule(done_at, Timer::CommitDone { shard, part, id });
-                self.schedule(
-                    self.now + self.cfg.commit_timeout_ms,
-                    Timer::CommitTimeout { shard, part, id },
-                );
+                self.schedule(deadline, Timer::CommitTimeout { shard, part, id });
             }
             Timer::CommitDone { shard, part, id } => {
                 let mut open = self.commits_open.remove(&id).expect("open commit");
                 open.done = true;
-                if open.ok {
-                    for s in &open.batch {
-                        let m = s.stored();
-                        let prior =
-                            self.store.by_client_id.insert((m.conv, m.sender, m.client_msg_id), m.seq);
-                        if let Some(prior) = prior {
-                            return Err(format!(
-                                "stored twice: conv {:?} sender {} client id {} at seq {prior} and {}",
-                                m.conv, m.sender, m.client_msg_id, m.seq
-                            ));
+                // A failed commit may have been stored all the same (the connection dropped
+                // after COMMIT): the store then holds what its sender was told had failed.
+                let stored = open.ok || self.rng.chance(30);
+                let mut outcomes = Vec::with_capacity(open.batch.len());
+                for s in &open.batch {
+                    let m = s.stored();
+                    let key = (m.conv, m.sender, m.client_msg_id);
+                    let outcome = match self.store.by_client_id.get(&key) {
+                        // The store's own dedup: the original stays, nothing new is stored.
+                        Some(&seq) => {
+                            let (sender, client_msg_id, msg_id, ts_ms) = self.store.messages[&m.conv][&seq];
+                            CommitOutcome::Duplicate(RecentSend { sender, client_msg_id, msg_id, seq, ts_ms })
                         }
-                        let conv = self.store.messages.entry(m.conv).or_default();
-                        if conv.insert(m.seq, (m.sender, m.client_msg_id, m.msg_id, m.ts_ms)).is_some() {
-                            return Err(format!("seq {} of {:?} stored twice", m.seq, m.conv));
+                        None if stored => {
+                            self.store.by_client_id.insert(key, m.seq);
+                            let conv = self.store.messages.entry(m.conv).or_default();
+                            if conv.insert(m.seq, (m.sender, m.client_msg_id, m.msg_id, m.ts_ms)).is_some() {
+                                return Err(format!("seq {} of {:?} stored twice", m.seq, m.conv));
+                            }
+                            CommitOutcome::Stored
                         }
-                    }
-                } else {
-                    self.report.store_failures += 1;
+                        None => CommitOutcome::Failed,
+                    };
+                    outcomes.push(if open.ok { outcome } else { CommitOutcome::Failed });
                 }
-                self.note(format!("shard {shard}: commit {id} done ok={} late={}", open.ok, open.timed_out));
+                if !open.ok {
+                    self.report.store_failures += 1;
+                    if stored {
+                        self.report.ambiguous_commits += 1;
+                    }
+                }
+                self.report.store_duplicates +=
+                    outcomes.iter().filter(|o| matches!(o, CommitOutcome::Duplicate(_))).count() as u64;
+                self.note(format!(
+                    "shard {shard}: commit {id} done ok={} stored={stored} late={}",
+                    open.ok, open.timed_out
+                ));
                 let waiting = !open.timed_out;
                 let mut fx = Vec::new();
-                for s in open.batch {
-                    self.shards[shard].convs.settled(s, open.ok, waiting, &mut fx);
+                for (s, outcome) in open.batch.into_iter().zip(outcomes) {
+                    self.shards[shard].convs.settled(s, outcome, waiting, &mut fx);
                 }
                 self.execute(shard, fx);
                 if waiting {

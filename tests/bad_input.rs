@@ -193,7 +193,7 @@ fn slow_consumer(driver: &str) {
     s.assert_serves_others();
 }
 
-/// A frame begun and never finished closes the session with IdleTimeout after
+/// A frame begun and never finished closes the session with PartialFrameTimeout after
 /// `partial_frame_timeout_ms`, long before the idle timeout, logged in or not, even if its bytes
 /// trickle in; a session that sent whole frames and then nothing stays.
 fn partial_frame_times_out(driver: &str) {
@@ -201,7 +201,7 @@ fn partial_frame_times_out(driver: &str) {
     let (alice, _) = s.register("alice");
     let (mut quiet, _) = s.login(&alice, 1);
     let closed_by_partial_timeout = |c: &mut tim::client::Client, start: Instant| {
-        expect_error(c.recv().unwrap(), ErrorCode::IdleTimeout);
+        expect_error(c.recv().unwrap(), ErrorCode::PartialFrameTimeout);
         let waited = start.elapsed();
         assert!(waited >= Duration::from_millis(250) && waited < Duration::from_secs(5), "{waited:?}");
         assert!(c.recv().is_err(), "closed");

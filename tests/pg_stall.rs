@@ -297,3 +297,56 @@ fn commit_timeout_counts_from_the_send() {
     pg.resume();
     send_until_acked(&mut a1, bob_id, 4, b"back", Duration::from_secs(15));
 }
+
+/// While a partition's store is stalled, a shard holds at most `commit_backlog_max` sends for
+/// it: the rest get StoreUnavailable at once, not after the (long) commit timeout; the held ones
+/// are acked once the store is back.
+#[test]
+fn commit_backlog_is_bounded() {
+    let pg = PgServer::start();
+    let body = format!(
+        "commit_timeout_ms = 20000\ncommit_backlog_max = 4\nbackend = \"postgres\"\n[store.postgres]\n\
+         statement_timeout_ms = 30000\n[[store.postgres.partition]]\nslots = \"0-4095\"\nurl = \"{}\"\n",
+        common::pg::fresh_db(&pg)
+    );
+    let s = TestServer::start_with_store("io_uring", &body, "[limits]\nanswer_timeout_ms = 40000\n");
+    let (alice, _) = s.register("alice");
+    let (_, bob_id) = s.register("bob");
+    let mut a = login(&s, &alice, "1");
+    a.catch_up().unwrap();
+    a.send_wait(bob_id, 1, b"loads the conversation").unwrap();
+
+    pg.pause();
+    const N: u64 = 20;
+    for i in 2..2 + N {
+        a.send(bob_id, i, b"stalled").unwrap();
+    }
+    // Well inside the commit timeout, every send beyond the backlog has been refused.
+    a.set_timeout(Some(Duration::from_secs(5))).unwrap();
+    let start = Instant::now();
+    let mut refused = BTreeSet::new();
+    while refused.len() < (N - 1 - 4) as usize {
+        match a.recv().expect("refusals come at once") {
+            tim::client::Event::Error(e) => {
+                assert_eq!(ErrorCode::from_u16(e.code), Some(ErrorCode::StoreUnavailable));
+                refused.insert(e.client_msg_id);
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert!(start.elapsed() < Duration::from_secs(5));
+    pg.resume();
+    // The held ones (the stalled commit's and the backlog's) are acked when the store is back.
+    a.set_timeout(Some(PATIENCE)).unwrap();
+    let mut acked = 0;
+    while refused.len() + acked < N as usize {
+        match a.recv().expect("the held sends are answered") {
+            tim::client::Event::SendAck(ack) => {
+                assert!(!refused.contains(&ack.client_msg_id));
+                acked += 1;
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!(acked, 5, "one in the stalled commit, four in the backlog");
+}

@@ -33,6 +33,9 @@ fn seeds_keep_invariants() {
                 total.rejections += r.rejections;
                 total.logins += r.logins;
                 total.evictions += r.evictions;
+                total.ambiguous_commits += r.ambiguous_commits;
+                total.store_duplicates += r.store_duplicates;
+                total.backlog_full += r.backlog_full;
                 total.kicks += r.kicks;
                 total.commit_timeouts += r.commit_timeouts;
                 total.store_failures += r.store_failures;
@@ -49,5 +52,7 @@ fn seeds_keep_invariants() {
         assert!(total.duplicate_acks > 0 && total.kicks > 0, "{total:?}");
         assert!(total.commit_timeouts > 0 && total.store_failures > 0, "{total:?}");
         assert!(total.evictions > 0, "{total:?}");
+        assert!(total.ambiguous_commits > 0 && total.store_duplicates > 0, "{total:?}");
+        assert!(total.backlog_full > 0, "{total:?}");
     }
 }

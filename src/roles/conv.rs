@@ -20,7 +20,7 @@ use crate::{
     frame,
     placement::{direct_key, Owner, Placement},
     protocol::{ErrorCode, Stamp},
-    store::{ConvKey, ConvLoad, StoredMessage, UserId},
+    store::{ConvKey, ConvLoad, RecentSend, StoredMessage, UserId},
 };
 
 /// Submits waiting for one conversation to load.
@@ -43,6 +43,16 @@ pub struct LoadRequest {
     /// Sends since this time are loaded for resend dedup.
     pub since_ms: u64,
     pub recent_max: usize,
+}
+
+/// How a commit ended for one message.
+#[derive(Clone, Copy, Debug)]
+pub enum CommitOutcome {
+    Stored,
+    /// The store already held this (conversation, sender, client message id): a resend whose
+    /// first attempt was committed after all (an ambiguous commit). Nothing new was stored.
+    Duplicate(RecentSend),
+    Failed,
 }
 
 /// A sequenced message on its way out: the sender's ack and the shared `DELIVER` frame.
@@ -165,6 +175,15 @@ impl Conv {
         n.1 = n.1.max(sent.ack.client_msg_id);
         n.2 += 1;
         self.recent.push_back(sent);
+    }
+
+    /// Remember a send that is older than some remembered ones (a stored original found again),
+    /// keeping the ring in sequence order.
+    fn remember_at(&mut self, sent: Sent, max: usize) {
+        self.remember(sent, max);
+        let new = self.recent.pop_back().expect("just remembered");
+        let at = self.recent.iter().position(|r| r.ack.seq > new.ack.seq).unwrap_or(self.recent.len());
+        self.recent.insert(at, new);
     }
 
     /// A remembered send of `sender` was dropped.
@@ -345,28 +364,54 @@ impl ConvOwner {
         }
     }
 
-    /// A commit ended. Publish what was committed (acking only a sender still waiting), refuse
-    /// what failed, and remember the outcome for resend dedup: a committed send answers its
-    /// resends with the original ack; a failed one is forgotten (its resend is a new message).
-    pub fn settled(&mut self, s: Sequenced, committed: bool, sender_waiting: bool, out: &mut Effects) {
+    /// A commit ended. Publish what was stored (acking only a sender still waiting), refuse
+    /// what failed, and remember the outcome for resend dedup: a stored send answers its resends
+    /// with the original ack; a failed one is forgotten (its resend is a new message). A send
+    /// the store already held (its first attempt was committed after all) is answered with the
+    /// stored original's ids; its own number stays a hole, and it is not delivered again (the
+    /// original reaches devices by catch-up and history).
+    pub fn settled(&mut self, s: Sequenced, outcome: CommitOutcome, sender_waiting: bool, out: &mut Effects) {
         let conv = self.convs.get_mut(&s.conv());
         // An open commit keeps its conversation from eviction, so it is still here.
         let conv = conv.expect("a conversation with an open commit is kept");
         assert!(conv.open_commits > 0, "a commit settled twice");
         conv.open_commits -= 1;
         let cmid = s.ack.client_msg_id;
-        match conv.recent.iter().rposition(|r| r.ack.client_msg_id == cmid && r.sender == s.sender) {
-            Some(i) if committed => conv.recent[i].committed = true,
-            Some(i) => {
+        let at = conv.recent.iter().rposition(|r| r.ack.client_msg_id == cmid && r.sender == s.sender);
+        match (outcome, at) {
+            (CommitOutcome::Stored, Some(i)) => conv.recent[i].committed = true,
+            (CommitOutcome::Stored, None) => {}
+            (CommitOutcome::Failed | CommitOutcome::Duplicate(_), Some(i)) => {
                 conv.recent.remove(i);
                 conv.forget(s.sender);
             }
-            None => {}
+            (CommitOutcome::Failed | CommitOutcome::Duplicate(_), None) => {}
         }
-        if committed {
-            publish(&self.placement, s, sender_waiting, out);
-        } else if sender_waiting {
-            reject(out, s.origin, s.ack.client_msg_id, ErrorCode::StoreUnavailable);
+        match outcome {
+            CommitOutcome::Stored => publish(&self.placement, s, sender_waiting, out),
+            CommitOutcome::Failed => {
+                if sender_waiting {
+                    reject(out, s.origin, cmid, ErrorCode::StoreUnavailable);
+                }
+            }
+            CommitOutcome::Duplicate(original) => {
+                let ack = AckInfo {
+                    client_msg_id: cmid,
+                    msg_id: original.msg_id,
+                    seq: original.seq,
+                    ts_ms: original.ts_ms,
+                    duplicate: true,
+                };
+                // Remember the original, in sequence order, for the next resend.
+                if conv.find(s.sender, cmid, s.ack.ts_ms, self.dedup_window_ms).is_none() {
+                    let sent =
+                        Sent { sender: s.sender, ack: AckInfo { duplicate: false, ..ack }, committed: true };
+                    conv.remember_at(sent, self.dedup_max);
+                }
+                if sender_waiting {
+                    out.push(Effect::Post(s.origin.shard(), Envelope::Acked { session: s.origin, ack }));
+                }
+            }
         }
     }
 

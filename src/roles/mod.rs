@@ -17,7 +17,7 @@ pub mod user;
 
 use crate::{envelope::Envelope, placement::Owner, store::UserId};
 
-pub use conv::{ConvOwner, LoadRequest, Sequenced};
+pub use conv::{CommitOutcome, ConvOwner, LoadRequest, Sequenced};
 pub use user::UserOwner;
 
 /// What a role asks its runtime to do.

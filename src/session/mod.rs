@@ -107,7 +107,7 @@ impl Session {
     /// The timeout this session has run into at `now`, if any. Checked by the shard's sweep
     /// ([`crate::shard::Shard::run_timeouts`]) rather than by a timer per read, which would be re-armed on
     /// every readiness wait. A session paused at its in-flight limit is not idle. A frame left
-    /// incomplete for `partial_frame_timeout` closes the session as idle too (logged in or not):
+    /// incomplete for `partial_frame_timeout` closes the session too (logged in or not):
     /// bytes that never complete a frame hold a read buffer, and keep the idle clock from running.
     pub fn timed_out(&self, now: Instant, login: Duration, idle: Duration) -> Option<ErrorCode> {
         let partial_late =
@@ -115,7 +115,7 @@ impl Session {
         if self.closing.get() {
             None
         } else if partial_late {
-            Some(ErrorCode::IdleTimeout)
+            Some(ErrorCode::PartialFrameTimeout)
         } else if self.user() == 0 {
             let late = now.duration_since(self.created) >= login && !self.login_pending.get();
             late.then_some(ErrorCode::LoginTimeout)
