@@ -165,6 +165,20 @@ pub struct Limits {
     /// Live conversations (sequence counters, resend dedup) per shard; at the cap the least
     /// recently used one that has nothing open is evicted to make room.
     pub conversations_per_shard_max: usize,
+    /// Registrations one connection may ask for; beyond it: RateLimited.
+    pub registrations_per_connection_max: u32,
+    /// Registrations one source address may ask for per minute on one shard; beyond it:
+    /// RateLimited.
+    pub registrations_per_address_per_minute_max: u32,
+    /// Sends one connection may address to accounts that do not exist per minute; beyond it
+    /// the connection is closed with RateLimited.
+    pub unknown_recipients_per_connection_per_minute_max: u32,
+    /// The same per source address and shard.
+    pub unknown_recipients_per_address_per_minute_max: u32,
+    /// Source addresses one shard keeps counters for.
+    pub addresses_tracked_max: usize,
+    /// Loopback addresses are not limited per address (local tools and load generators).
+    pub rate_limit_exempt_loopback: bool,
     /// Milliseconds a request waits for an answer from another shard or the store pipeline
     /// (a Send's ack, a login's place among the user's sessions, a token) before it is answered
     /// with Timeout.
@@ -186,6 +200,9 @@ pub struct Limits {
     pub catchup_window_secs: u64,
     /// Milliseconds between flushes of delivery-ack cursors to the store.
     pub cursor_flush_ms: u64,
+    /// Delivery cursors one shard holds between flushes; acks for further conversations are
+    /// dropped until the next flush.
+    pub cursors_pending_max: usize,
 }
 
 #[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
@@ -276,6 +293,12 @@ impl Default for Limits {
             conversations_per_shard_max: 4 << 20,
             conversation_idle_secs: 600,
             answer_timeout_ms: 30_000,
+            registrations_per_connection_max: 3,
+            registrations_per_address_per_minute_max: 30,
+            unknown_recipients_per_connection_per_minute_max: 32,
+            unknown_recipients_per_address_per_minute_max: 256,
+            addresses_tracked_max: 65_536,
+            rate_limit_exempt_loopback: true,
             token_ttl_secs: 300,
             tokens_per_user_max: 16,
             worker_queue_max: 4096,
@@ -283,6 +306,7 @@ impl Default for Limits {
             catchup_messages_max: 5000,
             catchup_window_secs: 7 * 24 * 3600,
             cursor_flush_ms: 100,
+            cursors_pending_max: 262_144,
         }
     }
 }
@@ -373,6 +397,20 @@ impl Config {
             ("limits.dedup_per_conversation_max", l.dedup_per_conversation_max),
             ("limits.conversations_per_shard_max", l.conversations_per_shard_max),
             ("limits.tokens_per_user_max", l.tokens_per_user_max),
+            ("limits.registrations_per_connection_max", l.registrations_per_connection_max as usize),
+            (
+                "limits.registrations_per_address_per_minute_max",
+                l.registrations_per_address_per_minute_max as usize,
+            ),
+            (
+                "limits.unknown_recipients_per_connection_per_minute_max",
+                l.unknown_recipients_per_connection_per_minute_max as usize,
+            ),
+            (
+                "limits.unknown_recipients_per_address_per_minute_max",
+                l.unknown_recipients_per_address_per_minute_max as usize,
+            ),
+            ("limits.addresses_tracked_max", l.addresses_tracked_max),
             ("limits.worker_queue_max", l.worker_queue_max),
             ("sessions.per_account_max", self.sessions.per_account_max),
             ("sessions.per_device_type_max", self.sessions.per_device_type_max),
@@ -383,6 +421,7 @@ impl Config {
             ("limits.history_page_max", l.history_page_max as usize),
             ("limits.catchup_messages_max", l.catchup_messages_max as usize),
             ("limits.cursor_flush_ms", l.cursor_flush_ms as usize),
+            ("limits.cursors_pending_max", l.cursors_pending_max),
         ] {
             if v == 0 {
                 bail!("{name} must be greater than 0");
@@ -476,6 +515,12 @@ dedup_window_secs = 600             # how long a client message id is remembered
 conversations_per_shard_max = 4194304 # live conversations per shard (least recently used evicted at the cap)
 conversation_idle_secs = 600        # an unused conversation is evicted after this (reloaded when used)
 answer_timeout_ms = 30000           # a Send, login or token request unanswered this long gets Timeout
+registrations_per_connection_max = 3 # Register requests per connection; then RateLimited
+registrations_per_address_per_minute_max = 30 # per source address and shard; then RateLimited
+unknown_recipients_per_connection_per_minute_max = 32 # sends to missing accounts; then the connection is closed
+unknown_recipients_per_address_per_minute_max = 256 # the same per source address and shard
+addresses_tracked_max = 65536       # source addresses one shard counts
+rate_limit_exempt_loopback = true   # loopback addresses are not limited per address
 token_ttl_secs = 300                # default and greatest one-shot token lifetime
 tokens_per_user_max = 16            # live one-shot tokens per account
 worker_queue_max = 4096             # queued jobs per worker pool (hashing; store calls); beyond it: Busy
@@ -483,6 +528,7 @@ history_page_max = 200              # messages in one history page at most
 catchup_messages_max = 5000         # stored messages sent to a device at login at most
 catchup_window_secs = 604800        # how far back catch-up at login looks
 cursor_flush_ms = 100               # delivery-ack cursors are written to the store this often
+cursors_pending_max = 262144        # cursors a shard holds between flushes; acks beyond are dropped
 
 [sessions]
 per_account_max = 8                 # sessions per account

@@ -16,6 +16,7 @@
 //! - [`sim`]: the seeded deterministic simulation of several shards' roles, clients and a
 //!   faulty store;
 //! - [`notify`]: a single-threaded multi-waiter notification;
+//! - [`guard`]: per-connection and per-address budgets of costly requests;
 //! - [`auth`]: names, passwords (argon2id), one-shot tokens;
 //! - [`store`]: the storage boundary and the in-memory (no-data) backend;
 //! - [`sockio`]: batched `sendmsg` writes of queued frames;
@@ -32,6 +33,7 @@ pub mod commit;
 pub mod config;
 pub mod envelope;
 pub mod frame;
+pub mod guard;
 pub mod notify;
 pub mod placement;
 pub mod protocol;

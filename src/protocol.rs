@@ -153,6 +153,10 @@ pub enum ErrorCode {
     TooManyConnections = 45,
     /// A frame was left incomplete for `partial_frame_timeout_ms`. Closed.
     PartialFrameTimeout = 46,
+    /// Too many registrations, or sends to accounts that do not exist, from this connection or
+    /// this source address within a minute. A Register is refused; for unknown recipients the
+    /// connection is closed.
+    RateLimited = 47,
     /// An internal failure (store error). The request may be retried.
     Internal = 50,
     /// The message store did not commit in time or failed. Nothing was acknowledged; retry with
@@ -197,6 +201,7 @@ impl ErrorCode {
             44 => SlowConsumer,
             45 => TooManyConnections,
             46 => PartialFrameTimeout,
+            47 => RateLimited,
             50 => Internal,
             51 => StoreUnavailable,
             52 => Timeout,
@@ -234,6 +239,7 @@ impl ErrorCode {
             SlowConsumer => "too slow to read",
             TooManyConnections => "too many connections",
             PartialFrameTimeout => "incomplete frame timeout",
+            RateLimited => "too many requests of this kind, slow down",
             Internal => "internal error",
             StoreUnavailable => "message store unavailable, retry",
             Timeout => "no answer in time, retry",

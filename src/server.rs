@@ -181,11 +181,11 @@ async fn run_shard(ctx: ShardContext<Envelope>, shared: Arc<Shared>, listener: s
     while !shard.shutting_down.get() {
         monoio::select! {
             accepted = listener.accept() => match accepted {
-                Ok((stream, _peer)) => {
+                Ok((stream, peer)) => {
                     if shard.sessions.borrow().len() >= conn_max {
                         tcp::refuse(stream);
                     } else {
-                        monoio::spawn(tcp::serve(shard.clone(), stream));
+                        monoio::spawn(tcp::serve(shard.clone(), stream, Some(peer)));
                     }
                 }
                 Err(e) => {

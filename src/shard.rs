@@ -29,6 +29,7 @@ use crate::{
     config::Config,
     envelope::{Envelope, SessionRef},
     frame::AlignedBuf,
+    guard::{Action, AddressGuard},
     notify::LocalNotify,
     placement::Placement,
     protocol::ErrorCode,
@@ -88,6 +89,8 @@ pub struct Shard {
     /// Scratch for the effects of one role call (reused, so that handling allocates nothing).
     effects: RefCell<Effects>,
     pool: RefCell<Vec<AlignedBuf>>,
+    /// Per-source-address budgets of costly requests.
+    guard: RefCell<AddressGuard>,
     /// Delivery cursors acknowledged since the last flush: (user, device, conversation) → seq.
     cursors: RefCell<HashMap<(UserId, u64, ConvKey), u64, RandomState>>,
     pub shutting_down: Cell<bool>,
@@ -131,6 +134,7 @@ impl Shard {
             )),
             effects: RefCell::new(Vec::new()),
             pool: RefCell::new(Vec::new()),
+            guard: RefCell::new(AddressGuard::new(&cfg.limits)),
             cursors: RefCell::new(HashMap::default()),
             shutting_down: Cell::new(false),
             shutdown: LocalNotify::default(),
@@ -314,8 +318,14 @@ impl Shard {
             return;
         }
         let mut cursors = self.cursors.borrow_mut();
-        let seq = cursors.entry((c.user, c.device, c.conv)).or_insert(0);
-        *seq = (*seq).max(c.seq);
+        let key = (c.user, c.device, c.conv);
+        if let Some(seq) = cursors.get_mut(&key) {
+            *seq = (*seq).max(c.seq);
+        } else if cursors.len() < self.cfg().limits.cursors_pending_max {
+            cursors.insert(key, c.seq);
+        }
+        // Else dropped: acks for more conversations than that within one flush interval are
+        // not real use, and a lost cursor only means the device gets those messages again.
     }
 
     /// Write acknowledged cursors to the store every `cursor_flush_ms`, in one batch. A cursor
@@ -388,6 +398,9 @@ impl Shard {
             Envelope::Rejected { session, client_msg_id, code } => {
                 if let Some(s) = self.session(session) {
                     s.on_rejected(client_msg_id, code);
+                    if code == ErrorCode::UnknownRecipient {
+                        self.count_unknown_recipient(&s, now);
+                    }
                 }
             }
             Envelope::Deliver { session, frame } => {
@@ -448,6 +461,23 @@ impl Shard {
         let mut fx = Vec::new();
         f(&mut self.convs.borrow_mut(), &mut fx);
         self.execute(&mut fx);
+    }
+
+    /// Count a send of `s` to an account that does not exist (each cost a store lookup): a
+    /// connection or source address over its budget is closed with RateLimited.
+    fn count_unknown_recipient(&self, s: &Session, now: u64) {
+        let l = &self.cfg().limits;
+        let mut budget = s.unknown_recipients.get();
+        let conn_ok = budget.take(now, l.unknown_recipients_per_connection_per_minute_max);
+        s.unknown_recipients.set(budget);
+        if !conn_ok || !self.guard(s.peer.get(), Action::UnknownRecipient) {
+            s.fail(ErrorCode::RateLimited);
+        }
+    }
+
+    /// Count `action` against the source address `addr`; false if it is over its budget.
+    pub fn guard(&self, addr: Option<std::net::IpAddr>, action: Action) -> bool {
+        self.guard.borrow_mut().allow(addr, action, now_ms())
     }
 
     fn session(&self, r: SessionRef) -> Option<Rc<Session>> {

@@ -71,6 +71,12 @@ pub struct Session {
     pub(crate) login_pending: Cell<bool>,
     /// Hash of the logged-in device id (see `store::device_hash`).
     pub(crate) device: Cell<u64>,
+    /// The client's address, for per-address limits (`None` if unknown).
+    pub(crate) peer: Cell<Option<std::net::IpAddr>>,
+    /// Register requests seen (`registrations_per_connection_max`).
+    pub(crate) registrations: Cell<u32>,
+    /// Sends answered UnknownRecipient this minute.
+    pub(crate) unknown_recipients: Cell<crate::guard::Budget>,
     /// Notified by the writer each time it has written: paced pushes wait on it.
     pub(crate) drained: LocalNotify,
     /// Since when the transport has held an incomplete frame (set and cleared by the transport).
@@ -92,6 +98,9 @@ impl Session {
             inflight: Cell::new(0),
             inflight_max: l.inflight_per_session_max,
             pending: RefCell::new(VecDeque::new()),
+            peer: Cell::new(None),
+            registrations: Cell::new(0),
+            unknown_recipients: Cell::new(Default::default()),
             closing: Cell::new(false),
             reply: RefCell::new(None),
             created: Instant::now(),

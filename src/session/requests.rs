@@ -14,6 +14,7 @@ use crate::{
     auth,
     envelope::{Attach, Envelope, Submit},
     frame,
+    guard::Action,
     placement::direct_key,
     protocol::{self, conv, kind, DeviceType, ErrorCode},
     shard::{now_ms, Shard},
@@ -216,6 +217,15 @@ impl Requests<'_> {
         }
         if let Err(code) = auth::check_name(&name).and(auth::check_password(&password)) {
             return self.error(code, kind::REGISTER);
+        }
+        // Each registration costs a password hash and a store write: bounded per connection
+        // and per source address.
+        let n = self.session.registrations.get() + 1;
+        self.session.registrations.set(n);
+        if n > self.shard.cfg().limits.registrations_per_connection_max
+            || !self.shard.guard(self.session.peer.get(), Action::Register)
+        {
+            return self.error(ErrorCode::RateLimited, kind::REGISTER);
         }
         // Hash on the hashing pool, then write on the store pool: neither waits behind the
         // other kind of job.

@@ -67,10 +67,11 @@ fn with_sock<R>(stream: &TcpStream, f: impl FnOnce(SockRef<'_>) -> R) -> R {
 }
 
 /// Serve one accepted connection until it closes, then clean up after it.
-pub async fn serve(shard: Rc<Shard>, stream: TcpStream) {
+pub async fn serve(shard: Rc<Shard>, stream: TcpStream, peer: Option<std::net::SocketAddr>) {
     let _ = stream.set_nodelay(true);
     let id = shard.new_session_ref();
     let session = Rc::new(Session::new(id, &shard.cfg().limits));
+    session.peer.set(peer.map(|a| a.ip()));
     shard.sessions.borrow_mut().insert(id.0, session.clone());
     if shard.shutting_down.get() {
         session.kick(ErrorCode::ShuttingDown);
