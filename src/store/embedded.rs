@@ -9,6 +9,11 @@
 //! - Reads (login, conversation load, history, catch-up) use a small pool of read connections;
 //!   WAL lets them run beside the writer.
 //!
+//! - Resend dedup: a unique index on (conversation, sender, client message id). The committer
+//!   inserts with `ON CONFLICT … DO NOTHING`, and for a message that was not inserted reads the
+//!   stored original and reports it to its batch ([`super::Duplicates`]); a conflict on the
+//!   primary key (conversation, seq) still fails the transaction.
+//!
 //! The schema is versioned with `PRAGMA user_version` and migrated at open.
 
 use std::{path::Path, sync::Mutex, thread::JoinHandle, time::Duration};
@@ -18,13 +23,13 @@ use crossbeam_channel::{unbounded, Receiver, Sender};
 use rusqlite::{params, Connection, ErrorCode as SqliteCode, OptionalExtension};
 
 use super::{
-    Account, CatchUp, CommitDone, ConvKey, ConvLoad, Cursor, NameKey, Page, RecentSend, Store, StoreError,
-    StoredMessage, UserId,
+    Account, CatchUp, CommitDone, ConvKey, ConvLoad, Cursor, Duplicates, NameKey, Page, RecentSend, Store,
+    StoreError, StoredMessage, UserId,
 };
 use crate::config::StoreConfig;
 
 /// Schema version written by this build.
-pub const SCHEMA_VERSION: i64 = 1;
+pub const SCHEMA_VERSION: i64 = 2;
 
 const SCHEMA_V1: &str = "
 CREATE TABLE accounts (
@@ -55,6 +60,32 @@ CREATE TABLE cursors (
     seq    INTEGER NOT NULL,
     PRIMARY KEY (user, device, conv_a, conv_b)
 ) WITHOUT ROWID;
+";
+
+/// Version 2: a message is stored once per (conversation, sender, client message id), so that a
+/// resend whose first attempt was committed after all is not stored again. Copies already stored
+/// twice (resends after an ambiguous commit, before this version) are removed first, keeping the
+/// lowest seq (the first stored, as the dedup of version 2 would have kept). A removed copy's seq
+/// stays used: `seq_floors` keeps, per conversation, the highest seq removed, and a conversation
+/// continues above it (devices may have received it, and their cursors may stand on it).
+const SCHEMA_V2: &str = "
+CREATE TABLE seq_floors (
+    conv_a INTEGER NOT NULL,
+    conv_b INTEGER NOT NULL,
+    seq    INTEGER NOT NULL,
+    PRIMARY KEY (conv_a, conv_b)
+) WITHOUT ROWID;
+CREATE TEMP TABLE resent AS
+    SELECT conv_a, conv_b, seq FROM (
+        SELECT conv_a, conv_b, seq, row_number() OVER (
+            PARTITION BY conv_a, conv_b, sender, client_msg_id ORDER BY seq) AS copy
+        FROM messages)
+    WHERE copy > 1;
+INSERT INTO seq_floors (conv_a, conv_b, seq)
+    SELECT conv_a, conv_b, MAX(seq) FROM resent GROUP BY conv_a, conv_b;
+DELETE FROM messages WHERE (conv_a, conv_b, seq) IN (SELECT conv_a, conv_b, seq FROM resent);
+DROP TABLE temp.resent;
+CREATE UNIQUE INDEX messages_dedup ON messages (conv_a, conv_b, sender, client_msg_id);
 ";
 
 /// Read connections kept open.
@@ -105,6 +136,20 @@ fn migrate(conn: &mut Connection) -> anyhow::Result<()> {
         tx.execute_batch(SCHEMA_V1)?;
         tx.pragma_update(None, "user_version", 1)?;
         tx.commit()?;
+    }
+    if version < 2 {
+        let tx = conn.transaction()?;
+        let before: i64 = tx.query_row("SELECT COUNT(*) FROM messages", [], |r| r.get(0))?;
+        tx.execute_batch(SCHEMA_V2)?;
+        let after: i64 = tx.query_row("SELECT COUNT(*) FROM messages", [], |r| r.get(0))?;
+        tx.pragma_update(None, "user_version", 2)?;
+        tx.commit()?;
+        if before > after {
+            log::warn!(
+                "embedded store: schema 2 removed {} resent copies of stored messages (kept the lowest seq of each)",
+                before - after
+            );
+        }
     }
     Ok(())
 }
@@ -180,35 +225,75 @@ fn run_committer(mut conn: Connection, rx: Receiver<Job>, batch_max: usize) {
                 Err(_) => break,
             }
         }
-        let result = commit(&mut conn, &jobs);
-        for (_, done) in jobs.drain(..) {
-            done(result.as_ref().map(|_| Vec::new()).map_err(|e| StoreError::Unavailable(e.to_string())));
+        match commit(&mut conn, &jobs) {
+            Ok(dups) => {
+                for ((_, done), dups) in jobs.drain(..).zip(dups) {
+                    done(Ok(dups));
+                }
+            }
+            Err(e) => {
+                for (_, done) in jobs.drain(..) {
+                    done(Err(StoreError::Unavailable(e.to_string())));
+                }
+            }
         }
     }
 }
 
-fn commit(conn: &mut Connection, jobs: &[Job]) -> rusqlite::Result<()> {
+/// Commit every job's batch in one transaction; for each job, the messages already stored under
+/// their (conversation, sender, client message id) (earlier, by an earlier job of this commit,
+/// or earlier in the same batch), which were not inserted.
+fn commit(conn: &mut Connection, jobs: &[Job]) -> rusqlite::Result<Vec<Duplicates>> {
     let tx = conn.transaction()?;
+    let mut out = Vec::with_capacity(jobs.len());
     {
+        // Only the dedup index is the conflict target: a conflict on the primary key (two owners
+        // giving the same seq) still aborts the transaction.
         let mut insert = tx.prepare_cached(
             "INSERT INTO messages (conv_a, conv_b, seq, msg_id, ts_ms, sender, sender_device, client_msg_id, payload)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)
+             ON CONFLICT (conv_a, conv_b, sender, client_msg_id) DO NOTHING",
         )?;
-        for m in jobs.iter().flat_map(|(batch, _)| batch) {
-            insert.execute(params![
-                i(m.conv.0),
-                i(m.conv.1),
-                i(m.seq),
-                i(m.msg_id),
-                i(m.ts_ms),
-                i(m.sender),
-                i(m.sender_device),
-                i(m.client_msg_id),
-                &m.payload[..],
-            ])?;
+        for (batch, _) in jobs {
+            let mut dups = Duplicates::new();
+            for (index, m) in batch.iter().enumerate() {
+                let inserted = insert.execute(params![
+                    i(m.conv.0),
+                    i(m.conv.1),
+                    i(m.seq),
+                    i(m.msg_id),
+                    i(m.ts_ms),
+                    i(m.sender),
+                    i(m.sender_device),
+                    i(m.client_msg_id),
+                    &m.payload[..],
+                ])?;
+                if inserted == 0 {
+                    dups.push((index, original(&tx, m)?));
+                }
+            }
+            out.push(dups);
         }
     }
-    tx.commit()
+    tx.commit()?;
+    Ok(out)
+}
+
+/// The stored message with `m`'s (conversation, sender, client message id).
+fn original(tx: &rusqlite::Transaction<'_>, m: &StoredMessage) -> rusqlite::Result<RecentSend> {
+    let mut stmt = tx.prepare_cached(
+        "SELECT msg_id, seq, ts_ms FROM messages
+         WHERE conv_a = ?1 AND conv_b = ?2 AND sender = ?3 AND client_msg_id = ?4",
+    )?;
+    stmt.query_row(params![i(m.conv.0), i(m.conv.1), i(m.sender), i(m.client_msg_id)], |r| {
+        Ok(RecentSend {
+            sender: m.sender,
+            client_msg_id: m.client_msg_id,
+            msg_id: u(r.get(0)?),
+            seq: u(r.get(1)?),
+            ts_ms: u(r.get(2)?),
+        })
+    })
 }
 
 fn page(rows: Vec<Vec<u8>>, limit: u32) -> Page {
@@ -273,8 +358,11 @@ impl Store for EmbeddedStore {
 
     fn load_conv(&self, conv: ConvKey, since_ms: u64, recent_max: usize) -> Result<ConvLoad, StoreError> {
         self.with_reader(|c| {
+            // A seq removed by the schema 2 migration stays used (`seq_floors`).
             let last_seq: Option<i64> = c.query_row(
-                "SELECT MAX(seq) FROM messages WHERE conv_a = ?1 AND conv_b = ?2",
+                "SELECT MAX(seq) FROM (
+                     SELECT MAX(seq) AS seq FROM messages WHERE conv_a = ?1 AND conv_b = ?2
+                     UNION ALL SELECT seq FROM seq_floors WHERE conv_a = ?1 AND conv_b = ?2)",
                 params![i(conv.0), i(conv.1)],
                 |r| r.get(0),
             )?;
@@ -365,5 +453,98 @@ impl Store for EmbeddedStore {
             tx.commit()
         })
         .map_err(unavailable)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn msg(conv: ConvKey, seq: u64, cmid: u64) -> StoredMessage {
+        StoredMessage {
+            conv,
+            seq,
+            msg_id: 1000 + seq,
+            ts_ms: 1_700_000_000_000 + seq,
+            sender: conv.0,
+            sender_device: 7,
+            client_msg_id: cmid,
+            payload: Bytes::from(format!("s{seq}")),
+        }
+    }
+
+    fn config(dir: &Path) -> StoreConfig {
+        StoreConfig { data_dir: dir.to_path_buf(), synchronous: "normal".into(), ..StoreConfig::default() }
+    }
+
+    fn append(store: &EmbeddedStore, batch: Vec<StoredMessage>) -> Result<Duplicates, StoreError> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        store.append(0, batch, Box::new(move |r| tx.send(r).unwrap()));
+        rx.recv_timeout(Duration::from_secs(30)).unwrap()
+    }
+
+    /// A schema 1 database holding resent copies migrates at open: the lowest seq of each
+    /// (conversation, sender, client message id) stays, the later copies go, the conversation
+    /// continues above the highest seq it ever used, and resends are then detected.
+    #[test]
+    fn schema_1_with_resent_copies_migrates() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let mut conn = open(&dir.path().join("tim.db"), "normal").unwrap();
+            let tx = conn.transaction().unwrap();
+            tx.execute_batch(SCHEMA_V1).unwrap();
+            tx.pragma_update(None, "user_version", 1).unwrap();
+            let (a, b) = ((1, 2), (1, 3));
+            // a: 10 stored at seq 1 and again at 3; 11 at 2 and again at 4 (the newest); b: clean.
+            for m in
+                [msg(a, 1, 10), msg(a, 2, 11), msg(a, 3, 10), msg(a, 4, 11), msg(a, 5, 11), msg(b, 1, 10)]
+            {
+                tx.execute(
+                    "INSERT INTO messages VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+                    params![
+                        i(m.conv.0),
+                        i(m.conv.1),
+                        i(m.seq),
+                        i(m.msg_id),
+                        i(m.ts_ms),
+                        i(m.sender),
+                        i(m.sender_device),
+                        i(m.client_msg_id),
+                        &m.payload[..]
+                    ],
+                )
+                .unwrap();
+            }
+            tx.commit().unwrap();
+        }
+        let store = EmbeddedStore::open(&config(dir.path())).unwrap();
+        let seqs = |conv| {
+            let page = store.history(conv, 0, false, 100).unwrap();
+            page.payloads.iter().map(|p| String::from_utf8(p.to_vec()).unwrap()).collect::<Vec<_>>()
+        };
+        assert_eq!(seqs((1, 2)), ["s1", "s2"]);
+        assert_eq!(seqs((1, 3)), ["s1"]);
+        let load = store.load_conv((1, 2), 0, 10).unwrap();
+        assert_eq!(load.last_seq, 5, "a removed copy's seq is not given again");
+        assert_eq!(load.recent.iter().map(|r| r.seq).collect::<Vec<_>>(), [2, 1]);
+        assert_eq!(store.load_conv((1, 3), 0, 10).unwrap().last_seq, 1);
+        let dups = append(&store, vec![msg((1, 2), 6, 11), msg((1, 2), 7, 12)]).unwrap();
+        assert_eq!(dups.len(), 1);
+        assert_eq!((dups[0].0, dups[0].1.seq, dups[0].1.msg_id), (0, 2, 1002));
+        store.close();
+        // Opening again does not migrate again.
+        let store = EmbeddedStore::open(&config(dir.path())).unwrap();
+        assert_eq!(store.load_conv((1, 2), 0, 10).unwrap().last_seq, 7);
+    }
+
+    /// A message whose seq and (sender, client message id) are both stored already: the
+    /// identical message committed twice is reported as a duplicate of itself, not an error.
+    #[test]
+    fn same_message_twice_is_a_duplicate() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = EmbeddedStore::open(&config(dir.path())).unwrap();
+        assert!(append(&store, vec![msg((1, 2), 1, 10)]).unwrap().is_empty());
+        let dups = append(&store, vec![msg((1, 2), 1, 10)]).unwrap();
+        assert_eq!((dups[0].0, dups[0].1.seq), (0, 1));
     }
 }
