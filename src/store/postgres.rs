@@ -12,8 +12,9 @@
 //!
 //! The connections live on a dedicated multi-threaded tokio runtime (`store.postgres.threads`),
 //! a bounded pool per range. [`Store::append`] hands the batch to that runtime and returns; the
-//! batch goes to PostgreSQL as one multi-row `INSERT … SELECT FROM UNNEST(…)` (one round trip,
-//! one implicit transaction). A range that is down or stalled only fails or delays the calls that
+//! batch goes to PostgreSQL as one statement, a multi-row `INSERT … SELECT FROM UNNEST(…) ON
+//! CONFLICT DO NOTHING` on the resend dedup index that also answers the stored originals of the
+//! messages it did not insert (one round trip, one implicit transaction). A range that is down or stalled only fails or delays the calls that
 //! need it: connecting, waiting for a pooled connection and every statement have a timeout
 //! (`connect_timeout_ms`, `acquire_timeout_ms`, `statement_timeout_ms`, the last also set as the
 //! server's `statement_timeout`); a connection whose statement timed out or broke is dropped and
@@ -37,13 +38,13 @@ use tokio::sync::Semaphore;
 use tokio_postgres::{types::Type, Client, NoTls};
 
 use super::{
-    Account, CatchUp, CommitDone, ConvKey, ConvLoad, Cursor, NameKey, Page, RecentSend, Store, StoreError,
-    StoredMessage, UserId,
+    Account, CatchUp, CommitDone, ConvKey, ConvLoad, Cursor, Duplicates, NameKey, Page, RecentSend, Store,
+    StoreError, StoredMessage, UserId,
 };
 use crate::config::PostgresConfig;
 
 /// Schema version written by this build.
-pub const SCHEMA_VERSION: i32 = 1;
+pub const SCHEMA_VERSION: i32 = 2;
 
 const SCHEMA_V1: &str = "
 CREATE SEQUENCE user_ids;
@@ -75,6 +76,38 @@ CREATE TABLE cursors (
     seq     int8 NOT NULL,
     PRIMARY KEY (user_id, device, conv_a, conv_b)
 );
+";
+
+/// Version 2: a message is stored once per (conversation, sender, client message id), so that a
+/// resend whose first attempt was committed after all is not stored again. Copies already stored
+/// twice (resends after an ambiguous commit, before this version) are removed first, keeping the
+/// lowest seq (the first stored, as the dedup of version 2 would have kept). A removed copy's seq
+/// stays used: `seq_floors` keeps, per conversation, the highest seq removed, and a conversation
+/// continues above it (devices may have received it, and their cursors may stand on it).
+///
+/// The index is created only if missing: on a large table, build it beforehand without blocking
+/// writes (`CREATE UNIQUE INDEX CONCURRENTLY messages_dedup ON messages (conv_a, conv_b, sender,
+/// client_msg_id)`, which needs the table free of copies) and the migration has nothing left to
+/// scan. [`migrate`] drops the index first if such a build failed and left it invalid.
+const SCHEMA_V2_FLOORS: &str = "
+CREATE TABLE seq_floors (
+    conv_a int8 NOT NULL,
+    conv_b int8 NOT NULL,
+    seq    int8 NOT NULL,
+    PRIMARY KEY (conv_a, conv_b)
+);
+";
+const SCHEMA_V2_DEDUP: &str = "
+CREATE TEMP TABLE resent ON COMMIT DROP AS
+    SELECT conv_a, conv_b, seq FROM (
+        SELECT conv_a, conv_b, seq, row_number() OVER (
+            PARTITION BY conv_a, conv_b, sender, client_msg_id ORDER BY seq) AS copy
+        FROM messages) t
+    WHERE copy > 1;
+INSERT INTO seq_floors (conv_a, conv_b, seq)
+    SELECT conv_a, conv_b, max(seq) FROM resent GROUP BY conv_a, conv_b;
+DELETE FROM messages m USING resent r WHERE m.conv_a = r.conv_a AND m.conv_b = r.conv_b AND m.seq = r.seq;
+CREATE UNIQUE INDEX messages_dedup ON messages (conv_a, conv_b, sender, client_msg_id);
 ";
 
 const PARTITIONS: u64 = tim_shards::PARTITIONS as u64;
@@ -288,8 +321,8 @@ impl PostgresStore {
         }
         anyhow::ensure!(owner.iter().all(|&o| o != u16::MAX), "store.postgres ranges must cover 0-4095");
         let store = PostgresStore { rt, ranges, owner };
-        // Five statements, each under the server's statement_timeout; bounded here as well.
-        let migrate_limit = timeouts.acquire + timeouts.connect + 5 * timeouts.statement;
+        // Some ten statements, each under the server's statement_timeout; bounded here as well.
+        let migrate_limit = timeouts.acquire + timeouts.connect + 10 * timeouts.statement;
         for r in &store.ranges {
             store
                 .rt
@@ -349,6 +382,35 @@ async fn migrate(r: &Range) -> Result<(), StoreError> {
         tx.batch_execute(SCHEMA_V1).await.map_err(pg_err)?;
         tx.execute("INSERT INTO tim_schema (version) VALUES (1)", &[]).await.map_err(pg_err)?;
     }
+    if version < 2 {
+        tx.batch_execute(SCHEMA_V2_FLOORS).await.map_err(pg_err)?;
+        // None: no index; Some(false): a concurrent build that failed left it invalid.
+        let valid: Option<bool> = tx
+            .query_opt(
+                "SELECT indisvalid FROM pg_index WHERE indexrelid = to_regclass('messages_dedup')",
+                &[],
+            )
+            .await
+            .map_err(pg_err)?
+            .map(|r| r.get(0));
+        if valid != Some(true) {
+            if valid == Some(false) {
+                tx.batch_execute("DROP INDEX messages_dedup").await.map_err(pg_err)?;
+            }
+            let before: i64 =
+                tx.query_one("SELECT count(*) FROM messages", &[]).await.map_err(pg_err)?.get(0);
+            tx.batch_execute(SCHEMA_V2_DEDUP).await.map_err(pg_err)?;
+            let after: i64 = tx.query_one("SELECT count(*) FROM messages", &[]).await.map_err(pg_err)?.get(0);
+            if before > after {
+                log::warn!(
+                    "postgres {}: schema 2 removed {} resent copies of stored messages (kept the lowest seq of each)",
+                    redact(&r.url),
+                    before - after
+                );
+            }
+        }
+        tx.execute("INSERT INTO tim_schema (version) VALUES (2)", &[]).await.map_err(pg_err)?;
+    }
     tx.commit().await.map_err(pg_err)?;
     conn.reusable.store(true, Ordering::Relaxed);
     Ok(())
@@ -356,25 +418,61 @@ async fn migrate(r: &Range) -> Result<(), StoreError> {
 
 async fn insert_batch(range: &Range, batch: &[StoredMessage]) -> Result<super::Duplicates, StoreError> {
     let conn = range.conn().await?;
-    conn.timed(insert_messages(conn.client(), batch)).await?;
-    Ok(Vec::new())
+    conn.timed(insert_messages(conn.client(), batch))
+        .await?
+        .map_err(|e| StoreError::Unavailable(format!("postgres {}: {e}", redact(&range.url))))
 }
 
-/// Insert `batch` with one statement (`INSERT … SELECT FROM UNNEST(…)`: one round trip, one
-/// implicit transaction). Returns the rows inserted. Public for the placement benchmark, which
-/// runs it on a shard-local connection.
-pub async fn insert_messages(client: &Client, batch: &[StoredMessage]) -> Result<u64, tokio_postgres::Error> {
+/// Insert every message of `batch` whose (conversation, sender, client message id) is not stored
+/// yet, and answer the others with their stored originals (see [`Duplicates`]); a conflict on the
+/// primary key (conversation, seq) fails the whole batch.
+///
+/// One statement (one round trip, one implicit transaction): `INSERT … SELECT FROM UNNEST(…)
+/// ON CONFLICT (dedup key) DO NOTHING` in a CTE, whose outer query answers one row per message
+/// not inserted, with the original if the statement's snapshot sees it; nothing when every message
+/// was new. Two cases need more: a duplicate of a message inserted earlier by the same statement
+/// (invisible to its own snapshot) is resolved from the batch, and an original committed by
+/// another transaction while this one waited on it (the ambiguous commit itself, landing late) is
+/// read by a second statement. The inner `Err` is a batch the store could not account for.
+///
+/// Public for the placement benchmark, which runs it on a shard-local connection.
+pub async fn insert_messages(
+    client: &Client,
+    batch: &[StoredMessage],
+) -> Result<Result<Duplicates, String>, tokio_postgres::Error> {
     let col = |f: fn(&StoredMessage) -> u64| batch.iter().map(|m| i(f(m))).collect::<Vec<i64>>();
     let (a, b, seq, msg_id, ts) =
         (col(|m| m.conv.0), col(|m| m.conv.1), col(|m| m.seq), col(|m| m.msg_id), col(|m| m.ts_ms));
     let (sender, device, cmid) = (col(|m| m.sender), col(|m| m.sender_device), col(|m| m.client_msg_id));
     let payload: Vec<&[u8]> = batch.iter().map(|m| &m.payload[..]).collect();
     let arr = Type::INT8_ARRAY;
-    client
-        .execute_typed(
-            "INSERT INTO messages (conv_a, conv_b, seq, msg_id, ts_ms, sender, sender_device, client_msg_id, payload)
-             SELECT * FROM UNNEST($1::int8[], $2::int8[], $3::int8[], $4::int8[], $5::int8[], $6::int8[],
-                                  $7::int8[], $8::int8[], $9::bytea[])",
+    // `ORDER BY ord`: of two messages of the batch with the same key, the first is stored. The
+    // LATERAL lookup probes the dedup index once per message not inserted (a join could be
+    // planned as a scan of the table).
+    let rows = client
+        .query_typed(
+            "WITH input AS (
+                 SELECT * FROM UNNEST($1::int8[], $2::int8[], $3::int8[], $4::int8[], $5::int8[], $6::int8[],
+                                      $7::int8[], $8::int8[], $9::bytea[]) WITH ORDINALITY
+                     AS t (conv_a, conv_b, seq, msg_id, ts_ms, sender, sender_device, client_msg_id, payload, ord)
+             ), ins AS (
+                 INSERT INTO messages (conv_a, conv_b, seq, msg_id, ts_ms, sender, sender_device, client_msg_id, payload)
+                 SELECT conv_a, conv_b, seq, msg_id, ts_ms, sender, sender_device, client_msg_id, payload
+                 FROM input ORDER BY ord
+                 ON CONFLICT (conv_a, conv_b, sender, client_msg_id) DO NOTHING
+                 RETURNING conv_a, conv_b, seq, msg_id
+             )
+             SELECT i.ord, o.msg_id, o.seq, o.ts_ms
+             FROM input i
+             LEFT JOIN LATERAL (
+                 SELECT m.msg_id, m.seq, m.ts_ms FROM messages m
+                 WHERE m.conv_a = i.conv_a AND m.conv_b = i.conv_b AND m.sender = i.sender
+                   AND m.client_msg_id = i.client_msg_id
+             ) o ON true
+             WHERE NOT EXISTS (
+                 SELECT 1 FROM ins
+                 WHERE ins.conv_a = i.conv_a AND ins.conv_b = i.conv_b AND ins.seq = i.seq AND ins.msg_id = i.msg_id
+             )",
             &[
                 (&a, arr.clone()),
                 (&b, arr.clone()),
@@ -387,7 +485,76 @@ pub async fn insert_messages(client: &Client, batch: &[StoredMessage]) -> Result
                 (&payload, Type::BYTEA_ARRAY),
             ],
         )
-        .await
+        .await?;
+    if rows.is_empty() {
+        return Ok(Ok(Vec::new()));
+    }
+    let recent = |m: &StoredMessage, msg_id: i64, seq: i64, ts_ms: i64| RecentSend {
+        sender: m.sender,
+        client_msg_id: m.client_msg_id,
+        msg_id: u(msg_id),
+        seq: u(seq),
+        ts_ms: u(ts_ms),
+    };
+    let key = |m: &StoredMessage| (m.conv, m.sender, m.client_msg_id);
+    let mut dups = Duplicates::with_capacity(rows.len());
+    let mut not_inserted = vec![false; batch.len()];
+    let mut unseen = Vec::new();
+    for r in &rows {
+        let index = r.get::<_, i64>(0) as usize - 1;
+        not_inserted[index] = true;
+        match (r.get::<_, Option<i64>>(1), r.get::<_, Option<i64>>(2), r.get::<_, Option<i64>>(3)) {
+            (Some(msg_id), Some(seq), Some(ts_ms)) => {
+                dups.push((index, recent(&batch[index], msg_id, seq, ts_ms)))
+            }
+            _ => unseen.push(index),
+        }
+    }
+    // Not seen by the statement's snapshot: a duplicate of a message this statement inserted
+    // (the first of its key in the batch), else of one another transaction committed meanwhile.
+    let mut late = Vec::new();
+    for index in unseen {
+        let m = &batch[index];
+        match batch[..index].iter().enumerate().find(|(j, o)| !not_inserted[*j] && key(o) == key(m)) {
+            Some((_, o)) => dups.push((index, recent(m, i(o.msg_id), i(o.seq), i(o.ts_ms)))),
+            None => late.push(index),
+        }
+    }
+    if !late.is_empty() {
+        let col = |f: fn(&StoredMessage) -> u64| late.iter().map(|&j| i(f(&batch[j]))).collect::<Vec<i64>>();
+        let (a, b, sender, cmid) =
+            (col(|m| m.conv.0), col(|m| m.conv.1), col(|m| m.sender), col(|m| m.client_msg_id));
+        let found = client
+            .query(
+                "SELECT m.conv_a, m.conv_b, m.sender, m.client_msg_id, m.msg_id, m.seq, m.ts_ms
+                 FROM UNNEST($1::int8[], $2::int8[], $3::int8[], $4::int8[]) AS k (conv_a, conv_b, sender, client_msg_id)
+                 JOIN LATERAL (
+                     SELECT * FROM messages m
+                     WHERE m.conv_a = k.conv_a AND m.conv_b = k.conv_b AND m.sender = k.sender
+                       AND m.client_msg_id = k.client_msg_id
+                 ) m ON true",
+                &[&a, &b, &sender, &cmid],
+            )
+            .await?;
+        for index in late {
+            let m = &batch[index];
+            let stored = found.iter().find(|r| {
+                (u(r.get(0)), u(r.get(1)), u(r.get(2)), u(r.get(3)))
+                    == (m.conv.0, m.conv.1, m.sender, m.client_msg_id)
+            });
+            match stored {
+                Some(r) => dups.push((index, recent(m, r.get(4), r.get(5), r.get(6)))),
+                None => {
+                    return Ok(Err(format!(
+                        "message {} of the batch was neither inserted nor found stored",
+                        m.msg_id
+                    )))
+                }
+            }
+        }
+    }
+    dups.sort_unstable_by_key(|d| d.0);
+    Ok(Ok(dups))
 }
 
 fn page(rows: Vec<Vec<u8>>, limit: u32) -> Page {
@@ -466,9 +633,12 @@ impl Store for PostgresStore {
         self.block_on(async move {
             let conn = range.conn().await?;
             let c = conn.client();
+            // A seq removed by the schema 2 migration stays used (`seq_floors`).
             let last: Option<i64> = conn
                 .timed(c.query_one(
-                    "SELECT max(seq) FROM messages WHERE conv_a = $1 AND conv_b = $2",
+                    "SELECT max(seq) FROM (
+                         SELECT max(seq) AS seq FROM messages WHERE conv_a = $1 AND conv_b = $2
+                         UNION ALL SELECT seq FROM seq_floors WHERE conv_a = $1 AND conv_b = $2) s",
                     &[&i(conv.0), &i(conv.1)],
                 ))
                 .await?
