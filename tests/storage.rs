@@ -1,6 +1,7 @@
 //! Storage over real sockets, as one conformance suite run on every store: acks after commit,
 //! history paging, offline catch-up per device, sequence numbers and resend dedup across restarts,
-//! and a kill -9 under load. The memory store (no-data mode) skips what needs durability. Where
+//! a kill -9 under load, and the store's own resend dedup (a message stored once per conversation,
+//! sender and client message id). The memory store (no-data mode) skips what needs durability. Where
 //! the server shapes a request before the store sees it, the store is also called directly.
 
 mod common;
@@ -9,7 +10,7 @@ use std::{collections::BTreeMap, time::Duration};
 use common::*;
 use tim::{
     client::{Client, Event},
-    store::{Store, StoredMessage},
+    store::{Duplicates, RecentSend, Store, StoreError, StoredMessage},
 };
 
 /// A `[store]` body for `name`: for postgres, two fresh databases on the two shared throwaway
@@ -115,14 +116,7 @@ fn huge_history_anchor(st: &str) {
     drop(s);
 
     // The store, with the anchor as it comes.
-    let dir = tempfile::tempdir().unwrap();
-    let text = format!("[store]\ndata_dir = {:?}\n{}\n", dir.path().join("data"), store(st));
-    let cfg: tim::config::Config = toml::from_str(&text).unwrap();
-    let store: Box<dyn Store> = match st {
-        "memory" => Box::new(tim::store::MemoryStore::default()),
-        "embedded" => Box::new(tim::store::embedded::EmbeddedStore::open(&cfg.store).unwrap()),
-        _ => Box::new(tim::store::postgres::PostgresStore::open(&cfg.store.postgres).unwrap()),
-    };
+    let (store, _dir) = open_store(st);
     let conv = (1, 2);
     let batch = (1..=5u64)
         .map(|seq| StoredMessage {
@@ -157,6 +151,106 @@ fn huge_history_anchor(st: &str) {
     assert!(store.history(conv, max, false, 10).unwrap().payloads.is_empty());
     assert_eq!(bodies(store.history(conv, 0, true, 10).unwrap()), newest_first);
     assert_eq!(bodies(store.history(conv, 0, false, 10).unwrap()).len(), newest_first.len());
+    store.close();
+}
+
+/// Store `name` opened directly (not through a server), and the directory it keeps its data in.
+fn open_store(st: &str) -> (Box<dyn Store>, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let text = format!("[store]\ndata_dir = {:?}\n{}\n", dir.path().join("data"), store(st));
+    let cfg: tim::config::Config = toml::from_str(&text).unwrap();
+    let store: Box<dyn Store> = match st {
+        "memory" => Box::new(tim::store::MemoryStore::default()),
+        "embedded" => Box::new(tim::store::embedded::EmbeddedStore::open(&cfg.store).unwrap()),
+        _ => Box::new(tim::store::postgres::PostgresStore::open(&cfg.store.postgres).unwrap()),
+    };
+    (store, dir)
+}
+
+/// Append `batch` to `store` and wait for the outcome.
+fn append(store: &dyn Store, batch: Vec<StoredMessage>) -> Result<Duplicates, StoreError> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    store.append(store.partition_of(batch[0].conv), batch, Box::new(move |r| tx.send(r).unwrap()));
+    rx.recv_timeout(Duration::from_secs(30)).unwrap()
+}
+
+/// Message `seq` of `conv` from `sender` with client message id `cmid` (msg_id 1000 + seq).
+fn message(conv: (u64, u64), seq: u64, sender: u64, cmid: u64) -> StoredMessage {
+    StoredMessage {
+        conv,
+        seq,
+        msg_id: 1000 + seq,
+        ts_ms: 1_700_000_000_000 + seq,
+        sender,
+        sender_device: 1,
+        client_msg_id: cmid,
+        payload: bytes::Bytes::from(format!("p{seq}")),
+    }
+}
+
+/// A message whose (conversation, sender, client message id) is already stored (by an earlier
+/// batch, or earlier in the same batch) is not stored again but reported with the stored
+/// original's ids, and the rest of its batch commits; a conflict on (conversation, seq) still
+/// fails the whole batch. The memory store stores nothing and reports nothing.
+fn store_dedup(st: &str) {
+    let (store, _dir) = open_store(st);
+    let store = &*store;
+    let (conv, other) = ((1, 2), (1, 3));
+    assert!(append(store, vec![message(conv, 1, 1, 10), message(conv, 2, 2, 10)]).unwrap().is_empty());
+    let original = |m: StoredMessage| RecentSend {
+        sender: m.sender,
+        client_msg_id: m.client_msg_id,
+        msg_id: m.msg_id,
+        seq: m.seq,
+        ts_ms: m.ts_ms,
+    };
+    let dups = append(
+        store,
+        vec![
+            message(conv, 3, 1, 10), // stored before, at seq 1
+            message(conv, 4, 1, 11), // new
+            message(conv, 5, 1, 11), // stored just before, in this batch
+            message(conv, 6, 2, 11), // same client message id, another sender: new
+            message(conv, 7, 2, 10), // stored before, at seq 2
+        ],
+    )
+    .unwrap();
+    let want = [
+        (0, original(message(conv, 1, 1, 10))),
+        (2, original(message(conv, 4, 1, 11))),
+        (4, original(message(conv, 2, 2, 10))),
+    ];
+    assert_eq!(dups, if durable(st) { want.to_vec() } else { Vec::new() });
+    // Another conversation has its own client message ids.
+    assert!(append(store, vec![message(other, 1, 1, 10)]).unwrap().is_empty());
+    // Two copies of a stored message in one batch: both are the stored one.
+    let dups = append(store, vec![message(conv, 8, 1, 11), message(conv, 9, 1, 11)]).unwrap();
+    let want = [(0, original(message(conv, 4, 1, 11))), (1, original(message(conv, 4, 1, 11)))];
+    assert_eq!(dups, if durable(st) { want.to_vec() } else { Vec::new() });
+
+    let seqs = |conv| {
+        let page = store.history(conv, 0, false, 100).unwrap();
+        page.payloads.iter().map(|p| String::from_utf8(p.to_vec()).unwrap()).collect::<Vec<_>>()
+    };
+    let stored = ["p1", "p2", "p4", "p6"];
+    assert_eq!(seqs(conv), if durable(st) { &stored[..] } else { &[] }, "one copy of each");
+    let load = store.load_conv(conv, 0, 100).unwrap();
+    if durable(st) {
+        assert_eq!(load.last_seq, 6);
+        assert_eq!(load.recent.iter().map(|r| r.seq).collect::<Vec<_>>(), [6, 4, 2, 1]);
+    }
+
+    // A seq that is taken fails the batch (two owners sequencing one conversation), even with
+    // a duplicate and a new message beside it: nothing of it is stored.
+    let r = append(store, vec![message(conv, 10, 1, 10), message(conv, 11, 1, 20), message(conv, 6, 1, 21)]);
+    if durable(st) {
+        assert!(matches!(r, Err(StoreError::Unavailable(_))), "{r:?}");
+        assert_eq!(seqs(conv), stored, "a failed batch stores nothing");
+    } else {
+        assert!(r.unwrap().is_empty());
+    }
+    // After the failure the store carries on.
+    assert!(append(store, vec![message(conv, 12, 1, 20)]).unwrap().is_empty());
     store.close();
 }
 
@@ -339,5 +433,6 @@ on_every_store!(
     restart_keeps_sequences_and_dedup,
     crash_under_load,
     gathered_commits,
-    huge_history_anchor
+    huge_history_anchor,
+    store_dedup
 );
