@@ -13,8 +13,8 @@
 //! The connections live on a dedicated multi-threaded tokio runtime (`store.postgres.threads`),
 //! a bounded pool per range. [`Store::append`] hands the batch to that runtime and returns; the
 //! batch goes to PostgreSQL as one statement, a multi-row `INSERT … SELECT FROM UNNEST(…) ON
-//! CONFLICT DO NOTHING` on the resend dedup index that also answers the stored originals of the
-//! messages it did not insert (one round trip, one implicit transaction). A range that is down or stalled only fails or delays the calls that
+//! CONFLICT DO NOTHING` on the resend dedup index (one round trip, one implicit transaction);
+//! only when it inserted fewer rows than the batch, a second one reads the stored originals. A range that is down or stalled only fails or delays the calls that
 //! need it: connecting, waiting for a pooled connection and every statement have a timeout
 //! (`connect_timeout_ms`, `acquire_timeout_ms`, `statement_timeout_ms`, the last also set as the
 //! server's `statement_timeout`); a connection whose statement timed out or broke is dropped and
@@ -428,12 +428,13 @@ async fn insert_batch(range: &Range, batch: &[StoredMessage]) -> Result<super::D
 /// primary key (conversation, seq) fails the whole batch.
 ///
 /// One statement (one round trip, one implicit transaction): `INSERT … SELECT FROM UNNEST(…)
-/// ON CONFLICT (dedup key) DO NOTHING` in a CTE, whose outer query answers one row per message
-/// not inserted, with the original if the statement's snapshot sees it; nothing when every message
-/// was new. Two cases need more: a duplicate of a message inserted earlier by the same statement
-/// (invisible to its own snapshot) is resolved from the batch, and an original committed by
-/// another transaction while this one waited on it (the ambiguous commit itself, landing late) is
-/// read by a second statement. The inner `Err` is a batch the store could not account for.
+/// ON CONFLICT (dedup key) DO NOTHING`, whose row count says how many it inserted. When that
+/// is fewer than the batch (only resends after an ambiguous commit, and duplicates within the
+/// batch), a second statement reads the stored row of every key of the batch: a later snapshot,
+/// which also sees rows the insert itself wrote and an original committed by another transaction
+/// while the insert waited on it. Answering the originals from the insert's own statement was
+/// measured 2-3 times slower on every batch (docs/ARCHITECTURE.md, Storage). The inner `Err` is a
+/// batch the store could not account for.
 ///
 /// Public for the placement benchmark, which runs it on a shard-local connection.
 pub async fn insert_messages(
@@ -446,33 +447,14 @@ pub async fn insert_messages(
     let (sender, device, cmid) = (col(|m| m.sender), col(|m| m.sender_device), col(|m| m.client_msg_id));
     let payload: Vec<&[u8]> = batch.iter().map(|m| &m.payload[..]).collect();
     let arr = Type::INT8_ARRAY;
-    // `ORDER BY ord`: of two messages of the batch with the same key, the first is stored. The
-    // LATERAL lookup probes the dedup index once per message not inserted (a join could be
-    // planned as a scan of the table).
-    let rows = client
-        .query_typed(
-            "WITH input AS (
-                 SELECT * FROM UNNEST($1::int8[], $2::int8[], $3::int8[], $4::int8[], $5::int8[], $6::int8[],
-                                      $7::int8[], $8::int8[], $9::bytea[]) WITH ORDINALITY
-                     AS t (conv_a, conv_b, seq, msg_id, ts_ms, sender, sender_device, client_msg_id, payload, ord)
-             ), ins AS (
-                 INSERT INTO messages (conv_a, conv_b, seq, msg_id, ts_ms, sender, sender_device, client_msg_id, payload)
-                 SELECT conv_a, conv_b, seq, msg_id, ts_ms, sender, sender_device, client_msg_id, payload
-                 FROM input ORDER BY ord
-                 ON CONFLICT (conv_a, conv_b, sender, client_msg_id) DO NOTHING
-                 RETURNING conv_a, conv_b, seq, msg_id
-             )
-             SELECT i.ord, o.msg_id, o.seq, o.ts_ms
-             FROM input i
-             LEFT JOIN LATERAL (
-                 SELECT m.msg_id, m.seq, m.ts_ms FROM messages m
-                 WHERE m.conv_a = i.conv_a AND m.conv_b = i.conv_b AND m.sender = i.sender
-                   AND m.client_msg_id = i.client_msg_id
-             ) o ON true
-             WHERE NOT EXISTS (
-                 SELECT 1 FROM ins
-                 WHERE ins.conv_a = i.conv_a AND ins.conv_b = i.conv_b AND ins.seq = i.seq AND ins.msg_id = i.msg_id
-             )",
+    // UNNEST feeds the insert in array order, so of two messages of the batch with the same key
+    // the first is stored. The row count leaves out the messages not inserted.
+    let inserted = client
+        .execute_typed(
+            "INSERT INTO messages (conv_a, conv_b, seq, msg_id, ts_ms, sender, sender_device, client_msg_id, payload)
+             SELECT * FROM UNNEST($1::int8[], $2::int8[], $3::int8[], $4::int8[], $5::int8[], $6::int8[],
+                                  $7::int8[], $8::int8[], $9::bytea[])
+             ON CONFLICT (conv_a, conv_b, sender, client_msg_id) DO NOTHING",
             &[
                 (&a, arr.clone()),
                 (&b, arr.clone()),
@@ -486,74 +468,46 @@ pub async fn insert_messages(
             ],
         )
         .await?;
-    if rows.is_empty() {
+    if inserted as usize == batch.len() {
         return Ok(Ok(Vec::new()));
     }
-    let recent = |m: &StoredMessage, msg_id: i64, seq: i64, ts_ms: i64| RecentSend {
-        sender: m.sender,
-        client_msg_id: m.client_msg_id,
-        msg_id: u(msg_id),
-        seq: u(seq),
-        ts_ms: u(ts_ms),
-    };
-    let key = |m: &StoredMessage| (m.conv, m.sender, m.client_msg_id);
-    let mut dups = Duplicates::with_capacity(rows.len());
-    let mut not_inserted = vec![false; batch.len()];
-    let mut unseen = Vec::new();
-    for r in &rows {
+    // The LATERAL lookup probes the dedup index once per key (a join could be planned as a scan).
+    let stored = client
+        .query(
+            "SELECT k.ord, m.msg_id, m.seq, m.ts_ms
+             FROM UNNEST($1::int8[], $2::int8[], $3::int8[], $4::int8[]) WITH ORDINALITY
+                 AS k (conv_a, conv_b, sender, client_msg_id, ord)
+             JOIN LATERAL (
+                 SELECT msg_id, seq, ts_ms FROM messages m
+                 WHERE m.conv_a = k.conv_a AND m.conv_b = k.conv_b AND m.sender = k.sender
+                   AND m.client_msg_id = k.client_msg_id
+             ) m ON true",
+            &[&a, &b, &sender, &cmid],
+        )
+        .await?;
+    let mut originals: Vec<Option<(u64, u64, u64)>> = vec![None; batch.len()];
+    for r in &stored {
         let index = r.get::<_, i64>(0) as usize - 1;
-        not_inserted[index] = true;
-        match (r.get::<_, Option<i64>>(1), r.get::<_, Option<i64>>(2), r.get::<_, Option<i64>>(3)) {
-            (Some(msg_id), Some(seq), Some(ts_ms)) => {
-                dups.push((index, recent(&batch[index], msg_id, seq, ts_ms)))
-            }
-            _ => unseen.push(index),
+        originals[index] = Some((u(r.get(1)), u(r.get(2)), u(r.get(3))));
+    }
+    // A message is the one stored if the stored row is itself and no earlier message of the
+    // batch had its key; every other is a duplicate.
+    let mut keys = std::collections::HashSet::with_capacity(batch.len());
+    let mut dups = Duplicates::new();
+    for (index, (m, original)) in batch.iter().zip(originals).enumerate() {
+        let Some((msg_id, seq, ts_ms)) = original else {
+            return Ok(Err(format!(
+                "message {} of the batch was neither inserted nor found stored",
+                m.msg_id
+            )));
+        };
+        let first = keys.insert((m.conv, m.sender, m.client_msg_id));
+        if !(first && msg_id == m.msg_id && seq == m.seq) {
+            let original =
+                RecentSend { sender: m.sender, client_msg_id: m.client_msg_id, msg_id, seq, ts_ms };
+            dups.push((index, original));
         }
     }
-    // Not seen by the statement's snapshot: a duplicate of a message this statement inserted
-    // (the first of its key in the batch), else of one another transaction committed meanwhile.
-    let mut late = Vec::new();
-    for index in unseen {
-        let m = &batch[index];
-        match batch[..index].iter().enumerate().find(|(j, o)| !not_inserted[*j] && key(o) == key(m)) {
-            Some((_, o)) => dups.push((index, recent(m, i(o.msg_id), i(o.seq), i(o.ts_ms)))),
-            None => late.push(index),
-        }
-    }
-    if !late.is_empty() {
-        let col = |f: fn(&StoredMessage) -> u64| late.iter().map(|&j| i(f(&batch[j]))).collect::<Vec<i64>>();
-        let (a, b, sender, cmid) =
-            (col(|m| m.conv.0), col(|m| m.conv.1), col(|m| m.sender), col(|m| m.client_msg_id));
-        let found = client
-            .query(
-                "SELECT m.conv_a, m.conv_b, m.sender, m.client_msg_id, m.msg_id, m.seq, m.ts_ms
-                 FROM UNNEST($1::int8[], $2::int8[], $3::int8[], $4::int8[]) AS k (conv_a, conv_b, sender, client_msg_id)
-                 JOIN LATERAL (
-                     SELECT * FROM messages m
-                     WHERE m.conv_a = k.conv_a AND m.conv_b = k.conv_b AND m.sender = k.sender
-                       AND m.client_msg_id = k.client_msg_id
-                 ) m ON true",
-                &[&a, &b, &sender, &cmid],
-            )
-            .await?;
-        for index in late {
-            let m = &batch[index];
-            let stored = found.iter().find(|r| {
-                (u(r.get(0)), u(r.get(1)), u(r.get(2)), u(r.get(3)))
-                    == (m.conv.0, m.conv.1, m.sender, m.client_msg_id)
-            });
-            match stored {
-                Some(r) => dups.push((index, recent(m, r.get(4), r.get(5), r.get(6)))),
-                None => {
-                    return Ok(Err(format!(
-                        "message {} of the batch was neither inserted nor found stored",
-                        m.msg_id
-                    )))
-                }
-            }
-        }
-    }
-    dups.sort_unstable_by_key(|d| d.0);
     Ok(Ok(dups))
 }
 
