@@ -103,7 +103,9 @@ fn late_commit_then_resend_stores_one_copy() {
     let (page, _) = b.history(alice_id, 0, false, 100).unwrap();
     let copies: Vec<u64> = page.iter().filter(|d| d.body == b"ambiguous").map(|d| d.stamp.seq).collect();
     assert_eq!(copies.len(), 1, "history holds {copies:?}");
-    eprintln!("resend acked {ack:?}; stored at seq {}", copies[0]);
+    // The owner answers the resend with the stored original's ids.
+    assert!(ack.duplicate, "resend acked as new: {ack:?}");
+    assert_eq!(ack.seq, copies[0], "the resend's ack names the stored copy");
 }
 
 /// A schema 1 database that already holds resent copies: at start the lowest seq of each

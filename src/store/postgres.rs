@@ -427,8 +427,9 @@ async fn insert_batch(range: &Range, batch: &[StoredMessage]) -> Result<super::D
 /// yet, and answer the others with their stored originals (see [`Duplicates`]); a conflict on the
 /// primary key (conversation, seq) fails the whole batch.
 ///
-/// One statement (one round trip, one implicit transaction): `INSERT … SELECT FROM UNNEST(…)
-/// ON CONFLICT (dedup key) DO NOTHING`, whose row count says how many it inserted. When that
+/// One statement (one round trip, one implicit transaction) in the common case: a plain
+/// `INSERT … SELECT FROM UNNEST(…)`. If that trips the dedup index, the batch goes again as
+/// `… ON CONFLICT (dedup key) DO NOTHING`, whose row count says how many it inserted. When that
 /// is fewer than the batch (only resends after an ambiguous commit, and duplicates within the
 /// batch), a second statement reads the stored row of every key of the batch: a later snapshot,
 /// which also sees rows the insert itself wrote and an original committed by another transaction
@@ -447,27 +448,32 @@ pub async fn insert_messages(
     let (sender, device, cmid) = (col(|m| m.sender), col(|m| m.sender_device), col(|m| m.client_msg_id));
     let payload: Vec<&[u8]> = batch.iter().map(|m| &m.payload[..]).collect();
     let arr = Type::INT8_ARRAY;
+    let params: [(&(dyn tokio_postgres::types::ToSql + Sync), Type); 9] = [
+        (&a, arr.clone()),
+        (&b, arr.clone()),
+        (&seq, arr.clone()),
+        (&msg_id, arr.clone()),
+        (&ts, arr.clone()),
+        (&sender, arr.clone()),
+        (&device, arr.clone()),
+        (&cmid, arr),
+        (&payload, Type::BYTEA_ARRAY),
+    ];
+    const INSERT: &str = "INSERT INTO messages (conv_a, conv_b, seq, msg_id, ts_ms, sender, sender_device, client_msg_id, payload)
+         SELECT * FROM UNNEST($1::int8[], $2::int8[], $3::int8[], $4::int8[], $5::int8[], $6::int8[],
+                              $7::int8[], $8::int8[], $9::bytea[])";
+    // Almost every batch holds no duplicate: a plain insert (which the dedup index still guards)
+    // costs less than ON CONFLICT's speculative insertion, measured about half at 1024 rows.
+    // Only a batch that trips the dedup index goes again with ON CONFLICT.
+    match client.execute_typed(INSERT, &params).await {
+        Ok(_) => return Ok(Ok(Vec::new())),
+        Err(e) if e.as_db_error().is_some_and(|d| d.constraint() == Some("messages_dedup")) => {}
+        Err(e) => return Err(e),
+    }
     // UNNEST feeds the insert in array order, so of two messages of the batch with the same key
     // the first is stored. The row count leaves out the messages not inserted.
-    let inserted = client
-        .execute_typed(
-            "INSERT INTO messages (conv_a, conv_b, seq, msg_id, ts_ms, sender, sender_device, client_msg_id, payload)
-             SELECT * FROM UNNEST($1::int8[], $2::int8[], $3::int8[], $4::int8[], $5::int8[], $6::int8[],
-                                  $7::int8[], $8::int8[], $9::bytea[])
-             ON CONFLICT (conv_a, conv_b, sender, client_msg_id) DO NOTHING",
-            &[
-                (&a, arr.clone()),
-                (&b, arr.clone()),
-                (&seq, arr.clone()),
-                (&msg_id, arr.clone()),
-                (&ts, arr.clone()),
-                (&sender, arr.clone()),
-                (&device, arr.clone()),
-                (&cmid, arr),
-                (&payload, Type::BYTEA_ARRAY),
-            ],
-        )
-        .await?;
+    let on_conflict = format!("{INSERT} ON CONFLICT (conv_a, conv_b, sender, client_msg_id) DO NOTHING");
+    let inserted = client.execute_typed(&on_conflict, &params).await?;
     if inserted as usize == batch.len() {
         return Ok(Ok(Vec::new()));
     }
