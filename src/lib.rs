@@ -23,12 +23,14 @@
 //! - [`workers`]: two thread pools for blocking work (password hashing; store calls);
 //! - [`config`]: the TOML config and every limit;
 //! - [`server`]: start and graceful stop;
+//! - [`clock`]: wall-clock milliseconds, as stamped;
 //! - [`client`]: a blocking Rust client for protocol v1 (tests, tools).
 //!
 //! The per-core runtime (executors, mesh, partition map) is the `tim-shards` crate.
 
 pub mod auth;
 pub mod client;
+pub mod clock;
 pub mod commit;
 pub mod config;
 pub mod envelope;

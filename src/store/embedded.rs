@@ -307,7 +307,7 @@ impl Store for EmbeddedStore {
     }
 
     fn create_account(&self, name: &NameKey, password_hash: String) -> Result<UserId, StoreError> {
-        let now = crate::shard::now_ms();
+        let now = crate::clock::now_ms();
         let r = self.with_aux(|c| {
             c.execute(
                 "INSERT INTO accounts (name_key, password_hash, created_ms) VALUES (?1, ?2, ?3)",

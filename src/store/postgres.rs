@@ -530,7 +530,7 @@ impl Store for PostgresStore {
     fn create_account(&self, name: &NameKey, password_hash: String) -> Result<UserId, StoreError> {
         let slot = Self::name_slot(name);
         let range = self.range_of_slot(slot).clone();
-        let now = crate::shard::now_ms();
+        let now = crate::clock::now_ms();
         self.block_on(async move {
             let conn = range.conn().await?;
             let row = conn
