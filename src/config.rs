@@ -194,8 +194,12 @@ pub struct Limits {
     pub worker_queue_max: usize,
     /// Messages in one history page at most.
     pub history_page_max: u32,
+    /// Payload bytes in one history page at most (past its first message).
+    pub history_page_bytes_max: usize,
     /// Stored messages sent to a device at login at most.
     pub catchup_messages_max: u32,
+    /// Payload bytes of stored messages sent to a device at login at most (past the first).
+    pub catchup_bytes_max: usize,
     /// How far back (seconds) catch-up at login looks.
     pub catchup_window_secs: u64,
     /// Milliseconds between flushes of delivery-ack cursors to the store.
@@ -303,7 +307,9 @@ impl Default for Limits {
             tokens_per_user_max: 16,
             worker_queue_max: 4096,
             history_page_max: 200,
+            history_page_bytes_max: 4 << 20,
             catchup_messages_max: 5000,
+            catchup_bytes_max: 16 << 20,
             catchup_window_secs: 7 * 24 * 3600,
             cursor_flush_ms: 100,
             cursors_pending_max: 262_144,
@@ -420,6 +426,8 @@ impl Config {
             ("limits.token_ttl_secs", l.token_ttl_secs as usize),
             ("limits.history_page_max", l.history_page_max as usize),
             ("limits.catchup_messages_max", l.catchup_messages_max as usize),
+            ("limits.history_page_bytes_max", l.history_page_bytes_max),
+            ("limits.catchup_bytes_max", l.catchup_bytes_max),
             ("limits.cursor_flush_ms", l.cursor_flush_ms as usize),
             ("limits.cursors_pending_max", l.cursors_pending_max),
         ] {
@@ -525,7 +533,9 @@ token_ttl_secs = 300                # default and greatest one-shot token lifeti
 tokens_per_user_max = 16            # live one-shot tokens per account
 worker_queue_max = 4096             # queued jobs per worker pool (hashing; store calls); beyond it: Busy
 history_page_max = 200              # messages in one history page at most
+history_page_bytes_max = 4194304    # payload bytes in one history page at most (past the first message)
 catchup_messages_max = 5000         # stored messages sent to a device at login at most
+catchup_bytes_max = 16777216        # payload bytes sent to a device at login at most (past the first)
 catchup_window_secs = 604800        # how far back catch-up at login looks
 cursor_flush_ms = 100               # delivery-ack cursors are written to the store this often
 cursors_pending_max = 262144        # cursors a shard holds between flushes; acks beyond are dropped

@@ -144,7 +144,7 @@ fn schema_1_with_resent_copies_migrates() {
     };
     let store = PostgresStore::open(&cfg).unwrap();
     let bodies = |conv| {
-        let page = store.history(conv, 0, false, 100).unwrap();
+        let page = store.history(conv, 0, false, 100.into()).unwrap();
         page.payloads.iter().map(|p| String::from_utf8(p.to_vec()).unwrap()).collect::<Vec<_>>()
     };
     assert_eq!(bodies((1, 2)), ["s1", "s2"]);

@@ -138,19 +138,19 @@ fn huge_history_anchor(st: &str) {
         if durable(st) { (1..=5).rev().map(|i| format!("p{i}").into_bytes()).collect() } else { Vec::new() };
     for anchor in HUGE {
         assert_eq!(
-            bodies(store.history(conv, anchor, true, 10).unwrap()),
+            bodies(store.history(conv, anchor, true, 10.into()).unwrap()),
             newest_first,
             "older from {anchor}"
         );
-        let newer = store.history(conv, anchor, false, 10).unwrap();
+        let newer = store.history(conv, anchor, false, 10.into()).unwrap();
         assert!(newer.payloads.is_empty() && !newer.more, "newer from {anchor}");
     }
     // the largest anchor that is a signed number, and the usual ones, for comparison
     let max = i64::MAX as u64;
-    assert_eq!(bodies(store.history(conv, max, true, 10).unwrap()), newest_first);
-    assert!(store.history(conv, max, false, 10).unwrap().payloads.is_empty());
-    assert_eq!(bodies(store.history(conv, 0, true, 10).unwrap()), newest_first);
-    assert_eq!(bodies(store.history(conv, 0, false, 10).unwrap()).len(), newest_first.len());
+    assert_eq!(bodies(store.history(conv, max, true, 10.into()).unwrap()), newest_first);
+    assert!(store.history(conv, max, false, 10.into()).unwrap().payloads.is_empty());
+    assert_eq!(bodies(store.history(conv, 0, true, 10.into()).unwrap()), newest_first);
+    assert_eq!(bodies(store.history(conv, 0, false, 10.into()).unwrap()).len(), newest_first.len());
     store.close();
 }
 
@@ -229,7 +229,7 @@ fn store_dedup(st: &str) {
     assert_eq!(dups, if durable(st) { want.to_vec() } else { Vec::new() });
 
     let seqs = |conv| {
-        let page = store.history(conv, 0, false, 100).unwrap();
+        let page = store.history(conv, 0, false, 100.into()).unwrap();
         page.payloads.iter().map(|p| String::from_utf8(p.to_vec()).unwrap()).collect::<Vec<_>>()
     };
     let stored = ["p1", "p2", "p4", "p6"];
@@ -419,6 +419,46 @@ fn gathered_commits(st: &str) {
     assert!(again.duplicate && again.seq == 25);
 }
 
+/// History pages and catch-ups are bounded by bytes as well as by count: a page stops before
+/// the message that would pass the byte limit (holding at least one) and says there is more.
+fn pages_bounded_by_bytes(st: &str) {
+    let (store, _dir) = open_store(st);
+    let conv = (1, 2);
+    let body = |seq: u64| format!("{seq:0>1000}").into_bytes(); // 1000 bytes each
+    let batch = (1..=5u64)
+        .map(|seq| StoredMessage {
+            conv,
+            seq,
+            msg_id: seq,
+            ts_ms: tim::clock::now_ms() - 10 + seq,
+            sender: 1,
+            sender_device: 1,
+            client_msg_id: seq,
+            payload: bytes::Bytes::from(body(seq)),
+        })
+        .collect();
+    let (tx, rx) = std::sync::mpsc::channel();
+    store.append(store.partition_of(conv), batch, Box::new(move |r| tx.send(r.is_ok()).unwrap()));
+    assert!(rx.recv_timeout(Duration::from_secs(30)).unwrap(), "commit failed");
+    if !durable(st) {
+        return;
+    }
+    let limit = |bytes| tim::store::PageLimit { count: 10, bytes };
+    let page = store.history(conv, 0, false, limit(2500)).unwrap();
+    assert_eq!(page.payloads.iter().map(|p| p.to_vec()).collect::<Vec<_>>(), vec![body(1), body(2)]);
+    assert!(page.more, "cut by bytes");
+    let page = store.history(conv, 0, true, limit(10)).unwrap();
+    assert_eq!(page.payloads.len(), 1, "at least one message, however large");
+    assert!(page.more);
+    let page = store.history(conv, 0, false, limit(5000)).unwrap();
+    assert_eq!(page.payloads.len(), 5);
+    assert!(!page.more, "exactly at the limit");
+    // User 2's device 9 has seen nothing: its catch-up is cut the same way.
+    let caught = store.catch_up(2, 9, 0, u64::MAX >> 1, limit(3500)).unwrap();
+    assert_eq!(caught.page.payloads.len(), 3);
+    assert!(caught.page.more);
+}
+
 macro_rules! on_every_store {
     ($($name:ident),* $(,)?) => {
         mod memory { $( #[test] fn $name() { super::$name("memory") } )* }
@@ -434,5 +474,6 @@ on_every_store!(
     crash_under_load,
     gathered_commits,
     huge_history_anchor,
-    store_dedup
+    store_dedup,
+    pages_bounded_by_bytes
 );

@@ -18,7 +18,7 @@ use crate::{
     placement::direct_key,
     protocol::{self, conv, kind, DeviceType, ErrorCode},
     shard::{now_ms, Shard},
-    store::{device_hash, CatchUp, Cursor, StoreError, UserId},
+    store::{device_hash, CatchUp, Cursor, PageLimit, StoreError, UserId},
 };
 
 /// Bytes a `Send` archive may carry besides its body (its root struct and alignment padding).
@@ -374,8 +374,10 @@ impl Requests<'_> {
 
     /// Answer a `History` request: `HISTORY_MSG` frames, then `HISTORY_END`.
     async fn history(&self, peer: UserId, anchor: u64, older: bool, limit: u32) -> Flow {
-        let max = self.shard.cfg().limits.history_page_max;
-        let limit = if limit == 0 { max } else { limit.min(max) };
+        let l = &self.shard.cfg().limits;
+        let max = l.history_page_max;
+        let count = if limit == 0 { max } else { limit.min(max) };
+        let limit = PageLimit { count, bytes: l.history_page_bytes_max };
         let user = self.session.user();
         let conv_key = direct_key(user, peer);
         let store = self.shard.shared.store.clone();
@@ -440,7 +442,7 @@ async fn catch_up(shard: Rc<Shard>, session: Rc<Session>, login_kind: u16, until
     let l = &shard.cfg().limits;
     let (user, device) = (session.user(), session.device.get());
     let since = now_ms().saturating_sub(l.catchup_window_secs * 1000);
-    let limit = l.catchup_messages_max;
+    let limit = PageLimit { count: l.catchup_messages_max, bytes: l.catchup_bytes_max };
     let store = shard.shared.store.clone();
     let found = shard.shared.workers.store.run(move || store.catch_up(user, device, since, until, limit));
     let CatchUp { page, unavailable } = match found.await {

@@ -18,13 +18,12 @@
 
 use std::{path::Path, sync::Mutex, thread::JoinHandle, time::Duration};
 
-use bytes::Bytes;
 use crossbeam_channel::{unbounded, Receiver, Sender};
 use rusqlite::{params, Connection, ErrorCode as SqliteCode, OptionalExtension};
 
 use super::{
-    Account, CatchUp, CommitDone, ConvKey, ConvLoad, Cursor, Duplicates, NameKey, Page, RecentSend, Store,
-    StoreError, StoredMessage, UserId,
+    collect_page, Account, CatchUp, CommitDone, ConvKey, ConvLoad, Cursor, Duplicates, NameKey, Page,
+    PageLimit, RecentSend, Store, StoreError, StoredMessage, UserId,
 };
 use crate::config::StoreConfig;
 
@@ -296,11 +295,6 @@ fn original(tx: &rusqlite::Transaction<'_>, m: &StoredMessage) -> rusqlite::Resu
     })
 }
 
-fn page(rows: Vec<Vec<u8>>, limit: u32) -> Page {
-    let more = rows.len() > limit as usize;
-    Page { payloads: rows.into_iter().take(limit as usize).map(Bytes::from).collect(), more }
-}
-
 impl Store for EmbeddedStore {
     fn durable(&self) -> bool {
         true
@@ -391,7 +385,7 @@ impl Store for EmbeddedStore {
         })
     }
 
-    fn history(&self, conv: ConvKey, anchor: u64, older: bool, limit: u32) -> Result<Page, StoreError> {
+    fn history(&self, conv: ConvKey, anchor: u64, older: bool, limit: PageLimit) -> Result<Page, StoreError> {
         let sql = if older {
             "SELECT payload FROM messages WHERE conv_a = ?1 AND conv_b = ?2 AND seq < ?3 ORDER BY seq DESC LIMIT ?4"
         } else {
@@ -400,13 +394,12 @@ impl Store for EmbeddedStore {
         // Sequence numbers stay below 2^63: a larger anchor lies past every message (going
         // older: from the newest; going newer: nothing), it must not wrap to a negative number.
         let anchor = if older && anchor == 0 { i64::MAX } else { i(anchor.min(i64::MAX as u64)) };
-        let rows = self.with_reader(|c| {
+        self.with_reader(|c| {
             let mut stmt = c.prepare_cached(sql)?;
             let rows =
-                stmt.query_map(params![i(conv.0), i(conv.1), anchor, limit as i64 + 1], |r| r.get(0))?;
-            rows.collect::<rusqlite::Result<Vec<Vec<u8>>>>()
-        })?;
-        Ok(page(rows, limit))
+                stmt.query_map(params![i(conv.0), i(conv.1), anchor, limit.count as i64 + 1], |r| r.get(0))?;
+            collect_page(rows, limit)
+        })
     }
 
     fn catch_up(
@@ -415,9 +408,9 @@ impl Store for EmbeddedStore {
         device: u64,
         since_ms: u64,
         until_ms: u64,
-        limit: u32,
+        limit: PageLimit,
     ) -> Result<CatchUp, StoreError> {
-        let rows = self.with_reader(|c| {
+        let page = self.with_reader(|c| {
             let mut stmt = c.prepare_cached(
                 "SELECT m.payload FROM messages m
                  LEFT JOIN cursors c
@@ -427,11 +420,11 @@ impl Store for EmbeddedStore {
                    AND NOT (m.sender = ?1 AND m.sender_device = ?2)
                  ORDER BY m.ts_ms, m.conv_a, m.conv_b, m.seq LIMIT ?4",
             )?;
-            let args = params![i(user), i(device), i(since_ms), limit as i64 + 1, i(until_ms)];
+            let args = params![i(user), i(device), i(since_ms), limit.count as i64 + 1, i(until_ms)];
             let rows = stmt.query_map(args, |r| r.get(0))?;
-            rows.collect::<rusqlite::Result<Vec<Vec<u8>>>>()
+            collect_page(rows, limit)
         })?;
-        Ok(CatchUp { page: page(rows, limit), unavailable: 0 })
+        Ok(CatchUp { page, unavailable: 0 })
     }
 
     fn close(&self) {
@@ -458,6 +451,8 @@ impl Store for EmbeddedStore {
 
 #[cfg(test)]
 mod tests {
+    use bytes::Bytes;
+
     use super::*;
 
     fn msg(conv: ConvKey, seq: u64, cmid: u64) -> StoredMessage {
@@ -519,7 +514,7 @@ mod tests {
         }
         let store = EmbeddedStore::open(&config(dir.path())).unwrap();
         let seqs = |conv| {
-            let page = store.history(conv, 0, false, 100).unwrap();
+            let page = store.history(conv, 0, false, 100.into()).unwrap();
             page.payloads.iter().map(|p| String::from_utf8(p.to_vec()).unwrap()).collect::<Vec<_>>()
         };
         assert_eq!(seqs((1, 2)), ["s1", "s2"]);

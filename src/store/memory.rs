@@ -4,8 +4,8 @@
 use std::{collections::HashMap, sync::Mutex};
 
 use super::{
-    Account, CatchUp, CommitDone, ConvKey, ConvLoad, Cursor, NameKey, Page, Store, StoreError, StoredMessage,
-    UserId,
+    Account, CatchUp, CommitDone, ConvKey, ConvLoad, Cursor, NameKey, Page, PageLimit, Store, StoreError,
+    StoredMessage, UserId,
 };
 
 #[derive(Default)]
@@ -55,7 +55,13 @@ impl Store for MemoryStore {
         Ok(ConvLoad::default())
     }
 
-    fn history(&self, _conv: ConvKey, _anchor: u64, _older: bool, _limit: u32) -> Result<Page, StoreError> {
+    fn history(
+        &self,
+        _conv: ConvKey,
+        _anchor: u64,
+        _older: bool,
+        _limit: PageLimit,
+    ) -> Result<Page, StoreError> {
         Ok(Page::default())
     }
 
@@ -65,7 +71,7 @@ impl Store for MemoryStore {
         _device: u64,
         _since: u64,
         _until: u64,
-        _limit: u32,
+        _limit: PageLimit,
     ) -> Result<CatchUp, StoreError> {
         Ok(CatchUp::default())
     }

@@ -62,6 +62,44 @@ pub struct ConvLoad {
     pub recent: Vec<RecentSend>,
 }
 
+/// How much one page may hold: at most `count` messages and, past its first message, at most
+/// `bytes` bytes of payload (so a page of large messages cannot hold a connection's or a
+/// shard's memory hostage).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PageLimit {
+    pub count: u32,
+    pub bytes: usize,
+}
+
+impl From<u32> for PageLimit {
+    /// A count limit alone.
+    fn from(count: u32) -> PageLimit {
+        PageLimit { count, bytes: usize::MAX }
+    }
+}
+
+/// Collect a page from `rows` in page order, reading no row past the limit but one (which tells
+/// whether more lie beyond; stores ask for `count + 1` rows).
+pub fn collect_page<E>(
+    rows: impl IntoIterator<Item = Result<Vec<u8>, E>>,
+    limit: PageLimit,
+) -> Result<Page, E> {
+    let mut page = Page::default();
+    let mut bytes = 0usize;
+    for row in rows {
+        let row = row?;
+        if page.payloads.len() >= limit.count as usize
+            || (!page.payloads.is_empty() && bytes.saturating_add(row.len()) > limit.bytes)
+        {
+            page.more = true;
+            break;
+        }
+        bytes += row.len();
+        page.payloads.push(Bytes::from(row));
+    }
+    Ok(page)
+}
+
 /// A page of stored `DELIVER` payloads.
 #[derive(Clone, Debug, Default)]
 pub struct Page {
@@ -136,11 +174,11 @@ pub trait Store: Send + Sync + 'static {
     fn load_conv(&self, conv: ConvKey, since_ms: u64, recent_max: usize) -> Result<ConvLoad, StoreError>;
 
     /// With `older`: messages with seq < `anchor` (all if `anchor` is 0), newest first; else
-    /// messages with seq > `anchor`, oldest first. At most `limit`.
-    fn history(&self, conv: ConvKey, anchor: u64, older: bool, limit: u32) -> Result<Page, StoreError>;
+    /// messages with seq > `anchor`, oldest first. Within `limit` (count and bytes).
+    fn history(&self, conv: ConvKey, anchor: u64, older: bool, limit: PageLimit) -> Result<Page, StoreError>;
 
     /// Messages of `user`'s conversations stamped within `since_ms..=until_ms` that `device` has
-    /// not acknowledged and did not send itself, oldest first, at most `limit`. A store spread
+    /// not acknowledged and did not send itself, oldest first, within `limit`. A store spread
     /// over several servers gives each a deadline and answers with what the others hold,
     /// counting those that did not answer ([`CatchUp::unavailable`]); a single store answers
     /// complete or fails.
@@ -150,7 +188,7 @@ pub trait Store: Send + Sync + 'static {
         device: u64,
         since_ms: u64,
         until_ms: u64,
-        limit: u32,
+        limit: PageLimit,
     ) -> Result<CatchUp, StoreError>;
 
     /// Advance delivery cursors (a cursor never goes back).

@@ -38,8 +38,8 @@ use tokio::sync::Semaphore;
 use tokio_postgres::{types::Type, Client, NoTls};
 
 use super::{
-    Account, CatchUp, CommitDone, ConvKey, ConvLoad, Cursor, Duplicates, NameKey, Page, RecentSend, Store,
-    StoreError, StoredMessage, UserId,
+    collect_page, Account, CatchUp, CommitDone, ConvKey, ConvLoad, Cursor, Duplicates, NameKey, Page,
+    PageLimit, RecentSend, Store, StoreError, StoredMessage, UserId,
 };
 use crate::config::PostgresConfig;
 
@@ -517,9 +517,32 @@ pub async fn insert_messages(
     Ok(Ok(dups))
 }
 
-fn page(rows: Vec<Vec<u8>>, limit: u32) -> Page {
-    let more = rows.len() > limit as usize;
-    Page { payloads: rows.into_iter().take(limit as usize).map(Bytes::from).collect(), more }
+/// Read the rows of `sql` one at a time, stopping once `limit` (count and bytes) is passed:
+/// rows past it are never held in memory. Each row yields its payload from column `payload_col`
+/// and a key from `key`.
+async fn rows_within<K>(
+    client: &Client,
+    sql: &str,
+    params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+    limit: PageLimit,
+    payload_col: usize,
+    key: impl Fn(&tokio_postgres::Row) -> K,
+) -> Result<(Vec<(K, Vec<u8>)>, bool), tokio_postgres::Error> {
+    use futures_util::TryStreamExt;
+    let stream = client.query_raw(sql, params.iter().copied()).await?;
+    futures_util::pin_mut!(stream);
+    let (mut rows, mut bytes) = (Vec::new(), 0usize);
+    while let Some(row) = stream.try_next().await? {
+        let payload: Vec<u8> = row.get(payload_col);
+        if rows.len() >= limit.count as usize
+            || (!rows.is_empty() && bytes.saturating_add(payload.len()) > limit.bytes)
+        {
+            return Ok((rows, true));
+        }
+        bytes += payload.len();
+        rows.push((key(&row), payload));
+    }
+    Ok((rows, false))
 }
 
 impl Store for PostgresStore {
@@ -624,7 +647,7 @@ impl Store for PostgresStore {
         })
     }
 
-    fn history(&self, conv: ConvKey, anchor: u64, older: bool, limit: u32) -> Result<Page, StoreError> {
+    fn history(&self, conv: ConvKey, anchor: u64, older: bool, limit: PageLimit) -> Result<Page, StoreError> {
         let range = self.conv_range(conv).clone();
         let sql = if older {
             "SELECT payload FROM messages WHERE conv_a = $1 AND conv_b = $2 AND seq < $3 ORDER BY seq DESC LIMIT $4"
@@ -634,14 +657,14 @@ impl Store for PostgresStore {
         // Sequence numbers stay below 2^63: a larger anchor lies past every message (going
         // older: from the newest; going newer: nothing), it must not wrap to a negative number.
         let anchor = if older && anchor == 0 { i64::MAX } else { i(anchor.min(i64::MAX as u64)) };
-        let rows = self.block_on(async move {
+        let (rows, more) = self.block_on(async move {
             let conn = range.conn().await?;
-            let rows = conn
-                .timed(conn.client().query(sql, &[&i(conv.0), &i(conv.1), &anchor, &(limit as i64 + 1)]))
-                .await?;
-            Ok(rows.into_iter().map(|r| r.get::<_, Vec<u8>>(0)).collect::<Vec<_>>())
+            let count = limit.count as i64 + 1;
+            let params: [&(dyn tokio_postgres::types::ToSql + Sync); 4] =
+                [&i(conv.0), &i(conv.1), &anchor, &count];
+            conn.timed(rows_within(conn.client(), sql, &params, limit, 0, |_| ())).await
         })?;
-        Ok(page(rows, limit))
+        Ok(Page { payloads: rows.into_iter().map(|(_, p)| Bytes::from(p)).collect(), more })
     }
 
     fn catch_up(
@@ -650,7 +673,7 @@ impl Store for PostgresStore {
         device: u64,
         since_ms: u64,
         until_ms: u64,
-        limit: u32,
+        limit: PageLimit,
     ) -> Result<CatchUp, StoreError> {
         // A user's conversations are spread over every range: ask them all at once, each within
         // the statement timeout (connecting included), and merge by time what came back. A range
@@ -658,30 +681,39 @@ impl Store for PostgresStore {
         // now, and the missing messages at a later login (or with History).
         let ranges = self.ranges.clone();
         let deadline = ranges.first().map_or(Duration::ZERO, |r| r.timeouts.statement);
-        let (mut rows, unavailable) = self.rt.block_on(async move {
+        let (mut rows, unavailable, cut) = self.rt.block_on(async move {
             let tasks: Vec<_> = ranges
                 .into_iter()
                 .map(|range| {
                     tokio::spawn(async move {
                         let work = async {
                             let conn = range.conn().await?;
-                            let rows = conn
-                                .timed(conn.client().query(
-                                    "SELECT m.ts_ms, m.conv_a, m.conv_b, m.seq, m.payload FROM messages m
-                                     LEFT JOIN cursors c ON c.user_id = $1 AND c.device = $2
-                                                        AND c.conv_a = m.conv_a AND c.conv_b = m.conv_b
-                                     WHERE (m.conv_a = $1 OR m.conv_b = $1) AND m.ts_ms >= $3 AND m.ts_ms <= $5
-                                       AND m.seq > COALESCE(c.seq, 0)
-                                       AND NOT (m.sender = $1 AND m.sender_device = $2)
-                                     ORDER BY m.ts_ms, m.conv_a, m.conv_b, m.seq LIMIT $4",
-                                    &[&i(user), &i(device), &i(since_ms), &(limit as i64 + 1), &i(until_ms)],
-                                ))
-                                .await?;
-                            Ok::<_, StoreError>(
-                                rows.into_iter()
-                                    .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3), r.get(4)))
-                                    .collect::<Vec<(i64, i64, i64, i64, Vec<u8>)>>(),
-                            )
+                            let (user, device, since) = (i(user), i(device), i(since_ms));
+                            let (count, until) = (limit.count as i64 + 1, i(until_ms));
+                            let params: [&(dyn tokio_postgres::types::ToSql + Sync); 5] =
+                                [&user, &device, &since, &count, &until];
+                            conn.timed(rows_within(
+                                conn.client(),
+                                "SELECT m.ts_ms, m.conv_a, m.conv_b, m.seq, m.payload FROM messages m
+                                 LEFT JOIN cursors c ON c.user_id = $1 AND c.device = $2
+                                                    AND c.conv_a = m.conv_a AND c.conv_b = m.conv_b
+                                 WHERE (m.conv_a = $1 OR m.conv_b = $1) AND m.ts_ms >= $3 AND m.ts_ms <= $5
+                                   AND m.seq > COALESCE(c.seq, 0)
+                                   AND NOT (m.sender = $1 AND m.sender_device = $2)
+                                 ORDER BY m.ts_ms, m.conv_a, m.conv_b, m.seq LIMIT $4",
+                                &params,
+                                limit,
+                                4,
+                                |r| {
+                                    (
+                                        r.get::<_, i64>(0),
+                                        r.get::<_, i64>(1),
+                                        r.get::<_, i64>(2),
+                                        r.get::<_, i64>(3),
+                                    )
+                                },
+                            ))
+                            .await
                         };
                         match tokio::time::timeout(deadline, work).await {
                             Ok(r) => r,
@@ -697,20 +729,28 @@ impl Store for PostgresStore {
                     })
                 })
                 .collect();
-            let (mut all, mut unavailable) = (Vec::new(), 0u32);
+            let (mut all, mut unavailable, mut cut) = (Vec::new(), 0u32, false);
             for t in tasks {
                 match t.await.map_err(|e| StoreError::Unavailable(e.to_string())).and_then(|r| r) {
-                    Ok(rows) => all.extend(rows),
+                    Ok((rows, more)) => {
+                        all.extend(rows);
+                        cut |= more;
+                    }
                     Err(e) => {
                         log::warn!("store: catch-up of user {user}: {e}");
                         unavailable += 1;
                     }
                 }
             }
-            (all, unavailable)
+            (all, unavailable, cut)
         });
-        rows.sort_by_key(|r| (r.0, r.1, r.2, r.3));
-        Ok(CatchUp { page: page(rows.into_iter().map(|r| r.4).collect(), limit), unavailable })
+        // Each range gave at most a page's worth: merged by time, the page is cut again. A
+        // range cut short leaves the rest of its messages for the next catch-up (its cursors did
+        // not move past them).
+        rows.sort_by_key(|r| r.0);
+        let mut page = collect_page(rows.into_iter().map(|(_, p)| Ok::<_, StoreError>(p)), limit)?;
+        page.more |= cut;
+        Ok(CatchUp { page, unavailable })
     }
 
     fn save_cursors(&self, cursors: &[Cursor]) -> Result<(), StoreError> {
