@@ -436,7 +436,8 @@ impl Store for EmbeddedStore {
             let tx = c.transaction()?;
             {
                 let mut up = tx.prepare_cached(
-                    "INSERT INTO cursors (user, device, conv_a, conv_b, seq) VALUES (?1, ?2, ?3, ?4, ?5)
+                    "INSERT INTO cursors (user, device, conv_a, conv_b, seq) SELECT ?1, ?2, ?3, ?4, ?5
+                     WHERE EXISTS (SELECT 1 FROM messages WHERE conv_a = ?3 AND conv_b = ?4)
                      ON CONFLICT (user, device, conv_a, conv_b) DO UPDATE SET seq = MAX(seq, excluded.seq)",
                 )?;
                 for k in cursors {
@@ -541,5 +542,19 @@ mod tests {
         assert!(append(&store, vec![msg((1, 2), 1, 10)]).unwrap().is_empty());
         let dups = append(&store, vec![msg((1, 2), 1, 10)]).unwrap();
         assert_eq!((dups[0].0, dups[0].1.seq), (0, 1));
+    }
+
+    /// A delivery cursor is kept only for a conversation that has stored messages: acks of
+    /// made-up conversations do not grow the store.
+    #[test]
+    fn cursors_only_for_stored_conversations() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = EmbeddedStore::open(&config(dir.path())).unwrap();
+        assert!(append(&store, vec![msg((1, 2), 1, 10)]).unwrap().is_empty());
+        let cursor = |conv| Cursor { user: 1, device: 5, conv, seq: 1 };
+        store.save_cursors(&[cursor((1, 2)), cursor((1, 999)), cursor((1, 1000))]).unwrap();
+        let kept: i64 =
+            store.with_reader(|c| c.query_row("SELECT count(*) FROM cursors", [], |r| r.get(0))).unwrap();
+        assert_eq!(kept, 1);
     }
 }

@@ -191,7 +191,9 @@ pub trait Store: Send + Sync + 'static {
         limit: PageLimit,
     ) -> Result<CatchUp, StoreError>;
 
-    /// Advance delivery cursors (a cursor never goes back).
+    /// Advance delivery cursors (a cursor never goes back). A cursor of a conversation that has
+    /// no stored message is not kept: a client acking made-up conversations cannot grow the
+    /// store.
     fn save_cursors(&self, cursors: &[Cursor]) -> Result<(), StoreError>;
 
     /// Finish queued commits and release the store; called once at shutdown.

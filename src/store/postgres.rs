@@ -768,7 +768,9 @@ impl Store for PostgresStore {
                 let conn = range.conn().await?;
                 conn.timed(conn.client().execute(
                     "INSERT INTO cursors (user_id, device, conv_a, conv_b, seq)
-                     SELECT * FROM UNNEST($1::int8[], $2::int8[], $3::int8[], $4::int8[], $5::int8[])
+                     SELECT k.* FROM UNNEST($1::int8[], $2::int8[], $3::int8[], $4::int8[], $5::int8[])
+                         AS k (user_id, device, conv_a, conv_b, seq)
+                     WHERE EXISTS (SELECT 1 FROM messages m WHERE m.conv_a = k.conv_a AND m.conv_b = k.conv_b)
                      ON CONFLICT (user_id, device, conv_a, conv_b)
                      DO UPDATE SET seq = GREATEST(cursors.seq, excluded.seq)",
                     &[&users, &devices, &a, &b, &seqs],
