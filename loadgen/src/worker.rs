@@ -4,11 +4,13 @@
 //! thread `c % threads`) and hands everything over when they have ended.
 //!
 //! Also the small single-thread primitives the connection tasks wait on: [`Notify`] (one
-//! waiter), the phase watch, and [`Gate`] (a counting semaphore bounding setups in progress).
+//! waiter), the phase watch, [`Gate`] (a counting semaphore bounding setups in progress) and
+//! [`Pacer`] (wakes tasks at microsecond times, for open-loop sends).
 
 use std::{
     cell::{Cell, RefCell},
-    collections::VecDeque,
+    cmp::Reverse,
+    collections::{BinaryHeap, VecDeque},
     future::{poll_fn, Future},
     rc::{Rc, Weak},
     sync::Arc,
@@ -99,6 +101,123 @@ impl Gate {
     }
 }
 
+/// Below this much time before the next due wake-up the pacer spins (yields to the executor
+/// and reads the clock) instead of sleeping: monoio's timer wheel has 1 ms ticks and rounds a
+/// deadline up to the next one, so a sleep can end up to 1 ms late. Above it, the pacer
+/// sleeps for the part that cannot overshoot ([`pacer_sleep_us`]) and spins the rest.
+pub const PACER_SPIN_US: u64 = 1_500;
+
+/// How long the pacer may sleep when the next wake-up is `wait_us` away: 0 means spin. A
+/// monoio sleep of `d` ends within `d + 1 ms` (plus scheduling), so it sleeps `wait - 1.5 ms`.
+pub fn pacer_sleep_us(wait_us: u64) -> u64 {
+    wait_us.saturating_sub(PACER_SPIN_US)
+}
+
+/// Wakes tasks at given times (µs since the run's base) with sub-millisecond precision: one
+/// per thread, driven by [`pacer`]. A task takes a slot for its [`Notify`] and asks for a
+/// wake-up with [`Pacer::wake_at`]; an earlier request replaces a later one, a later one
+/// waits for the earlier wake-up (which the task then treats as spurious).
+#[derive(Default)]
+pub struct Pacer {
+    /// (due, slot), earliest first; entries whose due is no longer the slot's are stale.
+    heap: RefCell<BinaryHeap<Reverse<(u64, u32)>>>,
+    /// Per slot: the wake-up asked for (`u64::MAX`: none) and whom to notify.
+    slots: RefCell<Vec<(u64, Weak<Notify>)>>,
+    /// Wakes the pacer task when a request becomes the earliest.
+    wake: Notify,
+}
+
+impl Pacer {
+    pub fn register(&self, n: &Rc<Notify>) -> u32 {
+        let mut slots = self.slots.borrow_mut();
+        slots.push((u64::MAX, Rc::downgrade(n)));
+        (slots.len() - 1) as u32
+    }
+
+    /// Notify `slot` at `t` (or at its earlier pending wake-up).
+    pub fn wake_at(&self, slot: u32, t: u64) {
+        let mut slots = self.slots.borrow_mut();
+        let due = &mut slots[slot as usize].0;
+        if t >= *due {
+            return;
+        }
+        *due = t;
+        let mut heap = self.heap.borrow_mut();
+        let earliest = heap.peek().is_none_or(|Reverse((d, _))| t < *d);
+        heap.push(Reverse((t, slot)));
+        if earliest {
+            self.wake.notify();
+        }
+    }
+
+    /// Notify every slot due at `now`; the next due time, if any.
+    pub fn fire(&self, now: u64) -> Option<u64> {
+        let mut heap = self.heap.borrow_mut();
+        let mut slots = self.slots.borrow_mut();
+        while let Some(&Reverse((t, slot))) = heap.peek() {
+            let s = &mut slots[slot as usize];
+            if s.0 != t {
+                heap.pop();
+                continue;
+            }
+            if t > now {
+                return Some(t);
+            }
+            heap.pop();
+            s.0 = u64::MAX;
+            if let Some(n) = s.1.upgrade() {
+                n.notify();
+            }
+        }
+        None
+    }
+}
+
+/// The thread's pacer task: notifies [`Pacer`] requests when due. Sleeps while the next is
+/// far ([`PACER_SPIN_US`]), spins otherwise.
+///
+/// A spin step must go through the kernel: the io_uring driver sets up the ring with
+/// `DEFER_TASKRUN`, so completions (acks, deliveries, finished writes) only come in when the
+/// runtime enters the ring to wait, which it does only once no task is ready. A task that just
+/// yields keeps one ready and holds every completion back until monoio's next timer tick (up to
+/// 1 ms). So each step reads a byte of `/dev/zero` through the ring (it completes at once; the
+/// runtime parks without blocking, reaps completions and runs due timers), then yields. Once a
+/// millisecond it also waits on a timer already due, which makes the runtime park with any
+/// driver (the epoll one has no ring to read through).
+async fn pacer(w: Rc<Worker>) {
+    let mut zero = monoio::fs::File::open("/dev/zero").await.ok();
+    let mut buf = Some(Vec::<u8>::with_capacity(1));
+    let mut last_ms = 0;
+    while w.phase() < Phase::Stop {
+        let now = w.now_us();
+        let Some(t) = w.pacer.fire(now) else {
+            w.pacer.wake.wait().await;
+            continue;
+        };
+        let sleep = pacer_sleep_us(t.saturating_sub(now));
+        if sleep > 0 {
+            let _ = monoio::time::timeout(Duration::from_micros(sleep), w.pacer.wake.wait()).await;
+            continue;
+        }
+        if let (Some(f), Some(b)) = (&zero, buf.take()) {
+            let (res, b) = f.read_at(b, 0).await;
+            buf = Some(b);
+            if res.is_err() {
+                zero = None;
+            }
+        }
+        if now / 1000 != last_ms {
+            // A deadline in the past but after the wheel's last processed tick waits for the
+            // next park, which does not block (the wheel has a due entry).
+            last_ms = now / 1000;
+            let past = monoio::time::Instant::now() - Duration::from_millis(1);
+            monoio::time::sleep_until(past).await;
+        } else {
+            tim_shards::yield_now().await;
+        }
+    }
+}
+
 /// Everything one executor thread owns.
 pub struct Worker {
     pub g: Arc<Global>,
@@ -113,6 +232,8 @@ pub struct Worker {
     ledgers: RefCell<Vec<ConnLedger>>,
     /// Connection tasks still running.
     active: Cell<u64>,
+    /// Open-loop send times.
+    pub pacer: Pacer,
 }
 
 impl Worker {
@@ -128,6 +249,7 @@ impl Worker {
             setup_gate: Gate::new(per_thread),
             ledgers: RefCell::new(Vec::new()),
             active: Cell::new(0),
+            pacer: Pacer::default(),
             g,
         }
     }
@@ -199,6 +321,7 @@ pub async fn run(g: Arc<Global>, id: usize) {
     let w = Rc::new(Worker::new(g.clone(), id));
     let threads = g.cfg.threads;
     monoio::spawn(control(w.clone()));
+    monoio::spawn(pacer(w.clone()));
     for conn in (id..g.cfg.connections as usize).step_by(threads) {
         let w2 = w.clone();
         w.active.set(w.active.get() + 1);
@@ -239,5 +362,43 @@ async fn control(w: Rc<Worker>) {
             w.stats.close_interval(Some(slot));
         }
         monoio::time::sleep(CONTROL_TICK).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fired(n: &Notify) -> bool {
+        n.flag.replace(false)
+    }
+
+    #[test]
+    fn pacer_wakes_in_time_order() {
+        let p = Pacer::default();
+        let (a, b) = (Rc::new(Notify::default()), Rc::new(Notify::default()));
+        let (sa, sb) = (p.register(&a), p.register(&b));
+        p.wake_at(sa, 300);
+        p.wake_at(sb, 100);
+        assert!(fired(&p.wake), "a new earliest request wakes the pacer");
+        assert_eq!(p.fire(99), Some(100));
+        assert!(!fired(&a) && !fired(&b));
+        assert_eq!(p.fire(100), Some(300));
+        assert!(!fired(&a) && fired(&b));
+        // An earlier request replaces a later one; a later one does not.
+        p.wake_at(sa, 200);
+        p.wake_at(sa, 250);
+        assert_eq!(p.fire(150), Some(200));
+        assert_eq!(p.fire(200), None, "the stale 300 entry is dropped");
+        assert!(fired(&a));
+        assert_eq!(p.fire(1_000), None);
+        assert!(!fired(&a));
+    }
+
+    #[test]
+    fn pacer_sleeps_only_the_part_that_cannot_overshoot() {
+        assert_eq!(pacer_sleep_us(0), 0);
+        assert_eq!(pacer_sleep_us(PACER_SPIN_US), 0);
+        assert_eq!(pacer_sleep_us(5_000), 5_000 - PACER_SPIN_US);
     }
 }

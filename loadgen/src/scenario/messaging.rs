@@ -10,7 +10,6 @@ use std::{
     cell::{Cell, RefCell},
     rc::Rc,
     sync::Arc,
-    time::Duration,
 };
 
 use rustc_hash::FxHashMap;
@@ -440,6 +439,7 @@ async fn writer(c: Rc<Conn>) {
         Load::Closed { .. } => (0.0, 0.0),
     };
     let mut issued: u64 = 0;
+    let pacer_slot = c.w.pacer.register(&c.wake);
     loop {
         let phase = c.w.phase();
         if phase >= Phase::Stop || c.dead.get() {
@@ -451,7 +451,7 @@ async fn writer(c: Rc<Conn>) {
             match g.cfg.load {
                 Load::Closed { window } => while c.inflight() < window as usize && c.issue(now) {},
                 Load::Open { cap, .. } => {
-                    let due_at = |k: u64| run_start + (offset_us + k as f64 * interval_us) as u64;
+                    let due_at = |k: u64| open_loop_due(run_start, offset_us, interval_us, k);
                     while due_at(issued) <= now && c.inflight() < cap as usize && c.issue(due_at(issued)) {
                         issued += 1;
                     }
@@ -473,13 +473,32 @@ async fn writer(c: Rc<Conn>) {
                 continue;
             }
         }
-        match next_wake {
-            Some(t) => {
-                let wait = Duration::from_micros(t.saturating_sub(c.w.now_us()));
-                let _ = monoio::time::timeout(wait, c.wake.wait()).await;
-            }
-            None => c.wake.wait().await,
+        // The thread's pacer wakes us at `t` to the microsecond (a monoio timer would round
+        // up to its next 1 ms tick, delaying the send and bunching sends into bursts).
+        if let Some(t) = next_wake {
+            c.w.pacer.wake_at(pacer_slot, t);
         }
+        c.wake.wait().await;
     }
     c.io.shutdown();
+}
+
+/// Open loop: when a connection's `k`-th new message is due (µs since the run's base), its
+/// messages being `interval_us` apart from `run_start + offset_us`.
+pub fn open_loop_due(run_start: u64, offset_us: f64, interval_us: f64, k: u64) -> u64 {
+    run_start + (offset_us + k as f64 * interval_us) as u64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::open_loop_due;
+
+    #[test]
+    fn open_loop_schedule_is_evenly_spaced() {
+        // 200 messages/s from 1 s in, offset 1.25 ms: due every 5 ms, not bunched per ms.
+        let due: Vec<u64> = (0..4).map(|k| open_loop_due(1_000_000, 1_250.0, 5_000.0, k)).collect();
+        assert_eq!(due, [1_001_250, 1_006_250, 1_011_250, 1_016_250]);
+        // Fractional intervals do not drift: message 1000 at 3333.33 µs spacing.
+        assert_eq!(open_loop_due(0, 0.0, 1e6 / 300.0, 1_000), 3_333_333);
+    }
 }
