@@ -118,6 +118,12 @@ pub fn finish(g: &Global, o: &Outcome) -> bool {
             }
             println!("  {}", latency_line("send→ack    ", hist(H::Ack)));
             println!("  {}", latency_line("send→deliver", hist(H::Deliver)));
+            if let Load::Open { .. } = cfg.load {
+                println!(
+                    "  {}  (loadgen: send time after schedule)",
+                    latency_line("send lag    ", hist(H::Lag))
+                );
+            }
         }
         Scenario::Idle => {
             println!(
@@ -201,7 +207,12 @@ pub fn finish(g: &Global, o: &Outcome) -> bool {
         m.insert("acked_per_s".into(), json!(round3(v.acked as f64 / secs)));
         m.insert("logins".into(), json!(c(C::Logins)));
         m.insert("logins_per_s".into(), json!(round3(c(C::Logins) as f64 / secs)));
-        for (name, h) in [("ack", hist(H::Ack)), ("deliver", hist(H::Deliver)), ("login", hist(H::Login))] {
+        for (name, h) in [
+            ("ack", hist(H::Ack)),
+            ("deliver", hist(H::Deliver)),
+            ("login", hist(H::Login)),
+            ("lag", hist(H::Lag)),
+        ] {
             for (q, label) in [(0.5, "p50"), (0.9, "p90"), (0.99, "p99"), (0.999, "p999")] {
                 m.insert(format!("{name}_{label}_us"), json!(quantile(h, q)));
             }

@@ -57,9 +57,12 @@ pub enum H {
     Deliver,
     /// Login → LoginOk.
     Login,
+    /// Open loop: how late each new message went out after its scheduled time (the
+    /// loadgen's own lag, included in the figures above; large when it cannot keep up).
+    Lag,
 }
 
-pub const HISTS: usize = 3;
+pub const HISTS: usize = 4;
 
 /// Largest latency recorded (larger values are clamped): 10 minutes.
 const LATENCY_MAX_US: u64 = 600_000_000;
@@ -71,7 +74,7 @@ pub fn new_hist() -> Histogram<u64> {
 pub type Hists = [Histogram<u64>; HISTS];
 
 pub fn new_hists() -> Hists {
-    [new_hist(), new_hist(), new_hist()]
+    [new_hist(), new_hist(), new_hist(), new_hist()]
 }
 
 pub fn add_hists(into: &mut Hists, from: &Hists) {

@@ -453,6 +453,7 @@ async fn writer(c: Rc<Conn>) {
                 Load::Open { cap, .. } => {
                     let due_at = |k: u64| open_loop_due(run_start, offset_us, interval_us, k);
                     while due_at(issued) <= now && c.inflight() < cap as usize && c.issue(due_at(issued)) {
+                        c.w.stats.record(H::Lag, now - due_at(issued));
                         issued += 1;
                     }
                     if c.inflight() < cap as usize {
