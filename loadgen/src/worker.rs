@@ -101,14 +101,14 @@ impl Gate {
     }
 }
 
-/// Below this much time before the next due wake-up the pacer spins (yields to the executor
-/// and reads the clock) instead of sleeping: monoio's timer wheel has 1 ms ticks and rounds a
-/// deadline up to the next one, so a sleep can end up to 1 ms late. Above it, the pacer
-/// sleeps for the part that cannot overshoot ([`pacer_sleep_us`]) and spins the rest.
-pub const PACER_SPIN_US: u64 = 1_500;
+/// Below this much time before the next due wake-up the pacer spins (goes round the executor
+/// and reads the clock) instead of sleeping: monoio's timer wheel has 1 ms ticks, rounds a
+/// deadline up to the next one and parks for whole ticks, so a sleep can end up to 2 ms late.
+/// Above it, the pacer sleeps for the part that cannot overshoot ([`pacer_sleep_us`]).
+pub const PACER_SPIN_US: u64 = 2_500;
 
 /// How long the pacer may sleep when the next wake-up is `wait_us` away: 0 means spin. A
-/// monoio sleep of `d` ends within `d + 1 ms` (plus scheduling), so it sleeps `wait - 1.5 ms`.
+/// monoio sleep of `d` ends within `d + 2 ms` (plus scheduling), so it sleeps `wait - 2.5 ms`.
 pub fn pacer_sleep_us(wait_us: u64) -> u64 {
     wait_us.saturating_sub(PACER_SPIN_US)
 }
