@@ -74,7 +74,7 @@ fn run(args: Args) -> anyhow::Result<bool> {
     raise_nofile_limit(cfg.connections as u64 + 1024);
     let g = Arc::new(Global::new(cfg, scenario));
     let g2 = g.clone();
-    let shards = tim_shards::start::<(), _, _>(&rt, move |ctx| worker::run(g2.clone(), ctx.id))?;
+    let shards = tim_shards::start::<(), _, _>(&rt, move |ctx| worker::run(g2.clone(), ctx.id, ctx.driver))?;
     if !g.cfg.quiet {
         eprintln!(
             "tim-loadgen: {} {} connections on {} threads ({} driver), run {:08x}",

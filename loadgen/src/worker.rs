@@ -19,6 +19,7 @@ use std::{
 };
 
 use tim::frame::AlignedBuf;
+use tim_shards::DriverKind;
 
 use crate::{
     global::{Global, Phase},
@@ -182,10 +183,13 @@ impl Pacer {
 /// yields keeps one ready and holds every completion back until monoio's next timer tick (up to
 /// 1 ms). So each step reads a byte of `/dev/zero` through the ring (it completes at once; the
 /// runtime parks without blocking, reaps completions and runs due timers), then yields. Once a
-/// millisecond it also waits on a timer already due, which makes the runtime park with any
-/// driver (the epoll one has no ring to read through).
-async fn pacer(w: Rc<Worker>) {
-    let mut zero = monoio::fs::File::open("/dev/zero").await.ok();
+/// millisecond it also waits on a timer already due, so that the runtime parks whatever happens.
+///
+/// With the epoll driver (`spin` false) there is no ring to read through and a spinning task
+/// would hold readiness events back until the next timer tick, so there it sleeps to the due
+/// time with monoio's timer (1 ms granularity, as the loadgen always did).
+async fn pacer(w: Rc<Worker>, spin: bool) {
+    let mut zero = if spin { monoio::fs::File::open("/dev/zero").await.ok() } else { None };
     let mut buf = Some(Vec::<u8>::with_capacity(1));
     let mut last_ms = 0;
     while w.phase() < Phase::Stop {
@@ -194,8 +198,8 @@ async fn pacer(w: Rc<Worker>) {
             w.pacer.wake.wait().await;
             continue;
         };
-        let sleep = pacer_sleep_us(t.saturating_sub(now));
-        if sleep > 0 {
+        let sleep = if spin { pacer_sleep_us(t.saturating_sub(now)) } else { t.saturating_sub(now) };
+        if sleep > 0 || zero.is_none() {
             let _ = monoio::time::timeout(Duration::from_micros(sleep), w.pacer.wake.wait()).await;
             continue;
         }
@@ -317,11 +321,11 @@ impl Worker {
 }
 
 /// The thread's main future.
-pub async fn run(g: Arc<Global>, id: usize) {
+pub async fn run(g: Arc<Global>, id: usize, driver: DriverKind) {
     let w = Rc::new(Worker::new(g.clone(), id));
     let threads = g.cfg.threads;
     monoio::spawn(control(w.clone()));
-    monoio::spawn(pacer(w.clone()));
+    monoio::spawn(pacer(w.clone(), driver == DriverKind::IoUring));
     for conn in (id..g.cfg.connections as usize).step_by(threads) {
         let w2 = w.clone();
         w.active.set(w.active.get() + 1);
