@@ -20,16 +20,22 @@ use std::{
 #[derive(Default)]
 pub struct LocalNotify {
     generation: Cell<u64>,
-    /// At most one waker per task: a task that waits again replaces its own.
-    waiters: RefCell<Vec<Waker>>,
+    /// The usual single waiter, inline (no allocation per idle connection).
+    first: RefCell<Option<Waker>>,
+    /// Further waiters. At most one waker per task: a task that waits again keeps its slot.
+    rest: RefCell<Vec<Waker>>,
 }
 
 impl LocalNotify {
     /// Wake every current waiter.
     pub fn notify(&self) {
         self.generation.set(self.generation.get().wrapping_add(1));
-        let waiters = std::mem::take(&mut *self.waiters.borrow_mut());
-        for w in waiters {
+        let first = self.first.borrow_mut().take();
+        let rest = std::mem::take(&mut *self.rest.borrow_mut());
+        if let Some(w) = first {
+            w.wake();
+        }
+        for w in rest {
             w.wake();
         }
     }
@@ -41,7 +47,7 @@ impl LocalNotify {
 
     /// Tasks waiting.
     pub fn waiters(&self) -> usize {
-        self.waiters.borrow().len()
+        usize::from(self.first.borrow().is_some()) + self.rest.borrow().len()
     }
 }
 
@@ -56,10 +62,16 @@ impl Future for NotifyWait<'_> {
         if self.notify.generation.get() != self.generation {
             return Poll::Ready(());
         }
-        let mut waiters = self.notify.waiters.borrow_mut();
-        match waiters.iter_mut().find(|w| w.will_wake(cx.waker())) {
-            Some(_) => {}
-            None => waiters.push(cx.waker().clone()),
+        let mut first = self.notify.first.borrow_mut();
+        match first.as_ref() {
+            None => *first = Some(cx.waker().clone()),
+            Some(w) if w.will_wake(cx.waker()) => {}
+            Some(_) => {
+                let mut rest = self.notify.rest.borrow_mut();
+                if !rest.iter().any(|w| w.will_wake(cx.waker())) {
+                    rest.push(cx.waker().clone());
+                }
+            }
         }
         Poll::Pending
     }

@@ -278,15 +278,21 @@ async fn write_loop(conn: Rc<Conn>, session: Rc<Session>) {
     // FIN after everything written: the peer reads all of it, then sees the end.
     conn.shutdown(Shutdown::Write);
     if !conn.input_ended.get() {
-        let done = conn.input_done.wait();
-        monoio::select! {
-            _ = done => {}
-            _ = monoio::time::sleep(Duration::from_millis(CLOSE_LINGER_MS)) => {}
-        }
+        // Boxed: the linger's timer lives only while closing, not in every idle writer task.
+        Box::pin(linger(&conn)).await;
     }
     // Wakes the reader, whose reads then end once the input already here is discarded.
     conn.output_ended.set(true);
     conn.shutdown(Shutdown::Read);
+}
+
+/// Give the peer [`CLOSE_LINGER_MS`] to close its side.
+async fn linger(conn: &Conn) {
+    let done = conn.input_done.wait();
+    monoio::select! {
+        _ = done => {}
+        _ = monoio::time::sleep(Duration::from_millis(CLOSE_LINGER_MS)) => {}
+    }
 }
 
 /// Wait until the socket takes more bytes. Gives up after `WRITE_STALL_MS`, or `CLOSE_FLUSH_MS`
