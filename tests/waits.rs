@@ -39,13 +39,12 @@ fn lost_answers_become_timeouts() {
             break (name, id);
         }
     };
-    let _daves: Vec<_> = [1, 1, 3, 3].iter().map(|&t| s.login_on_shard(&dave, t, 0)).collect();
-    // Logged in before the flood: a login's answer crosses the mesh too, and may be lost in it
-    // (it then gets Timeout as well).
-    let mut a = s.login_on_shard(&alice, 3, 0);
+    // Logins cross the one-slot mesh too: their answers can be lost (they then get Timeout).
+    let _daves: Vec<_> = [1, 1, 3, 3].iter().map(|&t| login_on_shard_retrying(&s, &dave, t, 0)).collect();
+    let mut a = login_on_shard_retrying(&s, &alice, 3, 0);
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let flood = {
-        let mut c = s.login_on_shard(&carol, 3, 1);
+        let mut c = login_on_shard_retrying(&s, &carol, 3, 1);
         let stop = stop.clone();
         std::thread::spawn(move || {
             c.set_timeout(Some(Duration::from_secs(2))).unwrap();
@@ -92,6 +91,22 @@ fn lost_answers_become_timeouts() {
         "only acks, Busy and Timeout: {answers:?}"
     );
     assert!(timeouts > 0, "no ack was lost: the test proves nothing ({} answers)", answers.len());
+}
+
+/// A session of `name` on `shard`, logging in again when a login's answer was lost (Timeout).
+fn login_on_shard_retrying(s: &TestServer, name: &str, device_type: u8, shard: u64) -> tim::client::Client {
+    for _ in 0..200 {
+        let mut c = s.client();
+        match c.login(name, PASSWORD, device_type, &format!("dev-{device_type}")) {
+            Ok(ok) if ok.session_id >> 48 == shard => return c,
+            Ok(_) => {
+                let _ = c.logout();
+            }
+            Err(tim::client::ClientError::Server { name: Some(ErrorCode::Timeout), .. }) => {}
+            Err(e) => panic!("login: {e:?}"),
+        }
+    }
+    panic!("could not log {name} in on shard {shard}");
 }
 
 /// A History request while the login's catch-up is pacing on the same session's writer: both
