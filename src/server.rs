@@ -121,13 +121,7 @@ impl Server {
 /// reset when the listener closes: accept each and tell it the server is going away.
 fn kick_backlog(listener: &monoio::net::TcpListener) {
     use std::os::fd::AsRawFd;
-    let kick = crate::frame::encode(
-        crate::protocol::kind::KICK,
-        &crate::protocol::Kick {
-            reason: ErrorCode::ShuttingDown.code(),
-            message: ErrorCode::ShuttingDown.text().into(),
-        },
-    );
+    let kick = crate::session::kick_frame(ErrorCode::ShuttingDown);
     let lfd = listener.as_raw_fd();
     // With io_uring the listener is blocking: accept4 must not wait for a connection.
     // SAFETY: fcntl on a valid fd.

@@ -291,18 +291,16 @@ impl Shard {
         while !self.shutting_down.get() {
             monoio::time::sleep(tick).await;
             let now = std::time::Instant::now();
-            expired.extend(
-                self.sessions
-                    .borrow()
-                    .values()
-                    .filter_map(|s| s.timed_out(now, login, idle).map(|c| (s.clone(), c))),
-            );
+            for s in self.sessions.borrow().values() {
+                match s.timed_out(now, login, idle) {
+                    Some(code) => expired.push((s.clone(), code)),
+                    // Sends whose answer was lost or held up get Timeout: an in-flight count
+                    // never leaks.
+                    None => s.fail_overdue_sends(now, answer_timeout),
+                }
+            }
             for (s, code) in expired.drain(..) {
                 s.fail(code);
-            }
-            // Sends whose answer was lost or held up get Timeout: an in-flight count never leaks.
-            for s in self.sessions.borrow().values() {
-                s.fail_overdue_sends(now, answer_timeout);
             }
             // Idle conversations go, a bounded number per tick.
             self.convs.borrow_mut().evict_idle(now_ms(), EVICT_PER_TICK_MAX);
@@ -374,18 +372,19 @@ impl Shard {
     // ---- envelope handling: sessions here, roles through effects ----
 
     fn handle(&self, env: Envelope) {
-        let now = now_ms();
+        // The clock is read only by the arms that need it: deliveries and acks, the bulk of the
+        // traffic, do not.
         let mut fx = std::mem::take(&mut *self.effects.borrow_mut());
         match env {
-            Envelope::Submit(sub) => self.convs.borrow_mut().submit(sub, now, &mut fx),
+            Envelope::Submit(sub) => self.convs.borrow_mut().submit(sub, now_ms(), &mut fx),
             Envelope::Fanout { user, skip, frame } => {
                 debug_assert_eq!(self.placement.user(user), self.id, "fanout on the wrong shard");
                 self.users.borrow().fanout(user, skip, &frame, &mut fx);
             }
-            Envelope::Attach(a) => self.users.borrow_mut().attach(&a, now, &mut fx),
+            Envelope::Attach(a) => self.users.borrow_mut().attach(&a, now_ms(), &mut fx),
             Envelope::Detach { user, session } => self.users.borrow_mut().detach(user, session),
             Envelope::StoreToken { user, session, hash, expires_at_ms } => {
-                self.users.borrow_mut().store_token(user, session, hash, expires_at_ms, now, &mut fx)
+                self.users.borrow_mut().store_token(user, session, hash, expires_at_ms, now_ms(), &mut fx)
             }
             Envelope::Acked { session, ack } => {
                 if let Some(s) = self.session(session) {
@@ -396,7 +395,7 @@ impl Shard {
                 if let Some(s) = self.session(session) {
                     s.on_rejected(client_msg_id, code);
                     if code == ErrorCode::UnknownRecipient {
-                        self.count_unknown_recipient(&s, now);
+                        self.count_unknown_recipient(&s, now_ms());
                     }
                 }
             }

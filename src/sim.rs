@@ -156,6 +156,25 @@ pub struct SimReport {
     pub backlog_full: u64,
 }
 
+impl SimReport {
+    /// Add another run's counts (totals over many seeds).
+    pub fn add(&mut self, r: &SimReport) {
+        self.sends += r.sends;
+        self.acks += r.acks;
+        self.duplicate_acks += r.duplicate_acks;
+        self.rejections += r.rejections;
+        self.deliveries += r.deliveries;
+        self.logins += r.logins;
+        self.kicks += r.kicks;
+        self.commit_timeouts += r.commit_timeouts;
+        self.store_failures += r.store_failures;
+        self.evictions += r.evictions;
+        self.ambiguous_commits += r.ambiguous_commits;
+        self.store_duplicates += r.store_duplicates;
+        self.backlog_full += r.backlog_full;
+    }
+}
+
 /// Events kept for a failure's report (`TIM_SIM_TRACE` overrides it when replaying a seed).
 const TRACE_MAX: usize = 60;
 /// Virtual start time (after the message id epoch).

@@ -26,19 +26,7 @@ fn seeds_keep_invariants() {
                 if seeds.len() == 1 {
                     println!("seed {seed}: {r:?}");
                 }
-                total.sends += r.sends;
-                total.acks += r.acks;
-                total.duplicate_acks += r.duplicate_acks;
-                total.deliveries += r.deliveries;
-                total.rejections += r.rejections;
-                total.logins += r.logins;
-                total.evictions += r.evictions;
-                total.ambiguous_commits += r.ambiguous_commits;
-                total.store_duplicates += r.store_duplicates;
-                total.backlog_full += r.backlog_full;
-                total.kicks += r.kicks;
-                total.commit_timeouts += r.commit_timeouts;
-                total.store_failures += r.store_failures;
+                total.add(&r);
             }
             Err(f) => panic!(
                 "{f}\nreplay with: TIM_SIM_SEED={seed} TIM_SIM_STEPS={steps} cargo test -p tim --test sim -- --nocapture"

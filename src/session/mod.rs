@@ -39,6 +39,14 @@ pub(crate) enum Reply {
     Token(Result<(), ErrorCode>),
 }
 
+/// Build a `Kick` frame.
+pub fn kick_frame(reason: ErrorCode) -> Bytes {
+    Bytes::from(frame::encode(
+        kind::KICK,
+        &protocol::Kick { reason: reason.code(), message: reason.text().into() },
+    ))
+}
+
 /// Build an `Error` frame.
 pub fn error_frame(code: ErrorCode, request_kind: u16, client_msg_id: u64) -> Bytes {
     Bytes::from(frame::encode(
@@ -185,11 +193,7 @@ impl Session {
         if self.closing.get() {
             return;
         }
-        let f = frame::encode(
-            kind::KICK,
-            &protocol::Kick { reason: reason.code(), message: reason.text().into() },
-        );
-        self.push_unchecked(Bytes::from(f));
+        self.push_unchecked(kick_frame(reason));
         self.close();
     }
 

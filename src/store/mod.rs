@@ -78,6 +78,14 @@ impl From<u32> for PageLimit {
     }
 }
 
+impl PageLimit {
+    /// Whether a page already holding `count` messages of `bytes` payload bytes takes one more
+    /// of `len` bytes.
+    pub fn admits(&self, count: usize, bytes: usize, len: usize) -> bool {
+        count < self.count as usize && (count == 0 || bytes.saturating_add(len) <= self.bytes)
+    }
+}
+
 /// Collect a page from `rows` in page order, reading no row past the limit but one (which tells
 /// whether more lie beyond; stores ask for `count + 1` rows).
 pub fn collect_page<E>(
@@ -88,9 +96,7 @@ pub fn collect_page<E>(
     let mut bytes = 0usize;
     for row in rows {
         let row = row?;
-        if page.payloads.len() >= limit.count as usize
-            || (!page.payloads.is_empty() && bytes.saturating_add(row.len()) > limit.bytes)
-        {
+        if !limit.admits(page.payloads.len(), bytes, row.len()) {
             page.more = true;
             break;
         }

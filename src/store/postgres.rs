@@ -534,9 +534,7 @@ async fn rows_within<K>(
     let (mut rows, mut bytes) = (Vec::new(), 0usize);
     while let Some(row) = stream.try_next().await? {
         let payload: Vec<u8> = row.get(payload_col);
-        if rows.len() >= limit.count as usize
-            || (!rows.is_empty() && bytes.saturating_add(payload.len()) > limit.bytes)
-        {
+        if !limit.admits(rows.len(), bytes, payload.len()) {
             return Ok((rows, true));
         }
         bytes += payload.len();
