@@ -320,6 +320,7 @@ impl ConvOwner {
                 let conv = Conv::new(ConvState::Loading(vec![sub]), floor, now, generation);
                 self.convs.insert(key, conv);
                 self.lru.push_back((key, now, generation));
+                self.compact_lru();
                 out.push(Effect::LoadConv(LoadRequest {
                     key,
                     check_recipient,
@@ -357,6 +358,7 @@ impl ConvOwner {
             }
             Err(code) => {
                 self.convs.remove(&key);
+                self.compact_lru();
                 for sub in waiters {
                     reject(out, sub.origin, sub.client_msg_id, code);
                 }
@@ -449,6 +451,16 @@ impl ConvOwner {
         evicted
     }
 
+    /// Drop the queue entries of conversations that are gone (a failed load removes its
+    /// conversation without finding its entry), once they are as many as the live ones: the
+    /// queue stays within twice the conversations held, at an amortized O(1) per insert.
+    fn compact_lru(&mut self) {
+        if self.lru.len() > 2 * self.convs.len() + 1024 {
+            let convs = &self.convs;
+            self.lru.retain(|(k, _, g)| convs.get(k).is_some_and(|c| c.generation == *g));
+        }
+    }
+
     /// At the cap: evict the least recently used conversation that can go, idle or not.
     fn make_room(&mut self) -> bool {
         // An entry used since it was queued goes back with its last use, and can go when seen
@@ -492,8 +504,13 @@ impl ConvOwner {
         self.convs.get(&key).map(|c| c.last_seq)
     }
 
-    /// Remembered sends never exceed their cap, go back in sequence, or belong to a third user.
+    /// Remembered sends never exceed their cap, go back in sequence, or belong to a third user;
+    /// the eviction queue stays bounded by the conversations held.
     pub fn check(&self) -> Result<(), InvariantError> {
+        if self.lru.len() > 2 * self.convs.len() + 1024 {
+            let what = format!("eviction queue of {} for {} conversations", self.lru.len(), self.convs.len());
+            return Err(InvariantError { key: 0, what });
+        }
         for (&key, conv) in &self.convs {
             let fail =
                 |what: String| Err(InvariantError { key: key.0, what: format!("conv {key:?}: {what}") });
