@@ -50,6 +50,26 @@ pub enum PeerChoice {
     Random,
 }
 
+/// How open-loop sends are timed (`--pacer`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum PacerArg {
+    /// `spin` when --server-pid shows the server on other CPUs than the loadgen, else `timer`.
+    Auto,
+    /// Poll the clock between sends: precise to a few µs, but keeps each loadgen thread's core
+    /// busy, taking it from a server (or database) that shares it.
+    Spin,
+    /// Sleep on a high-resolution kernel timer: costs no CPU while waiting; each wake-up adds
+    /// the scheduler's wake-up latency (tens of µs here) to the measured latencies.
+    Timer,
+}
+
+/// The pacing a run uses, `--pacer auto` resolved.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Pacing {
+    Spin,
+    Timer,
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum DriverArg {
     Auto,
@@ -144,6 +164,11 @@ pub struct Args {
     /// I/O driver of the executors.
     #[arg(long, value_enum, default_value = "auto")]
     pub driver: DriverArg,
+    /// How open-loop sends (--rate) are timed: spin, timer, or auto (spin only when --server-pid
+    /// shows that the server cannot run on the loadgen's CPUs, e.g. both under taskset on
+    /// different cores; else timer, so the loadgen never takes CPU the server could use).
+    #[arg(long, value_enum, default_value = "auto")]
+    pub pacer: PacerArg,
     /// Pin executor threads to cores (off by default: the server usually shares the machine).
     #[arg(long)]
     pub pin: bool,
@@ -197,6 +222,7 @@ pub struct Config {
     pub retries_max: u32,
     pub ping: Option<Duration>,
     pub driver: DriverArg,
+    pub pacing: Pacing,
     pub pin: bool,
     pub json: bool,
     pub quiet: bool,
@@ -269,6 +295,16 @@ impl Config {
             bail!("--password must have at least 8 bytes (the server's password rule)");
         }
         let server_cpu = a.server_pid.map(ServerCpu::open).transpose()?;
+        let pacing = match a.pacer {
+            PacerArg::Spin => Pacing::Spin,
+            PacerArg::Timer => Pacing::Timer,
+            PacerArg::Auto => match a.server_pid {
+                Some(pid) if cpus_disjoint(&tim_shards::runtime::allowed_cpus(), &server_cpus(pid)) => {
+                    Pacing::Spin
+                }
+                _ => Pacing::Timer,
+            },
+        };
         Ok(Config {
             scenario: a.scenario,
             addrs,
@@ -292,6 +328,7 @@ impl Config {
             retries_max: a.retries_max,
             ping: a.ping_ms.map(|ms| Duration::from_millis(ms.max(1))),
             driver: a.driver,
+            pacing,
             pin: a.pin,
             json: a.json,
             quiet: a.quiet,
@@ -357,6 +394,42 @@ pub fn parse_sources(s: &str) -> anyhow::Result<Vec<IpAddr>> {
     Ok(out)
 }
 
+/// The CPUs any thread of process `pid` may run on (the union of its threads'
+/// `Cpus_allowed_list`); empty if unknown.
+fn server_cpus(pid: u32) -> Vec<usize> {
+    let mut cpus = Vec::new();
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else { return cpus };
+    for t in tasks.flatten() {
+        let Ok(status) = std::fs::read_to_string(t.path().join("status")) else { continue };
+        if let Some(list) = status.lines().find_map(|l| l.strip_prefix("Cpus_allowed_list:")) {
+            cpus.extend(parse_cpu_list(list.trim()));
+        }
+    }
+    cpus.sort_unstable();
+    cpus.dedup();
+    cpus
+}
+
+/// Parse a kernel CPU list such as `0-3,8,10-11`; items that do not parse are skipped.
+pub fn parse_cpu_list(list: &str) -> Vec<usize> {
+    let mut out = Vec::new();
+    for part in list.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let range: Option<(usize, usize)> = match part.split_once('-') {
+            Some((a, b)) => a.parse().ok().zip(b.parse().ok()),
+            None => part.parse().ok().map(|c| (c, c)),
+        };
+        if let Some((a, b)) = range {
+            out.extend(a..=b);
+        }
+    }
+    out
+}
+
+/// Whether two known, non-empty CPU sets have no CPU in common.
+pub fn cpus_disjoint(a: &[usize], b: &[usize]) -> bool {
+    !a.is_empty() && !b.is_empty() && a.iter().all(|c| !b.contains(c))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -370,5 +443,14 @@ mod tests {
         assert_eq!(parse_sources("127.0.0.2, 127.0.0.7").unwrap().len(), 2);
         assert!(parse_sources("127.0.0.9-127.0.0.2").is_err());
         assert!(parse_sources("").is_err());
+    }
+
+    #[test]
+    fn cpu_lists() {
+        assert_eq!(parse_cpu_list("0-2,5, 7-8"), vec![0, 1, 2, 5, 7, 8]);
+        assert_eq!(parse_cpu_list("3"), vec![3]);
+        assert!(cpus_disjoint(&[0], &[1]));
+        assert!(!cpus_disjoint(&[0, 1], &[1]));
+        assert!(!cpus_disjoint(&[], &[1]), "unknown is not disjoint");
     }
 }

@@ -5,7 +5,7 @@ use hdrhistogram::Histogram;
 use serde_json::{json, Map, Value};
 
 use crate::{
-    cli::Load,
+    cli::{Load, Pacing},
     coordinator::Outcome,
     global::Global,
     ledger,
@@ -71,7 +71,10 @@ pub fn finish(g: &Global, o: &Outcome) -> bool {
     // ---- readable summary ----
     let load = match cfg.load {
         Load::Closed { window } => format!("window {window}"),
-        Load::Open { rate, cap } => format!("rate {rate}/s (in flight ≤ {cap} per connection)"),
+        Load::Open { rate, cap } => {
+            let pacer = if cfg.pacing == Pacing::Spin { "spinning" } else { "timer" };
+            format!("rate {rate}/s (in flight ≤ {cap} per connection, {pacer} pacer)")
+        }
     };
     println!(
         "tim-loadgen {}: {} connections, {} users, {} threads; {}; body {} B; {:.1} s",
@@ -180,7 +183,11 @@ pub fn finish(g: &Global, o: &Outcome) -> bool {
         m.insert("body_bytes".into(), json!(cfg.body_bytes));
         match cfg.load {
             Load::Closed { window } => m.insert("window".into(), json!(window)),
-            Load::Open { rate, .. } => m.insert("rate".into(), json!(rate)),
+            Load::Open { rate, .. } => {
+                let pacer = if cfg.pacing == Pacing::Spin { "spin" } else { "timer" };
+                m.insert("pacer".into(), json!(pacer));
+                m.insert("rate".into(), json!(rate))
+            }
         };
         m.insert("duration_s".into(), json!(round3(secs)));
         m.insert("setup_s".into(), json!(round3(o.setup_time.as_secs_f64())));

@@ -22,6 +22,7 @@ use tim::frame::AlignedBuf;
 use tim_shards::DriverKind;
 
 use crate::{
+    cli::Pacing,
     global::{Global, Phase},
     ledger::ConnLedger,
     scenario,
@@ -102,18 +103,6 @@ impl Gate {
     }
 }
 
-/// Below this much time before the next due wake-up the pacer spins (goes round the executor
-/// and reads the clock) instead of sleeping: monoio's timer wheel has 1 ms ticks, rounds a
-/// deadline up to the next one and parks for whole ticks, so a sleep can end up to 2 ms late.
-/// Above it, the pacer sleeps for the part that cannot overshoot ([`pacer_sleep_us`]).
-pub const PACER_SPIN_US: u64 = 2_500;
-
-/// How long the pacer may sleep when the next wake-up is `wait_us` away: 0 means spin. A
-/// monoio sleep of `d` ends within `d + 2 ms` (plus scheduling), so it sleeps `wait - 2.5 ms`.
-pub fn pacer_sleep_us(wait_us: u64) -> u64 {
-    wait_us.saturating_sub(PACER_SPIN_US)
-}
-
 /// Wakes tasks at given times (µs since the run's base) with sub-millisecond precision: one
 /// per thread, driven by [`pacer`]. A task takes a slot for its [`Notify`] and asks for a
 /// wake-up with [`Pacer::wake_at`]; an earlier request replaces a later one, a later one
@@ -126,6 +115,9 @@ pub struct Pacer {
     slots: RefCell<Vec<(u64, Weak<Notify>)>>,
     /// Wakes the pacer task when a request becomes the earliest.
     wake: Notify,
+    /// The pacer's timer, once it has one (io_uring driver): a new earliest request re-arms
+    /// it directly, since the pacer task is then waiting on it rather than on `wake`.
+    timer: RefCell<Option<Rc<TimerFd>>>,
 }
 
 impl Pacer {
@@ -147,6 +139,9 @@ impl Pacer {
         let earliest = heap.peek().is_none_or(|Reverse((d, _))| t < *d);
         heap.push(Reverse((t, slot)));
         if earliest {
+            if let Some(timer) = &*self.timer.borrow() {
+                timer.arm(t);
+            }
             self.wake.notify();
         }
     }
@@ -174,8 +169,120 @@ impl Pacer {
     }
 }
 
-/// The thread's pacer task: notifies [`Pacer`] requests when due. Sleeps while the next is
-/// far ([`PACER_SPIN_US`]), spins otherwise.
+/// A timer that fires at a given microsecond of the run (µs since the run's base instant),
+/// with the kernel's high-resolution timers: a `timerfd` on `CLOCK_MONOTONIC` (the clock of
+/// [`Instant`]), read through the io_uring ring, so that waiting on it is a parked thread, not a
+/// spinning one. monoio's own timer wheel has 1 ms ticks, too coarse for open-loop pacing.
+pub struct TimerFd {
+    file: monoio::fs::File,
+    /// `CLOCK_MONOTONIC` nanoseconds at the run's µs 0.
+    base_ns: i128,
+}
+
+fn monotonic_ns() -> i128 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: clock_gettime writes the timespec it is given.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as i128 * 1_000_000_000 + ts.tv_nsec as i128
+}
+
+impl TimerFd {
+    /// A timer for the calling thread's runtime; `now_us` is the run's current µs.
+    fn new(now_us: u64) -> std::io::Result<TimerFd> {
+        use std::os::fd::FromRawFd;
+        // SAFETY: plain syscall; the descriptor it returns is owned by the File below.
+        let fd = unsafe { libc::timerfd_create(libc::CLOCK_MONOTONIC, libc::TFD_CLOEXEC) };
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: `fd` is a fresh descriptor nothing else owns.
+        let std_file = unsafe { std::fs::File::from_raw_fd(fd) };
+        let file = monoio::fs::File::from_std(std_file)?;
+        Ok(TimerFd { file, base_ns: monotonic_ns() - now_us as i128 * 1000 })
+    }
+
+    /// Fire at run µs `t` (at once if that is past), replacing the previous setting.
+    fn arm(&self, t: u64) {
+        use std::os::fd::AsRawFd;
+        // 0 would disarm the timer: a time in the past is given as 1 ns.
+        let ns = (self.base_ns + t as i128 * 1000).max(1);
+        let it_value =
+            libc::timespec { tv_sec: (ns / 1_000_000_000) as _, tv_nsec: (ns % 1_000_000_000) as _ };
+        let spec = libc::itimerspec { it_interval: libc::timespec { tv_sec: 0, tv_nsec: 0 }, it_value };
+        // SAFETY: the descriptor is a timerfd owned by `self.file`; the specs are plain data.
+        unsafe {
+            libc::timerfd_settime(self.file.as_raw_fd(), libc::TFD_TIMER_ABSTIME, &spec, std::ptr::null_mut())
+        };
+    }
+
+    /// Wait until the timer fires.
+    async fn wait(&self, buf: Vec<u8>) -> (std::io::Result<usize>, Vec<u8>) {
+        self.file.read_at(buf, 0).await
+    }
+}
+
+/// The thread's pacer task: notifies [`Pacer`] requests when due, in one of three ways.
+///
+/// - `--pacer timer` (io_uring driver): waits on a [`TimerFd`] set to the next due time
+///   (re-armed by [`Pacer::wake_at`] when an earlier request comes in). The thread parks in the
+///   ring until then, with every completion (acks, deliveries) still reaped as it comes; its
+///   timer slack is 1 ns, so the kernel does not defer the wake-up by its default 50 µs. It
+///   costs no CPU while waiting; each wake-up adds the scheduler's wake-up latency.
+/// - `--pacer spin` (io_uring driver): [`spin_pacer`], precise to a few µs, but the thread's
+///   core stays busy. On a machine where the loadgen shares its cores with the server or a
+///   database, that CPU is taken from them: a spinning pacer took 1.2 cores at 5 k msgs/s here
+///   and added hundreds of milliseconds to durable acks. `--pacer auto` spins only when the
+///   server cannot run on the loadgen's CPUs.
+/// - The epoll driver has no ring to read through: monoio's timer (1 ms granularity).
+async fn pacer(w: Rc<Worker>, ring: bool) {
+    if ring && w.g.cfg.pacing == Pacing::Spin {
+        return spin_pacer(w).await;
+    }
+    let mut timer = if ring { TimerFd::new(w.now_us()).ok().map(Rc::new) } else { None };
+    if timer.is_some() {
+        // SAFETY: prctl on the calling thread with an integer argument.
+        unsafe { libc::prctl(libc::PR_SET_TIMERSLACK, 1 as libc::c_ulong) };
+    }
+    *w.pacer.timer.borrow_mut() = timer.clone();
+    let mut buf = Some(Vec::<u8>::with_capacity(8));
+    while w.phase() < Phase::Stop {
+        let now = w.now_us();
+        let Some(t) = w.pacer.fire(now) else {
+            w.pacer.wake.wait().await;
+            continue;
+        };
+        match (timer.clone(), buf.take()) {
+            (Some(tfd), Some(b)) => {
+                tfd.arm(t);
+                let (res, b) = tfd.wait(b).await;
+                buf = Some(b);
+                if let Err(e) = res {
+                    eprintln!("tim-loadgen: the pacer's timer failed ({e}); pacing with the 1 ms timer");
+                    timer = None;
+                    *w.pacer.timer.borrow_mut() = None;
+                }
+            }
+            _ => {
+                let sleep = Duration::from_micros(t.saturating_sub(now));
+                let _ = monoio::time::timeout(sleep, w.pacer.wake.wait()).await;
+            }
+        }
+    }
+}
+
+/// Below this much time before the next due wake-up the spinning pacer spins (goes round the
+/// executor and reads the clock) instead of sleeping: monoio's timer wheel has 1 ms ticks,
+/// rounds a deadline up to the next one and parks for whole ticks, so a sleep can end up to
+/// 2 ms late. Above it, the pacer sleeps for the part that cannot overshoot ([`pacer_sleep_us`]).
+pub const PACER_SPIN_US: u64 = 2_500;
+
+/// How long the spinning pacer may sleep when the next wake-up is `wait_us` away: 0 means spin.
+/// A monoio sleep of `d` ends within `d + 2 ms` (plus scheduling), so it sleeps `wait - 2.5 ms`.
+pub fn pacer_sleep_us(wait_us: u64) -> u64 {
+    wait_us.saturating_sub(PACER_SPIN_US)
+}
+
+/// `--pacer spin`: sleeps while the next due time is far ([`PACER_SPIN_US`]), spins otherwise.
 ///
 /// A spin step must go through the kernel: the io_uring driver sets up the ring with
 /// `DEFER_TASKRUN`, so completions (acks, deliveries, finished writes) only come in when the
@@ -184,12 +291,8 @@ impl Pacer {
 /// 1 ms). So each step reads a byte of `/dev/zero` through the ring (it completes at once; the
 /// runtime parks without blocking, reaps completions and runs due timers), then yields. Once a
 /// millisecond it also waits on a timer already due, so that the runtime parks whatever happens.
-///
-/// With the epoll driver (`spin` false) there is no ring to read through and a spinning task
-/// would hold readiness events back until the next timer tick, so there it sleeps to the due
-/// time with monoio's timer (1 ms granularity, as the loadgen always did).
-async fn pacer(w: Rc<Worker>, spin: bool) {
-    let mut zero = if spin { monoio::fs::File::open("/dev/zero").await.ok() } else { None };
+async fn spin_pacer(w: Rc<Worker>) {
+    let mut zero = monoio::fs::File::open("/dev/zero").await.ok();
     let mut buf = Some(Vec::<u8>::with_capacity(1));
     let mut last_ms = 0;
     while w.phase() < Phase::Stop {
@@ -198,9 +301,10 @@ async fn pacer(w: Rc<Worker>, spin: bool) {
             w.pacer.wake.wait().await;
             continue;
         };
-        let sleep = if spin { pacer_sleep_us(t.saturating_sub(now)) } else { t.saturating_sub(now) };
+        let sleep = pacer_sleep_us(t.saturating_sub(now));
         if sleep > 0 || zero.is_none() {
-            let _ = monoio::time::timeout(Duration::from_micros(sleep), w.pacer.wake.wait()).await;
+            let wait = if zero.is_none() { t.saturating_sub(now) } else { sleep };
+            let _ = monoio::time::timeout(Duration::from_micros(wait), w.pacer.wake.wait()).await;
             continue;
         }
         if let (Some(f), Some(b)) = (&zero, buf.take()) {
@@ -400,7 +504,7 @@ mod tests {
     }
 
     #[test]
-    fn pacer_sleeps_only_the_part_that_cannot_overshoot() {
+    fn spinning_pacer_sleeps_only_the_part_that_cannot_overshoot() {
         assert_eq!(pacer_sleep_us(0), 0);
         assert_eq!(pacer_sleep_us(PACER_SPIN_US), 0);
         assert_eq!(pacer_sleep_us(5_000), 5_000 - PACER_SPIN_US);
