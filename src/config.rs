@@ -60,6 +60,10 @@ pub struct StoreConfig {
     pub commit_wait_us: u64,
     /// Milliseconds a send waits for its commit before it gets StoreUnavailable.
     pub commit_timeout_ms: u64,
+    /// Conversations one shard loads from one store partition in one go at most: the first
+    /// messages of many conversations (after a start) cost a round trip per batch, not per
+    /// conversation.
+    pub load_batch_max: usize,
     /// SQLite `synchronous` for the embedded store: "full" (durable against power loss) or
     /// "normal" (durable against a crash of tim, not of the machine).
     pub synchronous: String,
@@ -269,6 +273,7 @@ impl Default for StoreConfig {
             commit_backlog_max: 8192,
             commit_wait_us: 0,
             commit_timeout_ms: 5000,
+            load_batch_max: 256,
             synchronous: "full".into(),
             postgres: PostgresConfig::default(),
         }
@@ -383,6 +388,9 @@ impl Config {
         {
             bail!("store.commit_batch_max, commit_backlog_max and commit_timeout_ms must be greater than 0");
         }
+        if self.store.load_batch_max == 0 || self.store.load_batch_max > 4096 {
+            bail!("store.load_batch_max must be within 1..=4096");
+        }
         if self.store.commit_wait_us > 100_000 {
             bail!("store.commit_wait_us must be at most 100000");
         }
@@ -487,6 +495,7 @@ commit_batch_max = 1024     # messages committed in one transaction at most
 commit_backlog_max = 8192   # messages waiting for their commit per shard and partition; then StoreUnavailable at once
 commit_wait_us = 0          # a shard's commit waits this long for more messages (0: takes what is queued)
 commit_timeout_ms = 5000    # a send gets StoreUnavailable if its commit takes longer
+load_batch_max = 256        # conversations loaded from one partition in one go at most (first messages after a start)
 synchronous = "full"        # embedded: full (survives power loss) | normal (survives a tim crash)
 
 [store.postgres]

@@ -25,7 +25,7 @@ use tim_shards::{MeshPort, SendError};
 
 use crate::{
     auth::Auth,
-    commit::{CommitQueues, Queued},
+    commit::{CommitQueues, LoadQueues, Queued},
     config::Config,
     envelope::{Envelope, SessionRef},
     frame::AlignedBuf,
@@ -33,9 +33,9 @@ use crate::{
     notify::LocalNotify,
     placement::Placement,
     protocol::ErrorCode,
-    roles::{CommitOutcome, ConvOwner, Effect, Effects, LoadRequest, Sequenced, UserOwner},
+    roles::{CommitOutcome, ConvOwner, Effect, Effects, Sequenced, UserOwner},
     session::Session,
-    store::{ConvKey, Cursor, Duplicates, Store, UserId},
+    store::{ConvKey, ConvLoad, Cursor, Duplicates, Store, StoreError, UserId},
     workers::Workers,
 };
 
@@ -83,6 +83,8 @@ pub struct Shard {
     /// The conversation owner role for this shard's partitions.
     convs: RefCell<ConvOwner>,
     commits: RefCell<CommitQueues>,
+    /// Conversations waiting for their load, per store partition.
+    loads: RefCell<LoadQueues>,
     /// Scratch for the effects of one role call (reused, so that handling allocates nothing).
     effects: RefCell<Effects>,
     pool: RefCell<Vec<AlignedBuf>>,
@@ -128,6 +130,13 @@ impl Shard {
                 store.partitions(),
                 cfg.store.commit_batch_max,
                 cfg.store.commit_backlog_max,
+            )),
+            // Every conversation held is loaded at most once at a time: the owner's bound on
+            // conversations bounds the loads waiting.
+            loads: RefCell::new(LoadQueues::new(
+                store.partitions(),
+                cfg.store.load_batch_max,
+                cfg.limits.conversations_per_shard_max,
             )),
             effects: RefCell::new(Vec::new()),
             pool: RefCell::new(Vec::new()),
@@ -435,13 +444,23 @@ impl Shard {
         for effect in fx.drain(..) {
             match effect {
                 Effect::Post(dst, env) => self.post(dst, env),
-                Effect::LoadConv(req) => self.spawn_conv_load(req),
+                Effect::LoadConv(req) => {
+                    let part = self.shared.store.partition_of(req.key);
+                    let queued = self.loads.borrow_mut().push(part, req);
+                    match queued {
+                        Queued::Waiting => {}
+                        Queued::Start => drop(monoio::spawn(self.rc().run_loads(part))),
+                        Queued::Full(req) => self.with_convs(|c, fx| {
+                            c.loaded(req.key, Err(ErrorCode::StoreUnavailable), now_ms(), fx)
+                        }),
+                    }
+                }
                 Effect::Commit(s) => {
                     let part = self.shared.store.partition_of(s.conv());
                     let queued = self.commits.borrow_mut().push(part, s);
                     match queued {
                         Queued::Waiting => {}
-                        Queued::StartCommitter => drop(monoio::spawn(self.rc().run_commits(part))),
+                        Queued::Start => drop(monoio::spawn(self.rc().run_commits(part))),
                         // A stalled partition's backlog is full: StoreUnavailable now, not later.
                         Queued::Full(s) => {
                             self.with_convs(|c, fx| c.settled(s, CommitOutcome::Failed, true, fx))
@@ -493,30 +512,26 @@ impl Shard {
 
     /// Check a conversation's recipient and load its last sequence and recent sends on a worker,
     /// then hand the outcome to the conversation owner.
-    fn spawn_conv_load(&self, req: LoadRequest) {
-        let me = self.rc();
-        monoio::spawn(async move {
-            let store = me.shared.store.clone();
-            let key = req.key;
-            let job = move || -> Result<Option<crate::store::ConvLoad>, crate::store::StoreError> {
-                if let Some(to) = req.check_recipient {
-                    if !store.account_exists(to)? {
-                        return Ok(None);
-                    }
+    /// The loader of store partition `part`: load its waiting conversations a batch at a time
+    /// (after a start, the first messages of many conversations arrive together; each batch is
+    /// one store job and, on PostgreSQL, a few statements, not a few per conversation).
+    async fn run_loads(self: Rc<Self>, part: usize) {
+        loop {
+            let Some(batch) = self.loads.borrow_mut().next_batch(part) else { return };
+            let keys: Vec<ConvKey> = batch.iter().map(|r| r.key).collect();
+            let store = self.shared.store.clone();
+            let loaded: Vec<Result<ConvLoad, ErrorCode>> =
+                match self.shared.workers.store.run(move || store.load_convs(part, &batch)).await {
+                    Ok(results) => results.into_iter().map(load_result).collect(),
+                    Err(e) => vec![Err(e.code_or(ErrorCode::StoreUnavailable)); keys.len()],
+                };
+            let now = now_ms();
+            self.with_convs(|c, fx| {
+                for (key, loaded) in keys.into_iter().zip(loaded) {
+                    c.loaded(key, loaded, now, fx);
                 }
-                store.load_conv(req.key, req.since_ms, req.recent_max).map(Some)
-            };
-            let loaded = match me.shared.workers.store.run(job).await {
-                Ok(Ok(Some(load))) => Ok(load),
-                Ok(Ok(None)) => Err(ErrorCode::UnknownRecipient),
-                Ok(Err(e)) => {
-                    log::warn!("store: {e}");
-                    Err(ErrorCode::StoreUnavailable)
-                }
-                Err(e) => Err(e.code_or(ErrorCode::StoreUnavailable)),
-            };
-            me.with_convs(|c, fx| c.loaded(key, loaded, now_ms(), fx));
-        });
+            });
+        }
     }
 
     /// The committer of store partition `part`: commit its queued messages one batch at a time
@@ -573,6 +588,19 @@ impl Shard {
                 c.settled(s, outcome, sender_waiting, fx);
             }
         });
+    }
+}
+
+/// A conversation load's answer for its owner: an unknown recipient or an unavailable store
+/// becomes the code its waiting sends get.
+fn load_result(r: Result<Option<ConvLoad>, StoreError>) -> Result<ConvLoad, ErrorCode> {
+    match r {
+        Ok(Some(load)) => Ok(load),
+        Ok(None) => Err(ErrorCode::UnknownRecipient),
+        Err(e) => {
+            log::warn!("store: {e}");
+            Err(ErrorCode::StoreUnavailable)
+        }
     }
 }
 

@@ -459,7 +459,7 @@ impl Sim {
                     let part = (conv_hash(s.conv()) % self.cfg.store_partitions as u64) as usize;
                     match self.shards[shard].commits.push(part, s) {
                         Queued::Waiting => {}
-                        Queued::StartCommitter => {
+                        Queued::Start => {
                             let gather = self.rng.below(2);
                             self.schedule(self.now + gather, Timer::Committer { shard, part });
                         }

@@ -10,7 +10,7 @@ use std::{collections::BTreeMap, time::Duration};
 use common::*;
 use tim::{
     client::{Client, Event},
-    store::{Duplicates, RecentSend, Store, StoreError, StoredMessage},
+    store::{Duplicates, LoadRequest, RecentSend, Store, StoreError, StoredMessage},
 };
 
 /// A `[store]` body for `name`: for postgres, two fresh databases on the two shared throwaway
@@ -254,6 +254,57 @@ fn store_dedup(st: &str) {
     store.close();
 }
 
+/// Conversations loaded together (what a burst of first messages after a start asks for)
+/// answer as each loaded alone, in order; a recipient without an account answers `None`,
+/// whichever database range would hold it.
+fn batched_loads(st: &str) {
+    let (store, _dir) = open_store(st);
+    let store = &*store;
+    let alice = store.create_account(&[7u8; 32], "hash".into()).unwrap();
+    let bob = store.create_account(&[200u8; 32], "hash".into()).unwrap();
+    let convs: Vec<(u64, u64)> = (1..=40).map(|k| (k, 1000 + k)).collect();
+    for (n, &conv) in convs.iter().enumerate() {
+        let msgs: Vec<_> = (1..=(n as u64 % 4)).map(|seq| message(conv, seq, conv.0, seq)).collect();
+        if !msgs.is_empty() {
+            append(store, msgs).unwrap();
+        }
+    }
+    // Account ids carry their partition in their low 12 bits: one missing id on each range.
+    let missing = [4096 * 5 + 1, 4096 * 5 + 3000];
+    let recipients = [Some(alice), Some(bob), Some(missing[0]), Some(missing[1]), None];
+    let mut by_part: BTreeMap<usize, Vec<LoadRequest>> = BTreeMap::new();
+    for (n, &conv) in convs.iter().enumerate() {
+        let req = LoadRequest { key: conv, check_recipient: recipients[n % 5], since_ms: 0, recent_max: 2 };
+        by_part.entry(store.partition_of(conv)).or_default().push(req);
+    }
+    assert_eq!(by_part.len(), store.partitions(), "every partition has conversations to load");
+    let mut loaded = 0;
+    for (part, reqs) in &by_part {
+        let got = store.load_convs(*part, reqs);
+        assert_eq!(got.len(), reqs.len());
+        for (req, got) in reqs.iter().zip(got) {
+            let got = got.unwrap();
+            if req.check_recipient.is_some_and(|to| missing.contains(&to)) {
+                assert!(got.is_none(), "{req:?}: no such recipient");
+                continue;
+            }
+            let got = got.expect("the recipient exists");
+            let alone = store.load_conv(req.key, 0, 2).unwrap();
+            assert_eq!(got.last_seq, alone.last_seq, "{req:?}");
+            assert_eq!(got.recent, alone.recent, "{req:?}");
+            let sent = (req.key.0 - 1) % 4;
+            if durable(st) {
+                assert_eq!(got.last_seq, sent);
+                let want: Vec<u64> = (1..=sent).rev().take(2).collect();
+                assert_eq!(got.recent.iter().map(|r| r.seq).collect::<Vec<_>>(), want, "newest first");
+            }
+            loaded += 1;
+        }
+    }
+    assert_eq!(loaded, 40 - 16, "two of every five conversations name a missing recipient");
+    store.close();
+}
+
 /// A user's id, from a token (its first 16 hex digits).
 fn s_user(c: &mut Client) -> u64 {
     let t = c.issue_token(1).unwrap();
@@ -468,6 +519,7 @@ macro_rules! on_every_store {
 }
 
 on_every_store!(
+    batched_loads,
     history_pages,
     offline_catch_up,
     restart_keeps_sequences_and_dedup,

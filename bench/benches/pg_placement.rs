@@ -114,7 +114,7 @@ async fn commit_pool(store: &PostgresStore, msgs: Vec<StoredMessage>) {
 
 /// tim's own insert (`tim::store::postgres::insert_messages`), on a shard-local connection.
 async fn commit_shard(client: &Client, batch: Vec<StoredMessage>) {
-    let insert = tim::store::postgres::insert_messages(client, &batch);
+    let insert = tim::store::postgres::insert_messages(client, None, &batch);
     let dups = monoio::time::timeout(COMMIT_TIMEOUT, insert).await.expect("commit in time");
     assert!(dups.expect("commit succeeded").expect("batch accounted for").is_empty(), "every message new");
 }

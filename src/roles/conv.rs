@@ -34,16 +34,7 @@ const ID_EPOCH_MS: u64 = 1_704_067_200_000;
 pub const SHARDS_MAX: usize = 1024;
 const ID_COUNTER_BITS: u32 = 13;
 
-/// A store read the runtime runs for the owner, answered with [`ConvOwner::loaded`].
-#[derive(Clone, Debug)]
-pub struct LoadRequest {
-    pub key: ConvKey,
-    /// The recipient must exist (not asked for a note to oneself).
-    pub check_recipient: Option<UserId>,
-    /// Sends since this time are loaded for resend dedup.
-    pub since_ms: u64,
-    pub recent_max: usize,
-}
+pub use crate::store::LoadRequest;
 
 /// How a commit ended for one message.
 #[derive(Clone, Copy, Debug)]

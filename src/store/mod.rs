@@ -54,6 +54,19 @@ pub struct RecentSend {
     pub ts_ms: u64,
 }
 
+/// A conversation a conversation owner needs loaded (its first message since it was last held),
+/// answered with [`crate::roles::conv::ConvOwner::loaded`]. The runtime loads a partition's
+/// waiting conversations together ([`Store::load_convs`]).
+#[derive(Clone, Debug)]
+pub struct LoadRequest {
+    pub key: ConvKey,
+    /// The recipient must exist (not asked for a note to oneself).
+    pub check_recipient: Option<UserId>,
+    /// Sends since this time are loaded for resend dedup.
+    pub since_ms: u64,
+    pub recent_max: usize,
+}
+
 /// What a conversation owner needs to take a conversation over.
 #[derive(Clone, Debug, Default)]
 pub struct ConvLoad {
@@ -132,7 +145,7 @@ pub struct Cursor {
     pub seq: u64,
 }
 
-#[derive(Debug, thiserror::Error)]
+#[derive(Clone, Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("name taken")]
     NameTaken,
@@ -178,6 +191,28 @@ pub trait Store: Send + Sync + 'static {
 
     /// The last sequence number of `conv` and its sends since `since_ms` (at most `recent_max`).
     fn load_conv(&self, conv: ConvKey, since_ms: u64, recent_max: usize) -> Result<ConvLoad, StoreError>;
+
+    /// Load conversations that all commit on `partition` ([`Store::partition_of`]), one result per
+    /// request in order: `Ok(None)` when the request's `check_recipient` has no account, else
+    /// what [`Store::load_conv`] gives. A store behind a network loads them together (a round
+    /// trip per batch, not per conversation); the default loads one after the other.
+    fn load_convs(
+        &self,
+        partition: usize,
+        reqs: &[LoadRequest],
+    ) -> Vec<Result<Option<ConvLoad>, StoreError>> {
+        let _ = partition;
+        reqs.iter()
+            .map(|r| {
+                if let Some(to) = r.check_recipient {
+                    if !self.account_exists(to)? {
+                        return Ok(None);
+                    }
+                }
+                self.load_conv(r.key, r.since_ms, r.recent_max).map(Some)
+            })
+            .collect()
+    }
 
     /// With `older`: messages with seq < `anchor` (all if `anchor` is 0), newest first; else
     /// messages with seq > `anchor`, oldest first. Within `limit` (count and bytes).

@@ -25,6 +25,7 @@
 //! and versioned in `tim_schema`.
 
 use std::{
+    collections::{BTreeMap, HashMap, HashSet},
     future::Future,
     sync::{
         atomic::{AtomicBool, Ordering},
@@ -35,11 +36,11 @@ use std::{
 
 use bytes::Bytes;
 use tokio::sync::Semaphore;
-use tokio_postgres::{types::Type, Client, NoTls};
+use tokio_postgres::{types::Type, Client, NoTls, Statement};
 
 use super::{
-    collect_page, Account, CatchUp, CommitDone, ConvKey, ConvLoad, Cursor, Duplicates, NameKey, Page,
-    PageLimit, RecentSend, Store, StoreError, StoredMessage, UserId,
+    collect_page, Account, CatchUp, CommitDone, ConvKey, ConvLoad, Cursor, Duplicates, LoadRequest, NameKey,
+    Page, PageLimit, RecentSend, Store, StoreError, StoredMessage, UserId,
 };
 use crate::config::PostgresConfig;
 
@@ -128,7 +129,7 @@ struct Range {
     url: String,
     config: tokio_postgres::Config,
     /// Connections not in use; never locked across an `.await`.
-    idle: std::sync::Mutex<Vec<Client>>,
+    idle: std::sync::Mutex<Vec<Pooled>>,
     slots: Semaphore,
     timeouts: Timeouts,
     /// A call to this range timed out and none has succeeded since. Calls then take a free
@@ -137,19 +138,37 @@ struct Range {
     stalled: AtomicBool,
 }
 
+/// A pooled connection and the statements prepared on it.
+struct Pooled {
+    client: Client,
+    /// The message insert, prepared once per connection: parsing it for every batch cost the
+    /// server about as much as running it.
+    insert: std::sync::OnceLock<Statement>,
+}
+
 /// A connection checked out of a range's pool. It goes back to the pool on drop only if its last
 /// statement ended normally (answered, or refused by the server); a connection whose statement
 /// timed out, broke, or was abandoned midway (its caller gave up) is dropped and closed.
 struct Conn<'a> {
     range: &'a Range,
-    client: Option<Client>,
+    client: Option<Pooled>,
     reusable: AtomicBool,
     _permit: tokio::sync::SemaphorePermit<'a>,
 }
 
 impl Conn<'_> {
     fn client(&self) -> &Client {
-        self.client.as_ref().expect("present until dropped")
+        &self.client.as_ref().expect("present until dropped").client
+    }
+
+    /// The message insert prepared on this connection.
+    async fn insert_statement(&self) -> Result<Statement, StoreError> {
+        let pooled = self.client.as_ref().expect("present until dropped");
+        if let Some(st) = pooled.insert.get() {
+            return Ok(st.clone());
+        }
+        let st = self.timed(pooled.client.prepare_typed(INSERT_MESSAGES, &INSERT_MESSAGES_TYPES)).await?;
+        Ok(pooled.insert.get_or_init(|| st).clone())
     }
 
     /// Run one statement of this connection within the statement timeout.
@@ -188,7 +207,7 @@ impl Conn<'_> {
 impl Drop for Conn<'_> {
     fn drop(&mut self) {
         if let Some(c) = self.client.take() {
-            if self.reusable.load(Ordering::Relaxed) && !c.is_closed() {
+            if self.reusable.load(Ordering::Relaxed) && !c.client.is_closed() {
                 self.range.idle.lock().unwrap_or_else(|p| p.into_inner()).push(c);
             }
         }
@@ -223,7 +242,7 @@ impl Range {
             let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
             loop {
                 match idle.pop() {
-                    Some(c) if c.is_closed() => continue,
+                    Some(c) if c.client.is_closed() => continue,
                     other => break other,
                 }
             }
@@ -250,7 +269,7 @@ impl Range {
                         log::warn!("postgres {}: connection ended: {e}", redact(&url));
                     }
                 });
-                client
+                Pooled { client, insert: std::sync::OnceLock::new() }
             }
         };
         Ok(Conn { range: self, client: Some(client), reusable: AtomicBool::new(false), _permit: permit })
@@ -359,7 +378,7 @@ impl PostgresStore {
 
 async fn migrate(r: &Range) -> Result<(), StoreError> {
     let mut conn = r.conn().await?;
-    let client = conn.client.as_mut().expect("present");
+    let client = &mut conn.client.as_mut().expect("present").client;
     let tx = client.transaction().await.map_err(pg_err)?;
     tx.batch_execute(
         "SELECT pg_advisory_xact_lock(7100);
@@ -416,9 +435,83 @@ async fn migrate(r: &Range) -> Result<(), StoreError> {
     Ok(())
 }
 
+/// The accounts among `ids` that exist on `range`.
+async fn existing_accounts(range: &Range, ids: &[i64]) -> Result<HashSet<UserId>, StoreError> {
+    let conn = range.conn().await?;
+    let rows = conn.timed(conn.client().query("SELECT id FROM accounts WHERE id = ANY($1)", &[&ids])).await?;
+    Ok(rows.iter().map(|r| u(r.get(0))).collect())
+}
+
+/// [`Store::load_conv`] for every (conv_a, conv_b, since_ms, recent_max) of `keys`, all
+/// conversations of `range`, in two statements.
+async fn load_batch(range: &Range, keys: &[(i64, i64, i64, i64)]) -> Result<Vec<ConvLoad>, StoreError> {
+    let col = |f: fn(&(i64, i64, i64, i64)) -> i64| keys.iter().map(f).collect::<Vec<i64>>();
+    let (a, b, since, max) = (col(|k| k.0), col(|k| k.1), col(|k| k.2), col(|k| k.3));
+    let conn = range.conn().await?;
+    let c = conn.client();
+    let mut out = vec![ConvLoad::default(); keys.len()];
+    // A seq removed by the schema 2 migration stays used (`seq_floors`). GREATEST skips NULLs.
+    let last = conn
+        .timed(c.query(
+            "SELECT k.ord, GREATEST(
+                 (SELECT max(seq) FROM messages m WHERE m.conv_a = k.a AND m.conv_b = k.b),
+                 (SELECT max(seq) FROM seq_floors f WHERE f.conv_a = k.a AND f.conv_b = k.b))
+             FROM UNNEST($1::int8[], $2::int8[]) WITH ORDINALITY AS k (a, b, ord)",
+            &[&a, &b],
+        ))
+        .await?;
+    for row in &last {
+        let at = row.get::<_, i64>(0) as usize - 1;
+        out[at].last_seq = row.get::<_, Option<i64>>(1).map_or(0, u);
+    }
+    let recent = conn
+        .timed(c.query(
+            "SELECT k.ord, r.sender, r.client_msg_id, r.msg_id, r.seq, r.ts_ms
+             FROM UNNEST($1::int8[], $2::int8[], $3::int8[], $4::int8[]) WITH ORDINALITY
+                 AS k (a, b, since, lim, ord)
+             CROSS JOIN LATERAL (
+                 SELECT sender, client_msg_id, msg_id, seq, ts_ms FROM messages m
+                 WHERE m.conv_a = k.a AND m.conv_b = k.b AND m.ts_ms >= k.since
+                 ORDER BY m.seq DESC LIMIT k.lim) r
+             ORDER BY k.ord, r.seq DESC",
+            &[&a, &b, &since, &max],
+        ))
+        .await?;
+    for row in &recent {
+        let at = row.get::<_, i64>(0) as usize - 1;
+        out[at].recent.push(RecentSend {
+            sender: u(row.get(1)),
+            client_msg_id: u(row.get(2)),
+            msg_id: u(row.get(3)),
+            seq: u(row.get(4)),
+            ts_ms: u(row.get(5)),
+        });
+    }
+    Ok(out)
+}
+
+/// A batch of messages as one statement: one array per column.
+pub const INSERT_MESSAGES: &str =
+    "INSERT INTO messages (conv_a, conv_b, seq, msg_id, ts_ms, sender, sender_device, client_msg_id, payload)
+     SELECT * FROM UNNEST($1::int8[], $2::int8[], $3::int8[], $4::int8[], $5::int8[], $6::int8[],
+                          $7::int8[], $8::int8[], $9::bytea[])";
+/// The parameter types of [`INSERT_MESSAGES`].
+pub const INSERT_MESSAGES_TYPES: [Type; 9] = [
+    Type::INT8_ARRAY,
+    Type::INT8_ARRAY,
+    Type::INT8_ARRAY,
+    Type::INT8_ARRAY,
+    Type::INT8_ARRAY,
+    Type::INT8_ARRAY,
+    Type::INT8_ARRAY,
+    Type::INT8_ARRAY,
+    Type::BYTEA_ARRAY,
+];
+
 async fn insert_batch(range: &Range, batch: &[StoredMessage]) -> Result<super::Duplicates, StoreError> {
     let conn = range.conn().await?;
-    conn.timed(insert_messages(conn.client(), batch))
+    let insert = conn.insert_statement().await?;
+    conn.timed(insert_messages(conn.client(), Some(&insert), batch))
         .await?
         .map_err(|e| StoreError::Unavailable(format!("postgres {}: {e}", redact(&range.url))))
 }
@@ -440,6 +533,7 @@ async fn insert_batch(range: &Range, batch: &[StoredMessage]) -> Result<super::D
 /// Public for the placement benchmark, which runs it on a shard-local connection.
 pub async fn insert_messages(
     client: &Client,
+    prepared: Option<&Statement>,
     batch: &[StoredMessage],
 ) -> Result<Result<Duplicates, String>, tokio_postgres::Error> {
     let col = |f: fn(&StoredMessage) -> u64| batch.iter().map(|m| i(f(m))).collect::<Vec<i64>>();
@@ -459,20 +553,26 @@ pub async fn insert_messages(
         (&cmid, arr),
         (&payload, Type::BYTEA_ARRAY),
     ];
-    const INSERT: &str = "INSERT INTO messages (conv_a, conv_b, seq, msg_id, ts_ms, sender, sender_device, client_msg_id, payload)
-         SELECT * FROM UNNEST($1::int8[], $2::int8[], $3::int8[], $4::int8[], $5::int8[], $6::int8[],
-                              $7::int8[], $8::int8[], $9::bytea[])";
     // Almost every batch holds no duplicate: a plain insert (which the dedup index still guards)
     // costs less than ON CONFLICT's speculative insertion, measured about half at 1024 rows.
     // Only a batch that trips the dedup index goes again with ON CONFLICT.
-    match client.execute_typed(INSERT, &params).await {
+    let plain = match prepared {
+        Some(st) => {
+            let values: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> =
+                params.iter().map(|(v, _)| *v).collect();
+            client.execute(st, &values).await
+        }
+        None => client.execute_typed(INSERT_MESSAGES, &params).await,
+    };
+    match plain {
         Ok(_) => return Ok(Ok(Vec::new())),
         Err(e) if e.as_db_error().is_some_and(|d| d.constraint() == Some("messages_dedup")) => {}
         Err(e) => return Err(e),
     }
     // UNNEST feeds the insert in array order, so of two messages of the batch with the same key
     // the first is stored. The row count leaves out the messages not inserted.
-    let on_conflict = format!("{INSERT} ON CONFLICT (conv_a, conv_b, sender, client_msg_id) DO NOTHING");
+    let on_conflict =
+        format!("{INSERT_MESSAGES} ON CONFLICT (conv_a, conv_b, sender, client_msg_id) DO NOTHING");
     let inserted = client.execute_typed(&on_conflict, &params).await?;
     if inserted as usize == batch.len() {
         return Ok(Ok(Vec::new()));
@@ -643,6 +743,55 @@ impl Store for PostgresStore {
                 .collect();
             Ok(ConvLoad { last_seq: last.map_or(0, u), recent })
         })
+    }
+
+    /// Two statements for the whole batch on the partition's range (the last sequence numbers,
+    /// then the recent sends), and one per other range holding a recipient to check, run at the
+    /// same time. A range that fails fails only the requests that needed it.
+    fn load_convs(
+        &self,
+        partition: usize,
+        reqs: &[LoadRequest],
+    ) -> Vec<Result<Option<ConvLoad>, StoreError>> {
+        let range = self.ranges[partition].clone();
+        let mut checks: BTreeMap<usize, Vec<i64>> = BTreeMap::new();
+        for to in reqs.iter().filter_map(|r| r.check_recipient) {
+            checks.entry(self.owner[(to % PARTITIONS) as usize] as usize).or_default().push(i(to));
+        }
+        let checks: Vec<(usize, Arc<Range>, Vec<i64>)> =
+            checks.into_iter().map(|(ix, ids)| (ix, self.ranges[ix].clone(), ids)).collect();
+        let keys: Vec<(i64, i64, i64, i64)> =
+            reqs.iter().map(|r| (i(r.key.0), i(r.key.1), i(r.since_ms), r.recent_max as i64)).collect();
+        let (loads, existing) = self.rt.block_on(async move {
+            let checking: Vec<_> = checks
+                .into_iter()
+                .map(|(ix, r, ids)| (ix, tokio::spawn(async move { existing_accounts(&r, &ids).await })))
+                .collect();
+            let loads = load_batch(&range, &keys).await;
+            let mut existing = HashMap::new();
+            for (ix, task) in checking {
+                let found =
+                    task.await.unwrap_or_else(|e| Err(StoreError::Unavailable(format!("postgres: {e}"))));
+                existing.insert(ix, found);
+            }
+            (loads, existing)
+        });
+        reqs.iter()
+            .enumerate()
+            .map(|(at, r)| {
+                if let Some(to) = r.check_recipient {
+                    match &existing[&(self.owner[(to % PARTITIONS) as usize] as usize)] {
+                        Ok(found) if !found.contains(&to) => return Ok(None),
+                        Ok(_) => {}
+                        Err(e) => return Err(e.clone()),
+                    }
+                }
+                match &loads {
+                    Ok(all) => Ok(Some(all[at].clone())),
+                    Err(e) => Err(e.clone()),
+                }
+            })
+            .collect()
     }
 
     fn history(&self, conv: ConvKey, anchor: u64, older: bool, limit: PageLimit) -> Result<Page, StoreError> {
