@@ -74,8 +74,13 @@ pub struct StoreConfig {
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct PostgresConfig {
-    /// Connections tim opens to each partition range at most.
+    /// Connections tim opens to each partition range at most for everything but the send path
+    /// (account calls, history, catch-up, cursors).
     pub connections_per_partition: usize,
+    /// Connections to each partition range kept for the send path (commits and conversation
+    /// loads), on top of `connections_per_partition`: a burst of logins' catch-ups never holds
+    /// up a send.
+    pub send_connections_per_partition: usize,
     /// Milliseconds a connection attempt may take, startup and authentication included.
     pub connect_timeout_ms: u64,
     /// Milliseconds a call waits for a free connection of a range's pool. While a range is not
@@ -105,6 +110,7 @@ impl Default for PostgresConfig {
     fn default() -> Self {
         PostgresConfig {
             connections_per_partition: 4,
+            send_connections_per_partition: 2,
             connect_timeout_ms: 2000,
             acquire_timeout_ms: 2000,
             statement_timeout_ms: 2000,
@@ -356,14 +362,15 @@ impl Config {
         if self.store.backend == "postgres" {
             let pg = &self.store.postgres;
             if pg.connections_per_partition == 0
+                || pg.send_connections_per_partition == 0
                 || pg.threads == 0
                 || pg.connect_timeout_ms == 0
                 || pg.acquire_timeout_ms == 0
                 || pg.statement_timeout_ms == 0
             {
                 bail!(
-                    "store.postgres: connections_per_partition, threads, connect_timeout_ms, \
-                     acquire_timeout_ms and statement_timeout_ms must be > 0"
+                    "store.postgres: connections_per_partition, send_connections_per_partition, \
+                     threads, connect_timeout_ms, acquire_timeout_ms and statement_timeout_ms must be > 0"
                 );
             }
             let mut owner = vec![false; tim_shards::PARTITIONS as usize];
@@ -499,7 +506,8 @@ load_batch_max = 256        # conversations loaded from one partition in one go 
 synchronous = "full"        # embedded: full (survives power loss) | normal (survives a tim crash)
 
 [store.postgres]
-connections_per_partition = 4 # connections to each partition range at most
+connections_per_partition = 4 # connections to each partition range at most, commits aside
+send_connections_per_partition = 2 # more connections to each range, for commits and conversation loads only (sends never wait behind catch-ups)
 connect_timeout_ms = 2000   # a connection attempt (startup and authentication included) may take this long
 acquire_timeout_ms = 2000   # wait for a free pooled connection at most this long (not at all while a range is not answering)
 statement_timeout_ms = 2000 # a statement may take this long (tim drops the connection; also set as the server's statement_timeout)

@@ -57,7 +57,6 @@ pub fn start(cfg: Config) -> anyhow::Result<Server> {
         0 => shards,
         n => n,
     };
-    let (workers, worker_handles) = Workers::start(hash_threads, store_threads, cfg.limits.worker_queue_max);
     let store: Arc<dyn Store> = match cfg.store.backend.as_str() {
         "memory" => Arc::new(MemoryStore::default()),
         "postgres" => {
@@ -65,6 +64,9 @@ pub fn start(cfg: Config) -> anyhow::Result<Server> {
         }
         _ => Arc::new(EmbeddedStore::open(&cfg.store).context("opening the embedded store")?),
     };
+    let load_threads = shards * store.partitions();
+    let (workers, worker_handles) =
+        Workers::start(hash_threads, store_threads, load_threads, cfg.limits.worker_queue_max);
     let shared = Arc::new(Shared {
         auth: Auth::new(
             &cfg.security,

@@ -521,7 +521,7 @@ impl Shard {
             let keys: Vec<ConvKey> = batch.iter().map(|r| r.key).collect();
             let store = self.shared.store.clone();
             let loaded: Vec<Result<ConvLoad, ErrorCode>> =
-                match self.shared.workers.store.run(move || store.load_convs(part, &batch)).await {
+                match self.shared.workers.load.run(move || store.load_convs(part, &batch)).await {
                     Ok(results) => results.into_iter().map(load_result).collect(),
                     Err(e) => vec![Err(e.code_or(ErrorCode::StoreUnavailable)); keys.len()],
                 };

@@ -53,33 +53,42 @@ pub struct Pool {
     name: &'static str,
 }
 
-/// The two pools every shard shares.
+/// The pools every shard shares.
 #[derive(Clone)]
 pub struct Workers {
     /// Password hashing and verification (`server.worker_threads`).
     pub hash: Pool,
     /// Store calls (`server.store_threads`).
     pub store: Pool,
+    /// Conversation loads: the send path's store reads, apart from the bulk reads (history,
+    /// catch-up) so that a first message never waits behind a burst of logins. One thread per
+    /// shard and store partition: a shard runs at most one load batch per partition at a time.
+    pub load: Pool,
 }
 
 impl Workers {
-    /// Start `hash_threads` hashing threads and `store_threads` store threads, each pool with a
-    /// queue of `queue_max` jobs. The threads end after [`Workers::stop`].
+    /// Start `hash_threads` hashing threads, `store_threads` store threads and `load_threads`
+    /// load threads, each pool with a queue of `queue_max` jobs. The threads end after
+    /// [`Workers::stop`].
     pub fn start(
         hash_threads: usize,
         store_threads: usize,
+        load_threads: usize,
         queue_max: usize,
     ) -> (Workers, Vec<JoinHandle<()>>) {
         let (hash, mut handles) = Pool::start("hash", hash_threads, queue_max);
         let (store, more) = Pool::start("store", store_threads, queue_max);
         handles.extend(more);
-        (Workers { hash, store }, handles)
+        let (load, more) = Pool::start("load", load_threads, queue_max);
+        handles.extend(more);
+        (Workers { hash, store, load }, handles)
     }
 
     /// Let every thread finish the jobs queued before this call, then end.
     pub fn stop(&self) {
         self.hash.stop();
         self.store.stop();
+        self.load.stop();
     }
 }
 
@@ -168,7 +177,7 @@ mod tests {
     /// A full queue answers Busy at once; the two pools do not share a queue.
     #[test]
     fn full_queue_is_busy_and_pools_are_separate() {
-        let (workers, handles) = Workers::start(1, 1, 1);
+        let (workers, handles) = Workers::start(1, 1, 1, 1);
         let (release_tx, release_rx) = crossbeam_channel::bounded::<()>(0);
         let (started_tx, started_rx) = crossbeam_channel::bounded::<()>(1);
         // Hold the store pool's only thread, then fill its one-slot queue.

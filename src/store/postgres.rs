@@ -45,7 +45,7 @@ use super::{
 use crate::config::PostgresConfig;
 
 /// Schema version written by this build.
-pub const SCHEMA_VERSION: i32 = 2;
+pub const SCHEMA_VERSION: i32 = 3;
 
 const SCHEMA_V1: &str = "
 CREATE SEQUENCE user_ids;
@@ -130,7 +130,11 @@ struct Range {
     config: tokio_postgres::Config,
     /// Connections not in use; never locked across an `.await`.
     idle: std::sync::Mutex<Vec<Pooled>>,
+    /// Connections for everything but the send path (`connections_per_partition`).
     slots: Semaphore,
+    /// Connections for the send path: commits and conversation loads
+    /// (`send_connections_per_partition`).
+    send_slots: Semaphore,
     timeouts: Timeouts,
     /// A call to this range timed out and none has succeeded since. Calls then take a free
     /// connection or fail at once, instead of queueing behind the stuck ones: a range that
@@ -167,7 +171,8 @@ impl Conn<'_> {
         if let Some(st) = pooled.insert.get() {
             return Ok(st.clone());
         }
-        let st = self.timed(pooled.client.prepare_typed(INSERT_MESSAGES, &INSERT_MESSAGES_TYPES)).await?;
+        let sql = insert_messages_sql(false);
+        let st = self.timed(pooled.client.prepare_typed(&sql, &INSERT_MESSAGES_TYPES)).await?;
         Ok(pooled.insert.get_or_init(|| st).clone())
     }
 
@@ -219,15 +224,27 @@ fn pg_err(e: tokio_postgres::Error) -> StoreError {
 }
 
 impl Range {
-    /// A connection of the pool: an idle one, else a new one. Waits at most `acquire` for a
-    /// free slot (not at all while the range is stalled) and `connect` to connect.
+    /// A connection of the pool for anything but the send path.
     async fn conn(&self) -> Result<Conn<'_>, StoreError> {
+        self.conn_from(&self.slots).await
+    }
+
+    /// A connection of the pool for the send path (commits, conversation loads): they have
+    /// connections of their own, so bulk reads (a burst of logins' catch-ups) never hold up a
+    /// send.
+    async fn send_conn(&self) -> Result<Conn<'_>, StoreError> {
+        self.conn_from(&self.send_slots).await
+    }
+
+    /// A connection of the pool: an idle one, else a new one. Waits at most `acquire` for a
+    /// free slot of `slots` (not at all while the range is stalled) and `connect` to connect.
+    async fn conn_from<'a>(&'a self, slots: &'a Semaphore) -> Result<Conn<'a>, StoreError> {
         let unavailable =
             |what: &str| StoreError::Unavailable(format!("postgres {}: {what}", redact(&self.url)));
         let permit = if self.stalled.load(Ordering::Relaxed) {
-            self.slots.try_acquire().map_err(|_| unavailable("not answering, every connection busy"))?
+            slots.try_acquire().map_err(|_| unavailable("not answering, every connection busy"))?
         } else {
-            match tokio::time::timeout(self.timeouts.acquire, self.slots.acquire()).await {
+            match tokio::time::timeout(self.timeouts.acquire, slots.acquire()).await {
                 Ok(p) => p.map_err(|_| unavailable("pool closed"))?,
                 Err(_) => {
                     self.stalled.store(true, Ordering::Relaxed);
@@ -331,6 +348,7 @@ impl PostgresStore {
                 config,
                 idle: std::sync::Mutex::new(Vec::new()),
                 slots: Semaphore::new(cfg.connections_per_partition),
+                send_slots: Semaphore::new(cfg.send_connections_per_partition),
                 timeouts,
                 stalled: AtomicBool::new(false),
             }));
@@ -375,6 +393,25 @@ impl PostgresStore {
         self.rt.block_on(f)
     }
 }
+
+/// Version 3: `user_convs`, each user's conversations on this range, written with their
+/// messages. A login's catch-up starts from it: per conversation, the messages past the device's
+/// cursor, read by primary key. Before, catch-up read every message of the user within the
+/// window and dropped those the device had already acknowledged, so its cost grew with the
+/// user's traffic rather than with what was unread (a restart with 200 busy users then kept both
+/// PostgreSQL servers busy for seconds, and every send waited behind that).
+const SCHEMA_V3: &str = "
+CREATE TABLE user_convs (
+    user_id int8 NOT NULL,
+    conv_a  int8 NOT NULL,
+    conv_b  int8 NOT NULL,
+    PRIMARY KEY (user_id, conv_a, conv_b)
+);
+INSERT INTO user_convs (user_id, conv_a, conv_b)
+    SELECT DISTINCT v.u, c.conv_a, c.conv_b
+    FROM (SELECT DISTINCT conv_a, conv_b FROM messages) c
+    CROSS JOIN LATERAL (VALUES (c.conv_a), (c.conv_b)) AS v (u);
+";
 
 async fn migrate(r: &Range) -> Result<(), StoreError> {
     let mut conn = r.conn().await?;
@@ -430,6 +467,10 @@ async fn migrate(r: &Range) -> Result<(), StoreError> {
         }
         tx.execute("INSERT INTO tim_schema (version) VALUES (2)", &[]).await.map_err(pg_err)?;
     }
+    if version < 3 {
+        tx.batch_execute(SCHEMA_V3).await.map_err(pg_err)?;
+        tx.execute("INSERT INTO tim_schema (version) VALUES (3)", &[]).await.map_err(pg_err)?;
+    }
     tx.commit().await.map_err(pg_err)?;
     conn.reusable.store(true, Ordering::Relaxed);
     Ok(())
@@ -437,7 +478,7 @@ async fn migrate(r: &Range) -> Result<(), StoreError> {
 
 /// The accounts among `ids` that exist on `range`.
 async fn existing_accounts(range: &Range, ids: &[i64]) -> Result<HashSet<UserId>, StoreError> {
-    let conn = range.conn().await?;
+    let conn = range.send_conn().await?;
     let rows = conn.timed(conn.client().query("SELECT id FROM accounts WHERE id = ANY($1)", &[&ids])).await?;
     Ok(rows.iter().map(|r| u(r.get(0))).collect())
 }
@@ -447,7 +488,7 @@ async fn existing_accounts(range: &Range, ids: &[i64]) -> Result<HashSet<UserId>
 async fn load_batch(range: &Range, keys: &[(i64, i64, i64, i64)]) -> Result<Vec<ConvLoad>, StoreError> {
     let col = |f: fn(&(i64, i64, i64, i64)) -> i64| keys.iter().map(f).collect::<Vec<i64>>();
     let (a, b, since, max) = (col(|k| k.0), col(|k| k.1), col(|k| k.2), col(|k| k.3));
-    let conn = range.conn().await?;
+    let conn = range.send_conn().await?;
     let c = conn.client();
     let mut out = vec![ConvLoad::default(); keys.len()];
     // A seq removed by the schema 2 migration stays used (`seq_floors`). GREATEST skips NULLs.
@@ -490,11 +531,30 @@ async fn load_batch(range: &Range, keys: &[(i64, i64, i64, i64)]) -> Result<Vec<
     Ok(out)
 }
 
-/// A batch of messages as one statement: one array per column.
-pub const INSERT_MESSAGES: &str =
-    "INSERT INTO messages (conv_a, conv_b, seq, msg_id, ts_ms, sender, sender_device, client_msg_id, payload)
-     SELECT * FROM UNNEST($1::int8[], $2::int8[], $3::int8[], $4::int8[], $5::int8[], $6::int8[],
-                          $7::int8[], $8::int8[], $9::bytea[])";
+/// A batch of messages as one statement (one array per column), which also records each
+/// sender's and recipient's conversation in `user_convs` (for catch-up), in the same
+/// transaction. Answers the number of messages inserted.
+pub const INSERT_MESSAGES: &str = "WITH m AS (
+         INSERT INTO messages (conv_a, conv_b, seq, msg_id, ts_ms, sender, sender_device, client_msg_id, payload)
+         SELECT * FROM UNNEST($1::int8[], $2::int8[], $3::int8[], $4::int8[], $5::int8[], $6::int8[],
+                              $7::int8[], $8::int8[], $9::bytea[])
+         ON_CONFLICT
+         RETURNING conv_a, conv_b),
+     uc AS (
+         INSERT INTO user_convs (user_id, conv_a, conv_b)
+         SELECT DISTINCT v.u, c.conv_a, c.conv_b
+         FROM (SELECT DISTINCT conv_a, conv_b FROM m) c
+         CROSS JOIN LATERAL (VALUES (c.conv_a), (c.conv_b)) AS v (u)
+         ON CONFLICT DO NOTHING)
+     SELECT count(*) FROM m";
+
+/// [`INSERT_MESSAGES`] as run: `on_conflict` skips the messages whose dedup key is stored.
+pub fn insert_messages_sql(on_conflict: bool) -> String {
+    let clause =
+        if on_conflict { "ON CONFLICT (conv_a, conv_b, sender, client_msg_id) DO NOTHING" } else { "" };
+    INSERT_MESSAGES.replace("ON_CONFLICT", clause)
+}
+
 /// The parameter types of [`INSERT_MESSAGES`].
 pub const INSERT_MESSAGES_TYPES: [Type; 9] = [
     Type::INT8_ARRAY,
@@ -509,7 +569,7 @@ pub const INSERT_MESSAGES_TYPES: [Type; 9] = [
 ];
 
 async fn insert_batch(range: &Range, batch: &[StoredMessage]) -> Result<super::Duplicates, StoreError> {
-    let conn = range.conn().await?;
+    let conn = range.send_conn().await?;
     let insert = conn.insert_statement().await?;
     conn.timed(insert_messages(conn.client(), Some(&insert), batch))
         .await?
@@ -560,9 +620,9 @@ pub async fn insert_messages(
         Some(st) => {
             let values: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> =
                 params.iter().map(|(v, _)| *v).collect();
-            client.execute(st, &values).await
+            client.query_one(st, &values).await.map(drop)
         }
-        None => client.execute_typed(INSERT_MESSAGES, &params).await,
+        None => client.query_typed(&insert_messages_sql(false), &params).await.map(drop),
     };
     match plain {
         Ok(_) => return Ok(Ok(Vec::new())),
@@ -571,9 +631,8 @@ pub async fn insert_messages(
     }
     // UNNEST feeds the insert in array order, so of two messages of the batch with the same key
     // the first is stored. The row count leaves out the messages not inserted.
-    let on_conflict =
-        format!("{INSERT_MESSAGES} ON CONFLICT (conv_a, conv_b, sender, client_msg_id) DO NOTHING");
-    let inserted = client.execute_typed(&on_conflict, &params).await?;
+    let on_conflict = insert_messages_sql(true);
+    let inserted: i64 = client.query_typed(&on_conflict, &params).await?.first().map_or(0, |r| r.get(0));
     if inserted as usize == batch.len() {
         return Ok(Ok(Vec::new()));
     }
@@ -841,12 +900,20 @@ impl Store for PostgresStore {
                                 [&user, &device, &since, &count, &until];
                             conn.timed(rows_within(
                                 conn.client(),
-                                "SELECT m.ts_ms, m.conv_a, m.conv_b, m.seq, m.payload FROM messages m
+                                // Per conversation of the user, what lies past the
+                                // device's cursor, by primary key: the cost follows what
+                                // is unread, not the user's traffic.
+                                "SELECT m.ts_ms, m.conv_a, m.conv_b, m.seq, m.payload FROM user_convs uc
                                  LEFT JOIN cursors c ON c.user_id = $1 AND c.device = $2
-                                                    AND c.conv_a = m.conv_a AND c.conv_b = m.conv_b
-                                 WHERE (m.conv_a = $1 OR m.conv_b = $1) AND m.ts_ms >= $3 AND m.ts_ms <= $5
-                                   AND m.seq > COALESCE(c.seq, 0)
-                                   AND NOT (m.sender = $1 AND m.sender_device = $2)
+                                                    AND c.conv_a = uc.conv_a AND c.conv_b = uc.conv_b
+                                 CROSS JOIN LATERAL (
+                                     SELECT m.ts_ms, m.conv_a, m.conv_b, m.seq, m.payload FROM messages m
+                                     WHERE m.conv_a = uc.conv_a AND m.conv_b = uc.conv_b
+                                       AND m.seq > COALESCE(c.seq, 0)
+                                       AND m.ts_ms >= $3 AND m.ts_ms <= $5
+                                       AND NOT (m.sender = $1 AND m.sender_device = $2)
+                                     ORDER BY m.seq LIMIT $4) m
+                                 WHERE uc.user_id = $1
                                  ORDER BY m.ts_ms, m.conv_a, m.conv_b, m.seq LIMIT $4",
                                 &params,
                                 limit,
