@@ -18,7 +18,7 @@ use rkyv::rancor;
 
 use crate::{
     frame::{self, AlignedBuf, Parsed, HEADER_BYTES},
-    protocol::{self, conv, kind, ErrorCode, Stamp},
+    protocol::{self, conv, kind, ErrorCode, RoomStamp, Stamp},
 };
 
 /// The largest frame the client accepts from a server.
@@ -28,6 +28,14 @@ pub const CLIENT_FRAME_BYTES_MAX: usize = 64 << 20;
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Delivery {
     pub stamp: Stamp,
+    pub client_msg_id: u64,
+    pub body: Vec<u8>,
+}
+
+/// A live-room message delivered to this client.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RoomMessage {
+    pub stamp: RoomStamp,
     pub client_msg_id: u64,
     pub body: Vec<u8>,
 }
@@ -48,6 +56,10 @@ pub enum Event {
     HistoryMsg(Delivery),
     HistoryEnd(protocol::HistoryEnd),
     CatchUpEnd(protocol::CatchUpEnd),
+    RoomOk(protocol::RoomOk),
+    RoomMsg(RoomMessage),
+    RoomClosed(protocol::RoomClosed),
+    RoomMissed(protocol::RoomMissed),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -101,6 +113,10 @@ pub fn decode_event(k: u16, payload: &[u8]) -> Result<Event> {
         kind::HISTORY_MSG => Event::HistoryMsg(delivery(payload)?),
         kind::HISTORY_END => Event::HistoryEnd(de::<protocol::ArchivedHistoryEnd, _>(payload)?),
         kind::CATCHUP_END => Event::CatchUpEnd(de::<protocol::ArchivedCatchUpEnd, _>(payload)?),
+        kind::ROOM_OK => Event::RoomOk(de::<protocol::ArchivedRoomOk, _>(payload)?),
+        kind::ROOM_MSG => Event::RoomMsg(room_message(payload)?),
+        kind::ROOM_CLOSED => Event::RoomClosed(de::<protocol::ArchivedRoomClosed, _>(payload)?),
+        kind::ROOM_MISSED => Event::RoomMissed(de::<protocol::ArchivedRoomMissed, _>(payload)?),
         other => return Err(ClientError::Malformed(format!("unexpected frame kind {other}"))),
     })
 }
@@ -111,6 +127,14 @@ pub fn delivery(payload: &[u8]) -> Result<Delivery> {
     let send = frame::access::<protocol::ArchivedSend>(&payload[Stamp::BYTES..])
         .map_err(|e| ClientError::Malformed(e.to_string()))?;
     Ok(Delivery { stamp, client_msg_id: send.client_msg_id.to_native(), body: send.body.as_slice().to_vec() })
+}
+
+/// Decode a `ROOM_MSG` payload: the room stamp, then the publisher's `RoomPublish` archive.
+pub fn room_message(payload: &[u8]) -> Result<RoomMessage> {
+    let stamp = RoomStamp::read(payload).ok_or_else(|| ClientError::Malformed("short room stamp".into()))?;
+    let p = frame::access::<protocol::ArchivedRoomPublish>(&payload[RoomStamp::BYTES..])
+        .map_err(|e| ClientError::Malformed(e.to_string()))?;
+    Ok(RoomMessage { stamp, client_msg_id: p.client_msg_id.to_native(), body: p.body.as_slice().to_vec() })
 }
 
 pub struct Client {
@@ -379,6 +403,46 @@ impl Client {
     }
 
     /// Log out and wait for the server's `Bye`.
+    /// Create a live room; its id.
+    pub fn room_create(&mut self, publish: u8, subscribers_max: u32, publishers: &[u64]) -> Result<u64> {
+        let c = protocol::RoomCreate { publish, subscribers_max, publishers: publishers.to_vec() };
+        self.send_frame(kind::ROOM_CREATE, &c)?;
+        self.wait_room_ok(kind::ROOM_CREATE).map(|ok| ok.room_id)
+    }
+
+    /// Subscribe to a live room; its subscriber count.
+    pub fn room_subscribe(&mut self, room_id: u64) -> Result<u32> {
+        self.send_frame(kind::ROOM_SUBSCRIBE, &protocol::RoomRef { room_id })?;
+        self.wait_room_ok(kind::ROOM_SUBSCRIBE).map(|ok| ok.subscribers)
+    }
+
+    /// Unsubscribe from a live room; its subscriber count after.
+    pub fn room_unsubscribe(&mut self, room_id: u64) -> Result<u32> {
+        self.send_frame(kind::ROOM_UNSUBSCRIBE, &protocol::RoomRef { room_id })?;
+        self.wait_room_ok(kind::ROOM_UNSUBSCRIBE).map(|ok| ok.subscribers)
+    }
+
+    /// Delete a live room (its creator only).
+    pub fn room_delete(&mut self, room_id: u64) -> Result<()> {
+        self.send_frame(kind::ROOM_DELETE, &protocol::RoomRef { room_id })?;
+        self.wait_room_ok(kind::ROOM_DELETE).map(drop)
+    }
+
+    /// Publish to a live room. Nothing answers a publish that goes through.
+    pub fn room_publish(&mut self, room_id: u64, client_msg_id: u64, body: &[u8]) -> Result<()> {
+        self.send_frame(
+            kind::ROOM_PUBLISH,
+            &protocol::RoomPublish { room_id, client_msg_id, body: body.to_vec() },
+        )
+    }
+
+    fn wait_room_ok(&mut self, request_kind: u16) -> Result<protocol::RoomOk> {
+        self.wait_for(request_kind, |e| match e {
+            Event::RoomOk(ok) if ok.request_kind == request_kind => Some(ok.clone()),
+            _ => None,
+        })
+    }
+
     pub fn logout(&mut self) -> Result<()> {
         self.send_frame(kind::LOGOUT, &protocol::Logout { reserved: 0 })?;
         self.wait_for(kind::LOGOUT, |e| matches!(e, Event::Bye).then_some(()))

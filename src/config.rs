@@ -196,6 +196,19 @@ pub struct Limits {
     /// Seconds after which an unused conversation is evicted from memory (reloaded from the
     /// store when next used).
     pub conversation_idle_secs: u64,
+    /// Live rooms one shard owns at most; a RoomCreate beyond it gets TooManyRooms.
+    pub rooms_per_shard_max: usize,
+    /// Subscribers of one live room at most (and the cap a creator may ask for).
+    pub room_subscribers_max: u32,
+    /// Rooms one session may be subscribed to at once.
+    pub room_subscriptions_per_session_max: usize,
+    /// Users a room's creator may list as publishers.
+    pub room_publishers_max: usize,
+    /// Room messages queued for one session at most; beyond it the oldest are dropped, counted
+    /// and reported to the session with RoomMissed (a slow reader never slows a room).
+    pub room_queue_frames_max: usize,
+    /// A room without a publish for this long is closed (its subscribers get RoomClosed).
+    pub room_idle_secs: u64,
     /// Default and greatest lifetime of a one-shot login token, in seconds.
     pub token_ttl_secs: u32,
     /// Live one-shot tokens per account.
@@ -307,6 +320,12 @@ impl Default for Limits {
             dedup_window_secs: 600,
             conversations_per_shard_max: 4 << 20,
             conversation_idle_secs: 600,
+            rooms_per_shard_max: 65_536,
+            room_subscribers_max: 100_000,
+            room_subscriptions_per_session_max: 64,
+            room_publishers_max: 64,
+            room_queue_frames_max: 256,
+            room_idle_secs: 300,
             answer_timeout_ms: 30_000,
             registrations_per_connection_max: 3,
             registrations_per_address_per_minute_max: 30,
@@ -417,6 +436,11 @@ impl Config {
             ("limits.mesh_batch_max", l.mesh_batch_max),
             ("limits.dedup_per_conversation_max", l.dedup_per_conversation_max),
             ("limits.conversations_per_shard_max", l.conversations_per_shard_max),
+            ("limits.rooms_per_shard_max", l.rooms_per_shard_max),
+            ("limits.room_subscribers_max", l.room_subscribers_max as usize),
+            ("limits.room_subscriptions_per_session_max", l.room_subscriptions_per_session_max),
+            ("limits.room_queue_frames_max", l.room_queue_frames_max),
+            ("limits.room_idle_secs", l.room_idle_secs as usize),
             ("limits.tokens_per_user_max", l.tokens_per_user_max),
             ("limits.registrations_per_connection_max", l.registrations_per_connection_max as usize),
             (
@@ -539,6 +563,12 @@ dedup_per_conversation_max = 256    # latest sends remembered per conversation f
 dedup_window_secs = 600             # how long a client message id is remembered
 conversations_per_shard_max = 4194304 # live conversations per shard (least recently used evicted at the cap)
 conversation_idle_secs = 600        # an unused conversation is evicted after this (reloaded when used)
+rooms_per_shard_max = 65536         # live rooms per shard (RoomCreate beyond it: TooManyRooms)
+room_subscribers_max = 100000       # subscribers per live room at most
+room_subscriptions_per_session_max = 64 # rooms one session may be subscribed to
+room_publishers_max = 64            # users a room's creator may list as publishers
+room_queue_frames_max = 256         # room messages queued per session; then the oldest are dropped (RoomMissed)
+room_idle_secs = 300                # a room without a publish for this long closes (RoomClosed)
 answer_timeout_ms = 30000           # a Send, login or token request unanswered this long gets Timeout
 registrations_per_connection_max = 3 # Register requests per connection; then RateLimited
 registrations_per_address_per_minute_max = 30 # per source address and shard; then RateLimited

@@ -7,12 +7,17 @@
 //!
 //! A 1:1 send goes S → C (`Submit`), C → S (`Acked`/`Rejected`), C → U of both users (`Fanout`),
 //! U → T of each session (`Deliver`). Message bodies travel as one shared [`Bytes`] frame.
+//!
+//! - **room owner** (R): owns a live room: its options and subscribers.
+//!
+//! A room publish goes S → R (`Room`), R → each shard holding subscribers (`RoomFanout`, one
+//! per shard), which writes it to its local subscribers.
 
 use bytes::{BufMut, Bytes, BytesMut};
 
 use crate::{
     frame,
-    protocol::{kind, DeviceType, ErrorCode, Stamp},
+    protocol::{kind, DeviceType, ErrorCode, RoomStamp, Stamp},
     store::UserId,
 };
 
@@ -82,6 +87,49 @@ pub struct Attach {
     pub token: Option<[u8; 32]>,
 }
 
+/// What a session asks of a live room's owner.
+pub enum RoomOp {
+    Create {
+        publish: u8,
+        subscribers_max: u32,
+        publishers: Vec<UserId>,
+    },
+    Subscribe,
+    /// `reply`: the session asked (a RoomOk answers); else its connection ended.
+    Unsubscribe {
+        reply: bool,
+    },
+    /// The future `ROOM_MSG` frame: header, a blank room stamp, the `RoomPublish` archive.
+    Publish {
+        client_msg_id: u64,
+        frame: BytesMut,
+    },
+    Delete,
+}
+
+/// A session's request to a room owner (R).
+pub struct RoomRequest {
+    pub origin: SessionRef,
+    pub user: UserId,
+    pub room: u64,
+    pub op: RoomOp,
+}
+
+impl RoomRequest {
+    /// The future `ROOM_MSG` frame of a `RoomPublish` payload (see [`Submit::blank_deliver`]).
+    pub fn blank_room_msg(publish_payload: &[u8]) -> BytesMut {
+        let len = RoomStamp::BYTES + publish_payload.len();
+        let mut f = BytesMut::with_capacity(frame::frame_bytes(len));
+        f.put_u32_le(len as u32);
+        f.put_u16_le(kind::ROOM_MSG);
+        f.put_u16_le(0);
+        f.put_bytes(0, RoomStamp::BYTES);
+        f.put_slice(publish_payload);
+        f.put_bytes(0, frame::padded(len) - len);
+        f
+    }
+}
+
 pub enum Envelope {
     /// S → C.
     Submit(Box<Submit>),
@@ -105,6 +153,16 @@ pub enum Envelope {
     StoreToken { user: UserId, session: SessionRef, hash: [u8; 32], expires_at_ms: u64 },
     /// U → S: the answer to `StoreToken`.
     TokenResult { session: SessionRef, result: Result<(), ErrorCode> },
+    /// S → R: a room request.
+    Room(Box<RoomRequest>),
+    /// R → S: the answer to a room request (`request_kind` is its frame kind); `Ok` carries the
+    /// room's subscriber count.
+    RoomReply { session: SessionRef, room: u64, request_kind: u16, result: Result<u32, ErrorCode> },
+    /// R → every shard with subscribers: write a room message to the room's local subscribers
+    /// (one envelope per destination shard, one shared frame).
+    RoomFanout { room: u64, skip: SessionRef, frame: Bytes },
+    /// R → every shard with subscribers: the room is gone.
+    RoomClosed { room: u64, reason: u16 },
 }
 
 const _: () = assert!(std::mem::size_of::<Envelope>() <= 64);

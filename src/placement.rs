@@ -49,12 +49,21 @@ impl Placement {
         self.owner_of_partition(partition_of(conv_hash(key)))
     }
 
+    /// The owner of a live room.
+    #[inline]
+    pub fn room(&self, room: u64) -> Owner {
+        self.owner_of_partition(partition_of(mix64(room ^ ROOM_SALT)))
+    }
+
     /// The shard that holds a session (its connection never leaves it).
     #[inline]
     pub fn session(&self, session: SessionRef) -> Owner {
         session.shard()
     }
 }
+
+/// Keeps a room's placement independent of a user's with the same number.
+const ROOM_SALT: u64 = 0x726f_6f6d_5f73_616c;
 
 /// The key of a 1:1 conversation: its two users, smaller first.
 #[inline]

@@ -20,6 +20,11 @@ pub mod kind {
     pub const DELIVERY_ACK: u16 = 7;
     pub const LOGOUT: u16 = 8;
     pub const HISTORY: u16 = 9;
+    pub const ROOM_CREATE: u16 = 20;
+    pub const ROOM_SUBSCRIBE: u16 = 21;
+    pub const ROOM_UNSUBSCRIBE: u16 = 22;
+    pub const ROOM_PUBLISH: u16 = 23;
+    pub const ROOM_DELETE: u16 = 24;
 
     pub const REGISTER_OK: u16 = 101;
     pub const LOGIN_OK: u16 = 102;
@@ -34,6 +39,15 @@ pub mod kind {
     pub const HISTORY_MSG: u16 = 109;
     pub const HISTORY_END: u16 = 110;
     pub const CATCHUP_END: u16 = 111;
+    /// The answer to a room request that succeeded (create, subscribe, unsubscribe, delete).
+    pub const ROOM_OK: u16 = 130;
+    /// A message published to a live room: a [`super::RoomStamp`], then the publisher's
+    /// `RoomPublish` archive verbatim.
+    pub const ROOM_MSG: u16 = 131;
+    /// A room this session was subscribed to is gone (deleted or expired).
+    pub const ROOM_CLOSED: u16 = 132;
+    /// Messages of a room this session did not get: it read too slowly.
+    pub const ROOM_MISSED: u16 = 133;
 
     /// Human name of a kind, for logs and errors.
     pub fn name(kind: u16) -> &'static str {
@@ -47,6 +61,11 @@ pub mod kind {
             DELIVERY_ACK => "DeliveryAck",
             LOGOUT => "Logout",
             HISTORY => "History",
+            ROOM_CREATE => "RoomCreate",
+            ROOM_SUBSCRIBE => "RoomSubscribe",
+            ROOM_UNSUBSCRIBE => "RoomUnsubscribe",
+            ROOM_PUBLISH => "RoomPublish",
+            ROOM_DELETE => "RoomDelete",
             REGISTER_OK => "RegisterOk",
             LOGIN_OK => "LoginOk",
             TOKEN_ISSUED => "TokenIssued",
@@ -59,6 +78,10 @@ pub mod kind {
             HISTORY_MSG => "HistoryMsg",
             HISTORY_END => "HistoryEnd",
             CATCHUP_END => "CatchUpEnd",
+            ROOM_OK => "RoomOk",
+            ROOM_MSG => "RoomMsg",
+            ROOM_CLOSED => "RoomClosed",
+            ROOM_MISSED => "RoomMissed",
             _ => "unknown",
         }
     }
@@ -68,6 +91,24 @@ pub mod kind {
 pub mod conv {
     /// A 1:1 conversation; `to` is the peer's user id.
     pub const DIRECT: u8 = 1;
+}
+
+/// Who may publish to a live room (`RoomCreate.publish`).
+pub mod room_publish {
+    /// The room's creator only.
+    pub const OWNER: u8 = 0;
+    /// The creator and the users listed in `RoomCreate.publishers`.
+    pub const LISTED: u8 = 1;
+    /// The creator and any session subscribed to the room.
+    pub const SUBSCRIBERS: u8 = 2;
+}
+
+/// Why a room closed (`RoomClosed.reason`).
+pub mod room_closed {
+    /// Its creator deleted it.
+    pub const DELETED: u16 = 1;
+    /// Nothing was published to it for `room_idle_secs`.
+    pub const EXPIRED: u16 = 2;
 }
 
 /// Device types a session declares at login; limits apply per type.
@@ -165,6 +206,19 @@ pub enum ErrorCode {
     /// The server did not answer within `answer_timeout_ms` (a hand-off between its threads was
     /// lost or held up). The outcome is unknown: retry (a Send with the same client message id).
     Timeout = 52,
+    /// Room request: no live room has this id (never created, deleted or expired).
+    RoomNotFound = 60,
+    /// RoomPublish: this user (or session) may not publish to the room.
+    NotPublisher = 61,
+    /// RoomSubscribe: the room is at its subscriber cap.
+    RoomFull = 62,
+    /// RoomDelete: only the room's creator may delete it.
+    NotRoomOwner = 63,
+    /// RoomCreate: the server holds `rooms_per_shard_max` rooms on that shard; RoomSubscribe:
+    /// the session is in `room_subscriptions_per_session_max` rooms already.
+    TooManyRooms = 64,
+    /// RoomCreate: unknown publish policy, or more than `room_publishers_max` publishers.
+    InvalidRoom = 65,
 }
 
 impl ErrorCode {
@@ -205,6 +259,12 @@ impl ErrorCode {
             50 => Internal,
             51 => StoreUnavailable,
             52 => Timeout,
+            60 => RoomNotFound,
+            61 => NotPublisher,
+            62 => RoomFull,
+            63 => NotRoomOwner,
+            64 => TooManyRooms,
+            65 => InvalidRoom,
             _ => return None,
         })
     }
@@ -243,6 +303,12 @@ impl ErrorCode {
             Internal => "internal error",
             StoreUnavailable => "message store unavailable, retry",
             Timeout => "no answer in time, retry",
+            RoomNotFound => "no such room",
+            NotPublisher => "not allowed to publish to this room",
+            RoomFull => "room full",
+            NotRoomOwner => "only the room's creator may do this",
+            TooManyRooms => "too many rooms",
+            InvalidRoom => "invalid room options",
         }
     }
 }
@@ -313,6 +379,32 @@ pub struct History {
     pub direction: u8,
     /// At most this many (capped by `history_page_max`; 0 means the cap).
     pub limit: u32,
+}
+
+/// Create a live room (never stored). Answered with `RoomOk` carrying the new room's id.
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct RoomCreate {
+    /// Who may publish, see [`room_publish`].
+    pub publish: u8,
+    /// Subscriber cap; 0 means the server's `room_subscribers_max` (also the upper bound).
+    pub subscribers_max: u32,
+    /// With [`room_publish::LISTED`]: the users who may publish besides the creator.
+    pub publishers: Vec<u64>,
+}
+
+/// Subscribe, unsubscribe or delete (by kind): answered with `RoomOk`.
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct RoomRef {
+    pub room_id: u64,
+}
+
+/// Publish to a live room. No success answer (a room message is never stored and never
+/// retried); a refusal is an `Error` carrying `client_msg_id`.
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct RoomPublish {
+    pub room_id: u64,
+    pub client_msg_id: u64,
+    pub body: Vec<u8>,
 }
 
 #[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq)]
@@ -405,6 +497,29 @@ pub struct CatchUpEnd {
 const _: () = assert!(std::mem::size_of::<ArchivedCatchUpEnd>() == 12);
 
 #[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct RoomOk {
+    pub room_id: u64,
+    /// The kind of the request this answers.
+    pub request_kind: u16,
+    /// Subscribers after the request (0 for RoomCreate and RoomDelete).
+    pub subscribers: u32,
+}
+
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct RoomClosed {
+    pub room_id: u64,
+    /// See [`room_closed`].
+    pub reason: u16,
+}
+
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct RoomMissed {
+    pub room_id: u64,
+    /// Room messages dropped for this session since the last `RoomMissed` of this room.
+    pub count: u64,
+}
+
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq)]
 pub struct Bye {
     pub reserved: u64,
 }
@@ -443,6 +558,37 @@ impl Stamp {
     }
 }
 const _: () = assert!(Stamp::BYTES.is_multiple_of(8));
+
+/// The server's stamp at the start of a `ROOM_MSG` payload: fixed 32 bytes, little-endian.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RoomStamp {
+    pub room_id: u64,
+    /// The room's publish counter: 1 for its first message, +1 for each (gaps show drops).
+    pub seq: u64,
+    pub ts_ms: u64,
+    /// The publisher's user id.
+    pub from: u64,
+}
+
+impl RoomStamp {
+    pub const BYTES: usize = 32;
+
+    pub fn write(&self, out: &mut [u8]) {
+        let out = &mut out[..Self::BYTES];
+        out[0..8].copy_from_slice(&self.room_id.to_le_bytes());
+        out[8..16].copy_from_slice(&self.seq.to_le_bytes());
+        out[16..24].copy_from_slice(&self.ts_ms.to_le_bytes());
+        out[24..32].copy_from_slice(&self.from.to_le_bytes());
+    }
+
+    pub fn read(b: &[u8]) -> Option<RoomStamp> {
+        if b.len() < Self::BYTES {
+            return None;
+        }
+        let u = |i: usize| u64::from_le_bytes(b[i..i + 8].try_into().expect("8 bytes"));
+        Some(RoomStamp { room_id: u(0), seq: u(8), ts_ms: u(16), from: u(24) })
+    }
+}
 
 // The wire format is rkyv's archive layout: the archived size and alignment of every protocol
 // type, as docs/PROTOCOL.md gives them. A change of rkyv (its version is pinned exactly in the
@@ -485,3 +631,15 @@ const _: () = assert!(std::mem::size_of::<ArchivedKick>() == 12);
 const _: () = assert!(std::mem::align_of::<ArchivedKick>() == 4);
 const _: () = assert!(std::mem::size_of::<ArchivedHistoryEnd>() == 24);
 const _: () = assert!(std::mem::align_of::<ArchivedHistoryEnd>() == 8);
+const _: () = assert!(std::mem::size_of::<ArchivedRoomCreate>() == 16);
+const _: () = assert!(std::mem::align_of::<ArchivedRoomCreate>() == 4);
+const _: () = assert!(std::mem::size_of::<ArchivedRoomRef>() == 8);
+const _: () = assert!(std::mem::align_of::<ArchivedRoomRef>() == 8);
+const _: () = assert!(std::mem::size_of::<ArchivedRoomPublish>() == 24);
+const _: () = assert!(std::mem::align_of::<ArchivedRoomPublish>() == 8);
+const _: () = assert!(std::mem::size_of::<ArchivedRoomOk>() == 16);
+const _: () = assert!(std::mem::align_of::<ArchivedRoomOk>() == 8);
+const _: () = assert!(std::mem::size_of::<ArchivedRoomClosed>() == 16);
+const _: () = assert!(std::mem::align_of::<ArchivedRoomClosed>() == 8);
+const _: () = assert!(std::mem::size_of::<ArchivedRoomMissed>() == 16);
+const _: () = assert!(std::mem::align_of::<ArchivedRoomMissed>() == 8);

@@ -21,6 +21,7 @@ use std::{
 };
 
 use ahash::RandomState;
+use bytes::Bytes;
 use tim_shards::{MeshPort, SendError};
 
 use crate::{
@@ -28,13 +29,13 @@ use crate::{
     commit::{CommitQueues, LoadQueues, Queued},
     config::Config,
     envelope::{Envelope, SessionRef},
-    frame::AlignedBuf,
+    frame::{self, AlignedBuf},
     guard::{Action, AddressGuard},
     notify::LocalNotify,
     placement::Placement,
-    protocol::ErrorCode,
-    roles::{CommitOutcome, ConvOwner, Effect, Effects, Sequenced, UserOwner},
-    session::Session,
+    protocol::{self, kind, ErrorCode},
+    roles::{CommitOutcome, ConvOwner, Effect, Effects, RoomOwner, Sequenced, UserOwner},
+    session::{error_frame, Session},
     store::{ConvKey, ConvLoad, Cursor, Duplicates, Store, StoreError, UserId},
     workers::Workers,
 };
@@ -85,6 +86,12 @@ pub struct Shard {
     commits: RefCell<CommitQueues>,
     /// Conversations waiting for their load, per store partition.
     loads: RefCell<LoadQueues>,
+    /// The room owner role for this shard's partitions.
+    rooms: RefCell<RoomOwner>,
+    /// This shard's subscribers of each live room (wherever the room's owner is).
+    room_subs: RefCell<HashMap<u64, Vec<SessionRef>, RandomState>>,
+    /// Draws new room ids.
+    next_room: Cell<u64>,
     /// Scratch for the effects of one role call (reused, so that handling allocates nothing).
     effects: RefCell<Effects>,
     pool: RefCell<Vec<AlignedBuf>>,
@@ -138,6 +145,9 @@ impl Shard {
                 cfg.store.load_batch_max,
                 cfg.limits.conversations_per_shard_max,
             )),
+            rooms: RefCell::new(RoomOwner::new(id, placement, &cfg.limits)),
+            room_subs: RefCell::new(HashMap::default()),
+            next_room: Cell::new(tim_shards::mix64(now_ms() ^ ((id as u64) << 48))),
             effects: RefCell::new(Vec::new()),
             pool: RefCell::new(Vec::new()),
             guard: RefCell::new(AddressGuard::new(&cfg.limits)),
@@ -151,6 +161,13 @@ impl Shard {
 
     pub fn cfg(&self) -> &Config {
         &self.shared.cfg
+    }
+
+    /// A new room id: drawn at random (ids are not guessable in sequence), never 0.
+    pub fn new_room_id(&self) -> u64 {
+        let n = self.next_room.get().wrapping_add(0x9e37_79b9_7f4a_7c15);
+        self.next_room.set(n);
+        tim_shards::mix64(n ^ now_ms()).max(1)
     }
 
     pub fn new_session_ref(&self) -> SessionRef {
@@ -297,6 +314,7 @@ impl Shard {
         let tick = (login.min(idle).min(answer_timeout).min(partial) / 8)
             .clamp(Duration::from_millis(5), Duration::from_secs(1));
         let mut expired = Vec::new();
+        let mut next_room_sweep = 0;
         while !self.shutting_down.get() {
             monoio::time::sleep(tick).await;
             let now = std::time::Instant::now();
@@ -313,6 +331,14 @@ impl Shard {
             }
             // Idle conversations go, a bounded number per tick.
             self.convs.borrow_mut().evict_idle(now_ms(), EVICT_PER_TICK_MAX);
+            // Rooms without a publish for `room_idle_secs` close, looked at once a second.
+            let now = now_ms();
+            if now >= next_room_sweep {
+                next_room_sweep = now + 1000;
+                let mut fx = Vec::new();
+                self.rooms.borrow_mut().expire(now, &mut fx);
+                self.execute(&mut fx);
+            }
         }
     }
 
@@ -433,6 +459,30 @@ impl Shard {
                     s.on_token_result(result);
                 }
             }
+            Envelope::Room(req) => self.rooms.borrow_mut().request(*req, now_ms(), &mut fx),
+            Envelope::RoomReply { session, room, request_kind, result } => {
+                self.on_room_reply(session, room, request_kind, result)
+            }
+            Envelope::RoomFanout { room, skip, frame } => {
+                let max = self.cfg().limits.room_queue_frames_max;
+                let subs = self.room_subs.borrow();
+                for &s in subs.get(&room).into_iter().flatten().filter(|&&s| s != skip) {
+                    if let Some(s) = self.session(s) {
+                        s.push_room(room, frame.clone(), max);
+                    }
+                }
+            }
+            Envelope::RoomClosed { room, reason } => {
+                let subs = self.room_subs.borrow_mut().remove(&room).unwrap_or_default();
+                let f = Bytes::from(frame::encode(
+                    kind::ROOM_CLOSED,
+                    &protocol::RoomClosed { room_id: room, reason },
+                ));
+                for s in subs.into_iter().filter_map(|s| self.session(s)) {
+                    s.left_room(room);
+                    s.push(f.clone());
+                }
+            }
         }
         self.execute(&mut fx);
         *self.effects.borrow_mut() = fx;
@@ -472,6 +522,54 @@ impl Shard {
     }
 
     /// Call a role outside envelope handling (from a task) and carry out its effects.
+    /// The room owner's answer to one of this shard's sessions.
+    fn on_room_reply(
+        &self,
+        session: SessionRef,
+        room: u64,
+        request_kind: u16,
+        result: Result<u32, ErrorCode>,
+    ) {
+        let s = self.session(session).filter(|s| !s.closing.get());
+        let Some(s) = s else {
+            if request_kind == kind::ROOM_SUBSCRIBE && result.is_ok() {
+                // The connection ended while subscribing: undo it, or the room would count a
+                // subscriber that is gone.
+                self.leave_room_owner(session, room);
+            }
+            return;
+        };
+        match result {
+            Ok(subscribers) => {
+                if request_kind == kind::ROOM_SUBSCRIBE && s.joined_room(room) {
+                    self.room_subs.borrow_mut().entry(room).or_default().push(session);
+                }
+                let ok = protocol::RoomOk { room_id: room, request_kind, subscribers };
+                s.push(Bytes::from(frame::encode(kind::ROOM_OK, &ok)));
+            }
+            // A refused publish carries its client message id in place of the room.
+            Err(code) => s.push(error_frame(code, request_kind, room)),
+        }
+    }
+
+    /// Drop `session` from this shard's subscribers of `room`.
+    pub fn forget_room_subscriber(&self, session: SessionRef, room: u64) {
+        let mut subs = self.room_subs.borrow_mut();
+        if let Some(list) = subs.get_mut(&room) {
+            list.retain(|&s| s != session);
+            if list.is_empty() {
+                subs.remove(&room);
+            }
+        }
+    }
+
+    /// Tell a room's owner that `session` left it (its connection ended).
+    pub fn leave_room_owner(&self, session: SessionRef, room: u64) {
+        let op = crate::envelope::RoomOp::Unsubscribe { reply: false };
+        let req = crate::envelope::RoomRequest { origin: session, user: 0, room, op };
+        self.post(self.placement.room(room), Envelope::Room(Box::new(req)));
+    }
+
     fn with_convs(&self, f: impl FnOnce(&mut ConvOwner, &mut Effects)) {
         let mut fx = Vec::new();
         f(&mut self.convs.borrow_mut(), &mut fx);

@@ -672,6 +672,12 @@ impl Sim {
                 }
             }
             Envelope::TokenResult { .. } => {}
+            // Live rooms are not simulated (no client here creates one); their owner is tested
+            // by its unit tests and over sockets (tests/rooms.rs).
+            Envelope::Room(_)
+            | Envelope::RoomReply { .. }
+            | Envelope::RoomFanout { .. }
+            | Envelope::RoomClosed { .. } => return Err("a room envelope in the simulation".into()),
         }
         self.execute(dst, fx);
         Ok(())

@@ -11,13 +11,17 @@
 //!   delivered frames out to the user's sessions.
 //! - [`conv::ConvOwner`]: a conversation's sequence counter and resend dedup; sequences sends,
 //!   hands them to the commit pipeline and publishes them once committed.
+//! - [`room::RoomOwner`]: live rooms (N:N, never stored): options, subscribers, fan-out of a
+//!   publish to the shards holding subscribers.
 
 pub mod conv;
+pub mod room;
 pub mod user;
 
 use crate::{envelope::Envelope, placement::Owner, store::UserId};
 
 pub use conv::{CommitOutcome, ConvOwner, LoadRequest, Sequenced};
+pub use room::RoomOwner;
 pub use user::UserOwner;
 
 /// What a role asks its runtime to do.

@@ -55,6 +55,23 @@ pub fn error_frame(code: ErrorCode, request_kind: u16, client_msg_id: u64) -> By
     ))
 }
 
+/// A session's live rooms; made at its first subscription (most sessions never have one).
+#[derive(Default)]
+pub(crate) struct SessionRooms {
+    /// Rooms this session is subscribed to.
+    pub(crate) subscribed: Vec<u64>,
+    /// Room messages waiting for the writer, oldest first, as (room, frame). Bounded by
+    /// `room_queue_frames_max`: beyond it the oldest is dropped and counted in `missed`.
+    queue: VecDeque<(u64, Bytes)>,
+    /// Room messages dropped per room since the session was last told (`ROOM_MISSED`).
+    missed: Vec<(u64, u64)>,
+}
+
+/// Room frames move from a session's room queue to its outbound queue only while fewer bytes
+/// than this wait there: a slow reader's room messages pile up (and are dropped) in the room
+/// queue, never in the outbound queue that would close it as a slow consumer.
+const ROOM_REFILL_BYTES: usize = 64 * 1024;
+
 pub struct Session {
     pub id: SessionRef,
     /// 0 until logged in.
@@ -91,6 +108,7 @@ pub struct Session {
     pub(crate) partial_since: Cell<Option<Instant>>,
     /// `limits.partial_frame_timeout_ms`.
     pub(crate) partial_frame_timeout: Duration,
+    pub(crate) rooms: RefCell<Option<Box<SessionRooms>>>,
 }
 
 impl Session {
@@ -118,6 +136,7 @@ impl Session {
             drained: LocalNotify::default(),
             partial_since: Cell::new(None),
             partial_frame_timeout: Duration::from_millis(l.partial_frame_timeout_ms),
+            rooms: RefCell::new(None),
         }
     }
 
@@ -179,6 +198,74 @@ impl Session {
         self.out_bytes.set(self.out_bytes.get() + frame.len());
         self.outq.borrow_mut().push_back(frame);
         self.writer.notify();
+    }
+
+    /// Queue a room message. At `max` queued the oldest is dropped and counted: a session that
+    /// reads too slowly misses room messages (and is told how many), it is not closed.
+    pub fn push_room(&self, room: u64, frame: Bytes, max: usize) {
+        if self.closing.get() {
+            return;
+        }
+        let mut rooms = self.rooms.borrow_mut();
+        let Some(r) = rooms.as_mut() else { return };
+        if r.queue.len() >= max {
+            if let Some((dropped, _)) = r.queue.pop_front() {
+                match r.missed.iter_mut().find(|(id, _)| *id == dropped) {
+                    Some((_, n)) => *n += 1,
+                    None => r.missed.push((dropped, 1)),
+                }
+            }
+        }
+        r.queue.push_back((room, frame));
+        drop(rooms);
+        self.writer.notify();
+    }
+
+    /// Move room messages to the outbound queue while it is short (see [`ROOM_REFILL_BYTES`]),
+    /// each room's `ROOM_MISSED` first. Called by the writer.
+    pub(crate) fn refill_rooms(&self) {
+        let mut rooms = self.rooms.borrow_mut();
+        let Some(r) = rooms.as_mut() else { return };
+        for (room_id, count) in r.missed.drain(..) {
+            let f = frame::encode(kind::ROOM_MISSED, &protocol::RoomMissed { room_id, count });
+            self.push_unchecked(Bytes::from(f));
+        }
+        while self.out_bytes.get() < ROOM_REFILL_BYTES {
+            let Some((_, f)) = r.queue.pop_front() else { break };
+            self.push_unchecked(f);
+        }
+    }
+
+    /// Record a subscription; false if it was already there.
+    pub(crate) fn joined_room(&self, room: u64) -> bool {
+        let mut rooms = self.rooms.borrow_mut();
+        let r = rooms.get_or_insert_with(Default::default);
+        if r.subscribed.contains(&room) {
+            return false;
+        }
+        r.subscribed.push(room);
+        true
+    }
+
+    /// Forget a subscription; false if there was none.
+    pub(crate) fn left_room(&self, room: u64) -> bool {
+        let mut rooms = self.rooms.borrow_mut();
+        let Some(r) = rooms.as_mut() else { return false };
+        let before = r.subscribed.len();
+        r.subscribed.retain(|&id| id != room);
+        r.queue.retain(|(id, _)| *id != room);
+        r.missed.retain(|(id, _)| *id != room);
+        r.subscribed.len() < before
+    }
+
+    /// Rooms subscribed to.
+    pub(crate) fn room_count(&self) -> usize {
+        self.rooms.borrow().as_ref().map_or(0, |r| r.subscribed.len())
+    }
+
+    /// The rooms subscribed to, forgotten (the session is ending).
+    pub(crate) fn take_rooms(&self) -> Vec<u64> {
+        self.rooms.borrow_mut().take().map(|r| r.subscribed).unwrap_or_default()
     }
 
     /// Flush what is queued, then close.

@@ -12,7 +12,7 @@ use bytes::{BufMut, Bytes, BytesMut};
 use super::{error_frame, Flow, Reply, Session};
 use crate::{
     auth,
-    envelope::{Attach, Envelope, Submit},
+    envelope::{Attach, Envelope, RoomOp, RoomRequest, Submit},
     frame,
     guard::Action,
     placement::direct_key,
@@ -164,6 +164,53 @@ impl Requests<'_> {
                 let ttl = t.ttl_secs.to_native();
                 Box::pin(self.issue_token(ttl)).await
             }
+            kind::ROOM_CREATE => {
+                let c = access!(protocol::ArchivedRoomCreate);
+                let publishers: Vec<UserId> = c.publishers.iter().map(|p| p.to_native()).collect();
+                if publishers.len() > self.shard.cfg().limits.room_publishers_max {
+                    return self.error(ErrorCode::InvalidRoom, k);
+                }
+                let room = self.shard.new_room_id();
+                let op = RoomOp::Create {
+                    publish: c.publish,
+                    subscribers_max: c.subscribers_max.to_native(),
+                    publishers,
+                };
+                self.to_room(room, op)
+            }
+            kind::ROOM_SUBSCRIBE => {
+                let r = access!(protocol::ArchivedRoomRef);
+                if self.session.room_count() >= self.shard.cfg().limits.room_subscriptions_per_session_max {
+                    self.session.push(error_frame(ErrorCode::TooManyRooms, k, r.room_id.to_native()));
+                    return Flow::Continue;
+                }
+                self.to_room(r.room_id.to_native(), RoomOp::Subscribe)
+            }
+            kind::ROOM_UNSUBSCRIBE => {
+                let room = access!(protocol::ArchivedRoomRef).room_id.to_native();
+                // Local delivery stops at once; the owner's answer confirms.
+                if self.session.left_room(room) {
+                    self.shard.forget_room_subscriber(self.session.id, room);
+                }
+                self.to_room(room, RoomOp::Unsubscribe { reply: true })
+            }
+            kind::ROOM_DELETE => {
+                let room = access!(protocol::ArchivedRoomRef).room_id.to_native();
+                self.to_room(room, RoomOp::Delete)
+            }
+            kind::ROOM_PUBLISH => {
+                let m = access!(protocol::ArchivedRoomPublish);
+                let client_msg_id = m.client_msg_id.to_native();
+                // Forwarded verbatim, as a Send is: nothing but the body and the archive's own bytes.
+                if m.body.len() > self.shard.cfg().limits.body_bytes_max
+                    || payload.len() > m.body.len() + SEND_OVERHEAD_BYTES_MAX
+                {
+                    self.session.push(error_frame(ErrorCode::BodyTooLarge, k, client_msg_id));
+                    return Flow::Continue;
+                }
+                let frame = RoomRequest::blank_room_msg(payload);
+                self.to_room(m.room_id.to_native(), RoomOp::Publish { client_msg_id, frame })
+            }
             kind::LOGOUT => {
                 let _ = access!(protocol::ArchivedLogout);
                 self.session.push(Bytes::from(frame::encode(kind::BYE, &protocol::Bye { reserved: 0 })));
@@ -171,6 +218,13 @@ impl Requests<'_> {
             }
             _ => self.error(ErrorCode::UnknownKind, k),
         }
+    }
+
+    /// Hand a room request to the room's owner; its answer comes back as `RoomReply`.
+    fn to_room(&self, room: u64, op: RoomOp) -> Flow {
+        let req = RoomRequest { origin: self.session.id, user: self.session.user(), room, op };
+        self.shard.post(self.shard.placement.room(room), Envelope::Room(Box::new(req)));
+        Flow::Continue
     }
 
     fn send(&self, payload: &[u8], m: &protocol::ArchivedSend) -> Flow {

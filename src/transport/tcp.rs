@@ -90,6 +90,10 @@ pub async fn serve(shard: Rc<Shard>, stream: TcpStream, peer: Option<std::net::S
     session.close();
     writer.await;
     shard.sessions.borrow_mut().remove(&id.0);
+    for room in session.take_rooms() {
+        shard.forget_room_subscriber(id, room);
+        shard.leave_room_owner(id, room);
+    }
     let user = session.user();
     if user != 0 {
         shard.post(shard.placement.user(user), Envelope::Detach { user, session: id });
@@ -249,11 +253,13 @@ async fn write_loop(conn: Rc<Conn>, session: Rc<Session>) {
     let fd = conn.stream.as_raw_fd();
     let mut iov: Vec<libc::iovec> = Vec::with_capacity(sockio::IOV_MAX);
     'outer: loop {
+        session.refill_rooms();
         while session.outq.borrow().is_empty() {
             if session.closing.get() {
                 break 'outer;
             }
             session.writer.wait().await;
+            session.refill_rooms();
         }
         let written = loop {
             let sent = sockio::send_frames(fd, &session.outq.borrow(), &mut iov);
