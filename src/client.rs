@@ -474,3 +474,51 @@ mod tests {
         }
     }
 }
+
+#[cfg(test)]
+mod room_wire_tests {
+    use super::*;
+
+    fn hex(b: &[u8]) -> String {
+        b.iter().map(|x| format!("{x:02x}")).collect::<Vec<_>>().join(" ")
+    }
+
+    /// The room frames encode as docs/PROTOCOL.md 5.11, 6.12 and 7.1 show, byte for byte.
+    #[test]
+    fn room_frames_match_the_protocol_document() {
+        let c = frame::encode(
+            kind::ROOM_CREATE,
+            &protocol::RoomCreate { publish: 1, subscribers_max: 100, publishers: vec![7] },
+        );
+        assert_eq!(
+            hex(&c),
+            "18 00 00 00 14 00 00 00 07 00 00 00 00 00 00 00 01 00 00 00 64 00 00 00 f0 ff ff ff 01 00 00 00"
+        );
+        let ok =
+            frame::encode(kind::ROOM_OK, &protocol::RoomOk { room_id: 5, request_kind: 21, subscribers: 3 });
+        assert_eq!(hex(&ok), "10 00 00 00 82 00 00 00 05 00 00 00 00 00 00 00 15 00 00 00 03 00 00 00");
+        // A RoomMsg: the stamp written in place before the publish archive.
+        let publish = frame::encode(
+            kind::ROOM_PUBLISH,
+            &protocol::RoomPublish { room_id: 5, client_msg_id: 9, body: b"hi".to_vec() },
+        );
+        let mut msg = crate::envelope::RoomRequest::blank_room_msg(&publish[HEADER_BYTES..]);
+        RoomStamp { room_id: 5, seq: 3, ts_ms: 1767225600123, from: 1 }.write(&mut msg[HEADER_BYTES..]);
+        assert_eq!(
+            hex(&msg),
+            "40 00 00 00 83 00 00 00 \
+             05 00 00 00 00 00 00 00 03 00 00 00 00 00 00 00 7b a8 da 76 9b 01 00 00 01 00 00 00 00 00 00 00 \
+             68 69 00 00 00 00 00 00 05 00 00 00 00 00 00 00 09 00 00 00 00 00 00 00 e8 ff ff ff 02 00 00 00"
+                .split_whitespace()
+                .collect::<Vec<_>>()
+                .join(" ")
+        );
+        match decode_event(kind::ROOM_MSG, &msg[HEADER_BYTES..]).unwrap() {
+            Event::RoomMsg(m) => {
+                assert_eq!((m.stamp.room_id, m.stamp.seq, m.stamp.from, m.client_msg_id), (5, 3, 1, 9));
+                assert_eq!(m.body, b"hi");
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+}
