@@ -59,7 +59,9 @@ pub enum Event {
     RoomOk(protocol::RoomOk),
     RoomMsg(RoomMessage),
     RoomClosed(protocol::RoomClosed),
-    RoomMissed(protocol::RoomMissed),
+    Missed(protocol::Missed),
+    /// A stream message (never stored): stamp `msg_id` 0, `seq` of the stored message it follows.
+    StreamMsg(Delivery),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -116,7 +118,8 @@ pub fn decode_event(k: u16, payload: &[u8]) -> Result<Event> {
         kind::ROOM_OK => Event::RoomOk(de::<protocol::ArchivedRoomOk, _>(payload)?),
         kind::ROOM_MSG => Event::RoomMsg(room_message(payload)?),
         kind::ROOM_CLOSED => Event::RoomClosed(de::<protocol::ArchivedRoomClosed, _>(payload)?),
-        kind::ROOM_MISSED => Event::RoomMissed(de::<protocol::ArchivedRoomMissed, _>(payload)?),
+        kind::MISSED => Event::Missed(de::<protocol::ArchivedMissed, _>(payload)?),
+        kind::STREAM_MSG => Event::StreamMsg(delivery(payload)?),
         other => return Err(ClientError::Malformed(format!("unexpected frame kind {other}"))),
     })
 }
@@ -403,6 +406,14 @@ impl Client {
     }
 
     /// Log out and wait for the server's `Bye`.
+    /// Send a stream message to `to`'s live sessions (never stored, never acknowledged).
+    pub fn send_stream(&mut self, to: u64, client_msg_id: u64, body: &[u8]) -> Result<()> {
+        self.send_frame(
+            kind::STREAM,
+            &protocol::Send { conv: conv::DIRECT, to, client_msg_id, body: body.to_vec() },
+        )
+    }
+
     /// Create a live room; its id.
     pub fn room_create(&mut self, publish: u8, subscribers_max: u32, publishers: &[u64]) -> Result<u64> {
         let c = protocol::RoomCreate { publish, subscribers_max, publishers: publishers.to_vec() };

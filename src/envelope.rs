@@ -59,6 +59,9 @@ pub struct Submit {
     pub client_msg_id: u64,
     /// Hash of the sending session's device id (see `store::device_hash`).
     pub sender_device: u64,
+    /// A stream message (kind `Stream`): delivered to live sessions only, never stored or
+    /// acknowledged, after the stored messages sequenced before it.
+    pub stream: bool,
     pub frame: BytesMut,
 }
 
@@ -66,10 +69,15 @@ impl Submit {
     /// The future `DELIVER` frame of a `Send` payload: header, a blank stamp (written in place
     /// by the conversation owner), the sender's archive verbatim, and padding.
     pub fn blank_deliver(send_payload: &[u8]) -> BytesMut {
+        Self::blank_frame(kind::DELIVER, send_payload)
+    }
+
+    /// As [`Submit::blank_deliver`], for a frame of kind `k` (`DELIVER` or `STREAM_MSG`).
+    pub fn blank_frame(k: u16, send_payload: &[u8]) -> BytesMut {
         let len = Stamp::BYTES + send_payload.len();
         let mut f = BytesMut::with_capacity(frame::frame_bytes(len));
         f.put_u32_le(len as u32);
-        f.put_u16_le(kind::DELIVER);
+        f.put_u16_le(k);
         f.put_u16_le(0);
         f.put_bytes(0, Stamp::BYTES);
         f.put_slice(send_payload);
@@ -153,6 +161,12 @@ pub enum Envelope {
     StoreToken { user: UserId, session: SessionRef, hash: [u8; 32], expires_at_ms: u64 },
     /// U → S: the answer to `StoreToken`.
     TokenResult { session: SessionRef, result: Result<(), ErrorCode> },
+    /// C → U: deliver a stream message to every session of `user` except `skip` (lossy).
+    StreamFanout { user: UserId, skip: SessionRef, frame: Bytes },
+    /// U → T: queue a stream message for one session (dropped if it reads too slowly).
+    StreamDeliver { session: SessionRef, frame: Bytes },
+    /// C → S: a stream message was refused.
+    StreamRefused { session: SessionRef, client_msg_id: u64, code: ErrorCode },
     /// S → R: a room request.
     Room(Box<RoomRequest>),
     /// R → S: the answer to a room request (`request_kind` is its frame kind); `Ok` carries the

@@ -20,6 +20,8 @@ pub mod kind {
     pub const DELIVERY_ACK: u16 = 7;
     pub const LOGOUT: u16 = 8;
     pub const HISTORY: u16 = 9;
+    /// A message to a user's live sessions, never stored (payload: a `Send` archive).
+    pub const STREAM: u16 = 10;
     pub const ROOM_CREATE: u16 = 20;
     pub const ROOM_SUBSCRIBE: u16 = 21;
     pub const ROOM_UNSUBSCRIBE: u16 = 22;
@@ -39,6 +41,9 @@ pub mod kind {
     pub const HISTORY_MSG: u16 = 109;
     pub const HISTORY_END: u16 = 110;
     pub const CATCHUP_END: u16 = 111;
+    /// A stream message: the 48-byte stamp (msg_id 0, seq of the stored message it follows),
+    /// then the sender's `Stream` archive (a `Send`) verbatim.
+    pub const STREAM_MSG: u16 = 112;
     /// The answer to a room request that succeeded (create, subscribe, unsubscribe, delete).
     pub const ROOM_OK: u16 = 130;
     /// A message published to a live room: a [`super::RoomStamp`], then the publisher's
@@ -46,8 +51,8 @@ pub mod kind {
     pub const ROOM_MSG: u16 = 131;
     /// A room this session was subscribed to is gone (deleted or expired).
     pub const ROOM_CLOSED: u16 = 132;
-    /// Messages of a room this session did not get: it read too slowly.
-    pub const ROOM_MISSED: u16 = 133;
+    /// Room or stream messages this session did not get: it read too slowly.
+    pub const MISSED: u16 = 133;
 
     /// Human name of a kind, for logs and errors.
     pub fn name(kind: u16) -> &'static str {
@@ -61,6 +66,7 @@ pub mod kind {
             DELIVERY_ACK => "DeliveryAck",
             LOGOUT => "Logout",
             HISTORY => "History",
+            STREAM => "Stream",
             ROOM_CREATE => "RoomCreate",
             ROOM_SUBSCRIBE => "RoomSubscribe",
             ROOM_UNSUBSCRIBE => "RoomUnsubscribe",
@@ -78,10 +84,11 @@ pub mod kind {
             HISTORY_MSG => "HistoryMsg",
             HISTORY_END => "HistoryEnd",
             CATCHUP_END => "CatchUpEnd",
+            STREAM_MSG => "StreamMsg",
             ROOM_OK => "RoomOk",
             ROOM_MSG => "RoomMsg",
             ROOM_CLOSED => "RoomClosed",
-            ROOM_MISSED => "RoomMissed",
+            MISSED => "Missed",
             _ => "unknown",
         }
     }
@@ -101,6 +108,14 @@ pub mod room_publish {
     pub const LISTED: u8 = 1;
     /// The creator and any session subscribed to the room.
     pub const SUBSCRIBERS: u8 = 2;
+}
+
+/// What `Missed.source` counts.
+pub mod missed {
+    /// Room messages; `Missed.id` is the room id.
+    pub const ROOM: u8 = 1;
+    /// Stream messages; `Missed.id` is the other user of the conversation.
+    pub const STREAM: u8 = 2;
 }
 
 /// Why a room closed (`RoomClosed.reason`).
@@ -513,10 +528,13 @@ pub struct RoomClosed {
 }
 
 #[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq)]
-pub struct RoomMissed {
-    pub room_id: u64,
-    /// Room messages dropped for this session since the last `RoomMissed` of this room.
+pub struct Missed {
+    /// The room id ([`missed::ROOM`]) or the other user of the conversation ([`missed::STREAM`]).
+    pub id: u64,
+    /// Messages dropped for this session since its last `Missed` for the same source and id.
     pub count: u64,
+    /// See [`missed`].
+    pub source: u8,
 }
 
 #[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq)]
@@ -641,5 +659,5 @@ const _: () = assert!(std::mem::size_of::<ArchivedRoomOk>() == 16);
 const _: () = assert!(std::mem::align_of::<ArchivedRoomOk>() == 8);
 const _: () = assert!(std::mem::size_of::<ArchivedRoomClosed>() == 16);
 const _: () = assert!(std::mem::align_of::<ArchivedRoomClosed>() == 8);
-const _: () = assert!(std::mem::size_of::<ArchivedRoomMissed>() == 16);
-const _: () = assert!(std::mem::align_of::<ArchivedRoomMissed>() == 8);
+const _: () = assert!(std::mem::size_of::<ArchivedMissed>() == 24);
+const _: () = assert!(std::mem::align_of::<ArchivedMissed>() == 8);

@@ -459,6 +459,26 @@ impl Shard {
                     s.on_token_result(result);
                 }
             }
+            Envelope::StreamFanout { user, skip, frame } => {
+                self.users.borrow().fanout_stream(user, skip, &frame, &mut fx);
+            }
+            Envelope::StreamDeliver { session, frame } => {
+                if let Some(s) = self.session(session) {
+                    // Missed streams are counted per conversation: by the other user.
+                    let stamp = protocol::Stamp::read(&frame[frame::HEADER_BYTES..]).expect("stamped");
+                    let peer = if stamp.from == s.user() { stamp.to } else { stamp.from };
+                    let max = self.cfg().limits.room_queue_frames_max;
+                    s.push_lossy((protocol::missed::STREAM, peer), frame, max);
+                }
+            }
+            Envelope::StreamRefused { session, client_msg_id, code } => {
+                if let Some(s) = self.session(session) {
+                    s.push(error_frame(code, kind::STREAM, client_msg_id));
+                    if code == ErrorCode::UnknownRecipient {
+                        self.count_unknown_recipient(&s, now_ms());
+                    }
+                }
+            }
             Envelope::Room(req) => self.rooms.borrow_mut().request(*req, now_ms(), &mut fx),
             Envelope::RoomReply { session, room, request_kind, result } => {
                 self.on_room_reply(session, room, request_kind, result)

@@ -677,7 +677,12 @@ impl Sim {
             Envelope::Room(_)
             | Envelope::RoomReply { .. }
             | Envelope::RoomFanout { .. }
-            | Envelope::RoomClosed { .. } => return Err("a room envelope in the simulation".into()),
+            | Envelope::RoomClosed { .. }
+            | Envelope::StreamFanout { .. }
+            | Envelope::StreamDeliver { .. }
+            | Envelope::StreamRefused { .. } => {
+                return Err("a room or stream envelope in the simulation".into())
+            }
         }
         self.execute(dst, fx);
         Ok(())
@@ -863,6 +868,7 @@ impl Sim {
         c.inflight.insert(cmid, to);
         self.note(format!("session {session:?} of user {sender}: sends {cmid} to {to} (resend={resend})"));
         let sub = Submit {
+            stream: false,
             origin: session,
             sender,
             to,

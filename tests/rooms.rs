@@ -9,7 +9,7 @@ use std::time::Duration;
 use common::*;
 use tim::{
     client::{Client, ClientError, Event, RoomMessage},
-    protocol::{room_closed, room_publish, ErrorCode},
+    protocol::{missed, room_closed, room_publish, ErrorCode},
 };
 
 fn refused<T: std::fmt::Debug>(r: Result<T, ClientError>, code: ErrorCode) {
@@ -214,8 +214,8 @@ fn slow_subscriber_misses_messages_and_is_told() {
                 last_seq = m.stamp.seq;
                 got += 1;
             }
-            Event::RoomMissed(m) => {
-                assert_eq!(m.room_id, room);
+            Event::Missed(m) => {
+                assert_eq!((m.source, m.id), (missed::ROOM, room));
                 missed += m.count;
             }
             other => panic!("unexpected {other:?}"),

@@ -27,6 +27,9 @@ use crate::{
 pub const CONV_WAITERS_MAX: usize = 1024;
 /// Recent sends loaded with a conversation to rebuild its resend dedup.
 pub const CONV_RECENT_MAX: usize = 4096;
+/// Stream messages one conversation holds back behind unsettled commits; beyond it the oldest
+/// waiting stream is dropped (streams are never retried).
+pub const CONV_STREAMS_WAITING_MAX: usize = 256;
 
 /// Message ids: 41 bits of milliseconds since 2024-01-01, 10 bits of shard, 13 bits of counter.
 const ID_EPOCH_MS: u64 = 1_704_067_200_000;
@@ -97,10 +100,24 @@ struct Conv {
     newest: [(UserId, u64, usize); 2],
     /// When a send last arrived, for eviction.
     last_used_ms: u64,
-    /// Sequenced sends whose commit has not settled: the conversation stays while any is open.
-    open_commits: u32,
+    /// Sequence numbers of the sends whose commit has not settled, rising: the conversation
+    /// stays while any is open.
+    open: VecDeque<u64>,
+    /// Stream messages waiting for the stored messages sequenced before them. Made when the
+    /// first has to wait; boxed so that the millions of conversations without one pay 8 bytes,
+    /// not the 32 of an empty `VecDeque`.
+    #[allow(clippy::box_collection)]
+    streams: Option<Box<VecDeque<WaitingStream>>>,
     /// Tells this conversation's entries in the eviction queue from those of an earlier one.
     generation: u64,
+}
+
+/// A stream message held back behind unsettled commits.
+struct WaitingStream {
+    /// The last seq given when it arrived: it goes once every seq up to this one has settled.
+    after: u64,
+    arrived_ms: u64,
+    sub: Box<Submit>,
 }
 
 /// A remembered send of a conversation: its ids, and whether its commit has succeeded (a resend
@@ -120,13 +137,14 @@ impl Conv {
             recent: VecDeque::new(),
             newest: [(0, 0, 0); 2],
             last_used_ms: now,
-            open_commits: 0,
+            open: VecDeque::new(),
+            streams: None,
             generation,
         }
     }
 
     fn evictable(&self) -> bool {
-        matches!(self.state, ConvState::Ready) && self.open_commits == 0
+        matches!(self.state, ConvState::Ready) && self.open.is_empty()
     }
 
     /// The remembered send of `sender` with `client_msg_id`, forgetting sends older than the
@@ -232,6 +250,8 @@ pub struct ConvOwner {
     pub sequenced: u64,
     /// Conversations evicted so far.
     pub evicted: u64,
+    /// Stream messages dropped while waiting behind commits so far.
+    pub streams_dropped: u64,
 }
 
 /// Queue entries an eviction pass looks at, at most, to make room for a new conversation.
@@ -255,6 +275,7 @@ impl ConvOwner {
             ids: MsgIds { shard: me as u64, last_ms: 0, counter: 0 },
             sequenced: 0,
             evicted: 0,
+            streams_dropped: 0,
         }
     }
 
@@ -265,6 +286,19 @@ impl ConvOwner {
         assert_eq!(self.placement.conv(key), self.me, "submit on the wrong conversation owner");
         match self.convs.get_mut(&key) {
             Some(conv) => match &mut conv.state {
+                ConvState::Ready if sub.stream => {
+                    conv.last_used_ms = now;
+                    if conv.open.is_empty() {
+                        publish_stream(&self.placement, conv.last_seq, sub, now, out);
+                    } else {
+                        let waiting = conv.streams.get_or_insert_with(Default::default);
+                        if waiting.len() >= CONV_STREAMS_WAITING_MAX {
+                            waiting.pop_front();
+                            self.streams_dropped += 1;
+                        }
+                        waiting.push_back(WaitingStream { after: conv.last_seq, arrived_ms: now, sub });
+                    }
+                }
                 ConvState::Ready => {
                     conv.last_used_ms = now;
                     match conv.find(sub.sender, sub.client_msg_id, now, self.dedup_window_ms).copied() {
@@ -282,7 +316,7 @@ impl ConvOwner {
                             let s = sequence(conv, &mut self.ids, sub, now, self.durable, self.dedup_max);
                             self.sequenced += 1;
                             if self.durable {
-                                conv.open_commits += 1;
+                                conv.open.push_back(s.ack.seq);
                                 out.push(Effect::Commit(s));
                             } else {
                                 publish(&self.placement, s, true, out);
@@ -294,13 +328,13 @@ impl ConvOwner {
                     if waiters.len() < CONV_WAITERS_MAX {
                         waiters.push(sub);
                     } else {
-                        reject(out, sub.origin, sub.client_msg_id, ErrorCode::Busy);
+                        refuse(out, &sub, ErrorCode::Busy);
                     }
                 }
             },
             None => {
                 if self.convs.len() >= self.convs_max && !self.make_room() {
-                    return reject(out, sub.origin, sub.client_msg_id, ErrorCode::Busy);
+                    return refuse(out, &sub, ErrorCode::Busy);
                 }
                 let check_recipient = (sub.sender != sub.to).then_some(sub.to);
                 self.generations += 1;
@@ -351,7 +385,7 @@ impl ConvOwner {
                 self.convs.remove(&key);
                 self.compact_lru();
                 for sub in waiters {
-                    reject(out, sub.origin, sub.client_msg_id, code);
+                    refuse(out, &sub, code);
                 }
             }
         }
@@ -367,8 +401,8 @@ impl ConvOwner {
         let conv = self.convs.get_mut(&s.conv());
         // An open commit keeps its conversation from eviction, so it is still here.
         let conv = conv.expect("a conversation with an open commit is kept");
-        assert!(conv.open_commits > 0, "a commit settled twice");
-        conv.open_commits -= 1;
+        let at = conv.open.iter().position(|&q| q == s.ack.seq).expect("a commit settled twice");
+        conv.open.remove(at);
         let cmid = s.ack.client_msg_id;
         let at = conv.recent.iter().rposition(|r| r.ack.client_msg_id == cmid && r.sender == s.sender);
         match (outcome, at) {
@@ -404,6 +438,17 @@ impl ConvOwner {
                 if sender_waiting {
                     out.push(Effect::Post(s.origin.shard(), Envelope::Acked { session: s.origin, ack }));
                 }
+            }
+        }
+        // Streams that waited for this commit (and every earlier one) go now, after it.
+        let first_open = conv.open.front().copied().unwrap_or(u64::MAX);
+        if let Some(waiting) = conv.streams.as_mut() {
+            while waiting.front().is_some_and(|w| w.after < first_open) {
+                let w = waiting.pop_front().expect("non-empty");
+                publish_stream(&self.placement, w.after, w.sub, w.arrived_ms, out);
+            }
+            if waiting.is_empty() {
+                conv.streams = None;
             }
         }
     }
@@ -515,11 +560,14 @@ impl ConvOwner {
                 }
             }
             let uncommitted = conv.recent.iter().filter(|s| !s.committed).count();
-            if uncommitted > conv.open_commits as usize {
-                return fail(format!(
-                    "{uncommitted} uncommitted sends but {} open commits",
-                    conv.open_commits
-                ));
+            if uncommitted > conv.open.len() {
+                return fail(format!("{uncommitted} uncommitted sends but {} open commits", conv.open.len()));
+            }
+            if conv.open.iter().zip(conv.open.iter().skip(1)).any(|(a, b)| a >= b) {
+                return fail(format!("open commits out of order: {:?}", conv.open));
+            }
+            if conv.streams.as_ref().is_some_and(|w| w.is_empty() || conv.open.is_empty()) {
+                return fail("streams held back with no commit open".into());
             }
             let mut prev = 0;
             for s in &conv.recent {
@@ -541,6 +589,34 @@ impl ConvOwner {
 
 fn reject(out: &mut Effects, session: SessionRef, client_msg_id: u64, code: ErrorCode) {
     out.push(Effect::Post(session.shard(), Envelope::Rejected { session, client_msg_id, code }));
+}
+
+/// Refuse a send or a stream message.
+fn refuse(out: &mut Effects, sub: &Submit, code: ErrorCode) {
+    if sub.stream {
+        let (session, client_msg_id) = (sub.origin, sub.client_msg_id);
+        out.push(Effect::Post(session.shard(), Envelope::StreamRefused { session, client_msg_id, code }));
+    } else {
+        reject(out, sub.origin, sub.client_msg_id, code);
+    }
+}
+
+/// Stamp a stream message (msg_id 0; seq: the stored message it follows) and fan it out to
+/// both users' live sessions, the sending session aside. No ack, no store.
+#[allow(clippy::boxed_local)] // it arrives boxed in its envelope
+fn publish_stream(placement: &Placement, follows: u64, mut sub: Box<Submit>, now: u64, out: &mut Effects) {
+    let stamp = Stamp { msg_id: 0, seq: follows, ts_ms: now, from: sub.sender, to: sub.to, conv: sub.conv };
+    stamp.write(&mut sub.frame[frame::HEADER_BYTES..]);
+    let Submit { origin, sender, to, frame, .. } = *sub;
+    let frame = frame.freeze();
+    if to != sender {
+        let env = Envelope::StreamFanout { user: to, skip: SessionRef::NONE, frame: frame.clone() };
+        out.push(Effect::Post(placement.user(to), env));
+    }
+    out.push(Effect::Post(
+        placement.user(sender),
+        Envelope::StreamFanout { user: sender, skip: origin, frame },
+    ));
 }
 
 /// Give `sub` the next sequence number of its conversation and stamp its frame in place.

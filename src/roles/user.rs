@@ -148,12 +148,27 @@ impl UserOwner {
 
     /// Deliver `frame` to every session of `user` but `skip`.
     pub fn fanout(&self, user: UserId, skip: SessionRef, frame: &Bytes, out: &mut Effects) {
+        self.fanout_with(user, skip, out, |session| Envelope::Deliver { session, frame: frame.clone() });
+    }
+
+    /// As [`UserOwner::fanout`], for a stream message (queued lossily by each session).
+    pub fn fanout_stream(&self, user: UserId, skip: SessionRef, frame: &Bytes, out: &mut Effects) {
+        self.fanout_with(user, skip, out, |session| Envelope::StreamDeliver {
+            session,
+            frame: frame.clone(),
+        });
+    }
+
+    fn fanout_with(
+        &self,
+        user: UserId,
+        skip: SessionRef,
+        out: &mut Effects,
+        env: impl Fn(SessionRef) -> Envelope,
+    ) {
         let Some(live) = self.users.get(&user) else { return };
         for s in live.sessions.iter().filter(|s| s.session != skip) {
-            out.push(Effect::Post(
-                s.session.shard(),
-                Envelope::Deliver { session: s.session, frame: frame.clone() },
-            ));
+            out.push(Effect::Post(s.session.shard(), env(s.session)));
         }
     }
 

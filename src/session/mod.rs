@@ -55,21 +55,25 @@ pub fn error_frame(code: ErrorCode, request_kind: u16, client_msg_id: u64) -> By
     ))
 }
 
-/// A session's live rooms; made at its first subscription (most sessions never have one).
+/// Where a lossy message comes from: ([`protocol::missed`] source, room id or peer user id).
+pub(crate) type LossySource = (u8, u64);
+
+/// A session's live rooms and its queue of lossy messages (room and stream messages); made
+/// when first needed (most sessions never have one).
 #[derive(Default)]
 pub(crate) struct SessionRooms {
     /// Rooms this session is subscribed to.
     pub(crate) subscribed: Vec<u64>,
-    /// Room messages waiting for the writer, oldest first, as (room, frame). Bounded by
-    /// `room_queue_frames_max`: beyond it the oldest is dropped and counted in `missed`.
-    queue: VecDeque<(u64, Bytes)>,
-    /// Room messages dropped per room since the session was last told (`ROOM_MISSED`).
-    missed: Vec<(u64, u64)>,
+    /// Lossy messages waiting for the writer, oldest first. Bounded by `room_queue_frames_max`:
+    /// beyond it the oldest is dropped and counted in `missed`.
+    queue: VecDeque<(LossySource, Bytes)>,
+    /// Messages dropped per source since the session was last told (`MISSED`).
+    missed: Vec<(LossySource, u64)>,
 }
 
-/// Room frames move from a session's room queue to its outbound queue only while fewer bytes
-/// than this wait there: a slow reader's room messages pile up (and are dropped) in the room
-/// queue, never in the outbound queue that would close it as a slow consumer.
+/// Lossy frames move from a session's lossy queue to its outbound queue only while fewer bytes
+/// than this wait there: a slow reader's room and stream messages pile up (and are dropped) in
+/// the lossy queue, never in the outbound queue that would close it as a slow consumer.
 const ROOM_REFILL_BYTES: usize = 64 * 1024;
 
 pub struct Session {
@@ -200,14 +204,30 @@ impl Session {
         self.writer.notify();
     }
 
-    /// Queue a room message. At `max` queued the oldest is dropped and counted: a session that
-    /// reads too slowly misses room messages (and is told how many), it is not closed.
+    /// Queue a room message (for a subscribed session).
     pub fn push_room(&self, room: u64, frame: Bytes, max: usize) {
+        if self.rooms.borrow().is_some() {
+            self.push_lossy((protocol::missed::ROOM, room), frame, max);
+        }
+    }
+
+    /// Queue a lossy message. While the session keeps up (nothing lossy waiting, little in its
+    /// outbound queue) it goes straight to the outbound queue, in order with everything else;
+    /// else it waits in the lossy queue, where at `max` queued the oldest is dropped and counted:
+    /// a session that reads too slowly misses room and stream messages (and is told how many),
+    /// it is not closed, and its other frames do not wait behind them.
+    pub fn push_lossy(&self, source: LossySource, frame: Bytes, max: usize) {
         if self.closing.get() {
             return;
         }
         let mut rooms = self.rooms.borrow_mut();
-        let Some(r) = rooms.as_mut() else { return };
+        let r = rooms.get_or_insert_with(Default::default);
+        if r.queue.is_empty() && r.missed.is_empty() && self.out_bytes.get() < ROOM_REFILL_BYTES {
+            // A reader that keeps up: straight to the outbound queue, in order with the rest.
+            drop(rooms);
+            self.push_unchecked(frame);
+            return;
+        }
         if r.queue.len() >= max {
             if let Some((dropped, _)) = r.queue.pop_front() {
                 match r.missed.iter_mut().find(|(id, _)| *id == dropped) {
@@ -216,18 +236,18 @@ impl Session {
                 }
             }
         }
-        r.queue.push_back((room, frame));
+        r.queue.push_back((source, frame));
         drop(rooms);
         self.writer.notify();
     }
 
-    /// Move room messages to the outbound queue while it is short (see [`ROOM_REFILL_BYTES`]),
-    /// each room's `ROOM_MISSED` first. Called by the writer.
+    /// Move lossy messages to the outbound queue while it is short (see [`ROOM_REFILL_BYTES`]),
+    /// a `MISSED` for each source that lost some first. Called by the writer.
     pub(crate) fn refill_rooms(&self) {
         let mut rooms = self.rooms.borrow_mut();
         let Some(r) = rooms.as_mut() else { return };
-        for (room_id, count) in r.missed.drain(..) {
-            let f = frame::encode(kind::ROOM_MISSED, &protocol::RoomMissed { room_id, count });
+        for ((source, id), count) in r.missed.drain(..) {
+            let f = frame::encode(kind::MISSED, &protocol::Missed { id, count, source });
             self.push_unchecked(Bytes::from(f));
         }
         while self.out_bytes.get() < ROOM_REFILL_BYTES {
@@ -253,8 +273,9 @@ impl Session {
         let Some(r) = rooms.as_mut() else { return false };
         let before = r.subscribed.len();
         r.subscribed.retain(|&id| id != room);
-        r.queue.retain(|(id, _)| *id != room);
-        r.missed.retain(|(id, _)| *id != room);
+        let source = (protocol::missed::ROOM, room);
+        r.queue.retain(|(s, _)| *s != source);
+        r.missed.retain(|(s, _)| *s != source);
         r.subscribed.len() < before
     }
 

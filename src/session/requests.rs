@@ -107,7 +107,11 @@ impl Requests<'_> {
         match k {
             kind::SEND => {
                 let m = access!(protocol::ArchivedSend);
-                self.send(payload, m)
+                self.send(payload, m, false)
+            }
+            kind::STREAM => {
+                let m = access!(protocol::ArchivedSend);
+                self.send(payload, m, true)
             }
             kind::DELIVERY_ACK => {
                 let a = access!(protocol::ArchivedDeliveryAck);
@@ -227,10 +231,13 @@ impl Requests<'_> {
         Flow::Continue
     }
 
-    fn send(&self, payload: &[u8], m: &protocol::ArchivedSend) -> Flow {
+    /// A `Send` (`stream` false: sequenced, stored, acknowledged) or a `Stream` (`stream`
+    /// true: to live sessions only, after the stored messages before it; no ack, no in-flight).
+    fn send(&self, payload: &[u8], m: &protocol::ArchivedSend, stream: bool) -> Flow {
         let client_msg_id = m.client_msg_id.to_native();
+        let request_kind = if stream { kind::STREAM } else { kind::SEND };
         let reject = |code: ErrorCode| {
-            self.session.push(error_frame(code, kind::SEND, client_msg_id));
+            self.session.push(error_frame(code, request_kind, client_msg_id));
             Flow::Continue
         };
         if m.conv != conv::DIRECT {
@@ -248,7 +255,7 @@ impl Requests<'_> {
             return reject(ErrorCode::BodyTooLarge);
         }
         // Copied once into the Deliver frame; after this no byte of the body is touched again.
-        let f = Submit::blank_deliver(payload);
+        let f = Submit::blank_frame(if stream { kind::STREAM_MSG } else { kind::DELIVER }, payload);
         let sender = self.session.user();
         let sub = Submit {
             origin: self.session.id,
@@ -257,9 +264,12 @@ impl Requests<'_> {
             conv: conv::DIRECT,
             client_msg_id,
             sender_device: self.session.device.get(),
+            stream,
             frame: f,
         };
-        self.session.send_started(client_msg_id);
+        if !stream {
+            self.session.send_started(client_msg_id);
+        }
         let dst = self.shard.placement.conv(direct_key(sender, to));
         self.shard.post(dst, Envelope::Submit(Box::new(sub)));
         Flow::Continue
