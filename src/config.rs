@@ -205,7 +205,7 @@ pub struct Limits {
     /// Users a room's creator may list as publishers.
     pub room_publishers_max: usize,
     /// Room messages queued for one session at most; beyond it the oldest are dropped, counted
-    /// and reported to the session with RoomMissed (a slow reader never slows a room).
+    /// and reported to the session with Missed (a slow reader never slows a room or a stream).
     pub room_queue_frames_max: usize,
     /// A room without a publish for this long is closed (its subscribers get RoomClosed).
     pub room_idle_secs: u64,
@@ -567,7 +567,7 @@ rooms_per_shard_max = 65536         # live rooms per shard (RoomCreate beyond it
 room_subscribers_max = 100000       # subscribers per live room at most
 room_subscriptions_per_session_max = 64 # rooms one session may be subscribed to
 room_publishers_max = 64            # users a room's creator may list as publishers
-room_queue_frames_max = 256         # room messages queued per session; then the oldest are dropped (RoomMissed)
+room_queue_frames_max = 256         # room and stream messages queued per session; then the oldest are dropped (Missed)
 room_idle_secs = 300                # a room without a publish for this long closes (RoomClosed)
 answer_timeout_ms = 30000           # a Send, login or token request unanswered this long gets Timeout
 registrations_per_connection_max = 3 # Register requests per connection; then RateLimited

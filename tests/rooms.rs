@@ -204,7 +204,7 @@ fn slow_subscriber_misses_messages_and_is_told() {
         }
     }
     a.ping(1).unwrap();
-    // Now the slow one reads: some messages, a RoomMissed, and the rest; all accounted for.
+    // Now the slow one reads: some messages, a Missed, and the rest; all accounted for.
     let (mut got, mut missed, mut last_seq) = (0u64, 0u64, 0u64);
     slow.set_timeout(Some(Duration::from_secs(10))).unwrap();
     while got + missed < total {
