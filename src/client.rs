@@ -494,7 +494,7 @@ mod room_wire_tests {
         b.iter().map(|x| format!("{x:02x}")).collect::<Vec<_>>().join(" ")
     }
 
-    /// The room frames encode as docs/PROTOCOL.md 5.11, 6.12 and 7.1 show, byte for byte.
+    /// The room frames encode as docs/PROTOCOL.md 5.11, 6.12 and 7.2 show, byte for byte.
     #[test]
     fn room_frames_match_the_protocol_document() {
         let c = frame::encode(
@@ -508,6 +508,11 @@ mod room_wire_tests {
         let ok =
             frame::encode(kind::ROOM_OK, &protocol::RoomOk { room_id: 5, request_kind: 21, subscribers: 3 });
         assert_eq!(hex(&ok), "10 00 00 00 82 00 00 00 05 00 00 00 00 00 00 00 15 00 00 00 03 00 00 00");
+        let missed = frame::encode(kind::MISSED, &protocol::Missed { id: 5, count: 2, source: 1 });
+        assert_eq!(
+            hex(&missed),
+            "18 00 00 00 85 00 00 00 05 00 00 00 00 00 00 00 02 00 00 00 00 00 00 00 01 00 00 00 00 00 00 00"
+        );
         // A RoomMsg: the stamp written in place before the publish archive.
         let publish = frame::encode(
             kind::ROOM_PUBLISH,
