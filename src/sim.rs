@@ -154,6 +154,10 @@ pub struct SimReport {
     pub store_duplicates: u64,
     /// Sends refused at once because their partition's commit backlog was full.
     pub backlog_full: u64,
+    /// Stream messages sent, received by sessions, and refused.
+    pub streams: u64,
+    pub stream_deliveries: u64,
+    pub stream_refusals: u64,
 }
 
 impl SimReport {
@@ -172,8 +176,14 @@ impl SimReport {
         self.ambiguous_commits += r.ambiguous_commits;
         self.store_duplicates += r.store_duplicates;
         self.backlog_full += r.backlog_full;
+        self.streams += r.streams;
+        self.stream_deliveries += r.stream_deliveries;
+        self.stream_refusals += r.stream_refusals;
     }
 }
+
+/// Client message ids of stream messages start here (apart from sends').
+const STREAM_CMID_BASE: u64 = 1 << 40;
 
 /// Events kept for a failure's report (`TIM_SIM_TRACE` overrides it when replaying a seed).
 const TRACE_MAX: usize = 60;
@@ -197,6 +207,11 @@ struct Client {
     /// Highest seq seen per conversation.
     seen: HashMap<ConvKey, u64>,
     delivered: BTreeSet<(ConvKey, u64)>,
+    /// Per conversation, the greatest `seq` a stream message received here followed: a stored
+    /// message at or below it arriving later came after a stream it should precede.
+    stream_floor: HashMap<ConvKey, u64>,
+    /// Stream messages received, as (sender, client message id): each arrives at most once.
+    streams: BTreeSet<(UserId, u64)>,
 }
 
 /// A message the ledger knows: from its first ack or delivery.
@@ -272,6 +287,8 @@ struct Sim {
     clients: BTreeMap<SessionRef, Client>,
     next_session: Vec<u64>,
     next_cmid: HashMap<UserId, u64>,
+    /// Stream messages sent so far (their client message ids).
+    next_stream: u64,
     /// Client message ids each user has sent, for resends.
     sent_ids: HashMap<UserId, Vec<(u64, UserId)>>,
     /// (sender, conversation, client id, generation) → its ack, and whether an ack said it was
@@ -344,6 +361,7 @@ impl Sim {
             clients: BTreeMap::new(),
             next_session: vec![1; cfg.shards],
             next_cmid: HashMap::new(),
+            next_stream: 0,
             sent_ids: HashMap::new(),
             acked: HashMap::new(),
             handled_in: HashMap::new(),
@@ -672,17 +690,23 @@ impl Sim {
                 }
             }
             Envelope::TokenResult { .. } => {}
+            Envelope::StreamFanout { user, skip, frame } => {
+                if self.placement.user(user) != dst {
+                    return Err(format!("stream fanout of user {user} on shard {dst}"));
+                }
+                self.shards[dst].users.fanout_stream(user, skip, &frame, &mut fx)
+            }
+            Envelope::StreamDeliver { session, frame } => self.on_stream(session, &frame)?,
+            Envelope::StreamRefused { session, client_msg_id, code } => {
+                self.report.stream_refusals += 1;
+                self.note(format!("session {session:?}: stream {client_msg_id} refused {code:?}"));
+            }
             // Live rooms are not simulated (no client here creates one); their owner is tested
             // by its unit tests and over sockets (tests/rooms.rs).
             Envelope::Room(_)
             | Envelope::RoomReply { .. }
             | Envelope::RoomFanout { .. }
-            | Envelope::RoomClosed { .. }
-            | Envelope::StreamFanout { .. }
-            | Envelope::StreamDeliver { .. }
-            | Envelope::StreamRefused { .. } => {
-                return Err("a room or stream envelope in the simulation".into())
-            }
+            | Envelope::RoomClosed { .. } => return Err("a room envelope in the simulation".into()),
         }
         self.execute(dst, fx);
         Ok(())
@@ -765,14 +789,76 @@ impl Sim {
         if c.user != stamp.from && c.user != stamp.to {
             return Err(format!("{session:?} of user {} got a message of {key:?}", c.user));
         }
+        if let Some(&floor) = c.stream_floor.get(&key) {
+            if stamp.seq <= floor {
+                return Err(format!(
+                    "{session:?} got seq {} of {key:?} (send {cmid} of user {}) after a stream message that follows seq {floor}",
+                    stamp.seq, stamp.from
+                ));
+            }
+        }
         let seen = c.seen.entry(key).or_insert(0);
         if stamp.seq <= *seen {
             return Err(format!("{session:?} got seq {} of {key:?} after seq {}", stamp.seq, *seen));
         }
         *seen = stamp.seq;
         c.delivered.insert((key, stamp.seq));
+        if std::env::var("TIM_SIM_NOTE_DELIVERIES").is_ok() {
+            self.note(format!(
+                "session {session:?}: delivered seq {} of {key:?} cmid {cmid} from {}",
+                stamp.seq, stamp.from
+            ));
+        }
         self.report.deliveries += 1;
         self.learn(key, stamp.seq, Known { sender: stamp.from, client_msg_id: cmid, msg_id: stamp.msg_id })
+    }
+
+    /// A stream message reaches a session: once, for one of its user's conversations.
+    fn on_stream(&mut self, session: SessionRef, frame: &Bytes) -> Result<(), String> {
+        let stamp = Stamp::read(&frame[HEADER_BYTES..]).ok_or("short frame")?;
+        let cmid = u64::from_le_bytes(frame[HEADER_BYTES + Stamp::BYTES..][..8].try_into().expect("8 bytes"));
+        let key = direct_key(stamp.from, stamp.to);
+        let Some(c) = self.clients.get_mut(&session) else { return Ok(()) };
+        if c.user != stamp.from && c.user != stamp.to {
+            return Err(format!("{session:?} of user {} got a stream of {key:?}", c.user));
+        }
+        if stamp.msg_id != 0 || !c.streams.insert((stamp.from, cmid)) {
+            return Err(format!(
+                "{session:?} got stream {cmid} of user {} twice (or with an id)",
+                stamp.from
+            ));
+        }
+        let floor = c.stream_floor.entry(key).or_insert(0);
+        *floor = (*floor).max(stamp.seq);
+        self.report.stream_deliveries += 1;
+        self.note(format!("session {session:?}: stream {cmid} of {key:?} (follows seq {})", stamp.seq));
+        Ok(())
+    }
+
+    /// A logged-in session sends a stream message: to a user, itself or a ghost.
+    fn send_stream(&mut self, session: SessionRef) {
+        let sender = self.clients[&session].user;
+        let to = match self.rng.below(20) {
+            0 => GHOST_USER,
+            1 => sender,
+            _ => 1 + self.rng.below(self.cfg.users),
+        };
+        self.next_stream += 1;
+        let cmid = STREAM_CMID_BASE + self.next_stream;
+        self.report.streams += 1;
+        self.note(format!("session {session:?} of user {sender}: streams {cmid} to {to}"));
+        let sub = Submit {
+            stream: true,
+            origin: session,
+            sender,
+            to,
+            conv: conv::DIRECT,
+            client_msg_id: cmid,
+            sender_device: session.0,
+            frame: submit_frame(cmid),
+        };
+        let dst = self.placement.conv(direct_key(sender, to));
+        self.post(session.shard(), dst, Envelope::Submit(Box::new(sub)));
     }
 
     fn client_action(&mut self) -> Result<(), String> {
@@ -785,6 +871,9 @@ impl Sim {
             let all: Vec<SessionRef> = self.clients.keys().copied().collect();
             let s = all[self.rng.below(all.len() as u64) as usize];
             self.disconnect(s);
+        } else if roll < 26 {
+            let s = attached[self.rng.below(attached.len() as u64) as usize];
+            self.send_stream(s);
         } else {
             let s = attached[self.rng.below(attached.len() as u64) as usize];
             let resend = roll >= 85;
@@ -808,6 +897,8 @@ impl Sim {
                 inflight: BTreeMap::new(),
                 seen: HashMap::new(),
                 delivered: BTreeSet::new(),
+                stream_floor: HashMap::new(),
+                streams: BTreeSet::new(),
             },
         );
         self.note(format!("session {session:?}: user {user} logs in as {device_type:?}"));

@@ -1,7 +1,8 @@
 //! The seeded simulation over a bounded number of seeds (see `tim::sim`).
 //!
 //! `TIM_SIM_SEEDS=N` runs N seeds (default 1000) of `TIM_SIM_STEPS` steps (default 3000);
-//! `TIM_SIM_SEED=S` replays one seed, printing its report.
+//! `TIM_SIM_SEED=S` replays one seed, printing its report; `TIM_SIM_TRACE=N` keeps the last N
+//! events for a failure's report, and `TIM_SIM_NOTE_DELIVERIES=1` adds every delivery to them.
 
 fn env_u64(name: &str) -> Option<u64> {
     std::env::var(name).ok().map(|v| v.parse().unwrap_or_else(|_| panic!("{name} must be a number")))

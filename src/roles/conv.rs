@@ -90,6 +90,10 @@ enum ConvState {
 
 struct Conv {
     last_seq: u64,
+    /// The greatest seq published (stored, or sequenced without a store): what a stream
+    /// message's stamp says it follows. A seq whose commit failed is not published, and may be
+    /// given again after a reload.
+    published_seq: u64,
     state: ConvState,
     /// Resend dedup: the conversation's latest sends (at most `dedup_per_conversation_max` of
     /// each sender, none older than `dedup_window_secs`), oldest first.
@@ -133,6 +137,7 @@ impl Conv {
     fn new(state: ConvState, last_seq: u64, now: u64, generation: u64) -> Conv {
         Conv {
             last_seq,
+            published_seq: last_seq,
             state,
             recent: VecDeque::new(),
             newest: [(0, 0, 0); 2],
@@ -289,7 +294,7 @@ impl ConvOwner {
                 ConvState::Ready if sub.stream => {
                     conv.last_used_ms = now;
                     if conv.open.is_empty() {
-                        publish_stream(&self.placement, conv.last_seq, sub, now, out);
+                        publish_stream(&self.placement, conv.published_seq, sub, now, out);
                     } else {
                         let waiting = conv.streams.get_or_insert_with(Default::default);
                         if waiting.len() >= CONV_STREAMS_WAITING_MAX {
@@ -319,6 +324,7 @@ impl ConvOwner {
                                 conv.open.push_back(s.ack.seq);
                                 out.push(Effect::Commit(s));
                             } else {
+                                conv.published_seq = s.ack.seq;
                                 publish(&self.placement, s, true, out);
                             }
                         }
@@ -367,6 +373,7 @@ impl ConvOwner {
         match result {
             Ok(load) => {
                 conv.last_seq = conv.last_seq.max(load.last_seq);
+                conv.published_seq = conv.last_seq;
                 for r in load.recent.iter().rev() {
                     let ack = AckInfo {
                         client_msg_id: r.client_msg_id,
@@ -415,7 +422,10 @@ impl ConvOwner {
             (CommitOutcome::Failed | CommitOutcome::Duplicate(_), None) => {}
         }
         match outcome {
-            CommitOutcome::Stored => publish(&self.placement, s, sender_waiting, out),
+            CommitOutcome::Stored => {
+                conv.published_seq = conv.published_seq.max(s.ack.seq);
+                publish(&self.placement, s, sender_waiting, out)
+            }
             CommitOutcome::Failed => {
                 if sender_waiting {
                     reject(out, s.origin, cmid, ErrorCode::StoreUnavailable);
@@ -445,7 +455,8 @@ impl ConvOwner {
         if let Some(waiting) = conv.streams.as_mut() {
             while waiting.front().is_some_and(|w| w.after < first_open) {
                 let w = waiting.pop_front().expect("non-empty");
-                publish_stream(&self.placement, w.after, w.sub, w.arrived_ms, out);
+                let follows = w.after.min(conv.published_seq);
+                publish_stream(&self.placement, follows, w.sub, w.arrived_ms, out);
             }
             if waiting.is_empty() {
                 conv.streams = None;
