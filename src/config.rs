@@ -209,6 +209,9 @@ pub struct Limits {
     pub room_queue_frames_max: usize,
     /// A room without a publish for this long is closed (its subscribers get RoomClosed).
     pub room_idle_secs: u64,
+    /// Sessions one shard writes a room message to in one go; a room with more local
+    /// subscribers is served in slices, other work running between them.
+    pub fanout_slice: usize,
     /// Default and greatest lifetime of a one-shot login token, in seconds.
     pub token_ttl_secs: u32,
     /// Live one-shot tokens per account.
@@ -326,6 +329,7 @@ impl Default for Limits {
             room_publishers_max: 64,
             room_queue_frames_max: 256,
             room_idle_secs: 300,
+            fanout_slice: 1024,
             answer_timeout_ms: 30_000,
             registrations_per_connection_max: 3,
             registrations_per_address_per_minute_max: 30,
@@ -441,6 +445,7 @@ impl Config {
             ("limits.room_subscriptions_per_session_max", l.room_subscriptions_per_session_max),
             ("limits.room_queue_frames_max", l.room_queue_frames_max),
             ("limits.room_idle_secs", l.room_idle_secs as usize),
+            ("limits.fanout_slice", l.fanout_slice),
             ("limits.tokens_per_user_max", l.tokens_per_user_max),
             ("limits.registrations_per_connection_max", l.registrations_per_connection_max as usize),
             (
@@ -569,6 +574,7 @@ room_subscriptions_per_session_max = 64 # rooms one session may be subscribed to
 room_publishers_max = 64            # users a room's creator may list as publishers
 room_queue_frames_max = 256         # room and stream messages queued per session; then the oldest are dropped (Missed)
 room_idle_secs = 300                # a room without a publish for this long closes (RoomClosed)
+fanout_slice = 1024                 # sessions a room message is written to in one go; then other work runs
 answer_timeout_ms = 30000           # a Send, login or token request unanswered this long gets Timeout
 registrations_per_connection_max = 3 # Register requests per connection; then RateLimited
 registrations_per_address_per_minute_max = 30 # per source address and shard; then RateLimited

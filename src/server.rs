@@ -170,6 +170,7 @@ async fn run_shard(ctx: ShardContext<Envelope>, shared: Arc<Shared>, listener: s
     CURRENT.with(|c| *c.borrow_mut() = Some(shard.clone()));
     monoio::spawn(shard.clone().run_mesh());
     monoio::spawn(shard.clone().run_timeouts());
+    monoio::spawn(shard.clone().run_fanout());
     if shard.shared.store.durable() {
         monoio::spawn(shard.clone().run_cursor_flush());
     }

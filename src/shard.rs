@@ -92,6 +92,10 @@ pub struct Shard {
     room_subs: RefCell<HashMap<u64, Vec<SessionRef>, RandomState>>,
     /// Draws new room ids.
     next_room: Cell<u64>,
+    /// Room messages and closings for local subscribers still to be written, in arrival
+    /// order; served `fanout_slice` sessions at a time by `run_fanout`.
+    fanout_jobs: RefCell<VecDeque<FanoutJob>>,
+    fanout_wake: LocalNotify,
     /// Scratch for the effects of one role call (reused, so that handling allocates nothing).
     effects: RefCell<Effects>,
     pool: RefCell<Vec<AlignedBuf>>,
@@ -148,6 +152,8 @@ impl Shard {
             rooms: RefCell::new(RoomOwner::new(id, placement, &cfg.limits)),
             room_subs: RefCell::new(HashMap::default()),
             next_room: Cell::new(tim_shards::mix64(now_ms() ^ ((id as u64) << 48))),
+            fanout_jobs: RefCell::new(VecDeque::new()),
+            fanout_wake: LocalNotify::default(),
             effects: RefCell::new(Vec::new()),
             pool: RefCell::new(Vec::new()),
             guard: RefCell::new(AddressGuard::new(&cfg.limits)),
@@ -484,25 +490,9 @@ impl Shard {
                 self.on_room_reply(session, room, request_kind, result)
             }
             Envelope::RoomFanout { room, skip, frame } => {
-                let max = self.cfg().limits.room_queue_frames_max;
-                let subs = self.room_subs.borrow();
-                for &s in subs.get(&room).into_iter().flatten().filter(|&&s| s != skip) {
-                    if let Some(s) = self.session(s) {
-                        s.push_room(room, frame.clone(), max);
-                    }
-                }
+                self.room_job(FanoutJob::Message { room, skip, frame, next: 0 })
             }
-            Envelope::RoomClosed { room, reason } => {
-                let subs = self.room_subs.borrow_mut().remove(&room).unwrap_or_default();
-                let f = Bytes::from(frame::encode(
-                    kind::ROOM_CLOSED,
-                    &protocol::RoomClosed { room_id: room, reason },
-                ));
-                for s in subs.into_iter().filter_map(|s| self.session(s)) {
-                    s.left_room(room);
-                    s.push(f.clone());
-                }
-            }
+            Envelope::RoomClosed { room, reason } => self.room_job(FanoutJob::Closed { room, reason }),
         }
         self.execute(&mut fx);
         *self.effects.borrow_mut() = fx;
@@ -542,6 +532,41 @@ impl Shard {
     }
 
     /// Call a role outside envelope handling (from a task) and carry out its effects.
+    /// Write a room message (or closing) to this shard's subscribers: at once when the room has
+    /// few here and nothing is waiting, else in slices by `run_fanout`, in arrival order.
+    fn room_job(&self, mut job: FanoutJob) {
+        let slice = self.cfg().limits.fanout_slice;
+        if self.fanout_jobs.borrow().is_empty() && job.serve(self, slice) {
+            return;
+        }
+        self.fanout_jobs.borrow_mut().push_back(job);
+        self.fanout_wake.notify();
+    }
+
+    /// Serve the waiting room jobs, `fanout_slice` sessions per executor turn, so that a room
+    /// with many subscribers here never holds up the shard's other work.
+    pub async fn run_fanout(self: Rc<Self>) {
+        let slice = self.cfg().limits.fanout_slice;
+        while !self.shutting_down.get() {
+            if self.fanout_jobs.borrow().is_empty() {
+                self.fanout_wake.wait().await;
+                continue;
+            }
+            let mut budget = slice;
+            while budget > 0 {
+                let Some(mut job) = self.fanout_jobs.borrow_mut().pop_front() else { break };
+                let before = job.progress();
+                if !job.serve(&self, budget) {
+                    // The slice is used up: the rest of this job waits for the next turn.
+                    self.fanout_jobs.borrow_mut().push_front(job);
+                    break;
+                }
+                budget = budget.saturating_sub((job.progress() - before).max(1));
+            }
+            tim_shards::yield_now().await;
+        }
+    }
+
     /// The room owner's answer to one of this shard's sessions.
     fn on_room_reply(
         &self,
@@ -706,6 +731,55 @@ impl Shard {
                 c.settled(s, outcome, sender_waiting, fx);
             }
         });
+    }
+}
+
+/// Room work for this shard's subscribers (see [`Shard::room_job`]).
+enum FanoutJob {
+    /// Write `frame` to the room's local subscribers from index `next` on.
+    Message { room: u64, skip: SessionRef, frame: Bytes, next: usize },
+    /// The room is gone: tell its local subscribers and forget them.
+    Closed { room: u64, reason: u16 },
+}
+
+impl FanoutJob {
+    /// Sessions served so far.
+    fn progress(&self) -> usize {
+        match self {
+            FanoutJob::Message { next, .. } => *next,
+            FanoutJob::Closed { .. } => 0,
+        }
+    }
+
+    /// Serve up to `budget` sessions; true when the job is done. A subscriber that leaves
+    /// meanwhile shifts the list, and the one after it may miss this message (room messages
+    /// are lossy); none gets it twice.
+    fn serve(&mut self, shard: &Shard, budget: usize) -> bool {
+        match self {
+            FanoutJob::Message { room, skip, frame, next } => {
+                let max = shard.cfg().limits.room_queue_frames_max;
+                let subs = shard.room_subs.borrow();
+                let Some(list) = subs.get(room) else { return true };
+                let end = list.len().min(*next + budget);
+                for &s in list[(*next).min(end)..end].iter().filter(|&&s| s != *skip) {
+                    if let Some(s) = shard.session(s) {
+                        s.push_room(*room, frame.clone(), max);
+                    }
+                }
+                *next = end;
+                end >= list.len()
+            }
+            FanoutJob::Closed { room, reason } => {
+                let subs = shard.room_subs.borrow_mut().remove(room).unwrap_or_default();
+                let closed = protocol::RoomClosed { room_id: *room, reason: *reason };
+                let f = Bytes::from(frame::encode(kind::ROOM_CLOSED, &closed));
+                for s in subs.into_iter().filter_map(|s| shard.session(s)) {
+                    s.left_room(*room);
+                    s.push(f.clone());
+                }
+                true
+            }
+        }
     }
 }
 

@@ -251,3 +251,34 @@ fn closed_connection_leaves_its_rooms() {
     }
     panic!("the closed connection still counts as a subscriber");
 }
+
+/// A room with more local subscribers than `fanout_slice` is served in slices: every
+/// subscriber still gets every message once, in order, and the closing after them.
+#[test]
+fn sliced_fanout_keeps_order() {
+    let s = TestServer::start("io_uring", "[limits]\nfanout_slice = 2\n");
+    let (a_name, _) = s.register("a");
+    let mut a = s.login_on_shard(&a_name, 3, 0);
+    let room = a.room_create(room_publish::OWNER, 0, &[]).unwrap();
+    let mut subs = Vec::new();
+    for i in 0..7 {
+        let (name, _) = s.register("sub");
+        let mut c = s.login_on_shard(&name, 3, 1);
+        assert_eq!(c.room_subscribe(room).unwrap(), i + 1);
+        subs.push(c);
+    }
+    for i in 1..=30u64 {
+        a.room_publish(room, i, &i.to_le_bytes()).unwrap();
+    }
+    a.room_delete(room).unwrap();
+    for c in &mut subs {
+        for i in 1..=30u64 {
+            let m = next_room_msg(c);
+            assert_eq!((m.stamp.seq, m.body), (i, i.to_le_bytes().to_vec()));
+        }
+        match next_other(c) {
+            Event::RoomClosed(closed) => assert_eq!(closed.reason, room_closed::DELETED),
+            other => panic!("expected RoomClosed, got {other:?}"),
+        }
+    }
+}

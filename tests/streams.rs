@@ -122,12 +122,16 @@ fn slow_reader_misses_streams() {
     let (b_name, b_id) = s.register("b");
     let (mut a, _) = s.login(&a_name, 3);
     let (mut b, _) = s.login(&b_name, 3);
+    // The conversation is loaded first: streams that arrive while it loads wait in a bounded
+    // queue (beyond it they are refused Busy, as sends are).
+    a.send_wait(b_id, 1, b"before the streams").unwrap();
+    assert!(matches!(next_message(&mut b), Event::Deliver(_)));
     let body = vec![1u8; 8 * 1024];
     let total = 2000u64;
     for i in 1..=total {
         a.send_stream(b_id, i, &body).unwrap();
     }
-    a.send_wait(b_id, 1, b"stored after the streams").unwrap();
+    a.send_wait(b_id, 2, b"stored after the streams").unwrap();
     let (mut got, mut lost, mut stored) = (0u64, 0u64, 0);
     b.set_timeout(Some(Duration::from_secs(10))).unwrap();
     while stored == 0 || got + lost < total {
