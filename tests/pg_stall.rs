@@ -176,9 +176,9 @@ fn stalled_or_dead_range_wedges_nothing_else() {
     eprintln!("8 registrations, logins and partial catch-ups at once, one range stalled: {:?}", t.elapsed());
     // Accounts on the stalled range: a bounded failure, not a hang.
     let e = register(&s, &name_on(&s, false, "nope")).unwrap_err();
-    assert_eq!(e.code(), Some(ErrorCode::Internal), "{e}");
+    assert_eq!(e.code(), Some(ErrorCode::StoreUnavailable), "{e}");
     let e = client(s.addr).login(&on_high, PASSWORD, 3, "d").unwrap_err();
-    assert_eq!(e.code(), Some(ErrorCode::Internal), "{e}");
+    assert_eq!(e.code(), Some(ErrorCode::StoreUnavailable), "{e}");
 
     // (b) alice's catch-up has the healthy range's messages and says one range did not answer.
     let t = Instant::now();
@@ -211,7 +211,7 @@ fn stalled_or_dead_range_wedges_nothing_else() {
         match register(&s, &name_on(&s, false, "back")) {
             Ok(id) => break assert!(!account_low(id)),
             Err(e) if start.elapsed() < Duration::from_secs(15) => {
-                assert_eq!(e.code(), Some(ErrorCode::Internal), "{e}");
+                assert_eq!(e.code(), Some(ErrorCode::StoreUnavailable), "{e}");
                 std::thread::sleep(Duration::from_millis(100));
             }
             Err(e) => panic!("register on the high range after it returned: {e}"),

@@ -310,7 +310,7 @@ impl Requests<'_> {
                 StoreError::NameTaken => ErrorCode::NameTaken,
                 StoreError::Unavailable(m) => {
                     log::warn!("store: {m}");
-                    ErrorCode::Internal
+                    ErrorCode::StoreUnavailable
                 }
             })
         });
@@ -349,7 +349,7 @@ impl Requests<'_> {
                 Ok(None) => Err(ErrorCode::UnknownUser),
                 Err(e) => {
                     log::warn!("store: {e}");
-                    Err(ErrorCode::Internal)
+                    Err(ErrorCode::StoreUnavailable)
                 }
             });
         let account = match found.await {
