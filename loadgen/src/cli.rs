@@ -29,6 +29,9 @@ pub enum ScenarioName {
     LoginStorm,
     /// Send frames to an `echo-limit` server and count the echoes (no login).
     Echo,
+    /// Live rooms: connection c is in room c % rooms; each room's first connection creates it
+    /// and publishes, the others subscribe; every delivery and Missed count is checked.
+    Room,
 }
 
 impl ScenarioName {
@@ -38,6 +41,7 @@ impl ScenarioName {
             ScenarioName::Idle => "idle",
             ScenarioName::LoginStorm => "login-storm",
             ScenarioName::Echo => "echo",
+            ScenarioName::Room => "room",
         }
     }
 }
@@ -104,13 +108,18 @@ pub struct Args {
     /// Message body size in bytes (at least 32: the ledger header).
     #[arg(long, default_value_t = 64)]
     pub body_bytes: usize,
-    /// Open loop: messages per second over all connections. With --window too, the window
-    /// caps each connection's unacknowledged messages.
+    /// Open loop: messages per second over all connections (room: publishes per second over
+    /// all rooms). With --window too, the window caps each connection's unacknowledged messages.
     #[arg(long, value_name = "MSGS_PER_S")]
     pub rate: Option<f64>,
-    /// Closed loop: unacknowledged messages kept in flight per connection (default 16).
+    /// Closed loop: unacknowledged messages kept in flight per connection (default 16; room:
+    /// per publisher, a message being done once the room's probe subscriber has it or was told
+    /// it missed it).
     #[arg(long)]
     pub window: Option<u32>,
+    /// Room: live rooms; connection c is in room c % rooms (at least 2 connections per room).
+    #[arg(long, default_value_t = 1)]
+    pub rooms: u32,
     /// Local addresses to bind outgoing connections to, round-robin: a range
     /// `127.0.0.2-127.0.0.9` or a comma-separated list.
     #[arg(long, value_name = "ADDRS")]
@@ -214,6 +223,8 @@ pub struct Config {
     pub connect_attempts: u32,
     pub body_bytes: usize,
     pub load: Load,
+    /// Room: live rooms.
+    pub rooms: u32,
     pub peer: PeerChoice,
     pub password: String,
     pub user_prefix: String,
@@ -290,6 +301,14 @@ impl Config {
             (None, Some(0)) => bail!("--window must be at least 1"),
             (None, window) => Load::Closed { window: window.unwrap_or(16) },
         };
+        if a.scenario == ScenarioName::Room && (a.rooms == 0 || a.connections < a.rooms.saturating_mul(2)) {
+            bail!(
+                "--rooms must be at least 1, with at least 2 connections per room (a publisher and a \
+                 subscriber): --connections {} allows at most {}",
+                a.connections,
+                a.connections / 2
+            );
+        }
         let threads = a.threads.unwrap_or_else(tim_shards::runtime::available_cores).max(1);
         if a.password.len() < 8 {
             bail!("--password must have at least 8 bytes (the server's password rule)");
@@ -320,6 +339,7 @@ impl Config {
             connect_attempts: a.connect_attempts.max(1),
             body_bytes: a.body_bytes,
             load,
+            rooms: a.rooms,
             peer: a.peer,
             password: a.password,
             user_prefix: a.user_prefix,
@@ -443,6 +463,24 @@ mod tests {
         assert_eq!(parse_sources("127.0.0.2, 127.0.0.7").unwrap().len(), 2);
         assert!(parse_sources("127.0.0.9-127.0.0.2").is_err());
         assert!(parse_sources("").is_err());
+    }
+
+    /// A room run needs a publisher and a subscriber per room.
+    #[test]
+    fn room_args() {
+        let cfg = |extra: &[&str]| {
+            let mut argv = vec!["tim-loadgen", "--scenario", "room", "--threads", "1"];
+            argv.extend_from_slice(extra);
+            Config::from_args(Args::parse_from(argv))
+        };
+        let ok = cfg(&["--connections", "8", "--rooms", "4"]).unwrap();
+        assert_eq!((ok.rooms, ok.scenario), (4, ScenarioName::Room));
+        assert!(matches!(ok.load, Load::Closed { window: 16 }));
+        assert_eq!(cfg(&["--connections", "3"]).unwrap().rooms, 1, "one room by default");
+        assert!(cfg(&["--connections", "7", "--rooms", "4"]).is_err());
+        assert!(cfg(&["--connections", "8", "--rooms", "0"]).is_err());
+        let open = cfg(&["--connections", "8", "--rooms", "2", "--rate", "1000"]).unwrap();
+        assert!(matches!(open.load, Load::Open { rate, .. } if rate == 1000.0));
     }
 
     #[test]

@@ -126,6 +126,10 @@ pub fn run(g: &Global) -> Outcome {
             let s = stats::sum(&g.slots);
             let done = match g.scenario {
                 Scenario::LoginStorm => s[C::Busy as usize] == 0,
+                // Every publish received or reported missed by every subscriber.
+                Scenario::Room(_) => {
+                    s[C::Delivered as usize] + s[C::Missed as usize] >= s[C::Expected as usize]
+                }
                 _ => s[C::Inflight as usize] == 0 && s[C::Delivered as usize] >= s[C::Expected as usize],
             };
             if done {
@@ -180,6 +184,13 @@ fn progress_line(
             p50_p99(h(H::Ack)),
             p50_p99(h(H::Deliver)),
             now[C::Inflight as usize],
+        ),
+        Scenario::Room(_) => format!(
+            "{head} published {}/s  delivered {}/s  missed {}/s  deliver p50/p99 {}  errors {errors}",
+            rate(C::Sent),
+            rate(C::Delivered),
+            rate(C::Missed),
+            p50_p99(h(H::Deliver)),
         ),
         Scenario::Idle => format!(
             "{head} connected {}/{}  pings {}/s  rtt p50/p99 {}  errors {errors}",

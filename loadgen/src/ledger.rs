@@ -214,6 +214,8 @@ pub struct ConnLedger {
     /// Sent and never answered by the end.
     pub unanswered: u64,
     pub abandoned: u64,
+    /// Room: messages the server reported this subscriber missed.
+    pub missed: u64,
 }
 
 impl ConnLedger {
@@ -224,6 +226,7 @@ impl ConnLedger {
             received: recv.from,
             unanswered: send.inflight.len() as u64,
             abandoned: send.abandoned,
+            missed: 0,
         }
     }
 }

@@ -9,29 +9,43 @@ use crate::{
     coordinator::Outcome,
     global::Global,
     ledger,
-    scenario::Scenario,
+    scenario::{room, Scenario},
     stats::{fmt_us, C, H},
 };
 
 /// Print the results; true if the run passed (no acknowledged message lost or duplicated,
-/// nothing out of order or misrouted, and something was done at all).
+/// nothing out of order or misrouted, and something was done at all; room: also no error
+/// during the run, and every publish received or reported missed by every subscriber).
 pub fn finish(g: &Global, o: &Outcome) -> bool {
     let cfg = &g.cfg;
     let r = g.results.lock().expect("results lock");
     let c = |x: C| r.counters[x as usize];
     let secs = o.run_time.as_secs_f64().max(1e-9);
+    let room_verdict = match (&g.scenario, g.live.get()) {
+        (Scenario::Room(rooms), Some(live)) => Some(room::verdict(rooms, live, &r.ledgers)),
+        _ => None,
+    };
     let verdict = match (&g.scenario, g.live.get()) {
         (Scenario::Messaging(plan), Some(live)) => {
             Some(ledger::merge(&r.ledgers, cfg.connections, |s, n, out| plan.receivers(live, s, n, out)))
         }
-        _ => None,
+        _ => room_verdict.map(|rv| rv.v),
     };
     let v = verdict.unwrap_or_default();
+    let rv = room_verdict.unwrap_or_default();
     let (duplicated, out_of_order) = (c(C::Duplicated), c(C::OutOfOrder));
     let errors = c(C::Errors);
     let mut problems = Vec::new();
-    if v.lost > 0 {
+    if v.lost > 0 && room_verdict.is_some() {
+        problems.push(format!("{} deliveries neither received nor reported missed", v.lost));
+    } else if v.lost > 0 {
         problems.push(format!("{} deliveries lost", v.lost));
+    }
+    if rv.over > 0 {
+        problems.push(format!("{} more messages received or reported missed than published", rv.over));
+    }
+    if room_verdict.is_some() && c(C::RunErrors) > 0 {
+        problems.push(format!("{} errors during the run", c(C::RunErrors)));
     }
     if duplicated > 0 {
         let in_catch_up = c(C::DupInCatchUp);
@@ -60,7 +74,7 @@ pub fn finish(g: &Global, o: &Outcome) -> bool {
         ));
     }
     let did_nothing = match g.scenario {
-        Scenario::Messaging(_) => v.acked == 0,
+        Scenario::Messaging(_) | Scenario::Room(_) => v.acked == 0,
         Scenario::Idle => o.connected_at_end == 0,
         Scenario::LoginStorm => c(C::Logins) == 0,
     };
@@ -69,11 +83,12 @@ pub fn finish(g: &Global, o: &Outcome) -> bool {
     }
 
     // ---- readable summary ----
+    let per_conn = if room_verdict.is_some() { "publisher" } else { "connection" };
     let load = match cfg.load {
         Load::Closed { window } => format!("window {window}"),
         Load::Open { rate, cap } => {
             let pacer = if cfg.pacing == Pacing::Spin { "spinning" } else { "timer" };
-            format!("rate {rate}/s (in flight ≤ {cap} per connection, {pacer} pacer)")
+            format!("rate {rate}/s (in flight ≤ {cap} per {per_conn}, {pacer} pacer)")
         }
     };
     println!(
@@ -120,6 +135,39 @@ pub fn finish(g: &Global, o: &Outcome) -> bool {
                 println!("  drain timed out after {:.2} s", o.drain_time.as_secs_f64());
             }
             println!("  {}", latency_line("send→ack    ", hist(H::Ack)));
+            println!("  {}", latency_line("send→deliver", hist(H::Deliver)));
+            if let Load::Open { .. } = cfg.load {
+                println!(
+                    "  {}  (loadgen: send time after schedule)",
+                    latency_line("send lag    ", hist(H::Lag))
+                );
+            }
+        }
+        Scenario::Room(_) => {
+            println!(
+                "  rooms {}  published {}  accepted {}  delivered {} of {} owed  missed {}  \
+                 ({:.0} published/s, {:.0} delivered/s)",
+                cfg.rooms,
+                c(C::Sent),
+                v.acked,
+                v.delivered,
+                v.expected,
+                rv.missed,
+                v.acked as f64 / secs,
+                v.delivered as f64 / secs
+            );
+            println!(
+                "  unaccounted {}  duplicated {duplicated}  out of order {out_of_order}  misrouted {}  \
+                 refused {}  errors during the run {}  from earlier runs {}",
+                v.lost,
+                v.misrouted,
+                v.abandoned,
+                c(C::RunErrors),
+                c(C::Foreign)
+            );
+            if !o.drained {
+                println!("  drain timed out after {:.2} s", o.drain_time.as_secs_f64());
+            }
             println!("  {}", latency_line("send→deliver", hist(H::Deliver)));
             if let Load::Open { .. } = cfg.load {
                 println!(
@@ -226,6 +274,15 @@ pub fn finish(g: &Global, o: &Outcome) -> bool {
             m.insert(format!("{name}_max_us"), json!(h.max()));
         }
         m.insert("stuck_connections".into(), json!(r.stuck));
+        if room_verdict.is_some() {
+            // sent: publishes; acked: publishes not refused; delivered, msgs_per_s: deliveries.
+            m.insert("rooms".into(), json!(cfg.rooms));
+            m.insert("missed".into(), json!(rv.missed));
+            m.insert("over_accounted".into(), json!(rv.over));
+            m.insert("run_errors".into(), json!(c(C::RunErrors)));
+            m.insert("publishes_per_s".into(), json!(round3(v.acked as f64 / secs)));
+            m.insert("deliveries_per_s".into(), json!(round3(v.delivered as f64 / secs)));
+        }
         if let Some(cpu) = &server_cpu {
             let (s, util, per_msg) = match cpu {
                 Ok((s, util, per_msg)) => (Some(round3(*s)), Some(round3(*util)), per_msg.map(round3)),

@@ -34,6 +34,11 @@ pub enum C {
     OutOfOrder,
     /// Deliveries that are not this run's messages.
     Foreign,
+    /// Room: messages the server reported a subscriber missed (`Missed`, source 1).
+    Missed,
+    /// Room: errors after setup (refusals, unexpected frames, closed rooms, disconnections);
+    /// any fails the run.
+    RunErrors,
     Resent,
     Errors,
     Logins,

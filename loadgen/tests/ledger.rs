@@ -238,3 +238,26 @@ fn server_pid_missing() {
         "{stderr}"
     );
 }
+
+/// Live rooms: 20 connections in 2 rooms (a publisher and 9 subscribers each), closed loop for
+/// 2 seconds: deliveries happen, in order, and every publish reached every subscriber or was
+/// reported missed; nothing failed during the run.
+#[test]
+fn room_fan_out() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let server = Server::start("backend = \"memory\"");
+    let args = ["--scenario", "room", "--rooms", "2", "--connections", "20", "--duration", "2", "--window", "8"];
+    let (out, v) = loadgen(&server.addr, &args, Duration::from_secs(30));
+    assert_eq!(v["ok"], Value::Bool(true), "{v}");
+    assert!(n(&v, "delivered") > 0, "{v}");
+    assert_eq!(n(&v, "out_of_order"), 0, "{v}");
+    assert_eq!(n(&v, "duplicated"), 0, "{v}");
+    assert_eq!(n(&v, "lost"), 0, "{v}");
+    assert_eq!(n(&v, "run_errors"), 0, "{v}");
+    assert_eq!(n(&v, "rooms"), 2, "{v}");
+    // 9 subscribers per room: each publish is owed 9 times, received or reported missed.
+    assert_eq!(n(&v, "expected_deliveries"), n(&v, "acked") * 9, "{v}");
+    assert_eq!(n(&v, "delivered") + n(&v, "missed"), n(&v, "expected_deliveries"), "{v}");
+    assert!(n(&v, "deliver_p99_us") >= n(&v, "deliver_p50_us"));
+    assert!(out.status.success(), "exit status {:?}", out.status);
+}

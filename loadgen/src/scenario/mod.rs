@@ -3,8 +3,9 @@
 //!
 //! Message scenarios share one engine ([`messaging`]) and differ only in a [`Plan`]: who a
 //! message goes to, which connections it is owed to, how frames are read. A new message
-//! scenario (group, room) is one small module implementing [`Plan`], one [`ScenarioName`]
-//! value and one line in [`Scenario::new`].
+//! scenario (group) is one small module implementing [`Plan`], one [`ScenarioName`] value and
+//! one line in [`Scenario::new`]. Live rooms ([`room`]) have no acks, so they run on their own
+//! loop with their own verdict.
 //!
 //! [`ScenarioName`]: crate::cli::ScenarioName
 
@@ -13,6 +14,7 @@ pub mod idle;
 pub mod login_storm;
 pub mod messaging;
 pub mod one_to_one;
+pub mod room;
 
 use std::{
     rc::Rc,
@@ -38,6 +40,8 @@ pub enum Scenario {
     Messaging(Arc<dyn Plan>),
     Idle,
     LoginStorm,
+    /// Live rooms: publishers and subscribers, checked by [`room::verdict`].
+    Room(Arc<room::Rooms>),
 }
 
 impl Scenario {
@@ -47,6 +51,7 @@ impl Scenario {
             ScenarioName::Echo => Scenario::Messaging(Arc::new(echo::Echo)),
             ScenarioName::Idle => Scenario::Idle,
             ScenarioName::LoginStorm => Scenario::LoginStorm,
+            ScenarioName::Room => Scenario::Room(Arc::new(room::Rooms::new(cfg))),
         }
     }
 
@@ -62,6 +67,7 @@ pub async fn run_slot(w: &Rc<Worker>, conn: u32) {
         Scenario::Messaging(plan) => messaging::run(w, conn, plan.clone()).await,
         Scenario::Idle => idle::run(w, conn).await,
         Scenario::LoginStorm => login_storm::run(w, conn).await,
+        Scenario::Room(rooms) => room::run(w, conn, rooms.clone()).await,
     }
 }
 
@@ -75,33 +81,51 @@ pub struct Joined {
 /// Connect (and log in, if `log_in`), report ready, and wait for the run to start. `None` if
 /// setup failed (counted) or the run started without this connection.
 pub async fn join_run(w: &Worker, conn: u32, log_in: bool) -> Option<Joined> {
+    let (io, rd, login) = set_up(w, conn, log_in).await?;
+    enter_run(w, conn, io, rd, login).await
+}
+
+/// The first half of [`join_run`]: connect and log in, within the thread's setup gate. `None`
+/// if setup failed (counted) or the run already started.
+pub async fn set_up(w: &Worker, conn: u32, log_in: bool) -> Option<(Io, FrameReader, Option<LoginOk>)> {
     let g = &w.g;
     let deadline: Instant = g.setup_deadline();
-    let (io, mut rd, login) = {
-        let _pass = w.setup_gate.pass().await;
-        if w.phase() != Phase::Setup {
-            return None;
-        }
-        let Some(io) = session::connect(w, conn, 0, deadline).await else {
-            g.setup_failed();
-            return None;
-        };
-        let mut rd = FrameReader::default();
-        let login = if log_in {
-            match session::log_in(w, &io, &mut rd, conn, deadline).await {
-                Ok(ok) => Some(ok),
-                Err(e) => {
-                    w.stats.error(&e.name("login"));
-                    rd.release(w);
-                    g.setup_failed();
-                    return None;
-                }
-            }
-        } else {
-            None
-        };
-        (io, rd, login)
+    let _pass = w.setup_gate.pass().await;
+    if w.phase() != Phase::Setup {
+        return None;
+    }
+    let Some(io) = session::connect(w, conn, 0, deadline).await else {
+        g.setup_failed();
+        return None;
     };
+    let mut rd = FrameReader::default();
+    let login = if log_in {
+        match session::log_in(w, &io, &mut rd, conn, deadline).await {
+            Ok(ok) => Some(ok),
+            Err(e) => {
+                w.stats.error(&e.name("login"));
+                rd.release(w);
+                g.setup_failed();
+                return None;
+            }
+        }
+    } else {
+        None
+    };
+    Some((io, rd, login))
+}
+
+/// The second half of [`join_run`] (a scenario may do its own setup steps in between, outside
+/// the setup gate): report ready and keep the session alive until the run starts. `None` if
+/// the run started without this connection.
+pub async fn enter_run(
+    w: &Worker,
+    conn: u32,
+    io: Io,
+    mut rd: FrameReader,
+    login: Option<LoginOk>,
+) -> Option<Joined> {
+    let g = &w.g;
     if !g.ready(conn, login.as_ref().map(|l| l.user_id)) {
         rd.release(w);
         io.shutdown();
