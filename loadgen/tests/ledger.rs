@@ -246,7 +246,8 @@ fn server_pid_missing() {
 fn room_fan_out() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let server = Server::start("backend = \"memory\"");
-    let args = ["--scenario", "room", "--rooms", "2", "--connections", "20", "--duration", "2", "--window", "8"];
+    let args =
+        ["--scenario", "room", "--rooms", "2", "--connections", "20", "--duration", "2", "--window", "8"];
     let (out, v) = loadgen(&server.addr, &args, Duration::from_secs(30));
     assert_eq!(v["ok"], Value::Bool(true), "{v}");
     assert!(n(&v, "delivered") > 0, "{v}");

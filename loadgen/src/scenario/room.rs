@@ -41,7 +41,7 @@ use super::{enter_run, set_up, Joined};
 use crate::{
     cli::{Config, Load},
     global::{mix, LiveSet, Phase},
-    ledger::{self, BodyHeader, Bits, ConnLedger, RecvLog, SendLog, Verdict, BODY_HEADER_BYTES},
+    ledger::{self, Bits, BodyHeader, ConnLedger, RecvLog, SendLog, Verdict, BODY_HEADER_BYTES},
     net::{FrameReader, Io},
     scenario::messaging::open_loop_due,
     session::{self, retryable, Fail},
@@ -128,7 +128,9 @@ impl Rooms {
 
     /// The live subscribers of `room`, ascending.
     pub fn subscribers<'a>(&self, live: &'a LiveSet, room: u32) -> impl Iterator<Item = u32> + 'a {
-        (room + self.rooms..live.connections).step_by(self.rooms as usize).filter(|&c| live.conn_live[c as usize])
+        (room + self.rooms..live.connections)
+            .step_by(self.rooms as usize)
+            .filter(|&c| live.conn_live[c as usize])
     }
 
     /// The room's probe: its first live subscriber, whose receipts bound the closed loop.
@@ -221,10 +223,7 @@ pub async fn run(w: &Rc<Worker>, idx: u32, rooms: Arc<Rooms>) {
     };
     let deadline = w.g.setup_deadline();
     let step = if publisher {
-        create(w, &io, &mut rd, deadline).await.map(|id| {
-            shared.id.store(id, SeqCst);
-            id
-        })
+        create(w, &io, &mut rd, deadline).await.inspect(|&id| shared.id.store(id, SeqCst))
     } else {
         subscribe(w, &io, &mut rd, shared, deadline).await
     };
@@ -292,7 +291,8 @@ pub async fn run(w: &Rc<Worker>, idx: u32, rooms: Arc<Rooms>) {
 /// Publisher: create the room (policy 0: only its creator publishes); its id. Busy is retried.
 async fn create(w: &Worker, io: &Io, rd: &mut FrameReader, deadline: Instant) -> Result<u64, Fail> {
     loop {
-        let req = protocol::RoomCreate { publish: room_publish::OWNER, subscribers_max: 0, publishers: Vec::new() };
+        let req =
+            protocol::RoomCreate { publish: room_publish::OWNER, subscribers_max: 0, publishers: Vec::new() };
         io.queue(kind::ROOM_CREATE, &req);
         io.flush().await?;
         let got = session::answer(w, io, rd, kind::ROOM_CREATE, deadline, |e| match e {
@@ -330,7 +330,9 @@ async fn subscribe(
     io.queue(kind::ROOM_SUBSCRIBE, &protocol::RoomRef { room_id });
     io.flush().await?;
     session::answer(w, io, rd, kind::ROOM_SUBSCRIBE, deadline, |e| match e {
-        Event::RoomOk(ok) if ok.request_kind == kind::ROOM_SUBSCRIBE && ok.room_id == room_id => Some(room_id),
+        Event::RoomOk(ok) if ok.request_kind == kind::ROOM_SUBSCRIBE && ok.room_id == room_id => {
+            Some(room_id)
+        }
         _ => None,
     })
     .await
@@ -383,13 +385,16 @@ impl RoomConn {
                 self.missed.set(self.missed.get() + m.count);
                 self.w.stats.add(C::Missed, m.count);
             }
-            Ok(Event::Error(e)) if e.request_kind == kind::ROOM_PUBLISH => self.on_refused(e.client_msg_id, e.code),
+            Ok(Event::Error(e)) if e.request_kind == kind::ROOM_PUBLISH => {
+                self.on_refused(e.client_msg_id, e.code)
+            }
             Ok(Event::Error(e)) => {
                 self.w.stats.server_error(e.code, e.request_kind);
                 self.w.stats.add(C::RunErrors, 1);
             }
             Ok(Event::Kick(k)) => {
-                let name = ErrorCode::from_u16(k.reason).map_or_else(|| "Unknown".into(), |c| format!("{c:?}"));
+                let name =
+                    ErrorCode::from_u16(k.reason).map_or_else(|| "Unknown".into(), |c| format!("{c:?}"));
                 self.run_error(&format!("kicked: {name}({})", k.reason));
             }
             Ok(Event::RoomClosed(r)) => self.run_error(&format!("room closed (reason {})", r.reason)),
@@ -641,7 +646,8 @@ pub fn verdict(rooms: &Rooms, live: &LiveSet, ledgers: &[ConnLedger]) -> RoomVer
             let (got, unpublished) = l.received.get(&p).map_or((0, 0), |b| b.overlap(published));
             out.v.delivered += got;
             out.v.delivered_unacked += unpublished;
-            out.v.misrouted += l.received.iter().filter(|(&from, _)| from != p).map(|(_, b)| b.count()).sum::<u64>();
+            out.v.misrouted +=
+                l.received.iter().filter(|(&from, _)| from != p).map(|(_, b)| b.count()).sum::<u64>();
             out.missed += l.missed;
             let accounted = got + l.missed;
             if accounted < owed {
