@@ -28,7 +28,7 @@ use super::{
 use crate::config::StoreConfig;
 
 /// Schema version written by this build.
-pub const SCHEMA_VERSION: i64 = 2;
+pub const SCHEMA_VERSION: i64 = 3;
 
 const SCHEMA_V1: &str = "
 CREATE TABLE accounts (
@@ -85,6 +85,22 @@ INSERT INTO seq_floors (conv_a, conv_b, seq)
 DELETE FROM messages WHERE (conv_a, conv_b, seq) IN (SELECT conv_a, conv_b, seq FROM resent);
 DROP TABLE temp.resent;
 CREATE UNIQUE INDEX messages_dedup ON messages (conv_a, conv_b, sender, client_msg_id);
+";
+
+/// Version 3: `user_convs`, each user's conversations, written with their messages. A login's
+/// catch-up walks it and reads, per conversation, what lies past the device's cursor by primary
+/// key, instead of every message of the user in the window (as on PostgreSQL, schema 3).
+const SCHEMA_V3: &str = "
+CREATE TABLE user_convs (
+    user   INTEGER NOT NULL,
+    conv_a INTEGER NOT NULL,
+    conv_b INTEGER NOT NULL,
+    PRIMARY KEY (user, conv_a, conv_b)
+) WITHOUT ROWID;
+INSERT OR IGNORE INTO user_convs (user, conv_a, conv_b)
+    SELECT conv_a, conv_a, conv_b FROM (SELECT DISTINCT conv_a, conv_b FROM messages);
+INSERT OR IGNORE INTO user_convs (user, conv_a, conv_b)
+    SELECT conv_b, conv_a, conv_b FROM (SELECT DISTINCT conv_a, conv_b FROM messages);
 ";
 
 /// Read connections kept open.
@@ -149,6 +165,12 @@ fn migrate(conn: &mut Connection) -> anyhow::Result<()> {
                 before - after
             );
         }
+    }
+    if version < 3 {
+        let tx = conn.transaction()?;
+        tx.execute_batch(SCHEMA_V3)?;
+        tx.pragma_update(None, "user_version", 3)?;
+        tx.commit()?;
     }
     Ok(())
 }
@@ -253,6 +275,11 @@ fn commit(conn: &mut Connection, jobs: &[Job]) -> rusqlite::Result<Vec<Duplicate
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)
              ON CONFLICT (conv_a, conv_b, sender, client_msg_id) DO NOTHING",
         )?;
+        let mut listed = tx.prepare_cached(
+            "INSERT OR IGNORE INTO user_convs (user, conv_a, conv_b) VALUES (?1, ?2, ?3), (?4, ?2, ?3)",
+        )?;
+        // Each conversation once per commit: both users list it (a probe when they already do).
+        let mut convs = std::collections::HashSet::new();
         for (batch, _) in jobs {
             let mut dups = Duplicates::new();
             for (index, m) in batch.iter().enumerate() {
@@ -269,6 +296,8 @@ fn commit(conn: &mut Connection, jobs: &[Job]) -> rusqlite::Result<Vec<Duplicate
                 ])?;
                 if inserted == 0 {
                     dups.push((index, original(&tx, m)?));
+                } else if convs.insert(m.conv) {
+                    listed.execute(params![i(m.conv.0), i(m.conv.0), i(m.conv.1), i(m.conv.1)])?;
                 }
             }
             out.push(dups);
@@ -412,11 +441,14 @@ impl Store for EmbeddedStore {
     ) -> Result<CatchUp, StoreError> {
         let page = self.with_reader(|c| {
             let mut stmt = c.prepare_cached(
-                "SELECT m.payload FROM messages m
+                // Per conversation of the user, what lies past the device's cursor, by primary
+                // key: the cost follows what is unread, not the user's traffic.
+                "SELECT m.payload FROM user_convs uc
                  LEFT JOIN cursors c
-                   ON c.user = ?1 AND c.device = ?2 AND c.conv_a = m.conv_a AND c.conv_b = m.conv_b
-                 WHERE (m.conv_a = ?1 OR m.conv_b = ?1) AND m.ts_ms >= ?3 AND m.ts_ms <= ?5
-                   AND m.seq > COALESCE(c.seq, 0)
+                   ON c.user = ?1 AND c.device = ?2 AND c.conv_a = uc.conv_a AND c.conv_b = uc.conv_b
+                 JOIN messages m
+                   ON m.conv_a = uc.conv_a AND m.conv_b = uc.conv_b AND m.seq > COALESCE(c.seq, 0)
+                 WHERE uc.user = ?1 AND m.ts_ms >= ?3 AND m.ts_ms <= ?5
                    AND NOT (m.sender = ?1 AND m.sender_device = ?2)
                  ORDER BY m.ts_ms, m.conv_a, m.conv_b, m.seq LIMIT ?4",
             )?;
@@ -527,6 +559,19 @@ mod tests {
         let dups = append(&store, vec![msg((1, 2), 6, 11), msg((1, 2), 7, 12)]).unwrap();
         assert_eq!(dups.len(), 1);
         assert_eq!((dups[0].0, dups[0].1.seq, dups[0].1.msg_id), (0, 2, 1002));
+        // Schema 3 listed each user's conversations; user 2's catch-up reads from that list.
+        let listed: Vec<(i64, i64, i64)> = store
+            .with_reader(|c| {
+                let mut st = c.prepare("SELECT user, conv_a, conv_b FROM user_convs ORDER BY 1, 2, 3")?;
+                let rows = st.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
+                rows.collect()
+            })
+            .unwrap();
+        assert_eq!(listed, [(1, 1, 2), (1, 1, 3), (2, 1, 2), (3, 1, 3)]);
+        let caught = store.catch_up(2, 9, 0, u64::MAX >> 1, 100.into()).unwrap();
+        let caught: Vec<_> =
+            caught.page.payloads.iter().map(|p| String::from_utf8(p.to_vec()).unwrap()).collect();
+        assert_eq!(caught, ["s1", "s2", "s7"], "user 2's catch-up after the migration");
         store.close();
         // Opening again does not migrate again.
         let store = EmbeddedStore::open(&config(dir.path())).unwrap();
