@@ -589,6 +589,11 @@ impl Shard {
                 if request_kind == kind::ROOM_SUBSCRIBE && s.joined_room(room) {
                     self.room_subs.borrow_mut().entry(room).or_default().push(session);
                 }
+                // An unsubscribe sent while a subscribe was in flight: the subscribe's answer
+                // (which comes first) put the room back; the owner no longer counts it.
+                if request_kind == kind::ROOM_UNSUBSCRIBE && s.left_room(room) {
+                    self.forget_room_subscriber(session, room);
+                }
                 let ok = protocol::RoomOk { room_id: room, request_kind, subscribers };
                 s.push(Bytes::from(frame::encode(kind::ROOM_OK, &ok)));
             }

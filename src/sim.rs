@@ -31,11 +31,11 @@ use bytes::{Bytes, BytesMut};
 use crate::{
     commit::{CommitQueues, Queued},
     config::{DevicePolicy, Limits, SessionPolicy},
-    envelope::{AckInfo, Attach, Envelope, SessionRef, Submit},
+    envelope::{AckInfo, Attach, Envelope, RoomOp, RoomRequest, SessionRef, Submit},
     frame::HEADER_BYTES,
     placement::{conv_hash, direct_key, Placement},
-    protocol::{conv, DeviceType, ErrorCode, Stamp},
-    roles::{CommitOutcome, ConvOwner, Effect, Effects, Sequenced, UserOwner},
+    protocol::{conv, kind, room_publish, DeviceType, ErrorCode, RoomStamp, Stamp},
+    roles::{CommitOutcome, ConvOwner, Effect, Effects, RoomOwner, Sequenced, UserOwner},
     store::{ConvKey, ConvLoad, RecentSend, UserId},
 };
 
@@ -158,6 +158,9 @@ pub struct SimReport {
     pub streams: u64,
     pub stream_deliveries: u64,
     pub stream_refusals: u64,
+    /// Room requests sent, room messages received by sessions.
+    pub room_requests: u64,
+    pub room_deliveries: u64,
 }
 
 impl SimReport {
@@ -179,6 +182,8 @@ impl SimReport {
         self.streams += r.streams;
         self.stream_deliveries += r.stream_deliveries;
         self.stream_refusals += r.stream_refusals;
+        self.room_requests += r.room_requests;
+        self.room_deliveries += r.room_deliveries;
     }
 }
 
@@ -212,6 +217,9 @@ struct Client {
     stream_floor: HashMap<ConvKey, u64>,
     /// Stream messages received, as (sender, client message id): each arrives at most once.
     streams: BTreeSet<(UserId, u64)>,
+    /// Rooms this session is subscribed to (as its shard's runtime records it), and the last
+    /// room message `seq` it got in each.
+    rooms: BTreeMap<u64, u64>,
 }
 
 /// A message the ledger knows: from its first ack or delivery.
@@ -257,6 +265,9 @@ struct SimShard {
     users: UserOwner,
     convs: ConvOwner,
     commits: CommitQueues,
+    rooms: RoomOwner,
+    /// The runtime's index of this shard's subscribers per room.
+    room_subs: HashMap<u64, Vec<SessionRef>>,
 }
 
 /// A stored message in the fake store: (sender, client message id, message id, time).
@@ -289,6 +300,8 @@ struct Sim {
     next_cmid: HashMap<UserId, u64>,
     /// Stream messages sent so far (their client message ids).
     next_stream: u64,
+    /// Room ids drawn so far (created or not).
+    room_ids: Vec<u64>,
     /// Client message ids each user has sent, for resends.
     sent_ids: HashMap<UserId, Vec<(u64, UserId)>>,
     /// (sender, conversation, client id, generation) → its ack, and whether an ack said it was
@@ -332,6 +345,8 @@ impl Sim {
             dedup_per_conversation_max: 100_000,
             conversations_per_shard_max: cfg.convs_max,
             conversation_idle_secs: cfg.conversation_idle_secs,
+            // Rooms expire within a run: their closing races the requests that name them.
+            room_idle_secs: 1,
             ..Limits::default()
         };
         let hasher = || RandomState::with_seeds(1, 2, 3, 4);
@@ -344,6 +359,8 @@ impl Sim {
                     cfg.commit_batch_max,
                     cfg.commit_backlog_max,
                 ),
+                rooms: RoomOwner::new(id, placement, &limits),
+                room_subs: HashMap::new(),
             })
             .collect();
         Sim {
@@ -362,6 +379,7 @@ impl Sim {
             next_session: vec![1; cfg.shards],
             next_cmid: HashMap::new(),
             next_stream: 0,
+            room_ids: Vec::new(),
             sent_ids: HashMap::new(),
             acked: HashMap::new(),
             handled_in: HashMap::new(),
@@ -392,6 +410,9 @@ impl Sim {
                 if n > 0 {
                     self.note(format!("shard {shard}: evicted {n} idle conversations"));
                 }
+                let mut fx = Vec::new();
+                self.shards[shard].rooms.expire(self.now, &mut fx);
+                self.execute(shard, fx);
             }
             let busy = self.mesh.iter().any(|q| !q.is_empty()) || self.due_timer().is_some();
             if busy && self.rng.chance(65) {
@@ -678,6 +699,7 @@ impl Sim {
             }
             Envelope::Kick { session, reason } => {
                 if let Some(c) = self.clients.remove(&session) {
+                    self.leave_rooms(session, &c);
                     self.report.kicks += 1;
                     self.note(format!("session {session:?} of user {}: kicked {reason:?}", c.user));
                     if c.login == Login::Attached {
@@ -701,12 +723,24 @@ impl Sim {
                 self.report.stream_refusals += 1;
                 self.note(format!("session {session:?}: stream {client_msg_id} refused {code:?}"));
             }
-            // Live rooms are not simulated (no client here creates one); their owner is tested
-            // by its unit tests and over sockets (tests/rooms.rs).
-            Envelope::Room(_)
-            | Envelope::RoomReply { .. }
-            | Envelope::RoomFanout { .. }
-            | Envelope::RoomClosed { .. } => return Err("a room envelope in the simulation".into()),
+            Envelope::Room(req) => {
+                if self.placement.room(req.room) != dst {
+                    return Err(format!("room request for {} on shard {dst}", req.room));
+                }
+                self.shards[dst].rooms.request(*req, now, &mut fx)
+            }
+            Envelope::RoomReply { session, room, request_kind, result } => {
+                self.on_room_reply(dst, session, room, request_kind, result)
+            }
+            Envelope::RoomFanout { room, skip, frame } => self.on_room_fanout(dst, room, skip, &frame)?,
+            Envelope::RoomClosed { room, .. } => {
+                for s in self.shards[dst].room_subs.remove(&room).unwrap_or_default() {
+                    if let Some(c) = self.clients.get_mut(&s) {
+                        c.rooms.remove(&room);
+                    }
+                }
+                self.note(format!("shard {dst}: room {room} closed"));
+            }
         }
         self.execute(dst, fx);
         Ok(())
@@ -813,6 +847,151 @@ impl Sim {
         self.learn(key, stamp.seq, Known { sender: stamp.from, client_msg_id: cmid, msg_id: stamp.msg_id })
     }
 
+    /// As the runtime does when a session ends: out of its shard's index, and the owner told.
+    fn leave_rooms(&mut self, session: SessionRef, c: &Client) {
+        for &room in c.rooms.keys() {
+            self.forget_room_sub(session.shard(), room, session);
+            self.room_request(session, 0, room, RoomOp::Unsubscribe { reply: false });
+        }
+    }
+
+    fn forget_room_sub(&mut self, shard: usize, room: u64, session: SessionRef) {
+        if let Some(list) = self.shards[shard].room_subs.get_mut(&room) {
+            list.retain(|&s| s != session);
+            if list.is_empty() {
+                self.shards[shard].room_subs.remove(&room);
+            }
+        }
+    }
+
+    fn room_request(&mut self, session: SessionRef, user: UserId, room: u64, op: RoomOp) {
+        self.report.room_requests += 1;
+        let req = RoomRequest { origin: session, user, room, op };
+        self.post(session.shard(), self.placement.room(room), Envelope::Room(Box::new(req)));
+    }
+
+    /// The room owner's answer, as the runtime handles it (`Shard::on_room_reply`).
+    fn on_room_reply(
+        &mut self,
+        dst: usize,
+        session: SessionRef,
+        room: u64,
+        kind_: u16,
+        result: Result<u32, ErrorCode>,
+    ) {
+        let Some(c) = self.clients.get_mut(&session) else {
+            if kind_ == kind::ROOM_SUBSCRIBE && result.is_ok() {
+                // The session ended while subscribing: undone.
+                self.room_request(session, 0, room, RoomOp::Unsubscribe { reply: false });
+            }
+            return;
+        };
+        if result.is_err() {
+            return;
+        }
+        if kind_ == kind::ROOM_SUBSCRIBE && !c.rooms.contains_key(&room) {
+            c.rooms.insert(room, 0);
+            self.shards[dst].room_subs.entry(room).or_default().push(session);
+        }
+        if kind_ == kind::ROOM_UNSUBSCRIBE && c.rooms.remove(&room).is_some() {
+            self.forget_room_sub(dst, room, session);
+        }
+    }
+
+    /// A room message for this shard's subscribers: each gets it once, in `seq` order.
+    fn on_room_fanout(
+        &mut self,
+        dst: usize,
+        room: u64,
+        skip: SessionRef,
+        frame: &Bytes,
+    ) -> Result<(), String> {
+        let stamp = RoomStamp::read(&frame[HEADER_BYTES..]).ok_or("short room frame")?;
+        if stamp.room_id != room {
+            return Err(format!("room message of {} in a fan-out for {room}", stamp.room_id));
+        }
+        let subs = self.shards[dst].room_subs.get(&room).cloned().unwrap_or_default();
+        for s in subs.into_iter().filter(|&s| s != skip) {
+            let c =
+                self.clients.get_mut(&s).ok_or_else(|| format!("room {room} indexes gone session {s:?}"))?;
+            let last =
+                c.rooms.get_mut(&room).ok_or_else(|| format!("{s:?} indexed in room {room} it is not in"))?;
+            if stamp.seq <= *last {
+                return Err(format!("{s:?} got room {room} seq {} after {}", stamp.seq, *last));
+            }
+            *last = stamp.seq;
+            self.report.room_deliveries += 1;
+        }
+        Ok(())
+    }
+
+    /// A logged-in session does something with a room: create, subscribe, unsubscribe,
+    /// publish or delete, on a room drawn so far (or a new one).
+    fn room_action(&mut self, session: SessionRef) {
+        let user = self.clients[&session].user;
+        // Mostly one of the last rooms drawn (the older ones are likely closed by now).
+        let pick = |sim: &mut Sim| -> Option<u64> {
+            let n = sim.room_ids.len() as u64;
+            if n == 0 {
+                return None;
+            }
+            let back = if sim.rng.chance(80) { sim.rng.below(n.min(3)) } else { sim.rng.below(n) };
+            Some(sim.room_ids[(n - 1 - back) as usize])
+        };
+        match self.rng.below(20) {
+            0 | 1 => {
+                let room = tim_shards::mix64(self.room_ids.len() as u64 + 1).max(1);
+                self.room_ids.push(room);
+                let publish =
+                    if self.rng.chance(70) { room_publish::SUBSCRIBERS } else { self.rng.below(2) as u8 };
+                let publishers = vec![1 + self.rng.below(self.cfg.users)];
+                self.note(format!("session {session:?} of user {user}: creates room {room}"));
+                self.room_request(
+                    session,
+                    user,
+                    room,
+                    RoomOp::Create { publish, subscribers_max: 0, publishers },
+                );
+            }
+            2..=7 => {
+                if let Some(room) = pick(self) {
+                    self.note(format!("session {session:?}: subscribes to room {room}"));
+                    self.room_request(session, user, room, RoomOp::Subscribe);
+                }
+            }
+            8 | 9 => {
+                if let Some(room) = pick(self) {
+                    // As the runtime does: local delivery stops at once.
+                    if self.clients.get_mut(&session).expect("client").rooms.remove(&room).is_some() {
+                        self.forget_room_sub(session.shard(), room, session);
+                    }
+                    self.note(format!("session {session:?}: unsubscribes from room {room}"));
+                    self.room_request(session, user, room, RoomOp::Unsubscribe { reply: true });
+                }
+            }
+            10..=18 => {
+                // Mostly to a room this session is in (the usual policy lets subscribers publish).
+                let mine: Vec<u64> = self.clients[&session].rooms.keys().copied().collect();
+                let room = if !mine.is_empty() && self.rng.chance(80) {
+                    Some(mine[self.rng.below(mine.len() as u64) as usize])
+                } else {
+                    pick(self)
+                };
+                if let Some(room) = room {
+                    let cmid = self.rng.below(1 << 30);
+                    let frame = RoomRequest::blank_room_msg(&cmid.to_le_bytes());
+                    self.room_request(session, user, room, RoomOp::Publish { client_msg_id: cmid, frame });
+                }
+            }
+            _ => {
+                if let Some(room) = pick(self) {
+                    self.note(format!("session {session:?} of user {user}: deletes room {room}"));
+                    self.room_request(session, user, room, RoomOp::Delete);
+                }
+            }
+        }
+    }
+
     /// A stream message reaches a session: once, for one of its user's conversations.
     fn on_stream(&mut self, session: SessionRef, frame: &Bytes) -> Result<(), String> {
         let stamp = Stamp::read(&frame[HEADER_BYTES..]).ok_or("short frame")?;
@@ -874,6 +1053,9 @@ impl Sim {
         } else if roll < 26 {
             let s = attached[self.rng.below(attached.len() as u64) as usize];
             self.send_stream(s);
+        } else if roll < 34 {
+            let s = attached[self.rng.below(attached.len() as u64) as usize];
+            self.room_action(s);
         } else {
             let s = attached[self.rng.below(attached.len() as u64) as usize];
             let resend = roll >= 85;
@@ -899,6 +1081,7 @@ impl Sim {
                 delivered: BTreeSet::new(),
                 stream_floor: HashMap::new(),
                 streams: BTreeSet::new(),
+                rooms: BTreeMap::new(),
             },
         );
         self.note(format!("session {session:?}: user {user} logs in as {device_type:?}"));
@@ -908,6 +1091,7 @@ impl Sim {
 
     fn disconnect(&mut self, session: SessionRef) {
         let c = self.clients.remove(&session).expect("client");
+        self.leave_rooms(session, &c);
         self.note(format!("session {session:?} of user {}: disconnects", c.user));
         if c.login == Login::Attached {
             self.post(
@@ -976,12 +1160,34 @@ impl Sim {
         for (i, s) in self.shards.iter().enumerate() {
             s.users.check().map_err(|e| format!("shard {i}: {e}"))?;
             s.convs.check().map_err(|e| format!("shard {i}: {e}"))?;
+            s.rooms.check().map_err(|e| format!("shard {i}: {e}"))?;
         }
         Ok(())
     }
 
     /// Once everything has landed.
     fn check_end(&self) -> Result<(), String> {
+        // Room subscriptions agree everywhere: the owners count exactly the sessions that are
+        // open and subscribed, and each shard's index lists exactly those of its sessions.
+        let owned: BTreeSet<(u64, SessionRef)> =
+            self.shards.iter().flat_map(|s| s.rooms.subscriptions()).collect();
+        let held: BTreeSet<(u64, SessionRef)> =
+            self.clients.iter().flat_map(|(&s, c)| c.rooms.keys().map(move |&r| (r, s))).collect();
+        if owned != held {
+            let phantom: Vec<_> = owned.difference(&held).take(3).collect();
+            let missing: Vec<_> = held.difference(&owned).take(3).collect();
+            return Err(format!(
+                "room subscriptions disagree: owners only {phantom:?}, sessions only {missing:?}"
+            ));
+        }
+        let indexed: BTreeSet<(u64, SessionRef)> = self
+            .shards
+            .iter()
+            .flat_map(|s| s.room_subs.iter().flat_map(|(&r, l)| l.iter().map(move |&x| (r, x))))
+            .collect();
+        if indexed != held {
+            return Err("a shard's room index disagrees with its sessions' subscriptions".into());
+        }
         for (&s, c) in &self.clients {
             if c.login != Login::Attached {
                 return Err(format!("{s:?} of user {} never got its login answer", c.user));

@@ -282,3 +282,35 @@ fn sliced_fanout_keeps_order() {
         }
     }
 }
+
+/// An unsubscribe sent before the subscribe's answer: the session ends up out of the room on
+/// both sides (it gets nothing, the room does not count it, and it does not count against the
+/// session's own limit of rooms).
+#[test]
+fn unsubscribe_racing_its_subscribe() {
+    use tim::protocol::{kind, RoomRef};
+    let s = TestServer::start("io_uring", "[limits]\nroom_subscriptions_per_session_max = 2\n");
+    let (a_name, _) = s.register("a");
+    let (b_name, _) = s.register("b");
+    let (mut a, _) = s.login(&a_name, 3);
+    let mut b = s.login_on_shard(&b_name, 3, 1);
+    let room = a.room_create(room_publish::OWNER, 0, &[]).unwrap();
+    for _ in 0..20 {
+        b.send_frame(kind::ROOM_SUBSCRIBE, &RoomRef { room_id: room }).unwrap();
+        b.send_frame(kind::ROOM_UNSUBSCRIBE, &RoomRef { room_id: room }).unwrap();
+        for want in [kind::ROOM_SUBSCRIBE, kind::ROOM_UNSUBSCRIBE] {
+            match next_other(&mut b) {
+                Event::RoomOk(ok) => assert_eq!(ok.request_kind, want),
+                other => panic!("expected RoomOk, got {other:?}"),
+            }
+        }
+    }
+    a.room_publish(room, 1, b"nobody").unwrap();
+    assert_eq!(b.ping(5).unwrap().nonce, 5);
+    assert!(!b.has_pending(), "no room message for a session that left");
+    assert_eq!(a.room_subscribe(room).unwrap(), 1, "the room counts only the new subscriber");
+    for _ in 0..2 {
+        let other = a.room_create(room_publish::OWNER, 0, &[]).unwrap();
+        b.room_subscribe(other).expect("the raced room takes none of b's two places");
+    }
+}

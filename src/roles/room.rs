@@ -237,6 +237,11 @@ impl RoomOwner {
         }
     }
 
+    /// Every (room, subscribed session) held.
+    pub fn subscriptions(&self) -> impl Iterator<Item = (u64, SessionRef)> + '_ {
+        self.rooms.iter().flat_map(|(&id, r)| r.subscribers.keys().map(move |&s| (id, s)))
+    }
+
     /// Every room's per-shard counts add up to its subscribers.
     pub fn check(&self) -> Result<(), InvariantError> {
         for (&id, r) in &self.rooms {
