@@ -149,8 +149,12 @@ pub fn run(g: &Global) -> Outcome {
         out.drain_time = d0.elapsed();
         if !cfg.quiet {
             let s = stats::sum(&g.slots);
+            let missed = match g.scenario {
+                Scenario::Room(_) => format!("  missed {}", s[C::Missed as usize]),
+                _ => String::new(),
+            };
             eprintln!(
-                "[drain {:.2}s] {}  in flight {}  delivered {}/{}",
+                "[drain {:.2}s] {}  in flight {}  delivered {}/{}{missed}",
                 out.drain_time.as_secs_f64(),
                 if out.drained { "complete" } else { "timed out" },
                 s[C::Inflight as usize],
