@@ -28,7 +28,7 @@ use crate::{
     auth::Auth,
     commit::{CommitQueues, LoadQueues, Queued},
     config::Config,
-    envelope::{Envelope, SessionRef},
+    envelope::{Envelope, RoomOp, SessionRef},
     frame::{self, AlignedBuf},
     guard::{Action, AddressGuard},
     notify::LocalNotify,
@@ -232,7 +232,37 @@ impl Shard {
             // Refuse at the edge where a client can retry; anything further along is dropped
             // and counted (the inflight and connection limits keep this from happening).
             match env {
-                Envelope::Submit(sub) => self.reject(sub.origin, sub.client_msg_id, ErrorCode::Busy),
+                Envelope::Submit(sub) => return self.reject(sub.origin, sub.client_msg_id, ErrorCode::Busy),
+                // A room request from one of this shard's sessions: Busy, as a Send.
+                Envelope::Room(req) if !matches!(req.op, RoomOp::Unsubscribe { reply: false }) => {
+                    let code = ErrorCode::Busy;
+                    let (request_kind, id) = match req.op {
+                        RoomOp::Publish { client_msg_id, .. } => (kind::ROOM_PUBLISH, client_msg_id),
+                        RoomOp::Create { .. } => (kind::ROOM_CREATE, req.room),
+                        RoomOp::Subscribe => (kind::ROOM_SUBSCRIBE, req.room),
+                        RoomOp::Unsubscribe { .. } => (kind::ROOM_UNSUBSCRIBE, req.room),
+                        RoomOp::Delete => (kind::ROOM_DELETE, req.room),
+                    };
+                    return self.on_room_reply(req.origin, id, request_kind, Err(code));
+                }
+                // Envelopes that carry state two owners must agree on are kept past the cap:
+                // dropped, they would leave a phantom session against a device limit, a kicked
+                // session alive, or a phantom room subscriber. Each is bounded by connections
+                // (and their room requests in flight), not by traffic.
+                env @ (Envelope::AttachResult { .. }
+                | Envelope::Detach { .. }
+                | Envelope::Kick { .. }
+                | Envelope::Room(_)
+                | Envelope::RoomClosed { .. }) => {
+                    self.overflow.borrow_mut()[dst].push_back(env);
+                    self.overflow_len.set(self.overflow_len.get() + 1);
+                    return;
+                }
+                Envelope::RoomReply { request_kind, .. } if request_kind != kind::ROOM_PUBLISH => {
+                    self.overflow.borrow_mut()[dst].push_back(env);
+                    self.overflow_len.set(self.overflow_len.get() + 1);
+                    return;
+                }
                 _ => {
                     let n = self.shared.dropped_envelopes.fetch_add(1, Ordering::Relaxed);
                     if n == 0 {
@@ -584,6 +614,9 @@ impl Shard {
             }
             return;
         };
+        if request_kind != kind::ROOM_PUBLISH {
+            s.room_requests.set(s.room_requests.get().saturating_sub(1));
+        }
         match result {
             Ok(subscribers) => {
                 if request_kind == kind::ROOM_SUBSCRIBE && s.joined_room(room) {

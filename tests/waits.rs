@@ -147,3 +147,103 @@ fn history_during_paced_catch_up() {
     assert_eq!(caught.len() as u64, N);
     assert_eq!(cend.count as u64, N);
 }
+
+/// Envelopes that carry state two owners must agree on are never dropped at the mesh cap: with
+/// one-slot queues, no overflow room and a flood from shard 1 to shard 0, logins of a user
+/// owned by shard 1 whose answers (AttachResult) cross the flood, and their connections' ends
+/// (Detach), leave no phantom session: with one session per device type and policy `refuse`, a
+/// login still succeeds at the end. (Dropped, an AttachResult left the user owner holding a session
+/// nobody would ever detach, and every later login got DeviceLimit.)
+#[test]
+fn state_bearing_envelopes_survive_the_mesh_cap() {
+    let s = TestServer::start_with_store(
+        "io_uring",
+        "backend = \"memory\"\ncommit_timeout_ms = 100",
+        "[limits]\nmesh_queue_capacity = 1\nmesh_overflow_max = 0\nanswer_timeout_ms = 300\n\n\
+         [sessions]\nper_account_max = 4\nper_device_type_max = 1\npolicy = \"refuse\"\n",
+    );
+    let (eve, _) = loop {
+        let (name, id) = s.register("eve");
+        if user_shard(id, 2) == 1 {
+            break (name, id);
+        }
+    };
+    let (carol, carol_id) = s.register("carol");
+    let (dave, dave_id) = loop {
+        let (name, id) = s.register("dave");
+        if user_shard(id, 2) == 1 && conv_shard(direct_key(carol_id, id), 2) == 1 {
+            break (name, id);
+        }
+    };
+    // dave's sessions on shard 0, one per device type but eve's (3): logins retried until they
+    // land there and are answered.
+    let dave_sessions: Vec<_> =
+        [0, 1, 2, 4].iter().map(|&t| login_on_shard_patiently(&s, &dave, t, 0)).collect();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flood = {
+        let mut c = login_on_shard_patiently(&s, &carol, 3, 1);
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            c.set_timeout(Some(Duration::from_secs(2))).unwrap();
+            let mut i = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                for _ in 0..32 {
+                    i += 1;
+                    if c.send(dave_id, i, b"flood").is_err() {
+                        return;
+                    }
+                }
+                for _ in 0..32 {
+                    let _ = c.recv();
+                }
+            }
+        })
+    };
+    let mut outcomes: HashMap<String, u32> = HashMap::new();
+    for _ in 0..60 {
+        let mut c = s.client();
+        c.set_timeout(Some(Duration::from_secs(5))).unwrap();
+        let outcome = match c.login(&eve, PASSWORD, 3, "phone") {
+            Ok(_) => "ok".to_string(),
+            Err(e) => format!("{:?}", e.code()),
+        };
+        *outcomes.entry(outcome).or_default() += 1;
+        drop(c); // the connection ends: its session, if any, detaches
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    flood.join().unwrap();
+    drop(dave_sessions);
+    // Once the mesh is quiet, eve can log in: nothing holds her one place.
+    let start = std::time::Instant::now();
+    loop {
+        let mut c = s.client();
+        match c.login(&eve, PASSWORD, 3, "phone") {
+            Ok(_) => break,
+            Err(e) if start.elapsed() < Duration::from_secs(10) => {
+                assert!(matches!(e.code(), Some(ErrorCode::DeviceLimit) | Some(ErrorCode::Timeout)), "{e}");
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            Err(e) => panic!("eve still cannot log in ({e}); outcomes during the flood: {outcomes:?}"),
+        }
+    }
+    eprintln!("eve's logins during the flood: {outcomes:?}");
+}
+
+/// As `login_on_shard_retrying`, with policy `refuse`: a login may also meet the place of a
+/// session that is still closing (DeviceLimit), which frees shortly.
+fn login_on_shard_patiently(s: &TestServer, name: &str, device_type: u8, shard: u64) -> tim::client::Client {
+    for _ in 0..400 {
+        let mut c = s.client();
+        match c.login(name, PASSWORD, device_type, &format!("dev-{device_type}")) {
+            Ok(ok) if ok.session_id >> 48 == shard => return c,
+            Ok(_) => {
+                let _ = c.logout();
+            }
+            Err(e) if matches!(e.code(), Some(ErrorCode::Timeout) | Some(ErrorCode::DeviceLimit)) => {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Err(e) => panic!("login: {e:?}"),
+        }
+    }
+    panic!("could not log {name} in on shard {shard}");
+}

@@ -71,6 +71,10 @@ pub(crate) struct SessionRooms {
     missed: Vec<(LossySource, u64)>,
 }
 
+/// Room requests one session may have unanswered at once (their answers are never dropped
+/// between shards, so they must be bounded); beyond it a request gets Busy.
+pub const ROOM_REQUESTS_INFLIGHT_MAX: u16 = 64;
+
 /// Lossy frames move from a session's lossy queue to its outbound queue only while fewer bytes
 /// than this wait there: a slow reader's room and stream messages pile up (and are dropped) in
 /// the lossy queue, never in the outbound queue that would close it as a slow consumer.
@@ -113,6 +117,8 @@ pub struct Session {
     /// `limits.partial_frame_timeout_ms`.
     pub(crate) partial_frame_timeout: Duration,
     pub(crate) rooms: RefCell<Option<Box<SessionRooms>>>,
+    /// Room requests (create, subscribe, unsubscribe, delete) sent and not answered yet.
+    pub(crate) room_requests: Cell<u16>,
 }
 
 impl Session {
@@ -141,6 +147,7 @@ impl Session {
             partial_since: Cell::new(None),
             partial_frame_timeout: Duration::from_millis(l.partial_frame_timeout_ms),
             rooms: RefCell::new(None),
+            room_requests: Cell::new(0),
         }
     }
 

@@ -226,6 +226,20 @@ impl Requests<'_> {
 
     /// Hand a room request to the room's owner; its answer comes back as `RoomReply`.
     fn to_room(&self, room: u64, op: RoomOp) -> Flow {
+        if !matches!(op, RoomOp::Publish { .. }) {
+            let n = self.session.room_requests.get();
+            if n >= super::ROOM_REQUESTS_INFLIGHT_MAX {
+                let k = match op {
+                    RoomOp::Create { .. } => kind::ROOM_CREATE,
+                    RoomOp::Subscribe => kind::ROOM_SUBSCRIBE,
+                    RoomOp::Unsubscribe { .. } => kind::ROOM_UNSUBSCRIBE,
+                    _ => kind::ROOM_DELETE,
+                };
+                self.session.push(error_frame(ErrorCode::Busy, k, room));
+                return Flow::Continue;
+            }
+            self.session.room_requests.set(n + 1);
+        }
         let req = RoomRequest { origin: self.session.id, user: self.session.user(), room, op };
         self.shard.post(self.shard.placement.room(room), Envelope::Room(Box::new(req)));
         Flow::Continue
