@@ -115,6 +115,19 @@ pub enum RoomOp {
     Delete,
 }
 
+impl RoomOp {
+    /// The frame kind of the request.
+    pub fn request_kind(&self) -> u16 {
+        match self {
+            RoomOp::Create { .. } => kind::ROOM_CREATE,
+            RoomOp::Subscribe => kind::ROOM_SUBSCRIBE,
+            RoomOp::Unsubscribe { .. } => kind::ROOM_UNSUBSCRIBE,
+            RoomOp::Publish { .. } => kind::ROOM_PUBLISH,
+            RoomOp::Delete => kind::ROOM_DELETE,
+        }
+    }
+}
+
 /// A session's request to a room owner (R).
 pub struct RoomRequest {
     pub origin: SessionRef,

@@ -228,40 +228,19 @@ impl Shard {
     }
 
     fn overflow_push(&self, dst: usize, env: Envelope) {
-        if self.overflow_len.get() >= self.cfg().limits.mesh_overflow_max {
+        if self.overflow_len.get() >= self.cfg().limits.mesh_overflow_max && !holds_shared_state(&env) {
             // Refuse at the edge where a client can retry; anything further along is dropped
             // and counted (the inflight and connection limits keep this from happening).
             match env {
-                Envelope::Submit(sub) => return self.reject(sub.origin, sub.client_msg_id, ErrorCode::Busy),
-                // A room request from one of this shard's sessions: Busy, as a Send.
-                Envelope::Room(req) if !matches!(req.op, RoomOp::Unsubscribe { reply: false }) => {
-                    let code = ErrorCode::Busy;
-                    let (request_kind, id) = match req.op {
-                        RoomOp::Publish { client_msg_id, .. } => (kind::ROOM_PUBLISH, client_msg_id),
-                        RoomOp::Create { .. } => (kind::ROOM_CREATE, req.room),
-                        RoomOp::Subscribe => (kind::ROOM_SUBSCRIBE, req.room),
-                        RoomOp::Unsubscribe { .. } => (kind::ROOM_UNSUBSCRIBE, req.room),
-                        RoomOp::Delete => (kind::ROOM_DELETE, req.room),
+                Envelope::Submit(sub) => self.reject(sub.origin, sub.client_msg_id, ErrorCode::Busy),
+                // A room request from one of this shard's sessions: Busy, as a Send (a refused
+                // publish names its client message id).
+                Envelope::Room(req) => {
+                    let id = match req.op {
+                        RoomOp::Publish { client_msg_id, .. } => client_msg_id,
+                        _ => req.room,
                     };
-                    return self.on_room_reply(req.origin, id, request_kind, Err(code));
-                }
-                // Envelopes that carry state two owners must agree on are kept past the cap:
-                // dropped, they would leave a phantom session against a device limit, a kicked
-                // session alive, or a phantom room subscriber. Each is bounded by connections
-                // (and their room requests in flight), not by traffic.
-                env @ (Envelope::AttachResult { .. }
-                | Envelope::Detach { .. }
-                | Envelope::Kick { .. }
-                | Envelope::Room(_)
-                | Envelope::RoomClosed { .. }) => {
-                    self.overflow.borrow_mut()[dst].push_back(env);
-                    self.overflow_len.set(self.overflow_len.get() + 1);
-                    return;
-                }
-                Envelope::RoomReply { request_kind, .. } if request_kind != kind::ROOM_PUBLISH => {
-                    self.overflow.borrow_mut()[dst].push_back(env);
-                    self.overflow_len.set(self.overflow_len.get() + 1);
-                    return;
+                    self.on_room_reply(req.origin, id, req.op.request_kind(), Err(ErrorCode::Busy));
                 }
                 _ => {
                     let n = self.shared.dropped_envelopes.fetch_add(1, Ordering::Relaxed);
@@ -769,6 +748,21 @@ impl Shard {
                 c.settled(s, outcome, sender_waiting, fx);
             }
         });
+    }
+}
+
+/// Whether `env` carries state two owners must agree on, and is therefore held past
+/// `mesh_overflow_max` rather than dropped: dropped, it would leave a phantom session against a
+/// device limit, a kicked session alive, or a phantom room subscriber. Each kind is bounded by
+/// connections (and their room requests in flight, [`crate::session::ROOM_REQUESTS_INFLIGHT_MAX`]),
+/// not by traffic.
+fn holds_shared_state(env: &Envelope) -> bool {
+    match env {
+        Envelope::AttachResult { .. } | Envelope::Detach { .. } | Envelope::Kick { .. } => true,
+        Envelope::RoomClosed { .. } => true,
+        Envelope::Room(req) => matches!(req.op, RoomOp::Unsubscribe { reply: false }),
+        Envelope::RoomReply { request_kind, .. } => *request_kind != kind::ROOM_PUBLISH,
+        _ => false,
     }
 }
 

@@ -1026,18 +1026,7 @@ impl Sim {
         let cmid = STREAM_CMID_BASE + self.next_stream;
         self.report.streams += 1;
         self.note(format!("session {session:?} of user {sender}: streams {cmid} to {to}"));
-        let sub = Submit {
-            stream: true,
-            origin: session,
-            sender,
-            to,
-            conv: conv::DIRECT,
-            client_msg_id: cmid,
-            sender_device: session.0,
-            frame: submit_frame(cmid),
-        };
-        let dst = self.placement.conv(direct_key(sender, to));
-        self.post(session.shard(), dst, Envelope::Submit(Box::new(sub)));
+        self.submit(session, sender, to, cmid, true);
     }
 
     fn client_action(&mut self) -> Result<(), String> {
@@ -1142,8 +1131,13 @@ impl Sim {
         let c = self.clients.get_mut(&session).expect("client");
         c.inflight.insert(cmid, to);
         self.note(format!("session {session:?} of user {sender}: sends {cmid} to {to} (resend={resend})"));
+        self.submit(session, sender, to, cmid, false);
+    }
+
+    /// Post a send (or a stream message) of `session` to its conversation's owner.
+    fn submit(&mut self, session: SessionRef, sender: UserId, to: UserId, cmid: u64, stream: bool) {
         let sub = Submit {
-            stream: false,
+            stream,
             origin: session,
             sender,
             to,

@@ -42,26 +42,7 @@ fn lost_answers_become_timeouts() {
     // Logins cross the one-slot mesh too: their answers can be lost (they then get Timeout).
     let _daves: Vec<_> = [1, 1, 3, 3].iter().map(|&t| login_on_shard_retrying(&s, &dave, t, 0)).collect();
     let mut a = login_on_shard_retrying(&s, &alice, 3, 0);
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let flood = {
-        let mut c = login_on_shard_retrying(&s, &carol, 3, 1);
-        let stop = stop.clone();
-        std::thread::spawn(move || {
-            c.set_timeout(Some(Duration::from_secs(2))).unwrap();
-            let mut i = 0u64;
-            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                for _ in 0..32 {
-                    i += 1;
-                    if c.send(dave_id, i, b"flood").is_err() {
-                        return; // the server is gone (the test failed elsewhere)
-                    }
-                }
-                for _ in 0..32 {
-                    let _ = c.recv();
-                }
-            }
-        })
-    };
+    let flood = Flood::start(login_on_shard_retrying(&s, &carol, 3, 1), dave_id);
     a.set_timeout(Some(Duration::from_secs(10))).unwrap();
     const N: u64 = 300;
     let mut answers: HashMap<u64, Result<u64, ErrorCode>> = HashMap::new();
@@ -83,8 +64,7 @@ fn lost_answers_become_timeouts() {
             break;
         }
     }
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    flood.join().unwrap();
+    flood.stop();
     let timeouts = answers.values().filter(|a| **a == Err(ErrorCode::Timeout)).count();
     assert!(
         answers.values().all(|a| matches!(a, Ok(_) | Err(ErrorCode::Timeout) | Err(ErrorCode::Busy))),
@@ -93,20 +73,59 @@ fn lost_answers_become_timeouts() {
     assert!(timeouts > 0, "no ack was lost: the test proves nothing ({} answers)", answers.len());
 }
 
-/// A session of `name` on `shard`, logging in again when a login's answer was lost (Timeout).
+/// A session of `name` on `shard`, logging in again when a login's answer was lost (Timeout)
+/// or, with policy `refuse`, met the place of a session that is still closing (DeviceLimit,
+/// which frees shortly).
 fn login_on_shard_retrying(s: &TestServer, name: &str, device_type: u8, shard: u64) -> tim::client::Client {
-    for _ in 0..200 {
+    for _ in 0..400 {
         let mut c = s.client();
         match c.login(name, PASSWORD, device_type, &format!("dev-{device_type}")) {
             Ok(ok) if ok.session_id >> 48 == shard => return c,
             Ok(_) => {
                 let _ = c.logout();
             }
-            Err(tim::client::ClientError::Server { name: Some(ErrorCode::Timeout), .. }) => {}
+            Err(e) if matches!(e.code(), Some(ErrorCode::Timeout) | Some(ErrorCode::DeviceLimit)) => {
+                std::thread::sleep(Duration::from_millis(20));
+            }
             Err(e) => panic!("login: {e:?}"),
         }
     }
     panic!("could not log {name} in on shard {shard}");
+}
+
+/// Sends from one client to `to` in bursts of 32, reading what comes back, until stopped: it
+/// keeps the one-slot mesh queue between the conversation's owner and `to`'s sessions full.
+struct Flood {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Flood {
+    fn start(mut c: tim::client::Client, to: u64) -> Flood {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stopped = stop.clone();
+        let thread = std::thread::spawn(move || {
+            c.set_timeout(Some(Duration::from_secs(2))).unwrap();
+            let mut i = 0u64;
+            while !stopped.load(std::sync::atomic::Ordering::Relaxed) {
+                for _ in 0..32 {
+                    i += 1;
+                    if c.send(to, i, b"flood").is_err() {
+                        return; // the server is gone (the test failed elsewhere)
+                    }
+                }
+                for _ in 0..32 {
+                    let _ = c.recv();
+                }
+            }
+        });
+        Flood { stop, thread: Some(thread) }
+    }
+
+    fn stop(mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.thread.take().expect("running").join().unwrap();
+    }
 }
 
 /// A History request while the login's catch-up is pacing on the same session's writer: both
@@ -178,27 +197,8 @@ fn state_bearing_envelopes_survive_the_mesh_cap() {
     // dave's sessions on shard 0, one per device type but eve's (3): logins retried until they
     // land there and are answered.
     let dave_sessions: Vec<_> =
-        [0, 1, 2, 4].iter().map(|&t| login_on_shard_patiently(&s, &dave, t, 0)).collect();
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let flood = {
-        let mut c = login_on_shard_patiently(&s, &carol, 3, 1);
-        let stop = stop.clone();
-        std::thread::spawn(move || {
-            c.set_timeout(Some(Duration::from_secs(2))).unwrap();
-            let mut i = 0u64;
-            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                for _ in 0..32 {
-                    i += 1;
-                    if c.send(dave_id, i, b"flood").is_err() {
-                        return;
-                    }
-                }
-                for _ in 0..32 {
-                    let _ = c.recv();
-                }
-            }
-        })
-    };
+        [0, 1, 2, 4].iter().map(|&t| login_on_shard_retrying(&s, &dave, t, 0)).collect();
+    let flood = Flood::start(login_on_shard_retrying(&s, &carol, 3, 1), dave_id);
     let mut outcomes: HashMap<String, u32> = HashMap::new();
     for _ in 0..60 {
         let mut c = s.client();
@@ -210,8 +210,7 @@ fn state_bearing_envelopes_survive_the_mesh_cap() {
         *outcomes.entry(outcome).or_default() += 1;
         drop(c); // the connection ends: its session, if any, detaches
     }
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    flood.join().unwrap();
+    flood.stop();
     drop(dave_sessions);
     // Once the mesh is quiet, eve can log in: nothing holds her one place.
     let start = std::time::Instant::now();
@@ -227,23 +226,4 @@ fn state_bearing_envelopes_survive_the_mesh_cap() {
         }
     }
     eprintln!("eve's logins during the flood: {outcomes:?}");
-}
-
-/// As `login_on_shard_retrying`, with policy `refuse`: a login may also meet the place of a
-/// session that is still closing (DeviceLimit), which frees shortly.
-fn login_on_shard_patiently(s: &TestServer, name: &str, device_type: u8, shard: u64) -> tim::client::Client {
-    for _ in 0..400 {
-        let mut c = s.client();
-        match c.login(name, PASSWORD, device_type, &format!("dev-{device_type}")) {
-            Ok(ok) if ok.session_id >> 48 == shard => return c,
-            Ok(_) => {
-                let _ = c.logout();
-            }
-            Err(e) if matches!(e.code(), Some(ErrorCode::Timeout) | Some(ErrorCode::DeviceLimit)) => {
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            Err(e) => panic!("login: {e:?}"),
-        }
-    }
-    panic!("could not log {name} in on shard {shard}");
 }

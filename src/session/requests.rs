@@ -229,13 +229,7 @@ impl Requests<'_> {
         if !matches!(op, RoomOp::Publish { .. }) {
             let n = self.session.room_requests.get();
             if n >= super::ROOM_REQUESTS_INFLIGHT_MAX {
-                let k = match op {
-                    RoomOp::Create { .. } => kind::ROOM_CREATE,
-                    RoomOp::Subscribe => kind::ROOM_SUBSCRIBE,
-                    RoomOp::Unsubscribe { .. } => kind::ROOM_UNSUBSCRIBE,
-                    _ => kind::ROOM_DELETE,
-                };
-                self.session.push(error_frame(ErrorCode::Busy, k, room));
+                self.session.push(error_frame(ErrorCode::Busy, op.request_kind(), room));
                 return Flow::Continue;
             }
             self.session.room_requests.set(n + 1);
