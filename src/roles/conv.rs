@@ -255,8 +255,6 @@ pub struct ConvOwner {
     pub sequenced: u64,
     /// Conversations evicted so far.
     pub evicted: u64,
-    /// Stream messages dropped while waiting behind commits so far.
-    pub streams_dropped: u64,
 }
 
 /// Queue entries an eviction pass looks at, at most, to make room for a new conversation.
@@ -280,7 +278,6 @@ impl ConvOwner {
             ids: MsgIds { shard: me as u64, last_ms: 0, counter: 0 },
             sequenced: 0,
             evicted: 0,
-            streams_dropped: 0,
         }
     }
 
@@ -299,7 +296,6 @@ impl ConvOwner {
                         let waiting = conv.streams.get_or_insert_with(Default::default);
                         if waiting.len() >= CONV_STREAMS_WAITING_MAX {
                             waiting.pop_front();
-                            self.streams_dropped += 1;
                         }
                         waiting.push_back(WaitingStream { after: conv.last_seq, arrived_ms: now, sub });
                     }
