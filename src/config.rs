@@ -212,6 +212,9 @@ pub struct Limits {
     /// Sessions one shard writes a room message to in one go; a room with more local
     /// subscribers is served in slices, other work running between them.
     pub fanout_slice: usize,
+    /// Room messages one shard holds waiting for its fan-out task; beyond it a room message is
+    /// dropped for the shard's subscribers, who are told with the room's next message (Missed).
+    pub fanout_jobs_max: usize,
     /// Default and greatest lifetime of a one-shot login token, in seconds.
     pub token_ttl_secs: u32,
     /// Live one-shot tokens per account.
@@ -330,6 +333,7 @@ impl Default for Limits {
             room_queue_frames_max: 256,
             room_idle_secs: 300,
             fanout_slice: 1024,
+            fanout_jobs_max: 4096,
             answer_timeout_ms: 30_000,
             registrations_per_connection_max: 3,
             registrations_per_address_per_minute_max: 30,
@@ -446,6 +450,7 @@ impl Config {
             ("limits.room_queue_frames_max", l.room_queue_frames_max),
             ("limits.room_idle_secs", l.room_idle_secs as usize),
             ("limits.fanout_slice", l.fanout_slice),
+            ("limits.fanout_jobs_max", l.fanout_jobs_max),
             ("limits.tokens_per_user_max", l.tokens_per_user_max),
             ("limits.registrations_per_connection_max", l.registrations_per_connection_max as usize),
             (
@@ -575,6 +580,7 @@ room_publishers_max = 64            # users a room's creator may list as publish
 room_queue_frames_max = 256         # room and stream messages queued per session; then the oldest are dropped (Missed)
 room_idle_secs = 300                # a room without a publish for this long closes (RoomClosed)
 fanout_slice = 1024                 # sessions a room message is written to in one go; then other work runs
+fanout_jobs_max = 4096              # room messages waiting for a shard's fan-out; beyond it dropped (Missed)
 answer_timeout_ms = 30000           # a Send, login or token request unanswered this long gets Timeout
 registrations_per_connection_max = 3 # Register requests per connection; then RateLimited
 registrations_per_address_per_minute_max = 30 # per source address and shard; then RateLimited

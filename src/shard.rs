@@ -96,6 +96,9 @@ pub struct Shard {
     /// order; served `fanout_slice` sessions at a time by `run_fanout`.
     fanout_jobs: RefCell<VecDeque<FanoutJob>>,
     fanout_wake: LocalNotify,
+    /// Room messages dropped here because `fanout_jobs_max` were waiting, per room: told to the
+    /// room's subscribers with its next message.
+    room_dropped: RefCell<HashMap<u64, u64, RandomState>>,
     /// Scratch for the effects of one role call (reused, so that handling allocates nothing).
     effects: RefCell<Effects>,
     pool: RefCell<Vec<AlignedBuf>>,
@@ -154,6 +157,7 @@ impl Shard {
             next_room: Cell::new(tim_shards::mix64(now_ms() ^ ((id as u64) << 48))),
             fanout_jobs: RefCell::new(VecDeque::new()),
             fanout_wake: LocalNotify::default(),
+            room_dropped: RefCell::new(HashMap::default()),
             effects: RefCell::new(Vec::new()),
             pool: RefCell::new(Vec::new()),
             guard: RefCell::new(AddressGuard::new(&cfg.limits)),
@@ -499,7 +503,7 @@ impl Shard {
                 self.on_room_reply(session, room, request_kind, result)
             }
             Envelope::RoomFanout { room, skip, frame } => {
-                self.room_job(FanoutJob::Message { room, skip, frame, next: 0 })
+                self.room_job(FanoutJob::Message { room, skip, frame: Some(frame), next: 0, missed: 0 })
             }
             Envelope::RoomClosed { room, reason } => self.room_job(FanoutJob::Closed { room, reason }),
         }
@@ -543,10 +547,22 @@ impl Shard {
     /// Call a role outside envelope handling (from a task) and carry out its effects.
     /// Write a room message (or closing) to this shard's subscribers: at once when the room has
     /// few here and nothing is waiting, else in slices by `run_fanout`, in arrival order.
+    ///
+    /// At most `fanout_jobs_max` wait: a room message beyond it is dropped for this shard and
+    /// counted, and the room's next message here tells each subscriber it missed it (`Missed`).
     fn room_job(&self, mut job: FanoutJob) {
-        let slice = self.cfg().limits.fanout_slice;
-        if self.fanout_jobs.borrow().is_empty() && job.serve(self, slice) {
+        let l = &self.cfg().limits;
+        if let FanoutJob::Message { room, missed, .. } = &mut job {
+            *missed = self.room_dropped.borrow_mut().remove(room).unwrap_or(0);
+        }
+        if self.fanout_jobs.borrow().is_empty() && job.serve(self, l.fanout_slice) {
             return;
+        }
+        if self.fanout_jobs.borrow().len() >= l.fanout_jobs_max {
+            if let FanoutJob::Message { room, missed, .. } = job {
+                *self.room_dropped.borrow_mut().entry(room).or_default() += missed + 1;
+                return;
+            }
         }
         self.fanout_jobs.borrow_mut().push_back(job);
         self.fanout_wake.notify();
@@ -558,8 +574,22 @@ impl Shard {
         let slice = self.cfg().limits.fanout_slice;
         while !self.shutting_down.get() {
             if self.fanout_jobs.borrow().is_empty() {
-                self.fanout_wake.wait().await;
-                continue;
+                // The backlog is gone: subscribers still owed a count of dropped messages are
+                // told now, not only with a next message that may never come.
+                let dropped: Vec<(u64, u64)> = self.room_dropped.borrow_mut().drain().collect();
+                if dropped.is_empty() {
+                    self.fanout_wake.wait().await;
+                    continue;
+                }
+                let skip = SessionRef::NONE;
+                let mut jobs = self.fanout_jobs.borrow_mut();
+                jobs.extend(dropped.into_iter().map(|(room, missed)| FanoutJob::Message {
+                    room,
+                    skip,
+                    frame: None,
+                    next: 0,
+                    missed,
+                }));
             }
             let mut budget = slice;
             while budget > 0 {
@@ -768,8 +798,10 @@ fn holds_shared_state(env: &Envelope) -> bool {
 
 /// Room work for this shard's subscribers (see [`Shard::room_job`]).
 enum FanoutJob {
-    /// Write `frame` to the room's local subscribers from index `next` on.
-    Message { room: u64, skip: SessionRef, frame: Bytes, next: usize },
+    /// Write `frame` to the room's local subscribers from index `next` on, after telling each
+    /// that it missed `missed` messages dropped for this shard before this one (no frame: only
+    /// that).
+    Message { room: u64, skip: SessionRef, frame: Option<Bytes>, next: usize, missed: u64 },
     /// The room is gone: tell its local subscribers and forget them.
     Closed { room: u64, reason: u16 },
 }
@@ -788,20 +820,26 @@ impl FanoutJob {
     /// are lossy); none gets it twice.
     fn serve(&mut self, shard: &Shard, budget: usize) -> bool {
         match self {
-            FanoutJob::Message { room, skip, frame, next } => {
+            FanoutJob::Message { room, skip, frame, next, missed } => {
                 let max = shard.cfg().limits.room_queue_frames_max;
                 let subs = shard.room_subs.borrow();
                 let Some(list) = subs.get(room) else { return true };
                 let end = list.len().min(*next + budget);
                 for &s in list[(*next).min(end)..end].iter().filter(|&&s| s != *skip) {
                     if let Some(s) = shard.session(s) {
-                        s.push_room(*room, frame.clone(), max);
+                        if *missed > 0 {
+                            s.count_missed((protocol::missed::ROOM, *room), *missed);
+                        }
+                        if let Some(frame) = frame {
+                            s.push_room(*room, frame.clone(), max);
+                        }
                     }
                 }
                 *next = end;
                 end >= list.len()
             }
             FanoutJob::Closed { room, reason } => {
+                shard.room_dropped.borrow_mut().remove(room);
                 let subs = shard.room_subs.borrow_mut().remove(room).unwrap_or_default();
                 let closed = protocol::RoomClosed { room_id: *room, reason: *reason };
                 let f = Bytes::from(frame::encode(kind::ROOM_CLOSED, &closed));

@@ -314,3 +314,92 @@ fn unsubscribe_racing_its_subscribe() {
         b.room_subscribe(other).expect("the raced room takes none of b's two places");
     }
 }
+
+/// More room messages than `fanout_jobs_max` waiting on a shard: the excess is dropped for that
+/// shard's subscribers, who are told (Missed) with the next message or once the backlog is gone;
+/// every message is received or reported missed, in order.
+#[test]
+fn fanout_backlog_is_bounded_and_reported() {
+    let s = TestServer::start("io_uring", "[limits]\nfanout_slice = 1\nfanout_jobs_max = 2\n");
+    let (a_name, _) = s.register("a");
+    let mut a = s.login_on_shard(&a_name, 3, 0);
+    let room = a.room_create(room_publish::OWNER, 0, &[]).unwrap();
+    let mut subs = Vec::new();
+    for _ in 0..3 {
+        let (name, _) = s.register("sub");
+        let mut c = s.login_on_shard(&name, 3, 1);
+        c.room_subscribe(room).unwrap();
+        subs.push(c);
+    }
+    let total = 300u64;
+    for i in 1..=total {
+        a.room_publish(room, i, &i.to_le_bytes()).unwrap();
+    }
+    let mut any_missed = false;
+    for c in &mut subs {
+        c.set_timeout(Some(Duration::from_secs(10))).unwrap();
+        let (mut got, mut lost, mut last) = (0u64, 0u64, 0u64);
+        while got + lost < total {
+            match c.recv().unwrap() {
+                Event::RoomMsg(m) => {
+                    assert!(m.stamp.seq > last, "in order");
+                    last = m.stamp.seq;
+                    got += 1;
+                }
+                Event::Missed(m) => {
+                    assert_eq!((m.source, m.id), (missed::ROOM, room));
+                    lost += m.count;
+                }
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        assert_eq!(got + lost, total, "every message received or reported missed");
+        any_missed |= lost > 0;
+    }
+    assert!(any_missed, "the backlog never filled: the test proves nothing");
+}
+
+/// A session with 64 room requests unanswered gets Busy for the next (here: a burst of
+/// subscriptions to a room owned by the other shard, sent in one write).
+#[test]
+fn room_requests_in_flight_are_bounded() {
+    use tim::{
+        placement::Placement,
+        protocol::{kind, RoomRef},
+    };
+    let s = TestServer::start("io_uring", "");
+    let (a_name, _) = s.register("a");
+    let (b_name, _) = s.register("b");
+    let (mut a, _) = s.login(&a_name, 3);
+    let mut b = s.login_on_shard(&b_name, 3, 0);
+    let room = loop {
+        let r = a.room_create(room_publish::OWNER, 0, &[]).unwrap();
+        if Placement::new(2).room(r) == 1 {
+            break r;
+        }
+    };
+    let mut burst = Vec::new();
+    for _ in 0..100 {
+        burst.extend(tim::frame::encode(kind::ROOM_SUBSCRIBE, &RoomRef { room_id: room }));
+    }
+    b.write_raw(&burst).unwrap();
+    let (mut ok, mut busy) = (0, 0);
+    while ok + busy < 100 {
+        match b.recv().unwrap() {
+            Event::RoomOk(r) => {
+                assert_eq!(r.request_kind, kind::ROOM_SUBSCRIBE);
+                ok += 1;
+            }
+            Event::Error(e) => {
+                assert_eq!(
+                    (ErrorCode::from_u16(e.code), e.request_kind, e.client_msg_id),
+                    (Some(ErrorCode::Busy), kind::ROOM_SUBSCRIBE, room)
+                );
+                busy += 1;
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert!(busy > 0 && ok >= 64, "ok {ok}, busy {busy}");
+    assert_eq!(b.room_subscribe(room).unwrap(), 1, "answers free their places; one subscription");
+}

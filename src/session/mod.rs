@@ -235,15 +235,23 @@ impl Session {
             self.push_unchecked(frame);
             return;
         }
-        if r.queue.len() >= max {
-            if let Some((dropped, _)) = r.queue.pop_front() {
-                match r.missed.iter_mut().find(|(id, _)| *id == dropped) {
-                    Some((_, n)) => *n += 1,
-                    None => r.missed.push((dropped, 1)),
-                }
-            }
-        }
+        let dropped = if r.queue.len() >= max { r.queue.pop_front().map(|(s, _)| s) } else { None };
         r.queue.push_back((source, frame));
+        drop(rooms);
+        if let Some(dropped) = dropped {
+            self.count_missed(dropped, 1);
+        }
+        self.writer.notify();
+    }
+
+    /// Count `n` lossy messages of `source` this session missed; told with its next `MISSED`.
+    pub fn count_missed(&self, source: LossySource, n: u64) {
+        let mut rooms = self.rooms.borrow_mut();
+        let Some(r) = rooms.as_mut() else { return };
+        match r.missed.iter_mut().find(|(s, _)| *s == source) {
+            Some((_, m)) => *m += n,
+            None => r.missed.push((source, n)),
+        }
         drop(rooms);
         self.writer.notify();
     }
