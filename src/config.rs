@@ -215,6 +215,24 @@ pub struct Limits {
     /// Room messages one shard holds waiting for its fan-out task; beyond it a room message is
     /// dropped for the shard's subscribers, who are told with the room's next message (Missed).
     pub fanout_jobs_max: usize,
+    /// Members of one group at most (joins, invites and approvals beyond it: GroupFull).
+    pub group_members_max: usize,
+    /// Groups one user may be a member of (create, join, invite, approve beyond it:
+    /// TooManyGroups; checked when the request is made).
+    pub groups_per_user_max: usize,
+    /// Pending join requests of one group at most (TooManyJoinRequests).
+    pub group_join_requests_max: usize,
+    /// Bytes of a group's name, topic, avatar URL, and of a join request's note, each.
+    pub group_text_bytes_max: usize,
+    /// Bytes of a group's opaque extra data.
+    pub group_extra_bytes_max: usize,
+    /// Members (or groups) in one `GroupMembers` (or `MyGroups`) page at most.
+    pub group_page_max: u32,
+    /// Groups one shard holds in memory at most; beyond it the least recently used idle group
+    /// is dropped (reloaded from the store when next used).
+    pub groups_per_shard_max: usize,
+    /// Group changes waiting behind the one being stored, per group; beyond it: Busy.
+    pub group_changes_waiting_max: usize,
     /// Default and greatest lifetime of a one-shot login token, in seconds.
     pub token_ttl_secs: u32,
     /// Live one-shot tokens per account.
@@ -334,6 +352,14 @@ impl Default for Limits {
             room_idle_secs: 300,
             fanout_slice: 1024,
             fanout_jobs_max: 4096,
+            group_members_max: 100_000,
+            groups_per_user_max: 1000,
+            group_join_requests_max: 1000,
+            group_text_bytes_max: 256,
+            group_extra_bytes_max: 4096,
+            group_page_max: 1000,
+            groups_per_shard_max: 1 << 20,
+            group_changes_waiting_max: 256,
             answer_timeout_ms: 30_000,
             registrations_per_connection_max: 3,
             registrations_per_address_per_minute_max: 30,
@@ -451,6 +477,13 @@ impl Config {
             ("limits.room_idle_secs", l.room_idle_secs as usize),
             ("limits.fanout_slice", l.fanout_slice),
             ("limits.fanout_jobs_max", l.fanout_jobs_max),
+            ("limits.group_members_max", l.group_members_max),
+            ("limits.groups_per_user_max", l.groups_per_user_max),
+            ("limits.group_join_requests_max", l.group_join_requests_max),
+            ("limits.group_text_bytes_max", l.group_text_bytes_max),
+            ("limits.group_page_max", l.group_page_max as usize),
+            ("limits.groups_per_shard_max", l.groups_per_shard_max),
+            ("limits.group_changes_waiting_max", l.group_changes_waiting_max),
             ("limits.tokens_per_user_max", l.tokens_per_user_max),
             ("limits.registrations_per_connection_max", l.registrations_per_connection_max as usize),
             (
@@ -581,6 +614,14 @@ room_queue_frames_max = 256         # room and stream messages queued per sessio
 room_idle_secs = 300                # a room without a publish for this long closes (RoomClosed)
 fanout_slice = 1024                 # sessions a room message is written to in one go; then other work runs
 fanout_jobs_max = 4096              # room messages waiting for a shard's fan-out; beyond it dropped (Missed)
+group_members_max = 100000          # members per group (GroupFull)
+groups_per_user_max = 1000          # groups one user may be in (TooManyGroups)
+group_join_requests_max = 1000      # pending join requests per group (TooManyJoinRequests)
+group_text_bytes_max = 256          # bytes of a group name, topic, avatar URL or join note (InvalidGroup)
+group_extra_bytes_max = 4096        # bytes of a group's extra data (InvalidGroup)
+group_page_max = 1000               # members or groups per page
+groups_per_shard_max = 1048576      # groups held in memory per shard (least recently used idle one dropped)
+group_changes_waiting_max = 256     # changes queued per group behind the one being stored (Busy)
 answer_timeout_ms = 30000           # a Send, login or token request unanswered this long gets Timeout
 registrations_per_connection_max = 3 # Register requests per connection; then RateLimited
 registrations_per_address_per_minute_max = 30 # per source address and shard; then RateLimited

@@ -8,17 +8,28 @@
 //! A 1:1 send goes S → C (`Submit`), C → S (`Acked`/`Rejected`), C → U of both users (`Fanout`),
 //! U → T of each session (`Deliver`). Message bodies travel as one shared [`Bytes`] frame.
 //!
+//! - **group owner** (G): owns a group: profile, members, block list, join requests; checks
+//!   membership and mutes of every group send, then hands it to the conversation owner of the
+//!   group's messages (same shard).
+//!
+//! A group send goes S → G (`Submit`), G → C on the same shard (sequence, commit), C → G
+//! (publish), G → every shard holding members' user owners (`GroupFanout`, one per shard, one
+//! shared frame), which hands it to each member's sessions.
+//!
 //! - **room owner** (R): owns a live room: its options and subscribers.
 //!
 //! A room publish goes S → R (`Room`), R → each shard holding subscribers (`RoomFanout`, one
 //! per shard), which writes it to its local subscribers.
 
+use std::sync::Arc;
+
 use bytes::{BufMut, Bytes, BytesMut};
 
 use crate::{
     frame,
-    protocol::{kind, DeviceType, ErrorCode, RoomStamp, Stamp},
-    store::UserId,
+    placement::direct_key,
+    protocol::{self, kind, DeviceType, ErrorCode, GroupProfile, RoomStamp, Stamp},
+    store::{group_conv, ConvKey, GroupChange, UserId},
 };
 
 /// A session anywhere in the process: the shard in the top 16 bits, a shard-local id below.
@@ -63,9 +74,16 @@ pub struct Submit {
     /// acknowledged, after the stored messages sequenced before it.
     pub stream: bool,
     pub frame: BytesMut,
+    /// A group notice (sender 0): the changes it stores.
+    pub change: Option<Arc<GroupChange>>,
 }
 
 impl Submit {
+    /// The conversation this message belongs to.
+    pub fn key(&self) -> ConvKey {
+        conv_key(self.conv, self.sender, self.to)
+    }
+
     /// The future `DELIVER` frame of a `Send` payload: header, a blank stamp (written in place
     /// by the conversation owner), the sender's archive verbatim, and padding.
     pub fn blank_deliver(send_payload: &[u8]) -> BytesMut {
@@ -84,6 +102,57 @@ impl Submit {
         f.put_bytes(0, frame::padded(len) - len);
         f
     }
+}
+
+/// The conversation of a message of kind `conv` from `sender` to `to` (a user or a group).
+#[inline]
+pub fn conv_key(conv: u8, sender: UserId, to: UserId) -> ConvKey {
+    if conv == protocol::conv::GROUP {
+        group_conv(to)
+    } else {
+        direct_key(sender, to)
+    }
+}
+
+/// What a session asks of a group's owner.
+pub enum GroupOp {
+    Create(GroupProfile),
+    Update(GroupProfile),
+    Action { action: u8, target: UserId, until_ms: u64, note: String },
+    Get,
+    Members { after: UserId, limit: u32 },
+    Requests,
+}
+
+impl GroupOp {
+    /// The frame kind of the request.
+    pub fn request_kind(&self) -> u16 {
+        match self {
+            GroupOp::Create(_) => kind::GROUP_CREATE,
+            GroupOp::Update(_) => kind::GROUP_UPDATE,
+            GroupOp::Action { .. } => kind::GROUP_ACTION,
+            GroupOp::Get => kind::GROUP_GET,
+            GroupOp::Members { .. } => kind::GROUP_MEMBERS,
+            GroupOp::Requests => kind::GROUP_REQUESTS,
+        }
+    }
+}
+
+/// A session's request to a group owner (G).
+pub struct GroupRequest {
+    pub origin: SessionRef,
+    pub user: UserId,
+    pub group: u64,
+    pub op: GroupOp,
+}
+
+/// G → a shard holding user owners of members: hand `frame` to each of `users`' sessions
+/// (but `skip`). `lossy`: a stream message (dropped for a slow reader).
+pub struct GroupFanout {
+    pub users: Arc<[UserId]>,
+    pub skip: SessionRef,
+    pub frame: Bytes,
+    pub lossy: bool,
 }
 
 /// A login asking the user owner for a place among the user's sessions.
@@ -190,6 +259,12 @@ pub enum Envelope {
     RoomFanout { room: u64, skip: SessionRef, frame: Bytes },
     /// R → every shard with subscribers: the room is gone.
     RoomClosed { room: u64, reason: u16 },
+    /// S → G: a group request.
+    Group(Box<GroupRequest>),
+    /// G → S: the answer to a group request: the whole answer frame, or a refusal.
+    GroupReply { session: SessionRef, request_kind: u16, result: Result<Bytes, ErrorCode> },
+    /// G → every shard holding members' user owners (one envelope per shard).
+    GroupFanout(Box<GroupFanout>),
 }
 
 const _: () = assert!(std::mem::size_of::<Envelope>() <= 64);

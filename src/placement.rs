@@ -49,6 +49,13 @@ impl Placement {
         self.owner_of_partition(partition_of(conv_hash(key)))
     }
 
+    /// The owner of a group: its state and its messages' conversation `(0, group)`, so that
+    /// the group owner and that conversation's owner are one shard.
+    #[inline]
+    pub fn group(&self, group: u64) -> Owner {
+        self.conv(crate::store::group_conv(group))
+    }
+
     /// The owner of a live room.
     #[inline]
     pub fn room(&self, room: u64) -> Owner {

@@ -27,6 +27,14 @@ pub mod kind {
     pub const ROOM_UNSUBSCRIBE: u16 = 22;
     pub const ROOM_PUBLISH: u16 = 23;
     pub const ROOM_DELETE: u16 = 24;
+    pub const GROUP_CREATE: u16 = 30;
+    pub const GROUP_UPDATE: u16 = 31;
+    /// Join, leave, invite, kick, approve, reject, managers, transfer, mute, block, dissolve.
+    pub const GROUP_ACTION: u16 = 32;
+    pub const GROUP_GET: u16 = 33;
+    pub const GROUP_MEMBERS: u16 = 34;
+    pub const MY_GROUPS: u16 = 35;
+    pub const GROUP_REQUESTS: u16 = 36;
 
     pub const REGISTER_OK: u16 = 101;
     pub const LOGIN_OK: u16 = 102;
@@ -53,6 +61,20 @@ pub mod kind {
     pub const ROOM_CLOSED: u16 = 132;
     /// Room or stream messages this session did not get: it read too slowly.
     pub const MISSED: u16 = 133;
+    /// The answer to a group request that changed something (create, update, action).
+    pub const GROUP_OK: u16 = 140;
+    /// A group's profile and counts (the answer to `GroupGet`).
+    pub const GROUP_INFO: u16 = 141;
+    /// A page of a group's members (the answer to `GroupMembers`).
+    pub const GROUP_MEMBER_PAGE: u16 = 142;
+    /// A page of the caller's groups (the answer to `MyGroups`).
+    pub const GROUP_LIST: u16 = 143;
+    /// A group's pending join requests (the answer to `GroupRequests`).
+    pub const GROUP_REQUEST_PAGE: u16 = 144;
+    /// Pushed to a group's managers' live sessions: someone asks to join.
+    pub const GROUP_JOIN_REQUEST: u16 = 145;
+    /// Pushed to a requester's live sessions: a manager approved or rejected the join request.
+    pub const GROUP_DECISION: u16 = 146;
 
     /// Human name of a kind, for logs and errors.
     pub fn name(kind: u16) -> &'static str {
@@ -72,6 +94,13 @@ pub mod kind {
             ROOM_UNSUBSCRIBE => "RoomUnsubscribe",
             ROOM_PUBLISH => "RoomPublish",
             ROOM_DELETE => "RoomDelete",
+            GROUP_CREATE => "GroupCreate",
+            GROUP_UPDATE => "GroupUpdate",
+            GROUP_ACTION => "GroupAction",
+            GROUP_GET => "GroupGet",
+            GROUP_MEMBERS => "GroupMembers",
+            MY_GROUPS => "MyGroups",
+            GROUP_REQUESTS => "GroupRequests",
             REGISTER_OK => "RegisterOk",
             LOGIN_OK => "LoginOk",
             TOKEN_ISSUED => "TokenIssued",
@@ -89,6 +118,13 @@ pub mod kind {
             ROOM_MSG => "RoomMsg",
             ROOM_CLOSED => "RoomClosed",
             MISSED => "Missed",
+            GROUP_OK => "GroupOk",
+            GROUP_INFO => "GroupInfo",
+            GROUP_MEMBER_PAGE => "GroupMemberPage",
+            GROUP_LIST => "GroupList",
+            GROUP_REQUEST_PAGE => "GroupRequestPage",
+            GROUP_JOIN_REQUEST => "GroupJoinRequest",
+            GROUP_DECISION => "GroupDecision",
             _ => "unknown",
         }
     }
@@ -98,6 +134,87 @@ pub mod kind {
 pub mod conv {
     /// A 1:1 conversation; `to` is the peer's user id.
     pub const DIRECT: u8 = 1;
+    /// A group; `to` is the group id. In a stamp, `from` 0 marks a group notice (the body is
+    /// a [`super::GroupNotice`] archive).
+    pub const GROUP: u8 = 2;
+}
+
+/// Group ids lie in `[GROUP_ID_MIN, 2^63)`: never a user id.
+pub const GROUP_ID_MIN: u64 = 1 << 62;
+
+/// Whether `id` is in the group id range.
+pub fn is_group_id(id: u64) -> bool {
+    (GROUP_ID_MIN..1 << 63).contains(&id)
+}
+
+/// Who may join a group (`GroupCreate.join_policy`).
+pub mod join_policy {
+    /// Anyone not blocked joins at once.
+    pub const OPEN: u8 = 0;
+    /// A join is a request that a manager approves or rejects.
+    pub const APPROVAL: u8 = 1;
+}
+
+/// Who may invite (`GroupCreate.invite_policy`).
+pub mod invite_policy {
+    pub const MANAGERS: u8 = 0;
+    pub const MEMBERS: u8 = 1;
+}
+
+/// A member's role in a group.
+pub mod group_role {
+    pub const MEMBER: u8 = 0;
+    pub const MANAGER: u8 = 1;
+    pub const FOUNDER: u8 = 2;
+}
+
+/// `GroupAction.action`.
+pub mod group_action {
+    /// Join (open group) or ask to join (approval group; `note` goes to the managers).
+    pub const JOIN: u8 = 1;
+    pub const LEAVE: u8 = 2;
+    /// Add `user_id` (managers; members too where the invite policy allows).
+    pub const INVITE: u8 = 3;
+    pub const KICK: u8 = 4;
+    /// Approve `user_id`'s join request (managers).
+    pub const APPROVE: u8 = 5;
+    pub const REJECT: u8 = 6;
+    /// Make `user_id` a manager (founder).
+    pub const ADD_MANAGER: u8 = 7;
+    pub const REMOVE_MANAGER: u8 = 8;
+    /// Make `user_id` the founder; the old founder becomes a manager (founder).
+    pub const TRANSFER: u8 = 9;
+    /// Mute `user_id` until `until_ms` (0: unmute) (managers; a manager only plain members).
+    pub const MUTE: u8 = 10;
+    /// Mute every member but the managers until `until_ms` (0: unmute) (managers).
+    pub const MUTE_ALL: u8 = 11;
+    /// Block `user_id`: removed if a member, and cannot join or be invited (managers).
+    pub const BLOCK: u8 = 12;
+    pub const UNBLOCK: u8 = 13;
+    /// End the group (founder).
+    pub const DISSOLVE: u8 = 14;
+}
+
+/// `GroupNotice.event`: what changed, told to the members in the group's sequence.
+pub mod group_event {
+    pub const CREATED: u8 = 1;
+    pub const JOINED: u8 = 2;
+    pub const LEFT: u8 = 3;
+    pub const KICKED: u8 = 4;
+    /// `target` was added by `actor` (an invite, or an approved request).
+    pub const ADDED: u8 = 5;
+    pub const MANAGER_ADDED: u8 = 6;
+    pub const MANAGER_REMOVED: u8 = 7;
+    pub const TRANSFERRED: u8 = 8;
+    /// `target` muted until `until_ms` (0: unmuted).
+    pub const MUTED: u8 = 9;
+    /// Everyone but the managers muted until `until_ms` (0: unmuted).
+    pub const MUTED_ALL: u8 = 10;
+    pub const PROFILE_CHANGED: u8 = 11;
+    /// `target` blocked (and removed, if a member).
+    pub const BLOCKED: u8 = 12;
+    pub const DISSOLVED: u8 = 13;
+    pub const UNBLOCKED: u8 = 14;
 }
 
 /// Who may publish to a live room (`RoomCreate.publish`).
@@ -213,6 +330,34 @@ pub enum ErrorCode {
     /// this source address within a minute. A Register is refused; for unknown recipients the
     /// connection is closed.
     RateLimited = 47,
+    /// No such group (or not a group id).
+    GroupNotFound = 70,
+    /// Only a member of the group may do this.
+    NotMember = 71,
+    /// Only a manager (or the founder) may do this, or only to a member below them.
+    NotManager = 72,
+    /// Send: the sender, or the whole group, is muted.
+    Muted = 73,
+    /// The group is at its member cap.
+    GroupFull = 74,
+    /// The group was dissolved.
+    GroupDissolved = 75,
+    /// The user is on the group's block list.
+    BlockedFromGroup = 76,
+    /// The user is in `groups_per_user_max` groups.
+    TooManyGroups = 77,
+    /// A group field or action is invalid (over its size cap, unknown policy or action, ...).
+    InvalidGroup = 78,
+    /// Join or invite of a user who is a member already.
+    AlreadyMember = 79,
+    /// Leave: the founder must transfer the group or dissolve it first.
+    FounderMustTransfer = 80,
+    /// Join: the group holds `group_join_requests_max` pending requests.
+    TooManyJoinRequests = 81,
+    /// Approve or reject: the user has no pending request.
+    NoJoinRequest = 82,
+    /// Only the founder may do this.
+    NotFounder = 83,
     /// An internal failure (store error). The request may be retried.
     Internal = 50,
     /// The message store did not commit in time or failed. Nothing was acknowledged; retry with
@@ -280,6 +425,20 @@ impl ErrorCode {
             63 => NotRoomOwner,
             64 => TooManyRooms,
             65 => InvalidRoom,
+            70 => GroupNotFound,
+            71 => NotMember,
+            72 => NotManager,
+            73 => Muted,
+            74 => GroupFull,
+            75 => GroupDissolved,
+            76 => BlockedFromGroup,
+            77 => TooManyGroups,
+            78 => InvalidGroup,
+            79 => AlreadyMember,
+            80 => FounderMustTransfer,
+            81 => TooManyJoinRequests,
+            82 => NoJoinRequest,
+            83 => NotFounder,
             _ => return None,
         })
     }
@@ -324,6 +483,20 @@ impl ErrorCode {
             NotRoomOwner => "only the room's creator may do this",
             TooManyRooms => "too many rooms",
             InvalidRoom => "invalid room options",
+            GroupNotFound => "no such group",
+            NotMember => "not a member of this group",
+            NotManager => "only a manager may do this",
+            Muted => "muted in this group",
+            GroupFull => "group full",
+            GroupDissolved => "group dissolved",
+            BlockedFromGroup => "blocked from this group",
+            TooManyGroups => "in too many groups",
+            InvalidGroup => "invalid group request",
+            AlreadyMember => "already a member",
+            FounderMustTransfer => "the founder must transfer or dissolve the group first",
+            TooManyJoinRequests => "too many pending join requests",
+            NoJoinRequest => "no such join request",
+            NotFounder => "only the founder may do this",
         }
     }
 }
@@ -420,6 +593,70 @@ pub struct RoomPublish {
     pub room_id: u64,
     pub client_msg_id: u64,
     pub body: Vec<u8>,
+}
+
+/// A group's profile, as created and updated.
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq, Default)]
+pub struct GroupProfile {
+    pub name: String,
+    pub topic: String,
+    pub avatar_url: String,
+    /// Opaque to the server, at most `group_extra_bytes_max` bytes.
+    pub extra: Vec<u8>,
+    /// See [`join_policy`].
+    pub join_policy: u8,
+    /// See [`invite_policy`].
+    pub invite_policy: u8,
+}
+
+/// Create a group; the creator is its founder. Answered with `GroupOk` carrying the new id.
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct GroupCreate {
+    pub profile: GroupProfile,
+}
+
+/// Replace a group's profile (managers). Answered with `GroupOk`.
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct GroupUpdate {
+    pub group_id: u64,
+    pub profile: GroupProfile,
+}
+
+/// One change of a group's membership or settings, see [`group_action`]. Answered with
+/// `GroupOk`.
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct GroupAction {
+    pub group_id: u64,
+    pub action: u8,
+    /// The member or user acted on (0 where the action has none).
+    pub user_id: u64,
+    /// MUTE and MUTE_ALL: until when (milliseconds since the Unix epoch; 0 lifts the mute).
+    pub until_ms: u64,
+    /// JOIN on an approval group: a note for the managers.
+    pub note: String,
+}
+
+/// Ask for a group's profile and counts, or (by kind) its pending join requests.
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct GroupRef {
+    pub group_id: u64,
+}
+
+/// Ask for a page of a group's members, by rising user id (members only).
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct GroupMembers {
+    pub group_id: u64,
+    /// Members with a user id above this one (0: from the start).
+    pub after_user: u64,
+    /// At most this many (capped by `group_page_max`; 0 means the cap).
+    pub limit: u32,
+}
+
+/// Ask for a page of the caller's groups, by rising group id.
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct MyGroups {
+    pub after_group: u64,
+    pub limit: u32,
 }
 
 #[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq)]
@@ -535,6 +772,96 @@ pub struct Missed {
     pub count: u64,
     /// See [`missed`].
     pub source: u8,
+}
+
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct GroupOk {
+    pub group_id: u64,
+    /// The seq of the notice the change made in the group's sequence (0: none, e.g. a join
+    /// request waiting for approval, a block of a non-member).
+    pub seq: u64,
+    /// The kind of the request this answers.
+    pub request_kind: u16,
+    /// For `GroupAction`: the action; else 0.
+    pub action: u8,
+}
+
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct GroupInfo {
+    pub group_id: u64,
+    pub profile: GroupProfile,
+    pub founder: u64,
+    pub members: u32,
+    /// Everyone but the managers is muted until then (0: not).
+    pub muted_all_until_ms: u64,
+    /// The caller's role (see [`group_role`]), or 255 when not a member.
+    pub my_role: u8,
+}
+
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct GroupMember {
+    pub user_id: u64,
+    /// See [`group_role`].
+    pub role: u8,
+    /// Muted until then (0: not muted).
+    pub muted_until_ms: u64,
+}
+
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct GroupMemberPage {
+    pub group_id: u64,
+    pub members: Vec<GroupMember>,
+    /// More members lie past the last one.
+    pub more: bool,
+}
+
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct GroupList {
+    pub groups: Vec<u64>,
+    pub more: bool,
+}
+
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct JoinRequest {
+    pub user_id: u64,
+    pub note: String,
+    pub ts_ms: u64,
+}
+
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct GroupRequestPage {
+    pub group_id: u64,
+    pub requests: Vec<JoinRequest>,
+}
+
+/// Pushed to managers: `request.user_id` asks to join `group_id`.
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct GroupJoinRequest {
+    pub group_id: u64,
+    pub request: JoinRequest,
+}
+
+/// Pushed to a requester: its join request was approved (it is a member now) or rejected.
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct GroupDecision {
+    pub group_id: u64,
+    pub approved: bool,
+    /// The manager who decided.
+    pub by: u64,
+}
+
+/// The body of a group notice: a `DELIVER` whose stamp has `from` 0 and `conv` GROUP carries a
+/// `Send` archive whose body is this archive.
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct GroupNotice {
+    /// See [`group_event`].
+    pub event: u8,
+    /// Who made the change (the founder for CREATED; the member for JOINED and LEFT).
+    pub actor: u64,
+    /// Who it was done to (0 where none).
+    pub target: u64,
+    /// MUTED and MUTED_ALL: until when (0: lifted).
+    pub until_ms: u64,
 }
 
 #[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq)]

@@ -506,6 +506,7 @@ impl Shard {
                 self.room_job(FanoutJob::Message { room, skip, frame: Some(frame), next: 0, missed: 0 })
             }
             Envelope::RoomClosed { room, reason } => self.room_job(FanoutJob::Closed { room, reason }),
+            _ => todo!("groups"),
         }
         self.execute(&mut fx);
         *self.effects.borrow_mut() = fx;
@@ -540,6 +541,7 @@ impl Shard {
                         }
                     }
                 }
+                _ => todo!("groups"),
             }
         }
     }

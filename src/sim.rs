@@ -483,6 +483,11 @@ impl Sim {
         for effect in fx {
             match effect {
                 Effect::Post(dst, env) => self.post(shard, dst, env),
+                Effect::Sequence(_)
+                | Effect::GroupPublish(_)
+                | Effect::NoticeFailed { .. }
+                | Effect::LoadGroup(_)
+                | Effect::SaveJoinRequest { .. } => unreachable!("the simulation makes no groups"),
                 Effect::LoadConv(req) => {
                     let latency = self.store_latency();
                     let result = if self.rng.chance(self.cfg.store_fail_percent) {
@@ -648,6 +653,9 @@ impl Sim {
         let now = self.now;
         let mut fx = Vec::new();
         match env {
+            Envelope::Group(_) | Envelope::GroupReply { .. } | Envelope::GroupFanout(_) => {
+                unreachable!("the simulation makes no groups")
+            }
             Envelope::Submit(sub) => {
                 let key = direct_key(sub.sender, sub.to);
                 if self.placement.conv(key) != dst {
@@ -1145,6 +1153,7 @@ impl Sim {
             client_msg_id: cmid,
             sender_device: session.0,
             frame: submit_frame(cmid),
+            change: None,
         };
         let dst = self.placement.conv(direct_key(sender, to));
         self.post(session.shard(), dst, Envelope::Submit(Box::new(sub)));

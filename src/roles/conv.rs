@@ -8,19 +8,23 @@
 //! ([`Effect::Commit`]) and published when [`ConvOwner::settled`] says it is committed: nothing
 //! is acked or delivered before it is durable.
 
-use std::collections::{HashMap, VecDeque};
+use std::{
+    collections::{HashMap, VecDeque},
+    sync::Arc,
+};
 
 use ahash::RandomState;
 use bytes::Bytes;
+use smallvec::SmallVec;
 
-use super::{Effect, Effects, InvariantError};
+use super::{Effect, Effects, GroupPublish, InvariantError};
 use crate::{
     config::Limits,
-    envelope::{AckInfo, Envelope, SessionRef, Submit},
+    envelope::{conv_key, AckInfo, Envelope, SessionRef, Submit},
     frame,
-    placement::{direct_key, Owner, Placement},
-    protocol::{ErrorCode, Stamp},
-    store::{ConvKey, ConvLoad, RecentSend, StoredMessage, UserId},
+    placement::{Owner, Placement},
+    protocol::{conv as conv_kind, ErrorCode, Stamp},
+    store::{ConvKey, ConvLoad, GroupChange, RecentSend, StoredMessage, UserId},
 };
 
 /// Submits waiting for one conversation to load.
@@ -30,6 +34,10 @@ pub const CONV_RECENT_MAX: usize = 4096;
 /// Stream messages one conversation holds back behind unsettled commits; beyond it the oldest
 /// waiting stream is dropped (streams are never retried).
 pub const CONV_STREAMS_WAITING_MAX: usize = 256;
+
+/// A group conversation remembers at most this many times `dedup_per_conversation_max` sends
+/// in all (each sender at most `dedup_per_conversation_max` of its own).
+pub const GROUP_DEDUP_FACTOR: usize = 8;
 
 /// Message ids: 41 bits of milliseconds since 2024-01-01, 10 bits of shard, 13 bits of counter.
 const ID_EPOCH_MS: u64 = 1_704_067_200_000;
@@ -55,13 +63,22 @@ pub struct Sequenced {
     pub origin: SessionRef,
     pub sender: UserId,
     pub to: UserId,
+    /// Conversation kind ([`conv_kind`]).
+    pub conv: u8,
     pub sender_device: u64,
     pub frame: Bytes,
+    /// A group notice's stored changes.
+    pub change: Option<Arc<GroupChange>>,
 }
 
 impl Sequenced {
     pub fn conv(&self) -> ConvKey {
-        direct_key(self.sender, self.to)
+        conv_key(self.conv, self.sender, self.to)
+    }
+
+    /// A group notice (sender 0): its outcome goes to the group owner, not to a session.
+    pub fn is_notice(&self) -> bool {
+        self.sender == 0
     }
 
     /// The message as stored: its `DELIVER` payload (stamp + Send archive) shares the frame.
@@ -76,6 +93,7 @@ impl Sequenced {
             sender_device: self.sender_device,
             client_msg_id: self.ack.client_msg_id,
             payload: self.frame.slice(frame::HEADER_BYTES..frame::HEADER_BYTES + len),
+            group: self.change.clone(),
         }
     }
 }
@@ -98,10 +116,11 @@ struct Conv {
     /// Resend dedup: the conversation's latest sends (at most `dedup_per_conversation_max` of
     /// each sender, none older than `dedup_window_secs`), oldest first.
     recent: VecDeque<Sent>,
-    /// Per sender of this conversation (at most two): the greatest client message id
-    /// remembered (a send above it cannot be a resend, which spares the scan for clients whose
-    /// ids rise), and how many of the sender's sends are remembered.
-    newest: [(UserId, u64, usize); 2],
+    /// Per sender of this conversation with remembered sends (at most two in a 1:1
+    /// conversation; any member in a group's): the greatest client message id remembered (a
+    /// send above it cannot be a resend, which spares the scan for clients whose ids rise), and
+    /// how many of the sender's sends are remembered.
+    newest: SmallVec<[(UserId, u64, usize); 2]>,
     /// When a send last arrived, for eviction.
     last_used_ms: u64,
     /// Sequence numbers of the sends whose commit has not settled, rising: the conversation
@@ -140,7 +159,7 @@ impl Conv {
             published_seq: last_seq,
             state,
             recent: VecDeque::new(),
-            newest: [(0, 0, 0); 2],
+            newest: SmallVec::new(),
             last_used_ms: now,
             open: VecDeque::new(),
             streams: None,
@@ -171,14 +190,10 @@ impl Conv {
     fn remember(&mut self, sent: Sent, max: usize) {
         let slot = match self.newest.iter().position(|&(u, _, _)| u == sent.sender) {
             Some(i) => i,
-            None => match self.newest.iter().position(|&(u, _, _)| u == 0) {
-                Some(i) => {
-                    self.newest[i] = (sent.sender, 0, 0);
-                    i
-                }
-                // Only the conversation's two users send in it.
-                None => unreachable!("a third sender in a 1:1 conversation"),
-            },
+            None => {
+                self.newest.push((sent.sender, 0, 0));
+                self.newest.len() - 1
+            }
         };
         if self.newest[slot].2 >= max {
             let i = self.recent.iter().position(|s| s.sender == sent.sender).expect("counted");
@@ -189,6 +204,12 @@ impl Conv {
         n.1 = n.1.max(sent.ack.client_msg_id);
         n.2 += 1;
         self.recent.push_back(sent);
+        // A group has any number of senders: all together keep at most `GROUP_DEDUP_FACTOR`
+        // times one sender's share, the oldest going first.
+        while self.recent.len() > max * GROUP_DEDUP_FACTOR {
+            let old = self.recent.pop_front().expect("non-empty");
+            self.forget(old.sender);
+        }
     }
 
     /// Remember a send that is older than some remembered ones (a stored original found again),
@@ -202,8 +223,12 @@ impl Conv {
 
     /// A remembered send of `sender` was dropped.
     fn forget(&mut self, sender: UserId) {
-        if let Some(n) = self.newest.iter_mut().find(|n| n.0 == sender) {
-            n.2 -= 1;
+        if let Some(i) = self.newest.iter().position(|n| n.0 == sender) {
+            self.newest[i].2 -= 1;
+            if self.newest[i].2 == 0 {
+                // A group's senders come and go: keep only those with remembered sends.
+                self.newest.swap_remove(i);
+            }
         }
     }
 }
@@ -283,7 +308,7 @@ impl ConvOwner {
 
     /// A send arrives: answer a resend from dedup, sequence a new one, or wait for the load.
     pub fn submit(&mut self, sub: Box<Submit>, now: u64, out: &mut Effects) {
-        let key = direct_key(sub.sender, sub.to);
+        let key = sub.key();
         // A message on the wrong owner would get a second, conflicting sequence.
         assert_eq!(self.placement.conv(key), self.me, "submit on the wrong conversation owner");
         match self.convs.get_mut(&key) {
@@ -298,6 +323,19 @@ impl ConvOwner {
                             waiting.pop_front();
                         }
                         waiting.push_back(WaitingStream { after: conv.last_seq, arrived_ms: now, sub });
+                    }
+                }
+                ConvState::Ready if sub.sender == 0 => {
+                    // A group notice: never a resend (the group owner sends each once).
+                    conv.last_used_ms = now;
+                    let s = sequence(conv, &mut self.ids, sub, now, self.durable, self.dedup_max);
+                    self.sequenced += 1;
+                    if self.durable {
+                        conv.open.push_back(s.ack.seq);
+                        out.push(Effect::Commit(s));
+                    } else {
+                        conv.published_seq = s.ack.seq;
+                        publish(&self.placement, s, true, out);
                     }
                 }
                 ConvState::Ready => {
@@ -338,7 +376,9 @@ impl ConvOwner {
                 if self.convs.len() >= self.convs_max && !self.make_room() {
                     return refuse(out, &sub, ErrorCode::Busy);
                 }
-                let check_recipient = (sub.sender != sub.to).then_some(sub.to);
+                // A group's members are checked by its owner; a 1:1 recipient must exist.
+                let check_recipient =
+                    (sub.conv == conv_kind::DIRECT && sub.sender != sub.to).then_some(sub.to);
                 self.generations += 1;
                 let generation = self.generations;
                 // A durable store's load gives the counter; without one it starts past every
@@ -370,7 +410,7 @@ impl ConvOwner {
             Ok(load) => {
                 conv.last_seq = conv.last_seq.max(load.last_seq);
                 conv.published_seq = conv.last_seq;
-                for r in load.recent.iter().rev() {
+                for r in load.recent.iter().rev().filter(|r| r.sender != 0) {
                     let ack = AckInfo {
                         client_msg_id: r.client_msg_id,
                         msg_id: r.msg_id,
@@ -422,6 +462,11 @@ impl ConvOwner {
                 conv.published_seq = conv.published_seq.max(s.ack.seq);
                 publish(&self.placement, s, sender_waiting, out)
             }
+            // A notice is sent once, under a fresh id: the store cannot hold it already, and
+            // its group owner waits for the outcome however long the commit took.
+            CommitOutcome::Failed | CommitOutcome::Duplicate(_) if s.is_notice() => {
+                out.push(Effect::NoticeFailed { group: s.to, code: ErrorCode::StoreUnavailable });
+            }
             CommitOutcome::Failed => {
                 if sender_waiting {
                     reject(out, s.origin, cmid, ErrorCode::StoreUnavailable);
@@ -463,7 +508,10 @@ impl ConvOwner {
     /// A commit took longer than `commit_timeout_ms`: its sender gets StoreUnavailable now; the
     /// commit's outcome comes later through [`ConvOwner::settled`] with `sender_waiting` false.
     pub fn commit_timed_out(&mut self, s: &Sequenced, out: &mut Effects) {
-        reject(out, s.origin, s.ack.client_msg_id, ErrorCode::StoreUnavailable);
+        // A notice's group owner waits for the real outcome: its change may still be stored.
+        if !s.is_notice() {
+            reject(out, s.origin, s.ack.client_msg_id, ErrorCode::StoreUnavailable);
+        }
     }
 
     /// Evict conversations unused for `conversation_idle_secs` (with no load or commit open),
@@ -584,7 +632,7 @@ impl ConvOwner {
                         s.ack.seq, conv.last_seq
                     ));
                 }
-                if s.sender != key.0 && s.sender != key.1 {
+                if key.0 != 0 && s.sender != key.0 && s.sender != key.1 {
                     return fail(format!("remembered send of user {} outside the conversation", s.sender));
                 }
                 prev = s.ack.seq;
@@ -598,9 +646,11 @@ fn reject(out: &mut Effects, session: SessionRef, client_msg_id: u64, code: Erro
     out.push(Effect::Post(session.shard(), Envelope::Rejected { session, client_msg_id, code }));
 }
 
-/// Refuse a send or a stream message.
-fn refuse(out: &mut Effects, sub: &Submit, code: ErrorCode) {
-    if sub.stream {
+/// Refuse a send, a stream message or (to its group owner) a group notice.
+pub(crate) fn refuse(out: &mut Effects, sub: &Submit, code: ErrorCode) {
+    if sub.sender == 0 {
+        out.push(Effect::NoticeFailed { group: sub.to, code });
+    } else if sub.stream {
         let (session, client_msg_id) = (sub.origin, sub.client_msg_id);
         out.push(Effect::Post(session.shard(), Envelope::StreamRefused { session, client_msg_id, code }));
     } else {
@@ -614,8 +664,13 @@ fn refuse(out: &mut Effects, sub: &Submit, code: ErrorCode) {
 fn publish_stream(placement: &Placement, follows: u64, mut sub: Box<Submit>, now: u64, out: &mut Effects) {
     let stamp = Stamp { msg_id: 0, seq: follows, ts_ms: now, from: sub.sender, to: sub.to, conv: sub.conv };
     stamp.write(&mut sub.frame[frame::HEADER_BYTES..]);
-    let Submit { origin, sender, to, frame, .. } = *sub;
+    let Submit { origin, sender, to, frame, conv, .. } = *sub;
     let frame = frame.freeze();
+    if conv == conv_kind::GROUP {
+        let p = GroupPublish { group: to, seq: follows, skip: origin, frame, notice: false, stream: true };
+        out.push(Effect::GroupPublish(p));
+        return;
+    }
     if to != sender {
         let env = Envelope::StreamFanout { user: to, skip: SessionRef::NONE, frame: frame.clone() };
         out.push(Effect::Post(placement.user(to), env));
@@ -637,9 +692,14 @@ fn sequence(
     dedup_max: usize,
 ) -> Sequenced {
     conv.last_seq += 1;
+    let msg_id = ids.next(now);
+    if sub.sender == 0 {
+        // A group notice: its message id is also its (unique) client message id.
+        sub.client_msg_id = msg_id;
+    }
     let ack = AckInfo {
         client_msg_id: sub.client_msg_id,
-        msg_id: ids.next(now),
+        msg_id,
         seq: conv.last_seq,
         ts_ms: now,
         duplicate: false,
@@ -647,16 +707,24 @@ fn sequence(
     let stamp =
         Stamp { msg_id: ack.msg_id, seq: ack.seq, ts_ms: now, from: sub.sender, to: sub.to, conv: sub.conv };
     stamp.write(&mut sub.frame[frame::HEADER_BYTES..]);
-    conv.remember(Sent { sender: sub.sender, ack, committed: !durable }, dedup_max);
-    let Submit { origin, sender, to, frame, sender_device, .. } = *sub;
-    Sequenced { ack, origin, sender, to, sender_device, frame: frame.freeze() }
+    if sub.sender != 0 {
+        conv.remember(Sent { sender: sub.sender, ack, committed: !durable }, dedup_max);
+    }
+    let Submit { origin, sender, to, frame, sender_device, conv, change, .. } = *sub;
+    Sequenced { ack, origin, sender, to, conv, sender_device, frame: frame.freeze(), change }
 }
 
 /// Ack a message to its sender (if `ack`) and fan it out to both users' sessions.
 fn publish(placement: &Placement, s: Sequenced, ack: bool, out: &mut Effects) {
-    let Sequenced { ack: info, origin, sender, to, frame, .. } = s;
-    if ack {
+    let Sequenced { ack: info, origin, sender, to, frame, conv, .. } = s;
+    if ack && sender != 0 {
         out.push(Effect::Post(origin.shard(), Envelope::Acked { session: origin, ack: info }));
+    }
+    if conv == conv_kind::GROUP {
+        let notice = sender == 0;
+        let p = GroupPublish { group: to, seq: info.seq, skip: origin, frame, notice, stream: false };
+        out.push(Effect::GroupPublish(p));
+        return;
     }
     if to == sender {
         out.push(Effect::Post(placement.user(to), Envelope::Fanout { user: to, skip: origin, frame }));

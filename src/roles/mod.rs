@@ -15,14 +15,38 @@
 //!   publish to the shards holding subscribers.
 
 pub mod conv;
+pub mod group;
 pub mod room;
 pub mod user;
 
-use crate::{envelope::Envelope, placement::Owner, store::UserId};
+use bytes::Bytes;
+
+use crate::{
+    envelope::{Envelope, SessionRef, Submit},
+    placement::Owner,
+    protocol::{ErrorCode, JoinRequest},
+    store::UserId,
+};
 
 pub use conv::{CommitOutcome, ConvOwner, LoadRequest, Sequenced};
+pub use group::GroupOwner;
 pub use room::RoomOwner;
 pub use user::UserOwner;
+
+/// A group message (or notice, or stream message) the conversation owner has published: the
+/// group owner fans it out to the members.
+pub struct GroupPublish {
+    pub group: u64,
+    /// The notice's (or message's) seq; for a stream message, the seq it follows.
+    pub seq: u64,
+    /// The sending session (it does not get its own message back).
+    pub skip: SessionRef,
+    pub frame: Bytes,
+    /// A notice: the group owner applies its change before the fan-out.
+    pub notice: bool,
+    /// A stream message (lossy delivery).
+    pub stream: bool,
+}
 
 /// What a role asks its runtime to do.
 pub enum Effect {
@@ -32,6 +56,17 @@ pub enum Effect {
     LoadConv(LoadRequest),
     /// Commit a sequenced message (see [`crate::commit`]), then call [`ConvOwner::settled`].
     Commit(Sequenced),
+    /// Hand a group send (checked by the group owner) or notice to this shard's conversation
+    /// owner ([`ConvOwner::submit`]).
+    Sequence(Box<Submit>),
+    /// A group message is published: [`GroupOwner::published`] fans it out.
+    GroupPublish(GroupPublish),
+    /// A group notice was not stored: [`GroupOwner::notice_failed`].
+    NoticeFailed { group: u64, code: ErrorCode },
+    /// Load a group from the store, then call [`GroupOwner::loaded`].
+    LoadGroup(u64),
+    /// Store (`Some`) or drop a join request, then call [`GroupOwner::request_saved`].
+    SaveJoinRequest { group: u64, user: UserId, request: Option<JoinRequest> },
 }
 
 /// Effects pushed by one call of a role, executed in order.

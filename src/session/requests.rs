@@ -274,6 +274,7 @@ impl Requests<'_> {
             sender_device: self.session.device.get(),
             stream,
             frame: f,
+            change: None,
         };
         if !stream {
             self.session.send_started(client_msg_id);

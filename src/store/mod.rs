@@ -29,6 +29,73 @@ pub struct Account {
     pub password_hash: String,
 }
 
+/// A group's row as stored (its members are rows of their own).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct GroupRow {
+    pub id: u64,
+    pub profile: crate::protocol::GroupProfile,
+    pub founder: UserId,
+    pub muted_all_until_ms: u64,
+    pub dissolved: bool,
+    pub created_ms: u64,
+}
+
+/// A current member of a group.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MemberRow {
+    pub user: UserId,
+    /// See [`crate::protocol::group_role`].
+    pub role: u8,
+    pub muted_until_ms: u64,
+    /// The seq of the notice that made it a member: it sees the group's messages from there on.
+    pub from_seq: u64,
+}
+
+/// What a group owner needs to take a group over.
+#[derive(Clone, Debug, Default)]
+pub struct GroupLoad {
+    pub row: GroupRow,
+    /// Current members (not those who left).
+    pub members: Vec<MemberRow>,
+    pub blocked: Vec<UserId>,
+    pub requests: Vec<crate::protocol::JoinRequest>,
+}
+
+/// One change of a group's stored state. Changes ride with the group notice that tells the
+/// members of them and are stored in the same transaction: a change is stored exactly when its
+/// notice is. Where a change needs a seq, it is the notice's.
+#[derive(Clone, Debug, PartialEq)]
+pub enum GroupWrite {
+    /// Insert or replace the group's row.
+    Group(GroupRow),
+    /// `user` becomes a member with `role`, seeing messages from the notice's seq on.
+    Join { user: UserId, role: u8 },
+    /// A member's role or mute changes.
+    Member { user: UserId, role: u8, muted_until_ms: u64 },
+    /// `user` stops being a member; it still gets (at catch-up) the messages up to the notice.
+    Leave { user: UserId },
+    /// Every member leaves (the group is dissolved).
+    LeaveAll,
+    Block { user: UserId },
+    Unblock { user: UserId },
+    /// `user`'s pending join request is settled (approved).
+    Unrequest { user: UserId },
+}
+
+/// The changes a group notice carries (see [`GroupWrite`]).
+#[derive(Clone, Debug, PartialEq)]
+pub struct GroupChange {
+    pub group: u64,
+    pub writes: Vec<GroupWrite>,
+}
+
+/// The conversation key of a group's messages: (0, group id). No user has id 0, so it never
+/// meets a 1:1 conversation.
+#[inline]
+pub fn group_conv(group: u64) -> ConvKey {
+    (0, group)
+}
+
 /// A sequenced message as stored.
 #[derive(Clone, Debug)]
 pub struct StoredMessage {
@@ -42,6 +109,8 @@ pub struct StoredMessage {
     pub client_msg_id: u64,
     /// The `DELIVER` payload: stamp and the sender's `Send` archive, exactly as delivered.
     pub payload: Bytes,
+    /// A group notice's changes, stored with it in the same transaction.
+    pub group: Option<std::sync::Arc<GroupChange>>,
 }
 
 /// A recent send of a conversation, to rebuild resend dedup after a restart.
@@ -236,6 +305,29 @@ pub trait Store: Send + Sync + 'static {
     /// no stored message is not kept: a client acking made-up conversations cannot grow the
     /// store.
     fn save_cursors(&self, cursors: &[Cursor]) -> Result<(), StoreError>;
+
+    /// A group's row, current members, block list and pending join requests; `None` if the
+    /// group was never created. Read from the group's partition.
+    fn load_group(&self, group: u64) -> Result<Option<GroupLoad>, StoreError>;
+
+    /// Keep (`Some`) or drop (`None`) `user`'s pending request to join `group`.
+    fn save_join_request(
+        &self,
+        group: u64,
+        user: UserId,
+        request: Option<&crate::protocol::JoinRequest>,
+    ) -> Result<(), StoreError>;
+
+    /// The groups `user` is a member of, by rising id, after `after`: at most `limit`, and
+    /// whether more lie beyond.
+    fn user_groups(&self, user: UserId, after: u64, limit: usize) -> Result<(Vec<u64>, bool), StoreError>;
+
+    /// How many groups `user` is a member of.
+    fn group_count(&self, user: UserId) -> Result<usize, StoreError>;
+
+    /// The part of `group`'s sequence `user` may read: `(from_seq, until_seq)` of its latest
+    /// membership (`until_seq` is `u64::MAX` while it is a member); `None` if it never was one.
+    fn member_span(&self, user: UserId, group: u64) -> Result<Option<(u64, u64)>, StoreError>;
 
     /// Finish queued commits and release the store; called once at shutdown.
     fn close(&self) {}

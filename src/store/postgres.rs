@@ -703,6 +703,22 @@ async fn rows_within<K>(
 }
 
 impl Store for PostgresStore {
+    fn load_group(&self, _group: u64) -> Result<Option<super::GroupLoad>, StoreError> {
+        todo!("groups")
+    }
+    fn save_join_request(&self, _group: u64, _user: UserId, _request: Option<&crate::protocol::JoinRequest>) -> Result<(), StoreError> {
+        todo!("groups")
+    }
+    fn user_groups(&self, _user: UserId, _after: u64, _limit: usize) -> Result<(Vec<u64>, bool), StoreError> {
+        todo!("groups")
+    }
+    fn group_count(&self, _user: UserId) -> Result<usize, StoreError> {
+        todo!("groups")
+    }
+    fn member_span(&self, _user: UserId, _group: u64) -> Result<Option<(u64, u64)>, StoreError> {
+        todo!("groups")
+    }
+
     fn durable(&self) -> bool {
         true
     }
