@@ -62,6 +62,13 @@ pub enum Event {
     Missed(protocol::Missed),
     /// A stream message (never stored): stamp `msg_id` 0, `seq` of the stored message it follows.
     StreamMsg(Delivery),
+    GroupOk(protocol::GroupOk),
+    GroupInfo(protocol::GroupInfo),
+    GroupMemberPage(protocol::GroupMemberPage),
+    GroupList(protocol::GroupList),
+    GroupRequestPage(protocol::GroupRequestPage),
+    GroupJoinRequest(protocol::GroupJoinRequest),
+    GroupDecision(protocol::GroupDecision),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -120,8 +127,30 @@ pub fn decode_event(k: u16, payload: &[u8]) -> Result<Event> {
         kind::ROOM_CLOSED => Event::RoomClosed(de::<protocol::ArchivedRoomClosed, _>(payload)?),
         kind::MISSED => Event::Missed(de::<protocol::ArchivedMissed, _>(payload)?),
         kind::STREAM_MSG => Event::StreamMsg(delivery(payload)?),
+        kind::GROUP_OK => Event::GroupOk(de::<protocol::ArchivedGroupOk, _>(payload)?),
+        kind::GROUP_INFO => Event::GroupInfo(de::<protocol::ArchivedGroupInfo, _>(payload)?),
+        kind::GROUP_MEMBER_PAGE => {
+            Event::GroupMemberPage(de::<protocol::ArchivedGroupMemberPage, _>(payload)?)
+        }
+        kind::GROUP_LIST => Event::GroupList(de::<protocol::ArchivedGroupList, _>(payload)?),
+        kind::GROUP_REQUEST_PAGE => {
+            Event::GroupRequestPage(de::<protocol::ArchivedGroupRequestPage, _>(payload)?)
+        }
+        kind::GROUP_JOIN_REQUEST => {
+            Event::GroupJoinRequest(de::<protocol::ArchivedGroupJoinRequest, _>(payload)?)
+        }
+        kind::GROUP_DECISION => Event::GroupDecision(de::<protocol::ArchivedGroupDecision, _>(payload)?),
         other => return Err(ClientError::Malformed(format!("unexpected frame kind {other}"))),
     })
+}
+
+/// The notice a group delivery carries (stamp `from` 0, conversation GROUP), if it is one.
+pub fn group_notice(d: &Delivery) -> Option<protocol::GroupNotice> {
+    if d.stamp.from != 0 || d.stamp.conv != conv::GROUP {
+        return None;
+    }
+    let a = frame::access::<protocol::ArchivedGroupNotice>(&d.body).ok()?;
+    rkyv::deserialize::<protocol::GroupNotice, rancor::Error>(a).ok()
 }
 
 /// Decode a `DELIVER` (or `HISTORY_MSG`) payload: the stamp, then the sender's `Send` archive.
@@ -323,15 +352,37 @@ impl Client {
 
     /// Send a 1:1 message without waiting for its ack.
     pub fn send(&mut self, to: u64, client_msg_id: u64, body: &[u8]) -> Result<()> {
-        self.send_frame(
-            kind::SEND,
-            &protocol::Send { conv: conv::DIRECT, to, client_msg_id, body: body.to_vec() },
-        )
+        self.send_to(conv::DIRECT, to, client_msg_id, body)
+    }
+
+    /// Send a message of conversation kind `conv` (`to`: a user, or a group) without waiting.
+    pub fn send_to(&mut self, conv: u8, to: u64, client_msg_id: u64, body: &[u8]) -> Result<()> {
+        self.send_frame(kind::SEND, &protocol::Send { conv, to, client_msg_id, body: body.to_vec() })
     }
 
     /// Send a 1:1 message and wait for its ack (or its error).
     pub fn send_wait(&mut self, to: u64, client_msg_id: u64, body: &[u8]) -> Result<protocol::SendAck> {
-        self.send(to, client_msg_id, body)?;
+        self.send_wait_to(conv::DIRECT, to, client_msg_id, body)
+    }
+
+    /// Send a message to a group and wait for its ack (or its error).
+    pub fn group_send_wait(
+        &mut self,
+        group: u64,
+        client_msg_id: u64,
+        body: &[u8],
+    ) -> Result<protocol::SendAck> {
+        self.send_wait_to(conv::GROUP, group, client_msg_id, body)
+    }
+
+    fn send_wait_to(
+        &mut self,
+        conv: u8,
+        to: u64,
+        client_msg_id: u64,
+        body: &[u8],
+    ) -> Result<protocol::SendAck> {
+        self.send_to(conv, to, client_msg_id, body)?;
         self.wait_for(u16::MAX, |e| match e {
             Event::SendAck(a) if a.client_msg_id == client_msg_id => Some(Ok(a.clone())),
             Event::Error(err) if err.request_kind == kind::SEND && err.client_msg_id == client_msg_id => {
@@ -348,6 +399,11 @@ impl Client {
     /// Acknowledge receipt of everything up to `seq` in a conversation.
     pub fn delivery_ack(&mut self, peer: u64, seq: u64) -> Result<()> {
         self.send_frame(kind::DELIVERY_ACK, &protocol::DeliveryAck { conv: conv::DIRECT, peer, seq })
+    }
+
+    /// Acknowledge receipt of everything up to `seq` of a group.
+    pub fn group_delivery_ack(&mut self, group: u64, seq: u64) -> Result<()> {
+        self.send_frame(kind::DELIVERY_ACK, &protocol::DeliveryAck { conv: conv::GROUP, peer: group, seq })
     }
 
     /// The next delivered message (other frames are kept for `recv`).
@@ -372,8 +428,19 @@ impl Client {
         older: bool,
         limit: u32,
     ) -> Result<(Vec<Delivery>, protocol::HistoryEnd)> {
-        let h =
-            protocol::History { conv: conv::DIRECT, peer, anchor_seq, direction: u8::from(!older), limit };
+        self.history_of(conv::DIRECT, peer, anchor_seq, older, limit)
+    }
+
+    /// As [`Client::history`], of a conversation of kind `conv` (a group: `peer` is its id).
+    pub fn history_of(
+        &mut self,
+        conv: u8,
+        peer: u64,
+        anchor_seq: u64,
+        older: bool,
+        limit: u32,
+    ) -> Result<(Vec<Delivery>, protocol::HistoryEnd)> {
+        let h = protocol::History { conv, peer, anchor_seq, direction: u8::from(!older), limit };
         self.send_frame(kind::HISTORY, &h)?;
         let mut page = Vec::new();
         let end = self.wait_for(kind::HISTORY, |e| match e {
@@ -445,6 +512,80 @@ impl Client {
             kind::ROOM_PUBLISH,
             &protocol::RoomPublish { room_id, client_msg_id, body: body.to_vec() },
         )
+    }
+
+    /// Create a group (the caller is its founder); its id.
+    pub fn group_create(&mut self, profile: protocol::GroupProfile) -> Result<u64> {
+        self.send_frame(kind::GROUP_CREATE, &protocol::GroupCreate { profile })?;
+        self.wait_group_ok(kind::GROUP_CREATE).map(|ok| ok.group_id)
+    }
+
+    /// Replace a group's profile (managers).
+    pub fn group_update(
+        &mut self,
+        group_id: u64,
+        profile: protocol::GroupProfile,
+    ) -> Result<protocol::GroupOk> {
+        self.send_frame(kind::GROUP_UPDATE, &protocol::GroupUpdate { group_id, profile })?;
+        self.wait_group_ok(kind::GROUP_UPDATE)
+    }
+
+    /// One group action (see [`protocol::group_action`]); `GroupOk.seq` is its notice's seq.
+    pub fn group_action(
+        &mut self,
+        group_id: u64,
+        action: u8,
+        user_id: u64,
+        until_ms: u64,
+        note: &str,
+    ) -> Result<protocol::GroupOk> {
+        let a = protocol::GroupAction { group_id, action, user_id, until_ms, note: note.into() };
+        self.send_frame(kind::GROUP_ACTION, &a)?;
+        self.wait_group_ok(kind::GROUP_ACTION)
+    }
+
+    pub fn group_get(&mut self, group_id: u64) -> Result<protocol::GroupInfo> {
+        self.send_frame(kind::GROUP_GET, &protocol::GroupRef { group_id })?;
+        self.wait_for(kind::GROUP_GET, |e| match e {
+            Event::GroupInfo(i) if i.group_id == group_id => Some(i.clone()),
+            _ => None,
+        })
+    }
+
+    pub fn group_members(
+        &mut self,
+        group_id: u64,
+        after_user: u64,
+        limit: u32,
+    ) -> Result<protocol::GroupMemberPage> {
+        self.send_frame(kind::GROUP_MEMBERS, &protocol::GroupMembers { group_id, after_user, limit })?;
+        self.wait_for(kind::GROUP_MEMBERS, |e| match e {
+            Event::GroupMemberPage(p) if p.group_id == group_id => Some(p.clone()),
+            _ => None,
+        })
+    }
+
+    pub fn group_requests(&mut self, group_id: u64) -> Result<protocol::GroupRequestPage> {
+        self.send_frame(kind::GROUP_REQUESTS, &protocol::GroupRef { group_id })?;
+        self.wait_for(kind::GROUP_REQUESTS, |e| match e {
+            Event::GroupRequestPage(p) if p.group_id == group_id => Some(p.clone()),
+            _ => None,
+        })
+    }
+
+    pub fn my_groups(&mut self, after_group: u64, limit: u32) -> Result<protocol::GroupList> {
+        self.send_frame(kind::MY_GROUPS, &protocol::MyGroups { after_group, limit })?;
+        self.wait_for(kind::MY_GROUPS, |e| match e {
+            Event::GroupList(l) => Some(l.clone()),
+            _ => None,
+        })
+    }
+
+    fn wait_group_ok(&mut self, request_kind: u16) -> Result<protocol::GroupOk> {
+        self.wait_for(request_kind, |e| match e {
+            Event::GroupOk(ok) if ok.request_kind == request_kind => Some(ok.clone()),
+            _ => None,
+        })
     }
 
     fn wait_room_ok(&mut self, request_kind: u16) -> Result<protocol::RoomOk> {

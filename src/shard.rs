@@ -34,9 +34,9 @@ use crate::{
     notify::LocalNotify,
     placement::Placement,
     protocol::{self, kind, ErrorCode},
-    roles::{CommitOutcome, ConvOwner, Effect, Effects, RoomOwner, Sequenced, UserOwner},
+    roles::{CommitOutcome, ConvOwner, Effect, Effects, GroupOwner, RoomOwner, Sequenced, UserOwner},
     session::{error_frame, Session},
-    store::{ConvKey, ConvLoad, Cursor, Duplicates, Store, StoreError, UserId},
+    store::{ConvKey, ConvLoad, Cursor, Duplicates, GroupLoad, Store, StoreError, UserId},
     workers::Workers,
 };
 
@@ -88,6 +88,8 @@ pub struct Shard {
     loads: RefCell<LoadQueues>,
     /// The room owner role for this shard's partitions.
     rooms: RefCell<RoomOwner>,
+    /// The group owner role for this shard's partitions.
+    groups: RefCell<GroupOwner>,
     /// This shard's subscribers of each live room (wherever the room's owner is).
     room_subs: RefCell<HashMap<u64, Vec<SessionRef>, RandomState>>,
     /// Draws new room ids.
@@ -153,6 +155,7 @@ impl Shard {
                 cfg.limits.conversations_per_shard_max,
             )),
             rooms: RefCell::new(RoomOwner::new(id, placement, &cfg.limits)),
+            groups: RefCell::new(GroupOwner::new(id, placement, &cfg.limits)),
             room_subs: RefCell::new(HashMap::default()),
             next_room: Cell::new(tim_shards::mix64(now_ms() ^ ((id as u64) << 48))),
             fanout_jobs: RefCell::new(VecDeque::new()),
@@ -430,6 +433,9 @@ impl Shard {
         // traffic, do not.
         let mut fx = std::mem::take(&mut *self.effects.borrow_mut());
         match env {
+            Envelope::Submit(sub) if sub.conv == protocol::conv::GROUP => {
+                self.groups.borrow_mut().submit(sub, now_ms(), &mut fx)
+            }
             Envelope::Submit(sub) => self.convs.borrow_mut().submit(sub, now_ms(), &mut fx),
             Envelope::Fanout { user, skip, frame } => {
                 debug_assert_eq!(self.placement.user(user), self.id, "fanout on the wrong shard");
@@ -506,7 +512,16 @@ impl Shard {
                 self.room_job(FanoutJob::Message { room, skip, frame: Some(frame), next: 0, missed: 0 })
             }
             Envelope::RoomClosed { room, reason } => self.room_job(FanoutJob::Closed { room, reason }),
-            _ => todo!("groups"),
+            Envelope::Group(req) => self.groups.borrow_mut().request(req, now_ms(), &mut fx),
+            Envelope::GroupReply { session, request_kind, result } => {
+                if let Some(s) = self.session(session) {
+                    s.on_group_reply(request_kind, result);
+                }
+            }
+            Envelope::GroupFanout(f) => {
+                let crate::envelope::GroupFanout { users, skip, frame, lossy } = *f;
+                self.room_job(FanoutJob::Users { users, skip, frame, lossy, next: 0 })
+            }
         }
         self.execute(&mut fx);
         *self.effects.borrow_mut() = fx;
@@ -541,7 +556,15 @@ impl Shard {
                         }
                     }
                 }
-                _ => todo!("groups"),
+                Effect::Sequence(sub) => self.with_convs(|c, fx| c.submit(sub, now_ms(), fx)),
+                Effect::GroupPublish(p) => self.with_groups(|g, fx| g.published(p, now_ms(), fx)),
+                Effect::NoticeFailed { group, code } => {
+                    self.with_groups(|g, fx| g.notice_failed(group, code, now_ms(), fx))
+                }
+                Effect::LoadGroup(group) => drop(monoio::spawn(self.rc().load_group(group))),
+                Effect::SaveJoinRequest { group, user, request } => {
+                    drop(monoio::spawn(self.rc().save_join_request(group, user, request)))
+                }
             }
         }
     }
@@ -662,6 +685,52 @@ impl Shard {
         let op = crate::envelope::RoomOp::Unsubscribe { reply: false };
         let req = crate::envelope::RoomRequest { origin: session, user: 0, room, op };
         self.post(self.placement.room(room), Envelope::Room(Box::new(req)));
+    }
+
+    fn with_groups(&self, f: impl FnOnce(&mut GroupOwner, &mut Effects)) {
+        let mut fx = Vec::new();
+        f(&mut self.groups.borrow_mut(), &mut fx);
+        self.execute(&mut fx);
+    }
+
+    /// Load a group on the store pool for its owner.
+    async fn load_group(self: Rc<Self>, group: u64) {
+        let store = self.shared.store.clone();
+        let loaded: Result<Option<GroupLoad>, ErrorCode> =
+            match self.shared.workers.store.run(move || store.load_group(group)).await {
+                Ok(Ok(load)) => Ok(load),
+                Ok(Err(e)) => {
+                    log::warn!("store: loading group {group}: {e}");
+                    Err(ErrorCode::StoreUnavailable)
+                }
+                Err(e) => Err(e.code_or(ErrorCode::StoreUnavailable)),
+            };
+        self.with_groups(|g, fx| g.loaded(group, loaded, now_ms(), fx));
+    }
+
+    /// Keep or drop a join request on the store pool for its group's owner.
+    async fn save_join_request(
+        self: Rc<Self>,
+        group: u64,
+        user: UserId,
+        request: Option<protocol::JoinRequest>,
+    ) {
+        let store = self.shared.store.clone();
+        let saved = match self
+            .shared
+            .workers
+            .store
+            .run(move || store.save_join_request(group, user, request.as_ref()))
+            .await
+        {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => {
+                log::warn!("store: join request of user {user} to group {group}: {e}");
+                Err(ErrorCode::StoreUnavailable)
+            }
+            Err(e) => Err(e.code_or(ErrorCode::StoreUnavailable)),
+        };
+        self.with_groups(|g, fx| g.request_saved(group, saved, now_ms(), fx));
     }
 
     fn with_convs(&self, f: impl FnOnce(&mut ConvOwner, &mut Effects)) {
@@ -806,13 +875,16 @@ enum FanoutJob {
     Message { room: u64, skip: SessionRef, frame: Option<Bytes>, next: usize, missed: u64 },
     /// The room is gone: tell its local subscribers and forget them.
     Closed { room: u64, reason: u16 },
+    /// A group message: hand `frame` to the sessions of `users` (members whose user owner is
+    /// this shard) from index `next` on; `lossy` for a stream message. Never dropped.
+    Users { users: std::sync::Arc<[UserId]>, skip: SessionRef, frame: Bytes, lossy: bool, next: usize },
 }
 
 impl FanoutJob {
     /// Sessions served so far.
     fn progress(&self) -> usize {
         match self {
-            FanoutJob::Message { next, .. } => *next,
+            FanoutJob::Message { next, .. } | FanoutJob::Users { next, .. } => *next,
             FanoutJob::Closed { .. } => 0,
         }
     }
@@ -839,6 +911,23 @@ impl FanoutJob {
                 }
                 *next = end;
                 end >= list.len()
+            }
+            FanoutJob::Users { users, skip, frame, lossy, next } => {
+                let end = users.len().min(*next + budget);
+                let mut fx = Vec::new();
+                {
+                    let owner = shard.users.borrow();
+                    for &u in &users[(*next).min(end)..end] {
+                        if *lossy {
+                            owner.fanout_stream(u, *skip, frame, &mut fx);
+                        } else {
+                            owner.fanout(u, *skip, frame, &mut fx);
+                        }
+                    }
+                }
+                shard.execute(&mut fx);
+                *next = end;
+                end >= users.len()
             }
             FanoutJob::Closed { room, reason } => {
                 shard.room_dropped.borrow_mut().remove(room);

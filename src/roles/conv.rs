@@ -326,17 +326,13 @@ impl ConvOwner {
                     }
                 }
                 ConvState::Ready if sub.sender == 0 => {
-                    // A group notice: never a resend (the group owner sends each once).
+                    // A group notice: never a resend (the group owner sends each once). Its
+                    // change is committed in no-data mode too (the memory store keeps groups).
                     conv.last_used_ms = now;
                     let s = sequence(conv, &mut self.ids, sub, now, self.durable, self.dedup_max);
                     self.sequenced += 1;
-                    if self.durable {
-                        conv.open.push_back(s.ack.seq);
-                        out.push(Effect::Commit(s));
-                    } else {
-                        conv.published_seq = s.ack.seq;
-                        publish(&self.placement, s, true, out);
-                    }
+                    conv.open.push_back(s.ack.seq);
+                    out.push(Effect::Commit(s));
                 }
                 ConvState::Ready => {
                     conv.last_used_ms = now;

@@ -211,7 +211,13 @@ impl GroupOwner {
 
     /// A group's load ended: take it over (or learn it does not exist) and handle, in order,
     /// everything that waited for it.
-    pub fn loaded(&mut self, group: u64, result: Result<Option<GroupLoad>, ErrorCode>, now: u64, out: &mut Effects) {
+    pub fn loaded(
+        &mut self,
+        group: u64,
+        result: Result<Option<GroupLoad>, ErrorCode>,
+        now: u64,
+        out: &mut Effects,
+    ) {
         let Some(Slot::Loading(waiters)) = self.groups.remove(&group) else { return };
         let load = match result {
             Err(code) => {
@@ -228,7 +234,10 @@ impl GroupOwner {
         let exists = load.is_some();
         let mut g = Box::new(match load {
             Some(l) => Group::from_load(l, now),
-            None => Group::from_load(GroupLoad { row: GroupRow { id: group, ..Default::default() }, ..Default::default() }, now),
+            None => Group::from_load(
+                GroupLoad { row: GroupRow { id: group, ..Default::default() }, ..Default::default() },
+                now,
+            ),
         });
         g.creating = false;
         let mut waiters = waiters.into_iter();
@@ -393,7 +402,12 @@ impl GroupOwner {
                 request_kind: busy.request_kind,
                 action: busy.action,
             };
-            reply_to(out, busy.origin, busy.request_kind, Ok(Bytes::from(frame::encode(kind::GROUP_OK, &ok))));
+            reply_to(
+                out,
+                busy.origin,
+                busy.request_kind,
+                Ok(Bytes::from(frame::encode(kind::GROUP_OK, &ok))),
+            );
             if let Some((user, approved)) = busy.decision {
                 push_decision(out, &placement, p.group, user, approved, busy.actor);
             }
@@ -401,7 +415,12 @@ impl GroupOwner {
         let lists = g.lists(&placement);
         for (shard, users) in lists.iter().enumerate() {
             if !users.is_empty() {
-                let f = GroupFanout { users: users.clone(), skip: p.skip, frame: p.frame.clone(), lossy: p.stream };
+                let f = GroupFanout {
+                    users: users.clone(),
+                    skip: p.skip,
+                    frame: p.frame.clone(),
+                    lossy: p.stream,
+                };
                 out.push(Effect::Post(shard, Envelope::GroupFanout(Box::new(f))));
             }
         }
@@ -459,8 +478,18 @@ impl GroupOwner {
                 if let Some((user, approved)) = busy.decision {
                     push_decision(out, &placement, group, user, approved, busy.actor);
                 }
-                let ok = protocol::GroupOk { group_id: group, seq: 0, request_kind: busy.request_kind, action: busy.action };
-                reply_to(out, busy.origin, busy.request_kind, Ok(Bytes::from(frame::encode(kind::GROUP_OK, &ok))));
+                let ok = protocol::GroupOk {
+                    group_id: group,
+                    seq: 0,
+                    request_kind: busy.request_kind,
+                    action: busy.action,
+                };
+                reply_to(
+                    out,
+                    busy.origin,
+                    busy.request_kind,
+                    Ok(Bytes::from(frame::encode(kind::GROUP_OK, &ok))),
+                );
             }
             Err(code) => reply_to(out, busy.origin, busy.request_kind, Err(code)),
         }
@@ -502,7 +531,9 @@ impl Group {
             members: l
                 .members
                 .iter()
-                .map(|m| (m.user, Member { role: m.role, muted_until_ms: m.muted_until_ms, from_seq: m.from_seq }))
+                .map(|m| {
+                    (m.user, Member { role: m.role, muted_until_ms: m.muted_until_ms, from_seq: m.from_seq })
+                })
                 .collect(),
             row: l.row,
             blocked: l.blocked.into_iter().collect(),
@@ -584,7 +615,13 @@ fn notice(event: u8, actor: UserId, target: UserId, until_ms: u64) -> GroupNotic
 }
 
 /// Check a change against the group's state; the refusal code, or what to do.
-fn plan(g: &Group, req: &GroupRequest, now: u64, members_max: usize, requests_max: usize) -> Result<Plan, ErrorCode> {
+fn plan(
+    g: &Group,
+    req: &GroupRequest,
+    now: u64,
+    members_max: usize,
+    requests_max: usize,
+) -> Result<Plan, ErrorCode> {
     let me = req.user;
     if let GroupOp::Create(profile) = &req.op {
         if !g.creating {
@@ -621,7 +658,11 @@ fn plan(g: &Group, req: &GroupRequest, now: u64, members_max: usize, requests_ma
         GroupOp::Update(profile) => {
             manager()?;
             let row = GroupRow { profile: profile.clone(), ..g.row.clone() };
-            Ok(Plan::Notice { notice: n(ev::PROFILE_CHANGED, 0, 0), writes: vec![GroupWrite::Group(row)], decision: None })
+            Ok(Plan::Notice {
+                notice: n(ev::PROFILE_CHANGED, 0, 0),
+                writes: vec![GroupWrite::Group(row)],
+                decision: None,
+            })
         }
         GroupOp::Action { action, target, until_ms, note } => {
             let (t, until) = (*target, *until_ms);
@@ -893,7 +934,14 @@ fn notice_submit(group: u64, notice: &GroupNotice, change: Arc<GroupChange>) -> 
     })
 }
 
-fn push_decision(out: &mut Effects, placement: &Placement, group: u64, user: UserId, approved: bool, by: UserId) {
+fn push_decision(
+    out: &mut Effects,
+    placement: &Placement,
+    group: u64,
+    user: UserId,
+    approved: bool,
+    by: UserId,
+) {
     let d = protocol::GroupDecision { group_id: group, approved, by };
     let f = Bytes::from(frame::encode(kind::GROUP_DECISION, &d));
     out.push(Effect::Post(placement.user(user), Envelope::Fanout { user, skip: SessionRef::NONE, frame: f }));

@@ -37,6 +37,8 @@ pub enum Flow {
 pub(crate) enum Reply {
     Attach(Result<UserId, ErrorCode>),
     Token(Result<(), ErrorCode>),
+    /// A group owner's answer: the frame to write, or a refusal.
+    Group(Result<Bytes, ErrorCode>),
 }
 
 /// Build a `Kick` frame.
@@ -399,6 +401,12 @@ impl Session {
 
     pub fn on_token_result(&self, result: Result<(), ErrorCode>) {
         self.answer(Reply::Token(result));
+    }
+
+    /// A group owner's answer to this session's group request (dropped if the request gave up
+    /// waiting: it was answered with Timeout).
+    pub fn on_group_reply(&self, _request_kind: u16, result: Result<Bytes, ErrorCode>) {
+        self.answer(Reply::Group(result));
     }
 
     fn answer(&self, r: Reply) -> bool {

@@ -12,13 +12,13 @@ use bytes::{BufMut, Bytes, BytesMut};
 use super::{error_frame, Flow, Reply, Session};
 use crate::{
     auth,
-    envelope::{Attach, Envelope, RoomOp, RoomRequest, Submit},
+    envelope::{Attach, Envelope, GroupOp, GroupRequest, RoomOp, RoomRequest, Submit},
     frame,
     guard::Action,
     placement::direct_key,
-    protocol::{self, conv, kind, DeviceType, ErrorCode},
+    protocol::{self, conv, group_action, is_group_id, kind, DeviceType, ErrorCode, GroupProfile},
     shard::{now_ms, Shard},
-    store::{device_hash, CatchUp, Cursor, PageLimit, StoreError, UserId},
+    store::{device_hash, group_conv, CatchUp, Cursor, PageLimit, StoreError, UserId},
 };
 
 /// Bytes a `Send` archive may carry besides its body (its root struct and alignment padding).
@@ -117,13 +117,15 @@ impl Requests<'_> {
                 let a = access!(protocol::ArchivedDeliveryAck);
                 // Stores keep sequence numbers as signed 64-bit integers.
                 let (peer, seq) = (a.peer.to_native(), a.seq.to_native().min(i64::MAX as u64));
-                if a.conv != conv::DIRECT || peer == 0 {
-                    return self.error(ErrorCode::InvalidConversation, k);
-                }
-                self.shard.stats.delivery_acks.set(self.shard.stats.delivery_acks.get() + 1);
                 let user = self.session.user();
+                let conv = match a.conv {
+                    conv::DIRECT if peer != 0 && !is_group_id(peer) => direct_key(user, peer),
+                    conv::GROUP if is_group_id(peer) => group_conv(peer),
+                    _ => return self.error(ErrorCode::InvalidConversation, k),
+                };
+                self.shard.stats.delivery_acks.set(self.shard.stats.delivery_acks.get() + 1);
                 let device = self.session.device.get();
-                self.shard.note_cursor(Cursor { user, device, conv: direct_key(user, peer), seq });
+                self.shard.note_cursor(Cursor { user, device, conv, seq });
                 Flow::Continue
             }
             kind::HISTORY => {
@@ -134,10 +136,15 @@ impl Requests<'_> {
                     h.direction,
                     h.limit.to_native(),
                 );
-                if h.conv != conv::DIRECT || peer == 0 || dir > 1 {
+                let ok = match h.conv {
+                    conv::DIRECT => peer != 0 && !is_group_id(peer),
+                    conv::GROUP => is_group_id(peer),
+                    _ => false,
+                };
+                if !ok || dir > 1 {
                     return self.error(ErrorCode::InvalidConversation, k);
                 }
-                Box::pin(self.history(peer, anchor, dir == 0, limit)).await
+                Box::pin(self.history(h.conv, peer, anchor, dir == 0, limit)).await
             }
             kind::PING => {
                 let p = access!(protocol::ArchivedPing);
@@ -215,6 +222,63 @@ impl Requests<'_> {
                 let frame = RoomRequest::blank_room_msg(payload);
                 self.to_room(m.room_id.to_native(), RoomOp::Publish { client_msg_id, frame })
             }
+            kind::GROUP_CREATE => {
+                let c = access!(protocol::ArchivedGroupCreate);
+                let Ok(profile) = rkyv::deserialize::<GroupProfile, rkyv::rancor::Error>(&c.profile) else {
+                    return self.error(ErrorCode::Malformed, k);
+                };
+                // A new id, drawn at random in the group range.
+                let group =
+                    protocol::GROUP_ID_MIN | (self.shard.new_room_id() & (protocol::GROUP_ID_MIN - 1));
+                Box::pin(self.group_change(group, GroupOp::Create(profile), self.session.user())).await
+            }
+            kind::GROUP_UPDATE => {
+                let u = access!(protocol::ArchivedGroupUpdate);
+                let Ok(profile) = rkyv::deserialize::<GroupProfile, rkyv::rancor::Error>(&u.profile) else {
+                    return self.error(ErrorCode::Malformed, k);
+                };
+                Box::pin(self.group_call(u.group_id.to_native(), GroupOp::Update(profile))).await
+            }
+            kind::GROUP_ACTION => {
+                let a = access!(protocol::ArchivedGroupAction);
+                let (group, action, target) = (a.group_id.to_native(), a.action, a.user_id.to_native());
+                let op = GroupOp::Action {
+                    action,
+                    target,
+                    until_ms: a.until_ms.to_native(),
+                    note: a.note.as_str().to_owned(),
+                };
+                // Who would be in one more group: the caller (join) or the target (invite,
+                // approve); the others cannot add anyone.
+                let joiner = match action {
+                    group_action::JOIN => self.session.user(),
+                    group_action::INVITE | group_action::APPROVE => target,
+                    _ => 0,
+                };
+                if joiner != 0 {
+                    Box::pin(self.group_change(group, op, joiner)).await
+                } else {
+                    Box::pin(self.group_call(group, op)).await
+                }
+            }
+            kind::GROUP_GET => {
+                let r = access!(protocol::ArchivedGroupRef);
+                Box::pin(self.group_call(r.group_id.to_native(), GroupOp::Get)).await
+            }
+            kind::GROUP_REQUESTS => {
+                let r = access!(protocol::ArchivedGroupRef);
+                Box::pin(self.group_call(r.group_id.to_native(), GroupOp::Requests)).await
+            }
+            kind::GROUP_MEMBERS => {
+                let m = access!(protocol::ArchivedGroupMembers);
+                let op = GroupOp::Members { after: m.after_user.to_native(), limit: m.limit.to_native() };
+                Box::pin(self.group_call(m.group_id.to_native(), op)).await
+            }
+            kind::MY_GROUPS => {
+                let m = access!(protocol::ArchivedMyGroups);
+                let (after, limit) = (m.after_group.to_native(), m.limit.to_native());
+                Box::pin(self.my_groups(after, limit)).await
+            }
             kind::LOGOUT => {
                 let _ = access!(protocol::ArchivedLogout);
                 self.session.push(Bytes::from(frame::encode(kind::BYE, &protocol::Bye { reserved: 0 })));
@@ -248,12 +312,13 @@ impl Requests<'_> {
             self.session.push(error_frame(code, request_kind, client_msg_id));
             Flow::Continue
         };
-        if m.conv != conv::DIRECT {
-            return reject(ErrorCode::InvalidConversation);
-        }
         let to = m.to.to_native();
-        if to == 0 {
-            return reject(ErrorCode::UnknownRecipient);
+        match m.conv {
+            conv::DIRECT if to == 0 || is_group_id(to) => return reject(ErrorCode::UnknownRecipient),
+            conv::DIRECT => {}
+            conv::GROUP if !is_group_id(to) => return reject(ErrorCode::GroupNotFound),
+            conv::GROUP => {}
+            _ => return reject(ErrorCode::InvalidConversation),
         }
         // The payload is forwarded verbatim, so it may hold nothing but the body and the archive's
         // own few bytes: bytes the archive does not reference would travel to every recipient.
@@ -269,7 +334,7 @@ impl Requests<'_> {
             origin: self.session.id,
             sender,
             to,
-            conv: conv::DIRECT,
+            conv: m.conv,
             client_msg_id,
             sender_device: self.session.device.get(),
             stream,
@@ -279,7 +344,11 @@ impl Requests<'_> {
         if !stream {
             self.session.send_started(client_msg_id);
         }
-        let dst = self.shard.placement.conv(direct_key(sender, to));
+        let dst = if m.conv == conv::GROUP {
+            self.shard.placement.group(to)
+        } else {
+            self.shard.placement.conv(direct_key(sender, to))
+        };
         self.shard.post(dst, Envelope::Submit(Box::new(sub)));
         Flow::Continue
     }
@@ -427,7 +496,7 @@ impl Requests<'_> {
                 flow
             }
             Ok(Reply::Attach(Err(code))) | Err(code) => self.error(code, k),
-            Ok(Reply::Token(_)) => self.error(ErrorCode::Internal, k),
+            Ok(Reply::Token(_) | Reply::Group(_)) => self.error(ErrorCode::Internal, k),
         }
     }
 
@@ -446,35 +515,120 @@ impl Requests<'_> {
     }
 
     /// Answer a `History` request: `HISTORY_MSG` frames, then `HISTORY_END`.
-    async fn history(&self, peer: UserId, anchor: u64, older: bool, limit: u32) -> Flow {
+    async fn history(&self, conv_kind: u8, peer: UserId, anchor: u64, older: bool, limit: u32) -> Flow {
         let l = &self.shard.cfg().limits;
         let max = l.history_page_max;
         let count = if limit == 0 { max } else { limit.min(max) };
         let limit = PageLimit { count, bytes: l.history_page_bytes_max };
         let user = self.session.user();
-        let conv_key = direct_key(user, peer);
+        let group = conv_kind == conv::GROUP;
         let store = self.shard.shared.store.clone();
-        let page = match self
-            .shard
-            .shared
-            .workers
-            .store
-            .run(move || store.history(conv_key, anchor, older, limit))
-            .await
-        {
-            Ok(Ok(page)) => page,
-            Ok(Err(e)) => {
-                log::warn!("store: {e}");
-                return self.error(ErrorCode::StoreUnavailable, kind::HISTORY);
+        let found = self.store_call(move || {
+            if !group {
+                return store.history(direct_key(user, peer), anchor, older, limit).map(Ok);
             }
-            Err(e) => return self.error(e.code_or(ErrorCode::StoreUnavailable), kind::HISTORY),
+            // A member (or a former one) reads the part of the group's sequence it was a
+            // member for: from the notice that added it to the one that removed it.
+            let Some((from, until)) = store.member_span(user, peer)? else {
+                return Ok(Err(ErrorCode::NotMember));
+            };
+            let (lo, hi) = (from.saturating_sub(1), until.saturating_add(1));
+            let anchor = if older {
+                if anchor == 0 {
+                    hi
+                } else {
+                    anchor.min(hi)
+                }
+            } else {
+                anchor.max(lo)
+            };
+            let mut page = store.history(group_conv(peer), anchor, older, limit)?;
+            let before = page.payloads.len();
+            page.payloads.retain(|p| protocol::Stamp::read(p).is_some_and(|st| st.seq > lo && st.seq < hi));
+            if page.payloads.len() < before {
+                page.more = false;
+            }
+            Ok(Ok(page))
+        });
+        let page = match found.await {
+            Ok(Ok(page)) => page,
+            Ok(Err(code)) | Err(code) => return self.error(code, kind::HISTORY),
         };
         let count = page.payloads.len() as u32;
         for p in page.payloads {
             self.session.push_paced(stored_frame(kind::HISTORY_MSG, &p)).await;
         }
-        let end = protocol::HistoryEnd { conv: conv::DIRECT, peer, count, more: page.more };
+        let end = protocol::HistoryEnd { conv: conv_kind, peer, count, more: page.more };
         self.reply(kind::HISTORY_END, &end)
+    }
+
+    /// Run a store call on the store pool; a store failure is StoreUnavailable.
+    async fn store_call<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, ErrorCode> {
+        match self.shard.shared.workers.store.run(f).await {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(e)) => {
+                log::warn!("store: {e}");
+                Err(ErrorCode::StoreUnavailable)
+            }
+            Err(e) => Err(e.code_or(ErrorCode::StoreUnavailable)),
+        }
+    }
+
+    /// A group change that puts `joiner` in one more group: it must exist, and be in fewer
+    /// than `groups_per_user_max` (checked now; concurrent joins may pass it by a few).
+    async fn group_change(&self, group: u64, op: GroupOp, joiner: UserId) -> Flow {
+        let k = op.request_kind();
+        let max = self.shard.cfg().limits.groups_per_user_max;
+        let store = self.shard.shared.store.clone();
+        let me = self.session.user();
+        let counted = self
+            .store_call(move || {
+                if joiner != me && !store.account_exists(joiner)? {
+                    return Ok(None);
+                }
+                store.group_count(joiner).map(Some)
+            })
+            .await;
+        match counted {
+            Ok(None) => self.error(ErrorCode::UnknownUser, k),
+            Ok(Some(n)) if n >= max => self.error(ErrorCode::TooManyGroups, k),
+            Ok(Some(_)) => self.group_call(group, op).await,
+            Err(code) => self.error(code, k),
+        }
+    }
+
+    /// Ask a group's owner, wait for its answer (at most `answer_timeout_ms`), write it.
+    async fn group_call(&self, group: u64, op: GroupOp) -> Flow {
+        let k = op.request_kind();
+        if !is_group_id(group) {
+            return self.error(ErrorCode::GroupNotFound, k);
+        }
+        let rx = self.session.expect_reply();
+        let req = GroupRequest { origin: self.session.id, user: self.session.user(), group, op };
+        self.shard.post(self.shard.placement.group(group), Envelope::Group(Box::new(req)));
+        match self.wait_reply(rx).await {
+            Ok(Reply::Group(Ok(frame))) => {
+                self.session.push(frame);
+                Flow::Continue
+            }
+            Ok(Reply::Group(Err(code))) | Err(code) => self.error(code, k),
+            Ok(Reply::Attach(_) | Reply::Token(_)) => self.error(ErrorCode::Internal, k),
+        }
+    }
+
+    /// Answer `MyGroups` from the store.
+    async fn my_groups(&self, after: u64, limit: u32) -> Flow {
+        let max = self.shard.cfg().limits.group_page_max;
+        let limit = if limit == 0 { max } else { limit.min(max) } as usize;
+        let store = self.shard.shared.store.clone();
+        let user = self.session.user();
+        match self.store_call(move || store.user_groups(user, after, limit)).await {
+            Ok((groups, more)) => self.reply(kind::GROUP_LIST, &protocol::GroupList { groups, more }),
+            Err(code) => self.error(code, kind::MY_GROUPS),
+        }
     }
 
     async fn issue_token(&self, ttl_secs: u32) -> Flow {
@@ -491,7 +645,7 @@ impl Requests<'_> {
                 self.reply(kind::TOKEN_ISSUED, &protocol::TokenIssued { token: text, expires_at_ms })
             }
             Ok(Reply::Token(Err(code))) | Err(code) => self.error(code, kind::ISSUE_TOKEN),
-            Ok(Reply::Attach(_)) => self.error(ErrorCode::Internal, kind::ISSUE_TOKEN),
+            Ok(Reply::Attach(_) | Reply::Group(_)) => self.error(ErrorCode::Internal, kind::ISSUE_TOKEN),
         }
     }
 }

@@ -69,17 +69,32 @@ pub enum GroupWrite {
     /// Insert or replace the group's row.
     Group(GroupRow),
     /// `user` becomes a member with `role`, seeing messages from the notice's seq on.
-    Join { user: UserId, role: u8 },
+    Join {
+        user: UserId,
+        role: u8,
+    },
     /// A member's role or mute changes.
-    Member { user: UserId, role: u8, muted_until_ms: u64 },
+    Member {
+        user: UserId,
+        role: u8,
+        muted_until_ms: u64,
+    },
     /// `user` stops being a member; it still gets (at catch-up) the messages up to the notice.
-    Leave { user: UserId },
+    Leave {
+        user: UserId,
+    },
     /// Every member leaves (the group is dissolved).
     LeaveAll,
-    Block { user: UserId },
-    Unblock { user: UserId },
+    Block {
+        user: UserId,
+    },
+    Unblock {
+        user: UserId,
+    },
     /// `user`'s pending join request is settled (approved).
-    Unrequest { user: UserId },
+    Unrequest {
+        user: UserId,
+    },
 }
 
 /// The changes a group notice carries (see [`GroupWrite`]).

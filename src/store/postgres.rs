@@ -706,7 +706,12 @@ impl Store for PostgresStore {
     fn load_group(&self, _group: u64) -> Result<Option<super::GroupLoad>, StoreError> {
         todo!("groups")
     }
-    fn save_join_request(&self, _group: u64, _user: UserId, _request: Option<&crate::protocol::JoinRequest>) -> Result<(), StoreError> {
+    fn save_join_request(
+        &self,
+        _group: u64,
+        _user: UserId,
+        _request: Option<&crate::protocol::JoinRequest>,
+    ) -> Result<(), StoreError> {
         todo!("groups")
     }
     fn user_groups(&self, _user: UserId, _after: u64, _limit: usize) -> Result<(Vec<u64>, bool), StoreError> {
