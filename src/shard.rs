@@ -360,6 +360,7 @@ impl Shard {
                 let mut fx = Vec::new();
                 self.rooms.borrow_mut().expire(now, &mut fx);
                 self.execute(&mut fx);
+                self.groups.borrow_mut().evict_idle(now, EVICT_PER_TICK_MAX);
             }
         }
     }
@@ -491,7 +492,11 @@ impl Shard {
                 if let Some(s) = self.session(session) {
                     // Missed streams are counted per conversation: by the other user.
                     let stamp = protocol::Stamp::read(&frame[frame::HEADER_BYTES..]).expect("stamped");
-                    let peer = if stamp.from == s.user() { stamp.to } else { stamp.from };
+                    let peer = if stamp.from == s.user() || stamp.conv == protocol::conv::GROUP {
+                        stamp.to
+                    } else {
+                        stamp.from
+                    };
                     let max = self.cfg().limits.room_queue_frames_max;
                     s.push_lossy((protocol::missed::STREAM, peer), frame, max);
                 }

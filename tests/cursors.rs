@@ -25,6 +25,7 @@ fn cursors_only_for_stored_conversations() {
         sender_device: 1,
         client_msg_id: 1,
         payload: bytes::Bytes::from_static(b"x"),
+        group: None,
     };
     let (tx, rx) = std::sync::mpsc::channel();
     store.append(store.partition_of((1, 2)), vec![msg], Box::new(move |r| tx.send(r.is_ok()).unwrap()));

@@ -347,4 +347,97 @@ fn caps_and_unknown_groups(driver: &str) {
     s.assert_serves_others();
 }
 
-on_both_drivers!(open_group_lifecycle, approval_and_invites, roles_mutes_blocks, caps_and_unknown_groups);
+/// Stream messages to a group reach the members' live sessions (not the sending session),
+/// stamped with the group seq they follow; a non-member's is refused.
+fn group_streams(driver: &str) {
+    let s = TestServer::start(driver, "");
+    let (f_name, founder) = s.register("founder");
+    let mut f = s.login_on_shard(&f_name, 3, 0);
+    let group = f.group_create(profile("live", join_policy::OPEN, invite_policy::MANAGERS)).unwrap();
+    let (m_name, _) = s.register("member");
+    let mut m = s.login_on_shard(&m_name, 3, 1);
+    let joined = m.group_action(group, act::JOIN, 0, 0, "").unwrap();
+    notice_of(&mut f, group, ev::JOINED);
+    notice_of(&mut m, group, ev::JOINED);
+    let ack = f.group_send_wait(group, 1, b"stored").unwrap();
+    assert_eq!(ack.seq, joined.seq + 1);
+    f.send_frame(
+        tim::protocol::kind::STREAM,
+        &tim::protocol::Send { conv: conv::GROUP, to: group, client_msg_id: 2, body: b"live".to_vec() },
+    )
+    .unwrap();
+    assert_eq!(&next_group(&mut m, group).body[..], b"stored");
+    let d = loop {
+        match m.recv().unwrap() {
+            Event::StreamMsg(d) => break d,
+            other => panic!("{other:?}"),
+        }
+    };
+    assert_eq!(
+        (d.stamp.msg_id, d.stamp.seq, d.stamp.from, d.stamp.to, &d.body[..]),
+        (0, ack.seq, founder, group, &b"live"[..])
+    );
+    quiet(&mut f);
+    let (o_name, _) = s.register("outsider");
+    let (mut o, _) = s.login(&o_name, 3);
+    o.send_frame(
+        tim::protocol::kind::STREAM,
+        &tim::protocol::Send { conv: conv::GROUP, to: group, client_msg_id: 3, body: b"x".to_vec() },
+    )
+    .unwrap();
+    match o.recv().unwrap() {
+        Event::Error(e) => {
+            assert_eq!(
+                (e.code, e.request_kind, e.client_msg_id),
+                (ErrorCode::NotMember as u16, tim::protocol::kind::STREAM, 3)
+            )
+        }
+        other => panic!("{other:?}"),
+    }
+    quiet(&mut m);
+}
+
+/// With room for one group per shard in memory, groups are dropped and loaded again (from the
+/// store) as they are used in turn: nothing is lost, sequences go on.
+fn groups_evicted_and_reloaded(driver: &str) {
+    let s = TestServer::start(driver, "[limits]\ngroups_per_shard_max = 1\n");
+    let (f_name, _) = s.register("founder");
+    let mut f = s.login_on_shard(&f_name, 3, 0);
+    let (m_name, _) = s.register("member");
+    let mut m = s.login_on_shard(&m_name, 3, 1);
+    let mut groups = Vec::new();
+    for i in 0..4 {
+        let g =
+            f.group_create(profile(&format!("g{i}"), join_policy::OPEN, invite_policy::MANAGERS)).unwrap();
+        m.group_action(g, act::JOIN, 0, 0, "").unwrap();
+        groups.push(g);
+    }
+    for round in 0..3u64 {
+        for (i, &g) in groups.iter().enumerate() {
+            let ack = f.group_send_wait(g, 10 + round, format!("r{round}").as_bytes()).unwrap();
+            assert_eq!(ack.seq, 3 + round, "group {i}");
+        }
+    }
+    let info = m.group_get(groups[0]).unwrap();
+    assert_eq!(info.members, 2);
+    let mut seen = std::collections::HashMap::new();
+    // The member gets its join notice (seq 2) and the three messages of each group, in order.
+    while seen.values().map(|v: &Vec<u64>| v.len()).sum::<usize>() < 4 * 4 {
+        match m.recv().unwrap() {
+            Event::Deliver(d) => seen.entry(d.stamp.to).or_insert_with(Vec::new).push(d.stamp.seq),
+            other => panic!("{other:?}"),
+        }
+    }
+    for g in &groups {
+        assert_eq!(seen[g], vec![2, 3, 4, 5], "group {g}");
+    }
+}
+
+on_both_drivers!(
+    open_group_lifecycle,
+    approval_and_invites,
+    roles_mutes_blocks,
+    caps_and_unknown_groups,
+    group_streams,
+    groups_evicted_and_reloaded,
+);

@@ -98,6 +98,7 @@ fn batch(next: &Cell<u64>, n: usize) -> Vec<StoredMessage> {
                 sender_device: 9,
                 client_msg_id: id,
                 payload: payload.clone(),
+                group: None,
             }
         })
         .collect()

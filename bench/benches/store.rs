@@ -35,6 +35,7 @@ fn batch(next: &mut u64, n: usize) -> Vec<StoredMessage> {
                 sender_device: 9,
                 client_msg_id: *next,
                 payload: payload.clone(),
+                group: None,
             }
         })
         .collect()

@@ -84,6 +84,8 @@ struct Group {
 enum Waiter {
     Request(Box<GroupRequest>),
     Submit(Box<Submit>),
+    /// A published message of a group dropped from memory meanwhile: fanned out once loaded.
+    Publish(GroupPublish),
 }
 
 enum Slot {
@@ -102,6 +104,10 @@ pub struct GroupOwner {
     page_max: u32,
     groups_max: usize,
     waiting_max: usize,
+    idle_ms: u64,
+    /// Groups in the order they were loaded or last seen used, roughly (a clock queue, as the
+    /// conversation owner's): (group, when queued).
+    lru: VecDeque<(u64, u64)>,
     /// Group messages and notices fanned out so far.
     pub published: u64,
 }
@@ -119,6 +125,8 @@ impl GroupOwner {
             page_max: l.group_page_max,
             groups_max: l.groups_per_shard_max,
             waiting_max: l.group_changes_waiting_max,
+            idle_ms: l.conversation_idle_secs * 1000,
+            lru: VecDeque::new(),
             published: 0,
         }
     }
@@ -180,33 +188,68 @@ impl GroupOwner {
             match first {
                 Waiter::Request(req) => reply_err(out, &req, ErrorCode::Busy),
                 Waiter::Submit(sub) => super::conv::refuse(out, &sub, ErrorCode::Busy),
+                Waiter::Publish(_) => unreachable!("published messages load their group directly"),
             }
             return;
         }
         self.groups.insert(group, Slot::Loading(vec![first]));
+        self.lru.push_back((group, 0));
         out.push(Effect::LoadGroup(group));
     }
 
     /// At `groups_per_shard_max`: drop the least recently used group with nothing in flight
-    /// (it is reloaded from the store when next used). A scan, rare by the cap's size.
+    /// (it is reloaded from the store when next used).
     fn make_room(&mut self) -> bool {
-        let victim = self
-            .groups
-            .iter()
-            .filter_map(|(&id, s)| match s {
-                Slot::Ready(g) if g.busy.is_none() && g.waiting.is_empty() && !g.creating => {
-                    Some((g.last_used_ms, id))
+        for _ in 0..64 {
+            let Some((id, queued_ms)) = self.lru.pop_front() else { return false };
+            match self.groups.get(&id) {
+                Some(Slot::Ready(g)) if g.last_used_ms <= queued_ms && g.idle() => {
+                    self.groups.remove(&id);
+                    return true;
                 }
-                _ => None,
-            })
-            .min();
-        match victim {
-            Some((_, id)) => {
-                self.groups.remove(&id);
-                true
+                Some(Slot::Ready(g)) => self.lru.push_back((id, g.last_used_ms)),
+                Some(Slot::Loading(_)) => self.lru.push_back((id, queued_ms)),
+                None => {}
             }
-            None => false,
         }
+        false
+    }
+
+    /// Drop groups unused for `conversation_idle_secs` with nothing in flight (reloaded from
+    /// the store when next used), looking at most at `budget` queue entries.
+    pub fn evict_idle(&mut self, now: u64, budget: usize) -> usize {
+        let mut evicted = 0;
+        for _ in 0..budget {
+            let Some(&(id, queued_ms)) = self.lru.front() else { break };
+            let busy = match self.groups.get(&id) {
+                None => {
+                    self.lru.pop_front();
+                    continue;
+                }
+                Some(Slot::Loading(_)) => Some(now),
+                Some(Slot::Ready(g)) if g.last_used_ms > queued_ms => Some(g.last_used_ms),
+                Some(Slot::Ready(g)) if !g.idle() => Some(now),
+                Some(Slot::Ready(_)) => None,
+            };
+            if let Some(at) = busy {
+                self.lru.pop_front();
+                self.lru.push_back((id, at));
+                continue;
+            }
+            if now < queued_ms + self.idle_ms {
+                break;
+            }
+            self.lru.pop_front();
+            self.groups.remove(&id);
+            evicted += 1;
+        }
+        // Entries of groups dropped otherwise (failed loads, refused creations) go once they
+        // are as many as the groups held.
+        if self.lru.len() > 2 * self.groups.len() + 1024 {
+            let groups = &self.groups;
+            self.lru.retain(|(id, _)| groups.contains_key(id));
+        }
+        evicted
     }
 
     /// A group's load ended: take it over (or learn it does not exist) and handle, in order,
@@ -225,6 +268,11 @@ impl GroupOwner {
                     match w {
                         Waiter::Request(req) => reply_err(out, &req, code),
                         Waiter::Submit(sub) => super::conv::refuse(out, &sub, code),
+                        // Stored, but its group cannot be read now: its members get it at
+                        // catch-up or with History.
+                        Waiter::Publish(p) => {
+                            log::warn!("group {}: message {} not fanned out: {code:?}", p.group, p.seq)
+                        }
                     }
                 }
                 return;
@@ -256,6 +304,7 @@ impl GroupOwner {
                     }
                     Waiter::Request(req) => reply_err(out, &req, ErrorCode::GroupNotFound),
                     Waiter::Submit(sub) => super::conv::refuse(out, &sub, ErrorCode::GroupNotFound),
+                    Waiter::Publish(_) => {}
                 }
             }
             if !created {
@@ -268,6 +317,7 @@ impl GroupOwner {
             match w {
                 Waiter::Request(req) => self.request(req, now, out),
                 Waiter::Submit(sub) => self.submit(sub, now, out),
+                Waiter::Publish(p) => self.published(p, now, out),
             }
         }
     }
@@ -386,9 +436,18 @@ impl GroupOwner {
     /// members (and to those the change removed, who learn it too).
     pub fn published(&mut self, p: GroupPublish, now: u64, out: &mut Effects) {
         let placement = self.placement;
-        let Some(g) = self.ready(p.group) else {
-            // Not held: a message of a group dropped meanwhile. It reaches members at catch-up.
-            return;
+        let g = match self.groups.get_mut(&p.group) {
+            Some(Slot::Ready(g)) => g,
+            Some(Slot::Loading(waiters)) => return waiters.push(Waiter::Publish(p)),
+            None => {
+                // Dropped from memory while the message was being stored (at the groups cap):
+                // loaded again for its members.
+                let group = p.group;
+                self.groups.insert(group, Slot::Loading(vec![Waiter::Publish(p)]));
+                self.lru.push_back((group, 0));
+                out.push(Effect::LoadGroup(group));
+                return;
+            }
         };
         let mut removed = Vec::new();
         if p.notice {
@@ -526,6 +585,11 @@ impl GroupOwner {
 }
 
 impl Group {
+    /// Nothing in flight or waiting: the group may be dropped from memory.
+    fn idle(&self) -> bool {
+        self.busy.is_none() && self.waiting.is_empty() && !self.creating
+    }
+
     fn from_load(l: GroupLoad, now: u64) -> Group {
         Group {
             members: l
