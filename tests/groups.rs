@@ -224,11 +224,9 @@ fn approval_and_invites(driver: &str) {
     let mut bc = s.login_on_shard(&b_name, 3, 0);
     bc.group_action(group, act::JOIN, 0, 0, "me too").unwrap();
     f.group_action(group, act::REJECT, b, 0, "").unwrap();
-    let decision = loop {
-        match bc.recv().unwrap() {
-            Event::GroupDecision(d) => break d,
-            other => panic!("{other:?}"),
-        }
+    let decision = match bc.recv().unwrap() {
+        Event::GroupDecision(d) => d,
+        other => panic!("{other:?}"),
     };
     assert!(!decision.approved);
     assert!(f.group_requests(group).unwrap().requests.is_empty());
@@ -367,11 +365,9 @@ fn group_streams(driver: &str) {
     )
     .unwrap();
     assert_eq!(&next_group(&mut m, group).body[..], b"stored");
-    let d = loop {
-        match m.recv().unwrap() {
-            Event::StreamMsg(d) => break d,
-            other => panic!("{other:?}"),
-        }
+    let d = match m.recv().unwrap() {
+        Event::StreamMsg(d) => d,
+        other => panic!("{other:?}"),
     };
     assert_eq!(
         (d.stamp.msg_id, d.stamp.seq, d.stamp.from, d.stamp.to, &d.body[..]),
