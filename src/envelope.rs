@@ -265,6 +265,17 @@ pub enum Envelope {
     GroupReply { session: SessionRef, request_kind: u16, result: Result<Bytes, ErrorCode> },
     /// G → every shard holding members' user owners (one envelope per shard).
     GroupFanout(Box<GroupFanout>),
+    /// U → T: write one frame to many sessions of shard T (a group fan-out's slice: one
+    /// envelope per destination shard, not one per session).
+    DeliverMany(Box<DeliverMany>),
+}
+
+/// One frame for several sessions of one shard.
+pub struct DeliverMany {
+    pub sessions: Vec<SessionRef>,
+    pub frame: Bytes,
+    /// A stream message (queued lossily).
+    pub lossy: bool,
 }
 
 const _: () = assert!(std::mem::size_of::<Envelope>() <= 64);

@@ -523,6 +523,7 @@ impl Shard {
                     s.on_group_reply(request_kind, result);
                 }
             }
+            Envelope::DeliverMany(m) => self.deliver_many(&m.sessions, &m.frame, m.lossy),
             Envelope::GroupFanout(f) => {
                 let crate::envelope::GroupFanout { users, skip, frame, lossy } = *f;
                 self.room_job(FanoutJob::Users { users, skip, frame, lossy, next: 0 })
@@ -672,6 +673,23 @@ impl Shard {
             // A refused publish carries its client message id in place of the room.
             Err(code) => s.push(error_frame(code, request_kind, room)),
         }
+    }
+
+    /// Write `frame` to this shard's `sessions` (lossily for a stream message).
+    fn deliver_many(&self, sessions: &[SessionRef], frame: &Bytes, lossy: bool) {
+        let max = self.cfg().limits.room_queue_frames_max;
+        let mut delivered = 0;
+        for &r in sessions {
+            let Some(s) = self.session(r) else { continue };
+            delivered += 1;
+            if lossy {
+                let stamp = protocol::Stamp::read(&frame[frame::HEADER_BYTES..]).expect("stamped");
+                s.push_lossy((protocol::missed::STREAM, stamp.to), frame.clone(), max);
+            } else {
+                s.push(frame.clone());
+            }
+        }
+        self.stats.deliveries.set(self.stats.deliveries.get() + delivered);
     }
 
     /// Drop `session` from this shard's subscribers of `room`.
@@ -918,19 +936,25 @@ impl FanoutJob {
                 end >= list.len()
             }
             FanoutJob::Users { users, skip, frame, lossy, next } => {
+                // The slice's sessions by shard: this shard's are written here, each other
+                // shard gets one envelope with its list.
                 let end = users.len().min(*next + budget);
-                let mut fx = Vec::new();
+                let mut by_shard: Vec<Vec<SessionRef>> = vec![Vec::new(); shard.shards];
                 {
                     let owner = shard.users.borrow();
                     for &u in &users[(*next).min(end)..end] {
-                        if *lossy {
-                            owner.fanout_stream(u, *skip, frame, &mut fx);
-                        } else {
-                            owner.fanout(u, *skip, frame, &mut fx);
-                        }
+                        owner.sessions_by_shard(u, *skip, &mut by_shard);
                     }
                 }
-                shard.execute(&mut fx);
+                for (dst, sessions) in by_shard.into_iter().enumerate().filter(|(_, l)| !l.is_empty()) {
+                    if dst == shard.id {
+                        shard.deliver_many(&sessions, frame, *lossy);
+                    } else {
+                        let many =
+                            crate::envelope::DeliverMany { sessions, frame: frame.clone(), lossy: *lossy };
+                        shard.post(dst, Envelope::DeliverMany(Box::new(many)));
+                    }
+                }
                 *next = end;
                 end >= users.len()
             }

@@ -653,7 +653,10 @@ impl Sim {
         let now = self.now;
         let mut fx = Vec::new();
         match env {
-            Envelope::Group(_) | Envelope::GroupReply { .. } | Envelope::GroupFanout(_) => {
+            Envelope::Group(_)
+            | Envelope::GroupReply { .. }
+            | Envelope::GroupFanout(_)
+            | Envelope::DeliverMany(_) => {
                 unreachable!("the simulation makes no groups")
             }
             Envelope::Submit(sub) => {

@@ -172,6 +172,14 @@ impl UserOwner {
         }
     }
 
+    /// Add `user`'s live sessions but `skip` to `out`, by the shard that holds each.
+    pub fn sessions_by_shard(&self, user: UserId, skip: SessionRef, out: &mut [Vec<SessionRef>]) {
+        let Some(live) = self.users.get(&user) else { return };
+        for s in live.sessions.iter().filter(|s| s.session != skip) {
+            out[s.session.shard()].push(s.session);
+        }
+    }
+
     /// The live sessions of `user`, oldest first.
     pub fn sessions(&self, user: UserId) -> impl Iterator<Item = (SessionRef, DeviceType)> + '_ {
         self.users.get(&user).into_iter().flat_map(|l| l.sessions.iter().map(|s| (s.session, s.device_type)))
