@@ -429,7 +429,90 @@ fn groups_evicted_and_reloaded(driver: &str) {
     }
 }
 
+/// Bad group requests: archives that do not validate get Malformed (with their kind), group
+/// requests before login NotLoggedIn, group ids where user ids belong and the reverse their
+/// codes; the session and the server carry on.
+fn bad_group_input(driver: &str) {
+    use tim::protocol::kind;
+    let s = TestServer::start(driver, "");
+    let (name, _) = s.register("u");
+    let (mut c, _) = s.login(&name, 3);
+    let group = c.group_create(profile("target", join_policy::OPEN, invite_policy::MANAGERS)).unwrap();
+    for k in [
+        kind::GROUP_CREATE,
+        kind::GROUP_UPDATE,
+        kind::GROUP_ACTION,
+        kind::GROUP_GET,
+        kind::GROUP_MEMBERS,
+        kind::MY_GROUPS,
+        kind::GROUP_REQUESTS,
+    ] {
+        // Too short for the archive of any group request.
+        let mut f = Vec::new();
+        let len: u32 = 4;
+        f.extend_from_slice(&len.to_le_bytes());
+        f.extend_from_slice(&k.to_le_bytes());
+        f.extend_from_slice(&0u16.to_le_bytes());
+        let mut p = vec![0xffu8; len as usize];
+        p.resize(tim::frame::padded(len as usize), 0);
+        f.extend_from_slice(&p);
+        c.write_raw(&f).unwrap();
+        loop {
+            match c.recv().unwrap() {
+                Event::Deliver(_) => {} // the creation notice
+                Event::Error(e) => {
+                    assert_eq!((e.code, e.request_kind), (ErrorCode::Malformed as u16, k), "kind {k}");
+                    break;
+                }
+                other => panic!("kind {k}: {other:?}"),
+            }
+        }
+    }
+    // A GroupAction whose note points far outside the payload.
+    let a = tim::protocol::GroupAction {
+        group_id: group,
+        action: act::JOIN,
+        user_id: 0,
+        until_ms: 0,
+        note: "x".repeat(20),
+    };
+    let mut f = tim::frame::encode(kind::GROUP_ACTION, &a);
+    let n = f.len();
+    // The note's relative offset sits in the archive's last 8 bytes before the string bytes;
+    // corrupt every byte after the fixed fields instead: whatever they say, it must not crash.
+    for b in &mut f[8 + 32..n] {
+        *b = 0xfe;
+    }
+    c.write_raw(&f).unwrap();
+    match c.recv().unwrap() {
+        Event::Error(e) => assert_eq!(e.request_kind, kind::GROUP_ACTION),
+        Event::GroupOk(ok) => panic!("a corrupt action was applied: {ok:?}"),
+        other => panic!("{other:?}"),
+    }
+    // A group id in a 1:1 send, a user id in a group send, acks of the wrong kind of id.
+    refused(c.send_wait(group, 1, b"x"), ErrorCode::UnknownRecipient);
+    refused(c.group_send_wait(7, 2, b"x"), ErrorCode::GroupNotFound);
+    c.group_delivery_ack(7, 1).unwrap();
+    match c.recv().unwrap() {
+        Event::Error(e) => assert_eq!(e.code, ErrorCode::InvalidConversation as u16),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(c.group_members(group, 0, 0).unwrap().members.len(), 1);
+    // Before login.
+    let mut anon = s.client();
+    anon.send_frame(kind::GROUP_GET, &tim::protocol::GroupRef { group_id: group }).unwrap();
+    match anon.recv().unwrap() {
+        Event::Error(e) => {
+            assert_eq!((e.code, e.request_kind), (ErrorCode::NotLoggedIn as u16, kind::GROUP_GET))
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(c.group_get(group).unwrap().members, 1);
+    s.assert_serves_others();
+}
+
 on_both_drivers!(
+    bad_group_input,
     open_group_lifecycle,
     approval_and_invites,
     roles_mutes_blocks,
