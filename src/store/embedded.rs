@@ -22,13 +22,17 @@ use crossbeam_channel::{unbounded, Receiver, Sender};
 use rusqlite::{params, Connection, ErrorCode as SqliteCode, OptionalExtension};
 
 use super::{
-    collect_page, Account, CatchUp, CommitDone, ConvKey, ConvLoad, Cursor, Duplicates, NameKey, Page,
-    PageLimit, RecentSend, Store, StoreError, StoredMessage, UserId,
+    collect_page, Account, CatchUp, CommitDone, ConvKey, ConvLoad, Cursor, Duplicates, GroupChange,
+    GroupLoad, GroupRow, GroupWrite, MemberRow, NameKey, Page, PageLimit, RecentSend, Store, StoreError,
+    StoredMessage, UserId,
 };
-use crate::config::StoreConfig;
+use crate::{
+    config::StoreConfig,
+    protocol::{GroupProfile, JoinRequest},
+};
 
 /// Schema version written by this build.
-pub const SCHEMA_VERSION: i64 = 3;
+pub const SCHEMA_VERSION: i64 = 4;
 
 const SCHEMA_V1: &str = "
 CREATE TABLE accounts (
@@ -103,6 +107,48 @@ INSERT OR IGNORE INTO user_convs (user, conv_a, conv_b)
     SELECT conv_b, conv_a, conv_b FROM (SELECT DISTINCT conv_a, conv_b FROM messages);
 ";
 
+/// Version 4: groups. A group's messages are the conversation (0, group id) in `messages`
+/// (not listed in `user_convs`: its readers are its members). A member's row stays when it
+/// leaves, with `until_seq` set: catch-up still gives it the messages up to its leave, and
+/// `member_span` answers from it; a rejoin sets `from_seq` anew and clears `until_seq`.
+const SCHEMA_V4: &str = "
+CREATE TABLE groups (
+    id                 INTEGER PRIMARY KEY,
+    name               TEXT NOT NULL,
+    topic              TEXT NOT NULL,
+    avatar_url         TEXT NOT NULL,
+    extra              BLOB NOT NULL,
+    join_policy        INTEGER NOT NULL,
+    invite_policy      INTEGER NOT NULL,
+    founder            INTEGER NOT NULL,
+    muted_all_until_ms INTEGER NOT NULL,
+    dissolved          INTEGER NOT NULL,
+    created_ms         INTEGER NOT NULL
+);
+CREATE TABLE group_members (
+    group_id       INTEGER NOT NULL,
+    user_id        INTEGER NOT NULL,
+    role           INTEGER NOT NULL,
+    muted_until_ms INTEGER NOT NULL,
+    from_seq       INTEGER NOT NULL,
+    until_seq      INTEGER,
+    PRIMARY KEY (group_id, user_id)
+) WITHOUT ROWID;
+CREATE INDEX group_members_by_user ON group_members (user_id, group_id);
+CREATE TABLE group_blocks (
+    group_id INTEGER NOT NULL,
+    user_id  INTEGER NOT NULL,
+    PRIMARY KEY (group_id, user_id)
+) WITHOUT ROWID;
+CREATE TABLE group_requests (
+    group_id INTEGER NOT NULL,
+    user_id  INTEGER NOT NULL,
+    note     TEXT NOT NULL,
+    ts_ms    INTEGER NOT NULL,
+    PRIMARY KEY (group_id, user_id)
+) WITHOUT ROWID;
+";
+
 /// Read connections kept open.
 const READERS_MAX: usize = 8;
 
@@ -170,6 +216,12 @@ fn migrate(conn: &mut Connection) -> anyhow::Result<()> {
         let tx = conn.transaction()?;
         tx.execute_batch(SCHEMA_V3)?;
         tx.pragma_update(None, "user_version", 3)?;
+        tx.commit()?;
+    }
+    if version < 4 {
+        let tx = conn.transaction()?;
+        tx.execute_batch(SCHEMA_V4)?;
+        tx.pragma_update(None, "user_version", 4)?;
         tx.commit()?;
     }
     Ok(())
@@ -279,6 +331,7 @@ fn commit(conn: &mut Connection, jobs: &[Job]) -> rusqlite::Result<Vec<Duplicate
             "INSERT OR IGNORE INTO user_convs (user, conv_a, conv_b) VALUES (?1, ?2, ?3), (?4, ?2, ?3)",
         )?;
         // Each conversation once per commit: both users list it (a probe when they already do).
+        // A group's conversation (0, id) is not listed: its members are.
         let mut convs = std::collections::HashSet::new();
         for (batch, _) in jobs {
             let mut dups = Duplicates::new();
@@ -295,9 +348,15 @@ fn commit(conn: &mut Connection, jobs: &[Job]) -> rusqlite::Result<Vec<Duplicate
                     &m.payload[..],
                 ])?;
                 if inserted == 0 {
+                    // A duplicate notice's changes were stored with its original.
                     dups.push((index, original(&tx, m)?));
-                } else if convs.insert(m.conv) {
+                    continue;
+                }
+                if m.conv.0 != 0 && convs.insert(m.conv) {
                     listed.execute(params![i(m.conv.0), i(m.conv.0), i(m.conv.1), i(m.conv.1)])?;
+                }
+                if let Some(change) = &m.group {
+                    apply_group(&tx, change, m.seq)?;
                 }
             }
             out.push(dups);
@@ -324,26 +383,210 @@ fn original(tx: &rusqlite::Transaction<'_>, m: &StoredMessage) -> rusqlite::Resu
     })
 }
 
-impl Store for EmbeddedStore {
-    fn load_group(&self, _group: u64) -> Result<Option<super::GroupLoad>, StoreError> {
-        todo!("groups")
+/// Apply a group notice's changes (see [`GroupWrite`]) in the notice's transaction, in order;
+/// `seq` is the notice's.
+fn apply_group(tx: &rusqlite::Transaction<'_>, change: &GroupChange, seq: u64) -> rusqlite::Result<()> {
+    let (g, seq) = (i(change.group), i(seq));
+    for w in &change.writes {
+        match w {
+            GroupWrite::Group(row) => {
+                let p = &row.profile;
+                tx.prepare_cached(
+                    "INSERT INTO groups (id, name, topic, avatar_url, extra, join_policy, invite_policy,
+                                         founder, muted_all_until_ms, dissolved, created_ms)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)
+                     ON CONFLICT (id) DO UPDATE SET
+                         name = excluded.name, topic = excluded.topic, avatar_url = excluded.avatar_url,
+                         extra = excluded.extra, join_policy = excluded.join_policy,
+                         invite_policy = excluded.invite_policy, founder = excluded.founder,
+                         muted_all_until_ms = excluded.muted_all_until_ms,
+                         dissolved = excluded.dissolved, created_ms = excluded.created_ms",
+                )?
+                .execute(params![
+                    g,
+                    p.name,
+                    p.topic,
+                    p.avatar_url,
+                    p.extra,
+                    p.join_policy,
+                    p.invite_policy,
+                    i(row.founder),
+                    i(row.muted_all_until_ms),
+                    row.dissolved,
+                    i(row.created_ms),
+                ])?;
+            }
+            GroupWrite::Join { user, role } => {
+                tx.prepare_cached(
+                    "INSERT INTO group_members (group_id, user_id, role, muted_until_ms, from_seq, until_seq)
+                     VALUES (?1, ?2, ?3, 0, ?4, NULL)
+                     ON CONFLICT (group_id, user_id) DO UPDATE SET
+                         role = excluded.role, muted_until_ms = 0, from_seq = excluded.from_seq,
+                         until_seq = NULL",
+                )?
+                .execute(params![g, i(*user), role, seq])?;
+                tx.prepare_cached("DELETE FROM group_requests WHERE group_id = ?1 AND user_id = ?2")?
+                    .execute(params![g, i(*user)])?;
+            }
+            GroupWrite::Member { user, role, muted_until_ms } => {
+                tx.prepare_cached(
+                    "UPDATE group_members SET role = ?3, muted_until_ms = ?4
+                     WHERE group_id = ?1 AND user_id = ?2 AND until_seq IS NULL",
+                )?
+                .execute(params![g, i(*user), role, i(*muted_until_ms)])?;
+            }
+            GroupWrite::Leave { user } => {
+                tx.prepare_cached(
+                    "UPDATE group_members SET until_seq = ?3
+                     WHERE group_id = ?1 AND user_id = ?2 AND until_seq IS NULL",
+                )?
+                .execute(params![g, i(*user), seq])?;
+            }
+            GroupWrite::LeaveAll => {
+                tx.prepare_cached(
+                    "UPDATE group_members SET until_seq = ?2 WHERE group_id = ?1 AND until_seq IS NULL",
+                )?
+                .execute(params![g, seq])?;
+            }
+            GroupWrite::Block { user } => {
+                tx.prepare_cached("INSERT OR IGNORE INTO group_blocks (group_id, user_id) VALUES (?1, ?2)")?
+                    .execute(params![g, i(*user)])?;
+            }
+            GroupWrite::Unblock { user } => {
+                tx.prepare_cached("DELETE FROM group_blocks WHERE group_id = ?1 AND user_id = ?2")?
+                    .execute(params![g, i(*user)])?;
+            }
+            GroupWrite::Unrequest { user } => {
+                tx.prepare_cached("DELETE FROM group_requests WHERE group_id = ?1 AND user_id = ?2")?
+                    .execute(params![g, i(*user)])?;
+            }
+        }
     }
+    Ok(())
+}
+
+impl Store for EmbeddedStore {
+    fn load_group(&self, group: u64) -> Result<Option<GroupLoad>, StoreError> {
+        let g = i(group);
+        self.with_reader(|c| {
+            // One read transaction: the row, members, blocks and requests of one snapshot.
+            let tx = c.unchecked_transaction()?;
+            let row = tx
+                .prepare_cached(
+                    "SELECT name, topic, avatar_url, extra, join_policy, invite_policy, founder,
+                            muted_all_until_ms, dissolved, created_ms
+                     FROM groups WHERE id = ?1",
+                )?
+                .query_row(params![g], |r| {
+                    Ok(GroupRow {
+                        id: group,
+                        profile: GroupProfile {
+                            name: r.get(0)?,
+                            topic: r.get(1)?,
+                            avatar_url: r.get(2)?,
+                            extra: r.get(3)?,
+                            join_policy: r.get(4)?,
+                            invite_policy: r.get(5)?,
+                        },
+                        founder: u(r.get(6)?),
+                        muted_all_until_ms: u(r.get(7)?),
+                        dissolved: r.get(8)?,
+                        created_ms: u(r.get(9)?),
+                    })
+                })
+                .optional()?;
+            let Some(row) = row else { return Ok(None) };
+            let members = tx
+                .prepare_cached(
+                    "SELECT user_id, role, muted_until_ms, from_seq FROM group_members
+                     WHERE group_id = ?1 AND until_seq IS NULL ORDER BY user_id",
+                )?
+                .query_map(params![g], |r| {
+                    Ok(MemberRow {
+                        user: u(r.get(0)?),
+                        role: r.get(1)?,
+                        muted_until_ms: u(r.get(2)?),
+                        from_seq: u(r.get(3)?),
+                    })
+                })?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            let blocked = tx
+                .prepare_cached("SELECT user_id FROM group_blocks WHERE group_id = ?1 ORDER BY user_id")?
+                .query_map(params![g], |r| r.get(0).map(u))?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            let requests = tx
+                .prepare_cached(
+                    "SELECT user_id, note, ts_ms FROM group_requests WHERE group_id = ?1 ORDER BY user_id",
+                )?
+                .query_map(params![g], |r| {
+                    Ok(JoinRequest { user_id: u(r.get(0)?), note: r.get(1)?, ts_ms: u(r.get(2)?) })
+                })?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            Ok(Some(GroupLoad { row, members, blocked, requests }))
+        })
+    }
+
     fn save_join_request(
         &self,
-        _group: u64,
-        _user: UserId,
-        _request: Option<&crate::protocol::JoinRequest>,
+        group: u64,
+        user: UserId,
+        request: Option<&JoinRequest>,
     ) -> Result<(), StoreError> {
-        todo!("groups")
+        self.with_aux(|c| {
+            match request {
+                // Only for a group that exists (as the memory store).
+                Some(r) => c.prepare_cached(
+                    "INSERT INTO group_requests (group_id, user_id, note, ts_ms)
+                     SELECT ?1, ?2, ?3, ?4 WHERE EXISTS (SELECT 1 FROM groups WHERE id = ?1)
+                     ON CONFLICT (group_id, user_id) DO UPDATE SET note = excluded.note, ts_ms = excluded.ts_ms",
+                )?
+                .execute(params![i(group), i(user), r.note, i(r.ts_ms)])?,
+                None => c
+                    .prepare_cached("DELETE FROM group_requests WHERE group_id = ?1 AND user_id = ?2")?
+                    .execute(params![i(group), i(user)])?,
+            };
+            Ok(())
+        })
+        .map_err(unavailable)
     }
-    fn user_groups(&self, _user: UserId, _after: u64, _limit: usize) -> Result<(Vec<u64>, bool), StoreError> {
-        todo!("groups")
+
+    fn user_groups(&self, user: UserId, after: u64, limit: usize) -> Result<(Vec<u64>, bool), StoreError> {
+        // Group ids lie below 2^63: a larger `after` lies past every group.
+        if after >= i64::MAX as u64 {
+            return Ok((Vec::new(), false));
+        }
+        let mut ids = self.with_reader(|c| {
+            c.prepare_cached(
+                "SELECT group_id FROM group_members
+                 WHERE user_id = ?1 AND group_id > ?2 AND until_seq IS NULL
+                 ORDER BY group_id LIMIT ?3",
+            )?
+            .query_map(params![i(user), i(after), (limit as i64).saturating_add(1)], |r| r.get(0).map(u))?
+            .collect::<rusqlite::Result<Vec<u64>>>()
+        })?;
+        let more = ids.len() > limit;
+        ids.truncate(limit);
+        Ok((ids, more))
     }
-    fn group_count(&self, _user: UserId) -> Result<usize, StoreError> {
-        todo!("groups")
+
+    fn group_count(&self, user: UserId) -> Result<usize, StoreError> {
+        self.with_reader(|c| {
+            c.prepare_cached("SELECT count(*) FROM group_members WHERE user_id = ?1 AND until_seq IS NULL")?
+                .query_row(params![i(user)], |r| r.get::<_, i64>(0))
+        })
+        .map(|n| n as usize)
     }
-    fn member_span(&self, _user: UserId, _group: u64) -> Result<Option<(u64, u64)>, StoreError> {
-        todo!("groups")
+
+    fn member_span(&self, user: UserId, group: u64) -> Result<Option<(u64, u64)>, StoreError> {
+        self.with_reader(|c| {
+            c.prepare_cached(
+                "SELECT from_seq, until_seq FROM group_members WHERE group_id = ?1 AND user_id = ?2",
+            )?
+            .query_row(params![i(group), i(user)], |r| {
+                Ok((u(r.get(0)?), r.get::<_, Option<i64>>(1)?.map_or(u64::MAX, u)))
+            })
+            .optional()
+        })
     }
 
     fn durable(&self) -> bool {
@@ -463,13 +706,21 @@ impl Store for EmbeddedStore {
         let page = self.with_reader(|c| {
             let mut stmt = c.prepare_cached(
                 // Per conversation of the user, what lies past the device's cursor, by primary
-                // key: the cost follows what is unread, not the user's traffic.
-                "SELECT m.payload FROM user_convs uc
+                // key: the cost follows what is unread, not the user's traffic. A group's
+                // conversation is read within the user's membership (`lo..=hi`): from the
+                // notice that made it a member, up to the one that ended it.
+                "SELECT m.payload FROM (
+                     SELECT conv_a, conv_b, 0 AS lo, 9223372036854775807 AS hi
+                     FROM user_convs WHERE user = ?1
+                     UNION ALL
+                     SELECT 0, group_id, from_seq, COALESCE(until_seq, 9223372036854775807)
+                     FROM group_members WHERE user_id = ?1) uc
                  LEFT JOIN cursors c
                    ON c.user = ?1 AND c.device = ?2 AND c.conv_a = uc.conv_a AND c.conv_b = uc.conv_b
                  JOIN messages m
                    ON m.conv_a = uc.conv_a AND m.conv_b = uc.conv_b AND m.seq > COALESCE(c.seq, 0)
-                 WHERE uc.user = ?1 AND m.ts_ms >= ?3 AND m.ts_ms <= ?5
+                  AND m.seq >= uc.lo AND m.seq <= uc.hi
+                 WHERE m.ts_ms >= ?3 AND m.ts_ms <= ?5
                    AND NOT (m.sender = ?1 AND m.sender_device = ?2)
                  ORDER BY m.ts_ms, m.conv_a, m.conv_b, m.seq LIMIT ?4",
             )?;
@@ -519,6 +770,7 @@ mod tests {
             sender_device: 7,
             client_msg_id: cmid,
             payload: Bytes::from(format!("s{seq}")),
+            group: None,
         }
     }
 
