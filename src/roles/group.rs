@@ -452,21 +452,10 @@ impl GroupOwner {
         let mut removed = Vec::new();
         if p.notice {
             let Some(busy) = g.busy.take() else { return };
-            let change = busy.change.expect("a notice carries its change");
+            let change = busy.change.clone().expect("a notice carries its change");
             removed = g.apply(&change.writes, p.seq);
             g.creating = false;
-            let ok = protocol::GroupOk {
-                group_id: p.group,
-                seq: p.seq,
-                request_kind: busy.request_kind,
-                action: busy.action,
-            };
-            reply_to(
-                out,
-                busy.origin,
-                busy.request_kind,
-                Ok(Bytes::from(frame::encode(kind::GROUP_OK, &ok))),
-            );
+            busy.answer_ok(p.group, p.seq, out);
             if let Some((user, approved)) = busy.decision {
                 push_decision(out, &placement, p.group, user, approved, busy.actor);
             }
@@ -517,7 +506,7 @@ impl GroupOwner {
         let Some(busy) = g.busy.take() else { return };
         match result {
             Ok(()) => {
-                let (user, request) = busy.request.expect("a join request in flight");
+                let (user, request) = busy.request.clone().expect("a join request in flight");
                 let managers: Vec<UserId> =
                     g.members.iter().filter(|(_, m)| m.role >= role::MANAGER).map(|(&u, _)| u).collect();
                 match request {
@@ -537,18 +526,7 @@ impl GroupOwner {
                 if let Some((user, approved)) = busy.decision {
                     push_decision(out, &placement, group, user, approved, busy.actor);
                 }
-                let ok = protocol::GroupOk {
-                    group_id: group,
-                    seq: 0,
-                    request_kind: busy.request_kind,
-                    action: busy.action,
-                };
-                reply_to(
-                    out,
-                    busy.origin,
-                    busy.request_kind,
-                    Ok(Bytes::from(frame::encode(kind::GROUP_OK, &ok))),
-                );
+                busy.answer_ok(group, 0, out);
             }
             Err(code) => reply_to(out, busy.origin, busy.request_kind, Err(code)),
         }
@@ -581,6 +559,16 @@ impl GroupOwner {
             }
         }
         Ok(())
+    }
+}
+
+impl Busy {
+    /// Tell the requester its change is stored (`seq`: its notice's, or 0).
+    fn answer_ok(&self, group: u64, seq: u64, out: &mut Effects) {
+        let ok =
+            protocol::GroupOk { group_id: group, seq, request_kind: self.request_kind, action: self.action };
+        let frame = Bytes::from(frame::encode(kind::GROUP_OK, &ok));
+        reply_to(out, self.origin, self.request_kind, Ok(frame));
     }
 }
 
