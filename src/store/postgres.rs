@@ -4,6 +4,8 @@
 //!
 //! - a conversation, with its messages and the delivery cursors of its readers, on the
 //!   partition of the conversation's hash (the same hash that picks its owner shard);
+//! - a group, with its members, block list, join requests and messages, on the partition of its
+//!   conversation (0, group id); a user's memberships are thus spread over every range;
 //! - an account on the partition of its name key; its user id carries that partition in its low
 //!   12 bits (`id = n * 4096 + partition`), so the account is found from the id as well.
 //!
@@ -14,7 +16,9 @@
 //! a bounded pool per range. [`Store::append`] hands the batch to that runtime and returns; the
 //! batch goes to PostgreSQL as one statement, a multi-row `INSERT … SELECT FROM UNNEST(…) ON
 //! CONFLICT DO NOTHING` on the resend dedup index (one round trip, one implicit transaction);
-//! only when it inserted fewer rows than the batch, a second one reads the stored originals. A range that is down or stalled only fails or delays the calls that
+//! only when it inserted fewer rows than the batch, a second one reads the stored originals. A
+//! batch holding group notices runs in an explicit transaction with the notices' changes (one
+//! statement per change). A range that is down or stalled only fails or delays the calls that
 //! need it: connecting, waiting for a pooled connection and every statement have a timeout
 //! (`connect_timeout_ms`, `acquire_timeout_ms`, `statement_timeout_ms`, the last also set as the
 //! server's `statement_timeout`); a connection whose statement timed out or broke is dropped and
@@ -39,13 +43,17 @@ use tokio::sync::Semaphore;
 use tokio_postgres::{types::Type, Client, NoTls, Statement};
 
 use super::{
-    collect_page, Account, CatchUp, CommitDone, ConvKey, ConvLoad, Cursor, Duplicates, LoadRequest, NameKey,
-    Page, PageLimit, RecentSend, Store, StoreError, StoredMessage, UserId,
+    collect_page, group_conv, Account, CatchUp, CommitDone, ConvKey, ConvLoad, Cursor, Duplicates,
+    GroupChange, GroupLoad, GroupRow, GroupWrite, LoadRequest, MemberRow, NameKey, Page, PageLimit,
+    RecentSend, Store, StoreError, StoredMessage, UserId,
 };
-use crate::config::PostgresConfig;
+use crate::{
+    config::PostgresConfig,
+    protocol::{GroupProfile, JoinRequest},
+};
 
 /// Schema version written by this build.
-pub const SCHEMA_VERSION: i32 = 3;
+pub const SCHEMA_VERSION: i32 = 4;
 
 const SCHEMA_V1: &str = "
 CREATE SEQUENCE user_ids;
@@ -392,6 +400,42 @@ impl PostgresStore {
     ) -> Result<T, StoreError> {
         self.rt.block_on(f)
     }
+
+    /// Ask every range at once (for what is spread over all of them, such as a user's
+    /// memberships), each within the statement timeout, connecting included; one answer per
+    /// range, in range order, or the first failure.
+    fn on_every_range<T, F, Fut>(&self, ask: F) -> Result<Vec<T>, StoreError>
+    where
+        F: Fn(Arc<Range>) -> Fut,
+        Fut: Future<Output = Result<T, StoreError>> + Send + 'static,
+        T: Send + 'static,
+    {
+        let deadline = self.ranges.first().map_or(Duration::ZERO, |r| r.timeouts.statement);
+        let tasks: Vec<_> = self
+            .ranges
+            .iter()
+            .map(|range| {
+                let (work, range) = (ask(range.clone()), range.clone());
+                self.rt.spawn(async move {
+                    tokio::time::timeout(deadline, work).await.unwrap_or_else(|_| {
+                        range.stalled.store(true, Ordering::Relaxed);
+                        Err(StoreError::Unavailable(format!(
+                            "postgres {}: no answer within {} ms",
+                            redact(&range.url),
+                            deadline.as_millis()
+                        )))
+                    })
+                })
+            })
+            .collect();
+        self.rt.block_on(async move {
+            let mut out = Vec::with_capacity(tasks.len());
+            for t in tasks {
+                out.push(t.await.map_err(|e| StoreError::Unavailable(format!("postgres: {e}")))??);
+            }
+            Ok(out)
+        })
+    }
 }
 
 /// Version 3: `user_convs`, each user's conversations on this range, written with their
@@ -411,6 +455,50 @@ INSERT INTO user_convs (user_id, conv_a, conv_b)
     SELECT DISTINCT v.u, c.conv_a, c.conv_b
     FROM (SELECT DISTINCT conv_a, conv_b FROM messages) c
     CROSS JOIN LATERAL (VALUES (c.conv_a), (c.conv_b)) AS v (u);
+";
+
+/// Version 4: groups. A group lives on the range of its conversation (0, group id): its row,
+/// members, block list, join requests and messages (which are not listed in `user_convs`: its
+/// readers are its members). A member's row stays when it leaves, with `until_seq` set: catch-up
+/// still gives it the messages up to its leave, and `member_span` answers from it; a rejoin sets
+/// `from_seq` anew and clears `until_seq`. A user's memberships are spread over every range, as
+/// its conversations are.
+const SCHEMA_V4: &str = "
+CREATE TABLE groups (
+    id                 int8 PRIMARY KEY,
+    name               text NOT NULL,
+    topic              text NOT NULL,
+    avatar_url         text NOT NULL,
+    extra              bytea NOT NULL,
+    join_policy        int2 NOT NULL,
+    invite_policy      int2 NOT NULL,
+    founder            int8 NOT NULL,
+    muted_all_until_ms int8 NOT NULL,
+    dissolved          bool NOT NULL,
+    created_ms         int8 NOT NULL
+);
+CREATE TABLE group_members (
+    group_id       int8 NOT NULL,
+    user_id        int8 NOT NULL,
+    role           int2 NOT NULL,
+    muted_until_ms int8 NOT NULL,
+    from_seq       int8 NOT NULL,
+    until_seq      int8,
+    PRIMARY KEY (group_id, user_id)
+);
+CREATE INDEX group_members_by_user ON group_members (user_id, group_id);
+CREATE TABLE group_blocks (
+    group_id int8 NOT NULL,
+    user_id  int8 NOT NULL,
+    PRIMARY KEY (group_id, user_id)
+);
+CREATE TABLE group_requests (
+    group_id int8 NOT NULL,
+    user_id  int8 NOT NULL,
+    note     text NOT NULL,
+    ts_ms    int8 NOT NULL,
+    PRIMARY KEY (group_id, user_id)
+);
 ";
 
 async fn migrate(r: &Range) -> Result<(), StoreError> {
@@ -470,6 +558,10 @@ async fn migrate(r: &Range) -> Result<(), StoreError> {
     if version < 3 {
         tx.batch_execute(SCHEMA_V3).await.map_err(pg_err)?;
         tx.execute("INSERT INTO tim_schema (version) VALUES (3)", &[]).await.map_err(pg_err)?;
+    }
+    if version < 4 {
+        tx.batch_execute(SCHEMA_V4).await.map_err(pg_err)?;
+        tx.execute("INSERT INTO tim_schema (version) VALUES (4)", &[]).await.map_err(pg_err)?;
     }
     tx.commit().await.map_err(pg_err)?;
     conn.reusable.store(true, Ordering::Relaxed);
@@ -533,7 +625,8 @@ async fn load_batch(range: &Range, keys: &[(i64, i64, i64, i64)]) -> Result<Vec<
 
 /// A batch of messages as one statement (one array per column), which also records each
 /// sender's and recipient's conversation in `user_convs` (for catch-up), in the same
-/// transaction. Answers the number of messages inserted.
+/// transaction; not a group's conversation (0, group id), whose readers are its members.
+/// Answers the number of messages inserted.
 pub const INSERT_MESSAGES: &str = "WITH m AS (
          INSERT INTO messages (conv_a, conv_b, seq, msg_id, ts_ms, sender, sender_device, client_msg_id, payload)
          SELECT * FROM UNNEST($1::int8[], $2::int8[], $3::int8[], $4::int8[], $5::int8[], $6::int8[],
@@ -543,7 +636,7 @@ pub const INSERT_MESSAGES: &str = "WITH m AS (
      uc AS (
          INSERT INTO user_convs (user_id, conv_a, conv_b)
          SELECT DISTINCT v.u, c.conv_a, c.conv_b
-         FROM (SELECT DISTINCT conv_a, conv_b FROM m) c
+         FROM (SELECT DISTINCT conv_a, conv_b FROM m WHERE conv_a <> 0) c
          CROSS JOIN LATERAL (VALUES (c.conv_a), (c.conv_b)) AS v (u)
          ON CONFLICT DO NOTHING)
      SELECT count(*) FROM m";
@@ -571,9 +664,157 @@ pub const INSERT_MESSAGES_TYPES: [Type; 9] = [
 async fn insert_batch(range: &Range, batch: &[StoredMessage]) -> Result<super::Duplicates, StoreError> {
     let conn = range.send_conn().await?;
     let insert = conn.insert_statement().await?;
-    conn.timed(insert_messages(conn.client(), Some(&insert), batch))
-        .await?
-        .map_err(|e| StoreError::Unavailable(format!("postgres {}: {e}", redact(&range.url))))
+    let stored = if batch.iter().any(|m| m.group.is_some()) {
+        conn.timed(insert_with_groups(conn.client(), &insert, batch)).await?
+    } else {
+        conn.timed(insert_messages(conn.client(), Some(&insert), batch)).await?
+    };
+    stored.map_err(|e| StoreError::Unavailable(format!("postgres {}: {e}", redact(&range.url))))
+}
+
+/// [`insert_messages`] for a batch holding group notices, in one transaction with the notices'
+/// changes (those of notices that were stored: a duplicate's were stored with its original).
+/// On any failure the transaction is rolled back, so the connection is clean when it goes back
+/// to the pool (if the rollback itself fails, its error is answered: the connection is
+/// dropped unless the server answered it).
+async fn insert_with_groups(
+    client: &Client,
+    insert: &Statement,
+    batch: &[StoredMessage],
+) -> Result<Result<Duplicates, String>, tokio_postgres::Error> {
+    client.batch_execute("BEGIN").await?;
+    let stored = async {
+        // A plain insert that trips the dedup index aborts the transaction: it starts anew.
+        let dups = match insert_messages_in(client, Some(insert), batch, Some("ROLLBACK; BEGIN")).await? {
+            Ok(dups) => dups,
+            Err(e) => return Ok(Err(e)),
+        };
+        let skip: HashSet<usize> = dups.iter().map(|(index, _)| *index).collect();
+        for (index, m) in batch.iter().enumerate() {
+            if let Some(change) = m.group.as_deref().filter(|_| !skip.contains(&index)) {
+                apply_group(client, change, m.seq).await?;
+            }
+        }
+        client.batch_execute("COMMIT").await?;
+        Ok(Ok(dups))
+    }
+    .await;
+    if !matches!(stored, Ok(Ok(_))) {
+        client.batch_execute("ROLLBACK").await?;
+    }
+    stored
+}
+
+/// Apply a group notice's changes (see [`GroupWrite`]) in the notice's transaction, in order;
+/// `seq` is the notice's. One round trip each (typed parameters: no separate prepare).
+async fn apply_group(client: &Client, change: &GroupChange, seq: u64) -> Result<(), tokio_postgres::Error> {
+    let (g, seq) = (i(change.group), i(seq));
+    let int8 = || Type::INT8;
+    for w in &change.writes {
+        match w {
+            GroupWrite::Group(row) => {
+                let p = &row.profile;
+                let (join, invite) = (i16::from(p.join_policy), i16::from(p.invite_policy));
+                let (founder, muted, created) =
+                    (i(row.founder), i(row.muted_all_until_ms), i(row.created_ms));
+                client
+                    .query_typed(
+                        "INSERT INTO groups (id, name, topic, avatar_url, extra, join_policy, invite_policy,
+                                             founder, muted_all_until_ms, dissolved, created_ms)
+                         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)
+                         ON CONFLICT (id) DO UPDATE SET
+                             name = excluded.name, topic = excluded.topic, avatar_url = excluded.avatar_url,
+                             extra = excluded.extra, join_policy = excluded.join_policy,
+                             invite_policy = excluded.invite_policy, founder = excluded.founder,
+                             muted_all_until_ms = excluded.muted_all_until_ms,
+                             dissolved = excluded.dissolved, created_ms = excluded.created_ms",
+                        &[
+                            (&g, int8()),
+                            (&p.name, Type::TEXT),
+                            (&p.topic, Type::TEXT),
+                            (&p.avatar_url, Type::TEXT),
+                            (&p.extra, Type::BYTEA),
+                            (&join, Type::INT2),
+                            (&invite, Type::INT2),
+                            (&founder, int8()),
+                            (&muted, int8()),
+                            (&row.dissolved, Type::BOOL),
+                            (&created, int8()),
+                        ],
+                    )
+                    .await?;
+            }
+            GroupWrite::Join { user, role } => {
+                client
+                    .query_typed(
+                        "WITH settled AS (DELETE FROM group_requests WHERE group_id = $1 AND user_id = $2)
+                         INSERT INTO group_members (group_id, user_id, role, muted_until_ms, from_seq, until_seq)
+                         VALUES ($1, $2, $3, 0, $4, NULL)
+                         ON CONFLICT (group_id, user_id) DO UPDATE SET
+                             role = excluded.role, muted_until_ms = 0, from_seq = excluded.from_seq,
+                             until_seq = NULL",
+                        &[(&g, int8()), (&i(*user), int8()), (&i16::from(*role), Type::INT2), (&seq, int8())],
+                    )
+                    .await?;
+            }
+            GroupWrite::Member { user, role, muted_until_ms } => {
+                client
+                    .query_typed(
+                        "UPDATE group_members SET role = $3, muted_until_ms = $4
+                         WHERE group_id = $1 AND user_id = $2 AND until_seq IS NULL",
+                        &[
+                            (&g, int8()),
+                            (&i(*user), int8()),
+                            (&i16::from(*role), Type::INT2),
+                            (&i(*muted_until_ms), int8()),
+                        ],
+                    )
+                    .await?;
+            }
+            GroupWrite::Leave { user } => {
+                client
+                    .query_typed(
+                        "UPDATE group_members SET until_seq = $3
+                         WHERE group_id = $1 AND user_id = $2 AND until_seq IS NULL",
+                        &[(&g, int8()), (&i(*user), int8()), (&seq, int8())],
+                    )
+                    .await?;
+            }
+            GroupWrite::LeaveAll => {
+                client
+                    .query_typed(
+                        "UPDATE group_members SET until_seq = $2 WHERE group_id = $1 AND until_seq IS NULL",
+                        &[(&g, int8()), (&seq, int8())],
+                    )
+                    .await?;
+            }
+            GroupWrite::Block { user } => {
+                client
+                    .query_typed(
+                        "INSERT INTO group_blocks (group_id, user_id) VALUES ($1, $2) ON CONFLICT DO NOTHING",
+                        &[(&g, int8()), (&i(*user), int8())],
+                    )
+                    .await?;
+            }
+            GroupWrite::Unblock { user } => {
+                client
+                    .query_typed(
+                        "DELETE FROM group_blocks WHERE group_id = $1 AND user_id = $2",
+                        &[(&g, int8()), (&i(*user), int8())],
+                    )
+                    .await?;
+            }
+            GroupWrite::Unrequest { user } => {
+                client
+                    .query_typed(
+                        "DELETE FROM group_requests WHERE group_id = $1 AND user_id = $2",
+                        &[(&g, int8()), (&i(*user), int8())],
+                    )
+                    .await?;
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Insert every message of `batch` whose (conversation, sender, client message id) is not stored
@@ -595,6 +836,17 @@ pub async fn insert_messages(
     client: &Client,
     prepared: Option<&Statement>,
     batch: &[StoredMessage],
+) -> Result<Result<Duplicates, String>, tokio_postgres::Error> {
+    insert_messages_in(client, prepared, batch, None).await
+}
+
+/// [`insert_messages`], run within a transaction when `restart` is given: the SQL that starts it
+/// anew after the plain insert tripped the dedup index (which aborted it).
+async fn insert_messages_in(
+    client: &Client,
+    prepared: Option<&Statement>,
+    batch: &[StoredMessage],
+    restart: Option<&str>,
 ) -> Result<Result<Duplicates, String>, tokio_postgres::Error> {
     let col = |f: fn(&StoredMessage) -> u64| batch.iter().map(|m| i(f(m))).collect::<Vec<i64>>();
     let (a, b, seq, msg_id, ts) =
@@ -628,6 +880,9 @@ pub async fn insert_messages(
         Ok(_) => return Ok(Ok(Vec::new())),
         Err(e) if e.as_db_error().is_some_and(|d| d.constraint() == Some("messages_dedup")) => {}
         Err(e) => return Err(e),
+    }
+    if let Some(restart) = restart {
+        client.batch_execute(restart).await?;
     }
     // UNNEST feeds the insert in array order, so of two messages of the batch with the same key
     // the first is stored. The row count leaves out the messages not inserted.
@@ -703,25 +958,159 @@ async fn rows_within<K>(
 }
 
 impl Store for PostgresStore {
-    fn load_group(&self, _group: u64) -> Result<Option<super::GroupLoad>, StoreError> {
-        todo!("groups")
+    fn load_group(&self, group: u64) -> Result<Option<GroupLoad>, StoreError> {
+        let range = self.conv_range(group_conv(group)).clone();
+        let rows = self.block_on(async move {
+            let conn = range.conn().await?;
+            // One statement, so one snapshot: the row (kind 0), current members (1), blocks (2)
+            // and requests (3), each kind in the columns it needs, by user id.
+            conn.timed(conn.client().query(
+                "SELECT 0 AS kind, founder AS user_id, name AS t1, topic AS t2, avatar_url AS t3,
+                        extra, join_policy AS s1, invite_policy AS s2, muted_all_until_ms AS n1,
+                        created_ms AS n2, dissolved
+                 FROM groups WHERE id = $1
+                 UNION ALL
+                 SELECT 1, user_id, NULL, NULL, NULL, NULL, role, NULL, muted_until_ms, from_seq, NULL
+                 FROM group_members WHERE group_id = $1 AND until_seq IS NULL
+                 UNION ALL
+                 SELECT 2, user_id, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL
+                 FROM group_blocks WHERE group_id = $1
+                 UNION ALL
+                 SELECT 3, user_id, note, NULL, NULL, NULL, NULL, NULL, ts_ms, NULL, NULL
+                 FROM group_requests WHERE group_id = $1
+                 ORDER BY 1, 2",
+                &[&i(group)],
+            ))
+            .await
+        })?;
+        let mut load: Option<GroupLoad> = None;
+        for r in &rows {
+            let user = u(r.get(1));
+            let small = |col| r.get::<_, i16>(col) as u8;
+            match (r.get::<_, i32>(0), load.as_mut()) {
+                (0, _) => {
+                    let row = GroupRow {
+                        id: group,
+                        profile: GroupProfile {
+                            name: r.get(2),
+                            topic: r.get(3),
+                            avatar_url: r.get(4),
+                            extra: r.get(5),
+                            join_policy: small(6),
+                            invite_policy: small(7),
+                        },
+                        founder: user,
+                        muted_all_until_ms: u(r.get(8)),
+                        dissolved: r.get(10),
+                        created_ms: u(r.get(9)),
+                    };
+                    load = Some(GroupLoad { row, ..GroupLoad::default() });
+                }
+                (1, Some(l)) => l.members.push(MemberRow {
+                    user,
+                    role: small(6),
+                    muted_until_ms: u(r.get(8)),
+                    from_seq: u(r.get(9)),
+                }),
+                (2, Some(l)) => l.blocked.push(user),
+                (3, Some(l)) => {
+                    l.requests.push(JoinRequest { user_id: user, note: r.get(2), ts_ms: u(r.get(8)) })
+                }
+                // No row: the group was never created.
+                _ => break,
+            }
+        }
+        Ok(load)
     }
+
     fn save_join_request(
         &self,
-        _group: u64,
-        _user: UserId,
-        _request: Option<&crate::protocol::JoinRequest>,
+        group: u64,
+        user: UserId,
+        request: Option<&JoinRequest>,
     ) -> Result<(), StoreError> {
-        todo!("groups")
+        let range = self.conv_range(group_conv(group)).clone();
+        let request = request.cloned();
+        self.block_on(async move {
+            let conn = range.conn().await?;
+            let c = conn.client();
+            let (g, user) = (i(group), i(user));
+            match request {
+                // Only for a group that exists (as the memory store).
+                Some(r) => {
+                    conn.timed(c.execute(
+                        "INSERT INTO group_requests (group_id, user_id, note, ts_ms)
+                         SELECT $1, $2, $3, $4 WHERE EXISTS (SELECT 1 FROM groups WHERE id = $1)
+                         ON CONFLICT (group_id, user_id) DO UPDATE SET note = excluded.note, ts_ms = excluded.ts_ms",
+                        &[&g, &user, &r.note, &i(r.ts_ms)],
+                    ))
+                    .await?
+                }
+                None => {
+                    conn.timed(c.execute(
+                        "DELETE FROM group_requests WHERE group_id = $1 AND user_id = $2",
+                        &[&g, &user],
+                    ))
+                    .await?
+                }
+            };
+            Ok(())
+        })
     }
-    fn user_groups(&self, _user: UserId, _after: u64, _limit: usize) -> Result<(Vec<u64>, bool), StoreError> {
-        todo!("groups")
+
+    fn user_groups(&self, user: UserId, after: u64, limit: usize) -> Result<(Vec<u64>, bool), StoreError> {
+        // Group ids lie below 2^63: a larger `after` lies past every group.
+        if after >= i64::MAX as u64 {
+            return Ok((Vec::new(), false));
+        }
+        // Each range gives its first `limit + 1`: merged, the first `limit` are the page, and any
+        // beyond says there is more.
+        let count = i64::try_from(limit).unwrap_or(i64::MAX).saturating_add(1);
+        let pages = self.on_every_range(move |range| async move {
+            let conn = range.conn().await?;
+            let rows = conn
+                .timed(conn.client().query(
+                    "SELECT group_id FROM group_members
+                     WHERE user_id = $1 AND group_id > $2 AND until_seq IS NULL
+                     ORDER BY group_id LIMIT $3",
+                    &[&i(user), &i(after), &count],
+                ))
+                .await?;
+            Ok(rows.iter().map(|r| u(r.get(0))).collect::<Vec<u64>>())
+        })?;
+        let mut ids: Vec<u64> = pages.into_iter().flatten().collect();
+        ids.sort_unstable();
+        let more = ids.len() > limit;
+        ids.truncate(limit);
+        Ok((ids, more))
     }
-    fn group_count(&self, _user: UserId) -> Result<usize, StoreError> {
-        todo!("groups")
+
+    fn group_count(&self, user: UserId) -> Result<usize, StoreError> {
+        let counts = self.on_every_range(move |range| async move {
+            let conn = range.conn().await?;
+            let row = conn
+                .timed(conn.client().query_one(
+                    "SELECT count(*) FROM group_members WHERE user_id = $1 AND until_seq IS NULL",
+                    &[&i(user)],
+                ))
+                .await?;
+            Ok(row.get::<_, i64>(0) as usize)
+        })?;
+        Ok(counts.into_iter().sum())
     }
-    fn member_span(&self, _user: UserId, _group: u64) -> Result<Option<(u64, u64)>, StoreError> {
-        todo!("groups")
+
+    fn member_span(&self, user: UserId, group: u64) -> Result<Option<(u64, u64)>, StoreError> {
+        let range = self.conv_range(group_conv(group)).clone();
+        self.block_on(async move {
+            let conn = range.conn().await?;
+            let row = conn
+                .timed(conn.client().query_opt(
+                    "SELECT from_seq, until_seq FROM group_members WHERE group_id = $1 AND user_id = $2",
+                    &[&i(group), &i(user)],
+                ))
+                .await?;
+            Ok(row.map(|r| (u(r.get(0)), r.get::<_, Option<i64>>(1).map_or(u64::MAX, u))))
+        })
     }
 
     fn durable(&self) -> bool {
@@ -923,18 +1312,25 @@ impl Store for PostgresStore {
                                 conn.client(),
                                 // Per conversation of the user, what lies past the
                                 // device's cursor, by primary key: the cost follows what
-                                // is unread, not the user's traffic.
-                                "SELECT m.ts_ms, m.conv_a, m.conv_b, m.seq, m.payload FROM user_convs uc
+                                // is unread, not the user's traffic. A group's
+                                // conversation is read within the user's membership
+                                // (`lo..=hi`): from the notice that made it a member, up
+                                // to the one that ended it.
+                                "SELECT m.ts_ms, m.conv_a, m.conv_b, m.seq, m.payload FROM (
+                                     SELECT conv_a, conv_b, 0::int8 AS lo, 9223372036854775807::int8 AS hi
+                                     FROM user_convs WHERE user_id = $1
+                                     UNION ALL
+                                     SELECT 0, group_id, from_seq, COALESCE(until_seq, 9223372036854775807)
+                                     FROM group_members WHERE user_id = $1) uc
                                  LEFT JOIN cursors c ON c.user_id = $1 AND c.device = $2
                                                     AND c.conv_a = uc.conv_a AND c.conv_b = uc.conv_b
                                  CROSS JOIN LATERAL (
                                      SELECT m.ts_ms, m.conv_a, m.conv_b, m.seq, m.payload FROM messages m
                                      WHERE m.conv_a = uc.conv_a AND m.conv_b = uc.conv_b
-                                       AND m.seq > COALESCE(c.seq, 0)
+                                       AND m.seq > COALESCE(c.seq, 0) AND m.seq >= uc.lo AND m.seq <= uc.hi
                                        AND m.ts_ms >= $3 AND m.ts_ms <= $5
                                        AND NOT (m.sender = $1 AND m.sender_device = $2)
                                      ORDER BY m.seq LIMIT $4) m
-                                 WHERE uc.user_id = $1
                                  ORDER BY m.ts_ms, m.conv_a, m.conv_b, m.seq LIMIT $4",
                                 &params,
                                 limit,
