@@ -10,7 +10,11 @@ use std::{collections::BTreeMap, time::Duration};
 use common::*;
 use tim::{
     client::{Client, Event},
-    store::{Duplicates, LoadRequest, RecentSend, Store, StoreError, StoredMessage},
+    protocol::{group_role, GroupProfile, JoinRequest, GROUP_ID_MIN},
+    store::{
+        group_conv, Cursor, Duplicates, GroupChange, GroupRow, GroupWrite, LoadRequest, MemberRow,
+        RecentSend, Store, StoreError, StoredMessage,
+    },
 };
 
 /// A `[store]` body for `name`: for postgres, two fresh databases on the two shared throwaway
@@ -128,6 +132,7 @@ fn huge_history_anchor(st: &str) {
             sender_device: 1,
             client_msg_id: seq,
             payload: bytes::Bytes::from(format!("p{seq}")),
+            group: None,
         })
         .collect();
     let (tx, rx) = std::sync::mpsc::channel();
@@ -185,6 +190,7 @@ fn message(conv: (u64, u64), seq: u64, sender: u64, cmid: u64) -> StoredMessage 
         sender_device: 1,
         client_msg_id: cmid,
         payload: bytes::Bytes::from(format!("p{seq}")),
+        group: None,
     }
 }
 
@@ -486,6 +492,7 @@ fn pages_bounded_by_bytes(st: &str) {
             sender_device: 1,
             client_msg_id: seq,
             payload: bytes::Bytes::from(body(seq)),
+            group: None,
         })
         .collect();
     let (tx, rx) = std::sync::mpsc::channel();
@@ -510,6 +517,280 @@ fn pages_bounded_by_bytes(st: &str) {
     assert!(caught.page.more);
 }
 
+/// Message `seq` of group `group` from `sender` (device 1), its payload `g<group>:<seq>`; a
+/// group notice when it carries `writes`. Client message ids are unique per group and seq.
+fn group_message(group: u64, seq: u64, sender: u64, writes: Option<Vec<GroupWrite>>) -> StoredMessage {
+    StoredMessage {
+        conv: group_conv(group),
+        seq,
+        msg_id: 1000 + seq,
+        ts_ms: 1_700_000_000_000 + seq,
+        sender,
+        sender_device: 1,
+        client_msg_id: 5000 + seq,
+        payload: bytes::Bytes::from(format!("g{}:{seq}", group - GROUP_ID_MIN)),
+        group: writes.map(|writes| std::sync::Arc::new(GroupChange { group, writes })),
+    }
+}
+
+fn group_row(group: u64, founder: u64, name: &str) -> GroupRow {
+    GroupRow {
+        id: group,
+        profile: GroupProfile {
+            name: name.into(),
+            topic: format!("about {name}"),
+            avatar_url: format!("https://example.invalid/{name}.png"),
+            extra: vec![0, 1, 2, 255],
+            join_policy: tim::protocol::join_policy::APPROVAL,
+            invite_policy: tim::protocol::invite_policy::MEMBERS,
+        },
+        founder,
+        muted_all_until_ms: 0,
+        dissolved: false,
+        created_ms: 1_700_000_000_000,
+    }
+}
+
+/// Groups as stored: a notice's changes are stored with it (create, join, role and mute, block
+/// and unblock, settled requests, leave, rejoin, dissolve), join requests kept and dropped, a
+/// user's groups paged over every range, and each member's span of the group's sequence. On a
+/// durable store, catch-up gives a member the group's messages from the notice that made it one,
+/// up to the one that ended its membership, never earlier ones; a duplicate notice's changes
+/// and a failed batch's are not stored.
+fn groups(st: &str) {
+    use group_role::{FOUNDER, MANAGER, MEMBER};
+    let (store, _dir) = open_store(st);
+    let store = &*store;
+    let (alice, bob, carol, dave) = (1u64, 2u64, 3u64, 4u64);
+    // Groups on every partition (range) of the store.
+    let gids: Vec<u64> = (1..=6).map(|k| GROUP_ID_MIN + k * 7919).collect();
+    let parts: std::collections::BTreeSet<usize> =
+        gids.iter().map(|&g| store.partition_of(group_conv(g))).collect();
+    assert_eq!(parts.len(), store.partitions(), "groups on every partition");
+    let g = gids[0];
+    let request = |user: u64, note: &str| JoinRequest { user_id: user, note: note.into(), ts_ms: 42 + user };
+    let member = |user, role, muted_until_ms, from_seq| MemberRow { user, role, muted_until_ms, from_seq };
+    let writes = |w: Vec<GroupWrite>| Some(w);
+    let caught = |user: u64, device: u64| -> Vec<String> {
+        let c = store.catch_up(user, device, 0, u64::MAX >> 1, 1000.into()).unwrap();
+        assert_eq!(c.unavailable, 0);
+        c.page.payloads.iter().map(|p| String::from_utf8(p.to_vec()).unwrap()).collect()
+    };
+    let of_g = |seqs: std::ops::RangeInclusive<u64>| -> Vec<String> {
+        seqs.map(|s| format!("g{}:{s}", g - GROUP_ID_MIN)).collect()
+    };
+
+    assert!(store.load_group(g).unwrap().is_none(), "never created");
+    // Created: the founder joins with the create notice.
+    let row = group_row(g, alice, "g");
+    let create = |g: u64, seq| {
+        group_message(
+            g,
+            seq,
+            alice,
+            writes(vec![
+                GroupWrite::Group(group_row(g, alice, "g")),
+                GroupWrite::Join { user: alice, role: FOUNDER },
+            ]),
+        )
+    };
+    assert!(append(store, vec![create(g, 1)]).unwrap().is_empty());
+    let load = store.load_group(g).unwrap().expect("created");
+    assert_eq!(load.row, row);
+    assert_eq!(load.members, [member(alice, FOUNDER, 0, 1)]);
+    assert!(load.blocked.is_empty() && load.requests.is_empty());
+    assert_eq!(store.member_span(alice, g).unwrap(), Some((1, u64::MAX)));
+    assert_eq!(store.member_span(bob, g).unwrap(), None);
+
+    // Join requests are kept and dropped; none for a group that does not exist.
+    store.save_join_request(g, carol, Some(&request(carol, "me too"))).unwrap();
+    store.save_join_request(g, bob, Some(&request(bob, "first"))).unwrap();
+    store.save_join_request(g, bob, Some(&request(bob, "let me in"))).unwrap();
+    store.save_join_request(gids[5], bob, Some(&request(bob, "nobody there"))).unwrap();
+    assert!(store.load_group(gids[5]).unwrap().is_none());
+    assert_eq!(
+        store.load_group(g).unwrap().unwrap().requests,
+        [request(bob, "let me in"), request(carol, "me too")]
+    );
+    store.save_join_request(g, carol, None).unwrap();
+    assert_eq!(store.load_group(g).unwrap().unwrap().requests, [request(bob, "let me in")]);
+
+    // Before bob joins: seq 2. Bob's join settles his request.
+    append(store, vec![group_message(g, 2, alice, None)]).unwrap();
+    append(
+        store,
+        vec![group_message(g, 3, alice, writes(vec![GroupWrite::Join { user: bob, role: MEMBER }]))],
+    )
+    .unwrap();
+    let load = store.load_group(g).unwrap().unwrap();
+    assert_eq!(load.members, [member(alice, FOUNDER, 0, 1), member(bob, MEMBER, 0, 3)]);
+    assert!(load.requests.is_empty(), "the join settled the request");
+    assert_eq!(store.member_span(bob, g).unwrap(), Some((3, u64::MAX)));
+
+    // A role and a mute; a block, and another block lifted, in one notice, in order. With plain
+    // messages in the same batch.
+    store.save_join_request(g, carol, Some(&request(carol, "again"))).unwrap();
+    let batch = vec![
+        group_message(
+            g,
+            4,
+            alice,
+            writes(vec![
+                GroupWrite::Member { user: bob, role: MANAGER, muted_until_ms: 5000 },
+                GroupWrite::Member { user: carol, role: MANAGER, muted_until_ms: 1 }, // not a member: no-op
+                GroupWrite::Block { user: dave },
+                GroupWrite::Block { user: 5 },
+                GroupWrite::Block { user: dave },
+                GroupWrite::Unblock { user: 5 },
+            ]),
+        ),
+        group_message(g, 5, alice, None),
+        group_message(g, 6, bob, None),
+        group_message(g, 7, alice, writes(vec![GroupWrite::Unrequest { user: carol }])),
+    ];
+    assert!(append(store, batch).unwrap().is_empty());
+    let load = store.load_group(g).unwrap().unwrap();
+    assert_eq!(load.members, [member(alice, FOUNDER, 0, 1), member(bob, MANAGER, 5000, 3)]);
+    assert_eq!(load.blocked, [dave]);
+    assert!(load.requests.is_empty(), "settled");
+
+    // Bob leaves at seq 8; seq 9 is not his.
+    append(store, vec![group_message(g, 8, bob, writes(vec![GroupWrite::Leave { user: bob }]))]).unwrap();
+    append(store, vec![group_message(g, 9, alice, None)]).unwrap();
+    assert_eq!(store.load_group(g).unwrap().unwrap().members, [member(alice, FOUNDER, 0, 1)]);
+    assert_eq!(store.member_span(bob, g).unwrap(), Some((3, 8)), "a past member's span");
+    assert_eq!(store.user_groups(bob, 0, 10).unwrap(), (vec![], false));
+    assert_eq!(store.group_count(bob).unwrap(), 0);
+    if durable(st) {
+        assert_eq!(caught(bob, 9), of_g(3..=8), "from its join up to its leave");
+        assert_eq!(caught(alice, 9), of_g(1..=9));
+        assert_eq!(caught(carol, 9), Vec::<String>::new(), "never a member");
+        assert_eq!(caught(alice, 1), [of_g(6..=6), of_g(8..=8)].concat(), "not a device's own sends");
+        // A group's conversation is not listed as anybody's conversation (users 0 and g).
+        assert!(caught(0, 9).is_empty() && caught(g, 9).is_empty());
+        // From the device's cursor on.
+        store.save_cursors(&[Cursor { user: bob, device: 9, conv: group_conv(g), seq: 5 }]).unwrap();
+        assert_eq!(caught(bob, 9), of_g(6..=8));
+        // Within the time window.
+        let c = store.catch_up(bob, 9, 1_700_000_000_007, 1_700_000_000_007, 100.into()).unwrap();
+        assert_eq!(c.page.payloads, [bytes::Bytes::from(of_g(7..=7)[0].clone())]);
+        assert_eq!(store.history(group_conv(g), 0, false, 100.into()).unwrap().payloads.len(), 9);
+    }
+
+    // A rejoin starts a new span.
+    let batch = vec![
+        group_message(g, 10, alice, writes(vec![GroupWrite::Join { user: bob, role: MEMBER }])),
+        group_message(g, 11, bob, None),
+    ];
+    append(store, batch).unwrap();
+    assert_eq!(store.member_span(bob, g).unwrap(), Some((10, u64::MAX)));
+    assert_eq!(
+        store.load_group(g).unwrap().unwrap().members,
+        [member(alice, FOUNDER, 0, 1), member(bob, MEMBER, 0, 10)],
+        "a rejoin is a new member: role and mute anew"
+    );
+    if durable(st) {
+        assert_eq!(caught(bob, 9), of_g(10..=11));
+    }
+
+    if durable(st) {
+        // A duplicate notice (a resend of seq 8's client message id) is not stored, and neither
+        // are its changes; the new message beside it is.
+        let mut dup = group_message(g, 12, bob, writes(vec![GroupWrite::Leave { user: bob }]));
+        dup.client_msg_id = 5008;
+        let dups = append(
+            store,
+            vec![group_message(g, 12, alice, None), {
+                dup.seq = 13;
+                dup
+            }],
+        )
+        .unwrap();
+        assert_eq!(dups.iter().map(|(index, d)| (*index, d.seq)).collect::<Vec<_>>(), [(1, 8)]);
+        assert_eq!(
+            store.member_span(bob, g).unwrap(),
+            Some((10, u64::MAX)),
+            "the duplicate's leave not stored"
+        );
+        // A failed batch (seq 12 is taken, by another message) stores none of its changes.
+        let mut taken = group_message(g, 12, alice, writes(vec![GroupWrite::Leave { user: alice }]));
+        taken.client_msg_id = 9999;
+        let r = append(
+            store,
+            vec![group_message(g, 14, alice, writes(vec![GroupWrite::Block { user: 6 }])), taken],
+        );
+        assert!(matches!(r, Err(StoreError::Unavailable(_))), "{r:?}");
+        let load = store.load_group(g).unwrap().unwrap();
+        assert_eq!(load.blocked, [dave]);
+        assert_eq!(load.members.len(), 2);
+        assert!(append(store, vec![group_message(g, 14, alice, None)]).unwrap().is_empty(), "carries on");
+    }
+
+    // Alice founds five more groups, over every range: her groups page by rising id.
+    for &other in &gids[1..] {
+        append(store, vec![create(other, 1)]).unwrap();
+        append(
+            store,
+            vec![group_message(
+                other,
+                2,
+                alice,
+                writes(vec![GroupWrite::Join { user: carol, role: MEMBER }]),
+            )],
+        )
+        .unwrap();
+    }
+    let mut sorted = gids.clone();
+    sorted.sort_unstable();
+    assert_eq!(store.group_count(alice).unwrap(), 6);
+    assert_eq!(store.user_groups(alice, 0, 4).unwrap(), (sorted[..4].to_vec(), true));
+    assert_eq!(store.user_groups(alice, sorted[3], 4).unwrap(), (sorted[4..].to_vec(), false));
+    assert_eq!(store.user_groups(alice, sorted[1], 4).unwrap(), (sorted[2..].to_vec(), false));
+    assert_eq!(store.user_groups(alice, 0, 6).unwrap(), (sorted.clone(), false));
+    assert_eq!(store.user_groups(alice, 0, 0).unwrap(), (vec![], true));
+    assert_eq!(store.user_groups(alice, sorted[5], 10).unwrap(), (vec![], false));
+    assert_eq!(store.user_groups(alice, u64::MAX, 10).unwrap(), (vec![], false));
+    assert_eq!(store.group_count(carol).unwrap(), 5);
+    assert_eq!(store.group_count(bob).unwrap(), 1);
+    assert_eq!(store.user_groups(bob, 0, 10).unwrap(), (vec![g], false));
+
+    // Dissolved: every member leaves with the notice.
+    let last = gids[5];
+    let mut dissolved = group_row(last, alice, "g");
+    dissolved.dissolved = true;
+    dissolved.muted_all_until_ms = 77;
+    dissolved.profile.name = "gone".into();
+    append(
+        store,
+        vec![group_message(
+            last,
+            3,
+            alice,
+            writes(vec![GroupWrite::Group(dissolved.clone()), GroupWrite::LeaveAll]),
+        )],
+    )
+    .unwrap();
+    let load = store.load_group(last).unwrap().unwrap();
+    assert_eq!(load.row, dissolved);
+    assert!(load.members.is_empty());
+    assert_eq!(store.member_span(alice, last).unwrap(), Some((1, 3)));
+    assert_eq!(store.member_span(carol, last).unwrap(), Some((2, 3)));
+    assert_eq!(store.group_count(alice).unwrap(), 5);
+    assert_eq!(store.group_count(carol).unwrap(), 4);
+    assert_eq!(
+        store.user_groups(alice, sorted[4], 10).unwrap().0,
+        sorted[5..].iter().copied().filter(|&x| x != last).collect::<Vec<_>>()
+    );
+    if durable(st) {
+        let tag = format!("g{}:", last - GROUP_ID_MIN);
+        let of_last: Vec<String> = caught(carol, 9).into_iter().filter(|p| p.starts_with(&tag)).collect();
+        assert_eq!(of_last, [format!("{tag}2"), format!("{tag}3")], "up to the dissolve");
+        // Each group's messages of carol's, from her join: five groups, seq 2 on (and 3 of the last).
+        assert_eq!(caught(carol, 9).len(), 6);
+    }
+    store.close();
+}
+
 macro_rules! on_every_store {
     ($($name:ident),* $(,)?) => {
         mod memory { $( #[test] fn $name() { super::$name("memory") } )* }
@@ -527,5 +808,6 @@ on_every_store!(
     gathered_commits,
     huge_history_anchor,
     store_dedup,
-    pages_bounded_by_bytes
+    pages_bounded_by_bytes,
+    groups
 );
