@@ -748,6 +748,7 @@ fn groups(st: &str) {
     assert_eq!(store.user_groups(alice, sorted[1], 4).unwrap(), (sorted[2..].to_vec(), false));
     assert_eq!(store.user_groups(alice, 0, 6).unwrap(), (sorted.clone(), false));
     assert_eq!(store.user_groups(alice, 0, 0).unwrap(), (vec![], true));
+    assert_eq!(store.user_groups(alice, 0, usize::MAX).unwrap(), (sorted.clone(), false));
     assert_eq!(store.user_groups(alice, sorted[5], 10).unwrap(), (vec![], false));
     assert_eq!(store.user_groups(alice, u64::MAX, 10).unwrap(), (vec![], false));
     assert_eq!(store.group_count(carol).unwrap(), 5);

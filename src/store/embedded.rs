@@ -561,7 +561,10 @@ impl Store for EmbeddedStore {
                  WHERE user_id = ?1 AND group_id > ?2 AND until_seq IS NULL
                  ORDER BY group_id LIMIT ?3",
             )?
-            .query_map(params![i(user), i(after), (limit as i64).saturating_add(1)], |r| r.get(0).map(u))?
+            .query_map(
+                params![i(user), i(after), i64::try_from(limit).unwrap_or(i64::MAX).saturating_add(1)],
+                |r| r.get(0).map(u),
+            )?
             .collect::<rusqlite::Result<Vec<u64>>>()
         })?;
         let more = ids.len() > limit;
