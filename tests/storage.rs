@@ -25,18 +25,10 @@ fn store(name: &str) -> String {
         "embedded" => "backend = \"embedded\"\nsynchronous = \"normal\"".into(),
         "postgres" => {
             let servers = pg::shared();
-            postgres_store(&pg::fresh_db(&servers[0]), &pg::fresh_db(&servers[1]))
+            pg::two_range_store(&pg::fresh_db(&servers[0]), &pg::fresh_db(&servers[1]))
         }
         other => panic!("unknown store {other}"),
     }
-}
-
-pub fn postgres_store(url_low: &str, url_high: &str) -> String {
-    format!(
-        "backend = \"postgres\"\n[store.postgres]\nconnect_timeout_ms = 1000\n\
-         [[store.postgres.partition]]\nslots = \"0-2047\"\nurl = \"{url_low}\"\n\
-         [[store.postgres.partition]]\nslots = \"2048-4095\"\nurl = \"{url_high}\"\n"
-    )
 }
 
 fn durable(name: &str) -> bool {

@@ -568,3 +568,13 @@ fn wait_timeout(child: &mut Child, limit: Duration) -> bool {
         }
     }
 }
+
+/// A `[store]` body for the PostgreSQL store on two databases, each holding half of the
+/// partitions.
+pub fn two_range_store(url_low: &str, url_high: &str) -> String {
+    format!(
+        "backend = \"postgres\"\n[store.postgres]\nconnect_timeout_ms = 1000\n\
+         [[store.postgres.partition]]\nslots = \"0-2047\"\nurl = \"{url_low}\"\n\
+         [[store.postgres.partition]]\nslots = \"2048-4095\"\nurl = \"{url_high}\"\n"
+    )
+}
