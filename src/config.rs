@@ -226,6 +226,8 @@ pub struct Limits {
     pub group_text_bytes_max: usize,
     /// Bytes of a group's opaque extra data.
     pub group_extra_bytes_max: usize,
+    /// Users one `GroupAddMembers` may add at once (InvalidGroup beyond).
+    pub group_add_batch_max: usize,
     /// Members (or groups) in one `GroupMembers` (or `MyGroups`) page at most.
     pub group_page_max: u32,
     /// Groups one shard holds in memory at most; beyond it the least recently used idle group
@@ -354,9 +356,10 @@ impl Default for Limits {
             fanout_jobs_max: 4096,
             group_members_max: 100_000,
             groups_per_user_max: 1000,
-            group_join_requests_max: 1000,
+            group_join_requests_max: 100,
             group_text_bytes_max: 256,
             group_extra_bytes_max: 4096,
+            group_add_batch_max: 1000,
             group_page_max: 1000,
             groups_per_shard_max: 1 << 20,
             group_changes_waiting_max: 256,
@@ -460,6 +463,18 @@ impl Config {
         if l.body_bytes_max + 1024 > l.frame_bytes_max {
             bail!("limits.body_bytes_max must leave 1 KiB of room under limits.frame_bytes_max");
         }
+        // Answers that list a group's pending requests, or a page of members or groups, and the
+        // notice of a GroupAddMembers, must each fit in one frame.
+        let request_bytes = l.group_text_bytes_max + 64;
+        if l.group_join_requests_max.saturating_mul(request_bytes) + 1024 > l.frame_bytes_max
+            || (l.group_page_max as usize).saturating_mul(24) + 1024 > l.frame_bytes_max
+            || l.group_add_batch_max.saturating_mul(8) + 1024 > l.frame_bytes_max
+        {
+            bail!(
+                "limits.group_join_requests_max x (group_text_bytes_max + 64), group_page_max x 24 and \
+                 group_add_batch_max x 8 must each leave 1 KiB of room under limits.frame_bytes_max"
+            );
+        }
         if l.read_buffer_bytes < 4096 || !l.read_buffer_bytes.is_multiple_of(8) {
             bail!("limits.read_buffer_bytes must be a multiple of 8 and at least 4096");
         }
@@ -482,6 +497,7 @@ impl Config {
             ("limits.group_join_requests_max", l.group_join_requests_max),
             ("limits.group_text_bytes_max", l.group_text_bytes_max),
             ("limits.group_page_max", l.group_page_max as usize),
+            ("limits.group_add_batch_max", l.group_add_batch_max),
             ("limits.groups_per_shard_max", l.groups_per_shard_max),
             ("limits.group_changes_waiting_max", l.group_changes_waiting_max),
             ("limits.tokens_per_user_max", l.tokens_per_user_max),
@@ -616,9 +632,10 @@ fanout_slice = 1024                 # sessions a room message is written to in o
 fanout_jobs_max = 4096              # room messages waiting for a shard's fan-out; beyond it dropped (Missed)
 group_members_max = 100000          # members per group (GroupFull)
 groups_per_user_max = 1000          # groups one user may be in (TooManyGroups)
-group_join_requests_max = 1000      # pending join requests per group (TooManyJoinRequests)
+group_join_requests_max = 100       # pending join requests per group (TooManyJoinRequests; all listed in one frame)
 group_text_bytes_max = 256          # bytes of a group name, topic, avatar URL or join note (InvalidGroup)
 group_extra_bytes_max = 4096        # bytes of a group's extra data (InvalidGroup)
+group_add_batch_max = 1000          # users one GroupAddMembers may add (InvalidGroup)
 group_page_max = 1000               # members or groups per page
 groups_per_shard_max = 1048576      # groups held in memory per shard (least recently used idle one dropped)
 group_changes_waiting_max = 256     # changes queued per group behind the one being stored (Busy)

@@ -76,6 +76,9 @@ pub struct Submit {
     pub frame: BytesMut,
     /// A group notice (sender 0): the changes it stores.
     pub change: Option<Arc<GroupChange>>,
+    /// A group send its group owner refused (not a member, muted, ...): refused with this code
+    /// unless it is a resend of a stored message, which gets its original ack.
+    pub refuse_new: Option<ErrorCode>,
 }
 
 impl Submit {
@@ -119,6 +122,7 @@ pub enum GroupOp {
     Create(GroupProfile),
     Update(GroupProfile),
     Action { action: u8, target: UserId, until_ms: u64, note: String },
+    AddMembers(Vec<UserId>),
     Get,
     Members { after: UserId, limit: u32 },
     Requests,
@@ -131,6 +135,7 @@ impl GroupOp {
             GroupOp::Create(_) => kind::GROUP_CREATE,
             GroupOp::Update(_) => kind::GROUP_UPDATE,
             GroupOp::Action { .. } => kind::GROUP_ACTION,
+            GroupOp::AddMembers(_) => kind::GROUP_ADD_MEMBERS,
             GroupOp::Get => kind::GROUP_GET,
             GroupOp::Members { .. } => kind::GROUP_MEMBERS,
             GroupOp::Requests => kind::GROUP_REQUESTS,

@@ -35,6 +35,8 @@ pub mod kind {
     pub const GROUP_MEMBERS: u16 = 34;
     pub const MY_GROUPS: u16 = 35;
     pub const GROUP_REQUESTS: u16 = 36;
+    /// Add many users at once (a new group's first members, an import).
+    pub const GROUP_ADD_MEMBERS: u16 = 37;
 
     pub const REGISTER_OK: u16 = 101;
     pub const LOGIN_OK: u16 = 102;
@@ -101,6 +103,7 @@ pub mod kind {
             GROUP_MEMBERS => "GroupMembers",
             MY_GROUPS => "MyGroups",
             GROUP_REQUESTS => "GroupRequests",
+            GROUP_ADD_MEMBERS => "GroupAddMembers",
             REGISTER_OK => "RegisterOk",
             LOGIN_OK => "LoginOk",
             TOKEN_ISSUED => "TokenIssued",
@@ -215,6 +218,8 @@ pub mod group_event {
     pub const BLOCKED: u8 = 12;
     pub const DISSOLVED: u8 = 13;
     pub const UNBLOCKED: u8 = 14;
+    /// `users` were added by `actor` in one request (`GroupAddMembers`).
+    pub const MEMBERS_ADDED: u8 = 15;
 }
 
 /// Who may publish to a live room (`RoomCreate.publish`).
@@ -642,6 +647,15 @@ pub struct GroupRef {
     pub group_id: u64,
 }
 
+/// Add users to a group in one change, as INVITE does for one (managers; members too where the
+/// invite policy allows). Users already members are skipped; answered with `GroupOk`.
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct GroupAddMembers {
+    pub group_id: u64,
+    /// At most `group_add_batch_max` user ids.
+    pub user_ids: Vec<u64>,
+}
+
 /// Ask for a page of a group's members, by rising user id (members only).
 #[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq)]
 pub struct GroupMembers {
@@ -777,8 +791,8 @@ pub struct Missed {
 #[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq)]
 pub struct GroupOk {
     pub group_id: u64,
-    /// The seq of the notice the change made in the group's sequence (0: none, e.g. a join
-    /// request waiting for approval, a block of a non-member).
+    /// The seq of the notice the change made in the group's sequence (0: none: a join request
+    /// kept for approval, or a rejected one dropped).
     pub seq: u64,
     /// The kind of the request this answers.
     pub request_kind: u16,
@@ -858,10 +872,13 @@ pub struct GroupNotice {
     pub event: u8,
     /// Who made the change (the founder for CREATED; the member for JOINED and LEFT).
     pub actor: u64,
-    /// Who it was done to (0 where none).
+    /// Who it was done to: the member itself for JOINED and LEFT, 0 where none (CREATED,
+    /// MUTED_ALL, PROFILE_CHANGED, DISSOLVED, MEMBERS_ADDED).
     pub target: u64,
     /// MUTED and MUTED_ALL: until when (0: lifted).
     pub until_ms: u64,
+    /// MEMBERS_ADDED: the users added (empty for every other event).
+    pub users: Vec<u64>,
 }
 
 #[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq)]

@@ -249,6 +249,12 @@ impl Shard {
                     };
                     self.on_room_reply(req.origin, id, req.op.request_kind(), Err(ErrorCode::Busy));
                 }
+                // A group request from one of this shard's sessions, waiting for its answer.
+                Envelope::Group(req) => {
+                    if let Some(s) = self.session(req.origin) {
+                        s.on_group_reply(req.op.request_kind(), Err(ErrorCode::Busy));
+                    }
+                }
                 _ => {
                     let n = self.shared.dropped_envelopes.fetch_add(1, Ordering::Relaxed);
                     if n == 0 {

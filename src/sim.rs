@@ -1157,6 +1157,7 @@ impl Sim {
             sender_device: session.0,
             frame: submit_frame(cmid),
             change: None,
+            refuse_new: None,
         };
         let dst = self.placement.conv(direct_key(sender, to));
         self.post(session.shard(), dst, Envelope::Submit(Box::new(sub)));

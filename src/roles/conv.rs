@@ -347,6 +347,10 @@ impl ConvOwner {
                                 Envelope::Acked { session: sub.origin, ack },
                             ));
                         }
+                        None if sub.refuse_new.is_some() => {
+                            let code = sub.refuse_new.expect("checked");
+                            reject(out, sub.origin, sub.client_msg_id, code)
+                        }
                         None => {
                             let s = sequence(conv, &mut self.ids, sub, now, self.durable, self.dedup_max);
                             self.sequenced += 1;

@@ -160,13 +160,21 @@ impl GroupOwner {
     }
 
     /// A send (or stream message) to a group: checked, then handed to the conversation owner.
-    pub fn submit(&mut self, sub: Box<Submit>, now: u64, out: &mut Effects) {
+    /// A refused send goes on too, marked: a resend of a message stored before the sender was
+    /// muted or removed gets its original ack from the resend dedup, a new one the refusal.
+    pub fn submit(&mut self, mut sub: Box<Submit>, now: u64, out: &mut Effects) {
         match self.groups.get_mut(&sub.to) {
             Some(Slot::Ready(g)) => {
                 g.last_used_ms = now;
                 match check_send(g, sub.sender, now) {
                     Ok(()) => out.push(Effect::Sequence(sub)),
-                    Err(code) => super::conv::refuse(out, &sub, code),
+                    Err(code) if sub.stream || g.creating || g.row.dissolved => {
+                        super::conv::refuse(out, &sub, code)
+                    }
+                    Err(code) => {
+                        sub.refuse_new = Some(code);
+                        out.push(Effect::Sequence(sub));
+                    }
                 }
             }
             Some(Slot::Loading(waiters)) => {
@@ -354,6 +362,7 @@ impl GroupOwner {
                     return reply_err(out, &req, ErrorCode::InvalidGroup);
                 }
             }
+            GroupOp::AddMembers(_) => {}
         }
         if g.busy.is_some() {
             if g.waiting.len() >= waiting_max {
@@ -460,21 +469,23 @@ impl GroupOwner {
                 push_decision(out, &placement, p.group, user, approved, busy.actor);
             }
         }
-        let lists = g.lists(&placement);
-        for (shard, users) in lists.iter().enumerate() {
-            if !users.is_empty() {
-                let f = GroupFanout {
-                    users: users.clone(),
-                    skip: p.skip,
-                    frame: p.frame.clone(),
-                    lossy: p.stream,
-                };
-                out.push(Effect::Post(shard, Envelope::GroupFanout(Box::new(f))));
+        let mut lists = g.lists(&placement).clone();
+        if !removed.is_empty() {
+            // Those the change removed learn it too, through the same fan-out as the messages
+            // before it (so never ahead of them).
+            let mut extra = vec![Vec::new(); lists.len()];
+            for u in removed {
+                extra[placement.user(u)].push(u);
+            }
+            for (list, extra) in lists.iter_mut().zip(extra).filter(|(_, e)| !e.is_empty()) {
+                *list = list.iter().copied().chain(extra).collect::<Vec<UserId>>().into();
             }
         }
-        for user in removed {
-            let env = Envelope::Fanout { user, skip: SessionRef::NONE, frame: p.frame.clone() };
-            out.push(Effect::Post(placement.user(user), env));
+        for (shard, users) in lists.into_iter().enumerate() {
+            if !users.is_empty() {
+                let f = GroupFanout { users, skip: p.skip, frame: p.frame.clone(), lossy: p.stream };
+                out.push(Effect::Post(shard, Envelope::GroupFanout(Box::new(f))));
+            }
         }
         self.published += 1;
         if p.notice {
@@ -663,7 +674,7 @@ enum Plan {
 }
 
 fn notice(event: u8, actor: UserId, target: UserId, until_ms: u64) -> GroupNotice {
-    GroupNotice { event, actor, target, until_ms }
+    GroupNotice { event, actor, target, until_ms, users: Vec::new() }
 }
 
 /// Check a change against the group's state; the refusal code, or what to do.
@@ -715,6 +726,34 @@ fn plan(
                 writes: vec![GroupWrite::Group(row)],
                 decision: None,
             })
+        }
+        GroupOp::AddMembers(users) => {
+            let r = my_role.ok_or(ErrorCode::NotMember)?;
+            if r < role::MANAGER && g.row.profile.invite_policy != invite_policy::MEMBERS {
+                return Err(ErrorCode::NotManager);
+            }
+            let mut new: Vec<UserId> = users.iter().copied().filter(|u| !g.members.contains_key(u)).collect();
+            new.sort_unstable();
+            new.dedup();
+            if new.iter().any(|&u| u == 0 || protocol::is_group_id(u)) {
+                return Err(ErrorCode::InvalidGroup);
+            }
+            if new.iter().any(|u| g.blocked.contains(u)) {
+                return Err(ErrorCode::BlockedFromGroup);
+            }
+            if new.is_empty() {
+                return Err(ErrorCode::AlreadyMember);
+            }
+            if g.members.len() + new.len() > members_max {
+                return Err(ErrorCode::GroupFull);
+            }
+            let mut writes: Vec<GroupWrite> =
+                new.iter().map(|&user| GroupWrite::Join { user, role: role::MEMBER }).collect();
+            writes.extend(
+                new.iter().filter(|u| g.requests.contains_key(u)).map(|&user| GroupWrite::Unrequest { user }),
+            );
+            let notice = GroupNotice { users: new, ..n(ev::MEMBERS_ADDED, 0, 0) };
+            Ok(Plan::Notice { notice, writes, decision: None })
         }
         GroupOp::Action { action, target, until_ms, note } => {
             let (t, until) = (*target, *until_ms);
@@ -824,8 +863,8 @@ fn plan(
                     if t == me {
                         return Err(ErrorCode::InvalidGroup);
                     }
+                    let _ = m; // the target must be a member
                     writes.push(GroupWrite::Member { user: t, role: role::FOUNDER, muted_until_ms: 0 });
-                    let _ = m;
                     writes.push(GroupWrite::Member { user: me, role: role::MANAGER, muted_until_ms: 0 });
                     writes.push(GroupWrite::Group(GroupRow { founder: t, ..g.row.clone() }));
                     n(ev::TRANSFERRED, t, 0)
@@ -939,6 +978,9 @@ fn members_frame(g: &Group, user: UserId, after: UserId, limit: usize) -> Result
     if g.row.dissolved {
         return Err(ErrorCode::GroupDissolved);
     }
+    if g.creating {
+        return Err(ErrorCode::GroupNotFound);
+    }
     if !g.members.contains_key(&user) {
         return Err(ErrorCode::NotMember);
     }
@@ -956,6 +998,9 @@ fn members_frame(g: &Group, user: UserId, after: UserId, limit: usize) -> Result
 fn requests_frame(g: &Group, user: UserId) -> Result<Bytes, ErrorCode> {
     if g.row.dissolved {
         return Err(ErrorCode::GroupDissolved);
+    }
+    if g.creating {
+        return Err(ErrorCode::GroupNotFound);
     }
     match g.role_of(user) {
         None => return Err(ErrorCode::NotMember),
@@ -983,6 +1028,7 @@ fn notice_submit(group: u64, notice: &GroupNotice, change: Arc<GroupChange>) -> 
         stream: false,
         frame: Submit::blank_deliver(&payload),
         change: Some(change),
+        refuse_new: None,
     })
 }
 

@@ -261,6 +261,14 @@ impl Requests<'_> {
                     Box::pin(self.group_call(group, op)).await
                 }
             }
+            kind::GROUP_ADD_MEMBERS => {
+                let a = access!(protocol::ArchivedGroupAddMembers);
+                let users: Vec<UserId> = a.user_ids.iter().map(|u| u.to_native()).collect();
+                if users.is_empty() || users.len() > self.shard.cfg().limits.group_add_batch_max {
+                    return self.error(ErrorCode::InvalidGroup, k);
+                }
+                Box::pin(self.group_add(a.group_id.to_native(), users)).await
+            }
             kind::GROUP_GET => {
                 let r = access!(protocol::ArchivedGroupRef);
                 Box::pin(self.group_call(r.group_id.to_native(), GroupOp::Get)).await
@@ -340,6 +348,7 @@ impl Requests<'_> {
             stream,
             frame: f,
             change: None,
+            refuse_new: None,
         };
         if !stream {
             self.session.send_started(client_msg_id);
@@ -596,6 +605,23 @@ impl Requests<'_> {
             Ok(None) => self.error(ErrorCode::UnknownUser, k),
             Ok(Some(n)) if n >= max => self.error(ErrorCode::TooManyGroups, k),
             Ok(Some(_)) => self.group_call(group, op).await,
+            Err(code) => self.error(code, k),
+        }
+    }
+
+    /// Add many users: each must exist and be in fewer than `groups_per_user_max` groups.
+    async fn group_add(&self, group: u64, users: Vec<UserId>) -> Flow {
+        let k = kind::GROUP_ADD_MEMBERS;
+        let max = self.shard.cfg().limits.groups_per_user_max;
+        let store = self.shard.shared.store.clone();
+        let checked = users.clone();
+        let counted = self.store_call(move || store.group_counts(&checked)).await;
+        match counted {
+            Ok(counts) if counts.iter().any(Option::is_none) => self.error(ErrorCode::UnknownUser, k),
+            Ok(counts) if counts.iter().any(|n| n.is_some_and(|n| n >= max)) => {
+                self.error(ErrorCode::TooManyGroups, k)
+            }
+            Ok(_) => self.group_call(group, GroupOp::AddMembers(users)).await,
             Err(code) => self.error(code, k),
         }
     }

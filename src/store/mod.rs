@@ -340,6 +340,15 @@ pub trait Store: Send + Sync + 'static {
     /// How many groups `user` is a member of.
     fn group_count(&self, user: UserId) -> Result<usize, StoreError>;
 
+    /// For each of `users`: how many groups it is a member of, or `None` if it has no account.
+    /// A store behind a network may answer for all together; the default asks one by one.
+    fn group_counts(&self, users: &[UserId]) -> Result<Vec<Option<usize>>, StoreError> {
+        users
+            .iter()
+            .map(|&u| if self.account_exists(u)? { self.group_count(u).map(Some) } else { Ok(None) })
+            .collect()
+    }
+
     /// The part of `group`'s sequence `user` may read: `(from_seq, until_seq)` of its latest
     /// membership (`until_seq` is `u64::MAX` while it is a member); `None` if it never was one.
     fn member_span(&self, user: UserId, group: u64) -> Result<Option<(u64, u64)>, StoreError>;
