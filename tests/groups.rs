@@ -511,7 +511,80 @@ fn bad_group_input(driver: &str) {
     s.assert_serves_others();
 }
 
+/// Many users at once: one MEMBERS_ADDED notice lists those added (members already in are
+/// skipped); every refusal has its code.
+fn add_members_at_once(driver: &str) {
+    let s = TestServer::start(driver, "[limits]\ngroup_add_batch_max = 8\ngroup_members_max = 6\n");
+    let (f_name, _) = s.register("founder");
+    let mut f = s.login_on_shard(&f_name, 3, 0);
+    let group = f.group_create(profile("bulk", join_policy::OPEN, invite_policy::MANAGERS)).unwrap();
+    let mut ids = Vec::new();
+    let mut clients = Vec::new();
+    for shard in [0u64, 1, 0, 1] {
+        let (name, id) = s.register("m");
+        ids.push(id);
+        clients.push(s.login_on_shard(&name, 3, shard));
+    }
+    let add = |c: &mut Client, users: &[u64]| {
+        let req = tim::protocol::GroupAddMembers { group_id: group, user_ids: users.to_vec() };
+        c.send_frame(tim::protocol::kind::GROUP_ADD_MEMBERS, &req).unwrap();
+        loop {
+            match c.recv().unwrap() {
+                Event::GroupOk(ok) => return Ok(ok),
+                Event::Error(e) => return Err(ErrorCode::from_u16(e.code)),
+                Event::Deliver(_) => {}
+                other => panic!("{other:?}"),
+            }
+        }
+    };
+    // A plain member may not; unknown users, empty and too big batches are refused.
+    assert_eq!(add(&mut clients[0], &ids[1..2]), Err(Some(ErrorCode::NotMember)));
+    assert_eq!(add(&mut f, &[ids[0], 999_999]), Err(Some(ErrorCode::UnknownUser)));
+    assert_eq!(add(&mut f, &[]), Err(Some(ErrorCode::InvalidGroup)));
+    assert_eq!(add(&mut f, &[ids[0]; 9]), Err(Some(ErrorCode::InvalidGroup)));
+    let ok = add(&mut f, &[ids[2], ids[0], ids[1], ids[0]]).unwrap();
+    let mut want = vec![ids[0], ids[1], ids[2]];
+    want.sort_unstable();
+    for c in clients.iter_mut().take(3) {
+        let (seq, n) = notice_of(c, group, ev::MEMBERS_ADDED);
+        assert_eq!((seq, &n.users), (ok.seq, &want));
+    }
+    assert_eq!(f.group_get(group).unwrap().members, 4);
+    assert_eq!(add(&mut f, &ids[0..3]), Err(Some(ErrorCode::AlreadyMember)));
+    f.group_action(group, act::BLOCK, ids[3], 0, "").unwrap();
+    assert_eq!(add(&mut f, &[ids[3]]), Err(Some(ErrorCode::BlockedFromGroup)));
+    f.group_action(group, act::UNBLOCK, ids[3], 0, "").unwrap();
+    let (_, x_id) = s.register("x");
+    let (_, y_id) = s.register("y");
+    assert_eq!(add(&mut f, &[ids[3], x_id, y_id]), Err(Some(ErrorCode::GroupFull)));
+    assert!(add(&mut f, &[ids[3], x_id]).is_ok());
+}
+
+/// A message stored before its sender was muted (or removed) is acknowledged again on a resend
+/// (with its original ids); a new message gets the refusal.
+fn resend_after_mute_gets_original_ack(driver: &str) {
+    let s = TestServer::start(driver, "");
+    let (f_name, _) = s.register("founder");
+    let mut f = s.login_on_shard(&f_name, 3, 0);
+    let group = f.group_create(profile("resend", join_policy::OPEN, invite_policy::MANAGERS)).unwrap();
+    let (m_name, m) = s.register("m");
+    let mut mc = s.login_on_shard(&m_name, 3, 1);
+    mc.group_action(group, act::JOIN, 0, 0, "").unwrap();
+    let first = mc.group_send_wait(group, 41, b"before the mute").unwrap();
+    f.group_action(group, act::MUTE, m, tim::shard::now_ms() + 60_000, "").unwrap();
+    let again = mc.group_send_wait(group, 41, b"before the mute").unwrap();
+    assert!(again.duplicate);
+    assert_eq!((again.msg_id, again.seq), (first.msg_id, first.seq));
+    refused(mc.group_send_wait(group, 42, b"new"), ErrorCode::Muted);
+    f.group_action(group, act::KICK, m, 0, "").unwrap();
+    let again = mc.group_send_wait(group, 41, b"before the mute").unwrap();
+    assert!(again.duplicate && again.seq == first.seq);
+    refused(mc.group_send_wait(group, 43, b"new"), ErrorCode::NotMember);
+}
+
 on_both_drivers!(
+    add_members_at_once,
+    resend_after_mute_gets_original_ack,
     bad_group_input,
     open_group_lifecycle,
     approval_and_invites,
