@@ -469,10 +469,12 @@ impl Config {
         if l.group_join_requests_max.saturating_mul(request_bytes) + 1024 > l.frame_bytes_max
             || (l.group_page_max as usize).saturating_mul(24) + 1024 > l.frame_bytes_max
             || l.group_add_batch_max.saturating_mul(8) + 1024 > l.frame_bytes_max
+            || l.group_text_bytes_max.saturating_mul(3) + l.group_extra_bytes_max + 1024 > l.frame_bytes_max
         {
             bail!(
-                "limits.group_join_requests_max x (group_text_bytes_max + 64), group_page_max x 24 and \
-                 group_add_batch_max x 8 must each leave 1 KiB of room under limits.frame_bytes_max"
+                "limits.group_join_requests_max x (group_text_bytes_max + 64), group_page_max x 24, \
+                 group_add_batch_max x 8 and 3 x group_text_bytes_max + group_extra_bytes_max must \
+                 each leave 1 KiB of room under limits.frame_bytes_max"
             );
         }
         if l.read_buffer_bytes < 4096 || !l.read_buffer_bytes.is_multiple_of(8) {

@@ -354,7 +354,11 @@ impl ConvOwner {
                         None => {
                             let s = sequence(conv, &mut self.ids, sub, now, self.durable, self.dedup_max);
                             self.sequenced += 1;
-                            if self.durable {
+                            // Without a store a message is published at once, unless a group
+                            // notice sequenced before it is still being committed (the memory
+                            // store keeps groups): then it follows the notice through the same
+                            // commit queue, so that nobody gets it ahead of the notice.
+                            if self.durable || !conv.open.is_empty() {
                                 conv.open.push_back(s.ack.seq);
                                 out.push(Effect::Commit(s));
                             } else {

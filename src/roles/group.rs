@@ -287,6 +287,11 @@ impl GroupOwner {
             }
             Ok(load) => load,
         };
+        // Messages published while the group was loading were sequenced before any send that
+        // waited with them: they go out first.
+        let (publishes, waiters): (Vec<Waiter>, Vec<Waiter>) =
+            waiters.into_iter().partition(|w| matches!(w, Waiter::Publish(_)));
+        let waiters: Vec<Waiter> = publishes.into_iter().chain(waiters).collect();
         let exists = load.is_some();
         let mut g = Box::new(match load {
             Some(l) => Group::from_load(l, now),
@@ -354,6 +359,14 @@ impl GroupOwner {
             }
             GroupOp::Create(p) | GroupOp::Update(p) => {
                 if let Err(code) = check_profile(p, text_max, extra_max) {
+                    if g.creating && g.busy.is_none() {
+                        // The creation itself is refused: the group does not exist after all.
+                        let waiting = std::mem::take(&mut g.waiting);
+                        self.groups.remove(&req.group);
+                        for w in waiting {
+                            reply_err(out, &w, ErrorCode::GroupNotFound);
+                        }
+                    }
                     return reply_err(out, &req, code);
                 }
             }
@@ -495,19 +508,26 @@ impl GroupOwner {
 
     /// A notice was not stored (the store failed or was busy): nothing changed; its requester
     /// is told, and the next change goes.
+    ///
+    /// A commit reported failed may have been stored all the same (an ambiguous commit): the
+    /// group is read again from the store, which knows, and the changes waiting go on once it
+    /// is loaded.
     pub fn notice_failed(&mut self, group: u64, code: ErrorCode, now: u64, out: &mut Effects) {
+        let _ = now;
         let Some(g) = self.ready(group) else { return };
         let Some(busy) = g.busy.take() else { return };
         reply_to(out, busy.origin, busy.request_kind, Err(code));
-        if g.creating {
-            let waiting = std::mem::take(&mut g.waiting);
-            self.groups.remove(&group);
-            for w in waiting {
-                reply_err(out, &w, ErrorCode::GroupNotFound);
-            }
-            return;
-        }
-        self.next(group, now, out);
+        self.reload(group, out);
+    }
+
+    /// Forget what is held of `group` and load it again; the changes waiting behind the one in
+    /// flight wait for the load.
+    fn reload(&mut self, group: u64, out: &mut Effects) {
+        let Some(Slot::Ready(g)) = self.groups.remove(&group) else { return };
+        let waiters = g.waiting.into_iter().map(Waiter::Request).collect();
+        self.groups.insert(group, Slot::Loading(waiters));
+        self.lru.push_back((group, 0));
+        out.push(Effect::LoadGroup(group));
     }
 
     /// A join request was stored (or dropped).
@@ -539,7 +559,11 @@ impl GroupOwner {
                 }
                 busy.answer_ok(group, 0, out);
             }
-            Err(code) => reply_to(out, busy.origin, busy.request_kind, Err(code)),
+            Err(code) => {
+                // The request may have been saved all the same: read the group again.
+                reply_to(out, busy.origin, busy.request_kind, Err(code));
+                return self.reload(group, out);
+            }
         }
         self.next(group, now, out);
     }
