@@ -2,6 +2,8 @@
 //! examples of 5.7, 5.8 and 5.10): the archived size and alignment of every group type, the
 //! field offsets its layout table shows, and every example frame encoded byte for byte as the
 //! document's hex dump of it — which the test finds in the document itself — and decoded back.
+//! Every other group frame the document shows whole (the captured exchange of 11.3) must be a
+//! valid archive of the current layout too.
 
 use std::mem::{align_of, offset_of, size_of};
 
@@ -10,14 +12,14 @@ use tim::{
     envelope::Submit,
     frame::{self, HEADER_BYTES},
     protocol::{
-        self, group_action, group_event, kind, ArchivedGroupAction, ArchivedGroupCreate,
-        ArchivedGroupDecision, ArchivedGroupInfo, ArchivedGroupJoinRequest, ArchivedGroupList,
-        ArchivedGroupMember, ArchivedGroupMemberPage, ArchivedGroupMembers, ArchivedGroupNotice,
-        ArchivedGroupOk, ArchivedGroupProfile, ArchivedGroupRef, ArchivedGroupRequestPage,
-        ArchivedGroupUpdate, ArchivedJoinRequest, ArchivedMyGroups, GroupAction, GroupCreate, GroupDecision,
-        GroupInfo, GroupJoinRequest, GroupList, GroupMember, GroupMemberPage, GroupMembers, GroupNotice,
-        GroupOk, GroupProfile, GroupRef, GroupRequestPage, GroupUpdate, JoinRequest, MyGroups, Stamp,
-        GROUP_ID_MIN,
+        self, group_action, group_event, kind, ArchivedGroupAction, ArchivedGroupAddMembers,
+        ArchivedGroupCreate, ArchivedGroupDecision, ArchivedGroupInfo, ArchivedGroupJoinRequest,
+        ArchivedGroupList, ArchivedGroupMember, ArchivedGroupMemberPage, ArchivedGroupMembers,
+        ArchivedGroupNotice, ArchivedGroupOk, ArchivedGroupProfile, ArchivedGroupRef,
+        ArchivedGroupRequestPage, ArchivedGroupUpdate, ArchivedJoinRequest, ArchivedMyGroups, GroupAction,
+        GroupAddMembers, GroupCreate, GroupDecision, GroupInfo, GroupJoinRequest, GroupList, GroupMember,
+        GroupMemberPage, GroupMembers, GroupNotice, GroupOk, GroupProfile, GroupRef, GroupRequestPage,
+        GroupUpdate, JoinRequest, MyGroups, Stamp, GROUP_ID_MIN,
     },
 };
 
@@ -101,12 +103,19 @@ fn join_request() -> JoinRequest {
 /// Sizes, alignments and field offsets of 5.13, 6.13 and 7.3's layout tables.
 #[test]
 fn group_layouts_match_the_protocol_document() {
-    let layouts: [(&str, usize, usize, usize, usize); 18] = [
+    let layouts: [(&str, usize, usize, usize, usize); 19] = [
         ("GroupProfile", size_of::<ArchivedGroupProfile>(), align_of::<ArchivedGroupProfile>(), 36, 4),
         ("GroupCreate", size_of::<ArchivedGroupCreate>(), align_of::<ArchivedGroupCreate>(), 36, 4),
         ("GroupUpdate", size_of::<ArchivedGroupUpdate>(), align_of::<ArchivedGroupUpdate>(), 48, 8),
         ("GroupAction", size_of::<ArchivedGroupAction>(), align_of::<ArchivedGroupAction>(), 40, 8),
         ("GroupRef", size_of::<ArchivedGroupRef>(), align_of::<ArchivedGroupRef>(), 8, 8),
+        (
+            "GroupAddMembers",
+            size_of::<ArchivedGroupAddMembers>(),
+            align_of::<ArchivedGroupAddMembers>(),
+            16,
+            8,
+        ),
         ("GroupMembers", size_of::<ArchivedGroupMembers>(), align_of::<ArchivedGroupMembers>(), 24, 8),
         ("MyGroups", size_of::<ArchivedMyGroups>(), align_of::<ArchivedMyGroups>(), 16, 8),
         ("GroupOk", size_of::<ArchivedGroupOk>(), align_of::<ArchivedGroupOk>(), 24, 8),
@@ -136,7 +145,7 @@ fn group_layouts_match_the_protocol_document() {
             8,
         ),
         ("GroupDecision", size_of::<ArchivedGroupDecision>(), align_of::<ArchivedGroupDecision>(), 24, 8),
-        ("GroupNotice", size_of::<ArchivedGroupNotice>(), align_of::<ArchivedGroupNotice>(), 32, 8),
+        ("GroupNotice", size_of::<ArchivedGroupNotice>(), align_of::<ArchivedGroupNotice>(), 40, 8),
         ("Stamp", Stamp::BYTES, 8, 48, 8),
     ];
     for (name, size, align, want_size, want_align) in layouts {
@@ -154,6 +163,7 @@ fn group_layouts_match_the_protocol_document() {
         ("GroupAction.user_id", offset_of!(ArchivedGroupAction, user_id), 16),
         ("GroupAction.until_ms", offset_of!(ArchivedGroupAction, until_ms), 24),
         ("GroupAction.note", offset_of!(ArchivedGroupAction, note), 32),
+        ("GroupAddMembers.user_ids", offset_of!(ArchivedGroupAddMembers, user_ids), 8),
         ("GroupMembers.after_user", offset_of!(ArchivedGroupMembers, after_user), 8),
         ("GroupMembers.limit", offset_of!(ArchivedGroupMembers, limit), 16),
         ("MyGroups.limit", offset_of!(ArchivedMyGroups, limit), 8),
@@ -179,6 +189,7 @@ fn group_layouts_match_the_protocol_document() {
         ("GroupNotice.actor", offset_of!(ArchivedGroupNotice, actor), 8),
         ("GroupNotice.target", offset_of!(ArchivedGroupNotice, target), 16),
         ("GroupNotice.until_ms", offset_of!(ArchivedGroupNotice, until_ms), 24),
+        ("GroupNotice.users", offset_of!(ArchivedGroupNotice, users), 32),
     ];
     for &(name, got, want) in offsets {
         assert_eq!(got, want, "offset of {name}");
@@ -196,6 +207,7 @@ fn group_numbers_match_the_protocol_document() {
         (kind::GROUP_MEMBERS, 34),
         (kind::MY_GROUPS, 35),
         (kind::GROUP_REQUESTS, 36),
+        (kind::GROUP_ADD_MEMBERS, 37),
         (kind::GROUP_OK, 140),
         (kind::GROUP_INFO, 141),
         (kind::GROUP_MEMBER_PAGE, 142),
@@ -243,8 +255,9 @@ fn group_numbers_match_the_protocol_document() {
         group_event::BLOCKED,
         group_event::DISSOLVED,
         group_event::UNBLOCKED,
+        group_event::MEMBERS_ADDED,
     ];
-    assert_eq!(events, [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14]);
+    assert_eq!(events, [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15]);
     let roles = [protocol::group_role::MEMBER, protocol::group_role::MANAGER, protocol::group_role::FOUNDER];
     assert_eq!(roles, [0, 1, 2]);
     assert_eq!(tim::roles::group::NOT_A_MEMBER, 255);
@@ -346,6 +359,21 @@ fn group_requests_match_the_protocol_document() {
         "10 00 00 00 23 00 00 00
          00 00 00 00 00 00 00 00  00 00 00 00 00 00 00 00",
     );
+    let add = GroupAddMembers { group_id: G, user_ids: vec![4, 5] };
+    let f = frame::encode(kind::GROUP_ADD_MEMBERS, &add);
+    check(
+        &d,
+        "GroupAddMembers",
+        &f,
+        "20 00 00 00 25 00 00 00
+         04 00 00 00 00 00 00 00  05 00 00 00 00 00 00 00
+         07 00 00 00 00 00 00 40  e8 ff ff ff 02 00 00 00",
+    );
+    let mut aligned = rkyv::util::AlignedVec::<8>::new();
+    aligned.extend_from_slice(payload(&f));
+    let a = frame::access::<ArchivedGroupAddMembers>(&aligned).expect("valid");
+    let users: Vec<u64> = a.user_ids.iter().map(|u| u.to_native()).collect();
+    assert_eq!((a.group_id.to_native(), users), (G, vec![4, 5]));
     let send =
         protocol::Send { conv: protocol::conv::GROUP, to: G, client_msg_id: 7, body: b"hi all".to_vec() };
     check(
@@ -397,6 +425,17 @@ fn group_answers_match_the_protocol_document() {
         "18 00 00 00 8c 00 00 00
          07 00 00 00 00 00 00 40  03 00 00 00 00 00 00 00
          20 00 01 00 00 00 00 00",
+    );
+    assert_eq!(decoded(&f), Event::GroupOk(ok));
+    let ok = GroupOk { group_id: G, seq: 5, request_kind: kind::GROUP_ADD_MEMBERS, action: 0 };
+    let f = frame::encode(kind::GROUP_OK, &ok);
+    check(
+        &d,
+        "GroupOk of a GroupAddMembers",
+        &f,
+        "18 00 00 00 8c 00 00 00
+         07 00 00 00 00 00 00 40  05 00 00 00 00 00 00 00
+         25 00 00 00 00 00 00 00",
     );
     assert_eq!(decoded(&f), Event::GroupOk(ok));
 
@@ -556,36 +595,145 @@ fn group_deliveries_match_the_protocol_document() {
     assert_eq!(group_notice(&got), None, "a member's message is no notice");
 
     // A notice: the server's Send (client_msg_id 0) around the GroupNotice archive, from 0.
-    let notice = GroupNotice { event: group_event::ADDED, actor: 1, target: 2, until_ms: 0 };
-    let body = rkyv::to_bytes::<rkyv::rancor::Error>(&notice).expect("encodes").to_vec();
-    assert_eq!(body.len(), 32);
-    let send = protocol::Send { conv: protocol::conv::GROUP, to: G, client_msg_id: 0, body };
-    let stamp = Stamp {
-        msg_id: 0x0aac_657c_ee00_2001,
-        seq: 3,
-        ts_ms: TS,
-        from: 0,
-        to: G,
-        conv: protocol::conv::GROUP,
-    };
-    let f = deliver(&send, stamp);
+    let notice =
+        GroupNotice { event: group_event::ADDED, actor: 1, target: 2, until_ms: 0, users: Vec::new() };
+    let f = notice_deliver(&notice, 0x0aac_657c_ee00_2001, 3);
     check(
         &d,
         "notice Deliver",
         &f,
-        "70 00 00 00 6b 00 00 00
+        "78 00 00 00 6b 00 00 00
          01 20 00 ee 7c 65 ac 0a  03 00 00 00 00 00 00 00
          7b a8 da 76 9b 01 00 00  00 00 00 00 00 00 00 00
          07 00 00 00 00 00 00 40  02 00 00 00 00 00 00 00
          05 00 00 00 00 00 00 00  01 00 00 00 00 00 00 00
          02 00 00 00 00 00 00 00  00 00 00 00 00 00 00 00
-         02 00 00 00 00 00 00 00  07 00 00 00 00 00 00 40
-         00 00 00 00 00 00 00 00  c8 ff ff ff 20 00 00 00",
+         e0 ff ff ff 00 00 00 00  02 00 00 00 00 00 00 00
+         07 00 00 00 00 00 00 40  00 00 00 00 00 00 00 00
+         c0 ff ff ff 28 00 00 00",
     );
     let got = delivery(payload(&f)).expect("decodes");
-    assert_eq!((got.stamp.from, got.client_msg_id), (0, 0));
+    assert_eq!((got.stamp.from, got.client_msg_id, got.body.len()), (0, 0, 40));
     assert_eq!(group_notice(&got), Some(notice));
     // The notice archive starts at payload offset 48: 8-aligned in a frame, readable in place.
     let body_at = HEADER_BYTES + Stamp::BYTES;
-    assert_eq!(&f[body_at..body_at + 32], &got.body[..]);
+    assert_eq!(&f[body_at..body_at + 40], &got.body[..]);
+
+    // MEMBERS_ADDED: the users added, rising, out-of-line before the notice's root.
+    let notice = GroupNotice {
+        event: group_event::MEMBERS_ADDED,
+        actor: 1,
+        target: 0,
+        until_ms: 0,
+        users: vec![4, 5],
+    };
+    let f = notice_deliver(&notice, 0x0aac_657c_ee00_2003, 5);
+    check(
+        &d,
+        "MEMBERS_ADDED notice Deliver",
+        &f,
+        "88 00 00 00 6b 00 00 00
+         03 20 00 ee 7c 65 ac 0a  05 00 00 00 00 00 00 00
+         7b a8 da 76 9b 01 00 00  00 00 00 00 00 00 00 00
+         07 00 00 00 00 00 00 40  02 00 00 00 00 00 00 00
+         04 00 00 00 00 00 00 00  05 00 00 00 00 00 00 00
+         0f 00 00 00 00 00 00 00  01 00 00 00 00 00 00 00
+         00 00 00 00 00 00 00 00  00 00 00 00 00 00 00 00
+         d0 ff ff ff 02 00 00 00  02 00 00 00 00 00 00 00
+         07 00 00 00 00 00 00 40  00 00 00 00 00 00 00 00
+         b0 ff ff ff 38 00 00 00",
+    );
+    let got = delivery(payload(&f)).expect("decodes");
+    assert_eq!(got.body.len(), 56);
+    assert_eq!(group_notice(&got), Some(notice));
+}
+
+/// A notice's `Deliver` frame, as the group owner builds it: a `Send` of sender 0 (client_msg_id
+/// 0) whose body is the notice's archive, stamped `msg_id` and `seq` at the examples' time.
+fn notice_deliver(notice: &GroupNotice, msg_id: u64, seq: u64) -> Vec<u8> {
+    let body = rkyv::to_bytes::<rkyv::rancor::Error>(notice).expect("encodes").to_vec();
+    let send = protocol::Send { conv: protocol::conv::GROUP, to: G, client_msg_id: 0, body };
+    let stamp = Stamp { msg_id, seq, ts_ms: TS, from: 0, to: G, conv: protocol::conv::GROUP };
+    deliver(&send, stamp)
+}
+
+/// An aligned copy of a request's payload, validated as the archive of its kind's type.
+fn valid_request(k: u16, p: &[u8]) -> bool {
+    fn ok<T>(p: &rkyv::util::AlignedVec<8>) -> bool
+    where
+        T: rkyv::Portable
+            + for<'a> rkyv::bytecheck::CheckBytes<rkyv::api::high::HighValidator<'a, rkyv::rancor::Error>>,
+    {
+        frame::access::<T>(p).is_ok()
+    }
+    let mut a = rkyv::util::AlignedVec::<8>::new();
+    a.extend_from_slice(p);
+    match k {
+        kind::GROUP_CREATE => ok::<ArchivedGroupCreate>(&a),
+        kind::GROUP_UPDATE => ok::<ArchivedGroupUpdate>(&a),
+        kind::GROUP_ACTION => ok::<ArchivedGroupAction>(&a),
+        kind::GROUP_GET | kind::GROUP_REQUESTS => ok::<ArchivedGroupRef>(&a),
+        kind::GROUP_MEMBERS => ok::<ArchivedGroupMembers>(&a),
+        kind::MY_GROUPS => ok::<ArchivedMyGroups>(&a),
+        kind::GROUP_ADD_MEMBERS => ok::<ArchivedGroupAddMembers>(&a),
+        _ => unreachable!("not a group request"),
+    }
+}
+
+/// Every whole group frame the document shows — the examples above and the frames of the
+/// captured exchange (11.3) — is valid in the current layout: group requests (30–37) as their
+/// archives, group answers and pushes (140–146) through the client's decoder, and every notice
+/// (a `Deliver` or `HistoryMsg` of sender 0 in a group) as a `GroupNotice` whose archive is
+/// exactly the notice's body.
+#[test]
+fn every_group_frame_of_the_document_is_current() {
+    let (mut requests, mut answers, mut notices) = (0, 0, 0);
+    for d in doc_dumps() {
+        if d.len() < HEADER_BYTES {
+            continue;
+        }
+        let len = u32::from_le_bytes(d[..4].try_into().unwrap()) as usize;
+        if d.len() != HEADER_BYTES + frame::padded(len) {
+            continue; // not one whole frame
+        }
+        let k = u16::from_le_bytes([d[4], d[5]]);
+        let p = payload(&d);
+        match k {
+            kind::GROUP_CREATE..=kind::GROUP_ADD_MEMBERS => {
+                assert!(
+                    valid_request(k, p),
+                    "a {} in the document is not valid:\n{}",
+                    kind::name(k),
+                    hex(&d)
+                );
+                requests += 1;
+            }
+            kind::GROUP_OK..=kind::GROUP_DECISION => {
+                let e = decode_event(k, p);
+                assert!(e.is_ok(), "a {} in the document does not decode:\n{}", kind::name(k), hex(&d));
+                answers += 1;
+            }
+            kind::DELIVER | kind::HISTORY_MSG => {
+                let got = delivery(p).expect("a Deliver of the document decodes");
+                if got.stamp.from != 0 || got.stamp.conv != protocol::conv::GROUP {
+                    continue;
+                }
+                let notice = group_notice(&got);
+                assert!(notice.is_some(), "a notice in the document does not decode:\n{}", hex(&d));
+                let again = rkyv::to_bytes::<rkyv::rancor::Error>(&notice.unwrap()).expect("encodes");
+                assert_eq!(
+                    &again[..],
+                    &got.body[..],
+                    "a notice in the document is not as the server writes it"
+                );
+                notices += 1;
+            }
+            _ => {}
+        }
+    }
+    // 5.13's examples and 11.3's requests; 6.13's and 11.3's answers; 7.3's and 11.3's notices.
+    assert!(
+        requests >= 12 && answers >= 14 && notices >= 5,
+        "{requests} requests, {answers} answers, {notices} notices"
+    );
 }
