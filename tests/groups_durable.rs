@@ -256,6 +256,37 @@ fn crash_under_group_load(st: &str) {
     assert!(ack.seq > *seen.keys().max().unwrap());
 }
 
+/// GroupAddMembers on a durable store: every user must have an account and room for one more
+/// group (asked of the store for all of them at once); the added members are stored.
+fn add_members_checks_the_store(st: &str) {
+    let body = store(st);
+    let s = TestServer::start_with_store("io_uring", &body, "[limits]\ngroups_per_user_max = 1\n");
+    let (f_name, _) = s.register("founder");
+    let mut f = login_device(&s, &f_name, "f1");
+    let group = f.group_create(profile("bulk")).unwrap();
+    let ids: Vec<u64> = (0..5).map(|_| s.register("m").1).collect();
+    let add = |c: &mut Client, users: &[u64]| {
+        let req = tim::protocol::GroupAddMembers { group_id: group, user_ids: users.to_vec() };
+        c.send_frame(tim::protocol::kind::GROUP_ADD_MEMBERS, &req).unwrap();
+        loop {
+            match c.recv().unwrap() {
+                Event::GroupOk(ok) => return Ok(ok.seq),
+                Event::Error(e) => return Err(ErrorCode::from_u16(e.code)),
+                _ => {}
+            }
+        }
+    };
+    assert_eq!(add(&mut f, &[ids[0], 987_654_321]), Err(Some(ErrorCode::UnknownUser)));
+    // ids[4] is in a group already: at its cap of one.
+    let (other_name, _) = s.register("other");
+    let mut o = login_device(&s, &other_name, "o1");
+    let other = o.group_create(profile("other")).unwrap();
+    o.group_action(other, act::INVITE, ids[4], 0, "").unwrap();
+    assert_eq!(add(&mut f, &ids), Err(Some(ErrorCode::TooManyGroups)));
+    assert!(add(&mut f, &ids[..4]).unwrap() > 1);
+    assert_eq!(f.group_get(group).unwrap().members, 5);
+}
+
 macro_rules! on_durable_stores {
     ($($name:ident),* $(,)?) => {
         mod embedded { $( #[test] fn $name() { super::$name("embedded") } )* }
@@ -263,4 +294,9 @@ macro_rules! on_durable_stores {
     };
 }
 
-on_durable_stores!(catch_up_and_history_follow_membership, restart_keeps_groups, crash_under_group_load);
+on_durable_stores!(
+    add_members_checks_the_store,
+    catch_up_and_history_follow_membership,
+    restart_keeps_groups,
+    crash_under_group_load
+);

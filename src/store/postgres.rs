@@ -1099,6 +1099,44 @@ impl Store for PostgresStore {
         Ok(counts.into_iter().sum())
     }
 
+    /// Two statements per range, every range at once: which of the users have an account
+    /// there, and how many groups each is in there.
+    fn group_counts(&self, users: &[UserId]) -> Result<Vec<Option<usize>>, StoreError> {
+        let ids: Arc<Vec<i64>> = Arc::new(users.iter().map(|&u| i(u)).collect());
+        let per_range = self.on_every_range(move |range| {
+            let ids = ids.clone();
+            async move {
+                let conn = range.conn().await?;
+                let c = conn.client();
+                let known =
+                    conn.timed(c.query("SELECT id FROM accounts WHERE id = ANY($1)", &[&*ids])).await?;
+                let counts = conn
+                    .timed(c.query(
+                        "SELECT user_id, count(*) FROM group_members
+                         WHERE user_id = ANY($1) AND until_seq IS NULL GROUP BY user_id",
+                        &[&*ids],
+                    ))
+                    .await?;
+                let known: Vec<UserId> = known.iter().map(|r| u(r.get(0))).collect();
+                let counts: Vec<(UserId, usize)> =
+                    counts.iter().map(|r| (u(r.get(0)), r.get::<_, i64>(1) as usize)).collect();
+                Ok((known, counts))
+            }
+        })?;
+        let mut known = HashSet::new();
+        let mut total: HashMap<UserId, usize> = HashMap::new();
+        for (k, counts) in per_range {
+            known.extend(k);
+            for (user, n) in counts {
+                *total.entry(user).or_default() += n;
+            }
+        }
+        Ok(users
+            .iter()
+            .map(|user| known.contains(user).then(|| total.get(user).copied().unwrap_or(0)))
+            .collect())
+    }
+
     fn member_span(&self, user: UserId, group: u64) -> Result<Option<(u64, u64)>, StoreError> {
         let range = self.conv_range(group_conv(group)).clone();
         self.block_on(async move {
