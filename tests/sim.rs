@@ -3,6 +3,8 @@
 //! `TIM_SIM_SEEDS=N` runs N seeds (default 1000) of `TIM_SIM_STEPS` steps (default 3000);
 //! `TIM_SIM_SEED=S` replays one seed, printing its report; `TIM_SIM_TRACE=N` keeps the last N
 //! events for a failure's report, and `TIM_SIM_NOTE_DELIVERIES=1` adds every delivery to them.
+//! `TIM_SIM_STRICT=all` (or `ambiguous`, `order`, `create`, comma-separated) also simulates and
+//! checks what the roles are known to get wrong today (`tim::sim::Strict`): those seeds fail.
 
 fn env_u64(name: &str) -> Option<u64> {
     std::env::var(name).ok().map(|v| v.parse().unwrap_or_else(|_| panic!("{name} must be a number")))
@@ -43,5 +45,12 @@ fn seeds_keep_invariants() {
         assert!(total.evictions > 0, "{total:?}");
         assert!(total.ambiguous_commits > 0 && total.store_duplicates > 0, "{total:?}");
         assert!(total.backlog_full > 0, "{total:?}");
+        // Groups: changes stored and refused, creations colliding, messages delivered, groups
+        // dropped from memory and loaded again.
+        assert!(total.group_notices > 100 && total.group_refusals > 100, "{total:?}");
+        assert!(total.group_collisions > 0 && total.group_pushes > 0, "{total:?}");
+        assert!(total.group_acks > 100 && total.group_deliveries > 1000, "{total:?}");
+        assert!(total.group_stream_deliveries > 0, "{total:?}");
+        assert!(total.group_evictions > 0 && total.group_loads > 100, "{total:?}");
     }
 }
