@@ -1263,7 +1263,17 @@ impl Sim {
     fn on_deliver(&mut self, session: SessionRef, frame: &Bytes) -> Result<(), String> {
         match Header::read(frame).kind {
             kind::DELIVER => {}
-            kind::GROUP_JOIN_REQUEST | kind::GROUP_DECISION => {
+            kind::GROUP_JOIN_REQUEST => {
+                self.report.group_pushes += 1;
+                return Ok(());
+            }
+            kind::GROUP_DECISION => {
+                // To the requester: approved, it was made a member.
+                let d = decode!(protocol::GroupDecision, payload(frame)).ok_or("undecodable decision")?;
+                let Some(c) = self.clients.get(&session) else { return Ok(()) };
+                if d.approved && !self.store.spans.contains_key(&(c.user, d.group_id)) {
+                    return Err(format!("{session:?} of user {}: told {d:?}, never a member", c.user));
+                }
                 self.report.group_pushes += 1;
                 return Ok(());
             }
