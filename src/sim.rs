@@ -40,7 +40,8 @@
 //!   end every acked group message reached every session logged in at its send, still open, of
 //!   every user who was a member at its seq; the owners' groups equal the store's.
 //!
-//! `TIM_SIM_STRICT=all` turns on what the roles are known to get wrong today (see [`Strict`]).
+//! Every seed also simulates the cases the roles once got wrong (see [`Strict`]);
+//! `TIM_SIM_STRICT=none` (or a comma-separated list of the names to keep) leaves them out.
 //!
 //! [`run`] returns the first violation with the seed's recent events; the same seed replays
 //! exactly (tests/sim.rs prints the command).
@@ -129,14 +130,13 @@ pub struct SimConfig {
     pub group_requests_max: usize,
     /// Changes waiting per group (`group_changes_waiting_max`).
     pub group_waiting_max: usize,
-    /// What the roles are known to get wrong today, simulated and checked only when asked
-    /// (`TIM_SIM_STRICT`).
+    /// The cases the roles once got wrong, simulated and checked (`TIM_SIM_STRICT`).
     pub strict: Strict,
 }
 
-/// Cases the roles are known to get wrong today. By default the simulation avoids or forgives
-/// them, so that the seeds pass; `TIM_SIM_STRICT=all` (or a comma-separated list of the names
-/// below) turns them on, and the checks then report them.
+/// Cases the roles once got wrong, found by this simulation and fixed: all simulated and
+/// checked by default. `TIM_SIM_STRICT=none` leaves them out (the simulation then avoids or
+/// forgives them), `TIM_SIM_STRICT=order,create` keeps only those named.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Strict {
     /// `ambiguous`: a group notice's commit that fails but is stored all the same, and a join
@@ -156,7 +156,7 @@ pub struct Strict {
 
 impl Strict {
     fn from_env() -> Strict {
-        let v = std::env::var("TIM_SIM_STRICT").unwrap_or_default();
+        let v = std::env::var("TIM_SIM_STRICT").unwrap_or_else(|_| "all".into());
         let on = |name: &str| v.split(',').any(|w| w.trim() == name || w.trim() == "all" || w.trim() == "1");
         Strict { ambiguous: on("ambiguous"), order: on("order"), create: on("create") }
     }
@@ -1051,6 +1051,7 @@ impl Sim {
         let now = self.now;
         let mut fx = Vec::new();
         match env {
+            Envelope::DeliverMany(_) => unreachable!("the simulation fans group messages out itself"),
             Envelope::Group(req) => {
                 if self.placement.group(req.group) != dst {
                     return Err(format!("group request for {} on shard {dst}", req.group));
@@ -1637,6 +1638,7 @@ impl Sim {
             sender_device: session.0,
             frame: submit_frame(cmid),
             change: None,
+            refuse_new: None,
         };
         let dst = if group { self.placement.group(to) } else { self.placement.conv(direct_key(sender, to)) };
         self.post(session.shard(), dst, Envelope::Submit(Box::new(sub)));
@@ -1823,7 +1825,7 @@ impl Sim {
     /// Check a group owner's decisions (one call's effects) against the stored state: the
     /// owner's state must be the stored one, and its rules the reference model's.
     fn audit_group(&mut self, fx: &Effects) -> Result<(), String> {
-        let mut fanouts: BTreeMap<(u64, u64, usize), Vec<UserId>> = BTreeMap::new();
+        let mut fanouts: BTreeMap<(u64, u64, bool, usize), Vec<UserId>> = BTreeMap::new();
         for e in fx {
             match e {
                 Effect::Sequence(sub) if sub.sender == 0 => {
@@ -1831,11 +1833,18 @@ impl Sim {
                     self.notice_started(sub.to, &n)?;
                 }
                 Effect::Sequence(sub) => {
-                    if let Err(code) = model_send(self.store.groups.get(&sub.to), sub.sender, self.now) {
-                        return Err(format!(
-                            "group {}: send {} of user {} let through, the stored state says {code:?}",
-                            sub.to, sub.client_msg_id, sub.sender
-                        ));
+                    // A refused send goes on marked (a resend may still find its stored
+                    // original): the mark must be the stored state's answer.
+                    let want = model_send(self.store.groups.get(&sub.to), sub.sender, self.now);
+                    match (sub.refuse_new, want) {
+                        (None, Ok(())) => {}
+                        (Some(got), Err(code)) if got == code => {}
+                        (got, want) => {
+                            return Err(format!(
+                                "group {}: send {} of user {} marked {got:?}, the stored state says {want:?}",
+                                sub.to, sub.client_msg_id, sub.sender
+                            ))
+                        }
                     }
                 }
                 Effect::SaveJoinRequest { group, user, request } => {
@@ -1851,26 +1860,48 @@ impl Sim {
                 ) => self.audit_refusal(*session, *client_msg_id, *code)?,
                 Effect::Post(_, Envelope::GroupFanout(f)) => {
                     let stamp = Stamp::read(&f.frame[HEADER_BYTES..]).ok_or("short frame")?;
-                    let users = fanouts.entry((stamp.to, stamp.seq, f.frame.as_ptr() as usize)).or_default();
+                    let key = (stamp.to, stamp.seq, f.lossy, f.frame.as_ptr() as usize);
+                    let users = fanouts.entry(key).or_default();
                     users.extend(f.users.iter().copied());
                 }
                 _ => {}
             }
         }
         // A fan-out goes to exactly the members at its seq (the store may hold later notices of
-        // the same commit already), once each.
-        for ((g, seq, _), mut users) in fanouts {
+        // the same commit already), once each; a notice also to those it removed (whose span
+        // ends at it).
+        for ((g, seq, stream, _), mut users) in fanouts {
             users.sort_unstable();
             let mut members: Vec<UserId> = self
                 .store
                 .spans
                 .iter()
                 .filter(|((_, group), v)| {
-                    *group == g && v.iter().any(|&(from, until)| from <= seq && seq < until)
+                    *group == g
+                        && v.iter()
+                            .any(|&(from, until)| from <= seq && (seq < until || (!stream && seq == until)))
                 })
                 .map(|((u, _), _)| *u)
                 .collect();
             members.sort_unstable();
+            if stream && users != members {
+                // A stream follows the last seq its conversation owner published, which lags the
+                // store after a notice reported failed but stored: it goes to the members then
+                // or now (the owner reloaded the group), never to anyone else.
+                let now: BTreeSet<UserId> = self
+                    .store
+                    .spans
+                    .iter()
+                    .filter(|((_, group), v)| *group == g && v.iter().any(|&(_, until)| until == u64::MAX))
+                    .map(|((u, _), _)| *u)
+                    .collect();
+                if let Some(u) = users.iter().find(|u| !members.contains(u) && !now.contains(u)) {
+                    return Err(format!(
+                        "group {g}: stream after seq {seq} fanned out to {u}, a member neither then ({members:?}) nor now ({now:?})"
+                    ));
+                }
+                continue;
+            }
             if users != members {
                 return Err(format!(
                     "group {g}: seq {seq} fanned out to {users:?}, the members then are {members:?}"
@@ -2476,10 +2507,11 @@ impl FakeStore {
     }
 
     /// Whether `user` was a member once seq `follows` was published (a stream message after it).
+    /// Whether `user` may get a group stream that follows `follows`: a member at that seq, or
+    /// one that joined later (a stream follows the last seq its conversation owner published,
+    /// which lags the store after a notice reported failed but stored).
     fn member_at_stream(&self, user: UserId, group: u64, follows: u64) -> bool {
-        self.spans
-            .get(&(user, group))
-            .is_some_and(|v| v.iter().any(|&(from, until)| from <= follows && follows < until))
+        self.spans.get(&(user, group)).is_some_and(|v| v.iter().any(|&(_, until)| follows < until))
     }
 }
 
@@ -2548,11 +2580,17 @@ fn model_request(
         }
         Ask::Members => {
             dissolved()?;
+            if stored.is_none() {
+                return Err(GroupNotFound);
+            }
             member()?;
             return Ok(Want::Answer);
         }
         Ask::Requests => {
             dissolved()?;
+            if stored.is_none() {
+                return Err(GroupNotFound);
+            }
             if member()? < role::MANAGER {
                 return Err(NotManager);
             }

@@ -3,8 +3,9 @@
 //! `TIM_SIM_SEEDS=N` runs N seeds (default 1000) of `TIM_SIM_STEPS` steps (default 3000);
 //! `TIM_SIM_SEED=S` replays one seed, printing its report; `TIM_SIM_TRACE=N` keeps the last N
 //! events for a failure's report, and `TIM_SIM_NOTE_DELIVERIES=1` adds every delivery to them.
-//! `TIM_SIM_STRICT=all` (or `ambiguous`, `order`, `create`, comma-separated) also simulates and
-//! checks what the roles are known to get wrong today (`tim::sim::Strict`): those seeds fail.
+//! The cases the roles once got wrong (`tim::sim::Strict`: `ambiguous`, `order`, `create`) are
+//! simulated and checked by default; `TIM_SIM_STRICT=none` (or a comma-separated list of names
+//! to keep) leaves them out.
 
 fn env_u64(name: &str) -> Option<u64> {
     std::env::var(name).ok().map(|v| v.parse().unwrap_or_else(|_| panic!("{name} must be a number")))
