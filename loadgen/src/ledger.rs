@@ -13,7 +13,7 @@
 use std::collections::VecDeque;
 
 use rustc_hash::FxHashMap;
-use tim::protocol::Stamp;
+use tim::protocol::{conv, Stamp};
 
 /// Bytes of [`BodyHeader`] at the start of every body.
 pub const BODY_HEADER_BYTES: usize = 32;
@@ -173,8 +173,22 @@ pub struct RecvLog {
     pub from: FxHashMap<u32, Bits>,
     /// Per (sender connection, recipient user): the highest counter received un-resent.
     order: FxHashMap<(u32, u64), u64>,
-    /// Per conversation (its two user ids, smaller first): the highest seq received.
+    /// Per conversation (its two user ids, smaller first; a group: (0, group id)): the highest
+    /// seq received.
     seq: FxHashMap<(u64, u64), u64>,
+}
+
+/// The conversation a stamp belongs to, as [`RecvLog`] keys its seq: a direct conversation by
+/// its two users (smaller first), a group by its id alone (one sequence for every sender and
+/// its notices).
+fn conv_key(s: &Stamp) -> (u64, u64) {
+    if s.conv == conv::GROUP {
+        (0, s.to)
+    } else if s.from <= s.to {
+        (s.from, s.to)
+    } else {
+        (s.to, s.from)
+    }
 }
 
 impl RecvLog {
@@ -195,14 +209,18 @@ impl RecvLog {
             *max = (*max).max(counter);
         }
         if let Some(s) = stamp {
-            let key = if s.from <= s.to { (s.from, s.to) } else { (s.to, s.from) };
-            let last = self.seq.entry(key).or_insert(0);
-            if s.seq <= *last {
-                out_of_order = true;
-            }
-            *last = (*last).max(s.seq);
+            out_of_order |= !self.note_seq(s);
         }
         Received { duplicate: false, out_of_order }
+    }
+
+    /// Note the seq of a delivery that is not a message of the run (a group notice): it takes
+    /// its place in its conversation's sequence. False if it is at or below one seen before.
+    pub fn note_seq(&mut self, s: &Stamp) -> bool {
+        let last = self.seq.entry(conv_key(s)).or_insert(0);
+        let rising = s.seq > *last;
+        *last = (*last).max(s.seq);
+        rising
     }
 }
 
@@ -216,6 +234,9 @@ pub struct ConnLedger {
     pub abandoned: u64,
     /// Room: messages the server reported this subscriber missed.
     pub missed: u64,
+    /// Deliveries this connection received twice, and out of order (message scenarios).
+    pub duplicated: u64,
+    pub out_of_order: u64,
 }
 
 impl ConnLedger {
@@ -227,6 +248,8 @@ impl ConnLedger {
             unanswered: send.inflight.len() as u64,
             abandoned: send.abandoned,
             missed: 0,
+            duplicated: 0,
+            out_of_order: 0,
         }
     }
 }
@@ -346,6 +369,21 @@ mod tests {
         assert!(!r.record(0, 0, FLAG_RESENT, Some(&st(2))).out_of_order);
         assert!(r.record(0, 3, 0, Some(&st(2))).out_of_order);
         assert!(r.record(0, 2, 0, Some(&st(4))).out_of_order);
+    }
+
+    /// A group has one sequence for all its senders and its notices (stamp `from` 0).
+    #[test]
+    fn group_seq_is_one_per_group() {
+        let mut r = RecvLog::default();
+        let g = 1 << 62;
+        let st = |seq, from| Stamp { msg_id: seq, seq, ts_ms: 0, from, to: g, conv: conv::GROUP };
+        assert!(r.note_seq(&st(3, 0)), "a notice");
+        assert!(!r.record(0, 0, 0, Some(&st(4, 7))).out_of_order);
+        assert!(!r.record(1, 0, 0, Some(&st(5, 8))).out_of_order, "another sender, same group");
+        assert!(r.record(0, 1, 0, Some(&st(5, 7))).out_of_order, "seq 5 again, from another sender");
+        assert!(!r.note_seq(&st(2, 0)), "a notice behind");
+        let other = Stamp { to: g + 1, ..st(1, 7) };
+        assert!(!r.record(0, 2, 0, Some(&other)).out_of_order, "another group has its own");
     }
 
     /// Two connections of user 0 (conns 0, 2) and one of user 1 (conn 1); conn 0 writes to

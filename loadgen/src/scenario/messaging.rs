@@ -1,15 +1,18 @@
-//! The message engine shared by one-to-one, echo (and later group and room): per connection a
-//! writer task that issues sends (closed loop: keep `window` unacknowledged; open loop: paced to
-//! the connection's share of `--rate`) and resends refused ones, and the connection's own task
-//! that reads acks, refusals and deliveries and keeps the connection's side of the ledger.
+//! The message engine shared by one-to-one, echo and group: per connection a writer task that
+//! issues sends (closed loop: keep `window` unacknowledged; open loop: paced to the connection's
+//! share of `--rate`), resends refused ones and pings a connection that has written nothing for
+//! a while, and the connection's own task that reads acks, refusals and deliveries and keeps the
+//! connection's side of the ledger.
 //!
-//! A scenario supplies a [`Plan`]: the recipient of each message, the connections it is owed
-//! to, and how to read incoming frames ([`Incoming`]).
+//! A scenario supplies a [`Plan`]: the conversation kind, which connections send, the recipient
+//! of each message, the connections it is owed to, and how to read incoming frames
+//! ([`Incoming`]).
 
 use std::{
     cell::{Cell, RefCell},
     rc::Rc,
     sync::Arc,
+    time::Duration,
 };
 
 use rustc_hash::FxHashMap;
@@ -41,6 +44,11 @@ pub enum Incoming<'a> {
     Deliver {
         stamp: Option<Stamp>,
         body: &'a [u8],
+    },
+    /// A group notice (stamp `from` 0): no message of the run, but it holds a seq of its
+    /// group's sequence.
+    Notice {
+        stamp: Stamp,
     },
     /// Our own frame came back (echo server): acknowledged and delivered in one.
     Echo {
@@ -75,6 +83,21 @@ pub trait Plan: Send + Sync + 'static {
         true
     }
 
+    /// The conversation kind of the messages (`Send.conv`) and of the delivery acks.
+    fn conv(&self) -> u8 {
+        conv::DIRECT
+    }
+
+    /// Whether connection `conn` sends messages (the others only receive).
+    fn sends(&self, _conn: u32) -> bool {
+        true
+    }
+
+    /// Live connections that send: open loop, they share `--rate`.
+    fn senders(&self, live: &LiveSet) -> u32 {
+        live.live_count()
+    }
+
     /// The recipient (`Send.to`) of message `counter` of connection `conn`; `None` when the
     /// connection has nobody to write to.
     fn to(&self, live: &LiveSet, conn: u32, counter: u64) -> Option<u64>;
@@ -101,14 +124,15 @@ pub trait Plan: Send + Sync + 'static {
     }
 }
 
-/// How a tim server's frames read: deliveries in place (stamp + the sender's `Send` archive),
-/// everything else through `tim::client::decode_event`.
+/// How a tim server's frames read: deliveries in place (stamp + the sender's `Send` archive;
+/// a group notice by its stamp alone), everything else through `tim::client::decode_event`.
 pub fn classify_im(k: u16, payload: &[u8]) -> Incoming<'_> {
     if k == kind::DELIVER {
         let Some(stamp) = Stamp::read(payload) else {
             return Incoming::Unexpected(k);
         };
         return match frame::access::<protocol::ArchivedSend>(&payload[Stamp::BYTES..]) {
+            Ok(_) if stamp.from == 0 && stamp.conv == conv::GROUP => Incoming::Notice { stamp },
             Ok(send) => Incoming::Deliver { stamp: Some(stamp), body: send.body.as_slice() },
             Err(_) => Incoming::Unexpected(k),
         };
@@ -141,7 +165,14 @@ struct Conn {
     no_recipient: Cell<bool>,
     /// This connection's user id (0 without login).
     user_id: u64,
-    /// Highest seq received per conversation peer, not yet acknowledged to the server.
+    /// `Send.conv` of this connection's messages, and the kind of the conversations it acks.
+    conv: u8,
+    /// Whether this connection sends (else it only receives, and pings).
+    sends: bool,
+    /// Ping when nothing was written for this long (µs).
+    ping_us: u64,
+    /// Highest seq received per conversation peer (a user, or a group), not yet acknowledged
+    /// to the server.
     pending_acks: RefCell<FxHashMap<u64, u64>>,
     send_delivery_acks: bool,
     /// Duplicates received before this connection's CatchUpEnd (if one comes).
@@ -149,12 +180,25 @@ struct Conn {
     caught_up: Cell<bool>,
     /// When the frames being handled were read (µs since base; one clock read per batch).
     rx_now: Cell<u64>,
+    /// Deliveries received twice, and out of order (for a per-group breakdown).
+    duplicated: Cell<u64>,
+    out_of_order: Cell<u64>,
 }
 
+/// Ping interval when the server announces no idle timeout (or there is no login).
+const PING_DEFAULT: Duration = Duration::from_secs(30);
+
 pub async fn run(w: &Rc<Worker>, idx: u32, plan: Arc<dyn Plan>) {
-    let Some(Joined { io, mut rd, login }) = join_run(w, idx, plan.logs_in()).await else {
+    let Some(joined) = join_run(w, idx, plan.logs_in()).await else {
         return;
     };
+    run_joined(w, idx, plan, joined, RecvLog::default()).await
+}
+
+/// Run a connection that has joined the run (a scenario with setup steps of its own calls this
+/// after them); `recv` is its ledger so far (seqs it saw during setup).
+pub async fn run_joined(w: &Rc<Worker>, idx: u32, plan: Arc<dyn Plan>, joined: Joined, recv: RecvLog) {
+    let Joined { io, mut rd, login } = joined;
     if let (Some(ok), Load::Closed { window }) = (&login, w.g.cfg.load) {
         if idx == 0 && window > ok.inflight_max {
             eprintln!(
@@ -166,28 +210,33 @@ pub async fn run(w: &Rc<Worker>, idx: u32, plan: Arc<dyn Plan>) {
     }
     let send_delivery_acks = plan.delivery_acks() && w.g.cfg.delivery_acks;
     let body_bytes = w.g.cfg.body_bytes;
+    let ping_every = match login.as_ref().map(|l| l.idle_timeout_ms) {
+        Some(ms) if ms > 0 => Duration::from_millis(ms as u64 / 3).max(Duration::from_millis(1)),
+        _ => PING_DEFAULT,
+    };
+    let conv = plan.conv();
     let c = Rc::new(Conn {
         w: w.clone(),
-        plan,
         idx,
         io,
         wake: Rc::new(Notify::default()),
         send: RefCell::new(SendLog::default()),
-        recv: RefCell::new(RecvLog::default()),
-        msg: RefCell::new(protocol::Send {
-            conv: conv::DIRECT,
-            to: 0,
-            client_msg_id: 0,
-            body: vec![b'.'; body_bytes],
-        }),
+        recv: RefCell::new(recv),
+        msg: RefCell::new(protocol::Send { conv, to: 0, client_msg_id: 0, body: vec![b'.'; body_bytes] }),
         dead: Cell::new(false),
         no_recipient: Cell::new(false),
         user_id: login.map_or(0, |l| l.user_id),
+        conv,
+        sends: plan.sends(idx),
+        ping_us: ping_every.as_micros() as u64,
+        plan,
         pending_acks: RefCell::new(FxHashMap::default()),
         send_delivery_acks,
         dup_before_catch_up: Cell::new(0),
         caught_up: Cell::new(false),
         rx_now: Cell::new(0),
+        duplicated: Cell::new(0),
+        out_of_order: Cell::new(0),
     });
     w.watch_phase(&c.wake);
     w.stats.add(C::Connected, 1);
@@ -204,7 +253,9 @@ pub async fn run(w: &Rc<Worker>, idx: u32, plan: Arc<dyn Plan>) {
     let send = std::mem::take(&mut *c.send.borrow_mut());
     w.stats.sub(C::Inflight, send.inflight.len() as u64);
     let recv = std::mem::take(&mut *c.recv.borrow_mut());
-    w.leave_ledger(ConnLedger::new(idx, send, recv));
+    let mut l = ConnLedger::new(idx, send, recv);
+    (l.duplicated, l.out_of_order) = (c.duplicated.get(), c.out_of_order.get());
+    w.leave_ledger(l);
 }
 
 async fn read_loop(c: &Conn, rd: &mut FrameReader) {
@@ -238,6 +289,7 @@ impl Conn {
         match self.plan.classify(k, payload) {
             Incoming::Ack { client_msg_id, duplicate } => self.on_ack(client_msg_id, duplicate),
             Incoming::Deliver { stamp, body } => self.on_deliver(stamp.as_ref(), body),
+            Incoming::Notice { stamp } => self.on_notice(&stamp),
             Incoming::Echo { client_msg_id, body } => {
                 self.on_ack(client_msg_id, false);
                 self.on_deliver(None, body);
@@ -328,6 +380,7 @@ impl Conn {
         let r = self.recv.borrow_mut().record(h.conn, h.counter, h.flags, stamp);
         if r.duplicate {
             stats.add(C::Duplicated, 1);
+            self.duplicated.set(self.duplicated.get() + 1);
             if !self.caught_up.get() {
                 self.dup_before_catch_up.set(self.dup_before_catch_up.get() + 1);
             }
@@ -336,14 +389,35 @@ impl Conn {
             stats.record(H::Deliver, self.rx_now.get().saturating_sub(h.sent_us));
         }
         if r.out_of_order {
-            stats.add(C::OutOfOrder, 1);
+            self.out_of_order_seen();
         }
-        if let (Some(s), true) = (stamp, self.send_delivery_acks) {
-            let peer = if s.from == self.user_id { s.to } else { s.from };
-            let mut acks = self.pending_acks.borrow_mut();
-            let seq = acks.entry(peer).or_insert(0);
-            *seq = (*seq).max(s.seq);
+        if let Some(s) = stamp {
+            self.to_ack(s);
         }
+    }
+
+    /// A group notice: not a message of the run, but it takes a seq of the group's sequence.
+    fn on_notice(&self, stamp: &Stamp) {
+        if !self.recv.borrow_mut().note_seq(stamp) {
+            self.out_of_order_seen();
+        }
+        self.to_ack(stamp);
+    }
+
+    fn out_of_order_seen(&self) {
+        self.w.stats.add(C::OutOfOrder, 1);
+        self.out_of_order.set(self.out_of_order.get() + 1);
+    }
+
+    /// Remember a delivery's seq for this read batch's `DeliveryAck`s.
+    fn to_ack(&self, s: &Stamp) {
+        if !self.send_delivery_acks {
+            return;
+        }
+        let peer = if s.conv == conv::GROUP || s.from == self.user_id { s.to } else { s.from };
+        let mut acks = self.pending_acks.borrow_mut();
+        let seq = acks.entry(peer).or_insert(0);
+        *seq = (*seq).max(s.seq);
     }
 
     /// Queue a `DeliveryAck` per conversation with deliveries not yet acknowledged.
@@ -353,7 +427,7 @@ impl Conn {
             return;
         }
         for (peer, seq) in acks.drain() {
-            self.io.queue(kind::DELIVERY_ACK, &protocol::DeliveryAck { conv: conv::DIRECT, peer, seq });
+            self.io.queue(kind::DELIVERY_ACK, &protocol::DeliveryAck { conv: self.conv, peer, seq });
         }
         drop(acks);
         self.wake.notify();
@@ -431,7 +505,7 @@ async fn writer(c: Rc<Conn>) {
     // Open loop: this connection's k-th message is due at start + offset + k × interval.
     let (interval_us, offset_us) = match g.cfg.load {
         Load::Open { rate, .. } => {
-            let per_conn = rate / live.live_count().max(1) as f64;
+            let per_conn = rate / c.plan.senders(live).max(1) as f64;
             let interval = 1e6 / per_conn;
             let jitter = (mix(g.run_id as u64 ^ c.idx as u64) % 1_000_000) as f64 / 1e6;
             (interval, interval * jitter)
@@ -439,6 +513,7 @@ async fn writer(c: Rc<Conn>) {
         Load::Closed { .. } => (0.0, 0.0),
     };
     let mut issued: u64 = 0;
+    let mut last_write = c.w.now_us();
     let pacer_slot = c.w.pacer.register(&c.wake);
     loop {
         let phase = c.w.phase();
@@ -447,7 +522,7 @@ async fn writer(c: Rc<Conn>) {
         }
         let now = c.w.now_us();
         let mut next_wake = c.resend_due(now);
-        if phase == Phase::Run {
+        if phase == Phase::Run && c.sends {
             match g.cfg.load {
                 Load::Closed { window } => while c.inflight() < window as usize && c.issue(now) {},
                 Load::Open { cap, .. } => {
@@ -463,6 +538,11 @@ async fn writer(c: Rc<Conn>) {
                 }
             }
         }
+        // A connection that sends nothing for a while (a group member that only receives, with
+        // delivery acks off) pings, or the server's idle timeout closes it.
+        if !c.io.has_output() && now >= last_write + c.ping_us {
+            c.io.queue(kind::PING, &protocol::Ping { nonce: 0 });
+        }
         if c.io.has_output() {
             if let Err(e) = c.io.flush().await {
                 if !c.io.is_closed() {
@@ -470,15 +550,15 @@ async fn writer(c: Rc<Conn>) {
                 }
                 break;
             }
-            if next_wake.is_some_and(|t| t <= c.w.now_us()) {
+            last_write = c.w.now_us();
+            if next_wake.is_some_and(|t| t <= last_write) {
                 continue;
             }
         }
         // The thread's pacer wakes us at `t` to the microsecond (a monoio timer would round
         // up to its next 1 ms tick, delaying the send and bunching sends into bursts).
-        if let Some(t) = next_wake {
-            c.w.pacer.wake_at(pacer_slot, t);
-        }
+        let ping_at = last_write + c.ping_us;
+        c.w.pacer.wake_at(pacer_slot, next_wake.map_or(ping_at, |t| t.min(ping_at)));
         c.wake.wait().await;
     }
     c.io.shutdown();
