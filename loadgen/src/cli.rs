@@ -32,6 +32,10 @@ pub enum ScenarioName {
     /// Live rooms: connection c is in room c % rooms; each room's first connection creates it
     /// and publishes, the others subscribe; every delivery and Missed count is checked.
     Room,
+    /// Groups: connection c is member c / groups of group c % groups (one user each); each
+    /// group's first member creates it, the others join; its first --senders members send
+    /// group messages; every delivery to every other member is checked, per group.
+    Group,
 }
 
 impl ScenarioName {
@@ -42,6 +46,7 @@ impl ScenarioName {
             ScenarioName::LoginStorm => "login-storm",
             ScenarioName::Echo => "echo",
             ScenarioName::Room => "room",
+            ScenarioName::Group => "group",
         }
     }
 }
@@ -96,9 +101,9 @@ pub struct Args {
     /// What the connections do.
     #[arg(long, value_enum, default_value = "one-to-one")]
     pub scenario: ScenarioName,
-    /// Connections (login-storm: concurrent workers).
-    #[arg(long, default_value_t = 100)]
-    pub connections: u32,
+    /// Connections (login-storm: concurrent workers) [default: 100; group: groups × members].
+    #[arg(long)]
+    pub connections: Option<u32>,
     /// Distinct users (accounts); default: one per connection. At most --connections.
     #[arg(long)]
     pub users: Option<u32>,
@@ -109,7 +114,8 @@ pub struct Args {
     #[arg(long, default_value_t = 64)]
     pub body_bytes: usize,
     /// Open loop: messages per second over all connections (room: publishes per second over
-    /// all rooms). With --window too, the window caps each connection's unacknowledged messages.
+    /// all rooms; group: messages per second over all senders). With --window too, the window
+    /// caps each connection's unacknowledged messages.
     #[arg(long, value_name = "MSGS_PER_S")]
     pub rate: Option<f64>,
     /// Closed loop: unacknowledged messages kept in flight per connection (default 16; room:
@@ -120,6 +126,17 @@ pub struct Args {
     /// Room: live rooms; connection c is in room c % rooms (at least 2 connections per room).
     #[arg(long, default_value_t = 1)]
     pub rooms: u32,
+    /// Group: groups; connection c is member c / groups of group c % groups.
+    #[arg(long, default_value_t = 1)]
+    pub groups: u32,
+    /// Group: members per group, one user with one session each (at least 2) [default:
+    /// --connections / --groups].
+    #[arg(long)]
+    pub members: Option<u32>,
+    /// Group: members of each group that send messages (its first ones; the first one creates
+    /// the group); the others only receive.
+    #[arg(long, default_value_t = 1)]
+    pub senders: u32,
     /// Local addresses to bind outgoing connections to, round-robin: a range
     /// `127.0.0.2-127.0.0.9` or a comma-separated list.
     #[arg(long, value_name = "ADDRS")]
@@ -225,6 +242,10 @@ pub struct Config {
     pub load: Load,
     /// Room: live rooms.
     pub rooms: u32,
+    /// Group: groups, members per group, senders per group.
+    pub groups: u32,
+    pub members: u32,
+    pub senders: u32,
     pub peer: PeerChoice,
     pub password: String,
     pub user_prefix: String,
@@ -263,21 +284,29 @@ impl Config {
         if let Some(bad) = sources.iter().find(|ip| addrs.iter().any(|a| a.is_ipv4() != ip.is_ipv4())) {
             bail!("--source-addrs {bad} is not of the same family as every --addr");
         }
-        if a.connections == 0 || a.connections > CONNECTIONS_MAX {
+        let (connections, members) = if a.scenario == ScenarioName::Group {
+            group_shape(&a)?
+        } else {
+            (a.connections.unwrap_or(CONNECTIONS_DEFAULT), 0)
+        };
+        if connections == 0 || connections > CONNECTIONS_MAX {
             bail!("--connections must be within 1..={CONNECTIONS_MAX}");
         }
-        let users = a.users.unwrap_or(a.connections);
-        if users == 0 || users > a.connections {
-            bail!("--users must be within 1..=--connections ({})", a.connections);
+        let users = a.users.unwrap_or(connections);
+        if users == 0 || users > connections {
+            bail!("--users must be within 1..=--connections ({connections})");
         }
-        let per_user = a.connections.div_ceil(users);
+        if a.scenario == ScenarioName::Group && users != connections {
+            bail!("group: every member is a user of its own (--users must be --connections, {connections})");
+        }
+        let per_user = connections.div_ceil(users);
         let needs_sessions = a.scenario != ScenarioName::Echo;
         if needs_sessions && per_user > a.sessions_per_user_max {
             bail!(
                 "{} connections over {users} users is {per_user} sessions per user, over the {} a \
                  user can hold (the server's sessions.per_account_max / per_device_type_max; raise \
                  --users, or --sessions-per-user-max if the server allows more)",
-                a.connections,
+                connections,
                 a.sessions_per_user_max
             );
         }
@@ -301,12 +330,12 @@ impl Config {
             (None, Some(0)) => bail!("--window must be at least 1"),
             (None, window) => Load::Closed { window: window.unwrap_or(16) },
         };
-        if a.scenario == ScenarioName::Room && (a.rooms == 0 || a.connections < a.rooms.saturating_mul(2)) {
+        if a.scenario == ScenarioName::Room && (a.rooms == 0 || connections < a.rooms.saturating_mul(2)) {
             bail!(
                 "--rooms must be at least 1, with at least 2 connections per room (a publisher and a \
                  subscriber): --connections {} allows at most {}",
-                a.connections,
-                a.connections / 2
+                connections,
+                connections / 2
             );
         }
         let threads = a.threads.unwrap_or_else(tim_shards::runtime::available_cores).max(1);
@@ -328,9 +357,9 @@ impl Config {
             scenario: a.scenario,
             addrs,
             sources,
-            connections: a.connections,
+            connections,
             users,
-            threads: threads.min(a.connections as usize),
+            threads: threads.min(connections as usize),
             duration: Duration::from_secs_f64(a.duration),
             drain: Duration::from_secs_f64(a.drain),
             setup_timeout: Duration::from_secs_f64(a.setup_timeout),
@@ -340,6 +369,9 @@ impl Config {
             body_bytes: a.body_bytes,
             load,
             rooms: a.rooms,
+            groups: a.groups,
+            members,
+            senders: a.senders,
             peer: a.peer,
             password: a.password,
             user_prefix: a.user_prefix,
@@ -390,6 +422,40 @@ impl Config {
         }
         Some(self.sources[((conn as u64 + n * self.connections as u64) % self.sources.len() as u64) as usize])
     }
+}
+
+/// Connections when --connections is not given.
+const CONNECTIONS_DEFAULT: u32 = 100;
+
+/// Group: (connections, members per group) from --groups, --members and --connections, which
+/// must agree: connections = groups × members.
+fn group_shape(a: &Args) -> anyhow::Result<(u32, u32)> {
+    if a.groups == 0 {
+        bail!("--groups must be at least 1");
+    }
+    let members = match (a.members, a.connections) {
+        (Some(m), _) => m,
+        (None, c) => c.unwrap_or(CONNECTIONS_DEFAULT) / a.groups,
+    };
+    if members < 2 {
+        bail!("--members must be at least 2 (a sender and a member to deliver to)");
+    }
+    let connections = a
+        .groups
+        .checked_mul(members)
+        .filter(|&c| c <= CONNECTIONS_MAX)
+        .with_context(|| format!("--groups × --members must be at most {CONNECTIONS_MAX}"))?;
+    if a.connections.is_some_and(|c| c != connections) {
+        bail!(
+            "--connections {} is not --groups × --members ({} × {members} = {connections}); leave it out",
+            a.connections.unwrap_or(0),
+            a.groups
+        );
+    }
+    if a.senders == 0 || a.senders > members {
+        bail!("--senders must be within 1..=--members ({members})");
+    }
+    Ok((connections, members))
 }
 
 /// `127.0.0.2-127.0.0.9` (IPv4 range, inclusive) or `a,b,c` (any addresses).
@@ -481,6 +547,27 @@ mod tests {
         assert!(cfg(&["--connections", "8", "--rooms", "0"]).is_err());
         let open = cfg(&["--connections", "8", "--rooms", "2", "--rate", "1000"]).unwrap();
         assert!(matches!(open.load, Load::Open { rate, .. } if rate == 1000.0));
+    }
+
+    /// A group run: connections = groups × members, one user each, 1 ≤ senders ≤ members.
+    #[test]
+    fn group_args() {
+        let cfg = |extra: &[&str]| {
+            let mut argv = vec!["tim-loadgen", "--scenario", "group", "--threads", "1"];
+            argv.extend_from_slice(extra);
+            Config::from_args(Args::parse_from(argv))
+        };
+        let ok = cfg(&["--groups", "4", "--members", "250", "--senders", "2"]).unwrap();
+        assert_eq!((ok.connections, ok.users, ok.groups, ok.members, ok.senders), (1000, 1000, 4, 250, 2));
+        let ok = cfg(&["--groups", "2", "--connections", "10"]).unwrap();
+        assert_eq!((ok.connections, ok.members, ok.senders), (10, 5, 1));
+        assert_eq!(cfg(&[]).unwrap().members, 100, "one group of the default 100 connections");
+        assert!(cfg(&["--groups", "2", "--members", "5", "--connections", "11"]).is_err());
+        assert!(cfg(&["--members", "1"]).is_err());
+        assert!(cfg(&["--members", "4", "--senders", "5"]).is_err());
+        assert!(cfg(&["--members", "4", "--senders", "0"]).is_err());
+        assert!(cfg(&["--members", "4", "--users", "2"]).is_err());
+        assert!(cfg(&["--groups", "0"]).is_err());
     }
 
     #[test]

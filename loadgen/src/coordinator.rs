@@ -180,7 +180,7 @@ fn progress_line(
     let head = format!("[{:>5.1}s]", since_start.as_secs_f64());
     let errors = now[C::Errors as usize];
     match g.scenario {
-        Scenario::Messaging(_) => format!(
+        Scenario::Messaging(_) | Scenario::Group(_) => format!(
             "{head} sent {}/s  acked {}/s  delivered {}/s  ack p50/p99 {}  deliver p50/p99 {}  in flight {}  errors {errors}",
             rate(C::Sent),
             rate(C::Acked),

@@ -8,7 +8,7 @@
 //! - [`worker`]: one executor thread, its control task and small local primitives;
 //! - [`net`]: connect, the write queue, the frame reader;
 //! - [`session`]: register, log in, log out;
-//! - [`scenario`]: what connections do (one-to-one, idle, login-storm, echo, room);
+//! - [`scenario`]: what connections do (one-to-one, idle, login-storm, echo, room, group);
 //! - [`ledger`]: per-connection send/receive tables and the final merge;
 //! - [`stats`]: counters, histograms, error tallies;
 //! - [`coordinator`]: phases and the progress line; [`report`]: the summary and JSON;

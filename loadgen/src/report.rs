@@ -9,13 +9,17 @@ use crate::{
     coordinator::Outcome,
     global::Global,
     ledger,
-    scenario::{room, Scenario},
+    scenario::{group, room, Scenario},
     stats::{fmt_us, C, H},
 };
 
 /// Print the results; true if the run passed (no acknowledged message lost or duplicated,
 /// nothing out of order or misrouted, and something was done at all; room: also no error
 /// during the run, and every publish received or reported missed by every subscriber).
+///
+/// Group runs add per-group figures: in the summary the groups with a problem, in the JSON
+/// `per_group` (every group when there are at most [`PER_GROUP_ALL_MAX`], else those with a
+/// problem).
 pub fn finish(g: &Global, o: &Outcome) -> bool {
     let cfg = &g.cfg;
     let r = g.results.lock().expect("results lock");
@@ -25,11 +29,15 @@ pub fn finish(g: &Global, o: &Outcome) -> bool {
         (Scenario::Room(rooms), Some(live)) => Some(room::verdict(rooms, live, &r.ledgers)),
         _ => None,
     };
+    let group_verdict = match (&g.scenario, g.live.get()) {
+        (Scenario::Group(groups), Some(live)) => Some(group::verdict(groups, live, &r.ledgers)),
+        _ => None,
+    };
     let verdict = match (&g.scenario, g.live.get()) {
         (Scenario::Messaging(plan), Some(live)) => {
             Some(ledger::merge(&r.ledgers, cfg.connections, |s, n, out| plan.receivers(live, s, n, out)))
         }
-        _ => room_verdict.map(|rv| rv.v),
+        _ => room_verdict.map(|rv| rv.v).or(group_verdict.as_ref().map(|gv| gv.v)),
     };
     let v = verdict.unwrap_or_default();
     let rv = room_verdict.unwrap_or_default();
@@ -73,8 +81,14 @@ pub fn finish(g: &Global, o: &Outcome) -> bool {
             o.ready
         ));
     }
+    if let Some(gv) = &group_verdict {
+        let bad = gv.per_group.iter().filter(|t| !t.ok()).count();
+        if bad > 0 {
+            problems.push(format!("{bad} of {} groups failed the ledger", gv.per_group.len()));
+        }
+    }
     let did_nothing = match g.scenario {
-        Scenario::Messaging(_) | Scenario::Room(_) => v.acked == 0,
+        Scenario::Messaging(_) | Scenario::Room(_) | Scenario::Group(_) => v.acked == 0,
         Scenario::Idle => o.connected_at_end == 0,
         Scenario::LoginStorm => c(C::Logins) == 0,
     };
@@ -109,8 +123,32 @@ pub fn finish(g: &Global, o: &Outcome) -> bool {
         o.setup_failed
     );
     let hist = |x: H| &r.hists[x as usize];
+    if let Some(gv) = &group_verdict {
+        println!(
+            "  groups {} × {} members, {} senders each ({} members live)",
+            cfg.groups,
+            cfg.members,
+            cfg.senders,
+            gv.per_group.iter().map(|t| t.members as u64).sum::<u64>()
+        );
+        for t in gv.per_group.iter().filter(|t| !t.ok()) {
+            println!(
+                "  group {} ({:#x}): acked {}  delivered {} of {} owed  lost {}  duplicated {}  \
+                 out of order {}  misrouted {}",
+                t.group,
+                t.id,
+                t.acked,
+                t.delivered,
+                t.expected,
+                t.lost,
+                t.duplicated,
+                t.out_of_order,
+                t.misrouted
+            );
+        }
+    }
     match g.scenario {
-        Scenario::Messaging(_) => {
+        Scenario::Messaging(_) | Scenario::Group(_) => {
             println!(
                 "  sent {}  acked {}  delivered {} of {} owed  ({:.0} acked/s, {:.0} delivered/s)",
                 c(C::Sent),
@@ -283,6 +321,35 @@ pub fn finish(g: &Global, o: &Outcome) -> bool {
             m.insert("publishes_per_s".into(), json!(round3(v.acked as f64 / secs)));
             m.insert("deliveries_per_s".into(), json!(round3(v.delivered as f64 / secs)));
         }
+        if let Some(gv) = &group_verdict {
+            // sent, acked: group messages; delivered, msgs_per_s: deliveries (message × member).
+            m.insert("groups".into(), json!(cfg.groups));
+            m.insert("members".into(), json!(cfg.members));
+            m.insert("senders".into(), json!(cfg.senders));
+            m.insert("acked_msgs_per_s".into(), json!(round3(v.acked as f64 / secs)));
+            m.insert("deliveries_per_s".into(), json!(round3(v.delivered as f64 / secs)));
+            let all = gv.per_group.len() <= PER_GROUP_ALL_MAX;
+            let per_group: Vec<Value> = gv
+                .per_group
+                .iter()
+                .filter(|t| all || !t.ok())
+                .map(|t| {
+                    json!({
+                        "group": t.group,
+                        "group_id": t.id,
+                        "members": t.members,
+                        "acked": t.acked,
+                        "expected_deliveries": t.expected,
+                        "delivered": t.delivered,
+                        "lost": t.lost,
+                        "duplicated": t.duplicated,
+                        "out_of_order": t.out_of_order,
+                        "misrouted": t.misrouted,
+                    })
+                })
+                .collect();
+            m.insert("per_group".into(), Value::Array(per_group));
+        }
         if let Some(cpu) = &server_cpu {
             let (s, util, per_msg) = match cpu {
                 Ok((s, util, per_msg)) => (Some(round3(*s)), Some(round3(*util)), per_msg.map(round3)),
@@ -300,6 +367,9 @@ pub fn finish(g: &Global, o: &Outcome) -> bool {
     }
     problems.is_empty()
 }
+
+/// Group runs with at most this many groups list every group in the JSON's `per_group`.
+pub const PER_GROUP_ALL_MAX: usize = 64;
 
 fn quantile(h: &Histogram<u64>, q: f64) -> u64 {
     if h.is_empty() {

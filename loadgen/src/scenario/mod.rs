@@ -2,14 +2,14 @@
 //! or one worker that keeps reconnecting (login-storm).
 //!
 //! Message scenarios share one engine ([`messaging`]) and differ only in a [`Plan`]: who a
-//! message goes to, which connections it is owed to, how frames are read. A new message
-//! scenario (group) is one small module implementing [`Plan`], one [`ScenarioName`] value and
-//! one line in [`Scenario::new`]. Live rooms ([`room`]) have no acks, so they run on their own
-//! loop with their own verdict.
+//! message goes to, which connections it is owed to, how frames are read. Groups ([`group`])
+//! are such a plan with setup steps of their own (create, join) and a verdict per group. Live
+//! rooms ([`room`]) have no acks, so they run on their own loop with their own verdict.
 //!
 //! [`ScenarioName`]: crate::cli::ScenarioName
 
 pub mod echo;
+pub mod group;
 pub mod idle;
 pub mod login_storm;
 pub mod messaging;
@@ -42,6 +42,8 @@ pub enum Scenario {
     LoginStorm,
     /// Live rooms: publishers and subscribers, checked by [`room::verdict`].
     Room(Arc<room::Rooms>),
+    /// Groups: messages on the message engine, checked per group by [`group::verdict`].
+    Group(Arc<group::Groups>),
 }
 
 impl Scenario {
@@ -52,6 +54,7 @@ impl Scenario {
             ScenarioName::Idle => Scenario::Idle,
             ScenarioName::LoginStorm => Scenario::LoginStorm,
             ScenarioName::Room => Scenario::Room(Arc::new(room::Rooms::new(cfg))),
+            ScenarioName::Group => Scenario::Group(Arc::new(group::Groups::new(cfg))),
         }
     }
 
@@ -68,6 +71,7 @@ pub async fn run_slot(w: &Rc<Worker>, conn: u32) {
         Scenario::Idle => idle::run(w, conn).await,
         Scenario::LoginStorm => login_storm::run(w, conn).await,
         Scenario::Room(rooms) => room::run(w, conn, rooms.clone()).await,
+        Scenario::Group(groups) => group::run(w, conn, groups.clone()).await,
     }
 }
 
