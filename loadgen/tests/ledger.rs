@@ -262,3 +262,44 @@ fn room_fan_out() {
     assert!(n(&v, "deliver_p99_us") >= n(&v, "deliver_p50_us"));
     assert!(out.status.success(), "exit status {:?}", out.status);
 }
+
+/// Groups: 2 groups of 10 members on both shards, 2 senders each, open loop for 2 seconds:
+/// every acknowledged message reaches the 9 other members of its group, once, in the group's
+/// sequence (the join notices of the setup included), and the figures come per group.
+#[test]
+fn group_fan_out() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let server = Server::start("backend = \"memory\"");
+    let args = [
+        "--scenario",
+        "group",
+        "--groups",
+        "2",
+        "--members",
+        "10",
+        "--senders",
+        "2",
+        "--duration",
+        "2",
+        "--rate",
+        "2000",
+    ];
+    let (out, v) = loadgen(&server.addr, &args, Duration::from_secs(60));
+    assert_eq!(v["ok"], Value::Bool(true), "{v}");
+    assert_eq!((n(&v, "connections"), n(&v, "ready")), (20, 20), "{v}");
+    assert!(n(&v, "acked") > 0, "{v}");
+    assert_eq!(n(&v, "expected_deliveries"), n(&v, "acked") * 9, "{v}");
+    assert_eq!(n(&v, "delivered"), n(&v, "expected_deliveries"), "{v}");
+    for key in ["lost", "duplicated", "out_of_order", "misrouted"] {
+        assert_eq!(n(&v, key), 0, "{key}: {v}");
+    }
+    let groups = v["per_group"].as_array().expect("per_group");
+    assert_eq!(groups.len(), 2, "{v}");
+    for g in groups {
+        assert_eq!((n(g, "members"), n(g, "lost")), (10, 0), "{g}");
+        assert!(n(g, "group_id") >= 1 << 62, "{g}");
+    }
+    assert!(v["deliveries_per_s"].as_f64().is_some_and(|x| x > 0.0), "{v}");
+    assert!(n(&v, "ack_p99_us") > 0, "{v}");
+    assert!(out.status.success(), "exit status {:?}", out.status);
+}
