@@ -42,8 +42,11 @@ use crate::{
     worker::Worker,
 };
 
-/// How often a member looks whether its group was created, or every member has joined.
+/// How often a member looks whether its group was created.
 const POLL: Duration = Duration::from_millis(2);
+/// How often a member looks whether every member has joined (reading notices meanwhile). Each
+/// look cancels a pending read: with a thousand members, 2 ms would be half a million a second.
+const JOINED_POLL: Duration = Duration::from_millis(20);
 /// Pause before a refused (Busy) group request is retried; the group owner queues at most
 /// `group_changes_waiting_max` (256) changes per group, so a crowd of joins meets Busy.
 const RETRY_PAUSE: Duration = Duration::from_millis(20);
@@ -357,10 +360,13 @@ async fn all_in(
         if Instant::now() >= deadline || w.phase() != Phase::Setup {
             return Err(Fail::Timeout);
         }
-        // Read what comes (the notices of later joins) while the others join.
-        match read_event(w, io, rd, notices, POLL).await {
+        // Read what comes (the notices of later joins) while the others join; once all are in,
+        // wait for the last notice without looking again.
+        let wait = if done { left(deadline) } else { JOINED_POLL };
+        match read_event(w, io, rd, notices, wait).await {
             Ok(Some(Event::Kick(k))) => return Err(Fail::Kicked(k.reason)),
-            Ok(_) | Err(Fail::Timeout) => {}
+            Ok(_) => {}
+            Err(Fail::Timeout) if !done => {}
             Err(e) => return Err(e),
         }
     }
