@@ -226,12 +226,14 @@ impl RoomOwner {
 
     /// Close the rooms nothing was published to for `room_idle_secs`.
     pub fn expire(&mut self, now: u64, out: &mut Effects) {
-        let idle: Vec<u64> = self
+        let mut idle: Vec<u64> = self
             .rooms
             .iter()
             .filter(|(_, r)| now.saturating_sub(r.active_ms) >= self.idle_ms)
             .map(|(&id, _)| id)
             .collect();
+        // In id order, not the map's (random) order: a seed of the simulation replays exactly.
+        idle.sort_unstable();
         for room in idle {
             self.close(room, room_closed::EXPIRED, out);
         }
