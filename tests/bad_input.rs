@@ -30,7 +30,7 @@ fn expect_error(ev: Event, code: ErrorCode) {
 
 /// A frame over the cap gets FrameTooLarge and a close; others keep being served.
 fn frame_over_cap(driver: &str) {
-    let s = TestServer::start(driver, "[limits]\nframe_bytes_max = 4096\nbody_bytes_max = 2048\n");
+    let s = TestServer::start(driver, "[limits]\nframe_bytes_max = 4096\nbody_bytes_max = 2048\ngroup_join_requests_max = 8\ngroup_page_max = 100\ngroup_add_batch_max = 300\ngroup_extra_bytes_max = 1024\n");
     let (alice, _) = s.register("alice");
     let (mut a, _) = s.login(&alice, 3);
     a.write_raw(&header(4097, kind::SEND, 0)).unwrap();

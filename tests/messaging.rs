@@ -97,7 +97,7 @@ fn resend_dedup(driver: &str) {
 /// Sends to nobody, with a too-large body or an unknown conversation kind get their codes; the
 /// session stays usable.
 fn send_refusals(driver: &str) {
-    let s = TestServer::start(driver, "[limits]\nbody_bytes_max = 2048\nframe_bytes_max = 8192\n");
+    let s = TestServer::start(driver, "[limits]\nbody_bytes_max = 2048\nframe_bytes_max = 8192\ngroup_join_requests_max = 8\ngroup_page_max = 100\ngroup_add_batch_max = 300\ngroup_extra_bytes_max = 1024\n");
     let (alice, _) = s.register("alice");
     let (_, bob_id) = s.register("bob");
     let (mut a, _) = s.login(&alice, 3);
