@@ -137,6 +137,19 @@ pub struct Args {
     /// the group); the others only receive.
     #[arg(long, default_value_t = 1)]
     pub senders: u32,
+    /// Group: offline members per group, on top of --members: before the online members join,
+    /// this many more users per group are registered (no session kept) and added by the
+    /// group's creator with `GroupAddMembers`, in batches of at most 1,000.
+    #[arg(long, default_value_t = 0)]
+    pub offline_members: u32,
+    /// Group: Register requests per connection while registering offline members (the server
+    /// allows `registrations_per_connection_max`, 3 by default), over
+    /// --register-concurrency connections at once.
+    #[arg(long, default_value_t = 3)]
+    pub register_per_connection: u32,
+    /// Group: connections registering offline members at once (per group).
+    #[arg(long, default_value_t = 32)]
+    pub register_concurrency: u32,
     /// Local addresses to bind outgoing connections to, round-robin: a range
     /// `127.0.0.2-127.0.0.9` or a comma-separated list.
     #[arg(long, value_name = "ADDRS")]
@@ -246,6 +259,10 @@ pub struct Config {
     pub groups: u32,
     pub members: u32,
     pub senders: u32,
+    /// Group: offline members per group, and how they are registered.
+    pub offline_members: u32,
+    pub register_per_connection: u32,
+    pub register_concurrency: u32,
     pub peer: PeerChoice,
     pub password: String,
     pub user_prefix: String,
@@ -295,6 +312,9 @@ impl Config {
         let users = a.users.unwrap_or(connections);
         if users == 0 || users > connections {
             bail!("--users must be within 1..=--connections ({connections})");
+        }
+        if a.offline_members > 0 && a.scenario != ScenarioName::Group {
+            bail!("--offline-members is for --scenario group");
         }
         if a.scenario == ScenarioName::Group && users != connections {
             bail!("group: every member is a user of its own (--users must be --connections, {connections})");
@@ -372,6 +392,9 @@ impl Config {
             groups: a.groups,
             members,
             senders: a.senders,
+            offline_members: a.offline_members,
+            register_per_connection: a.register_per_connection.max(1),
+            register_concurrency: a.register_concurrency.max(1),
             peer: a.peer,
             password: a.password,
             user_prefix: a.user_prefix,
@@ -568,6 +591,11 @@ mod tests {
         assert!(cfg(&["--members", "4", "--senders", "0"]).is_err());
         assert!(cfg(&["--members", "4", "--users", "2"]).is_err());
         assert!(cfg(&["--groups", "0"]).is_err());
+        let off = cfg(&["--members", "10", "--offline-members", "90"]).unwrap();
+        assert_eq!((off.connections, off.members, off.offline_members), (10, 10, 90));
+        assert_eq!((off.register_per_connection, off.register_concurrency), (3, 32));
+        let other = ["tim-loadgen", "--scenario", "one-to-one", "--offline-members", "1"];
+        assert!(Config::from_args(Args::parse_from(other)).is_err());
     }
 
     #[test]

@@ -131,6 +131,19 @@ pub fn finish(g: &Global, o: &Outcome) -> bool {
             cfg.senders,
             gv.per_group.iter().map(|t| t.members as u64).sum::<u64>()
         );
+        if let Scenario::Group(groups) = &g.scenario {
+            if groups.offline > 0 {
+                let o = groups.offline_stats();
+                println!(
+                    "  offline members: {} of {} added ({} registered in {:.2} s, added in {:.2} s)",
+                    o.added,
+                    cfg.groups as u64 * groups.offline as u64,
+                    o.registered,
+                    o.register_s,
+                    o.add_s
+                );
+            }
+        }
         for t in gv.per_group.iter().filter(|t| !t.ok()) {
             println!(
                 "  group {} ({:#x}): acked {}  delivered {} of {} owed  lost {}  duplicated {}  \
@@ -326,6 +339,14 @@ pub fn finish(g: &Global, o: &Outcome) -> bool {
             m.insert("groups".into(), json!(cfg.groups));
             m.insert("members".into(), json!(cfg.members));
             m.insert("senders".into(), json!(cfg.senders));
+            if let Scenario::Group(groups) = &g.scenario {
+                let o = groups.offline_stats();
+                m.insert("offline_members".into(), json!(groups.offline));
+                m.insert("offline_registered".into(), json!(o.registered));
+                m.insert("offline_added".into(), json!(o.added));
+                m.insert("offline_register_s".into(), json!(round3(o.register_s)));
+                m.insert("offline_add_s".into(), json!(round3(o.add_s)));
+            }
             m.insert("acked_msgs_per_s".into(), json!(round3(v.acked as f64 / secs)));
             m.insert("deliveries_per_s".into(), json!(round3(v.delivered as f64 / secs)));
             let all = gv.per_group.len() <= PER_GROUP_ALL_MAX;

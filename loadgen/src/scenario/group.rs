@@ -1,7 +1,16 @@
 //! group: groups (1:N, stored; PROTOCOL.md on groups). There are `--groups` G groups of
 //! `--members` M members, one user and one session each: connection c is member c / G of group
 //! c % G. Each group's first member (c = g) creates it (open join policy) and shares its id;
-//! the others wait for that id (outside the setup gate) and JOIN. Every member then waits until
+//! the others wait for that id (outside the setup gate, before connecting) and JOIN.
+//!
+//! With `--offline-members` N, each group also has N members without a session: before it
+//! logs in, the creator registers N more users (`{prefix}-off{g}-{i}`) over short connections
+//! of their own (`--register-per-connection` each, `--register-concurrency` at once), and once
+//! it has created the group it adds them with `GroupAddMembers` (at most [`ADD_BATCH`] per
+//! request; each makes one MEMBERS_ADDED notice, which the creator reads like the others). Only
+//! then does it share the group id, so the online members join after the offline ones are in
+//! and none of that setup fans out to them. Offline members are owed nothing live: the ledger
+//! does not know them. Every member then waits until
 //! every member of its group has joined (or given up), and reads the group's notices (CREATED,
 //! JOINED: stamp `from` 0) up to the last join's, so that no notice fan-out is left when the
 //! run starts; only then does it report ready.
@@ -18,6 +27,7 @@
 //! duplicated and out-of-order deliveries down per group.
 
 use std::{
+    cell::{Cell, RefCell},
     rc::Rc,
     sync::{
         atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering::SeqCst},
@@ -29,7 +39,7 @@ use std::{
 use rustc_hash::FxHashMap;
 use tim::{
     client::{decode_event, Event},
-    protocol::{self, conv, group_action, join_policy, kind, GroupOk, Stamp},
+    protocol::{self, conv, group_action, join_policy, kind, ErrorCode, GroupOk, Stamp},
 };
 
 use super::{enter_run, messaging, set_up, Plan};
@@ -38,12 +48,16 @@ use crate::{
     global::{LiveSet, Phase},
     ledger::{Bits, ConnLedger, RecvLog, Verdict},
     net::{FrameReader, Io},
-    session::{retryable, Fail},
+    session::{self, retryable, Fail},
     worker::Worker,
 };
 
-/// How often a member looks whether its group was created.
+/// How often a member looks whether its group was created: first, and at most (doubling in
+/// between; a creator that registers and adds offline members first takes a while).
 const POLL: Duration = Duration::from_millis(2);
+const POLL_MAX: Duration = Duration::from_millis(100);
+/// User ids per `GroupAddMembers` (the server's default `group_add_batch_max`).
+pub const ADD_BATCH: usize = 1000;
 /// How often a member looks whether every member has joined (reading notices meanwhile). Each
 /// look cancels a pending read: with a thousand members, 2 ms would be half a million a second.
 const JOINED_POLL: Duration = Duration::from_millis(20);
@@ -53,11 +67,31 @@ const RETRY_PAUSE: Duration = Duration::from_millis(20);
 /// Longest wait for one answer.
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Offline members registered and added, and how long it took.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct OfflineStats {
+    pub registered: u64,
+    pub added: u64,
+    pub register_s: f64,
+    pub add_s: f64,
+}
+
 /// The groups of a run and what their members share across threads.
 pub struct Groups {
     pub groups: u32,
     pub members: u32,
     pub senders: u32,
+    /// Offline members per group, and how they are registered.
+    pub offline: u32,
+    register_per_connection: u32,
+    register_concurrency: u32,
+    /// Offline members registered and added, over all groups.
+    pub offline_registered: AtomicU64,
+    pub offline_added: AtomicU64,
+    /// The longest a group's creator took to register its offline members, and to add them
+    /// (microseconds).
+    pub offline_register_us: AtomicU64,
+    pub offline_add_us: AtomicU64,
     shared: Vec<GroupShared>,
     /// Live members per group (from the live set, once the run has started).
     live_members: OnceLock<Vec<u32>>,
@@ -79,7 +113,11 @@ struct GroupShared {
 
 impl Groups {
     pub fn new(cfg: &Config) -> Groups {
-        Groups::with(cfg.groups, cfg.members, cfg.senders)
+        let mut g = Groups::with(cfg.groups, cfg.members, cfg.senders);
+        g.offline = cfg.offline_members;
+        g.register_per_connection = cfg.register_per_connection;
+        g.register_concurrency = cfg.register_concurrency;
+        g
     }
 
     fn with(groups: u32, members: u32, senders: u32) -> Groups {
@@ -87,6 +125,13 @@ impl Groups {
             groups,
             members,
             senders,
+            offline: 0,
+            register_per_connection: 3,
+            register_concurrency: 1,
+            offline_registered: AtomicU64::new(0),
+            offline_added: AtomicU64::new(0),
+            offline_register_us: AtomicU64::new(0),
+            offline_add_us: AtomicU64::new(0),
             shared: (0..groups).map(|_| GroupShared::default()).collect(),
             live_members: OnceLock::new(),
         }
@@ -118,6 +163,16 @@ impl Groups {
         self.live_members
             .get_or_init(|| (0..self.groups).map(|g| self.live_members(live, g).count() as u32).collect())
             [group as usize]
+    }
+
+    /// What the offline-member setup did (all groups; the times are the slowest group's).
+    pub fn offline_stats(&self) -> OfflineStats {
+        OfflineStats {
+            registered: self.offline_registered.load(SeqCst),
+            added: self.offline_added.load(SeqCst),
+            register_s: self.offline_register_us.load(SeqCst) as f64 / 1e6,
+            add_s: self.offline_add_us.load(SeqCst) as f64 / 1e6,
+        }
     }
 
     /// The group id of `group`, once created (0 before).
@@ -163,18 +218,51 @@ pub async fn run(w: &Rc<Worker>, idx: u32, groups: Arc<Groups>) {
         }
         shared.gave_up.fetch_add(1, SeqCst);
     };
+    let deadline = w.g.setup_deadline();
+    // The creator registers the offline members before it logs in; the others connect once
+    // the group is there.
+    let mut offline = Vec::new();
+    if creator && groups.offline > 0 {
+        let t = Instant::now();
+        offline = register_offline(w, idx, group, &groups, deadline).await;
+        groups.offline_registered.fetch_add(offline.len() as u64, SeqCst);
+        groups.offline_register_us.fetch_max(t.elapsed().as_micros() as u64, SeqCst);
+    }
+    let group_id = if creator {
+        0
+    } else {
+        match wait_for_id(w, shared, deadline).await {
+            Ok(id) => id,
+            Err(e) => {
+                give_up();
+                w.stats.error(&e.name("group: waiting for the group"));
+                w.g.setup_failed();
+                return;
+            }
+        }
+    };
     let Some((io, mut rd, login)) = set_up(w, idx, true).await else {
         give_up();
         return;
     };
-    let deadline = w.g.setup_deadline();
     let mut notices = Notices::default();
     let step = if creator {
-        create(w, &io, &mut rd, &mut notices, deadline)
-            .await
-            .inspect(|ok| shared.id.store(ok.group_id, SeqCst))
+        match create(w, &io, &mut rd, &mut notices, deadline).await {
+            Ok(ok) => {
+                let t = Instant::now();
+                let added = add_offline(w, &io, &mut rd, &mut notices, ok.group_id, &offline, deadline).await;
+                groups.offline_add_us.fetch_max(t.elapsed().as_micros() as u64, SeqCst);
+                added.map(|last| {
+                    shared.last_seq.fetch_max(last, SeqCst);
+                    groups.offline_added.fetch_add(offline.len() as u64, SeqCst);
+                    shared.id.store(ok.group_id, SeqCst);
+                    ok
+                })
+            }
+            Err(e) => Err(e),
+        }
     } else {
-        join(w, &io, &mut rd, shared, &mut notices, deadline).await
+        join(w, &io, &mut rd, group_id, &mut notices, deadline).await
     };
     let ok = match step {
         Ok(ok) => ok,
@@ -310,23 +398,31 @@ async fn create(
     .await
 }
 
-/// Member: wait (outside the setup gate) for the creator's group id, then join.
+/// Member: wait (before connecting) for the creator's group id.
+async fn wait_for_id(w: &Worker, shared: &GroupShared, deadline: Instant) -> Result<u64, Fail> {
+    let mut poll = POLL;
+    loop {
+        match shared.id.load(SeqCst) {
+            0 if shared.failed.load(SeqCst) => return Err(Fail::Closed),
+            0 if Instant::now() >= deadline || w.phase() != Phase::Setup => return Err(Fail::Timeout),
+            0 => {
+                monoio::time::sleep(poll).await;
+                poll = (poll * 2).min(POLL_MAX);
+            }
+            id => return Ok(id),
+        }
+    }
+}
+
+/// Member: join the group.
 async fn join(
     w: &Worker,
     io: &Io,
     rd: &mut FrameReader,
-    shared: &GroupShared,
+    group_id: u64,
     notices: &mut Notices,
     deadline: Instant,
 ) -> Result<GroupOk, Fail> {
-    let group_id = loop {
-        match shared.id.load(SeqCst) {
-            0 if shared.failed.load(SeqCst) => return Err(Fail::Closed),
-            0 if Instant::now() >= deadline || w.phase() != Phase::Setup => return Err(Fail::Timeout),
-            0 => monoio::time::sleep(POLL).await,
-            id => break id,
-        }
-    };
     let join = protocol::GroupAction {
         group_id,
         action: group_action::JOIN,
@@ -336,6 +432,147 @@ async fn join(
     };
     group_request(w, io, rd, notices, deadline, kind::GROUP_ACTION, |io| io.queue(kind::GROUP_ACTION, &join))
         .await
+}
+
+/// The name of offline member `i` of `group`.
+fn offline_name(prefix: &str, group: u32, i: u32) -> String {
+    format!("{prefix}-off{group}-{i}")
+}
+
+/// Creator: register the group's offline members over `register_concurrency` connections at
+/// once, `register_per_connection` each (a connection refused with RateLimited is replaced);
+/// their user ids. A name that is taken already (a database not fresh) is counted as an
+/// error and left out.
+async fn register_offline(
+    w: &Rc<Worker>,
+    conn: u32,
+    group: u32,
+    groups: &Groups,
+    deadline: Instant,
+) -> Vec<u64> {
+    let n = groups.offline;
+    let next = Rc::new(Cell::new(0u32));
+    let ids = Rc::new(RefCell::new(Vec::with_capacity(n as usize)));
+    let per_conn = groups.register_per_connection;
+    let tasks: Vec<_> = (0..groups.register_concurrency.min(n))
+        .map(|t| {
+            let (w, next, ids) = (w.clone(), next.clone(), ids.clone());
+            monoio::spawn(async move {
+                register_some(&w, conn, t, group, n, per_conn, &next, &ids, deadline).await;
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await;
+    }
+    let ids = ids.borrow().clone();
+    ids
+}
+
+/// One registering task of [`register_offline`]: take the next name, register it, `per_conn`
+/// to a connection, until all `n` are taken or `deadline`.
+#[allow(clippy::too_many_arguments)]
+async fn register_some(
+    w: &Worker,
+    conn: u32,
+    task: u32,
+    group: u32,
+    n: u32,
+    per_conn: u32,
+    next: &Cell<u32>,
+    ids: &RefCell<Vec<u64>>,
+    deadline: Instant,
+) {
+    let prefix = &w.g.cfg.user_prefix;
+    let mut pending: Option<u32> = None;
+    for attempt in 0u64.. {
+        if Instant::now() >= deadline {
+            w.stats.error("offline register: timeout");
+            return;
+        }
+        let Some(io) = session::connect(w, conn, attempt * 1024 + task as u64, deadline).await else {
+            return;
+        };
+        let mut rd = FrameReader::default();
+        let mut done = 0;
+        while done < per_conn {
+            let i = match pending.take() {
+                Some(i) => i,
+                None if next.get() < n => {
+                    next.set(next.get() + 1);
+                    next.get() - 1
+                }
+                None => break,
+            };
+            match register_one(w, &io, &mut rd, &offline_name(prefix, group, i), deadline).await {
+                Ok(id) => ids.borrow_mut().push(id),
+                Err(e @ (Fail::Refused(_) | Fail::Malformed)) if !matches!(e, Fail::Refused(c) if c == ErrorCode::RateLimited.code()) =>
+                {
+                    w.stats.error(&e.name("offline register"));
+                }
+                Err(e) => {
+                    // Rate limited, or the connection failed: the name again on a new one.
+                    w.stats.error(&e.name("offline register"));
+                    pending = Some(i);
+                    break;
+                }
+            }
+            done += 1;
+        }
+        rd.release(w);
+        io.shutdown();
+        if pending.is_none() && next.get() >= n {
+            return;
+        }
+    }
+}
+
+/// Register `name`; its user id. Retries Busy/Internal until `deadline`.
+async fn register_one(
+    w: &Worker,
+    io: &Io,
+    rd: &mut FrameReader,
+    name: &str,
+    deadline: Instant,
+) -> Result<u64, Fail> {
+    loop {
+        let r = protocol::Register { name: name.into(), password: w.g.cfg.password.clone() };
+        io.queue(kind::REGISTER, &r);
+        io.flush().await?;
+        let got = session::answer(w, io, rd, kind::REGISTER, deadline, |e| match e {
+            Event::RegisterOk(ok) => Some(ok.user_id),
+            _ => None,
+        })
+        .await;
+        match got {
+            Err(Fail::Refused(c)) if retryable(c) && Instant::now() < deadline => {
+                w.stats.error(&Fail::Refused(c).name("offline register"));
+                monoio::time::sleep(RETRY_PAUSE).await;
+            }
+            other => return other,
+        }
+    }
+}
+
+/// Creator: add `users` to the group, [`ADD_BATCH`] per `GroupAddMembers`; the seq of the last
+/// MEMBERS_ADDED notice (0 if none).
+async fn add_offline(
+    w: &Worker,
+    io: &Io,
+    rd: &mut FrameReader,
+    notices: &mut Notices,
+    group_id: u64,
+    users: &[u64],
+    deadline: Instant,
+) -> Result<u64, Fail> {
+    let mut last = 0;
+    for batch in users.chunks(ADD_BATCH) {
+        let add = protocol::GroupAddMembers { group_id, user_ids: batch.to_vec() };
+        let k = kind::GROUP_ADD_MEMBERS;
+        let ok = group_request(w, io, rd, notices, deadline, k, |io| io.queue(k, &add)).await?;
+        last = last.max(ok.seq);
+    }
+    Ok(last)
 }
 
 /// Wait until every member of the group has joined or given up, then read the group's notices
