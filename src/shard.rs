@@ -684,13 +684,15 @@ impl Shard {
     /// Write `frame` to this shard's `sessions` (lossily for a stream message).
     fn deliver_many(&self, sessions: &[SessionRef], frame: &Bytes, lossy: bool) {
         let max = self.cfg().limits.room_queue_frames_max;
+        // A stream message's drops are counted by its group (the stamp's `to`).
+        let group =
+            if lossy { protocol::Stamp::read(&frame[frame::HEADER_BYTES..]).expect("stamped").to } else { 0 };
         let mut delivered = 0;
         for &r in sessions {
             let Some(s) = self.session(r) else { continue };
             delivered += 1;
             if lossy {
-                let stamp = protocol::Stamp::read(&frame[frame::HEADER_BYTES..]).expect("stamped");
-                s.push_lossy((protocol::missed::STREAM, stamp.to), frame.clone(), max);
+                s.push_lossy((protocol::missed::STREAM, group), frame.clone(), max);
             } else {
                 s.push(frame.clone());
             }

@@ -14,21 +14,10 @@ use tim::{
     },
 };
 
-fn store(name: &str) -> String {
-    match name {
-        "embedded" => "backend = \"embedded\"\nsynchronous = \"normal\"".into(),
-        "postgres" => {
-            let servers = pg::shared();
-            pg::two_range_store(&pg::fresh_db(&servers[0]), &pg::fresh_db(&servers[1]))
-        }
-        other => panic!("unknown store {other}"),
-    }
-}
-
 const FAST_CURSORS: &str = "[limits]\ncursor_flush_ms = 20\n";
 
 fn start(name: &str) -> (TestServer, String) {
-    let body = store(name);
+    let body = pg::store_body(name);
     (TestServer::start_with_store("io_uring", &body, FAST_CURSORS), body)
 }
 
@@ -259,7 +248,7 @@ fn crash_under_group_load(st: &str) {
 /// GroupAddMembers on a durable store: every user must have an account and room for one more
 /// group (asked of the store for all of them at once); the added members are stored.
 fn add_members_checks_the_store(st: &str) {
-    let body = store(st);
+    let body = pg::store_body(st);
     let s = TestServer::start_with_store("io_uring", &body, "[limits]\ngroups_per_user_max = 1\n");
     let (f_name, _) = s.register("founder");
     let mut f = login_device(&s, &f_name, "f1");

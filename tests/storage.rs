@@ -17,20 +17,6 @@ use tim::{
     },
 };
 
-/// A `[store]` body for `name`: for postgres, two fresh databases on the two shared throwaway
-/// PostgreSQL servers, each holding half of the partitions.
-fn store(name: &str) -> String {
-    match name {
-        "memory" => "backend = \"memory\"".into(),
-        "embedded" => "backend = \"embedded\"\nsynchronous = \"normal\"".into(),
-        "postgres" => {
-            let servers = pg::shared();
-            pg::two_range_store(&pg::fresh_db(&servers[0]), &pg::fresh_db(&servers[1]))
-        }
-        other => panic!("unknown store {other}"),
-    }
-}
-
 fn durable(name: &str) -> bool {
     name != "memory"
 }
@@ -39,7 +25,7 @@ const FAST_CURSORS: &str = "[limits]\ncursor_flush_ms = 20\n";
 
 /// A server on store `name`, and the `[store]` body to restart it on the same data.
 fn start(name: &str) -> (TestServer, String) {
-    let body = store(name);
+    let body = pg::store_body(name);
     (TestServer::start_with_store("io_uring", &body, FAST_CURSORS), body)
 }
 
@@ -154,7 +140,7 @@ fn huge_history_anchor(st: &str) {
 /// Store `name` opened directly (not through a server), and the directory it keeps its data in.
 fn open_store(st: &str) -> (Box<dyn Store>, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
-    let text = format!("[store]\ndata_dir = {:?}\n{}\n", dir.path().join("data"), store(st));
+    let text = format!("[store]\ndata_dir = {:?}\n{}\n", dir.path().join("data"), pg::store_body(st));
     let cfg: tim::config::Config = toml::from_str(&text).unwrap();
     let store: Box<dyn Store> = match st {
         "memory" => Box::new(tim::store::MemoryStore::default()),
@@ -443,7 +429,7 @@ fn crash_under_load(st: &str) {
 /// A commit that waits for more messages (`commit_wait_us`) still acks every message once, in
 /// order, and a resend still gets its original ack.
 fn gathered_commits(st: &str) {
-    let body = format!("commit_wait_us = 2000\n{}", store(st));
+    let body = format!("commit_wait_us = 2000\n{}", pg::store_body(st));
     let s = TestServer::start_with_store("io_uring", &body, FAST_CURSORS);
     let (alice, _) = s.register("alice");
     let (bob, bob_id) = s.register("bob");

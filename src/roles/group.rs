@@ -482,19 +482,17 @@ impl GroupOwner {
                 push_decision(out, &placement, p.group, user, approved, busy.actor);
             }
         }
-        let mut lists = g.lists(&placement).clone();
-        if !removed.is_empty() {
-            // Those the change removed learn it too, through the same fan-out as the messages
-            // before it (so never ahead of them).
-            let mut extra = vec![Vec::new(); lists.len()];
-            for u in removed {
-                extra[placement.user(u)].push(u);
-            }
-            for (list, extra) in lists.iter_mut().zip(extra).filter(|(_, e)| !e.is_empty()) {
-                *list = list.iter().copied().chain(extra).collect::<Vec<UserId>>().into();
-            }
+        // Those a change removed learn it too, through the same fan-out as the messages before
+        // it (so never ahead of them). A message (no removal) shares the lists as they are.
+        let mut extra = vec![Vec::new(); if removed.is_empty() { 0 } else { placement.shards() }];
+        for u in removed {
+            extra[placement.user(u)].push(u);
         }
-        for (shard, users) in lists.into_iter().enumerate() {
+        for (shard, list) in g.lists(&placement).iter().enumerate() {
+            let users: Arc<[UserId]> = match extra.get_mut(shard).filter(|e| !e.is_empty()) {
+                Some(e) => list.iter().copied().chain(e.drain(..)).collect::<Vec<UserId>>().into(),
+                None => list.clone(),
+            };
             if !users.is_empty() {
                 let f = GroupFanout { users, skip: p.skip, frame: p.frame.clone(), lossy: p.stream };
                 out.push(Effect::Post(shard, Envelope::GroupFanout(Box::new(f))));

@@ -578,3 +578,17 @@ pub fn two_range_store(url_low: &str, url_high: &str) -> String {
          [[store.postgres.partition]]\nslots = \"2048-4095\"\nurl = \"{url_high}\"\n"
     )
 }
+
+/// A `[store]` body for store `name` (memory, embedded, postgres): for postgres, two fresh
+/// databases on the two shared throwaway PostgreSQL servers, each holding half of the partitions.
+pub fn store_body(name: &str) -> String {
+    match name {
+        "memory" => "backend = \"memory\"".into(),
+        "embedded" => "backend = \"embedded\"\nsynchronous = \"normal\"".into(),
+        "postgres" => {
+            let servers = shared();
+            two_range_store(&fresh_db(&servers[0]), &fresh_db(&servers[1]))
+        }
+        other => panic!("unknown store {other}"),
+    }
+}
