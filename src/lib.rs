@@ -8,6 +8,7 @@
 //!   ([`session::requests`]), whatever the transport;
 //! - [`envelope`]: everything that crosses between shards, in one enum;
 //! - [`placement`]: key → partition → owner;
+//! - [`cluster`]: nodes, membership, node links and the envelopes on them;
 //! - [`roles`]: the owner roles as state machines without I/O — [`roles::UserOwner`] (sessions,
 //!   device limits, tokens, fan-out to sessions), [`roles::ConvOwner`] (sequence, resend dedup);
 //! - [`commit`]: the commit pipeline's per-partition queues (group commit);
@@ -31,6 +32,7 @@
 pub mod auth;
 pub mod client;
 pub mod clock;
+pub mod cluster;
 pub mod commit;
 pub mod config;
 pub mod envelope;

@@ -1,0 +1,1 @@
+//! Envelopes on a node link (to be written).
