@@ -15,6 +15,77 @@ pub struct Config {
     pub limits: Limits,
     pub sessions: SessionPolicy,
     pub security: Security,
+    pub cluster: ClusterConfig,
+}
+
+/// Running as a node of a cluster (docs/CLUSTER.md). A node is clustered when it has a
+/// `listen` address or a `join` list; otherwise it runs alone.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClusterConfig {
+    /// This node's id, unique in the cluster, 1..=63 (it goes into message ids and session
+    /// references). Required in a cluster.
+    pub node_id: u16,
+    /// Where this node listens for its peers' links; unset: it only dials out (a node behind
+    /// NAT: its links, once up, carry traffic both ways).
+    pub listen: Option<SocketAddr>,
+    /// The address peers dial to reach this node (default: `listen`, which must then not be
+    /// an unspecified address such as 0.0.0.0).
+    pub advertise: Option<SocketAddr>,
+    /// Addresses of members to join through (any one answering is enough); `--join ADDR` adds
+    /// to them. Empty on the first node.
+    pub join: Vec<String>,
+    /// The shared secret every node proves on every link (at least 16 bytes); links are
+    /// encrypted with keys agreed under it (Noise NNpsk0).
+    pub secret: String,
+    /// A node that does not answer for this long is taken as failed and its partitions move
+    /// (milliseconds).
+    pub failure_detect_ms: u64,
+    /// Bytes queued for one peer's link at most; beyond it envelopes for that node are dropped
+    /// and counted (sends among them are answered by their timeout).
+    pub link_queue_bytes_max: usize,
+    /// Milliseconds a dial to a peer may take.
+    pub dial_timeout_ms: u64,
+    /// Milliseconds `tim serve` waits for a first member to answer a join before it starts
+    /// alone (it keeps trying in the background).
+    pub join_wait_ms: u64,
+}
+
+impl Default for ClusterConfig {
+    fn default() -> Self {
+        ClusterConfig {
+            node_id: 0,
+            listen: None,
+            advertise: None,
+            join: Vec::new(),
+            secret: String::new(),
+            failure_detect_ms: 2000,
+            link_queue_bytes_max: 64 << 20,
+            dial_timeout_ms: 1000,
+            join_wait_ms: 5000,
+        }
+    }
+}
+
+impl ClusterConfig {
+    /// Whether this node is part of a cluster.
+    pub fn enabled(&self) -> bool {
+        self.listen.is_some() || !self.join.is_empty()
+    }
+
+    /// This node's id: 0 when it runs alone.
+    pub fn node_id(&self) -> u16 {
+        if self.enabled() {
+            self.node_id
+        } else {
+            0
+        }
+    }
+
+    /// The address peers dial, if any.
+    pub fn advertised(&self) -> Option<SocketAddr> {
+        self.advertise.or(self.listen)
+    }
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -440,6 +511,33 @@ impl Config {
             }
             if let Some(slot) = owner.iter().position(|o| !o) {
                 bail!("store.postgres: partition {slot} is in no range; the ranges must cover 0-4095");
+            }
+        }
+        let c = &self.cluster;
+        if c.enabled() {
+            if c.node_id == 0 || c.node_id > crate::placement::NODE_ID_MAX {
+                bail!("cluster.node_id must be within 1..={} in a cluster", crate::placement::NODE_ID_MAX);
+            }
+            if c.secret.len() < 16 {
+                bail!("cluster.secret must be at least 16 bytes in a cluster");
+            }
+            if self.store.backend == "embedded" {
+                bail!(
+                    "the embedded store is single-node: a cluster needs store.backend = \"postgres\" \
+                     (or \"memory\", no-data mode)"
+                );
+            }
+            if self.shard_count() > crate::roles::conv::CLUSTER_SHARDS_MAX {
+                bail!("a cluster node runs at most {} shards", crate::roles::conv::CLUSTER_SHARDS_MAX);
+            }
+            if c.advertise.is_none() && c.listen.is_some_and(|a| a.ip().is_unspecified()) {
+                bail!("cluster.advertise is needed when cluster.listen is an unspecified address");
+            }
+            if c.failure_detect_ms < 200 || c.dial_timeout_ms == 0 || c.link_queue_bytes_max < 1 << 20 {
+                bail!(
+                    "cluster.failure_detect_ms must be at least 200, dial_timeout_ms above 0 and \
+                     link_queue_bytes_max at least 1 MiB"
+                );
             }
         }
         if !["full", "normal"].contains(&self.store.synchronous.as_str()) {

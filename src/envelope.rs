@@ -27,26 +27,44 @@ use bytes::{BufMut, Bytes, BytesMut};
 
 use crate::{
     frame,
-    placement::direct_key,
+    placement::{direct_key, NodeId, Owner, Table, NODE_ID_MAX},
     protocol::{self, kind, DeviceType, ErrorCode, GroupProfile, RoomStamp, Stamp},
     store::{group_conv, ConvKey, GroupChange, UserId},
 };
 
-/// A session anywhere in the process: the shard in the top 16 bits, a shard-local id below.
+/// A session anywhere in the cluster: its node in the top 6 bits, its shard in the next 10, a
+/// shard-local id below (48 bits).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct SessionRef(pub u64);
 
 impl SessionRef {
     pub const NONE: SessionRef = SessionRef(u64::MAX);
 
+    /// Session `local` of shard `shard` of node 0 (a single node).
     pub fn new(shard: usize, local: u64) -> SessionRef {
-        debug_assert!(shard < 1 << 16 && local < 1 << 48);
-        SessionRef(((shard as u64) << 48) | local)
+        SessionRef::on(0, shard, local)
+    }
+
+    /// Session `local` of shard `shard` of node `node`.
+    pub fn on(node: NodeId, shard: usize, local: u64) -> SessionRef {
+        debug_assert!(node <= NODE_ID_MAX && shard < 1 << 10 && local < 1 << 48);
+        SessionRef(((node as u64) << 58) | ((shard as u64) << 48) | local)
+    }
+
+    #[inline]
+    pub fn node(self) -> NodeId {
+        (self.0 >> 58) as NodeId
     }
 
     #[inline]
     pub fn shard(self) -> usize {
-        (self.0 >> 48) as usize
+        ((self.0 >> 48) & 0x3ff) as usize
+    }
+
+    /// The shard holding the session, as an owner.
+    #[inline]
+    pub fn owner(self) -> Owner {
+        Owner::new(self.node(), self.shard())
     }
 }
 
@@ -273,6 +291,19 @@ pub enum Envelope {
     /// U → T: write one frame to many sessions of shard T (a group fan-out's slice: one
     /// envelope per destination shard, not one per session).
     DeliverMany(Box<DeliverMany>),
+    /// Shard → its node's cluster gateway: an envelope for an owner on another node.
+    Remote(Box<Remote>),
+    /// Gateway → every shard of its node: the cluster's members changed; place by this table.
+    Placement(Arc<Table>),
+    /// A session's shard → its user's new owner after the partition moved: the session is
+    /// live (no limits are checked, nothing is answered).
+    Reattach { user: UserId, session: SessionRef, device_type: DeviceType },
+}
+
+/// An envelope on its way to an owner on another node.
+pub struct Remote {
+    pub to: Owner,
+    pub env: Envelope,
 }
 
 /// One frame for several sessions of one shard.

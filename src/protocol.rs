@@ -246,6 +246,9 @@ pub mod room_closed {
     pub const DELETED: u16 = 1;
     /// Nothing was published to it for `room_idle_secs`.
     pub const EXPIRED: u16 = 2;
+    /// Its owner's node left the cluster or its partition moved to another node (rooms are
+    /// never stored: create it again).
+    pub const OWNER_LOST: u16 = 3;
 }
 
 /// Device types a session declares at login; limits apply per type.
@@ -371,6 +374,10 @@ pub enum ErrorCode {
     /// The server did not answer within `answer_timeout_ms` (a hand-off between its threads was
     /// lost or held up). The outcome is unknown: retry (a Send with the same client message id).
     Timeout = 52,
+    /// The owner of the request's user, conversation, group or room is on a node of the cluster
+    /// this node cannot reach now (it just failed, or a link is down). Nothing was done; retry
+    /// (a Send with the same client message id) — the owner moves within seconds.
+    NodeUnavailable = 53,
     /// Room request: no live room has this id (never created, deleted or expired).
     RoomNotFound = 60,
     /// RoomPublish: this user (or session) may not publish to the room.
@@ -424,6 +431,7 @@ impl ErrorCode {
             50 => Internal,
             51 => StoreUnavailable,
             52 => Timeout,
+            53 => NodeUnavailable,
             60 => RoomNotFound,
             61 => NotPublisher,
             62 => RoomFull,
@@ -482,6 +490,7 @@ impl ErrorCode {
             Internal => "internal error",
             StoreUnavailable => "message store unavailable, retry",
             Timeout => "no answer in time, retry",
+            NodeUnavailable => "the owner is on a node out of reach, retry",
             RoomNotFound => "no such room",
             NotPublisher => "not allowed to publish to this room",
             RoomFull => "room full",

@@ -28,11 +28,11 @@ use crate::{
     auth::Auth,
     commit::{CommitQueues, LoadQueues, Queued},
     config::Config,
-    envelope::{Envelope, RoomOp, SessionRef},
+    envelope::{Remote, Envelope, RoomOp, SessionRef},
     frame::{self, AlignedBuf},
     guard::{Action, AddressGuard},
     notify::LocalNotify,
-    placement::Placement,
+    placement::{NodeId, Owner, Placement, Table},
     protocol::{self, kind, ErrorCode},
     roles::{CommitOutcome, ConvOwner, Effect, Effects, GroupOwner, RoomOwner, Sequenced, UserOwner},
     session::{error_frame, Session},
@@ -70,7 +70,14 @@ pub struct Stats {
 pub struct Shard {
     pub id: usize,
     pub shards: usize,
-    pub placement: Placement,
+    /// This node (0 on a single node).
+    pub node: NodeId,
+    placement: RefCell<Placement>,
+    /// A placement table from the cluster gateway, applied by the mesh loop between batches
+    /// (never while a role or the placement is borrowed).
+    pending_table: RefCell<Option<Arc<Table>>>,
+    /// The mesh index of this node's cluster gateway (the last one), in a cluster.
+    gateway: Option<usize>,
     pub shared: Arc<Shared>,
     port: MeshPort<Envelope>,
     local: RefCell<VecDeque<Envelope>>,
@@ -117,16 +124,26 @@ impl Shard {
     pub fn new(id: usize, shards: usize, shared: Arc<Shared>, port: MeshPort<Envelope>) -> Shard {
         assert!(shards <= SHARDS_MAX);
         let cfg = &shared.cfg;
-        let placement = Placement::new(shards);
+        let node = cfg.cluster.node_id();
+        // A cluster node places everything on itself until its gateway knows the members.
+        let placement = match node {
+            0 => Placement::new(shards),
+            n => Placement::clustered(n, shards, Arc::new(Table::new(0, &[(n, shards as u16)]))),
+        };
+        let gateway = (node != 0).then_some(shards);
+        let me = Owner::new(node, id);
         let store = &shared.store;
         Shard {
             id,
             shards,
-            placement,
-            port,
+            node,
+            placement: RefCell::new(placement.clone()),
+            pending_table: RefCell::new(None),
+            gateway,
             local: RefCell::new(VecDeque::new()),
             draining: Cell::new(false),
-            overflow: RefCell::new((0..shards).map(|_| VecDeque::new()).collect()),
+            overflow: RefCell::new((0..port.shards()).map(|_| VecDeque::new()).collect()),
+            port,
             overflow_len: Cell::new(0),
             sessions: RefCell::new(HashMap::default()),
             next_session: Cell::new(1),
@@ -136,8 +153,8 @@ impl Shard {
                 RandomState::new(),
             )),
             convs: RefCell::new(ConvOwner::new(
-                id,
-                placement,
+                me,
+                placement.clone(),
                 store.durable(),
                 &cfg.limits,
                 RandomState::new(),
@@ -154,8 +171,8 @@ impl Shard {
                 cfg.store.load_batch_max,
                 cfg.limits.conversations_per_shard_max,
             )),
-            rooms: RefCell::new(RoomOwner::new(id, placement, &cfg.limits)),
-            groups: RefCell::new(GroupOwner::new(id, placement, &cfg.limits)),
+            rooms: RefCell::new(RoomOwner::new(me, placement.clone(), &cfg.limits)),
+            groups: RefCell::new(GroupOwner::new(me, placement, &cfg.limits)),
             room_subs: RefCell::new(HashMap::default()),
             next_room: Cell::new(tim_shards::mix64(now_ms() ^ ((id as u64) << 48))),
             fanout_jobs: RefCell::new(VecDeque::new()),
@@ -186,7 +203,7 @@ impl Shard {
     pub fn new_session_ref(&self) -> SessionRef {
         let n = self.next_session.get();
         self.next_session.set(n + 1);
-        SessionRef::new(self.id, n)
+        SessionRef::on(self.node, self.id, n)
     }
 
     /// Messages this shard's conversation owner has sequenced.
@@ -216,9 +233,40 @@ impl Shard {
 
     // ---- routing ----
 
-    /// Send `env` to shard `dst` (or handle it here when `dst` is this shard). A full mesh queue
-    /// parks the envelope in a bounded per-destination overflow that the mesh loop retries.
-    pub fn post(&self, dst: usize, env: Envelope) {
+    /// Where keys live (the cluster's current table, in a cluster).
+    pub fn placement(&self) -> std::cell::Ref<'_, Placement> {
+        self.placement.borrow()
+    }
+
+    /// This shard as an owner.
+    pub fn me(&self) -> Owner {
+        Owner::new(self.node, self.id)
+    }
+
+    /// Send `env` to its owner `dst`: handled here when `dst` is this shard, through the mesh to
+    /// another shard of this node, through the cluster gateway to another node's.
+    pub fn post(&self, dst: Owner, env: Envelope) {
+        if dst.node != self.node {
+            return self.post_remote(dst, env);
+        }
+        self.post_shard(dst.shard(), env)
+    }
+
+    fn post_remote(&self, to: Owner, env: Envelope) {
+        match self.gateway {
+            Some(g) => self.post_shard(g, Envelope::Remote(Box::new(Remote { to, env }))),
+            None => {
+                // A single node has no other node: a bug, not a condition.
+                debug_assert!(false, "an envelope for node {} on a single node", to.node);
+                self.shared.dropped_envelopes.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// Send `env` to mesh endpoint `dst` of this node (a shard, or the gateway). A full mesh
+    /// queue parks the envelope in a bounded per-destination overflow that the mesh loop
+    /// retries.
+    fn post_shard(&self, dst: usize, env: Envelope) {
         if dst == self.id {
             self.local.borrow_mut().push_back(env);
             self.drain_local();
@@ -238,6 +286,10 @@ impl Shard {
         if self.overflow_len.get() >= self.cfg().limits.mesh_overflow_max && !holds_shared_state(&env) {
             // Refuse at the edge where a client can retry; anything further along is dropped
             // and counted (the inflight and connection limits keep this from happening).
+            let env = match env {
+                Envelope::Remote(r) => r.env,
+                env => env,
+            };
             match env {
                 Envelope::Submit(sub) => self.reject(sub.origin, sub.client_msg_id, ErrorCode::Busy),
                 // A room request from one of this shard's sessions: Busy, as a Send (a refused
@@ -325,6 +377,10 @@ impl Shard {
             }
             for env in batch.drain(..) {
                 self.dispatch(env);
+            }
+            let table = self.pending_table.borrow_mut().take();
+            if let Some(table) = table {
+                self.apply_table(table);
             }
             // Under steady traffic `recv_batch` never waits: let the connections run.
             tim_shards::yield_now().await;
@@ -438,6 +494,15 @@ impl Shard {
     fn handle(&self, env: Envelope) {
         // The clock is read only by the arms that need it: deliveries and acks, the bulk of the
         // traffic, do not.
+        // An envelope for an owner that is not (or no longer) this shard: the sender placed it
+        // by another table (the cluster's members just changed here or there). On to the owner.
+        if self.gateway.is_some() {
+            if let Some(owner) = self.owner_of(&env) {
+                if owner != self.me() {
+                    return self.post(owner, env);
+                }
+            }
+        }
         let mut fx = std::mem::take(&mut *self.effects.borrow_mut());
         match env {
             Envelope::Submit(sub) if sub.conv == protocol::conv::GROUP => {
@@ -445,7 +510,7 @@ impl Shard {
             }
             Envelope::Submit(sub) => self.convs.borrow_mut().submit(sub, now_ms(), &mut fx),
             Envelope::Fanout { user, skip, frame } => {
-                debug_assert_eq!(self.placement.user(user), self.id, "fanout on the wrong shard");
+                debug_assert_eq!(self.placement().user(user), self.me(), "fanout on the wrong shard");
                 self.users.borrow().fanout(user, skip, &frame, &mut fx);
             }
             Envelope::Attach(a) => self.users.borrow_mut().attach(&a, now_ms(), &mut fx),
@@ -478,7 +543,7 @@ impl Shard {
                     // The connection ended, or its login timed out, while the user owner gave it
                     // a place: undo the attach, or a phantom session would count against the
                     // user's device limits.
-                    self.post(self.placement.user(user), Envelope::Detach { user, session });
+                    self.post(self.placement().user(user), Envelope::Detach { user, session });
                 }
             }
             Envelope::Kick { session, reason } => {
@@ -534,9 +599,81 @@ impl Shard {
                 let crate::envelope::GroupFanout { users, skip, frame, lossy } = *f;
                 self.room_job(FanoutJob::Users { users, skip, frame, lossy, next: 0 })
             }
+            Envelope::Reattach { user, session, device_type } => {
+                self.users.borrow_mut().reattach(user, session, device_type)
+            }
+            // Only the gateway takes these; one that reaches a shard goes on its way.
+            Envelope::Remote(r) => self.post(r.to, r.env),
+            Envelope::Placement(table) => {
+                let mut pending = self.pending_table.borrow_mut();
+                if pending.as_ref().is_none_or(|p| p.epoch < table.epoch) {
+                    *pending = Some(table);
+                }
+            }
         }
         self.execute(&mut fx);
         *self.effects.borrow_mut() = fx;
+    }
+
+    /// The owner an owner-addressed envelope is for (`None` for envelopes addressed to a
+    /// session's shard or to this shard as such).
+    fn owner_of(&self, env: &Envelope) -> Option<Owner> {
+        let p = self.placement();
+        Some(match env {
+            Envelope::Submit(sub) if sub.conv == protocol::conv::GROUP => p.group(sub.to),
+            Envelope::Submit(sub) => p.conv(sub.key()),
+            Envelope::Fanout { user, .. }
+            | Envelope::StreamFanout { user, .. }
+            | Envelope::Detach { user, .. }
+            | Envelope::StoreToken { user, .. }
+            | Envelope::Reattach { user, .. } => p.user(*user),
+            Envelope::Attach(a) => p.user(a.user),
+            Envelope::Room(req) => p.room(req.room),
+            Envelope::Group(req) => p.group(req.group),
+            _ => return None,
+        })
+    }
+
+    /// Place by `table` from now on (the cluster's members changed): roles drop what moved
+    /// away, this shard's sessions are announced to their users' new owners, and rooms whose
+    /// owner changed are closed for their subscribers here (rooms are never stored).
+    fn apply_table(&self, table: Arc<Table>) {
+        let old = self.placement.replace(Placement::clustered(self.node, self.shards, table.clone()));
+        if old.epoch() >= table.epoch && old.epoch() != 0 {
+            self.placement.replace(old);
+            return;
+        }
+        let new = self.placement().clone();
+        let me = self.me();
+        let live = |n: NodeId| table.nodes.iter().any(|&(id, _)| id == n);
+        log::info!(
+            "node {} shard {}: placement epoch {} ({} nodes), owning {} partitions",
+            self.node,
+            self.id,
+            table.epoch,
+            table.nodes.len(),
+            (0..tim_shards::PARTITIONS).filter(|&p| new.owner_of_partition(p) == me).count()
+        );
+        self.users.borrow_mut().drop_moved(|u| new.user(u) == me, live);
+        self.convs.borrow_mut().set_placement(new.clone());
+        self.groups.borrow_mut().set_placement(new.clone());
+        self.rooms.borrow_mut().set_placement(new.clone(), live);
+        // Sessions whose user owner changed are announced to the new one.
+        let sessions: Vec<Rc<Session>> = self.sessions.borrow().values().cloned().collect();
+        for s in sessions {
+            if let Some((user, device_type)) = s.logged_in() {
+                let owner = new.user(user);
+                if owner != old.user(user) {
+                    self.post(owner, Envelope::Reattach { user, session: s.id(), device_type });
+                }
+            }
+        }
+        // Rooms with subscribers here whose owner changed are gone.
+        let moved: Vec<u64> =
+            self.room_subs.borrow().keys().filter(|&&r| new.room(r) != old.room(r)).copied().collect();
+        for room in moved {
+            self.room_job(FanoutJob::Closed { room, reason: protocol::room_closed::OWNER_LOST });
+        }
     }
 
     /// Carry out the effects of a role call, in order. Runs with no role borrowed: a post to
@@ -715,7 +852,7 @@ impl Shard {
     pub fn leave_room_owner(&self, session: SessionRef, room: u64) {
         let op = crate::envelope::RoomOp::Unsubscribe { reply: false };
         let req = crate::envelope::RoomRequest { origin: session, user: 0, room, op };
-        self.post(self.placement.room(room), Envelope::Room(Box::new(req)));
+        self.post(self.placement().room(room), Envelope::Room(Box::new(req)));
     }
 
     fn with_groups(&self, f: impl FnOnce(&mut GroupOwner, &mut Effects)) {
@@ -793,7 +930,7 @@ impl Shard {
     }
 
     fn reject(&self, session: SessionRef, client_msg_id: u64, code: ErrorCode) {
-        self.post(session.shard(), Envelope::Rejected { session, client_msg_id, code });
+        self.post(session.owner(), Envelope::Rejected { session, client_msg_id, code });
     }
 
     fn rc(&self) -> Rc<Shard> {
@@ -891,7 +1028,8 @@ impl Shard {
 fn holds_shared_state(env: &Envelope) -> bool {
     match env {
         Envelope::AttachResult { .. } | Envelope::Detach { .. } | Envelope::Kick { .. } => true,
-        Envelope::RoomClosed { .. } => true,
+        Envelope::RoomClosed { .. } | Envelope::Reattach { .. } | Envelope::Placement(_) => true,
+        Envelope::Remote(r) => holds_shared_state(&r.env),
         Envelope::Room(req) => matches!(req.op, RoomOp::Unsubscribe { reply: false }),
         Envelope::RoomReply { request_kind, .. } => *request_kind != kind::ROOM_PUBLISH,
         _ => false,
@@ -948,20 +1086,40 @@ impl FanoutJob {
                 // shard gets one envelope with its list.
                 let end = users.len().min(*next + budget);
                 let mut by_shard: Vec<Vec<SessionRef>> = vec![Vec::new(); shard.shards];
+                let mut remote = Vec::new();
+                let mut moved = Vec::new();
                 {
                     let owner = shard.users.borrow();
+                    let placement = shard.placement();
+                    let clustered = placement.table().is_some();
+                    let me = shard.me();
                     for &u in &users[(*next).min(end)..end] {
-                        owner.sessions_by_shard(u, *skip, &mut by_shard);
+                        if clustered && placement.user(u) != me {
+                            // The user's partition moved since the group owner listed it.
+                            moved.push((placement.user(u), u));
+                            continue;
+                        }
+                        owner.sessions_by_shard(u, *skip, shard.node, &mut by_shard, &mut remote);
                     }
                 }
-                for (dst, sessions) in by_shard.into_iter().enumerate().filter(|(_, l)| !l.is_empty()) {
-                    if dst == shard.id {
+                let remote = remote.into_iter().map(|(o, l)| (o, l));
+                let local = by_shard.into_iter().enumerate().map(|(i, l)| (Owner::new(shard.node, i), l));
+                for (dst, sessions) in local.chain(remote).filter(|(_, l)| !l.is_empty()) {
+                    if dst == shard.me() {
                         shard.deliver_many(&sessions, frame, *lossy);
                     } else {
                         let many =
                             crate::envelope::DeliverMany { sessions, frame: frame.clone(), lossy: *lossy };
                         shard.post(dst, Envelope::DeliverMany(Box::new(many)));
                     }
+                }
+                for (dst, user) in moved {
+                    let env = if *lossy {
+                        Envelope::StreamFanout { user, skip: *skip, frame: frame.clone() }
+                    } else {
+                        Envelope::Fanout { user, skip: *skip, frame: frame.clone() }
+                    };
+                    shard.post(dst, env);
                 }
                 *next = end;
                 end >= users.len()

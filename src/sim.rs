@@ -56,7 +56,7 @@ use crate::{
     config::{DevicePolicy, Limits, SessionPolicy},
     envelope::{AckInfo, Attach, Envelope, GroupOp, GroupRequest, RoomOp, RoomRequest, SessionRef, Submit},
     frame::{Header, HEADER_BYTES},
-    placement::{conv_hash, direct_key, Placement},
+    placement::{conv_hash, direct_key, Owner, Placement},
     protocol::{
         self, conv, group_action as act, group_event as ev, group_role as role, invite_policy, join_policy,
         kind, room_publish, DeviceType, ErrorCode, GroupNotice, GroupProfile, JoinRequest, RoomStamp, Stamp,
@@ -643,15 +643,15 @@ impl Sim {
         let shards = (0..cfg.shards)
             .map(|id| SimShard {
                 users: UserOwner::new(cfg.policy.clone(), limits.tokens_per_user_max, hasher()),
-                convs: ConvOwner::new(id, placement, cfg.durable, &limits, hasher()),
+                convs: ConvOwner::new(Owner::new(0, id), placement.clone(), cfg.durable, &limits, hasher()),
                 commits: CommitQueues::new(
                     cfg.store_partitions,
                     cfg.commit_batch_max,
                     cfg.commit_backlog_max,
                 ),
-                rooms: RoomOwner::new(id, placement, &limits),
+                rooms: RoomOwner::new(Owner::new(0, id), placement.clone(), &limits),
                 room_subs: HashMap::new(),
-                groups: GroupOwner::new(id, placement, &limits),
+                groups: GroupOwner::new(Owner::new(0, id), placement.clone(), &limits),
             })
             .collect();
         Sim {
@@ -802,7 +802,7 @@ impl Sim {
     fn execute(&mut self, shard: usize, fx: Effects) -> Result<(), String> {
         for effect in fx {
             match effect {
-                Effect::Post(dst, env) => self.post(shard, dst, env),
+                Effect::Post(dst, env) => self.post(shard, dst.shard(), env),
                 Effect::Sequence(sub) => self.sequence(shard, sub)?,
                 Effect::GroupPublish(p) => self.group_published(shard, p)?,
                 Effect::NoticeFailed { group, code } => {
@@ -811,7 +811,7 @@ impl Sim {
                     self.group_call(shard, |g, now, fx| g.notice_failed(group, code, now, fx))?;
                 }
                 Effect::LoadGroup(group) => {
-                    if self.placement.group(group) != shard {
+                    if self.placement.group(group).shard() != shard {
                         return Err(format!("group {group} loaded on shard {shard}"));
                     }
                     self.group_loading.entry(group).or_default();
@@ -1052,8 +1052,11 @@ impl Sim {
         let mut fx = Vec::new();
         match env {
             Envelope::DeliverMany(_) => unreachable!("the simulation fans group messages out itself"),
+            Envelope::Remote(_) | Envelope::Placement(_) | Envelope::Reattach { .. } => {
+                unreachable!("the simulation runs one node")
+            }
             Envelope::Group(req) => {
-                if self.placement.group(req.group) != dst {
+                if self.placement.group(req.group).shard() != dst {
                     return Err(format!("group request for {} on shard {dst}", req.group));
                 }
                 self.group_arrivals += 1;
@@ -1068,7 +1071,7 @@ impl Sim {
             Envelope::GroupFanout(f) => {
                 let users = &mut self.shards[dst].users;
                 for &u in f.users.iter() {
-                    if self.placement.user(u) != dst {
+                    if self.placement.user(u).shard() != dst {
                         return Err(format!("group fan-out for user {u} on shard {dst}"));
                     }
                     if f.lossy {
@@ -1079,14 +1082,14 @@ impl Sim {
                 }
             }
             Envelope::Submit(sub) if sub.conv == conv::GROUP => {
-                if self.placement.group(sub.to) != dst {
+                if self.placement.group(sub.to).shard() != dst {
                     return Err(format!("group send to {} on shard {dst}", sub.to));
                 }
                 return self.group_call(dst, |g, now, fx| g.submit(sub, now, fx));
             }
             Envelope::Submit(sub) => {
                 let key = direct_key(sub.sender, sub.to);
-                if self.placement.conv(key) != dst {
+                if self.placement.conv(key).shard() != dst {
                     return Err(format!("submit of {key:?} on shard {dst}"));
                 }
                 let (origin, cmid) = (sub.origin, sub.client_msg_id);
@@ -1096,7 +1099,7 @@ impl Sim {
                 self.handled_in.insert((origin, cmid), generation);
             }
             Envelope::Fanout { user, skip, frame } => {
-                if self.placement.user(user) != dst {
+                if self.placement.user(user).shard() != dst {
                     return Err(format!("fanout of user {user} on shard {dst}"));
                 }
                 self.shards[dst].users.fanout(user, skip, &frame, &mut fx)
@@ -1128,7 +1131,7 @@ impl Sim {
                     None => {
                         if result.is_ok() {
                             // As the runtime does: the connection ended while logging in.
-                            self.post(dst, self.placement.user(user), Envelope::Detach { user, session });
+                            self.post(dst, self.placement.user(user).shard(), Envelope::Detach { user, session });
                         }
                     }
                 }
@@ -1141,7 +1144,7 @@ impl Sim {
                     if c.login == Login::Attached {
                         self.post(
                             dst,
-                            self.placement.user(c.user),
+                            self.placement.user(c.user).shard(),
                             Envelope::Detach { user: c.user, session },
                         );
                     }
@@ -1149,7 +1152,7 @@ impl Sim {
             }
             Envelope::TokenResult { .. } => {}
             Envelope::StreamFanout { user, skip, frame } => {
-                if self.placement.user(user) != dst {
+                if self.placement.user(user).shard() != dst {
                     return Err(format!("stream fanout of user {user} on shard {dst}"));
                 }
                 self.shards[dst].users.fanout_stream(user, skip, &frame, &mut fx)
@@ -1160,7 +1163,7 @@ impl Sim {
                 self.note(format!("session {session:?}: stream {client_msg_id} refused {code:?}"));
             }
             Envelope::Room(req) => {
-                if self.placement.room(req.room) != dst {
+                if self.placement.room(req.room).shard() != dst {
                     return Err(format!("room request for {} on shard {dst}", req.room));
                 }
                 self.shards[dst].rooms.request(*req, now, &mut fx)
@@ -1334,7 +1337,7 @@ impl Sim {
     fn room_request(&mut self, session: SessionRef, user: UserId, room: u64, op: RoomOp) {
         self.report.room_requests += 1;
         let req = RoomRequest { origin: session, user, room, op };
-        self.post(session.shard(), self.placement.room(room), Envelope::Room(Box::new(req)));
+        self.post(session.shard(), self.placement.room(room).shard(), Envelope::Room(Box::new(req)));
     }
 
     /// The room owner's answer, as the runtime handles it (`Shard::on_room_reply`).
@@ -1553,7 +1556,7 @@ impl Sim {
         );
         self.note(format!("session {session:?}: user {user} logs in as {device_type:?}"));
         let attach = Attach { user, session, device_type, token: None };
-        self.post(shard, self.placement.user(user), Envelope::Attach(Box::new(attach)));
+        self.post(shard, self.placement.user(user).shard(), Envelope::Attach(Box::new(attach)));
     }
 
     fn disconnect(&mut self, session: SessionRef) {
@@ -1563,7 +1566,7 @@ impl Sim {
         if c.login == Login::Attached {
             self.post(
                 session.shard(),
-                self.placement.user(c.user),
+                self.placement.user(c.user).shard(),
                 Envelope::Detach { user: c.user, session },
             );
         }
@@ -1640,7 +1643,7 @@ impl Sim {
             change: None,
             refuse_new: None,
         };
-        let dst = if group { self.placement.group(to) } else { self.placement.conv(direct_key(sender, to)) };
+        let dst = if group { self.placement.group(to).shard() } else { self.placement.conv(direct_key(sender, to)).shard() };
         self.post(session.shard(), dst, Envelope::Submit(Box::new(sub)));
     }
 
@@ -1698,7 +1701,7 @@ impl Sim {
             }
         }
         for user in 1..=self.cfg.users {
-            let owner = &self.shards[self.placement.user(user)].users;
+            let owner = &self.shards[self.placement.user(user).shard()].users;
             let live: BTreeSet<SessionRef> = owner.sessions(user).map(|(s, _)| s).collect();
             let open: BTreeSet<SessionRef> =
                 self.clients.iter().filter(|(_, c)| c.user == user).map(|(&s, _)| s).collect();
@@ -1746,7 +1749,7 @@ impl Sim {
     /// conversation owner.
     fn sequence(&mut self, shard: usize, sub: Box<Submit>) -> Result<(), String> {
         let key = group_conv(sub.to);
-        if self.placement.conv(key) != shard {
+        if self.placement.conv(key).shard() != shard {
             return Err(format!("group {} sequenced on shard {shard}", sub.to));
         }
         let (origin, cmid, send) = (sub.origin, sub.client_msg_id, sub.sender != 0 && !sub.stream);
@@ -2360,7 +2363,7 @@ impl Sim {
         let req = GroupRequest { origin: session, user, group, op: ask.op() };
         self.group_asks
             .insert(session, GroupAsk { user, group, ask, started: false, arrived: 0, answered: false });
-        self.post(session.shard(), self.placement.group(group), Envelope::Group(Box::new(req)));
+        self.post(session.shard(), self.placement.group(group).shard(), Envelope::Group(Box::new(req)));
     }
 
     /// A logged-in session sends a stream message to a group.
@@ -2407,7 +2410,7 @@ impl Sim {
         // a group it does not hold is left alone.
         for id in 0..self.cfg.group_ids {
             let group = protocol::GROUP_ID_MIN + id;
-            let shard = self.placement.group(group);
+            let shard = self.placement.group(group).shard();
             let user = self.store.groups.get(&group).map_or(1, |g| g.row.founder.max(1));
             let probe = SessionRef::new(shard, PROBE_LOCAL);
             for ask in [Ask::Get, Ask::Members, Ask::Requests] {

@@ -39,11 +39,25 @@ pub const CONV_STREAMS_WAITING_MAX: usize = 256;
 /// in all (each sender at most `dedup_per_conversation_max` of its own).
 pub const GROUP_DEDUP_FACTOR: usize = 8;
 
-/// Message ids: 41 bits of milliseconds since 2024-01-01, 10 bits of shard, 13 bits of counter.
+/// Message ids: 41 bits of milliseconds since 2024-01-01, 12 bits of generator (the shard on a
+/// single node; node id × 64 + shard in a cluster), 11 bits of counter.
 const ID_EPOCH_MS: u64 = 1_704_067_200_000;
-/// Shards whose ids fit the message id layout.
+/// Shards whose ids fit the message id layout (on a single node).
 pub const SHARDS_MAX: usize = 1024;
-const ID_COUNTER_BITS: u32 = 13;
+/// Shards per node whose ids fit the message id layout in a cluster.
+pub const CLUSTER_SHARDS_MAX: usize = 64;
+const ID_COUNTER_BITS: u32 = 11;
+const ID_GENERATOR_BITS: u32 = 12;
+
+/// The generator bits of `owner`'s message ids: unique over the cluster.
+fn id_generator(owner: Owner) -> u64 {
+    if owner.node == 0 {
+        owner.shard as u64
+    } else {
+        debug_assert!((owner.shard as usize) < CLUSTER_SHARDS_MAX);
+        ((owner.node as u64) << 6) | owner.shard as u64
+    }
+}
 
 pub use crate::store::LoadRequest;
 
@@ -235,7 +249,7 @@ impl Conv {
 
 /// Message ids of one shard: unique and rising, whatever the clock does.
 struct MsgIds {
-    shard: u64,
+    generator: u64,
     last_ms: u64,
     counter: u64,
 }
@@ -253,7 +267,7 @@ impl MsgIds {
                 self.counter = 0;
             }
         }
-        (self.last_ms << (ID_COUNTER_BITS + 10)) | (self.shard << ID_COUNTER_BITS) | self.counter
+        (self.last_ms << (ID_COUNTER_BITS + ID_GENERATOR_BITS)) | (self.generator << ID_COUNTER_BITS) | self.counter
     }
 }
 
@@ -275,6 +289,8 @@ pub struct ConvOwner {
     /// conversation starts above the greatest sequence number ever evicted here, so a
     /// conversation's numbers keep rising across an eviction.
     evicted_seq_max: u64,
+    /// Conversations whose partition moved to another owner, dropped once nothing is open.
+    moved: Vec<ConvKey>,
     ids: MsgIds,
     /// Messages sequenced so far.
     pub sequenced: u64,
@@ -287,7 +303,7 @@ const MAKE_ROOM_SCAN_MAX: usize = 64;
 
 impl ConvOwner {
     pub fn new(me: Owner, placement: Placement, durable: bool, l: &Limits, hasher: RandomState) -> ConvOwner {
-        assert!(placement.shards() <= SHARDS_MAX && me < placement.shards());
+        assert!(placement.shards() <= SHARDS_MAX && me.shard() < placement.shards());
         ConvOwner {
             me,
             placement,
@@ -300,7 +316,8 @@ impl ConvOwner {
             lru: VecDeque::new(),
             generations: 0,
             evicted_seq_max: 0,
-            ids: MsgIds { shard: me as u64, last_ms: 0, counter: 0 },
+            moved: Vec::new(),
+            ids: MsgIds { generator: id_generator(me), last_ms: 0, counter: 0 },
             sequenced: 0,
             evicted: 0,
         }
@@ -343,7 +360,7 @@ impl ConvOwner {
                         Some(sent) => {
                             let ack = AckInfo { duplicate: true, ..sent.ack };
                             out.push(Effect::Post(
-                                sub.origin.shard(),
+                                sub.origin.owner(),
                                 Envelope::Acked { session: sub.origin, ack },
                             ));
                         }
@@ -491,7 +508,7 @@ impl ConvOwner {
                     conv.remember_at(sent, self.dedup_max);
                 }
                 if sender_waiting {
-                    out.push(Effect::Post(s.origin.shard(), Envelope::Acked { session: s.origin, ack }));
+                    out.push(Effect::Post(s.origin.owner(), Envelope::Acked { session: s.origin, ack }));
                 }
             }
         }
@@ -522,7 +539,7 @@ impl ConvOwner {
     /// looking at most at `budget` queue entries. With a durable store an evicted conversation
     /// is loaded again, with its resend dedup, when it is next used.
     pub fn evict_idle(&mut self, now: u64, budget: usize) -> usize {
-        let mut evicted = 0;
+        let mut evicted = self.drop_moved();
         for _ in 0..budget {
             let Some(&(key, queued_ms, generation)) = self.lru.front() else { break };
             let Some(conv) = self.convs.get(&key).filter(|c| c.generation == generation) else {
@@ -571,6 +588,37 @@ impl ConvOwner {
             return true;
         }
         false
+    }
+
+    /// The cluster's members changed: place by `placement` from now on. Conversations whose
+    /// partition moved to another owner are dropped (the new owner loads them from the store);
+    /// those with a load or a commit open go once it has ended.
+    pub fn set_placement(&mut self, placement: Placement) {
+        self.placement = placement;
+        self.moved = self.convs.keys().filter(|&&k| self.placement.conv(k) != self.me).copied().collect();
+        self.drop_moved();
+    }
+
+    /// Drop the moved conversations that have nothing open; how many went.
+    fn drop_moved(&mut self) -> usize {
+        if self.moved.is_empty() {
+            return 0;
+        }
+        let mut gone = 0;
+        for k in std::mem::take(&mut self.moved) {
+            match self.convs.get(&k) {
+                Some(c) if self.placement.conv(k) != self.me => {
+                    if c.evictable() {
+                        self.evict(k);
+                        gone += 1;
+                    } else {
+                        self.moved.push(k);
+                    }
+                }
+                _ => {}
+            }
+        }
+        gone
     }
 
     fn evict(&mut self, key: ConvKey) {
@@ -647,7 +695,7 @@ impl ConvOwner {
 }
 
 fn reject(out: &mut Effects, session: SessionRef, client_msg_id: u64, code: ErrorCode) {
-    out.push(Effect::Post(session.shard(), Envelope::Rejected { session, client_msg_id, code }));
+    out.push(Effect::Post(session.owner(), Envelope::Rejected { session, client_msg_id, code }));
 }
 
 /// Refuse a send, a stream message or (to its group owner) a group notice.
@@ -656,7 +704,7 @@ pub(crate) fn refuse(out: &mut Effects, sub: &Submit, code: ErrorCode) {
         out.push(Effect::NoticeFailed { group: sub.to, code });
     } else if sub.stream {
         let (session, client_msg_id) = (sub.origin, sub.client_msg_id);
-        out.push(Effect::Post(session.shard(), Envelope::StreamRefused { session, client_msg_id, code }));
+        out.push(Effect::Post(session.owner(), Envelope::StreamRefused { session, client_msg_id, code }));
     } else {
         reject(out, sub.origin, sub.client_msg_id, code);
     }
@@ -722,7 +770,7 @@ fn sequence(
 fn publish(placement: &Placement, s: Sequenced, ack: bool, out: &mut Effects) {
     let Sequenced { ack: info, origin, sender, to, frame, conv, .. } = s;
     if ack && sender != 0 {
-        out.push(Effect::Post(origin.shard(), Envelope::Acked { session: origin, ack: info }));
+        out.push(Effect::Post(origin.owner(), Envelope::Acked { session: origin, ack: info }));
     }
     if conv == conv_kind::GROUP {
         let notice = sender == 0;

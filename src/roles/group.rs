@@ -73,7 +73,7 @@ struct Group {
     requests: BTreeMap<UserId, JoinRequest>,
     /// Members by the shard of their user owner (where a fan-out goes); rebuilt when needed
     /// after a membership change.
-    by_shard: Option<Vec<Arc<[UserId]>>>,
+    by_shard: Option<(u64, Vec<(Owner, Arc<[UserId]>)>)>,
     busy: Option<Busy>,
     waiting: VecDeque<Box<GroupRequest>>,
     /// Created by a request in flight: nothing is stored yet.
@@ -110,6 +110,8 @@ pub struct GroupOwner {
     lru: VecDeque<(u64, u64)>,
     /// Group messages and notices fanned out so far.
     pub published: u64,
+    /// Groups whose partition moved to another owner, dropped once nothing is in flight.
+    moved: Vec<u64>,
 }
 
 impl GroupOwner {
@@ -128,6 +130,7 @@ impl GroupOwner {
             idle_ms: l.conversation_idle_secs * 1000,
             lru: VecDeque::new(),
             published: 0,
+            moved: Vec::new(),
         }
     }
 
@@ -226,7 +229,7 @@ impl GroupOwner {
     /// Drop groups unused for `conversation_idle_secs` with nothing in flight (reloaded from
     /// the store when next used), looking at most at `budget` queue entries.
     pub fn evict_idle(&mut self, now: u64, budget: usize) -> usize {
-        let mut evicted = 0;
+        let mut evicted = self.drop_moved();
         for _ in 0..budget {
             let Some(&(id, queued_ms)) = self.lru.front() else { break };
             let busy = match self.groups.get(&id) {
@@ -258,6 +261,37 @@ impl GroupOwner {
             self.lru.retain(|(id, _)| groups.contains_key(id));
         }
         evicted
+    }
+
+    /// The cluster's members changed: place by `placement` from now on. Groups whose
+    /// partition moved to another owner are dropped (the new owner loads them from the store);
+    /// those loading or with a change in flight go once it has ended.
+    pub fn set_placement(&mut self, placement: Placement) {
+        self.placement = placement;
+        self.moved = self.groups.keys().filter(|&&g| self.placement.group(g) != self.me).copied().collect();
+        self.drop_moved();
+    }
+
+    /// Drop the moved groups that have nothing in flight; how many went.
+    fn drop_moved(&mut self) -> usize {
+        if self.moved.is_empty() {
+            return 0;
+        }
+        let mut gone = 0;
+        for id in std::mem::take(&mut self.moved) {
+            match self.groups.get(&id) {
+                Some(slot) if self.placement.group(id) != self.me => {
+                    if matches!(slot, Slot::Ready(g) if g.idle()) {
+                        self.groups.remove(&id);
+                        gone += 1;
+                    } else {
+                        self.moved.push(id);
+                    }
+                }
+                _ => {}
+            }
+        }
+        gone
     }
 
     /// A group's load ended: take it over (or learn it does not exist) and handle, in order,
@@ -457,7 +491,7 @@ impl GroupOwner {
     /// mode): apply a notice's change and answer its requester, then fan the frame out to the
     /// members (and to those the change removed, who learn it too).
     pub fn published(&mut self, p: GroupPublish, now: u64, out: &mut Effects) {
-        let placement = self.placement;
+        let placement = self.placement.clone();
         let g = match self.groups.get_mut(&p.group) {
             Some(Slot::Ready(g)) => g,
             Some(Slot::Loading(waiters)) => return waiters.push(Waiter::Publish(p)),
@@ -484,19 +518,29 @@ impl GroupOwner {
         }
         // Those a change removed learn it too, through the same fan-out as the messages before
         // it (so never ahead of them). A message (no removal) shares the lists as they are.
-        let mut extra = vec![Vec::new(); if removed.is_empty() { 0 } else { placement.shards() }];
+        let mut extra: Vec<(Owner, Vec<UserId>)> = Vec::new();
         for u in removed {
-            extra[placement.user(u)].push(u);
+            let o = placement.user(u);
+            match extra.iter_mut().find(|(e, _)| *e == o) {
+                Some((_, list)) => list.push(u),
+                None => extra.push((o, vec![u])),
+            }
         }
-        for (shard, list) in g.lists(&placement).iter().enumerate() {
-            let users: Arc<[UserId]> = match extra.get_mut(shard).filter(|e| !e.is_empty()) {
-                Some(e) => list.iter().copied().chain(e.drain(..)).collect::<Vec<UserId>>().into(),
+        for (shard, list) in g.lists(&placement).iter() {
+            let users: Arc<[UserId]> = match extra.iter().position(|(e, _)| e == shard) {
+                Some(i) => {
+                    let (_, e) = extra.swap_remove(i);
+                    list.iter().copied().chain(e).collect::<Vec<UserId>>().into()
+                }
                 None => list.clone(),
             };
-            if !users.is_empty() {
-                let f = GroupFanout { users, skip: p.skip, frame: p.frame.clone(), lossy: p.stream };
-                out.push(Effect::Post(shard, Envelope::GroupFanout(Box::new(f))));
-            }
+            let f = GroupFanout { users, skip: p.skip, frame: p.frame.clone(), lossy: p.stream };
+            out.push(Effect::Post(*shard, Envelope::GroupFanout(Box::new(f))));
+        }
+        // Removed members on shards that hold no member any more.
+        for (shard, users) in extra {
+            let f = GroupFanout { users: users.into(), skip: p.skip, frame: p.frame.clone(), lossy: p.stream };
+            out.push(Effect::Post(shard, Envelope::GroupFanout(Box::new(f))));
         }
         self.published += 1;
         if p.notice {
@@ -530,7 +574,7 @@ impl GroupOwner {
 
     /// A join request was stored (or dropped).
     pub fn request_saved(&mut self, group: u64, result: Result<(), ErrorCode>, now: u64, out: &mut Effects) {
-        let placement = self.placement;
+        let placement = self.placement.clone();
         let Some(g) = self.ready(group) else { return };
         let Some(busy) = g.busy.take() else { return };
         match result {
@@ -584,8 +628,8 @@ impl GroupOwner {
             if g.row.dissolved && !g.members.is_empty() {
                 return fail("dissolved with members".into());
             }
-            if let Some(lists) = &g.by_shard {
-                let n: usize = lists.iter().map(|l| l.len()).sum();
+            if let Some((_, lists)) = &g.by_shard {
+                let n: usize = lists.iter().map(|(_, l)| l.len()).sum();
                 if n != g.members.len() {
                     return fail(format!("fan-out lists hold {n} of {} members", g.members.len()));
                 }
@@ -673,15 +717,28 @@ impl Group {
         removed
     }
 
-    /// Members by the shard of their user owner.
-    fn lists(&mut self, placement: &Placement) -> &Vec<Arc<[UserId]>> {
-        self.by_shard.get_or_insert_with(|| {
-            let mut lists: Vec<Vec<UserId>> = vec![Vec::new(); placement.shards()];
-            for &u in self.members.keys() {
-                lists[placement.user(u)].push(u);
-            }
-            lists.into_iter().map(Arc::from).collect()
-        })
+    /// Members by the owner (a node's shard) of their user, for the placement's epoch; only
+    /// owners with members are listed.
+    fn lists(&mut self, placement: &Placement) -> &Vec<(Owner, Arc<[UserId]>)> {
+        if self.by_shard.as_ref().is_some_and(|(epoch, _)| *epoch != placement.epoch()) {
+            self.by_shard = None;
+        }
+        &self
+            .by_shard
+            .get_or_insert_with(|| {
+                let mut lists: Vec<(Owner, Vec<UserId>)> = Vec::new();
+                for &u in self.members.keys() {
+                    let o = placement.user(u);
+                    match lists.iter_mut().find(|(e, _)| *e == o) {
+                        Some((_, list)) => list.push(u),
+                        None => lists.push((o, vec![u])),
+                    }
+                }
+                // In owner order, not the members map's: a simulation seed replays exactly.
+                lists.sort_unstable_by_key(|(o, _)| *o);
+                (placement.epoch(), lists.into_iter().map(|(o, l)| (o, Arc::from(l))).collect())
+            })
+            .1
     }
 
     fn role_of(&self, user: UserId) -> Option<u8> {
@@ -1077,6 +1134,6 @@ fn reply_err(out: &mut Effects, req: &GroupRequest, code: ErrorCode) {
 
 fn reply_to(out: &mut Effects, session: SessionRef, request_kind: u16, result: Result<Bytes, ErrorCode>) {
     if session != SessionRef::NONE {
-        out.push(Effect::Post(session.shard(), Envelope::GroupReply { session, request_kind, result }));
+        out.push(Effect::Post(session.owner(), Envelope::GroupReply { session, request_kind, result }));
     }
 }

@@ -18,7 +18,7 @@ use super::{Effect, Effects, InvariantError};
 use crate::{
     config::Limits,
     envelope::{Envelope, RoomOp, RoomRequest, SessionRef},
-    placement::Placement,
+    placement::{NodeId, Owner, Placement},
     protocol::{kind, room_closed, room_publish, ErrorCode, RoomStamp},
     store::UserId,
 };
@@ -29,12 +29,28 @@ struct Room {
     publishers: Vec<UserId>,
     subscribers_max: u32,
     subscribers: HashMap<SessionRef, UserId>,
-    /// Subscribers per shard.
-    per_shard: Vec<u32>,
+    /// Subscribers per shard holding them (a node's shard), in no order.
+    per_shard: Vec<(Owner, u32)>,
     /// Messages published so far (the stamp's `seq` of the last one).
     seq: u64,
     /// Creation or last publish (ms): the idle clock.
     active_ms: u64,
+}
+
+/// Add `delta` to `owner`'s count of subscribers; a shard left with none is dropped.
+fn count(per_shard: &mut Vec<(Owner, u32)>, owner: Owner, delta: i32) {
+    match per_shard.iter().position(|&(o, _)| o == owner) {
+        Some(i) => {
+            let n = per_shard[i].1 as i64 + delta as i64;
+            if n <= 0 {
+                per_shard.swap_remove(i);
+            } else {
+                per_shard[i].1 = n as u32;
+            }
+        }
+        None if delta > 0 => per_shard.push((owner, delta as u32)),
+        None => {}
+    }
 }
 
 impl Room {
@@ -49,7 +65,7 @@ impl Room {
 }
 
 pub struct RoomOwner {
-    shard: usize,
+    me: Owner,
     placement: Placement,
     rooms: HashMap<u64, Room>,
     rooms_max: usize,
@@ -59,9 +75,9 @@ pub struct RoomOwner {
 }
 
 impl RoomOwner {
-    pub fn new(shard: usize, placement: Placement, l: &Limits) -> RoomOwner {
+    pub fn new(me: Owner, placement: Placement, l: &Limits) -> RoomOwner {
         RoomOwner {
-            shard,
+            me,
             placement,
             rooms: HashMap::new(),
             rooms_max: l.rooms_per_shard_max,
@@ -82,7 +98,7 @@ impl RoomOwner {
 
     /// Handle a session's request.
     pub fn request(&mut self, req: RoomRequest, now: u64, out: &mut Effects) {
-        debug_assert_eq!(self.placement.room(req.room), self.shard, "room request on the wrong shard");
+        debug_assert_eq!(self.placement.room(req.room), self.me, "room request on the wrong owner");
         let RoomRequest { origin, user, room, op } = req;
         let to = self.placement.session(origin);
         let reply = |out: &mut Effects, request_kind: u16, result: Result<u32, ErrorCode>| {
@@ -101,7 +117,7 @@ impl RoomOwner {
                     Some(r) if r.subscribers.len() >= r.subscribers_max as usize => Err(ErrorCode::RoomFull),
                     Some(r) => {
                         r.subscribers.insert(origin, user);
-                        r.per_shard[origin.shard()] += 1;
+                        count(&mut r.per_shard, origin.owner(), 1);
                         Ok(r.subscribers.len() as u32)
                     }
                 };
@@ -112,7 +128,7 @@ impl RoomOwner {
                     None => Err(ErrorCode::RoomNotFound),
                     Some(r) => {
                         if r.subscribers.remove(&origin).is_some() {
-                            r.per_shard[origin.shard()] -= 1;
+                            count(&mut r.per_shard, origin.owner(), -1);
                         }
                         Ok(r.subscribers.len() as u32)
                     }
@@ -179,7 +195,7 @@ impl RoomOwner {
                 publishers,
                 subscribers_max: cap,
                 subscribers: HashMap::new(),
-                per_shard: vec![0; self.placement.shards()],
+                per_shard: Vec::new(),
                 seq: 0,
                 active_ms: now,
             },
@@ -205,22 +221,32 @@ impl RoomOwner {
         let stamp = RoomStamp { room_id: room, seq: r.seq, ts_ms: now, from: user };
         stamp.write(&mut frame[crate::frame::HEADER_BYTES..]);
         let frame = frame.freeze();
-        for (shard, &n) in r.per_shard.iter().enumerate() {
-            if n > 0 {
-                let env = Envelope::RoomFanout { room, skip: origin, frame: frame.clone() };
-                out.push(Effect::Post(shard, env));
-            }
+        for &(shard, _) in &r.per_shard {
+            let env = Envelope::RoomFanout { room, skip: origin, frame: frame.clone() };
+            out.push(Effect::Post(shard, env));
         }
         Ok(())
     }
 
     fn close(&mut self, room: u64, reason: u16, out: &mut Effects) {
         if let Some(r) = self.rooms.remove(&room) {
-            for (shard, &n) in r.per_shard.iter().enumerate() {
-                if n > 0 {
-                    out.push(Effect::Post(shard, Envelope::RoomClosed { room, reason }));
-                }
+            for &(shard, _) in &r.per_shard {
+                out.push(Effect::Post(shard, Envelope::RoomClosed { room, reason }));
             }
+        }
+    }
+
+    /// The cluster's members changed: place by `placement` from now on. Rooms are never
+    /// stored: a room whose partition moved to another owner is dropped here without a word
+    /// (every shard holding its subscribers closes it for them, see `Shard::apply_table`), and
+    /// subscribers on nodes no longer live are forgotten.
+    pub fn set_placement(&mut self, placement: Placement, node_live: impl Fn(NodeId) -> bool) {
+        self.placement = placement;
+        let (p, me) = (&self.placement, self.me);
+        self.rooms.retain(|&id, _| p.room(id) == me);
+        for r in self.rooms.values_mut() {
+            r.subscribers.retain(|s, _| node_live(s.node()));
+            r.per_shard.retain(|(o, _)| node_live(o.node));
         }
     }
 
@@ -247,7 +273,7 @@ impl RoomOwner {
     /// Every room's per-shard counts add up to its subscribers.
     pub fn check(&self) -> Result<(), InvariantError> {
         for (&id, r) in &self.rooms {
-            let counted: u32 = r.per_shard.iter().sum();
+            let counted: u32 = r.per_shard.iter().map(|&(_, n)| n).sum();
             if counted as usize != r.subscribers.len() || r.subscribers.len() > r.subscribers_max as usize {
                 return Err(InvariantError {
                     key: id,
@@ -265,8 +291,8 @@ mod tests {
 
     fn owner(shards: usize) -> (RoomOwner, u64) {
         let p = Placement::new(shards);
-        let room = (1..).find(|&r| p.room(r) == 0).unwrap();
-        (RoomOwner::new(0, p, &Limits::default()), room)
+        let room = (1..).find(|&r| p.room(r).shard == 0).unwrap();
+        (RoomOwner::new(Owner::new(0, 0), p, &Limits::default()), room)
     }
 
     fn req(origin: SessionRef, user: UserId, room: u64, op: RoomOp) -> RoomRequest {
@@ -327,13 +353,14 @@ mod tests {
             1000,
             &mut out,
         );
-        let shards: Vec<usize> = out
+        let mut shards: Vec<usize> = out
             .iter()
             .map(|e| match e {
-                Effect::Post(s, Envelope::RoomFanout { .. }) => *s,
+                Effect::Post(s, Envelope::RoomFanout { .. }) => s.shard(),
                 _ => panic!("only fan-outs"),
             })
             .collect();
+        shards.sort_unstable();
         assert_eq!(shards, [1, 2], "one envelope per shard with subscribers");
         out.clear();
         o.request(req(SessionRef::new(1, 1), 8, room, RoomOp::Delete), 1000, &mut out);
@@ -376,7 +403,7 @@ mod tests {
         assert!(o.is_empty());
         assert!(matches!(
             out[..],
-            [Effect::Post(0, Envelope::RoomClosed { reason: room_closed::EXPIRED, .. })]
+            [Effect::Post(Owner { node: 0, shard: 0 }, Envelope::RoomClosed { reason: room_closed::EXPIRED, .. })]
         ));
     }
 }

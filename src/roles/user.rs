@@ -14,6 +14,7 @@ use super::{Effect, Effects, InvariantError};
 use crate::{
     config::{DevicePolicy, SessionPolicy},
     envelope::{Attach, Envelope, SessionRef},
+    placement::{NodeId, Owner},
     protocol::{DeviceType, ErrorCode},
     store::UserId,
 };
@@ -55,7 +56,7 @@ impl UserOwner {
     pub fn attach(&mut self, a: &Attach, now: u64, out: &mut Effects) {
         let result = self.try_attach(a, now, out);
         out.push(Effect::Post(
-            a.session.shard(),
+            a.session.owner(),
             Envelope::AttachResult { session: a.session, user: a.user, result },
         ));
     }
@@ -102,7 +103,7 @@ impl UserOwner {
         kicks.sort_unstable();
         for &i in kicks.iter().rev() {
             let session = live.sessions.remove(i).session;
-            out.push(Effect::Post(session.shard(), Envelope::Kick { session, reason: ErrorCode::Replaced }));
+            out.push(Effect::Post(session.owner(), Envelope::Kick { session, reason: ErrorCode::Replaced }));
         }
         live.sessions.push(LiveSession { session: a.session, device_type: a.device_type });
         Ok(())
@@ -113,6 +114,26 @@ impl UserOwner {
             self.users.remove(&user);
         }
         ErrorCode::DeviceLimit
+    }
+
+    /// A session that is live already (re-announced after its user's partition moved here):
+    /// listed, nothing checked or answered.
+    pub fn reattach(&mut self, user: UserId, session: SessionRef, device_type: DeviceType) {
+        let live = self.users.entry(user).or_default();
+        if !live.sessions.iter().any(|s| s.session == session) {
+            live.sessions.push(LiveSession { session, device_type });
+        }
+    }
+
+    /// Forget the users this owner no longer owns, and sessions on nodes no longer live.
+    pub fn drop_moved(&mut self, owns: impl Fn(UserId) -> bool, node_live: impl Fn(NodeId) -> bool) {
+        self.users.retain(|&u, live| {
+            if !owns(u) {
+                return false;
+            }
+            live.sessions.retain(|s| node_live(s.session.node()));
+            !live.is_empty()
+        });
     }
 
     /// A logged-in session ended (or a login's connection ended before it was answered).
@@ -143,7 +164,7 @@ impl UserOwner {
             live.tokens.push((hash, expires_at_ms));
             Ok(())
         };
-        out.push(Effect::Post(session.shard(), Envelope::TokenResult { session, result }));
+        out.push(Effect::Post(session.owner(), Envelope::TokenResult { session, result }));
     }
 
     /// Deliver `frame` to every session of `user` but `skip`.
@@ -168,15 +189,30 @@ impl UserOwner {
     ) {
         let Some(live) = self.users.get(&user) else { return };
         for s in live.sessions.iter().filter(|s| s.session != skip) {
-            out.push(Effect::Post(s.session.shard(), env(s.session)));
+            out.push(Effect::Post(s.session.owner(), env(s.session)));
         }
     }
 
     /// Add `user`'s live sessions but `skip` to `out`, by the shard that holds each.
-    pub fn sessions_by_shard(&self, user: UserId, skip: SessionRef, out: &mut [Vec<SessionRef>]) {
+    pub fn sessions_by_shard(
+        &self,
+        user: UserId,
+        skip: SessionRef,
+        node: NodeId,
+        out: &mut [Vec<SessionRef>],
+        remote: &mut Vec<(Owner, Vec<SessionRef>)>,
+    ) {
         let Some(live) = self.users.get(&user) else { return };
         for s in live.sessions.iter().filter(|s| s.session != skip) {
-            out[s.session.shard()].push(s.session);
+            if s.session.node() == node {
+                out[s.session.shard()].push(s.session);
+            } else {
+                let o = s.session.owner();
+                match remote.iter_mut().find(|(r, _)| *r == o) {
+                    Some((_, list)) => list.push(s.session),
+                    None => remote.push((o, vec![s.session])),
+                }
+            }
         }
     }
 

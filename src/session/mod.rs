@@ -23,7 +23,7 @@ use crate::{
     envelope::{AckInfo, SessionRef},
     frame,
     notify::LocalNotify,
-    protocol::{self, kind, ErrorCode},
+    protocol::{self, kind, DeviceType, ErrorCode},
     store::UserId,
 };
 
@@ -106,6 +106,8 @@ pub struct Session {
     pub(crate) login_pending: Cell<bool>,
     /// Hash of the logged-in device id (see `store::device_hash`).
     pub(crate) device: Cell<u64>,
+    /// The logged-in device's type.
+    pub(crate) device_type: Cell<DeviceType>,
     /// The client's address, for per-address limits (`None` if unknown).
     pub(crate) peer: Cell<Option<std::net::IpAddr>>,
     /// Register requests seen (`registrations_per_connection_max`).
@@ -145,6 +147,7 @@ impl Session {
             last_rx: Cell::new(Instant::now()),
             login_pending: Cell::new(false),
             device: Cell::new(0),
+            device_type: Cell::new(DeviceType::Other),
             drained: LocalNotify::default(),
             partial_since: Cell::new(None),
             partial_frame_timeout: Duration::from_millis(l.partial_frame_timeout_ms),
@@ -183,6 +186,16 @@ impl Session {
 
     pub fn user(&self) -> UserId {
         self.user.get()
+    }
+
+    /// The user and device type of a logged-in session.
+    pub fn logged_in(&self) -> Option<(UserId, DeviceType)> {
+        let user = self.user.get();
+        (user != 0 && !self.closing.get()).then(|| (user, self.device_type.get()))
+    }
+
+    pub fn id(&self) -> SessionRef {
+        self.id
     }
 
     /// Queue a frame for writing. A session over its outbound limit is closed as a slow consumer.
