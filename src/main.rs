@@ -26,6 +26,24 @@ enum Command {
     Serve(ServeArgs),
     /// Print the default configuration as TOML.
     DefaultConfig,
+    /// Ask a cluster node for its view of the cluster.
+    Cluster {
+        #[command(subcommand)]
+        command: ClusterCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum ClusterCommand {
+    /// Print a node's members, their state and the partitions each owns (JSON).
+    Status {
+        /// The node's config file: its cluster secret, and its cluster address unless --addr.
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
+        /// The node's cluster address (default: cluster.advertise, else cluster.listen).
+        #[arg(long, value_name = "ADDR")]
+        addr: Option<SocketAddr>,
+    },
 }
 
 #[derive(clap::Args)]
@@ -45,6 +63,16 @@ struct ServeArgs {
     /// I/O driver: auto, io_uring or epoll (overrides server.driver).
     #[arg(long, value_name = "DRIVER")]
     driver: Option<String>,
+    /// This node's cluster id, 1..=63 (overrides cluster.node_id).
+    #[arg(long, value_name = "N")]
+    node_id: Option<u16>,
+    /// Listen for cluster peers here (overrides cluster.listen).
+    #[arg(long, value_name = "ADDR")]
+    cluster_listen: Option<SocketAddr>,
+    /// Join the cluster through this member's cluster address (repeatable; adds to
+    /// cluster.join).
+    #[arg(long, value_name = "ADDR")]
+    join: Vec<String>,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -59,14 +87,35 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Serve(args) => serve(args),
+        Command::Cluster { command: ClusterCommand::Status { config, addr } } => cluster_status(config, addr),
     }
 }
 
-fn serve(args: ServeArgs) -> anyhow::Result<()> {
-    let mut cfg = match &args.config {
+/// The config of `path` (defaults without one), with the cluster secret from
+/// `TIM_CLUSTER_SECRET` when that is set (keeps it out of files and process lists).
+fn load_config(path: Option<&PathBuf>) -> anyhow::Result<Config> {
+    let mut cfg = match path {
         Some(path) => Config::from_file(path)?,
         None => Config::default(),
     };
+    if let Ok(secret) = std::env::var("TIM_CLUSTER_SECRET") {
+        cfg.cluster.secret = secret;
+    }
+    Ok(cfg)
+}
+
+fn cluster_status(config: Option<PathBuf>, addr: Option<SocketAddr>) -> anyhow::Result<()> {
+    let cfg = load_config(config.as_ref())?;
+    let addr = addr
+        .or(cfg.cluster.advertised())
+        .context("no cluster address: give --addr or a config with cluster.listen")?;
+    let text = tim::cluster::node::ask_status(addr, &cfg.cluster.secret)?;
+    println!("{text}");
+    Ok(())
+}
+
+fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let mut cfg = load_config(args.config.as_ref())?;
     if let Some(a) = args.listen {
         cfg.server.listen = a;
     }
@@ -79,6 +128,13 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
     if let Some(d) = args.driver {
         cfg.server.driver = d;
     }
+    if let Some(n) = args.node_id {
+        cfg.cluster.node_id = n;
+    }
+    if let Some(a) = args.cluster_listen {
+        cfg.cluster.listen = Some(a);
+    }
+    cfg.cluster.join.extend(args.join);
     // Register before starting so that no signal is missed.
     let mut signals = Signals::new([SIGTERM, SIGINT]).context("installing signal handlers")?;
     let server = tim::server::start(cfg)?;

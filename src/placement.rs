@@ -62,10 +62,8 @@ impl Table {
         nodes.dedup_by_key(|n| n.0);
         let owners = (0..PARTITIONS)
             .map(|p| {
-                let &(node, shards) = nodes
-                    .iter()
-                    .max_by_key(|&&(n, _)| rendezvous(p, n))
-                    .expect("at least one node");
+                let &(node, shards) =
+                    nodes.iter().max_by_key(|&&(n, _)| rendezvous(p, n)).expect("at least one node");
                 Owner::new(node, tim_shards::shard_of_partition(p, shards as usize))
             })
             .collect();

@@ -32,6 +32,8 @@ pub struct Server {
     shared: Arc<Shared>,
     shards: Shards<Envelope>,
     workers: Vec<JoinHandle<()>>,
+    /// This node's membership and links, in a cluster.
+    cluster: std::sync::Mutex<Option<crate::cluster::node::ClusterHandle>>,
 }
 
 pub fn start(cfg: Config) -> anyhow::Result<Server> {
@@ -86,6 +88,8 @@ pub fn start(cfg: Config) -> anyhow::Result<Server> {
         mesh_capacity: cfg.limits.mesh_queue_capacity,
         spin_rounds: cfg.server.spin_rounds,
         thread_name: "tim-shard".into(),
+        // A cluster node's gateway is the mesh's endpoint after the shards'.
+        extra_ports: usize::from(cfg.cluster.enabled()),
     };
     let listeners: Vec<_> = listeners.into_iter().map(|l| std::sync::Mutex::new(Some(l))).collect();
     let listeners = Arc::new(listeners);
@@ -95,12 +99,43 @@ pub fn start(cfg: Config) -> anyhow::Result<Server> {
             listeners[ctx.id].lock().expect("not poisoned").take().expect("one listener per shard");
         run_shard(ctx, sh.clone(), listener)
     })?;
-    Ok(Server { addr, drivers: running.drivers.clone(), shared, shards: running, workers: worker_handles })
+    let cluster = if cfg.cluster.enabled() {
+        let port = running.mesh.port(shards, 0);
+        let handle = match crate::cluster::node::start(&cfg, shards, port) {
+            Ok(h) => h,
+            Err(e) => {
+                running.signal_all();
+                return Err(e);
+            }
+        };
+        if !handle.wait_joined(Duration::from_millis(cfg.cluster.join_wait_ms)) {
+            log::warn!(
+                "cluster: no member answered within {} ms; running alone until one does",
+                cfg.cluster.join_wait_ms
+            );
+        }
+        Some(handle)
+    } else {
+        None
+    };
+    Ok(Server {
+        addr,
+        drivers: running.drivers.clone(),
+        shared,
+        shards: running,
+        workers: worker_handles,
+        cluster: std::sync::Mutex::new(cluster),
+    })
 }
 
 impl Server {
     /// Begin a graceful stop: shards stop accepting, kick their sessions with ShuttingDown, drain.
     pub fn stop(&self) {
+        // A cluster node first tells the others it leaves: they take its partitions now, and
+        // its clients, kicked with ShuttingDown, find their owners moved when they reconnect.
+        if let Some(c) = self.cluster.lock().expect("not poisoned").take() {
+            c.leave();
+        }
         self.shared.stop.store(true, Ordering::Release);
         self.shards.signal_all();
     }
@@ -108,6 +143,9 @@ impl Server {
     /// Wait for the shards (and then the workers) to end.
     pub fn join(self) -> anyhow::Result<()> {
         self.shards.join()?;
+        if let Some(c) = self.cluster.lock().expect("not poisoned").take() {
+            c.leave();
+        }
         // Tasks left on a stopped executor are not dropped, so Shared may outlive the shards:
         // end the workers explicitly.
         self.shared.workers.stop();

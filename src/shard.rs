@@ -28,7 +28,7 @@ use crate::{
     auth::Auth,
     commit::{CommitQueues, LoadQueues, Queued},
     config::Config,
-    envelope::{Remote, Envelope, RoomOp, SessionRef},
+    envelope::{Envelope, Remote, RoomOp, SessionRef},
     frame::{self, AlignedBuf},
     guard::{Action, AddressGuard},
     notify::LocalNotify,

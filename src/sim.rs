@@ -1131,7 +1131,11 @@ impl Sim {
                     None => {
                         if result.is_ok() {
                             // As the runtime does: the connection ended while logging in.
-                            self.post(dst, self.placement.user(user).shard(), Envelope::Detach { user, session });
+                            self.post(
+                                dst,
+                                self.placement.user(user).shard(),
+                                Envelope::Detach { user, session },
+                            );
                         }
                     }
                 }
@@ -1643,7 +1647,11 @@ impl Sim {
             change: None,
             refuse_new: None,
         };
-        let dst = if group { self.placement.group(to).shard() } else { self.placement.conv(direct_key(sender, to)).shard() };
+        let dst = if group {
+            self.placement.group(to).shard()
+        } else {
+            self.placement.conv(direct_key(sender, to)).shard()
+        };
         self.post(session.shard(), dst, Envelope::Submit(Box::new(sub)));
     }
 

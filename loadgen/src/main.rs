@@ -70,6 +70,7 @@ fn run(args: Args) -> anyhow::Result<bool> {
         mesh_capacity: 1,
         spin_rounds: 0,
         thread_name: "loadgen".into(),
+        extra_ports: 0,
     };
     raise_nofile_limit(cfg.connections as u64 + 1024);
     let g = Arc::new(Global::new(cfg, scenario));

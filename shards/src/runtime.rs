@@ -61,6 +61,9 @@ pub struct RuntimeConfig {
     pub spin_rounds: u32,
     /// Name prefix of the shard threads.
     pub thread_name: String,
+    /// Mesh endpoints beyond the shards' (indices `shards..`), for threads that are not shards
+    /// but exchange messages with them (a cluster gateway): take them with [`Mesh::port`].
+    pub extra_ports: usize,
 }
 
 impl Default for RuntimeConfig {
@@ -73,6 +76,7 @@ impl Default for RuntimeConfig {
             mesh_capacity: 65536,
             spin_rounds: 64,
             thread_name: "shard".into(),
+            extra_ports: 0,
         }
     }
 }
@@ -130,7 +134,7 @@ where
     Fut: Future<Output = ()> + 'static,
 {
     assert!(cfg.shards > 0, "at least one shard");
-    let mesh = Mesh::<T>::new(cfg.shards, cfg.mesh_capacity);
+    let mesh = Mesh::<T>::new(cfg.shards + cfg.extra_ports, cfg.mesh_capacity);
     let make = Arc::new(make);
     let cpus = if cfg.pin_cores { allowed_cpus() } else { Vec::new() };
     let (ready_tx, ready_rx) = mpsc::channel::<(usize, io::Result<DriverKind>)>();

@@ -133,7 +133,14 @@ pub async fn establish(
         let noise = std::rc::Rc::new(hs.into_stateless_transport_mode().map_err(noise_err)?);
         let (rd, wr) = stream.into_split();
         let mut writer = LinkWriter { wr, noise: noise.clone(), nonce: 0, cipher: Vec::new() };
-        let mut reader = LinkReader { rd, noise, nonce: 0, msg: Vec::new(), plain: vec![0; MSG_MAX], stream: BytesMut::new() };
+        let mut reader = LinkReader {
+            rd,
+            noise,
+            nonce: 0,
+            msg: Vec::new(),
+            plain: vec![0; MSG_MAX],
+            stream: BytesMut::new(),
+        };
         let mut hello = BytesMut::new();
         put_record(&mut hello, control::HELLO, &postcard::to_allocvec(me).map_err(io::Error::other)?);
         writer.write(&hello).await?;
@@ -210,10 +217,8 @@ impl LinkWriter {
         for chunk in plain.chunks(PLAIN_MAX) {
             let at = self.cipher.len();
             self.cipher.resize(at + 2 + chunk.len() + TAG_BYTES, 0);
-            let n = self
-                .noise
-                .write_message(self.nonce, chunk, &mut self.cipher[at + 2..])
-                .map_err(noise_err)?;
+            let n =
+                self.noise.write_message(self.nonce, chunk, &mut self.cipher[at + 2..]).map_err(noise_err)?;
             self.nonce += 1;
             self.cipher[at..at + 2].copy_from_slice(&(n as u16).to_be_bytes());
             self.cipher.truncate(at + 2 + n);

@@ -130,7 +130,8 @@ pub fn start(cfg: &Config, shards: usize, port: MeshPort<Envelope>) -> anyhow::R
     let c = &cfg.cluster;
     let listener = match c.listen {
         Some(addr) => {
-            let l = std::net::TcpListener::bind(addr).map_err(|e| anyhow::anyhow!("cluster.listen {addr}: {e}"))?;
+            let l = std::net::TcpListener::bind(addr)
+                .map_err(|e| anyhow::anyhow!("cluster.listen {addr}: {e}"))?;
             l.set_nonblocking(true)?;
             Some(l)
         }
@@ -374,7 +375,12 @@ impl State {
                 false
             }
             OwnedNotification::Rename(old, new) => {
-                log::info!("cluster: node {} restarted (incarnation {} → {})", new.id, old.incarnation, new.incarnation);
+                log::info!(
+                    "cluster: node {} restarted (incarnation {} → {})",
+                    new.id,
+                    old.incarnation,
+                    new.incarnation
+                );
                 let mut live = self.live.borrow_mut();
                 if live.contains_key(&new.id) {
                     live.insert(new.id, new);
@@ -391,7 +397,10 @@ impl State {
                 false
             }
             OwnedNotification::Rejoin(me) => {
-                log::warn!("cluster: this node was declared down; rejoined as incarnation {}", me.incarnation);
+                log::warn!(
+                    "cluster: this node was declared down; rejoined as incarnation {}",
+                    me.incarnation
+                );
                 false
             }
             OwnedNotification::Defunct => {
@@ -458,7 +467,8 @@ impl State {
                 }
             }
             Event::Membership(data) => self.with_foca(|f, rt| {
-                if let Err(e) = f.handle_data(&data[crate::frame::HEADER_BYTES..], rt) {
+                let len = crate::frame::Header::read(&data).len as usize;
+                if let Err(e) = f.handle_data(&data[crate::frame::HEADER_BYTES..][..len], rt) {
                     log::debug!("cluster: membership message: {e}");
                 }
             }),
@@ -571,7 +581,15 @@ async fn accept_loop(st: Rc<State>, l: TcpListener) {
             Ok((s, from)) => {
                 let st = st.clone();
                 tokio::task::spawn_local(async move {
-                    match link::establish(s, false, &st.settings.psk, &st.me.hello(), st.settings.dial_timeout).await {
+                    match link::establish(
+                        s,
+                        false,
+                        &st.settings.psk,
+                        &st.me.hello(),
+                        st.settings.dial_timeout,
+                    )
+                    .await
+                    {
                         Ok(link) => st.serve_link(link),
                         Err(e) => log::warn!("cluster: link from {from} refused: {e}"),
                     }
@@ -744,22 +762,27 @@ impl State {
         self.dropped.fetch_add(1, Ordering::Relaxed);
         let code = ErrorCode::NodeUnavailable;
         let back = match env {
-            Envelope::Submit(sub) if sub.stream => Envelope::StreamRefused {
-                session: sub.origin,
-                client_msg_id: sub.client_msg_id,
-                code,
-            },
+            Envelope::Submit(sub) if sub.stream => {
+                Envelope::StreamRefused { session: sub.origin, client_msg_id: sub.client_msg_id, code }
+            }
             Envelope::Submit(sub) => {
                 Envelope::Rejected { session: sub.origin, client_msg_id: sub.client_msg_id, code }
             }
-            Envelope::Attach(a) => Envelope::AttachResult { session: a.session, user: a.user, result: Err(code) },
+            Envelope::Attach(a) => {
+                Envelope::AttachResult { session: a.session, user: a.user, result: Err(code) }
+            }
             Envelope::StoreToken { session, .. } => Envelope::TokenResult { session, result: Err(code) },
             Envelope::Room(req) => {
                 let id = match req.op {
                     crate::envelope::RoomOp::Publish { client_msg_id, .. } => client_msg_id,
                     _ => req.room,
                 };
-                Envelope::RoomReply { session: req.origin, room: id, request_kind: req.op.request_kind(), result: Err(code) }
+                Envelope::RoomReply {
+                    session: req.origin,
+                    room: id,
+                    request_kind: req.op.request_kind(),
+                    result: Err(code),
+                }
             }
             Envelope::Group(req) => Envelope::GroupReply {
                 session: req.origin,
@@ -802,4 +825,32 @@ mod serde_json_like {
              \"incarnation\":{incarnation},\"partitions\":{partitions},\"link\":{link}}}"
         )
     }
+}
+
+/// Ask the node at `addr` for its view (`tim cluster status`): a link as an observer (node 0),
+/// one status request, its JSON answer.
+pub fn ask_status(addr: SocketAddr, secret: &str) -> anyhow::Result<String> {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    rt.block_on(async {
+        let t = Duration::from_secs(5);
+        let s = tokio::time::timeout(t, tokio::net::TcpStream::connect(addr))
+            .await
+            .map_err(|_| anyhow::anyhow!("connecting to {addr} timed out"))??;
+        let me = Hello { node: 0, incarnation: crate::clock::now_ms(), shards: 0, addr: None };
+        let Link { mut reader, mut writer, peer } = link::establish(s, true, &link::psk(secret), &me, t)
+            .await
+            .map_err(|e| anyhow::anyhow!("link to {addr}: {e} (is the cluster secret right?)"))?;
+        let mut req = Vec::new();
+        put_record(&mut req, control::STATUS_REQUEST, &[]);
+        writer.write(&req).await?;
+        loop {
+            let (kind, rec) = tokio::time::timeout(t, reader.next_record(16 << 20))
+                .await
+                .map_err(|_| anyhow::anyhow!("node {} did not answer", peer.node))??;
+            if kind == control::STATUS {
+                let len = crate::frame::Header::read(&rec).len as usize;
+                return Ok(String::from_utf8_lossy(&rec[crate::frame::HEADER_BYTES..][..len]).into_owned());
+            }
+        }
+    })
 }

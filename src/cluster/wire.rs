@@ -82,6 +82,8 @@ pub enum WireError {
     UnknownDeviceType(u8),
     #[error("a Submit carrying a group change never crosses nodes")]
     GroupChange,
+    #[error("a gateway envelope or a placement table never crosses nodes")]
+    LocalOnly,
     #[error("an envelope archive of {0} bytes does not fit a record")]
     EncodeTooLarge(usize),
     #[error("serializing an envelope failed: {0}")]
@@ -221,6 +223,11 @@ enum WireEnvelope<'a> {
         #[rkyv(with = AsVec)]
         frame: &'a [u8],
         lossy: bool,
+    },
+    Reattach {
+        user: u64,
+        session: u64,
+        device_type: u8,
     },
 }
 
@@ -465,6 +472,12 @@ impl<'a> WireEnvelope<'a> {
             Envelope::DeliverMany(d) => {
                 WireEnvelope::DeliverMany { sessions: &d.sessions, frame: &d.frame, lossy: d.lossy }
             }
+            Envelope::Reattach { user, session, device_type } => {
+                WireEnvelope::Reattach { user: *user, session: session.0, device_type: *device_type as u8 }
+            }
+            // A shard's envelope for its gateway, and the gateway's tables for its shards, stay
+            // on their node.
+            Envelope::Remote(_) | Envelope::Placement(_) => return Err(WireError::LocalOnly),
         })
     }
 }
@@ -724,6 +737,12 @@ fn envelope(a: &ArchivedWireEnvelope<'_>, payload: &Bytes) -> Result<Envelope, W
             frame: shared(payload, frame)?,
             lossy: *lossy,
         })),
+        W::Reattach { user, session: s, device_type } => Envelope::Reattach {
+            user: user.to_native(),
+            session: session(s),
+            device_type: DeviceType::from_u8(*device_type)
+                .ok_or(WireError::UnknownDeviceType(*device_type))?,
+        },
     })
 }
 

@@ -267,7 +267,9 @@ impl MsgIds {
                 self.counter = 0;
             }
         }
-        (self.last_ms << (ID_COUNTER_BITS + ID_GENERATOR_BITS)) | (self.generator << ID_COUNTER_BITS) | self.counter
+        (self.last_ms << (ID_COUNTER_BITS + ID_GENERATOR_BITS))
+            | (self.generator << ID_COUNTER_BITS)
+            | self.counter
     }
 }
 

@@ -539,7 +539,8 @@ impl GroupOwner {
         }
         // Removed members on shards that hold no member any more.
         for (shard, users) in extra {
-            let f = GroupFanout { users: users.into(), skip: p.skip, frame: p.frame.clone(), lossy: p.stream };
+            let f =
+                GroupFanout { users: users.into(), skip: p.skip, frame: p.frame.clone(), lossy: p.stream };
             out.push(Effect::Post(shard, Envelope::GroupFanout(Box::new(f))));
         }
         self.published += 1;

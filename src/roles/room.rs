@@ -403,7 +403,10 @@ mod tests {
         assert!(o.is_empty());
         assert!(matches!(
             out[..],
-            [Effect::Post(Owner { node: 0, shard: 0 }, Envelope::RoomClosed { reason: room_closed::EXPIRED, .. })]
+            [Effect::Post(
+                Owner { node: 0, shard: 0 },
+                Envelope::RoomClosed { reason: room_closed::EXPIRED, .. }
+            )]
         ));
     }
 }
