@@ -806,6 +806,7 @@ mod tests {
     /// One envelope of every variant (and of every room and group op), with distinct values.
     fn every_variant() -> Vec<Envelope> {
         vec![
+            Envelope::Reattach { user: 42, session: SessionRef::on(5, 3, 9), device_type: DeviceType::Web },
             submit(None, None),
             submit(None, Some(ErrorCode::Muted)),
             Envelope::Acked {
@@ -953,6 +954,10 @@ mod tests {
             }
             Envelope::GroupFanout(f) => format!("GroupFanout {:?}", (&f.users, f.skip, &f.frame, f.lossy)),
             Envelope::DeliverMany(d) => format!("DeliverMany {:?}", (&d.sessions, &d.frame, d.lossy)),
+            Envelope::Reattach { user, session, device_type } => {
+                format!("Reattach {:?}", (user, session, device_type))
+            }
+            Envelope::Remote(_) | Envelope::Placement(_) => unreachable!("never encoded"),
         }
     }
 

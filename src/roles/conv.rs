@@ -828,12 +828,13 @@ mod tests {
     /// Message ids rise and never repeat, also when the clock stands still or goes back.
     #[test]
     fn message_ids_rise() {
-        let mut ids = MsgIds { shard: 3, last_ms: 0, counter: 0 };
+        let mut ids = MsgIds { generator: id_generator(Owner::new(5, 3)), last_ms: 0, counter: 0 };
         let mut prev = 0;
         for i in 0..20_000u64 {
             let now = ID_EPOCH_MS + 5 - (i % 3);
             let id = ids.next(now);
             assert!(id > prev);
+            assert_eq!((id >> ID_COUNTER_BITS) & ((1 << ID_GENERATOR_BITS) - 1), 5 << 6 | 3);
             prev = id;
         }
     }

@@ -1,0 +1,402 @@
+//! A cluster of three `tim serve` processes on loopback over two throwaway PostgreSQL servers:
+//! 1:1 and group messages across nodes, logins on one node kicking sessions on another, the
+//! loss of a node (kill -9) and its partitions moving, a SIGTERM leave and a rejoin, and the
+//! refusals (a wrong secret, the embedded store in a cluster).
+
+mod common;
+
+use std::{
+    io::{BufRead, BufReader},
+    net::SocketAddr,
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use common::*;
+use tim::{
+    client::{Client, Event},
+    protocol::{invite_policy, join_policy, ErrorCode, GroupProfile},
+};
+
+const SECRET: &str = "the test cluster's secret";
+
+/// One node: a `tim serve` process with its addresses.
+struct Node {
+    id: u16,
+    child: Child,
+    addr: SocketAddr,
+    cluster: SocketAddr,
+    _dir: tempfile::TempDir,
+}
+
+impl Node {
+    /// Start node `id` on `store` (a `[store]` body), joining through `join`; `extra` TOML is
+    /// appended. Returns once the node listens (and has joined, or waited `join_wait_ms`).
+    fn start(id: u16, store: &str, join: &[SocketAddr], extra: &str) -> Node {
+        Self::start_on(id, store, join, extra, "127.0.0.1:0")
+    }
+
+    fn start_on(id: u16, store: &str, join: &[SocketAddr], extra: &str, cluster_listen: &str) -> Node {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = dir.path().join("tim.toml");
+        let join: Vec<String> = join.iter().map(|a| format!("\"{a}\"")).collect();
+        let text = format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\nshards = 2\npin_cores = false\nworker_threads = 2\n\n\
+             [security]\nargon2_m_kib = 64\nargon2_t = 1\nname_key = \"{NAME_KEY}\"\n\n\
+             [store]\ndata_dir = \"{}\"\n{store}\n\n\
+             [cluster]\nnode_id = {id}\nlisten = \"{cluster_listen}\"\nsecret = \"{SECRET}\"\njoin = [{}]\n\n{extra}\n",
+            dir.path().join("data").display(),
+            join.join(", ")
+        );
+        std::fs::write(&cfg, text).unwrap();
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_tim"));
+        // SAFETY: prctl is async-signal-safe; the node dies with the test thread.
+        unsafe {
+            use std::os::unix::process::CommandExt;
+            cmd.pre_exec(|| {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                Ok(())
+            });
+        }
+        let mut child = cmd
+            .args(["serve", "--config"])
+            .arg(&cfg)
+            .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()))
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start tim");
+        let mut out = BufReader::new(child.stdout.take().unwrap());
+        let mut addr = None;
+        let mut cluster = None;
+        for _ in 0..2 {
+            let mut line = String::new();
+            out.read_line(&mut line).unwrap();
+            let word = |prefix: &str| -> Option<SocketAddr> {
+                line.strip_prefix(prefix)?.split_whitespace().next()?.parse().ok()
+            };
+            if let Some(a) = word("tim cluster listening on ") {
+                cluster = Some(a);
+            } else if let Some(a) = word("tim listening on ") {
+                addr = Some(a);
+            } else {
+                panic!("unexpected line from tim: {line:?}");
+            }
+        }
+        Node { id, child, addr: addr.unwrap(), cluster: cluster.unwrap(), _dir: dir }
+    }
+
+    fn client(&self) -> Client {
+        Client::connect(self.addr).unwrap()
+    }
+
+    fn login(&self, name: &str, device_type: u8) -> Client {
+        let mut c = self.client();
+        c.login(name, PASSWORD, device_type, "dev").unwrap();
+        c
+    }
+
+    /// The node's view of the cluster.
+    fn status(&self) -> serde_like::Status {
+        serde_like::parse(&tim::cluster::node::ask_status(self.cluster, SECRET).unwrap())
+    }
+
+    /// Wait until this node sees exactly `nodes` alive (itself included) and a table over them.
+    fn wait_members(&self, nodes: &[u16], within: Duration) -> Duration {
+        let start = Instant::now();
+        loop {
+            let st = self.status();
+            let mut alive = st.alive_with_partitions();
+            alive.sort_unstable();
+            if alive == nodes {
+                return start.elapsed();
+            }
+            assert!(start.elapsed() < within, "node {}: members {alive:?}, expected {nodes:?}", self.id);
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    fn terminate(&mut self) -> std::process::ExitStatus {
+        // SAFETY: plain kill(2) on our child's pid.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(st) = self.child.try_wait().unwrap() {
+                return st;
+            }
+            assert!(Instant::now() < deadline, "node {} did not exit after SIGTERM", self.id);
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// The few fields of `tim cluster status` the tests read.
+mod serde_like {
+    pub struct Status {
+        /// (node, state, partitions)
+        pub members: Vec<(u16, String, usize)>,
+    }
+
+    impl Status {
+        /// Nodes alive (or self) that own partitions.
+        pub fn alive_with_partitions(&self) -> Vec<u16> {
+            self.members
+                .iter()
+                .filter(|(_, s, p)| (s == "alive" || s == "self") && *p > 0)
+                .map(|&(n, _, _)| n)
+                .collect()
+        }
+    }
+
+    fn field<'a>(obj: &'a str, name: &str) -> &'a str {
+        let at = obj.find(&format!("\"{name}\":")).unwrap_or_else(|| panic!("{name} in {obj}")) + name.len() + 3;
+        let rest = &obj[at..];
+        let end = rest.find([',', '}']).unwrap();
+        rest[..end].trim_matches('"')
+    }
+
+    pub fn parse(json: &str) -> Status {
+        let members = json.split("{\"node\":").skip(2).map(|m| {
+            let m = format!("{{\"node\":{m}");
+            (field(&m, "node").parse().unwrap(), field(&m, "state").to_string(), field(&m, "partitions").parse().unwrap())
+        });
+        Status { members: members.collect() }
+    }
+}
+
+fn register(node: &Node, name: &str) -> u64 {
+    node.client().register(name, PASSWORD).unwrap()
+}
+
+fn next_body(c: &mut Client) -> Vec<u8> {
+    c.next_delivery().unwrap().body
+}
+
+fn three_nodes(store: &str, extra: &str) -> Vec<Node> {
+    let n1 = Node::start(1, store, &[], extra);
+    let n2 = Node::start(2, store, &[n1.cluster], extra);
+    let n3 = Node::start(3, store, &[n1.cluster], extra);
+    let nodes = vec![n1, n2, n3];
+    for n in &nodes {
+        n.wait_members(&[1, 2, 3], Duration::from_secs(10));
+    }
+    nodes
+}
+
+/// Users on different nodes talk 1:1 and in a group; a login on one node kicks a session on
+/// another (one user owner in the cluster).
+#[test]
+fn messages_cross_nodes() {
+    let store = pg::store_body("postgres");
+    let nodes = three_nodes(&store, "[sessions]\nper_device_type_max = 1\n");
+    let users: Vec<(String, u64)> = (0..6)
+        .map(|i| {
+            let name = format!("user{i}");
+            let id = register(&nodes[i % 3], &name);
+            (name, id)
+        })
+        .collect();
+    // Each user on the node after the one it registered on.
+    let mut clients: Vec<Client> = users.iter().enumerate().map(|(i, (n, _))| nodes[(i + 1) % 3].login(n, 3)).collect();
+    // 1:1, every ordered pair, in order per conversation.
+    for a in 0..users.len() {
+        for b in 0..users.len() {
+            if a != b {
+                let ack = clients[a].send_wait(users[b].1, (a * 100 + b) as u64 + 1, format!("{a}->{b}").as_bytes()).unwrap();
+                assert!(ack.seq >= 1);
+                assert_eq!(next_body(&mut clients[b]), format!("{a}->{b}").into_bytes());
+            }
+        }
+    }
+    // A group created on node 3's session, every user a member, one message reaches all.
+    let profile = GroupProfile {
+        name: "across".into(),
+        topic: String::new(),
+        avatar_url: String::new(),
+        extra: Vec::new(),
+        join_policy: join_policy::OPEN,
+        invite_policy: invite_policy::MANAGERS,
+    };
+    let group = clients[2].group_create(profile).unwrap();
+    for c in clients.iter_mut().enumerate().filter(|(i, _)| *i != 2).map(|(_, c)| c) {
+        c.group_action(group, tim::protocol::group_action::JOIN, 0, 0, "").unwrap();
+    }
+    let ack = clients[0].group_send_wait(group, 9_999, b"to all").unwrap();
+    for (i, c) in clients.iter_mut().enumerate().skip(1) {
+        loop {
+            let d = c.next_delivery().unwrap();
+            if d.stamp.seq == ack.seq {
+                assert_eq!(d.body, b"to all", "member {i}");
+                break;
+            }
+        }
+    }
+    // user0 logs in again (same device type) on another node: its first session is kicked.
+    let mut again = nodes[2].login(&users[0].0, 3);
+    loop {
+        match clients[0].recv() {
+            Ok(Event::Kick(k)) => {
+                assert_eq!(k.reason, ErrorCode::Replaced as u16);
+                break;
+            }
+            Ok(_) => continue,
+            Err(e) => panic!("no kick: {e}"),
+        }
+    }
+    again.send_wait(users[1].1, 77_777, b"from the new session").unwrap();
+    loop {
+        let d = clients[1].next_delivery().unwrap();
+        if d.body == b"from the new session" {
+            break;
+        }
+    }
+}
+
+/// kill -9 of a node: the others see it gone within the failure detection time, its
+/// partitions move, conversations it owned go on with their sequences from the store, and
+/// its users' sessions elsewhere are reached through their new owners.
+#[test]
+fn node_loss_moves_partitions() {
+    let store = pg::store_body("postgres");
+    let mut nodes = three_nodes(&store, "");
+    // Users and sessions only on nodes 1 and 2; many of their owners are on node 3.
+    let users: Vec<(String, u64)> = (0..12)
+        .map(|i| {
+            let name = format!("u{i}");
+            (name.clone(), register(&nodes[i % 2], &name))
+        })
+        .collect();
+    let mut clients: Vec<Client> = users.iter().enumerate().map(|(i, (n, _))| nodes[i % 2].login(n, 3)).collect();
+    let mut last_seq = std::collections::HashMap::new();
+    for a in 0..users.len() {
+        let b = (a + 1) % users.len();
+        for k in 0..3u64 {
+            let ack = clients[a].send_wait(users[b].1, a as u64 * 10 + k + 1, b"before").unwrap();
+            last_seq.insert((a, b), ack.seq);
+            next_body(&mut clients[b]);
+        }
+    }
+    let killed = Instant::now();
+    nodes[2].kill();
+    let t1 = nodes[0].wait_members(&[1, 2], Duration::from_secs(5));
+    let t2 = nodes[1].wait_members(&[1, 2], Duration::from_secs(5));
+    eprintln!("node 3 killed: node 1 converged after {t1:?}, node 2 after {:?}", killed.elapsed().max(t2));
+    assert!(killed.elapsed() < Duration::from_secs(5), "routing converged in {:?}", killed.elapsed());
+    // Every conversation goes on: a new message gets the next sequence (no number given
+    // twice, none skipped by a stale counter), and reaches its recipient live.
+    for a in 0..users.len() {
+        let b = (a + 1) % users.len();
+        let mut tries = 0;
+        let ack = loop {
+            match clients[a].send_wait(users[b].1, 1_000 + a as u64, b"after") {
+                Ok(ack) => break ack,
+                Err(e) if e.code() == Some(ErrorCode::NodeUnavailable) && tries < 50 => {
+                    tries += 1;
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+                Err(e) => panic!("send {a}->{b} after the loss: {e}"),
+            }
+        };
+        assert_eq!(ack.seq, last_seq[&(a, b)] + 1, "conversation {a}->{b}");
+        loop {
+            let d = clients[b].next_delivery().unwrap();
+            if d.body == b"after" {
+                break;
+            }
+        }
+    }
+}
+
+/// SIGTERM: the node leaves at once (the others do not wait for failure detection); started
+/// again with the same id, it rejoins and owns partitions again.
+#[test]
+fn leave_and_rejoin() {
+    let store = pg::store_body("postgres");
+    let mut nodes = three_nodes(&store, "");
+    let a = register(&nodes[0], "a");
+    let b = register(&nodes[0], "b");
+    let left = Instant::now();
+    assert!(nodes[1].terminate().success(), "a clean exit after SIGTERM");
+    nodes[0].wait_members(&[1, 3], Duration::from_secs(3));
+    nodes[2].wait_members(&[1, 3], Duration::from_secs(3));
+    eprintln!("node 2 left: the others converged within {:?}", left.elapsed());
+    let mut ca = nodes[0].login("a", 3);
+    let mut cb = nodes[2].login("b", 3);
+    ca.send_wait(b, 1, b"while 2 is away").unwrap();
+    assert_eq!(next_body(&mut cb), b"while 2 is away");
+    // Node 2 comes back (a new process, the same id): all three see it.
+    let n2 = Node::start(2, &store, &[nodes[0].cluster], "");
+    nodes[1] = n2;
+    for n in &nodes {
+        n.wait_members(&[1, 2, 3], Duration::from_secs(10));
+    }
+    let mut c2 = nodes[1].login("a", 4);
+    c2.send_wait(b, 2, b"back").unwrap();
+    assert_eq!(next_body(&mut cb), b"back");
+    let _ = a;
+}
+
+/// A node with another secret cannot join (nor ask for status); the embedded store refuses to
+/// start clustered; a node id out of range is refused.
+#[test]
+fn refusals() {
+    let store = pg::store_body("postgres");
+    let n1 = Node::start(1, &store, &[], "");
+    assert!(tim::cluster::node::ask_status(n1.cluster, "not the secret at all").is_err());
+    // A node with a wrong secret: its process runs, but the cluster never counts it.
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("bad.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\nshards = 1\npin_cores = false\n[security]\nargon2_m_kib = 64\n\
+             argon2_t = 1\nname_key = \"{NAME_KEY}\"\n[store]\n{store}\n[cluster]\nnode_id = 9\n\
+             listen = \"127.0.0.1:0\"\nsecret = \"a different secret, long enough\"\njoin = [\"{}\"]\njoin_wait_ms = 500\n",
+            n1.cluster
+        ),
+    )
+    .unwrap();
+    let mut bad = Command::new(env!("CARGO_BIN_EXE_tim"))
+        .args(["serve", "--config"])
+        .arg(&cfg)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(n1.status().alive_with_partitions(), [1]);
+    let _ = bad.kill();
+    let _ = bad.wait();
+    // Refused configurations: a clear error and a non-zero exit.
+    for (store, cluster, why) in [
+        ("backend = \"embedded\"", "node_id = 1\nlisten = \"127.0.0.1:0\"", "embedded store is single-node"),
+        ("backend = \"memory\"", "node_id = 64\nlisten = \"127.0.0.1:0\"", "node_id must be within 1..=63"),
+        ("backend = \"memory\"", "node_id = 0\nlisten = \"127.0.0.1:0\"", "node_id must be within 1..=63"),
+    ] {
+        let cfg = dir.path().join("refused.toml");
+        std::fs::write(
+            &cfg,
+            format!(
+                "[server]\nlisten = \"127.0.0.1:0\"\nshards = 1\n[store]\ndata_dir = \"{}\"\n{store}\n\
+                 [cluster]\n{cluster}\nsecret = \"{SECRET}\"\n",
+                dir.path().join("data").display()
+            ),
+        )
+        .unwrap();
+        let out = Command::new(env!("CARGO_BIN_EXE_tim")).args(["serve", "--config"]).arg(&cfg).output().unwrap();
+        assert!(!out.status.success());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(why), "{why}: {err}");
+    }
+}
