@@ -95,9 +95,28 @@ pub enum DriverArg {
 #[derive(Parser, Debug, Clone)]
 #[command(name = "tim-loadgen", version)]
 pub struct Args {
-    /// Server address HOST:PORT (repeatable; connections are spread over the addresses).
+    /// Server address HOST:PORT. Repeatable (the nodes of a cluster): connection i uses
+    /// address i mod n, in every scenario, and reconnects go round the list (--reconnect).
     #[arg(long = "addr", value_name = "HOST:PORT", default_value = "127.0.0.1:7100")]
     pub addrs: Vec<String>,
+    /// Reconnect (one-to-one, group, echo; on by default with more than one --addr): when a
+    /// connection fails or the server closes it during the run, it waits a backoff (50 ms,
+    /// doubling up to 1 s, jittered), connects to the next address of the list, logs in again
+    /// as the same user and device (password login), resends its unacknowledged messages with
+    /// the same client message ids, and goes on; the server's catch-up (durable store) brings
+    /// what it missed. Open loop: sends due while it is down are skipped (skipped_while_down);
+    /// closed loop: it pauses. A delivery received again after a reconnect (its first copy
+    /// before it, or one copy in the new login's catch-up) counts as redelivered, not
+    /// duplicated.
+    #[arg(long, conflicts_with = "no_reconnect")]
+    pub reconnect: bool,
+    /// Do not reconnect: a connection that fails during the run stays down.
+    #[arg(long)]
+    pub no_reconnect: bool,
+    /// Seconds a reconnecting connection keeps trying (every address down) before it gives up;
+    /// a connection that gave up fails the run.
+    #[arg(long, value_name = "SECS", default_value_t = 30.0)]
+    pub reconnect_give_up: f64,
     /// What the connections do.
     #[arg(long, value_enum, default_value = "one-to-one")]
     pub scenario: ScenarioName,
@@ -276,6 +295,9 @@ pub struct Config {
     pub json: bool,
     pub quiet: bool,
     pub delivery_acks: bool,
+    /// Reconnect failed connections (message scenarios), and for how long at most.
+    pub reconnect: bool,
+    pub reconnect_give_up: Duration,
     /// The server process whose CPU time is measured (--server-pid).
     pub server_cpu: Option<ServerCpu>,
 }
@@ -362,6 +384,15 @@ impl Config {
         if a.password.len() < 8 {
             bail!("--password must have at least 8 bytes (the server's password rule)");
         }
+        let reconnects_supported =
+            matches!(a.scenario, ScenarioName::OneToOne | ScenarioName::Group | ScenarioName::Echo);
+        if a.reconnect && !reconnects_supported {
+            bail!("--reconnect is for the message scenarios (one-to-one, group, echo)");
+        }
+        let reconnect = reconnects_supported && !a.no_reconnect && (a.reconnect || addrs.len() > 1);
+        if !ok(a.reconnect_give_up, false) {
+            bail!("--reconnect-give-up must be positive");
+        }
         let server_cpu = a.server_pid.map(ServerCpu::open).transpose()?;
         let pacing = match a.pacer {
             PacerArg::Spin => Pacing::Spin,
@@ -408,6 +439,8 @@ impl Config {
             json: a.json,
             quiet: a.quiet,
             delivery_acks: !a.no_delivery_acks,
+            reconnect,
+            reconnect_give_up: Duration::from_secs_f64(a.reconnect_give_up),
             server_cpu,
         })
     }
@@ -433,9 +466,10 @@ impl Config {
         ((self.device_type as u32 + self.rank_of(conn)) % DEVICE_TYPES as u32) as u8
     }
 
-    /// Server address for connection `conn` (attempt `n`, for workers that reconnect).
-    pub fn addr_for(&self, conn: u32, n: u64) -> SocketAddr {
-        self.addrs[((conn as u64 + n * self.connections as u64) % self.addrs.len() as u64) as usize]
+    /// The index in `addrs` of the server address for connection `conn`, attempt `n` (for
+    /// workers that connect again): round robin from address `conn mod addrs`.
+    pub fn addr_index(&self, conn: u32, n: u64) -> usize {
+        ((conn as u64 + n) % self.addrs.len() as u64) as usize
     }
 
     /// Local address to bind for connection `conn` (attempt `n`), if any were given.
@@ -596,6 +630,36 @@ mod tests {
         assert_eq!((off.register_per_connection, off.register_concurrency), (3, 32));
         let other = ["tim-loadgen", "--scenario", "one-to-one", "--offline-members", "1"];
         assert!(Config::from_args(Args::parse_from(other)).is_err());
+    }
+
+    /// Reconnect is on by default with several addresses (message scenarios only), off with
+    /// one unless asked for; --no-reconnect turns it off. Connection i starts on address i mod n
+    /// and goes round the list.
+    #[test]
+    fn reconnect_args() {
+        let cfg = |extra: &[&str]| {
+            let mut argv = vec!["tim-loadgen", "--threads", "1"];
+            argv.extend_from_slice(extra);
+            Config::from_args(Args::try_parse_from(argv)?)
+        };
+        let two = ["--addr", "127.0.0.1:7100", "--addr", "127.0.0.1:7101"];
+        let c = cfg(&two).unwrap();
+        assert!(c.reconnect);
+        assert_eq!(c.reconnect_give_up, Duration::from_secs(30));
+        assert_eq!((c.addr_index(0, 0), c.addr_index(1, 0), c.addr_index(2, 0)), (0, 1, 0));
+        assert_eq!((c.addr_index(1, 1), c.addr_index(1, 2)), (0, 1), "round robin from its own");
+        assert!(!cfg(&[&two[..], &["--no-reconnect"]].concat()).unwrap().reconnect);
+        assert!(!cfg(&[]).unwrap().reconnect, "one address: off by default");
+        let one = cfg(&["--reconnect", "--reconnect-give-up", "2.5"]).unwrap();
+        assert!(one.reconnect);
+        assert_eq!(one.reconnect_give_up, Duration::from_millis(2500));
+        assert!(cfg(&["--reconnect", "--no-reconnect"]).is_err());
+        assert!(cfg(&["--reconnect-give-up", "0"]).is_err());
+        let group = cfg(&[&two[..], &["--scenario", "group", "--members", "2"]].concat()).unwrap();
+        assert!(group.reconnect);
+        let room = cfg(&[&two[..], &["--scenario", "room", "--connections", "4"]].concat()).unwrap();
+        assert!(!room.reconnect, "rooms do not reconnect");
+        assert!(cfg(&["--scenario", "idle", "--reconnect"]).is_err());
     }
 
     #[test]

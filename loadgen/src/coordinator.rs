@@ -153,8 +153,9 @@ pub fn run(g: &Global) -> Outcome {
                 Scenario::Room(_) => format!("  missed {}", s[C::Missed as usize]),
                 _ => String::new(),
             };
+            let down = if cfg.reconnect { format!("  down {}", s[C::Down as usize]) } else { String::new() };
             eprintln!(
-                "[drain {:.2}s] {}  in flight {}  delivered {}/{}{missed}",
+                "[drain {:.2}s] {}  in flight {}  delivered {}/{}{missed}{down}",
                 out.drain_time.as_secs_f64(),
                 if out.drained { "complete" } else { "timed out" },
                 s[C::Inflight as usize],
@@ -179,9 +180,15 @@ fn progress_line(
     let h = |x: H| -> &Histogram<u64> { &iv[x as usize] };
     let head = format!("[{:>5.1}s]", since_start.as_secs_f64());
     let errors = now[C::Errors as usize];
+    // Reconnecting runs: connections down now, and reconnects so far.
+    let down = if g.cfg.reconnect {
+        format!("  down {}  reconnects {}", now[C::Down as usize], now[C::Reconnects as usize])
+    } else {
+        String::new()
+    };
     match g.scenario {
         Scenario::Messaging(_) | Scenario::Group(_) => format!(
-            "{head} sent {}/s  acked {}/s  delivered {}/s  ack p50/p99 {}  deliver p50/p99 {}  in flight {}  errors {errors}",
+            "{head} sent {}/s  acked {}/s  delivered {}/s  ack p50/p99 {}  deliver p50/p99 {}  in flight {}{down}  errors {errors}",
             rate(C::Sent),
             rate(C::Acked),
             rate(C::Delivered),

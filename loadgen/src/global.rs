@@ -117,8 +117,19 @@ pub struct Results {
     pub stuck: u64,
 }
 
+/// What happened on one server address (`--addr`), counted by whichever thread did it.
+#[derive(Default)]
+pub struct AddrCounts {
+    /// Connections that set up on it and took part in the run.
+    pub ready: AtomicU64,
+    /// Reconnects that landed on it.
+    pub reconnects: AtomicU64,
+}
+
 pub struct Global {
     pub cfg: Config,
+    /// Per server address, in `cfg.addrs` order.
+    pub per_addr: Vec<AddrCounts>,
     pub scenario: Scenario,
     /// Random per run: in bodies and client message ids.
     pub run_id: u32,
@@ -145,6 +156,7 @@ impl Global {
         };
         let slots = (0..cfg.threads).map(|_| CachePadded::new(Slot::default())).collect();
         Global {
+            per_addr: cfg.addrs.iter().map(|_| AddrCounts::default()).collect(),
             run_id: random_u32(),
             base: Instant::now(),
             phase: AtomicU8::new(Phase::Setup as u8),

@@ -144,6 +144,9 @@ pub struct Inflight {
     pub sent_us: u64,
     pub to: u64,
     pub resends: u32,
+    /// Resent after a reconnect: the server may have stored it before the failure, and then
+    /// acknowledges the resend as a duplicate (PROTOCOL.md 8.4).
+    pub after_reconnect: bool,
 }
 
 /// A sending connection's side of the ledger.
@@ -159,18 +162,55 @@ pub struct SendLog {
     pub abandoned: u64,
 }
 
-/// How a received message fits the ledger.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+impl SendLog {
+    /// After a reconnect: every message in flight is resent (same counter, so the same client
+    /// message id), due at `now`, in counter order; the queue of refusal resends is replaced.
+    /// Returns how many.
+    pub fn resend_all(&mut self, now: u64) -> u64 {
+        let mut counters: Vec<u64> = self.inflight.keys().copied().collect();
+        counters.sort_unstable();
+        self.resend.clear();
+        for &n in &counters {
+            if let Some(m) = self.inflight.get_mut(&n) {
+                m.after_reconnect = true;
+            }
+            self.resend.push_back((now, n));
+        }
+        counters.len() as u64
+    }
+}
+
+/// How a received message fits the ledger: new, a duplicate, or redelivered after a reconnect
+/// (see [`RecvLog`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct Received {
     pub duplicate: bool,
+    pub redelivered: bool,
     pub out_of_order: bool,
 }
 
 /// A receiving connection's side of the ledger.
+///
+/// A connection that reconnects has several lives (one per login). The server is
+/// at-least-once across them: a message received before the failure can come again in the
+/// next login's catch-up (the device's cursor is the last acknowledged seq the server had
+/// stored), and a message committed around that login can come both live and in the catch-up
+/// (PROTOCOL.md 8.13). So in a life after a reconnect, a repeat is *redelivered* when its
+/// earlier copy came in an earlier life or either copy came in the life's catch-up window
+/// (from the login to its `CatchUpEnd`); only a repeat of a message received in the same life
+/// outside that window is a *duplicate*, as is any repeat in the first life. The catch-up also
+/// mixes with live deliveries, so in the window the order checks are suspended
+/// ([`RecvLog::new_life`]).
 #[derive(Default)]
 pub struct RecvLog {
-    /// Per sender connection: the counters received.
+    /// Per sender connection: the counters received (in any life).
     pub from: FxHashMap<u32, Bits>,
+    /// After a reconnect: per sender connection, the counters received in the current life
+    /// outside its catch-up window (none in the first life, where `from` is that).
+    life: Option<FxHashMap<u32, Bits>>,
+    /// In a new life's catch-up window: order checks suspended (maxima still raised), repeats
+    /// count as redelivered.
+    order_relaxed: bool,
     /// Per (sender connection, recipient user): the highest counter received un-resent.
     order: FxHashMap<(u32, u64), u64>,
     /// Per conversation (its two user ids, smaller first; a group: (0, group id)): the highest
@@ -196,8 +236,14 @@ impl RecvLog {
     /// echoes): within a conversation its seq must rise. Un-resent messages of one sender to one
     /// recipient must arrive in counter order.
     pub fn record(&mut self, sender: u32, counter: u64, flags: u32, stamp: Option<&Stamp>) -> Received {
-        if self.from.entry(sender).or_default().set(counter) {
-            return Received { duplicate: true, out_of_order: false };
+        let seen = self.from.entry(sender).or_default().set(counter);
+        let seen_in_life = match &mut self.life {
+            None => seen,
+            Some(_) if self.order_relaxed => false,
+            Some(life) => life.entry(sender).or_default().set(counter),
+        };
+        if seen {
+            return Received { duplicate: seen_in_life, redelivered: !seen_in_life, out_of_order: false };
         }
         let mut out_of_order = false;
         let to = stamp.map_or(0, |s| s.to);
@@ -211,16 +257,33 @@ impl RecvLog {
         if let Some(s) = stamp {
             out_of_order |= !self.note_seq(s);
         }
-        Received { duplicate: false, out_of_order }
+        Received { duplicate: false, redelivered: false, out_of_order: out_of_order && !self.order_relaxed }
     }
 
     /// Note the seq of a delivery that is not a message of the run (a group notice): it takes
-    /// its place in its conversation's sequence. False if it is at or below one seen before.
+    /// its place in its conversation's sequence. False if it is at or below one seen before
+    /// (never while the order checks are suspended).
     pub fn note_seq(&mut self, s: &Stamp) -> bool {
         let last = self.seq.entry(conv_key(s)).or_insert(0);
         let rising = s.seq > *last;
         *last = (*last).max(s.seq);
-        rising
+        rising || self.order_relaxed
+    }
+
+    /// The connection logged in again: a new life begins. `catch_up` says a catch-up follows
+    /// (a durable server): the order checks wait for its end ([`RecvLog::caught_up`]).
+    pub fn new_life(&mut self, catch_up: bool) {
+        match &mut self.life {
+            Some(life) => life.clear(),
+            None => self.life = Some(FxHashMap::default()),
+        }
+        self.order_relaxed = catch_up;
+    }
+
+    /// The life's catch-up ended (`CatchUpEnd`): order checks resume, against the highest
+    /// counters and seqs received so far.
+    pub fn caught_up(&mut self) {
+        self.order_relaxed = false;
     }
 }
 
@@ -237,6 +300,17 @@ pub struct ConnLedger {
     /// Deliveries this connection received twice, and out of order (message scenarios).
     pub duplicated: u64,
     pub out_of_order: u64,
+    /// Reconnects: deliveries received again in a later life, how many times the connection
+    /// logged in again, the time it spent down (in all, and its longest outage, µs), and
+    /// whether it gave up (every address down for longer than --reconnect-give-up).
+    pub redelivered: u64,
+    pub reconnects: u64,
+    pub down_us: u64,
+    pub down_max_us: u64,
+    pub gave_up: bool,
+    /// The connection was down when it ended (it gave up, failed without --reconnect, or was
+    /// still reconnecting when the run stopped).
+    pub down_at_end: bool,
 }
 
 impl ConnLedger {
@@ -250,6 +324,12 @@ impl ConnLedger {
             missed: 0,
             duplicated: 0,
             out_of_order: 0,
+            redelivered: 0,
+            reconnects: 0,
+            down_us: 0,
+            down_max_us: 0,
+            gave_up: false,
+            down_at_end: false,
         }
     }
 }
@@ -364,11 +444,52 @@ mod tests {
     fn recv_checks() {
         let mut r = RecvLog::default();
         let st = |seq| Stamp { msg_id: seq, seq, ts_ms: 0, from: 1, to: 2, conv: 1 };
-        assert_eq!(r.record(0, 1, 0, Some(&st(1))), Received { duplicate: false, out_of_order: false });
+        assert_eq!(r.record(0, 1, 0, Some(&st(1))), Received::default());
         assert!(r.record(0, 1, 0, Some(&st(1))).duplicate);
         assert!(!r.record(0, 0, FLAG_RESENT, Some(&st(2))).out_of_order);
         assert!(r.record(0, 3, 0, Some(&st(2))).out_of_order);
         assert!(r.record(0, 2, 0, Some(&st(4))).out_of_order);
+    }
+
+    /// After a reconnect a message of an earlier life is redelivered, not duplicated; twice in
+    /// the new life it is a duplicate; until the life's catch-up ends, order is not checked.
+    #[test]
+    fn recv_across_lives() {
+        let mut r = RecvLog::default();
+        let st = |seq| Stamp { msg_id: seq, seq, ts_ms: 0, from: 1, to: 2, conv: 1 };
+        for n in 0..3 {
+            assert_eq!(r.record(0, n, 0, Some(&st(n + 1))), Received::default());
+        }
+        r.new_life(true);
+        // A live delivery comes before the catch-up of what was missed.
+        assert_eq!(r.record(0, 5, 0, Some(&st(6))), Received::default());
+        let again = r.record(0, 2, 0, Some(&st(3)));
+        assert!(again.redelivered && !again.duplicate && !again.out_of_order);
+        assert_eq!(r.record(0, 3, 0, Some(&st(4))), Received::default(), "catch-up, not out of order");
+        assert!(r.record(0, 3, 0, Some(&st(4))).redelivered, "live and in the catch-up");
+        r.caught_up();
+        assert!(r.record(0, 5, 0, Some(&st(6))).redelivered, "its first copy came in the window");
+        assert!(r.record(0, 5, 0, Some(&st(6))).duplicate, "twice in one life after the window");
+        assert!(r.record(0, 4, 0, Some(&st(5))).out_of_order, "order checked again after the catch-up");
+        assert_eq!(r.record(0, 6, 0, Some(&st(7))), Received::default());
+        r.new_life(false);
+        assert!(r.record(0, 6, 0, Some(&st(7))).redelivered);
+        assert!(r.record(0, 6, 0, Some(&st(7))).duplicate, "no catch-up: twice in one life");
+        assert_eq!(r.from[&0].count(), 7);
+    }
+
+    /// In-flight messages are resent in counter order after a reconnect, the refusal queue
+    /// replaced.
+    #[test]
+    fn resend_all_after_reconnect() {
+        let mut s = SendLog::default();
+        for n in [7, 3, 5] {
+            s.inflight.insert(n, Inflight { sent_us: n, to: 1, resends: 0, after_reconnect: false });
+        }
+        s.resend.push_back((10, 5));
+        assert_eq!(s.resend_all(99), 3);
+        assert_eq!(s.resend.iter().copied().collect::<Vec<_>>(), [(99, 3), (99, 5), (99, 7)]);
+        assert!(s.inflight.values().all(|m| m.after_reconnect));
     }
 
     /// A group has one sequence for all its senders and its notices (stamp `from` 0).

@@ -8,14 +8,17 @@
 //! - [`worker`]: one executor thread, its control task and small local primitives;
 //! - [`net`]: connect, the write queue, the frame reader;
 //! - [`session`]: register, log in, log out;
-//! - [`scenario`]: what connections do (one-to-one, idle, login-storm, echo, room, group);
+//! - [`scenario`]: what connections do (one-to-one, idle, login-storm, echo, room, group); the
+//!   message engine ([`scenario::messaging`]) also reconnects failed connections (`--reconnect`)
+//!   round the server addresses, keeping their ledger;
 //! - [`ledger`]: per-connection send/receive tables and the final merge;
 //! - [`stats`]: counters, histograms, error tallies;
 //! - [`coordinator`]: phases and the progress line; [`report`]: the summary and JSON;
 //! - [`server_cpu`]: the server's CPU time over the run (`--server-pid`).
 //!
 //! Exit status: 0 when the run passed, 1 when the ledger found lost, duplicated, out-of-order
-//! or misrouted deliveries (or nothing was done), 2 on bad arguments or a failure to start.
+//! or misrouted deliveries, a connection gave up reconnecting (or nothing was done), 2 on bad
+//! arguments or a failure to start.
 
 mod cli;
 mod coordinator;

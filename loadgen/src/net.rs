@@ -80,13 +80,15 @@ pub async fn connect(addr: SocketAddr, source: Option<IpAddr>, timeout: Duration
 /// A connection's socket and its queue of outgoing bytes.
 pub struct Io {
     pub stream: TcpStream,
+    /// Which of the run's server addresses (`Config::addrs`) it is connected to.
+    pub addr_index: usize,
     out: RefCell<Vec<u8>>,
     closed: Cell<bool>,
 }
 
 impl Io {
-    pub fn new(stream: TcpStream) -> Io {
-        Io { stream, out: RefCell::new(Vec::with_capacity(4096)), closed: Cell::new(false) }
+    pub fn new(stream: TcpStream, addr_index: usize) -> Io {
+        Io { stream, addr_index, out: RefCell::new(Vec::with_capacity(4096)), closed: Cell::new(false) }
     }
 
     /// The outgoing queue, to append whole frames to.

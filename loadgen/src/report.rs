@@ -1,6 +1,8 @@
 //! The end of a run: merge the ledgers, print a readable summary on stdout and, with `--json`,
 //! one line of JSON last; decide the exit status.
 
+use std::sync::atomic::Ordering;
+
 use hdrhistogram::Histogram;
 use serde_json::{json, Map, Value};
 
@@ -14,8 +16,14 @@ use crate::{
 };
 
 /// Print the results; true if the run passed (no acknowledged message lost or duplicated,
-/// nothing out of order or misrouted, and something was done at all; room: also no error
-/// during the run, and every publish received or reported missed by every subscriber).
+/// nothing out of order or misrouted, no connection that gave up reconnecting, and something
+/// was done at all; room: also no error during the run, and every publish received or reported
+/// missed by every subscriber).
+///
+/// Every run reports its server addresses, with per address the connections assigned to it
+/// (connection i: address i mod n), those that set up on it and the reconnects that landed on
+/// it. With `--reconnect` it also reports the reconnects, resends, redeliveries, time down
+/// and give-ups.
 ///
 /// Group runs add per-group figures: in the summary the groups with a problem, in the JSON
 /// `per_group` (every group when there are at most [`PER_GROUP_ALL_MAX`], else those with a
@@ -43,6 +51,7 @@ pub fn finish(g: &Global, o: &Outcome) -> bool {
     let rv = room_verdict.unwrap_or_default();
     let (duplicated, out_of_order) = (c(C::Duplicated), c(C::OutOfOrder));
     let errors = c(C::Errors);
+    let re = Reconnects::of(&r.ledgers);
     let mut problems = Vec::new();
     if v.lost > 0 && room_verdict.is_some() {
         problems.push(format!("{} deliveries neither received nor reported missed", v.lost));
@@ -70,6 +79,13 @@ pub fn finish(g: &Global, o: &Outcome) -> bool {
     }
     if v.misrouted > 0 {
         problems.push(format!("{} deliveries to a session they were not meant for", v.misrouted));
+    }
+    if re.gave_up > 0 {
+        problems.push(format!(
+            "{} connections gave up reconnecting (no address let them log in again within {:.1} s)",
+            re.gave_up,
+            cfg.reconnect_give_up.as_secs_f64()
+        ));
     }
     if r.stuck > 0 {
         problems.push(format!("{} connections did not end (their ledger is missing)", r.stuck));
@@ -122,6 +138,34 @@ pub fn finish(g: &Global, o: &Outcome) -> bool {
         o.setup_time.as_secs_f64(),
         o.setup_failed
     );
+    let per_addr = per_addr(g);
+    if per_addr.len() > 1 {
+        let list: Vec<String> = per_addr
+            .iter()
+            .map(|a| {
+                format!(
+                    "{} ({} assigned, {} ready, {} reconnects)",
+                    a.addr, a.assigned, a.ready, a.reconnects
+                )
+            })
+            .collect();
+        println!("  addresses: {}", list.join(", "));
+    }
+    if cfg.reconnect {
+        println!(
+            "  reconnects {}  gave up {}  down at the end {}  resent after reconnect {}  acked as duplicate {}  \
+             redelivered {}  skipped while down {}  down {:.3} s in all, {:.3} s at most",
+            re.reconnects,
+            re.gave_up,
+            re.down_at_end,
+            c(C::ResentAfterReconnect),
+            c(C::AckedDuplicate),
+            c(C::Redelivered),
+            c(C::SkippedWhileDown),
+            re.down_s,
+            re.down_max_s
+        );
+    }
     let hist = |x: H| &r.hists[x as usize];
     if let Some(gv) = &group_verdict {
         println!(
@@ -273,6 +317,29 @@ pub fn finish(g: &Global, o: &Outcome) -> bool {
         let mut m = Map::new();
         m.insert("scenario".into(), json!(cfg.scenario.as_str()));
         m.insert("ok".into(), json!(problems.is_empty()));
+        m.insert("addrs".into(), json!(cfg.addrs.iter().map(|a| a.to_string()).collect::<Vec<_>>()));
+        let per_addr: Vec<Value> = per_addr
+            .iter()
+            .map(|a| {
+                json!({
+                    "addr": a.addr,
+                    "connections": a.assigned,
+                    "ready": a.ready,
+                    "reconnects": a.reconnects,
+                })
+            })
+            .collect();
+        m.insert("per_addr".into(), Value::Array(per_addr));
+        m.insert("reconnect".into(), json!(cfg.reconnect));
+        m.insert("reconnects".into(), json!(re.reconnects));
+        m.insert("reconnect_gave_up".into(), json!(re.gave_up));
+        m.insert("down_at_end".into(), json!(re.down_at_end));
+        m.insert("resent_after_reconnect".into(), json!(c(C::ResentAfterReconnect)));
+        m.insert("acked_duplicate".into(), json!(c(C::AckedDuplicate)));
+        m.insert("redelivered".into(), json!(c(C::Redelivered)));
+        m.insert("skipped_while_down".into(), json!(c(C::SkippedWhileDown)));
+        m.insert("down_total_s".into(), json!(round3(re.down_s)));
+        m.insert("down_max_s".into(), json!(round3(re.down_max_s)));
         m.insert("connections".into(), json!(cfg.connections));
         m.insert("ready".into(), json!(o.ready));
         m.insert("setup_failed".into(), json!(o.setup_failed));
@@ -364,6 +431,7 @@ pub fn finish(g: &Global, o: &Outcome) -> bool {
                         "delivered": t.delivered,
                         "lost": t.lost,
                         "duplicated": t.duplicated,
+                        "redelivered": t.redelivered,
                         "out_of_order": t.out_of_order,
                         "misrouted": t.misrouted,
                     })
@@ -387,6 +455,63 @@ pub fn finish(g: &Global, o: &Outcome) -> bool {
         println!("{}", Value::Object(m));
     }
     problems.is_empty()
+}
+
+/// What the connections' reconnects came to (from their ledgers).
+#[derive(Clone, Copy, Debug, Default)]
+struct Reconnects {
+    reconnects: u64,
+    gave_up: u64,
+    /// Connections down when they ended.
+    down_at_end: u64,
+    /// Time connections spent down, in all and the longest outage (seconds).
+    down_s: f64,
+    down_max_s: f64,
+}
+
+impl Reconnects {
+    fn of(ledgers: &[ledger::ConnLedger]) -> Reconnects {
+        let mut out = Reconnects::default();
+        let mut down_us = 0;
+        let mut down_max_us = 0;
+        for l in ledgers {
+            out.reconnects += l.reconnects;
+            out.gave_up += u64::from(l.gave_up);
+            out.down_at_end += u64::from(l.down_at_end);
+            down_us += l.down_us;
+            down_max_us = down_max_us.max(l.down_max_us);
+        }
+        out.down_s = down_us as f64 / 1e6;
+        out.down_max_s = down_max_us as f64 / 1e6;
+        out
+    }
+}
+
+/// One server address of the run and what happened on it.
+struct AddrReport {
+    addr: String,
+    /// Connections whose address it is (connection i: address i mod n).
+    assigned: u64,
+    /// Connections that set up on it and took part in the run.
+    ready: u64,
+    /// Reconnects that landed on it.
+    reconnects: u64,
+}
+
+fn per_addr(g: &Global) -> Vec<AddrReport> {
+    let cfg = &g.cfg;
+    let n = cfg.addrs.len() as u64;
+    cfg.addrs
+        .iter()
+        .zip(&g.per_addr)
+        .enumerate()
+        .map(|(i, (addr, counts))| AddrReport {
+            addr: addr.to_string(),
+            assigned: cfg.connections as u64 / n + u64::from((i as u64) < cfg.connections as u64 % n),
+            ready: counts.ready.load(Ordering::Relaxed),
+            reconnects: counts.reconnects.load(Ordering::Relaxed),
+        })
+        .collect()
 }
 
 /// Group runs with at most this many groups list every group in the JSON's `per_group`.

@@ -113,8 +113,9 @@ pub async fn connect(w: &Worker, conn: u32, n: u64, deadline: Instant) -> Option
             w.stats.error("connect: timeout");
             return None;
         }
-        match net::connect(cfg.addr_for(conn, k), cfg.source_for(conn, k), timeout).await {
-            Ok(s) => return Some(Io::new(s)),
+        let addr = cfg.addr_index(conn, k);
+        match net::connect(cfg.addrs[addr], cfg.source_for(conn, k), timeout).await {
+            Ok(s) => return Some(Io::new(s, addr)),
             Err(e) => {
                 w.stats.error(&format!("connect: {:?}", e.kind()));
                 monoio::time::sleep(RETRY_PAUSE).await;
@@ -122,6 +123,20 @@ pub async fn connect(w: &Worker, conn: u32, n: u64, deadline: Instant) -> Option
         }
     }
     None
+}
+
+/// One connect to address `addr_index` of the run (a reconnect; attempt `n` picks the source
+/// address), within `timeout`.
+pub async fn connect_to(
+    w: &Worker,
+    conn: u32,
+    addr_index: usize,
+    n: u64,
+    timeout: Duration,
+) -> io::Result<Io> {
+    let cfg = &w.g.cfg;
+    let s = net::connect(cfg.addrs[addr_index], cfg.source_for(conn, n), timeout).await?;
+    Ok(Io::new(s, addr_index))
 }
 
 /// Register `name`; an existing name is fine. Retries Busy/Internal until `deadline`.
@@ -189,7 +204,7 @@ pub async fn log_in(
 ) -> Result<LoginOk, Fail> {
     let cfg = &w.g.cfg;
     let name = cfg.user_name(cfg.user_of(conn));
-    let device_id = format!("lg{conn}");
+    let device_id = device_id(conn);
     if cfg.rank_of(conn) == 0 {
         register(w, io, rd, &name, deadline).await?;
     }
@@ -211,6 +226,26 @@ pub async fn log_in(
             Err(e) => return Err(e),
         }
     }
+}
+
+/// Log connection `conn` in again as its user and device (a reconnect): one attempt, no
+/// registration (the user exists since the setup).
+pub async fn log_in_again(
+    w: &Worker,
+    io: &Io,
+    rd: &mut FrameReader,
+    conn: u32,
+    deadline: Instant,
+) -> Result<LoginOk, Fail> {
+    let cfg = &w.g.cfg;
+    let name = cfg.user_name(cfg.user_of(conn));
+    login(w, io, rd, &name, cfg.device_type_of(conn), &device_id(conn), deadline).await
+}
+
+/// The device id of connection `conn`: stable over its reconnects, so that the server's
+/// cursors and catch-up treat them as one device.
+pub fn device_id(conn: u32) -> String {
+    format!("lg{conn}")
 }
 
 /// Log out and wait for `Bye`.

@@ -40,12 +40,27 @@ pub enum C {
     /// any fails the run.
     RunErrors,
     Resent,
+    /// Deliveries received again after a reconnect: the first copy came before the reconnect,
+    /// or one copy came in the new login's catch-up window (at-least-once across a reconnect;
+    /// not duplicates; `ledger::RecvLog`).
+    Redelivered,
+    /// Connections logged in again after a failure, and those that gave up.
+    Reconnects,
+    ReconnectGaveUp,
+    /// Of the resends, those after a reconnect (the messages in flight when it failed).
+    ResentAfterReconnect,
+    /// Acks marked duplicate of messages resent after a reconnect: the server had stored them.
+    AckedDuplicate,
+    /// Open loop: sends due while the connection was down, skipped.
+    SkippedWhileDown,
     Errors,
     Logins,
     /// Gauge: messages sent and not yet answered.
     Inflight,
     /// Gauge: connections up and logged in during the run.
     Connected,
+    /// Gauge: connections down and reconnecting.
+    Down,
     /// Gauge: login-storm workers in the middle of an iteration.
     Busy,
 }

@@ -4,12 +4,17 @@
 //!
 //! The `tim` binary is taken from beside `tim-loadgen`; when it is not there (a plain
 //! `cargo test -p tim-loadgen` builds only the library of `tim`), it is built first.
+//!
+//! Several addresses and reconnects: connections spread over two servers, and a durable server
+//! killed with SIGKILL in the middle of a run and started again on the same port, the swarm
+//! reconnecting to it and losing nothing.
 
 use std::{
     io::{BufRead, BufReader},
+    net::TcpListener,
     path::PathBuf,
     process::{Child, Command, Output, Stdio},
-    sync::Mutex,
+    sync::{mpsc, Mutex},
     time::{Duration, Instant},
 };
 
@@ -42,19 +47,24 @@ fn tim_binary() -> PathBuf {
 struct Server {
     child: Child,
     addr: String,
-    _dir: tempfile::TempDir,
+    dir: Option<tempfile::TempDir>,
 }
 
 impl Server {
     /// Start a server; `store` is the body of its `[store]` section (`{data}` is replaced by a
     /// data directory inside the server's temporary directory).
     fn start(store: &str) -> Server {
-        let dir = tempfile::tempdir().unwrap();
+        Server::start_in(tempfile::tempdir().unwrap(), "127.0.0.1:0", store)
+    }
+
+    /// Start a server in `dir` (its config and data; a restart finds the data of the last
+    /// start there), listening on `listen`.
+    fn start_in(dir: tempfile::TempDir, listen: &str, store: &str) -> Server {
         let cfg = dir.path().join("tim.toml");
         let data = dir.path().join("data");
         let store = store.replace("{data}", &data.display().to_string());
         let text = format!(
-            "[server]\nlisten = \"127.0.0.1:0\"\nshards = 2\npin_cores = false\n\n\
+            "[server]\nlisten = \"{listen}\"\nshards = 2\npin_cores = false\n\n\
              [security]\nargon2_m_kib = 64\nargon2_t = 1\n\n[store]\n{store}\n"
         );
         std::fs::write(&cfg, text).unwrap();
@@ -73,8 +83,21 @@ impl Server {
             .and_then(|rest| rest.split_whitespace().next())
             .unwrap_or_else(|| panic!("unexpected first line from tim: {line:?}"))
             .to_owned();
-        Server { child, addr, _dir: dir }
+        Server { child, addr, dir: Some(dir) }
     }
+
+    /// Kill the server with SIGKILL (no shutdown, no flush); its directory, to start it again.
+    fn kill(mut self) -> tempfile::TempDir {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        self.dir.take().expect("the directory is kept until the server is dropped")
+    }
+}
+
+/// A TCP port of 127.0.0.1 that was free a moment ago (a server to restart on the same port
+/// must be given one, not port 0).
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
 impl Drop for Server {
@@ -87,13 +110,18 @@ impl Drop for Server {
 /// Run tim-loadgen with `args` (plus `--json --quiet`), within `limit`; returns its exit
 /// status and the JSON line.
 fn loadgen(addr: &str, args: &[&str], limit: Duration) -> (Output, Value) {
-    let mut child = Command::new(LOADGEN)
+    let child = Command::new(LOADGEN)
         .args(["--addr", addr, "--json", "--quiet"])
         .args(args)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .expect("start tim-loadgen");
+    wait_loadgen(child, args, limit)
+}
+
+/// Wait for a tim-loadgen run within `limit`; its exit status and JSON line.
+fn wait_loadgen(mut child: Child, args: &[&str], limit: Duration) -> (Output, Value) {
     let deadline = Instant::now() + limit;
     while child.try_wait().unwrap().is_none() {
         if Instant::now() > deadline {
@@ -302,4 +330,141 @@ fn group_fan_out() {
     assert!(v["deliveries_per_s"].as_f64().is_some_and(|x| x > 0.0), "{v}");
     assert!(n(&v, "ack_p99_us") > 0, "{v}");
     assert!(out.status.success(), "exit status {:?}", out.status);
+}
+
+/// Start tim-loadgen with `args` (plus `--json`, progress lines on) and a channel that gets
+/// the first line of its stderr that starts with `prefix`; the rest of stderr is echoed.
+fn loadgen_watching(args: &[&str], prefix: &'static str) -> (Child, mpsc::Receiver<String>) {
+    let mut child = Command::new(LOADGEN)
+        .arg("--json")
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start tim-loadgen");
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let mut sent = false;
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            eprintln!("loadgen: {line}");
+            if !sent && line.starts_with(prefix) {
+                sent = tx.send(line).is_ok();
+            }
+        }
+    });
+    (child, rx)
+}
+
+/// `--addr` twice, two servers: connection i goes to address i mod 2, so each server holds
+/// half of the connections, as the JSON's `per_addr` counts say.
+#[test]
+fn addresses_spread_connections() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let a = Server::start("backend = \"memory\"");
+    let b = Server::start("backend = \"memory\"");
+    let args = ["--addr", &b.addr, "--scenario", "idle", "--connections", "10", "--duration", "1"];
+    let (out, v) = loadgen(&a.addr, &args, Duration::from_secs(30));
+    assert!(out.status.success(), "exit status {:?}: {v}", out.status);
+    assert_eq!(v["addrs"], serde_json::json!([a.addr, b.addr]), "{v}");
+    let per_addr = v["per_addr"].as_array().expect("per_addr");
+    assert_eq!(per_addr.len(), 2, "{v}");
+    for (p, addr) in per_addr.iter().zip([&a.addr, &b.addr]) {
+        assert_eq!(p["addr"].as_str(), Some(addr.as_str()), "{v}");
+        assert_eq!((n(p, "connections"), n(p, "ready"), n(p, "reconnects")), (5, 5, 0), "{v}");
+    }
+    assert_eq!(n(&v, "connected"), 10, "{v}");
+    assert_eq!(v["reconnect"], Value::Bool(false), "idle does not reconnect: {v}");
+}
+
+/// The durable server (embedded store) is killed with SIGKILL a second into the run and started
+/// again on the same port; the address is given twice, so reconnects go round the list. Every
+/// connection reconnects, logs in again, resends what was in flight (acknowledged once, as a
+/// duplicate if the server had stored it), and gets what it missed from the catch-up: nothing
+/// acknowledged is lost, and what comes again after the reconnect counts as redelivered.
+#[test]
+fn reconnect_after_kill() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let listen = format!("127.0.0.1:{}", free_port());
+    let store = "backend = \"embedded\"\ndata_dir = \"{data}\"";
+    let server = Server::start_in(tempfile::tempdir().unwrap(), &listen, store);
+    assert_eq!(server.addr, listen);
+    let args = [
+        "--addr",
+        &listen,
+        "--addr",
+        &listen,
+        "--scenario",
+        "one-to-one",
+        "--connections",
+        "20",
+        "--users",
+        "10",
+        "--duration",
+        "4",
+        "--rate",
+        "2000",
+        "--drain",
+        "20",
+        "--reconnect-give-up",
+        "20",
+    ];
+    let (child, setup_done) = loadgen_watching(&args, "[setup]");
+    let line = setup_done.recv_timeout(Duration::from_secs(30)).expect("the run started");
+    assert!(line.contains("20/20 ready"), "{line}");
+    std::thread::sleep(Duration::from_secs(1));
+    let dir = server.kill();
+    std::thread::sleep(Duration::from_millis(300));
+    let _server = Server::start_in(dir, &listen, store);
+    let (out, v) = wait_loadgen(child, &args, Duration::from_secs(90));
+    let acked = n(&v, "acked");
+    assert!(acked > 0, "{v}");
+    assert!(n(&v, "reconnects") >= 20, "every connection reconnected: {v}");
+    assert_eq!((n(&v, "reconnect_gave_up"), n(&v, "down_at_end")), (0, 0), "{v}");
+    assert_eq!(n(&v, "lost"), 0, "{v}");
+    assert_eq!(n(&v, "expected_deliveries"), acked * 3, "{v}");
+    assert_eq!(n(&v, "delivered"), n(&v, "expected_deliveries"), "{v}");
+    for key in ["duplicated", "out_of_order", "misrouted", "unanswered", "given_up"] {
+        assert_eq!(n(&v, key), 0, "{key}: {v}");
+    }
+    assert!(n(&v, "skipped_while_down") > 0, "open-loop sends fell due while down: {v}");
+    assert!(v["down_max_s"].as_f64().is_some_and(|s| s > 0.0), "{v}");
+    assert!(v["down_total_s"].as_f64() >= v["down_max_s"].as_f64(), "{v}");
+    let per_addr = v["per_addr"].as_array().expect("per_addr");
+    assert_eq!(per_addr.iter().map(|p| n(p, "connections")).collect::<Vec<_>>(), [10, 10], "{v}");
+    assert_eq!(per_addr.iter().map(|p| n(p, "reconnects")).sum::<u64>(), n(&v, "reconnects"), "{v}");
+    assert!(out.status.success(), "exit status {:?}", out.status);
+}
+
+/// With the only server gone for good, a connection gives up after --reconnect-give-up and the
+/// run fails (exit status 1), saying so.
+#[test]
+fn reconnect_gives_up() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let server = Server::start("backend = \"memory\"");
+    let addr = server.addr.clone();
+    let args = [
+        "--addr",
+        &addr,
+        "--reconnect",
+        "--reconnect-give-up",
+        "1",
+        "--connections",
+        "4",
+        "--duration",
+        "3",
+        "--drain",
+        "1",
+        "--rate",
+        "400",
+    ];
+    let (child, setup_done) = loadgen_watching(&args, "[setup]");
+    setup_done.recv_timeout(Duration::from_secs(30)).expect("the run started");
+    std::thread::sleep(Duration::from_millis(500));
+    drop(server.kill());
+    let (out, v) = wait_loadgen(child, &args, Duration::from_secs(60));
+    assert_eq!((n(&v, "reconnect_gave_up"), n(&v, "down_at_end")), (4, 4), "{v}");
+    assert_eq!(n(&v, "reconnects"), 0, "{v}");
+    assert_eq!(v["ok"], Value::Bool(false), "{v}");
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
 }

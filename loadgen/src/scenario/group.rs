@@ -294,12 +294,16 @@ pub async fn run(w: &Rc<Worker>, idx: u32, groups: Arc<Groups>) {
     if last > 0 {
         recv.note_seq(&Stamp { msg_id: 0, seq: last, ts_ms: 0, from: 0, to: group_id, conv: conv::GROUP });
     }
-    messaging::run_joined(w, idx, groups.clone(), joined, recv).await
+    messaging::run_joined(w, idx, groups.clone(), joined, recv, notices.catch_up_end).await
 }
 
-/// The highest notice seq read per group during setup.
+/// The highest notice seq read per group during setup, and whether the login's catch-up ended
+/// meanwhile (a `CatchUpEnd`: the server is durable and sends a catch-up after every login).
 #[derive(Default)]
-struct Notices(FxHashMap<u64, u64>);
+struct Notices {
+    last: FxHashMap<u64, u64>,
+    catch_up_end: bool,
+}
 
 impl Notices {
     /// Note a group notice (a `DELIVER` with stamp `from` 0, conv GROUP); false for any other
@@ -307,7 +311,7 @@ impl Notices {
     fn note(&mut self, k: u16, payload: &[u8]) -> bool {
         match (k, Stamp::read(payload)) {
             (kind::DELIVER, Some(s)) if s.from == 0 && s.conv == conv::GROUP => {
-                let last = self.0.entry(s.to).or_insert(0);
+                let last = self.last.entry(s.to).or_insert(0);
                 *last = (*last).max(s.seq);
                 true
             }
@@ -316,7 +320,7 @@ impl Notices {
     }
 
     fn last(&self, group: u64) -> u64 {
-        self.0.get(&group).copied().unwrap_or(0)
+        self.last.get(&group).copied().unwrap_or(0)
     }
 }
 
@@ -337,7 +341,9 @@ async fn read_event(
             if notices.note(k, payload) {
                 return Ok(None);
             }
-            Ok(decode_event(k, payload).ok())
+            let ev = decode_event(k, payload).ok();
+            notices.catch_up_end |= matches!(ev, Some(Event::CatchUpEnd(_)));
+            Ok(ev)
         }
     }
 }
@@ -622,6 +628,8 @@ pub struct GroupTally {
     pub delivered: u64,
     pub lost: u64,
     pub duplicated: u64,
+    /// Received again after a member's reconnect (at-least-once; not a failure).
+    pub redelivered: u64,
     pub out_of_order: u64,
     /// Received by a member from a sender of another group, or its own message.
     pub misrouted: u64,
@@ -681,6 +689,7 @@ pub fn verdict(groups: &Groups, live: &LiveSet, ledgers: &[ConnLedger]) -> Group
         for &r in &members {
             let Some(rl) = by_conn[r as usize] else { continue };
             t.duplicated += rl.duplicated;
+            t.redelivered += rl.redelivered;
             t.out_of_order += rl.out_of_order;
             t.misrouted += rl
                 .received

@@ -47,7 +47,7 @@ pub async fn run(w: &Rc<Worker>, conn: u32) {
     }
     w.wait_past(Phase::Setup).await;
     let device_type = cfg.device_type_of(conn);
-    let device_id = format!("lg{conn}");
+    let device_id = session::device_id(conn);
     let mut n = 1u64;
     while w.phase() == Phase::Run {
         w.stats.add(C::Busy, 1);

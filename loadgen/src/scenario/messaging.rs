@@ -7,19 +7,34 @@
 //! A scenario supplies a [`Plan`]: the conversation kind, which connections send, the recipient
 //! of each message, the connections it is owed to, and how to read incoming frames
 //! ([`Incoming`]).
+//!
+//! With `--reconnect` a connection outlives its socket: when the socket fails or the server
+//! closes it during the run, the connection's task ([`reconnect`]) waits a jittered backoff,
+//! connects to the next server address, logs in again as the same user and device, and the
+//! connection goes on with its ledger: every message in flight is resent with its client
+//! message id ([`SendLog::resend_all`]), and the receiving side starts a new life
+//! ([`RecvLog::new_life`]) so that what the catch-up brings again counts as redelivered. While
+//! it is down the writer sends nothing (open loop: the sends that fall due are skipped and
+//! counted).
+//!
+//! [`SendLog::resend_all`]: crate::ledger::SendLog::resend_all
+//! [`RecvLog::new_life`]: crate::ledger::RecvLog::new_life
 
 use std::{
     cell::{Cell, RefCell},
+    future::{poll_fn, Future},
+    pin::pin,
     rc::Rc,
-    sync::Arc,
-    time::Duration,
+    sync::{atomic::Ordering, Arc},
+    task::Poll,
+    time::{Duration, Instant},
 };
 
 use rustc_hash::FxHashMap;
 use tim::{
     client::{decode_event, Event},
     frame,
-    protocol::{self, conv, kind, ErrorCode, Stamp},
+    protocol::{self, conv, kind, ErrorCode, LoginOk, Stamp},
 };
 
 use super::{join_run, Joined};
@@ -28,7 +43,7 @@ use crate::{
     global::{mix, LiveSet, Phase},
     ledger::{self, BodyHeader, ConnLedger, Inflight, RecvLog, SendLog, BODY_HEADER_BYTES, FLAG_RESENT},
     net::{FrameReader, Io},
-    session::retryable,
+    session::{self, retryable, Fail},
     stats::{C, H},
     worker::{Notify, Worker},
 };
@@ -155,7 +170,10 @@ struct Conn {
     w: Rc<Worker>,
     plan: Arc<dyn Plan>,
     idx: u32,
-    io: Io,
+    /// The current socket (a reconnect replaces it).
+    io: RefCell<Rc<Io>>,
+    /// Logged in on `io` and usable: false from a failure until a reconnect has logged in.
+    up: Cell<bool>,
     wake: Rc<Notify>,
     send: RefCell<SendLog>,
     recv: RefCell<RecvLog>,
@@ -175,15 +193,30 @@ struct Conn {
     /// to the server.
     pending_acks: RefCell<FxHashMap<u64, u64>>,
     send_delivery_acks: bool,
-    /// Duplicates received before this connection's CatchUpEnd (if one comes).
+    /// Duplicates received before this connection's first CatchUpEnd (if one comes).
     dup_before_catch_up: Cell<u64>,
+    /// A CatchUpEnd came: the server is durable and sends a catch-up after every login.
     caught_up: Cell<bool>,
     /// When the frames being handled were read (µs since base; one clock read per batch).
     rx_now: Cell<u64>,
     /// Deliveries received twice, and out of order (for a per-group breakdown).
     duplicated: Cell<u64>,
     out_of_order: Cell<u64>,
+    /// Reconnects: deliveries received again in a later life, logins again, time down (µs:
+    /// in all, the longest outage), and whether the connection gave up.
+    redelivered: Cell<u64>,
+    reconnects: Cell<u64>,
+    down_us: Cell<u64>,
+    down_max_us: Cell<u64>,
+    gave_up: Cell<bool>,
 }
+
+/// Reconnect backoff: the first pause, and the most it doubles to (each pause is jittered
+/// between half and all of it).
+const RECONNECT_BACKOFF_MIN: Duration = Duration::from_millis(50);
+const RECONNECT_BACKOFF_MAX: Duration = Duration::from_secs(1);
+/// Longest one reconnect attempt (connect and login) may take.
+const RECONNECT_ATTEMPT_MAX: Duration = Duration::from_secs(10);
 
 /// Ping interval when the server announces no idle timeout (or there is no login).
 const PING_DEFAULT: Duration = Duration::from_secs(30);
@@ -192,13 +225,21 @@ pub async fn run(w: &Rc<Worker>, idx: u32, plan: Arc<dyn Plan>) {
     let Some(joined) = join_run(w, idx, plan.logs_in()).await else {
         return;
     };
-    run_joined(w, idx, plan, joined, RecvLog::default()).await
+    run_joined(w, idx, plan, joined, RecvLog::default(), false).await
 }
 
 /// Run a connection that has joined the run (a scenario with setup steps of its own calls this
-/// after them); `recv` is its ledger so far (seqs it saw during setup).
-pub async fn run_joined(w: &Rc<Worker>, idx: u32, plan: Arc<dyn Plan>, joined: Joined, recv: RecvLog) {
-    let Joined { io, mut rd, login } = joined;
+/// after them); `recv` is its ledger so far (seqs it saw during setup), `caught_up` whether
+/// those steps read the login's `CatchUpEnd`.
+pub async fn run_joined(
+    w: &Rc<Worker>,
+    idx: u32,
+    plan: Arc<dyn Plan>,
+    joined: Joined,
+    recv: RecvLog,
+    caught_up: bool,
+) {
+    let Joined { io, rd, login } = joined;
     if let (Some(ok), Load::Closed { window }) = (&login, w.g.cfg.load) {
         if idx == 0 && window > ok.inflight_max {
             eprintln!(
@@ -218,7 +259,8 @@ pub async fn run_joined(w: &Rc<Worker>, idx: u32, plan: Arc<dyn Plan>, joined: J
     let c = Rc::new(Conn {
         w: w.clone(),
         idx,
-        io,
+        io: RefCell::new(Rc::new(io)),
+        up: Cell::new(true),
         wake: Rc::new(Notify::default()),
         send: RefCell::new(SendLog::default()),
         recv: RefCell::new(recv),
@@ -233,35 +275,152 @@ pub async fn run_joined(w: &Rc<Worker>, idx: u32, plan: Arc<dyn Plan>, joined: J
         pending_acks: RefCell::new(FxHashMap::default()),
         send_delivery_acks,
         dup_before_catch_up: Cell::new(0),
-        caught_up: Cell::new(false),
+        caught_up: Cell::new(caught_up),
         rx_now: Cell::new(0),
         duplicated: Cell::new(0),
         out_of_order: Cell::new(0),
+        redelivered: Cell::new(0),
+        reconnects: Cell::new(0),
+        down_us: Cell::new(0),
+        down_max_us: Cell::new(0),
+        gave_up: Cell::new(false),
     });
     w.watch_phase(&c.wake);
     w.stats.add(C::Connected, 1);
     let writer = monoio::spawn(writer(c.clone()));
-    read_loop(&c, &mut rd).await;
-    if w.phase() < Phase::Stop {
-        w.stats.error("disconnected during the run");
+    let mut rd = rd;
+    let mut connected = true;
+    loop {
+        read_loop(&c, &mut rd).await;
+        rd.release(w);
+        if w.phase() >= Phase::Stop {
+            break;
+        }
+        // The socket failed or the server closed it.
+        c.up.set(false);
+        c.io.borrow().shutdown();
+        w.stats.sub(C::Connected, 1);
+        connected = false;
+        if !w.g.cfg.reconnect {
+            w.stats.error("disconnected during the run");
+            break;
+        }
+        let down_at = Instant::now();
+        w.stats.add(C::Down, 1);
+        let back = reconnect(&c).await;
+        w.stats.sub(C::Down, 1);
+        c.note_down(down_at.elapsed());
+        let Some(new_rd) = back else { break };
+        rd = new_rd;
+        w.stats.add(C::Connected, 1);
+        connected = true;
+        c.up.set(true);
+        c.wake.notify();
     }
     c.dead.set(true);
     c.wake.notify();
     writer.await;
     rd.release(w);
-    w.stats.sub(C::Connected, 1);
+    if connected {
+        w.stats.sub(C::Connected, 1);
+    }
     let send = std::mem::take(&mut *c.send.borrow_mut());
     w.stats.sub(C::Inflight, send.inflight.len() as u64);
     let recv = std::mem::take(&mut *c.recv.borrow_mut());
     let mut l = ConnLedger::new(idx, send, recv);
     (l.duplicated, l.out_of_order) = (c.duplicated.get(), c.out_of_order.get());
+    (l.redelivered, l.reconnects) = (c.redelivered.get(), c.reconnects.get());
+    (l.down_us, l.down_max_us, l.gave_up) = (c.down_us.get(), c.down_max_us.get(), c.gave_up.get());
+    l.down_at_end = !connected;
     w.leave_ledger(l);
 }
 
+/// Get a failed connection back: pause (jittered, doubling), connect to the next address of
+/// the list, log in again as the same user and device; repeat until that works, the run stops
+/// (`None`) or every attempt failed for `--reconnect-give-up` (`None`, the connection gave
+/// up). On success the new socket is the connection's and its ledger is ready for the new
+/// life: the messages in flight queued for resending, the receiving side in a new life.
+async fn reconnect(c: &Conn) -> Option<FrameReader> {
+    let w = &c.w;
+    let cfg = &w.g.cfg;
+    let give_up_at = Instant::now() + cfg.reconnect_give_up;
+    let mut backoff = RECONNECT_BACKOFF_MIN;
+    let mut addr = c.io.borrow().addr_index;
+    for attempt in 0u64.. {
+        let seed = mix(((w.g.run_id as u64) << 32) ^ ((c.idx as u64) << 12) ^ attempt ^ w.now_us());
+        let pause = jittered(backoff, seed);
+        backoff = (backoff * 2).min(RECONNECT_BACKOFF_MAX);
+        until_stop(w, monoio::time::sleep(pause)).await?;
+        if Instant::now() >= give_up_at {
+            c.gave_up.set(true);
+            w.stats.add(C::ReconnectGaveUp, 1);
+            w.stats.error("reconnect: gave up (no address let it log in again in time)");
+            return None;
+        }
+        addr = (addr + 1) % cfg.addrs.len();
+        let deadline = give_up_at.min(Instant::now() + RECONNECT_ATTEMPT_MAX);
+        match until_stop(w, log_in_at(c, addr, attempt, deadline)).await? {
+            Ok((io, rd, login)) => {
+                c.resume(io, login.as_ref());
+                return Some(rd);
+            }
+            Err(e) => w.stats.error(&e.name("reconnect")),
+        }
+    }
+    None
+}
+
+/// One reconnect attempt: connect to address `addr`, log in (if the plan does).
+async fn log_in_at(
+    c: &Conn,
+    addr: usize,
+    attempt: u64,
+    deadline: Instant,
+) -> Result<(Io, FrameReader, Option<LoginOk>), Fail> {
+    let w = &c.w;
+    let timeout = w.g.cfg.connect_timeout.min(deadline.saturating_duration_since(Instant::now()));
+    let io = session::connect_to(w, c.idx, addr, attempt, timeout.max(Duration::from_millis(1))).await?;
+    let mut rd = FrameReader::default();
+    if !c.plan.logs_in() {
+        return Ok((io, rd, None));
+    }
+    match session::log_in_again(w, &io, &mut rd, c.idx, deadline).await {
+        Ok(ok) => Ok((io, rd, Some(ok))),
+        Err(e) => {
+            rd.release(w);
+            io.shutdown();
+            Err(e)
+        }
+    }
+}
+
+/// Between half and all of `backoff`, picked by `seed`.
+fn jittered(backoff: Duration, seed: u64) -> Duration {
+    let us = backoff.as_micros() as u64;
+    Duration::from_micros(us / 2 + seed % (us / 2 + 1))
+}
+
+/// Run `f` unless the run stops first (`None`).
+async fn until_stop<F: Future>(w: &Worker, f: F) -> Option<F::Output> {
+    let mut f = pin!(f);
+    let mut stop = pin!(w.wait_past(Phase::Drain));
+    poll_fn(|cx| {
+        if let Poll::Ready(r) = f.as_mut().poll(cx) {
+            return Poll::Ready(Some(r));
+        }
+        if stop.as_mut().poll(cx).is_ready() {
+            return Poll::Ready(None);
+        }
+        Poll::Pending
+    })
+    .await
+}
+
 async fn read_loop(c: &Conn, rd: &mut FrameReader) {
+    let io = c.io.borrow().clone();
     let mut new_batch = true;
     loop {
-        match rd.next(&c.io, &c.w).await {
+        match rd.next(&io, &c.w).await {
             Ok(Some((k, payload))) => {
                 if new_batch {
                     c.rx_now.set(c.w.now_us());
@@ -275,7 +434,7 @@ async fn read_loop(c: &Conn, rd: &mut FrameReader) {
             }
             Ok(None) => return,
             Err(e) => {
-                if !c.io.is_closed() {
+                if !io.is_closed() {
                     c.w.stats.error(&format!("read: {:?}", e.kind()));
                 }
                 return;
@@ -285,6 +444,42 @@ async fn read_loop(c: &Conn, rd: &mut FrameReader) {
 }
 
 impl Conn {
+    /// A reconnect logged in on `io`: make it the connection's socket and start the ledger's
+    /// new life. The caller marks the connection up.
+    fn resume(&self, io: Io, login: Option<&LoginOk>) {
+        let w = &self.w;
+        if login.is_some_and(|ok| ok.user_id != self.user_id) {
+            w.stats.error("reconnect: logged in with another user id");
+        }
+        if let Some(a) = w.g.per_addr.get(io.addr_index) {
+            a.reconnects.fetch_add(1, Ordering::Relaxed);
+        }
+        *self.io.borrow_mut() = Rc::new(io);
+        // Catch-up deliveries of the new login come mixed with live ones: order checks wait
+        // for its CatchUpEnd (only a durable server, which sent one at the first login, sends
+        // a catch-up).
+        self.recv.borrow_mut().new_life(self.caught_up.get());
+        let resent = self.send.borrow_mut().resend_all(w.now_us());
+        w.stats.add(C::ResentAfterReconnect, resent);
+        w.stats.add(C::Reconnects, 1);
+        self.reconnects.set(self.reconnects.get() + 1);
+    }
+
+    fn note_down(&self, d: Duration) {
+        let us = d.as_micros() as u64;
+        self.down_us.set(self.down_us.get() + us);
+        self.down_max_us.set(self.down_max_us.get().max(us));
+    }
+
+    /// The writer could not write to `io`: shut it down (the reader sees the end and the
+    /// connection's task takes over) and stop writing until the connection is up again.
+    fn write_failed(&self, io: &Rc<Io>) {
+        io.shutdown();
+        if Rc::ptr_eq(&self.io.borrow(), io) {
+            self.up.set(false);
+        }
+    }
+
     fn handle(&self, k: u16, payload: &[u8]) {
         match self.plan.classify(k, payload) {
             Incoming::Ack { client_msg_id, duplicate } => self.on_ack(client_msg_id, duplicate),
@@ -301,6 +496,7 @@ impl Conn {
                 self.w.stats.error(&format!("kicked: {name}({reason})"));
             }
             Incoming::CatchUpEnd => {
+                self.recv.borrow_mut().caught_up();
                 if !self.caught_up.replace(true) {
                     self.w.stats.add(C::DupInCatchUp, self.dup_before_catch_up.get());
                 }
@@ -328,8 +524,11 @@ impl Conn {
             stats.error("second ack of a message");
         }
         drop(send);
-        if duplicate {
-            stats.error("ack marked duplicate");
+        match (duplicate, m.after_reconnect) {
+            // A resend after a reconnect of a message the server had stored before.
+            (true, true) => stats.add(C::AckedDuplicate, 1),
+            (true, false) => stats.error("ack marked duplicate"),
+            (false, _) => {}
         }
         stats.record(H::Ack, self.rx_now.get().saturating_sub(m.sent_us));
         stats.add(C::Acked, 1);
@@ -378,7 +577,10 @@ impl Conn {
             return;
         }
         let r = self.recv.borrow_mut().record(h.conn, h.counter, h.flags, stamp);
-        if r.duplicate {
+        if r.redelivered {
+            stats.add(C::Redelivered, 1);
+            self.redelivered.set(self.redelivered.get() + 1);
+        } else if r.duplicate {
             stats.add(C::Duplicated, 1);
             self.duplicated.set(self.duplicated.get() + 1);
             if !self.caught_up.get() {
@@ -423,12 +625,14 @@ impl Conn {
     /// Queue a `DeliveryAck` per conversation with deliveries not yet acknowledged.
     fn ack_deliveries(&self) {
         let mut acks = self.pending_acks.borrow_mut();
-        if acks.is_empty() || self.dead.get() {
+        if acks.is_empty() || self.dead.get() || !self.up.get() {
             return;
         }
+        let io = self.io.borrow();
         for (peer, seq) in acks.drain() {
-            self.io.queue(kind::DELIVERY_ACK, &protocol::DeliveryAck { conv: self.conv, peer, seq });
+            io.queue(kind::DELIVERY_ACK, &protocol::DeliveryAck { conv: self.conv, peer, seq });
         }
+        drop(io);
         drop(acks);
         self.wake.notify();
     }
@@ -447,7 +651,7 @@ impl Conn {
             sent_us: m.sent_us,
         }
         .write(&mut msg.body[..BODY_HEADER_BYTES]);
-        frame::encode_into(kind::SEND, &*msg, &mut self.io.out());
+        frame::encode_into(kind::SEND, &*msg, &mut self.io.borrow().out());
     }
 
     /// Issue the next new message, stamped as sent at `sent_us`. False when there is none.
@@ -465,7 +669,7 @@ impl Conn {
             return false;
         };
         send.next += 1;
-        let m = Inflight { sent_us, to, resends: 0 };
+        let m = Inflight { sent_us, to, resends: 0, after_reconnect: false };
         send.inflight.insert(counter, m);
         drop(send);
         self.queue(counter, &m, false);
@@ -497,7 +701,8 @@ impl Conn {
     }
 }
 
-/// Issue, pace and resend until the run stops; then shut the socket down.
+/// Issue, pace and resend until the run stops; then shut the socket down. While the connection
+/// is down it writes nothing: closed loop it waits, open loop it skips the sends that fall due.
 async fn writer(c: Rc<Conn>) {
     let g = c.w.g.clone();
     let live = g.live();
@@ -521,34 +726,55 @@ async fn writer(c: Rc<Conn>) {
             break;
         }
         let now = c.w.now_us();
-        let mut next_wake = c.resend_due(now);
+        let up = c.up.get();
+        let mut next_wake = if up { c.resend_due(now) } else { None };
         if phase == Phase::Run && c.sends {
             match g.cfg.load {
-                Load::Closed { window } => while c.inflight() < window as usize && c.issue(now) {},
+                Load::Closed { window } if up => while c.inflight() < window as usize && c.issue(now) {},
+                Load::Closed { .. } => {}
                 Load::Open { cap, .. } => {
                     let due_at = |k: u64| open_loop_due(run_start, offset_us, interval_us, k);
-                    while due_at(issued) <= now && c.inflight() < cap as usize && c.issue(due_at(issued)) {
-                        c.w.stats.record(H::Lag, now - due_at(issued));
-                        issued += 1;
+                    if up {
+                        while due_at(issued) <= now && c.inflight() < cap as usize && c.issue(due_at(issued))
+                        {
+                            c.w.stats.record(H::Lag, now - due_at(issued));
+                            issued += 1;
+                        }
+                    } else {
+                        let first = issued;
+                        while due_at(issued) <= now {
+                            issued += 1;
+                        }
+                        c.w.stats.add(C::SkippedWhileDown, issued - first);
                     }
-                    if c.inflight() < cap as usize {
+                    if !up || c.inflight() < cap as usize {
                         let t = due_at(issued);
                         next_wake = Some(next_wake.map_or(t, |w| w.min(t)));
                     }
                 }
             }
         }
+        if !up {
+            // Wait for the reconnect (or the next send due, to skip it).
+            if let Some(t) = next_wake {
+                c.w.pacer.wake_at(pacer_slot, t);
+            }
+            c.wake.wait().await;
+            continue;
+        }
+        let io = c.io.borrow().clone();
         // A connection that sends nothing for a while (a group member that only receives, with
         // delivery acks off) pings, or the server's idle timeout closes it.
-        if !c.io.has_output() && now >= last_write + c.ping_us {
-            c.io.queue(kind::PING, &protocol::Ping { nonce: 0 });
+        if !io.has_output() && now >= last_write + c.ping_us {
+            io.queue(kind::PING, &protocol::Ping { nonce: 0 });
         }
-        if c.io.has_output() {
-            if let Err(e) = c.io.flush().await {
-                if !c.io.is_closed() {
+        if io.has_output() {
+            if let Err(e) = io.flush().await {
+                if !io.is_closed() {
                     c.w.stats.error(&format!("write: {:?}", e.kind()));
                 }
-                break;
+                c.write_failed(&io);
+                continue;
             }
             last_write = c.w.now_us();
             if next_wake.is_some_and(|t| t <= last_write) {
@@ -561,7 +787,7 @@ async fn writer(c: Rc<Conn>) {
         c.w.pacer.wake_at(pacer_slot, next_wake.map_or(ping_at, |t| t.min(ping_at)));
         c.wake.wait().await;
     }
-    c.io.shutdown();
+    c.io.borrow().shutdown();
 }
 
 /// Open loop: when a connection's `k`-th new message is due (µs since the run's base), its

@@ -2,7 +2,8 @@
 //! or one worker that keeps reconnecting (login-storm).
 //!
 //! Message scenarios share one engine ([`messaging`]) and differ only in a [`Plan`]: who a
-//! message goes to, which connections it is owed to, how frames are read. Groups ([`group`])
+//! message goes to, which connections it is owed to, how frames are read. The engine also
+//! reconnects a connection whose socket fails during the run (`--reconnect`). Groups ([`group`])
 //! are such a plan with setup steps of their own (create, join) and a verdict per group. Live
 //! rooms ([`room`]) have no acks, so they run on their own loop with their own verdict.
 //!
@@ -134,6 +135,9 @@ pub async fn enter_run(
         rd.release(w);
         io.shutdown();
         return None;
+    }
+    if let Some(a) = g.per_addr.get(io.addr_index) {
+        a.ready.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     }
     // Keep the session alive while the rest of the swarm logs in (a Ping with nonce 0).
     let keepalive = login.as_ref().map(|l| Duration::from_millis(l.idle_timeout_ms as u64 / 3));
