@@ -103,7 +103,9 @@ pub async fn answer<T>(
 }
 
 /// Connect connection `conn` (its `n`-th connection, for workers that reconnect), trying up to
-/// `connect_attempts` times. Failed attempts are counted as errors.
+/// `connect_attempts` times: the first attempt to the connection's own address (`conn` mod the
+/// addresses), a failed one goes on to the next; `n` and the attempt pick the source address.
+/// Failed attempts are counted as errors.
 pub async fn connect(w: &Worker, conn: u32, n: u64, deadline: Instant) -> Option<Io> {
     let cfg = &w.g.cfg;
     for attempt in 0..cfg.connect_attempts as u64 {
@@ -113,7 +115,7 @@ pub async fn connect(w: &Worker, conn: u32, n: u64, deadline: Instant) -> Option
             w.stats.error("connect: timeout");
             return None;
         }
-        let addr = cfg.addr_index(conn, k);
+        let addr = cfg.addr_index(conn, attempt);
         match net::connect(cfg.addrs[addr], cfg.source_for(conn, k), timeout).await {
             Ok(s) => return Some(Io::new(s, addr)),
             Err(e) => {
