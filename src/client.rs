@@ -56,6 +56,8 @@ pub enum Event {
     HistoryMsg(Delivery),
     HistoryEnd(protocol::HistoryEnd),
     CatchUpEnd(protocol::CatchUpEnd),
+    /// A catch-up follows (a cluster change may have lost live deliveries).
+    Resync,
     RoomOk(protocol::RoomOk),
     RoomMsg(RoomMessage),
     RoomClosed(protocol::RoomClosed),
@@ -116,6 +118,7 @@ pub fn decode_event(k: u16, payload: &[u8]) -> Result<Event> {
         kind::PONG => Event::Pong(de::<protocol::ArchivedPong, _>(payload)?),
         kind::SEND_ACK => Event::SendAck(de::<protocol::ArchivedSendAck, _>(payload)?),
         kind::BYE => Event::Bye,
+        kind::RESYNC => Event::Resync,
         kind::ERROR => Event::Error(de::<protocol::ArchivedError, _>(payload)?),
         kind::KICK => Event::Kick(de::<protocol::ArchivedKick, _>(payload)?),
         kind::DELIVER => Event::Deliver(delivery(payload)?),

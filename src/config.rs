@@ -49,6 +49,9 @@ pub struct ClusterConfig {
     /// Milliseconds `tim serve` waits for a first member to answer a join before it starts
     /// alone (it keeps trying in the background).
     pub join_wait_ms: u64,
+    /// After a node failed, the sessions of each shard catch up (`Resync`) spread over this many
+    /// milliseconds.
+    pub resync_spread_ms: u64,
 }
 
 impl Default for ClusterConfig {
@@ -63,6 +66,7 @@ impl Default for ClusterConfig {
             link_queue_bytes_max: 64 << 20,
             dial_timeout_ms: 1000,
             join_wait_ms: 5000,
+            resync_spread_ms: 1000,
         }
     }
 }

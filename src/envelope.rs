@@ -300,6 +300,26 @@ pub enum Envelope {
     Reattach { user: UserId, session: SessionRef, device_type: DeviceType },
 }
 
+impl Envelope {
+    /// The owner an owner-addressed envelope is for, by `p` (`None` for envelopes addressed to
+    /// a session's shard, or to a shard as such: fan-outs to subscribers or members' owners).
+    pub fn owner(&self, p: &crate::placement::Placement) -> Option<Owner> {
+        Some(match self {
+            Envelope::Submit(sub) if sub.conv == protocol::conv::GROUP => p.group(sub.to),
+            Envelope::Submit(sub) => p.conv(sub.key()),
+            Envelope::Fanout { user, .. }
+            | Envelope::StreamFanout { user, .. }
+            | Envelope::Detach { user, .. }
+            | Envelope::StoreToken { user, .. }
+            | Envelope::Reattach { user, .. } => p.user(*user),
+            Envelope::Attach(a) => p.user(a.user),
+            Envelope::Room(req) => p.room(req.room),
+            Envelope::Group(req) => p.group(req.group),
+            _ => return None,
+        })
+    }
+}
+
 /// An envelope on its way to an owner on another node.
 pub struct Remote {
     pub to: Owner,

@@ -129,6 +129,13 @@ where
     out
 }
 
+/// A whole frame of `kind` with an empty payload (the header alone).
+pub fn encode_empty(kind: u16) -> Vec<u8> {
+    let mut out = vec![0u8; HEADER_BYTES];
+    Header { len: 0, kind, flags: 0 }.write(&mut out);
+    out
+}
+
 /// A fixed-capacity byte buffer whose start is 16-aligned. Holds bytes `[start, end)`; reads go
 /// into the spare tail `[end, capacity)`.
 ///

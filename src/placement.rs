@@ -82,6 +82,34 @@ impl Table {
     }
 }
 
+/// The latest table of this node, where its shards look when they suspect theirs is old: the
+/// gateway stores a table here before it tells the shards, so a shard that gets an envelope
+/// placed by a newer table than its own finds that table at once (no envelope is forwarded by
+/// a table its sender had already left behind).
+#[derive(Default)]
+pub struct SharedTable {
+    epoch: std::sync::atomic::AtomicU64,
+    table: std::sync::Mutex<Option<Arc<Table>>>,
+}
+
+impl SharedTable {
+    /// Publish `table` (its epoch above every earlier one's).
+    pub fn set(&self, table: Arc<Table>) {
+        let mut t = self.table.lock().expect("not poisoned");
+        *t = Some(table.clone());
+        self.epoch.store(table.epoch, std::sync::atomic::Ordering::Release);
+    }
+
+    /// The latest table, if its epoch is above `seen`.
+    pub fn newer_than(&self, seen: u64) -> Option<Arc<Table>> {
+        if self.epoch.load(std::sync::atomic::Ordering::Acquire) <= seen {
+            return None;
+        }
+        // A copy of its own per shard: placement lookups never share a cache line across cores.
+        self.table.lock().expect("not poisoned").as_ref().map(|t| Arc::new((**t).clone()))
+    }
+}
+
 /// The rendezvous weight of `node` for `partition`.
 #[inline]
 fn rendezvous(partition: u32, node: NodeId) -> u64 {

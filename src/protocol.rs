@@ -54,6 +54,9 @@ pub mod kind {
     /// A stream message: the 48-byte stamp (msg_id 0, seq of the stored message it follows),
     /// then the sender's `Stream` archive (a `Send`) verbatim.
     pub const STREAM_MSG: u16 = 112;
+    /// Pushed after a cluster change that may have lost live deliveries (a node failed): a
+    /// catch-up follows (`DELIVER` frames, then `CATCHUP_END`), as after a login. Empty payload.
+    pub const RESYNC: u16 = 113;
     /// The answer to a room request that succeeded (create, subscribe, unsubscribe, delete).
     pub const ROOM_OK: u16 = 130;
     /// A message published to a live room: a [`super::RoomStamp`], then the publisher's
@@ -117,6 +120,7 @@ pub mod kind {
             HISTORY_END => "HistoryEnd",
             CATCHUP_END => "CatchUpEnd",
             STREAM_MSG => "StreamMsg",
+            RESYNC => "Resync",
             ROOM_OK => "RoomOk",
             ROOM_MSG => "RoomMsg",
             ROOM_CLOSED => "RoomClosed",

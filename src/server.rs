@@ -78,6 +78,7 @@ pub fn start(cfg: Config) -> anyhow::Result<Server> {
         workers,
         stop: Default::default(),
         dropped_envelopes: Default::default(),
+        table: Default::default(),
         cfg: cfg.clone(),
     });
     let rt = RuntimeConfig {
@@ -101,7 +102,7 @@ pub fn start(cfg: Config) -> anyhow::Result<Server> {
     })?;
     let cluster = if cfg.cluster.enabled() {
         let port = running.mesh.port(shards, 0);
-        let handle = match crate::cluster::node::start(&cfg, shards, port) {
+        let handle = match crate::cluster::node::start(&cfg, shards, port, shared.table.clone()) {
             Ok(h) => h,
             Err(e) => {
                 running.signal_all();

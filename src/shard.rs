@@ -55,6 +55,8 @@ pub struct Shared {
     pub stop: AtomicBool,
     /// Envelopes dropped because a destination's overflow was full (should stay 0).
     pub dropped_envelopes: AtomicU64,
+    /// This node's latest cluster table (unused on a single node).
+    pub table: Arc<crate::placement::SharedTable>,
 }
 
 pub use crate::clock::now_ms;
@@ -73,9 +75,6 @@ pub struct Shard {
     /// This node (0 on a single node).
     pub node: NodeId,
     placement: RefCell<Placement>,
-    /// A placement table from the cluster gateway, applied by the mesh loop between batches
-    /// (never while a role or the placement is borrowed).
-    pending_table: RefCell<Option<Arc<Table>>>,
     /// The mesh index of this node's cluster gateway (the last one), in a cluster.
     gateway: Option<usize>,
     pub shared: Arc<Shared>,
@@ -138,7 +137,6 @@ impl Shard {
             shards,
             node,
             placement: RefCell::new(placement.clone()),
-            pending_table: RefCell::new(None),
             gateway,
             local: RefCell::new(VecDeque::new()),
             draining: Cell::new(false),
@@ -234,8 +232,14 @@ impl Shard {
     // ---- routing ----
 
     /// Where keys live (the cluster's current table, in a cluster).
-    pub fn placement(&self) -> std::cell::Ref<'_, Placement> {
+    fn placement(&self) -> std::cell::Ref<'_, Placement> {
         self.placement.borrow()
+    }
+
+    /// Ask where something lives: the borrow ends before the answer is used, so that posting
+    /// to the answer (which may handle envelopes, and so apply a new table) is safe.
+    pub fn place<T>(&self, f: impl FnOnce(&Placement) -> T) -> T {
+        f(&self.placement.borrow())
     }
 
     /// This shard as an owner.
@@ -378,10 +382,6 @@ impl Shard {
             for env in batch.drain(..) {
                 self.dispatch(env);
             }
-            let table = self.pending_table.borrow_mut().take();
-            if let Some(table) = table {
-                self.apply_table(table);
-            }
             // Under steady traffic `recv_batch` never waits: let the connections run.
             tim_shards::yield_now().await;
         }
@@ -497,7 +497,12 @@ impl Shard {
         // An envelope for an owner that is not (or no longer) this shard: the sender placed it
         // by another table (the cluster's members just changed here or there). On to the owner.
         if self.gateway.is_some() {
-            if let Some(owner) = self.owner_of(&env) {
+            if let Some(mut owner) = self.owner_of(&env) {
+                if owner != self.me() {
+                    // Placed by a newer table than this shard's, perhaps: look first.
+                    self.refresh_table();
+                    owner = self.owner_of(&env).expect("owner-addressed");
+                }
                 if owner != self.me() {
                     return self.post(owner, env);
                 }
@@ -510,7 +515,7 @@ impl Shard {
             }
             Envelope::Submit(sub) => self.convs.borrow_mut().submit(sub, now_ms(), &mut fx),
             Envelope::Fanout { user, skip, frame } => {
-                debug_assert_eq!(self.placement().user(user), self.me(), "fanout on the wrong shard");
+                debug_assert_eq!(self.place(|p| p.user(user)), self.me(), "fanout on the wrong shard");
                 self.users.borrow().fanout(user, skip, &frame, &mut fx);
             }
             Envelope::Attach(a) => self.users.borrow_mut().attach(&a, now_ms(), &mut fx),
@@ -543,7 +548,7 @@ impl Shard {
                     // The connection ended, or its login timed out, while the user owner gave it
                     // a place: undo the attach, or a phantom session would count against the
                     // user's device limits.
-                    self.post(self.placement().user(user), Envelope::Detach { user, session });
+                    self.post(self.place(|p| p.user(user)), Envelope::Detach { user, session });
                 }
             }
             Envelope::Kick { session, reason } => {
@@ -604,12 +609,9 @@ impl Shard {
             }
             // Only the gateway takes these; one that reaches a shard goes on its way.
             Envelope::Remote(r) => self.post(r.to, r.env),
-            Envelope::Placement(table) => {
-                let mut pending = self.pending_table.borrow_mut();
-                if pending.as_ref().is_none_or(|p| p.epoch < table.epoch) {
-                    *pending = Some(table);
-                }
-            }
+            // The gateway's word that a new table is out (the table itself is taken from
+            // `Shared::table`, the latest one).
+            Envelope::Placement(_) => self.refresh_table(),
         }
         self.execute(&mut fx);
         *self.effects.borrow_mut() = fx;
@@ -618,20 +620,17 @@ impl Shard {
     /// The owner an owner-addressed envelope is for (`None` for envelopes addressed to a
     /// session's shard or to this shard as such).
     fn owner_of(&self, env: &Envelope) -> Option<Owner> {
-        let p = self.placement();
-        Some(match env {
-            Envelope::Submit(sub) if sub.conv == protocol::conv::GROUP => p.group(sub.to),
-            Envelope::Submit(sub) => p.conv(sub.key()),
-            Envelope::Fanout { user, .. }
-            | Envelope::StreamFanout { user, .. }
-            | Envelope::Detach { user, .. }
-            | Envelope::StoreToken { user, .. }
-            | Envelope::Reattach { user, .. } => p.user(*user),
-            Envelope::Attach(a) => p.user(a.user),
-            Envelope::Room(req) => p.room(req.room),
-            Envelope::Group(req) => p.group(req.group),
-            _ => return None,
-        })
+        env.owner(&self.placement())
+    }
+
+    /// Apply this node's latest table if it is newer than the one in use. Called from envelope
+    /// handling, where no placement borrow is held (callers of `post` never hold one: see
+    /// [`Shard::place`]).
+    fn refresh_table(&self) {
+        let seen = self.placement.borrow().epoch();
+        if let Some(t) = self.shared.table.newer_than(seen) {
+            self.apply_table(t);
+        }
     }
 
     /// Place by `table` from now on (the cluster's members changed): roles drop what moved
@@ -666,6 +665,20 @@ impl Shard {
                 if owner != old.user(user) {
                     self.post(owner, Envelope::Reattach { user, session: s.id(), device_type });
                 }
+            }
+        }
+        // A node that failed may have taken live deliveries with it (fan-outs it had not
+        // sent, or that were on their way to it): every session here catches up from its
+        // cursors, spread over `resync_spread_ms` so that the store is not asked all at once.
+        let lost = old.table().is_some_and(|t| t.nodes.iter().any(|&(n, _)| !live(n)));
+        if lost && self.shared.store.durable() {
+            let spread = self.cfg().cluster.resync_spread_ms.max(1);
+            let sessions: Vec<Rc<Session>> =
+                self.sessions.borrow().values().filter(|s| s.logged_in().is_some()).cloned().collect();
+            let n = sessions.len().max(1) as u64;
+            for (i, s) in sessions.into_iter().enumerate() {
+                let delay = Duration::from_millis(spread * i as u64 / n);
+                monoio::spawn(resync(self.rc(), s, delay));
             }
         }
         // Rooms with subscribers here whose owner changed are gone.
@@ -852,7 +865,7 @@ impl Shard {
     pub fn leave_room_owner(&self, session: SessionRef, room: u64) {
         let op = crate::envelope::RoomOp::Unsubscribe { reply: false };
         let req = crate::envelope::RoomRequest { origin: session, user: 0, room, op };
-        self.post(self.placement().room(room), Envelope::Room(Box::new(req)));
+        self.post(self.place(|p| p.room(room)), Envelope::Room(Box::new(req)));
     }
 
     fn with_groups(&self, f: impl FnOnce(&mut GroupOwner, &mut Effects)) {
@@ -1034,6 +1047,21 @@ fn holds_shared_state(env: &Envelope) -> bool {
         Envelope::RoomReply { request_kind, .. } => *request_kind != kind::ROOM_PUBLISH,
         _ => false,
     }
+}
+
+/// After `delay`, tell `session` a catch-up follows and run it (see `Shard::apply_table`).
+async fn resync(shard: Rc<Shard>, session: Rc<Session>, delay: Duration) {
+    monoio::time::sleep(delay).await;
+    let Some((user, device_type)) = session.logged_in() else { return };
+    // Announce the session to its user's owner again: the first announcement, made when this
+    // shard changed tables, may have met a node that had not changed yet (and forwarded it to
+    // the failed node). Announcing twice changes nothing.
+    let owner = shard.place(|p| p.user(user));
+    shard.post(owner, Envelope::Reattach { user, session: session.id(), device_type });
+    // The flushed cursors are where the catch-up starts: flush what was acked so far first.
+    shard.flush_cursors().await;
+    session.push(Bytes::from(frame::encode_empty(kind::RESYNC)));
+    crate::session::requests::catch_up(shard, session, kind::RESYNC, now_ms()).await;
 }
 
 /// Room work for this shard's subscribers (see [`Shard::room_job`]).

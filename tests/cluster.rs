@@ -160,7 +160,8 @@ mod serde_like {
     }
 
     fn field<'a>(obj: &'a str, name: &str) -> &'a str {
-        let at = obj.find(&format!("\"{name}\":")).unwrap_or_else(|| panic!("{name} in {obj}")) + name.len() + 3;
+        let at =
+            obj.find(&format!("\"{name}\":")).unwrap_or_else(|| panic!("{name} in {obj}")) + name.len() + 3;
         let rest = &obj[at..];
         let end = rest.find([',', '}']).unwrap();
         rest[..end].trim_matches('"')
@@ -169,7 +170,11 @@ mod serde_like {
     pub fn parse(json: &str) -> Status {
         let members = json.split("{\"node\":").skip(2).map(|m| {
             let m = format!("{{\"node\":{m}");
-            (field(&m, "node").parse().unwrap(), field(&m, "state").to_string(), field(&m, "partitions").parse().unwrap())
+            (
+                field(&m, "node").parse().unwrap(),
+                field(&m, "state").to_string(),
+                field(&m, "partitions").parse().unwrap(),
+            )
         });
         Status { members: members.collect() }
     }
@@ -208,12 +213,15 @@ fn messages_cross_nodes() {
         })
         .collect();
     // Each user on the node after the one it registered on.
-    let mut clients: Vec<Client> = users.iter().enumerate().map(|(i, (n, _))| nodes[(i + 1) % 3].login(n, 3)).collect();
+    let mut clients: Vec<Client> =
+        users.iter().enumerate().map(|(i, (n, _))| nodes[(i + 1) % 3].login(n, 3)).collect();
     // 1:1, every ordered pair, in order per conversation.
     for a in 0..users.len() {
         for b in 0..users.len() {
             if a != b {
-                let ack = clients[a].send_wait(users[b].1, (a * 100 + b) as u64 + 1, format!("{a}->{b}").as_bytes()).unwrap();
+                let ack = clients[a]
+                    .send_wait(users[b].1, (a * 100 + b) as u64 + 1, format!("{a}->{b}").as_bytes())
+                    .unwrap();
                 assert!(ack.seq >= 1);
                 assert_eq!(next_body(&mut clients[b]), format!("{a}->{b}").into_bytes());
             }
@@ -277,7 +285,8 @@ fn node_loss_moves_partitions() {
             (name.clone(), register(&nodes[i % 2], &name))
         })
         .collect();
-    let mut clients: Vec<Client> = users.iter().enumerate().map(|(i, (n, _))| nodes[i % 2].login(n, 3)).collect();
+    let mut clients: Vec<Client> =
+        users.iter().enumerate().map(|(i, (n, _))| nodes[i % 2].login(n, 3)).collect();
     let mut last_seq = std::collections::HashMap::new();
     for a in 0..users.len() {
         let b = (a + 1) % users.len();
@@ -310,7 +319,26 @@ fn node_loss_moves_partitions() {
         };
         assert_eq!(ack.seq, last_seq[&(a, b)] + 1, "conversation {a}->{b}");
         loop {
-            let d = clients[b].next_delivery().unwrap();
+            let d = clients[b].next_delivery().unwrap_or_else(|e| {
+                let t3 = tim::placement::Table::new(0, &[(1, 2), (2, 2), (3, 2)]);
+                let t2 = tim::placement::Table::new(0, &[(1, 2), (2, 2)]);
+                let p = |t: &tim::placement::Table, u: u64| {
+                    t.owner(tim_shards::partition_of(tim_shards::mix64(u)))
+                };
+                let k = tim::placement::direct_key(users[a].1, users[b].1);
+                let c = |t: &tim::placement::Table| {
+                    t.owner(tim_shards::partition_of(tim::placement::conv_hash(k)))
+                };
+                panic!(
+                    "{a}->{b}: {e}; b's owner {:?} -> {:?}, a's {:?} -> {:?}, conv {:?} -> {:?}",
+                    p(&t3, users[b].1),
+                    p(&t2, users[b].1),
+                    p(&t3, users[a].1),
+                    p(&t2, users[a].1),
+                    c(&t3),
+                    c(&t2)
+                )
+            });
             if d.body == b"after" {
                 break;
             }
@@ -394,7 +422,8 @@ fn refusals() {
             ),
         )
         .unwrap();
-        let out = Command::new(env!("CARGO_BIN_EXE_tim")).args(["serve", "--config"]).arg(&cfg).output().unwrap();
+        let out =
+            Command::new(env!("CARGO_BIN_EXE_tim")).args(["serve", "--config"]).arg(&cfg).output().unwrap();
         assert!(!out.status.success());
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(err.contains(why), "{why}: {err}");

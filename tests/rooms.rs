@@ -374,7 +374,7 @@ fn room_requests_in_flight_are_bounded() {
     let mut b = s.login_on_shard(&b_name, 3, 0);
     let room = loop {
         let r = a.room_create(room_publish::OWNER, 0, &[]).unwrap();
-        if Placement::new(2).room(r) == 1 {
+        if Placement::new(2).room(r).shard == 1 {
             break r;
         }
     };

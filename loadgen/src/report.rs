@@ -154,13 +154,14 @@ pub fn finish(g: &Global, o: &Outcome) -> bool {
     if cfg.reconnect {
         println!(
             "  reconnects {}  gave up {}  down at the end {}  resent after reconnect {}  acked as duplicate {}  \
-             redelivered {}  skipped while down {}  down {:.3} s in all, {:.3} s at most",
+             redelivered {}  resyncs {}  skipped while down {}  down {:.3} s in all, {:.3} s at most",
             re.reconnects,
             re.gave_up,
             re.down_at_end,
             c(C::ResentAfterReconnect),
             c(C::AckedDuplicate),
             c(C::Redelivered),
+            c(C::Resyncs),
             c(C::SkippedWhileDown),
             re.down_s,
             re.down_max_s
@@ -337,6 +338,7 @@ pub fn finish(g: &Global, o: &Outcome) -> bool {
         m.insert("resent_after_reconnect".into(), json!(c(C::ResentAfterReconnect)));
         m.insert("acked_duplicate".into(), json!(c(C::AckedDuplicate)));
         m.insert("redelivered".into(), json!(c(C::Redelivered)));
+        m.insert("resyncs".into(), json!(c(C::Resyncs)));
         m.insert("skipped_while_down".into(), json!(c(C::SkippedWhileDown)));
         m.insert("down_total_s".into(), json!(round3(re.down_s)));
         m.insert("down_max_s".into(), json!(round3(re.down_max_s)));

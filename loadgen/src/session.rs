@@ -260,5 +260,8 @@ pub async fn log_out(w: &Worker, io: &Io, rd: &mut FrameReader, deadline: Instan
 /// Refusals worth another try of the same request: Busy (33), Internal (50), and 51 (the
 /// message store did not commit in time).
 pub fn retryable(code: u16) -> bool {
-    code == ErrorCode::Busy.code() || code == ErrorCode::Internal.code() || code == 51
+    code == ErrorCode::Busy.code()
+        || code == ErrorCode::Internal.code()
+        || code == ErrorCode::StoreUnavailable.code()
+        || code == ErrorCode::NodeUnavailable.code()
 }

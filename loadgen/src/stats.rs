@@ -53,6 +53,8 @@ pub enum C {
     AckedDuplicate,
     /// Open loop: sends due while the connection was down, skipped.
     SkippedWhileDown,
+    /// `Resync` pushes received (a cluster node failed; a catch-up followed).
+    Resyncs,
     Errors,
     Logins,
     /// Gauge: messages sent and not yet answered.

@@ -48,7 +48,7 @@ use super::{
 use crate::{
     config::Config,
     envelope::{Envelope, Remote},
-    placement::{NodeId, Table},
+    placement::{NodeId, SharedTable, Table},
     protocol::ErrorCode,
 };
 
@@ -126,7 +126,12 @@ impl ClusterHandle {
 
 /// Start the node's thread: listen for peers, join through `cfg.cluster.join`, and serve the
 /// gateway on `port` (the mesh's endpoint after the shards').
-pub fn start(cfg: &Config, shards: usize, port: MeshPort<Envelope>) -> anyhow::Result<ClusterHandle> {
+pub fn start(
+    cfg: &Config,
+    shards: usize,
+    port: MeshPort<Envelope>,
+    shared_table: Arc<SharedTable>,
+) -> anyhow::Result<ClusterHandle> {
     let c = &cfg.cluster;
     let listener = match c.listen {
         Some(addr) => {
@@ -164,6 +169,7 @@ pub fn start(cfg: &Config, shards: usize, port: MeshPort<Envelope>) -> anyhow::R
         link_queue_bytes_max: c.link_queue_bytes_max,
         record_bytes_max: record_bytes_max(cfg),
         shards,
+        shared_table,
     };
     let (s2, w2, j2, d2) = (stop.clone(), wake.clone(), joined.clone(), dropped.clone());
     let thread = std::thread::Builder::new().name("tim-cluster".into()).spawn(move || {
@@ -193,6 +199,8 @@ struct Settings {
     link_queue_bytes_max: usize,
     record_bytes_max: usize,
     shards: usize,
+    /// Where the shards find the latest table.
+    shared_table: Arc<SharedTable>,
 }
 
 /// One direction of a link as the node sends on it.
@@ -237,6 +245,10 @@ struct State {
     table: RefCell<Arc<Table>>,
     next_link: Cell<u64>,
     port: MeshPort<Envelope>,
+    /// Envelopes for owners on a node without a link (it may be failing): held until the
+    /// table changes or a link to it comes up, then routed again; answered (requests) or
+    /// dropped after `2 × failure_detect_ms`.
+    parked: RefCell<std::collections::VecDeque<(std::time::Instant, crate::placement::Owner, Envelope)>>,
     events: mpsc::UnboundedSender<Event>,
     joined: Arc<AtomicBool>,
     dropped: Arc<AtomicU64>,
@@ -284,6 +296,7 @@ async fn run(
         table: RefCell::new(table),
         next_link: Cell::new(1),
         port,
+        parked: RefCell::new(Default::default()),
         events: tx,
         joined,
         dropped,
@@ -420,10 +433,16 @@ impl State {
         self.epoch.set(epoch);
         let table = Table::new(epoch, &nodes);
         log::info!("cluster: placement epoch {epoch}: nodes {:?}, partitions {:?}", nodes, table.counts());
+        let table = Arc::new(table);
+        // Stored first, then announced: a shard that hears of the table from another (an
+        // envelope placed by it) finds it already there.
+        self.settings.shared_table.set(table.clone());
         for shard in 0..self.settings.shards {
-            self.to_shard(shard, Envelope::Placement(Arc::new(table.clone())));
+            self.to_shard(shard, Envelope::Placement(table.clone()));
         }
-        *self.table.borrow_mut() = Arc::new(table);
+        *self.table.borrow_mut() = table;
+        // Whatever waited for a node that is gone goes to the partitions' new owners.
+        self.unpark(|_| true);
     }
 
     /// Hand `env` to a shard of this node, now (the queue from the gateway has room for a
@@ -446,6 +465,7 @@ impl State {
             Event::LinkUp(out) => {
                 let peer = out.peer.clone();
                 self.links.borrow_mut().entry(peer.id).or_default().push(out);
+                self.unpark(|to| to.node == peer.id);
                 // Tell foca about it: a new member joins the cluster through this announce.
                 self.with_foca(|f, rt| {
                     let _ = f.announce(peer, rt);
@@ -726,32 +746,118 @@ async fn gateway(st: Rc<State>) {
     let mut touched: Vec<Rc<LinkOut>> = Vec::new();
     loop {
         batch.clear();
-        st.port.recv_batch(&mut batch, 512).await;
+        // Wake now and then with nothing to carry, to expire what is parked.
+        tokio::select! {
+            _ = st.port.recv_batch(&mut batch, 512) => {}
+            _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+        }
         for env in batch.drain(..) {
             let Envelope::Remote(r) = env else {
                 log::error!("cluster: a local envelope reached the gateway");
                 continue;
             };
             let Remote { to, env } = *r;
-            let link = st.link_to(to.node).filter(|l| !l.closed.get());
-            let Some(link) = link.filter(|l| l.buf.borrow().len() < st.settings.link_queue_bytes_max) else {
-                st.bounce(env);
-                continue;
-            };
-            let r = wire::encode(to.shard, &env, &mut link.buf.borrow_mut());
-            if let Err(e) = r {
-                log::error!("cluster: an envelope for node {} could not be encoded: {e}", to.node);
-                st.bounce(env);
-                continue;
-            }
-            if !touched.iter().any(|l| Rc::ptr_eq(l, &link)) {
-                touched.push(link);
-            }
+            st.send(to, env, &mut touched);
         }
         for l in touched.drain(..) {
             l.wake.notify_one();
         }
+        st.expire_parked();
         tokio::task::yield_now().await;
+    }
+}
+
+/// Envelopes parked at most.
+const PARKED_MAX: usize = 1 << 20;
+
+impl State {
+    /// Append `env` to the link of `to`'s node; park it while that node has no link (an
+    /// owner-addressed envelope: it may go elsewhere once the table changes), else answer or
+    /// drop it.
+    fn send(&self, to: crate::placement::Owner, env: Envelope, touched: &mut Vec<Rc<LinkOut>>) {
+        let link = self.link_to(to.node).filter(|l| !l.closed.get());
+        let Some(link) = link else {
+            let reroutable =
+                env.owner(&self.placement()).is_some() || matches!(env, Envelope::GroupFanout(_));
+            if reroutable && self.parked.borrow().len() < PARKED_MAX {
+                self.parked.borrow_mut().push_back((std::time::Instant::now(), to, env));
+            } else {
+                self.bounce(env);
+            }
+            return;
+        };
+        if link.buf.borrow().len() >= self.settings.link_queue_bytes_max {
+            return self.bounce(env);
+        }
+        let r = wire::encode(to.shard, &env, &mut link.buf.borrow_mut());
+        if let Err(e) = r {
+            log::error!("cluster: an envelope for node {} could not be encoded: {e}", to.node);
+            return self.bounce(env);
+        }
+        if !touched.iter().any(|l| Rc::ptr_eq(l, &link)) {
+            touched.push(link);
+        }
+    }
+
+    /// This node's placement by its latest table.
+    fn placement(&self) -> crate::placement::Placement {
+        crate::placement::Placement::clustered(self.me.id, self.settings.shards, self.table.borrow().clone())
+    }
+
+    /// Route again the parked envelopes `which` selects (by the node they waited for), by the
+    /// latest table: to this node's shards, or to the links of others.
+    fn unpark(&self, which: impl Fn(crate::placement::Owner) -> bool) {
+        let parked: Vec<_> = {
+            let mut p = self.parked.borrow_mut();
+            if p.is_empty() {
+                return;
+            }
+            let (go, stay): (Vec<_>, Vec<_>) = p.drain(..).partition(|(_, to, _)| which(*to));
+            p.extend(stay);
+            go
+        };
+        let placement = self.placement();
+        let mut touched = Vec::new();
+        for (at, to, env) in parked {
+            let owner = match &env {
+                Envelope::GroupFanout(_)
+                    if placement.table().is_some_and(|t| t.nodes.iter().any(|n| n.0 == to.node)) =>
+                {
+                    to
+                }
+                // Its members' owners moved: a shard of this node sends each member's part on.
+                Envelope::GroupFanout(_) => placement.local(0),
+                env => env.owner(&placement).unwrap_or(to),
+            };
+            if owner.node == self.me.id {
+                self.to_shard(owner.shard(), env);
+            } else if self.link_to(owner.node).is_some() {
+                self.send(owner, env, &mut touched);
+            } else {
+                self.parked.borrow_mut().push_back((at, owner, env));
+            }
+        }
+        for l in touched {
+            l.wake.notify_one();
+        }
+    }
+
+    /// Parked envelopes older than twice the failure detection time are answered or dropped.
+    fn expire_parked(&self) {
+        let max_age = self.settings.failure_detect * 2;
+        loop {
+            let old = {
+                let mut p = self.parked.borrow_mut();
+                match p.front() {
+                    Some((at, _, _)) if at.elapsed() > max_age => p.pop_front(),
+                    _ => None,
+                }
+            };
+            match old {
+                Some((_, _, env)) => self.bounce(env),
+                None => return,
+            }
+        }
     }
 }
 

@@ -307,7 +307,7 @@ impl Requests<'_> {
             self.session.room_requests.set(n + 1);
         }
         let req = RoomRequest { origin: self.session.id, user: self.session.user(), room, op };
-        self.shard.post(self.shard.placement().room(room), Envelope::Room(Box::new(req)));
+        self.shard.post(self.shard.place(|p| p.room(room)), Envelope::Room(Box::new(req)));
         Flow::Continue
     }
 
@@ -354,9 +354,9 @@ impl Requests<'_> {
             self.session.send_started(client_msg_id);
         }
         let dst = if m.conv == conv::GROUP {
-            self.shard.placement().group(to)
+            self.shard.place(|p| p.group(to))
         } else {
-            self.shard.placement().conv(direct_key(sender, to))
+            self.shard.place(|p| p.conv(direct_key(sender, to)))
         };
         self.shard.post(dst, Envelope::Submit(Box::new(sub)));
         Flow::Continue
@@ -477,7 +477,7 @@ impl Requests<'_> {
     ) -> Flow {
         let rx = self.session.expect_reply();
         let attach = Attach { user, session: self.session.id, device_type, token };
-        self.shard.post(self.shard.placement().user(user), Envelope::Attach(Box::new(attach)));
+        self.shard.post(self.shard.place(|p| p.user(user)), Envelope::Attach(Box::new(attach)));
         match self.wait_reply(rx).await {
             Ok(Reply::Attach(Ok(user))) => {
                 let limits = &self.shard.cfg().limits;
@@ -635,7 +635,7 @@ impl Requests<'_> {
         }
         let rx = self.session.expect_reply();
         let req = GroupRequest { origin: self.session.id, user: self.session.user(), group, op };
-        self.shard.post(self.shard.placement().group(group), Envelope::Group(Box::new(req)));
+        self.shard.post(self.shard.place(|p| p.group(group)), Envelope::Group(Box::new(req)));
         match self.wait_reply(rx).await {
             Ok(Reply::Group(Ok(frame))) => {
                 self.session.push(frame);
@@ -666,7 +666,7 @@ impl Requests<'_> {
         let expires_at_ms = now_ms() + ttl as u64 * 1000;
         let rx = self.session.expect_reply();
         let env = Envelope::StoreToken { user, session: self.session.id, hash, expires_at_ms };
-        self.shard.post(self.shard.placement().user(user), env);
+        self.shard.post(self.shard.place(|p| p.user(user)), env);
         match self.wait_reply(rx).await {
             Ok(Reply::Token(Ok(()))) => {
                 self.reply(kind::TOKEN_ISSUED, &protocol::TokenIssued { token: text, expires_at_ms })
@@ -692,7 +692,7 @@ fn stored_frame(k: u16, payload: &[u8]) -> Bytes {
 /// stamped up to its attach (as `DELIVER` frames, paced by the writer), then `CATCHUP_END`. Live
 /// deliveries (stamped after the attach) may interleave. Store ranges that did not answer in
 /// time are left out and counted in `CATCHUP_END`'s `unavailable`.
-async fn catch_up(shard: Rc<Shard>, session: Rc<Session>, login_kind: u16, until: u64) {
+pub(crate) async fn catch_up(shard: Rc<Shard>, session: Rc<Session>, login_kind: u16, until: u64) {
     let l = &shard.cfg().limits;
     let (user, device) = (session.user(), session.device.get());
     let since = now_ms().saturating_sub(l.catchup_window_secs * 1000);

@@ -96,7 +96,7 @@ pub async fn serve(shard: Rc<Shard>, stream: TcpStream, peer: Option<std::net::S
     }
     let user = session.user();
     if user != 0 {
-        shard.post(shard.placement().user(user), Envelope::Detach { user, session: id });
+        shard.post(shard.place(|p| p.user(user)), Envelope::Detach { user, session: id });
     }
     shard.stats.accepted.set(shard.stats.accepted.get() + 1);
 }

@@ -85,6 +85,7 @@ pub enum Incoming<'a> {
     },
     /// A durable server finished replaying stored messages after login.
     CatchUpEnd,
+    Resync,
     /// Frames the engine ignores (Pong, …).
     Ignore,
     /// A kind the scenario does not expect, or a payload that fails validation.
@@ -160,6 +161,7 @@ pub fn classify_im(k: u16, payload: &[u8]) -> Incoming<'_> {
         Ok(Event::Error(e)) => Incoming::Error { code: e.code, request_kind: e.request_kind },
         Ok(Event::Kick(k)) => Incoming::Kick { reason: k.reason },
         Ok(Event::CatchUpEnd(_)) => Incoming::CatchUpEnd,
+        Ok(Event::Resync) => Incoming::Resync,
         Ok(_) => Incoming::Ignore,
         Err(_) => Incoming::Unexpected(k),
     }
@@ -494,6 +496,12 @@ impl Conn {
             Incoming::Kick { reason } => {
                 let name = ErrorCode::from_u16(reason).map_or_else(|| "Unknown".into(), |c| format!("{c:?}"));
                 self.w.stats.error(&format!("kicked: {name}({reason})"));
+            }
+            // A cluster change may have lost live deliveries: a catch-up follows. What it
+            // brings again counts as redelivered, and order checks wait for its end.
+            Incoming::Resync => {
+                self.recv.borrow_mut().new_life(true);
+                self.w.stats.add(C::Resyncs, 1);
             }
             Incoming::CatchUpEnd => {
                 self.recv.borrow_mut().caught_up();
