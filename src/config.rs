@@ -772,6 +772,18 @@ name_key = ""                       # 64 hex digits keying the account-name hash
 argon2_m_kib = 19456                # argon2id memory cost (KiB); lower only for tests/benchmarks
 argon2_t = 2                        # argon2id iterations
 argon2_p = 1                        # argon2id lanes
+
+[cluster]                           # clustered when listen or join is set (docs/CLUSTER.md)
+node_id = 0                         # 1..=63, unique in the cluster; required in a cluster
+# listen = "0.0.0.0:7200"           # where peers dial this node; unset: it only dials out
+# advertise = "10.0.0.5:7200"       # the address peers dial (default: listen)
+join = []                           # members' cluster addresses to join through (--join adds)
+secret = ""                         # shared by every node, 16+ bytes (or TIM_CLUSTER_SECRET)
+failure_detect_ms = 2000            # a node silent this long is taken as failed; its partitions move
+link_queue_bytes_max = 67108864     # bytes queued for one peer; beyond: dropped (requests: NodeUnavailable)
+dial_timeout_ms = 1000              # connecting and the handshake of a link
+join_wait_ms = 5000                 # tim serve waits this long for a member to answer its join
+resync_spread_ms = 1000             # after a node failed, each shard's sessions catch up over this long
 "#;
 
 #[cfg(test)]

@@ -323,6 +323,9 @@ impl Envelope {
 /// An envelope on its way to an owner on another node.
 pub struct Remote {
     pub to: Owner,
+    /// The shard of this node that sent it (an envelope parked at the gateway goes back to it
+    /// to be routed again, after what it sent earlier and before what it sends later).
+    pub from: u16,
     pub env: Envelope,
 }
 

@@ -258,7 +258,9 @@ impl Shard {
 
     fn post_remote(&self, to: Owner, env: Envelope) {
         match self.gateway {
-            Some(g) => self.post_shard(g, Envelope::Remote(Box::new(Remote { to, env }))),
+            Some(g) => {
+                self.post_shard(g, Envelope::Remote(Box::new(Remote { to, from: self.id as u16, env })))
+            }
             None => {
                 // A single node has no other node: a bug, not a condition.
                 debug_assert!(false, "an envelope for node {} on a single node", to.node);
@@ -497,6 +499,17 @@ impl Shard {
         // An envelope for an owner that is not (or no longer) this shard: the sender placed it
         // by another table (the cluster's members just changed here or there). On to the owner.
         if self.gateway.is_some() {
+            // A send of this shard's session coming back from the gateway (it waited there for
+            // a failed node): if its session was answered meanwhile (NodeUnavailable when the
+            // node's loss was seen), it goes no further — the client resends it.
+            if let Envelope::Submit(sub) = &env {
+                if !sub.stream && sub.sender != 0 && sub.origin.owner() == self.me() {
+                    let pending = self.session(sub.origin).is_some_and(|s| s.is_pending(sub.client_msg_id));
+                    if !pending {
+                        return;
+                    }
+                }
+            }
             if let Some(mut owner) = self.owner_of(&env) {
                 if owner != self.me() {
                     // Placed by a newer table than this shard's, perhaps: look first.
@@ -671,6 +684,13 @@ impl Shard {
         // sent, or that were on their way to it): every session here catches up from its
         // cursors, spread over `resync_spread_ms` so that the store is not asked all at once.
         let lost = old.table().is_some_and(|t| t.nodes.iter().any(|&(n, _)| !live(n)));
+        if lost {
+            // Sends in flight to owners on the nodes gone may never be answered: answer now.
+            let sessions: Vec<Rc<Session>> = self.sessions.borrow().values().cloned().collect();
+            for s in sessions {
+                s.fail_sends_to(|n| !live(n));
+            }
+        }
         if lost && self.shared.store.durable() {
             let spread = self.cfg().cluster.resync_spread_ms.max(1);
             let sessions: Vec<Rc<Session>> =

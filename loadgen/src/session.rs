@@ -264,4 +264,5 @@ pub fn retryable(code: u16) -> bool {
         || code == ErrorCode::Internal.code()
         || code == ErrorCode::StoreUnavailable.code()
         || code == ErrorCode::NodeUnavailable.code()
+        || code == ErrorCode::Timeout.code()
 }

@@ -248,7 +248,8 @@ struct State {
     /// Envelopes for owners on a node without a link (it may be failing): held until the
     /// table changes or a link to it comes up, then routed again; answered (requests) or
     /// dropped after `2 × failure_detect_ms`.
-    parked: RefCell<std::collections::VecDeque<(std::time::Instant, crate::placement::Owner, Envelope)>>,
+    /// (when, for whom, from which shard, what).
+    parked: RefCell<std::collections::VecDeque<(std::time::Instant, crate::placement::Owner, u16, Envelope)>>,
     events: mpsc::UnboundedSender<Event>,
     joined: Arc<AtomicBool>,
     dropped: Arc<AtomicU64>,
@@ -436,13 +437,15 @@ impl State {
         let table = Arc::new(table);
         // Stored first, then announced: a shard that hears of the table from another (an
         // envelope placed by it) finds it already there.
+        *self.table.borrow_mut() = table.clone();
         self.settings.shared_table.set(table.clone());
+        // Whatever waited for a node that is gone goes to the partitions' new owners before
+        // the shards are told: an owner's later envelopes, sent by the new table, follow the
+        // parked ones into the same queues (a conversation's deliveries stay in order).
+        self.unpark(|_| true, true);
         for shard in 0..self.settings.shards {
             self.to_shard(shard, Envelope::Placement(table.clone()));
         }
-        *self.table.borrow_mut() = table;
-        // Whatever waited for a node that is gone goes to the partitions' new owners.
-        self.unpark(|_| true);
     }
 
     /// Hand `env` to a shard of this node, now (the queue from the gateway has room for a
@@ -465,7 +468,7 @@ impl State {
             Event::LinkUp(out) => {
                 let peer = out.peer.clone();
                 self.links.borrow_mut().entry(peer.id).or_default().push(out);
-                self.unpark(|to| to.node == peer.id);
+                self.unpark(|to| to.node == peer.id, false);
                 // Tell foca about it: a new member joins the cluster through this announce.
                 self.with_foca(|f, rt| {
                     let _ = f.announce(peer, rt);
@@ -756,8 +759,8 @@ async fn gateway(st: Rc<State>) {
                 log::error!("cluster: a local envelope reached the gateway");
                 continue;
             };
-            let Remote { to, env } = *r;
-            st.send(to, env, &mut touched);
+            let Remote { to, from, env } = *r;
+            st.send(to, from, env, &mut touched);
         }
         for l in touched.drain(..) {
             l.wake.notify_one();
@@ -774,13 +777,13 @@ impl State {
     /// Append `env` to the link of `to`'s node; park it while that node has no link (an
     /// owner-addressed envelope: it may go elsewhere once the table changes), else answer or
     /// drop it.
-    fn send(&self, to: crate::placement::Owner, env: Envelope, touched: &mut Vec<Rc<LinkOut>>) {
+    fn send(&self, to: crate::placement::Owner, from: u16, env: Envelope, touched: &mut Vec<Rc<LinkOut>>) {
         let link = self.link_to(to.node).filter(|l| !l.closed.get());
         let Some(link) = link else {
             let reroutable =
                 env.owner(&self.placement()).is_some() || matches!(env, Envelope::GroupFanout(_));
             if reroutable && self.parked.borrow().len() < PARKED_MAX {
-                self.parked.borrow_mut().push_back((std::time::Instant::now(), to, env));
+                self.parked.borrow_mut().push_back((std::time::Instant::now(), to, from, env));
             } else {
                 self.bounce(env);
             }
@@ -806,35 +809,27 @@ impl State {
 
     /// Route again the parked envelopes `which` selects (by the node they waited for), by the
     /// latest table: to this node's shards, or to the links of others.
-    fn unpark(&self, which: impl Fn(crate::placement::Owner) -> bool) {
+    fn unpark(&self, which: impl Fn(crate::placement::Owner) -> bool, table_changed: bool) {
         let parked: Vec<_> = {
             let mut p = self.parked.borrow_mut();
             if p.is_empty() {
                 return;
             }
-            let (go, stay): (Vec<_>, Vec<_>) = p.drain(..).partition(|(_, to, _)| which(*to));
+            let (go, stay): (Vec<_>, Vec<_>) = p.drain(..).partition(|(_, to, _, _)| which(*to));
             p.extend(stay);
             go
         };
-        let placement = self.placement();
+        log::info!("cluster: routing {} parked envelopes again", parked.len());
         let mut touched = Vec::new();
-        for (at, to, env) in parked {
-            let owner = match &env {
-                Envelope::GroupFanout(_)
-                    if placement.table().is_some_and(|t| t.nodes.iter().any(|n| n.0 == to.node)) =>
-                {
-                    to
-                }
-                // Its members' owners moved: a shard of this node sends each member's part on.
-                Envelope::GroupFanout(_) => placement.local(0),
-                env => env.owner(&placement).unwrap_or(to),
-            };
-            if owner.node == self.me.id {
-                self.to_shard(owner.shard(), env);
-            } else if self.link_to(owner.node).is_some() {
-                self.send(owner, env, &mut touched);
+        for (at, to, from, env) in parked {
+            if table_changed {
+                // Back to the shard that sent it, which routes it by the new table ahead of
+                // whatever it sends later: a conversation's deliveries stay in order.
+                self.to_shard(from as usize, env);
+            } else if self.link_to(to.node).is_some() {
+                self.send(to, from, env, &mut touched);
             } else {
-                self.parked.borrow_mut().push_back((at, owner, env));
+                self.parked.borrow_mut().push_back((at, to, from, env));
             }
         }
         for l in touched {
@@ -849,12 +844,12 @@ impl State {
             let old = {
                 let mut p = self.parked.borrow_mut();
                 match p.front() {
-                    Some((at, _, _)) if at.elapsed() > max_age => p.pop_front(),
+                    Some((at, _, _, _)) if at.elapsed() > max_age => p.pop_front(),
                     _ => None,
                 }
             };
             match old {
-                Some((_, _, env)) => self.bounce(env),
+                Some((_, _, _, env)) => self.bounce(env),
                 None => return,
             }
         }

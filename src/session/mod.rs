@@ -23,6 +23,7 @@ use crate::{
     envelope::{AckInfo, SessionRef},
     frame,
     notify::LocalNotify,
+    placement::NodeId,
     protocol::{self, kind, DeviceType, ErrorCode},
     store::UserId,
 };
@@ -95,7 +96,7 @@ pub struct Session {
     pub(crate) inflight_max: u32,
     /// The sends in flight (`inflight` of them), oldest first: client message id and when its
     /// bytes arrived. One unanswered past `answer_timeout_ms` is answered with Timeout.
-    pub(crate) pending: RefCell<VecDeque<(u64, Instant)>>,
+    pub(crate) pending: RefCell<VecDeque<(u64, Instant, NodeId)>>,
     pub(crate) closing: Cell<bool>,
     pub(crate) reply: RefCell<Option<oneshot::Sender<Reply>>>,
     /// When the connection was accepted (for the login timeout).
@@ -336,9 +337,26 @@ impl Session {
     }
 
     /// A send is handed to its conversation owner.
-    pub(crate) fn send_started(&self, client_msg_id: u64) {
+    /// `owner_node`: the node of the send's conversation (or group) owner.
+    pub(crate) fn send_started(&self, client_msg_id: u64, owner_node: NodeId) {
         self.inflight.set(self.inflight.get() + 1);
-        self.pending.borrow_mut().push_back((client_msg_id, self.last_rx.get()));
+        self.pending.borrow_mut().push_back((client_msg_id, self.last_rx.get(), owner_node));
+    }
+
+    /// Answer NodeUnavailable to every send in flight to an owner on a node that `lost` says
+    /// failed: its answer may never come (the send or its ack may have died with the node).
+    /// The client resends; if the message was stored, the resend gets its original ack.
+    pub fn fail_sends_to(&self, lost: impl Fn(NodeId) -> bool) {
+        let failed: Vec<u64> = {
+            let mut pending = self.pending.borrow_mut();
+            let failed = pending.iter().filter(|p| lost(p.2)).map(|p| p.0).collect();
+            pending.retain(|p| !lost(p.2));
+            failed
+        };
+        for cmid in failed {
+            self.push(error_frame(ErrorCode::NodeUnavailable, kind::SEND, cmid));
+            self.release_inflight();
+        }
     }
 
     pub fn on_acked(&self, ack: &AckInfo) {
@@ -364,11 +382,16 @@ impl Session {
         }
     }
 
+    /// Whether a send with `client_msg_id` is waiting for its answer.
+    pub fn is_pending(&self, client_msg_id: u64) -> bool {
+        self.pending.borrow().iter().any(|p| p.0 == client_msg_id)
+    }
+
     /// Take a send off the in-flight list. False for an answer that comes after the send was
     /// already answered with Timeout: the client has its answer, and must not get a second.
     fn answered(&self, client_msg_id: u64) -> bool {
         let mut pending = self.pending.borrow_mut();
-        let Some(i) = pending.iter().position(|&(c, _)| c == client_msg_id) else { return false };
+        let Some(i) = pending.iter().position(|&(c, _, _)| c == client_msg_id) else { return false };
         pending.remove(i);
         drop(pending);
         self.release_inflight();
@@ -381,7 +404,7 @@ impl Session {
             let overdue = {
                 let mut pending = self.pending.borrow_mut();
                 match pending.front() {
-                    Some(&(cmid, since)) if now.duration_since(since) >= timeout => {
+                    Some(&(cmid, since, _)) if now.duration_since(since) >= timeout => {
                         pending.pop_front();
                         Some(cmid)
                     }

@@ -350,14 +350,14 @@ impl Requests<'_> {
             change: None,
             refuse_new: None,
         };
-        if !stream {
-            self.session.send_started(client_msg_id);
-        }
         let dst = if m.conv == conv::GROUP {
             self.shard.place(|p| p.group(to))
         } else {
             self.shard.place(|p| p.conv(direct_key(sender, to)))
         };
+        if !stream {
+            self.session.send_started(client_msg_id, dst.node);
+        }
         self.shard.post(dst, Envelope::Submit(Box::new(sub)));
         Flow::Continue
     }

@@ -54,6 +54,7 @@ pub enum Incoming<'a> {
     Ack {
         client_msg_id: u64,
         duplicate: bool,
+        seq: u64,
     },
     /// A message delivered to this connection.
     Deliver {
@@ -154,7 +155,9 @@ pub fn classify_im(k: u16, payload: &[u8]) -> Incoming<'_> {
         };
     }
     match decode_event(k, payload) {
-        Ok(Event::SendAck(a)) => Incoming::Ack { client_msg_id: a.client_msg_id, duplicate: a.duplicate },
+        Ok(Event::SendAck(a)) => {
+            Incoming::Ack { client_msg_id: a.client_msg_id, duplicate: a.duplicate, seq: a.seq }
+        }
         Ok(Event::Error(e)) if e.request_kind == kind::SEND && e.client_msg_id != 0 => {
             Incoming::Refused { client_msg_id: e.client_msg_id, code: e.code }
         }
@@ -193,7 +196,9 @@ struct Conn {
     ping_us: u64,
     /// Highest seq received per conversation peer (a user, or a group), not yet acknowledged
     /// to the server.
-    pending_acks: RefCell<FxHashMap<u64, u64>>,
+    /// Per conversation (by peer, or group): what this connection holds of its sequence, for
+    /// its delivery acks.
+    pending_acks: RefCell<FxHashMap<u64, SeqTrack>>,
     send_delivery_acks: bool,
     /// Duplicates received before this connection's first CatchUpEnd (if one comes).
     dup_before_catch_up: Cell<u64>,
@@ -484,11 +489,11 @@ impl Conn {
 
     fn handle(&self, k: u16, payload: &[u8]) {
         match self.plan.classify(k, payload) {
-            Incoming::Ack { client_msg_id, duplicate } => self.on_ack(client_msg_id, duplicate),
+            Incoming::Ack { client_msg_id, duplicate, seq } => self.on_ack(client_msg_id, duplicate, seq),
             Incoming::Deliver { stamp, body } => self.on_deliver(stamp.as_ref(), body),
             Incoming::Notice { stamp } => self.on_notice(&stamp),
             Incoming::Echo { client_msg_id, body } => {
-                self.on_ack(client_msg_id, false);
+                self.on_ack(client_msg_id, false, 0);
                 self.on_deliver(None, body);
             }
             Incoming::Refused { client_msg_id, code } => self.on_refused(client_msg_id, code),
@@ -514,7 +519,7 @@ impl Conn {
         }
     }
 
-    fn on_ack(&self, client_msg_id: u64, duplicate: bool) {
+    fn on_ack(&self, client_msg_id: u64, duplicate: bool, seq: u64) {
         let stats = &self.w.stats;
         let Some((conn, counter)) =
             ledger::split_client_msg_id(self.w.g.run_id, client_msg_id).filter(|&(conn, _)| conn == self.idx)
@@ -532,11 +537,16 @@ impl Conn {
             stats.error("second ack of a message");
         }
         drop(send);
-        match (duplicate, m.after_reconnect) {
-            // A resend after a reconnect of a message the server had stored before.
+        match (duplicate, m.after_reconnect || m.resends > 0) {
+            // A resend (after a reconnect, or after a refusal such as NodeUnavailable whose
+            // message had been stored all the same) of a message the server had stored before.
             (true, true) => stats.add(C::AckedDuplicate, 1),
             (true, false) => stats.error("ack marked duplicate"),
             (false, _) => {}
+        }
+        if seq != 0 && self.send_delivery_acks {
+            // This connection's own message holds its number of the conversation.
+            self.pending_acks.borrow_mut().entry(m.to).or_default().hold(seq, self.rx_now.get());
         }
         stats.record(H::Ack, self.rx_now.get().saturating_sub(m.sent_us));
         stats.add(C::Acked, 1);
@@ -625,9 +635,8 @@ impl Conn {
             return;
         }
         let peer = if s.conv == conv::GROUP || s.from == self.user_id { s.to } else { s.from };
-        let mut acks = self.pending_acks.borrow_mut();
-        let seq = acks.entry(peer).or_insert(0);
-        *seq = (*seq).max(s.seq);
+        let now = self.rx_now.get();
+        self.pending_acks.borrow_mut().entry(peer).or_default().hold(s.seq, now);
     }
 
     /// Queue a `DeliveryAck` per conversation with deliveries not yet acknowledged.
@@ -637,8 +646,11 @@ impl Conn {
             return;
         }
         let io = self.io.borrow();
-        for (peer, seq) in acks.drain() {
-            io.queue(kind::DELIVERY_ACK, &protocol::DeliveryAck { conv: self.conv, peer, seq });
+        let now = self.rx_now.get();
+        for (&peer, t) in acks.iter_mut() {
+            if let Some(seq) = t.to_ack(now) {
+                io.queue(kind::DELIVERY_ACK, &protocol::DeliveryAck { conv: self.conv, peer, seq });
+            }
         }
         drop(io);
         drop(acks);
@@ -815,5 +827,85 @@ mod tests {
         assert_eq!(due, [1_001_250, 1_006_250, 1_011_250, 1_016_250]);
         // Fractional intervals do not drift: message 1000 at 3333.33 µs spacing.
         assert_eq!(open_loop_due(0, 0.0, 1e6 / 300.0, 1_000), 3_333_333);
+    }
+}
+
+/// How long a gap in a conversation's sequence holds its delivery acks back (microseconds):
+/// a message that comes out of order (a cluster node failed and its fan-outs were re-routed, or
+/// it comes with a `Resync` catch-up) fills it; a number never used (a failed commit) does not,
+/// and is passed over after this long.
+const GAP_WAIT_US: u64 = 3_000_000;
+
+/// What a connection holds of one conversation's sequence: a delivery ack says "everything up to
+/// here" (PROTOCOL.md 5.8), so it never goes past a gap (which a later delivery may fill).
+#[derive(Default)]
+pub struct SeqTrack {
+    /// Every number up to this one is held (0: nothing seen yet).
+    held: u64,
+    /// Numbers held above a gap.
+    above: std::collections::BTreeSet<u64>,
+    /// When the oldest open gap was first seen.
+    gap_since_us: u64,
+    /// The last number acknowledged.
+    acked: u64,
+}
+
+impl SeqTrack {
+    /// A delivery (or this connection's own message, from its ack) holds `seq`.
+    pub fn hold(&mut self, seq: u64, now_us: u64) {
+        if self.held == 0 && self.above.is_empty() {
+            // The first number seen: a catch-up starts at the cursor, live traffic where it is.
+            self.held = seq;
+            return;
+        }
+        if seq <= self.held {
+            return;
+        }
+        self.above.insert(seq);
+        while self.above.remove(&(self.held + 1)) {
+            self.held += 1;
+        }
+        if self.above.is_empty() {
+            self.gap_since_us = 0;
+        } else if self.gap_since_us == 0 {
+            self.gap_since_us = now_us.max(1);
+        }
+    }
+
+    /// The number to acknowledge now, if it moved: up to the first gap, or past a gap open
+    /// for longer than [`GAP_WAIT_US`].
+    pub fn to_ack(&mut self, now_us: u64) -> Option<u64> {
+        if self.gap_since_us != 0 && now_us.saturating_sub(self.gap_since_us) > GAP_WAIT_US {
+            self.held = self.above.last().copied().unwrap_or(self.held).max(self.held);
+            self.above.clear();
+            self.gap_since_us = 0;
+        }
+        (self.held > self.acked).then(|| {
+            self.acked = self.held;
+            self.held
+        })
+    }
+}
+
+#[cfg(test)]
+mod seq_track_tests {
+    use super::*;
+
+    /// Acks stop at a gap until it is filled, or until it has been open too long.
+    #[test]
+    fn acks_stop_at_gaps() {
+        let mut t = SeqTrack::default();
+        t.hold(5, 1);
+        t.hold(6, 1);
+        assert_eq!(t.to_ack(1), Some(6));
+        t.hold(8, 2);
+        assert_eq!(t.to_ack(3), None, "7 is missing");
+        t.hold(7, 4);
+        assert_eq!(t.to_ack(5), Some(8));
+        t.hold(10, 10);
+        assert_eq!(t.to_ack(11), None);
+        assert_eq!(t.to_ack(10 + GAP_WAIT_US + 1), Some(10), "9 never came");
+        t.hold(9, 20);
+        assert_eq!(t.to_ack(21), None);
     }
 }
