@@ -293,8 +293,9 @@ pub enum Envelope {
     DeliverMany(Box<DeliverMany>),
     /// Shard → its node's cluster gateway: an envelope for an owner on another node.
     Remote(Box<Remote>),
-    /// Gateway → every shard of its node: the cluster's members changed; place by this table.
-    Placement(Arc<Table>),
+    /// Gateway → every shard of its node: the cluster's members changed; place by this table,
+    /// after routing again (first) what this shard had sent to a node that is gone.
+    Placement(Box<PlacementUpdate>),
     /// A session's shard → its user's new owner after the partition moved: the session is
     /// live (no limits are checked, nothing is answered).
     Reattach { user: UserId, session: SessionRef, device_type: DeviceType },
@@ -318,6 +319,13 @@ impl Envelope {
             _ => return None,
         })
     }
+}
+
+/// A new table for a shard, with the envelopes it sent that waited at the gateway for a node
+/// now gone, in the order it sent them.
+pub struct PlacementUpdate {
+    pub table: Arc<Table>,
+    pub returned: Vec<Envelope>,
 }
 
 /// An envelope on its way to an owner on another node.

@@ -381,6 +381,14 @@ impl Shard {
             if n == 0 && self.shared.stop.load(Ordering::Acquire) && !self.shutting_down.get() {
                 self.begin_shutdown();
             }
+            if self.gateway.is_some() {
+                // A new table (with what this shard sent to a node now gone) goes first: the
+                // rest of the batch is handled by it, after those returned envelopes.
+                if let Some(i) = batch.iter().position(|e| matches!(e, Envelope::Placement(_))) {
+                    let p = batch.remove(i);
+                    batch.insert(0, p);
+                }
+            }
             for env in batch.drain(..) {
                 self.dispatch(env);
             }
@@ -624,7 +632,7 @@ impl Shard {
             Envelope::Remote(r) => self.post(r.to, r.env),
             // The gateway's word that a new table is out (the table itself is taken from
             // `Shared::table`, the latest one).
-            Envelope::Placement(_) => self.refresh_table(),
+            Envelope::Placement(u) => self.on_placement(*u),
         }
         self.execute(&mut fx);
         *self.effects.borrow_mut() = fx;
@@ -642,7 +650,49 @@ impl Shard {
     fn refresh_table(&self) {
         let seen = self.placement.borrow().epoch();
         if let Some(t) = self.shared.table.newer_than(seen) {
+            let epoch = t.epoch;
             self.apply_table(t);
+            self.take_returned(epoch);
+        }
+    }
+
+    /// A table from the gateway, with what this shard had sent to a node now gone.
+    fn on_placement(&self, update: crate::envelope::PlacementUpdate) {
+        let crate::envelope::PlacementUpdate { table, returned } = update;
+        if table.epoch > self.placement.borrow().epoch() {
+            self.apply_table(table);
+        }
+        // Routed again before anything this shard sends later: behind the current envelope,
+        // ahead of the rest.
+        self.local.borrow_mut().extend(returned);
+    }
+
+    /// After taking table `epoch` from `Shared::table` (before its `Placement` came): take
+    /// that `Placement` now from the gateway's queue — the gateway queues it before it
+    /// publishes the table, so it is there — with the envelopes it returns, and everything
+    /// queued ahead of it, in order. Sent again before anything this shard sends by the new
+    /// table, they keep a conversation's deliveries in order.
+    fn take_returned(&self, epoch: u64) {
+        let Some(g) = self.gateway else { return };
+        let mut batch = Vec::new();
+        loop {
+            batch.clear();
+            if self.port.try_recv_from(g, &mut batch, 512) == 0 {
+                return;
+            }
+            let mut found = false;
+            for env in batch.drain(..) {
+                match env {
+                    Envelope::Placement(u) if u.table.epoch >= epoch && !found => {
+                        found = true;
+                        self.local.borrow_mut().extend(u.returned);
+                    }
+                    env => self.local.borrow_mut().push_back(env),
+                }
+            }
+            if found {
+                return;
+            }
         }
     }
 
@@ -682,7 +732,8 @@ impl Shard {
         }
         // A node that failed may have taken live deliveries with it (fan-outs it had not
         // sent, or that were on their way to it): every session here catches up from its
-        // cursors, spread over `resync_spread_ms` so that the store is not asked all at once.
+        // cursors, spread over `resync_spread_ms` so that the store is not asked all at once,
+        // starting `failure_detect_ms / 2` from now.
         let lost = old.table().is_some_and(|t| t.nodes.iter().any(|&(n, _)| !live(n)));
         if lost {
             // Sends in flight to owners on the nodes gone may never be answered: answer now.
@@ -696,8 +747,12 @@ impl Shard {
             let sessions: Vec<Rc<Session>> =
                 self.sessions.borrow().values().filter(|s| s.logged_in().is_some()).cloned().collect();
             let n = sessions.len().max(1) as u64;
+            // Not at once: the other nodes see the loss up to a probe round later, and until
+            // they have changed tables too, a session's announcement or a delivery for it may
+            // still go the old way. Half the detection time covers that.
+            let settle = self.cfg().cluster.failure_detect_ms / 2;
             for (i, s) in sessions.into_iter().enumerate() {
-                let delay = Duration::from_millis(spread * i as u64 / n);
+                let delay = Duration::from_millis(settle + spread * i as u64 / n);
                 monoio::spawn(resync(self.rc(), s, delay));
             }
         }

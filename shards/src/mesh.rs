@@ -182,6 +182,23 @@ impl<T> MeshPort<T> {
         }
     }
 
+    /// Move up to `max` waiting messages from source `src` only into `out`, without waiting;
+    /// returns how many.
+    pub fn try_recv_from(&self, src: usize, out: &mut Vec<T>, max: usize) -> usize {
+        let Some(q) = &self.mesh.inboxes[self.me].from[src] else { return 0 };
+        let mut taken = 0;
+        while taken < max {
+            match q.pop() {
+                Some(m) => {
+                    out.push(m);
+                    taken += 1;
+                }
+                None => break,
+            }
+        }
+        taken
+    }
+
     /// Wait until at least one message is waiting (or [`Mesh::signal`] was called), then move up to
     /// `max` into `out`. Returns how many were moved; 0 means "signalled".
     pub async fn recv_batch(&self, out: &mut Vec<T>, max: usize) -> usize {

@@ -435,17 +435,23 @@ impl State {
         let table = Table::new(epoch, &nodes);
         log::info!("cluster: placement epoch {epoch}: nodes {:?}, partitions {:?}", nodes, table.counts());
         let table = Arc::new(table);
-        // Stored first, then announced: a shard that hears of the table from another (an
-        // envelope placed by it) finds it already there.
         *self.table.borrow_mut() = table.clone();
-        self.settings.shared_table.set(table.clone());
-        // Whatever waited for a node that is gone goes to the partitions' new owners before
-        // the shards are told: an owner's later envelopes, sent by the new table, follow the
-        // parked ones into the same queues (a conversation's deliveries stay in order).
-        self.unpark(|_| true, true);
-        for shard in 0..self.settings.shards {
-            self.to_shard(shard, Envelope::Placement(table.clone()));
+        // Each shard gets the table with what it had sent that waited here for a node now
+        // gone, to route again first (ahead of what it sends by the new table: a
+        // conversation's deliveries stay in order) ...
+        let mut returned: Vec<Vec<Envelope>> = (0..self.settings.shards).map(|_| Vec::new()).collect();
+        let parked = std::mem::take(&mut *self.parked.borrow_mut());
+        log::info!("cluster: {} parked envelopes go back to their shards", parked.len());
+        for (_, _, from, env) in parked {
+            returned[(from as usize).min(self.settings.shards - 1)].push(env);
         }
+        for (shard, returned) in returned.into_iter().enumerate() {
+            let update = crate::envelope::PlacementUpdate { table: table.clone(), returned };
+            self.to_shard(shard, Envelope::Placement(Box::new(update)));
+        }
+        // ... and only then is the table published where a shard that sees an envelope placed
+        // by it looks (its Placement is queued already: it takes it at once).
+        self.settings.shared_table.set(table);
     }
 
     /// Hand `env` to a shard of this node, now (the queue from the gateway has room for a
@@ -468,7 +474,7 @@ impl State {
             Event::LinkUp(out) => {
                 let peer = out.peer.clone();
                 self.links.borrow_mut().entry(peer.id).or_default().push(out);
-                self.unpark(|to| to.node == peer.id, false);
+                self.unpark(|to| to.node == peer.id);
                 // Tell foca about it: a new member joins the cluster through this announce.
                 self.with_foca(|f, rt| {
                     let _ = f.announce(peer, rt);
@@ -779,6 +785,11 @@ impl State {
     /// drop it.
     fn send(&self, to: crate::placement::Owner, from: u16, env: Envelope, touched: &mut Vec<Rc<LinkOut>>) {
         let link = self.link_to(to.node).filter(|l| !l.closed.get());
+        let gone = !self.table.borrow().nodes.iter().any(|&(n, _)| n == to.node);
+        if link.is_none() && gone && self.epoch.get() > 0 {
+            // Placed by a table its shard has left behind by now (or is about to): back to it.
+            return self.to_shard(from as usize, env);
+        }
         let Some(link) = link else {
             let reroutable =
                 env.owner(&self.placement()).is_some() || matches!(env, Envelope::GroupFanout(_));
@@ -809,24 +820,16 @@ impl State {
 
     /// Route again the parked envelopes `which` selects (by the node they waited for), by the
     /// latest table: to this node's shards, or to the links of others.
-    fn unpark(&self, which: impl Fn(crate::placement::Owner) -> bool, table_changed: bool) {
+    fn unpark(&self, which: impl Fn(crate::placement::Owner) -> bool) {
         let parked: Vec<_> = {
             let mut p = self.parked.borrow_mut();
-            if p.is_empty() {
-                return;
-            }
             let (go, stay): (Vec<_>, Vec<_>) = p.drain(..).partition(|(_, to, _, _)| which(*to));
             p.extend(stay);
             go
         };
-        log::info!("cluster: routing {} parked envelopes again", parked.len());
         let mut touched = Vec::new();
         for (at, to, from, env) in parked {
-            if table_changed {
-                // Back to the shard that sent it, which routes it by the new table ahead of
-                // whatever it sends later: a conversation's deliveries stay in order.
-                self.to_shard(from as usize, env);
-            } else if self.link_to(to.node).is_some() {
+            if self.link_to(to.node).is_some() {
                 self.send(to, from, env, &mut touched);
             } else {
                 self.parked.borrow_mut().push_back((at, to, from, env));

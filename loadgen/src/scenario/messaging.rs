@@ -834,7 +834,7 @@ mod tests {
 /// a message that comes out of order (a cluster node failed and its fan-outs were re-routed, or
 /// it comes with a `Resync` catch-up) fills it; a number never used (a failed commit) does not,
 /// and is passed over after this long.
-const GAP_WAIT_US: u64 = 3_000_000;
+const GAP_WAIT_US: u64 = 10_000_000;
 
 /// What a connection holds of one conversation's sequence: a delivery ack says "everything up to
 /// here" (PROTOCOL.md 5.8), so it never goes past a gap (which a later delivery may fill).
