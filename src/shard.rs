@@ -1205,7 +1205,6 @@ impl FanoutJob {
                         owner.sessions_by_shard(u, *skip, shard.node, &mut by_shard, &mut remote);
                     }
                 }
-                let remote = remote.into_iter().map(|(o, l)| (o, l));
                 let local = by_shard.into_iter().enumerate().map(|(i, l)| (Owner::new(shard.node, i), l));
                 for (dst, sessions) in local.chain(remote).filter(|(_, l)| !l.is_empty()) {
                     if dst == shard.me() {

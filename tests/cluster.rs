@@ -25,7 +25,8 @@ struct Node {
     id: u16,
     child: Child,
     addr: SocketAddr,
-    cluster: SocketAddr,
+    /// Where it listens for peers (none for a node that only dials out).
+    cluster: Option<SocketAddr>,
     _dir: tempfile::TempDir,
 }
 
@@ -33,10 +34,17 @@ impl Node {
     /// Start node `id` on `store` (a `[store]` body), joining through `join`; `extra` TOML is
     /// appended. Returns once the node listens (and has joined, or waited `join_wait_ms`).
     fn start(id: u16, store: &str, join: &[SocketAddr], extra: &str) -> Node {
-        Self::start_on(id, store, join, extra, "127.0.0.1:0")
+        Self::start_on(id, store, join, extra, Some("127.0.0.1:0"))
     }
 
-    fn start_on(id: u16, store: &str, join: &[SocketAddr], extra: &str, cluster_listen: &str) -> Node {
+    /// `cluster_listen` `None`: a node that only dials out (behind NAT).
+    fn start_on(
+        id: u16,
+        store: &str,
+        join: &[SocketAddr],
+        extra: &str,
+        cluster_listen: Option<&str>,
+    ) -> Node {
         let dir = tempfile::tempdir().unwrap();
         let cfg = dir.path().join("tim.toml");
         let join: Vec<String> = join.iter().map(|a| format!("\"{a}\"")).collect();
@@ -44,32 +52,17 @@ impl Node {
             "[server]\nlisten = \"127.0.0.1:0\"\nshards = 2\npin_cores = false\nworker_threads = 2\n\n\
              [security]\nargon2_m_kib = 64\nargon2_t = 1\nname_key = \"{NAME_KEY}\"\n\n\
              [store]\ndata_dir = \"{}\"\n{store}\n\n\
-             [cluster]\nnode_id = {id}\nlisten = \"{cluster_listen}\"\nsecret = \"{SECRET}\"\njoin = [{}]\n\n{extra}\n",
+             [cluster]\nnode_id = {id}\n{}secret = \"{SECRET}\"\njoin = [{}]\n\n{extra}\n",
             dir.path().join("data").display(),
+            cluster_listen.map_or(String::new(), |l| format!("listen = \"{l}\"\n")),
             join.join(", ")
         );
         std::fs::write(&cfg, text).unwrap();
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_tim"));
-        // SAFETY: prctl is async-signal-safe; the node dies with the test thread.
-        unsafe {
-            use std::os::unix::process::CommandExt;
-            cmd.pre_exec(|| {
-                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-                Ok(())
-            });
-        }
-        let mut child = cmd
-            .args(["serve", "--config"])
-            .arg(&cfg)
-            .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()))
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("start tim");
+        let mut child = spawn_serve(&cfg);
         let mut out = BufReader::new(child.stdout.take().unwrap());
         let mut addr = None;
         let mut cluster = None;
-        for _ in 0..2 {
+        while addr.is_none() {
             let mut line = String::new();
             out.read_line(&mut line).unwrap();
             let word = |prefix: &str| -> Option<SocketAddr> {
@@ -83,7 +76,7 @@ impl Node {
                 panic!("unexpected line from tim: {line:?}");
             }
         }
-        Node { id, child, addr: addr.unwrap(), cluster: cluster.unwrap(), _dir: dir }
+        Node { id, child, addr: addr.unwrap(), cluster, _dir: dir }
     }
 
     fn client(&self) -> Client {
@@ -98,7 +91,9 @@ impl Node {
 
     /// The node's view of the cluster.
     fn status(&self) -> serde_like::Status {
-        serde_like::parse(&tim::cluster::node::ask_status(self.cluster, SECRET).unwrap())
+        serde_like::parse(
+            &tim::cluster::node::ask_status(self.cluster.expect("a listening node"), SECRET).unwrap(),
+        )
     }
 
     /// Wait until this node sees exactly `nodes` alive (itself included) and a table over them.
@@ -190,8 +185,8 @@ fn next_body(c: &mut Client) -> Vec<u8> {
 
 fn three_nodes(store: &str, extra: &str) -> Vec<Node> {
     let n1 = Node::start(1, store, &[], extra);
-    let n2 = Node::start(2, store, &[n1.cluster], extra);
-    let n3 = Node::start(3, store, &[n1.cluster], extra);
+    let n2 = Node::start(2, store, &[n1.cluster.unwrap()], extra);
+    let n3 = Node::start(3, store, &[n1.cluster.unwrap()], extra);
     let nodes = vec![n1, n2, n3];
     for n in &nodes {
         n.wait_members(&[1, 2, 3], Duration::from_secs(10));
@@ -364,7 +359,7 @@ fn leave_and_rejoin() {
     ca.send_wait(b, 1, b"while 2 is away").unwrap();
     assert_eq!(next_body(&mut cb), b"while 2 is away");
     // Node 2 comes back (a new process, the same id): all three see it.
-    let n2 = Node::start(2, &store, &[nodes[0].cluster], "");
+    let n2 = Node::start(2, &store, &[nodes[0].cluster.unwrap()], "");
     nodes[1] = n2;
     for n in &nodes {
         n.wait_members(&[1, 2, 3], Duration::from_secs(10));
@@ -381,7 +376,7 @@ fn leave_and_rejoin() {
 fn refusals() {
     let store = pg::store_body("postgres");
     let n1 = Node::start(1, &store, &[], "");
-    assert!(tim::cluster::node::ask_status(n1.cluster, "not the secret at all").is_err());
+    assert!(tim::cluster::node::ask_status(n1.cluster.unwrap(), "not the secret at all").is_err());
     // A node with a wrong secret: its process runs, but the cluster never counts it.
     let dir = tempfile::tempdir().unwrap();
     let cfg = dir.path().join("bad.toml");
@@ -391,7 +386,7 @@ fn refusals() {
             "[server]\nlisten = \"127.0.0.1:0\"\nshards = 1\npin_cores = false\n[security]\nargon2_m_kib = 64\n\
              argon2_t = 1\nname_key = \"{NAME_KEY}\"\n[store]\n{store}\n[cluster]\nnode_id = 9\n\
              listen = \"127.0.0.1:0\"\nsecret = \"a different secret, long enough\"\njoin = [\"{}\"]\njoin_wait_ms = 500\n",
-            n1.cluster
+            n1.cluster.unwrap()
         ),
     )
     .unwrap();
@@ -427,5 +422,28 @@ fn refusals() {
         assert!(!out.status.success());
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(err.contains(why), "{why}: {err}");
+    }
+}
+
+/// A node without a listen address (behind NAT: it can only dial out) joins through the links
+/// it opens, which carry traffic both ways: users on it and on the others talk.
+#[test]
+fn dial_only_node_joins() {
+    let store = pg::store_body("postgres");
+    let n1 = Node::start(1, &store, &[], "");
+    let n2 = Node::start(2, &store, &[n1.cluster.unwrap()], "");
+    let n4 = Node::start_on(4, &store, &[n1.cluster.unwrap()], "", None);
+    assert!(n4.cluster.is_none());
+    n1.wait_members(&[1, 2, 4], Duration::from_secs(10));
+    n2.wait_members(&[1, 2, 4], Duration::from_secs(10));
+    let a = register(&n4, "behind-nat");
+    let b = register(&n2, "outside");
+    let mut ca = n4.login("behind-nat", 3);
+    let mut cb = n2.login("outside", 3);
+    for i in 0..20u64 {
+        ca.send_wait(b, 1 + i, format!("out {i}").as_bytes()).unwrap();
+        assert_eq!(next_body(&mut cb), format!("out {i}").into_bytes());
+        cb.send_wait(a, 100 + i, format!("in {i}").as_bytes()).unwrap();
+        assert_eq!(next_body(&mut ca), format!("in {i}").into_bytes());
     }
 }

@@ -73,7 +73,7 @@ struct Group {
     requests: BTreeMap<UserId, JoinRequest>,
     /// Members by the shard of their user owner (where a fan-out goes); rebuilt when needed
     /// after a membership change.
-    by_shard: Option<(u64, Vec<(Owner, Arc<[UserId]>)>)>,
+    by_shard: Option<(u64, FanoutLists)>,
     busy: Option<Busy>,
     waiting: VecDeque<Box<GroupRequest>>,
     /// Created by a request in flight: nothing is stored yet.
@@ -720,7 +720,7 @@ impl Group {
 
     /// Members by the owner (a node's shard) of their user, for the placement's epoch; only
     /// owners with members are listed.
-    fn lists(&mut self, placement: &Placement) -> &Vec<(Owner, Arc<[UserId]>)> {
+    fn lists(&mut self, placement: &Placement) -> &FanoutLists {
         if self.by_shard.as_ref().is_some_and(|(epoch, _)| *epoch != placement.epoch()) {
             self.by_shard = None;
         }
@@ -746,6 +746,9 @@ impl Group {
         self.members.get(&user).map(|m| m.role)
     }
 }
+
+/// Members by the owner of their user (only owners with members), for one placement epoch.
+type FanoutLists = Vec<(Owner, Arc<[UserId]>)>;
 
 /// What a change does: a notice with its stored changes, or a join request kept or dropped.
 enum Plan {

@@ -26,6 +26,28 @@ macro_rules! on_both_drivers {
     };
 }
 
+/// `tim serve --config cfg`, its stdout piped (the listening lines), killed if the thread that
+/// started it ends (so a killed test run leaves no server behind).
+pub fn spawn_serve(cfg: &std::path::Path) -> Child {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_tim"));
+    // SAFETY: prctl is async-signal-safe. The server dies with the thread that started it
+    // (the test's own thread).
+    unsafe {
+        use std::os::unix::process::CommandExt;
+        cmd.pre_exec(|| {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+            Ok(())
+        });
+    }
+    cmd.args(["serve", "--config"])
+        .arg(cfg)
+        .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("start tim")
+}
+
 pub struct TestServer {
     child: Child,
     pub addr: SocketAddr,
@@ -60,24 +82,7 @@ impl TestServer {
             data.display()
         );
         std::fs::write(&cfg, text).unwrap();
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_tim"));
-        // SAFETY: prctl is async-signal-safe. The server dies with the thread that started it
-        // (the test's own thread), so a killed test run leaves no server behind.
-        unsafe {
-            use std::os::unix::process::CommandExt;
-            cmd.pre_exec(|| {
-                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-                Ok(())
-            });
-        }
-        let mut child = cmd
-            .args(["serve", "--config"])
-            .arg(&cfg)
-            .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()))
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("start tim");
+        let mut child = spawn_serve(&cfg);
         let mut line = String::new();
         let mut out = BufReader::new(child.stdout.take().unwrap());
         out.read_line(&mut line).unwrap();

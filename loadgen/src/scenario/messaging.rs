@@ -648,7 +648,7 @@ impl Conn {
         let io = self.io.borrow();
         let now = self.rx_now.get();
         for (&peer, t) in acks.iter_mut() {
-            if let Some(seq) = t.to_ack(now) {
+            if let Some(seq) = t.ack_due(now) {
                 io.queue(kind::DELIVERY_ACK, &protocol::DeliveryAck { conv: self.conv, peer, seq });
             }
         }
@@ -874,7 +874,7 @@ impl SeqTrack {
 
     /// The number to acknowledge now, if it moved: up to the first gap, or past a gap open
     /// for longer than [`GAP_WAIT_US`].
-    pub fn to_ack(&mut self, now_us: u64) -> Option<u64> {
+    pub fn ack_due(&mut self, now_us: u64) -> Option<u64> {
         if self.gap_since_us != 0 && now_us.saturating_sub(self.gap_since_us) > GAP_WAIT_US {
             self.held = self.above.last().copied().unwrap_or(self.held).max(self.held);
             self.above.clear();
@@ -897,15 +897,15 @@ mod seq_track_tests {
         let mut t = SeqTrack::default();
         t.hold(5, 1);
         t.hold(6, 1);
-        assert_eq!(t.to_ack(1), Some(6));
+        assert_eq!(t.ack_due(1), Some(6));
         t.hold(8, 2);
-        assert_eq!(t.to_ack(3), None, "7 is missing");
+        assert_eq!(t.ack_due(3), None, "7 is missing");
         t.hold(7, 4);
-        assert_eq!(t.to_ack(5), Some(8));
+        assert_eq!(t.ack_due(5), Some(8));
         t.hold(10, 10);
-        assert_eq!(t.to_ack(11), None);
-        assert_eq!(t.to_ack(10 + GAP_WAIT_US + 1), Some(10), "9 never came");
+        assert_eq!(t.ack_due(11), None);
+        assert_eq!(t.ack_due(10 + GAP_WAIT_US + 1), Some(10), "9 never came");
         t.hold(9, 20);
-        assert_eq!(t.to_ack(21), None);
+        assert_eq!(t.ack_due(21), None);
     }
 }
