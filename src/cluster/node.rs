@@ -362,8 +362,10 @@ impl State {
         }
     }
 
+    /// The link to send to `node` on: the first that came up and is still open (a node sends to
+    /// another on one link, so what it sends stays in order).
     fn link_to(&self, node: NodeId) -> Option<Rc<LinkOut>> {
-        self.links.borrow().get(&node).and_then(|v| v.first().cloned())
+        self.links.borrow().get(&node).and_then(|v| v.iter().find(|l| !l.closed.get()).cloned())
     }
 
     /// A foca notification; whether the live members changed.
