@@ -430,6 +430,10 @@ impl State {
 
     /// Compute the table for the live members and give every shard its own copy.
     fn publish_table(&self) {
+        // First what the shards have sent so far, by the table they had: it is parked (for the
+        // node gone) or sent on, so that what they sent before the change goes back to them
+        // with the new table, never after what they (or links) send by it.
+        self.take_inbox();
         let mut nodes: Vec<(NodeId, u16)> = vec![(self.me.id, self.me.shards)];
         nodes.extend(self.live.borrow().values().map(|m| (m.id, m.shards)));
         let epoch = self.epoch.get() + 1;
@@ -775,6 +779,25 @@ async fn gateway(st: Rc<State>) {
         }
         st.expire_parked();
         tokio::task::yield_now().await;
+    }
+}
+
+impl State {
+    /// Carry every envelope waiting in the gateway's mesh inbox to its link (or park it).
+    fn take_inbox(&self) {
+        let mut batch = Vec::new();
+        let mut touched = Vec::new();
+        while self.port.try_recv_batch(&mut batch, 512) > 0 {
+            for env in batch.drain(..) {
+                if let Envelope::Remote(r) = env {
+                    let Remote { to, from, env } = *r;
+                    self.send(to, from, env, &mut touched);
+                }
+            }
+        }
+        for l in touched {
+            l.wake.notify_one();
+        }
     }
 }
 
