@@ -507,17 +507,6 @@ impl Shard {
         // An envelope for an owner that is not (or no longer) this shard: the sender placed it
         // by another table (the cluster's members just changed here or there). On to the owner.
         if self.gateway.is_some() {
-            // A send of this shard's session coming back from the gateway (it waited there for
-            // a failed node): if its session was answered meanwhile (NodeUnavailable when the
-            // node's loss was seen), it goes no further — the client resends it.
-            if let Envelope::Submit(sub) = &env {
-                if !sub.stream && sub.sender != 0 && sub.origin.owner() == self.me() {
-                    let pending = self.session(sub.origin).is_some_and(|s| s.is_pending(sub.client_msg_id));
-                    if !pending {
-                        return;
-                    }
-                }
-            }
             if let Some(mut owner) = self.owner_of(&env) {
                 if owner != self.me() {
                     // Placed by a newer table than this shard's, perhaps: look first.
@@ -628,8 +617,8 @@ impl Shard {
             Envelope::Reattach { user, session, device_type } => {
                 self.users.borrow_mut().reattach(user, session, device_type)
             }
-            // Only the gateway takes these; one that reaches a shard goes on its way.
-            Envelope::Remote(r) => self.post(r.to, r.env),
+            // The gateway sends back an envelope this shard placed by a table it has left.
+            Envelope::Remote(r) => self.take_back(r.env),
             // The gateway's word that a new table is out (the table itself is taken from
             // `Shared::table`, the latest one).
             Envelope::Placement(u) => self.on_placement(*u),
@@ -662,9 +651,25 @@ impl Shard {
         if table.epoch > self.placement.borrow().epoch() {
             self.apply_table(table);
         }
-        // Routed again before anything this shard sends later: behind the current envelope,
-        // ahead of the rest.
-        self.local.borrow_mut().extend(returned);
+        for env in returned {
+            self.take_back(env);
+        }
+    }
+
+    /// An envelope this shard sent that the gateway gives back (it waited there for a node now
+    /// gone, or was placed by an old table): routed again by the current table, behind the
+    /// current envelope and ahead of the rest. A send whose session was answered meanwhile
+    /// (NodeUnavailable when the node's loss was seen) goes no further: the client resends it.
+    fn take_back(&self, env: Envelope) {
+        if let Envelope::Submit(sub) = &env {
+            if !sub.stream && sub.sender != 0 && sub.origin.owner() == self.me() {
+                let pending = self.session(sub.origin).is_some_and(|s| s.is_pending(sub.client_msg_id));
+                if !pending {
+                    return;
+                }
+            }
+        }
+        self.local.borrow_mut().push_back(env);
     }
 
     /// After taking table `epoch` from `Shared::table` (before its `Placement` came): take
@@ -685,7 +690,9 @@ impl Shard {
                 match env {
                     Envelope::Placement(u) if u.table.epoch >= epoch && !found => {
                         found = true;
-                        self.local.borrow_mut().extend(u.returned);
+                        for env in u.returned {
+                            self.take_back(env);
+                        }
                     }
                     env => self.local.borrow_mut().push_back(env),
                 }
@@ -722,7 +729,7 @@ impl Shard {
         self.rooms.borrow_mut().set_placement(new.clone(), live);
         // Sessions whose user owner changed are announced to the new one.
         let sessions: Vec<Rc<Session>> = self.sessions.borrow().values().cloned().collect();
-        for s in sessions {
+        for s in &sessions {
             if let Some((user, device_type)) = s.logged_in() {
                 let owner = new.user(user);
                 if owner != old.user(user) {
@@ -737,15 +744,14 @@ impl Shard {
         let lost = old.table().is_some_and(|t| t.nodes.iter().any(|&(n, _)| !live(n)));
         if lost {
             // Sends in flight to owners on the nodes gone may never be answered: answer now.
-            let sessions: Vec<Rc<Session>> = self.sessions.borrow().values().cloned().collect();
-            for s in sessions {
+            for s in &sessions {
                 s.fail_sends_to(|n| !live(n));
             }
         }
         if lost && self.shared.store.durable() {
             let spread = self.cfg().cluster.resync_spread_ms.max(1);
             let sessions: Vec<Rc<Session>> =
-                self.sessions.borrow().values().filter(|s| s.logged_in().is_some()).cloned().collect();
+                sessions.into_iter().filter(|s| s.logged_in().is_some()).collect();
             let n = sessions.len().max(1) as u64;
             // Not at once: the other nodes see the loss up to a probe round later, and until
             // they have changed tables too, a session's announcement or a delivery for it may

@@ -810,12 +810,13 @@ impl State {
     /// drop it.
     fn send(&self, to: crate::placement::Owner, from: u16, env: Envelope, touched: &mut Vec<Rc<LinkOut>>) {
         let link = self.link_to(to.node).filter(|l| !l.closed.get());
-        let gone = !self.table.borrow().nodes.iter().any(|&(n, _)| n == to.node);
-        if link.is_none() && gone && self.epoch.get() > 0 {
-            // Placed by a table its shard has left behind by now (or is about to): back to it.
-            return self.to_shard(from as usize, env);
-        }
         let Some(link) = link else {
+            let gone = || !self.table.borrow().nodes.iter().any(|&(n, _)| n == to.node);
+            if self.epoch.get() > 0 && gone() {
+                // Placed by a table its shard has left behind by now (or is about to): back to
+                // it, to be routed again.
+                return self.to_shard(from as usize, Envelope::Remote(Box::new(Remote { to, from, env })));
+            }
             let reroutable =
                 env.owner(&self.placement()).is_some() || matches!(env, Envelope::GroupFanout(_));
             if reroutable && self.parked.borrow().len() < PARKED_MAX {
