@@ -250,7 +250,8 @@ struct State {
     /// dropped after `2 × failure_detect_ms`.
     /// (when, for whom, from which shard, what).
     parked: RefCell<std::collections::VecDeque<(std::time::Instant, crate::placement::Owner, u16, Envelope)>>,
-    events: mpsc::UnboundedSender<Event>,
+    /// Bounded ([`EVENTS_MAX`]): a link's reader waits when it is full.
+    events: mpsc::Sender<Event>,
     joined: Arc<AtomicBool>,
     dropped: Arc<AtomicU64>,
 }
@@ -284,7 +285,7 @@ async fn run(
     let mut seed = [0u8; 8];
     let _ = getrandom::getrandom(&mut seed);
     let foca = Foca::new(me.clone(), fc, StdRng::seed_from_u64(u64::from_le_bytes(seed)), PostcardCodec);
-    let (tx, mut rx) = mpsc::unbounded_channel();
+    let (tx, mut rx) = mpsc::channel(EVENTS_MAX);
     let table = Arc::new(Table::new(0, &[(me.id, me.shards)]));
     let st = Rc::new(State {
         settings,
@@ -338,7 +339,7 @@ impl State {
             let tx = self.events.clone();
             tokio::task::spawn_local(async move {
                 tokio::time::sleep(after).await;
-                let _ = tx.send(Event::Timer(timer));
+                let _ = tx.send(Event::Timer(timer)).await;
             });
         }
         let mut changed = false;
@@ -604,7 +605,10 @@ impl State {
         tokio::task::spawn_local(read_loop(self.clone(), out.clone(), reader));
         if peer.node != 0 {
             log::info!("cluster: link {id} to node {} ({:?}) up", peer.node, peer.addr);
-            let _ = self.events.send(Event::LinkUp(out));
+            let tx = self.events.clone();
+            tokio::task::spawn_local(async move {
+                let _ = tx.send(Event::LinkUp(out)).await;
+            });
         }
     }
 }
@@ -650,7 +654,7 @@ async fn join_loop(st: Rc<State>) {
                 match tokio::net::lookup_host(a.as_str()).await {
                     Ok(addrs) => {
                         for addr in addrs {
-                            let _ = st.events.send(Event::Dial(addr));
+                            let _ = st.events.send(Event::Dial(addr)).await;
                         }
                     }
                     Err(e) => log::warn!("cluster: join address {a}: {e}"),
@@ -673,7 +677,7 @@ async fn write_loop(st: Rc<State>, out: Rc<LinkOut>, mut w: LinkWriter) {
             if let Err(e) = w.write(&batch).await {
                 log::info!("cluster: link {} to node {}: {e}", out.id, out.peer.id);
                 out.closed.set(true);
-                let _ = st.events.send(Event::LinkDown { node: out.peer.id, link: out.id });
+                let _ = st.events.send(Event::LinkDown { node: out.peer.id, link: out.id }).await;
                 return;
             }
         }
@@ -698,10 +702,10 @@ async fn read_loop(st: Rc<State>, out: Rc<LinkOut>, mut r: LinkReader) {
         if control::is_control(kind) {
             match kind {
                 control::MEMBERSHIP if out.peer.id != 0 => {
-                    let _ = st.events.send(Event::Membership(rec));
+                    let _ = st.events.send(Event::Membership(rec)).await;
                 }
                 control::STATUS_REQUEST => {
-                    let _ = st.events.send(Event::Status(out.clone()));
+                    let _ = st.events.send(Event::Status(out.clone())).await;
                 }
                 _ => {
                     log::warn!("cluster: link {}: unexpected control record {kind:#x}", out.id);
@@ -733,7 +737,7 @@ async fn read_loop(st: Rc<State>, out: Rc<LinkOut>, mut r: LinkReader) {
     }
     out.closed.set(true);
     out.wake.notify_one();
-    let _ = st.events.send(Event::LinkDown { node: out.peer.id, link: out.id });
+    let _ = st.events.send(Event::LinkDown { node: out.peer.id, link: out.id }).await;
 }
 
 /// Hand an inbound envelope to its shard, waiting while that shard's queue is full (the link
@@ -801,6 +805,10 @@ impl State {
     }
 }
 
+/// Events waiting for the membership task at most (membership messages and status requests
+/// from links, timers, link ups and downs).
+const EVENTS_MAX: usize = 4096;
+
 /// Envelopes parked at most.
 const PARKED_MAX: usize = 1 << 20;
 
@@ -811,15 +819,20 @@ impl State {
     fn send(&self, to: crate::placement::Owner, from: u16, env: Envelope, touched: &mut Vec<Rc<LinkOut>>) {
         let link = self.link_to(to.node).filter(|l| !l.closed.get());
         let Some(link) = link else {
+            // Only what is addressed to an owner can go elsewhere; an envelope for a session on
+            // a node without a link is answered or dropped.
+            let reroutable =
+                env.owner(&self.placement()).is_some() || matches!(env, Envelope::GroupFanout(_));
+            if !reroutable {
+                return self.bounce(env);
+            }
             let gone = || !self.table.borrow().nodes.iter().any(|&(n, _)| n == to.node);
             if self.epoch.get() > 0 && gone() {
                 // Placed by a table its shard has left behind by now (or is about to): back to
                 // it, to be routed again.
                 return self.to_shard(from as usize, Envelope::Remote(Box::new(Remote { to, from, env })));
             }
-            let reroutable =
-                env.owner(&self.placement()).is_some() || matches!(env, Envelope::GroupFanout(_));
-            if reroutable && self.parked.borrow().len() < PARKED_MAX {
+            if self.parked.borrow().len() < PARKED_MAX {
                 self.parked.borrow_mut().push_back((std::time::Instant::now(), to, from, env));
             } else {
                 self.bounce(env);
