@@ -531,8 +531,8 @@ impl Config {
                      (or \"memory\", no-data mode)"
                 );
             }
-            if self.shard_count() > crate::roles::conv::CLUSTER_SHARDS_MAX {
-                bail!("a cluster node runs at most {} shards", crate::roles::conv::CLUSTER_SHARDS_MAX);
+            if self.shard_count() > crate::placement::CLUSTER_SHARDS_MAX {
+                bail!("a cluster node runs at most {} shards", crate::placement::CLUSTER_SHARDS_MAX);
             }
             if c.advertise.is_none() && c.listen.is_some_and(|a| a.ip().is_unspecified()) {
                 bail!("cluster.advertise is needed when cluster.listen is an unspecified address");

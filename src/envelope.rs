@@ -27,46 +27,12 @@ use bytes::{BufMut, Bytes, BytesMut};
 
 use crate::{
     frame,
-    placement::{direct_key, NodeId, Owner, Table, NODE_ID_MAX},
+    placement::{direct_key, Owner, Table},
     protocol::{self, kind, DeviceType, ErrorCode, GroupProfile, RoomStamp, Stamp},
     store::{group_conv, ConvKey, GroupChange, UserId},
 };
 
-/// A session anywhere in the cluster: its node in the top 6 bits, its shard in the next 10, a
-/// shard-local id below (48 bits).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct SessionRef(pub u64);
-
-impl SessionRef {
-    pub const NONE: SessionRef = SessionRef(u64::MAX);
-
-    /// Session `local` of shard `shard` of node 0 (a single node).
-    pub fn new(shard: usize, local: u64) -> SessionRef {
-        SessionRef::on(0, shard, local)
-    }
-
-    /// Session `local` of shard `shard` of node `node`.
-    pub fn on(node: NodeId, shard: usize, local: u64) -> SessionRef {
-        debug_assert!(node <= NODE_ID_MAX && shard < 1 << 10 && local < 1 << 48);
-        SessionRef(((node as u64) << 58) | ((shard as u64) << 48) | local)
-    }
-
-    #[inline]
-    pub fn node(self) -> NodeId {
-        (self.0 >> 58) as NodeId
-    }
-
-    #[inline]
-    pub fn shard(self) -> usize {
-        ((self.0 >> 48) & 0x3ff) as usize
-    }
-
-    /// The shard holding the session, as an owner.
-    #[inline]
-    pub fn owner(self) -> Owner {
-        Owner::new(self.node(), self.shard())
-    }
-}
+pub use crate::placement::SessionRef;
 
 /// What the conversation owner tells the sender's session about an accepted message.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -129,6 +129,18 @@ where
     out
 }
 
+/// A whole frame of `kind` around `payload` (a stored archive, copied once), padded.
+pub fn whole(kind: u16, payload: &[u8]) -> bytes::Bytes {
+    use bytes::BufMut;
+    let mut f = bytes::BytesMut::with_capacity(frame_bytes(payload.len()));
+    f.put_u32_le(payload.len() as u32);
+    f.put_u16_le(kind);
+    f.put_u16_le(0);
+    f.put_slice(payload);
+    f.put_bytes(0, padded(payload.len()) - payload.len());
+    f.freeze()
+}
+
 /// A whole frame of `kind` with an empty payload (the header alone).
 pub fn encode_empty(kind: u16) -> Vec<u8> {
     let mut out = vec![0u8; HEADER_BYTES];

@@ -17,13 +17,53 @@ use std::sync::Arc;
 
 use tim_shards::{mix64, partition_of, PARTITIONS};
 
-use crate::{envelope::SessionRef, store::UserId};
+use crate::store::UserId;
 
 /// A node of the cluster (`[cluster] node_id`); 0 on a single node.
 pub type NodeId = u16;
 
 /// Node ids a cluster may use: 1..=NODE_ID_MAX (they go into message ids and session refs).
 pub const NODE_ID_MAX: NodeId = 63;
+
+/// Shards per node in a cluster at most (node and shard share a message id's 12 generator
+/// bits).
+pub const CLUSTER_SHARDS_MAX: usize = 64;
+
+/// A session anywhere in the cluster: its node in the top 6 bits, its shard in the next 10, a
+/// shard-local id below (48 bits).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SessionRef(pub u64);
+
+impl SessionRef {
+    pub const NONE: SessionRef = SessionRef(u64::MAX);
+
+    /// Session `local` of shard `shard` of node 0 (a single node).
+    pub fn new(shard: usize, local: u64) -> SessionRef {
+        SessionRef::on(0, shard, local)
+    }
+
+    /// Session `local` of shard `shard` of node `node`.
+    pub fn on(node: NodeId, shard: usize, local: u64) -> SessionRef {
+        debug_assert!(node <= NODE_ID_MAX && shard < 1 << 10 && local < 1 << 48);
+        SessionRef(((node as u64) << 58) | ((shard as u64) << 48) | local)
+    }
+
+    #[inline]
+    pub fn node(self) -> NodeId {
+        (self.0 >> 58) as NodeId
+    }
+
+    #[inline]
+    pub fn shard(self) -> usize {
+        ((self.0 >> 48) & 0x3ff) as usize
+    }
+
+    /// The shard holding the session, as an owner.
+    #[inline]
+    pub fn owner(self) -> Owner {
+        Owner::new(self.node(), self.shard())
+    }
+}
 
 /// The owner of a partition: the shard (of a node) that holds its keys' live state.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]

@@ -36,7 +36,9 @@ use crate::{
     protocol::{self, kind, ErrorCode},
     roles::{CommitOutcome, ConvOwner, Effect, Effects, GroupOwner, RoomOwner, Sequenced, UserOwner},
     session::{error_frame, Session},
-    store::{ConvKey, ConvLoad, Cursor, Duplicates, GroupLoad, Store, StoreError, UserId},
+    store::{
+        CatchUp, ConvKey, ConvLoad, Cursor, Duplicates, GroupLoad, PageLimit, Store, StoreError, UserId,
+    },
     workers::Workers,
 };
 
@@ -1130,6 +1132,42 @@ fn holds_shared_state(env: &Envelope) -> bool {
     }
 }
 
+/// After a login on a durable store: send the device what it has not acknowledged and that was
+/// stamped up to its attach (as `DELIVER` frames, paced by the writer), then `CATCHUP_END`. Live
+/// deliveries (stamped after the attach) may interleave. Store ranges that did not answer in
+/// time are left out and counted in `CATCHUP_END`'s `unavailable`.
+pub async fn catch_up(shard: Rc<Shard>, session: Rc<Session>, login_kind: u16, until: u64) {
+    let l = &shard.cfg().limits;
+    let (user, device) = (session.user(), session.device.get());
+    let since = now_ms().saturating_sub(l.catchup_window_secs * 1000);
+    let limit = PageLimit { count: l.catchup_messages_max, bytes: l.catchup_bytes_max };
+    let store = shard.shared.store.clone();
+    let found = shard.shared.workers.store.run(move || store.catch_up(user, device, since, until, limit));
+    let CatchUp { page, unavailable } = match found.await {
+        Ok(Ok(found)) => found,
+        Ok(Err(e)) => {
+            log::warn!("store: catch-up of user {user}: {e}");
+            session.push(error_frame(ErrorCode::StoreUnavailable, login_kind, 0));
+            return;
+        }
+        Err(e) => {
+            session.push(error_frame(e.code_or(ErrorCode::StoreUnavailable), login_kind, 0));
+            return;
+        }
+    };
+    let count = page.payloads.len() as u32;
+    for p in page.payloads {
+        if session.closing.get() {
+            return;
+        }
+        session.push_paced(frame::whole(kind::DELIVER, &p)).await;
+    }
+    session.push(Bytes::from(frame::encode(
+        kind::CATCHUP_END,
+        &protocol::CatchUpEnd { count, more: page.more, unavailable },
+    )));
+}
+
 /// After `delay`, tell `session` a catch-up follows and run it (see `Shard::apply_table`).
 async fn resync(shard: Rc<Shard>, session: Rc<Session>, delay: Duration) {
     monoio::time::sleep(delay).await;
@@ -1142,7 +1180,7 @@ async fn resync(shard: Rc<Shard>, session: Rc<Session>, delay: Duration) {
     // The flushed cursors are where the catch-up starts: flush what was acked so far first.
     shard.flush_cursors().await;
     session.push(Bytes::from(frame::encode_empty(kind::RESYNC)));
-    crate::session::requests::catch_up(shard, session, kind::RESYNC, now_ms()).await;
+    catch_up(shard, session, kind::RESYNC, now_ms()).await;
 }
 
 /// Room work for this shard's subscribers (see [`Shard::room_job`]).

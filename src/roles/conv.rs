@@ -22,7 +22,7 @@ use crate::{
     config::Limits,
     envelope::{conv_key, AckInfo, Envelope, SessionRef, Submit},
     frame,
-    placement::{Owner, Placement},
+    placement::{Owner, Placement, CLUSTER_SHARDS_MAX},
     protocol::{conv as conv_kind, ErrorCode, Stamp},
     store::{ConvKey, ConvLoad, GroupChange, RecentSend, StoredMessage, UserId},
 };
@@ -44,8 +44,6 @@ pub const GROUP_DEDUP_FACTOR: usize = 8;
 const ID_EPOCH_MS: u64 = 1_704_067_200_000;
 /// Shards whose ids fit the message id layout (on a single node).
 pub const SHARDS_MAX: usize = 1024;
-/// Shards per node whose ids fit the message id layout in a cluster.
-pub const CLUSTER_SHARDS_MAX: usize = 64;
 const ID_COUNTER_BITS: u32 = 11;
 const ID_GENERATOR_BITS: u32 = 12;
 

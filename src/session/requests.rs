@@ -7,7 +7,7 @@
 
 use std::{rc::Rc, time::Instant};
 
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::Bytes;
 
 use super::{error_frame, Flow, Reply, Session};
 use crate::{
@@ -18,7 +18,7 @@ use crate::{
     placement::direct_key,
     protocol::{self, conv, group_action, is_group_id, kind, DeviceType, ErrorCode, GroupProfile},
     shard::{now_ms, Shard},
-    store::{device_hash, group_conv, CatchUp, Cursor, PageLimit, StoreError, UserId},
+    store::{device_hash, group_conv, Cursor, PageLimit, StoreError, UserId},
 };
 
 /// Bytes a `Send` archive may carry besides its body (its root struct and alignment padding).
@@ -501,7 +501,12 @@ impl Requests<'_> {
                     // later is fanned out to it live, so catch-up stops here (a message stamped
                     // in the same millisecond may come both ways; clients drop repeats by seq).
                     let attached_ms = now_ms();
-                    monoio::spawn(catch_up(self.shard.clone(), self.session.clone(), k, attached_ms));
+                    monoio::spawn(crate::shard::catch_up(
+                        self.shard.clone(),
+                        self.session.clone(),
+                        k,
+                        attached_ms,
+                    ));
                 }
                 flow
             }
@@ -566,7 +571,7 @@ impl Requests<'_> {
         };
         let count = page.payloads.len() as u32;
         for p in page.payloads {
-            self.session.push_paced(stored_frame(kind::HISTORY_MSG, &p)).await;
+            self.session.push_paced(frame::whole(kind::HISTORY_MSG, &p)).await;
         }
         let end = protocol::HistoryEnd { conv: conv_kind, peer, count, more: page.more };
         self.reply(kind::HISTORY_END, &end)
@@ -675,51 +680,4 @@ impl Requests<'_> {
             Ok(Reply::Attach(_) | Reply::Group(_)) => self.error(ErrorCode::Internal, kind::ISSUE_TOKEN),
         }
     }
-}
-
-/// A frame of `k` around a stored `DELIVER` payload (stamp + Send archive), as delivered live.
-fn stored_frame(k: u16, payload: &[u8]) -> Bytes {
-    let mut f = BytesMut::with_capacity(frame::frame_bytes(payload.len()));
-    f.put_u32_le(payload.len() as u32);
-    f.put_u16_le(k);
-    f.put_u16_le(0);
-    f.put_slice(payload);
-    f.put_bytes(0, frame::padded(payload.len()) - payload.len());
-    f.freeze()
-}
-
-/// After a login on a durable store: send the device what it has not acknowledged and that was
-/// stamped up to its attach (as `DELIVER` frames, paced by the writer), then `CATCHUP_END`. Live
-/// deliveries (stamped after the attach) may interleave. Store ranges that did not answer in
-/// time are left out and counted in `CATCHUP_END`'s `unavailable`.
-pub(crate) async fn catch_up(shard: Rc<Shard>, session: Rc<Session>, login_kind: u16, until: u64) {
-    let l = &shard.cfg().limits;
-    let (user, device) = (session.user(), session.device.get());
-    let since = now_ms().saturating_sub(l.catchup_window_secs * 1000);
-    let limit = PageLimit { count: l.catchup_messages_max, bytes: l.catchup_bytes_max };
-    let store = shard.shared.store.clone();
-    let found = shard.shared.workers.store.run(move || store.catch_up(user, device, since, until, limit));
-    let CatchUp { page, unavailable } = match found.await {
-        Ok(Ok(found)) => found,
-        Ok(Err(e)) => {
-            log::warn!("store: catch-up of user {user}: {e}");
-            session.push(error_frame(ErrorCode::StoreUnavailable, login_kind, 0));
-            return;
-        }
-        Err(e) => {
-            session.push(error_frame(e.code_or(ErrorCode::StoreUnavailable), login_kind, 0));
-            return;
-        }
-    };
-    let count = page.payloads.len() as u32;
-    for p in page.payloads {
-        if session.closing.get() {
-            return;
-        }
-        session.push_paced(stored_frame(kind::DELIVER, &p)).await;
-    }
-    session.push(Bytes::from(frame::encode(
-        kind::CATCHUP_END,
-        &protocol::CatchUpEnd { count, more: page.more, unavailable },
-    )));
 }
