@@ -58,6 +58,8 @@ pub enum Event {
     CatchUpEnd(protocol::CatchUpEnd),
     /// A catch-up follows (a cluster change may have lost live deliveries).
     Resync,
+    /// An operator's message (admin API), never stored.
+    Broadcast(protocol::Broadcast),
     RoomOk(protocol::RoomOk),
     RoomMsg(RoomMessage),
     RoomClosed(protocol::RoomClosed),
@@ -119,6 +121,7 @@ pub fn decode_event(k: u16, payload: &[u8]) -> Result<Event> {
         kind::SEND_ACK => Event::SendAck(de::<protocol::ArchivedSendAck, _>(payload)?),
         kind::BYE => Event::Bye,
         kind::RESYNC => Event::Resync,
+        kind::BROADCAST => Event::Broadcast(de::<protocol::ArchivedBroadcast, _>(payload)?),
         kind::ERROR => Event::Error(de::<protocol::ArchivedError, _>(payload)?),
         kind::KICK => Event::Kick(de::<protocol::ArchivedKick, _>(payload)?),
         kind::DELIVER => Event::Deliver(delivery(payload)?),
@@ -172,8 +175,21 @@ pub fn room_message(payload: &[u8]) -> Result<RoomMessage> {
     Ok(RoomMessage { stamp, client_msg_id: p.client_msg_id.to_native(), body: p.body.as_slice().to_vec() })
 }
 
+/// What a client's frames travel over: plain TCP, or a wrapper around a TCP socket (TLS, a
+/// WebSocket carrying binary messages) whose `write` of a whole frame sends it.
+pub trait Transport: Read + Write + Send {
+    /// The TCP socket underneath (for timeouts and shutdowns).
+    fn tcp(&self) -> &TcpStream;
+}
+
+impl Transport for TcpStream {
+    fn tcp(&self) -> &TcpStream {
+        self
+    }
+}
+
 pub struct Client {
-    stream: TcpStream,
+    stream: Box<dyn Transport>,
     buf: AlignedBuf,
     pending: VecDeque<Event>,
 }
@@ -182,17 +198,22 @@ impl Client {
     pub fn connect(addr: SocketAddr) -> Result<Client> {
         let stream = TcpStream::connect(addr)?;
         stream.set_nodelay(true)?;
-        stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+        Client::over(Box::new(stream))
+    }
+
+    /// A client over an open transport (see [`Transport`]).
+    pub fn over(stream: Box<dyn Transport>) -> Result<Client> {
+        stream.tcp().set_read_timeout(Some(Duration::from_secs(10)))?;
         Ok(Client { stream, buf: AlignedBuf::new(64 * 1024), pending: VecDeque::new() })
     }
 
     /// How long `recv` and the request helpers wait for a frame (None: forever).
     pub fn set_timeout(&self, t: Option<Duration>) -> Result<()> {
-        Ok(self.stream.set_read_timeout(t)?)
+        Ok(self.stream.tcp().set_read_timeout(t)?)
     }
 
     pub fn stream(&self) -> &TcpStream {
-        &self.stream
+        self.stream.tcp()
     }
 
     /// Write a frame of `k` carrying `value`'s archive.
@@ -212,7 +233,8 @@ impl Client {
 
     /// Write bytes as they are (for tests of bad input).
     pub fn write_raw(&mut self, bytes: &[u8]) -> Result<()> {
-        Ok(self.stream.write_all(bytes)?)
+        self.stream.write_all(bytes)?;
+        Ok(self.stream.flush()?)
     }
 
     /// The next frame from the server: a kept one first, else one read from the socket.

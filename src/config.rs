@@ -16,6 +16,82 @@ pub struct Config {
     pub sessions: SessionPolicy,
     pub security: Security,
     pub cluster: ClusterConfig,
+    pub gateway: GatewayConfig,
+    pub tls: TlsConfig,
+    pub admin: AdminConfig,
+}
+
+/// The admin HTTP API, `/metrics` and the health checks (docs/ADMIN.md).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminConfig {
+    /// Its listener; "": none. A non-loopback address needs a `token`.
+    #[serde(deserialize_with = "addr_or_off")]
+    pub listen: Option<SocketAddr>,
+    /// The bearer token every request but `/healthz` and `/readyz` must carry
+    /// (`Authorization: Bearer TOKEN`); also from `TIM_ADMIN_TOKEN`. "": none needed, which
+    /// only a loopback listener allows.
+    pub token: String,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        AdminConfig { listen: Some("127.0.0.1:7190".parse().expect("valid")), token: String::new() }
+    }
+}
+
+/// The WebSocket listener (binary v1 frames or JSON, docs/JSON.md) and the web chat page it
+/// serves.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GatewayConfig {
+    /// WebSocket listener (upgrade on path `/ws`; the web chat page on `/`); "": none.
+    #[serde(deserialize_with = "addr_or_off")]
+    pub ws_listen: Option<SocketAddr>,
+    /// Milliseconds a new WebSocket or TLS connection may take for its handshake (the HTTP
+    /// upgrade request, the TLS handshake) before it is closed.
+    pub handshake_timeout_ms: u64,
+}
+
+impl Default for GatewayConfig {
+    fn default() -> Self {
+        GatewayConfig {
+            ws_listen: Some("0.0.0.0:7180".parse().expect("valid")),
+            handshake_timeout_ms: 10_000,
+        }
+    }
+}
+
+/// An address, or "" for none (a listener that is on by default is turned off so).
+fn addr_or_off<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<SocketAddr>, D::Error> {
+    let text = String::deserialize(d)?;
+    if text.is_empty() {
+        return Ok(None);
+    }
+    text.parse().map(Some).map_err(|e| serde::de::Error::custom(format!("{text:?}: {e}")))
+}
+
+/// TLS for the client listeners (rustls). A certificate and key are needed when either TLS
+/// listener is set; both files are read again on SIGHUP (new connections get the new
+/// certificate; sessions already open keep theirs).
+#[derive(Clone, Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct TlsConfig {
+    /// PEM file: the certificate chain, leaf first.
+    pub cert_file: Option<std::path::PathBuf>,
+    /// PEM file: the private key (PKCS#8, PKCS#1 or SEC1).
+    pub key_file: Option<std::path::PathBuf>,
+    /// Binary protocol over TLS; unset: none.
+    pub listen: Option<SocketAddr>,
+    /// WebSocket over TLS (`wss://`, path `/ws`, and the web page over https); unset: none.
+    pub ws_listen: Option<SocketAddr>,
+}
+
+impl TlsConfig {
+    /// Whether a TLS listener is configured.
+    pub fn enabled(&self) -> bool {
+        self.listen.is_some() || self.ws_listen.is_some()
+    }
 }
 
 /// Running as a node of a cluster (docs/CLUSTER.md). A node is clustered when it has a
@@ -490,6 +566,17 @@ impl Config {
         if !["memory", "embedded", "postgres"].contains(&self.store.backend.as_str()) {
             bail!("store.backend must be memory, embedded or postgres, not {:?}", self.store.backend);
         }
+        if self.tls.enabled() && (self.tls.cert_file.is_none() || self.tls.key_file.is_none()) {
+            bail!("tls.listen and tls.ws_listen need tls.cert_file and tls.key_file");
+        }
+        if let Some(a) = self.admin.listen {
+            if !a.ip().is_loopback() && self.admin.token.is_empty() {
+                bail!("admin.listen {a} is not a loopback address: set admin.token (or TIM_ADMIN_TOKEN)");
+            }
+        }
+        if self.gateway.handshake_timeout_ms == 0 {
+            bail!("gateway.handshake_timeout_ms must be at least 1");
+        }
         if self.store.backend == "postgres" {
             let pg = &self.store.postgres;
             if pg.connections_per_partition == 0
@@ -784,6 +871,20 @@ link_queue_bytes_max = 67108864     # bytes queued for one peer; beyond: dropped
 dial_timeout_ms = 1000              # connecting and the handshake of a link
 join_wait_ms = 5000                 # tim serve waits this long for a member to answer its join
 resync_spread_ms = 1000             # after a node failed, each shard's sessions catch up over this long
+
+[gateway]
+ws_listen = "0.0.0.0:7180"          # WebSocket (path /ws, docs/JSON.md) and the web chat page (/); "" = off
+handshake_timeout_ms = 10000        # a WebSocket upgrade or TLS handshake must finish within this
+
+[tls]                               # TLS listeners need both files; SIGHUP reloads them
+# cert_file = "/etc/tim/cert.pem"   # certificate chain (PEM), leaf first
+# key_file = "/etc/tim/key.pem"     # private key (PEM: PKCS#8, PKCS#1 or SEC1)
+# listen = "0.0.0.0:7443"           # binary protocol over TLS
+# ws_listen = "0.0.0.0:7543"        # WebSocket over TLS (wss://HOST:7543/ws, https://HOST:7543/)
+
+[admin]                             # the admin HTTP API, /metrics, /healthz, /readyz (docs/ADMIN.md)
+listen = "127.0.0.1:7190"           # "" = off; an address other than loopback needs a token
+token = ""                          # bearer token for every request but the health checks (or TIM_ADMIN_TOKEN)
 "#;
 
 #[cfg(test)]

@@ -265,7 +265,15 @@ pub enum Envelope {
     /// A session's shard → its user's new owner after the partition moved: the session is
     /// live (no limits are checked, nothing is answered).
     Reattach { user: UserId, session: SessionRef, device_type: DeviceType },
+    /// The admin API → one shard of this node: run this there (never crosses nodes).
+    Admin(AdminTask),
 }
+
+/// Work the admin API gives a shard: called on the shard's thread with the shard.
+pub struct AdminTask(pub Box<AdminFn>);
+
+/// What an [`AdminTask`] runs.
+pub type AdminFn = dyn FnOnce(&std::rc::Rc<crate::shard::Shard>) + Send;
 
 impl Envelope {
     /// The owner an owner-addressed envelope is for, by `p` (`None` for envelopes addressed to

@@ -29,6 +29,7 @@
 //!
 //! The per-core runtime (executors, mesh, partition map) is the `tim-shards` crate.
 
+pub mod admin;
 pub mod auth;
 pub mod client;
 pub mod clock;
@@ -38,6 +39,8 @@ pub mod config;
 pub mod envelope;
 pub mod frame;
 pub mod guard;
+pub mod json;
+pub mod metrics;
 pub mod notify;
 pub mod placement;
 pub mod protocol;

@@ -5,7 +5,7 @@ use std::{net::SocketAddr, path::PathBuf};
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use signal_hook::{
-    consts::{SIGINT, SIGTERM},
+    consts::{SIGHUP, SIGINT, SIGTERM},
     iterator::Signals,
 };
 use tim::config::Config;
@@ -54,6 +54,10 @@ struct ServeArgs {
     /// Listen address of the binary protocol (overrides server.listen).
     #[arg(long, value_name = "ADDR")]
     listen: Option<SocketAddr>,
+    /// Listen address of the WebSocket gateway and web page (overrides gateway.ws_listen);
+    /// "off" for none.
+    #[arg(long, value_name = "ADDR")]
+    ws_listen: Option<String>,
     /// Number of shards; 0 = one per core (overrides server.shards).
     #[arg(long, value_name = "N")]
     shards: Option<usize>,
@@ -101,6 +105,9 @@ fn load_config(path: Option<&PathBuf>) -> anyhow::Result<Config> {
     if let Ok(secret) = std::env::var("TIM_CLUSTER_SECRET") {
         cfg.cluster.secret = secret;
     }
+    if let Ok(token) = std::env::var("TIM_ADMIN_TOKEN") {
+        cfg.admin.token = token;
+    }
     Ok(cfg)
 }
 
@@ -119,6 +126,12 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
     if let Some(a) = args.listen {
         cfg.server.listen = a;
     }
+    if let Some(a) = args.ws_listen {
+        cfg.gateway.ws_listen = match a.as_str() {
+            "off" => None,
+            a => Some(a.parse().with_context(|| format!("--ws-listen {a}"))?),
+        };
+    }
     if let Some(n) = args.shards {
         cfg.server.shards = n;
     }
@@ -136,15 +149,35 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
     }
     cfg.cluster.join.extend(args.join);
     // Register before starting so that no signal is missed.
-    let mut signals = Signals::new([SIGTERM, SIGINT]).context("installing signal handlers")?;
+    let mut signals = Signals::new([SIGTERM, SIGINT, SIGHUP]).context("installing signal handlers")?;
     let server = tim::server::start(cfg)?;
     let driver = server.drivers.first().map_or("?", |d| d.name());
-    // Tests and scripts read this line to learn the bound address.
+    // Tests and scripts read these lines to learn the bound addresses; the last one is always
+    // "tim listening on".
+    for (what, addr) in [
+        ("websocket", server.ws_addr),
+        ("tls", server.tls_addr),
+        ("wss", server.wss_addr),
+        ("admin", server.admin_addr),
+    ] {
+        if let Some(a) = addr {
+            println!("tim {what} listening on {a}");
+        }
+    }
     println!("tim listening on {} ({} shards, {driver} driver)", server.addr, server.drivers.len());
     use std::io::Write;
     std::io::stdout().flush()?;
-    if let Some(sig) = signals.forever().next() {
+    for sig in signals.forever() {
+        if sig == SIGHUP {
+            match server.reload_tls() {
+                Ok(true) => log::info!("SIGHUP: TLS certificate and key reloaded"),
+                Ok(false) => log::info!("SIGHUP: no TLS listener, nothing to reload"),
+                Err(e) => log::error!("SIGHUP: TLS reload failed, the old certificate stays: {e:#}"),
+            }
+            continue;
+        }
         log::info!("signal {sig}: shutting down");
+        break;
     }
     server.stop();
     server.join()?;

@@ -57,6 +57,9 @@ pub mod kind {
     /// Pushed after a cluster change that may have lost live deliveries (a node failed): a
     /// catch-up follows (`DELIVER` frames, then `CATCHUP_END`), as after a login. Empty payload.
     pub const RESYNC: u16 = 113;
+    /// A message from the server's operator (the admin API): to every online session, or to
+    /// the online members of a group. Never stored. Payload: a [`super::Broadcast`].
+    pub const BROADCAST: u16 = 114;
     /// The answer to a room request that succeeded (create, subscribe, unsubscribe, delete).
     pub const ROOM_OK: u16 = 130;
     /// A message published to a live room: a [`super::RoomStamp`], then the publisher's
@@ -121,6 +124,7 @@ pub mod kind {
             CATCHUP_END => "CatchUpEnd",
             STREAM_MSG => "StreamMsg",
             RESYNC => "Resync",
+            BROADCAST => "Broadcast",
             ROOM_OK => "RoomOk",
             ROOM_MSG => "RoomMsg",
             ROOM_CLOSED => "RoomClosed",
@@ -342,6 +346,8 @@ pub enum ErrorCode {
     /// this source address within a minute. A Register is refused; for unknown recipients the
     /// connection is closed.
     RateLimited = 47,
+    /// Kick: the server's operator closed this session (admin API).
+    KickedByOperator = 48,
     /// No such group (or not a group id).
     GroupNotFound = 70,
     /// Only a member of the group may do this.
@@ -432,6 +438,7 @@ impl ErrorCode {
             45 => TooManyConnections,
             46 => PartialFrameTimeout,
             47 => RateLimited,
+            48 => KickedByOperator,
             50 => Internal,
             51 => StoreUnavailable,
             52 => Timeout,
@@ -491,6 +498,7 @@ impl ErrorCode {
             TooManyConnections => "too many connections",
             PartialFrameTimeout => "incomplete frame timeout",
             RateLimited => "too many requests of this kind, slow down",
+            KickedByOperator => "closed by the server's operator",
             Internal => "internal error",
             StoreUnavailable => "message store unavailable, retry",
             Timeout => "no answer in time, retry",
@@ -894,6 +902,16 @@ pub struct GroupNotice {
     pub users: Vec<u64>,
 }
 
+/// An operator's message (kind `BROADCAST`), pushed to online sessions; never stored.
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct Broadcast {
+    /// When the operator sent it (milliseconds since the Unix epoch).
+    pub ts_ms: u64,
+    /// The group whose online members get it; 0: every online session of the server.
+    pub group_id: u64,
+    pub body: Vec<u8>,
+}
+
 #[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq)]
 pub struct Bye {
     pub reserved: u64,
@@ -999,6 +1017,8 @@ const _: () = assert!(std::mem::align_of::<ArchivedPong>() == 8);
 const _: () = assert!(std::mem::size_of::<ArchivedSendAck>() == 40);
 const _: () = assert!(std::mem::align_of::<ArchivedSendAck>() == 8);
 const _: () = assert!(std::mem::size_of::<ArchivedBye>() == 8);
+const _: () = assert!(std::mem::size_of::<ArchivedBroadcast>() == 24);
+const _: () = assert!(std::mem::align_of::<ArchivedBroadcast>() == 8);
 const _: () = assert!(std::mem::align_of::<ArchivedBye>() == 8);
 const _: () = assert!(std::mem::size_of::<ArchivedError>() == 24);
 const _: () = assert!(std::mem::align_of::<ArchivedError>() == 8);

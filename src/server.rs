@@ -21,19 +21,44 @@ use crate::{
     protocol::ErrorCode,
     shard::{Shard, Shared, CURRENT, SHARDS_MAX},
     store::{embedded::EmbeddedStore, postgres::PostgresStore, MemoryStore, Store},
-    transport::tcp,
+    transport::{self, stream::App, tcp, tls::TlsCerts},
     workers::Workers,
 };
 
+/// What a client listener's connections speak.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Listen {
+    /// The binary protocol.
+    Tcp,
+    /// The binary protocol over TLS.
+    Tls,
+    /// WebSocket (and the web page).
+    Ws,
+    /// WebSocket over TLS.
+    Wss,
+}
+
 /// A running server.
 pub struct Server {
+    /// The binary protocol's address.
     pub addr: SocketAddr,
+    /// The WebSocket listener's address (`gateway.ws_listen`).
+    pub ws_addr: Option<SocketAddr>,
+    /// The binary protocol over TLS (`tls.listen`).
+    pub tls_addr: Option<SocketAddr>,
+    /// WebSocket over TLS (`tls.ws_listen`).
+    pub wss_addr: Option<SocketAddr>,
+    tls: Option<Arc<TlsCerts>>,
     pub drivers: Vec<DriverKind>,
     shared: Arc<Shared>,
     shards: Shards<Envelope>,
     workers: Vec<JoinHandle<()>>,
     /// This node's membership and links, in a cluster.
     cluster: std::sync::Mutex<Option<crate::cluster::node::ClusterHandle>>,
+    /// The admin API, when configured.
+    admin: std::sync::Mutex<Option<crate::admin::AdminServer>>,
+    /// The admin API's address.
+    pub admin_addr: Option<SocketAddr>,
 }
 
 pub fn start(cfg: Config) -> anyhow::Result<Server> {
@@ -45,8 +70,29 @@ pub fn start(cfg: Config) -> anyhow::Result<Server> {
         "epoll" => Driver::Epoll,
         _ => Driver::Auto,
     };
-    let (addr, listeners) = bind_reuseport_group(cfg.server.listen, shards, cfg.server.backlog)
-        .with_context(|| format!("binding {}", cfg.server.listen))?;
+    let tls = match (&cfg.tls.cert_file, &cfg.tls.key_file) {
+        (Some(cert), Some(key)) if cfg.tls.enabled() => Some(Arc::new(TlsCerts::load(cert, key)?)),
+        _ => None,
+    };
+    // One group of SO_REUSEPORT listeners per client listener: each shard accepts on its own.
+    let mut per_shard: Vec<Vec<(Listen, std::net::TcpListener)>> = (0..shards).map(|_| Vec::new()).collect();
+    let mut bound = Vec::new();
+    for (kind, addr) in [
+        (Listen::Tcp, Some(cfg.server.listen)),
+        (Listen::Ws, cfg.gateway.ws_listen),
+        (Listen::Tls, cfg.tls.listen),
+        (Listen::Wss, cfg.tls.ws_listen),
+    ] {
+        let Some(addr) = addr else { continue };
+        let (got, listeners) = bind_reuseport_group(addr, shards, cfg.server.backlog)
+            .with_context(|| format!("binding {addr} ({kind:?} listener)"))?;
+        bound.push((kind, got));
+        for (i, l) in listeners.into_iter().enumerate() {
+            per_shard[i].push((kind, l));
+        }
+    }
+    let addr_of = |k: Listen| bound.iter().find(|(b, _)| *b == k).map(|(_, a)| *a);
+    let addr = addr_of(Listen::Tcp).expect("the binary listener is always bound");
     let hash_threads = if cfg.server.worker_threads == 0 { shards } else { cfg.server.worker_threads };
     let store_threads = match cfg.server.store_threads {
         // A store call holds its thread while it waits on the database, and a range that stops
@@ -89,16 +135,18 @@ pub fn start(cfg: Config) -> anyhow::Result<Server> {
         mesh_capacity: cfg.limits.mesh_queue_capacity,
         spin_rounds: cfg.server.spin_rounds,
         thread_name: "tim-shard".into(),
-        // A cluster node's gateway is the mesh's endpoint after the shards'.
-        extra_ports: usize::from(cfg.cluster.enabled()),
+        // A cluster node's gateway is the mesh's endpoint after the shards'; the admin API's
+        // comes after it.
+        extra_ports: usize::from(cfg.cluster.enabled()) + usize::from(cfg.admin.listen.is_some()),
     };
-    let listeners: Vec<_> = listeners.into_iter().map(|l| std::sync::Mutex::new(Some(l))).collect();
+    let listeners: Vec<_> = per_shard.into_iter().map(|l| std::sync::Mutex::new(Some(l))).collect();
     let listeners = Arc::new(listeners);
     let sh = shared.clone();
+    let certs = tls.clone();
     let running = tim_shards::start::<Envelope, _, _>(&rt, move |ctx: ShardContext<Envelope>| {
-        let listener =
-            listeners[ctx.id].lock().expect("not poisoned").take().expect("one listener per shard");
-        run_shard(ctx, sh.clone(), listener)
+        let listeners =
+            listeners[ctx.id].lock().expect("not poisoned").take().expect("listeners for every shard");
+        run_shard(ctx, sh.clone(), listeners, certs.clone())
     })?;
     let cluster = if cfg.cluster.enabled() {
         let port = running.mesh.port(shards, 0);
@@ -119,8 +167,29 @@ pub fn start(cfg: Config) -> anyhow::Result<Server> {
     } else {
         None
     };
+    let ready = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let admin = match cfg.admin.listen {
+        Some(a) => {
+            let port = running.mesh.port(shards + usize::from(cfg.cluster.enabled()), 0);
+            match crate::admin::start(&cfg, a, shared.clone(), port, shards, ready.clone()) {
+                Ok(admin) => Some(admin),
+                Err(e) => {
+                    running.signal_all();
+                    return Err(e);
+                }
+            }
+        }
+        None => None,
+    };
+    ready.store(true, Ordering::Release);
     Ok(Server {
+        admin_addr: admin.as_ref().map(|a| a.addr),
+        admin: std::sync::Mutex::new(admin),
         addr,
+        ws_addr: addr_of(Listen::Ws),
+        tls_addr: addr_of(Listen::Tls),
+        wss_addr: addr_of(Listen::Wss),
+        tls,
         drivers: running.drivers.clone(),
         shared,
         shards: running,
@@ -130,8 +199,20 @@ pub fn start(cfg: Config) -> anyhow::Result<Server> {
 }
 
 impl Server {
+    /// Read the TLS certificate and key again (SIGHUP): new connections get them, open ones
+    /// keep theirs. On an error the old ones stay. Without TLS listeners: nothing to do.
+    pub fn reload_tls(&self) -> anyhow::Result<bool> {
+        match &self.tls {
+            Some(t) => t.reload().map(|()| true),
+            None => Ok(false),
+        }
+    }
+
     /// Begin a graceful stop: shards stop accepting, kick their sessions with ShuttingDown, drain.
     pub fn stop(&self) {
+        if let Some(mut a) = self.admin.lock().expect("not poisoned").take() {
+            a.stop();
+        }
         // A cluster node first tells the others it leaves: they take its partitions now, and
         // its clients, kicked with ShuttingDown, find their owners moved when they reconnect.
         if let Some(c) = self.cluster.lock().expect("not poisoned").take() {
@@ -192,19 +273,13 @@ fn kick_backlog(listener: &monoio::net::TcpListener) {
 /// Pending connections one shard answers at shutdown, at most (the rest are reset).
 const BACKLOG_KICK_MAX: usize = 4096;
 
-async fn run_shard(ctx: ShardContext<Envelope>, shared: Arc<Shared>, listener: std::net::TcpListener) {
-    if ctx.driver == DriverKind::Epoll {
-        let _ = listener.set_nonblocking(true);
-    }
-    let listener = match monoio::net::TcpListener::from_std(listener) {
-        Ok(l) => l,
-        Err(e) => {
-            log::error!("shard {}: listener: {e}", ctx.id);
-            return;
-        }
-    };
+async fn run_shard(
+    ctx: ShardContext<Envelope>,
+    shared: Arc<Shared>,
+    listeners: Vec<(Listen, std::net::TcpListener)>,
+    tls: Option<Arc<TlsCerts>>,
+) {
     let drain = Duration::from_millis(shared.cfg.limits.shutdown_drain_ms);
-    let conn_max = shared.cfg.limits.connections_per_shard_max;
     let shard = Rc::new(Shard::new(ctx.id, ctx.shards, shared, ctx.port));
     CURRENT.with(|c| *c.borrow_mut() = Some(shard.clone()));
     monoio::spawn(shard.clone().run_mesh());
@@ -213,15 +288,55 @@ async fn run_shard(ctx: ShardContext<Envelope>, shared: Arc<Shared>, listener: s
     if shard.shared.store.durable() {
         monoio::spawn(shard.clone().run_cursor_flush());
     }
+    let mut loops = Vec::new();
+    for (kind, listener) in listeners {
+        if ctx.driver == DriverKind::Epoll {
+            let _ = listener.set_nonblocking(true);
+        }
+        match monoio::net::TcpListener::from_std(listener) {
+            Ok(l) => loops.push(monoio::spawn(accept_loop(shard.clone(), l, kind, tls.clone()))),
+            Err(e) => log::error!("shard {}: {kind:?} listener: {e}", ctx.id),
+        }
+    }
+    for l in loops {
+        l.await;
+    }
+    let deadline = Instant::now() + drain;
+    while !shard.sessions.borrow().is_empty() && Instant::now() < deadline {
+        monoio::time::sleep(Duration::from_millis(5)).await;
+    }
+    shard.flush_cursors().await;
+    log::info!("shard {} stopped ({} sessions left)", shard.id, shard.sessions.borrow().len());
+    CURRENT.with(|c| *c.borrow_mut() = None);
+}
+
+/// Accept connections on one listener until the shard stops.
+async fn accept_loop(
+    shard: Rc<Shard>,
+    listener: monoio::net::TcpListener,
+    kind: Listen,
+    tls: Option<Arc<TlsCerts>>,
+) {
+    let conn_max = shard.cfg().limits.connections_per_shard_max;
     // A stop signalled before this loop first waits is seen here; later ones wake the wait.
     while !shard.shutting_down.get() {
         monoio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((stream, peer)) => {
+                    let peer = Some(peer);
+                    let sh = shard.clone();
                     if shard.sessions.borrow().len() >= conn_max {
-                        tcp::refuse(stream);
+                        if kind == Listen::Tcp {
+                            transport::refuse(stream);
+                        }
                     } else {
-                        monoio::spawn(tcp::serve(shard.clone(), stream, Some(peer)));
+                        let certs = || tls.as_ref().map(|t| t.current());
+                        match kind {
+                            Listen::Tcp => drop(monoio::spawn(tcp::serve(sh, stream, peer))),
+                            Listen::Tls => drop(monoio::spawn(transport::stream::serve(sh, stream, peer, certs(), App::Binary))),
+                            Listen::Ws => drop(monoio::spawn(transport::stream::serve(sh, stream, peer, None, App::WebSocket))),
+                            Listen::Wss => drop(monoio::spawn(transport::stream::serve(sh, stream, peer, certs(), App::WebSocket))),
+                        }
                     }
                 }
                 Err(e) => {
@@ -232,13 +347,7 @@ async fn run_shard(ctx: ShardContext<Envelope>, shared: Arc<Shared>, listener: s
             _ = shard.shutdown.wait() => break,
         }
     }
-    kick_backlog(&listener);
-    drop(listener);
-    let deadline = Instant::now() + drain;
-    while !shard.sessions.borrow().is_empty() && Instant::now() < deadline {
-        monoio::time::sleep(Duration::from_millis(5)).await;
+    if kind == Listen::Tcp {
+        kick_backlog(&listener);
     }
-    shard.flush_cursors().await;
-    log::info!("shard {} stopped ({} sessions left)", shard.id, shard.sessions.borrow().len());
-    CURRENT.with(|c| *c.borrow_mut() = None);
 }

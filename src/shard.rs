@@ -218,6 +218,16 @@ impl Shard {
 
     // ---- read buffer pool ----
 
+    /// Envelopes waiting in this shard's queue to each mesh endpoint (for `/metrics`).
+    pub fn mesh_queued(&self) -> Vec<usize> {
+        (0..self.port.shards()).map(|d| if d == self.id { 0 } else { self.port.queued_to(d) }).collect()
+    }
+
+    /// Envelopes held back now because a mesh queue was full.
+    pub fn overflow_len(&self) -> usize {
+        self.overflow_len.get()
+    }
+
     pub fn take_buf(&self) -> AlignedBuf {
         self.pool.borrow_mut().pop().unwrap_or_else(|| AlignedBuf::new(self.cfg().limits.read_buffer_bytes))
     }
@@ -624,6 +634,11 @@ impl Shard {
             // The gateway's word that a new table is out (the table itself is taken from
             // `Shared::table`, the latest one).
             Envelope::Placement(u) => self.on_placement(*u),
+            Envelope::Admin(task) => {
+                if let Some(me) = CURRENT.with(|c| c.borrow().clone()) {
+                    (task.0)(&me);
+                }
+            }
         }
         self.execute(&mut fx);
         *self.effects.borrow_mut() = fx;
@@ -1083,14 +1098,20 @@ impl Shard {
             let oldest_ms = batch.iter().map(|s| s.ack.ts_ms).min().unwrap_or(0);
             let waited = Duration::from_millis(now_ms().saturating_sub(oldest_ms));
             let left = timeout.saturating_sub(waited);
+            let started = std::time::Instant::now();
+            let count = batch.len();
             self.shared.store.append(part, msgs, Box::new(move |r| drop(tx.send(r))));
             match monoio::time::timeout(left, &mut rx).await {
-                Ok(outcome) => self.settle(batch, outcome.ok().and_then(Result::ok), true),
+                Ok(outcome) => {
+                    crate::metrics::observe_commit(started.elapsed(), count);
+                    self.settle(batch, outcome.ok().and_then(Result::ok), true)
+                }
                 Err(_) => {
                     self.with_convs(|c, fx| batch.iter().for_each(|s| c.commit_timed_out(s, fx)));
                     let me = self.clone();
                     monoio::spawn(async move {
                         let outcome = rx.await.ok().and_then(Result::ok);
+                        crate::metrics::observe_commit(started.elapsed(), count);
                         me.settle(batch, outcome, false);
                     });
                 }

@@ -51,7 +51,7 @@ impl Node {
         let text = format!(
             "[server]\nlisten = \"127.0.0.1:0\"\nshards = 2\npin_cores = false\nworker_threads = 2\n\n\
              [security]\nargon2_m_kib = 64\nargon2_t = 1\nname_key = \"{NAME_KEY}\"\n\n\
-             [store]\ndata_dir = \"{}\"\n{store}\n\n\
+             [store]\ndata_dir = \"{}\"\n{store}\n\n[gateway]\nws_listen = \"\"\n[admin]\nlisten = \"\"\n\n\
              [cluster]\nnode_id = {id}\n{}secret = \"{SECRET}\"\njoin = [{}]\n\n{extra}\n",
             dir.path().join("data").display(),
             cluster_listen.map_or(String::new(), |l| format!("listen = \"{l}\"\n")),
@@ -384,7 +384,7 @@ fn refusals() {
         &cfg,
         format!(
             "[server]\nlisten = \"127.0.0.1:0\"\nshards = 1\npin_cores = false\n[security]\nargon2_m_kib = 64\n\
-             argon2_t = 1\nname_key = \"{NAME_KEY}\"\n[store]\n{store}\n[cluster]\nnode_id = 9\n\
+             argon2_t = 1\nname_key = \"{NAME_KEY}\"\n[store]\n{store}\n[gateway]\nws_listen = \"\"\n[admin]\nlisten = \"\"\n[cluster]\nnode_id = 9\n\
              listen = \"127.0.0.1:0\"\nsecret = \"a different secret, long enough\"\njoin = [\"{}\"]\njoin_wait_ms = 500\n",
             n1.cluster.unwrap()
         ),
@@ -411,7 +411,7 @@ fn refusals() {
         std::fs::write(
             &cfg,
             format!(
-                "[server]\nlisten = \"127.0.0.1:0\"\nshards = 1\n[store]\ndata_dir = \"{}\"\n{store}\n\
+                "[server]\nlisten = \"127.0.0.1:0\"\nshards = 1\n[gateway]\nws_listen = \"\"\n[admin]\nlisten = \"\"\n[store]\ndata_dir = \"{}\"\n{store}\n\
                  [cluster]\n{cluster}\nsecret = \"{SECRET}\"\n",
                 dir.path().join("data").display()
             ),

@@ -13,6 +13,8 @@ fn start() -> tim::server::Server {
     let mut cfg = Config::default();
     cfg.server.listen = "127.0.0.1:0".parse().unwrap();
     cfg.server.shards = 2;
+    cfg.gateway.ws_listen = None;
+    cfg.admin.listen = None;
     cfg.server.pin_cores = false;
     cfg.security.argon2_m_kib = 64;
     cfg.security.argon2_t = 1;

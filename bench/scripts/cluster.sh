@@ -21,7 +21,7 @@ trap cleanup EXIT
 
 config() { # config N SHARDS STORE_BODY -> file
   local f=$W/n$1.toml
-  printf '[server]\nlisten = "127.0.0.1:0"\nshards = %s\npin_cores = false\n[security]\nargon2_m_kib = 64\nargon2_t = 1\nname_key = "%s"\n[store]\n%b\n[cluster]\nnode_id = %s\nlisten = "127.0.0.1:0"\nsecret = "%s"\n' \
+  printf '[server]\nlisten = "127.0.0.1:0"\nshards = %s\npin_cores = false\n[security]\nargon2_m_kib = 64\nargon2_t = 1\nname_key = "%s"\n[store]\n%b\n[gateway]\nws_listen = ""\n[admin]\nlisten = ""\n[cluster]\nnode_id = %s\nlisten = "127.0.0.1:0"\nsecret = "%s"\n' \
     "$2" "$KEY" "$3" "$1" "$SECRET" > "$f"
   echo "$f"
 }

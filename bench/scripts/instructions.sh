@@ -20,6 +20,10 @@ listen = "127.0.0.1:0"
 shards = 2
 pin_cores = false
 driver = "epoll"
+[gateway]
+ws_listen = ""
+[admin]
+listen = ""
 [store]
 backend = "memory"
 [security]

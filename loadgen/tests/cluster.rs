@@ -50,7 +50,7 @@ impl Node {
         let text = format!(
             "[server]\nlisten = \"127.0.0.1:0\"\nshards = 2\npin_cores = false\n\n\
              [security]\nargon2_m_kib = 64\nargon2_t = 1\nname_key = \"{NAME_KEY}\"\n\n[store]\n{store}\n\n\
-             [limits]\ncursor_flush_ms = 20\n\n\
+             [limits]\ncursor_flush_ms = 20\n\n[gateway]\nws_listen = \"\"\n[admin]\nlisten = \"\"\n\n\
              [cluster]\nnode_id = {id}\nlisten = \"127.0.0.1:0\"\nsecret = \"{SECRET}\"\njoin = [{join}]\n"
         );
         std::fs::write(&cfg, text).unwrap();

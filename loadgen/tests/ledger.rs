@@ -65,7 +65,7 @@ impl Server {
         let store = store.replace("{data}", &data.display().to_string());
         let text = format!(
             "[server]\nlisten = \"{listen}\"\nshards = 2\npin_cores = false\n\n\
-             [security]\nargon2_m_kib = 64\nargon2_t = 1\n\n[store]\n{store}\n"
+             [security]\nargon2_m_kib = 64\nargon2_t = 1\n\n[gateway]\nws_listen = \"\"\n[admin]\nlisten = \"\"\n\n[store]\n{store}\n"
         );
         std::fs::write(&cfg, text).unwrap();
         let mut child = Command::new(tim_binary())

@@ -477,7 +477,9 @@ impl<'a> WireEnvelope<'a> {
             }
             // A shard's envelope for its gateway, and the gateway's tables for its shards, stay
             // on their node.
-            Envelope::Remote(_) | Envelope::Placement(_) => return Err(WireError::LocalOnly),
+            Envelope::Remote(_) | Envelope::Placement(_) | Envelope::Admin(_) => {
+                return Err(WireError::LocalOnly)
+            }
         })
     }
 }
@@ -957,7 +959,9 @@ mod tests {
             Envelope::Reattach { user, session, device_type } => {
                 format!("Reattach {:?}", (user, session, device_type))
             }
-            Envelope::Remote(_) | Envelope::Placement(_) => unreachable!("never encoded"),
+            Envelope::Remote(_) | Envelope::Placement(_) | Envelope::Admin(_) => {
+                unreachable!("never encoded")
+            }
         }
     }
 

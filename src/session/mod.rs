@@ -44,6 +44,7 @@ pub(crate) enum Reply {
 
 /// Build a `Kick` frame.
 pub fn kick_frame(reason: ErrorCode) -> Bytes {
+    crate::metrics::count_kick(reason.code());
     Bytes::from(frame::encode(
         kind::KICK,
         &protocol::Kick { reason: reason.code(), message: reason.text().into() },
@@ -52,6 +53,7 @@ pub fn kick_frame(reason: ErrorCode) -> Bytes {
 
 /// Build an `Error` frame.
 pub fn error_frame(code: ErrorCode, request_kind: u16, client_msg_id: u64) -> Bytes {
+    crate::metrics::count_error(code.code());
     Bytes::from(frame::encode(
         kind::ERROR,
         &protocol::Error { code: code.code(), request_kind, client_msg_id, message: code.text().to_string() },
@@ -124,6 +126,8 @@ pub struct Session {
     pub(crate) rooms: RefCell<Option<Box<SessionRooms>>>,
     /// Room requests (create, subscribe, unsubscribe, delete) sent and not answered yet.
     pub(crate) room_requests: Cell<u16>,
+    /// The transport, as an index of [`crate::metrics::TRANSPORTS`].
+    pub(crate) transport: Cell<u8>,
 }
 
 impl Session {
@@ -154,6 +158,7 @@ impl Session {
             partial_frame_timeout: Duration::from_millis(l.partial_frame_timeout_ms),
             rooms: RefCell::new(None),
             room_requests: Cell::new(0),
+            transport: Cell::new(0),
         }
     }
 
@@ -360,9 +365,8 @@ impl Session {
     }
 
     pub fn on_acked(&self, ack: &AckInfo) {
-        if !self.answered(ack.client_msg_id) {
-            return;
-        }
+        let Some(arrived) = self.answered(ack.client_msg_id) else { return };
+        crate::metrics::observe_ack(arrived.elapsed());
         let f = frame::encode(
             kind::SEND_ACK,
             &protocol::SendAck {
@@ -377,7 +381,7 @@ impl Session {
     }
 
     pub fn on_rejected(&self, client_msg_id: u64, code: ErrorCode) {
-        if self.answered(client_msg_id) {
+        if self.answered(client_msg_id).is_some() {
             self.push(error_frame(code, kind::SEND, client_msg_id));
         }
     }
@@ -387,15 +391,16 @@ impl Session {
         self.pending.borrow().iter().any(|p| p.0 == client_msg_id)
     }
 
-    /// Take a send off the in-flight list. False for an answer that comes after the send was
-    /// already answered with Timeout: the client has its answer, and must not get a second.
-    fn answered(&self, client_msg_id: u64) -> bool {
+    /// Take a send off the in-flight list; returns when its bytes arrived. `None` for an answer
+    /// that comes after the send was already answered with Timeout: the client has its answer,
+    /// and must not get a second.
+    fn answered(&self, client_msg_id: u64) -> Option<Instant> {
         let mut pending = self.pending.borrow_mut();
-        let Some(i) = pending.iter().position(|&(c, _, _)| c == client_msg_id) else { return false };
-        pending.remove(i);
+        let i = pending.iter().position(|&(c, _, _)| c == client_msg_id)?;
+        let (_, arrived, _) = pending.remove(i).expect("found");
         drop(pending);
         self.release_inflight();
-        true
+        Some(arrived)
     }
 
     /// Answer Timeout to every send in flight since before `now - timeout`.

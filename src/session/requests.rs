@@ -314,6 +314,7 @@ impl Requests<'_> {
     /// A `Send` (`stream` false: sequenced, stored, acknowledged) or a `Stream` (`stream`
     /// true: to live sessions only, after the stored messages before it; no ack, no in-flight).
     fn send(&self, payload: &[u8], m: &protocol::ArchivedSend, stream: bool) -> Flow {
+        crate::metrics::count_send();
         let client_msg_id = m.client_msg_id.to_native();
         let request_kind = if stream { kind::STREAM } else { kind::SEND };
         let reject = |code: ErrorCode| {
@@ -480,6 +481,7 @@ impl Requests<'_> {
         self.shard.post(self.shard.place(|p| p.user(user)), Envelope::Attach(Box::new(attach)));
         match self.wait_reply(rx).await {
             Ok(Reply::Attach(Ok(user))) => {
+                crate::metrics::count_login();
                 let limits = &self.shard.cfg().limits;
                 self.session.user.set(user);
                 self.session.device.set(device_hash(user, device_id));

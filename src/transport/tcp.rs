@@ -11,100 +11,30 @@
 //! unread input makes the kernel answer with a reset, and a reset destroys whatever the peer
 //! had not read yet: the queued frames and the Kick or Error that explains the close.
 
-use std::{
-    cell::Cell,
-    io,
-    net::Shutdown,
-    os::fd::{AsRawFd, BorrowedFd},
-    rc::Rc,
-    time::{Duration, Instant},
-};
+use std::{io, os::fd::AsRawFd, rc::Rc, time::Instant};
 
 use monoio::net::TcpStream;
-use socket2::SockRef;
 
+use super::{close_session, handle_frames, open_session, wait_writable, Conn};
 use crate::{
-    envelope::Envelope,
-    frame::{self, AlignedBuf, Parsed, HEADER_BYTES},
-    notify::LocalNotify,
-    protocol::ErrorCode,
-    session::{error_frame, requests::Requests, Flow, Session},
+    frame::{self, AlignedBuf, Parsed},
+    session::{Flow, Session},
     shard::Shard,
     sockio,
 };
 
-/// Time a closing session's socket may accept nothing before the rest of its queue is dropped.
-const CLOSE_FLUSH_MS: u64 = 1000;
-/// Time the peer gets to close its side after ours is shut down, while its input is discarded.
-const CLOSE_LINGER_MS: u64 = 500;
-/// Time a writer waits for a socket that accepts nothing before giving the session up.
-const WRITE_STALL_MS: u64 = 60_000;
-
-/// What the reader and writer tasks of one connection share.
-struct Conn {
-    stream: TcpStream,
-    /// The reader has seen the end of the input (EOF or an error): no more lingering.
-    input_ended: Cell<bool>,
-    input_done: LocalNotify,
-    /// The writer has finished its lingering close: the reader stops discarding.
-    output_ended: Cell<bool>,
-}
-
-impl Conn {
-    fn shutdown(&self, how: Shutdown) {
-        let _ = with_sock(&self.stream, |s| s.shutdown(how));
-    }
-}
-
-/// Run `f` on the stream as a socket2 socket, for the calls that are not on the hot path (the `recv` and
-/// `sendmsg` of every frame stay direct libc calls into the pooled buffer and the queued
-/// frames).
-fn with_sock<R>(stream: &TcpStream, f: impl FnOnce(SockRef<'_>) -> R) -> R {
-    // SAFETY: the descriptor stays open while `stream` is borrowed (monoio's TcpStream
-    // implements AsRawFd but not AsFd).
-    let fd = unsafe { BorrowedFd::borrow_raw(stream.as_raw_fd()) };
-    f(SockRef::from(&fd))
-}
-
 /// Serve one accepted connection until it closes, then clean up after it.
 pub async fn serve(shard: Rc<Shard>, stream: TcpStream, peer: Option<std::net::SocketAddr>) {
     let _ = stream.set_nodelay(true);
-    let id = shard.new_session_ref();
-    let session = Rc::new(Session::new(id, &shard.cfg().limits));
-    session.peer.set(peer.map(|a| a.ip()));
-    shard.sessions.borrow_mut().insert(id.0, session.clone());
-    if shard.shutting_down.get() {
-        session.kick(ErrorCode::ShuttingDown);
-    }
-    let conn = Rc::new(Conn {
-        stream,
-        input_ended: Cell::new(false),
-        input_done: LocalNotify::default(),
-        output_ended: Cell::new(false),
-    });
+    let session = open_session(&shard, peer, 0);
+    let conn = Rc::new(Conn::new(stream));
     let writer = monoio::spawn(write_loop(conn.clone(), session.clone()));
     let mut reader = Reader { shard: &shard, session: &session, conn: &conn };
     reader.run().await;
-    conn.input_ended.set(true);
-    conn.input_done.notify();
+    conn.end_input();
     session.close();
     writer.await;
-    shard.sessions.borrow_mut().remove(&id.0);
-    for room in session.take_rooms() {
-        shard.forget_room_subscriber(id, room);
-        shard.leave_room_owner(id, room);
-    }
-    let user = session.user();
-    if user != 0 {
-        shard.post(shard.place(|p| p.user(user)), Envelope::Detach { user, session: id });
-    }
-    shard.stats.accepted.set(shard.stats.accepted.get() + 1);
-}
-
-/// Refuse a connection over the shard's limit: one error frame, best effort, then close.
-pub fn refuse(stream: TcpStream) {
-    let f = error_frame(ErrorCode::TooManyConnections, 0, 0);
-    let _ = with_sock(&stream, |s| s.send_with_flags(&f, libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL));
+    close_session(&shard, &session);
 }
 
 struct Reader<'a> {
@@ -176,7 +106,7 @@ impl Reader<'_> {
                 // handled, which may wait (at the in-flight limit) for longer than the timeout.
                 self.session.partial_since.set(None);
             }
-            if let Flow::Close = self.frames(&mut buf).await {
+            if let Flow::Close = handle_frames(self.shard, self.session, &mut buf).await {
                 self.session.close();
                 buf.clear();
             }
@@ -199,49 +129,6 @@ impl Reader<'_> {
         } else {
             buf.compact();
             *held = Some(buf);
-        }
-    }
-
-    /// Handle every whole frame at the front of `buf`. Grows `buf` when an incomplete frame
-    /// is larger than it.
-    async fn frames(&mut self, buf: &mut AlignedBuf) -> Flow {
-        let frame_max = self.shard.cfg().limits.frame_bytes_max;
-        loop {
-            match frame::parse(buf.filled(), frame_max) {
-                Parsed::Frame(h, total) => {
-                    let payload_end = HEADER_BYTES + h.len as usize;
-                    let flow = {
-                        let payload = &buf.filled()[HEADER_BYTES..payload_end];
-                        Requests { shard: self.shard, session: self.session }.frame(h.kind, payload).await
-                    };
-                    buf.start += total;
-                    if let Flow::Close = flow {
-                        return Flow::Close;
-                    }
-                    if self.session.closing.get() {
-                        return Flow::Close;
-                    }
-                }
-                Parsed::Partial { need } => {
-                    if need > buf.capacity() {
-                        let mut big = AlignedBuf::new(need);
-                        let have = buf.filled().len();
-                        big.spare()[..have].copy_from_slice(buf.filled());
-                        big.end = have;
-                        buf.clear();
-                        *buf = big;
-                    }
-                    return Flow::Continue;
-                }
-                Parsed::TooLarge(h) => {
-                    self.session.push(error_frame(ErrorCode::FrameTooLarge, h.kind, 0));
-                    return Flow::Close;
-                }
-                Parsed::BadFlags(h) => {
-                    self.session.push(error_frame(ErrorCode::BadHeader, h.kind, 0));
-                    return Flow::Close;
-                }
-            }
         }
     }
 }
@@ -281,40 +168,5 @@ async fn write_loop(conn: Rc<Conn>, session: Rc<Session>) {
     session.drained.notify();
     session.outq.borrow_mut().clear();
     session.out_bytes.set(0);
-    // FIN after everything written: the peer reads all of it, then sees the end.
-    conn.shutdown(Shutdown::Write);
-    if !conn.input_ended.get() {
-        // Boxed: the linger's timer lives only while closing, not in every idle writer task.
-        Box::pin(linger(&conn)).await;
-    }
-    // Wakes the reader, whose reads then end once the input already here is discarded.
-    conn.output_ended.set(true);
-    conn.shutdown(Shutdown::Read);
-}
-
-/// Give the peer [`CLOSE_LINGER_MS`] to close its side.
-async fn linger(conn: &Conn) {
-    let done = conn.input_done.wait();
-    monoio::select! {
-        _ = done => {}
-        _ = monoio::time::sleep(Duration::from_millis(CLOSE_LINGER_MS)) => {}
-    }
-}
-
-/// Wait until the socket takes more bytes. Gives up after `WRITE_STALL_MS`, or `CLOSE_FLUSH_MS`
-/// once the session is closing (also when it starts closing during the wait).
-async fn wait_writable(stream: &TcpStream, session: &Session) -> bool {
-    let start = Instant::now();
-    loop {
-        let limit = if session.closing.get() { CLOSE_FLUSH_MS } else { WRITE_STALL_MS };
-        let Some(left) = Duration::from_millis(limit).checked_sub(start.elapsed()) else {
-            return false;
-        };
-        monoio::select! {
-            r = monoio::time::timeout(left, stream.writable(false)) => return matches!(r, Ok(Ok(()))),
-            _ = session.writer.wait() => {
-                // Woken by new frames or by close(): re-check the limit and wait again.
-            }
-        }
-    }
+    conn.close_lingering().await;
 }

@@ -11,6 +11,7 @@ use std::{
 
 use tim::client::Client;
 
+pub mod gateway;
 pub mod pg;
 
 pub const PASSWORD: &str = "correct horse battery";
@@ -48,9 +49,26 @@ pub fn spawn_serve(cfg: &std::path::Path) -> Child {
         .expect("start tim")
 }
 
+/// The addresses a server printed at start.
+#[derive(Default)]
+struct Listening {
+    addr: Option<SocketAddr>,
+    ws: Option<SocketAddr>,
+    tls: Option<SocketAddr>,
+    wss: Option<SocketAddr>,
+    admin: Option<SocketAddr>,
+}
+
 pub struct TestServer {
     child: Child,
     pub addr: SocketAddr,
+    /// The WebSocket listener (always on in tests, on a free port).
+    pub ws_addr: Option<SocketAddr>,
+    /// The TLS listeners, when `extra` configured them.
+    pub tls_addr: Option<SocketAddr>,
+    pub wss_addr: Option<SocketAddr>,
+    /// The admin API (always on in tests, on a free port, unless `extra` configures it).
+    pub admin_addr: Option<SocketAddr>,
     dir: Option<tempfile::TempDir>,
     next_name: std::cell::Cell<u32>,
 }
@@ -75,25 +93,62 @@ impl TestServer {
     pub fn start_in(dir: tempfile::TempDir, driver: &str, store: &str, extra: &str) -> TestServer {
         let cfg = dir.path().join("tim.toml");
         let data = dir.path().join("data");
+        // The WebSocket listener on a free port, unless `extra` sets the gateway up itself.
+        let mut gateway =
+            if extra.contains("[gateway]") { "" } else { "[gateway]\nws_listen = \"127.0.0.1:0\"\n\n" }
+                .to_string();
+        // The admin API on a free port, unless `extra` sets it up itself.
+        if !extra.contains("[admin]") {
+            gateway.push_str("[admin]\nlisten = \"127.0.0.1:0\"\n\n");
+        }
         let text = format!(
             "[server]\nlisten = \"127.0.0.1:0\"\nshards = 2\ndriver = \"{driver}\"\npin_cores = false\n\
              worker_threads = 2\n\n[security]\nargon2_m_kib = 64\nargon2_t = 1\nname_key = \"{NAME_KEY}\"\n\n\
-             [store]\ndata_dir = \"{}\"\n{store}\n\n{extra}\n",
+             {gateway}[store]\ndata_dir = \"{}\"\n{store}\n\n{extra}\n",
             data.display()
         );
         std::fs::write(&cfg, text).unwrap();
         let mut child = spawn_serve(&cfg);
-        let mut line = String::new();
         let mut out = BufReader::new(child.stdout.take().unwrap());
-        out.read_line(&mut line).unwrap();
-        let addr = line
-            .strip_prefix("tim listening on ")
-            .and_then(|rest| rest.split_whitespace().next())
-            .unwrap_or_else(|| panic!("unexpected first line from tim: {line:?}"))
-            .parse()
-            .unwrap();
+        let mut listening = Listening::default();
+        let line = loop {
+            let mut line = String::new();
+            out.read_line(&mut line).unwrap();
+            let word = |prefix: &str| -> Option<SocketAddr> {
+                line.strip_prefix(prefix)?.split_whitespace().next()?.parse().ok()
+            };
+            if let Some(a) = word("tim websocket listening on ") {
+                listening.ws = Some(a);
+            } else if let Some(a) = word("tim tls listening on ") {
+                listening.tls = Some(a);
+            } else if let Some(a) = word("tim wss listening on ") {
+                listening.wss = Some(a);
+            } else if let Some(a) = word("tim admin listening on ") {
+                listening.admin = Some(a);
+            } else if let Some(a) = word("tim listening on ") {
+                listening.addr = Some(a);
+                break line;
+            } else {
+                panic!("unexpected line from tim: {line:?}");
+            }
+        };
         assert!(line.contains(&format!("{driver} driver")), "driver: {line}");
-        TestServer { child, addr, dir: Some(dir), next_name: std::cell::Cell::new(0) }
+        TestServer {
+            child,
+            addr: listening.addr.unwrap(),
+            ws_addr: listening.ws,
+            tls_addr: listening.tls,
+            wss_addr: listening.wss,
+            admin_addr: listening.admin,
+            dir: Some(dir),
+            next_name: std::cell::Cell::new(0),
+        }
+    }
+
+    /// Send `sig` to the server process.
+    pub fn signal(&self, sig: i32) {
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe { libc::kill(self.child.id() as i32, sig) };
     }
 
     pub fn client(&self) -> Client {
