@@ -4,6 +4,7 @@
 //! - [`frame`]: the 8-byte header, padding, aligned read buffers, rkyv encode/validated access;
 //! - [`protocol`]: frame kinds, message types, the delivery stamp, error codes (docs/PROTOCOL.md);
 //! - [`transport`]: bytes on a socket ↔ whole frames (today [`transport::tcp`]);
+//! - [`json`]: the JSON mapping of protocol v1 (WebSocket text messages ↔ frames, request ids);
 //! - [`session`]: a connection's login state and queues, and its requests
 //!   ([`session::requests`]), whatever the transport;
 //! - [`envelope`]: everything that crosses between shards, in one enum;
