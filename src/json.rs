@@ -105,7 +105,7 @@ impl fmt::Debug for RequestFrame {
 
 /// Why the JSON layer refuses a request text (docs/JSON.md, "Errors of the JSON layer").
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum RequestError {
+enum RequestError {
     #[error("not valid JSON: {0}")]
     Syntax(String),
     /// Not an object, a field missing, unknown, repeated or of the wrong type or range.
@@ -117,7 +117,7 @@ pub enum RequestError {
 
 impl RequestError {
     /// The v1 code it is answered with.
-    pub fn code(&self) -> ErrorCode {
+    fn code(&self) -> ErrorCode {
         match self {
             RequestError::UnknownOp(_) => ErrorCode::UnknownKind,
             RequestError::Syntax(_) | RequestError::Invalid(_) => ErrorCode::Malformed,
@@ -395,7 +395,7 @@ fn build(f: Fields<'_>) -> Result<Request, RequestError> {
         kind::SEND | kind::STREAM => {
             key = f.client_msg_id;
             let body = bytes_field(f.body, f.body_b64, "body")?;
-            encode_send(k, f.conv, f.to, f.client_msg_id, &body)
+            Ok(encode_send(k, f.conv, f.to, f.client_msg_id, &body))
         }
         kind::DELIVERY_ACK => {
             ack_refused = match f.conv {
@@ -431,7 +431,7 @@ fn build(f: Fields<'_>) -> Result<Request, RequestError> {
         kind::ROOM_PUBLISH => {
             key = f.client_msg_id;
             let body = bytes_field(f.body, f.body_b64, "body")?;
-            encode_room_publish(f.room_id, f.client_msg_id, &body)
+            Ok(encode_room_publish(f.room_id, f.client_msg_id, &body))
         }
         kind::GROUP_CREATE => archive(k, &protocol::GroupCreate { profile: group_profile(f.profile)? }),
         kind::GROUP_UPDATE => {
@@ -457,12 +457,15 @@ fn build(f: Fields<'_>) -> Result<Request, RequestError> {
             archive(k, &protocol::GroupAddMembers { group_id: f.group_id, user_ids: f.user_ids })
         }
         _ => return Err(invalid(format!("op `{name}` has no encoding"))),
-    };
+    }?;
     Ok(Request { frame, id: f.id, key, ack_refused })
 }
 
 /// The first field of a bit set, in declaration order.
 fn first_key(set: u64) -> Option<Key> {
+    if set == 0 {
+        return None;
+    }
     Key::ALL.iter().copied().find(|k| set & k.bit() != 0)
 }
 
@@ -506,15 +509,16 @@ fn group_profile(p: Profile<'_>) -> Result<protocol::GroupProfile, RequestError>
 
 /// A frame of `k` around `value`'s archive, in an aligned buffer (as [`frame::encode`] builds
 /// it: the payload starts 8 bytes in, so payload-relative alignment is the archive's).
-fn archive<T>(k: u16, value: &T) -> RequestFrame
+fn archive<T>(k: u16, value: &T) -> Result<RequestFrame, RequestError>
 where
     T: for<'a> Serialize<HighSerializer<AlignedVec<16>, ArenaHandle<'a>, rancor::Error>>,
 {
     let mut bytes = AlignedVec::<16>::with_capacity(128);
     bytes.extend_from_slice(&[0; HEADER_BYTES]);
+    // Only a value past the archive's 32-bit offsets fails (gigabytes of text).
     let bytes = rkyv::api::high::to_bytes_in::<_, rancor::Error>(value, bytes)
-        .expect("serializing into memory cannot fail");
-    finish(k, bytes)
+        .map_err(|e| invalid(format!("too large to encode: {e}")))?;
+    Ok(finish(k, bytes))
 }
 
 /// Pad the payload after the header and write the header.
@@ -2676,6 +2680,8 @@ mod tests {
             let echoed = id_of(c, &pong()).unwrap();
             assert_eq!(echoed, serde_json::from_str::<Value>(id).unwrap());
         }
+        send(c, r#"{"op":"ping","id":1e2}"#);
+        assert!(answer(&pong(), c).contains(r#","id":100.0,"#), "as docs/JSON.md says");
         assert_eq!(c.held(), 0);
         // A quoted piece of the text is cut short.
         let v = refused(&format!(r#"{{"op":"{}"}}"#, "é".repeat(100)), c);
@@ -2703,6 +2709,101 @@ mod tests {
                 (json!("error"), json!(50), json!("Internal"))
             );
         }
+    }
+
+    /// The example exchange of docs/JSON.md is, character for character, what this module
+    /// reads and writes.
+    #[test]
+    fn docs_example_is_what_the_code_writes() {
+        let doc = include_str!("../docs/JSON.md");
+        let example = &doc[doc.find("## 7. Example exchange").unwrap()..doc.find("## 8. Limits").unwrap()];
+        let lines: Vec<&str> =
+            example.lines().filter(|l| l.starts_with("→ ") || l.starts_with("← ")).map(|l| &l[4..]).collect();
+        assert_eq!(lines.len(), 10);
+        let (alice, bob) = (&mut Correlator::new(), &mut Correlator::new());
+        send(alice, lines[0]);
+        assert_eq!(answer(&enc(kind::REGISTER_OK, &protocol::RegisterOk { user_id: 1 }), alice), lines[1]);
+        send(alice, lines[2]);
+        let ok = protocol::LoginOk {
+            user_id: 1,
+            session_id: 0x0001_0000_0000_0003,
+            server_time_ms: 1767225600000,
+            idle_timeout_ms: 90000,
+            frame_bytes_max: 65536,
+            body_bytes_max: 32768,
+            inflight_max: 256,
+            protocol_version: 1,
+        };
+        assert_eq!(answer(&enc(kind::LOGIN_OK, &ok), alice), lines[3]);
+        send(alice, lines[4]);
+        let f = frame::encode(
+            kind::SEND,
+            &protocol::Send { conv: 1, to: 2, client_msg_id: 1, body: b"hello".to_vec() },
+        );
+        assert_eq!(frame_of(lines[4]).as_bytes(), &f[..]);
+        let acked = protocol::SendAck {
+            client_msg_id: 1,
+            msg_id: 0x0123456789abcdef,
+            seq: 1,
+            ts_ms: 1767225600123,
+            duplicate: false,
+        };
+        assert_eq!(answer(&enc(kind::SEND_ACK, &acked), alice), lines[5]);
+        let stamp =
+            Stamp { msg_id: 0x0123456789abcdef, seq: 1, ts_ms: 1767225600123, from: 1, to: 2, conv: 1 };
+        let hello = protocol::Send { conv: 1, to: 2, client_msg_id: 1, body: b"hello".to_vec() };
+        assert_eq!(answer(&stamped(kind::DELIVER, &hello, stamp), bob), lines[6]);
+        let ack = frame::encode(kind::DELIVERY_ACK, &protocol::DeliveryAck { conv: 1, peer: 1, seq: 1 });
+        assert_eq!(frame_of(lines[7]).as_bytes(), &ack[..]);
+        match request(lines[8], alice) {
+            Inbound::Error(e) => assert_eq!(e, lines[9]),
+            Inbound::Frame(f) => panic!("accepted as {f:?}"),
+        }
+        // The single examples elsewhere in the document too.
+        for (i, (text, want)) in [
+            (
+                r#"{"type":"send_ack","kind":106,"id":"m-17","client_msg_id":"17","msg_id":"81985529216486895","seq":"1","ts_ms":"1767225600123","duplicate":false}"#,
+                {
+                    let c = &mut Correlator::new();
+                    send(c, r#"{"op": "send", "id": "m-17", "conv": 1, "to": "2", "client_msg_id": "17", "body": "hello"}"#);
+                    answer(&enc(kind::SEND_ACK, &protocol::SendAck { client_msg_id: 17, ..acked }), c)
+                },
+            ),
+            (
+                r#"{"type":"error","kind":120,"id":"m-18","code":30,"code_name":"UnknownRecipient","request_kind":6,"client_msg_id":"18","message":"unknown recipient"}"#,
+                {
+                    let c = &mut logged_in();
+                    send(c, r#"{"op":"send","id":"m-18","conv":1,"to":"99","client_msg_id":"18"}"#);
+                    answer(&error_frame(ErrorCode::UnknownRecipient, kind::SEND, 18), c)
+                },
+            ),
+            (
+                r#"{"type":"deliver","kind":107,"msg_id":"81985529216486895","seq":"1","ts_ms":"1767225600123","from":"1","to":"2","conv":1,"client_msg_id":"1","body":"hello"}"#,
+                answer(&stamped(kind::DELIVER, &hello, stamp), &mut Correlator::new()),
+            ),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            assert!(doc.contains(text), "example {i} is not in the document");
+            assert_eq!(want, text);
+        }
+        for text in [
+            r#"{"type":"error","kind":120,"id":"q","code":1,"code_name":"Malformed","request_kind":6,"client_msg_id":"0","message":"field `to`: expected a u64, got the string \"abc\" (not decimal digits)"}"#,
+            r#"{"type":"deliver","kind":107,"msg_id":"9","seq":"5","ts_ms":"1767225600123","from":"0","to":"4611686018427387911","conv":2,"client_msg_id":"0","notice":{"event":15,"actor":"1","target":"0","until_ms":"0","users":["4","5"]}}"#,
+        ] {
+            assert!(doc.contains(text), "{text} is not in the document");
+        }
+        match request(
+            r#"{"op":"send","conv":1,"to":"abc","client_msg_id":1,"id":"q"}"#,
+            &mut Correlator::new(),
+        ) {
+            Inbound::Error(e) => assert!(doc.contains(&e), "{e} is not in the document"),
+            Inbound::Frame(f) => panic!("accepted as {f:?}"),
+        }
+        frame_of(
+            r#"{"op":"group_create","id":4,"profile":{"name":"tim fans","topic":"all about tim","join_policy":1}}"#,
+        );
     }
 
     /// A small seeded generator (xorshift64*), enough to mutate inputs reproducibly.
