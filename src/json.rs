@@ -1286,6 +1286,7 @@ fn type_name(k: u16) -> Option<&'static str> {
         kind::CATCHUP_END => "catch_up_end",
         kind::STREAM_MSG => "stream_msg",
         kind::RESYNC => "resync",
+        kind::BROADCAST => "broadcast",
         kind::ROOM_OK => "room_ok",
         kind::ROOM_MSG => "room_msg",
         kind::ROOM_CLOSED => "room_closed",
@@ -1433,6 +1434,12 @@ fn write_answer(frame: &[u8], corr: &mut Correlator, out: &mut String) -> Result
             o.num("unavailable", a.unavailable.to_native() as u64);
         }
         kind::RESYNC => {}
+        kind::BROADCAST => {
+            let a = access!(ArchivedBroadcast);
+            o.u64s("ts_ms", a.ts_ms.to_native());
+            o.u64s("group_id", a.group_id.to_native());
+            o.bytes("body", a.body.as_slice());
+        }
         kind::ROOM_OK => {
             let a = access!(ArchivedRoomOk);
             let (room, rk) = (a.room_id.to_native(), a.request_kind.to_native());
@@ -2161,6 +2168,12 @@ mod tests {
             json!({"type":"catch_up_end","kind":111,"count":5000,"more":true,"unavailable":1}),
         );
         check(c, Bytes::from(frame::encode_empty(kind::RESYNC)), json!({"type":"resync","kind":113}));
+        let b = protocol::Broadcast { ts_ms: 5, group_id: 1 << 62, body: b"notice".to_vec() };
+        check(
+            c,
+            Bytes::from(frame::encode(kind::BROADCAST, &b)),
+            json!({"type":"broadcast","kind":114,"ts_ms":"5","group_id":"4611686018427387904","body":"notice"}),
+        );
         check(
             c,
             enc(kind::ROOM_OK, &RoomOk { room_id: 5, request_kind: 21, subscribers: 3 }),

@@ -42,9 +42,9 @@ use super::{
     open_session, wait_writable, Conn,
 };
 use crate::{
-    frame::{AlignedBuf, HEADER_BYTES},
+    frame::AlignedBuf,
     protocol::ErrorCode,
-    session::{error_frame, Flow, Session},
+    session::{error_frame, requests::Requests, Flow, Session},
     shard::Shard,
 };
 
@@ -314,7 +314,7 @@ impl Ws {
         cfg.read_buffer_size = WS_READ_BUFFER_BYTES;
         cfg.write_buffer_size = 0;
         // A binary message carries whole frames; a JSON text is a request of similar size.
-        cfg.max_message_size = Some(frame_bytes_max + HEADER_BYTES + 8);
+        cfg.max_message_size = Some(ws_message_bytes_max(frame_bytes_max));
         cfg.max_frame_size = cfg.max_message_size;
         Ws {
             ctx: WebSocketContext::from_partially_read(tail.to_vec(), Role::Server, Some(cfg)),
@@ -332,6 +332,12 @@ impl Ws {
             log::debug!("websocket write: {e}");
         }
     }
+}
+
+/// The largest WebSocket message taken in: whole frames of up to `frame_bytes_max`, or a JSON
+/// text whose body is base64 (4/3 the bytes) or escaped text, with room for its other fields.
+pub fn ws_message_bytes_max(frame_bytes_max: usize) -> usize {
+    2 * frame_bytes_max + 4096
 }
 
 /// The close code for a WebSocket the gateway ends because of what the peer sent.
@@ -668,7 +674,13 @@ impl Reader<'_> {
             crate::json::request(text, &mut ws.json_state)
         };
         match converted {
-            crate::json::Inbound::Frame(mut buf) => handle_frames(self.shard, self.session, &mut buf).await,
+            crate::json::Inbound::Frame(f) => {
+                if f.payload().len() > self.shard.cfg().limits.frame_bytes_max {
+                    self.session.push(error_frame(ErrorCode::FrameTooLarge, f.kind(), 0));
+                    return Flow::Close;
+                }
+                Requests { shard: self.shard, session: self.session }.frame(f.kind(), f.payload()).await
+            }
             crate::json::Inbound::Error(answer) => {
                 if let Some(ws) = self.conn.io.borrow_mut().ws.as_mut() {
                     ws.texts.push_back(answer);

@@ -1,0 +1,169 @@
+//! JSON over WebSocket (docs/JSON.md) against real servers: a JSON client and a binary client
+//! talk to each other, request ids come back on their answers, and bad JSON gets its documented
+//! error without closing the connection or disturbing anyone else.
+
+mod common;
+use std::time::Duration;
+
+use common::{gateway::*, *};
+use serde_json::{json, Value};
+use tungstenite::{protocol::WebSocket, Message};
+
+type Ws = WebSocket<Box<dyn tim::client::Transport>>;
+
+fn send(ws: &mut Ws, v: Value) {
+    ws.send(Message::text(v.to_string())).unwrap();
+}
+
+fn send_text(ws: &mut Ws, text: &str) {
+    ws.send(Message::text(text.to_string())).unwrap();
+}
+
+/// The next server message, parsed.
+fn next(ws: &mut Ws) -> Value {
+    loop {
+        match ws.read().unwrap() {
+            Message::Text(t) => return serde_json::from_str(&t).unwrap(),
+            Message::Binary(b) => panic!("a binary message on a JSON connection: {b:?}"),
+            _ => {}
+        }
+    }
+}
+
+/// The next server message of `ty`, skipping others (which are returned too).
+fn next_of(ws: &mut Ws, ty: &str) -> Value {
+    loop {
+        let v = next(ws);
+        if v["type"] == ty {
+            return v;
+        }
+    }
+}
+
+/// Register and log in over JSON; returns the user id.
+fn json_login(ws: &mut Ws, name: &str) -> u64 {
+    send(ws, json!({"op": "register", "id": "r", "name": name, "password": PASSWORD}));
+    let ok = next(ws);
+    assert_eq!((ok["type"].as_str(), ok["id"].as_str()), (Some("register_ok"), Some("r")), "{ok}");
+    send(
+        ws,
+        json!({"op": "login", "id": 2, "name": name, "password": PASSWORD, "device_type": 4, "device_id": "b"}),
+    );
+    let ok = next(ws);
+    assert_eq!((ok["type"].as_str(), &ok["id"]), (Some("login_ok"), &json!(2)), "{ok}");
+    ok["user_id"].as_str().unwrap().parse().unwrap()
+}
+
+/// A JSON client and a binary TCP client exchange messages both ways; answers carry their
+/// request ids; history, pings and groups work over JSON.
+fn json_talks_with_binary(driver: &str) {
+    let s = TestServer::start(driver, "");
+    let mut j = ws_connect(s.ws_addr.unwrap(), Some("tim.json"));
+    let jid = json_login(&mut j, "jay");
+    let (bob, bob_id) = s.register("bob");
+    let (mut b, _) = s.login(&bob, 3);
+    for i in 1..=20u64 {
+        send(
+            &mut j,
+            json!({"op": "send", "id": format!("m{i}"), "conv": 1, "to": bob_id.to_string(), "client_msg_id": i, "body": format!("héllo {i} \"quoted\"")}),
+        );
+    }
+    for i in 1..=20u64 {
+        let ack = next_of(&mut j, "send_ack");
+        assert_eq!(ack["id"], json!(format!("m{i}")), "{ack}");
+        assert_eq!(ack["seq"], json!(i.to_string()));
+        let d = b.next_delivery().unwrap();
+        assert_eq!((d.stamp.from, d.body), (jid, format!("héllo {i} \"quoted\"").into_bytes()));
+    }
+    // Binary bytes to the JSON client come as body_b64; text as body.
+    b.send_wait(jid, 1, &[0xff, 0x00, 0x01]).unwrap();
+    b.send_wait(jid, 2, "text back".as_bytes()).unwrap();
+    let d1 = next_of(&mut j, "deliver");
+    assert_eq!(
+        (d1["body_b64"].as_str(), d1["from"].as_str()),
+        (Some("/wAB"), Some(bob_id.to_string().as_str())),
+        "{d1}"
+    );
+    let d2 = next_of(&mut j, "deliver");
+    assert_eq!(d2["body"], json!("text back"));
+    send(&mut j, json!({"op": "delivery_ack", "conv": 1, "peer": bob_id, "seq": d2["seq"]}));
+    send(&mut j, json!({"op": "ping", "id": "p", "nonce": "12345678901234567890"}));
+    let pong = next_of(&mut j, "pong");
+    assert_eq!((pong["id"].as_str(), pong["nonce"].as_str()), (Some("p"), Some("12345678901234567890")));
+    // A group over JSON, with bob in it; bob's message reaches the JSON client.
+    send(&mut j, json!({"op": "group_create", "id": "g", "profile": {"name": "team"}}));
+    let ok = next_of(&mut j, "group_ok");
+    assert_eq!(ok["id"], json!("g"));
+    let group: u64 = ok["group_id"].as_str().unwrap().parse().unwrap();
+    assert!(group >= 1 << 62, "group ids are strings, precise above 2^53");
+    send(
+        &mut j,
+        json!({"op": "group_add_members", "id": "add", "group_id": group.to_string(), "user_ids": [bob_id]}),
+    );
+    assert_eq!(next_of(&mut j, "group_ok")["id"], json!("add"));
+    b.group_send_wait(group, 9, b"to the team").unwrap();
+    loop {
+        let d = next_of(&mut j, "deliver");
+        if d["body"] == json!("to the team") {
+            assert_eq!((d["conv"].as_u64(), d["to"].as_str()), (Some(2), Some(group.to_string().as_str())));
+            break;
+        }
+        assert!(d.get("notice").is_some(), "only group notices before it: {d}");
+    }
+    send(&mut j, json!({"op": "logout", "id": "bye"}));
+    assert_eq!(next_of(&mut j, "bye")["id"], json!("bye"));
+}
+
+/// Bad JSON is answered with an error carrying the request's id (when it has one) and the
+/// connection goes on; an oversized message closes it with 1009; others are not disturbed.
+fn json_bad_input(driver: &str) {
+    let s = TestServer::start(driver, "[limits]\nframe_bytes_max = 65536\nbody_bytes_max = 32768\n");
+    let mut j = ws_connect(s.ws_addr.unwrap(), None);
+    let jid = json_login(&mut j, "jay");
+    let (bob, bob_id) = s.register("bob");
+    let (mut b, _) = s.login(&bob, 3);
+    send_text(&mut j, "{not json");
+    let e = next(&mut j);
+    assert_eq!((e["type"].as_str(), e["code"].as_u64()), (Some("error"), Some(1)), "{e}");
+    send(&mut j, json!({"op": "fly", "id": 7}));
+    let e = next(&mut j);
+    assert_eq!((e["code"].as_u64(), &e["id"]), (Some(2), &json!(7)), "{e}");
+    send(&mut j, json!({"op": "send", "id": "x", "conv": 1, "to": "bob", "client_msg_id": 1, "body": "hi"}));
+    let e = next(&mut j);
+    assert_eq!(
+        (e["code"].as_u64(), e["request_kind"].as_u64(), &e["id"]),
+        (Some(1), Some(6), &json!("x")),
+        "{e}"
+    );
+    assert!(e["message"].as_str().unwrap().contains("`to`"), "{e}");
+    send(
+        &mut j,
+        json!({"op": "send", "id": "big", "conv": 1, "to": bob_id, "client_msg_id": 2, "body": "a".repeat(40_000)}),
+    );
+    let e = next(&mut j);
+    assert_eq!((e["code"].as_u64(), &e["id"]), (Some(34), &json!("big")), "BodyTooLarge: {e}");
+    // The connection still works.
+    send(
+        &mut j,
+        json!({"op": "send", "id": "ok", "conv": 1, "to": bob_id, "client_msg_id": 3, "body": "still fine"}),
+    );
+    assert_eq!(next_of(&mut j, "send_ack")["id"], json!("ok"));
+    assert_eq!(b.next_delivery().unwrap().body, b"still fine");
+    // A message over the WebSocket cap: close 1009.
+    let huge =
+        json!({"op": "send", "conv": 1, "to": bob_id, "client_msg_id": 4, "body": "a".repeat(200_000)});
+    send(&mut j, huge);
+    j.get_ref().tcp().set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let code = loop {
+        match j.read() {
+            Ok(Message::Close(c)) => break c.map(|c| u16::from(c.code)),
+            Ok(_) => {}
+            Err(e) => panic!("no close frame: {e}"),
+        }
+    };
+    assert_eq!(code, Some(1009));
+    b.send_wait(jid, 1, b"others unaffected").unwrap();
+    let (_, _) = s.register("carol");
+}
+
+on_both_drivers!(json_talks_with_binary, json_bad_input);
