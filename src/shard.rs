@@ -746,11 +746,13 @@ impl Shard {
         self.rooms.borrow_mut().set_placement(new.clone(), live);
         // Sessions whose user owner changed are announced to the new one.
         let sessions: Vec<Rc<Session>> = self.sessions.borrow().values().cloned().collect();
+        let mut moved_users = Vec::new();
         for s in &sessions {
             if let Some((user, device_type)) = s.logged_in() {
                 let owner = new.user(user);
                 if owner != old.user(user) {
                     self.post(owner, Envelope::Reattach { user, session: s.id(), device_type });
+                    moved_users.push(s.clone());
                 }
             }
         }
@@ -765,10 +767,17 @@ impl Shard {
                 s.fail_sends_to(|n| !live(n));
             }
         }
-        if lost && self.shared.store.durable() {
+        // Without a loss (a node joined, or left in good order), only the sessions whose user
+        // owner moved may have missed deliveries: fan-outs that reached the new owner before
+        // the session's announcement did. They catch up the same way.
+        let resyncing = if lost {
+            sessions.into_iter().filter(|s| s.logged_in().is_some()).collect()
+        } else {
+            moved_users
+        };
+        if !resyncing.is_empty() && self.shared.store.durable() {
             let spread = self.cfg().cluster.resync_spread_ms.max(1);
-            let sessions: Vec<Rc<Session>> =
-                sessions.into_iter().filter(|s| s.logged_in().is_some()).collect();
+            let sessions: Vec<Rc<Session>> = resyncing;
             let n = sessions.len().max(1) as u64;
             // Not at once: the other nodes see the loss up to a probe round later, and until
             // they have changed tables too, a session's announcement or a delivery for it may

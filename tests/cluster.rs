@@ -106,7 +106,12 @@ impl Node {
             if alive == nodes {
                 return start.elapsed();
             }
-            assert!(start.elapsed() < within, "node {}: members {alive:?}, expected {nodes:?}", self.id);
+            assert!(
+                start.elapsed() < within,
+                "node {}: members {alive:?}, expected {nodes:?} (all: {:?})",
+                self.id,
+                st.members
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -445,5 +450,106 @@ fn dial_only_node_joins() {
         assert_eq!(next_body(&mut cb), format!("out {i}").into_bytes());
         cb.send_wait(a, 100 + i, format!("in {i}").as_bytes()).unwrap();
         assert_eq!(next_body(&mut ca), format!("in {i}").into_bytes());
+    }
+}
+
+/// A node joins while messages flow: partitions move to it (old owners drop what moved once
+/// idle, the new owner loads from the store), no number of a conversation is skipped or given
+/// twice, and every acknowledged message reaches its recipient: live, or in the catch-up after
+/// the `Resync` a session gets when its user's owner moved (PROTOCOL 6.14).
+#[test]
+fn join_under_load() {
+    let store = pg::store_body("postgres");
+    let n1 = Node::start(1, &store, &[], "");
+    let n2 = Node::start(2, &store, &[n1.cluster.unwrap()], "");
+    for n in [&n1, &n2] {
+        n.wait_members(&[1, 2], Duration::from_secs(10));
+    }
+    let nodes = [&n1, &n2];
+    let users: Vec<(String, u64)> = (0..10)
+        .map(|i| {
+            let name = format!("j{i}");
+            (name.clone(), register(nodes[i % 2], &name))
+        })
+        .collect();
+    let mut clients: Vec<Client> =
+        users.iter().enumerate().map(|(i, (n, _))| nodes[i % 2].login(n, 3)).collect();
+    // (sender, receiver) → the seqs acknowledged, in order.
+    let mut acked: std::collections::HashMap<(usize, usize), Vec<u64>> = Default::default();
+    // The third node starts on this thread (a test server dies with the thread that started
+    // it) while another thread sends.
+    let done = std::sync::atomic::AtomicBool::new(false);
+    let joined = std::thread::scope(|scope| {
+        let sender = scope.spawn(|| {
+            let started = Instant::now();
+            let mut round = 0u64;
+            // Keep sending until the third node has been in the table for a while.
+            while round < 80
+                || (!done.load(std::sync::atomic::Ordering::Acquire)
+                    && started.elapsed() < Duration::from_secs(30))
+            {
+                round += 1;
+                for a in 0..users.len() {
+                    let b = (a + 1) % users.len();
+                    let client_msg_id = round * 100 + a as u64;
+                    let mut tries = 0;
+                    let ack = loop {
+                        match clients[a].send_wait(users[b].1, client_msg_id, format!("{round}").as_bytes()) {
+                            Ok(ack) => break ack,
+                            Err(e)
+                                if matches!(
+                                    e.code(),
+                                    Some(ErrorCode::NodeUnavailable | ErrorCode::Timeout | ErrorCode::Busy)
+                                ) && tries < 100 =>
+                            {
+                                tries += 1;
+                                std::thread::sleep(Duration::from_millis(50));
+                            }
+                            Err(e) => panic!("round {round}, {a}->{b}: {e}"),
+                        }
+                    };
+                    acked.entry((a, b)).or_default().push(ack.seq);
+                }
+            }
+        });
+        std::thread::sleep(Duration::from_millis(300));
+        let n3 = Node::start(3, &store, &[n1.cluster.unwrap()], "");
+        n3.wait_members(&[1, 2, 3], Duration::from_secs(10));
+        // A while longer under load with the new table.
+        std::thread::sleep(Duration::from_millis(500));
+        done.store(true, std::sync::atomic::Ordering::Release);
+        sender.join().unwrap();
+        n3
+    });
+    for n in [&n1, &n2] {
+        n.wait_members(&[1, 2, 3], Duration::from_secs(10));
+    }
+    assert!(joined.status().alive_with_partitions().len() == 3);
+    for ((a, b), seqs) in &acked {
+        // Acks rise by one per conversation: no number skipped, none given twice.
+        let first = seqs[0];
+        assert_eq!(*seqs, (first..first + seqs.len() as u64).collect::<Vec<_>>(), "acks of {a}->{b}");
+        // The receiver got each (repeats after a Resync are dropped by seq, as clients do).
+        let mut got = std::collections::BTreeSet::new();
+        clients[*b].set_timeout(Some(Duration::from_secs(10))).unwrap();
+        while got.len() < seqs.len() {
+            match clients[*b].recv() {
+                Ok(tim::client::Event::Deliver(d)) if d.stamp.from == users[*a].1 => {
+                    got.insert(d.stamp.seq);
+                }
+                Ok(
+                    tim::client::Event::Deliver(_)
+                    | tim::client::Event::SendAck(_)
+                    | tim::client::Event::CatchUpEnd(_)
+                    | tim::client::Event::Resync,
+                ) => {}
+                Ok(other) => panic!("{a}->{b}: unexpected {other:?}"),
+                Err(e) => {
+                    let missing: Vec<u64> = seqs.iter().filter(|s| !got.contains(s)).copied().collect();
+                    panic!("{a}->{b}: {e}; missing seqs {missing:?} of {}", seqs.len())
+                }
+            }
+        }
+        assert_eq!(got.into_iter().collect::<Vec<_>>(), *seqs, "deliveries of {a}->{b}");
     }
 }

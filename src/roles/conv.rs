@@ -326,8 +326,15 @@ impl ConvOwner {
     /// A send arrives: answer a resend from dedup, sequence a new one, or wait for the load.
     pub fn submit(&mut self, sub: Box<Submit>, now: u64, out: &mut Effects) {
         let key = sub.key();
-        // A message on the wrong owner would get a second, conflicting sequence.
-        assert_eq!(self.placement.conv(key), self.me, "submit on the wrong conversation owner");
+        let owner = self.placement.conv(key);
+        if owner != self.me {
+            // A message on the wrong owner would get a second, conflicting sequence. This is a
+            // send accepted before the partition moved (it waited for the conversation's load,
+            // and the cluster's table changed meanwhile): on to the new owner, which loads the
+            // conversation from the store.
+            out.push(Effect::Post(owner, Envelope::Submit(sub)));
+            return;
+        }
         match self.convs.get_mut(&key) {
             Some(conv) => match &mut conv.state {
                 ConvState::Ready if sub.stream => {
