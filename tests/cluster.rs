@@ -489,12 +489,12 @@ fn join_under_load() {
                     && started.elapsed() < Duration::from_secs(30))
             {
                 round += 1;
-                for a in 0..users.len() {
+                for (a, client) in clients.iter_mut().enumerate() {
                     let b = (a + 1) % users.len();
                     let client_msg_id = round * 100 + a as u64;
                     let mut tries = 0;
                     let ack = loop {
-                        match clients[a].send_wait(users[b].1, client_msg_id, format!("{round}").as_bytes()) {
+                        match client.send_wait(users[b].1, client_msg_id, format!("{round}").as_bytes()) {
                             Ok(ack) => break ack,
                             Err(e)
                                 if matches!(
