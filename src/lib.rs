@@ -26,12 +26,14 @@
 //! - [`config`]: the TOML config and every limit;
 //! - [`server`]: start and graceful stop;
 //! - [`clock`]: wall-clock milliseconds, as stamped;
-//! - [`client`]: a blocking Rust client for protocol v1 (tests, tools).
+//! - [`client`]: a blocking Rust client for protocol v1 (tests, tools);
+//! - [`chat`]: `tim chat`, a terminal client (interactive, send, watch, history) on [`client`].
 //!
 //! The per-core runtime (executors, mesh, partition map) is the `tim-shards` crate.
 
 pub mod admin;
 pub mod auth;
+pub mod chat;
 pub mod client;
 pub mod clock;
 pub mod cluster;

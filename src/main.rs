@@ -31,6 +31,8 @@ enum Command {
         #[command(subcommand)]
         command: ClusterCommand,
     },
+    /// A terminal client: talk, send lines from stdin, watch messages, read history.
+    Chat(tim::chat::ChatArgs),
 }
 
 #[derive(Subcommand)]
@@ -92,6 +94,7 @@ fn main() -> anyhow::Result<()> {
         }
         Command::Serve(args) => serve(args),
         Command::Cluster { command: ClusterCommand::Status { config, addr } } => cluster_status(config, addr),
+        Command::Chat(args) => std::process::exit(tim::chat::run(args)),
     }
 }
 

@@ -1,0 +1,383 @@
+//! `tim chat`, the terminal client: the built `tim` binary as watcher, sender, history reader and
+//! interactive client, against real `tim serve` processes over real sockets on dynamic ports.
+
+mod common;
+
+use std::{
+    io::{BufRead, BufReader, Read, Write},
+    process::{Child, Command, ExitStatus, Stdio},
+    sync::mpsc::{self, Receiver},
+    time::{Duration, Instant},
+};
+
+use common::{TestServer, PASSWORD};
+use tim::protocol::{group_action, join_policy, GroupProfile};
+
+/// The longest any `tim chat` run may take; then it is killed and the test fails.
+const WAIT: Duration = Duration::from_secs(30);
+const EMBEDDED: &str = "backend = \"embedded\"";
+/// Cursors reach the store quickly, so a second login sees the first one's acks.
+const FAST_CURSORS: &str = "[limits]\ncursor_flush_ms = 20\n";
+
+/// A running `tim chat`, killed if the test ends first.
+struct Running {
+    child: Child,
+    stdout: Stream,
+    stderr: Stream,
+}
+
+/// One output of a child, line by line, as it comes.
+struct Stream {
+    lines: Receiver<String>,
+    seen: Vec<String>,
+}
+
+impl Stream {
+    fn new(pipe: impl Read + Send + 'static) -> Stream {
+        let (tx, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(pipe).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Stream { lines, seen: Vec::new() }
+    }
+
+    /// Read until a line contains `needle`, or fail after `WAIT`.
+    fn wait_for(&mut self, needle: &str, what: &str) -> String {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            if let Some(line) = self.seen.iter().find(|l| l.contains(needle)) {
+                return line.clone();
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) => self.seen.push(line),
+                Err(_) => panic!("no {what} line with {needle:?} within {WAIT:?}; got {:?}", self.seen),
+            }
+        }
+    }
+
+    /// Everything, once the child has exited.
+    fn rest(&mut self) -> Vec<String> {
+        while let Ok(line) = self.lines.recv_timeout(WAIT) {
+            self.seen.push(line);
+        }
+        std::mem::take(&mut self.seen)
+    }
+}
+
+#[derive(Debug)]
+struct Finished {
+    status: ExitStatus,
+    stdout: Vec<String>,
+    stderr: String,
+}
+
+impl Running {
+    /// Wait for the exit, or kill the child and fail after `WAIT`.
+    fn finish(mut self) -> Finished {
+        let deadline = Instant::now() + WAIT;
+        let status = loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                break status;
+            }
+            if Instant::now() >= deadline {
+                let _ = self.child.kill();
+                panic!("tim chat still running after {WAIT:?}; stderr so far: {:?}", self.stderr.seen);
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        Finished { status, stdout: self.stdout.rest(), stderr: self.stderr.rest().join("\n") }
+    }
+
+    fn signal(&self, sig: i32) {
+        // SAFETY: plain kill(2) on our own child's pid.
+        unsafe { libc::kill(self.child.id() as i32, sig) };
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `tim chat --addr SERVER --user USER ARGS…`, the password in TIM_PASSWORD, `stdin` piped in
+/// (then closed) or none.
+fn chat(s: &TestServer, user: &str, args: &[&str], stdin: Option<&str>) -> Running {
+    chat_as(s, &["--user", user], args, stdin)
+}
+
+/// As [`chat`], logging in with the options `login`.
+fn chat_as(s: &TestServer, login: &[&str], args: &[&str], stdin: Option<&str>) -> Running {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_tim"));
+    // SAFETY: prctl is async-signal-safe. The child dies with the test's thread.
+    unsafe {
+        use std::os::unix::process::CommandExt;
+        cmd.pre_exec(|| {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+            Ok(())
+        });
+    }
+    cmd.args(["chat", "--addr", &s.addr.to_string()])
+        .args(login)
+        .args(args)
+        .env("TIM_PASSWORD", PASSWORD)
+        .stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = cmd.spawn().expect("start tim chat");
+    if let Some(text) = stdin {
+        let mut pipe = child.stdin.take().unwrap();
+        pipe.write_all(text.as_bytes()).unwrap();
+    }
+    let stdout = Stream::new(child.stdout.take().unwrap());
+    let stderr = Stream::new(child.stderr.take().unwrap());
+    Running { child, stdout, stderr }
+}
+
+/// The lines without their `[time] ` prefix.
+fn messages(lines: &[String]) -> Vec<String> {
+    lines
+        .iter()
+        .map(|l| match l.split_once("] ") {
+            Some((time, rest)) if time.starts_with('[') => rest.to_string(),
+            _ => panic!("not a message line: {l:?}"),
+        })
+        .collect()
+}
+
+fn json(lines: &[String]) -> Vec<serde_json::Value> {
+    lines.iter().map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{l:?}: {e}"))).collect()
+}
+
+/// Lines piped into `send` reach a `watch --count` of the recipient in order, with their sender
+/// (the empty line skipped); both exit 0.
+#[test]
+fn piped_lines_reach_a_watcher_in_order() {
+    let s = TestServer::start("io_uring", "");
+    let (alice, alice_id) = s.register("alice");
+    let (bob, bob_id) = s.register("bob");
+    let mut watcher = chat(&s, &bob, &["watch", "--count", "3"], None);
+    let login = watcher.stderr.wait_for("logged in as", "stderr");
+    assert!(login.contains(&format!("(user {bob_id})")), "{login}");
+
+    let to = bob_id.to_string();
+    let lines = "hello bob\nsecond line\n\nthird ✓\n";
+    let sent = chat(&s, &alice, &["send", "--to", &to], Some(lines)).finish();
+    assert!(sent.status.success(), "{sent:?}");
+    assert!(sent.stdout.is_empty(), "{sent:?}");
+
+    let watched = watcher.finish();
+    assert!(watched.status.success(), "{watched:?}");
+    assert_eq!(
+        messages(&watched.stdout),
+        [
+            format!("{alice_id} → you: hello bob"),
+            format!("{alice_id} → you: second line"),
+            format!("{alice_id} → you: third ✓"),
+        ]
+    );
+}
+
+/// A wrong password and a refused send exit 1 with the error code's name on stderr.
+#[test]
+fn refusals_exit_nonzero_with_the_error_code_name() {
+    let s = TestServer::start("io_uring", "");
+    let (alice, _) = s.register("alice");
+    let wrong =
+        chat(&s, &alice, &["--password", "not the password", "send", "--to", "1", "hi"], None).finish();
+    assert_eq!(wrong.status.code(), Some(1), "{wrong:?}");
+    assert!(wrong.stderr.contains("WrongPassword"), "{wrong:?}");
+
+    let nobody = chat(&s, &alice, &["send", "--to", "999999", "hi"], None).finish();
+    assert_eq!(nobody.status.code(), Some(1), "{nobody:?}");
+    assert!(nobody.stderr.contains("UnknownRecipient"), "{nobody:?}");
+
+    let by_name = chat(&s, &alice, &["send", "--to", "bob", "hi"], None).finish();
+    assert_eq!(by_name.status.code(), Some(2), "{by_name:?}");
+    assert!(by_name.stderr.contains("no lookup by name"), "{by_name:?}");
+}
+
+/// `--register` creates the account (and, run again, logs in to it); `history` then prints what
+/// was sent, oldest first, on both sides, and as JSON.
+#[test]
+fn history_prints_the_sent_messages() {
+    let s = TestServer::start_with_store("io_uring", EMBEDDED, "");
+    let (bob, bob_id) = s.register("bob");
+    let carol = s.name("carol");
+    let to = bob_id.to_string();
+
+    let first = chat(&s, &carol, &["--register", "send", "--to", &to, "first", "words"], None).finish();
+    assert!(first.status.success(), "{first:?}");
+    let carol_id: u64 = first
+        .stderr
+        .split_once(&format!("registered {carol} (user "))
+        .and_then(|(_, rest)| rest.split_once(')'))
+        .map(|(id, _)| id.parse().unwrap())
+        .unwrap_or_else(|| panic!("{first:?}"));
+    let again = chat(&s, &carol, &["--register", "send", "--to", &to], Some("second\nthird\n")).finish();
+    assert!(again.status.success(), "{again:?}");
+    assert!(again.stderr.contains("registered already"), "{again:?}");
+
+    let with_carol = carol_id.to_string();
+    let page = chat(&s, &bob, &["history", "--with", &with_carol], None).finish();
+    assert!(page.status.success(), "{page:?}");
+    assert_eq!(
+        messages(&page.stdout),
+        [
+            format!("{carol_id} → you: first words"),
+            format!("{carol_id} → you: second"),
+            format!("{carol_id} → you: third"),
+        ]
+    );
+    let mine = chat(&s, &carol, &["history", "--with", &to], None).finish();
+    assert_eq!(messages(&mine.stdout)[0], format!("you → {bob_id}: first words"), "{mine:?}");
+
+    let newest = chat(&s, &bob, &["history", "--with", &with_carol, "--limit", "2", "--json"], None).finish();
+    let got = json(&newest.stdout);
+    let seqs: Vec<_> =
+        got.iter().map(|v| (v["seq"].as_u64(), v["text"].as_str(), v["from"].as_u64())).collect();
+    assert_eq!(seqs, [(Some(2), Some("second"), Some(carol_id)), (Some(3), Some("third"), Some(carol_id))]);
+    let older = chat(&s, &bob, &["history", "--with", &with_carol, "--before", "2"], None).finish();
+    assert_eq!(messages(&older.stdout), [format!("{carol_id} → you: first words")]);
+}
+
+/// `watch` prints what the device missed (the login's catch-up) and acknowledges it: the same
+/// device's next watch starts after what was printed, another device gets everything.
+#[test]
+fn watch_catches_up_and_moves_the_device_cursor() {
+    let s = TestServer::start_with_store("io_uring", EMBEDDED, FAST_CURSORS);
+    let (alice, alice_id) = s.register("alice");
+    let (bob, bob_id) = s.register("bob");
+    let to = bob_id.to_string();
+    let sent = chat(&s, &alice, &["send", "--to", &to], Some("one\ntwo\nthree\n")).finish();
+    assert!(sent.status.success(), "{sent:?}");
+
+    let laptop = ["--device-id", "laptop", "watch", "--json"];
+    let first = chat(&s, &bob, &[&laptop[..], &["--count", "2"]].concat(), None).finish();
+    assert!(first.status.success(), "{first:?}");
+    let got = json(&first.stdout);
+    let texts: Vec<_> = got.iter().map(|v| (v["seq"].as_u64(), v["text"].as_str())).collect();
+    assert_eq!(texts, [(Some(1), Some("one")), (Some(2), Some("two"))]);
+    assert!(got.iter().all(|v| v["from"].as_u64() == Some(alice_id) && v["type"] == "message"));
+
+    std::thread::sleep(Duration::from_millis(200)); // > cursor_flush_ms
+    let next = chat(&s, &bob, &[&laptop[..], &["--count", "1"]].concat(), None).finish();
+    let texts: Vec<_> = json(&next.stdout).iter().map(|v| v["text"].as_str().map(String::from)).collect();
+    assert_eq!(texts, [Some("three".to_string())], "{next:?}");
+
+    let phone = chat(&s, &bob, &["--device-id", "phone", "watch", "--count", "3"], None).finish();
+    assert_eq!(phone.stdout.len(), 3, "another device has its own cursor: {phone:?}");
+}
+
+/// A group message sent with `send --group` reaches a member's watch, named by group; a
+/// non-member's send is refused with NotMember.
+#[test]
+fn group_messages_reach_a_members_watch() {
+    let s = TestServer::start("io_uring", "");
+    let (alice, alice_id) = s.register("alice");
+    let (bob, _) = s.register("bob");
+    let (carol, _) = s.register("carol");
+    let (mut founder, _) = s.login(&alice, 3);
+    let profile = GroupProfile {
+        name: "chat test".into(),
+        topic: String::new(),
+        avatar_url: String::new(),
+        extra: Vec::new(),
+        join_policy: join_policy::OPEN,
+        invite_policy: 0,
+    };
+    let group = founder.group_create(profile).unwrap();
+    let (mut member, _) = s.login(&bob, 3);
+    member.group_action(group, group_action::JOIN, 0, 0, "").unwrap();
+
+    let mut watcher = chat(&s, &bob, &["watch", "--count", "2"], None);
+    watcher.stderr.wait_for("logged in as", "stderr");
+    let g = group.to_string();
+    let sent = chat(&s, &alice, &["send", "--group", "--to", &g], Some("hi all\nsecond\n")).finish();
+    assert!(sent.status.success(), "{sent:?}");
+    let watched = watcher.finish();
+    assert!(watched.status.success(), "{watched:?}");
+    assert_eq!(
+        messages(&watched.stdout),
+        [format!("{alice_id} → group {group}: hi all"), format!("{alice_id} → group {group}: second")]
+    );
+
+    let outsider = chat(&s, &carol, &["send", "--to", &g, "let me in"], None).finish();
+    assert_eq!(outsider.status.code(), Some(1), "{outsider:?}");
+    assert!(outsider.stderr.contains("NotMember"), "{outsider:?}");
+}
+
+/// A watch pings, so it outlives the server's idle timeout several times over, and Ctrl-C
+/// (SIGINT) ends it cleanly with status 0.
+#[test]
+fn a_watch_outlives_the_idle_timeout_and_stops_on_ctrl_c() {
+    let s = TestServer::start("io_uring", "[limits]\nidle_timeout_ms = 600\n");
+    let (alice, _) = s.register("alice");
+    let (bob, bob_id) = s.register("bob");
+    let mut watcher = chat(&s, &bob, &["watch"], None);
+    watcher.stderr.wait_for("logged in as", "stderr");
+    std::thread::sleep(Duration::from_millis(2_000));
+    let (mut a, _) = s.login(&alice, 3);
+    a.send_wait(bob_id, 1, b"still there?").unwrap();
+    watcher.stdout.wait_for("still there?", "stdout");
+    watcher.signal(libc::SIGINT);
+    let watched = watcher.finish();
+    assert!(watched.status.success(), "{watched:?}");
+}
+
+/// A kick (a newer login past the device limit) ends a watch with status 1 and says why.
+#[test]
+fn a_kick_ends_a_watch_with_its_reason() {
+    let s = TestServer::start("io_uring", "[sessions]\nper_device_type_max = 1\n");
+    let (bob, _) = s.register("bob");
+    let mut watcher = chat(&s, &bob, &["watch", "--device-type", "web"], None);
+    watcher.stderr.wait_for("logged in as", "stderr");
+    let _newer = s.login(&bob, 4); // web
+    let watched = watcher.finish();
+    assert_eq!(watched.status.code(), Some(1), "{watched:?}");
+    assert!(watched.stderr.contains("Replaced"), "{watched:?}");
+}
+
+/// Interactive mode reads commands and lines from stdin: `/to`, a plain line, `@ID text`,
+/// `/quit`; both messages arrive, and each is echoed once acknowledged.
+#[test]
+fn interactive_mode_sends_what_is_typed() {
+    let s = TestServer::start("io_uring", "");
+    let (alice, _) = s.register("alice");
+    let (bob, bob_id) = s.register("bob");
+    let (mut b, _) = s.login(&bob, 3);
+    let script = format!("/to {bob_id}\nhello from a script\n@{bob_id} and again\n/whoami\n/quit\n");
+    let typed = chat(&s, &alice, &["interactive"], Some(&script)).finish();
+    assert!(typed.status.success(), "{typed:?}");
+    assert_eq!(
+        messages(&typed.stdout),
+        [format!("you → {bob_id}: hello from a script"), format!("you → {bob_id}: and again")]
+    );
+    assert!(typed.stderr.contains(&format!("talking to user {bob_id}")), "{typed:?}");
+    assert_eq!(b.next_delivery().unwrap().body, b"hello from a script");
+    assert_eq!(b.next_delivery().unwrap().body, b"and again");
+}
+
+/// A one-shot token logs in instead of a name and password, and only once.
+#[test]
+fn a_token_logs_in_once() {
+    let s = TestServer::start("io_uring", "");
+    let (alice, alice_id) = s.register("alice");
+    let (mut a, _) = s.login(&alice, 3);
+    let token = a.issue_token(60).unwrap().token;
+    let mut watcher = chat_as(&s, &["--token", &token], &["watch"], None);
+    let login = watcher.stderr.wait_for("logged in as", "stderr");
+    assert!(login.contains(&format!("(user {alice_id})")), "{login}");
+    watcher.signal(libc::SIGTERM);
+    assert!(watcher.finish().status.success());
+    let again = chat_as(&s, &["--token", &token], &["watch"], None).finish();
+    assert_eq!(again.status.code(), Some(1), "{again:?}");
+    assert!(again.stderr.contains("InvalidToken"), "{again:?}");
+}
