@@ -65,7 +65,9 @@ const LINES_PER_TURN: usize = 16;
 /// Bytes kept of one stdin line; a longer line is refused whole.
 const LINE_BYTES_MAX: usize = 1 << 20;
 /// On quitting, how long answers to sends in flight are waited for.
-const EXIT_ANSWERS_WAIT: Duration = Duration::from_secs(5);
+const EXIT_ANSWERS_WAIT: Duration = Duration::from_secs(10);
+// Quitting waits out a send's whole resend schedule.
+const _: () = assert!(RESEND_PAUSE.as_millis() * ((1 << RESENDS_MAX) - 1) < EXIT_ANSWERS_WAIT.as_millis());
 /// `watch --count` reached before the login's catch-up ended: its end is waited for this long at
 /// most (its messages left unacknowledged come again at the next login)…
 const CATCH_UP_DRAIN_MAX: Duration = Duration::from_secs(5);
@@ -274,16 +276,6 @@ impl ChatError {
         ChatError::Refused { doing, code: e.code, message: e.message.clone() }
     }
 
-    /// The protocol error code, if the server gave one.
-    pub fn code(&self) -> Option<ErrorCode> {
-        match self {
-            ChatError::Refused { code, .. } | ChatError::Kicked { reason: code, .. } => {
-                ErrorCode::from_u16(*code)
-            }
-            _ => None,
-        }
-    }
-
     pub fn exit_code(&self) -> i32 {
         match self {
             ChatError::Usage(_) => 2,
@@ -436,13 +428,13 @@ impl Seen {
             if c.shown.is_empty() {
                 continue;
             }
-            let mut next = if c.acked == 0 { c.low } else { c.acked + 1 };
+            let mut next = if c.acked == 0 { c.low } else { c.acked.saturating_add(1) };
             while let Some(&first) = c.shown.first() {
                 if first < next {
                     c.shown.pop_first();
                 } else if first == next {
                     c.shown.pop_first();
-                    next += 1;
+                    next = next.saturating_add(1);
                     c.gap_since_ms = None;
                 } else {
                     // A gap: [next, first) is missing.
@@ -458,9 +450,10 @@ impl Seen {
                     }
                 }
             }
-            if next - 1 > c.acked {
-                c.acked = next - 1;
-                due.push((*key, c.acked));
+            let top = next.saturating_sub(1);
+            if top > c.acked {
+                c.acked = top;
+                due.push((*key, top));
             }
         }
         due
@@ -1126,7 +1119,7 @@ impl Session {
     }
 
     /// Ping when nothing was written for a third of the idle timeout; give up on a server that
-    /// leaves a ping unanswered for the whole idle timeout.
+    /// leaves a ping unanswered for the whole idle timeout (and at least `REQUEST_TIMEOUT`).
     fn keep_alive(&mut self) -> Result<(), ChatError> {
         match self.ping_out {
             Some((_, sent)) => {
