@@ -196,15 +196,15 @@ pub struct Client {
 
 impl Client {
     pub fn connect(addr: SocketAddr) -> Result<Client> {
-        Self::over(TcpStream::connect(addr)?)
+        Self::over_tcp(TcpStream::connect(addr)?)
     }
 
     /// As [`Client::connect`], giving up after `timeout` if nothing answers at `addr`.
     pub fn connect_timeout(addr: SocketAddr, timeout: Duration) -> Result<Client> {
-        Self::over(TcpStream::connect_timeout(&addr, timeout)?)
+        Self::over_tcp(TcpStream::connect_timeout(&addr, timeout)?)
     }
 
-    fn over(stream: TcpStream) -> Result<Client> {
+    fn over_tcp(stream: TcpStream) -> Result<Client> {
         stream.set_nodelay(true)?;
         Client::over(Box::new(stream))
     }
