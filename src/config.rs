@@ -32,11 +32,18 @@ pub struct AdminConfig {
     /// (`Authorization: Bearer TOKEN`); also from `TIM_ADMIN_TOKEN`. "": none needed, which
     /// only a loopback listener allows.
     pub token: String,
+    /// Count messages, acks and their latency per shard for `/metrics`; false leaves those
+    /// series at 0 (connections, sessions and queue depths are still reported).
+    pub metrics: bool,
 }
 
 impl Default for AdminConfig {
     fn default() -> Self {
-        AdminConfig { listen: Some("127.0.0.1:7190".parse().expect("valid")), token: String::new() }
+        AdminConfig {
+            listen: Some("127.0.0.1:7190".parse().expect("valid")),
+            token: String::new(),
+            metrics: true,
+        }
     }
 }
 
@@ -885,6 +892,7 @@ handshake_timeout_ms = 10000        # a WebSocket upgrade or TLS handshake must 
 [admin]                             # the admin HTTP API, /metrics, /healthz, /readyz (docs/ADMIN.md)
 listen = "127.0.0.1:7190"           # "" = off; an address other than loopback needs a token
 token = ""                          # bearer token for every request but the health checks (or TIM_ADMIN_TOKEN)
+metrics = true                      # count messages, acks and latencies per shard (false: not on the message path)
 "#;
 
 #[cfg(test)]

@@ -89,6 +89,18 @@ impl Default for Counters {
 
 thread_local! {
     static COUNTERS: Counters = Counters::default();
+    /// `admin.metrics`: whether the message path counts.
+    static ENABLED: Cell<bool> = const { Cell::new(true) };
+}
+
+/// Turn the message path's counting on or off for this thread (a shard, at start).
+pub fn enable(on: bool) {
+    ENABLED.with(|e| e.set(on));
+}
+
+#[inline]
+fn enabled() -> bool {
+    ENABLED.with(Cell::get)
 }
 
 /// A connection was accepted on transport `t` (index of [`TRANSPORTS`]).
@@ -104,20 +116,27 @@ pub fn count_login() {
 /// A Send (or Stream) request was taken in.
 #[inline]
 pub fn count_send() {
-    COUNTERS.with(|c| bump(&c.sends, 1));
+    if enabled() {
+        COUNTERS.with(|c| bump(&c.sends, 1));
+    }
 }
 
-/// A send was acknowledged, `d` after its bytes arrived.
+/// A send was acknowledged; its bytes arrived at `arrived`.
 #[inline]
-pub fn observe_ack(d: Duration) {
-    COUNTERS.with(|c| {
-        bump(&c.acks, 1);
-        c.ack_latency.observe(d);
-    });
+pub fn observe_ack(arrived: std::time::Instant) {
+    if enabled() {
+        COUNTERS.with(|c| {
+            bump(&c.acks, 1);
+            c.ack_latency.observe(arrived.elapsed());
+        });
+    }
 }
 
 /// A store commit of `messages` ended after `d`.
 pub fn observe_commit(d: Duration, messages: usize) {
+    if !enabled() {
+        return;
+    }
     COUNTERS.with(|c| {
         bump(&c.commits, 1);
         bump(&c.commit_messages, messages as u64);
@@ -193,9 +212,12 @@ mod tests {
     /// Observations land in the right bucket and the sum; counters count per thread.
     #[test]
     fn histogram_and_counters() {
-        observe_ack(Duration::from_micros(50));
-        observe_ack(Duration::from_micros(3_000));
-        observe_ack(Duration::from_secs(60));
+        COUNTERS.with(|c| {
+            for us in [50, 3_000, 60_000_000] {
+                bump(&c.acks, 1);
+                c.ack_latency.observe(Duration::from_micros(us));
+            }
+        });
         count_error(12);
         count_error(12);
         count_error(9999);

@@ -282,6 +282,7 @@ async fn run_shard(
     let drain = Duration::from_millis(shared.cfg.limits.shutdown_drain_ms);
     let shard = Rc::new(Shard::new(ctx.id, ctx.shards, shared, ctx.port));
     CURRENT.with(|c| *c.borrow_mut() = Some(shard.clone()));
+    crate::metrics::enable(shard.cfg().admin.metrics);
     monoio::spawn(shard.clone().run_mesh());
     monoio::spawn(shard.clone().run_timeouts());
     monoio::spawn(shard.clone().run_fanout());

@@ -3,6 +3,7 @@
 # percent, unlike msgs/s on a shared VM, so two builds can be compared with a handful of runs.
 #
 #   bench/scripts/instructions.sh TIM_BINARY LABEL [SECONDS]
+#   METRICS=false bench/scripts/instructions.sh ...     # with admin.metrics off
 #
 # Runs TIM_BINARY (memory store, 2 shards, epoll: valgrind does not know io_uring) under callgrind,
 # drives it with the release tim-loadgen (1:1, 50 connections, 64-byte bodies) for SECONDS (10),
@@ -24,6 +25,7 @@ driver = "epoll"
 ws_listen = ""
 [admin]
 listen = ""
+metrics = ${METRICS:-true}
 [store]
 backend = "memory"
 [security]

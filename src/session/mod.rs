@@ -366,7 +366,7 @@ impl Session {
 
     pub fn on_acked(&self, ack: &AckInfo) {
         let Some(arrived) = self.answered(ack.client_msg_id) else { return };
-        crate::metrics::observe_ack(arrived.elapsed());
+        crate::metrics::observe_ack(arrived);
         let f = frame::encode(
             kind::SEND_ACK,
             &protocol::SendAck {
