@@ -740,7 +740,13 @@ impl Shard {
             table.nodes.len(),
             (0..tim_shards::PARTITIONS).filter(|&p| new.owner_of_partition(p) == me).count()
         );
-        self.users.borrow_mut().drop_moved(|u| new.user(u) == me, live);
+        let handed = self.users.borrow_mut().drop_moved(|u| new.user(u) == me, live, now_ms());
+        // One-shot tokens of users that moved go to their new owner (SessionRef::NONE: no
+        // answer is wanted).
+        for (user, hash, expires_at_ms) in handed {
+            let session = SessionRef::NONE;
+            self.post(new.user(user), Envelope::StoreToken { user, session, hash, expires_at_ms });
+        }
         self.convs.borrow_mut().set_placement(new.clone());
         self.groups.borrow_mut().set_placement(new.clone());
         self.rooms.borrow_mut().set_placement(new.clone(), live);

@@ -553,3 +553,35 @@ fn join_under_load() {
         assert_eq!(got.into_iter().collect::<Vec<_>>(), *seqs, "deliveries of {a}->{b}");
     }
 }
+
+/// When a node joins, the one-shot tokens of users whose owner moved to it move with them: a
+/// token issued before the join logs in after it.
+#[test]
+fn tokens_move_with_their_users() {
+    let store = pg::store_body("postgres");
+    let n1 = Node::start(1, &store, &[], "");
+    let n2 = Node::start(2, &store, &[n1.cluster.unwrap()], "");
+    for n in [&n1, &n2] {
+        n.wait_members(&[1, 2], Duration::from_secs(10));
+    }
+    let tokens: Vec<(u64, String)> = (0..24)
+        .map(|i| {
+            let name = format!("t{i}");
+            let id = register(&n1, &name);
+            let mut c = n1.login(&name, 3);
+            (id, c.issue_token(600).unwrap().token)
+        })
+        .collect();
+    let n3 = Node::start(3, &store, &[n1.cluster.unwrap()], "");
+    for n in [&n1, &n2, &n3] {
+        n.wait_members(&[1, 2, 3], Duration::from_secs(10));
+    }
+    // Let the handed tokens arrive (they travel with the table change).
+    std::thread::sleep(Duration::from_millis(500));
+    for (i, (id, token)) in tokens.iter().enumerate() {
+        let node = [&n1, &n2, &n3][i % 3];
+        let mut c = node.client();
+        let ok = c.login_token(token, 4, "web").unwrap_or_else(|e| panic!("user {id}'s token: {e}"));
+        assert_eq!(ok.user_id, *id);
+    }
+}

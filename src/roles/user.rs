@@ -126,14 +126,24 @@ impl UserOwner {
     }
 
     /// Forget the users this owner no longer owns, and sessions on nodes no longer live.
-    pub fn drop_moved(&mut self, owns: impl Fn(UserId) -> bool, node_live: impl Fn(NodeId) -> bool) {
+    /// Returns the unexpired one-shot tokens of the users that moved, (user, hash, expiry), for
+    /// their new owner (their sessions are announced to it by the shards that hold them).
+    pub fn drop_moved(
+        &mut self,
+        owns: impl Fn(UserId) -> bool,
+        node_live: impl Fn(NodeId) -> bool,
+        now: u64,
+    ) -> Vec<(UserId, [u8; 32], u64)> {
+        let mut handed = Vec::new();
         self.users.retain(|&u, live| {
             if !owns(u) {
+                handed.extend(live.tokens.iter().filter(|&&(_, exp)| exp > now).map(|&(h, exp)| (u, h, exp)));
                 return false;
             }
             live.sessions.retain(|s| node_live(s.session.node()));
             !live.is_empty()
         });
+        handed
     }
 
     /// A logged-in session ended (or a login's connection ended before it was answered).
@@ -158,6 +168,14 @@ impl UserOwner {
     ) {
         let live = self.users.entry(user).or_default();
         live.tokens.retain(|&(_, exp)| exp > now);
+        if session == SessionRef::NONE {
+            // A token handed over by the user's previous owner (its partition moved): kept
+            // (the cap was checked when it was issued), nobody to answer.
+            if !live.tokens.iter().any(|&(h, _)| h == hash) {
+                live.tokens.push((hash, expires_at_ms));
+            }
+            return;
+        }
         let result = if live.tokens.len() >= self.tokens_per_user_max {
             Err(ErrorCode::TooManyTokens)
         } else {
