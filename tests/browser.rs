@@ -1,0 +1,475 @@
+//! The web chat page (web/) in a real browser: two headless Chromium pages, driven through
+//! chromedriver (WebDriver), register and log in on tim's own page, chat 1:1 by user id with
+//! delivery states (sending → sent, received → acknowledged), make a group and talk in it, use a
+//! live room, page back through history with "load older", and after a reload find the
+//! conversations again from the store. Screenshots of both pages are saved.
+//!
+//! Needs Debian's `chromium` and `chromium-driver` packages (`/usr/bin/chromium`,
+//! `/usr/bin/chromedriver`; or set `CHROME` and `CHROMEDRIVER`). Without them the test fails.
+
+mod common;
+
+use std::{
+    net::{SocketAddr, TcpListener, TcpStream},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context};
+use common::*;
+use fantoccini::{Client, ClientBuilder, Locator};
+use serde_json::{json, Value};
+
+/// How long the page gets to show what a step waits for.
+const WAIT: Duration = Duration::from_secs(20);
+/// The whole browser scenario, WebDriver sessions included.
+const SCENARIO_MAX: Duration = Duration::from_secs(240);
+/// Messages sent from alice's second device, to make bob's history longer than one page (the
+/// page asks for 30).
+const BULK: u64 = 40;
+
+/// A chromedriver process on a free loopback port, killed with its browsers on drop.
+struct Chromedriver {
+    child: Child,
+    url: String,
+}
+
+impl Chromedriver {
+    fn start() -> Chromedriver {
+        let path = std::env::var_os("CHROMEDRIVER")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| "/usr/bin/chromedriver".into());
+        assert!(
+            path.exists(),
+            "chromedriver not found at {}: the browser test needs Debian's `chromium` and \
+             `chromium-driver` packages (apt-get install chromium chromium-driver), or CHROMEDRIVER \
+             set to a chromedriver",
+            path.display()
+        );
+        for _ in 0..3 {
+            // A free port: bind one, let it go, hand it to chromedriver (another process could
+            // take it in between: then try again).
+            let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+            let mut cmd = Command::new(&path);
+            cmd.args([format!("--port={port}"), "--allowed-ips=127.0.0.1".into()])
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::inherit());
+            // SAFETY: prctl is async-signal-safe. chromedriver dies with the test's thread; its
+            // own process group lets Drop kill the browsers it started too.
+            unsafe {
+                use std::os::unix::process::CommandExt;
+                cmd.process_group(0).pre_exec(|| {
+                    libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                    Ok(())
+                });
+            }
+            let child = cmd.spawn().expect("start chromedriver");
+            let mut driver = Chromedriver { child, url: format!("http://127.0.0.1:{port}") };
+            let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while Instant::now() < deadline {
+                if let Ok(Some(status)) = driver.child.try_wait() {
+                    eprintln!("chromedriver exited at start ({status}); trying another port");
+                    break;
+                }
+                if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
+                    return driver;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            drop(driver);
+        }
+        panic!("chromedriver did not start listening");
+    }
+}
+
+impl Drop for Chromedriver {
+    fn drop(&mut self) {
+        // SAFETY: kill(2) on the process group of our own child (its pid, made a group leader).
+        unsafe { libc::kill(-(self.child.id() as i32), libc::SIGKILL) };
+        let _ = self.child.wait();
+    }
+}
+
+/// A new headless Chromium session (a browser of its own: its own profile and storage).
+async fn browser(driver: &Chromedriver) -> anyhow::Result<Client> {
+    let chrome = std::env::var("CHROME").unwrap_or_else(|_| "/usr/bin/chromium".into());
+    assert!(
+        Path::new(&chrome).exists(),
+        "chromium not found at {chrome}: apt-get install chromium, or set CHROME"
+    );
+    let caps = json!({
+        "browserName": "chrome",
+        "timeouts": {"pageLoad": 20000, "script": 10000, "implicit": 0},
+        "goog:chromeOptions": {
+            "binary": chrome,
+            "args": ["--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
+                     "--window-size=1280,860", "--no-first-run", "--no-default-browser-check"],
+        },
+    });
+    let Value::Object(caps) = caps else { unreachable!() };
+    let connector = hyper_util::client::legacy::connect::HttpConnector::new();
+    let c = tokio::time::timeout(
+        Duration::from_secs(30),
+        ClientBuilder::new(connector).capabilities(caps).connect(&driver.url),
+    )
+    .await
+    .context("starting a Chromium session took over 30 s")??;
+    Ok(c)
+}
+
+/// Run `script` (a function body; `arguments` are `args`) in the page.
+async fn js(c: &Client, script: &str, args: Vec<Value>) -> anyhow::Result<Value> {
+    Ok(c.execute(script, args).await?)
+}
+
+/// Poll `script` until it returns something other than null, false or "" (at most [`WAIT`]).
+async fn wait_js(c: &Client, what: &str, script: &str, args: Vec<Value>) -> anyhow::Result<Value> {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let v = js(c, script, args.clone()).await?;
+        if !matches!(&v, Value::Null | Value::Bool(false)) && v != json!("") {
+            return Ok(v);
+        }
+        if Instant::now() > deadline {
+            bail!("timed out after {WAIT:?} waiting for {what} (last value: {v})");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn fill(c: &Client, css: &str, text: &str) -> anyhow::Result<()> {
+    let e = c.find(Locator::Css(css)).await.with_context(|| format!("find {css}"))?;
+    e.clear().await?;
+    e.send_keys(text).await?;
+    Ok(())
+}
+
+async fn click(c: &Client, css: &str) -> anyhow::Result<()> {
+    c.find(Locator::Css(css)).await.with_context(|| format!("find {css}"))?.click().await?;
+    Ok(())
+}
+
+/// The message shown with body `text` in the open conversation, once it matches `state` (any
+/// state if null): `{from, from_label, state, seq, mine}`.
+const MESSAGE_JS: &str = r#"
+    const [text, state] = arguments;
+    const li = [...document.querySelectorAll('#messages li[data-testid=message]')]
+        .find(li => li.querySelector('[data-testid=message-body]')?.textContent === text);
+    if (!li || (state !== null && li.dataset.state !== state)) return null;
+    return {from: li.dataset.from ?? null, from_label: li.querySelector('[data-testid=message-from]')?.textContent ?? null,
+            state: li.dataset.state ?? null, seq: li.dataset.seq ?? null, mine: li.classList.contains('mine')};
+"#;
+
+async fn wait_message(c: &Client, text: &str, state: Option<&str>) -> anyhow::Result<Value> {
+    wait_js(c, &format!("message {text:?} in state {state:?}"), MESSAGE_JS, vec![json!(text), json!(state)])
+        .await
+}
+
+/// Open the page, register `name` with the form and wait until it is logged in; its user id.
+async fn register(c: &Client, url: &str, name: &str) -> anyhow::Result<String> {
+    c.goto(url).await?;
+    // Content-Security-Policy violations would break the page silently: record them.
+    js(
+        c,
+        "window.__cspViolations = []; document.addEventListener('securitypolicyviolation', \
+         e => window.__cspViolations.push(e.violatedDirective + ' ' + e.blockedURI));",
+        vec![],
+    )
+    .await?;
+    fill(c, "#auth-name", name).await?;
+    fill(c, "#auth-password", PASSWORD).await?;
+    click(c, "#register-btn").await?;
+    logged_in(c, name).await
+}
+
+/// Wait for the chat view; the user id the page shows.
+async fn logged_in(c: &Client, name: &str) -> anyhow::Result<String> {
+    let id = wait_js(
+        c,
+        &format!("{name} logged in"),
+        "return document.getElementById('chat-view').hidden ? null : document.getElementById('my-user-id').textContent;",
+        vec![],
+    )
+    .await?;
+    let state = js(c, "return document.getElementById('conn-state').dataset.state;", vec![]).await?;
+    assert_eq!(state, json!("online"));
+    Ok(id.as_str().unwrap().to_string())
+}
+
+/// Open the conversation `key` (`d:<user>`, `g:<group>`, `r:<room>`) from the sidebar.
+async fn open_conv(c: &Client, key: &str) -> anyhow::Result<()> {
+    let sel = format!("button[data-testid=conv-item][data-key='{key}']");
+    wait_js(
+        c,
+        &format!("{key} in the sidebar"),
+        "return !!document.querySelector(arguments[0]);",
+        vec![json!(sel)],
+    )
+    .await?;
+    click(c, &sel).await?;
+    wait_js(
+        c,
+        &format!("{key} open"),
+        "return document.getElementById('conv-pane').dataset.key === arguments[0] && !document.getElementById('conv-pane').hidden;",
+        vec![json!(key)],
+    )
+    .await?;
+    Ok(())
+}
+
+/// Type `text` into the composer and send it.
+async fn send(c: &Client, text: &str) -> anyhow::Result<()> {
+    fill(c, "#composer-input", text).await?;
+    click(c, "#send-btn").await
+}
+
+/// Record the states every message with body `text` is shown in (the page replaces message
+/// elements, so each added one shows one state).
+async fn watch_states(c: &Client, text: &str) -> anyhow::Result<()> {
+    js(
+        c,
+        "const text = arguments[0]; window.__states = [];
+         new MutationObserver(records => { for (const r of records) for (const n of r.addedNodes)
+           if (n.dataset?.testid === 'message' && n.querySelector('[data-testid=message-body]')?.textContent === text)
+             window.__states.push(n.dataset.state); })
+         .observe(document.getElementById('messages'), {childList: true});",
+        vec![json!(text)],
+    )
+    .await?;
+    Ok(())
+}
+
+async fn screenshot(c: &Client, dir: &Path, name: &str) {
+    match c.screenshot().await {
+        Ok(png) => {
+            let path = dir.join(format!("{name}.png"));
+            std::fs::write(&path, png).unwrap();
+            eprintln!("screenshot: {}", path.display());
+        }
+        Err(e) => eprintln!("screenshot {name} failed: {e}"),
+    }
+}
+
+/// Everything the two pages do; `a` is alice's page, `b` bob's.
+async fn scenario(
+    tcp: SocketAddr,
+    ws: SocketAddr,
+    a: &Client,
+    b: &Client,
+    shots: &Path,
+) -> anyhow::Result<()> {
+    let url = format!("http://{ws}/");
+    let alice = register(a, &url, "alice").await?;
+    let bob = register(b, &url, "bob").await?;
+    assert_ne!(alice, bob);
+
+    // Alice starts a chat with bob's id, read off bob's page, and writes.
+    fill(a, "#new-chat-id", &bob).await?;
+    click(a, "#new-chat-btn").await?;
+    wait_js(
+        a,
+        "chat with bob open",
+        "return document.getElementById('conv-pane').dataset.key === 'd:' + arguments[0];",
+        vec![json!(bob)],
+    )
+    .await?;
+    let hello = "hello bob, it's alice";
+    watch_states(a, hello).await?;
+    send(a, hello).await?;
+    let mine = wait_message(a, hello, Some("sent")).await?;
+    assert_eq!((mine["from"].as_str(), mine["mine"].as_bool()), (Some(&*alice), Some(true)), "{mine}");
+    assert!(mine["seq"].is_string(), "an acknowledged message shows its seq: {mine}");
+    let mut states: Vec<String> = serde_json::from_value(js(a, "return window.__states;", vec![]).await?)?;
+    states.dedup(); // a message is drawn again, in the same state, when others change
+    assert_eq!(states, ["sending", "sent"], "delivery states of alice's message");
+
+    // Bob sees it in a new chat with alice, with her as the sender, and acknowledges it.
+    open_conv(b, &format!("d:{alice}")).await?;
+    let got = wait_message(b, hello, Some("acked")).await?;
+    assert_eq!(got["from"], json!(alice), "{got}");
+    assert_eq!(got["from_label"], json!(format!("user {alice}")), "{got}");
+    assert_eq!(got["mine"], json!(false));
+    let reply = "hi alice, bob here";
+    send(b, reply).await?;
+    wait_message(b, reply, Some("sent")).await?;
+    let back = wait_message(a, reply, None).await?;
+    assert_eq!(back["from"], json!(bob), "{back}");
+    wait_message(a, hello, Some("sent")).await?;
+    wait_message(a, reply, Some("acked")).await?;
+    screenshot(a, shots, "1-alice-chat").await;
+    screenshot(b, shots, "1-bob-chat").await;
+
+    // A group: alice creates it, adds bob by id, writes; bob finds it in his list.
+    fill(a, "#new-group-name", "tim fans").await?;
+    click(a, "#new-group-btn").await?;
+    let key = wait_js(
+        a,
+        "the new group open",
+        "const p = document.getElementById('conv-pane'); return p.dataset.kind === 'group' ? p.dataset.key : null;",
+        vec![],
+    )
+    .await?;
+    let group_key = key.as_str().unwrap().to_string();
+    wait_message(a, "you created the group", None).await?;
+    fill(a, "#add-member-id", &bob).await?;
+    click(a, "#add-member-btn").await?;
+    wait_js(
+        a,
+        "2 members",
+        "return document.getElementById('group-info').textContent.startsWith('2 members');",
+        vec![],
+    )
+    .await?;
+    wait_message(a, &format!("you added user {bob}"), None).await?;
+    let to_group = "hello group";
+    send(a, to_group).await?;
+    wait_message(a, to_group, Some("sent")).await?;
+    open_conv(b, &group_key).await?;
+    let g = wait_message(b, to_group, None).await?;
+    assert_eq!(g["from"], json!(alice), "{g}");
+    wait_message(b, &format!("user {alice} added you"), None).await?;
+    wait_js(
+        b,
+        "the group's name",
+        "return document.getElementById('conv-title').textContent === 'tim fans';",
+        vec![],
+    )
+    .await?;
+
+    // A live room: alice creates it, bob joins by its id, both publish.
+    click(a, "#room-create-btn").await?;
+    let room = wait_js(
+        a,
+        "the new room open",
+        "const p = document.getElementById('conv-pane'); return p.dataset.kind === 'room' ? p.dataset.key.slice(2) : null;",
+        vec![],
+    )
+    .await?;
+    let room = room.as_str().unwrap().to_string();
+    fill(b, "#room-join-id", &room).await?;
+    click(b, "#room-join-btn").await?;
+    wait_js(
+        b,
+        "the room open on bob's page",
+        "return document.getElementById('conv-pane').dataset.key === arguments[0];",
+        vec![json!(format!("r:{room}"))],
+    )
+    .await?;
+    send(a, "live from alice").await?;
+    assert_eq!(wait_message(b, "live from alice", None).await?["from"], json!(alice));
+    send(b, "live from bob").await?;
+    assert_eq!(wait_message(a, "live from bob", None).await?["from"], json!(bob));
+
+    // Alice's second device (the binary protocol, over TCP) writes enough for more than one
+    // history page; both pages get the messages live.
+    let bob_id: u64 = bob.parse()?;
+    tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
+        let mut second = tim::client::Client::connect(tcp)?;
+        second.set_timeout(Some(WAIT))?;
+        second.login("alice", PASSWORD, 3, "laptop")?;
+        for i in 1..=BULK {
+            second.send_wait(bob_id, i, format!("bulk {i}").as_bytes())?;
+        }
+        Ok(())
+    })
+    .await??;
+    open_conv(a, &format!("d:{bob}")).await?;
+    wait_message(a, &format!("bulk {BULK}"), Some("sent")).await?;
+
+    screenshot(a, shots, "2-alice-bulk").await;
+    screenshot(b, shots, "2-bob-room").await;
+
+    // Bob reloads his page and logs in again: his chats come back (the 1:1 list from this
+    // browser's storage, groups from the server) and history is read from the store.
+    b.refresh().await?;
+    wait_js(
+        b,
+        "the login form after a reload",
+        "return !document.getElementById('auth-view').hidden;",
+        vec![],
+    )
+    .await?;
+    let name = js(b, "return document.getElementById('auth-name').value;", vec![]).await?;
+    assert_eq!(name, json!("bob"), "the page remembers the last name");
+    fill(b, "#auth-password", PASSWORD).await?;
+    click(b, "#login-btn").await?;
+    assert_eq!(logged_in(b, "bob").await?, bob);
+    open_conv(b, &format!("d:{alice}")).await?;
+    wait_message(b, &format!("bulk {BULK}"), None).await?;
+    // One page (the newest 30) at first; the rest behind "load older".
+    wait_js(b, "the load older button", "return !document.getElementById('load-older-btn').hidden;", vec![])
+        .await?;
+    let first = js(b, MESSAGE_JS, vec![json!(hello), json!(null)]).await?;
+    assert_eq!(first, Value::Null, "the first page holds only the newest messages");
+    click(b, "#load-older-btn").await?;
+    let old = wait_message(b, hello, None).await?;
+    assert_eq!(old["from"], json!(alice), "{old}");
+    wait_message(b, reply, Some("sent")).await?;
+    wait_js(
+        b,
+        "the start of the conversation",
+        "return document.getElementById('load-older-btn').hidden && document.getElementById('history-state').textContent === 'start of the conversation';",
+        vec![],
+    )
+    .await?;
+    let seqs = js(
+        b,
+        "return [...document.querySelectorAll('#messages li[data-seq]')].map(li => Number(li.dataset.seq));",
+        vec![],
+    )
+    .await?;
+    let seqs: Vec<u64> = serde_json::from_value(seqs)?;
+    assert_eq!(seqs, (1..=BULK + 2).collect::<Vec<_>>(), "every message once, by seq");
+    screenshot(b, shots, "3-bob-reloaded-history").await;
+    open_conv(b, &group_key).await?;
+    wait_message(b, to_group, Some("acked")).await?;
+    screenshot(b, shots, "4-bob-reloaded-group").await;
+
+    for c in [a, b] {
+        let v = js(c, "return window.__cspViolations ?? [];", vec![]).await?;
+        assert_eq!(v, json!([]), "Content-Security-Policy violations");
+    }
+    Ok(())
+}
+
+/// Two browsers chat through tim's web page on a server with the embedded store.
+#[test]
+fn chat_in_the_browser() {
+    let driver = Chromedriver::start();
+    let s = TestServer::start_with_store("io_uring", "backend = \"embedded\"", "");
+    let ws = s.ws_addr.expect("the test server has a WebSocket listener");
+    let shots = Path::new(env!("CARGO_TARGET_TMPDIR")).join("browser-screenshots");
+    std::fs::create_dir_all(&shots).unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let started = Instant::now();
+    let result = rt.block_on(async {
+        let a = browser(&driver).await?;
+        let b = match browser(&driver).await {
+            Ok(b) => b,
+            Err(e) => {
+                let _ = tokio::time::timeout(Duration::from_secs(10), a.close()).await;
+                return Err(e);
+            }
+        };
+        let r = match tokio::time::timeout(SCENARIO_MAX, scenario(s.addr, ws, &a, &b, &shots)).await {
+            Ok(r) => r,
+            Err(_) => Err(anyhow::anyhow!("the browser scenario took over {SCENARIO_MAX:?}")),
+        };
+        if r.is_err() {
+            for (c, name) in [(&a, "failed-alice"), (&b, "failed-bob")] {
+                let _ = tokio::time::timeout(Duration::from_secs(10), screenshot(c, &shots, name)).await;
+            }
+        }
+        for c in [a, b] {
+            let _ = tokio::time::timeout(Duration::from_secs(10), c.close()).await;
+        }
+        r
+    });
+    eprintln!("browser scenario: {:.1?}; screenshots in {}", started.elapsed(), shots.display());
+    if let Err(e) = result {
+        panic!("{e:#}");
+    }
+}

@@ -1,0 +1,696 @@
+// app.js — tim's web chat page: accounts, 1:1 chats by user id, groups, live rooms. Built on the
+// client module tim.js (docs/CLIENTS.md); the DOM ids and data-testid attributes are what
+// tests/browser.rs drives. Nothing here is persisted but the device id, the last name typed and
+// the list of 1:1 chats per user (the protocol has no "my conversations" request).
+
+import {
+  TimClient, Conv, DeviceType, ErrorCode, GroupRole, NoticeEvent, RoomPublishPolicy, TimError,
+  bodyText, compareU64, isNotice, newClientMsgId, pageUrl, peerOf, u64,
+} from "./tim.js";
+
+const $ = (id) => document.getElementById(id);
+
+/** Messages asked for per history page. */
+const HISTORY_PAGE = 30;
+/** How long received messages wait to be acknowledged together (one delivery_ack per chat). */
+const ACK_DELAY_MS = 150;
+/** Messages kept per live room (rooms have no history; older ones are dropped from view). */
+const ROOM_MESSAGES_MAX = 500;
+
+/** A stable id for this browser installation (PROTOCOL.md 5.3: one device, one cursor). */
+function deviceId() {
+  let id = localStorage.getItem("tim.device_id");
+  if (!id) {
+    id = "web-" + newClientMsgId();
+    localStorage.setItem("tim.device_id", id);
+  }
+  return id;
+}
+
+const state = {
+  /** The connection (a TimClient), or null. */
+  client: null,
+  /** The logged-in user's id and name, kept after a disconnect to resend to the same account. */
+  me: null,
+  name: null,
+  /** Conversations by key: `d:<user id>`, `g:<group id>`, `r:<room id>`. */
+  convs: new Map(),
+  /** The key of the conversation on screen, or null. */
+  current: null,
+  /** Messages sent and not acknowledged, by client_msg_id: resent after the next login. */
+  outbox: new Map(),
+  /** A logout is under way (its close is no surprise). */
+  loggingOut: false,
+};
+
+// ---- conversations and messages ----
+
+/**
+ * A conversation: `kind` "direct" | "group" | "room", `id` the peer, group or room id, `msgs` by
+ * key (`s<seq>` once stored, `c<client_msg_id>` while sending, `n<counter>` for room and system
+ * lines), `oldest` the lowest seq loaded, `more` whether history goes further back.
+ */
+function conv(kind, id) {
+  const key = `${kind[0]}:${id}`;
+  let c = state.convs.get(key);
+  if (!c) {
+    c = {
+      key, kind, id, title: kind === "direct" ? userLabel(id) : kind === "group" ? `group ${id}` : `room ${id}`,
+      msgs: new Map(), oldest: null, more: false, historyLoaded: false, unread: 0,
+      ackedSeq: "0", ackTimer: null, info: null, closed: false, nextLocal: 0,
+    };
+    state.convs.set(key, c);
+    if (kind === "direct") saveContacts();
+    renderLists();
+  }
+  return c;
+}
+
+function userLabel(id) {
+  return String(id) === state.me ? "you" : `user ${id}`;
+}
+
+function contactsKey() {
+  return `tim.contacts.${state.me}`;
+}
+
+function saveContacts() {
+  if (!state.me) return;
+  const ids = [...state.convs.values()].filter((c) => c.kind === "direct").map((c) => c.id);
+  localStorage.setItem(contactsKey(), JSON.stringify(ids));
+}
+
+function loadContacts() {
+  try {
+    for (const id of JSON.parse(localStorage.getItem(contactsKey()) || "[]")) conv("direct", u64(id));
+  } catch {
+    localStorage.removeItem(contactsKey());
+  }
+}
+
+/** A stored message (deliver or history_msg) into its conversation; returns the conversation. */
+function addStored(msg, how) {
+  const c = msg.conv === Conv.GROUP ? conv("group", msg.to) : conv("direct", peerOf(msg, state.me));
+  const key = `s${msg.seq}`;
+  const mine = msg.from === state.me;
+  if (c.msgs.has(key)) return c; // a repeat (PROTOCOL.md 8.3): keep the first
+  // Our own message that this page is still sending (its ack not yet in): the stored copy wins.
+  if (mine) c.msgs.delete(`c${msg.client_msg_id}`);
+  c.msgs.set(key, {
+    seq: msg.seq, from: msg.from, ts: Number(msg.ts_ms), text: isNotice(msg) ? noticeText(msg.notice) : bodyText(msg),
+    notice: isNotice(msg), mine, state: mine ? "sent" : "received",
+  });
+  if (how !== "history" && !mine && state.current !== c.key) c.unread++;
+  if (c.oldest === null || compareU64(msg.seq, c.oldest) < 0) c.oldest = msg.seq;
+  return c;
+}
+
+/** What a group notice says (PROTOCOL.md 7.3), in words. */
+function noticeText(n) {
+  if (!n) return "(a group change)";
+  const a = userLabel(n.actor), t = userLabel(n.target);
+  switch (n.event) {
+    case NoticeEvent.CREATED: return `${a} created the group`;
+    case NoticeEvent.JOINED: return `${a} joined`;
+    case NoticeEvent.LEFT: return `${a} left`;
+    case NoticeEvent.KICKED: return `${a} removed ${t}`;
+    case NoticeEvent.ADDED: return `${a} added ${t}`;
+    case NoticeEvent.MANAGER_ADDED: return `${a} made ${t} a manager`;
+    case NoticeEvent.MANAGER_REMOVED: return `${a} made ${t} a plain member`;
+    case NoticeEvent.TRANSFERRED: return `${a} handed the group to ${t}`;
+    case NoticeEvent.MUTED: return n.until_ms === "0" ? `${a} unmuted ${t}` : `${a} muted ${t} until ${time(n.until_ms)}`;
+    case NoticeEvent.MUTED_ALL: return n.until_ms === "0" ? `${a} unmuted the group` : `${a} muted the group until ${time(n.until_ms)}`;
+    case NoticeEvent.PROFILE_CHANGED: return `${a} changed the group's profile`;
+    case NoticeEvent.BLOCKED: return `${a} blocked ${t}`;
+    case NoticeEvent.DISSOLVED: return `${a} dissolved the group`;
+    case NoticeEvent.UNBLOCKED: return `${a} unblocked ${t}`;
+    case NoticeEvent.MEMBERS_ADDED: return `${a} added ${n.users.map(userLabel).join(", ")}`;
+    default: return `(group change ${n.event})`;
+  }
+}
+
+function time(ms) {
+  const d = new Date(Number(ms));
+  return d.toLocaleString(undefined, { hour: "2-digit", minute: "2-digit", day: "numeric", month: "short" });
+}
+
+/** Acknowledge a conversation up to its newest received seq, once received messages settle. */
+function scheduleAck(c) {
+  if (c.kind === "room") return;
+  clearTimeout(c.ackTimer);
+  c.ackTimer = setTimeout(() => {
+    let top = c.ackedSeq;
+    for (const m of c.msgs.values()) if (m.seq && compareU64(m.seq, top) > 0) top = m.seq;
+    if (compareU64(top, c.ackedSeq) <= 0 || !state.client?.session) return;
+    state.client.deliveryAck(c.kind === "group" ? Conv.GROUP : Conv.DIRECT, c.id, top);
+    c.ackedSeq = top;
+    for (const m of c.msgs.values()) if (m.state === "received" && compareU64(m.seq, top) <= 0) m.state = "acked";
+    if (state.current === c.key) renderMessages();
+  }, ACK_DELAY_MS);
+}
+
+// ---- sending ----
+
+async function sendText(c, text) {
+  if (c.kind === "room") return publishToRoom(c, text);
+  const clientMsgId = newClientMsgId();
+  const entry = { clientMsgId, convKey: c.key, group: c.kind === "group", to: c.id, text };
+  state.outbox.set(clientMsgId, entry);
+  c.msgs.set(`c${clientMsgId}`, { seq: null, from: state.me, ts: Date.now(), text, mine: true, state: "sending", clientMsgId });
+  renderMessages();
+  await trySend(entry);
+}
+
+/** Send (or resend, with the same client_msg_id) one message of the outbox. */
+async function trySend(entry) {
+  const c = state.convs.get(entry.convKey);
+  const local = () => c.msgs.get(`c${entry.clientMsgId}`);
+  if (local()) local().state = "sending";
+  try {
+    const ack = await state.client.send(entry.to, entry.text, { group: entry.group, clientMsgId: entry.clientMsgId });
+    state.outbox.delete(entry.clientMsgId);
+    c.msgs.delete(`c${entry.clientMsgId}`);
+    if (!c.msgs.has(`s${ack.seq}`)) {
+      c.msgs.set(`s${ack.seq}`, { seq: ack.seq, from: state.me, ts: Number(ack.ts_ms), text: entry.text, mine: true, state: "sent" });
+    }
+    if (c.oldest === null || compareU64(ack.seq, c.oldest) < 0) c.oldest = ack.seq;
+  } catch (e) {
+    const l = local();
+    if (e.code === ErrorCode.Closed || e.code === ErrorCode.NotConnected || e.code === ErrorCode.NoAnswer) {
+      // Outcome unknown: resent with the same client_msg_id after the next login (PROTOCOL.md 8.4).
+      if (l) { l.state = "unsent"; l.error = "not sent yet: resent when you log in again"; }
+    } else {
+      state.outbox.delete(entry.clientMsgId);
+      if (l) { l.state = "failed"; l.error = `${e.codeName}: ${e.message}`; }
+    }
+  }
+  if (state.current === c.key) renderMessages();
+}
+
+function publishToRoom(c, text) {
+  if (c.closed) return flash("This room is closed.");
+  const clientMsgId = state.client.roomPublish(c.id, text);
+  addRoomLine(c, { from: state.me, text, mine: true, state: "published", clientMsgId });
+}
+
+function addRoomLine(c, line) {
+  c.msgs.set(`n${c.nextLocal++}`, { ts: Date.now(), ...line });
+  while (c.msgs.size > ROOM_MESSAGES_MAX) c.msgs.delete(c.msgs.keys().next().value);
+  if (state.current === c.key) renderMessages();
+  else if (!line.mine && !line.system) { c.unread++; renderLists(); }
+}
+
+// ---- history ----
+
+async function loadHistory(c, older) {
+  if (c.kind === "room" || !state.client?.session) return;
+  const anchor = older && c.oldest ? c.oldest : "0";
+  $("history-state").textContent = "loading…";
+  try {
+    const page = await state.client.history(c.kind === "group" ? Conv.GROUP : Conv.DIRECT, c.id, { anchorSeq: anchor, direction: 0, limit: HISTORY_PAGE });
+    for (const m of page.messages) addStored(m, "history");
+    c.historyLoaded = true;
+    c.more = page.more;
+    // Messages read from the store are acknowledged like received ones (PROTOCOL.md 5.8).
+    if (!older && page.messages.length) scheduleAck(c);
+    if (state.current === c.key) $("history-state").textContent = page.more ? "" : c.msgs.size ? "start of the conversation" : "no messages yet";
+  } catch (e) {
+    if (state.current === c.key) $("history-state").textContent = `history: ${e.codeName}: ${e.message}`;
+  }
+  if (state.current === c.key) renderMessages({ keepTop: older });
+}
+
+// ---- rendering ----
+
+function renderLists() {
+  const lists = { direct: $("direct-list"), group: $("group-list"), room: $("room-list") };
+  for (const ul of Object.values(lists)) ul.replaceChildren();
+  for (const c of state.convs.values()) {
+    const li = document.createElement("li");
+    const b = document.createElement("button");
+    b.type = "button";
+    b.className = "conv-item";
+    b.dataset.testid = "conv-item";
+    b.dataset.key = c.key;
+    b.dataset.kind = c.kind;
+    b.dataset.id = c.id;
+    if (state.current === c.key) b.classList.add("active");
+    if (c.closed) b.classList.add("closed");
+    const t = document.createElement("span");
+    t.className = "conv-name";
+    t.textContent = c.title;
+    b.append(t);
+    if (c.unread > 0) {
+      const u = document.createElement("span");
+      u.className = "unread";
+      u.dataset.testid = "unread";
+      u.textContent = String(c.unread);
+      b.append(u);
+    }
+    b.addEventListener("click", () => openConv(c.key));
+    li.append(b);
+    lists[c.kind].append(li);
+  }
+}
+
+/** Draw the lists and the open conversation once the messages that already arrived are in (a
+ * catch-up brings thousands: one drawing for all of them, not one each). */
+function renderSoon() {
+  if (renderSoon.timer) return;
+  renderSoon.timer = setTimeout(() => {
+    renderSoon.timer = null;
+    renderLists();
+    if (state.current) renderMessages();
+  }, 0);
+}
+
+function renderMessages({ keepTop = false } = {}) {
+  const c = state.convs.get(state.current);
+  if (!c) return;
+  const box = $("messages-box");
+  const atBottom = box.scrollHeight - box.scrollTop - box.clientHeight < 40;
+  const fromBottom = box.scrollHeight - box.scrollTop;
+  const ol = $("messages");
+  const entries = [...c.msgs.entries()];
+  if (c.kind !== "room") {
+    // Stored messages by seq (PROTOCOL.md 8.3: never by arrival), then those still sending.
+    entries.sort(([, a], [, b]) => (a.seq && b.seq ? compareU64(a.seq, b.seq) : a.seq ? -1 : b.seq ? 1 : a.ts - b.ts));
+  }
+  ol.replaceChildren(...entries.map(([key, m]) => messageItem(key, m)));
+  $("load-older-btn").hidden = !(c.kind !== "room" && c.more);
+  if (keepTop) box.scrollTop = box.scrollHeight - fromBottom;
+  else if (atBottom || entries.length < 8) box.scrollTop = box.scrollHeight;
+}
+
+const STATE_LABEL = {
+  sending: "sending…", sent: "sent", failed: "not sent", unsent: "waiting to resend",
+  received: "received", acked: "received ✓", published: "published",
+};
+
+function messageItem(key, m) {
+  const li = document.createElement("li");
+  li.dataset.testid = "message";
+  li.dataset.key = key;
+  li.className = m.notice || m.system ? "msg system" : m.mine ? "msg mine" : "msg theirs";
+  if (m.seq) li.dataset.seq = m.seq;
+  if (m.from) li.dataset.from = m.from;
+  if (m.state) li.dataset.state = m.state;
+  if (m.clientMsgId) li.dataset.clientMsgId = m.clientMsgId;
+  if (!m.notice && !m.system) {
+    const from = document.createElement("span");
+    from.className = "from";
+    from.dataset.testid = "message-from";
+    from.textContent = userLabel(m.from);
+    li.append(from);
+  }
+  const body = document.createElement("span");
+  body.className = "body";
+  body.dataset.testid = "message-body";
+  body.textContent = m.text;
+  li.append(body);
+  const meta = document.createElement("span");
+  meta.className = "meta";
+  const when = document.createElement("time");
+  when.textContent = time(m.ts);
+  meta.append(when);
+  if (m.state && !m.notice && !m.system) {
+    const s = document.createElement("span");
+    s.className = `state state-${m.state}`;
+    s.dataset.testid = "message-state";
+    s.textContent = STATE_LABEL[m.state] || m.state;
+    if (m.error) s.title = m.error;
+    meta.append(s);
+  }
+  li.append(meta);
+  return li;
+}
+
+async function openConv(key) {
+  const c = state.convs.get(key);
+  if (!c) return;
+  state.current = key;
+  c.unread = 0;
+  $("empty-pane").hidden = true;
+  $("conv-pane").hidden = false;
+  $("conv-title").textContent = c.title;
+  $("conv-id").textContent = c.kind === "direct" ? `user id ${c.id}` : c.kind === "group" ? `group id ${c.id}` : `room id ${c.id}`;
+  $("conv-pane").dataset.key = key;
+  $("conv-pane").dataset.kind = c.kind;
+  $("group-tools").hidden = c.kind !== "group";
+  $("room-tools").hidden = c.kind !== "room";
+  $("composer-input").disabled = c.closed;
+  $("send-btn").disabled = c.closed;
+  $("history-state").textContent = "";
+  renderLists();
+  renderMessages();
+  if (c.kind === "group") refreshGroupInfo(c);
+  if (c.kind === "room") $("room-info").textContent = c.closed ? "closed" : c.info || "";
+  if (c.kind !== "room" && !c.historyLoaded) await loadHistory(c, false);
+  else if (c.kind !== "room") $("history-state").textContent = c.more ? "" : c.msgs.size ? "start of the conversation" : "no messages yet";
+  $("composer-input").focus();
+}
+
+async function refreshGroupInfo(c) {
+  try {
+    const info = await state.client.groupGet(c.id);
+    c.title = info.profile.name || `group ${c.id}`;
+    const role = { [GroupRole.FOUNDER]: "founder", [GroupRole.MANAGER]: "manager", [GroupRole.MEMBER]: "member" }[info.my_role] || "not a member";
+    c.info = `${info.members} member${info.members === 1 ? "" : "s"} · you: ${role}`;
+  } catch (e) {
+    c.info = `${e.codeName}: ${e.message}`;
+  }
+  renderLists();
+  if (state.current === c.key) {
+    $("conv-title").textContent = c.title;
+    $("group-info").textContent = c.info;
+  }
+}
+
+// ---- session ----
+
+function flash(text) {
+  const f = $("flash");
+  f.textContent = text;
+  f.hidden = !text;
+  clearTimeout(flash.timer);
+  if (text) flash.timer = setTimeout(() => (f.hidden = true), 8000);
+}
+
+function setConnState(s) {
+  const el = $("conn-state");
+  el.dataset.state = s;
+  el.textContent = s;
+}
+
+function showAuthError(text) {
+  $("auth-error").textContent = text;
+  $("auth-error").hidden = !text;
+}
+
+/** A connection for the auth form (a new one after a close: one connection is one session). */
+async function openClient() {
+  if (state.client?.connected && !state.client.session) return state.client;
+  state.client?.close();
+  const client = new TimClient();
+  setConnState("connecting");
+  await client.connect(pageUrl());
+  state.client = client;
+  setConnState("connected");
+  wire(client);
+  return client;
+}
+
+function wire(client) {
+  client.on("deliver", (msg) => {
+    if (client !== state.client) return;
+    const c = addStored(msg, "live");
+    scheduleAck(c);
+    if (c.kind === "group" && isNotice(msg) && msg.notice?.event !== NoticeEvent.CREATED) refreshGroupInfo(c);
+    renderSoon();
+  });
+  client.on("catch_up_end", (m) => {
+    if (m.more) flash("More missed messages are waiting than one catch-up sends: open a chat and load older messages.");
+    if (m.unavailable > 0) flash(`The catch-up is partial (${m.unavailable} store ranges did not answer); log in again later.`);
+  });
+  client.on("resync", () => flash("The server is resynchronising after a failure: messages may come again."));
+  client.on("room_msg", (m) => {
+    const c = conv("room", m.room_id);
+    addRoomLine(c, { seq: m.seq, from: m.from, ts: Number(m.ts_ms), text: bodyText(m), mine: m.from === state.me, state: null });
+  });
+  client.on("room_closed", (m) => {
+    const c = conv("room", m.room_id);
+    c.closed = true;
+    const why = { 1: "deleted by its creator", 2: "closed after no one published for a while", 3: "lost with its server node" }[m.reason] || `closed (${m.reason})`;
+    addRoomLine(c, { system: true, text: `The room was ${why}.` });
+    renderLists();
+    if (state.current === c.key) openConv(c.key);
+  });
+  client.on("missed", (m) => {
+    if (m.source === 1) addRoomLine(conv("room", m.source_id), { system: true, text: `${m.count} message(s) missed: the page read too slowly.` });
+  });
+  client.on("broadcast", (m) => {
+    const b = $("broadcast");
+    b.textContent = `Announcement: ${bodyText(m)}`;
+    b.hidden = false;
+  });
+  client.on("group_join_request", (m) => flash(`${userLabel(m.request.user_id)} asks to join group ${m.group_id}${m.request.note ? `: “${m.request.note}”` : ""}`));
+  client.on("group_decision", (m) => {
+    flash(m.approved ? `You were let into group ${m.group_id}.` : `Your request to join group ${m.group_id} was turned down.`);
+    if (m.approved) refreshGroupInfo(conv("group", m.group_id));
+  });
+  client.on("error", (e) => {
+    if (client !== state.client) return;
+    if (e.code === ErrorCode.LoginTimeout && !client.session) return; // the form reconnects on use
+    flash(`${e.codeName}: ${e.message}`);
+  });
+  client.on("close", (d) => {
+    if (client !== state.client) return;
+    state.client = null;
+    setConnState("offline");
+    if (!d.wasLoggedIn) return;
+    const why = d.kick ? `${d.kick.reason_name}: ${d.kick.message}` : d.error ? `${d.error.code_name}: ${d.error.message}` : `connection closed (${d.code})`;
+    leaveChatView(state.loggingOut ? "" : `Disconnected — ${why}. Log in again to go on${state.outbox.size ? "; unsent messages will be sent then" : ""}.`);
+  });
+}
+
+async function authenticate(register) {
+  const name = $("auth-name").value.trim();
+  const password = $("auth-password").value;
+  showAuthError("");
+  if (!name || password.length < 8) return showAuthError("A name and a password of 8 characters or more, please.");
+  localStorage.setItem("tim.last_name", name);
+  for (const b of [$("login-btn"), $("register-btn")]) b.disabled = true;
+  try {
+    let client = await openClient();
+    if (register) {
+      try {
+        await client.register(name, password);
+      } catch (e) {
+        if (e.code !== ErrorCode.Closed) throw e;
+        client = await openClient(); // login timeout while typing: once more on a new connection
+        await client.register(name, password);
+      }
+    }
+    let ok;
+    try {
+      ok = await client.login(name, password, { deviceType: DeviceType.WEB, deviceId: deviceId() });
+    } catch (e) {
+      if (e.code !== ErrorCode.Closed && e.code !== ErrorCode.NotConnected) throw e;
+      client = await openClient();
+      ok = await client.login(name, password, { deviceType: DeviceType.WEB, deviceId: deviceId() });
+    }
+    await enterChatView(ok, name);
+  } catch (e) {
+    showAuthError(e instanceof TimError ? `${e.codeName}: ${e.message}` : String(e.message || e));
+    if (!state.client?.session) setConnState(state.client?.connected ? "connected" : "offline");
+  } finally {
+    for (const b of [$("login-btn"), $("register-btn")]) b.disabled = false;
+  }
+}
+
+async function enterChatView(ok, name) {
+  if (state.me !== ok.user_id) {
+    // Another account than before on this page: start clean.
+    state.convs.clear();
+    state.outbox.clear();
+    state.current = null;
+  } else {
+    // The same account again: a new session, so live rooms are gone and history is re-read.
+    for (const [k, c] of state.convs) {
+      if (c.kind === "room") state.convs.delete(k);
+      else c.historyLoaded = false;
+    }
+    if (state.current?.startsWith("r:")) state.current = null;
+  }
+  state.me = ok.user_id;
+  state.name = name;
+  state.loggingOut = false;
+  setConnState("online");
+  $("my-name").textContent = name;
+  $("my-user-id").textContent = ok.user_id;
+  $("empty-my-id").textContent = ok.user_id;
+  $("me").hidden = false;
+  $("logout-btn").hidden = false;
+  $("auth-view").hidden = true;
+  $("chat-view").hidden = false;
+  $("auth-password").value = "";
+  loadContacts();
+  renderLists();
+  if (state.current) openConv(state.current);
+  else {
+    $("empty-pane").hidden = false;
+    $("conv-pane").hidden = true;
+  }
+  // Sends whose outcome the last connection did not tell: again, with the same client_msg_id.
+  for (const entry of state.outbox.values()) trySend(entry);
+  try {
+    for (const g of await state.client.myGroupsAll()) refreshGroupInfo(conv("group", g));
+  } catch (e) {
+    flash(`groups: ${e.codeName}: ${e.message}`);
+  }
+}
+
+function leaveChatView(message) {
+  $("chat-view").hidden = true;
+  $("auth-view").hidden = false;
+  $("me").hidden = true;
+  $("logout-btn").hidden = true;
+  showAuthError(message);
+  for (const c of state.convs.values()) for (const m of c.msgs.values()) if (m.state === "sending") m.state = "unsent";
+  $("auth-password").focus();
+}
+
+// ---- forms ----
+
+function onSubmit(id, fn) {
+  $(id).addEventListener("submit", (e) => {
+    e.preventDefault();
+    fn(e);
+  });
+}
+
+function idFrom(inputId) {
+  const el = $(inputId);
+  try {
+    const v = u64(el.value);
+    if (v === "0") throw new RangeError("0");
+    return v;
+  } catch {
+    flash("An id is a number, like the one shown next to “your user id”.");
+    return null;
+  }
+}
+
+function setup() {
+  $("auth-name").value = localStorage.getItem("tim.last_name") || "";
+  onSubmit("auth-form", () => authenticate(false));
+  $("register-btn").addEventListener("click", () => {
+    if ($("auth-form").reportValidity()) authenticate(true);
+  });
+  $("logout-btn").addEventListener("click", async () => {
+    state.loggingOut = true;
+    const client = state.client;
+    try {
+      await client?.logout();
+    } catch {
+      client?.close();
+    }
+    state.convs.clear();
+    state.outbox.clear();
+    state.current = null;
+    state.me = null;
+    leaveChatView("");
+  });
+
+  onSubmit("new-chat-form", () => {
+    const id = idFrom("new-chat-id");
+    if (!id) return;
+    $("new-chat-id").value = "";
+    openConv(conv("direct", id).key);
+  });
+
+  onSubmit("new-group-form", async () => {
+    const name = $("new-group-name").value.trim();
+    if (!name) return;
+    try {
+      const ok = await state.client.groupCreate({ name });
+      $("new-group-name").value = "";
+      const c = conv("group", ok.group_id);
+      c.title = name;
+      await openConv(c.key);
+    } catch (e) {
+      flash(`create group: ${e.codeName}: ${e.message}`);
+    }
+  });
+
+  onSubmit("join-group-form", async () => {
+    const id = idFrom("join-group-id");
+    if (!id) return;
+    try {
+      const ok = await state.client.groupAction(id, 1 /* JOIN */);
+      $("join-group-id").value = "";
+      if (ok.seq === "0") flash("Join request sent: a manager of the group decides.");
+      else openConv(conv("group", id).key);
+    } catch (e) {
+      flash(`join group: ${e.codeName}: ${e.message}`);
+    }
+  });
+
+  onSubmit("add-member-form", async () => {
+    const c = state.convs.get(state.current);
+    const id = idFrom("add-member-id");
+    if (!c || c.kind !== "group" || !id) return;
+    try {
+      await state.client.groupAddMembers(c.id, [id]);
+      $("add-member-id").value = "";
+      refreshGroupInfo(c);
+    } catch (e) {
+      flash(`add member: ${e.codeName}: ${e.message}`);
+    }
+  });
+
+  $("room-create-btn").addEventListener("click", async () => {
+    try {
+      // Anyone subscribed may publish: a room for everyone who joins it by id.
+      const ok = await state.client.roomCreate({ publish: RoomPublishPolicy.SUBSCRIBERS });
+      const sub = await state.client.roomSubscribe(ok.room_id);
+      const c = conv("room", ok.room_id);
+      c.info = `${sub.subscribers} in the room · give others the room id to join`;
+      await openConv(c.key);
+    } catch (e) {
+      flash(`create room: ${e.codeName}: ${e.message}`);
+    }
+  });
+
+  onSubmit("room-join-form", async () => {
+    const id = idFrom("room-join-id");
+    if (!id) return;
+    try {
+      const sub = await state.client.roomSubscribe(id);
+      $("room-join-id").value = "";
+      const c = conv("room", id);
+      c.closed = false;
+      c.info = `${sub.subscribers} in the room`;
+      await openConv(c.key);
+    } catch (e) {
+      flash(`join room: ${e.codeName}: ${e.message}`);
+    }
+  });
+
+  $("room-leave-btn").addEventListener("click", async () => {
+    const c = state.convs.get(state.current);
+    if (!c || c.kind !== "room") return;
+    try {
+      if (!c.closed) await state.client.roomUnsubscribe(c.id);
+    } catch (e) {
+      if (e.code !== ErrorCode.RoomNotFound) flash(`leave room: ${e.codeName}: ${e.message}`);
+    }
+    state.convs.delete(c.key);
+    state.current = null;
+    $("conv-pane").hidden = true;
+    $("empty-pane").hidden = false;
+    renderLists();
+  });
+
+  $("load-older-btn").addEventListener("click", () => {
+    const c = state.convs.get(state.current);
+    if (c) loadHistory(c, true);
+  });
+
+  onSubmit("composer", () => {
+    const c = state.convs.get(state.current);
+    const input = $("composer-input");
+    const text = input.value;
+    if (!c || !text.trim() || !state.client?.session) return;
+    input.value = "";
+    sendText(c, text);
+  });
+  $("composer-input").addEventListener("keydown", (e) => {
+    if (e.key === "Enter" && !e.shiftKey && !e.isComposing) {
+      e.preventDefault();
+      $("composer").requestSubmit();
+    }
+  });
+}
+
+setup();

@@ -1,0 +1,578 @@
+// tim.js — a client for tim's protocol v1 in JSON over a WebSocket (docs/JSON.md), for browsers
+// and any JavaScript runtime with a standard WebSocket. One plain ES module: no build step, no
+// dependencies. API reference and examples: docs/CLIENTS.md.
+//
+// Shape: a `TimClient` is one connection = one session (PROTOCOL.md 8.1). Requests return
+// promises matched to their answers by request id (JSON.md 5); pushes (deliveries, room
+// messages, kicks, ...) are events. Results are the server's messages exactly as docs/JSON.md
+// writes them (snake_case members, every u64 as a decimal string). Ids are strings throughout:
+// never pass a user, group, room or message id through Number.
+
+/** Conversation kinds (`conv`). */
+export const Conv = Object.freeze({ DIRECT: 1, GROUP: 2 });
+
+/** `device_type` of login (PROTOCOL.md 4). */
+export const DeviceType = Object.freeze({ OTHER: 0, MOBILE: 1, TABLET: 2, DESKTOP: 3, WEB: 4 });
+
+/** `action` of groupAction (PROTOCOL.md 5.13). */
+export const GroupAction = Object.freeze({
+  JOIN: 1, LEAVE: 2, INVITE: 3, KICK: 4, APPROVE: 5, REJECT: 6, ADD_MANAGER: 7,
+  REMOVE_MANAGER: 8, TRANSFER: 9, MUTE: 10, MUTE_ALL: 11, BLOCK: 12, UNBLOCK: 13, DISSOLVE: 14,
+});
+
+/** `notice.event` of a group notice (PROTOCOL.md 7.3). */
+export const NoticeEvent = Object.freeze({
+  CREATED: 1, JOINED: 2, LEFT: 3, KICKED: 4, ADDED: 5, MANAGER_ADDED: 6, MANAGER_REMOVED: 7,
+  TRANSFERRED: 8, MUTED: 9, MUTED_ALL: 10, PROFILE_CHANGED: 11, BLOCKED: 12, DISSOLVED: 13,
+  UNBLOCKED: 14, MEMBERS_ADDED: 15,
+});
+
+/** `my_role` / member `role` in group answers. */
+export const GroupRole = Object.freeze({ MEMBER: 0, MANAGER: 1, FOUNDER: 2, NOT_MEMBER: 255 });
+
+/** `publish` policy of roomCreate (PROTOCOL.md 5.11). */
+export const RoomPublishPolicy = Object.freeze({ CREATOR: 0, LISTED: 1, SUBSCRIBERS: 2 });
+
+/**
+ * Error codes (PROTOCOL.md 9) a client commonly switches on, plus this module's own, which are
+ * negative: the server never sends them.
+ */
+export const ErrorCode = Object.freeze({
+  Malformed: 1, UnknownKind: 2, NotLoggedIn: 10, AlreadyLoggedIn: 11, UnknownUser: 12,
+  WrongPassword: 13, NameTaken: 14, InvalidName: 15, InvalidPassword: 16, InvalidToken: 17,
+  UnknownRecipient: 30, Busy: 33, BodyTooLarge: 34, LoginTimeout: 40, IdleTimeout: 41,
+  Replaced: 42, ShuttingDown: 43, RateLimited: 47, Internal: 50, StoreUnavailable: 51,
+  Timeout: 52, RoomNotFound: 60, GroupNotFound: 70, NotMember: 71, NotManager: 72, Muted: 73,
+  // This module's own:
+  /** The connection closed before the answer came. */
+  Closed: -1,
+  /** No answer within the client's request timeout. */
+  NoAnswer: -2,
+  /** The client is not connected (never was, or closed). */
+  NotConnected: -3,
+});
+
+const CLIENT_CODE_NAMES = { [-1]: "Closed", [-2]: "NoAnswer", [-3]: "NotConnected" };
+
+/** Send refusals after which the same message is sent again, with the same client_msg_id. */
+const SEND_RETRY_CODES = new Set([ErrorCode.Busy, ErrorCode.StoreUnavailable, ErrorCode.Timeout]);
+
+/**
+ * A refusal: the server's `error` message (JSON.md 4.2), or one of this module's own failures
+ * (negative `code`). `code` is the number to switch on; `codeName` its name, for logs.
+ */
+export class TimError extends Error {
+  constructor({ code, code_name, codeName, message, request_kind, requestKind, client_msg_id, clientMsgId, id } = {}) {
+    super(message || codeName || code_name || "error");
+    this.name = "TimError";
+    this.code = code ?? 0;
+    this.codeName = codeName ?? code_name ?? CLIENT_CODE_NAMES[this.code] ?? "Unknown";
+    this.requestKind = requestKind ?? request_kind ?? 0;
+    this.clientMsgId = clientMsgId ?? client_msg_id ?? "0";
+    this.id = id;
+  }
+}
+
+/** A u64 for a request: a decimal string (from a string, a BigInt or a safe integer). */
+export function u64(v) {
+  if (typeof v === "bigint") {
+    if (v < 0n || v > 0xffffffffffffffffn) throw new RangeError(`not a u64: ${v}`);
+    return v.toString();
+  }
+  if (typeof v === "number") {
+    if (!Number.isSafeInteger(v) || v < 0) throw new RangeError(`not a safe u64: ${v}`);
+    return String(v);
+  }
+  const s = String(v ?? "").trim();
+  if (!/^\d{1,20}$/.test(s) || BigInt(s) > 0xffffffffffffffffn) throw new RangeError(`not a u64: ${JSON.stringify(v)}`);
+  return BigInt(s).toString(); // canonical: no leading zeros
+}
+
+/** Compare two u64 decimal strings (for sorting by seq): negative, 0 or positive. */
+export function compareU64(a, b) {
+  const x = BigInt(a), y = BigInt(b);
+  return x < y ? -1 : x > y ? 1 : 0;
+}
+
+/** A fresh client_msg_id: 63 random bits, never 0 (PROTOCOL.md 8.4), as a decimal string. */
+export function newClientMsgId() {
+  const a = new BigUint64Array(1);
+  do crypto.getRandomValues(a); while ((a[0] & 0x7fffffffffffffffn) === 0n);
+  return (a[0] & 0x7fffffffffffffffn).toString();
+}
+
+/** The other side of a message's conversation: the group for conv 2, else the user who is not `me`. */
+export function peerOf(msg, me) {
+  if (msg.conv === Conv.GROUP) return msg.to;
+  return msg.from === String(me) ? msg.to : msg.from;
+}
+
+/** Whether a message is a group notice (JSON.md 4.3). */
+export function isNotice(msg) {
+  return msg.conv === Conv.GROUP && msg.from === "0";
+}
+
+/** The text of a message body (`body`, or `body_b64` decoded as UTF-8 with replacement). */
+export function bodyText(msg) {
+  if (typeof msg.body === "string") return msg.body;
+  if (typeof msg.body_b64 === "string") return new TextDecoder().decode(b64decode(msg.body_b64));
+  return "";
+}
+
+/** The bytes of a message body. */
+export function bodyBytes(msg) {
+  if (typeof msg.body === "string") return new TextEncoder().encode(msg.body);
+  if (typeof msg.body_b64 === "string") return b64decode(msg.body_b64);
+  return new Uint8Array(0);
+}
+
+function b64decode(s) {
+  const bin = atob(s);
+  const out = new Uint8Array(bin.length);
+  for (let i = 0; i < bin.length; i++) out[i] = bin.charCodeAt(i);
+  return out;
+}
+
+function b64encode(bytes) {
+  let bin = "";
+  for (let i = 0; i < bytes.length; i += 0x8000) bin += String.fromCharCode(...bytes.subarray(i, i + 0x8000));
+  return btoa(bin);
+}
+
+/** `body` or `body_b64` for a request: a string is sent as text, bytes as base64. */
+function bodyFields(body) {
+  if (body == null) return {};
+  if (typeof body === "string") return { body };
+  if (body instanceof Uint8Array) return { body_b64: b64encode(body) };
+  if (body instanceof ArrayBuffer) return { body_b64: b64encode(new Uint8Array(body)) };
+  throw new TypeError("body: a string or a Uint8Array");
+}
+
+function profileFields(p = {}) {
+  const out = {};
+  for (const k of ["name", "topic", "avatar_url", "join_policy", "invite_policy"]) if (p[k] !== undefined) out[k] = p[k];
+  if (p.avatarUrl !== undefined) out.avatar_url = p.avatarUrl;
+  if (p.joinPolicy !== undefined) out.join_policy = p.joinPolicy;
+  if (p.invitePolicy !== undefined) out.invite_policy = p.invitePolicy;
+  if (p.extra !== undefined) Object.assign(out, typeof p.extra === "string" ? { extra: p.extra } : { extra_b64: b64encode(p.extra) });
+  return out;
+}
+
+const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
+
+/** Server message types that are pushes: they never answer a request. */
+const PUSH_TYPES = new Set([
+  "deliver", "stream_msg", "catch_up_end", "resync", "broadcast", "kick", "room_msg",
+  "room_closed", "missed", "group_join_request", "group_decision",
+]);
+
+/**
+ * One connection to a tim server, speaking JSON. Events (`addEventListener`, or `on`), each a
+ * CustomEvent whose `detail` is the server message unless said otherwise:
+ *
+ * - `deliver`: a message (live, or of the catch-up after login); group notices carry `notice`.
+ * - `catch_up_end`, `resync`, `stream_msg`, `room_msg`, `room_closed`, `missed`, `broadcast`,
+ *   `group_join_request`, `group_decision`, `kick` (the server closes after it).
+ * - `error`: a TimError (`detail`) that answers no pending request: connection-level errors
+ *   (IdleTimeout, LoginTimeout, SlowConsumer ...), catch-up failures (request kind 2), refusals
+ *   of `deliveryAck`, `stream` and `roomPublish`.
+ * - `close`: `detail` = `{code, reason, wasClean, kick, error}`: the WebSocket close, with the
+ *   `kick` or closing `error` message that said why, if one came.
+ * - `message`: every server message, before it is dispatched (for logging).
+ */
+export class TimClient extends EventTarget {
+  /**
+   * @param {object} [options]
+   * @param {number} [options.requestTimeoutMs=40000] reject a request with NoAnswer after this
+   *   (the server answers within its answer_timeout_ms, 30 s by default).
+   * @param {number} [options.connectTimeoutMs=10000]
+   * @param {number} [options.sendRetries=3] resends of a send refused Busy, StoreUnavailable or
+   *   Timeout (with the same client_msg_id, PROTOCOL.md 8.4), with backoff.
+   */
+  constructor(options = {}) {
+    super();
+    this.requestTimeoutMs = options.requestTimeoutMs ?? 40000;
+    this.connectTimeoutMs = options.connectTimeoutMs ?? 10000;
+    this.sendRetries = options.sendRetries ?? 3;
+    /** The `login_ok` message once logged in, else null. */
+    this.session = null;
+    /** The logged-in user's id (a string), else null. */
+    this.userId = null;
+    this.ws = null;
+    this._nextId = 1;
+    /** Pending requests by request id. */
+    this._pending = new Map();
+    /** Sends waiting for their answer, by client_msg_id: {conv, to, body, clientMsgId}. */
+    this._inflight = new Map();
+    /** Sends held back while `inflight_max` are unanswered (the server would stop reading). */
+    this._held = [];
+    this._pingTimer = null;
+    this._lastSentAt = 0;
+    this._closing = { kick: null, error: null };
+  }
+
+  /** Subscribe to an event; returns a function that unsubscribes. `fn` gets `event.detail`. */
+  on(type, fn) {
+    const h = (e) => fn(e.detail);
+    this.addEventListener(type, h);
+    return () => this.removeEventListener(type, h);
+  }
+
+  /** True while the WebSocket is open. */
+  get connected() {
+    return this.ws !== null && this.ws.readyState === 1;
+  }
+
+  /** Open the WebSocket (subprotocol `tim.json`). Resolves with this client once open. */
+  connect(url) {
+    if (this.ws) return Promise.reject(new Error("connect: already connected (one connection per client)"));
+    return new Promise((resolve, reject) => {
+      const ws = new WebSocket(url, "tim.json");
+      this.ws = ws;
+      const timer = setTimeout(() => {
+        ws.close();
+        reject(new TimError({ code: ErrorCode.NoAnswer, message: `connect: no answer from ${url}` }));
+      }, this.connectTimeoutMs);
+      ws.onopen = () => {
+        clearTimeout(timer);
+        resolve(this);
+      };
+      ws.onmessage = (e) => this._onText(e.data);
+      ws.onerror = () => {}; // a close event follows with what there is to know
+      ws.onclose = (e) => {
+        clearTimeout(timer);
+        reject(new TimError({ code: ErrorCode.Closed, message: `connect: closed (${e.code})` }));
+        this._onClose(e);
+      };
+    });
+  }
+
+  /** Close the connection without logging out. */
+  close() {
+    if (this.ws) this.ws.close(1000);
+  }
+
+  // ---- accounts and sessions ----
+
+  /** Create an account. Resolves with `register_ok` (`user_id`). Does not log in. */
+  register(name, password) {
+    return this._request({ op: "register", name, password });
+  }
+
+  /**
+   * Log in (once per connection). Resolves with `login_ok`; on a durable store the catch-up
+   * follows as `deliver` events and one `catch_up_end`. Starts the keep-alive pings.
+   */
+  async login(name, password, { deviceType = DeviceType.WEB, deviceId = "" } = {}) {
+    const ok = await this._request({ op: "login", name, password, device_type: deviceType, device_id: deviceId });
+    return this._loggedIn(ok);
+  }
+
+  /** Log in with a one-shot token (from `issueToken`). As `login`. */
+  async loginToken(token, { deviceType = DeviceType.WEB, deviceId = "" } = {}) {
+    const ok = await this._request({ op: "login_token", token, device_type: deviceType, device_id: deviceId });
+    return this._loggedIn(ok);
+  }
+
+  /** A one-shot login token. Resolves with `token_issued` (`token`, `expires_at_ms`). */
+  issueToken(ttlSecs = 0) {
+    return this._request({ op: "issue_token", ttl_secs: ttlSecs });
+  }
+
+  /** Resolves with `pong`. */
+  ping(nonce = 0) {
+    return this._request({ op: "ping", nonce: u64(nonce) });
+  }
+
+  /** End the session. Resolves with `bye`; the server then closes the connection. */
+  logout() {
+    return this._request({ op: "logout" });
+  }
+
+  // ---- messages ----
+
+  /**
+   * Send a message to a user (or, with `{group: true}`, to a group). Resolves with the
+   * `send_ack` (`msg_id`, `seq`, `ts_ms`, `duplicate`); rejects with a TimError whose
+   * `clientMsgId` names the message. `body`: a string, or a Uint8Array of bytes.
+   * `clientMsgId`: give the id of an earlier attempt to resend it (after a reconnect); left out,
+   * a fresh one is drawn. `onId(clientMsgId)` is called at once with the id used.
+   * Refusals Busy, StoreUnavailable and Timeout are retried `sendRetries` times.
+   */
+  send(to, body, { group = false, clientMsgId, onId } = {}) {
+    const m = {
+      conv: group ? Conv.GROUP : Conv.DIRECT,
+      to: u64(to),
+      clientMsgId: clientMsgId !== undefined ? u64(clientMsgId) : newClientMsgId(),
+      fields: bodyFields(body),
+    };
+    if (onId) onId(m.clientMsgId);
+    return this._sendWithRetries(m);
+  }
+
+  /**
+   * Acknowledge every message of a conversation up to `seq` for this device (PROTOCOL.md 5.8).
+   * No answer; a refusal comes as an `error` event. `peer`: the other user (conv 1) or the group.
+   */
+  deliveryAck(conv, peer, seq) {
+    this._post({ op: "delivery_ack", conv, peer: u64(peer), seq: u64(seq) });
+  }
+
+  /**
+   * One page of a conversation's stored messages (PROTOCOL.md 5.10). Resolves with
+   * `{messages, more, count, conv, peer}`: `messages` are the `history_msg`s in the page's
+   * order (older: newest first; newer: oldest first). `direction`: 0 older, 1 newer.
+   */
+  async history(conv, peer, { anchorSeq = 0, direction = 0, limit = 0 } = {}) {
+    const messages = [];
+    const end = await this._request(
+      { op: "history", conv, peer: u64(peer), anchor_seq: u64(anchorSeq), direction, limit },
+      (m) => messages.push(m),
+    );
+    return { messages, more: end.more, count: end.count, conv: end.conv, peer: end.peer };
+  }
+
+  /** A stream message (never stored; typing indicators and such, PROTOCOL.md 5.12). No answer. */
+  stream(to, body, { group = false, clientMsgId } = {}) {
+    const id = clientMsgId !== undefined ? u64(clientMsgId) : newClientMsgId();
+    this._post({ op: "stream", conv: group ? Conv.GROUP : Conv.DIRECT, to: u64(to), client_msg_id: id, ...bodyFields(body) });
+    return id;
+  }
+
+  // ---- groups (PROTOCOL.md 5.13, 8.15) ----
+
+  /** Create a group. `profile`: {name, topic, avatar_url, extra, join_policy, invite_policy}. Resolves with `group_ok` (`group_id`). */
+  groupCreate(profile = {}) {
+    return this._request({ op: "group_create", profile: profileFields(profile) });
+  }
+
+  /** Replace a group's profile (fields left out become empty). Resolves with `group_ok`. */
+  groupUpdate(groupId, profile = {}) {
+    return this._request({ op: "group_update", group_id: u64(groupId), profile: profileFields(profile) });
+  }
+
+  /** Resolves with `group_info` (`profile`, `founder`, `members`, `my_role`, ...). */
+  groupGet(groupId) {
+    return this._request({ op: "group_get", group_id: u64(groupId) });
+  }
+
+  /** One page of members. Resolves with `group_member_page` (`members`, `more`). */
+  groupMembers(groupId, { afterUser = 0, limit = 0 } = {}) {
+    return this._request({ op: "group_members", group_id: u64(groupId), after_user: u64(afterUser), limit });
+  }
+
+  /** One page of the caller's groups. Resolves with `group_list` (`groups`: ids, `more`). */
+  myGroups({ afterGroup = 0, limit = 0 } = {}) {
+    return this._request({ op: "my_groups", after_group: u64(afterGroup), limit });
+  }
+
+  /** Every group of the caller (pages through `myGroups`). Resolves with an array of ids. */
+  async myGroupsAll() {
+    const all = [];
+    let after = "0";
+    for (;;) {
+      const page = await this.myGroups({ afterGroup: after });
+      all.push(...page.groups);
+      if (!page.more || page.groups.length === 0) return all;
+      after = page.groups[page.groups.length - 1];
+    }
+  }
+
+  /** Pending join requests (managers). Resolves with `group_request_page`. */
+  groupRequests(groupId) {
+    return this._request({ op: "group_requests", group_id: u64(groupId) });
+  }
+
+  /** One GroupAction (see `GroupAction`). Resolves with `group_ok`. */
+  groupAction(groupId, action, { userId = 0, untilMs = 0, note = "" } = {}) {
+    return this._request({
+      op: "group_action", group_id: u64(groupId), action, user_id: u64(userId), until_ms: u64(untilMs), note,
+    });
+  }
+
+  /** Add users to a group in one change. Resolves with `group_ok`. */
+  groupAddMembers(groupId, userIds) {
+    return this._request({ op: "group_add_members", group_id: u64(groupId), user_ids: userIds.map(u64) });
+  }
+
+  // ---- live rooms (PROTOCOL.md 5.11, 8.14) ----
+
+  /** Create a room. Resolves with `room_ok` (`room_id`). The creator is not subscribed by it. */
+  roomCreate({ publish = RoomPublishPolicy.CREATOR, subscribersMax = 0, publishers = [] } = {}) {
+    return this._request({ op: "room_create", publish, subscribers_max: subscribersMax, publishers: publishers.map(u64) });
+  }
+
+  /** Subscribe this session. Resolves with `room_ok` (`subscribers`). */
+  roomSubscribe(roomId) {
+    return this._request({ op: "room_subscribe", room_id: u64(roomId) });
+  }
+
+  /** Resolves with `room_ok`. */
+  roomUnsubscribe(roomId) {
+    return this._request({ op: "room_unsubscribe", room_id: u64(roomId) });
+  }
+
+  /** Delete a room (its creator). Resolves with `room_ok`. */
+  roomDelete(roomId) {
+    return this._request({ op: "room_delete", room_id: u64(roomId) });
+  }
+
+  /**
+   * Publish to a room. No answer when it goes through (the publishing session does not get its
+   * own message back); a refusal comes as an `error` event with this `clientMsgId`. Returns the
+   * `client_msg_id` used.
+   */
+  roomPublish(roomId, body, { clientMsgId } = {}) {
+    const id = clientMsgId !== undefined ? u64(clientMsgId) : newClientMsgId();
+    this._post({ op: "room_publish", room_id: u64(roomId), client_msg_id: id, ...bodyFields(body) });
+    return id;
+  }
+
+  // ---- internals ----
+
+  _loggedIn(ok) {
+    this.session = ok;
+    this.userId = ok.user_id;
+    this._startPings(ok.idle_timeout_ms);
+    return ok;
+  }
+
+  /** Ping whenever nothing was sent for a third of the idle timeout (PROTOCOL.md 8.1). */
+  _startPings(idleMs) {
+    clearInterval(this._pingTimer);
+    const every = Math.max(1000, Math.floor((idleMs || 90000) / 3));
+    this._pingTimer = setInterval(() => {
+      if (!this.connected || Date.now() - this._lastSentAt < every) return;
+      this.ping(Date.now()).catch((e) => {
+        // No pong: the connection is dead or the server stopped reading; give it up.
+        if (e.code === ErrorCode.NoAnswer) this.close();
+      });
+    }, Math.max(250, Math.floor(every / 4)));
+  }
+
+  async _sendWithRetries(m) {
+    for (let attempt = 0; ; attempt++) {
+      try {
+        return await this._sendOnce(m);
+      } catch (e) {
+        if (!(e instanceof TimError) || !SEND_RETRY_CODES.has(e.code) || attempt >= this.sendRetries) throw e;
+        await sleep(250 * 2 ** attempt);
+      }
+    }
+  }
+
+  _sendOnce(m) {
+    const inflightMax = this.session?.inflight_max ?? 256;
+    if (this._inflight.size >= inflightMax) {
+      return new Promise((resolve, reject) => this._held.push({ m, resolve, reject }));
+    }
+    this._inflight.set(m.clientMsgId, m);
+    const done = () => {
+      this._inflight.delete(m.clientMsgId);
+      const next = this._held.shift();
+      if (next) this._sendOnce(next.m).then(next.resolve, next.reject);
+    };
+    return this._request({ op: "send", conv: m.conv, to: m.to, client_msg_id: m.clientMsgId, ...m.fields }).then(
+      (ack) => { done(); return ack; },
+      (e) => {
+        done();
+        if (e instanceof TimError && e.clientMsgId === "0") e.clientMsgId = m.clientMsgId;
+        e.send = m;
+        throw e;
+      },
+    );
+  }
+
+  /** Send a request with a fresh id; resolves with its answer. `onPart` takes history_msg parts. */
+  _request(req, onPart) {
+    if (!this.connected) {
+      return Promise.reject(new TimError({ code: ErrorCode.NotConnected, message: `${req.op}: not connected`, clientMsgId: req.client_msg_id }));
+    }
+    const id = `t${this._nextId++}`;
+    return new Promise((resolve, reject) => {
+      const timer = setTimeout(() => {
+        this._pending.delete(id);
+        reject(new TimError({ code: ErrorCode.NoAnswer, message: `${req.op}: no answer in ${this.requestTimeoutMs} ms`, id, clientMsgId: req.client_msg_id }));
+      }, this.requestTimeoutMs);
+      this._pending.set(id, { op: req.op, resolve, reject, timer, onPart });
+      this._post({ ...req, id });
+    });
+  }
+
+  _post(obj) {
+    if (!this.connected) {
+      this._emit("error", new TimError({ code: ErrorCode.NotConnected, message: `${obj.op}: not connected` }));
+      return;
+    }
+    this._lastSentAt = Date.now();
+    this.ws.send(JSON.stringify(obj));
+  }
+
+  _emit(type, detail) {
+    this.dispatchEvent(new CustomEvent(type, { detail }));
+  }
+
+  _onText(text) {
+    let msg;
+    try {
+      msg = JSON.parse(text);
+    } catch {
+      return; // the server sends JSON only; nothing to do with anything else
+    }
+    this._emit("message", msg);
+    const p = msg.id !== undefined && msg.id !== null ? this._pending.get(msg.id) : undefined;
+    if (p && !PUSH_TYPES.has(msg.type)) {
+      if (msg.type === "history_msg" && p.onPart) return p.onPart(msg);
+      this._pending.delete(msg.id);
+      clearTimeout(p.timer);
+      if (msg.type === "error") p.reject(new TimError(msg));
+      else p.resolve(msg);
+      return;
+    }
+    switch (msg.type) {
+      case "error": {
+        const e = new TimError(msg);
+        if (msg.request_kind === 0) this._closing.error = msg; // errors that close say why
+        this._emit("error", e);
+        break;
+      }
+      case "kick":
+        this._closing.kick = msg;
+        this._emit("kick", msg);
+        break;
+      default:
+        // Pushes, and answers whose request is gone (timed out): skip types we do not know.
+        if (PUSH_TYPES.has(msg.type)) this._emit(msg.type, msg);
+    }
+  }
+
+  _onClose(e) {
+    clearInterval(this._pingTimer);
+    this._pingTimer = null;
+    const why = this._closing.kick || this._closing.error;
+    for (const [id, p] of this._pending) {
+      clearTimeout(p.timer);
+      p.reject(new TimError({
+        code: ErrorCode.Closed, id,
+        message: `${p.op}: connection closed${why ? ` (${why.reason_name || why.code_name}: ${why.message})` : ""}`,
+      }));
+    }
+    this._pending.clear();
+    for (const h of this._held.splice(0)) h.reject(Object.assign(new TimError({ code: ErrorCode.Closed, message: "send: connection closed", clientMsgId: h.m.clientMsgId }), { send: h.m }));
+    this._inflight.clear();
+    this.ws = null;
+    const wasLoggedIn = this.session !== null;
+    this.session = null;
+    this._emit("close", { code: e.code, reason: e.reason, wasClean: e.wasClean, wasLoggedIn, kick: this._closing.kick, error: this._closing.error });
+  }
+}
+
+/** Open a connection: `const tim = await connect("ws://host:7180/ws")`. */
+export function connect(url, options) {
+  return new TimClient(options).connect(url);
+}
+
+/** The WebSocket URL of the tim server that served this page (`/ws` on the same host). */
+export function pageUrl(loc = globalThis.location) {
+  return `${loc.protocol === "https:" ? "wss" : "ws"}://${loc.host}/ws`;
+}
