@@ -1,8 +1,8 @@
 //! The web chat page (web/) in a real browser: two headless Chromium pages, driven through
 //! chromedriver (WebDriver), register and log in on tim's own page, chat 1:1 by user id with
 //! delivery states (sending → sent, received → acknowledged), make a group and talk in it, use a
-//! live room, page back through history with "load older", and after a reload find the
-//! conversations again from the store. Screenshots of both pages are saved.
+//! live room, page back through history with "load older", after a reload find the
+//! conversations again from the store, and log out. Screenshots of both pages are saved.
 //!
 //! Needs Debian's `chromium` and `chromium-driver` packages (`/usr/bin/chromium`,
 //! `/usr/bin/chromedriver`; or set `CHROME` and `CHROMEDRIVER`). Without them the test fails.
@@ -427,6 +427,16 @@ async fn scenario(
     open_conv(b, &group_key).await?;
     wait_message(b, to_group, Some("acked")).await?;
     screenshot(b, shots, "4-bob-reloaded-group").await;
+
+    // Logging out ends the session and brings back the form.
+    click(a, "#logout-btn").await?;
+    wait_js(
+        a,
+        "the login form after logging out",
+        "return !document.getElementById('auth-view').hidden && document.getElementById('conn-state').dataset.state === 'offline';",
+        vec![],
+    )
+    .await?;
 
     for c in [a, b] {
         let v = js(c, "return window.__cspViolations ?? [];", vec![]).await?;
