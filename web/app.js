@@ -277,6 +277,9 @@ function renderMessages({ keepTop = false } = {}) {
     entries.sort(([, a], [, b]) => (a.seq && b.seq ? compareU64(a.seq, b.seq) : a.seq ? -1 : b.seq ? 1 : a.ts - b.ts));
   }
   ol.replaceChildren(...entries.map(([key, m]) => messageItem(key, m)));
+  // The first message of a new conversation ends "no messages yet".
+  const hs = $("history-state");
+  if (c.kind !== "room" && entries.length && hs.textContent === "no messages yet") hs.textContent = "start of the conversation";
   $("load-older-btn").hidden = !(c.kind !== "room" && c.more);
   if (keepTop) box.scrollTop = box.scrollHeight - fromBottom;
   else if (atBottom || entries.length < 8) box.scrollTop = box.scrollHeight;
