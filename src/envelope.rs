@@ -269,11 +269,12 @@ pub enum Envelope {
     Admin(AdminTask),
 }
 
-/// Work the admin API gives a shard: called on the shard's thread with the shard.
+/// Work the admin API gives a shard: called on the shard's thread with the shard (an
+/// `Rc<Shard>`, passed as `Any` so that envelopes need not know the shard's type).
 pub struct AdminTask(pub Box<AdminFn>);
 
 /// What an [`AdminTask`] runs.
-pub type AdminFn = dyn FnOnce(&std::rc::Rc<crate::shard::Shard>) + Send;
+pub type AdminFn = dyn FnOnce(&dyn std::any::Any) + Send;
 
 impl Envelope {
     /// The owner an owner-addressed envelope is for, by `p` (`None` for envelopes addressed to

@@ -636,7 +636,7 @@ impl Shard {
             Envelope::Placement(u) => self.on_placement(*u),
             Envelope::Admin(task) => {
                 if let Some(me) = CURRENT.with(|c| c.borrow().clone()) {
-                    (task.0)(&me);
+                    (task.0)(&me as &dyn std::any::Any);
                 }
             }
         }

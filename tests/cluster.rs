@@ -184,6 +184,32 @@ fn register(node: &Node, name: &str) -> u64 {
     node.client().register(name, PASSWORD).unwrap()
 }
 
+/// Send and wait for the ack, resending with the same id on the answers that say "retry"
+/// (PROTOCOL 8.11, 8.16): right after a table change a conversation's new owner may meet the
+/// old owner's last write (StoreUnavailable) or a node not reached yet (NodeUnavailable).
+fn send_retrying(c: &mut Client, to: u64, client_msg_id: u64, body: &[u8]) -> tim::protocol::SendAck {
+    for _ in 0..100 {
+        match c.send_wait(to, client_msg_id, body) {
+            Ok(ack) => return ack,
+            Err(e)
+                if matches!(
+                    e.code(),
+                    Some(
+                        ErrorCode::StoreUnavailable
+                            | ErrorCode::NodeUnavailable
+                            | ErrorCode::Timeout
+                            | ErrorCode::Busy
+                    )
+                ) =>
+            {
+                std::thread::sleep(Duration::from_millis(50))
+            }
+            Err(e) => panic!("send {client_msg_id} to {to}: {e}"),
+        }
+    }
+    panic!("send {client_msg_id} to {to}: no ack after 100 tries")
+}
+
 fn next_body(c: &mut Client) -> Vec<u8> {
     c.next_delivery().unwrap().body
 }
@@ -446,9 +472,9 @@ fn dial_only_node_joins() {
     let mut ca = n4.login("behind-nat", 3);
     let mut cb = n2.login("outside", 3);
     for i in 0..20u64 {
-        ca.send_wait(b, 1 + i, format!("out {i}").as_bytes()).unwrap();
+        send_retrying(&mut ca, b, 1 + i, format!("out {i}").as_bytes());
         assert_eq!(next_body(&mut cb), format!("out {i}").into_bytes());
-        cb.send_wait(a, 100 + i, format!("in {i}").as_bytes()).unwrap();
+        send_retrying(&mut cb, a, 100 + i, format!("in {i}").as_bytes());
         assert_eq!(next_body(&mut ca), format!("in {i}").into_bytes());
     }
 }

@@ -308,7 +308,11 @@ where
     F: FnOnce(Rc<Shard>) -> std::pin::Pin<Box<dyn std::future::Future<Output = R>>> + Send + 'static,
 {
     let (tx, rx) = tokio::sync::oneshot::channel();
-    let task = AdminTask(Box::new(move |s: &Rc<Shard>| {
+    let task = AdminTask(Box::new(move |s: &dyn std::any::Any| {
+        let Some(s) = s.downcast_ref::<Rc<Shard>>() else {
+            log::error!("admin: a task was given something that is not a shard");
+            return;
+        };
         let fut = f(s.clone());
         monoio::spawn(async move {
             let _ = tx.send(fut.await);
