@@ -73,7 +73,10 @@ fn http_refusals(driver: &str) {
 /// client frame (1002), a message over the size cap (1009), a text that is not UTF-8 (1007), a
 /// binary message cutting a frame (Error Malformed, then close). Other sessions go on.
 fn ws_bad_input(driver: &str) {
-    let s = TestServer::start(driver, "[limits]\nframe_bytes_max = 65536\nbody_bytes_max = 32768\n");
+    let s = TestServer::start(
+        driver,
+        "[limits]\nframe_bytes_max = 65536\nbody_bytes_max = 32768\npartial_frame_timeout_ms = 300\n",
+    );
     let ws = s.ws_addr.unwrap();
     let (alice, _) = s.register("alice");
     let (bob, bob_id) = s.register("bob");
@@ -105,6 +108,10 @@ fn ws_bad_input(driver: &str) {
     assert_eq!(close_code(&big), Some(1009));
     // A masked text frame (mask 0) of invalid UTF-8.
     assert_eq!(close_code(&[0x81, 0x80 | 2, 0, 0, 0, 0, 0xff, 0xfe]), Some(1007));
+    // Half a frame, then nothing: closed at partial_frame_timeout_ms (not the login timeout).
+    let started = std::time::Instant::now();
+    assert_eq!(close_code(&[0x82, 0x80 | 5, 0, 0]), Some(1000));
+    assert!(started.elapsed() < Duration::from_secs(5), "closed after {:?}", started.elapsed());
     // Half a v1 frame in a binary message: Error Malformed, then the close.
     let mut w = ws_connect(ws, None);
     w.send(Message::Binary(vec![6u8, 0, 0, 0, 64, 0, 0, 0].into())).unwrap();

@@ -141,6 +141,9 @@ struct Ws {
     texts: VecDeque<String>,
     /// The close frame to send when the connection closes.
     close: Option<(CloseCode, &'static str)>,
+    /// Bytes arrived since the last whole frame came out: a frame (or a fragmented message)
+    /// is incomplete, and the session's incomplete-frame timeout runs.
+    incomplete: bool,
 }
 
 /// In-memory bytes for tungstenite: `rx` is what arrived, `tx` what it wrote.
@@ -323,6 +326,7 @@ impl Ws {
             json_state: Default::default(),
             texts: VecDeque::new(),
             close: None,
+            incomplete: !tail.is_empty(),
         }
     }
 
@@ -581,8 +585,13 @@ impl Reader<'_> {
             let mut io = self.conn.io.borrow_mut();
             let ws = io.ws.as_mut().expect("a websocket");
             ws.mem.rx.extend_from_slice(plain);
+            ws.incomplete |= !plain.is_empty();
             loop {
-                match ws.ctx.read(&mut ws.mem) {
+                let read = ws.ctx.read(&mut ws.mem);
+                if read.is_ok() {
+                    ws.incomplete = false;
+                }
+                match read {
                     Ok(Message::Binary(b)) => msgs.push(Inbound::Binary(b)),
                     Ok(Message::Text(t)) => msgs.push(Inbound::Text(t)),
                     Ok(Message::Close(_)) => {
@@ -604,7 +613,7 @@ impl Reader<'_> {
                     }
                 }
             }
-            let partial = !ws.mem.rx[ws.mem.rx_at..].is_empty();
+            let partial = ws.incomplete;
             if !ws.mem.tx.is_empty() {
                 self.session.writer.notify();
             }
