@@ -79,6 +79,44 @@ pub enum Pacing {
     Timer,
 }
 
+/// How connections reach the server (`--transport`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Transport {
+    /// Protocol v1 frames over TCP (`[server] listen`).
+    Tcp,
+    /// WebSocket (`[gateway] ws_listen`, path `/ws`, subprotocol `tim.v1`): binary messages
+    /// carrying v1 frames, each flush of a connection's queue as one message.
+    WsBinary,
+    /// WebSocket with subprotocol `tim.json`: every request one JSON text, every server frame
+    /// read from a JSON text (docs/JSON.md).
+    WsJson,
+}
+
+impl Transport {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Transport::Tcp => "tcp",
+            Transport::WsBinary => "ws-binary",
+            Transport::WsJson => "ws-json",
+        }
+    }
+
+    pub fn is_websocket(self) -> bool {
+        self != Transport::Tcp
+    }
+}
+
+/// How message bodies travel in JSON (`--json-body`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum JsonBody {
+    /// Text: the ledger header is written in printable characters, so bodies go as `"body"`
+    /// strings, as a chat client's would.
+    Text,
+    /// Bytes: the binary ledger header, so bodies are not UTF-8 and go as `"body_b64"`
+    /// (base64 both ways, on the server too).
+    Base64,
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum DriverArg {
     Auto,
@@ -97,8 +135,20 @@ pub enum DriverArg {
 pub struct Args {
     /// Server address HOST:PORT. Repeatable (the nodes of a cluster): connection i uses
     /// address i mod n, in every scenario, and reconnects go round the list (--reconnect).
-    #[arg(long = "addr", value_name = "HOST:PORT", default_value = "127.0.0.1:7100")]
+    /// With a WebSocket --transport, the server's `[gateway] ws_listen` address.
+    /// [default: 127.0.0.1:7100; WebSocket: 127.0.0.1:7180]
+    #[arg(long = "addr", value_name = "HOST:PORT")]
     pub addrs: Vec<String>,
+    /// How connections reach the server: tcp (protocol v1 frames), ws-binary (v1 frames in
+    /// WebSocket binary messages) or ws-json (JSON texts over WebSocket, docs/JSON.md). The
+    /// WebSocket transports connect to `ws://ADDR/ws`; ws-json runs one-to-one, idle and
+    /// login-storm, ws-binary every scenario but echo.
+    #[arg(long, value_enum, default_value = "tcp")]
+    pub transport: Transport,
+    /// ws-json: message bodies as JSON text (the ledger header in printable characters) or
+    /// as base64 (`body_b64`, the binary ledger header).
+    #[arg(long, value_enum, default_value = "text")]
+    pub json_body: JsonBody,
     /// Reconnect (one-to-one, group, echo; on by default with more than one --addr): when a
     /// connection fails or the server closes it during the run, it waits a backoff (50 ms,
     /// doubling up to 1 s, jittered), connects to the next address of the list, logs in again
@@ -259,7 +309,13 @@ pub enum Load {
 #[derive(Clone, Debug)]
 pub struct Config {
     pub scenario: ScenarioName,
+    pub transport: Transport,
+    /// Bodies start with the ledger header in printable characters (ws-json, `--json-body
+    /// text`), so that they are UTF-8 text.
+    pub text_bodies: bool,
     pub addrs: Vec<SocketAddr>,
+    /// `--addr` as given (the WebSocket handshake's `Host`), in `addrs` order.
+    pub hosts: Vec<String>,
     pub sources: Vec<IpAddr>,
     pub connections: u32,
     pub users: u32,
@@ -307,8 +363,12 @@ const OPEN_LOOP_CAP_DEFAULT: u32 = 4096;
 
 impl Config {
     pub fn from_args(a: Args) -> anyhow::Result<Config> {
+        let mut hosts = a.addrs.clone();
+        if hosts.is_empty() {
+            hosts.push(if a.transport.is_websocket() { "127.0.0.1:7180" } else { "127.0.0.1:7100" }.into());
+        }
         let mut addrs = Vec::new();
-        for s in &a.addrs {
+        for s in &hosts {
             let addr = s
                 .to_socket_addrs()
                 .with_context(|| format!("resolving --addr {s}"))?
@@ -380,6 +440,7 @@ impl Config {
                 connections / 2
             );
         }
+        check_transport(&a)?;
         let threads = a.threads.unwrap_or_else(tim_shards::runtime::available_cores).max(1);
         if a.password.len() < 8 {
             bail!("--password must have at least 8 bytes (the server's password rule)");
@@ -406,7 +467,10 @@ impl Config {
         };
         Ok(Config {
             scenario: a.scenario,
+            transport: a.transport,
+            text_bodies: a.transport == Transport::WsJson && a.json_body == JsonBody::Text,
             addrs,
+            hosts,
             sources,
             connections,
             users,
@@ -479,6 +543,24 @@ impl Config {
         }
         Some(self.sources[((conn as u64 + n * self.connections as u64) % self.sources.len() as u64) as usize])
     }
+}
+
+/// Which scenarios a transport runs: echo servers speak TCP only; the JSON mapping of the
+/// loadgen covers accounts, sessions and 1:1 messages (not rooms and groups).
+fn check_transport(a: &Args) -> anyhow::Result<()> {
+    match (a.transport, a.scenario) {
+        (Transport::Tcp, _) => {}
+        (_, ScenarioName::Echo) => bail!("--scenario echo runs over --transport tcp only (echo-limit has no WebSocket)"),
+        (Transport::WsJson, ScenarioName::Room | ScenarioName::Group) => bail!(
+            "--transport ws-json runs one-to-one, idle and login-storm; --scenario {} runs over tcp or ws-binary",
+            a.scenario.as_str()
+        ),
+        _ => {}
+    }
+    if a.json_body != JsonBody::Text && a.transport != Transport::WsJson {
+        bail!("--json-body is for --transport ws-json");
+    }
+    Ok(())
 }
 
 /// Connections when --connections is not given.
@@ -660,6 +742,32 @@ mod tests {
         let room = cfg(&[&two[..], &["--scenario", "room", "--connections", "4"]].concat()).unwrap();
         assert!(!room.reconnect, "rooms do not reconnect");
         assert!(cfg(&["--scenario", "idle", "--reconnect"]).is_err());
+    }
+
+    /// WebSocket transports: their default address, the scenarios each runs, text bodies.
+    #[test]
+    fn transport_args() {
+        let cfg = |extra: &[&str]| {
+            let mut argv = vec!["tim-loadgen", "--threads", "1"];
+            argv.extend_from_slice(extra);
+            Config::from_args(Args::try_parse_from(argv)?)
+        };
+        let tcp = cfg(&[]).unwrap();
+        assert_eq!((tcp.transport, tcp.addrs[0].port(), tcp.text_bodies), (Transport::Tcp, 7100, false));
+        let json = cfg(&["--transport", "ws-json"]).unwrap();
+        assert_eq!(
+            (json.addrs[0].port(), json.hosts[0].as_str(), json.text_bodies),
+            (7180, "127.0.0.1:7180", true)
+        );
+        assert!(!cfg(&["--transport", "ws-json", "--json-body", "base64"]).unwrap().text_bodies);
+        assert!(cfg(&["--json-body", "base64"]).is_err(), "JSON bodies need ws-json");
+        let bin = cfg(&["--transport", "ws-binary", "--addr", "localhost:9000"]).unwrap();
+        assert_eq!((bin.hosts[0].as_str(), bin.text_bodies), ("localhost:9000", false));
+        assert!(cfg(&["--transport", "ws-binary", "--scenario", "room", "--connections", "4"]).is_ok());
+        assert!(cfg(&["--transport", "ws-json", "--scenario", "room", "--connections", "4"]).is_err());
+        assert!(cfg(&["--transport", "ws-json", "--scenario", "group", "--members", "2"]).is_err());
+        assert!(cfg(&["--transport", "ws-binary", "--scenario", "echo"]).is_err());
+        assert!(cfg(&["--transport", "ws-json", "--scenario", "login-storm"]).is_ok());
     }
 
     #[test]

@@ -28,6 +28,8 @@ pub struct Outcome {
     pub drain_time: Duration,
     /// With --server-pid: the server's CPU time over `run_time`, or why it could not be read.
     pub server_cpu: Option<Result<Duration, String>>,
+    /// The loadgen's own CPU time over `run_time`.
+    pub loadgen_cpu: Duration,
 }
 
 const SETUP_POLL: Duration = Duration::from_millis(20);
@@ -79,6 +81,7 @@ pub fn run(g: &Global) -> Outcome {
         drained: true,
         drain_time: Duration::ZERO,
         server_cpu: cfg.server_cpu.as_ref().map(|_| Err("no measured window".to_owned())),
+        loadgen_cpu: Duration::ZERO,
     };
     if ready == 0 {
         g.set_phase(Phase::Stop);
@@ -86,6 +89,7 @@ pub fn run(g: &Global) -> Outcome {
     }
     // The server's CPU time is read right around the instants that bound `run_time`.
     let cpu_start = cfg.server_cpu.as_ref().map(|s| s.read());
+    let own_start = crate::server_cpu::own_cpu();
     let start = Instant::now();
     let end = start + cfg.duration;
     let mut prev = stats::sum(&g.slots);
@@ -111,6 +115,7 @@ pub fn run(g: &Global) -> Outcome {
         }
     }
     out.run_time = start.elapsed();
+    out.loadgen_cpu = crate::server_cpu::own_cpu().saturating_sub(own_start);
     if let (Some(s), Some(cpu_start)) = (&cfg.server_cpu, cpu_start) {
         out.server_cpu = Some(match (cpu_start, s.read()) {
             (Ok(a), Ok(b)) => Ok(b.saturating_sub(a)),

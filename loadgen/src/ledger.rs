@@ -18,6 +18,15 @@ use tim::protocol::{conv, Stamp};
 /// Bytes of [`BodyHeader`] at the start of every body.
 pub const BODY_HEADER_BYTES: usize = 32;
 const MAGIC: u32 = u32::from_le_bytes(*b"TLG1");
+/// The text form of the header starts with this: see [`BodyHeader::write_text`].
+const TEXT_MAGIC: &[u8; 4] = b"tlg1";
+/// Digits of the text form, 6 bits each (base64url's alphabet: nothing a JSON string escapes).
+const TEXT_DIGITS: &[u8; 64] = b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz-_";
+/// Digits of each field in the text form: run id (36 bits), connection (24), flags (6),
+/// counter (30), send time (66); with the magic, 31 bytes, then one filler byte.
+const TEXT_WIDTHS: [usize; 5] = [6, 4, 1, 5, 11];
+const _: () = assert!(4 + 6 + 4 + 1 + 5 + 11 < BODY_HEADER_BYTES);
+const _: () = assert!(crate::cli::CONNECTIONS_MAX <= 1 << 24 && COUNTER_BITS <= 30);
 /// Body flag: this copy was resent after a refusal (exempt from the send-order check).
 pub const FLAG_RESENT: u32 = 1;
 
@@ -43,10 +52,68 @@ impl BodyHeader {
         body[24..32].copy_from_slice(&self.sent_us.to_le_bytes());
     }
 
-    /// The header of `body`, if it has one.
+    /// Write the header at the start of `body` in printable ASCII (for bodies sent as JSON
+    /// text): `tlg1`, then run id, connection, flags, counter and send time as fixed-width
+    /// big-endian numbers in base64url digits, then a `.`. [`BodyHeader::read`] reads both forms.
+    pub fn write_text(&self, body: &mut [u8]) {
+        assert!(self.flags < 64 && self.conn < 1 << 24 && self.counter < 1 << 30, "fields fit their digits");
+        body[..4].copy_from_slice(TEXT_MAGIC);
+        let mut at = 4;
+        let values = [self.run_id as u64, self.conn as u64, self.flags as u64, self.counter, self.sent_us];
+        for (v, width) in values.into_iter().zip(TEXT_WIDTHS) {
+            for i in 0..width {
+                let shift = 6 * (width - 1 - i);
+                body[at + i] = TEXT_DIGITS[if shift >= 64 { 0 } else { ((v >> shift) & 63) as usize }];
+            }
+            at += width;
+        }
+        body[at..BODY_HEADER_BYTES].fill(b'.');
+    }
+
+    /// Write the header in the text form or the binary one.
+    #[inline]
+    pub fn write_as(&self, body: &mut [u8], text: bool) {
+        if text {
+            self.write_text(body)
+        } else {
+            self.write(body)
+        }
+    }
+
+    fn read_text(body: &[u8]) -> Option<BodyHeader> {
+        let mut values = [0u64; 5];
+        let mut at = 4;
+        for (v, width) in values.iter_mut().zip(TEXT_WIDTHS) {
+            for &d in &body[at..at + width] {
+                let digit = match d {
+                    b'0'..=b'9' => d - b'0',
+                    b'A'..=b'Z' => d - b'A' + 10,
+                    b'a'..=b'z' => d - b'a' + 36,
+                    b'-' => 62,
+                    b'_' => 63,
+                    _ => return None,
+                };
+                *v = (*v << 6) | digit as u64;
+            }
+            at += width;
+        }
+        let [run_id, conn, flags, counter, sent_us] = values;
+        Some(BodyHeader {
+            run_id: u32::try_from(run_id).ok()?,
+            conn: conn as u32,
+            flags: flags as u32,
+            counter,
+            sent_us,
+        })
+    }
+
+    /// The header of `body`, if it has one (either form).
     pub fn read(body: &[u8]) -> Option<BodyHeader> {
         if body.len() < BODY_HEADER_BYTES {
             return None;
+        }
+        if body[..4] == TEXT_MAGIC[..] {
+            return BodyHeader::read_text(body);
         }
         let u32_at = |i: usize| u32::from_le_bytes(body[i..i + 4].try_into().expect("4 bytes"));
         let u64_at = |i: usize| u64::from_le_bytes(body[i..i + 8].try_into().expect("8 bytes"));
@@ -416,6 +483,30 @@ mod tests {
         assert_eq!(BodyHeader::read(&body[..31]), None);
         body[0] ^= 1;
         assert_eq!(BodyHeader::read(&body), None);
+    }
+
+    /// The text form is printable ASCII, reads back to the same header, and is told apart from
+    /// the binary form by its magic.
+    #[test]
+    fn body_header_text_round_trip() {
+        let run_id = u32::MAX;
+        let h = BodyHeader {
+            run_id,
+            conn: (1 << 20) - 1,
+            flags: FLAG_RESENT,
+            counter: COUNTER_MAX,
+            sent_us: u64::MAX,
+        };
+        let mut body = vec![b'.'; 64];
+        h.write_text(&mut body);
+        assert!(body.iter().all(|b| b.is_ascii_graphic()), "{:?}", String::from_utf8_lossy(&body));
+        assert_eq!(BodyHeader::read(&body), Some(h));
+        let small = BodyHeader { run_id: 0, conn: 0, flags: 0, counter: 0, sent_us: 12_345 };
+        small.write_as(&mut body, true);
+        assert_eq!(&body[..4], b"tlg1");
+        assert_eq!(BodyHeader::read(&body), Some(small));
+        body[9] = b'"';
+        assert_eq!(BodyHeader::read(&body), None, "not a digit");
     }
 
     #[test]

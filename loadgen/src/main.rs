@@ -6,7 +6,8 @@
 //! - [`cli`]: flags and the checked run configuration;
 //! - [`global`]: what threads share (phase, setup registry, live set, per-thread slots);
 //! - [`worker`]: one executor thread, its control task and small local primitives;
-//! - [`net`]: connect, the write queue, the frame reader;
+//! - [`net`]: connect, the write queue, the frame reader; [`ws`]: the WebSocket client side
+//!   (`--transport ws-binary|ws-json`), [`json`]: the JSON mapping from the client's side;
 //! - [`session`]: register, log in, log out;
 //! - [`scenario`]: what connections do (one-to-one, idle, login-storm, echo, room, group); the
 //!   message engine ([`scenario::messaging`]) also reconnects failed connections (`--reconnect`)
@@ -23,6 +24,7 @@
 mod cli;
 mod coordinator;
 mod global;
+mod json;
 mod ledger;
 mod net;
 mod report;
@@ -31,6 +33,7 @@ mod server_cpu;
 mod session;
 mod stats;
 mod worker;
+mod ws;
 
 use std::{process::ExitCode, sync::Arc};
 
@@ -81,9 +84,10 @@ fn run(args: Args) -> anyhow::Result<bool> {
     let shards = tim_shards::start::<(), _, _>(&rt, move |ctx| worker::run(g2.clone(), ctx.id, ctx.driver))?;
     if !g.cfg.quiet {
         eprintln!(
-            "tim-loadgen: {} {} connections on {} threads ({} driver), run {:08x}",
+            "tim-loadgen: {} {} connections over {} on {} threads ({} driver), run {:08x}",
             g.cfg.scenario.as_str(),
             g.cfg.connections,
+            g.cfg.transport.as_str(),
             g.cfg.threads,
             shards.drivers.first().map_or("?", |d| d.name()),
             g.run_id

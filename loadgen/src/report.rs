@@ -122,8 +122,9 @@ pub fn finish(g: &Global, o: &Outcome) -> bool {
         }
     };
     println!(
-        "tim-loadgen {}: {} connections, {} users, {} threads; {}; body {} B; {:.1} s",
+        "tim-loadgen {} over {}: {} connections, {} users, {} threads; {}; body {} B; {:.1} s",
         cfg.scenario.as_str(),
+        cfg.transport.as_str(),
         cfg.connections,
         cfg.users,
         cfg.threads,
@@ -303,6 +304,13 @@ pub fn finish(g: &Global, o: &Outcome) -> bool {
         Some(Err(e)) => println!("  server CPU (pid {pid}): not measured: {e}"),
         None => {}
     }
+    let own_s = o.loadgen_cpu.as_secs_f64();
+    let own_per_msg = (v.delivered > 0).then(|| own_s * 1e6 / v.delivered as f64);
+    println!(
+        "  loadgen CPU: {own_s:.3} s in {secs:.1} s = {:.2} cores busy{}",
+        own_s / secs,
+        own_per_msg.map_or(String::new(), |us| format!("; {us:.2} µs per delivered message"))
+    );
     println!("  errors {errors}");
     for (k, n) in &r.errors {
         println!("    {k}: {n}");
@@ -317,6 +325,7 @@ pub fn finish(g: &Global, o: &Outcome) -> bool {
     if cfg.json {
         let mut m = Map::new();
         m.insert("scenario".into(), json!(cfg.scenario.as_str()));
+        m.insert("transport".into(), json!(cfg.transport.as_str()));
         m.insert("ok".into(), json!(problems.is_empty()));
         m.insert("addrs".into(), json!(cfg.addrs.iter().map(|a| a.to_string()).collect::<Vec<_>>()));
         let per_addr: Vec<Value> = per_addr
@@ -454,6 +463,8 @@ pub fn finish(g: &Global, o: &Outcome) -> bool {
             m.insert("server_cpu_util".into(), json!(util));
             m.insert("server_cpu_us_per_msg".into(), json!(per_msg));
         }
+        m.insert("loadgen_cpu_s".into(), json!(round3(own_s)));
+        m.insert("loadgen_cpu_us_per_msg".into(), json!(own_per_msg.map(round3)));
         println!("{}", Value::Object(m));
     }
     problems.is_empty()

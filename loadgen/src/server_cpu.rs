@@ -1,5 +1,6 @@
 //! `--server-pid`: the server process's CPU time (user + system, summed over its threads) from
-//! `/proc/PID/stat`, read at the start and at the end of the measured window.
+//! `/proc/PID/stat`, read at the start and at the end of the measured window; and the loadgen's
+//! own ([`own_cpu`]), read at the same instants.
 
 use std::time::Duration;
 
@@ -47,6 +48,18 @@ impl ServerCpu {
         let nanos = ticks as u128 * 1_000_000_000 / self.ticks_per_s as u128;
         Ok(Duration::from_nanos(nanos as u64))
     }
+}
+
+/// This process's CPU time so far (user + system, all threads), to the microsecond.
+pub fn own_cpu() -> Duration {
+    // SAFETY: getrusage writes the struct it is given.
+    let mut u: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: RUSAGE_SELF with a valid pointer.
+    if unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut u) } != 0 {
+        return Duration::ZERO;
+    }
+    let us = |t: libc::timeval| t.tv_sec as u64 * 1_000_000 + t.tv_usec as u64;
+    Duration::from_micros(us(u.ru_utime) + us(u.ru_stime))
 }
 
 fn read_stat(pid: u32) -> anyhow::Result<StatTimes> {

@@ -116,15 +116,20 @@ pub async fn connect(w: &Worker, conn: u32, n: u64, deadline: Instant) -> Option
             return None;
         }
         let addr = cfg.addr_index(conn, attempt);
-        match net::connect(cfg.addrs[addr], cfg.source_for(conn, k), timeout).await {
-            Ok(s) => return Some(Io::new(s, addr)),
+        match net::open(cfg, addr, cfg.source_for(conn, k), timeout, mask_seed(w, conn, k)).await {
+            Ok(io) => return Some(io),
             Err(e) => {
-                w.stats.error(&format!("connect: {:?}", e.kind()));
+                w.stats.error(&format!("connect: {}", net::error_name(&e)));
                 monoio::time::sleep(RETRY_PAUSE).await;
             }
         }
     }
     None
+}
+
+/// The seed of a connection's WebSocket masks: distinct per run, connection and attempt.
+fn mask_seed(w: &Worker, conn: u32, n: u64) -> u64 {
+    crate::global::mix(((w.g.run_id as u64) << 32) ^ ((conn as u64) << 8) ^ n)
 }
 
 /// One connect to address `addr_index` of the run (a reconnect; attempt `n` picks the source
@@ -137,8 +142,7 @@ pub async fn connect_to(
     timeout: Duration,
 ) -> io::Result<Io> {
     let cfg = &w.g.cfg;
-    let s = net::connect(cfg.addrs[addr_index], cfg.source_for(conn, n), timeout).await?;
-    Ok(Io::new(s, addr_index))
+    net::open(cfg, addr_index, cfg.source_for(conn, n), timeout, mask_seed(w, conn, n)).await
 }
 
 /// Register `name`; an existing name is fine. Retries Busy/Internal until `deadline`.

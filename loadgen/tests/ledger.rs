@@ -8,6 +8,9 @@
 //! Several addresses and reconnects: connections spread over two servers, and a durable server
 //! killed with SIGKILL in the middle of a run and started again on the same port, the swarm
 //! reconnecting to it and losing nothing.
+//!
+//! WebSocket: one-to-one over `--transport ws-json` and `ws-binary` against the server's
+//! WebSocket listener, checked by the same ledger.
 
 use std::{
     io::{BufRead, BufReader},
@@ -47,6 +50,8 @@ fn tim_binary() -> PathBuf {
 struct Server {
     child: Child,
     addr: String,
+    /// The WebSocket listener's address, when it has one.
+    ws_addr: Option<String>,
     dir: Option<tempfile::TempDir>,
 }
 
@@ -60,12 +65,23 @@ impl Server {
     /// Start a server in `dir` (its config and data; a restart finds the data of the last
     /// start there), listening on `listen`.
     fn start_in(dir: tempfile::TempDir, listen: &str, store: &str) -> Server {
+        Server::start_with(dir, listen, "", store)
+    }
+
+    /// Start a server with a WebSocket listener on a free port of 127.0.0.1 too.
+    fn start_websocket(store: &str) -> Server {
+        Server::start_with(tempfile::tempdir().unwrap(), "127.0.0.1:0", "127.0.0.1:0", store)
+    }
+
+    /// Start a server in `dir` listening on `listen`, and on `ws_listen` for WebSocket (`""`:
+    /// none).
+    fn start_with(dir: tempfile::TempDir, listen: &str, ws_listen: &str, store: &str) -> Server {
         let cfg = dir.path().join("tim.toml");
         let data = dir.path().join("data");
         let store = store.replace("{data}", &data.display().to_string());
         let text = format!(
             "[server]\nlisten = \"{listen}\"\nshards = 2\npin_cores = false\n\n\
-             [security]\nargon2_m_kib = 64\nargon2_t = 1\n\n[gateway]\nws_listen = \"\"\n[admin]\nlisten = \"\"\n\n[store]\n{store}\n"
+             [security]\nargon2_m_kib = 64\nargon2_t = 1\n\n[gateway]\nws_listen = \"{ws_listen}\"\n[admin]\nlisten = \"\"\n\n[store]\n{store}\n"
         );
         std::fs::write(&cfg, text).unwrap();
         let mut child = Command::new(tim_binary())
@@ -76,14 +92,24 @@ impl Server {
             .stderr(Stdio::inherit())
             .spawn()
             .expect("start tim");
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
-        let addr = line
-            .strip_prefix("tim listening on ")
-            .and_then(|rest| rest.split_whitespace().next())
-            .unwrap_or_else(|| panic!("unexpected first line from tim: {line:?}"))
-            .to_owned();
-        Server { child, addr, dir: Some(dir) }
+        // "tim websocket listening on ADDR" (and other listeners) first; "tim listening on" last.
+        let mut out = BufReader::new(child.stdout.take().unwrap());
+        let mut ws_addr = None;
+        let addr = loop {
+            let mut line = String::new();
+            out.read_line(&mut line).unwrap();
+            let addr_after = |prefix: &str| {
+                line.strip_prefix(prefix).and_then(|rest| rest.split_whitespace().next()).map(str::to_owned)
+            };
+            if let Some(a) = addr_after("tim websocket listening on ") {
+                ws_addr = Some(a);
+            } else if let Some(a) = addr_after("tim listening on ") {
+                break a;
+            } else if !line.starts_with("tim ") {
+                panic!("unexpected line from tim: {line:?}");
+            }
+        };
+        Server { child, addr, ws_addr, dir: Some(dir) }
     }
 
     /// Kill the server with SIGKILL (no shutdown, no flush); its directory, to start it again.
@@ -467,4 +493,43 @@ fn reconnect_gives_up() {
     assert_eq!(n(&v, "reconnects"), 0, "{v}");
     assert_eq!(v["ok"], Value::Bool(false), "{v}");
     assert_eq!(out.status.code(), Some(1), "{out:?}");
+}
+
+/// One-to-one over WebSocket, JSON texts and binary messages, against the server's WebSocket
+/// listener (2 sessions per user, as in `one_to_one_ledger`): every acknowledged message reaches
+/// the peer's sessions and the sender's other one exactly once, in order, with no error.
+#[test]
+fn one_to_one_over_websocket() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let server = Server::start_websocket("backend = \"memory\"");
+    let ws = server.ws_addr.clone().expect("a websocket listener");
+    for (transport, json_body, users) in
+        [("ws-json", "text", "j"), ("ws-json", "base64", "b"), ("ws-binary", "text", "w")]
+    {
+        let mut args = vec!["--transport", transport, "--scenario", "one-to-one", "--connections", "20"];
+        args.extend(["--users", "10", "--duration", "2", "--rate", "5000", "--user-prefix", users]);
+        if transport == "ws-json" {
+            args.extend(["--json-body", json_body]);
+        }
+        let (out, v) = loadgen(&ws, &args, Duration::from_secs(30));
+        let acked = n(&v, "acked");
+        assert_eq!(v["transport"], transport, "{v}");
+        assert!(acked > 1000, "{transport}: too few acknowledged: {v}");
+        assert_eq!(n(&v, "lost"), 0, "{transport}: {v}");
+        assert_eq!(n(&v, "duplicated"), 0, "{transport}: {v}");
+        assert_eq!(n(&v, "out_of_order"), 0, "{transport}: {v}");
+        assert_eq!(n(&v, "misrouted"), 0, "{transport}: {v}");
+        assert_eq!(n(&v, "errors"), 0, "{transport}: {v}");
+        assert_eq!(n(&v, "delivered"), acked * 3, "{transport}: {v}");
+        assert!(out.status.success(), "{transport}: exit status {:?}", out.status);
+    }
+    // The WebSocket port speaks HTTP: a TCP loadgen there fails to set up, and a WebSocket one
+    // pointed at the TCP port fails its handshake, saying so.
+    let (out, v) = loadgen(
+        &server.addr,
+        &["--transport", "ws-json", "--connections", "1", "--setup-timeout", "3", "--connect-attempts", "1"],
+        Duration::from_secs(30),
+    );
+    assert!(!out.status.success());
+    assert!(v.to_string().contains("websocket handshake"), "{v}");
 }

@@ -670,7 +670,7 @@ impl Conn {
             counter,
             sent_us: m.sent_us,
         }
-        .write(&mut msg.body[..BODY_HEADER_BYTES]);
+        .write_as(&mut msg.body[..BODY_HEADER_BYTES], g.cfg.text_bodies);
         frame::encode_into(kind::SEND, &*msg, &mut self.io.borrow().out());
     }
 
