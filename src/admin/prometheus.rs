@@ -8,7 +8,7 @@ use crate::{
     protocol::ErrorCode,
 };
 
-/// Render the snapshots; `dropped` is the node's count of envelopes dropped between nodes.
+/// Render the snapshots; `dropped` is the node's count of envelopes dropped (a full mesh overflow).
 pub fn render(snaps: &[Snapshot], dropped: u64) -> String {
     let mut w = String::with_capacity(16 * 1024);
     let mut head = |w: &mut String, name: &str, kind: &str, help: &str| {
@@ -105,7 +105,7 @@ pub fn render(snaps: &[Snapshot], dropped: u64) -> String {
         &mut w,
         "tim_dropped_envelopes_total",
         "counter",
-        "Envelopes for other nodes dropped (link queue full).",
+        "Envelopes dropped: a shard's mesh overflow was full (limits.mesh_overflow_max).",
     );
     let _ = writeln!(w, "tim_dropped_envelopes_total {dropped}");
     for (name, help, get) in [
