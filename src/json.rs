@@ -1730,9 +1730,7 @@ fn push_u64(s: &mut String, mut v: u64) {
             break;
         }
     }
-    for &d in &digits[i..] {
-        s.push(d as char);
-    }
+    s.push_str(std::str::from_utf8(&digits[i..]).expect("ASCII digits"));
 }
 
 /// `v` as a JSON string: quotes, and escapes for `"`, `\` and control characters.

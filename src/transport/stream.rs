@@ -51,8 +51,10 @@ use crate::{
 /// Bytes of converted output the writer holds for the socket at most, before it takes more
 /// frames from the session's queue.
 pub const TX_BATCH_BYTES: usize = 256 * 1024;
-/// Bytes one read takes from the socket at most.
+/// Bytes one read takes from the socket at most (within the shard's pooled read buffer).
 const READ_BYTES: usize = 64 * 1024;
+/// Capacity of its plaintext buffer a connection keeps between reads.
+const PLAIN_KEPT_BYTES: usize = 4096;
 /// A WebSocket's read buffer (tungstenite's); grows only for larger messages.
 const WS_READ_BUFFER_BYTES: usize = 4096;
 
@@ -498,18 +500,28 @@ impl Reader<'_> {
     /// Once the session is closing, read and discard, as the TCP transport does.
     async fn run(&mut self, first: Vec<u8>) {
         let fd = self.conn.conn.stream.as_raw_fd();
-        let mut frames = AlignedBuf::new(self.shard.cfg().limits.read_buffer_bytes.max(first.len()));
-        let mut plain = first;
-        let mut raw = vec![0u8; READ_BYTES];
+        // Binary frames over TLS gather in an aligned buffer; a WebSocket needs none.
         let ws = self.conn.io.borrow().ws.is_some();
+        let mut frames =
+            (!ws).then(|| AlignedBuf::new(self.shard.cfg().limits.read_buffer_bytes.max(first.len())));
+        let mut plain = first;
         let mut fresh = !plain.is_empty() || ws;
         loop {
             if !fresh {
                 if self.conn.conn.stream.readable(false).await.is_err() {
                     break;
                 }
-                // SAFETY: `raw` is valid writable memory; MSG_DONTWAIT never blocks.
-                let n = unsafe { libc::recv(fd, raw.as_mut_ptr().cast(), raw.len(), libc::MSG_DONTWAIT) };
+                // An idle connection holds no read buffer: one is taken from the shard's pool
+                // for each read, as on TCP.
+                let mut raw = self.shard.take_buf();
+                let spare = raw.spare();
+                let want = spare.len().min(READ_BYTES);
+                // SAFETY: `spare` is valid writable memory of at least `want` bytes; MSG_DONTWAIT
+                // never blocks.
+                let n = unsafe { libc::recv(fd, spare.as_mut_ptr().cast(), want, libc::MSG_DONTWAIT) };
+                let fed = (n > 0 && !self.session.closing.get())
+                    .then(|| self.conn.io.borrow_mut().feed(&raw.spare()[..n as usize], &mut plain));
+                self.shard.put_buf(raw);
                 if n < 0 {
                     let kind = io::Error::last_os_error().kind();
                     if kind == io::ErrorKind::WouldBlock || kind == io::ErrorKind::Interrupted {
@@ -527,8 +539,7 @@ impl Reader<'_> {
                     continue;
                 }
                 self.session.last_rx.set(Instant::now());
-                let fed = self.conn.io.borrow_mut().feed(&raw[..n as usize], &mut plain);
-                match fed {
+                match fed.expect("fed when read and not closing") {
                     Ok(true) => {}
                     Ok(false) => break,
                     Err(TlsFailed) => {
@@ -539,8 +550,15 @@ impl Reader<'_> {
                 }
             }
             fresh = false;
-            let flow = if ws { self.websocket(&plain).await } else { self.binary(&plain, &mut frames).await };
+            let flow = match &mut frames {
+                None => self.websocket(&plain).await,
+                Some(frames) => self.binary(&plain, frames).await,
+            };
             plain.clear();
+            if plain.capacity() > PLAIN_KEPT_BYTES {
+                // A burst's buffer is not held by an idle connection.
+                plain = Vec::new();
+            }
             if let Flow::Close = flow {
                 self.session.close();
             }
