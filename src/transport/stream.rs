@@ -53,6 +53,8 @@ use crate::{
 pub const TX_BATCH_BYTES: usize = 256 * 1024;
 /// Bytes one read takes from the socket at most (within the shard's pooled read buffer).
 const READ_BYTES: usize = 64 * 1024;
+/// Answers to refused JSON requests queued for the writer at most; beyond, the reader waits.
+const JSON_REFUSALS_QUEUED_MAX: usize = 64;
 /// Capacity of its plaintext buffer a connection keeps between reads.
 const PLAIN_KEPT_BYTES: usize = 4096;
 /// A WebSocket's read buffer (tungstenite's); grows only for larger messages.
@@ -713,6 +715,21 @@ impl Reader<'_> {
                     ws.texts.push_back(answer);
                 }
                 self.session.writer.notify();
+                // A client that sends refused requests faster than it reads their answers
+                // waits here (it reads nothing more) until the writer has sent them.
+                while self
+                    .conn
+                    .io
+                    .borrow()
+                    .ws
+                    .as_ref()
+                    .is_some_and(|w| w.texts.len() >= JSON_REFUSALS_QUEUED_MAX)
+                {
+                    if self.session.closing.get() {
+                        return Flow::Close;
+                    }
+                    self.session.drained.wait().await;
+                }
                 Flow::Continue
             }
         }
