@@ -16,6 +16,7 @@ use crate::server_cpu::ServerCpu;
 pub const SESSIONS_PER_USER_DEFAULT: u32 = 8;
 /// Connection indices fit in 20 bits of a client message id.
 pub const CONNECTIONS_MAX: u32 = 1 << 20;
+const _: () = assert!(CONNECTIONS_MAX <= crate::ledger::TEXT_CONNECTIONS_MAX);
 /// Device types of protocol v1 (0..=4).
 pub const DEVICE_TYPES: u8 = 5;
 

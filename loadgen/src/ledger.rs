@@ -26,7 +26,9 @@ const TEXT_DIGITS: &[u8; 64] = b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijk
 /// counter (30), send time (66); with the magic, 31 bytes, then one filler byte.
 const TEXT_WIDTHS: [usize; 5] = [6, 4, 1, 5, 11];
 const _: () = assert!(4 + 6 + 4 + 1 + 5 + 11 < BODY_HEADER_BYTES);
-const _: () = assert!(crate::cli::CONNECTIONS_MAX <= 1 << 24 && COUNTER_BITS <= 30);
+const _: () = assert!(COUNTER_BITS <= 30);
+/// Connection indices the text form holds (24 bits); `cli::CONNECTIONS_MAX` stays within it.
+pub const TEXT_CONNECTIONS_MAX: u32 = 1 << 24;
 /// Body flag: this copy was resent after a refusal (exempt from the send-order check).
 pub const FLAG_RESENT: u32 = 1;
 
