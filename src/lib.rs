@@ -33,6 +33,7 @@
 
 pub mod admin;
 pub mod auth;
+pub mod backpressure;
 pub mod chat;
 pub mod client;
 pub mod clock;

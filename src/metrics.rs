@@ -178,6 +178,8 @@ pub struct Snapshot {
     pub mesh_queued: Vec<usize>,
     /// Envelopes held back because a mesh queue was full, now.
     pub overflow: usize,
+    /// Sends held back by the node's backpressure, now.
+    pub deferred: usize,
     /// (code, count) of Error frames sent, codes with a count only.
     pub errors: Vec<(u16, u64)>,
     /// (code, count) of Kick frames sent.

@@ -125,6 +125,7 @@ pub fn start(cfg: Config) -> anyhow::Result<Server> {
         stop: Default::default(),
         dropped_envelopes: Default::default(),
         table: Default::default(),
+        pressure: Default::default(),
         cfg: cfg.clone(),
     });
     let rt = RuntimeConfig {
@@ -150,7 +151,13 @@ pub fn start(cfg: Config) -> anyhow::Result<Server> {
     })?;
     let cluster = if cfg.cluster.enabled() {
         let port = running.mesh.port(shards, 0);
-        let handle = match crate::cluster::node::start(&cfg, shards, port, shared.table.clone()) {
+        let handle = match crate::cluster::node::start(
+            &cfg,
+            shards,
+            port,
+            shared.table.clone(),
+            shared.pressure.clone(),
+        ) {
             Ok(h) => h,
             Err(e) => {
                 running.signal_all();

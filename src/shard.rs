@@ -26,6 +26,7 @@ use tim_shards::{MeshPort, SendError};
 
 use crate::{
     auth::Auth,
+    backpressure::{Backpressure, Watermark},
     commit::{CommitQueues, LoadQueues, Queued},
     config::Config,
     envelope::{Envelope, Remote, RoomOp, SessionRef},
@@ -59,6 +60,9 @@ pub struct Shared {
     pub dropped_envelopes: AtomicU64,
     /// This node's latest cluster table (unused on a single node).
     pub table: Arc<crate::placement::SharedTable>,
+    /// Raised while deliveries wait past a watermark somewhere on this node: new sends are
+    /// then held back ([`crate::backpressure`]).
+    pub pressure: Arc<Backpressure>,
 }
 
 pub use crate::clock::now_ms;
@@ -85,6 +89,13 @@ pub struct Shard {
     draining: Cell<bool>,
     overflow: RefCell<Vec<VecDeque<Envelope>>>,
     overflow_len: Cell<usize>,
+    /// The overflow as a source of backpressure.
+    overflow_mark: Watermark,
+    /// Sends (and room publishes) held back while the node's backpressure is on, in arrival
+    /// order; bounded by the senders' in-flight limits.
+    deferred: RefCell<VecDeque<Envelope>>,
+    /// Set while held-back sends are handled (they are not held back again).
+    undeferring: Cell<bool>,
     pub sessions: RefCell<HashMap<u64, Rc<Session>, RandomState>>,
     next_session: Cell<u64>,
     /// The user owner role for this shard's partitions.
@@ -106,6 +117,9 @@ pub struct Shard {
     /// order; served `fanout_slice` sessions at a time by `run_fanout`.
     fanout_jobs: RefCell<VecDeque<FanoutJob>>,
     fanout_wake: LocalNotify,
+    /// The fan-out jobs as a source of backpressure, at twice `fanout_jobs_max`: room messages
+    /// beyond `fanout_jobs_max` are dropped, so only group deliveries (never dropped) get there.
+    jobs_mark: Watermark,
     /// Room messages dropped here because `fanout_jobs_max` were waiting, per room: told to the
     /// room's subscribers with its next message.
     room_dropped: RefCell<HashMap<u64, u64, RandomState>>,
@@ -145,6 +159,9 @@ impl Shard {
             overflow: RefCell::new((0..port.shards()).map(|_| VecDeque::new()).collect()),
             port,
             overflow_len: Cell::new(0),
+            overflow_mark: Watermark::new(cfg.limits.mesh_overflow_max / 16),
+            deferred: RefCell::new(VecDeque::new()),
+            undeferring: Cell::new(false),
             sessions: RefCell::new(HashMap::default()),
             next_session: Cell::new(1),
             users: RefCell::new(UserOwner::new(
@@ -177,6 +194,7 @@ impl Shard {
             next_room: Cell::new(tim_shards::mix64(now_ms() ^ ((id as u64) << 48))),
             fanout_jobs: RefCell::new(VecDeque::new()),
             fanout_wake: LocalNotify::default(),
+            jobs_mark: Watermark::new(cfg.limits.fanout_jobs_max * 2),
             room_dropped: RefCell::new(HashMap::default()),
             effects: RefCell::new(Vec::new()),
             pool: RefCell::new(Vec::new()),
@@ -301,7 +319,7 @@ impl Shard {
     }
 
     fn overflow_push(&self, dst: usize, env: Envelope) {
-        if self.overflow_len.get() >= self.cfg().limits.mesh_overflow_max && !holds_shared_state(&env) {
+        if self.overflow_len.get() >= self.cfg().limits.mesh_overflow_max && !held_past_overflow_max(&env) {
             // Refuse at the edge where a client can retry; anything further along is dropped
             // and counted (the inflight and connection limits keep this from happening).
             let env = match env {
@@ -336,6 +354,7 @@ impl Shard {
         }
         self.overflow.borrow_mut()[dst].push_back(env);
         self.overflow_len.set(self.overflow_len.get() + 1);
+        self.overflow_mark.update(self.overflow_len.get(), &self.shared.pressure);
     }
 
     /// Retry envelopes held back by full queues, in order.
@@ -354,6 +373,37 @@ impl Shard {
             }
         }
         self.overflow_len.set(self.overflow_len.get() - moved);
+        self.overflow_mark.update(self.overflow_len.get(), &self.shared.pressure);
+    }
+
+    /// Whether `env` is held back now: a send (1:1, group or stream) while the node's
+    /// backpressure is on, or while earlier ones still wait (order is kept). Room publishes are
+    /// not: they are not counted in flight (nothing would bound them here), and a room that
+    /// falls behind drops messages for its subscribers, who are told (`Missed`).
+    #[inline]
+    fn held_back(&self, env: &Envelope) -> bool {
+        matches!(env, Envelope::Submit(_))
+            && !self.undeferring.get()
+            && (self.shared.pressure.on() || !self.deferred.borrow().is_empty())
+    }
+
+    /// Handle held-back sends, in order, while the node's backpressure stays off (at most
+    /// `max` of them, so that the mesh loop goes on).
+    fn undefer(&self, max: usize) {
+        for _ in 0..max {
+            if self.shared.pressure.on() {
+                return;
+            }
+            let Some(env) = self.deferred.borrow_mut().pop_front() else { return };
+            self.undeferring.set(true);
+            self.dispatch(env);
+            self.undeferring.set(false);
+        }
+    }
+
+    /// Sends held back now.
+    pub fn deferred_len(&self) -> usize {
+        self.deferred.borrow().len()
     }
 
     fn drain_local(&self) {
@@ -383,8 +433,13 @@ impl Shard {
             if self.overflow_len.get() > 0 {
                 self.flush_overflow();
             }
+            if !self.deferred.borrow().is_empty() {
+                self.undefer(batch_max);
+            }
             batch.clear();
-            let n = if self.overflow_len.get() > 0 {
+            // Held back envelopes are retried soon, whether or not anything arrives (the
+            // backpressure may be lowered by another shard or the cluster gateway).
+            let n = if self.overflow_len.get() > 0 || !self.deferred.borrow().is_empty() {
                 let wait = Duration::from_micros(100);
                 monoio::time::timeout(wait, self.port.recv_batch(&mut batch, batch_max)).await.unwrap_or(0)
             } else {
@@ -529,6 +584,10 @@ impl Shard {
                     return self.post(owner, env);
                 }
             }
+        }
+        if self.held_back(&env) {
+            self.deferred.borrow_mut().push_back(env);
+            return;
         }
         let mut fx = std::mem::take(&mut *self.effects.borrow_mut());
         match env {
@@ -865,6 +924,7 @@ impl Shard {
             }
         }
         self.fanout_jobs.borrow_mut().push_back(job);
+        self.jobs_mark.update(self.fanout_jobs.borrow().len(), &self.shared.pressure);
         self.fanout_wake.notify();
     }
 
@@ -902,6 +962,7 @@ impl Shard {
                 }
                 budget = budget.saturating_sub((job.progress() - before).max(1));
             }
+            self.jobs_mark.update(self.fanout_jobs.borrow().len(), &self.shared.pressure);
             tim_shards::yield_now().await;
         }
     }
@@ -1152,18 +1213,24 @@ impl Shard {
     }
 }
 
-/// Whether `env` carries state two owners must agree on, and is therefore held past
-/// `mesh_overflow_max` rather than dropped: dropped, it would leave a phantom session against a
-/// device limit, a kicked session alive, or a phantom room subscriber. Each kind is bounded by
-/// connections (and their room requests in flight, [`crate::session::ROOM_REQUESTS_INFLIGHT_MAX`]),
-/// not by traffic.
-fn holds_shared_state(env: &Envelope) -> bool {
+/// Whether `env` is held past `mesh_overflow_max` rather than dropped or refused:
+/// - state two owners must agree on (dropped, it would leave a phantom session against a device
+///   limit, a kicked session alive, or a phantom room subscriber);
+/// - the answer to a request (dropped, it would leave the request in flight for good: a send
+///   never acknowledged holds a place in its session's in-flight window).
+///
+/// Each kind is bounded by connections and their requests in flight (the in-flight limits,
+/// [`crate::session::ROOM_REQUESTS_INFLIGHT_MAX`]), not by traffic.
+fn held_past_overflow_max(env: &Envelope) -> bool {
     match env {
         Envelope::AttachResult { .. } | Envelope::Detach { .. } | Envelope::Kick { .. } => true,
         Envelope::RoomClosed { .. } | Envelope::Reattach { .. } | Envelope::Placement(_) => true,
-        Envelope::Remote(r) => holds_shared_state(&r.env),
-        Envelope::Room(req) => matches!(req.op, RoomOp::Unsubscribe { reply: false }),
+        Envelope::Acked { .. } | Envelope::Rejected { .. } | Envelope::StreamRefused { .. } => true,
+        Envelope::TokenResult { .. } | Envelope::GroupReply { .. } => true,
+        // A publish is answered only when refused, and publishes are not counted in flight.
         Envelope::RoomReply { request_kind, .. } => *request_kind != kind::ROOM_PUBLISH,
+        Envelope::Remote(r) => held_past_overflow_max(&r.env),
+        Envelope::Room(req) => matches!(req.op, RoomOp::Unsubscribe { reply: false }),
         _ => false,
     }
 }

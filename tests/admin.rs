@@ -135,6 +135,10 @@ fn users_and_messages(driver: &str) {
     assert!(text.contains("tim_kicks_total{") && text.contains("name=\"KickedByOperator\""), "{text}");
     assert!(text.contains("tim_errors_total{") && text.contains("name=\"NameTaken\""), "{text}");
     assert!(text.contains("transport=\"tcp\""));
+    // An idle node: no backpressure, nothing held back or dropped.
+    assert!(text.lines().any(|l| l == "tim_backpressure_sources 0"), "{text}");
+    assert_eq!(total("tim_sends_held_back{"), 0, "{text}");
+    assert_eq!(total("tim_dropped_envelopes_total"), 0, "{text}");
 }
 
 /// Group administration as the founder: create with members, add, remove, broadcast to the

@@ -533,3 +533,27 @@ fn one_to_one_over_websocket() {
     assert!(!out.status.success());
     assert!(v.to_string().contains("websocket handshake"), "{v}");
 }
+
+/// Senders faster than receivers (closed loop, window 64, on a debug server whose mesh queues
+/// hold 8 envelopes and whose overflow holds 8192): acknowledgements come back before the
+/// deliveries are written, so deliveries pile up. The node must hold new sends back (its
+/// backpressure) rather than drop deliveries of acknowledged messages: the ledger finds every
+/// one.
+#[test]
+fn deliveries_outrun_by_sends_are_held_back_not_dropped() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let server = Server::start(
+        "backend = \"memory\"\n\n[limits]\nmesh_queue_capacity = 8\nmesh_overflow_max = 8192\n",
+    );
+    let args = ["--scenario", "one-to-one", "--connections", "40", "--users", "20", "--duration", "3"];
+    let args = [&args[..], &["--window", "64"]].concat();
+    let (out, v) = loadgen(&server.addr, &args, Duration::from_secs(60));
+    let acked = n(&v, "acked");
+    assert!(acked > 1000, "too few acknowledged: {v}");
+    assert_eq!(n(&v, "lost"), 0, "{v}");
+    assert_eq!(n(&v, "duplicated"), 0, "{v}");
+    assert_eq!(n(&v, "out_of_order"), 0, "{v}");
+    assert_eq!(n(&v, "errors"), 0, "{v}");
+    assert_eq!(n(&v, "delivered"), acked * 3, "{v}");
+    assert!(out.status.success(), "exit status {:?}", out.status);
+}

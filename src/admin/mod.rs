@@ -468,7 +468,11 @@ async fn metrics(state: &State) -> Response<Full<Bytes>> {
     match on_every_shard(state, ops::snapshot).await {
         Ok(snaps) => {
             let dropped = state.shared.dropped_envelopes.load(Ordering::Relaxed);
-            respond(StatusCode::OK, "text/plain; version=0.0.4", prometheus::render(&snaps, dropped))
+            respond(
+                StatusCode::OK,
+                "text/plain; version=0.0.4",
+                prometheus::render(&snaps, dropped, state.shared.pressure.raised()),
+            )
         }
         Err(e) => error_response(e),
     }

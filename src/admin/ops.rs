@@ -144,5 +144,6 @@ pub fn snapshot(shard: &Shard) -> Snapshot {
     s.delivery_acks = shard.stats.delivery_acks.get();
     s.mesh_queued = shard.mesh_queued();
     s.overflow = shard.overflow_len();
+    s.deferred = shard.deferred_len();
     s
 }

@@ -8,8 +8,9 @@ use crate::{
     protocol::ErrorCode,
 };
 
-/// Render the snapshots; `dropped` is the node's count of envelopes dropped (a full mesh overflow).
-pub fn render(snaps: &[Snapshot], dropped: u64) -> String {
+/// Render the snapshots; `dropped` is the node's count of envelopes dropped (a full mesh overflow),
+/// `pressure` its backpressure sources raised now.
+pub fn render(snaps: &[Snapshot], dropped: u64, pressure: usize) -> String {
     let mut w = String::with_capacity(16 * 1024);
     let mut head = |w: &mut String, name: &str, kind: &str, help: &str| {
         let _ = writeln!(w, "# HELP {name} {help}\n# TYPE {name} {kind}");
@@ -108,6 +109,17 @@ pub fn render(snaps: &[Snapshot], dropped: u64) -> String {
         "Envelopes dropped: a shard's mesh overflow was full (limits.mesh_overflow_max).",
     );
     let _ = writeln!(w, "tim_dropped_envelopes_total {dropped}");
+    head(
+        &mut w,
+        "tim_backpressure_sources",
+        "gauge",
+        "Places where deliveries wait past their high watermark now (new sends are held back while above 0).",
+    );
+    let _ = writeln!(w, "tim_backpressure_sources {pressure}");
+    head(&mut w, "tim_sends_held_back", "gauge", "Sends held back by the node's backpressure now.");
+    for s in snaps {
+        let _ = writeln!(w, "tim_sends_held_back{{shard=\"{}\"}} {}", s.shard, s.deferred);
+    }
     for (name, help, get) in [
         (
             "tim_errors_total",

@@ -46,6 +46,7 @@ use super::{
     wire,
 };
 use crate::{
+    backpressure::{Backpressure, Watermark},
     config::Config,
     envelope::{Envelope, Remote},
     placement::{NodeId, SharedTable, Table},
@@ -131,6 +132,7 @@ pub fn start(
     shards: usize,
     port: MeshPort<Envelope>,
     shared_table: Arc<SharedTable>,
+    pressure: Arc<Backpressure>,
 ) -> anyhow::Result<ClusterHandle> {
     let c = &cfg.cluster;
     let listener = match c.listen {
@@ -170,6 +172,7 @@ pub fn start(
         record_bytes_max: record_bytes_max(cfg),
         shards,
         shared_table,
+        pressure,
     };
     let (s2, w2, j2, d2) = (stop.clone(), wake.clone(), joined.clone(), dropped.clone());
     let thread = std::thread::Builder::new().name("tim-cluster".into()).spawn(move || {
@@ -201,6 +204,8 @@ struct Settings {
     shards: usize,
     /// Where the shards find the latest table.
     shared_table: Arc<SharedTable>,
+    /// The node's backpressure, raised by links with too much unsent.
+    pressure: Arc<Backpressure>,
 }
 
 /// One direction of a link as the node sends on it.
@@ -208,11 +213,20 @@ struct LinkOut {
     id: u64,
     peer: NodeIdentity,
     buf: RefCell<Vec<u8>>,
+    /// Bytes of the write in progress.
+    writing: Cell<usize>,
+    /// Unsent bytes (queued and being written) as a source of the node's backpressure.
+    mark: Watermark,
     wake: tokio::sync::Notify,
     closed: Cell<bool>,
 }
 
 impl LinkOut {
+    /// Raise or lower the node's backpressure by the bytes not yet sent.
+    fn update_pressure(&self, bp: &Backpressure) {
+        self.mark.update(self.buf.borrow().len() + self.writing.get(), bp);
+    }
+
     fn push(&self, f: impl FnOnce(&mut Vec<u8>)) {
         f(&mut self.buf.borrow_mut());
         self.wake.notify_one();
@@ -598,6 +612,8 @@ impl State {
             id,
             peer: NodeIdentity::from_hello(&peer),
             buf: RefCell::new(Vec::new()),
+            writing: Cell::new(0),
+            mark: Watermark::new(self.settings.link_queue_bytes_max / 2),
             wake: tokio::sync::Notify::new(),
             closed: Cell::new(false),
         });
@@ -674,14 +690,20 @@ async fn write_loop(st: Rc<State>, out: Rc<LinkOut>, mut w: LinkWriter) {
             if batch.is_empty() {
                 break;
             }
-            if let Err(e) = w.write(&batch).await {
+            out.writing.set(batch.len());
+            let written = w.write(&batch).await;
+            out.writing.set(0);
+            out.update_pressure(&st.settings.pressure);
+            if let Err(e) = written {
                 log::info!("cluster: link {} to node {}: {e}", out.id, out.peer.id);
                 out.closed.set(true);
+                out.mark.lower(&st.settings.pressure);
                 let _ = st.events.send(Event::LinkDown { node: out.peer.id, link: out.id }).await;
                 return;
             }
         }
         if out.closed.get() {
+            out.mark.lower(&st.settings.pressure);
             w.shutdown().await;
             return;
         }
@@ -847,6 +869,7 @@ impl State {
             log::error!("cluster: an envelope for node {} could not be encoded: {e}", to.node);
             return self.bounce(env);
         }
+        link.update_pressure(&self.settings.pressure);
         if !touched.iter().any(|l| Rc::ptr_eq(l, &link)) {
             touched.push(link);
         }

@@ -151,6 +151,23 @@ impl TestServer {
         unsafe { libc::kill(self.child.id() as i32, sig) };
     }
 
+    /// The sum of every sample of metric `name` (all label sets) in the admin API's `/metrics`
+    /// (the harness's admin listener is on loopback, without a token).
+    pub fn metric(&self, name: &str) -> u64 {
+        use std::io::{Read, Write};
+        let addr = self.admin_addr.expect("an admin listener");
+        let mut s = std::net::TcpStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        write!(s, "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").unwrap();
+        let mut text = String::new();
+        s.read_to_string(&mut text).unwrap();
+        assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+        text.lines()
+            .filter(|l| l.split(['{', ' ']).next() == Some(name))
+            .map(|l| l.rsplit(' ').next().unwrap().parse::<u64>().unwrap())
+            .sum()
+    }
+
     pub fn client(&self) -> Client {
         Client::connect(self.addr).unwrap()
     }
