@@ -441,7 +441,9 @@ pub struct SessionPolicy {
 pub struct Security {
     /// Hex key (32 bytes) for the keyed hash of account names. Empty: generated once and kept in
     /// `data_dir/name.key` with the embedded store, random per process with the memory store
-    /// (whose accounts die with it); the postgres store requires it.
+    /// (whose accounts die with it) or derived from `cluster.secret` with the memory store in a
+    /// cluster (every replica must find a name under the same key); the postgres store requires
+    /// it.
     pub name_key: String,
     /// argon2id memory cost in KiB. Lower only for tests and benchmarks.
     pub argon2_m_kib: u32,
@@ -861,7 +863,7 @@ per_device_type_max = 2             # sessions per account and device type
 policy = "kick_oldest"              # kick_oldest | refuse
 
 [security]
-name_key = ""                       # 64 hex digits keying the account-name hash; "" = kept in data_dir/name.key
+name_key = ""                       # 64 hex digits keying the account-name hash; "" = kept in data_dir/name.key (memory store: random, or from cluster.secret in a cluster)
                                     # (embedded), random per process (memory); required with postgres
 argon2_m_kib = 19456                # argon2id memory cost (KiB); lower only for tests/benchmarks
 argon2_t = 2                        # argon2id iterations

@@ -621,8 +621,11 @@ pub struct RoomPublish {
     pub body: Vec<u8>,
 }
 
-/// A group's profile, as created and updated.
-#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq, Default)]
+/// A group's profile, as created and updated. (serde: the memory store's replicas in a
+/// cluster.)
+#[derive(
+    Archive, Serialize, Deserialize, Debug, Clone, PartialEq, Default, serde::Serialize, serde::Deserialize,
+)]
 pub struct GroupProfile {
     pub name: String,
     pub topic: String,
@@ -856,7 +859,7 @@ pub struct GroupList {
     pub more: bool,
 }
 
-#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq)]
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct JoinRequest {
     pub user_id: u64,
     pub note: String,

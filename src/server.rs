@@ -61,6 +61,21 @@ pub struct Server {
     pub admin_addr: Option<SocketAddr>,
 }
 
+/// The security settings the node runs with: in a cluster on the memory store without a
+/// `name_key`, the key of account names is derived from the cluster secret, so that every
+/// replica finds a name under the same key.
+fn security_of(cfg: &Config) -> crate::config::Security {
+    let mut sec = cfg.security.clone();
+    if sec.name_key.is_empty() && cfg.cluster.enabled() && cfg.store.backend == "memory" {
+        use hmac::Mac;
+        let mut mac = <hmac::Hmac<sha2::Sha256> as Mac>::new_from_slice(cfg.cluster.secret.as_bytes())
+            .expect("any key length");
+        mac.update(b"tim name key v1");
+        sec.name_key = hex::encode(mac.finalize().into_bytes());
+    }
+    sec
+}
+
 pub fn start(cfg: Config) -> anyhow::Result<Server> {
     cfg.validate()?;
     let shards = cfg.shard_count();
@@ -105,7 +120,15 @@ pub fn start(cfg: Config) -> anyhow::Result<Server> {
         0 => shards,
         n => n,
     };
+    // In a cluster the memory store is a replica of every node's (see `store::memory`).
+    let mut replica = None;
     let store: Arc<dyn Store> = match cfg.store.backend.as_str() {
+        "memory" if cfg.cluster.enabled() => {
+            let (tx, rx) = tokio::sync::mpsc::channel(crate::store::memory::REPL_QUEUE_MAX);
+            let m = Arc::new(MemoryStore::replicated(tx));
+            replica = Some((m.clone(), rx));
+            m
+        }
         "memory" => Arc::new(MemoryStore::default()),
         "postgres" => {
             Arc::new(PostgresStore::open(&cfg.store.postgres).context("opening the postgres store")?)
@@ -117,7 +140,7 @@ pub fn start(cfg: Config) -> anyhow::Result<Server> {
         Workers::start(hash_threads, store_threads, load_threads, cfg.limits.worker_queue_max);
     let shared = Arc::new(Shared {
         auth: Auth::new(
-            &cfg.security,
+            &security_of(&cfg),
             (cfg.store.backend == "embedded").then_some(cfg.store.data_dir.as_path()),
         )?,
         store,
@@ -157,6 +180,7 @@ pub fn start(cfg: Config) -> anyhow::Result<Server> {
             port,
             shared.table.clone(),
             shared.pressure.clone(),
+            replica,
         ) {
             Ok(h) => h,
             Err(e) => {

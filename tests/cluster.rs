@@ -48,9 +48,12 @@ impl Node {
         let dir = tempfile::tempdir().unwrap();
         let cfg = dir.path().join("tim.toml");
         let join: Vec<String> = join.iter().map(|a| format!("\"{a}\"")).collect();
+        // The memory store in a cluster derives the key of names from the cluster secret.
+        let name_key =
+            if store.contains("\"memory\"") { String::new() } else { format!("name_key = \"{NAME_KEY}\"\n") };
         let text = format!(
             "[server]\nlisten = \"127.0.0.1:0\"\nshards = 2\npin_cores = false\nworker_threads = 2\n\n\
-             [security]\nargon2_m_kib = 64\nargon2_t = 1\nname_key = \"{NAME_KEY}\"\n\n\
+             [security]\nargon2_m_kib = 64\nargon2_t = 1\n{name_key}\n\
              [store]\ndata_dir = \"{}\"\n{store}\n\n[gateway]\nws_listen = \"\"\n[admin]\nlisten = \"\"\n\n\
              [cluster]\nnode_id = {id}\n{}secret = \"{SECRET}\"\njoin = [{}]\n\n{extra}\n",
             dir.path().join("data").display(),
@@ -610,4 +613,87 @@ fn tokens_move_with_their_users() {
         let ok = c.login_token(token, 4, "web").unwrap_or_else(|e| panic!("user {id}'s token: {e}"));
         assert_eq!(ok.user_id, *id);
     }
+}
+
+/// The memory store clustered (no-data mode): every node holds a replica of the accounts and
+/// groups. Accounts registered on one node log in on the others (the key of names comes from the
+/// cluster secret), ids do not collide, a group made on one node is used from another, a node
+/// that joins later gets what was written before (a snapshot), and a conversation's sequence
+/// numbers keep rising when its owner dies and another takes it over.
+#[test]
+fn memory_store_cluster() {
+    let store = "backend = \"memory\"";
+    let mut nodes = three_nodes(store, "");
+    let alice = register(&nodes[0], "alice");
+    let bob = register(&nodes[1], "bob");
+    // Twenty peers, registered over all three nodes: some of alice's conversations with them
+    // are owned by node 3.
+    let peers: Vec<u64> = (0..20).map(|i| register(&nodes[i % 3], &format!("peer{i}"))).collect();
+    let mut ids = peers.clone();
+    ids.extend([alice, bob]);
+    ids.sort_unstable();
+    ids.dedup();
+    assert_eq!(ids.len(), 22, "ids are unique over the nodes");
+    // A name taken on one node is taken on the others (replicated while the peers registered).
+    match nodes[2].client().register("alice", PASSWORD) {
+        Err(e) => assert_eq!(e.code(), Some(ErrorCode::NameTaken), "{e}"),
+        Ok(_) => panic!("alice registered twice"),
+    }
+    // Alice logs in on node 1, bob on node 3 (registered on node 2).
+    let mut a = nodes[0].login("alice", 3);
+    let mut b = nodes[2].login("bob", 3);
+    let ack = send_retrying(&mut a, bob, 1, b"hello bob");
+    assert_eq!(next_body(&mut b), b"hello bob");
+    assert!(ack.seq >= 1);
+    // A group made on node 3's session; alice (node 1) joins and writes to it.
+    let profile = GroupProfile {
+        name: "replicated".into(),
+        topic: String::new(),
+        avatar_url: String::new(),
+        extra: Vec::new(),
+        join_policy: join_policy::OPEN,
+        invite_policy: invite_policy::MANAGERS,
+    };
+    let group = b.group_create(profile).unwrap();
+    a.group_action(group, tim::protocol::group_action::JOIN, 0, 0, "").unwrap();
+    let gack = a.group_send_wait(group, 2, b"to the group").unwrap();
+    loop {
+        let d = b.next_delivery().unwrap();
+        if d.stamp.seq == gack.seq {
+            assert_eq!(d.body, b"to the group");
+            break;
+        }
+    }
+    // Alice writes to every peer; the last seq of each conversation.
+    let mut last = std::collections::HashMap::new();
+    for (i, &p) in peers.iter().enumerate() {
+        let ack = send_retrying(&mut a, p, 100 + i as u64, b"before");
+        last.insert(p, ack.seq);
+    }
+    // Node 3 dies: its conversations move to nodes 1 and 2, which keep no sequence of them.
+    nodes[2].kill();
+    drop(b);
+    for n in &nodes[..2] {
+        n.wait_members(&[1, 2], Duration::from_secs(10));
+    }
+    for (i, &p) in peers.iter().enumerate() {
+        let ack = send_retrying(&mut a, p, 200 + i as u64, b"after");
+        assert!(ack.seq > last[&p], "peer {i}: seq {} after {} (it went back)", ack.seq, last[&p]);
+    }
+    // A fourth node joins through node 2: it has every account and the group.
+    let n4 = Node::start(4, store, &[nodes[1].cluster.unwrap()], "");
+    for n in [&nodes[0], &nodes[1], &n4] {
+        n.wait_members(&[1, 2, 4], Duration::from_secs(10));
+    }
+    let mut b4 = n4.login("bob", 3);
+    let info = b4.group_get(group).unwrap();
+    assert_eq!(info.members, 2);
+    let mut p4 = n4.login("peer7", 3);
+    send_retrying(&mut p4, alice, 1, b"from node 4");
+    loop {
+        if next_body(&mut a) == b"from node 4" {
+            break;
+        }
+    }
+    assert!(nodes[0].client().login("peer7", "wrong password", 3, "dev").is_err());
 }

@@ -50,6 +50,9 @@ pub mod control {
     pub const STATUS_REQUEST: u16 = 0xff03;
     /// The node's view, as JSON text.
     pub const STATUS: u16 = 0xff04;
+    /// Writes of the memory store's replica (a cluster on the memory store): postcard
+    /// `ReplOp`s, one after another.
+    pub const STORE_OPS: u16 = 0xff05;
 
     /// Whether `kind` is a control record's.
     pub fn is_control(kind: u16) -> bool {

@@ -51,6 +51,7 @@ use crate::{
     envelope::{Envelope, Remote},
     placement::{NodeId, SharedTable, Table},
     protocol::ErrorCode,
+    store::memory::{MemoryStore, ReplOp},
 };
 
 /// A member as foca knows it.
@@ -133,6 +134,7 @@ pub fn start(
     port: MeshPort<Envelope>,
     shared_table: Arc<SharedTable>,
     pressure: Arc<Backpressure>,
+    replica: Option<(Arc<MemoryStore>, mpsc::Receiver<ReplOp>)>,
 ) -> anyhow::Result<ClusterHandle> {
     let c = &cfg.cluster;
     let listener = match c.listen {
@@ -173,14 +175,16 @@ pub fn start(
         shards,
         shared_table,
         pressure,
+        replica: replica.as_ref().map(|(m, _)| m.clone()),
     };
+    let repl_rx = replica.map(|(_, rx)| rx);
     let (s2, w2, j2, d2) = (stop.clone(), wake.clone(), joined.clone(), dropped.clone());
     let thread = std::thread::Builder::new().name("tim-cluster".into()).spawn(move || {
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("cluster runtime");
         let local = tokio::task::LocalSet::new();
         local.block_on(&rt, async move {
             let listener = listener.map(|l| TcpListener::from_std(l).expect("cluster listener"));
-            run(settings, me, listener, port, s2, w2, j2, d2).await;
+            run(settings, me, listener, port, s2, w2, j2, d2, repl_rx).await;
         });
     })?;
     Ok(ClusterHandle { thread: Some(thread), stop, wake, joined, dropped })
@@ -206,6 +210,8 @@ struct Settings {
     shared_table: Arc<SharedTable>,
     /// The node's backpressure, raised by links with too much unsent.
     pressure: Arc<Backpressure>,
+    /// The memory store's replica on this node (a cluster on the memory store).
+    replica: Option<Arc<MemoryStore>>,
 }
 
 /// One direction of a link as the node sends on it.
@@ -280,6 +286,7 @@ async fn run(
     wake: Arc<tokio::sync::Notify>,
     joined: Arc<AtomicBool>,
     dropped: Arc<AtomicU64>,
+    repl_rx: Option<mpsc::Receiver<ReplOp>>,
 ) {
     let mut fc = FocaConfig::new_lan(std::num::NonZeroU32::new(8).expect("non-zero"));
     // Detection within `failure_detect_ms`: a probe round, its indirect probes, then suspicion.
@@ -322,6 +329,9 @@ async fn run(
     }
     tokio::task::spawn_local(gateway(st.clone()));
     tokio::task::spawn_local(join_loop(st.clone()));
+    if let Some(rx) = repl_rx {
+        tokio::task::spawn_local(replicate(st.clone(), rx));
+    }
     loop {
         tokio::select! {
             ev = rx.recv() => match ev {
@@ -493,6 +503,11 @@ impl State {
     fn event(self: &Rc<Self>, ev: Event) {
         match ev {
             Event::LinkUp(out) => {
+                if let Some(replica) = &self.settings.replica {
+                    // Everything this replica holds, ahead of the writes that follow (an op
+                    // sent twice is applied once).
+                    send_ops(&out, replica.snapshot());
+                }
                 let peer = out.peer.clone();
                 self.links.borrow_mut().entry(peer.id).or_default().push(out);
                 self.unpark(|to| to.node == peer.id);
@@ -681,6 +696,58 @@ async fn join_loop(st: Rc<State>) {
     }
 }
 
+/// A link record of store ops carries about this much at most (well under `record_bytes_max`).
+const STORE_OPS_RECORD_BYTES: usize = 256 * 1024;
+
+/// Append `ops` to `out`'s buffer as `STORE_OPS` records.
+fn send_ops(out: &LinkOut, ops: impl IntoIterator<Item = ReplOp>) {
+    let mut payload = Vec::new();
+    let flush = |payload: &mut Vec<u8>| {
+        if !payload.is_empty() {
+            out.push(|b| put_record(b, control::STORE_OPS, payload));
+            payload.clear();
+        }
+    };
+    for op in ops {
+        match postcard::to_extend(&op, std::mem::take(&mut payload)) {
+            Ok(p) => payload = p,
+            Err(e) => log::error!("cluster: a store op could not be encoded: {e}"),
+        }
+        if payload.len() >= STORE_OPS_RECORD_BYTES {
+            flush(&mut payload);
+        }
+    }
+    flush(&mut payload);
+}
+
+/// Apply a `STORE_OPS` record from a peer to this node's replica.
+fn apply_ops(replica: &MemoryStore, rec: &bytes::Bytes) -> Result<(), postcard::Error> {
+    let len = crate::frame::Header::read(rec).len as usize;
+    let mut rest = &rec[crate::frame::HEADER_BYTES..][..len];
+    while !rest.is_empty() {
+        let (op, tail) = postcard::take_from_bytes::<ReplOp>(rest)?;
+        replica.apply_remote(op);
+        rest = tail;
+    }
+    Ok(())
+}
+
+/// Send this replica's writes to every member it has a link to (a member linking up later
+/// gets them in its snapshot).
+async fn replicate(st: Rc<State>, mut rx: mpsc::Receiver<ReplOp>) {
+    let mut batch = Vec::new();
+    while rx.recv_many(&mut batch, 1024).await > 0 {
+        let links: Vec<Rc<LinkOut>> = {
+            let links = st.links.borrow();
+            links.values().filter_map(|v| v.first().cloned()).filter(|l| !l.closed.get()).collect()
+        };
+        for l in links {
+            send_ops(&l, batch.iter().cloned());
+        }
+        batch.clear();
+    }
+}
+
 /// Write what gathers in a link's buffer.
 async fn write_loop(st: Rc<State>, out: Rc<LinkOut>, mut w: LinkWriter) {
     loop {
@@ -728,6 +795,19 @@ async fn read_loop(st: Rc<State>, out: Rc<LinkOut>, mut r: LinkReader) {
                 }
                 control::STATUS_REQUEST => {
                     let _ = st.events.send(Event::Status(out.clone())).await;
+                }
+                control::STORE_OPS if out.peer.id != 0 => {
+                    let Some(replica) = &st.settings.replica else {
+                        log::warn!(
+                            "cluster: node {} replicates a memory store; this node has another",
+                            out.peer.id
+                        );
+                        continue;
+                    };
+                    if let Err(e) = apply_ops(replica, &rec) {
+                        log::warn!("cluster: link {} from node {}: store ops: {e}", out.id, out.peer.id);
+                        break;
+                    }
                 }
                 _ => {
                     log::warn!("cluster: link {}: unexpected control record {kind:#x}", out.id);

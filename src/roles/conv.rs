@@ -271,6 +271,14 @@ impl MsgIds {
     }
 }
 
+/// Where a conversation's numbering starts when an owner in a cluster on the memory store takes
+/// it (no store keeps its last seq): `now_ms × 1024`. Numbers keep rising across owners as long
+/// as a conversation averages fewer than 1024 messages a millisecond between two takeovers and
+/// the nodes' clocks agree (NTP).
+pub fn moved_seq_floor(now_ms: u64) -> u64 {
+    now_ms.saturating_mul(1024)
+}
+
 pub struct ConvOwner {
     me: Owner,
     placement: Placement,
@@ -410,8 +418,13 @@ impl ConvOwner {
                 self.generations += 1;
                 let generation = self.generations;
                 // A durable store's load gives the counter; without one it starts past every
-                // evicted conversation's.
-                let floor = if self.durable { 0 } else { self.evicted_seq_max };
+                // evicted conversation's, and in a cluster past what another owner may have
+                // given it before: `now_ms × 1024` (see [`moved_seq_floor`]).
+                let floor = match (self.durable, self.me.node) {
+                    (true, _) => 0,
+                    (false, 0) => self.evicted_seq_max,
+                    (false, _) => self.evicted_seq_max.max(moved_seq_floor(now)),
+                };
                 let conv = Conv::new(ConvState::Loading(vec![sub]), floor, now, generation);
                 self.convs.insert(key, conv);
                 self.lru.push_back((key, now, generation));

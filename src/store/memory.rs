@@ -1,11 +1,27 @@
 //! No-data mode: accounts live in memory, messages are relayed and not kept (no history, no
 //! catch-up); commits succeed at once. Groups (their rows, members, block lists and join
 //! requests) are kept in memory too: they last as long as the process.
+//!
+//! **In a cluster** every node keeps a full replica ([`MemoryStore::replicated`]): each write
+//! (an account, a group notice's changes, a join request) is applied here and handed, as a
+//! [`ReplOp`], to the node's cluster thread, which sends it to every member; a member that links
+//! up gets a [`MemoryStore::snapshot`]. Applying is idempotent and does not depend on order:
+//! - an account is added once; ids are drawn at random in `[1, 2^56)` (never a group id), so
+//!   nodes do not collide; two nodes that register one name at the same moment keep both
+//!   accounts, and on every replica the name leads to the smaller id;
+//! - a group's changes apply only over an older state (by the notice's seq, which rises across
+//!   owners: see `roles::conv`), and a whole group from a snapshot replaces an older one;
+//! - a join request (kept or settled) is last writer wins.
+//!
+//! The replicas converge within a link's latency: an owner that takes a group over in that
+//! window may miss its latest change. The state lasts as long as one node is up.
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
     sync::Mutex,
 };
+
+use serde::{Deserialize, Serialize};
 
 use super::{
     Account, CatchUp, CommitDone, ConvKey, ConvLoad, Cursor, GroupLoad, GroupRow, GroupWrite, MemberRow,
@@ -16,7 +32,57 @@ use crate::protocol::JoinRequest;
 #[derive(Default)]
 pub struct MemoryStore {
     inner: Mutex<MemoryInner>,
+    /// In a cluster: where this replica's writes go (to the node's cluster thread).
+    replicate: Option<tokio::sync::mpsc::Sender<ReplOp>>,
 }
+
+/// Replication ops queued for the cluster thread at most (a writer waits beyond).
+pub const REPL_QUEUE_MAX: usize = 65_536;
+
+/// One write of a replica, as the others apply it (postcard on the node links).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum ReplOp {
+    Account {
+        name: NameKey,
+        id: UserId,
+        password_hash: String,
+    },
+    /// A group notice's changes, at the notice's seq.
+    Group {
+        group: u64,
+        seq: u64,
+        writes: Vec<GroupWrite>,
+    },
+    JoinRequest {
+        group: u64,
+        user: UserId,
+        request: Option<JoinRequest>,
+    },
+    /// A whole group as a replica holds it, up to notice `seq` (a snapshot's).
+    GroupState {
+        group: u64,
+        seq: u64,
+        row: GroupRow,
+        members: Vec<MemberRow>,
+        blocked: Vec<UserId>,
+        requests: Vec<JoinRequest>,
+        /// Every user's span in the group (current and past members): (user, from, to).
+        spans: Vec<(UserId, u64, u64)>,
+    },
+    /// More of a large group's `GroupState` (right after it, on the same link): applied only to
+    /// the state of that seq.
+    GroupMore {
+        group: u64,
+        seq: u64,
+        members: Vec<MemberRow>,
+        blocked: Vec<UserId>,
+        spans: Vec<(UserId, u64, u64)>,
+    },
+}
+
+/// Members, blocked users or spans of a group in one snapshot op at most (an op stays well
+/// under a link record's cap).
+const SNAPSHOT_LIST_MAX: usize = 2048;
 
 #[derive(Default)]
 struct MemoryInner {
@@ -30,6 +96,8 @@ struct MemoryInner {
 
 #[derive(Default)]
 struct MemGroup {
+    /// The seq of the last notice applied.
+    seq: u64,
     row: GroupRow,
     members: BTreeMap<UserId, MemberRow>,
     blocked: BTreeSet<UserId>,
@@ -40,6 +108,10 @@ impl MemoryInner {
     /// Apply a group notice's changes, as a durable store does in the notice's transaction.
     fn apply(&mut self, group: u64, seq: u64, writes: &[GroupWrite]) {
         let g = self.groups.entry(group).or_default();
+        if seq <= g.seq {
+            return; // applied already (a replica's copy, or a snapshot that had it)
+        }
+        g.seq = seq;
         let mut spans: Vec<(UserId, (u64, u64))> = Vec::new();
         for w in writes {
             match w {
@@ -83,6 +155,123 @@ impl MemoryInner {
     }
 }
 
+impl MemoryInner {
+    fn join_request(&mut self, group: u64, user: UserId, request: Option<&JoinRequest>) {
+        let Some(m) = self.groups.get_mut(&group) else { return };
+        match request {
+            Some(r) => m.requests.insert(user, r.clone()),
+            None => m.requests.remove(&user),
+        };
+    }
+}
+
+impl MemoryStore {
+    /// A replica in a cluster: its writes go to `tx` (see the module's documentation).
+    pub fn replicated(tx: tokio::sync::mpsc::Sender<ReplOp>) -> MemoryStore {
+        MemoryStore { inner: Mutex::default(), replicate: Some(tx) }
+    }
+
+    /// Hand a write to the cluster thread (waiting if its queue is full: writes come from the
+    /// store workers' threads).
+    fn publish(&self, op: ReplOp) {
+        let Some(tx) = &self.replicate else { return };
+        if let Err(tokio::sync::mpsc::error::TrySendError::Full(op)) = tx.try_send(op) {
+            let _ = tx.blocking_send(op);
+        }
+    }
+
+    /// Apply another replica's write (see the module's documentation for the rules).
+    pub fn apply_remote(&self, op: ReplOp) {
+        let mut g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        match op {
+            ReplOp::Account { name, id, password_hash } => {
+                g.accounts.entry(id).or_insert(Account { id, password_hash });
+                match g.by_name.get(&name) {
+                    Some(&other) if other <= id => {}
+                    _ => {
+                        g.by_name.insert(name, id);
+                    }
+                }
+            }
+            ReplOp::Group { group, seq, writes } => g.apply(group, seq, &writes),
+            ReplOp::JoinRequest { group, user, request } => g.join_request(group, user, request.as_ref()),
+            ReplOp::GroupState { group, seq, row, members, blocked, requests, spans } => {
+                if g.groups.get(&group).is_some_and(|m| m.seq >= seq) {
+                    return;
+                }
+                let m = MemGroup {
+                    seq,
+                    row,
+                    members: members.into_iter().map(|m| (m.user, m)).collect(),
+                    blocked: blocked.into_iter().collect(),
+                    requests: requests.into_iter().map(|r| (r.user_id, r)).collect(),
+                };
+                g.groups.insert(group, m);
+                for (user, from, to) in spans {
+                    g.spans.entry(user).or_default().insert(group, (from, to));
+                }
+            }
+            ReplOp::GroupMore { group, seq, members, blocked, spans } => {
+                let Some(m) = g.groups.get_mut(&group).filter(|m| m.seq == seq) else { return };
+                m.members.extend(members.into_iter().map(|m| (m.user, m)));
+                m.blocked.extend(blocked);
+                for (user, from, to) in spans {
+                    g.spans.entry(user).or_default().insert(group, (from, to));
+                }
+            }
+        }
+    }
+
+    /// Everything this replica holds, as ops (for a member that links up).
+    pub fn snapshot(&self) -> Vec<ReplOp> {
+        let g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let mut ops = Vec::with_capacity(g.accounts.len() + g.groups.len());
+        for (name, id) in &g.by_name {
+            if let Some(a) = g.accounts.get(id) {
+                ops.push(ReplOp::Account { name: *name, id: *id, password_hash: a.password_hash.clone() });
+            }
+        }
+        let mut spans: HashMap<u64, Vec<(UserId, u64, u64)>> = HashMap::new();
+        for (user, groups) in &g.spans {
+            for (group, (from, to)) in groups {
+                spans.entry(*group).or_default().push((*user, *from, *to));
+            }
+        }
+        for (&group, m) in &g.groups {
+            let seq = m.seq;
+            let mut members = m.members.values().copied().collect::<Vec<_>>().into_iter();
+            let mut blocked = m.blocked.iter().copied().collect::<Vec<_>>().into_iter();
+            let mut spans = spans.remove(&group).unwrap_or_default().into_iter();
+            let mut take = |n: usize| {
+                (
+                    members.by_ref().take(n).collect::<Vec<_>>(),
+                    blocked.by_ref().take(n).collect::<Vec<_>>(),
+                    spans.by_ref().take(n).collect::<Vec<_>>(),
+                )
+            };
+            let (members, blocked, spans) = take(SNAPSHOT_LIST_MAX);
+            let requests = m.requests.values().cloned().collect();
+            ops.push(ReplOp::GroupState {
+                group,
+                seq,
+                row: m.row.clone(),
+                members,
+                blocked,
+                requests,
+                spans,
+            });
+            loop {
+                let (members, blocked, spans) = take(SNAPSHOT_LIST_MAX);
+                if members.is_empty() && blocked.is_empty() && spans.is_empty() {
+                    break;
+                }
+                ops.push(ReplOp::GroupMore { group, seq, members, blocked, spans });
+            }
+        }
+        ops
+    }
+}
+
 impl Store for MemoryStore {
     fn durable(&self) -> bool {
         false
@@ -93,10 +282,24 @@ impl Store for MemoryStore {
         if g.by_name.contains_key(name) {
             return Err(StoreError::NameTaken);
         }
-        g.last_id += 1;
-        let id = g.last_id;
+        let id = if self.replicate.is_some() {
+            loop {
+                let mut b = [0u8; 8];
+                getrandom::getrandom(&mut b)
+                    .map_err(|e| StoreError::Unavailable(format!("random id: {e}")))?;
+                let id = u64::from_le_bytes(b) >> 8;
+                if id != 0 && !g.accounts.contains_key(&id) {
+                    break id;
+                }
+            }
+        } else {
+            g.last_id += 1;
+            g.last_id
+        };
         g.by_name.insert(*name, id);
-        g.accounts.insert(id, Account { id, password_hash });
+        g.accounts.insert(id, Account { id, password_hash: password_hash.clone() });
+        drop(g);
+        self.publish(ReplOp::Account { name: *name, id, password_hash });
         Ok(id)
     }
 
@@ -116,6 +319,12 @@ impl Store for MemoryStore {
             for m in &batch {
                 if let Some(c) = &m.group {
                     g.apply(c.group, m.seq, &c.writes);
+                }
+            }
+            drop(g);
+            for m in &batch {
+                if let Some(c) = &m.group {
+                    self.publish(ReplOp::Group { group: c.group, seq: m.seq, writes: c.writes.clone() });
                 }
             }
         }
@@ -138,12 +347,8 @@ impl Store for MemoryStore {
         user: UserId,
         request: Option<&JoinRequest>,
     ) -> Result<(), StoreError> {
-        let mut g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-        let Some(m) = g.groups.get_mut(&group) else { return Ok(()) };
-        match request {
-            Some(r) => m.requests.insert(user, r.clone()),
-            None => m.requests.remove(&user),
-        };
+        self.inner.lock().unwrap_or_else(|p| p.into_inner()).join_request(group, user, request);
+        self.publish(ReplOp::JoinRequest { group, user, request: request.cloned() });
         Ok(())
     }
 
@@ -193,5 +398,97 @@ impl Store for MemoryStore {
 
     fn save_cursors(&self, _cursors: &[Cursor]) -> Result<(), StoreError> {
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn replica() -> (MemoryStore, tokio::sync::mpsc::Receiver<ReplOp>) {
+        let (tx, rx) = tokio::sync::mpsc::channel(REPL_QUEUE_MAX);
+        (MemoryStore::replicated(tx), rx)
+    }
+
+    fn drain(rx: &mut tokio::sync::mpsc::Receiver<ReplOp>) -> Vec<ReplOp> {
+        std::iter::from_fn(|| rx.try_recv().ok()).collect()
+    }
+
+    fn notice(group: u64, seq: u64, writes: Vec<GroupWrite>) -> StoredMessage {
+        StoredMessage {
+            conv: super::super::group_conv(group),
+            seq,
+            msg_id: seq,
+            ts_ms: 0,
+            sender: 0,
+            sender_device: 0,
+            client_msg_id: 0,
+            payload: bytes::Bytes::new(),
+            group: Some(std::sync::Arc::new(super::super::GroupChange { group, writes })),
+        }
+    }
+
+    /// Writes go out as ops; another replica applies them in any order, twice, and ends up the
+    /// same; a name registered on two replicas at once leads to the smaller id on both.
+    #[test]
+    fn replicas_converge() {
+        let (a, mut arx) = replica();
+        let (b, mut brx) = replica();
+        let alice = a.create_account(&[1; 32], "h1".into()).unwrap();
+        assert!(alice > 0 && alice < 1 << 56);
+        let row = GroupRow { id: 7, founder: alice, ..Default::default() };
+        a.append(
+            0,
+            vec![notice(7, 10, vec![GroupWrite::Group(row), GroupWrite::Join { user: alice, role: 1 }])],
+            Box::new(|r| assert!(r.is_ok())),
+        );
+        a.append(0, vec![notice(7, 11, vec![GroupWrite::Block { user: 99 }])], Box::new(|_| {}));
+        let mut ops = drain(&mut arx);
+        assert_eq!(ops.len(), 3);
+        ops.reverse(); // out of order, and twice
+        for op in ops.iter().chain(ops.iter()) {
+            b.apply_remote(op.clone());
+        }
+        assert_eq!(b.account_by_name(&[1; 32]).unwrap().unwrap().id, alice);
+        let g = b.load_group(7).unwrap().unwrap();
+        // Seq 11 came first: seq 10 (older) was not applied over it.
+        assert_eq!((g.blocked.clone(), g.members.len()), (vec![99], 0));
+        // A snapshot of `a` brings nothing older than what `b` has; a fresh replica gets all.
+        let (c, _) = replica();
+        for op in a.snapshot() {
+            c.apply_remote(op);
+        }
+        let g = c.load_group(7).unwrap().unwrap();
+        assert_eq!((g.blocked, g.members.len()), (vec![99], 1));
+        assert_eq!(c.member_span(alice, 7).unwrap(), Some((10, u64::MAX)));
+        // The same name on both at once.
+        let on_b = b.create_account(&[2; 32], "hb".into()).unwrap();
+        let on_a = a.create_account(&[2; 32], "ha".into()).unwrap();
+        for op in drain(&mut brx) {
+            a.apply_remote(op);
+        }
+        for op in drain(&mut arx) {
+            b.apply_remote(op);
+        }
+        let winner = on_a.min(on_b);
+        assert_eq!(a.account_by_name(&[2; 32]).unwrap().unwrap().id, winner);
+        assert_eq!(b.account_by_name(&[2; 32]).unwrap().unwrap().id, winner);
+        assert!(a.account_exists(on_b).unwrap() && b.account_exists(on_a).unwrap());
+    }
+
+    /// A large group goes in a snapshot as a state and continuations, and arrives whole.
+    #[test]
+    fn large_group_snapshot() {
+        let (a, _) = replica();
+        let writes = (1..=5000).map(|u| GroupWrite::Join { user: u, role: 0 }).collect();
+        a.append(0, vec![notice(9, 3, writes)], Box::new(|_| {}));
+        let ops = a.snapshot();
+        assert!(ops.len() >= 3, "split: {}", ops.len());
+        let (b, _) = replica();
+        for op in ops {
+            b.apply_remote(op);
+        }
+        assert_eq!(b.load_group(9).unwrap().unwrap().members.len(), 5000);
+        assert_eq!(b.group_count(4321).unwrap(), 1);
     }
 }

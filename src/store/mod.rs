@@ -30,7 +30,7 @@ pub struct Account {
 }
 
 /// A group's row as stored (its members are rows of their own).
-#[derive(Clone, Debug, Default, PartialEq)]
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct GroupRow {
     pub id: u64,
     pub profile: crate::protocol::GroupProfile,
@@ -41,7 +41,7 @@ pub struct GroupRow {
 }
 
 /// A current member of a group.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct MemberRow {
     pub user: UserId,
     /// See [`crate::protocol::group_role`].
@@ -64,7 +64,7 @@ pub struct GroupLoad {
 /// One change of a group's stored state. Changes ride with the group notice that tells the
 /// members of them and are stored in the same transaction: a change is stored exactly when its
 /// notice is. Where a change needs a seq, it is the notice's.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub enum GroupWrite {
     /// Insert or replace the group's row.
     Group(GroupRow),
