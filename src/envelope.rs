@@ -267,6 +267,8 @@ pub enum Envelope {
     Reattach { user: UserId, session: SessionRef, device_type: DeviceType },
     /// The admin API → one shard of this node: run this there (never crosses nodes).
     Admin(AdminTask),
+    /// → U: `user` was banned until `until_ms` (stored already; in the past: lifted).
+    Ban { user: UserId, until_ms: u64 },
 }
 
 /// Work the admin API gives a shard: called on the shard's thread with the shard (an
@@ -287,6 +289,7 @@ impl Envelope {
             | Envelope::StreamFanout { user, .. }
             | Envelope::Detach { user, .. }
             | Envelope::StoreToken { user, .. }
+            | Envelope::Ban { user, .. }
             | Envelope::Reattach { user, .. } => p.user(*user),
             Envelope::Attach(a) => p.user(a.user),
             Envelope::Room(req) => p.room(req.room),

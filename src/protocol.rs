@@ -348,6 +348,9 @@ pub enum ErrorCode {
     RateLimited = 47,
     /// Kick: the server's operator closed this session (admin API).
     KickedByOperator = 48,
+    /// Login, LoginToken: the account is banned (until a time, or for good). Kick: the account
+    /// was just banned; every session of it is closed.
+    Banned = 49,
     /// No such group (or not a group id).
     GroupNotFound = 70,
     /// Only a member of the group may do this.
@@ -439,6 +442,7 @@ impl ErrorCode {
             46 => PartialFrameTimeout,
             47 => RateLimited,
             48 => KickedByOperator,
+            49 => Banned,
             50 => Internal,
             51 => StoreUnavailable,
             52 => Timeout,
@@ -499,6 +503,7 @@ impl ErrorCode {
             PartialFrameTimeout => "incomplete frame timeout",
             RateLimited => "too many requests of this kind, slow down",
             KickedByOperator => "closed by the server's operator",
+            Banned => "the account is banned",
             Internal => "internal error",
             StoreUnavailable => "message store unavailable, retry",
             Timeout => "no answer in time, retry",

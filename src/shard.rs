@@ -688,6 +688,9 @@ impl Shard {
             Envelope::Reattach { user, session, device_type } => {
                 self.users.borrow_mut().reattach(user, session, device_type)
             }
+            Envelope::Ban { user, until_ms } => {
+                self.users.borrow_mut().ban(user, until_ms, now_ms(), &mut fx)
+            }
             // The gateway sends back an envelope this shard placed by a table it has left.
             Envelope::Remote(r) => self.take_back(r.env),
             // The gateway's word that a new table is out (the table itself is taken from

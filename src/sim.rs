@@ -1055,7 +1055,7 @@ impl Sim {
             Envelope::Remote(_) | Envelope::Placement(_) | Envelope::Reattach { .. } => {
                 unreachable!("the simulation runs one node")
             }
-            Envelope::Admin(_) => unreachable!("the simulation has no admin API"),
+            Envelope::Admin(_) | Envelope::Ban { .. } => unreachable!("the simulation has no admin API"),
             Envelope::Group(req) => {
                 if self.placement.group(req.group).shard() != dst {
                     return Err(format!("group request for {} on shard {dst}", req.group));

@@ -208,7 +208,7 @@ fn refusals(driver: &str) {
     assert_eq!(http(a, "GET", "/healthz", None, None).0, 200);
 }
 
-on_both_drivers!(token_and_health, users_and_messages, groups, refusals);
+on_both_drivers!(token_and_health, users_and_messages, groups, refusals, bans);
 
 /// A non-loopback admin listener without a token is refused at start, with a clear error.
 #[test]
@@ -230,4 +230,71 @@ fn non_loopback_needs_a_token() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("admin.token"), "{err}");
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64
+}
+
+/// A login's refusal code (the login must fail).
+fn login_code(s: &TestServer, name: &str, password: &str) -> Option<ErrorCode> {
+    match s.client().login(name, password, 3, "dev") {
+        Ok(_) => panic!("{name} logged in"),
+        Err(e) => e.code(),
+    }
+}
+
+/// Bans on the embedded store: a ban kicks the account's sessions (`Banned`), refuses its
+/// logins (by password, and by a token issued before) without telling anyone who lacks the
+/// password, ends by itself at its `until_ms`, is lifted by DELETE, and survives a restart.
+fn bans(driver: &str) {
+    let extra = format!("[admin]\nlisten = \"127.0.0.1:0\"\ntoken = \"{TOKEN}\"\n");
+    let dir = tempfile::tempdir().unwrap();
+    let s = TestServer::start_in(dir, driver, "backend = \"embedded\"", &extra);
+    let (ann, ann_id) = s.register("ann");
+    let (bob, bob_id) = s.register("bob");
+    let (mut a, _) = s.login(&ann, 3);
+    let token = a.issue_token(600).unwrap().token;
+    let (st, v) = call(&s, "PUT", &format!("/v1/bans/{ann_id}"), json!({}));
+    assert_eq!((st, v["banned"].as_bool()), (200, Some(true)), "{v}");
+    loop {
+        match a.recv().expect("a kick") {
+            Event::Kick(k) => {
+                assert_eq!(k.reason, ErrorCode::Banned.code());
+                break;
+            }
+            Event::CatchUpEnd(_) => {}
+            other => panic!("expected a kick, got {other:?}"),
+        }
+    }
+    assert_eq!(login_code(&s, &ann, PASSWORD), Some(ErrorCode::Banned));
+    assert_eq!(login_code(&s, &ann, "not the password"), Some(ErrorCode::WrongPassword));
+    let by_token = s.client().login_token(&token, 3, "dev").expect_err("a banned token login");
+    assert_eq!(by_token.code(), Some(ErrorCode::Banned));
+    let (st, v) = call(&s, "GET", &format!("/v1/bans/{ann_id}"), json!(null));
+    assert_eq!((st, v["banned"].as_bool()), (200, Some(true)), "{v}");
+    // Refusals.
+    let (st, v) = call(&s, "PUT", &format!("/v1/bans/{bob_id}"), json!({ "until_ms": now_ms() - 1 }));
+    assert_eq!((st, v["error"]["code"].as_u64()), (400, Some(ErrorCode::Malformed.code() as u64)), "{v}");
+    let (st, v) = call(&s, "PUT", "/v1/bans/999999999", json!({}));
+    assert_eq!((st, v["error"]["code"].as_u64()), (404, Some(ErrorCode::UnknownUser.code() as u64)), "{v}");
+    assert_eq!(call(&s, "PUT", "/v1/bans/nobody", json!({})).0, 400);
+    assert_eq!(call(&s, "POST", &format!("/v1/bans/{bob_id}"), json!({})).0, 405);
+    // A ban that ends by itself.
+    let until = now_ms() + 1500;
+    let (st, v) = call(&s, "PUT", &format!("/v1/bans/{bob_id}"), json!({ "until_ms": until.to_string() }));
+    assert_eq!((st, v["banned_until_ms"].as_str()), (200, Some(until.to_string().as_str())), "{v}");
+    assert_eq!(login_code(&s, &bob, PASSWORD), Some(ErrorCode::Banned));
+    std::thread::sleep(Duration::from_millis(until.saturating_sub(now_ms()) + 100));
+    s.login(&bob, 3);
+    let (st, v) = call(&s, "GET", &format!("/v1/bans/{bob_id}"), json!(null));
+    assert_eq!((st, v["banned"].as_bool(), v["banned_until_ms"].is_null()), (200, Some(false), true), "{v}");
+    // Kept across a restart; lifted by DELETE.
+    let dir = s.stop_keep();
+    let s = TestServer::start_in(dir, driver, "backend = \"embedded\"", &extra);
+    assert_eq!(login_code(&s, &ann, PASSWORD), Some(ErrorCode::Banned));
+    let (st, v) = call(&s, "DELETE", &format!("/v1/bans/{ann_id}"), json!(null));
+    assert_eq!((st, v["banned"].as_bool()), (200, Some(false)), "{v}");
+    let (mut a, _) = s.login(&ann, 3);
+    a.send_wait(bob_id, 1, b"back").unwrap();
 }

@@ -770,6 +770,25 @@ fn groups(st: &str) {
     store.close();
 }
 
+/// Bans on every store: set, read back with the account, lifted; an unknown account is
+/// reported as such.
+fn store_bans(st: &str) {
+    let (store, _dir) = open_store(st);
+    let name = [42u8; 32];
+    let id = store.create_account(&name, "hash".into()).unwrap();
+    assert_eq!(store.account_by_name(&name).unwrap().unwrap().banned_until_ms, 0);
+    assert_eq!(store.ban_of(id).unwrap(), Some(0));
+    assert!(store.set_ban(id, tim::store::BANNED_FOREVER).unwrap());
+    assert_eq!(store.account_by_name(&name).unwrap().unwrap().banned_until_ms, tim::store::BANNED_FOREVER);
+    assert_eq!(store.ban_of(id).unwrap(), Some(tim::store::BANNED_FOREVER));
+    assert!(store.set_ban(id, 0).unwrap());
+    assert_eq!(store.ban_of(id).unwrap(), Some(0));
+    let unknown = id.wrapping_add(4096 * 1000);
+    assert!(!store.set_ban(unknown, 5).unwrap());
+    assert_eq!(store.ban_of(unknown).unwrap(), None);
+    store.close();
+}
+
 macro_rules! on_every_store {
     ($($name:ident),* $(,)?) => {
         mod memory { $( #[test] fn $name() { super::$name("memory") } )* }
@@ -779,6 +798,7 @@ macro_rules! on_every_store {
 }
 
 on_every_store!(
+    store_bans,
     batched_loads,
     history_pages,
     offline_catch_up,

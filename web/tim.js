@@ -41,7 +41,7 @@ export const ErrorCode = Object.freeze({
   Malformed: 1, UnknownKind: 2, NotLoggedIn: 10, AlreadyLoggedIn: 11, UnknownUser: 12,
   WrongPassword: 13, NameTaken: 14, InvalidName: 15, InvalidPassword: 16, InvalidToken: 17,
   UnknownRecipient: 30, Busy: 33, BodyTooLarge: 34, LoginTimeout: 40, IdleTimeout: 41,
-  Replaced: 42, ShuttingDown: 43, RateLimited: 47, Internal: 50, StoreUnavailable: 51,
+  Replaced: 42, ShuttingDown: 43, RateLimited: 47, KickedByOperator: 48, Banned: 49, Internal: 50, StoreUnavailable: 51,
   Timeout: 52, RoomNotFound: 60, GroupNotFound: 70, NotMember: 71, NotManager: 72, Muted: 73,
   // This module's own:
   /** The connection closed before the answer came. */

@@ -42,6 +42,7 @@ use crate::{
     frame,
     protocol::{self, group_action, kind, ErrorCode},
     shard::{Shard, Shared},
+    store::BANNED_FOREVER,
 };
 
 /// Bytes of a request body at most; beyond: 413.
@@ -202,6 +203,7 @@ impl From<ErrorCode> for ApiError {
             UnknownUser | UnknownRecipient | GroupNotFound | RoomNotFound | NoJoinRequest => {
                 StatusCode::NOT_FOUND
             }
+            Banned => StatusCode::FORBIDDEN,
             Busy | StoreUnavailable | NodeUnavailable | RateLimited => StatusCode::SERVICE_UNAVAILABLE,
             Timeout => StatusCode::GATEWAY_TIMEOUT,
             Internal => StatusCode::INTERNAL_SERVER_ERROR,
@@ -273,6 +275,9 @@ async fn handle(state: &Arc<State>, req: Request<Incoming>) -> Response<Full<Byt
         (&Method::POST, ["v1", "messages"]) => send_message(state, &body).await,
         (&Method::POST, ["v1", "broadcasts"]) => broadcast(state, &body).await,
         (&Method::POST, ["v1", "kicks"]) => kick(state, &body).await,
+        (&Method::PUT, ["v1", "bans", user]) => ban(state, user, &body).await,
+        (&Method::DELETE, ["v1", "bans", user]) => unban(state, user).await,
+        (&Method::GET, ["v1", "bans", user]) => ban_status(state, user).await,
         (&Method::GET, ["v1", "online"]) => online_count(state).await,
         (&Method::GET, ["v1", "online", "users"]) => online_users(state, &query).await,
         (&Method::POST, ["v1", "groups"]) => group_create(state, &body).await,
@@ -285,6 +290,7 @@ async fn handle(state: &Arc<State>, req: Request<Incoming>) -> Response<Full<Byt
             ["metrics"]
             | ["v1", "accounts" | "tokens" | "messages" | "broadcasts" | "kicks" | "online" | "groups" | "cluster"]
             | ["v1", "online", "users"]
+            | ["v1", "bans", _]
             | ["v1", "groups", _]
             | ["v1", "groups", _, "members"]
             | ["v1", "groups", _, "members", _],
@@ -587,6 +593,75 @@ async fn kick(state: &State, body: &[u8]) -> ApiResult {
     let session = u64_field(&v, "session_id")?;
     let counts = on_every_shard(state, move |s| ops::kick(s, user, session)).await?;
     Ok((StatusCode::OK, json!({ "kicked": counts.iter().sum::<usize>() })))
+}
+
+fn user_seg(seg: &str) -> Result<u64, ApiError> {
+    seg.parse().ok().filter(|&u| u != 0).ok_or_else(|| ApiError::bad(format!("`{seg}` is not a user id")))
+}
+
+/// Store `user`'s ban (0: lifted), then tell its user owner (wherever it is in the cluster):
+/// sessions kicked, tokens void, logins refused.
+async fn set_ban(state: &State, user: u64, until_ms: u64) -> Result<(), ApiError> {
+    let store = state.shared.store.clone();
+    match tokio::task::spawn_blocking(move || store.set_ban(user, until_ms)).await {
+        Ok(Ok(true)) => {}
+        Ok(Ok(false)) => {
+            return Err(ApiError(
+                StatusCode::NOT_FOUND,
+                ErrorCode::UnknownUser.code(),
+                format!("no user {user}"),
+            ))
+        }
+        Ok(Err(e)) => {
+            log::warn!("admin: ban of {user}: {e}");
+            return Err(ErrorCode::StoreUnavailable.into());
+        }
+        Err(_) => return Err(ErrorCode::Internal.into()),
+    }
+    on_shard(state, 0, move |s| {
+        Box::pin(async move {
+            let owner = s.place(|p| p.user(user));
+            s.post(owner, Envelope::Ban { user, until_ms });
+        })
+    })
+    .await
+}
+
+/// `PUT /v1/bans/{user}`, body `{"until_ms": ...}` (optional; absent: for good).
+async fn ban(state: &State, seg: &str, body: &[u8]) -> ApiResult {
+    let user = user_seg(seg)?;
+    let v = if body.iter().all(u8::is_ascii_whitespace) { json!({}) } else { parse(body)? };
+    let until = u64_field(&v, "until_ms")?.unwrap_or(BANNED_FOREVER).min(BANNED_FOREVER);
+    if until <= crate::clock::now_ms() {
+        return Err(ApiError::bad("`until_ms` is not in the future (DELETE lifts a ban)"));
+    }
+    set_ban(state, user, until).await?;
+    Ok((StatusCode::OK, json!({ "user_id": id(user), "banned": true, "banned_until_ms": id(until) })))
+}
+
+/// `DELETE /v1/bans/{user}`.
+async fn unban(state: &State, seg: &str) -> ApiResult {
+    let user = user_seg(seg)?;
+    set_ban(state, user, 0).await?;
+    Ok((StatusCode::OK, json!({ "user_id": id(user), "banned": false })))
+}
+
+/// `GET /v1/bans/{user}`.
+async fn ban_status(state: &State, seg: &str) -> ApiResult {
+    let user = user_seg(seg)?;
+    let store = state.shared.store.clone();
+    match tokio::task::spawn_blocking(move || store.ban_of(user)).await {
+        Ok(Ok(Some(until))) => {
+            let banned = until > crate::clock::now_ms();
+            let until = if banned { id(until) } else { Value::Null };
+            Ok((StatusCode::OK, json!({ "user_id": id(user), "banned": banned, "banned_until_ms": until })))
+        }
+        Ok(Ok(None)) => {
+            Err(ApiError(StatusCode::NOT_FOUND, ErrorCode::UnknownUser.code(), format!("no user {user}")))
+        }
+        Ok(Err(_)) => Err(ErrorCode::StoreUnavailable.into()),
+        Err(_) => Err(ErrorCode::Internal.into()),
+    }
 }
 
 async fn online_all(state: &State) -> Result<Vec<(u64, u64)>, ApiError> {

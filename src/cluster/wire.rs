@@ -229,6 +229,10 @@ enum WireEnvelope<'a> {
         session: u64,
         device_type: u8,
     },
+    Ban {
+        user: u64,
+        until_ms: u64,
+    },
 }
 
 /// [`RoomOp`].
@@ -475,6 +479,7 @@ impl<'a> WireEnvelope<'a> {
             Envelope::Reattach { user, session, device_type } => {
                 WireEnvelope::Reattach { user: *user, session: session.0, device_type: *device_type as u8 }
             }
+            Envelope::Ban { user, until_ms } => WireEnvelope::Ban { user: *user, until_ms: *until_ms },
             // A shard's envelope for its gateway, and the gateway's tables for its shards, stay
             // on their node.
             Envelope::Remote(_) | Envelope::Placement(_) | Envelope::Admin(_) => {
@@ -745,6 +750,7 @@ fn envelope(a: &ArchivedWireEnvelope<'_>, payload: &Bytes) -> Result<Envelope, W
             device_type: DeviceType::from_u8(*device_type)
                 .ok_or(WireError::UnknownDeviceType(*device_type))?,
         },
+        W::Ban { user, until_ms } => Envelope::Ban { user: user.to_native(), until_ms: until_ms.to_native() },
     })
 }
 
@@ -809,6 +815,7 @@ mod tests {
     fn every_variant() -> Vec<Envelope> {
         vec![
             Envelope::Reattach { user: 42, session: SessionRef::on(5, 3, 9), device_type: DeviceType::Web },
+            Envelope::Ban { user: 43, until_ms: 1_767_225_600_000 },
             submit(None, None),
             submit(None, Some(ErrorCode::Muted)),
             Envelope::Acked {
@@ -959,6 +966,7 @@ mod tests {
             Envelope::Reattach { user, session, device_type } => {
                 format!("Reattach {:?}", (user, session, device_type))
             }
+            Envelope::Ban { user, until_ms } => format!("Ban {:?}", (user, until_ms)),
             Envelope::Remote(_) | Envelope::Placement(_) | Envelope::Admin(_) => {
                 unreachable!("never encoded")
             }

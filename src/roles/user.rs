@@ -2,8 +2,8 @@
 //! live one-shot tokens.
 //!
 //! Inputs: `Attach` (a login asking for a place among the user's sessions; device limits are
-//! decided here, kicking or refusing), `Detach`, `StoreToken`, and `Fanout` (a frame for every
-//! session of the user). Outputs: `AttachResult`, `Kick`, `TokenResult` and `Deliver` envelopes.
+//! decided here, kicking or refusing), `Detach`, `StoreToken`, `Ban` (kick every session, void
+//! the tokens), and `Fanout` (a frame for every session of the user). Outputs: `AttachResult`, `Kick`, `TokenResult` and `Deliver` envelopes.
 
 use std::collections::HashMap;
 
@@ -43,12 +43,46 @@ pub struct UserOwner {
     users: HashMap<UserId, UserLive, RandomState>,
     policy: SessionPolicy,
     tokens_per_user_max: usize,
+    /// Users banned lately, until when logins are refused here: a login that read the account
+    /// before the ban was stored asks for its place after the ban's kicks (the store refuses the
+    /// logins that read it after).
+    banned: HashMap<UserId, u64, RandomState>,
 }
+
+/// How long a user owner refuses a banned user's logins by itself (longer than a login takes
+/// between its account read and its attach).
+pub const BAN_MARK_MS: u64 = 60_000;
 
 impl UserOwner {
     pub fn new(policy: SessionPolicy, tokens_per_user_max: usize, hasher: RandomState) -> UserOwner {
         assert!(policy.per_account_max > 0 && policy.per_device_type_max > 0);
-        UserOwner { users: HashMap::with_hasher(hasher), policy, tokens_per_user_max }
+        UserOwner {
+            users: HashMap::with_hasher(hasher.clone()),
+            policy,
+            tokens_per_user_max,
+            banned: HashMap::with_hasher(hasher),
+        }
+    }
+
+    /// `user` is banned until `until_ms` (stored already): its tokens are void, its sessions are
+    /// kicked (`Banned`), and logins that reach here in the next [`BAN_MARK_MS`] (or until the
+    /// ban ends) are refused. `until_ms` in the past lifts a ban.
+    pub fn ban(&mut self, user: UserId, until_ms: u64, now: u64, out: &mut Effects) {
+        self.banned.retain(|_, &mut exp| exp > now);
+        if until_ms <= now {
+            self.banned.remove(&user);
+            return;
+        }
+        self.banned.insert(user, until_ms.min(now + BAN_MARK_MS));
+        if let Some(live) = self.users.remove(&user) {
+            for s in live.sessions {
+                let session = s.session;
+                out.push(Effect::Post(
+                    session.owner(),
+                    Envelope::Kick { session, reason: ErrorCode::Banned },
+                ));
+            }
+        }
     }
 
     /// Give a login its place among the user's sessions (consuming its token, if any), kicking
@@ -62,6 +96,9 @@ impl UserOwner {
     }
 
     fn try_attach(&mut self, a: &Attach, now: u64, out: &mut Effects) -> Result<(), ErrorCode> {
+        if self.banned.get(&a.user).is_some_and(|&exp| exp > now) {
+            return Err(ErrorCode::Banned);
+        }
         let policy = &self.policy;
         let live = self.users.entry(a.user).or_default();
         live.tokens.retain(|&(_, exp)| exp > now);

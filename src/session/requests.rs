@@ -446,13 +446,18 @@ impl Requests<'_> {
             Err(e) => return self.error(e.code_or(ErrorCode::Internal), kind::LOGIN),
         };
         let shared = self.shard.shared.clone();
+        let (user, banned_until_ms) = (account.id, account.banned_until_ms);
         let verified =
             workers.hash.run(move || shared.auth.verify_password(&account.password_hash, &password));
-        let user = match verified.await {
-            Ok(true) => account.id,
+        match verified.await {
+            Ok(true) => {}
             Ok(false) => return self.error(ErrorCode::WrongPassword, kind::LOGIN),
             Err(e) => return self.error(e.code_or(ErrorCode::Internal), kind::LOGIN),
-        };
+        }
+        // Told only to whoever knows the password.
+        if banned_until_ms > crate::clock::now_ms() {
+            return self.error(ErrorCode::Banned, kind::LOGIN);
+        }
         self.attach(user, (device_type, &device.1), None, kind::LOGIN).await
     }
 
@@ -465,6 +470,22 @@ impl Requests<'_> {
         let Some((user, hash)) = token.filter(|&(u, _)| u != 0) else {
             return self.error(ErrorCode::InvalidToken, kind::LOGIN_TOKEN);
         };
+        // A ban voids the tokens its user owner holds; a token issued since (by the admin API)
+        // or held by a new owner is refused here.
+        let shared = self.shard.shared.clone();
+        let ban = self.shard.shared.workers.store.run(move || shared.store.ban_of(user));
+        match ban.await {
+            Ok(Ok(Some(until))) if until > crate::clock::now_ms() => {
+                return self.error(ErrorCode::Banned, kind::LOGIN_TOKEN)
+            }
+            Ok(Ok(Some(_))) => {}
+            Ok(Ok(None)) => return self.error(ErrorCode::InvalidToken, kind::LOGIN_TOKEN),
+            Ok(Err(e)) => {
+                log::warn!("store: ban of {user}: {e}");
+                return self.error(ErrorCode::StoreUnavailable, kind::LOGIN_TOKEN);
+            }
+            Err(e) => return self.error(e.code_or(ErrorCode::Internal), kind::LOGIN_TOKEN),
+        }
         self.attach(user, (device_type, &device.1), Some(hash), kind::LOGIN_TOKEN).await
     }
 

@@ -32,7 +32,7 @@ use crate::{
 };
 
 /// Schema version written by this build.
-pub const SCHEMA_VERSION: i64 = 4;
+pub const SCHEMA_VERSION: i64 = 5;
 
 const SCHEMA_V1: &str = "
 CREATE TABLE accounts (
@@ -149,6 +149,11 @@ CREATE TABLE group_requests (
 ) WITHOUT ROWID;
 ";
 
+/// Version 5: bans (`banned_until_ms`: 0 none, else banned until then).
+const SCHEMA_V5: &str = "
+ALTER TABLE accounts ADD COLUMN banned_until_ms INTEGER NOT NULL DEFAULT 0;
+";
+
 /// Read connections kept open.
 const READERS_MAX: usize = 8;
 
@@ -222,6 +227,12 @@ fn migrate(conn: &mut Connection) -> anyhow::Result<()> {
         let tx = conn.transaction()?;
         tx.execute_batch(SCHEMA_V4)?;
         tx.pragma_update(None, "user_version", 4)?;
+        tx.commit()?;
+    }
+    if version < 5 {
+        let tx = conn.transaction()?;
+        tx.execute_batch(SCHEMA_V5)?;
+        tx.pragma_update(None, "user_version", 5)?;
         tx.commit()?;
     }
     Ok(())
@@ -617,9 +628,9 @@ impl Store for EmbeddedStore {
     fn account_by_name(&self, name: &NameKey) -> Result<Option<Account>, StoreError> {
         self.with_reader(|c| {
             c.query_row(
-                "SELECT id, password_hash FROM accounts WHERE name_key = ?1",
+                "SELECT id, password_hash, banned_until_ms FROM accounts WHERE name_key = ?1",
                 params![&name[..]],
-                |r| Ok(Account { id: u(r.get(0)?), password_hash: r.get(1)? }),
+                |r| Ok(Account { id: u(r.get(0)?), password_hash: r.get(1)?, banned_until_ms: u(r.get(2)?) }),
             )
             .optional()
         })
@@ -630,6 +641,24 @@ impl Store for EmbeddedStore {
             c.query_row("SELECT 1 FROM accounts WHERE id = ?1", params![i(user)], |_| Ok(()))
                 .optional()
                 .map(|o| o.is_some())
+        })
+    }
+
+    fn set_ban(&self, user: UserId, until_ms: u64) -> Result<bool, StoreError> {
+        self.with_aux(|c| {
+            c.execute("UPDATE accounts SET banned_until_ms = ?2 WHERE id = ?1", params![i(user), i(until_ms)])
+        })
+        .map(|n| n > 0)
+        .map_err(unavailable)
+    }
+
+    fn ban_of(&self, user: UserId) -> Result<Option<u64>, StoreError> {
+        self.with_reader(|c| {
+            c.query_row("SELECT banned_until_ms FROM accounts WHERE id = ?1", params![i(user)], |r| {
+                r.get::<_, i64>(0)
+            })
+            .optional()
+            .map(|o| o.map(u))
         })
     }
 

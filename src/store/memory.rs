@@ -58,6 +58,11 @@ pub enum ReplOp {
         user: UserId,
         request: Option<JoinRequest>,
     },
+    /// An account's ban (0: lifted).
+    Ban {
+        user: UserId,
+        until_ms: u64,
+    },
     /// A whole group as a replica holds it, up to notice `seq` (a snapshot's).
     GroupState {
         group: u64,
@@ -185,7 +190,7 @@ impl MemoryStore {
         let mut g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         match op {
             ReplOp::Account { name, id, password_hash } => {
-                g.accounts.entry(id).or_insert(Account { id, password_hash });
+                g.accounts.entry(id).or_insert(Account { id, password_hash, banned_until_ms: 0 });
                 match g.by_name.get(&name) {
                     Some(&other) if other <= id => {}
                     _ => {
@@ -195,6 +200,11 @@ impl MemoryStore {
             }
             ReplOp::Group { group, seq, writes } => g.apply(group, seq, &writes),
             ReplOp::JoinRequest { group, user, request } => g.join_request(group, user, request.as_ref()),
+            ReplOp::Ban { user, until_ms } => {
+                if let Some(a) = g.accounts.get_mut(&user) {
+                    a.banned_until_ms = until_ms;
+                }
+            }
             ReplOp::GroupState { group, seq, row, members, blocked, requests, spans } => {
                 if g.groups.get(&group).is_some_and(|m| m.seq >= seq) {
                     return;
@@ -229,6 +239,9 @@ impl MemoryStore {
         for (name, id) in &g.by_name {
             if let Some(a) = g.accounts.get(id) {
                 ops.push(ReplOp::Account { name: *name, id: *id, password_hash: a.password_hash.clone() });
+                if a.banned_until_ms != 0 {
+                    ops.push(ReplOp::Ban { user: *id, until_ms: a.banned_until_ms });
+                }
             }
         }
         let mut spans: HashMap<u64, Vec<(UserId, u64, u64)>> = HashMap::new();
@@ -297,7 +310,7 @@ impl Store for MemoryStore {
             g.last_id
         };
         g.by_name.insert(*name, id);
-        g.accounts.insert(id, Account { id, password_hash: password_hash.clone() });
+        g.accounts.insert(id, Account { id, password_hash: password_hash.clone(), banned_until_ms: 0 });
         drop(g);
         self.publish(ReplOp::Account { name: *name, id, password_hash });
         Ok(id)
@@ -311,6 +324,20 @@ impl Store for MemoryStore {
     fn account_exists(&self, user: UserId) -> Result<bool, StoreError> {
         let g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         Ok(g.accounts.contains_key(&user))
+    }
+
+    fn set_ban(&self, user: UserId, until_ms: u64) -> Result<bool, StoreError> {
+        let mut g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(a) = g.accounts.get_mut(&user) else { return Ok(false) };
+        a.banned_until_ms = until_ms;
+        drop(g);
+        self.publish(ReplOp::Ban { user, until_ms });
+        Ok(true)
+    }
+
+    fn ban_of(&self, user: UserId) -> Result<Option<u64>, StoreError> {
+        let g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        Ok(g.accounts.get(&user).map(|a| a.banned_until_ms))
     }
 
     fn append(&self, _partition: usize, batch: Vec<StoredMessage>, done: CommitDone) {

@@ -27,7 +27,13 @@ pub struct Account {
     pub id: UserId,
     /// argon2id PHC string.
     pub password_hash: String,
+    /// Banned while the time is before this (ms since the epoch); 0: not banned;
+    /// [`BANNED_FOREVER`]: for good.
+    pub banned_until_ms: u64,
 }
+
+/// `banned_until_ms` of a ban without an end (fits a signed 64-bit column).
+pub const BANNED_FOREVER: u64 = i64::MAX as u64;
 
 /// A group's row as stored (its members are rows of their own).
 #[derive(Clone, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -257,6 +263,11 @@ pub trait Store: Send + Sync + 'static {
     fn create_account(&self, name: &NameKey, password_hash: String) -> Result<UserId, StoreError>;
     fn account_by_name(&self, name: &NameKey) -> Result<Option<Account>, StoreError>;
     fn account_exists(&self, user: UserId) -> Result<bool, StoreError>;
+    /// Ban `user` until `until_ms` ([`BANNED_FOREVER`]: for good; 0 lifts a ban). `false`: no
+    /// such account.
+    fn set_ban(&self, user: UserId, until_ms: u64) -> Result<bool, StoreError>;
+    /// `user`'s `banned_until_ms`, or `None` when there is no such account.
+    fn ban_of(&self, user: UserId) -> Result<Option<u64>, StoreError>;
 
     /// Independent commit streams (e.g. database servers); a conversation commits on
     /// `partition_of(conv)`, and a slow stream does not hold up the others.

@@ -53,7 +53,7 @@ use crate::{
 };
 
 /// Schema version written by this build.
-pub const SCHEMA_VERSION: i32 = 4;
+pub const SCHEMA_VERSION: i32 = 5;
 
 const SCHEMA_V1: &str = "
 CREATE SEQUENCE user_ids;
@@ -501,6 +501,11 @@ CREATE TABLE group_requests (
 );
 ";
 
+/// Version 5: bans (`banned_until_ms`: 0 none, else banned until then).
+const SCHEMA_V5: &str = "
+ALTER TABLE accounts ADD COLUMN IF NOT EXISTS banned_until_ms int8 NOT NULL DEFAULT 0;
+";
+
 async fn migrate(r: &Range) -> Result<(), StoreError> {
     let mut conn = r.conn().await?;
     let client = &mut conn.client.as_mut().expect("present").client;
@@ -562,6 +567,10 @@ async fn migrate(r: &Range) -> Result<(), StoreError> {
     if version < 4 {
         tx.batch_execute(SCHEMA_V4).await.map_err(pg_err)?;
         tx.execute("INSERT INTO tim_schema (version) VALUES (4)", &[]).await.map_err(pg_err)?;
+    }
+    if version < 5 {
+        tx.batch_execute(SCHEMA_V5).await.map_err(pg_err)?;
+        tx.execute("INSERT INTO tim_schema (version) VALUES (5)", &[]).await.map_err(pg_err)?;
     }
     tx.commit().await.map_err(pg_err)?;
     conn.reusable.store(true, Ordering::Relaxed);
@@ -1178,14 +1187,44 @@ impl Store for PostgresStore {
         self.block_on(async move {
             let conn = range.conn().await?;
             let row = conn
+                .timed(conn.client().query_opt(
+                    "SELECT id, password_hash, banned_until_ms FROM accounts WHERE name_key = $1",
+                    &[&&name[..]],
+                ))
+                .await?;
+            Ok(row.map(|r| Account {
+                id: u(r.get(0)),
+                password_hash: r.get(1),
+                banned_until_ms: u(r.get(2)),
+            }))
+        })
+    }
+
+    fn set_ban(&self, user: UserId, until_ms: u64) -> Result<bool, StoreError> {
+        let range = self.range_of_slot(user % PARTITIONS).clone();
+        self.block_on(async move {
+            let conn = range.conn().await?;
+            let n = conn
+                .timed(conn.client().execute(
+                    "UPDATE accounts SET banned_until_ms = $2 WHERE id = $1",
+                    &[&i(user), &i(until_ms)],
+                ))
+                .await?;
+            Ok(n > 0)
+        })
+    }
+
+    fn ban_of(&self, user: UserId) -> Result<Option<u64>, StoreError> {
+        let range = self.range_of_slot(user % PARTITIONS).clone();
+        self.block_on(async move {
+            let conn = range.conn().await?;
+            let row = conn
                 .timed(
-                    conn.client().query_opt(
-                        "SELECT id, password_hash FROM accounts WHERE name_key = $1",
-                        &[&&name[..]],
-                    ),
+                    conn.client()
+                        .query_opt("SELECT banned_until_ms FROM accounts WHERE id = $1", &[&i(user)]),
                 )
                 .await?;
-            Ok(row.map(|r| Account { id: u(r.get(0)), password_hash: r.get(1) }))
+            Ok(row.map(|r| u(r.get(0))))
         })
     }
 
