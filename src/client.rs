@@ -70,6 +70,7 @@ pub enum Event {
     GroupInfo(protocol::GroupInfo),
     GroupMemberPage(protocol::GroupMemberPage),
     GroupList(protocol::GroupList),
+    SessionList(protocol::SessionList),
     GroupRequestPage(protocol::GroupRequestPage),
     GroupJoinRequest(protocol::GroupJoinRequest),
     GroupDecision(protocol::GroupDecision),
@@ -139,6 +140,7 @@ pub fn decode_event(k: u16, payload: &[u8]) -> Result<Event> {
             Event::GroupMemberPage(de::<protocol::ArchivedGroupMemberPage, _>(payload)?)
         }
         kind::GROUP_LIST => Event::GroupList(de::<protocol::ArchivedGroupList, _>(payload)?),
+        kind::SESSION_LIST => Event::SessionList(de::<protocol::ArchivedSessionList, _>(payload)?),
         kind::GROUP_REQUEST_PAGE => {
             Event::GroupRequestPage(de::<protocol::ArchivedGroupRequestPage, _>(payload)?)
         }
@@ -610,6 +612,24 @@ impl Client {
         self.send_frame(kind::MY_GROUPS, &protocol::MyGroups { after_group, limit })?;
         self.wait_for(kind::MY_GROUPS, |e| match e {
             Event::GroupList(l) => Some(l.clone()),
+            _ => None,
+        })
+    }
+
+    /// This account's live sessions, oldest login first.
+    pub fn my_sessions(&mut self) -> Result<protocol::SessionList> {
+        self.send_frame(kind::MY_SESSIONS, &protocol::MySessions { reserved: 0 })?;
+        self.wait_for(kind::MY_SESSIONS, |e| match e {
+            Event::SessionList(l) => Some(l.clone()),
+            _ => None,
+        })
+    }
+
+    /// Log session `session_id` of this account out; the sessions left.
+    pub fn session_logout(&mut self, session_id: u64) -> Result<protocol::SessionList> {
+        self.send_frame(kind::SESSION_LOGOUT, &protocol::SessionLogout { session_id })?;
+        self.wait_for(kind::SESSION_LOGOUT, |e| match e {
+            Event::SessionList(l) => Some(l.clone()),
             _ => None,
         })
     }

@@ -149,6 +149,8 @@ pub struct Attach {
     pub user: UserId,
     pub session: SessionRef,
     pub device_type: DeviceType,
+    /// The login's device id (listed by `MySessions`).
+    pub device_id: String,
     /// `Some(hash)`: a token login; the token must be live and is consumed.
     pub token: Option<[u8; 32]>,
 }
@@ -250,7 +252,8 @@ pub enum Envelope {
     RoomClosed { room: u64, reason: u16 },
     /// S → G: a group request.
     Group(Box<GroupRequest>),
-    /// G → S: the answer to a group request: the whole answer frame, or a refusal.
+    /// G (or U, for `Sessions`) → S: the answer to a group request (or a sessions request):
+    /// the whole answer frame, or a refusal.
     GroupReply { session: SessionRef, request_kind: u16, result: Result<Bytes, ErrorCode> },
     /// G → every shard holding members' user owners (one envelope per shard).
     GroupFanout(Box<GroupFanout>),
@@ -264,11 +267,21 @@ pub enum Envelope {
     Placement(Box<PlacementUpdate>),
     /// A session's shard → its user's new owner after the partition moved: the session is
     /// live (no limits are checked, nothing is answered).
-    Reattach { user: UserId, session: SessionRef, device_type: DeviceType },
+    Reattach { user: UserId, session: SessionRef, device_type: DeviceType, info: Box<DeviceInfo> },
     /// The admin API → one shard of this node: run this there (never crosses nodes).
     Admin(AdminTask),
     /// → U: `user` was banned until `until_ms` (stored already; in the past: lifted).
     Ban { user: UserId, until_ms: u64 },
+    /// S → U: list `user`'s sessions to `origin` (as a `SESSION_LIST` frame in a `GroupReply`),
+    /// after logging session `logout` out (0: none).
+    Sessions { user: UserId, origin: SessionRef, logout: u64 },
+}
+
+/// What a user owner lists of a session besides its ref and device type.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DeviceInfo {
+    pub device_id: String,
+    pub login_ms: u64,
 }
 
 /// Work the admin API gives a shard: called on the shard's thread with the shard (an
@@ -290,6 +303,7 @@ impl Envelope {
             | Envelope::Detach { user, .. }
             | Envelope::StoreToken { user, .. }
             | Envelope::Ban { user, .. }
+            | Envelope::Sessions { user, .. }
             | Envelope::Reattach { user, .. } => p.user(*user),
             Envelope::Attach(a) => p.user(a.user),
             Envelope::Room(req) => p.room(req.room),

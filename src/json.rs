@@ -191,7 +191,7 @@ keys! {
     RoomId = "room_id",
     GroupId = "group_id", Profile = "profile", Action = "action", UserId = "user_id",
     UntilMs = "until_ms", Note = "note", UserIds = "user_ids", AfterUser = "after_user",
-    AfterGroup = "after_group",
+    AfterGroup = "after_group", SessionId = "session_id",
 }
 
 const _: () = assert!(Key::ALL.len() <= 64, "fields are a u64 bit set");
@@ -267,6 +267,8 @@ const OPS: &[OpSpec] = &[
     op("my_groups", kind::MY_GROUPS, &[K::AfterGroup, K::Limit], &[]),
     op("group_requests", kind::GROUP_REQUESTS, &[K::GroupId], &[K::GroupId]),
     op("group_add_members", kind::GROUP_ADD_MEMBERS, &[K::GroupId, K::UserIds], &[K::GroupId, K::UserIds]),
+    op("my_sessions", kind::MY_SESSIONS, &[K::Reserved], &[]),
+    op("session_logout", kind::SESSION_LOGOUT, &[K::SessionId], &[K::SessionId]),
 ];
 
 fn op_spec(name: &str) -> Option<&'static OpSpec> {
@@ -307,6 +309,7 @@ struct Fields<'a> {
     until_ms: u64,
     after_user: u64,
     after_group: u64,
+    session_id: u64,
     publishers: Vec<u64>,
     user_ids: Vec<u64>,
     profile: Profile<'a>,
@@ -453,6 +456,8 @@ fn build(f: Fields<'_>) -> Result<Request, RequestError> {
             &protocol::GroupMembers { group_id: f.group_id, after_user: f.after_user, limit: f.limit },
         ),
         kind::MY_GROUPS => archive(k, &protocol::MyGroups { after_group: f.after_group, limit: f.limit }),
+        kind::MY_SESSIONS => archive(k, &protocol::MySessions { reserved: f.reserved }),
+        kind::SESSION_LOGOUT => archive(k, &protocol::SessionLogout { session_id: f.session_id }),
         kind::GROUP_ADD_MEMBERS => {
             archive(k, &protocol::GroupAddMembers { group_id: f.group_id, user_ids: f.user_ids })
         }
@@ -640,6 +645,7 @@ impl<'de> Visitor<'de> for RequestVisitor {
                 K::UntilMs => f.until_ms = value!(U64Seed),
                 K::AfterUser => f.after_user = value!(U64Seed),
                 K::AfterGroup => f.after_group = value!(U64Seed),
+                K::SessionId => f.session_id = value!(U64Seed),
                 K::Publishers => f.publishers = value!(U64ListSeed),
                 K::UserIds => f.user_ids = value!(U64ListSeed),
                 K::Profile => f.profile = value!(ProfileSeed),
@@ -1122,6 +1128,8 @@ fn answered_in_order(k: u16) -> bool {
             | kind::MY_GROUPS
             | kind::GROUP_REQUESTS
             | kind::GROUP_ADD_MEMBERS
+            | kind::MY_SESSIONS
+            | kind::SESSION_LOGOUT
     )
 }
 
@@ -1298,6 +1306,7 @@ fn type_name(k: u16) -> Option<&'static str> {
         kind::GROUP_REQUEST_PAGE => "group_request_page",
         kind::GROUP_JOIN_REQUEST => "group_join_request",
         kind::GROUP_DECISION => "group_decision",
+        kind::SESSION_LIST => "session_list",
         _ => return None,
     })
 }
@@ -1518,6 +1527,21 @@ fn write_answer(frame: &[u8], corr: &mut Correlator, out: &mut String) -> Result
             o.id(p.answer_in_order(|f| f == kind::MY_GROUPS).as_deref());
             o.u64_list("groups", a.groups.iter().map(|g| g.to_native()));
             o.flag("more", a.more);
+        }
+        kind::SESSION_LIST => {
+            let a = access!(ArchivedSessionList);
+            o.id(p.answer_in_order(|f| f == kind::MY_SESSIONS || f == kind::SESSION_LOGOUT).as_deref());
+            o.open_arr("sessions");
+            for s in a.sessions.iter() {
+                o.open_elem_obj();
+                o.u64s("session_id", s.session_id.to_native());
+                o.u64s("login_ms", s.login_ms.to_native());
+                o.num("device_type", s.device_type as u64);
+                o.flag("current", s.current);
+                o.text("device_id", s.device_id.as_str());
+                o.close();
+            }
+            o.close_arr();
         }
         kind::GROUP_REQUEST_PAGE => {
             let a = access!(ArchivedGroupRequestPage);
@@ -2858,6 +2882,8 @@ mod tests {
             kind::GROUP_GET | kind::GROUP_REQUESTS => frame::access::<ArchivedGroupRef>(p).is_ok(),
             kind::GROUP_MEMBERS => frame::access::<ArchivedGroupMembers>(p).is_ok(),
             kind::MY_GROUPS => frame::access::<ArchivedMyGroups>(p).is_ok(),
+            kind::MY_SESSIONS => frame::access::<ArchivedMySessions>(p).is_ok(),
+            kind::SESSION_LOGOUT => frame::access::<ArchivedSessionLogout>(p).is_ok(),
             kind::GROUP_ADD_MEMBERS => frame::access::<ArchivedGroupAddMembers>(p).is_ok(),
             _ => false,
         }

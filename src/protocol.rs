@@ -22,6 +22,12 @@ pub mod kind {
     pub const HISTORY: u16 = 9;
     /// A message to a user's live sessions, never stored (payload: a `Send` archive).
     pub const STREAM: u16 = 10;
+    /// List this account's live sessions (payload: a [`super::MySessions`]); answered with
+    /// `SESSION_LIST`.
+    pub const MY_SESSIONS: u16 = 11;
+    /// Log one of this account's sessions out (payload: a [`super::SessionLogout`]); answered
+    /// with `SESSION_LIST`, the session gets `Kick{LoggedOutElsewhere}`.
+    pub const SESSION_LOGOUT: u16 = 12;
     pub const ROOM_CREATE: u16 = 20;
     pub const ROOM_SUBSCRIBE: u16 = 21;
     pub const ROOM_UNSUBSCRIBE: u16 = 22;
@@ -60,6 +66,8 @@ pub mod kind {
     /// A message from the server's operator (the admin API): to every online session, or to
     /// the online members of a group. Never stored. Payload: a [`super::Broadcast`].
     pub const BROADCAST: u16 = 114;
+    /// The answer to `MY_SESSIONS` and `SESSION_LOGOUT` (payload: a [`super::SessionList`]).
+    pub const SESSION_LIST: u16 = 115;
     /// The answer to a room request that succeeded (create, subscribe, unsubscribe, delete).
     pub const ROOM_OK: u16 = 130;
     /// A message published to a live room: a [`super::RoomStamp`], then the publisher's
@@ -110,6 +118,9 @@ pub mod kind {
             MY_GROUPS => "MyGroups",
             GROUP_REQUESTS => "GroupRequests",
             GROUP_ADD_MEMBERS => "GroupAddMembers",
+            MY_SESSIONS => "MySessions",
+            SESSION_LOGOUT => "SessionLogout",
+            SESSION_LIST => "SessionList",
             REGISTER_OK => "RegisterOk",
             LOGIN_OK => "LoginOk",
             TOKEN_ISSUED => "TokenIssued",
@@ -351,6 +362,10 @@ pub enum ErrorCode {
     /// Login, LoginToken: the account is banned (until a time, or for good). Kick: the account
     /// was just banned; every session of it is closed.
     Banned = 49,
+    /// Kick: another session of the account logged this one out (`SessionLogout`).
+    LoggedOutElsewhere = 54,
+    /// SessionLogout: no live session of this account has that id.
+    UnknownSession = 21,
     /// No such group (or not a group id).
     GroupNotFound = 70,
     /// Only a member of the group may do this.
@@ -443,6 +458,8 @@ impl ErrorCode {
             47 => RateLimited,
             48 => KickedByOperator,
             49 => Banned,
+            54 => LoggedOutElsewhere,
+            21 => UnknownSession,
             50 => Internal,
             51 => StoreUnavailable,
             52 => Timeout,
@@ -504,6 +521,8 @@ impl ErrorCode {
             RateLimited => "too many requests of this kind, slow down",
             KickedByOperator => "closed by the server's operator",
             Banned => "the account is banned",
+            LoggedOutElsewhere => "logged out from another session of the account",
+            UnknownSession => "no such session of this account",
             Internal => "internal error",
             StoreUnavailable => "message store unavailable, retry",
             Timeout => "no answer in time, retry",
@@ -705,6 +724,36 @@ pub struct MyGroups {
 #[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq)]
 pub struct Logout {
     pub reserved: u64,
+}
+
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct MySessions {
+    pub reserved: u64,
+}
+
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct SessionLogout {
+    /// One of this account's sessions (as in `SessionList`; this session's own is allowed).
+    pub session_id: u64,
+}
+
+/// One live session of an account.
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct SessionInfo {
+    pub session_id: u64,
+    /// When it logged in (ms since the epoch).
+    pub login_ms: u64,
+    pub device_type: u8,
+    /// Whether it is the session that asked.
+    pub current: bool,
+    /// The login's `device_id`.
+    pub device_id: String,
+}
+
+/// An account's live sessions, oldest login first.
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct SessionList {
+    pub sessions: Vec<SessionInfo>,
 }
 
 // ---- server → client ----
@@ -1046,3 +1095,38 @@ const _: () = assert!(std::mem::size_of::<ArchivedRoomClosed>() == 16);
 const _: () = assert!(std::mem::align_of::<ArchivedRoomClosed>() == 8);
 const _: () = assert!(std::mem::size_of::<ArchivedMissed>() == 24);
 const _: () = assert!(std::mem::align_of::<ArchivedMissed>() == 8);
+
+#[cfg(test)]
+mod session_layout_tests {
+    use super::*;
+
+    /// The layouts docs/PROTOCOL.md gives for the sessions requests and their answer.
+    #[test]
+    fn session_layouts() {
+        use std::mem::{align_of, size_of};
+        assert_eq!((size_of::<ArchivedMySessions>(), align_of::<ArchivedMySessions>()), (8, 8));
+        assert_eq!((size_of::<ArchivedSessionLogout>(), align_of::<ArchivedSessionLogout>()), (8, 8));
+        assert_eq!((size_of::<ArchivedSessionInfo>(), align_of::<ArchivedSessionInfo>()), (32, 8));
+        assert_eq!((size_of::<ArchivedSessionList>(), align_of::<ArchivedSessionList>()), (8, 4));
+        let list = SessionList {
+            sessions: vec![SessionInfo {
+                session_id: 0x0001_0000_0000_0003,
+                login_ms: 1_767_225_600_000,
+                device_type: 1,
+                current: true,
+                device_id: "phone".into(),
+            }],
+        };
+        let f = crate::frame::encode(kind::SESSION_LIST, &list);
+        let expect: [u64; 6] = [
+            0x0000_0073_0000_0028,
+            0x0001_0000_0000_0003,
+            1_767_225_600_000,
+            0x6e6f_6870_0000_0101,
+            0x0000_0000_ffff_ff65,
+            0x0000_0001_ffff_ffe0,
+        ];
+        let got: Vec<u64> = f.chunks(8).map(|c| u64::from_le_bytes(c.try_into().unwrap())).collect();
+        assert_eq!(got, expect, "the example of docs/PROTOCOL.md 6.16");
+    }
+}

@@ -685,8 +685,11 @@ impl Shard {
                 let crate::envelope::GroupFanout { users, skip, frame, lossy } = *f;
                 self.room_job(FanoutJob::Users { users, skip, frame, lossy, next: 0 })
             }
-            Envelope::Reattach { user, session, device_type } => {
-                self.users.borrow_mut().reattach(user, session, device_type)
+            Envelope::Reattach { user, session, device_type, info } => {
+                self.users.borrow_mut().reattach(user, session, device_type, *info)
+            }
+            Envelope::Sessions { user, origin, logout } => {
+                self.users.borrow_mut().sessions_request(user, origin, logout, &mut fx)
             }
             Envelope::Ban { user, until_ms } => {
                 self.users.borrow_mut().ban(user, until_ms, now_ms(), &mut fx)
@@ -819,7 +822,8 @@ impl Shard {
             if let Some((user, device_type)) = s.logged_in() {
                 let owner = new.user(user);
                 if owner != old.user(user) {
-                    self.post(owner, Envelope::Reattach { user, session: s.id(), device_type });
+                    let info = Box::new(s.device_info());
+                    self.post(owner, Envelope::Reattach { user, session: s.id(), device_type, info });
                     moved_users.push(s.clone());
                 }
             }
@@ -1282,7 +1286,8 @@ async fn resync(shard: Rc<Shard>, session: Rc<Session>, delay: Duration) {
     // shard changed tables, may have met a node that had not changed yet (and forwarded it to
     // the failed node). Announcing twice changes nothing.
     let owner = shard.place(|p| p.user(user));
-    shard.post(owner, Envelope::Reattach { user, session: session.id(), device_type });
+    let info = Box::new(session.device_info());
+    shard.post(owner, Envelope::Reattach { user, session: session.id(), device_type, info });
     // The flushed cursors are where the catch-up starts: flush what was acked so far first.
     shard.flush_cursors().await;
     session.push(Bytes::from(frame::encode_empty(kind::RESYNC)));

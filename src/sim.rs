@@ -1056,6 +1056,7 @@ impl Sim {
                 unreachable!("the simulation runs one node")
             }
             Envelope::Admin(_) | Envelope::Ban { .. } => unreachable!("the simulation has no admin API"),
+            Envelope::Sessions { .. } => unreachable!("the simulation's clients do not list sessions"),
             Envelope::Group(req) => {
                 if self.placement.group(req.group).shard() != dst {
                     return Err(format!("group request for {} on shard {dst}", req.group));
@@ -1560,7 +1561,7 @@ impl Sim {
             },
         );
         self.note(format!("session {session:?}: user {user} logs in as {device_type:?}"));
-        let attach = Attach { user, session, device_type, token: None };
+        let attach = Attach { user, session, device_type, device_id: String::new(), token: None };
         self.post(shard, self.placement.user(user).shard(), Envelope::Attach(Box::new(attach)));
     }
 

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use common::{gateway::*, *};
 use serde_json::{json, Value};
+use tim::{client::Event, protocol::ErrorCode};
 use tungstenite::{protocol::WebSocket, Message};
 
 type Ws = WebSocket<Box<dyn tim::client::Transport>>;
@@ -110,6 +111,23 @@ fn json_talks_with_binary(driver: &str) {
         }
         assert!(d.get("notice").is_some(), "only group notices before it: {d}");
     }
+    // The account's sessions: a second one (binary) logged out from the JSON one.
+    let mut desk = s.client();
+    let jay_tcp = desk.login("jay", PASSWORD, 3, "jay's desk").unwrap().session_id;
+    send(&mut j, json!({"op": "my_sessions", "id": "s"}));
+    let list = next_of(&mut j, "session_list");
+    assert_eq!(list["id"], json!("s"));
+    let sessions = list["sessions"].as_array().unwrap();
+    assert_eq!(sessions.len(), 2, "{list}");
+    assert_eq!((&sessions[0]["device_id"], &sessions[0]["current"]), (&json!("b"), &json!(true)));
+    assert_eq!(sessions[1]["session_id"], json!(jay_tcp.to_string()));
+    send(&mut j, json!({"op": "session_logout", "id": "out", "session_id": jay_tcp.to_string()}));
+    let left = next_of(&mut j, "session_list");
+    assert_eq!((left["id"].clone(), left["sessions"].as_array().unwrap().len()), (json!("out"), 1), "{left}");
+    send(&mut j, json!({"op": "session_logout", "id": "again", "session_id": jay_tcp.to_string()}));
+    let e = next_of(&mut j, "error");
+    assert_eq!((e["id"].clone(), e["code"].clone()), (json!("again"), json!(21)), "{e}");
+    assert!(matches!(desk.recv(), Ok(Event::Kick(k)) if k.reason == ErrorCode::LoggedOutElsewhere.code()));
     send(&mut j, json!({"op": "logout", "id": "bye"}));
     assert_eq!(next_of(&mut j, "bye")["id"], json!("bye"));
 }

@@ -186,6 +186,56 @@ fn graceful_shutdown(driver: &str) {
     assert!(std::net::TcpStream::connect(s.addr).is_err(), "no longer listening");
 }
 
+/// `MySessions` lists the account's live sessions, oldest first, with their device type and id
+/// and which one asked; `SessionLogout` closes one of them (`Kick{LoggedOutElsewhere}`) and
+/// answers with the rest; a session that is not the account's, or id 0, is `UnknownSession`;
+/// neither works before login.
+fn my_sessions_and_remote_logout(driver: &str) {
+    let s = TestServer::start(driver, "");
+    let (ann, _) = s.register("ann");
+    let (bob, _) = s.register("bob");
+    let mut phone = s.client();
+    let phone_id = phone.login(&ann, PASSWORD, 1, "ann's phone").unwrap().session_id;
+    let mut desk = s.client();
+    let desk_id = desk.login(&ann, PASSWORD, 3, "ann's desk").unwrap().session_id;
+    let mut web = s.client();
+    let web_id = web.login(&ann, PASSWORD, 4, "").unwrap().session_id;
+    let (mut b, bob_session) = s.login(&bob, 3);
+    let list = desk.my_sessions().unwrap().sessions;
+    let seen: Vec<(u64, u8, &str, bool)> =
+        list.iter().map(|x| (x.session_id, x.device_type, x.device_id.as_str(), x.current)).collect();
+    assert_eq!(
+        seen,
+        [(phone_id, 1, "ann's phone", false), (desk_id, 3, "ann's desk", true), (web_id, 4, "", false)]
+    );
+    assert!(list.windows(2).all(|w| w[0].login_ms <= w[1].login_ms) && list[0].login_ms > 0);
+    // The desk logs the phone out.
+    let left = desk.session_logout(phone_id).unwrap().sessions;
+    assert_eq!(left.iter().map(|x| x.session_id).collect::<Vec<_>>(), [desk_id, web_id]);
+    loop {
+        match phone.recv().expect("a kick") {
+            Event::Kick(k) => {
+                assert_eq!(k.reason, ErrorCode::LoggedOutElsewhere.code());
+                break;
+            }
+            Event::CatchUpEnd(_) => {}
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    // Refusals: gone already, another account's session, 0.
+    for id in [phone_id, bob_session, 0] {
+        let e = desk.session_logout(id).expect_err("refused");
+        assert_eq!(e.code(), Some(ErrorCode::UnknownSession), "{id}");
+    }
+    assert_eq!(b.my_sessions().unwrap().sessions.len(), 1, "bob has his own");
+    // Its own session too: the web logs itself out.
+    web.session_logout(web_id).unwrap();
+    assert!(matches!(web.recv(), Ok(Event::Kick(k)) if k.reason == ErrorCode::LoggedOutElsewhere.code()));
+    assert_eq!(desk.my_sessions().unwrap().sessions.len(), 1);
+    let e = s.client().my_sessions().expect_err("not logged in");
+    assert_eq!(e.code(), Some(ErrorCode::NotLoggedIn));
+}
+
 on_both_drivers!(
     device_limit_kick_oldest,
     kicked_session_gets_its_queue_and_the_kick,
@@ -193,5 +243,6 @@ on_both_drivers!(
     ping_and_idle_timeout,
     login_timeout,
     logout,
-    graceful_shutdown
+    graceful_shutdown,
+    my_sessions_and_remote_logout
 );

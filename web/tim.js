@@ -41,7 +41,7 @@ export const ErrorCode = Object.freeze({
   Malformed: 1, UnknownKind: 2, NotLoggedIn: 10, AlreadyLoggedIn: 11, UnknownUser: 12,
   WrongPassword: 13, NameTaken: 14, InvalidName: 15, InvalidPassword: 16, InvalidToken: 17,
   UnknownRecipient: 30, Busy: 33, BodyTooLarge: 34, LoginTimeout: 40, IdleTimeout: 41,
-  Replaced: 42, ShuttingDown: 43, RateLimited: 47, KickedByOperator: 48, Banned: 49, Internal: 50, StoreUnavailable: 51,
+  Replaced: 42, ShuttingDown: 43, RateLimited: 47, KickedByOperator: 48, Banned: 49, UnknownSession: 21, LoggedOutElsewhere: 54, Internal: 50, StoreUnavailable: 51,
   Timeout: 52, RoomNotFound: 60, GroupNotFound: 70, NotMember: 71, NotManager: 72, Muted: 73,
   // This module's own:
   /** The connection closed before the answer came. */
@@ -376,6 +376,18 @@ export class TimClient extends EventTarget {
       if (!page.more || page.groups.length === 0) return all;
       after = page.groups[page.groups.length - 1];
     }
+  }
+
+  /** The account's live sessions. Resolves with `session_list` (`sessions`: `{session_id,
+   * login_ms, device_type, current, device_id}`, oldest first). */
+  mySessions() {
+    return this._request({ op: "my_sessions" });
+  }
+
+  /** Log one of the account's sessions out (another device's, or this one's). Resolves with
+   * the `session_list` of the sessions left. */
+  sessionLogout(sessionId) {
+    return this._request({ op: "session_logout", session_id: u64(sessionId) });
   }
 
   /** Pending join requests (managers). Resolves with `group_request_page`. */

@@ -136,6 +136,8 @@ enum WireEnvelope<'a> {
         session: u64,
         device_type: u8,
         token: Option<[u8; 32]>,
+        #[rkyv(with = AsString)]
+        device_id: &'a str,
     },
     AttachResult {
         session: u64,
@@ -228,6 +230,14 @@ enum WireEnvelope<'a> {
         user: u64,
         session: u64,
         device_type: u8,
+        #[rkyv(with = AsString)]
+        device_id: &'a str,
+        login_ms: u64,
+    },
+    Sessions {
+        user: u64,
+        origin: u64,
+        logout: u64,
     },
     Ban {
         user: u64,
@@ -383,6 +393,7 @@ impl<'a> WireEnvelope<'a> {
                 session: a.session.0,
                 device_type: a.device_type as u8,
                 token: a.token,
+                device_id: &a.device_id,
             },
             Envelope::AttachResult { session, user, result } => {
                 WireEnvelope::AttachResult { session: session.0, user: *user, result: unit_or_code(result) }
@@ -476,8 +487,15 @@ impl<'a> WireEnvelope<'a> {
             Envelope::DeliverMany(d) => {
                 WireEnvelope::DeliverMany { sessions: &d.sessions, frame: &d.frame, lossy: d.lossy }
             }
-            Envelope::Reattach { user, session, device_type } => {
-                WireEnvelope::Reattach { user: *user, session: session.0, device_type: *device_type as u8 }
+            Envelope::Reattach { user, session, device_type, info } => WireEnvelope::Reattach {
+                user: *user,
+                session: session.0,
+                device_type: *device_type as u8,
+                device_id: &info.device_id,
+                login_ms: info.login_ms,
+            },
+            Envelope::Sessions { user, origin, logout } => {
+                WireEnvelope::Sessions { user: *user, origin: origin.0, logout: *logout }
             }
             Envelope::Ban { user, until_ms } => WireEnvelope::Ban { user: *user, until_ms: *until_ms },
             // A shard's envelope for its gateway, and the gateway's tables for its shards, stay
@@ -632,7 +650,8 @@ fn envelope(a: &ArchivedWireEnvelope<'_>, payload: &Bytes) -> Result<Envelope, W
         W::Deliver { session: s, frame } => {
             Envelope::Deliver { session: session(s), frame: shared(payload, frame)? }
         }
-        W::Attach { user, session: s, device_type, token } => Envelope::Attach(Box::new(Attach {
+        W::Attach { user, session: s, device_type, token, device_id } => Envelope::Attach(Box::new(Attach {
+            device_id: device_id.as_str().to_owned(),
             user: user.to_native(),
             session: session(s),
             device_type: DeviceType::from_u8(*device_type)
@@ -744,12 +763,19 @@ fn envelope(a: &ArchivedWireEnvelope<'_>, payload: &Bytes) -> Result<Envelope, W
             frame: shared(payload, frame)?,
             lossy: *lossy,
         })),
-        W::Reattach { user, session: s, device_type } => Envelope::Reattach {
+        W::Reattach { user, session: s, device_type, device_id, login_ms } => Envelope::Reattach {
             user: user.to_native(),
             session: session(s),
             device_type: DeviceType::from_u8(*device_type)
                 .ok_or(WireError::UnknownDeviceType(*device_type))?,
+            info: Box::new(crate::envelope::DeviceInfo {
+                device_id: device_id.as_str().to_owned(),
+                login_ms: login_ms.to_native(),
+            }),
         },
+        W::Sessions { user, origin, logout } => {
+            Envelope::Sessions { user: user.to_native(), origin: session(origin), logout: logout.to_native() }
+        }
         W::Ban { user, until_ms } => Envelope::Ban { user: user.to_native(), until_ms: until_ms.to_native() },
     })
 }
@@ -814,7 +840,13 @@ mod tests {
     /// One envelope of every variant (and of every room and group op), with distinct values.
     fn every_variant() -> Vec<Envelope> {
         vec![
-            Envelope::Reattach { user: 42, session: SessionRef::on(5, 3, 9), device_type: DeviceType::Web },
+            Envelope::Reattach {
+                user: 42,
+                session: SessionRef::on(5, 3, 9),
+                device_type: DeviceType::Web,
+                info: Box::new(crate::envelope::DeviceInfo { device_id: "laptop".into(), login_ms: 17 }),
+            },
+            Envelope::Sessions { user: 44, origin: SessionRef::on(5, 3, 10), logout: 12 },
             Envelope::Ban { user: 43, until_ms: 1_767_225_600_000 },
             submit(None, None),
             submit(None, Some(ErrorCode::Muted)),
@@ -830,12 +862,14 @@ mod tests {
                 user: 6,
                 session: s(7),
                 device_type: DeviceType::Tablet,
+                device_id: "phone of ann".into(),
                 token: Some([9; 32]),
             })),
             Envelope::Attach(Box::new(Attach {
                 user: 6,
                 session: s(7),
                 device_type: DeviceType::Web,
+                device_id: String::new(),
                 token: None,
             })),
             Envelope::AttachResult { session: s(8), user: 9, result: Ok(()) },
@@ -910,7 +944,9 @@ mod tests {
             }
             Envelope::Fanout { user, skip, frame } => format!("Fanout {:?}", (user, skip, frame)),
             Envelope::Deliver { session, frame } => format!("Deliver {:?}", (session, frame)),
-            Envelope::Attach(a) => format!("Attach {:?}", (a.user, a.session, a.device_type, a.token)),
+            Envelope::Attach(a) => {
+                format!("Attach {:?}", (a.user, a.session, a.device_type, a.token, &a.device_id))
+            }
             Envelope::AttachResult { session, user, result } => {
                 format!("AttachResult {:?}", (session, user, result))
             }
@@ -963,9 +999,10 @@ mod tests {
             }
             Envelope::GroupFanout(f) => format!("GroupFanout {:?}", (&f.users, f.skip, &f.frame, f.lossy)),
             Envelope::DeliverMany(d) => format!("DeliverMany {:?}", (&d.sessions, &d.frame, d.lossy)),
-            Envelope::Reattach { user, session, device_type } => {
-                format!("Reattach {:?}", (user, session, device_type))
+            Envelope::Reattach { user, session, device_type, info } => {
+                format!("Reattach {:?}", (user, session, device_type, info))
             }
+            Envelope::Sessions { user, origin, logout } => format!("Sessions {:?}", (user, origin, logout)),
             Envelope::Ban { user, until_ms } => format!("Ban {:?}", (user, until_ms)),
             Envelope::Remote(_) | Envelope::Placement(_) | Envelope::Admin(_) => {
                 unreachable!("never encoded")

@@ -13,15 +13,16 @@ use bytes::Bytes;
 use super::{Effect, Effects, InvariantError};
 use crate::{
     config::{DevicePolicy, SessionPolicy},
-    envelope::{Attach, Envelope, SessionRef},
+    envelope::{Attach, DeviceInfo, Envelope, SessionRef},
     placement::{NodeId, Owner},
-    protocol::{DeviceType, ErrorCode},
+    protocol::{kind, DeviceType, ErrorCode, SessionInfo, SessionList},
     store::UserId,
 };
 
 struct LiveSession {
     session: SessionRef,
     device_type: DeviceType,
+    info: DeviceInfo,
 }
 
 /// A user's live state.
@@ -36,6 +37,15 @@ struct UserLive {
 impl UserLive {
     fn is_empty(&self) -> bool {
         self.sessions.is_empty() && self.tokens.is_empty()
+    }
+}
+
+/// The request kind a sessions request answers.
+fn kind_of(logout: u64) -> u16 {
+    if logout == 0 {
+        kind::MY_SESSIONS
+    } else {
+        kind::SESSION_LOGOUT
     }
 }
 
@@ -142,7 +152,8 @@ impl UserOwner {
             let session = live.sessions.remove(i).session;
             out.push(Effect::Post(session.owner(), Envelope::Kick { session, reason: ErrorCode::Replaced }));
         }
-        live.sessions.push(LiveSession { session: a.session, device_type: a.device_type });
+        let info = DeviceInfo { device_id: a.device_id.clone(), login_ms: now };
+        live.sessions.push(LiveSession { session: a.session, device_type: a.device_type, info });
         Ok(())
     }
 
@@ -155,10 +166,53 @@ impl UserOwner {
 
     /// A session that is live already (re-announced after its user's partition moved here):
     /// listed, nothing checked or answered.
-    pub fn reattach(&mut self, user: UserId, session: SessionRef, device_type: DeviceType) {
+    pub fn reattach(&mut self, user: UserId, session: SessionRef, device_type: DeviceType, info: DeviceInfo) {
         let live = self.users.entry(user).or_default();
         if !live.sessions.iter().any(|s| s.session == session) {
-            live.sessions.push(LiveSession { session, device_type });
+            live.sessions.push(LiveSession { session, device_type, info });
+        }
+    }
+
+    /// `MySessions` and `SessionLogout` of session `origin` of `user`: log session `logout` out
+    /// (0: none; it must be one of the user's: else `UnknownSession`), then answer with the
+    /// user's sessions, oldest first.
+    pub fn sessions_request(&mut self, user: UserId, origin: SessionRef, logout: u64, out: &mut Effects) {
+        let answer = |result| Envelope::GroupReply { session: origin, request_kind: kind_of(logout), result };
+        let live = self.users.get_mut(&user);
+        let mut kick = None;
+        if logout != 0 {
+            let at = live.as_ref().and_then(|l| l.sessions.iter().position(|s| s.session.0 == logout));
+            let (Some(live), Some(at)) = (live, at) else {
+                out.push(Effect::Post(origin.owner(), answer(Err(ErrorCode::UnknownSession))));
+                return;
+            };
+            kick = Some(live.sessions.remove(at).session);
+        }
+        let sessions = self
+            .users
+            .get(&user)
+            .map(|l| {
+                l.sessions
+                    .iter()
+                    .map(|s| SessionInfo {
+                        session_id: s.session.0,
+                        login_ms: s.info.login_ms,
+                        device_type: s.device_type as u8,
+                        current: s.session == origin,
+                        device_id: s.info.device_id.clone(),
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        let frame = Bytes::from(crate::frame::encode(kind::SESSION_LIST, &SessionList { sessions }));
+        if self.users.get(&user).is_some_and(UserLive::is_empty) {
+            self.users.remove(&user);
+        }
+        out.push(Effect::Post(origin.owner(), answer(Ok(frame))));
+        // A session that logs itself out closes itself once it has written its answer.
+        if let Some(session) = kick.filter(|&s| s != origin) {
+            let reason = ErrorCode::LoggedOutElsewhere;
+            out.push(Effect::Post(session.owner(), Envelope::Kick { session, reason }));
         }
     }
 

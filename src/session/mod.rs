@@ -111,6 +111,8 @@ pub struct Session {
     pub(crate) device: Cell<u64>,
     /// The logged-in device's type.
     pub(crate) device_type: Cell<DeviceType>,
+    /// The logged-in device's id and login time (for the user owner's list of sessions).
+    pub(crate) device_info: RefCell<crate::envelope::DeviceInfo>,
     /// The client's address, for per-address limits (`None` if unknown).
     pub(crate) peer: Cell<Option<std::net::IpAddr>>,
     /// Register requests seen (`registrations_per_connection_max`).
@@ -153,6 +155,7 @@ impl Session {
             login_pending: Cell::new(false),
             device: Cell::new(0),
             device_type: Cell::new(DeviceType::Other),
+            device_info: RefCell::new(crate::envelope::DeviceInfo { device_id: String::new(), login_ms: 0 }),
             drained: LocalNotify::default(),
             partial_since: Cell::new(None),
             partial_frame_timeout: Duration::from_millis(l.partial_frame_timeout_ms),
@@ -446,6 +449,11 @@ impl Session {
 
     /// A group owner's answer to this session's group request (dropped if the request gave up
     /// waiting: it was answered with Timeout).
+    /// The logged-in device's id and login time.
+    pub fn device_info(&self) -> crate::envelope::DeviceInfo {
+        self.device_info.borrow().clone()
+    }
+
     pub fn on_group_reply(&self, _request_kind: u16, result: Result<Bytes, ErrorCode>) {
         self.answer(Reply::Group(result));
     }

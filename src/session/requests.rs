@@ -287,6 +287,17 @@ impl Requests<'_> {
                 let (after, limit) = (m.after_group.to_native(), m.limit.to_native());
                 Box::pin(self.my_groups(after, limit)).await
             }
+            kind::MY_SESSIONS => {
+                let _ = access!(protocol::ArchivedMySessions);
+                self.sessions_call(0).await
+            }
+            kind::SESSION_LOGOUT => {
+                let l = access!(protocol::ArchivedSessionLogout);
+                match l.session_id.to_native() {
+                    0 => self.error(ErrorCode::UnknownSession, k),
+                    id => self.sessions_call(id).await,
+                }
+            }
             kind::LOGOUT => {
                 let _ = access!(protocol::ArchivedLogout);
                 self.session.push(Bytes::from(frame::encode(kind::BYE, &protocol::Bye { reserved: 0 })));
@@ -498,7 +509,8 @@ impl Requests<'_> {
         k: u16,
     ) -> Flow {
         let rx = self.session.expect_reply();
-        let attach = Attach { user, session: self.session.id, device_type, token };
+        let attach =
+            Attach { user, session: self.session.id, device_type, device_id: device_id.into(), token };
         self.shard.post(self.shard.place(|p| p.user(user)), Envelope::Attach(Box::new(attach)));
         match self.wait_reply(rx).await {
             Ok(Reply::Attach(Ok(user))) => {
@@ -507,6 +519,8 @@ impl Requests<'_> {
                 self.session.user.set(user);
                 self.session.device.set(device_hash(user, device_id));
                 self.session.device_type.set(device_type);
+                *self.session.device_info.borrow_mut() =
+                    crate::envelope::DeviceInfo { device_id: device_id.into(), login_ms: now_ms() };
                 self.session.last_rx.set(Instant::now());
                 let ok = protocol::LoginOk {
                     user_id: user,
@@ -667,6 +681,30 @@ impl Requests<'_> {
         match self.wait_reply(rx).await {
             Ok(Reply::Group(Ok(frame))) => {
                 self.session.push(frame);
+                Flow::Continue
+            }
+            Ok(Reply::Group(Err(code))) | Err(code) => self.error(code, k),
+            Ok(Reply::Attach(_) | Reply::Token(_)) => self.error(ErrorCode::Internal, k),
+        }
+    }
+
+    /// `MySessions` (`logout` 0) or `SessionLogout`: asked of the user's owner, which answers
+    /// with the whole `SESSION_LIST` frame.
+    async fn sessions_call(&self, logout: u64) -> Flow {
+        let k = if logout == 0 { kind::MY_SESSIONS } else { kind::SESSION_LOGOUT };
+        let rx = self.session.expect_reply();
+        let user = self.session.user();
+        self.shard.post(
+            self.shard.place(|p| p.user(user)),
+            Envelope::Sessions { user, origin: self.session.id, logout },
+        );
+        match self.wait_reply(rx).await {
+            Ok(Reply::Group(Ok(frame))) => {
+                self.session.push(frame);
+                if logout == self.session.id.0 {
+                    // Its own: the user owner has let it go; the answer, then the kick.
+                    self.session.kick(ErrorCode::LoggedOutElsewhere);
+                }
                 Flow::Continue
             }
             Ok(Reply::Group(Err(code))) | Err(code) => self.error(code, k),
