@@ -71,6 +71,7 @@ pub enum Event {
     GroupMemberPage(protocol::GroupMemberPage),
     GroupList(protocol::GroupList),
     SessionList(protocol::SessionList),
+    TypingNotice(protocol::TypingNotice),
     GroupRequestPage(protocol::GroupRequestPage),
     GroupJoinRequest(protocol::GroupJoinRequest),
     GroupDecision(protocol::GroupDecision),
@@ -141,6 +142,7 @@ pub fn decode_event(k: u16, payload: &[u8]) -> Result<Event> {
         }
         kind::GROUP_LIST => Event::GroupList(de::<protocol::ArchivedGroupList, _>(payload)?),
         kind::SESSION_LIST => Event::SessionList(de::<protocol::ArchivedSessionList, _>(payload)?),
+        kind::TYPING_NOTICE => Event::TypingNotice(de::<protocol::ArchivedTypingNotice, _>(payload)?),
         kind::GROUP_REQUEST_PAGE => {
             Event::GroupRequestPage(de::<protocol::ArchivedGroupRequestPage, _>(payload)?)
         }
@@ -614,6 +616,12 @@ impl Client {
             Event::GroupList(l) => Some(l.clone()),
             _ => None,
         })
+    }
+
+    /// Tell `to` (a peer, `conv` 1, or a group, `conv` 2) this user is typing (`state` 1) or
+    /// stopped (0). Nothing answers but a refusal.
+    pub fn typing(&mut self, conv: u8, to: u64, state: u8) -> Result<()> {
+        self.send_frame(kind::TYPING, &protocol::Typing { to, conv, state })
     }
 
     /// This account's live sessions, oldest login first.

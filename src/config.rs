@@ -343,6 +343,9 @@ pub struct Limits {
     pub unknown_recipients_per_connection_per_minute_max: u32,
     /// The same per source address and shard.
     pub unknown_recipients_per_address_per_minute_max: u32,
+    /// Typing notices one session may send per minute; beyond it: RateLimited (the session
+    /// stays).
+    pub typing_per_session_per_minute_max: u32,
     /// Source addresses one shard keeps counters for.
     pub addresses_tracked_max: usize,
     /// Loopback addresses are not limited per address (local tools and load generators).
@@ -527,6 +530,7 @@ impl Default for Limits {
             registrations_per_connection_max: 3,
             registrations_per_address_per_minute_max: 30,
             unknown_recipients_per_connection_per_minute_max: 32,
+            typing_per_session_per_minute_max: 120,
             unknown_recipients_per_address_per_minute_max: 256,
             addresses_tracked_max: 65_536,
             rate_limit_exempt_loopback: true,
@@ -706,6 +710,7 @@ impl Config {
                 "limits.registrations_per_address_per_minute_max",
                 l.registrations_per_address_per_minute_max as usize,
             ),
+            ("limits.typing_per_session_per_minute_max", l.typing_per_session_per_minute_max as usize),
             (
                 "limits.unknown_recipients_per_connection_per_minute_max",
                 l.unknown_recipients_per_connection_per_minute_max as usize,
@@ -843,6 +848,7 @@ answer_timeout_ms = 30000           # a Send, login or token request unanswered 
 registrations_per_connection_max = 3 # Register requests per connection; then RateLimited
 registrations_per_address_per_minute_max = 30 # per source address and shard; then RateLimited
 unknown_recipients_per_connection_per_minute_max = 32 # sends to missing accounts; then the connection is closed
+typing_per_session_per_minute_max = 120 # typing notices per session; beyond: RateLimited
 unknown_recipients_per_address_per_minute_max = 256 # the same per source address and shard
 addresses_tracked_max = 65536       # source addresses one shard counts
 rate_limit_exempt_loopback = true   # loopback addresses are not limited per address

@@ -105,11 +105,21 @@ pub fn conv_key(conv: u8, sender: UserId, to: UserId) -> ConvKey {
 pub enum GroupOp {
     Create(GroupProfile),
     Update(GroupProfile),
-    Action { action: u8, target: UserId, until_ms: u64, note: String },
+    Action {
+        action: u8,
+        target: UserId,
+        until_ms: u64,
+        note: String,
+    },
     AddMembers(Vec<UserId>),
     Get,
-    Members { after: UserId, limit: u32 },
+    Members {
+        after: UserId,
+        limit: u32,
+    },
     Requests,
+    /// A typing notice for the members' sessions (never answered but with a refusal).
+    Typing(Bytes),
 }
 
 impl GroupOp {
@@ -123,6 +133,7 @@ impl GroupOp {
             GroupOp::Get => kind::GROUP_GET,
             GroupOp::Members { .. } => kind::GROUP_MEMBERS,
             GroupOp::Requests => kind::GROUP_REQUESTS,
+            GroupOp::Typing(_) => kind::TYPING,
         }
     }
 }

@@ -191,7 +191,7 @@ keys! {
     RoomId = "room_id",
     GroupId = "group_id", Profile = "profile", Action = "action", UserId = "user_id",
     UntilMs = "until_ms", Note = "note", UserIds = "user_ids", AfterUser = "after_user",
-    AfterGroup = "after_group", SessionId = "session_id",
+    AfterGroup = "after_group", SessionId = "session_id", State = "state",
 }
 
 const _: () = assert!(Key::ALL.len() <= 64, "fields are a u64 bit set");
@@ -269,6 +269,7 @@ const OPS: &[OpSpec] = &[
     op("group_add_members", kind::GROUP_ADD_MEMBERS, &[K::GroupId, K::UserIds], &[K::GroupId, K::UserIds]),
     op("my_sessions", kind::MY_SESSIONS, &[K::Reserved], &[]),
     op("session_logout", kind::SESSION_LOGOUT, &[K::SessionId], &[K::SessionId]),
+    op("typing", kind::TYPING, &[K::Conv, K::To, K::State], &[K::Conv, K::To]),
 ];
 
 fn op_spec(name: &str) -> Option<&'static OpSpec> {
@@ -310,6 +311,7 @@ struct Fields<'a> {
     after_user: u64,
     after_group: u64,
     session_id: u64,
+    state: u8,
     publishers: Vec<u64>,
     user_ids: Vec<u64>,
     profile: Profile<'a>,
@@ -458,6 +460,7 @@ fn build(f: Fields<'_>) -> Result<Request, RequestError> {
         kind::MY_GROUPS => archive(k, &protocol::MyGroups { after_group: f.after_group, limit: f.limit }),
         kind::MY_SESSIONS => archive(k, &protocol::MySessions { reserved: f.reserved }),
         kind::SESSION_LOGOUT => archive(k, &protocol::SessionLogout { session_id: f.session_id }),
+        kind::TYPING => archive(k, &protocol::Typing { to: f.to, conv: f.conv, state: f.state }),
         kind::GROUP_ADD_MEMBERS => {
             archive(k, &protocol::GroupAddMembers { group_id: f.group_id, user_ids: f.user_ids })
         }
@@ -646,6 +649,7 @@ impl<'de> Visitor<'de> for RequestVisitor {
                 K::AfterUser => f.after_user = value!(U64Seed),
                 K::AfterGroup => f.after_group = value!(U64Seed),
                 K::SessionId => f.session_id = value!(U64Seed),
+                K::State => f.state = value!(IntSeed::U8) as u8,
                 K::Publishers => f.publishers = value!(U64ListSeed),
                 K::UserIds => f.user_ids = value!(U64ListSeed),
                 K::Profile => f.profile = value!(ProfileSeed),
@@ -1307,6 +1311,7 @@ fn type_name(k: u16) -> Option<&'static str> {
         kind::GROUP_JOIN_REQUEST => "group_join_request",
         kind::GROUP_DECISION => "group_decision",
         kind::SESSION_LIST => "session_list",
+        kind::TYPING_NOTICE => "typing_notice",
         _ => return None,
     })
 }
@@ -1527,6 +1532,13 @@ fn write_answer(frame: &[u8], corr: &mut Correlator, out: &mut String) -> Result
             o.id(p.answer_in_order(|f| f == kind::MY_GROUPS).as_deref());
             o.u64_list("groups", a.groups.iter().map(|g| g.to_native()));
             o.flag("more", a.more);
+        }
+        kind::TYPING_NOTICE => {
+            let a = access!(ArchivedTypingNotice);
+            o.u64s("from", a.from.to_native());
+            o.u64s("to", a.to.to_native());
+            o.num("conv", a.conv as u64);
+            o.num("state", a.state as u64);
         }
         kind::SESSION_LIST => {
             let a = access!(ArchivedSessionList);
@@ -2884,6 +2896,7 @@ mod tests {
             kind::MY_GROUPS => frame::access::<ArchivedMyGroups>(p).is_ok(),
             kind::MY_SESSIONS => frame::access::<ArchivedMySessions>(p).is_ok(),
             kind::SESSION_LOGOUT => frame::access::<ArchivedSessionLogout>(p).is_ok(),
+            kind::TYPING => frame::access::<ArchivedTyping>(p).is_ok(),
             kind::GROUP_ADD_MEMBERS => frame::access::<ArchivedGroupAddMembers>(p).is_ok(),
             _ => false,
         }

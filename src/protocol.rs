@@ -28,6 +28,9 @@ pub mod kind {
     /// Log one of this account's sessions out (payload: a [`super::SessionLogout`]); answered
     /// with `SESSION_LIST`, the session gets `Kick{LoggedOutElsewhere}`.
     pub const SESSION_LOGOUT: u16 = 12;
+    /// "Typing" (or stopped) to a 1:1 peer or a group (payload: a [`super::Typing`]); never
+    /// stored, never answered but with a refusal; pushed as `TYPING_NOTICE`.
+    pub const TYPING: u16 = 13;
     pub const ROOM_CREATE: u16 = 20;
     pub const ROOM_SUBSCRIBE: u16 = 21;
     pub const ROOM_UNSUBSCRIBE: u16 = 22;
@@ -68,6 +71,8 @@ pub mod kind {
     pub const BROADCAST: u16 = 114;
     /// The answer to `MY_SESSIONS` and `SESSION_LOGOUT` (payload: a [`super::SessionList`]).
     pub const SESSION_LIST: u16 = 115;
+    /// Someone is typing (or stopped) in a conversation (payload: a [`super::TypingNotice`]).
+    pub const TYPING_NOTICE: u16 = 116;
     /// The answer to a room request that succeeded (create, subscribe, unsubscribe, delete).
     pub const ROOM_OK: u16 = 130;
     /// A message published to a live room: a [`super::RoomStamp`], then the publisher's
@@ -121,6 +126,8 @@ pub mod kind {
             MY_SESSIONS => "MySessions",
             SESSION_LOGOUT => "SessionLogout",
             SESSION_LIST => "SessionList",
+            TYPING => "Typing",
+            TYPING_NOTICE => "TypingNotice",
             REGISTER_OK => "RegisterOk",
             LOGIN_OK => "LoginOk",
             TOKEN_ISSUED => "TokenIssued",
@@ -735,6 +742,24 @@ pub struct MySessions {
 pub struct SessionLogout {
     /// One of this account's sessions (as in `SessionList`; this session's own is allowed).
     pub session_id: u64,
+}
+
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct Typing {
+    /// The peer (`conv` 1) or the group (`conv` 2).
+    pub to: u64,
+    pub conv: u8,
+    /// 1: typing; 0: stopped.
+    pub state: u8,
+}
+
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct TypingNotice {
+    pub from: u64,
+    /// The user it is for (`conv` 1) or the group (`conv` 2).
+    pub to: u64,
+    pub conv: u8,
+    pub state: u8,
 }
 
 /// One live session of an account.

@@ -1015,14 +1015,21 @@ impl Shard {
     /// Write `frame` to this shard's `sessions` (lossily for a stream message).
     fn deliver_many(&self, sessions: &[SessionRef], frame: &Bytes, lossy: bool) {
         let max = self.cfg().limits.room_queue_frames_max;
-        // A stream message's drops are counted by its group (the stamp's `to`).
-        let group =
-            if lossy { protocol::Stamp::read(&frame[frame::HEADER_BYTES..]).expect("stamped").to } else { 0 };
+        // A typing notice goes to the sessions that keep up, uncounted; a stream message's drops
+        // are counted by its group (the stamp's `to`).
+        let typing = lossy && frame::Header::read(frame).kind == kind::TYPING_NOTICE;
+        let group = if lossy && !typing {
+            protocol::Stamp::read(&frame[frame::HEADER_BYTES..]).expect("stamped").to
+        } else {
+            0
+        };
         let mut delivered = 0;
         for &r in sessions {
             let Some(s) = self.session(r) else { continue };
             delivered += 1;
-            if lossy {
+            if typing {
+                s.push_if_keeping_up(frame.clone());
+            } else if lossy {
                 s.push_lossy((protocol::missed::STREAM, group), frame.clone(), max);
             } else {
                 s.push(frame.clone());

@@ -378,6 +378,13 @@ export class TimClient extends EventTarget {
     }
   }
 
+  /** Tell a peer (`conv` 1) or a group (`conv` 2) this user is typing (`typing` true) or
+   * stopped. Nothing answers but a refusal (an `error` event); pushes arrive as
+   * `typing_notice` events. */
+  typing(conv, to, typing = true) {
+    this._post({ op: "typing", conv, to: u64(to), state: typing ? 1 : 0 });
+  }
+
   /** The account's live sessions. Resolves with `session_list` (`sessions`: `{session_id,
    * login_ms, device_type, current, device_id}`, oldest first). */
   mySessions() {

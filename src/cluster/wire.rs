@@ -294,6 +294,10 @@ enum WireGroupOp<'a> {
         limit: u32,
     },
     Requests,
+    Typing {
+        #[rkyv(with = AsVec)]
+        frame: &'a [u8],
+    },
 }
 
 /// `Result<(), ErrorCode>`.
@@ -471,6 +475,7 @@ impl<'a> WireEnvelope<'a> {
                         WireGroupOp::Members { after: *after, limit: *limit }
                     }
                     GroupOp::Requests => WireGroupOp::Requests,
+                    GroupOp::Typing(frame) => WireGroupOp::Typing { frame },
                 },
             },
             Envelope::GroupReply { session, request_kind, result } => WireEnvelope::GroupReply {
@@ -742,6 +747,7 @@ fn envelope(a: &ArchivedWireEnvelope<'_>, payload: &Bytes) -> Result<Envelope, W
                     GroupOp::Members { after: after.to_native(), limit: limit.to_native() }
                 }
                 ArchivedWireGroupOp::Requests => GroupOp::Requests,
+                ArchivedWireGroupOp::Typing { frame } => GroupOp::Typing(shared(payload, frame)?),
             },
         })),
         W::GroupReply { session: s, request_kind, result } => Envelope::GroupReply {
@@ -904,6 +910,7 @@ mod tests {
             group(GroupOp::Get),
             group(GroupOp::Members { after: 38, limit: 39 }),
             group(GroupOp::Requests),
+            group(GroupOp::Typing(b(11, 24))),
             Envelope::GroupReply { session: s(40), request_kind: 33, result: Ok(b(8, 64)) },
             Envelope::GroupReply { session: s(40), request_kind: 33, result: Err(ErrorCode::NotMember) },
             Envelope::GroupFanout(Box::new(GroupFanout {
@@ -991,6 +998,7 @@ mod tests {
                     GroupOp::Get => "Get".into(),
                     GroupOp::Members { after, limit } => format!("Members {:?}", (after, limit)),
                     GroupOp::Requests => "Requests".into(),
+                    GroupOp::Typing(f) => format!("Typing {f:?}"),
                 };
                 format!("Group {:?} {op}", (g.origin, g.user, g.group))
             }

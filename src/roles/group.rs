@@ -380,6 +380,7 @@ impl GroupOwner {
     fn handle(&mut self, req: Box<GroupRequest>, now: u64, out: &mut Effects) {
         let (text_max, extra_max, page_max) = (self.text_max, self.extra_max, self.page_max);
         let waiting_max = self.waiting_max;
+        let placement = self.placement.clone();
         let g = self.ready(req.group).expect("handled on a ready group");
         match &req.op {
             GroupOp::Get => return reply(out, &req, info_frame(g, req.user)),
@@ -390,6 +391,23 @@ impl GroupOwner {
             GroupOp::Requests => {
                 let r = requests_frame(g, req.user);
                 return reply(out, &req, r);
+            }
+            GroupOp::Typing(frame) => {
+                // To the members' live sessions (but the sender's), lossily; answered only when
+                // refused (as a send would be).
+                if let Err(code) = check_send(g, req.user, now) {
+                    return reply_err(out, &req, code);
+                }
+                for (shard, users) in g.lists(&placement).iter() {
+                    let f = GroupFanout {
+                        users: users.clone(),
+                        skip: req.origin,
+                        frame: frame.clone(),
+                        lossy: true,
+                    };
+                    out.push(Effect::Post(*shard, Envelope::GroupFanout(Box::new(f))));
+                }
+                return;
             }
             GroupOp::Create(p) | GroupOp::Update(p) => {
                 if let Err(code) = check_profile(p, text_max, extra_max) {
@@ -997,7 +1015,11 @@ fn plan(
             };
             Ok(Plan::Notice { notice: plan, writes, decision: None })
         }
-        GroupOp::Create(_) | GroupOp::Get | GroupOp::Members { .. } | GroupOp::Requests => {
+        GroupOp::Create(_)
+        | GroupOp::Get
+        | GroupOp::Members { .. }
+        | GroupOp::Requests
+        | GroupOp::Typing(_) => {
             unreachable!("not a change")
         }
     }

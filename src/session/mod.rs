@@ -119,6 +119,8 @@ pub struct Session {
     pub(crate) registrations: Cell<u32>,
     /// Sends answered UnknownRecipient this minute.
     pub(crate) unknown_recipients: Cell<crate::guard::Budget>,
+    /// Typing notices this minute (`typing_per_session_per_minute_max`).
+    pub(crate) typing: Cell<crate::guard::Budget>,
     /// Notified by the writer each time it has written: paced pushes wait on it.
     pub(crate) drained: LocalNotify,
     /// Since when the transport has held an incomplete frame (set and cleared by the transport).
@@ -148,6 +150,7 @@ impl Session {
             peer: Cell::new(None),
             registrations: Cell::new(0),
             unknown_recipients: Cell::new(Default::default()),
+            typing: Cell::new(Default::default()),
             closing: Cell::new(false),
             reply: RefCell::new(None),
             created: Instant::now(),
@@ -266,6 +269,15 @@ impl Session {
             self.count_missed(dropped, 1);
         }
         self.writer.notify();
+    }
+
+    /// Push `frame` if this session keeps up (nothing lossy queued, little output waiting), else
+    /// drop it without a count: for typing notices, stale a moment later.
+    pub fn push_if_keeping_up(&self, frame: Bytes) {
+        let idle = self.rooms.borrow().as_ref().is_none_or(|r| r.queue.is_empty() && r.missed.is_empty());
+        if !self.closing.get() && idle && self.out_bytes.get() < ROOM_REFILL_BYTES {
+            self.push_unchecked(frame);
+        }
     }
 
     /// Count `n` lossy messages of `source` this session missed; told with its next `MISSED`.
@@ -454,7 +466,14 @@ impl Session {
         self.device_info.borrow().clone()
     }
 
-    pub fn on_group_reply(&self, _request_kind: u16, result: Result<Bytes, ErrorCode>) {
+    pub fn on_group_reply(&self, request_kind: u16, result: Result<Bytes, ErrorCode>) {
+        if request_kind == kind::TYPING {
+            // A typing notice is not waited for: only its refusal comes back.
+            if let Err(code) = result {
+                self.push(error_frame(code, kind::TYPING, 0));
+            }
+            return;
+        }
         self.answer(Reply::Group(result));
     }
 

@@ -287,6 +287,11 @@ impl Requests<'_> {
                 let (after, limit) = (m.after_group.to_native(), m.limit.to_native());
                 Box::pin(self.my_groups(after, limit)).await
             }
+            kind::TYPING => {
+                let t = access!(protocol::ArchivedTyping);
+                let (to, conv_kind, state) = (t.to.to_native(), t.conv, t.state);
+                self.typing(to, conv_kind, state)
+            }
             kind::MY_SESSIONS => {
                 let _ = access!(protocol::ArchivedMySessions);
                 self.sessions_call(0).await
@@ -686,6 +691,43 @@ impl Requests<'_> {
             Ok(Reply::Group(Err(code))) | Err(code) => self.error(code, k),
             Ok(Reply::Attach(_) | Reply::Token(_)) => self.error(ErrorCode::Internal, k),
         }
+    }
+
+    /// A typing notice: to the peer's live sessions (through its user owner; an account that
+    /// does not exist has none), or to a group's members' (through the group's owner, which
+    /// checks the sender may send there). Never stored; answered only when refused.
+    fn typing(&self, to: u64, conv_kind: u8, state: u8) -> Flow {
+        let k = kind::TYPING;
+        let me = self.session.user();
+        let valid = match conv_kind {
+            conv::DIRECT => to != 0 && to != me && !is_group_id(to),
+            conv::GROUP => is_group_id(to),
+            _ => false,
+        };
+        if !valid {
+            return self.error(ErrorCode::InvalidConversation, k);
+        }
+        if state > 1 {
+            return self.error(ErrorCode::Malformed, k);
+        }
+        let max = self.shard.cfg().limits.typing_per_session_per_minute_max;
+        let mut budget = self.session.typing.get();
+        let allowed = budget.take(now_ms(), max);
+        self.session.typing.set(budget);
+        if !allowed {
+            return self.error(ErrorCode::RateLimited, k);
+        }
+        let notice = protocol::TypingNotice { from: me, to, conv: conv_kind, state };
+        let frame = Bytes::from(frame::encode(kind::TYPING_NOTICE, &notice));
+        if conv_kind == conv::DIRECT {
+            let env = Envelope::Fanout { user: to, skip: crate::envelope::SessionRef::NONE, frame };
+            self.shard.post(self.shard.place(|p| p.user(to)), env);
+        } else {
+            let req =
+                GroupRequest { origin: self.session.id, user: me, group: to, op: GroupOp::Typing(frame) };
+            self.shard.post(self.shard.place(|p| p.group(to)), Envelope::Group(Box::new(req)));
+        }
+        Flow::Continue
     }
 
     /// `MySessions` (`logout` 0) or `SessionLogout`: asked of the user's owner, which answers
