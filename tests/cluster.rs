@@ -696,4 +696,153 @@ fn memory_store_cluster() {
         }
     }
     assert!(nodes[0].client().login("peer7", "wrong password", 3, "dev").is_err());
+
+/// A send whose conversation owner is on a node this node cannot reach now is answered
+/// `NodeUnavailable` (53) at once, and the session goes on. Node 2 is stopped (SIGSTOP): its
+/// link stays up and it stays a member (`failure_detect_ms` is long), so node 1 goes on writing
+/// to it; once the kernel's socket buffers are full, the link's queue grows, and past
+/// `link_queue_bytes_max` the gateway answers every further request for node 2 at once
+/// (`bounce` in src/cluster/node.rs). Sends to a remote owner are not held back by the node's
+/// backpressure (only the sends an owner of the node receives are), so they reach that limit.
+/// When node 2 runs again, the sends that went out are acknowledged with one number each, a
+/// refused one resent with its id is acknowledged, a new one too, and the recipient gets every
+/// acknowledged message, once, in order.
+#[test]
+fn node_unavailable_over_a_full_link() {
+    const SENDERS: usize = 3;
+    const SENDS: u64 = 256; // limits.inflight_per_session_max: the server reads them all
+    let store = pg::store_body("postgres");
+    // A refused or unanswered send fails the test in 10 s rather than 30.
+    let extra = "failure_detect_ms = 20000\nlink_queue_bytes_max = 1048576\n\n\
+                 [limits]\nanswer_timeout_ms = 10000\n";
+    let n1 = Node::start(1, &store, &[], extra);
+    let n2 = Node::start(2, &store, &[n1.cluster.unwrap()], extra);
+    for n in [&n1, &n2] {
+        n.wait_members(&[1, 2], Duration::from_secs(10));
+    }
+    // Every owner on node 2: the conversations (so the sends cross the link) and the users (so
+    // that what node 2 sends back is only the acks: the fan-outs of these 32 KB messages stay
+    // on node 2, and no burst of them goes over node 2's own link limit on the way back).
+    let table = tim::placement::Table::new(0, &[(1, 2), (2, 2)]);
+    let on_2 = |hash: u64| table.owner(tim_shards::partition_of(hash)).node == 2;
+    let user_on_2 = |id: u64| on_2(tim_shards::mix64(id));
+    let conv_on_2 = |a: u64, b: u64| on_2(tim::placement::conv_hash(tim::placement::direct_key(a, b)));
+    let (bob_name, bob) = (0..64)
+        .map(|i| (format!("bob{i}"), register(&n1, &format!("bob{i}"))))
+        .find(|&(_, id)| user_on_2(id))
+        .expect("one of 64 users owned on node 2");
+    let senders: Vec<(String, u64)> = (0..256)
+        .map(|i| (format!("a{i}"), register(&n1, &format!("a{i}"))))
+        .filter(|&(_, id)| user_on_2(id) && conv_on_2(id, bob))
+        .take(SENDERS)
+        .collect();
+    assert_eq!(senders.len(), SENDERS);
+    // One session each, on node 1.
+    let mut clients: Vec<Client> = senders.iter().map(|(name, _)| n1.login(name, 3)).collect();
+    for c in &mut clients {
+        assert_eq!(send_retrying(c, bob, 1, b"before the pause").seq, 1);
+    }
+
+    // SAFETY: kill(2) on our child's pid.
+    unsafe { libc::kill(n2.child.id() as i32, libc::SIGSTOP) };
+    let paused = Instant::now();
+    let body = vec![b'x'; 32_000];
+    let refused = std::sync::atomic::AtomicUsize::new(0);
+    // Per sender: its (client message id, seq) acknowledged, its client message ids refused.
+    type Answers = (Vec<(u64, u64)>, Vec<u64>);
+    let answers: Vec<Answers> = std::thread::scope(|scope| {
+        let threads: Vec<_> = clients
+            .iter_mut()
+            .enumerate()
+            .map(|(i, c)| {
+                let (body, refused) = (&body, &refused);
+                scope.spawn(move || {
+                    let ids: Vec<u64> = (0..SENDS).map(|k| 1_000 * (i as u64 + 1) + k).collect();
+                    for &id in &ids {
+                        c.send(bob, id, body).unwrap();
+                    }
+                    c.set_timeout(Some(Duration::from_secs(20))).unwrap();
+                    let (mut acked, mut no) = (Vec::new(), Vec::new());
+                    while acked.len() + no.len() < ids.len() {
+                        match c.recv().unwrap_or_else(|e| panic!("sender {i}: {e}")) {
+                            Event::SendAck(a) => acked.push((a.client_msg_id, a.seq)),
+                            Event::Error(e) if e.request_kind == tim::protocol::kind::SEND => {
+                                assert_eq!(
+                                    e.code,
+                                    ErrorCode::NodeUnavailable as u16,
+                                    "sender {i}, send {}: {}",
+                                    e.client_msg_id,
+                                    e.message
+                                );
+                                no.push(e.client_msg_id);
+                                refused.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                            }
+                            Event::CatchUpEnd(_) => {} // the login's (empty) catch-up
+                            other => panic!("sender {i}: unexpected {other:?}"),
+                        }
+                    }
+                    (acked, no)
+                })
+            })
+            .collect();
+        // Node 2 stays stopped until refusals have come (and a moment more, for every send
+        // beyond the limit to be answered), or 10 s at most.
+        while refused.load(std::sync::atomic::Ordering::Relaxed) == 0
+            && paused.elapsed() < Duration::from_secs(10)
+        {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let first_refusal = paused.elapsed();
+        std::thread::sleep(Duration::from_millis(300));
+        // SAFETY: as above.
+        unsafe { libc::kill(n2.child.id() as i32, libc::SIGCONT) };
+        eprintln!(
+            "first NodeUnavailable {first_refusal:?} after the stop; {} refused when node 2 ran again",
+            refused.load(std::sync::atomic::Ordering::Relaxed)
+        );
+        threads.into_iter().map(|t| t.join().unwrap()).collect()
+    });
+    let acked: usize = answers.iter().map(|(a, _)| a.len()).sum();
+    let refused: Vec<u64> = answers.iter().flat_map(|(_, n)| n.iter().copied()).collect();
+    eprintln!("{acked} sends acknowledged, {} refused with NodeUnavailable", refused.len());
+    assert!(!refused.is_empty(), "no send was refused with NodeUnavailable");
+    assert!(acked > 0, "sends written before the link filled are acknowledged");
+    // Per conversation, what bob should get: (seq, client message id) in order.
+    let mut want: Vec<Vec<(u64, u64)>> = answers
+        .iter()
+        .map(|(acked, _)| {
+            let mut w: Vec<(u64, u64)> = acked.iter().map(|&(id, seq)| (seq, id)).collect();
+            w.sort_unstable();
+            // One number per acknowledged send: 2, 3, … (1 went before the pause).
+            let seqs: Vec<u64> = w.iter().map(|&(seq, _)| seq).collect();
+            assert_eq!(seqs, (2..2 + w.len() as u64).collect::<Vec<_>>());
+            w.insert(0, (1, 1));
+            w
+        })
+        .collect();
+    // The sessions go on: a refused send resent with its id, and a new one, are acknowledged
+    // with the next numbers of their conversation.
+    for (i, c) in clients.iter_mut().enumerate() {
+        let next = want[i].len() as u64 + 1;
+        if let Some(&id) = answers[i].1.first() {
+            let again = send_retrying(c, bob, id, &body);
+            assert!(!again.duplicate, "a refused send was not stored: {again:?}");
+            assert_eq!(again.seq, next, "sender {i}'s resend of {id}");
+            want[i].push((next, id));
+        }
+        let new = send_retrying(c, bob, 99_999, b"after");
+        assert_eq!(new.seq, want[i].len() as u64 + 1, "sender {i}");
+        want[i].push((new.seq, 99_999));
+    }
+    // The recipient (on node 1) gets every acknowledged message, once, in order.
+    let mut b = n1.login(&bob_name, 3);
+    b.set_timeout(Some(Duration::from_secs(20))).unwrap();
+    let (got, end) = b.catch_up().unwrap();
+    assert_eq!(end.unavailable, 0);
+    for (i, (_, id)) in senders.iter().enumerate() {
+        let got: Vec<(u64, u64)> =
+            got.iter().filter(|d| d.stamp.from == *id).map(|d| (d.stamp.seq, d.client_msg_id)).collect();
+        assert_eq!(got, want[i], "bob's catch-up of sender {i}'s messages");
+    }
+    assert_eq!(got.len(), want.iter().map(Vec::len).sum::<usize>());
 }
