@@ -323,12 +323,22 @@ fn pause_a_node_under_load() {
         n1.metric("tim_backpressure_sources"),
         n(&v, "ack_max_us") / 1000
     );
+    eprintln!(
+        "acked {}, delivered {} of {}, lost {}, duplicated {}, errors {}, {:.0} msgs/s",
+        n(&v, "acked"),
+        n(&v, "delivered"),
+        n(&v, "expected_deliveries"),
+        n(&v, "lost"),
+        n(&v, "duplicated"),
+        n(&v, "errors"),
+        v["msgs_per_s"].as_f64().unwrap_or(0.0)
+    );
     assert!(seen.0 >= 1, "node 1's link to the stopped node raised its backpressure: {v}\n{log}");
     assert!(seen.1 > 0, "sends were held back: {v}");
     assert!(n(&v, "acked") > 1000, "{v}");
     assert_eq!(n(&v, "lost"), 0, "no acked message lost: {v}\n{log}");
     assert_eq!(n(&v, "delivered"), n(&v, "expected_deliveries"), "{v}\n{log}");
-    for key in ["duplicated", "misrouted", "unanswered", "given_up", "reconnects", "out_of_order"] {
+    for key in ["duplicated", "misrouted", "unanswered", "given_up", "reconnects", "out_of_order", "errors"] {
         assert_eq!(n(&v, key), 0, "{key}: {v}\n{log}");
     }
     assert_eq!(dropped_at_link, [0, 0], "nothing dropped (nor refused) at a link");
