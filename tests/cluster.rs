@@ -696,6 +696,7 @@ fn memory_store_cluster() {
         }
     }
     assert!(nodes[0].client().login("peer7", "wrong password", 3, "dev").is_err());
+}
 
 /// A send whose conversation owner is on a node this node cannot reach now is answered
 /// `NodeUnavailable` (53) at once, and the session goes on. Node 2 is stopped (SIGSTOP): its
