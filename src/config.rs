@@ -346,6 +346,12 @@ pub struct Limits {
     /// Typing notices one session may send per minute; beyond it: RateLimited (the session
     /// stays).
     pub typing_per_session_per_minute_max: u32,
+    /// Bytes of a profile's nickname, avatar URL or area (InvalidProfile).
+    pub profile_text_bytes_max: usize,
+    /// Bytes of a profile's extra data (InvalidProfile).
+    pub profile_extra_bytes_max: usize,
+    /// Users one ProfileGet may name (InvalidProfile).
+    pub profiles_per_request_max: usize,
     /// Source addresses one shard keeps counters for.
     pub addresses_tracked_max: usize,
     /// Loopback addresses are not limited per address (local tools and load generators).
@@ -531,6 +537,9 @@ impl Default for Limits {
             registrations_per_address_per_minute_max: 30,
             unknown_recipients_per_connection_per_minute_max: 32,
             typing_per_session_per_minute_max: 120,
+            profile_text_bytes_max: 256,
+            profile_extra_bytes_max: 4096,
+            profiles_per_request_max: 100,
             unknown_recipients_per_address_per_minute_max: 256,
             addresses_tracked_max: 65_536,
             rate_limit_exempt_loopback: true,
@@ -711,6 +720,8 @@ impl Config {
                 l.registrations_per_address_per_minute_max as usize,
             ),
             ("limits.typing_per_session_per_minute_max", l.typing_per_session_per_minute_max as usize),
+            ("limits.profile_text_bytes_max", l.profile_text_bytes_max),
+            ("limits.profiles_per_request_max", l.profiles_per_request_max),
             (
                 "limits.unknown_recipients_per_connection_per_minute_max",
                 l.unknown_recipients_per_connection_per_minute_max as usize,
@@ -849,6 +860,9 @@ registrations_per_connection_max = 3 # Register requests per connection; then Ra
 registrations_per_address_per_minute_max = 30 # per source address and shard; then RateLimited
 unknown_recipients_per_connection_per_minute_max = 32 # sends to missing accounts; then the connection is closed
 typing_per_session_per_minute_max = 120 # typing notices per session; beyond: RateLimited
+profile_text_bytes_max = 256        # bytes of a profile's nickname, avatar URL or area (InvalidProfile)
+profile_extra_bytes_max = 4096      # bytes of a profile's extra data (InvalidProfile)
+profiles_per_request_max = 100      # users one ProfileGet may name (InvalidProfile)
 unknown_recipients_per_address_per_minute_max = 256 # the same per source address and shard
 addresses_tracked_max = 65536       # source addresses one shard counts
 rate_limit_exempt_loopback = true   # loopback addresses are not limited per address

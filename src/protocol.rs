@@ -31,6 +31,12 @@ pub mod kind {
     /// "Typing" (or stopped) to a 1:1 peer or a group (payload: a [`super::Typing`]); never
     /// stored, never answered but with a refusal; pushed as `TYPING_NOTICE`.
     pub const TYPING: u16 = 13;
+    /// Replace this account's profile (payload: a [`super::ProfileUpdate`]); answered with
+    /// `PROFILE_LIST` holding it.
+    pub const PROFILE_UPDATE: u16 = 14;
+    /// Read the profiles of some users (payload: a [`super::ProfileGet`]); answered with
+    /// `PROFILE_LIST`.
+    pub const PROFILE_GET: u16 = 15;
     pub const ROOM_CREATE: u16 = 20;
     pub const ROOM_SUBSCRIBE: u16 = 21;
     pub const ROOM_UNSUBSCRIBE: u16 = 22;
@@ -73,6 +79,8 @@ pub mod kind {
     pub const SESSION_LIST: u16 = 115;
     /// Someone is typing (or stopped) in a conversation (payload: a [`super::TypingNotice`]).
     pub const TYPING_NOTICE: u16 = 116;
+    /// The answer to `PROFILE_GET` and `PROFILE_UPDATE` (payload: a [`super::ProfileList`]).
+    pub const PROFILE_LIST: u16 = 117;
     /// The answer to a room request that succeeded (create, subscribe, unsubscribe, delete).
     pub const ROOM_OK: u16 = 130;
     /// A message published to a live room: a [`super::RoomStamp`], then the publisher's
@@ -128,6 +136,9 @@ pub mod kind {
             SESSION_LIST => "SessionList",
             TYPING => "Typing",
             TYPING_NOTICE => "TypingNotice",
+            PROFILE_UPDATE => "ProfileUpdate",
+            PROFILE_GET => "ProfileGet",
+            PROFILE_LIST => "ProfileList",
             REGISTER_OK => "RegisterOk",
             LOGIN_OK => "LoginOk",
             TOKEN_ISSUED => "TokenIssued",
@@ -373,6 +384,10 @@ pub enum ErrorCode {
     LoggedOutElsewhere = 54,
     /// SessionLogout: no live session of this account has that id.
     UnknownSession = 21,
+    /// ProfileUpdate: a text or `extra` over its limit, a text not UTF-8, an unknown gender or
+    /// a birthday that is no yyyymmdd date; ProfileGet: no ids, or more than
+    /// `profiles_per_request_max`.
+    InvalidProfile = 22,
     /// No such group (or not a group id).
     GroupNotFound = 70,
     /// Only a member of the group may do this.
@@ -467,6 +482,7 @@ impl ErrorCode {
             49 => Banned,
             54 => LoggedOutElsewhere,
             21 => UnknownSession,
+            22 => InvalidProfile,
             50 => Internal,
             51 => StoreUnavailable,
             52 => Timeout,
@@ -530,6 +546,7 @@ impl ErrorCode {
             Banned => "the account is banned",
             LoggedOutElsewhere => "logged out from another session of the account",
             UnknownSession => "no such session of this account",
+            InvalidProfile => "invalid profile or profile request",
             Internal => "internal error",
             StoreUnavailable => "message store unavailable, retry",
             Timeout => "no answer in time, retry",
@@ -760,6 +777,47 @@ pub struct TypingNotice {
     pub to: u64,
     pub conv: u8,
     pub state: u8,
+}
+
+/// A user's public profile. Texts are UTF-8 of at most `profile_text_bytes_max` bytes each,
+/// `extra` at most `profile_extra_bytes_max` bytes (opaque to the server).
+#[derive(
+    Archive, Serialize, Deserialize, Debug, Clone, PartialEq, Default, serde::Serialize, serde::Deserialize,
+)]
+pub struct UserProfile {
+    pub nickname: String,
+    pub avatar_url: String,
+    /// 0 unknown, 1 female, 2 male, 3 other.
+    pub gender: u8,
+    /// yyyymmdd (0: unknown).
+    pub birthday: u32,
+    pub area: String,
+    pub extra: Vec<u8>,
+}
+
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct ProfileUpdate {
+    pub profile: UserProfile,
+}
+
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct ProfileGet {
+    /// At most `profiles_per_request_max` ids.
+    pub user_ids: Vec<u64>,
+}
+
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct ProfileEntry {
+    pub user_id: u64,
+    /// When it was last changed (ms since the epoch; 0: never set, an empty profile).
+    pub updated_ms: u64,
+    pub profile: UserProfile,
+}
+
+/// Profiles in the order asked, users that do not exist left out.
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct ProfileList {
+    pub profiles: Vec<ProfileEntry>,
 }
 
 /// One live session of an account.

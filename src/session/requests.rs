@@ -287,6 +287,19 @@ impl Requests<'_> {
                 let (after, limit) = (m.after_group.to_native(), m.limit.to_native());
                 Box::pin(self.my_groups(after, limit)).await
             }
+            kind::PROFILE_UPDATE => {
+                let u = access!(protocol::ArchivedProfileUpdate);
+                let Ok(profile) = rkyv::deserialize::<protocol::UserProfile, rkyv::rancor::Error>(&u.profile)
+                else {
+                    return self.error(ErrorCode::Malformed, k);
+                };
+                Box::pin(self.profile_update(profile)).await
+            }
+            kind::PROFILE_GET => {
+                let g = access!(protocol::ArchivedProfileGet);
+                let ids: Vec<u64> = g.user_ids.iter().map(|u| u.to_native()).collect();
+                Box::pin(self.profile_get(ids)).await
+            }
             kind::TYPING => {
                 let t = access!(protocol::ArchivedTyping);
                 let (to, conv_kind, state) = (t.to.to_native(), t.conv, t.state);
@@ -728,6 +741,58 @@ impl Requests<'_> {
             self.shard.post(self.shard.place(|p| p.group(to)), Envelope::Group(Box::new(req)));
         }
         Flow::Continue
+    }
+
+    /// Replace this account's profile (checked against the limits), and answer with it.
+    async fn profile_update(&self, profile: protocol::UserProfile) -> Flow {
+        let k = kind::PROFILE_UPDATE;
+        let l = &self.shard.cfg().limits;
+        let texts = [&profile.nickname, &profile.avatar_url, &profile.area];
+        let birthday_ok = profile.birthday == 0 || {
+            let (y, m, d) = (profile.birthday / 10000, profile.birthday / 100 % 100, profile.birthday % 100);
+            (1..=9999).contains(&y) && (1..=12).contains(&m) && (1..=31).contains(&d)
+        };
+        if texts.iter().any(|t| t.len() > l.profile_text_bytes_max)
+            || profile.extra.len() > l.profile_extra_bytes_max
+            || profile.gender > 3
+            || !birthday_ok
+        {
+            return self.error(ErrorCode::InvalidProfile, k);
+        }
+        let store = self.shard.shared.store.clone();
+        let me = self.session.user();
+        let now = now_ms();
+        let saved = profile.clone();
+        match self.store_call(move || store.save_profile(me, &saved, now)).await {
+            Ok(()) => {
+                let entry = protocol::ProfileEntry { user_id: me, updated_ms: now, profile };
+                self.reply(kind::PROFILE_LIST, &protocol::ProfileList { profiles: vec![entry] })
+            }
+            Err(code) => self.error(code, k),
+        }
+    }
+
+    /// The profiles of up to `profiles_per_request_max` users, from the store.
+    async fn profile_get(&self, ids: Vec<u64>) -> Flow {
+        let k = kind::PROFILE_GET;
+        if ids.is_empty() || ids.len() > self.shard.cfg().limits.profiles_per_request_max {
+            return self.error(ErrorCode::InvalidProfile, k);
+        }
+        let store = self.shard.shared.store.clone();
+        match self.store_call(move || store.profiles(&ids)).await {
+            Ok(found) => {
+                let profiles = found
+                    .into_iter()
+                    .map(|(user_id, updated_ms, profile)| protocol::ProfileEntry {
+                        user_id,
+                        updated_ms,
+                        profile,
+                    })
+                    .collect();
+                self.reply(kind::PROFILE_LIST, &protocol::ProfileList { profiles })
+            }
+            Err(code) => self.error(code, k),
+        }
     }
 
     /// `MySessions` (`logout` 0) or `SessionLogout`: asked of the user's owner, which answers

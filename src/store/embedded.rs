@@ -24,7 +24,7 @@ use rusqlite::{params, Connection, ErrorCode as SqliteCode, OptionalExtension};
 use super::{
     collect_page, Account, CatchUp, CommitDone, ConvKey, ConvLoad, Cursor, Duplicates, GroupChange,
     GroupLoad, GroupRow, GroupWrite, MemberRow, NameKey, Page, PageLimit, RecentSend, Store, StoreError,
-    StoredMessage, UserId,
+    StoredMessage, UserId, UserProfile,
 };
 use crate::{
     config::StoreConfig,
@@ -32,7 +32,7 @@ use crate::{
 };
 
 /// Schema version written by this build.
-pub const SCHEMA_VERSION: i64 = 5;
+pub const SCHEMA_VERSION: i64 = 6;
 
 const SCHEMA_V1: &str = "
 CREATE TABLE accounts (
@@ -154,6 +154,15 @@ const SCHEMA_V5: &str = "
 ALTER TABLE accounts ADD COLUMN banned_until_ms INTEGER NOT NULL DEFAULT 0;
 ";
 
+/// Version 6: user profiles (postcard blobs).
+const SCHEMA_V6: &str = "
+CREATE TABLE profiles (
+    user_id    INTEGER PRIMARY KEY,
+    updated_ms INTEGER NOT NULL,
+    data       BLOB NOT NULL
+);
+";
+
 /// Read connections kept open.
 const READERS_MAX: usize = 8;
 
@@ -233,6 +242,12 @@ fn migrate(conn: &mut Connection) -> anyhow::Result<()> {
         let tx = conn.transaction()?;
         tx.execute_batch(SCHEMA_V5)?;
         tx.pragma_update(None, "user_version", 5)?;
+        tx.commit()?;
+    }
+    if version < 6 {
+        let tx = conn.transaction()?;
+        tx.execute_batch(SCHEMA_V6)?;
+        tx.pragma_update(None, "user_version", 6)?;
         tx.commit()?;
     }
     Ok(())
@@ -650,6 +665,42 @@ impl Store for EmbeddedStore {
         })
         .map(|n| n > 0)
         .map_err(unavailable)
+    }
+
+    fn save_profile(&self, user: UserId, profile: &UserProfile, now_ms: u64) -> Result<(), StoreError> {
+        let blob = super::profile_blob(profile);
+        self.with_aux(|c| {
+            c.execute(
+                "INSERT INTO profiles (user_id, updated_ms, data) VALUES (?1, ?2, ?3)
+                 ON CONFLICT (user_id) DO UPDATE SET updated_ms = ?2, data = ?3",
+                params![i(user), i(now_ms), blob],
+            )
+        })
+        .map(|_| ())
+        .map_err(unavailable)
+    }
+
+    fn profiles(&self, users: &[UserId]) -> Result<Vec<(UserId, u64, UserProfile)>, StoreError> {
+        self.with_reader(|c| {
+            let mut st = c.prepare_cached(
+                "SELECT p.updated_ms, p.data FROM accounts a LEFT JOIN profiles p ON p.user_id = a.id
+                 WHERE a.id = ?1",
+            )?;
+            let mut out = Vec::with_capacity(users.len());
+            for &user in users {
+                let row = st
+                    .query_row(params![i(user)], |r| {
+                        Ok((r.get::<_, Option<i64>>(0)?, r.get::<_, Option<Vec<u8>>>(1)?))
+                    })
+                    .optional()?;
+                if let Some((updated, blob)) = row {
+                    let profile =
+                        blob.map_or_else(UserProfile::default, |b| super::profile_of_blob(user, &b));
+                    out.push((user, updated.map_or(0, u), profile));
+                }
+            }
+            Ok(out)
+        })
     }
 
     fn ban_of(&self, user: UserId) -> Result<Option<u64>, StoreError> {

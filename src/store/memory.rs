@@ -27,7 +27,7 @@ use super::{
     Account, CatchUp, CommitDone, ConvKey, ConvLoad, Cursor, GroupLoad, GroupRow, GroupWrite, MemberRow,
     NameKey, Page, PageLimit, Store, StoreError, StoredMessage, UserId,
 };
-use crate::protocol::JoinRequest;
+use crate::protocol::{JoinRequest, UserProfile};
 
 #[derive(Default)]
 pub struct MemoryStore {
@@ -63,6 +63,12 @@ pub enum ReplOp {
         user: UserId,
         until_ms: u64,
     },
+    /// An account's profile, changed at `updated_ms` (a later change wins).
+    Profile {
+        user: UserId,
+        updated_ms: u64,
+        profile: UserProfile,
+    },
     /// A whole group as a replica holds it, up to notice `seq` (a snapshot's).
     GroupState {
         group: u64,
@@ -93,6 +99,8 @@ const SNAPSHOT_LIST_MAX: usize = 2048;
 struct MemoryInner {
     by_name: HashMap<NameKey, UserId>,
     accounts: HashMap<UserId, Account>,
+    /// (changed at, profile) of the accounts that set one.
+    profiles: HashMap<UserId, (u64, UserProfile)>,
     last_id: UserId,
     groups: HashMap<u64, MemGroup>,
     /// Per user: its groups, and the span of each membership, current or past.
@@ -161,6 +169,18 @@ impl MemoryInner {
 }
 
 impl MemoryInner {
+    fn set_profile(&mut self, user: UserId, updated_ms: u64, profile: UserProfile) {
+        if !self.accounts.contains_key(&user) {
+            return;
+        }
+        match self.profiles.get(&user) {
+            Some((t, _)) if *t > updated_ms => {}
+            _ => {
+                self.profiles.insert(user, (updated_ms, profile));
+            }
+        }
+    }
+
     fn join_request(&mut self, group: u64, user: UserId, request: Option<&JoinRequest>) {
         let Some(m) = self.groups.get_mut(&group) else { return };
         match request {
@@ -205,6 +225,7 @@ impl MemoryStore {
                     a.banned_until_ms = until_ms;
                 }
             }
+            ReplOp::Profile { user, updated_ms, profile } => g.set_profile(user, updated_ms, profile),
             ReplOp::GroupState { group, seq, row, members, blocked, requests, spans } => {
                 if g.groups.get(&group).is_some_and(|m| m.seq >= seq) {
                     return;
@@ -241,6 +262,13 @@ impl MemoryStore {
                 ops.push(ReplOp::Account { name: *name, id: *id, password_hash: a.password_hash.clone() });
                 if a.banned_until_ms != 0 {
                     ops.push(ReplOp::Ban { user: *id, until_ms: a.banned_until_ms });
+                }
+                if let Some((updated_ms, profile)) = g.profiles.get(id) {
+                    ops.push(ReplOp::Profile {
+                        user: *id,
+                        updated_ms: *updated_ms,
+                        profile: profile.clone(),
+                    });
                 }
             }
         }
@@ -333,6 +361,24 @@ impl Store for MemoryStore {
         drop(g);
         self.publish(ReplOp::Ban { user, until_ms });
         Ok(true)
+    }
+
+    fn save_profile(&self, user: UserId, profile: &UserProfile, now_ms: u64) -> Result<(), StoreError> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner()).set_profile(user, now_ms, profile.clone());
+        self.publish(ReplOp::Profile { user, updated_ms: now_ms, profile: profile.clone() });
+        Ok(())
+    }
+
+    fn profiles(&self, users: &[UserId]) -> Result<Vec<(UserId, u64, UserProfile)>, StoreError> {
+        let g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        Ok(users
+            .iter()
+            .filter(|u| g.accounts.contains_key(u))
+            .map(|&u| {
+                let (t, p) = g.profiles.get(&u).cloned().unwrap_or_default();
+                (u, t, p)
+            })
+            .collect())
     }
 
     fn ban_of(&self, user: UserId) -> Result<Option<u64>, StoreError> {

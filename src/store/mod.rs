@@ -12,6 +12,7 @@ pub mod postgres;
 
 use bytes::Bytes;
 
+pub use crate::protocol::UserProfile;
 pub use memory::MemoryStore;
 
 pub type UserId = u64;
@@ -30,6 +31,19 @@ pub struct Account {
     /// Banned while the time is before this (ms since the epoch); 0: not banned;
     /// [`BANNED_FOREVER`]: for good.
     pub banned_until_ms: u64,
+}
+
+/// A profile as the durable stores keep it (postcard).
+pub fn profile_blob(p: &UserProfile) -> Vec<u8> {
+    postcard::to_allocvec(p).expect("a profile encodes")
+}
+
+/// A stored profile; a blob that does not decode reads as an empty one (logged).
+pub fn profile_of_blob(user: UserId, blob: &[u8]) -> UserProfile {
+    postcard::from_bytes(blob).unwrap_or_else(|e| {
+        log::warn!("store: the profile of user {user} does not decode: {e}");
+        UserProfile::default()
+    })
 }
 
 /// `banned_until_ms` of a ban without an end (fits a signed 64-bit column).
@@ -268,6 +282,11 @@ pub trait Store: Send + Sync + 'static {
     fn set_ban(&self, user: UserId, until_ms: u64) -> Result<bool, StoreError>;
     /// `user`'s `banned_until_ms`, or `None` when there is no such account.
     fn ban_of(&self, user: UserId) -> Result<Option<u64>, StoreError>;
+    /// Replace `user`'s profile (an existing account's), changed at `now_ms`.
+    fn save_profile(&self, user: UserId, profile: &UserProfile, now_ms: u64) -> Result<(), StoreError>;
+    /// The profiles of the accounts among `users`, in that order (users with no account left
+    /// out, an account that never set one: `updated_ms` 0 and an empty profile).
+    fn profiles(&self, users: &[UserId]) -> Result<Vec<(UserId, u64, UserProfile)>, StoreError>;
 
     /// Independent commit streams (e.g. database servers); a conversation commits on
     /// `partition_of(conv)`, and a slow stream does not hold up the others.

@@ -45,7 +45,7 @@ use tokio_postgres::{types::Type, Client, NoTls, Statement};
 use super::{
     collect_page, group_conv, Account, CatchUp, CommitDone, ConvKey, ConvLoad, Cursor, Duplicates,
     GroupChange, GroupLoad, GroupRow, GroupWrite, LoadRequest, MemberRow, NameKey, Page, PageLimit,
-    RecentSend, Store, StoreError, StoredMessage, UserId,
+    RecentSend, Store, StoreError, StoredMessage, UserId, UserProfile,
 };
 use crate::{
     config::PostgresConfig,
@@ -53,7 +53,7 @@ use crate::{
 };
 
 /// Schema version written by this build.
-pub const SCHEMA_VERSION: i32 = 5;
+pub const SCHEMA_VERSION: i32 = 6;
 
 const SCHEMA_V1: &str = "
 CREATE SEQUENCE user_ids;
@@ -506,6 +506,15 @@ const SCHEMA_V5: &str = "
 ALTER TABLE accounts ADD COLUMN IF NOT EXISTS banned_until_ms int8 NOT NULL DEFAULT 0;
 ";
 
+/// Version 6: user profiles (postcard blobs), on the range of the user's account.
+const SCHEMA_V6: &str = "
+CREATE TABLE IF NOT EXISTS profiles (
+    user_id    int8 PRIMARY KEY,
+    updated_ms int8 NOT NULL,
+    data       bytea NOT NULL
+);
+";
+
 async fn migrate(r: &Range) -> Result<(), StoreError> {
     let mut conn = r.conn().await?;
     let client = &mut conn.client.as_mut().expect("present").client;
@@ -571,6 +580,10 @@ async fn migrate(r: &Range) -> Result<(), StoreError> {
     if version < 5 {
         tx.batch_execute(SCHEMA_V5).await.map_err(pg_err)?;
         tx.execute("INSERT INTO tim_schema (version) VALUES (5)", &[]).await.map_err(pg_err)?;
+    }
+    if version < 6 {
+        tx.batch_execute(SCHEMA_V6).await.map_err(pg_err)?;
+        tx.execute("INSERT INTO tim_schema (version) VALUES (6)", &[]).await.map_err(pg_err)?;
     }
     tx.commit().await.map_err(pg_err)?;
     conn.reusable.store(true, Ordering::Relaxed);
@@ -1212,6 +1225,49 @@ impl Store for PostgresStore {
                 .await?;
             Ok(n > 0)
         })
+    }
+
+    fn save_profile(&self, user: UserId, profile: &UserProfile, now_ms: u64) -> Result<(), StoreError> {
+        let range = self.range_of_slot(user % PARTITIONS).clone();
+        let blob = super::profile_blob(profile);
+        self.block_on(async move {
+            let conn = range.conn().await?;
+            conn.timed(conn.client().execute(
+                "INSERT INTO profiles (user_id, updated_ms, data) VALUES ($1, $2, $3)
+                 ON CONFLICT (user_id) DO UPDATE SET updated_ms = $2, data = $3",
+                &[&i(user), &i(now_ms), &blob],
+            ))
+            .await?;
+            Ok(())
+        })
+    }
+
+    /// One statement per range that holds some of the users, every range at once.
+    fn profiles(&self, users: &[UserId]) -> Result<Vec<(UserId, u64, UserProfile)>, StoreError> {
+        let ids: Arc<Vec<i64>> = Arc::new(users.iter().map(|&u| i(u)).collect());
+        let per_range = self.on_every_range(move |range| {
+            let ids = ids.clone();
+            async move {
+                let conn = range.conn().await?;
+                let rows = conn
+                    .timed(conn.client().query(
+                        "SELECT a.id, p.updated_ms, p.data FROM accounts a
+                         LEFT JOIN profiles p ON p.user_id = a.id WHERE a.id = ANY($1)",
+                        &[&*ids],
+                    ))
+                    .await?;
+                Ok(rows
+                    .iter()
+                    .map(|r| (u(r.get(0)), r.get::<_, Option<i64>>(1), r.get::<_, Option<Vec<u8>>>(2)))
+                    .collect::<Vec<_>>())
+            }
+        })?;
+        let mut found: HashMap<UserId, (u64, UserProfile)> = HashMap::new();
+        for (user, updated, blob) in per_range.into_iter().flatten() {
+            let profile = blob.map_or_else(UserProfile::default, |b| super::profile_of_blob(user, &b));
+            found.insert(user, (updated.map_or(0, u), profile));
+        }
+        Ok(users.iter().filter_map(|&user| found.remove(&user).map(|(t, p)| (user, t, p))).collect())
     }
 
     fn ban_of(&self, user: UserId) -> Result<Option<u64>, StoreError> {
