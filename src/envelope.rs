@@ -276,6 +276,9 @@ pub enum Envelope {
     /// Gateway → every shard of its node: the cluster's members changed; place by this table,
     /// after routing again (first) what this shard had sent to a node that is gone.
     Placement(Box<PlacementUpdate>),
+    /// Shard `shard` → its node's cluster gateway, and back: the gateway has carried, or given
+    /// back, everything the shard sent it before this (see `Shard::recall_from_gateway`).
+    Fence { shard: u16, n: u64 },
     /// A session's shard → its user's new owner after the partition moved: the session is
     /// live (no limits are checked, nothing is answered).
     Reattach { user: UserId, session: SessionRef, device_type: DeviceType, info: Box<DeviceInfo> },

@@ -47,6 +47,9 @@ pub use crate::roles::conv::SHARDS_MAX;
 
 /// Conversation eviction-queue entries one timeout tick looks at, at most.
 const EVICT_PER_TICK_MAX: usize = 4096;
+/// The longest a shard waits for its cluster gateway to echo a fence (see
+/// [`Shard::recall_from_gateway`]); it goes on without the echo after that (logged).
+const FENCE_WAIT_MAX: Duration = Duration::from_secs(1);
 
 /// What every shard shares. Immutable after start, or atomic.
 pub struct Shared {
@@ -128,6 +131,15 @@ pub struct Shard {
     pool: RefCell<Vec<AlignedBuf>>,
     /// Per-source-address budgets of costly requests.
     guard: RefCell<AddressGuard>,
+    /// Fences sent to the cluster gateway so far (see [`Shard::recall_from_gateway`]).
+    fences: Cell<u64>,
+    /// Envelopes the gateway gave back (sent by an old table to a node now gone) that the mesh
+    /// loop took in the batch of a new table: routed again right behind what the table returns.
+    given_back: RefCell<Vec<Envelope>>,
+    /// Envelopes taken from the gateway's queue ahead of their turn, while looking for a table
+    /// or a fence's echo there: handled after the mesh loop's batch (which holds older ones from
+    /// that queue), before the next one.
+    readahead: RefCell<VecDeque<Envelope>>,
     /// Delivery cursors acknowledged since the last flush: (user, device, conversation) → seq.
     cursors: RefCell<HashMap<(UserId, u64, ConvKey), u64, RandomState>>,
     pub shutting_down: Cell<bool>,
@@ -199,6 +211,9 @@ impl Shard {
             effects: RefCell::new(Vec::new()),
             pool: RefCell::new(Vec::new()),
             guard: RefCell::new(AddressGuard::new(&cfg.limits)),
+            fences: Cell::new(0),
+            given_back: RefCell::new(Vec::new()),
+            readahead: RefCell::new(VecDeque::new()),
             cursors: RefCell::new(HashMap::default()),
             shutting_down: Cell::new(false),
             shutdown: LocalNotify::default(),
@@ -425,6 +440,17 @@ impl Shard {
         self.drain_local();
     }
 
+    /// Handle what was taken from the gateway's queue ahead of its turn (see `readahead`).
+    fn dispatch_readahead(&self) {
+        loop {
+            let next = self.readahead.borrow_mut().pop_front();
+            match next {
+                Some(env) => self.dispatch(env),
+                None => return,
+            }
+        }
+    }
+
     /// The mesh loop: drain envelopes in batches until the shard stops.
     pub async fn run_mesh(self: Rc<Self>) {
         let batch_max = self.cfg().limits.mesh_batch_max;
@@ -436,6 +462,7 @@ impl Shard {
             if !self.deferred.borrow().is_empty() {
                 self.undefer(batch_max);
             }
+            self.dispatch_readahead();
             batch.clear();
             // Held back envelopes are retried soon, whether or not anything arrives (the
             // backpressure may be lowered by another shard or the cluster gateway).
@@ -450,15 +477,29 @@ impl Shard {
             }
             if self.gateway.is_some() {
                 // A new table (with what this shard sent to a node now gone) goes first: the
-                // rest of the batch is handled by it, after those returned envelopes.
+                // rest of the batch is handled by it, after those returned envelopes, and after
+                // those the gateway gave back (`Remote`: sent by the old table after the
+                // gateway had taken its inbox) — they may be anywhere in the batch, behind
+                // envelopes from other shards sent by the new table.
                 if let Some(i) = batch.iter().position(|e| matches!(e, Envelope::Placement(_))) {
                     let p = batch.remove(i);
-                    batch.insert(0, p);
+                    let mut given_back = self.given_back.borrow_mut();
+                    let mut rest = Vec::with_capacity(batch.len() + 1);
+                    rest.push(p);
+                    for env in batch.drain(..) {
+                        match env {
+                            Envelope::Remote(r) => given_back.push(r.env),
+                            env => rest.push(env),
+                        }
+                    }
+                    drop(given_back);
+                    batch = rest;
                 }
             }
             for env in batch.drain(..) {
                 self.dispatch(env);
             }
+            self.dispatch_readahead();
             // Under steady traffic `recv_batch` never waits: let the connections run.
             tim_shards::yield_now().await;
         }
@@ -574,13 +615,17 @@ impl Shard {
         // An envelope for an owner that is not (or no longer) this shard: the sender placed it
         // by another table (the cluster's members just changed here or there). On to the owner.
         if self.gateway.is_some() {
-            if let Some(mut owner) = self.owner_of(&env) {
+            if let Some(owner) = self.owner_of(&env) {
                 if owner != self.me() {
-                    // Placed by a newer table than this shard's, perhaps: look first.
-                    self.refresh_table();
-                    owner = self.owner_of(&env).expect("owner-addressed");
-                }
-                if owner != self.me() {
+                    // Placed by a newer table than this shard's, perhaps: look first. If it is,
+                    // what this shard had sent by the old table came back into `local` with it
+                    // (`take_returned`, `recall_from_gateway`): this envelope goes behind those
+                    // (and is placed again), or it would overtake its conversation's earlier
+                    // deliveries among them.
+                    if self.refresh_table() {
+                        self.local.borrow_mut().push_back(env);
+                        return;
+                    }
                     return self.post(owner, env);
                 }
             }
@@ -699,6 +744,8 @@ impl Shard {
             // The gateway's word that a new table is out (the table itself is taken from
             // `Shared::table`, the latest one).
             Envelope::Placement(u) => self.on_placement(*u),
+            // The echo of a fence that was given up on (`recall_from_gateway`): nothing to do.
+            Envelope::Fence { .. } => {}
             Envelope::Admin(task) => {
                 if let Some(me) = CURRENT.with(|c| c.borrow().clone()) {
                     (task.0)(&me as &dyn std::any::Any);
@@ -715,26 +762,34 @@ impl Shard {
         env.owner(&self.placement())
     }
 
-    /// Apply this node's latest table if it is newer than the one in use. Called from envelope
-    /// handling, where no placement borrow is held (callers of `post` never hold one: see
-    /// [`Shard::place`]).
-    fn refresh_table(&self) {
+    /// Apply this node's latest table if it is newer than the one in use; whether it was.
+    /// Called from envelope handling, where no placement borrow is held (callers of `post` never
+    /// hold one: see [`Shard::place`]).
+    fn refresh_table(&self) -> bool {
         let seen = self.placement.borrow().epoch();
-        if let Some(t) = self.shared.table.newer_than(seen) {
-            let epoch = t.epoch;
-            self.apply_table(t);
-            self.take_returned(epoch);
+        let Some(t) = self.shared.table.newer_than(seen) else { return false };
+        let epoch = t.epoch;
+        let dropped = self.apply_table(t);
+        self.take_returned(epoch);
+        if dropped {
+            self.recall_from_gateway();
         }
+        true
     }
 
     /// A table from the gateway, with what this shard had sent to a node now gone.
     fn on_placement(&self, update: crate::envelope::PlacementUpdate) {
         let crate::envelope::PlacementUpdate { table, returned } = update;
-        if table.epoch > self.placement.borrow().epoch() {
-            self.apply_table(table);
-        }
+        let dropped = table.epoch > self.placement.borrow().epoch() && self.apply_table(table);
         for env in returned {
             self.take_back(env);
+        }
+        let given_back: Vec<Envelope> = self.given_back.borrow_mut().drain(..).collect();
+        for env in given_back {
+            self.take_back(env);
+        }
+        if dropped {
+            self.recall_from_gateway();
         }
     }
 
@@ -756,9 +811,10 @@ impl Shard {
 
     /// After taking table `epoch` from `Shared::table` (before its `Placement` came): take
     /// that `Placement` now from the gateway's queue — the gateway queues it before it
-    /// publishes the table, so it is there — with the envelopes it returns, and everything
-    /// queued ahead of it, in order. Sent again before anything this shard sends by the new
-    /// table, they keep a conversation's deliveries in order.
+    /// publishes the table, so it is there — with the envelopes it returns. Sent again before
+    /// anything this shard sends by the new table, they keep a conversation's deliveries in
+    /// order. What the gateway queued ahead of it goes to `readahead`, in order: behind what
+    /// this shard took from that queue before (the rest of the mesh loop's batch).
     fn take_returned(&self, epoch: u64) {
         let Some(g) = self.gateway else { return };
         let mut batch = Vec::new();
@@ -776,7 +832,70 @@ impl Shard {
                             self.take_back(env);
                         }
                     }
-                    env => self.local.borrow_mut().push_back(env),
+                    // Given back by the gateway (sent by an older table still): routed again
+                    // with what the table returns.
+                    Envelope::Remote(r) => self.take_back(r.env),
+                    env => self.readahead.borrow_mut().push_back(env),
+                }
+            }
+            if found {
+                return;
+            }
+        }
+    }
+
+    /// After a table that dropped a node (its loss, or its leave): take back now what this shard
+    /// sent the gateway by the old table after the gateway had emptied its inbox to publish the
+    /// new one. Those envelopes did not wait at the gateway to come back with the table
+    /// (`Placement`'s `returned`): the gateway hands each back as it reaches it, an envelope for
+    /// a node gone, and by then this shard would have routed later envelopes of the same
+    /// conversation by the new table: a receiver would get a block of a conversation's
+    /// messages after a later one (the fan-outs of a conversation owner here, or those this
+    /// shard passed on as the users' owner it was not yet).
+    ///
+    /// The gateway carries what a shard sends in order, so once it echoes a fence sent now,
+    /// everything it gave back is in this shard's queue from it, ahead of the echo (or, taken
+    /// already, in the mesh loop's batch: `given_back`, taken with the table). The shard waits
+    /// for the echo (a table change is rare, and the gateway answers at once) and takes what
+    /// was given back into `local`, behind the envelopes the table returned: nothing else runs
+    /// on the shard meanwhile, so nothing is routed by the new table ahead of them. The rest
+    /// of what it takes from the gateway's queue meanwhile waits in `readahead`, behind the
+    /// batch.
+    fn recall_from_gateway(&self) {
+        let Some(g) = self.gateway else { return };
+        let n = self.fences.get() + 1;
+        self.fences.set(n);
+        self.post_shard(g, Envelope::Fence { shard: self.id as u16, n });
+        let start = std::time::Instant::now();
+        let mut batch = Vec::new();
+        let mut idle = 0u32;
+        loop {
+            if self.overflow_len.get() > 0 {
+                self.flush_overflow();
+            }
+            batch.clear();
+            if self.port.try_recv_from(g, &mut batch, 512) == 0 {
+                if start.elapsed() > FENCE_WAIT_MAX {
+                    log::error!(
+                        "shard {}: the cluster gateway did not echo a fence in {FENCE_WAIT_MAX:?}",
+                        self.id
+                    );
+                    return;
+                }
+                idle += 1;
+                if idle < 64 {
+                    std::thread::yield_now();
+                } else {
+                    std::thread::sleep(Duration::from_micros(50));
+                }
+                continue;
+            }
+            let mut found = false;
+            for env in batch.drain(..) {
+                match env {
+                    Envelope::Fence { n: m, .. } if m == n => found = true,
+                    Envelope::Remote(r) => self.take_back(r.env),
+                    env => self.readahead.borrow_mut().push_back(env),
                 }
             }
             if found {
@@ -788,11 +907,13 @@ impl Shard {
     /// Place by `table` from now on (the cluster's members changed): roles drop what moved
     /// away, this shard's sessions are announced to their users' new owners, and rooms whose
     /// owner changed are closed for their subscribers here (rooms are never stored).
-    fn apply_table(&self, table: Arc<Table>) {
+    /// Whether a node of the old table is not in this one (lost, or left): false also when
+    /// `table` is not newer than the one in use (nothing is done).
+    fn apply_table(&self, table: Arc<Table>) -> bool {
         let old = self.placement.replace(Placement::clustered(self.node, self.shards, table.clone()));
         if old.epoch() >= table.epoch && old.epoch() != 0 {
             self.placement.replace(old);
-            return;
+            return false;
         }
         let new = self.placement().clone();
         let me = self.me();
@@ -866,6 +987,7 @@ impl Shard {
         for room in moved {
             self.room_job(FanoutJob::Closed { room, reason: protocol::room_closed::OWNER_LOST });
         }
+        lost
     }
 
     /// Carry out the effects of a role call, in order. Runs with no role borrowed: a post to
@@ -1239,6 +1361,7 @@ fn held_past_overflow_max(env: &Envelope) -> bool {
     match env {
         Envelope::AttachResult { .. } | Envelope::Detach { .. } | Envelope::Kick { .. } => true,
         Envelope::RoomClosed { .. } | Envelope::Reattach { .. } | Envelope::Placement(_) => true,
+        Envelope::Fence { .. } => true,
         Envelope::Acked { .. } | Envelope::Rejected { .. } | Envelope::StreamRefused { .. } => true,
         Envelope::TokenResult { .. } | Envelope::GroupReply { .. } => true,
         // A publish is answered only when refused, and publishes are not counted in flight.

@@ -1052,7 +1052,10 @@ impl Sim {
         let mut fx = Vec::new();
         match env {
             Envelope::DeliverMany(_) => unreachable!("the simulation fans group messages out itself"),
-            Envelope::Remote(_) | Envelope::Placement(_) | Envelope::Reattach { .. } => {
+            Envelope::Remote(_)
+            | Envelope::Placement(_)
+            | Envelope::Fence { .. }
+            | Envelope::Reattach { .. } => {
                 unreachable!("the simulation runs one node")
             }
             Envelope::Admin(_) | Envelope::Ban { .. } => unreachable!("the simulation has no admin API"),

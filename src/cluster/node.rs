@@ -873,12 +873,7 @@ async fn gateway(st: Rc<State>) {
             _ = tokio::time::sleep(Duration::from_millis(100)) => {}
         }
         for env in batch.drain(..) {
-            let Envelope::Remote(r) = env else {
-                log::error!("cluster: a local envelope reached the gateway");
-                continue;
-            };
-            let Remote { to, from, env } = *r;
-            st.send(to, from, env, &mut touched);
+            st.carry(env, &mut touched);
         }
         for l in touched.drain(..) {
             l.wake.notify_one();
@@ -889,16 +884,28 @@ async fn gateway(st: Rc<State>) {
 }
 
 impl State {
+    /// One envelope from a shard: on to its node (or parked, or given back), or a fence echoed
+    /// to its shard — behind everything the gateway gave back to that shard before it.
+    fn carry(&self, env: Envelope, touched: &mut Vec<Rc<LinkOut>>) {
+        match env {
+            Envelope::Remote(r) => {
+                let Remote { to, from, env } = *r;
+                self.send(to, from, env, touched);
+            }
+            Envelope::Fence { shard, n } if (shard as usize) < self.settings.shards => {
+                self.to_shard(shard as usize, Envelope::Fence { shard, n })
+            }
+            _ => log::error!("cluster: a local envelope reached the gateway"),
+        }
+    }
+
     /// Carry every envelope waiting in the gateway's mesh inbox to its link (or park it).
     fn take_inbox(&self) {
         let mut batch = Vec::new();
         let mut touched = Vec::new();
         while self.port.try_recv_batch(&mut batch, 512) > 0 {
             for env in batch.drain(..) {
-                if let Envelope::Remote(r) = env {
-                    let Remote { to, from, env } = *r;
-                    self.send(to, from, env, &mut touched);
-                }
+                self.carry(env, &mut touched);
             }
         }
         for l in touched {

@@ -505,7 +505,7 @@ impl<'a> WireEnvelope<'a> {
             Envelope::Ban { user, until_ms } => WireEnvelope::Ban { user: *user, until_ms: *until_ms },
             // A shard's envelope for its gateway, and the gateway's tables for its shards, stay
             // on their node.
-            Envelope::Remote(_) | Envelope::Placement(_) | Envelope::Admin(_) => {
+            Envelope::Remote(_) | Envelope::Placement(_) | Envelope::Fence { .. } | Envelope::Admin(_) => {
                 return Err(WireError::LocalOnly)
             }
         })
@@ -1012,7 +1012,7 @@ mod tests {
             }
             Envelope::Sessions { user, origin, logout } => format!("Sessions {:?}", (user, origin, logout)),
             Envelope::Ban { user, until_ms } => format!("Ban {:?}", (user, until_ms)),
-            Envelope::Remote(_) | Envelope::Placement(_) | Envelope::Admin(_) => {
+            Envelope::Remote(_) | Envelope::Placement(_) | Envelope::Fence { .. } | Envelope::Admin(_) => {
                 unreachable!("never encoded")
             }
         }
