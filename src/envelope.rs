@@ -306,6 +306,30 @@ pub struct AdminTask(pub Box<AdminFn>);
 pub type AdminFn = dyn FnOnce(&dyn std::any::Any) + Send;
 
 impl Envelope {
+    /// Whether this envelope is held past a full queue (a shard's `mesh_overflow_max`, a cluster
+    /// link's `link_queue_bytes_max`) rather than dropped or refused:
+    /// - state two owners must agree on (dropped, it would leave a phantom session against a device
+    ///   limit, a kicked session alive, or a phantom room subscriber);
+    /// - the answer to a request (dropped, it would leave the request in flight for good: a send
+    ///   never acknowledged holds a place in its session's in-flight window).
+    ///
+    /// Each kind is bounded by connections and their requests in flight (the in-flight limits,
+    /// [`crate::session::ROOM_REQUESTS_INFLIGHT_MAX`]), not by traffic.
+    pub fn never_dropped(&self) -> bool {
+        match self {
+            Envelope::AttachResult { .. } | Envelope::Detach { .. } | Envelope::Kick { .. } => true,
+            Envelope::RoomClosed { .. } | Envelope::Reattach { .. } | Envelope::Placement(_) => true,
+            Envelope::Fence { .. } | Envelope::Ban { .. } => true,
+            Envelope::Acked { .. } | Envelope::Rejected { .. } | Envelope::StreamRefused { .. } => true,
+            Envelope::TokenResult { .. } | Envelope::GroupReply { .. } => true,
+            // A publish is answered only when refused, and publishes are not counted in flight.
+            Envelope::RoomReply { request_kind, .. } => *request_kind != kind::ROOM_PUBLISH,
+            Envelope::Remote(r) => r.env.never_dropped(),
+            Envelope::Room(req) => matches!(req.op, RoomOp::Unsubscribe { reply: false }),
+            _ => false,
+        }
+    }
+
     /// The owner an owner-addressed envelope is for, by `p` (`None` for envelopes addressed to
     /// a session's shard, or to a shard as such: fan-outs to subscribers or members' owners).
     pub fn owner(&self, p: &crate::placement::Placement) -> Option<Owner> {

@@ -149,6 +149,7 @@ pub fn start(cfg: Config) -> anyhow::Result<Server> {
         dropped_envelopes: Default::default(),
         table: Default::default(),
         pressure: Default::default(),
+        cluster_bounced: Default::default(),
         cfg: cfg.clone(),
     });
     let rt = RuntimeConfig {
@@ -180,6 +181,7 @@ pub fn start(cfg: Config) -> anyhow::Result<Server> {
             port,
             shared.table.clone(),
             shared.pressure.clone(),
+            shared.cluster_bounced.clone(),
             replica,
         ) {
             Ok(h) => h,

@@ -66,6 +66,9 @@ pub struct Shared {
     /// Raised while deliveries wait past a watermark somewhere on this node: new sends are
     /// then held back ([`crate::backpressure`]).
     pub pressure: Arc<Backpressure>,
+    /// Envelopes the cluster gateway could not carry (no link, or a full one): requests among
+    /// them answered NodeUnavailable, the rest dropped.
+    pub cluster_bounced: Arc<AtomicU64>,
 }
 
 pub use crate::clock::now_ms;
@@ -334,7 +337,7 @@ impl Shard {
     }
 
     fn overflow_push(&self, dst: usize, env: Envelope) {
-        if self.overflow_len.get() >= self.cfg().limits.mesh_overflow_max && !held_past_overflow_max(&env) {
+        if self.overflow_len.get() >= self.cfg().limits.mesh_overflow_max && !env.never_dropped() {
             // Refuse at the edge where a client can retry; anything further along is dropped
             // and counted (the inflight and connection limits keep this from happening).
             let env = match env {
@@ -1346,29 +1349,6 @@ impl Shard {
                 c.settled(s, outcome, sender_waiting, fx);
             }
         });
-    }
-}
-
-/// Whether `env` is held past `mesh_overflow_max` rather than dropped or refused:
-/// - state two owners must agree on (dropped, it would leave a phantom session against a device
-///   limit, a kicked session alive, or a phantom room subscriber);
-/// - the answer to a request (dropped, it would leave the request in flight for good: a send
-///   never acknowledged holds a place in its session's in-flight window).
-///
-/// Each kind is bounded by connections and their requests in flight (the in-flight limits,
-/// [`crate::session::ROOM_REQUESTS_INFLIGHT_MAX`]), not by traffic.
-fn held_past_overflow_max(env: &Envelope) -> bool {
-    match env {
-        Envelope::AttachResult { .. } | Envelope::Detach { .. } | Envelope::Kick { .. } => true,
-        Envelope::RoomClosed { .. } | Envelope::Reattach { .. } | Envelope::Placement(_) => true,
-        Envelope::Fence { .. } => true,
-        Envelope::Acked { .. } | Envelope::Rejected { .. } | Envelope::StreamRefused { .. } => true,
-        Envelope::TokenResult { .. } | Envelope::GroupReply { .. } => true,
-        // A publish is answered only when refused, and publishes are not counted in flight.
-        Envelope::RoomReply { request_kind, .. } => *request_kind != kind::ROOM_PUBLISH,
-        Envelope::Remote(r) => held_past_overflow_max(&r.env),
-        Envelope::Room(req) => matches!(req.op, RoomOp::Unsubscribe { reply: false }),
-        _ => false,
     }
 }
 

@@ -477,7 +477,12 @@ async fn metrics(state: &State) -> Response<Full<Bytes>> {
             respond(
                 StatusCode::OK,
                 "text/plain; version=0.0.4",
-                prometheus::render(&snaps, dropped, state.shared.pressure.raised()),
+                prometheus::render(
+                    &snaps,
+                    dropped,
+                    state.shared.pressure.raised(),
+                    state.shared.cluster_bounced.load(Ordering::Relaxed),
+                ),
             )
         }
         Err(e) => error_response(e),

@@ -10,7 +10,8 @@ use crate::{
 
 /// Render the snapshots; `dropped` is the node's count of envelopes dropped (a full mesh overflow),
 /// `pressure` its backpressure sources raised now.
-pub fn render(snaps: &[Snapshot], dropped: u64, pressure: usize) -> String {
+/// `bounced` the envelopes its cluster gateway could not carry.
+pub fn render(snaps: &[Snapshot], dropped: u64, pressure: usize, bounced: u64) -> String {
     let mut w = String::with_capacity(16 * 1024);
     let mut head = |w: &mut String, name: &str, kind: &str, help: &str| {
         let _ = writeln!(w, "# HELP {name} {help}\n# TYPE {name} {kind}");
@@ -116,6 +117,13 @@ pub fn render(snaps: &[Snapshot], dropped: u64, pressure: usize) -> String {
         "Places where deliveries wait past their high watermark now (new sends are held back while above 0).",
     );
     let _ = writeln!(w, "tim_backpressure_sources {pressure}");
+    head(
+        &mut w,
+        "tim_cluster_bounced_envelopes_total",
+        "counter",
+        "Envelopes for another node that no link could carry (none, or over link_queue_bytes_max): requests answered NodeUnavailable, deliveries dropped.",
+    );
+    let _ = writeln!(w, "tim_cluster_bounced_envelopes_total {bounced}");
     head(&mut w, "tim_sends_held_back", "gauge", "Sends held back by the node's backpressure now.");
     for s in snaps {
         let _ = writeln!(w, "tim_sends_held_back{{shard=\"{}\"}} {}", s.shard, s.deferred);

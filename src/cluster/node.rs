@@ -18,9 +18,10 @@
 //!   the gateway appends each envelope to its node's link buffer ([`super::wire`]); each link's
 //!   writer task encrypts and writes what has gathered. Inbound envelopes go to their shard
 //!   through the mesh, waiting (and so holding the link) while that queue is full. An envelope
-//!   for a node without a link, or over `link_queue_bytes_max`, is dropped and counted, and a
-//!   request among them (a send, a login, a room or group request, a token) is answered at once
-//!   with `NodeUnavailable` so that its client can retry.
+//!   for a node without a link, or over `link_queue_bytes_max` (but answers and shared state,
+//!   [`Envelope::never_dropped`], which go anyway), is dropped and counted, and a request among
+//!   them (a send, a login, a room or group request, a token) is answered at once with
+//!   `NodeUnavailable` so that its client can retry.
 
 use std::{
     cell::{Cell, RefCell},
@@ -134,6 +135,7 @@ pub fn start(
     port: MeshPort<Envelope>,
     shared_table: Arc<SharedTable>,
     pressure: Arc<Backpressure>,
+    dropped: Arc<AtomicU64>,
     replica: Option<(Arc<MemoryStore>, mpsc::Receiver<ReplOp>)>,
 ) -> anyhow::Result<ClusterHandle> {
     let c = &cfg.cluster;
@@ -164,7 +166,6 @@ pub fn start(
     let stop = Arc::new(AtomicBool::new(false));
     let wake = Arc::new(tokio::sync::Notify::new());
     let joined = Arc::new(AtomicBool::new(c.join.is_empty()));
-    let dropped = Arc::new(AtomicU64::new(0));
     let settings = Settings {
         psk: link::psk(&c.secret),
         join: c.join.clone(),
@@ -948,7 +949,11 @@ impl State {
             }
             return;
         };
-        if link.buf.borrow().len() >= self.settings.link_queue_bytes_max {
+        // Over the limit (what waits and what is being written), a request is answered
+        // NodeUnavailable and a delivery dropped; an answer or shared state goes anyway (bounded
+        // by the requests in flight), as at a shard's overflow cap.
+        let unsent = link.buf.borrow().len() + link.writing.get();
+        if unsent >= self.settings.link_queue_bytes_max && !env.never_dropped() {
             return self.bounce(env);
         }
         let r = wire::encode(to.shard, &env, &mut link.buf.borrow_mut());
