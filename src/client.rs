@@ -72,6 +72,7 @@ pub enum Event {
     GroupList(protocol::GroupList),
     SessionList(protocol::SessionList),
     TypingNotice(protocol::TypingNotice),
+    ProfileList(protocol::ProfileList),
     GroupRequestPage(protocol::GroupRequestPage),
     GroupJoinRequest(protocol::GroupJoinRequest),
     GroupDecision(protocol::GroupDecision),
@@ -143,6 +144,7 @@ pub fn decode_event(k: u16, payload: &[u8]) -> Result<Event> {
         kind::GROUP_LIST => Event::GroupList(de::<protocol::ArchivedGroupList, _>(payload)?),
         kind::SESSION_LIST => Event::SessionList(de::<protocol::ArchivedSessionList, _>(payload)?),
         kind::TYPING_NOTICE => Event::TypingNotice(de::<protocol::ArchivedTypingNotice, _>(payload)?),
+        kind::PROFILE_LIST => Event::ProfileList(de::<protocol::ArchivedProfileList, _>(payload)?),
         kind::GROUP_REQUEST_PAGE => {
             Event::GroupRequestPage(de::<protocol::ArchivedGroupRequestPage, _>(payload)?)
         }
@@ -622,6 +624,24 @@ impl Client {
     /// stopped (0). Nothing answers but a refusal.
     pub fn typing(&mut self, conv: u8, to: u64, state: u8) -> Result<()> {
         self.send_frame(kind::TYPING, &protocol::Typing { to, conv, state })
+    }
+
+    /// Replace this account's profile; the stored entry.
+    pub fn profile_update(&mut self, profile: protocol::UserProfile) -> Result<protocol::ProfileEntry> {
+        self.send_frame(kind::PROFILE_UPDATE, &protocol::ProfileUpdate { profile })?;
+        self.wait_for(kind::PROFILE_UPDATE, |e| match e {
+            Event::ProfileList(l) => l.profiles.first().cloned(),
+            _ => None,
+        })
+    }
+
+    /// The profiles of `user_ids` (those with an account), in that order.
+    pub fn profile_get(&mut self, user_ids: &[u64]) -> Result<Vec<protocol::ProfileEntry>> {
+        self.send_frame(kind::PROFILE_GET, &protocol::ProfileGet { user_ids: user_ids.to_vec() })?;
+        self.wait_for(kind::PROFILE_GET, |e| match e {
+            Event::ProfileList(l) => Some(l.profiles.clone()),
+            _ => None,
+        })
     }
 
     /// This account's live sessions, oldest login first.

@@ -270,6 +270,8 @@ const OPS: &[OpSpec] = &[
     op("my_sessions", kind::MY_SESSIONS, &[K::Reserved], &[]),
     op("session_logout", kind::SESSION_LOGOUT, &[K::SessionId], &[K::SessionId]),
     op("typing", kind::TYPING, &[K::Conv, K::To, K::State], &[K::Conv, K::To]),
+    op("profile_update", kind::PROFILE_UPDATE, &[K::Profile], &[K::Profile]),
+    op("profile_get", kind::PROFILE_GET, &[K::UserIds], &[K::UserIds]),
 ];
 
 fn op_spec(name: &str) -> Option<&'static OpSpec> {
@@ -320,7 +322,7 @@ struct Fields<'a> {
 /// A group `profile` object, as parsed.
 #[derive(Default)]
 struct Profile<'a> {
-    seen: u8,
+    seen: u16,
     name: Cow<'a, str>,
     topic: Cow<'a, str>,
     avatar_url: Cow<'a, str>,
@@ -328,10 +330,30 @@ struct Profile<'a> {
     extra_b64: Option<Cow<'a, str>>,
     join_policy: u8,
     invite_policy: u8,
+    nickname: Cow<'a, str>,
+    gender: u8,
+    birthday: u32,
+    area: Cow<'a, str>,
 }
 
-const PROFILE_KEYS: [&str; 7] =
-    ["name", "topic", "avatar_url", "extra", "extra_b64", "join_policy", "invite_policy"];
+/// The fields of a `profile` object: a group's (the first 7) or a user's (`avatar_url`,
+/// `extra`, `extra_b64` and the last 4).
+const PROFILE_KEYS: [&str; 11] = [
+    "name",
+    "topic",
+    "avatar_url",
+    "extra",
+    "extra_b64",
+    "join_policy",
+    "invite_policy",
+    "nickname",
+    "gender",
+    "birthday",
+    "area",
+];
+/// Bits of the group-only and the user-only profile fields.
+const GROUP_ONLY: u16 = 0b000_0110_0011;
+const USER_ONLY: u16 = 0b111_1000_0000;
 
 /// Parse and check a request text, and build its frame.
 fn parse(text: &str) -> Result<Request, RequestError> {
@@ -461,6 +483,8 @@ fn build(f: Fields<'_>) -> Result<Request, RequestError> {
         kind::MY_SESSIONS => archive(k, &protocol::MySessions { reserved: f.reserved }),
         kind::SESSION_LOGOUT => archive(k, &protocol::SessionLogout { session_id: f.session_id }),
         kind::TYPING => archive(k, &protocol::Typing { to: f.to, conv: f.conv, state: f.state }),
+        kind::PROFILE_UPDATE => archive(k, &protocol::ProfileUpdate { profile: user_profile(f.profile)? }),
+        kind::PROFILE_GET => archive(k, &protocol::ProfileGet { user_ids: f.user_ids }),
         kind::GROUP_ADD_MEMBERS => {
             archive(k, &protocol::GroupAddMembers { group_id: f.group_id, user_ids: f.user_ids })
         }
@@ -501,7 +525,32 @@ fn bytes_field<'a>(
     Ok(bytes)
 }
 
+/// The first field of `p` among `bits`, if any.
+fn stray_field(p: &Profile<'_>, bits: u16) -> Option<&'static str> {
+    (0..PROFILE_KEYS.len()).find(|&i| p.seen & bits & (1 << i) != 0).map(|i| PROFILE_KEYS[i])
+}
+
+fn user_profile(p: Profile<'_>) -> Result<protocol::UserProfile, RequestError> {
+    if let Some(name) = stray_field(&p, GROUP_ONLY) {
+        return Err(invalid(format!("field `profile`: unknown field `{name}` (a group's)")));
+    }
+    let extra = bytes_field(p.extra, p.extra_b64, "extra")
+        .map_err(|e| invalid(format!("field `profile`: {e}")))?
+        .into_owned();
+    Ok(protocol::UserProfile {
+        nickname: p.nickname.into_owned(),
+        avatar_url: p.avatar_url.into_owned(),
+        gender: p.gender,
+        birthday: p.birthday,
+        area: p.area.into_owned(),
+        extra,
+    })
+}
+
 fn group_profile(p: Profile<'_>) -> Result<protocol::GroupProfile, RequestError> {
+    if let Some(name) = stray_field(&p, USER_ONLY) {
+        return Err(invalid(format!("field `profile`: unknown field `{name}` (a user's)")));
+    }
     let extra = bytes_field(p.extra, p.extra_b64, "extra")
         .map_err(|e| invalid(format!("field `profile`: {e}")))?
         .into_owned();
@@ -920,7 +969,7 @@ impl<'de> Visitor<'de> for ProfileSeed {
             let Some(i) = PROFILE_KEYS.iter().position(|k| *k == name) else {
                 return Err(de::Error::custom(format_args!("unknown field `{}`", clip(&name))));
             };
-            let bit = 1u8 << i;
+            let bit = 1u16 << i;
             if p.seen & bit != 0 {
                 return Err(de::Error::custom(format_args!("field `{name}` given twice")));
             }
@@ -937,7 +986,11 @@ impl<'de> Visitor<'de> for ProfileSeed {
                 3 => p.extra = Some(value!(StrSeed)),
                 4 => p.extra_b64 = Some(value!(StrSeed)),
                 5 => p.join_policy = value!(IntSeed::U8) as u8,
-                _ => p.invite_policy = value!(IntSeed::U8) as u8,
+                6 => p.invite_policy = value!(IntSeed::U8) as u8,
+                7 => p.nickname = value!(StrSeed),
+                8 => p.gender = value!(IntSeed::U8) as u8,
+                9 => p.birthday = value!(IntSeed::U32) as u32,
+                _ => p.area = value!(StrSeed),
             }
         }
         Ok(p)
@@ -1134,6 +1187,8 @@ fn answered_in_order(k: u16) -> bool {
             | kind::GROUP_ADD_MEMBERS
             | kind::MY_SESSIONS
             | kind::SESSION_LOGOUT
+            | kind::PROFILE_UPDATE
+            | kind::PROFILE_GET
     )
 }
 
@@ -1312,6 +1367,7 @@ fn type_name(k: u16) -> Option<&'static str> {
         kind::GROUP_DECISION => "group_decision",
         kind::SESSION_LIST => "session_list",
         kind::TYPING_NOTICE => "typing_notice",
+        kind::PROFILE_LIST => "profile_list",
         _ => return None,
     })
 }
@@ -1532,6 +1588,27 @@ fn write_answer(frame: &[u8], corr: &mut Correlator, out: &mut String) -> Result
             o.id(p.answer_in_order(|f| f == kind::MY_GROUPS).as_deref());
             o.u64_list("groups", a.groups.iter().map(|g| g.to_native()));
             o.flag("more", a.more);
+        }
+        kind::PROFILE_LIST => {
+            let a = access!(ArchivedProfileList);
+            o.id(p.answer_in_order(|f| f == kind::PROFILE_GET || f == kind::PROFILE_UPDATE).as_deref());
+            o.open_arr("profiles");
+            for e in a.profiles.iter() {
+                o.open_elem_obj();
+                o.u64s("user_id", e.user_id.to_native());
+                o.u64s("updated_ms", e.updated_ms.to_native());
+                o.open_obj("profile");
+                let pr = &e.profile;
+                o.text("nickname", pr.nickname.as_str());
+                o.text("avatar_url", pr.avatar_url.as_str());
+                o.num("gender", pr.gender as u64);
+                o.num("birthday", pr.birthday.to_native() as u64);
+                o.text("area", pr.area.as_str());
+                o.bytes("extra", pr.extra.as_slice());
+                o.close();
+                o.close();
+            }
+            o.close_arr();
         }
         kind::TYPING_NOTICE => {
             let a = access!(ArchivedTypingNotice);
@@ -2897,6 +2974,8 @@ mod tests {
             kind::MY_SESSIONS => frame::access::<ArchivedMySessions>(p).is_ok(),
             kind::SESSION_LOGOUT => frame::access::<ArchivedSessionLogout>(p).is_ok(),
             kind::TYPING => frame::access::<ArchivedTyping>(p).is_ok(),
+            kind::PROFILE_UPDATE => frame::access::<ArchivedProfileUpdate>(p).is_ok(),
+            kind::PROFILE_GET => frame::access::<ArchivedProfileGet>(p).is_ok(),
             kind::GROUP_ADD_MEMBERS => frame::access::<ArchivedGroupAddMembers>(p).is_ok(),
             _ => false,
         }

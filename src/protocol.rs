@@ -1191,6 +1191,14 @@ mod session_layout_tests {
         assert_eq!((size_of::<ArchivedSessionLogout>(), align_of::<ArchivedSessionLogout>()), (8, 8));
         assert_eq!((size_of::<ArchivedSessionInfo>(), align_of::<ArchivedSessionInfo>()), (32, 8));
         assert_eq!((size_of::<ArchivedSessionList>(), align_of::<ArchivedSessionList>()), (8, 4));
+        assert_eq!((size_of::<ArchivedTyping>(), align_of::<ArchivedTyping>()), (16, 8));
+        assert_eq!((size_of::<ArchivedTypingNotice>(), align_of::<ArchivedTypingNotice>()), (24, 8));
+        assert_eq!((size_of::<ArchivedUserProfile>(), align_of::<ArchivedUserProfile>()), (40, 4));
+        assert_eq!(std::mem::offset_of!(ArchivedUserProfile, birthday), 20);
+        assert_eq!((size_of::<ArchivedProfileUpdate>(), align_of::<ArchivedProfileUpdate>()), (40, 4));
+        assert_eq!((size_of::<ArchivedProfileGet>(), align_of::<ArchivedProfileGet>()), (8, 4));
+        assert_eq!((size_of::<ArchivedProfileEntry>(), align_of::<ArchivedProfileEntry>()), (56, 8));
+        assert_eq!((size_of::<ArchivedProfileList>(), align_of::<ArchivedProfileList>()), (8, 4));
         let list = SessionList {
             sessions: vec![SessionInfo {
                 session_id: 0x0001_0000_0000_0003,

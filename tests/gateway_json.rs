@@ -128,6 +128,25 @@ fn json_talks_with_binary(driver: &str) {
     let e = next_of(&mut j, "error");
     assert_eq!((e["id"].clone(), e["code"].clone()), (json!("again"), json!(21)), "{e}");
     assert!(matches!(desk.recv(), Ok(Event::Kick(k)) if k.reason == ErrorCode::LoggedOutElsewhere.code()));
+    // Profiles over JSON; a group's field in a user's profile is refused.
+    send(
+        &mut j,
+        json!({"op": "profile_update", "id": "pu", "profile": {"nickname": "Jay", "gender": 3, "birthday": 20000229, "extra_b64": "AP8="}}),
+    );
+    let saved = next_of(&mut j, "profile_list");
+    assert_eq!(saved["id"], json!("pu"));
+    assert_eq!(saved["profiles"][0]["profile"]["nickname"], json!("Jay"));
+    send(&mut j, json!({"op": "profile_get", "id": "pg", "user_ids": [bob_id.to_string(), jid]}));
+    let got = next_of(&mut j, "profile_list");
+    let ps = got["profiles"].as_array().unwrap();
+    assert_eq!(
+        (ps.len(), &ps[0]["updated_ms"], &ps[1]["profile"]["birthday"]),
+        (2, &json!("0"), &json!(20000229))
+    );
+    assert_eq!(ps[1]["profile"]["extra_b64"], json!("AP8="), "{got}");
+    send(&mut j, json!({"op": "profile_update", "id": "bad", "profile": {"nickname": "x", "topic": "t"}}));
+    let e = next_of(&mut j, "error");
+    assert_eq!((e["id"].clone(), e["code"].clone()), (json!("bad"), json!(1)), "{e}");
     send(&mut j, json!({"op": "logout", "id": "bye"}));
     assert_eq!(next_of(&mut j, "bye")["id"], json!("bye"));
 }

@@ -789,6 +789,24 @@ fn store_bans(st: &str) {
     store.close();
 }
 
+/// Profiles on every store: saved, read back in the order asked (unknown ids left out, unset
+/// ones empty), replaced by a later save.
+fn store_profiles(st: &str) {
+    let (store, _dir) = open_store(st);
+    let a = store.create_account(&[51u8; 32], "hash".into()).unwrap();
+    let b = store.create_account(&[52u8; 32], "hash".into()).unwrap();
+    let p =
+        tim::store::UserProfile { nickname: "n".into(), gender: 2, extra: vec![9; 3], ..Default::default() };
+    store.save_profile(a, &p, 1000).unwrap();
+    let unknown = b.wrapping_add(4096 * 1000);
+    let got = store.profiles(&[b, unknown, a]).unwrap();
+    assert_eq!(got, vec![(b, 0, Default::default()), (a, 1000, p.clone())]);
+    let q = tim::store::UserProfile { area: "x".into(), ..p };
+    store.save_profile(a, &q, 2000).unwrap();
+    assert_eq!(store.profiles(&[a]).unwrap(), vec![(a, 2000, q)]);
+    store.close();
+}
+
 macro_rules! on_every_store {
     ($($name:ident),* $(,)?) => {
         mod memory { $( #[test] fn $name() { super::$name("memory") } )* }
@@ -799,6 +817,7 @@ macro_rules! on_every_store {
 
 on_every_store!(
     store_bans,
+    store_profiles,
     batched_loads,
     history_pages,
     offline_catch_up,

@@ -41,7 +41,7 @@ export const ErrorCode = Object.freeze({
   Malformed: 1, UnknownKind: 2, NotLoggedIn: 10, AlreadyLoggedIn: 11, UnknownUser: 12,
   WrongPassword: 13, NameTaken: 14, InvalidName: 15, InvalidPassword: 16, InvalidToken: 17,
   UnknownRecipient: 30, Busy: 33, BodyTooLarge: 34, LoginTimeout: 40, IdleTimeout: 41,
-  Replaced: 42, ShuttingDown: 43, RateLimited: 47, KickedByOperator: 48, Banned: 49, UnknownSession: 21, LoggedOutElsewhere: 54, Internal: 50, StoreUnavailable: 51,
+  Replaced: 42, ShuttingDown: 43, RateLimited: 47, KickedByOperator: 48, Banned: 49, UnknownSession: 21, InvalidProfile: 22, LoggedOutElsewhere: 54, Internal: 50, StoreUnavailable: 51,
   Timeout: 52, RoomNotFound: 60, GroupNotFound: 70, NotMember: 71, NotManager: 72, Muted: 73,
   // This module's own:
   /** The connection closed before the answer came. */
@@ -383,6 +383,18 @@ export class TimClient extends EventTarget {
    * `typing_notice` events. */
   typing(conv, to, typing = true) {
     this._post({ op: "typing", conv, to: u64(to), state: typing ? 1 : 0 });
+  }
+
+  /** Replace this account's profile (`{nickname, avatar_url, gender, birthday, area,
+   * extra}`). Resolves with `profile_list` holding the stored entry. */
+  profileUpdate(profile) {
+    return this._request({ op: "profile_update", profile });
+  }
+
+  /** Profiles of some users. Resolves with `profile_list` (`profiles`: `{user_id,
+   * updated_ms, profile}`, accounts only, in the order asked). */
+  profileGet(userIds) {
+    return this._request({ op: "profile_get", user_ids: userIds.map(u64) });
   }
 
   /** The account's live sessions. Resolves with `session_list` (`sessions`: `{session_id,
