@@ -1208,6 +1208,9 @@ impl Pending {
             }
             kind::DELIVERY_ACK if anyway || ack_refused => self.acks.push((ack_refused, id)),
             kind::DELIVERY_ACK => {}
+            // Refused only now and then, later (RateLimited, a group's refusal): its errors
+            // carry no id.
+            kind::TYPING => {}
             _ => {
                 debug_assert!(answered_in_order(k));
                 let q = &mut self.ordered;

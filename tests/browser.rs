@@ -302,6 +302,25 @@ async fn scenario(
     screenshot(a, shots, "1-alice-chat").await;
     screenshot(b, shots, "1-bob-chat").await;
 
+    // Typing: alice types without sending; bob's page says so. Alice's page lists its session.
+    fill(a, "#composer-input", "still typ").await?;
+    wait_js(
+        b,
+        "alice is typing",
+        "return document.getElementById('typing').textContent === arguments[0];",
+        vec![json!(format!("user {alice} is typing…"))],
+    )
+    .await?;
+    fill(a, "#composer-input", "").await?;
+    click(a, "#sessions-btn").await?;
+    wait_js(
+        a,
+        "alice's sessions",
+        "const l = document.querySelectorAll('#session-list li'); return l.length === 1 && l[0].textContent.includes('(this page)');",
+        vec![],
+    )
+    .await?;
+
     // A group: alice creates it, adds bob by id, writes; bob finds it in his list.
     fill(a, "#new-group-name", "tim fans").await?;
     click(a, "#new-group-btn").await?;
@@ -382,6 +401,17 @@ async fn scenario(
     screenshot(a, shots, "2-alice-bulk").await;
     screenshot(b, shots, "2-bob-room").await;
 
+    // Alice sets a nickname; bob's page shows it after his next login.
+    fill(a, "#nickname", "Alice A").await?;
+    click(a, "#nickname-btn").await?;
+    wait_js(
+        a,
+        "the nickname saved",
+        "return document.getElementById('flash').textContent.includes('Alice A');",
+        vec![],
+    )
+    .await?;
+
     // Bob reloads his page and logs in again: his chats come back (the 1:1 list from this
     // browser's storage, groups from the server) and history is read from the store.
     b.refresh().await?;
@@ -398,6 +428,13 @@ async fn scenario(
     click(b, "#login-btn").await?;
     assert_eq!(logged_in(b, "bob").await?, bob);
     open_conv(b, &format!("d:{alice}")).await?;
+    wait_js(
+        b,
+        "alice's nickname",
+        "return document.getElementById('conv-title').textContent === arguments[0];",
+        vec![json!(format!("Alice A ({alice})"))],
+    )
+    .await?;
     wait_message(b, &format!("bulk {BULK}"), None).await?;
     // One page (the newest 30) at first; the rest behind "load older".
     wait_js(b, "the load older button", "return !document.getElementById('load-older-btn').hidden;", vec![])

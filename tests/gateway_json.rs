@@ -128,6 +128,24 @@ fn json_talks_with_binary(driver: &str) {
     let e = next_of(&mut j, "error");
     assert_eq!((e["id"].clone(), e["code"].clone()), (json!("again"), json!(21)), "{e}");
     assert!(matches!(desk.recv(), Ok(Event::Kick(k)) if k.reason == ErrorCode::LoggedOutElsewhere.code()));
+    // Typing over JSON: bob's binary session gets the notice; a bad one is refused (no id).
+    send(&mut j, json!({"op": "typing", "id": "t", "conv": 1, "to": bob_id.to_string(), "state": 1}));
+    loop {
+        match b.recv().unwrap() {
+            Event::TypingNotice(t) => {
+                assert_eq!((t.from, t.to, t.state), (jid, bob_id, 1));
+                break;
+            }
+            _ => continue,
+        }
+    }
+    send(&mut j, json!({"op": "typing", "id": "t2", "conv": 1, "to": jid.to_string()}));
+    let e = next_of(&mut j, "error");
+    assert_eq!(
+        (e["code"].clone(), e["request_kind"].clone(), e.get("id")),
+        (json!(31), json!(13), None),
+        "{e}"
+    );
     // Profiles over JSON; a group's field in a user's profile is refused.
     send(
         &mut j,

@@ -30,6 +30,12 @@ function deviceId() {
 const state = {
   /** The connection (a TimClient), or null. */
   client: null,
+  /** Nicknames from users' profiles, by user id. */
+  nicknames: new Map(),
+  /** When this page last told the open conversation it types (ms), and the timer that hides
+   * the "is typing" line. */
+  typingSentAt: 0,
+  typingTimer: null,
   /** The logged-in user's id and name, kept after a disconnect to resend to the same account. */
   me: null,
   name: null,
@@ -60,14 +66,80 @@ function conv(kind, id) {
       ackedSeq: "0", ackTimer: null, info: null, closed: false, nextLocal: 0,
     };
     state.convs.set(key, c);
-    if (kind === "direct") saveContacts();
+    if (kind === "direct") {
+      saveContacts();
+      if (state.client?.session && !state.nicknames.has(String(id))) loadNicknames([id]).catch(() => {});
+    }
     renderLists();
   }
   return c;
 }
 
 function userLabel(id) {
-  return String(id) === state.me ? "you" : `user ${id}`;
+  if (String(id) === state.me) return "you";
+  const nick = state.nicknames.get(String(id));
+  return nick ? `${nick} (${id})` : `user ${id}`;
+}
+
+/** Read the profiles of `ids` (100 a request) and show their nicknames. */
+async function loadNicknames(ids) {
+  const all = [...new Set(ids.map(String))];
+  for (let i = 0; i < all.length; i += 100) {
+    const list = await state.client.profileGet(all.slice(i, i + 100));
+    for (const p of list.profiles) {
+      if (p.profile.nickname) state.nicknames.set(p.user_id, p.profile.nickname);
+      else state.nicknames.delete(p.user_id);
+    }
+  }
+  for (const c of state.convs.values()) if (c.kind === "direct") c.title = userLabel(c.id);
+  $("nickname").value = state.nicknames.get(state.me) || "";
+  renderLists();
+  if (state.current) $("conv-title").textContent = state.convs.get(state.current)?.title || "";
+}
+
+const DEVICE_NAMES = { 0: "other", 1: "phone", 2: "tablet", 3: "desktop", 4: "web" };
+
+/** List the account's sessions, each with a button that logs it out. */
+async function showSessions(list) {
+  const ul = $("session-list");
+  ul.replaceChildren();
+  for (const s of list.sessions) {
+    const li = document.createElement("li");
+    li.dataset.testid = "session";
+    const since = new Date(Number(s.login_ms)).toLocaleString();
+    li.textContent = `${DEVICE_NAMES[s.device_type] || s.device_type}${s.device_id ? ` “${s.device_id}”` : ""}, since ${since}${s.current ? " (this page)" : ""} `;
+    if (!s.current) {
+      const b = document.createElement("button");
+      b.type = "button";
+      b.className = "secondary";
+      b.textContent = "Log out";
+      b.addEventListener("click", async () => {
+        try {
+          await showSessions(await state.client.sessionLogout(s.session_id));
+        } catch (e) {
+          flash(`${e.codeName}: ${e.message}`);
+        }
+      });
+      li.append(b);
+    }
+    ul.append(li);
+  }
+}
+
+/** Show (or hide, `text` empty) the "is typing" line of the open conversation. */
+function showTyping(text) {
+  clearTimeout(state.typingTimer);
+  $("typing").textContent = text;
+  $("typing").hidden = !text;
+  if (text) state.typingTimer = setTimeout(() => showTyping(""), 6000);
+}
+
+/** The user types in the open conversation: tell it, at most every 3 s. */
+function typed() {
+  const c = state.convs.get(state.current);
+  if (!c || c.kind === "room" || !state.client?.session || Date.now() - state.typingSentAt < 3000) return;
+  state.typingSentAt = Date.now();
+  state.client.typing(c.kind === "group" ? Conv.GROUP : Conv.DIRECT, c.id, true);
 }
 
 function contactsKey() {
@@ -333,6 +405,7 @@ async function openConv(key) {
   if (!c) return;
   state.current = key;
   c.unread = 0;
+  showTyping("");
   $("empty-pane").hidden = true;
   $("conv-pane").hidden = false;
   $("conv-title").textContent = c.title;
@@ -404,8 +477,15 @@ async function openClient() {
 }
 
 function wire(client) {
+  client.on("typing_notice", (t) => {
+    if (client !== state.client || t.from === state.me) return;
+    const key = t.conv === Conv.GROUP ? `g:${t.to}` : `d:${t.from}`;
+    if (state.current !== key) return;
+    showTyping(t.state === 1 ? `${userLabel(t.from)} is typing…` : "");
+  });
   client.on("deliver", (msg) => {
     if (client !== state.client) return;
+    if (msg.from !== state.me && $("typing").textContent.startsWith(userLabel(msg.from))) showTyping("");
     const c = addStored(msg, "live");
     scheduleAck(c);
     if (c.kind === "group" && isNotice(msg) && msg.notice?.event !== NoticeEvent.CREATED) refreshGroupInfo(c);
@@ -530,6 +610,12 @@ async function enterChatView(ok, name) {
     for (const g of await state.client.myGroupsAll()) refreshGroupInfo(conv("group", g));
   } catch (e) {
     flash(`groups: ${e.codeName}: ${e.message}`);
+  }
+  try {
+    const direct = [...state.convs.values()].filter((c) => c.kind === "direct").map((c) => c.id);
+    await loadNicknames([state.me, ...direct]);
+  } catch (e) {
+    flash(`profiles: ${e.codeName}: ${e.message}`);
   }
 }
 
@@ -686,7 +772,29 @@ function setup() {
     const text = input.value;
     if (!c || !text.trim() || !state.client?.session) return;
     input.value = "";
+    state.typingSentAt = 0;
     sendText(c, text);
+  });
+  $("composer-input").addEventListener("input", typed);
+  onSubmit("nickname-form", async () => {
+    if (!state.client?.session) return;
+    try {
+      const saved = await state.client.profileUpdate({ nickname: $("nickname").value.trim() });
+      const nick = saved.profiles[0].profile.nickname;
+      if (nick) state.nicknames.set(state.me, nick);
+      else state.nicknames.delete(state.me);
+      flash(nick ? `Your nickname is now “${nick}”.` : "Your nickname is cleared.");
+    } catch (e) {
+      flash(`${e.codeName}: ${e.message}`);
+    }
+  });
+  $("sessions-btn").addEventListener("click", async () => {
+    if (!state.client?.session) return;
+    try {
+      await showSessions(await state.client.mySessions());
+    } catch (e) {
+      flash(`${e.codeName}: ${e.message}`);
+    }
   });
   $("composer-input").addEventListener("keydown", (e) => {
     if (e.key === "Enter" && !e.shiftKey && !e.isComposing) {

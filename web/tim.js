@@ -163,7 +163,7 @@ const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
 /** Server message types that are pushes: they never answer a request. */
 const PUSH_TYPES = new Set([
   "deliver", "stream_msg", "catch_up_end", "resync", "broadcast", "kick", "room_msg",
-  "room_closed", "missed", "group_join_request", "group_decision",
+  "room_closed", "missed", "group_join_request", "group_decision", "typing_notice",
 ]);
 
 /**

@@ -416,6 +416,11 @@ pub struct Verdict {
     pub lost: u64,
     /// Received by a connection the message was not meant for.
     pub misrouted: u64,
+    /// A connection's own acknowledged messages it received itself, in a later life (it
+    /// reconnected as the same device): the server's fan-out skips the session that sent, so
+    /// a fan-out still on its way when the device logged in again reaches the new session.
+    /// Allowed (PROTOCOL 8.3: clients drop repeats by seq); counted apart from `misrouted`.
+    pub echoed_after_reconnect: u64,
     /// Received although the sender never saw the ack (answer still on the way at the end).
     pub delivered_unacked: u64,
     pub unanswered: u64,
@@ -464,7 +469,11 @@ pub fn merge(
         for (&s, bits) in &l.received {
             let acked = by_conn.get(s as usize).copied().flatten().map_or(&empty, |sl| &sl.acked);
             let (both, only) = bits.overlap(acked);
-            received_acked += both;
+            if s == l.conn && l.reconnects > 0 {
+                v.echoed_after_reconnect += both;
+            } else {
+                received_acked += both;
+            }
             v.delivered_unacked += only;
         }
     }
@@ -626,5 +635,23 @@ mod tests {
         assert_eq!((v.misrouted, v.delivered_unacked), (0, 1));
         let v = merge(&ledgers, 3, |_, _, out| out.push(1));
         assert_eq!((v.expected, v.delivered, v.lost, v.misrouted), (4, 4, 0, 3));
+    }
+
+    /// A connection that gets its own acknowledged message: misrouted, unless it reconnected
+    /// (then counted apart: the fan-out to the sender's other sessions reached its new one).
+    #[test]
+    fn own_message_after_reconnect() {
+        let mut send0 = SendLog::default();
+        send0.acked.set(0);
+        let mut r0 = RecvLog::default();
+        r0.record(0, 0, 0, None);
+        let mut r1 = RecvLog::default();
+        r1.record(0, 0, 0, None);
+        let mut ledgers = vec![ConnLedger::new(0, send0, r0), ConnLedger::new(1, SendLog::default(), r1)];
+        let v = merge(&ledgers, 2, |_, _, out| out.push(1));
+        assert_eq!((v.delivered, v.misrouted, v.echoed_after_reconnect), (1, 1, 0));
+        ledgers[0].reconnects = 1;
+        let v = merge(&ledgers, 2, |_, _, out| out.push(1));
+        assert_eq!((v.delivered, v.misrouted, v.echoed_after_reconnect), (1, 0, 1));
     }
 }

@@ -384,6 +384,7 @@ pub fn finish(g: &Global, o: &Outcome) -> bool {
         m.insert("given_up".into(), json!(v.abandoned));
         m.insert("resent".into(), json!(c(C::Resent)));
         m.insert("delivered_before_ack".into(), json!(v.delivered_unacked));
+        m.insert("echoed_after_reconnect".into(), json!(v.echoed_after_reconnect));
         m.insert("foreign".into(), json!(c(C::Foreign)));
         m.insert("errors".into(), json!(errors));
         m.insert("errors_by_kind".into(), json!(r.errors));
