@@ -598,6 +598,14 @@ pub enum Input {
     /// `/invite ID`: a user into the current group.
     Invite(String),
     Whoami,
+    /// `/sessions`: this account's live sessions.
+    Sessions,
+    /// `/logout ID`: log one of this account's sessions out.
+    LogoutSession(String),
+    /// `/nick NAME`: set this account's nickname (empty: clear it).
+    Nick(String),
+    /// `/profile ID`: a user's profile.
+    Profile(String),
     Help,
     Quit,
     /// A command not understood (the line as typed).
@@ -617,6 +625,10 @@ commands:
   /invite ID       add user ID to the current group
   /leave           leave the current group
   /whoami          your user id
+  /sessions        your account's sessions (on every device)
+  /logout ID       log session ID of your account out (from /sessions)
+  /nick [NAME]     set your nickname (none: clear it)
+  /profile ID      user ID's profile
   /quit            leave (Ctrl-D and Ctrl-C too)
   //TEXT           send TEXT starting with one /";
 
@@ -656,6 +668,10 @@ pub fn parse_input(line: &[u8]) -> Input {
         ("invite", Some(id), None) => Input::Invite(id.into()),
         ("leave", None, _) => Input::Leave,
         ("whoami", None, _) => Input::Whoami,
+        ("sessions", None, _) => Input::Sessions,
+        ("logout", Some(id), None) => Input::LogoutSession(id.into()),
+        ("nick", _, _) => Input::Nick(rest.into()),
+        ("profile", Some(id), None) => Input::Profile(id.into()),
         ("help" | "?", _, _) => Input::Help,
         ("quit" | "exit" | "q", None, _) => Input::Quit,
         _ => Input::Unknown(String::from_utf8_lossy(line).into_owned()),
@@ -664,6 +680,49 @@ pub fn parse_input(line: &[u8]) -> Input {
 
 // ---------------------------------------------------------------------------------------------
 // Messages as printed, without I/O.
+
+/// Sessions as `/sessions` prints them, a line each.
+pub fn sessions_text(sessions: &[protocol::SessionInfo]) -> String {
+    let types = ["other", "phone", "tablet", "desktop", "web"];
+    let now = crate::clock::now_ms();
+    sessions
+        .iter()
+        .map(|s| {
+            let kind = types.get(s.device_type as usize).copied().unwrap_or("?");
+            let id = body_text(s.device_id.as_bytes());
+            let this = if s.current { "  (this one)" } else { "" };
+            format!("  {}  {kind} {id:?}  since {}{this}", s.session_id, time_text(s.login_ms, now))
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// A profile as `/profile` prints it.
+pub fn profile_text(e: &protocol::ProfileEntry) -> String {
+    let p = &e.profile;
+    if e.updated_ms == 0 {
+        return format!("user {} has no profile", e.user_id);
+    }
+    let gender = ["", "female", "male", "other"].get(p.gender as usize).copied().unwrap_or("");
+    let mut parts = vec![format!("user {}", e.user_id)];
+    for (k, v) in [("nickname", &p.nickname), ("avatar", &p.avatar_url), ("area", &p.area)] {
+        if !v.is_empty() {
+            parts.push(format!("{k} {}", body_text(v.as_bytes())));
+        }
+    }
+    if !gender.is_empty() {
+        parts.push(gender.into());
+    }
+    if p.birthday != 0 {
+        parts.push(format!(
+            "born {}-{:02}-{:02}",
+            p.birthday / 10000,
+            p.birthday / 100 % 100,
+            p.birthday % 100
+        ));
+    }
+    parts.join(", ")
+}
 
 /// `you` for this user, else the id.
 fn who(id: u64, me: u64) -> String {
@@ -1652,6 +1711,41 @@ impl Chat {
                 (None, _) => {}
             },
             Input::Whoami => note(format!("you are user {}", self.s.me)),
+            Input::Sessions => {
+                let list = self.s.request("sessions", |c| c.my_sessions())?;
+                note(sessions_text(&list.sessions));
+            }
+            Input::LogoutSession(spec) => match spec.parse::<u64>() {
+                Ok(id) => {
+                    let list = self.s.request("logout", |c| c.session_logout(id))?;
+                    note(format!("logged session {id} out\n{}", sessions_text(&list.sessions)));
+                }
+                Err(_) => note(format!("{spec} is no session id (see /sessions)")),
+            },
+            Input::Nick(name) => {
+                let me = self.s.me;
+                let mut profile = self
+                    .s
+                    .request("profile", |c| c.profile_get(&[me]))?
+                    .into_iter()
+                    .next()
+                    .map(|e| e.profile)
+                    .unwrap_or_default();
+                profile.nickname = name;
+                let saved = self.s.request("nick", |c| c.profile_update(profile))?;
+                match saved.profile.nickname.as_str() {
+                    "" => note("nickname cleared"),
+                    nick => note(format!("your nickname is now {}", body_text(nick.as_bytes()))),
+                }
+            }
+            Input::Profile(spec) => match resolve(&spec, false) {
+                Ok(Target::User(u)) => match self.s.request("profile", |c| c.profile_get(&[u]))?.first() {
+                    Some(e) => note(profile_text(e)),
+                    None => note(format!("no user {u}")),
+                },
+                Ok(t) => note(format!("{t} is no user")),
+                Err(why) => note(why),
+            },
             Input::Help => note(HELP),
             Input::Quit => self.quitting = Some(Instant::now()),
             Input::Unknown(text) => note(format!("not understood: {text} (/help lists the commands)")),

@@ -365,6 +365,34 @@ fn interactive_mode_sends_what_is_typed() {
     assert_eq!(b.next_delivery().unwrap().body, b"and again");
 }
 
+/// `/nick` sets the nickname (kept with the rest of the profile), `/profile` shows one,
+/// `/sessions` lists the account's sessions and `/logout` closes another of them.
+#[test]
+fn interactive_profile_and_sessions() {
+    let s = TestServer::start("io_uring", "");
+    let (alice, alice_id) = s.register("alice");
+    let (mut other, _) = s.login(&alice, 1);
+    let other_id = other.my_sessions().unwrap().sessions[0].session_id;
+    let script =
+        format!("/nick Ali\n/profile {alice_id}\n/sessions\n/logout {other_id}\n/logout 12\n/quit\n");
+    let typed = chat(&s, &alice, &["interactive"], Some(&script)).finish();
+    assert!(typed.status.success(), "{typed:?}");
+    let err = &typed.stderr;
+    assert!(err.contains("your nickname is now Ali"), "{err}");
+    assert!(err.contains(&format!("user {alice_id}, nickname Ali")), "{err}");
+    assert!(err.contains(&format!("  {other_id}  phone")) && err.contains("(this one)"), "{err}");
+    assert!(err.contains(&format!("logged session {other_id} out")), "{err}");
+    assert!(err.contains("UnknownSession"), "{err}");
+    assert!(matches!(other.recv(), Ok(tim::client::Event::Kick(k)) if k.reason == 54));
+    assert_eq!(
+        other.profile_get(&[alice_id]).err().map(|_| ()),
+        Some(()),
+        "the logged-out session is closed"
+    );
+    let (mut b, _) = s.login(&alice, 3);
+    assert_eq!(b.profile_get(&[alice_id]).unwrap()[0].profile.nickname, "Ali");
+}
+
 /// A one-shot token logs in instead of a name and password, and only once.
 #[test]
 fn a_token_logs_in_once() {
