@@ -208,7 +208,7 @@ fn refusals(driver: &str) {
     assert_eq!(http(a, "GET", "/healthz", None, None).0, 200);
 }
 
-on_both_drivers!(token_and_health, users_and_messages, groups, refusals, bans);
+on_both_drivers!(token_and_health, users_and_messages, groups, refusals, bans, profiles_and_sessions);
 
 /// A non-loopback admin listener without a token is refused at start, with a clear error.
 #[test]
@@ -297,4 +297,52 @@ fn bans(driver: &str) {
     assert_eq!((st, v["banned"].as_bool()), (200, Some(false)), "{v}");
     let (mut a, _) = s.login(&ann, 3);
     a.send_wait(bob_id, 1, b"back").unwrap();
+}
+
+/// A user's profile read and replaced by the operator (checked as the user's own update is),
+/// and the account's sessions listed.
+fn profiles_and_sessions(driver: &str) {
+    let s = start(driver);
+    let (ann, ann_id) = s.register("ann");
+    let (st, v) = call(&s, "GET", &format!("/v1/users/{ann_id}/profile"), json!(null));
+    assert_eq!((st, v["updated_ms"].as_str()), (200, Some("0")), "{v}");
+    let body = json!({ "nickname": "Ann", "gender": 1, "birthday": 19900131, "extra_b64": "AP8=" });
+    let (st, v) = call(&s, "PUT", &format!("/v1/users/{ann_id}/profile"), body);
+    assert_eq!((st, v["profile"]["nickname"].as_str()), (200, Some("Ann")), "{v}");
+    let (mut a, session) = s.login(&ann, 1);
+    let got = a.profile_get(&[ann_id]).unwrap();
+    assert_eq!((got[0].profile.gender, &got[0].profile.extra[..]), (1, &[0u8, 0xff][..]));
+    let (st, v) = call(&s, "GET", &format!("/v1/users/{ann_id}/profile"), json!(null));
+    assert_eq!((st, v["profile"]["extra_b64"].as_str()), (200, Some("AP8=")), "{v}");
+    let (st, v) = call(&s, "GET", &format!("/v1/users/{ann_id}/sessions"), json!(null));
+    assert_eq!(st, 200, "{v}");
+    assert_eq!(v["sessions"].as_array().map(Vec::len), Some(1), "{v}");
+    assert_eq!(
+        (v["sessions"][0]["session_id"].as_str(), v["sessions"][0]["device_type"].as_u64()),
+        (Some(&*session.to_string()), Some(1))
+    );
+    // Refusals: a profile over the limits (the user's own rules), unknown users, a bad id.
+    let (st, v) = call(&s, "PUT", &format!("/v1/users/{ann_id}/profile"), json!({ "gender": 9 }));
+    assert_eq!(
+        (st, v["error"]["code"].as_u64()),
+        (422, Some(ErrorCode::InvalidProfile.code() as u64)),
+        "{v}"
+    );
+    let (st, v) =
+        call(&s, "PUT", &format!("/v1/users/{ann_id}/profile"), json!({ "extra": "x", "extra_b64": "eA==" }));
+    assert_eq!(st, 400, "{v}");
+    for (method, path) in [
+        ("GET", "/v1/users/999999999/profile"),
+        ("PUT", "/v1/users/999999999/profile"),
+        ("GET", "/v1/users/999999999/sessions"),
+    ] {
+        let (st, v) = call(&s, method, path, json!({}));
+        assert_eq!(
+            (st, v["error"]["code"].as_u64()),
+            (404, Some(ErrorCode::UnknownUser.code() as u64)),
+            "{method} {path}: {v}"
+        );
+    }
+    assert_eq!(call(&s, "GET", "/v1/users/ann/profile", json!(null)).0, 400);
+    assert_eq!(call(&s, "POST", &format!("/v1/users/{ann_id}/sessions"), json!({})).0, 405);
 }

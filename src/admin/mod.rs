@@ -278,6 +278,9 @@ async fn handle(state: &Arc<State>, req: Request<Incoming>) -> Response<Full<Byt
         (&Method::PUT, ["v1", "bans", user]) => ban(state, user, &body).await,
         (&Method::DELETE, ["v1", "bans", user]) => unban(state, user).await,
         (&Method::GET, ["v1", "bans", user]) => ban_status(state, user).await,
+        (&Method::GET, ["v1", "users", user, "profile"]) => profile_get(state, user).await,
+        (&Method::PUT, ["v1", "users", user, "profile"]) => profile_put(state, user, &body).await,
+        (&Method::GET, ["v1", "users", user, "sessions"]) => user_sessions(state, user).await,
         (&Method::GET, ["v1", "online"]) => online_count(state).await,
         (&Method::GET, ["v1", "online", "users"]) => online_users(state, &query).await,
         (&Method::POST, ["v1", "groups"]) => group_create(state, &body).await,
@@ -291,6 +294,7 @@ async fn handle(state: &Arc<State>, req: Request<Incoming>) -> Response<Full<Byt
             | ["v1", "accounts" | "tokens" | "messages" | "broadcasts" | "kicks" | "online" | "groups" | "cluster"]
             | ["v1", "online", "users"]
             | ["v1", "bans", _]
+            | ["v1", "users", _, "profile" | "sessions"]
             | ["v1", "groups", _]
             | ["v1", "groups", _, "members"]
             | ["v1", "groups", _, "members", _],
@@ -667,6 +671,106 @@ async fn ban_status(state: &State, seg: &str) -> ApiResult {
         Ok(Err(_)) => Err(ErrorCode::StoreUnavailable.into()),
         Err(_) => Err(ErrorCode::Internal.into()),
     }
+}
+
+/// A profile entry as JSON (the WebSocket mapping's `profile_list` entry).
+fn profile_json(e: &protocol::ProfileEntry) -> Value {
+    use base64::Engine as _;
+    let p = &e.profile;
+    let mut profile = json!({
+        "nickname": p.nickname, "avatar_url": p.avatar_url, "gender": p.gender,
+        "birthday": p.birthday, "area": p.area,
+    });
+    match std::str::from_utf8(&p.extra) {
+        Ok(text) => profile["extra"] = json!(text),
+        Err(_) => profile["extra_b64"] = json!(base64::engine::general_purpose::STANDARD.encode(&p.extra)),
+    }
+    json!({ "user_id": id(e.user_id), "updated_ms": id(e.updated_ms), "profile": profile })
+}
+
+/// `GET /v1/users/{user}/profile`.
+async fn profile_get(state: &State, seg: &str) -> ApiResult {
+    let user = user_seg(seg)?;
+    let store = state.shared.store.clone();
+    match tokio::task::spawn_blocking(move || store.profiles(&[user])).await {
+        Ok(Ok(found)) => match found.into_iter().next() {
+            Some((user_id, updated_ms, profile)) => {
+                Ok((StatusCode::OK, profile_json(&protocol::ProfileEntry { user_id, updated_ms, profile })))
+            }
+            None => {
+                Err(ApiError(StatusCode::NOT_FOUND, ErrorCode::UnknownUser.code(), format!("no user {user}")))
+            }
+        },
+        Ok(Err(_)) => Err(ErrorCode::StoreUnavailable.into()),
+        Err(_) => Err(ErrorCode::Internal.into()),
+    }
+}
+
+/// `PUT /v1/users/{user}/profile`: the whole new profile, checked as a user's own update is.
+async fn profile_put(state: &State, seg: &str, body: &[u8]) -> ApiResult {
+    use base64::Engine as _;
+    let user = user_seg(seg)?;
+    let v = parse(body)?;
+    let text = |k: &str| -> Result<String, ApiError> { Ok(str_field(&v, k)?.unwrap_or_default().to_owned()) };
+    let small = |k: &str, max: u64| -> Result<u64, ApiError> {
+        match u64_field(&v, k)? {
+            Some(n) if n > max => Err(ApiError::bad(format!("`{k}` is too large"))),
+            n => Ok(n.unwrap_or(0)),
+        }
+    };
+    let extra = match (str_field(&v, "extra")?, str_field(&v, "extra_b64")?) {
+        (Some(_), Some(_)) => return Err(ApiError::bad("give `extra` or `extra_b64`, not both")),
+        (Some(t), None) => t.as_bytes().to_vec(),
+        (None, Some(b)) => base64::engine::general_purpose::STANDARD
+            .decode(b)
+            .map_err(|e| ApiError::bad(format!("`extra_b64`: {e}")))?,
+        (None, None) => Vec::new(),
+    };
+    let profile = protocol::UserProfile {
+        nickname: text("nickname")?,
+        avatar_url: text("avatar_url")?,
+        gender: small("gender", u8::MAX.into())? as u8,
+        birthday: small("birthday", u32::MAX.into())? as u32,
+        area: text("area")?,
+        extra,
+    };
+    let need = json!({ "user_id": user.to_string() });
+    let user = need_user(state, &need, "user_id").await?;
+    let req = frame::encode(kind::PROFILE_UPDATE, &protocol::ProfileUpdate { profile });
+    let events = as_user(state, user, req, answered).await?;
+    match events.iter().find_map(|e| match e {
+        Event::ProfileList(l) => l.profiles.first().cloned(),
+        _ => None,
+    }) {
+        Some(e) => Ok((StatusCode::OK, profile_json(&e))),
+        None => Err(ErrorCode::Internal.into()),
+    }
+}
+
+/// `GET /v1/users/{user}/sessions`: the account's live sessions on every node.
+async fn user_sessions(state: &State, seg: &str) -> ApiResult {
+    let user = user_seg(seg)?;
+    let need = json!({ "user_id": user.to_string() });
+    let user = need_user(state, &need, "user_id").await?;
+    let req = frame::encode(kind::MY_SESSIONS, &protocol::MySessions { reserved: 0 });
+    let events = as_user(state, user, req, answered).await?;
+    let Some(list) = events.iter().find_map(|e| match e {
+        Event::SessionList(l) => Some(l.clone()),
+        _ => None,
+    }) else {
+        return Err(ErrorCode::Internal.into());
+    };
+    let sessions: Vec<Value> = list
+        .sessions
+        .iter()
+        .map(|s| {
+            json!({
+                "session_id": id(s.session_id), "login_ms": id(s.login_ms),
+                "device_type": s.device_type, "device_id": s.device_id,
+            })
+        })
+        .collect();
+    Ok((StatusCode::OK, json!({ "user_id": id(user), "sessions": sessions })))
 }
 
 async fn online_all(state: &State) -> Result<Vec<(u64, u64)>, ApiError> {
