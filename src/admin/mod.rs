@@ -440,14 +440,21 @@ fn u64_list(v: &Value, name: &str) -> Result<Vec<u64>, ApiError> {
 
 /// A message body: `body` (UTF-8 text) or `body_b64` (standard base64).
 fn body_field(v: &Value) -> Result<Vec<u8>, ApiError> {
+    bytes_field(v, "body")?.ok_or_else(|| ApiError::bad("`body` or `body_b64` is required"))
+}
+
+/// Bytes given as `NAME` (UTF-8 text) or `NAME_b64` (standard base64), or neither.
+fn bytes_field(v: &Value, name: &str) -> Result<Option<Vec<u8>>, ApiError> {
     use base64::Engine as _;
-    match (str_field(v, "body")?, str_field(v, "body_b64")?) {
-        (Some(t), None) => Ok(t.as_bytes().to_vec()),
+    let b64 = format!("{name}_b64");
+    match (str_field(v, name)?, str_field(v, &b64)?) {
+        (Some(t), None) => Ok(Some(t.as_bytes().to_vec())),
         (None, Some(b)) => base64::engine::general_purpose::STANDARD
             .decode(b)
-            .map_err(|e| ApiError::bad(format!("`body_b64`: {e}"))),
-        (Some(_), Some(_)) => Err(ApiError::bad("give `body` or `body_b64`, not both")),
-        (None, None) => Err(ApiError::bad("`body` or `body_b64` is required")),
+            .map(Some)
+            .map_err(|e| ApiError::bad(format!("`{b64}`: {e}"))),
+        (Some(_), Some(_)) => Err(ApiError::bad(format!("give `{name}` or `{b64}`, not both"))),
+        (None, None) => Ok(None),
     }
 }
 
@@ -519,15 +526,22 @@ async fn issue_token(state: &State, body: &[u8]) -> ApiResult {
     }
 }
 
+/// 404 for `user`, which is no account.
+fn no_user(user: u64) -> ApiError {
+    ApiError(StatusCode::NOT_FOUND, ErrorCode::UnknownUser.code(), format!("no user {user}"))
+}
+
 /// The u64 field `name`, which must be an existing account.
 async fn need_user(state: &State, v: &Value, name: &str) -> Result<u64, ApiError> {
-    let user = need_u64(v, name)?;
+    existing_user(state, need_u64(v, name)?).await
+}
+
+/// `user`, if it is an existing account.
+async fn existing_user(state: &State, user: u64) -> Result<u64, ApiError> {
     let store = state.shared.store.clone();
     match tokio::task::spawn_blocking(move || store.account_exists(user)).await {
         Ok(Ok(true)) => Ok(user),
-        Ok(Ok(false)) => {
-            Err(ApiError(StatusCode::NOT_FOUND, ErrorCode::UnknownUser.code(), format!("no user {user}")))
-        }
+        Ok(Ok(false)) => Err(no_user(user)),
         _ => Err(ErrorCode::Internal.into()),
     }
 }
@@ -614,13 +628,7 @@ async fn set_ban(state: &State, user: u64, until_ms: u64) -> Result<(), ApiError
     let store = state.shared.store.clone();
     match tokio::task::spawn_blocking(move || store.set_ban(user, until_ms)).await {
         Ok(Ok(true)) => {}
-        Ok(Ok(false)) => {
-            return Err(ApiError(
-                StatusCode::NOT_FOUND,
-                ErrorCode::UnknownUser.code(),
-                format!("no user {user}"),
-            ))
-        }
+        Ok(Ok(false)) => return Err(no_user(user)),
         Ok(Err(e)) => {
             log::warn!("admin: ban of {user}: {e}");
             return Err(ErrorCode::StoreUnavailable.into());
@@ -665,9 +673,7 @@ async fn ban_status(state: &State, seg: &str) -> ApiResult {
             let until = if banned { id(until) } else { Value::Null };
             Ok((StatusCode::OK, json!({ "user_id": id(user), "banned": banned, "banned_until_ms": until })))
         }
-        Ok(Ok(None)) => {
-            Err(ApiError(StatusCode::NOT_FOUND, ErrorCode::UnknownUser.code(), format!("no user {user}")))
-        }
+        Ok(Ok(None)) => Err(no_user(user)),
         Ok(Err(_)) => Err(ErrorCode::StoreUnavailable.into()),
         Err(_) => Err(ErrorCode::Internal.into()),
     }
@@ -697,9 +703,7 @@ async fn profile_get(state: &State, seg: &str) -> ApiResult {
             Some((user_id, updated_ms, profile)) => {
                 Ok((StatusCode::OK, profile_json(&protocol::ProfileEntry { user_id, updated_ms, profile })))
             }
-            None => {
-                Err(ApiError(StatusCode::NOT_FOUND, ErrorCode::UnknownUser.code(), format!("no user {user}")))
-            }
+            None => Err(no_user(user)),
         },
         Ok(Err(_)) => Err(ErrorCode::StoreUnavailable.into()),
         Err(_) => Err(ErrorCode::Internal.into()),
@@ -708,7 +712,6 @@ async fn profile_get(state: &State, seg: &str) -> ApiResult {
 
 /// `PUT /v1/users/{user}/profile`: the whole new profile, checked as a user's own update is.
 async fn profile_put(state: &State, seg: &str, body: &[u8]) -> ApiResult {
-    use base64::Engine as _;
     let user = user_seg(seg)?;
     let v = parse(body)?;
     let text = |k: &str| -> Result<String, ApiError> { Ok(str_field(&v, k)?.unwrap_or_default().to_owned()) };
@@ -718,14 +721,7 @@ async fn profile_put(state: &State, seg: &str, body: &[u8]) -> ApiResult {
             n => Ok(n.unwrap_or(0)),
         }
     };
-    let extra = match (str_field(&v, "extra")?, str_field(&v, "extra_b64")?) {
-        (Some(_), Some(_)) => return Err(ApiError::bad("give `extra` or `extra_b64`, not both")),
-        (Some(t), None) => t.as_bytes().to_vec(),
-        (None, Some(b)) => base64::engine::general_purpose::STANDARD
-            .decode(b)
-            .map_err(|e| ApiError::bad(format!("`extra_b64`: {e}")))?,
-        (None, None) => Vec::new(),
-    };
+    let extra = bytes_field(&v, "extra")?.unwrap_or_default();
     let profile = protocol::UserProfile {
         nickname: text("nickname")?,
         avatar_url: text("avatar_url")?,
@@ -734,8 +730,7 @@ async fn profile_put(state: &State, seg: &str, body: &[u8]) -> ApiResult {
         area: text("area")?,
         extra,
     };
-    let need = json!({ "user_id": user.to_string() });
-    let user = need_user(state, &need, "user_id").await?;
+    let user = existing_user(state, user).await?;
     let req = frame::encode(kind::PROFILE_UPDATE, &protocol::ProfileUpdate { profile });
     let events = as_user(state, user, req, answered).await?;
     match events.iter().find_map(|e| match e {
@@ -749,9 +744,7 @@ async fn profile_put(state: &State, seg: &str, body: &[u8]) -> ApiResult {
 
 /// `GET /v1/users/{user}/sessions`: the account's live sessions on every node.
 async fn user_sessions(state: &State, seg: &str) -> ApiResult {
-    let user = user_seg(seg)?;
-    let need = json!({ "user_id": user.to_string() });
-    let user = need_user(state, &need, "user_id").await?;
+    let user = existing_user(state, user_seg(seg)?).await?;
     let req = frame::encode(kind::MY_SESSIONS, &protocol::MySessions { reserved: 0 });
     let events = as_user(state, user, req, answered).await?;
     let Some(list) = events.iter().find_map(|e| match e {

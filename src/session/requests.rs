@@ -693,16 +693,26 @@ impl Requests<'_> {
         if !is_group_id(group) {
             return self.error(ErrorCode::GroupNotFound, k);
         }
-        let rx = self.session.expect_reply();
         let req = GroupRequest { origin: self.session.id, user: self.session.user(), group, op };
-        self.shard.post(self.shard.place(|p| p.group(group)), Envelope::Group(Box::new(req)));
-        match self.wait_reply(rx).await {
-            Ok(Reply::Group(Ok(frame))) => {
+        let owner = self.shard.place(|p| p.group(group));
+        match self.ask_owner(owner, Envelope::Group(Box::new(req))).await {
+            Ok(frame) => {
                 self.session.push(frame);
                 Flow::Continue
             }
-            Ok(Reply::Group(Err(code))) | Err(code) => self.error(code, k),
-            Ok(Reply::Attach(_) | Reply::Token(_)) => self.error(ErrorCode::Internal, k),
+            Err(code) => self.error(code, k),
+        }
+    }
+
+    /// Post `env` to `owner` and wait for its answer frame (a `GroupReply`, from a group owner
+    /// or a user owner), or the refusal.
+    async fn ask_owner(&self, owner: crate::placement::Owner, env: Envelope) -> Result<Bytes, ErrorCode> {
+        let rx = self.session.expect_reply();
+        self.shard.post(owner, env);
+        match self.wait_reply(rx).await {
+            Ok(Reply::Group(answer)) => answer,
+            Err(code) => Err(code),
+            Ok(Reply::Attach(_) | Reply::Token(_)) => Err(ErrorCode::Internal),
         }
     }
 
@@ -799,14 +809,10 @@ impl Requests<'_> {
     /// with the whole `SESSION_LIST` frame.
     async fn sessions_call(&self, logout: u64) -> Flow {
         let k = if logout == 0 { kind::MY_SESSIONS } else { kind::SESSION_LOGOUT };
-        let rx = self.session.expect_reply();
         let user = self.session.user();
-        self.shard.post(
-            self.shard.place(|p| p.user(user)),
-            Envelope::Sessions { user, origin: self.session.id, logout },
-        );
-        match self.wait_reply(rx).await {
-            Ok(Reply::Group(Ok(frame))) => {
+        let owner = self.shard.place(|p| p.user(user));
+        match self.ask_owner(owner, Envelope::Sessions { user, origin: self.session.id, logout }).await {
+            Ok(frame) => {
                 self.session.push(frame);
                 if logout == self.session.id.0 {
                     // Its own: the user owner has let it go; the answer, then the kick.
@@ -814,8 +820,7 @@ impl Requests<'_> {
                 }
                 Flow::Continue
             }
-            Ok(Reply::Group(Err(code))) | Err(code) => self.error(code, k),
-            Ok(Reply::Attach(_) | Reply::Token(_)) => self.error(ErrorCode::Internal, k),
+            Err(code) => self.error(code, k),
         }
     }
 

@@ -38,6 +38,8 @@ pub struct MemoryStore {
 
 /// Replication ops queued for the cluster thread at most (a writer waits beyond).
 pub const REPL_QUEUE_MAX: usize = 65_536;
+/// How long a writer waits for room in that queue.
+pub const REPL_WAIT_MAX: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// One write of a replica, as the others apply it (postcard on the node links).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -196,12 +198,26 @@ impl MemoryStore {
         MemoryStore { inner: Mutex::default(), replicate: Some(tx) }
     }
 
-    /// Hand a write to the cluster thread (waiting if its queue is full: writes come from the
-    /// store workers' threads).
+    /// Hand a write to the cluster thread, waiting up to [`REPL_WAIT_MAX`] while its queue is
+    /// full (writes come from the store workers' threads); past it the op is dropped and
+    /// logged (the other replicas miss it until they link up again and take a snapshot).
     fn publish(&self, op: ReplOp) {
+        use tokio::sync::mpsc::error::TrySendError;
         let Some(tx) = &self.replicate else { return };
-        if let Err(tokio::sync::mpsc::error::TrySendError::Full(op)) = tx.try_send(op) {
-            let _ = tx.blocking_send(op);
+        let deadline = std::time::Instant::now() + REPL_WAIT_MAX;
+        let mut op = op;
+        loop {
+            match tx.try_send(op) {
+                Ok(()) | Err(TrySendError::Closed(_)) => return,
+                Err(TrySendError::Full(back)) if std::time::Instant::now() < deadline => {
+                    op = back;
+                    std::thread::sleep(std::time::Duration::from_millis(1));
+                }
+                Err(TrySendError::Full(_)) => {
+                    log::error!("memory store: the cluster thread took no replication op for {REPL_WAIT_MAX:?}; one dropped");
+                    return;
+                }
+            }
         }
     }
 
@@ -325,10 +341,7 @@ impl Store for MemoryStore {
         }
         let id = if self.replicate.is_some() {
             loop {
-                let mut b = [0u8; 8];
-                getrandom::getrandom(&mut b)
-                    .map_err(|e| StoreError::Unavailable(format!("random id: {e}")))?;
-                let id = u64::from_le_bytes(b) >> 8;
+                let id = u64::from_le_bytes(crate::auth::random_bytes::<8>()) >> 8;
                 if id != 0 && !g.accounts.contains_key(&id) {
                     break id;
                 }
