@@ -1603,7 +1603,7 @@ impl Chat {
         if self.s.seen.receive(key, ack.seq) {
             self.s.seen.shown(key, ack.seq);
         }
-        self.out.delivery(&Delivery { stamp, client_msg_id: ack.client_msg_id, body: m.body }, false)
+        self.out.delivery(&Delivery::plain(stamp, ack.client_msg_id, m.body), false)
     }
 
     fn say(&mut self, body: Vec<u8>) -> Result<(), ChatError> {
@@ -1815,7 +1815,7 @@ mod tests {
 
     fn delivery(from: u64, to: u64, conv: u8, seq: u64, body: &[u8]) -> Delivery {
         let stamp = Stamp { msg_id: 99, seq, ts_ms: 1_767_225_600_123, from, to, conv };
-        Delivery { stamp, client_msg_id: 7, body: body.to_vec() }
+        Delivery::plain(stamp, 7, body.to_vec())
     }
 
     /// Show messages `seqs` of a conversation, as the driver does.

@@ -30,6 +30,26 @@ pub struct Delivery {
     pub stamp: Stamp,
     pub client_msg_id: u64,
     pub body: Vec<u8>,
+    /// The Send's flags ([`protocol::send_flags`]): a recall, a burn notice, burn after read.
+    pub flags: u8,
+    pub burn_secs: u32,
+    /// The stamp's state byte ([`protocol::msg_state`]): a tombstone's is not `PLAIN`.
+    pub state: u8,
+}
+
+impl Delivery {
+    /// A plain message as sent (no flags, no tombstone).
+    pub fn plain(stamp: Stamp, client_msg_id: u64, body: Vec<u8>) -> Delivery {
+        Delivery { stamp, client_msg_id, body, flags: 0, burn_secs: 0, state: protocol::msg_state::PLAIN }
+    }
+
+    /// The seq a recall notice takes back.
+    pub fn recalled_seq(&self) -> Option<u64> {
+        if self.flags & protocol::send_flags::RECALL == 0 {
+            return None;
+        }
+        crate::store::recalled_seq(&self.body)
+    }
 }
 
 /// A live-room message delivered to this client.
@@ -170,7 +190,14 @@ pub fn delivery(payload: &[u8]) -> Result<Delivery> {
     let stamp = Stamp::read(payload).ok_or_else(|| ClientError::Malformed("short stamp".into()))?;
     let send = frame::access::<protocol::ArchivedSend>(&payload[Stamp::BYTES..])
         .map_err(|e| ClientError::Malformed(e.to_string()))?;
-    Ok(Delivery { stamp, client_msg_id: send.client_msg_id.to_native(), body: send.body.as_slice().to_vec() })
+    Ok(Delivery {
+        stamp,
+        client_msg_id: send.client_msg_id.to_native(),
+        body: send.body.as_slice().to_vec(),
+        flags: send.flags,
+        burn_secs: send.burn_secs.to_native(),
+        state: payload[Stamp::STATE_AT],
+    })
 }
 
 /// Decode a `ROOM_MSG` payload: the room stamp, then the publisher's `RoomPublish` archive.
@@ -396,7 +423,25 @@ impl Client {
 
     /// Send a message of conversation kind `conv` (`to`: a user, or a group) without waiting.
     pub fn send_to(&mut self, conv: u8, to: u64, client_msg_id: u64, body: &[u8]) -> Result<()> {
-        self.send_frame(kind::SEND, &protocol::Send { conv, to, client_msg_id, body: body.to_vec() })
+        self.send_frame(
+            kind::SEND,
+            &protocol::Send { conv, flags: 0, burn_secs: 0, to, client_msg_id, body: body.to_vec() },
+        )
+    }
+
+    /// Recall message `seq` of a conversation (a Send with the RECALL flag) and wait for the
+    /// recall's ack (or its error).
+    pub fn recall_wait(
+        &mut self,
+        conv: u8,
+        to: u64,
+        client_msg_id: u64,
+        seq: u64,
+    ) -> Result<protocol::SendAck> {
+        let body = seq.to_le_bytes().to_vec();
+        let flags = protocol::send_flags::RECALL;
+        self.send_frame(kind::SEND, &protocol::Send { conv, flags, burn_secs: 0, to, client_msg_id, body })?;
+        self.wait_send(client_msg_id)
     }
 
     /// Send a 1:1 message and wait for its ack (or its error).
@@ -422,6 +467,11 @@ impl Client {
         body: &[u8],
     ) -> Result<protocol::SendAck> {
         self.send_to(conv, to, client_msg_id, body)?;
+        self.wait_send(client_msg_id)
+    }
+
+    /// Wait for the ack (or the error) of the send `client_msg_id`.
+    fn wait_send(&mut self, client_msg_id: u64) -> Result<protocol::SendAck> {
         self.wait_for(u16::MAX, |e| match e {
             Event::SendAck(a) if a.client_msg_id == client_msg_id => Some(Ok(a.clone())),
             Event::Error(err) if err.request_kind == kind::SEND && err.client_msg_id == client_msg_id => {
@@ -516,7 +566,14 @@ impl Client {
     pub fn send_stream(&mut self, to: u64, client_msg_id: u64, body: &[u8]) -> Result<()> {
         self.send_frame(
             kind::STREAM,
-            &protocol::Send { conv: conv::DIRECT, to, client_msg_id, body: body.to_vec() },
+            &protocol::Send {
+                conv: conv::DIRECT,
+                flags: 0,
+                burn_secs: 0,
+                to,
+                client_msg_id,
+                body: body.to_vec(),
+            },
         )
     }
 

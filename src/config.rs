@@ -14,6 +14,7 @@ pub struct Config {
     pub store: StoreConfig,
     pub limits: Limits,
     pub sessions: SessionPolicy,
+    pub messages: MessagePolicy,
     pub security: Security,
     pub cluster: ClusterConfig,
     pub gateway: GatewayConfig,
@@ -443,6 +444,21 @@ pub struct SessionPolicy {
     pub per_device_type_max: usize,
     /// What happens when a login would go over a limit.
     pub policy: DevicePolicy,
+}
+
+/// What users may do with messages (docs/PROTOCOL.md 8.17).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MessagePolicy {
+    /// How long after sending a message may be recalled (a group manager: anyone's); 0: no
+    /// limit.
+    pub recall_window_secs: u64,
+}
+
+impl Default for MessagePolicy {
+    fn default() -> Self {
+        MessagePolicy { recall_window_secs: 120 }
+    }
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -881,6 +897,9 @@ cursors_pending_max = 262144        # cursors a shard holds between flushes; ack
 per_account_max = 8                 # sessions per account
 per_device_type_max = 2             # sessions per account and device type
 policy = "kick_oldest"              # kick_oldest | refuse
+
+[messages]
+recall_window_secs = 120            # a message may be recalled this long after it was sent; 0 = no limit
 
 [security]
 name_key = ""                       # 64 hex digits keying the account-name hash; "" = kept in data_dir/name.key (memory store: random, or from cluster.secret in a cluster)

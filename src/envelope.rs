@@ -63,6 +63,10 @@ pub struct Submit {
     /// A group send its group owner refused (not a member, muted, ...): refused with this code
     /// unless it is a resend of a stored message, which gets its original ack.
     pub refuse_new: Option<ErrorCode>,
+    /// Set by a group's owner when the sender is one of its managers: a recall
+    /// ([`crate::protocol::send_flags::RECALL`]) may take back anyone's message. Never crosses
+    /// nodes (a group's messages are sequenced on its owner's shard).
+    pub by_manager: bool,
 }
 
 impl Submit {

@@ -215,7 +215,7 @@ mod tests {
     /// A frame round-trips through encode, parse and validated access, and is 8-byte padded.
     #[test]
     fn round_trip() {
-        let msg = Send { conv: 1, to: 7, client_msg_id: 9, body: b"hello".to_vec() };
+        let msg = Send { conv: 1, flags: 0, burn_secs: 0, to: 7, client_msg_id: 9, body: b"hello".to_vec() };
         let f = encode(kind::SEND, &msg);
         assert_eq!(f.len() % 8, 0);
         let mut buf = AlignedBuf::new(1024);

@@ -2022,7 +2022,7 @@ mod tests {
         check(
             r#"{"op":"send","conv":1,"to":2,"client_msg_id":1,"body":"hello"}"#,
             kind::SEND,
-            &Send { conv: 1, to: 2, client_msg_id: 1, body: b"hello".to_vec() },
+            &Send { conv: 1, flags: 0, burn_secs: 0, to: 2, client_msg_id: 1, body: b"hello".to_vec() },
         );
         check(
             r#"{"op":"delivery_ack","conv":2,"peer":"4611686018427387911","seq":4}"#,
@@ -2038,7 +2038,7 @@ mod tests {
         check(
             r#"{"op":"stream","conv":2,"to":"4611686018427387911","client_msg_id":7,"body_b64":"AP8="}"#,
             kind::STREAM,
-            &Send { conv: 2, to: G, client_msg_id: 7, body: vec![0, 255] },
+            &Send { conv: 2, flags: 0, burn_secs: 0, to: G, client_msg_id: 7, body: vec![0, 255] },
         );
         check(
             r#"{"op":"room_create","publish":1,"subscribers_max":100,"publishers":[7,"8"]}"#,
@@ -2114,7 +2114,14 @@ mod tests {
     fn hand_encoded_archives_match_rkyv() {
         for n in 0..=80usize {
             let body: Vec<u8> = (0..n).map(|i| (i * 7 + 1) as u8).collect();
-            let s = protocol::Send { conv: 2, to: G, client_msg_id: u64::MAX - n as u64, body: body.clone() };
+            let s = protocol::Send {
+                conv: 2,
+                flags: 0,
+                burn_secs: 0,
+                to: G,
+                client_msg_id: u64::MAX - n as u64,
+                body: body.clone(),
+            };
             for k in [kind::SEND, kind::STREAM] {
                 let f = encode_send(k, s.conv, s.to, s.client_msg_id, &body);
                 assert_eq!(f.as_bytes(), &frame::encode(k, &s)[..], "Send with a body of {n}");
@@ -2180,12 +2187,25 @@ mod tests {
         assert_eq!(body(r#"{"op":"send","conv":1,"to":2,"client_msg_id":1}"#), b"");
 
         let stamp = Stamp { msg_id: 1, seq: 2, ts_ms: 3, from: 4, to: 5, conv: 1 };
-        let text =
-            protocol::Send { conv: 1, to: 5, client_msg_id: 6, body: "a\u{1}\"\\é".as_bytes().to_vec() };
+        let text = protocol::Send {
+            conv: 1,
+            flags: 0,
+            burn_secs: 0,
+            to: 5,
+            client_msg_id: 6,
+            body: "a\u{1}\"\\é".as_bytes().to_vec(),
+        };
         let v = out(&mut Correlator::new(), &stamped(kind::DELIVER, &text, stamp));
         assert_eq!(v["body"], json!("a\u{1}\"\\é"));
         assert!(v.get("body_b64").is_none());
-        let raw = protocol::Send { conv: 1, to: 5, client_msg_id: 6, body: vec![0xff, 0xfe, 0] };
+        let raw = protocol::Send {
+            conv: 1,
+            flags: 0,
+            burn_secs: 0,
+            to: 5,
+            client_msg_id: 6,
+            body: vec![0xff, 0xfe, 0],
+        };
         let v = out(&mut Correlator::new(), &stamped(kind::DELIVER, &raw, stamp));
         assert_eq!(v["body_b64"], json!("//4A"));
         assert!(v.get("body").is_none());
@@ -2237,7 +2257,8 @@ mod tests {
             enc(kind::SEND_ACK, &SendAck { client_msg_id: 1, msg_id: 2, seq: 3, ts_ms: 4, duplicate: false }),
             json!({"type":"send_ack","kind":106,"client_msg_id":"1","msg_id":"2","seq":"3","ts_ms":"4","duplicate":false}),
         );
-        let hello = Send { conv: 1, to: 2, client_msg_id: 1, body: b"hello".to_vec() };
+        let hello =
+            Send { conv: 1, flags: 0, burn_secs: 0, to: 2, client_msg_id: 1, body: b"hello".to_vec() };
         let stamp =
             Stamp { msg_id: 0x0123456789abcdef, seq: 1, ts_ms: 1767225600123, from: 1, to: 2, conv: 1 };
         let msg = |ty: &str, k: u16, msg_id: &str| {
@@ -2411,7 +2432,14 @@ mod tests {
             users: vec![4, 5],
         };
         let body = rkyv::to_bytes::<rancor::Error>(&notice).unwrap().to_vec();
-        let send = protocol::Send { conv: conv::GROUP, to: G, client_msg_id: 0, body: body.clone() };
+        let send = protocol::Send {
+            conv: conv::GROUP,
+            flags: 0,
+            burn_secs: 0,
+            to: G,
+            client_msg_id: 0,
+            body: body.clone(),
+        };
         let stamp = Stamp { msg_id: 9, seq: 5, ts_ms: 1767225600123, from: 0, to: G, conv: conv::GROUP };
         let f = stamped(kind::DELIVER, &send, stamp);
         assert_eq!(payload_len(&f), 136, "the size docs/PROTOCOL.md 7.3 gives");
@@ -2503,7 +2531,7 @@ mod tests {
         assert_eq!(id_of(c, &pong()), None);
         assert_eq!(id_of(c, &error_frame(ErrorCode::NameTaken, kind::REGISTER, 0)), Some(json!("r")));
         assert_eq!(id_of(c, &login_ok()), Some(json!("l")));
-        let msg = protocol::Send { conv: 1, to: 2, client_msg_id: 1, body: vec![] };
+        let msg = protocol::Send { conv: 1, flags: 0, burn_secs: 0, to: 2, client_msg_id: 1, body: vec![] };
         let stamp = Stamp { msg_id: 1, seq: 1, ts_ms: 1, from: 2, to: 1, conv: 1 };
         let page = frame::whole(
             kind::HISTORY_MSG,
@@ -2641,7 +2669,7 @@ mod tests {
         ] {
             send(c, text);
         }
-        let msg = protocol::Send { conv: 1, to: 2, client_msg_id: 0, body: vec![] };
+        let msg = protocol::Send { conv: 1, flags: 0, burn_secs: 0, to: 2, client_msg_id: 0, body: vec![] };
         let stamp = Stamp { msg_id: 1, seq: 1, ts_ms: 1, from: 2, to: 1, conv: 1 };
         let mut rm = RoomRequest::blank_room_msg(encode_room_publish(5, 0, b"").payload());
         RoomStamp { room_id: 5, seq: 1, ts_ms: 1, from: 2 }.write(&mut rm[HEADER_BYTES..]);
@@ -2865,7 +2893,14 @@ mod tests {
         send(alice, lines[4]);
         let f = frame::encode(
             kind::SEND,
-            &protocol::Send { conv: 1, to: 2, client_msg_id: 1, body: b"hello".to_vec() },
+            &protocol::Send {
+                conv: 1,
+                flags: 0,
+                burn_secs: 0,
+                to: 2,
+                client_msg_id: 1,
+                body: b"hello".to_vec(),
+            },
         );
         assert_eq!(frame_of(lines[4]).as_bytes(), &f[..]);
         let acked = protocol::SendAck {
@@ -2878,7 +2913,14 @@ mod tests {
         assert_eq!(answer(&enc(kind::SEND_ACK, &acked), alice), lines[5]);
         let stamp =
             Stamp { msg_id: 0x0123456789abcdef, seq: 1, ts_ms: 1767225600123, from: 1, to: 2, conv: 1 };
-        let hello = protocol::Send { conv: 1, to: 2, client_msg_id: 1, body: b"hello".to_vec() };
+        let hello = protocol::Send {
+            conv: 1,
+            flags: 0,
+            burn_secs: 0,
+            to: 2,
+            client_msg_id: 1,
+            body: b"hello".to_vec(),
+        };
         assert_eq!(answer(&stamped(kind::DELIVER, &hello, stamp), bob), lines[6]);
         let ack = frame::encode(kind::DELIVERY_ACK, &protocol::DeliveryAck { conv: 1, peer: 1, seq: 1 });
         assert_eq!(frame_of(lines[7]).as_bytes(), &ack[..]);
@@ -3029,6 +3071,8 @@ mod tests {
         // queues in any state.
         let msg = protocol::Send {
             conv: 2,
+            flags: 0,
+            burn_secs: 0,
             to: G,
             client_msg_id: 0,
             body: rkyv::to_bytes::<rancor::Error>(&protocol::GroupNotice {

@@ -179,6 +179,32 @@ pub mod conv {
     pub const GROUP: u8 = 2;
 }
 
+/// `Send::flags`: at most one of these. Unknown bits are refused (`Malformed`).
+pub mod send_flags {
+    /// A 1:1 message that is deleted from the store once its recipient has read it (`Read`),
+    /// or `burn_secs` after it was accepted.
+    pub const BURN_AFTER_READ: u8 = 1;
+    /// A recall: the body is the seq (u64 LE, 8 bytes) of a message of the same conversation
+    /// to take back. Stored and delivered as a message of its own (a recall notice).
+    pub const RECALL: u8 = 2;
+    /// Set by the server only: a burn notice (the body: the seqs burned, u64 LE each). A
+    /// client's `Send` with it is refused.
+    pub const BURNED: u8 = 4;
+    /// The bits a client may set.
+    pub const CLIENT: u8 = BURN_AFTER_READ | RECALL;
+}
+
+/// `Stamp::state` (byte 41 of a stamp): what became of a stored message. A tombstone keeps the
+/// stamp and the Send archive's root (conv, flags, burn_secs, to, client_msg_id); its body is
+/// gone (empty).
+pub mod msg_state {
+    pub const PLAIN: u8 = 0;
+    /// Taken back by its sender (or a group manager).
+    pub const RECALLED: u8 = 1;
+    /// Burned after reading (or at the end of its lifetime).
+    pub const BURNED: u8 = 2;
+}
+
 /// Group ids lie in `[GROUP_ID_MIN, 2^63)`: never a user id.
 pub const GROUP_ID_MIN: u64 = 1 << 62;
 
@@ -357,6 +383,11 @@ pub enum ErrorCode {
     /// Send: the body is over `body_bytes_max`, or the archive carries more than
     /// `SEND_OVERHEAD_BYTES_MAX` bytes besides its body.
     BodyTooLarge = 34,
+    /// A recall names no message of the conversation that this user may take back (none with
+    /// that seq, another user's, a notice, or already recalled or burned).
+    NotRecallable = 35,
+    /// A recall came later than `recall_window_secs` after the message.
+    RecallExpired = 36,
     /// No login within `login_timeout_ms` of connecting. The connection is closed.
     LoginTimeout = 40,
     /// No bytes received within `idle_timeout_ms`. The connection is closed.
@@ -470,6 +501,8 @@ impl ErrorCode {
             31 => InvalidConversation,
             33 => Busy,
             34 => BodyTooLarge,
+            35 => NotRecallable,
+            36 => RecallExpired,
             40 => LoginTimeout,
             41 => IdleTimeout,
             42 => Replaced,
@@ -534,6 +567,8 @@ impl ErrorCode {
             InvalidConversation => "invalid conversation",
             Busy => "server busy, retry",
             BodyTooLarge => "body too large",
+            NotRecallable => "not recallable",
+            RecallExpired => "recall window passed",
             LoginTimeout => "login timeout",
             IdleTimeout => "idle timeout",
             Replaced => "replaced by a newer login",
@@ -613,6 +648,11 @@ pub struct Ping {
 pub struct Send {
     /// Conversation kind, see [`conv`].
     pub conv: u8,
+    /// What kind of message this is, see [`send_flags`] (0: a plain message).
+    pub flags: u8,
+    /// With [`send_flags::BURN_AFTER_READ`]: the message burns this many seconds after the
+    /// server accepted it, read or not; 0: only once read. Otherwise 0.
+    pub burn_secs: u32,
     /// The peer's user id for [`conv::DIRECT`].
     pub to: u64,
     /// Chosen by the client, unique per sender and conversation; a resend with the same id is
@@ -1069,6 +1109,9 @@ pub struct Stamp {
 }
 
 impl Stamp {
+    /// The state byte of a stored payload's stamp ([`msg_state`]).
+    pub const STATE_AT: usize = 41;
+
     pub const BYTES: usize = 48;
 
     pub fn write(&self, out: &mut [u8]) {

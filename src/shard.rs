@@ -38,7 +38,8 @@ use crate::{
     roles::{CommitOutcome, ConvOwner, Effect, Effects, GroupOwner, RoomOwner, Sequenced, UserOwner},
     session::{error_frame, Session},
     store::{
-        CatchUp, ConvKey, ConvLoad, Cursor, Duplicates, GroupLoad, PageLimit, Store, StoreError, UserId,
+        CatchUp, ConvKey, ConvLoad, Cursor, Duplicates, GroupLoad, PageLimit, Store, StoreError, Unstored,
+        UserId,
     },
     workers::Workers,
 };
@@ -184,13 +185,10 @@ impl Shard {
                 cfg.limits.tokens_per_user_max,
                 RandomState::new(),
             )),
-            convs: RefCell::new(ConvOwner::new(
-                me,
-                placement.clone(),
-                store.durable(),
-                &cfg.limits,
-                RandomState::new(),
-            )),
+            convs: RefCell::new(
+                ConvOwner::new(me, placement.clone(), store.durable(), &cfg.limits, RandomState::new())
+                    .with_recall_window(cfg.messages.recall_window_secs),
+            ),
             commits: RefCell::new(CommitQueues::new(
                 store.partitions(),
                 cfg.store.commit_batch_max,
@@ -1342,7 +1340,8 @@ impl Shard {
                 let outcome = match &committed {
                     None => CommitOutcome::Failed,
                     Some(dups) => match dups.iter().find(|(at, _)| *at == i) {
-                        Some(&(_, original)) => CommitOutcome::Duplicate(original),
+                        Some(&(_, Unstored::Duplicate(original))) => CommitOutcome::Duplicate(original),
+                        Some(&(_, Unstored::Refused(code))) => CommitOutcome::Refused(code),
                         None => CommitOutcome::Stored,
                     },
                 };

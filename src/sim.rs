@@ -1651,6 +1651,7 @@ impl Sim {
             frame: submit_frame(cmid),
             change: None,
             refuse_new: None,
+            by_manager: false,
         };
         let dst = if group {
             self.placement.group(to).shard()

@@ -105,7 +105,14 @@ fn malformed_payload(driver: &str) {
     // A valid Send archive with unreferenced bytes in front of it: they would travel to every
     // recipient, so it is refused.
     let (_, bob_id) = s.register("bob");
-    let send = tim::protocol::Send { conv: 1, to: bob_id, client_msg_id: 8, body: b"x".to_vec() };
+    let send = tim::protocol::Send {
+        conv: 1,
+        flags: 0,
+        burn_secs: 0,
+        to: bob_id,
+        client_msg_id: 8,
+        body: b"x".to_vec(),
+    };
     let plain = tim::frame::encode(kind::SEND, &send);
     let archive_len = u32::from_le_bytes(plain[0..4].try_into().unwrap()) as usize;
     let mut padded = vec![0u8; 200];

@@ -26,6 +26,7 @@ fn cursors_only_for_stored_conversations() {
         client_msg_id: 1,
         payload: bytes::Bytes::from_static(b"x"),
         group: None,
+        edit: None,
     };
     let (tx, rx) = std::sync::mpsc::channel();
     store.append(store.partition_of((1, 2)), vec![msg], Box::new(move |r| tx.send(r.is_ok()).unwrap()));

@@ -361,7 +361,14 @@ fn group_streams(driver: &str) {
     assert_eq!(ack.seq, joined.seq + 1);
     f.send_frame(
         tim::protocol::kind::STREAM,
-        &tim::protocol::Send { conv: conv::GROUP, to: group, client_msg_id: 2, body: b"live".to_vec() },
+        &tim::protocol::Send {
+            conv: conv::GROUP,
+            flags: 0,
+            burn_secs: 0,
+            to: group,
+            client_msg_id: 2,
+            body: b"live".to_vec(),
+        },
     )
     .unwrap();
     assert_eq!(&next_group(&mut m, group).body[..], b"stored");
@@ -378,7 +385,14 @@ fn group_streams(driver: &str) {
     let (mut o, _) = s.login(&o_name, 3);
     o.send_frame(
         tim::protocol::kind::STREAM,
-        &tim::protocol::Send { conv: conv::GROUP, to: group, client_msg_id: 3, body: b"x".to_vec() },
+        &tim::protocol::Send {
+            conv: conv::GROUP,
+            flags: 0,
+            burn_secs: 0,
+            to: group,
+            client_msg_id: 3,
+            body: b"x".to_vec(),
+        },
     )
     .unwrap();
     match o.recv().unwrap() {

@@ -107,7 +107,7 @@ fn send_refusals(driver: &str) {
     assert_eq!(err.code(), Some(ErrorCode::BodyTooLarge));
     a.send_frame(
         tim::protocol::kind::SEND,
-        &tim::protocol::Send { conv: 9, to: bob_id, client_msg_id: 3, body: vec![] },
+        &tim::protocol::Send { conv: 9, flags: 0, burn_secs: 0, to: bob_id, client_msg_id: 3, body: vec![] },
     )
     .unwrap();
     match a.recv().unwrap() {

@@ -374,8 +374,14 @@ fn group_requests_match_the_protocol_document() {
     let a = frame::access::<ArchivedGroupAddMembers>(&aligned).expect("valid");
     let users: Vec<u64> = a.user_ids.iter().map(|u| u.to_native()).collect();
     assert_eq!((a.group_id.to_native(), users), (G, vec![4, 5]));
-    let send =
-        protocol::Send { conv: protocol::conv::GROUP, to: G, client_msg_id: 7, body: b"hi all".to_vec() };
+    let send = protocol::Send {
+        conv: protocol::conv::GROUP,
+        flags: 0,
+        burn_secs: 0,
+        to: G,
+        client_msg_id: 7,
+        body: b"hi all".to_vec(),
+    };
     check(
         &d,
         "Send to a group",
@@ -567,8 +573,14 @@ fn deliver(send: &protocol::Send, stamp: Stamp) -> Vec<u8> {
 #[test]
 fn group_deliveries_match_the_protocol_document() {
     let d = doc_dumps();
-    let send =
-        protocol::Send { conv: protocol::conv::GROUP, to: G, client_msg_id: 7, body: b"hi all".to_vec() };
+    let send = protocol::Send {
+        conv: protocol::conv::GROUP,
+        flags: 0,
+        burn_secs: 0,
+        to: G,
+        client_msg_id: 7,
+        body: b"hi all".to_vec(),
+    };
     let stamp = Stamp {
         msg_id: 0x0aac_657c_ee00_2002,
         seq: 4,
@@ -652,7 +664,8 @@ fn group_deliveries_match_the_protocol_document() {
 /// 0) whose body is the notice's archive, stamped `msg_id` and `seq` at the examples' time.
 fn notice_deliver(notice: &GroupNotice, msg_id: u64, seq: u64) -> Vec<u8> {
     let body = rkyv::to_bytes::<rkyv::rancor::Error>(notice).expect("encodes").to_vec();
-    let send = protocol::Send { conv: protocol::conv::GROUP, to: G, client_msg_id: 0, body };
+    let send =
+        protocol::Send { conv: protocol::conv::GROUP, flags: 0, burn_secs: 0, to: G, client_msg_id: 0, body };
     let stamp = Stamp { msg_id, seq, ts_ms: TS, from: 0, to: G, conv: protocol::conv::GROUP };
     deliver(&send, stamp)
 }

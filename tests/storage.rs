@@ -13,7 +13,7 @@ use tim::{
     protocol::{group_role, GroupProfile, JoinRequest, GROUP_ID_MIN},
     store::{
         group_conv, Cursor, Duplicates, GroupChange, GroupRow, GroupWrite, LoadRequest, MemberRow,
-        RecentSend, Store, StoreError, StoredMessage,
+        RecentSend, Store, StoreError, StoredMessage, Unstored,
     },
 };
 
@@ -111,6 +111,7 @@ fn huge_history_anchor(st: &str) {
             client_msg_id: seq,
             payload: bytes::Bytes::from(format!("p{seq}")),
             group: None,
+            edit: None,
         })
         .collect();
     let (tx, rx) = std::sync::mpsc::channel();
@@ -169,6 +170,7 @@ fn message(conv: (u64, u64), seq: u64, sender: u64, cmid: u64) -> StoredMessage 
         client_msg_id: cmid,
         payload: bytes::Bytes::from(format!("p{seq}")),
         group: None,
+        edit: None,
     }
 }
 
@@ -200,16 +202,17 @@ fn store_dedup(st: &str) {
     )
     .unwrap();
     let want = [
-        (0, original(message(conv, 1, 1, 10))),
-        (2, original(message(conv, 4, 1, 11))),
-        (4, original(message(conv, 2, 2, 10))),
+        (0, Unstored::Duplicate(original(message(conv, 1, 1, 10)))),
+        (2, Unstored::Duplicate(original(message(conv, 4, 1, 11)))),
+        (4, Unstored::Duplicate(original(message(conv, 2, 2, 10)))),
     ];
     assert_eq!(dups, if durable(st) { want.to_vec() } else { Vec::new() });
     // Another conversation has its own client message ids.
     assert!(append(store, vec![message(other, 1, 1, 10)]).unwrap().is_empty());
     // Two copies of a stored message in one batch: both are the stored one.
     let dups = append(store, vec![message(conv, 8, 1, 11), message(conv, 9, 1, 11)]).unwrap();
-    let want = [(0, original(message(conv, 4, 1, 11))), (1, original(message(conv, 4, 1, 11)))];
+    let dup = Unstored::Duplicate(original(message(conv, 4, 1, 11)));
+    let want = [(0, dup), (1, dup)];
     assert_eq!(dups, if durable(st) { want.to_vec() } else { Vec::new() });
 
     let seqs = |conv| {
@@ -471,6 +474,7 @@ fn pages_bounded_by_bytes(st: &str) {
             client_msg_id: seq,
             payload: bytes::Bytes::from(body(seq)),
             group: None,
+            edit: None,
         })
         .collect();
     let (tx, rx) = std::sync::mpsc::channel();
@@ -508,6 +512,7 @@ fn group_message(group: u64, seq: u64, sender: u64, writes: Option<Vec<GroupWrit
         client_msg_id: 5000 + seq,
         payload: bytes::Bytes::from(format!("g{}:{seq}", group - GROUP_ID_MIN)),
         group: writes.map(|writes| std::sync::Arc::new(GroupChange { group, writes })),
+        edit: None,
     }
 }
 
@@ -684,7 +689,10 @@ fn groups(st: &str) {
             }],
         )
         .unwrap();
-        assert_eq!(dups.iter().map(|(index, d)| (*index, d.seq)).collect::<Vec<_>>(), [(1, 8)]);
+        assert_eq!(
+            dups.iter().map(|(index, d)| (*index, d.original().unwrap().seq)).collect::<Vec<_>>(),
+            [(1, 8)]
+        );
         assert_eq!(
             store.member_span(bob, g).unwrap(),
             Some((10, u64::MAX)),
@@ -829,3 +837,89 @@ on_every_store!(
     pages_bounded_by_bytes,
     groups
 );
+
+/// A real `DELIVER` payload: `stamp`, then a Send archive.
+fn deliver_payload(stamp: tim::protocol::Stamp, flags: u8, cmid: u64, body: &[u8]) -> bytes::Bytes {
+    let send = tim::protocol::Send {
+        conv: stamp.conv,
+        flags,
+        burn_secs: 0,
+        to: stamp.to,
+        client_msg_id: cmid,
+        body: body.to_vec(),
+    };
+    let archive = rkyv::to_bytes::<rkyv::rancor::Error>(&send).unwrap();
+    let mut p = vec![0u8; tim::protocol::Stamp::BYTES];
+    stamp.write(&mut p);
+    p.extend_from_slice(&archive);
+    bytes::Bytes::from(p)
+}
+
+/// Recalls on every store: the edit is made in the recall's transaction (the target's body
+/// replaced by a tombstone) or refused, and a refused recall is not stored. The memory store
+/// keeps no message: it takes every recall (the conversation owner checks them).
+fn store_recall(st: &str) {
+    use tim::protocol::{msg_state, send_flags, ErrorCode, Stamp};
+    use tim::store::Edit;
+    let (store, _dir) = open_store(st);
+    let conv = (61, 62);
+    let t0 = 1_700_000_000_000;
+    let msg = |seq: u64, from: u64, flags: u8, body: &[u8], edit: Option<Edit>| {
+        let stamp = Stamp { msg_id: 1000 + seq, seq, ts_ms: t0 + seq, from, to: 62, conv: 1 };
+        StoredMessage {
+            payload: deliver_payload(stamp, flags, seq, body),
+            edit,
+            ..message(conv, seq, from, seq)
+        }
+    };
+    let recall = |seq: u64, by: u64, target: u64, any_sender: bool, since_ms: u64| {
+        let edit = Edit::Recall { seq: target, by, any_sender, since_ms };
+        msg(seq, by, send_flags::RECALL, &target.to_le_bytes(), Some(edit))
+    };
+    let ok = |batch| append(&*store, batch).unwrap();
+    assert!(ok(vec![msg(1, 61, 0, b"secret", None), msg(2, 62, 0, b"reply", None)]).is_empty());
+    assert!(ok(vec![recall(3, 61, 1, false, t0)]).is_empty());
+    let refusals = [
+        (recall(4, 61, 2, false, t0), ErrorCode::NotRecallable), // another's
+        (recall(5, 61, 1, false, t0), ErrorCode::NotRecallable), // recalled already
+        (recall(6, 61, 3, false, t0), ErrorCode::NotRecallable), // a recall notice
+        (recall(7, 61, 99, false, t0), ErrorCode::NotRecallable), // none
+        (recall(8, 62, 2, false, t0 + 3), ErrorCode::RecallExpired), // too late
+    ];
+    for (m, code) in refusals {
+        let dups = ok(vec![m]);
+        if durable(st) {
+            assert_eq!(dups, vec![(0, Unstored::Refused(code))]);
+        }
+    }
+    // A manager's recall of another's message, and a message recalled in its own batch.
+    assert!(ok(vec![recall(9, 61, 2, true, t0)]).is_empty());
+    assert!(ok(vec![msg(10, 62, 0, b"x", None), recall(11, 62, 10, false, t0)]).is_empty());
+    if durable(st) {
+        let page = store.history(conv, 0, false, 50.into()).unwrap();
+        let seqs: Vec<u64> = page.payloads.iter().map(|p| Stamp::read(p).unwrap().seq).collect();
+        assert_eq!(seqs, [1, 2, 3, 9, 10, 11], "refused recalls are not stored");
+        for p in [&page.payloads[0], &page.payloads[1], &page.payloads[4]] {
+            let d = tim::client::delivery(p).unwrap();
+            assert_eq!((d.state, d.body.len(), p.len()), (msg_state::RECALLED, 0, 80));
+            assert_eq!(d.client_msg_id, d.stamp.seq, "the client message id is kept");
+        }
+        assert_eq!(tim::client::delivery(&page.payloads[2]).unwrap().recalled_seq(), Some(1));
+    }
+    store.close();
+}
+
+mod recall_on_every_store {
+    #[test]
+    fn memory() {
+        super::store_recall("memory")
+    }
+    #[test]
+    fn embedded() {
+        super::store_recall("embedded")
+    }
+    #[test]
+    fn postgres() {
+        super::store_recall("postgres")
+    }
+}

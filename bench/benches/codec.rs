@@ -20,7 +20,14 @@ struct JsonSend {
 }
 
 fn message(body_bytes: usize) -> Send {
-    Send { conv: 1, to: 123_456_789, client_msg_id: 987_654_321, body: vec![b'x'; body_bytes] }
+    Send {
+        conv: 1,
+        flags: 0,
+        burn_secs: 0,
+        to: 123_456_789,
+        client_msg_id: 987_654_321,
+        body: vec![b'x'; body_bytes],
+    }
 }
 
 fn codec(c: &mut Criterion) {

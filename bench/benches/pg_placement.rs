@@ -99,6 +99,7 @@ fn batch(next: &Cell<u64>, n: usize) -> Vec<StoredMessage> {
                 client_msg_id: id,
                 payload: payload.clone(),
                 group: None,
+                edit: None,
             }
         })
         .collect()

@@ -36,6 +36,7 @@ fn batch(next: &mut u64, n: usize) -> Vec<StoredMessage> {
                 client_msg_id: *next,
                 payload: payload.clone(),
                 group: None,
+                edit: None,
             }
         })
         .collect()

@@ -54,7 +54,7 @@ impl Drop for EchoLimit {
 
 fn send_frame(id: u64, body_len: usize) -> Vec<u8> {
     let body = (0..body_len).map(|i| (i as u64 * 31 + id) as u8).collect();
-    tim::frame::encode(kind::SEND, &Send { conv: 1, to: 2, client_msg_id: id, body })
+    tim::frame::encode(kind::SEND, &Send { conv: 1, flags: 0, burn_secs: 0, to: 2, client_msg_id: id, body })
 }
 
 fn expect_echo(s: &mut TcpStream, sent: &[u8]) {

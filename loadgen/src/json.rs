@@ -656,8 +656,14 @@ mod tests {
                 (stamp.msg_id, stamp.seq, stamp.from, stamp.to, stamp.conv),
                 (81985529216486895, 7, 1, 2, 1)
             );
-            let send =
-                protocol::Send { conv: 1, to: 2, client_msg_id: u64::MAX, body: body.as_bytes().to_vec() };
+            let send = protocol::Send {
+                conv: 1,
+                flags: 0,
+                burn_secs: 0,
+                to: 2,
+                client_msg_id: u64::MAX,
+                body: body.as_bytes().to_vec(),
+            };
             let mut want = Vec::new();
             frame::encode_into(kind::SEND, &send, &mut want);
             let (_, want_payload) = only_frame(&want);
@@ -756,7 +762,14 @@ mod tests {
             request_text(k, payload, b64, scratch, &mut out).unwrap();
             String::from_utf8(out).unwrap()
         };
-        let send = protocol::Send { conv: 1, to: 2, client_msg_id: 1 << 60, body: b"hi \"you\"\n".to_vec() };
+        let send = protocol::Send {
+            conv: 1,
+            flags: 0,
+            burn_secs: 0,
+            to: 2,
+            client_msg_id: 1 << 60,
+            body: b"hi \"you\"\n".to_vec(),
+        };
         let f = frame::encode(kind::SEND, &send);
         assert_eq!(
             text(kind::SEND, &f, false, &mut scratch),

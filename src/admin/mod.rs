@@ -561,7 +561,8 @@ async fn send_message(state: &State, body: &[u8]) -> ApiResult {
         let _ = getrandom::getrandom(&mut b);
         u64::from_le_bytes(b) | 1
     });
-    let req = frame::encode(kind::SEND, &protocol::Send { conv, to, client_msg_id, body });
+    let req =
+        frame::encode(kind::SEND, &protocol::Send { conv, flags: 0, burn_secs: 0, to, client_msg_id, body });
     let events = as_user(state, from, req, |e| matches!(e, Event::SendAck(_) | Event::Error(_))).await?;
     match events.iter().find(|e| matches!(e, Event::SendAck(_))) {
         Some(Event::SendAck(a)) => Ok((

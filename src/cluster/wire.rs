@@ -632,6 +632,8 @@ fn envelope(a: &ArchivedWireEnvelope<'_>, payload: &Bytes) -> Result<Envelope, W
                     Some(c) => Some(code(c)?),
                     None => None,
                 },
+                // Set by a group owner for its own shard only.
+                by_manager: false,
             }))
         }
         W::Acked { session: s, client_msg_id, msg_id, seq, ts_ms, duplicate } => Envelope::Acked {
@@ -821,6 +823,7 @@ mod tests {
             frame: bm(1, 61),
             change,
             refuse_new,
+            by_manager: false,
         }))
     }
 

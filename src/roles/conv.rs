@@ -23,8 +23,8 @@ use crate::{
     envelope::{conv_key, AckInfo, Envelope, SessionRef, Submit},
     frame,
     placement::{Owner, Placement, CLUSTER_SHARDS_MAX},
-    protocol::{conv as conv_kind, ErrorCode, Stamp},
-    store::{ConvKey, ConvLoad, GroupChange, RecentSend, StoredMessage, UserId},
+    protocol::{conv as conv_kind, send_flags, ArchivedSend, ErrorCode, Stamp},
+    store::{ConvKey, ConvLoad, Edit, GroupChange, RecentSend, StoredMessage, UserId},
 };
 
 /// Submits waiting for one conversation to load.
@@ -66,6 +66,8 @@ pub enum CommitOutcome {
     /// The store already held this (conversation, sender, client message id): a resend whose
     /// first attempt was committed after all (an ambiguous commit). Nothing new was stored.
     Duplicate(RecentSend),
+    /// A recall whose edit the store refused (see [`crate::store::Unstored::Refused`]).
+    Refused(ErrorCode),
     Failed,
 }
 
@@ -81,6 +83,8 @@ pub struct Sequenced {
     pub frame: Bytes,
     /// A group notice's stored changes.
     pub change: Option<Arc<GroupChange>>,
+    /// A recall's edit of the message it takes back.
+    pub edit: Option<Edit>,
 }
 
 impl Sequenced {
@@ -106,6 +110,7 @@ impl Sequenced {
             client_msg_id: self.ack.client_msg_id,
             payload: self.frame.slice(frame::HEADER_BYTES..frame::HEADER_BYTES + len),
             group: self.change.clone(),
+            edit: self.edit,
         }
     }
 }
@@ -162,6 +167,9 @@ struct Sent {
     sender: UserId,
     ack: AckInfo,
     committed: bool,
+    /// A plain message that may still be recalled: not a recall itself, not recalled yet. Kept
+    /// for the recall checks of no-data mode, which has no stored message to check against.
+    plain: bool,
 }
 
 impl Conv {
@@ -286,6 +294,8 @@ pub struct ConvOwner {
     convs: HashMap<ConvKey, Conv, RandomState>,
     dedup_window_ms: u64,
     dedup_max: usize,
+    /// `messages.recall_window_secs` in ms; 0: no limit.
+    recall_window_ms: u64,
     convs_max: usize,
     idle_ms: u64,
     /// Conversations in the order they were last used, roughly (a clock queue: an entry used
@@ -319,6 +329,7 @@ impl ConvOwner {
             convs: HashMap::with_hasher(hasher),
             dedup_window_ms: l.dedup_window_secs * 1000,
             dedup_max: l.dedup_per_conversation_max,
+            recall_window_ms: 0,
             convs_max: l.conversations_per_shard_max,
             idle_ms: l.conversation_idle_secs * 1000,
             lru: VecDeque::new(),
@@ -329,6 +340,12 @@ impl ConvOwner {
             sequenced: 0,
             evicted: 0,
         }
+    }
+
+    /// Recalls may take back messages up to `secs` old (0: any).
+    pub fn with_recall_window(mut self, secs: u64) -> ConvOwner {
+        self.recall_window_ms = secs.saturating_mul(1000);
+        self
     }
 
     /// A send arrives: answer a resend from dedup, sequence a new one, or wait for the load.
@@ -361,7 +378,7 @@ impl ConvOwner {
                     // A group notice: never a resend (the group owner sends each once). Its
                     // change is committed in no-data mode too (the memory store keeps groups).
                     conv.last_used_ms = now;
-                    let s = sequence(conv, &mut self.ids, sub, now, self.durable, self.dedup_max);
+                    let s = sequence(conv, &mut self.ids, sub, None, now, self.durable, self.dedup_max);
                     self.sequenced += 1;
                     conv.open.push_back(s.ack.seq);
                     out.push(Effect::Commit(s));
@@ -384,7 +401,14 @@ impl ConvOwner {
                             reject(out, sub.origin, sub.client_msg_id, code)
                         }
                         None => {
-                            let s = sequence(conv, &mut self.ids, sub, now, self.durable, self.dedup_max);
+                            let edit = recall_edit(&sub, now, self.recall_window_ms);
+                            if let (Some(edit), false) = (edit, self.durable) {
+                                if let Err(code) = check_recall(conv, &edit) {
+                                    return reject(out, sub.origin, sub.client_msg_id, code);
+                                }
+                            }
+                            let s =
+                                sequence(conv, &mut self.ids, sub, edit, now, self.durable, self.dedup_max);
                             self.sequenced += 1;
                             // Without a store a message is published at once, unless a group
                             // notice sequenced before it is still being committed (the memory
@@ -459,7 +483,10 @@ impl ConvOwner {
                         ts_ms: r.ts_ms,
                         duplicate: false,
                     };
-                    conv.remember(Sent { sender: r.sender, ack, committed: true }, self.dedup_max);
+                    conv.remember(
+                        Sent { sender: r.sender, ack, committed: true, plain: true },
+                        self.dedup_max,
+                    );
                 }
                 for sub in waiters {
                     self.submit(sub, now, out);
@@ -492,11 +519,11 @@ impl ConvOwner {
         match (outcome, at) {
             (CommitOutcome::Stored, Some(i)) => conv.recent[i].committed = true,
             (CommitOutcome::Stored, None) => {}
-            (CommitOutcome::Failed | CommitOutcome::Duplicate(_), Some(i)) => {
+            (CommitOutcome::Failed | CommitOutcome::Duplicate(_) | CommitOutcome::Refused(_), Some(i)) => {
                 conv.recent.remove(i);
                 conv.forget(s.sender);
             }
-            (CommitOutcome::Failed | CommitOutcome::Duplicate(_), None) => {}
+            (CommitOutcome::Failed | CommitOutcome::Duplicate(_) | CommitOutcome::Refused(_), None) => {}
         }
         match outcome {
             CommitOutcome::Stored => {
@@ -505,8 +532,16 @@ impl ConvOwner {
             }
             // A notice is sent once, under a fresh id: the store cannot hold it already, and
             // its group owner waits for the outcome however long the commit took.
-            CommitOutcome::Failed | CommitOutcome::Duplicate(_) if s.is_notice() => {
+            CommitOutcome::Failed | CommitOutcome::Duplicate(_) | CommitOutcome::Refused(_)
+                if s.is_notice() =>
+            {
                 out.push(Effect::NoticeFailed { group: s.to, code: ErrorCode::StoreUnavailable });
+            }
+            // Nothing of a refused recall was stored: its seq stays a hole.
+            CommitOutcome::Refused(code) => {
+                if sender_waiting {
+                    reject(out, s.origin, cmid, code);
+                }
             }
             CommitOutcome::Failed => {
                 if sender_waiting {
@@ -523,8 +558,8 @@ impl ConvOwner {
                 };
                 // Remember the original, in sequence order, for the next resend.
                 if conv.find(s.sender, cmid, s.ack.ts_ms, self.dedup_window_ms).is_none() {
-                    let sent =
-                        Sent { sender: s.sender, ack: AckInfo { duplicate: false, ..ack }, committed: true };
+                    let ack = AckInfo { duplicate: false, ..ack };
+                    let sent = Sent { sender: s.sender, ack, committed: true, plain: false };
                     conv.remember_at(sent, self.dedup_max);
                 }
                 if sender_waiting {
@@ -759,6 +794,7 @@ fn sequence(
     conv: &mut Conv,
     ids: &mut MsgIds,
     mut sub: Box<Submit>,
+    edit: Option<Edit>,
     now: u64,
     durable: bool,
     dedup_max: usize,
@@ -780,10 +816,46 @@ fn sequence(
         Stamp { msg_id: ack.msg_id, seq: ack.seq, ts_ms: now, from: sub.sender, to: sub.to, conv: sub.conv };
     stamp.write(&mut sub.frame[frame::HEADER_BYTES..]);
     if sub.sender != 0 {
-        conv.remember(Sent { sender: sub.sender, ack, committed: !durable }, dedup_max);
+        if let (Some(edit), false) = (edit, durable) {
+            // No-data mode: the recall was checked against the remembered sends.
+            if let Some(target) = conv.recent.iter_mut().find(|r| r.ack.seq == edit.seq()) {
+                target.plain = false;
+            }
+        }
+        let sent = Sent { sender: sub.sender, ack, committed: !durable, plain: edit.is_none() };
+        conv.remember(sent, dedup_max);
     }
     let Submit { origin, sender, to, frame, sender_device, conv, change, .. } = *sub;
-    Sequenced { ack, origin, sender, to, conv, sender_device, frame: frame.freeze(), change }
+    Sequenced { ack, origin, sender, to, conv, sender_device, frame: frame.freeze(), change, edit }
+}
+
+/// The edit a recall makes (`None` for any other message): the seq named by its body, to be
+/// taken back if it was sent by the recalling user (by anyone: a group manager's recall) within
+/// `window_ms` (0: ever). The session checked the body.
+fn recall_edit(sub: &Submit, now: u64, window_ms: u64) -> Option<Edit> {
+    let len = frame::Header::read(&sub.frame).len as usize;
+    let payload = &sub.frame[frame::HEADER_BYTES..frame::HEADER_BYTES + len];
+    if crate::store::payload_flags(payload) & send_flags::RECALL == 0 {
+        return None;
+    }
+    let send = frame::access::<ArchivedSend>(&payload[Stamp::BYTES..]).ok()?;
+    let seq = crate::store::recalled_seq(&send.body)?;
+    let since_ms = if window_ms == 0 { 0 } else { now.saturating_sub(window_ms) };
+    Some(Edit::Recall { seq, by: sub.sender, any_sender: sub.by_manager, since_ms })
+}
+
+/// No-data mode keeps no message to check a recall against: it takes back only one of the
+/// conversation's sends it still remembers (those of resend dedup, see [`Conv::remember`]).
+fn check_recall(conv: &Conv, edit: &Edit) -> Result<(), ErrorCode> {
+    let Edit::Recall { seq, by, any_sender, since_ms } = *edit;
+    let target = conv.recent.iter().find(|r| r.ack.seq == seq).ok_or(ErrorCode::NotRecallable)?;
+    if !target.plain || (!any_sender && target.sender != by) {
+        return Err(ErrorCode::NotRecallable);
+    }
+    if target.ack.ts_ms < since_ms {
+        return Err(ErrorCode::RecallExpired);
+    }
+    Ok(())
 }
 
 /// Ack a message to its sender (if `ack`) and fan it out to both users' sessions.
@@ -816,7 +888,7 @@ mod tests {
 
     fn sent(sender: UserId, cmid: u64, ts_ms: u64) -> Sent {
         let ack = AckInfo { client_msg_id: cmid, msg_id: cmid, seq: cmid, ts_ms, duplicate: false };
-        Sent { sender, ack, committed: true }
+        Sent { sender, ack, committed: true, plain: true }
     }
 
     /// Resend dedup finds remembered sends whatever order their ids come in, per sender, and

@@ -170,7 +170,11 @@ impl GroupOwner {
             Some(Slot::Ready(g)) => {
                 g.last_used_ms = now;
                 match check_send(g, sub.sender, now) {
-                    Ok(()) => out.push(Effect::Sequence(sub)),
+                    Ok(()) => {
+                        // A manager (or the founder) may recall anyone's message.
+                        sub.by_manager = g.members.get(&sub.sender).is_some_and(|m| m.role != role::MEMBER);
+                        out.push(Effect::Sequence(sub))
+                    }
                     Err(code) if sub.stream || g.creating || g.row.dissolved => {
                         super::conv::refuse(out, &sub, code)
                     }
@@ -1121,7 +1125,8 @@ fn requests_frame(g: &Group, user: UserId) -> Result<Bytes, ErrorCode> {
 /// is the notice's archive.
 fn notice_submit(group: u64, notice: &GroupNotice, change: Arc<GroupChange>) -> Box<Submit> {
     let body = rkyv::to_bytes::<rkyv::rancor::Error>(notice).expect("encodes").to_vec();
-    let send = protocol::Send { conv: conv::GROUP, to: group, client_msg_id: 0, body };
+    let send =
+        protocol::Send { conv: conv::GROUP, flags: 0, burn_secs: 0, to: group, client_msg_id: 0, body };
     let payload = rkyv::to_bytes::<rkyv::rancor::Error>(&send).expect("encodes");
     Box::new(Submit {
         origin: SessionRef::NONE,
@@ -1134,6 +1139,7 @@ fn notice_submit(group: u64, notice: &GroupNotice, change: Arc<GroupChange>) -> 
         frame: Submit::blank_deliver(&payload),
         change: Some(change),
         refuse_new: None,
+        by_manager: false,
     })
 }
 

@@ -16,9 +16,11 @@ use crate::{
     frame,
     guard::Action,
     placement::direct_key,
-    protocol::{self, conv, group_action, is_group_id, kind, DeviceType, ErrorCode, GroupProfile},
+    protocol::{
+        self, conv, group_action, is_group_id, kind, send_flags, DeviceType, ErrorCode, GroupProfile,
+    },
     shard::{now_ms, Shard},
-    store::{device_hash, group_conv, Cursor, PageLimit, StoreError, UserId},
+    store::{device_hash, group_conv, recalled_seq, Cursor, PageLimit, StoreError, UserId},
 };
 
 /// Bytes a `Send` archive may carry besides its body (its root struct and alignment padding).
@@ -365,9 +367,16 @@ impl Requests<'_> {
         {
             return reject(ErrorCode::BodyTooLarge);
         }
+        let sender = self.session.user();
+        match (m.flags, stream) {
+            (0, _) if m.burn_secs == 0 => {}
+            // The body names the message to take back: its seq, 8 bytes little-endian (the
+            // conversation's owner reads it again from the frame).
+            (send_flags::RECALL, false) if m.burn_secs == 0 && recalled_seq(&m.body).is_some() => {}
+            _ => return reject(ErrorCode::Malformed),
+        }
         // Copied once into the Deliver frame; after this no byte of the body is touched again.
         let f = Submit::blank_frame(if stream { kind::STREAM_MSG } else { kind::DELIVER }, payload);
-        let sender = self.session.user();
         let sub = Submit {
             origin: self.session.id,
             sender,
@@ -379,6 +388,7 @@ impl Requests<'_> {
             frame: f,
             change: None,
             refuse_new: None,
+            by_manager: false,
         };
         let dst = if m.conv == conv::GROUP {
             self.shard.place(|p| p.group(to))

@@ -22,13 +22,13 @@ use crossbeam_channel::{unbounded, Receiver, Sender};
 use rusqlite::{params, Connection, ErrorCode as SqliteCode, OptionalExtension};
 
 use super::{
-    collect_page, Account, CatchUp, CommitDone, ConvKey, ConvLoad, Cursor, Duplicates, GroupChange,
+    collect_page, Account, CatchUp, CommitDone, ConvKey, ConvLoad, Cursor, Duplicates, Edit, GroupChange,
     GroupLoad, GroupRow, GroupWrite, MemberRow, NameKey, Page, PageLimit, RecentSend, Store, StoreError,
-    StoredMessage, UserId, UserProfile,
+    StoredMessage, Unstored, UserId, UserProfile,
 };
 use crate::{
     config::StoreConfig,
-    protocol::{GroupProfile, JoinRequest},
+    protocol::{ErrorCode, GroupProfile, JoinRequest},
 };
 
 /// Schema version written by this build.
@@ -375,8 +375,19 @@ fn commit(conn: &mut Connection, jobs: &[Job]) -> rusqlite::Result<Vec<Duplicate
                 ])?;
                 if inserted == 0 {
                     // A duplicate notice's changes were stored with its original.
-                    dups.push((index, original(&tx, m)?));
+                    dups.push((index, Unstored::Duplicate(original(&tx, m)?)));
                     continue;
+                }
+                if let Some(edit) = &m.edit {
+                    if let Err(code) = apply_edit(&tx, m.conv, edit)? {
+                        // Nothing of a refused recall is stored: its seq stays a hole.
+                        tx.prepare_cached(
+                            "DELETE FROM messages WHERE conv_a = ?1 AND conv_b = ?2 AND seq = ?3",
+                        )?
+                        .execute(params![i(m.conv.0), i(m.conv.1), i(m.seq)])?;
+                        dups.push((index, Unstored::Refused(code)));
+                        continue;
+                    }
                 }
                 if m.conv.0 != 0 && convs.insert(m.conv) {
                     listed.execute(params![i(m.conv.0), i(m.conv.0), i(m.conv.1), i(m.conv.1)])?;
@@ -390,6 +401,31 @@ fn commit(conn: &mut Connection, jobs: &[Job]) -> rusqlite::Result<Vec<Duplicate
     }
     tx.commit()?;
     Ok(out)
+}
+
+/// Make `edit` to its message of `conv` (read, checked and rewritten in the transaction);
+/// the inner `Err` says why it is refused.
+fn apply_edit(
+    tx: &rusqlite::Transaction<'_>,
+    conv: ConvKey,
+    edit: &Edit,
+) -> rusqlite::Result<Result<(), ErrorCode>> {
+    let (a, b, seq) = (i(conv.0), i(conv.1), i(edit.seq()));
+    let payload: Option<Vec<u8>> = tx
+        .prepare_cached("SELECT payload FROM messages WHERE conv_a = ?1 AND conv_b = ?2 AND seq = ?3")?
+        .query_row(params![a, b, seq], |r| r.get(0))
+        .optional()?;
+    let Some(payload) = payload else { return Ok(Err(ErrorCode::NotRecallable)) };
+    match edit.apply(&payload) {
+        Ok(tombstone) => {
+            tx.prepare_cached(
+                "UPDATE messages SET payload = ?4 WHERE conv_a = ?1 AND conv_b = ?2 AND seq = ?3",
+            )?
+            .execute(params![a, b, seq, tombstone])?;
+            Ok(Ok(()))
+        }
+        Err(code) => Ok(Err(code)),
+    }
 }
 
 /// The stored message with `m`'s (conversation, sender, client message id).
@@ -854,6 +890,7 @@ mod tests {
             client_msg_id: cmid,
             payload: Bytes::from(format!("s{seq}")),
             group: None,
+            edit: None,
         }
     }
 
@@ -914,7 +951,10 @@ mod tests {
         assert_eq!(store.load_conv((1, 3), 0, 10).unwrap().last_seq, 1);
         let dups = append(&store, vec![msg((1, 2), 6, 11), msg((1, 2), 7, 12)]).unwrap();
         assert_eq!(dups.len(), 1);
-        assert_eq!((dups[0].0, dups[0].1.seq, dups[0].1.msg_id), (0, 2, 1002));
+        assert_eq!(
+            (dups[0].0, dups[0].1.original().unwrap().seq, dups[0].1.original().unwrap().msg_id),
+            (0, 2, 1002)
+        );
         // Schema 3 listed each user's conversations; user 2's catch-up reads from that list.
         let listed: Vec<(i64, i64, i64)> = store
             .with_reader(|c| {
@@ -942,7 +982,7 @@ mod tests {
         let store = EmbeddedStore::open(&config(dir.path())).unwrap();
         assert!(append(&store, vec![msg((1, 2), 1, 10)]).unwrap().is_empty());
         let dups = append(&store, vec![msg((1, 2), 1, 10)]).unwrap();
-        assert_eq!((dups[0].0, dups[0].1.seq), (0, 1));
+        assert_eq!((dups[0].0, dups[0].1.original().unwrap().seq), (0, 1));
     }
 
     /// A delivery cursor is kept only for a conversation that has stored messages: acks of

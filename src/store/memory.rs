@@ -511,6 +511,7 @@ mod tests {
             client_msg_id: 0,
             payload: bytes::Bytes::new(),
             group: Some(std::sync::Arc::new(super::super::GroupChange { group, writes })),
+            edit: None,
         }
     }
 

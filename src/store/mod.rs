@@ -146,6 +146,87 @@ pub struct StoredMessage {
     pub payload: Bytes,
     /// A group notice's changes, stored with it in the same transaction.
     pub group: Option<std::sync::Arc<GroupChange>>,
+    /// A recall's change to the message it takes back, made in the same transaction: when the
+    /// store cannot make it, the recall is not stored either ([`Unstored::Refused`]).
+    pub edit: Option<Edit>,
+}
+
+/// A change a recall makes to an earlier message of its conversation (see [`Edit::apply`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum Edit {
+    /// Take back message `seq`: it must be a plain message (no notice, not taken back or burned
+    /// already) sent by `by` (by anyone when `any_sender`: a group manager's recall), stamped at
+    /// or after `since_ms`.
+    Recall { seq: u64, by: UserId, any_sender: bool, since_ms: u64 },
+}
+
+impl Edit {
+    /// The message this edit changes.
+    pub fn seq(&self) -> u64 {
+        match *self {
+            Edit::Recall { seq, .. } => seq,
+        }
+    }
+
+    /// The tombstone that replaces the stored `payload` (a `DELIVER` payload: stamp and Send
+    /// archive), or why the edit is refused. The tombstone keeps the stamp, with its state byte
+    /// set, and the Send archive's root, with its body emptied: the body is gone from the store.
+    pub fn apply(&self, payload: &[u8]) -> Result<Vec<u8>, crate::protocol::ErrorCode> {
+        use crate::protocol::{msg_state, send_flags, ErrorCode, Stamp};
+        let Edit::Recall { by, any_sender, since_ms, .. } = *self;
+        let stamp = Stamp::read(payload).ok_or(ErrorCode::NotRecallable)?;
+        let root = send_root(payload).ok_or(ErrorCode::NotRecallable)?;
+        let flags = root[1];
+        if stamp.from == 0
+            || payload[Stamp::STATE_AT] != msg_state::PLAIN
+            || flags & (send_flags::RECALL | send_flags::BURNED) != 0
+            || (!any_sender && stamp.from != by)
+        {
+            return Err(ErrorCode::NotRecallable);
+        }
+        if stamp.ts_ms < since_ms {
+            return Err(ErrorCode::RecallExpired);
+        }
+        Ok(tombstone(payload, msg_state::RECALLED))
+    }
+}
+
+/// The seq a recall's body names (8 bytes, little-endian, not 0), within the stores' signed
+/// 64-bit range.
+pub fn recalled_seq(body: &[u8]) -> Option<u64> {
+    let seq = u64::from_le_bytes(body.try_into().ok()?);
+    (seq != 0).then_some(seq.min(i64::MAX as u64))
+}
+
+/// A `DELIVER` payload's flags ([`crate::protocol::send_flags`]): byte 1 of its Send archive's
+/// root (the archive's last 32 bytes).
+pub fn payload_flags(payload: &[u8]) -> u8 {
+    send_root(payload).map_or(0, |r| r[1])
+}
+
+/// The 32-byte root of a stored payload's Send archive (the archive's last 32 bytes), if the
+/// payload holds one.
+fn send_root(payload: &[u8]) -> Option<&[u8]> {
+    use crate::protocol::Stamp;
+    (payload.len() >= Stamp::BYTES + SEND_ROOT_BYTES).then(|| &payload[payload.len() - SEND_ROOT_BYTES..])
+}
+
+/// The size of a `Send` archive's root (docs/PROTOCOL.md 5.7).
+const SEND_ROOT_BYTES: usize = 32;
+
+/// `payload` (a stored `DELIVER` payload) as a tombstone in `state`: the stamp with its state
+/// byte set, then the Send archive's root with an empty body (its relative pointer −24 points at
+/// the root's own start, as rkyv encodes an empty vector there).
+pub fn tombstone(payload: &[u8], state: u8) -> Vec<u8> {
+    use crate::protocol::Stamp;
+    let root = send_root(payload).expect("a stored payload holds a Send archive");
+    let mut t = Vec::with_capacity(Stamp::BYTES + SEND_ROOT_BYTES);
+    t.extend_from_slice(&payload[..Stamp::BYTES]);
+    t[Stamp::STATE_AT] = state;
+    t.extend_from_slice(&root[..24]);
+    t.extend_from_slice(&(-24i32).to_le_bytes());
+    t.extend_from_slice(&0u32.to_le_bytes());
+    t
 }
 
 /// A recent send of a conversation, to rebuild resend dedup after a restart.
@@ -257,11 +338,30 @@ pub enum StoreError {
     Unavailable(String),
 }
 
-/// Messages of an appended batch that the store already held under the same (conversation,
-/// sender, client message id), as (index in the batch, the stored original). They were not
-/// stored again: a resend whose first attempt was committed after all (an ambiguous commit)
-/// gets the original's ids. Empty when every message was new (no allocation).
-pub type Duplicates = Vec<(usize, RecentSend)>;
+/// Messages of an appended batch that were not stored, as (index in the batch, why). Empty when
+/// every message was stored (no allocation).
+pub type Duplicates = Vec<(usize, Unstored)>;
+
+/// Why a message of an appended batch was not stored.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Unstored {
+    /// The store already held the same (conversation, sender, client message id): a resend
+    /// whose first attempt was committed after all (an ambiguous commit) gets the stored
+    /// original's ids.
+    Duplicate(RecentSend),
+    /// Its [`Edit`] could not be made (the code says why); nothing of it was stored.
+    Refused(crate::protocol::ErrorCode),
+}
+
+impl Unstored {
+    /// The stored original of a duplicate.
+    pub fn original(&self) -> Option<RecentSend> {
+        match *self {
+            Unstored::Duplicate(r) => Some(r),
+            Unstored::Refused(_) => None,
+        }
+    }
+}
 
 /// Called once with the outcome of an [`Store::append`].
 pub type CommitDone = Box<dyn FnOnce(Result<Duplicates, StoreError>) + Send>;

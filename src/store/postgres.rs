@@ -45,11 +45,11 @@ use tokio_postgres::{types::Type, Client, NoTls, Statement};
 use super::{
     collect_page, group_conv, Account, CatchUp, CommitDone, ConvKey, ConvLoad, Cursor, Duplicates,
     GroupChange, GroupLoad, GroupRow, GroupWrite, LoadRequest, MemberRow, NameKey, Page, PageLimit,
-    RecentSend, Store, StoreError, StoredMessage, UserId, UserProfile,
+    RecentSend, Store, StoreError, StoredMessage, Unstored, UserId, UserProfile,
 };
 use crate::{
     config::PostgresConfig,
-    protocol::{GroupProfile, JoinRequest},
+    protocol::{ErrorCode, GroupProfile, JoinRequest},
 };
 
 /// Schema version written by this build.
@@ -686,7 +686,7 @@ pub const INSERT_MESSAGES_TYPES: [Type; 9] = [
 async fn insert_batch(range: &Range, batch: &[StoredMessage]) -> Result<super::Duplicates, StoreError> {
     let conn = range.send_conn().await?;
     let insert = conn.insert_statement().await?;
-    let stored = if batch.iter().any(|m| m.group.is_some()) {
+    let stored = if batch.iter().any(|m| m.group.is_some() || m.edit.is_some()) {
         conn.timed(insert_with_groups(conn.client(), &insert, batch)).await?
     } else {
         conn.timed(insert_messages(conn.client(), Some(&insert), batch)).await?
@@ -694,8 +694,9 @@ async fn insert_batch(range: &Range, batch: &[StoredMessage]) -> Result<super::D
     stored.map_err(|e| StoreError::Unavailable(format!("postgres {}: {e}", redact(&range.url))))
 }
 
-/// [`insert_messages`] for a batch holding group notices, in one transaction with the notices'
-/// changes (those of notices that were stored: a duplicate's were stored with its original).
+/// [`insert_messages`] for a batch holding group notices or recalls, in one transaction with the
+/// notices' changes and the recalls' edits (those of messages that were stored: a duplicate's
+/// were made with its original). A recall whose edit is refused is deleted again.
 /// On any failure the transaction is rolled back, so the connection is clean when it goes back
 /// to the pool (if the rollback itself fails, its error is answered: the connection is
 /// dropped unless the server answered it).
@@ -711,10 +712,29 @@ async fn insert_with_groups(
             Ok(dups) => dups,
             Err(e) => return Ok(Err(e)),
         };
+        let mut dups = dups;
         let skip: HashSet<usize> = dups.iter().map(|(index, _)| *index).collect();
         for (index, m) in batch.iter().enumerate() {
-            if let Some(change) = m.group.as_deref().filter(|_| !skip.contains(&index)) {
+            if skip.contains(&index) {
+                continue;
+            }
+            if let Some(change) = m.group.as_deref() {
                 apply_group(client, change, m.seq).await?;
+            }
+            if let Some(edit) = &m.edit {
+                if let Err(code) = apply_edit(client, m.conv, edit).await? {
+                    client
+                        .query_typed(
+                            "DELETE FROM messages WHERE conv_a = $1 AND conv_b = $2 AND seq = $3",
+                            &[
+                                (&i(m.conv.0), Type::INT8),
+                                (&i(m.conv.1), Type::INT8),
+                                (&i(m.seq), Type::INT8),
+                            ],
+                        )
+                        .await?;
+                    dups.push((index, Unstored::Refused(code)));
+                }
             }
         }
         client.batch_execute("COMMIT").await?;
@@ -725,6 +745,41 @@ async fn insert_with_groups(
         client.batch_execute("ROLLBACK").await?;
     }
     stored
+}
+
+/// Make `edit` to its message of `conv` in the transaction (the row locked, checked, rewritten);
+/// the inner `Err` says why it is refused.
+async fn apply_edit(
+    client: &Client,
+    conv: ConvKey,
+    edit: &super::Edit,
+) -> Result<Result<(), ErrorCode>, tokio_postgres::Error> {
+    let (a, b, seq) = (i(conv.0), i(conv.1), i(edit.seq()));
+    let key = [
+        (&a as &(dyn tokio_postgres::types::ToSql + Sync), Type::INT8),
+        (&b, Type::INT8),
+        (&seq, Type::INT8),
+    ];
+    let row = client
+        .query_typed(
+            "SELECT payload FROM messages WHERE conv_a = $1 AND conv_b = $2 AND seq = $3 FOR UPDATE",
+            &key,
+        )
+        .await?;
+    let Some(row) = row.first() else { return Ok(Err(ErrorCode::NotRecallable)) };
+    let payload: &[u8] = row.get(0);
+    match edit.apply(payload) {
+        Ok(tombstone) => {
+            client
+                .query_typed(
+                    "UPDATE messages SET payload = $4 WHERE conv_a = $1 AND conv_b = $2 AND seq = $3",
+                    &[key[0].clone(), key[1].clone(), key[2].clone(), (&tombstone, Type::BYTEA)],
+                )
+                .await?;
+            Ok(Ok(()))
+        }
+        Err(code) => Ok(Err(code)),
+    }
 }
 
 /// Apply a group notice's changes (see [`GroupWrite`]) in the notice's transaction, in order;
@@ -947,7 +1002,7 @@ async fn insert_messages_in(
         if !(first && msg_id == m.msg_id && seq == m.seq) {
             let original =
                 RecentSend { sender: m.sender, client_msg_id: m.client_msg_id, msg_id, seq, ts_ms };
-            dups.push((index, original));
+            dups.push((index, Unstored::Duplicate(original)));
         }
     }
     Ok(Ok(dups))
