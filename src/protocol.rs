@@ -1263,4 +1263,23 @@ mod session_layout_tests {
         let got: Vec<u64> = f.chunks(8).map(|c| u64::from_le_bytes(c.try_into().unwrap())).collect();
         assert_eq!(got, expect, "the example of docs/PROTOCOL.md 6.16");
     }
+
+    /// The recall example of docs/PROTOCOL.md 5.17, and the Send layout of 5.7.
+    #[test]
+    fn recall_layout() {
+        assert_eq!(std::mem::offset_of!(ArchivedSend, flags), 1);
+        assert_eq!(std::mem::offset_of!(ArchivedSend, burn_secs), 4);
+        assert_eq!(std::mem::offset_of!(ArchivedSend, to), 8);
+        let recall = Send {
+            conv: conv::DIRECT,
+            flags: send_flags::RECALL,
+            burn_secs: 0,
+            to: 2,
+            client_msg_id: 2,
+            body: 1u64.to_le_bytes().to_vec(),
+        };
+        let f = crate::frame::encode(kind::SEND, &recall);
+        let got: Vec<u64> = f.chunks(8).map(|c| u64::from_le_bytes(c.try_into().unwrap())).collect();
+        assert_eq!(got, [0x0000_0006_0000_0028, 1, 0x0201, 2, 2, 0x0000_0008_ffff_ffe0]);
+    }
 }
