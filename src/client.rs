@@ -92,6 +92,8 @@ pub enum Event {
     GroupList(protocol::GroupList),
     SessionList(protocol::SessionList),
     TypingNotice(protocol::TypingNotice),
+    ReadNotice(protocol::ReadNotice),
+    ReadState(protocol::ReadState),
     ProfileList(protocol::ProfileList),
     GroupRequestPage(protocol::GroupRequestPage),
     GroupJoinRequest(protocol::GroupJoinRequest),
@@ -164,6 +166,8 @@ pub fn decode_event(k: u16, payload: &[u8]) -> Result<Event> {
         kind::GROUP_LIST => Event::GroupList(de::<protocol::ArchivedGroupList, _>(payload)?),
         kind::SESSION_LIST => Event::SessionList(de::<protocol::ArchivedSessionList, _>(payload)?),
         kind::TYPING_NOTICE => Event::TypingNotice(de::<protocol::ArchivedTypingNotice, _>(payload)?),
+        kind::READ_NOTICE => Event::ReadNotice(de::<protocol::ArchivedReadNotice, _>(payload)?),
+        kind::READ_STATE => Event::ReadState(de::<protocol::ArchivedReadState, _>(payload)?),
         kind::PROFILE_LIST => Event::ProfileList(de::<protocol::ArchivedProfileList, _>(payload)?),
         kind::GROUP_REQUEST_PAGE => {
             Event::GroupRequestPage(de::<protocol::ArchivedGroupRequestPage, _>(payload)?)
@@ -559,6 +563,21 @@ impl Client {
         });
         self.pending.retain(|e| !matches!(e, Event::Deliver(_)));
         Ok((got, end?))
+    }
+
+    /// Tell the server this device has read a conversation up to `seq` (no answer unless
+    /// refused).
+    pub fn read(&mut self, conv: u8, peer: u64, seq: u64) -> Result<()> {
+        self.send_frame(kind::READ, &protocol::Read { conv, peer, seq })
+    }
+
+    /// How far a conversation was read (`read_count`: users who read `seq`).
+    pub fn read_get(&mut self, conv: u8, peer: u64, seq: u64) -> Result<protocol::ReadState> {
+        self.send_frame(kind::READ_GET, &protocol::ReadGet { conv, peer, seq })?;
+        self.wait_for(kind::READ_GET, |e| match e {
+            Event::ReadState(r) => Some(r.clone()),
+            _ => None,
+        })
     }
 
     /// Log out and wait for the server's `Bye`.

@@ -347,6 +347,11 @@ pub struct Limits {
     /// Typing notices one session may send per minute; beyond it: RateLimited (the session
     /// stays).
     pub typing_per_session_per_minute_max: u32,
+    /// Read receipts one session may send per minute; beyond it: RateLimited.
+    pub reads_per_session_per_minute_max: u32,
+    /// Groups up to this many members push each read receipt to their members' sessions; a
+    /// larger group only answers ReadGet with counts.
+    pub receipts_live_members_max: usize,
     /// Bytes of a profile's nickname, avatar URL or area (InvalidProfile).
     pub profile_text_bytes_max: usize,
     /// Bytes of a profile's extra data (InvalidProfile).
@@ -553,6 +558,8 @@ impl Default for Limits {
             registrations_per_address_per_minute_max: 30,
             unknown_recipients_per_connection_per_minute_max: 32,
             typing_per_session_per_minute_max: 120,
+            reads_per_session_per_minute_max: 600,
+            receipts_live_members_max: 100,
             profile_text_bytes_max: 256,
             profile_extra_bytes_max: 4096,
             profiles_per_request_max: 100,
@@ -736,6 +743,7 @@ impl Config {
                 l.registrations_per_address_per_minute_max as usize,
             ),
             ("limits.typing_per_session_per_minute_max", l.typing_per_session_per_minute_max as usize),
+            ("limits.reads_per_session_per_minute_max", l.reads_per_session_per_minute_max as usize),
             ("limits.profile_text_bytes_max", l.profile_text_bytes_max),
             ("limits.profiles_per_request_max", l.profiles_per_request_max),
             (
@@ -876,6 +884,8 @@ registrations_per_connection_max = 3 # Register requests per connection; then Ra
 registrations_per_address_per_minute_max = 30 # per source address and shard; then RateLimited
 unknown_recipients_per_connection_per_minute_max = 32 # sends to missing accounts; then the connection is closed
 typing_per_session_per_minute_max = 120 # typing notices per session; beyond: RateLimited
+reads_per_session_per_minute_max = 600 # read receipts per session; beyond: RateLimited
+receipts_live_members_max = 100     # groups up to this size push read receipts live; larger: counts on request
 profile_text_bytes_max = 256        # bytes of a profile's nickname, avatar URL or area (InvalidProfile)
 profile_extra_bytes_max = 4096      # bytes of a profile's extra data (InvalidProfile)
 profiles_per_request_max = 100      # users one ProfileGet may name (InvalidProfile)

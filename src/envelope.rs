@@ -124,6 +124,17 @@ pub enum GroupOp {
     Requests,
     /// A typing notice for the members' sessions (never answered but with a refusal).
     Typing(Bytes),
+    /// A read receipt of the member's device (never answered but with a refusal): kept, and
+    /// in a small group pushed (`frame`, a `READ_NOTICE`) to the members' sessions.
+    Read {
+        seq: u64,
+        device: u64,
+        frame: Bytes,
+    },
+    /// How far the group was read (answered with a `READ_STATE`).
+    ReadGet {
+        seq: u64,
+    },
 }
 
 impl GroupOp {
@@ -138,6 +149,8 @@ impl GroupOp {
             GroupOp::Members { .. } => kind::GROUP_MEMBERS,
             GroupOp::Requests => kind::GROUP_REQUESTS,
             GroupOp::Typing(_) => kind::TYPING,
+            GroupOp::Read { .. } => kind::READ,
+            GroupOp::ReadGet { .. } => kind::READ_GET,
         }
     }
 }

@@ -37,6 +37,13 @@ pub mod kind {
     /// Read the profiles of some users (payload: a [`super::ProfileGet`]); answered with
     /// `PROFILE_LIST`.
     pub const PROFILE_GET: u16 = 15;
+    /// "Read up to seq" in a conversation (payload: a [`super::Read`]); never answered but with
+    /// a refusal; pushed to the peer (or the group's members, in small groups) and the reader's
+    /// other sessions as `READ_NOTICE`.
+    pub const READ: u16 = 16;
+    /// Who read a conversation how far (payload: a [`super::ReadGet`]); answered with
+    /// `READ_STATE`.
+    pub const READ_GET: u16 = 17;
     pub const ROOM_CREATE: u16 = 20;
     pub const ROOM_SUBSCRIBE: u16 = 21;
     pub const ROOM_UNSUBSCRIBE: u16 = 22;
@@ -81,6 +88,10 @@ pub mod kind {
     pub const TYPING_NOTICE: u16 = 116;
     /// The answer to `PROFILE_GET` and `PROFILE_UPDATE` (payload: a [`super::ProfileList`]).
     pub const PROFILE_LIST: u16 = 117;
+    /// Someone read a conversation up to a seq (payload: a [`super::ReadNotice`]).
+    pub const READ_NOTICE: u16 = 118;
+    /// The answer to `READ_GET` (payload: a [`super::ReadState`]).
+    pub const READ_STATE: u16 = 119;
     /// The answer to a room request that succeeded (create, subscribe, unsubscribe, delete).
     pub const ROOM_OK: u16 = 130;
     /// A message published to a live room: a [`super::RoomStamp`], then the publisher's
@@ -139,6 +150,10 @@ pub mod kind {
             PROFILE_UPDATE => "ProfileUpdate",
             PROFILE_GET => "ProfileGet",
             PROFILE_LIST => "ProfileList",
+            READ => "Read",
+            READ_GET => "ReadGet",
+            READ_NOTICE => "ReadNotice",
+            READ_STATE => "ReadState",
             REGISTER_OK => "RegisterOk",
             LOGIN_OK => "LoginOk",
             TOKEN_ISSUED => "TokenIssued",
@@ -817,6 +832,54 @@ pub struct TypingNotice {
     pub to: u64,
     pub conv: u8,
     pub state: u8,
+}
+
+/// Read receipts: "this device has read `conv`/`peer` up to `seq`" (as `DeliveryAck` names a
+/// conversation).
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct Read {
+    pub conv: u8,
+    pub peer: u64,
+    pub seq: u64,
+}
+
+/// Ask how far a conversation was read: `read_count` counts the users who read `seq`.
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct ReadGet {
+    pub conv: u8,
+    pub peer: u64,
+    pub seq: u64,
+}
+
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct ReadNotice {
+    /// The reader.
+    pub from: u64,
+    /// The conversation as the reader named it: the other user (`conv` 1) or the group.
+    pub to: u64,
+    pub conv: u8,
+    pub seq: u64,
+}
+
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct ReadEntry {
+    pub user: u64,
+    pub seq: u64,
+}
+
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct ReadState {
+    pub conv: u8,
+    pub peer: u64,
+    pub seq: u64,
+    /// Users (other than the asker) who read `seq` or beyond.
+    pub read_count: u32,
+    /// Users (other than the asker) of the conversation: 1 in a 1:1 chat, the members but the
+    /// asker in a group.
+    pub member_count: u32,
+    /// Each user's read position (the asker's included), by rising user id: both users of a
+    /// 1:1 chat; a group's members only up to `receipts_live_members_max` members, else empty.
+    pub reads: Vec<ReadEntry>,
 }
 
 /// A user's public profile. Texts are UTF-8 of at most `profile_text_bytes_max` bytes each,

@@ -319,9 +319,8 @@ async fn run_shard(
     monoio::spawn(shard.clone().run_mesh());
     monoio::spawn(shard.clone().run_timeouts());
     monoio::spawn(shard.clone().run_fanout());
-    if shard.shared.store.durable() {
-        monoio::spawn(shard.clone().run_cursor_flush());
-    }
+    // Delivery cursors (durable stores) and read positions (every store).
+    monoio::spawn(shard.clone().run_cursor_flush());
     let mut loops = Vec::new();
     for (kind, listener) in listeners {
         if ctx.driver == DriverKind::Epoll {

@@ -146,6 +146,8 @@ pub struct Shard {
     readahead: RefCell<VecDeque<Envelope>>,
     /// Delivery cursors acknowledged since the last flush: (user, device, conversation) → seq.
     cursors: RefCell<HashMap<(UserId, u64, ConvKey), u64, RandomState>>,
+    /// Read positions noted since the last flush (see [`Shard::note_read`]).
+    reads: RefCell<HashMap<(UserId, u64, ConvKey), u64, RandomState>>,
     pub shutting_down: Cell<bool>,
     pub shutdown: LocalNotify,
     pub stats: Stats,
@@ -216,6 +218,7 @@ impl Shard {
             given_back: RefCell::new(Vec::new()),
             readahead: RefCell::new(VecDeque::new()),
             cursors: RefCell::new(HashMap::default()),
+            reads: RefCell::new(HashMap::default()),
             shutting_down: Cell::new(false),
             shutdown: LocalNotify::default(),
             stats: Stats::default(),
@@ -562,6 +565,18 @@ impl Shard {
         // not real use, and a lost cursor only means the device gets those messages again.
     }
 
+    /// Remember a read position; written to the store by `run_cursor_flush` (on every store:
+    /// the memory store keeps read positions too).
+    pub fn note_read(&self, c: Cursor) {
+        let mut reads = self.reads.borrow_mut();
+        let key = (c.user, c.device, c.conv);
+        if let Some(seq) = reads.get_mut(&key) {
+            *seq = (*seq).max(c.seq);
+        } else if reads.len() < self.cfg().limits.cursors_pending_max {
+            reads.insert(key, c.seq);
+        }
+    }
+
     /// Write acknowledged cursors to the store every `cursor_flush_ms`, in one batch. A cursor
     /// lost in a crash only means a device gets those messages again at its next login.
     pub async fn run_cursor_flush(self: Rc<Self>) {
@@ -575,6 +590,7 @@ impl Shard {
     /// Write the cursors noted so far (the shard's last act before it stops, too). Cursors whose
     /// write fails are kept for the next flush.
     pub async fn flush_cursors(&self) {
+        self.flush_reads().await;
         let batch: Vec<Cursor> = self
             .cursors
             .borrow_mut()
@@ -593,6 +609,30 @@ impl Shard {
         }
         for c in kept {
             self.note_cursor(c);
+        }
+    }
+
+    /// Write the read positions noted so far; those whose write fails are kept for the next
+    /// flush.
+    async fn flush_reads(&self) {
+        let batch: Vec<Cursor> = self
+            .reads
+            .borrow_mut()
+            .drain()
+            .map(|((user, device, conv), seq)| Cursor { user, device, conv, seq })
+            .collect();
+        if batch.is_empty() {
+            return;
+        }
+        let store = self.shared.store.clone();
+        let kept = batch.clone();
+        match self.shared.workers.store.run(move || store.save_reads(&batch)).await {
+            Ok(Ok(())) => return,
+            Ok(Err(e)) => log::warn!("store: saving read positions: {e}"),
+            Err(e) => log::warn!("store: saving read positions: {e}"),
+        }
+        for c in kept {
+            self.note_read(c);
         }
     }
 
@@ -1026,6 +1066,7 @@ impl Shard {
                     self.with_groups(|g, fx| g.notice_failed(group, code, now_ms(), fx))
                 }
                 Effect::LoadGroup(group) => drop(monoio::spawn(self.rc().load_group(group))),
+                Effect::NoteRead(c) => self.note_read(c),
                 Effect::SaveJoinRequest { group, user, request } => {
                     drop(monoio::spawn(self.rc().save_join_request(group, user, request)))
                 }
@@ -1138,9 +1179,10 @@ impl Shard {
     /// Write `frame` to this shard's `sessions` (lossily for a stream message).
     fn deliver_many(&self, sessions: &[SessionRef], frame: &Bytes, lossy: bool) {
         let max = self.cfg().limits.room_queue_frames_max;
-        // A typing notice goes to the sessions that keep up, uncounted; a stream message's drops
-        // are counted by its group (the stamp's `to`).
-        let typing = lossy && frame::Header::read(frame).kind == kind::TYPING_NOTICE;
+        // A typing notice or read receipt goes to the sessions that keep up, uncounted; a stream
+        // message's drops are counted by its group (the stamp's `to`).
+        let typing =
+            lossy && matches!(frame::Header::read(frame).kind, kind::TYPING_NOTICE | kind::READ_NOTICE);
         let group = if lossy && !typing {
             protocol::Stamp::read(&frame[frame::HEADER_BYTES..]).expect("stamped").to
         } else {
@@ -1188,15 +1230,26 @@ impl Shard {
     /// Load a group on the store pool for its owner.
     async fn load_group(self: Rc<Self>, group: u64) {
         let store = self.shared.store.clone();
-        let loaded: Result<Option<GroupLoad>, ErrorCode> =
-            match self.shared.workers.store.run(move || store.load_group(group)).await {
-                Ok(Ok(load)) => Ok(load),
-                Ok(Err(e)) => {
-                    log::warn!("store: loading group {group}: {e}");
-                    Err(ErrorCode::StoreUnavailable)
+        let loaded: Result<Option<GroupLoad>, ErrorCode> = match self
+            .shared
+            .workers
+            .store
+            .run(move || {
+                let mut load = store.load_group(group)?;
+                if let Some(l) = load.as_mut() {
+                    l.reads = store.reads_of(crate::store::group_conv(group))?;
                 }
-                Err(e) => Err(e.code_or(ErrorCode::StoreUnavailable)),
-            };
+                Ok::<_, StoreError>(load)
+            })
+            .await
+        {
+            Ok(Ok(load)) => Ok(load),
+            Ok(Err(e)) => {
+                log::warn!("store: loading group {group}: {e}");
+                Err(ErrorCode::StoreUnavailable)
+            }
+            Err(e) => Err(e.code_or(ErrorCode::StoreUnavailable)),
+        };
         self.with_groups(|g, fx| g.loaded(group, loaded, now_ms(), fx));
     }
 

@@ -436,6 +436,7 @@ struct StoredGroup {
 impl StoredGroup {
     fn load(&self) -> GroupLoad {
         GroupLoad {
+            reads: Vec::new(),
             row: self.row.clone(),
             members: self.members.values().copied().collect(),
             blocked: self.blocked.iter().copied().collect(),
@@ -805,6 +806,8 @@ impl Sim {
                 Effect::Post(dst, env) => self.post(shard, dst.shard(), env),
                 Effect::Sequence(sub) => self.sequence(shard, sub)?,
                 Effect::GroupPublish(p) => self.group_published(shard, p)?,
+                // Read positions are not part of the simulated store.
+                Effect::NoteRead(_) => {}
                 Effect::NoticeFailed { group, code } => {
                     self.notice_inflight.remove(&group);
                     self.note(format!("shard {shard}: notice of group {group} failed {code:?}"));

@@ -298,6 +298,15 @@ enum WireGroupOp<'a> {
         #[rkyv(with = AsVec)]
         frame: &'a [u8],
     },
+    Read {
+        seq: u64,
+        device: u64,
+        #[rkyv(with = AsVec)]
+        frame: &'a [u8],
+    },
+    ReadGet {
+        seq: u64,
+    },
 }
 
 /// `Result<(), ErrorCode>`.
@@ -476,6 +485,10 @@ impl<'a> WireEnvelope<'a> {
                     }
                     GroupOp::Requests => WireGroupOp::Requests,
                     GroupOp::Typing(frame) => WireGroupOp::Typing { frame },
+                    GroupOp::Read { seq, device, frame } => {
+                        WireGroupOp::Read { seq: *seq, device: *device, frame }
+                    }
+                    GroupOp::ReadGet { seq } => WireGroupOp::ReadGet { seq: *seq },
                 },
             },
             Envelope::GroupReply { session, request_kind, result } => WireEnvelope::GroupReply {
@@ -750,6 +763,12 @@ fn envelope(a: &ArchivedWireEnvelope<'_>, payload: &Bytes) -> Result<Envelope, W
                 }
                 ArchivedWireGroupOp::Requests => GroupOp::Requests,
                 ArchivedWireGroupOp::Typing { frame } => GroupOp::Typing(shared(payload, frame)?),
+                ArchivedWireGroupOp::Read { seq, device, frame } => GroupOp::Read {
+                    seq: seq.to_native(),
+                    device: device.to_native(),
+                    frame: shared(payload, frame)?,
+                },
+                ArchivedWireGroupOp::ReadGet { seq } => GroupOp::ReadGet { seq: seq.to_native() },
             },
         })),
         W::GroupReply { session: s, request_kind, result } => Envelope::GroupReply {
@@ -914,6 +933,8 @@ mod tests {
             group(GroupOp::Members { after: 38, limit: 39 }),
             group(GroupOp::Requests),
             group(GroupOp::Typing(b(11, 24))),
+            group(GroupOp::Read { seq: 7, device: 0xfeed, frame: b(12, 40) }),
+            group(GroupOp::ReadGet { seq: 9 }),
             Envelope::GroupReply { session: s(40), request_kind: 33, result: Ok(b(8, 64)) },
             Envelope::GroupReply { session: s(40), request_kind: 33, result: Err(ErrorCode::NotMember) },
             Envelope::GroupFanout(Box::new(GroupFanout {
@@ -1002,6 +1023,8 @@ mod tests {
                     GroupOp::Members { after, limit } => format!("Members {:?}", (after, limit)),
                     GroupOp::Requests => "Requests".into(),
                     GroupOp::Typing(f) => format!("Typing {f:?}"),
+                    GroupOp::Read { seq, device, frame } => format!("Read {seq} {device} {frame:?}"),
+                    GroupOp::ReadGet { seq } => format!("ReadGet {seq}"),
                 };
                 format!("Group {:?} {op}", (g.origin, g.user, g.group))
             }

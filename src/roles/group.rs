@@ -49,6 +49,8 @@ struct Member {
     role: u8,
     muted_until_ms: u64,
     from_seq: u64,
+    /// How far the member has read the group (its read receipts).
+    read_seq: u64,
 }
 
 /// The change in flight of a group: who asked, and what to do once it is stored.
@@ -102,6 +104,8 @@ pub struct GroupOwner {
     text_max: usize,
     extra_max: usize,
     page_max: u32,
+    /// `receipts_live_members_max`.
+    receipts_live_max: usize,
     groups_max: usize,
     waiting_max: usize,
     idle_ms: u64,
@@ -125,6 +129,7 @@ impl GroupOwner {
             text_max: l.group_text_bytes_max,
             extra_max: l.group_extra_bytes_max,
             page_max: l.group_page_max,
+            receipts_live_max: l.receipts_live_members_max,
             groups_max: l.groups_per_shard_max,
             waiting_max: l.group_changes_waiting_max,
             idle_ms: l.conversation_idle_secs * 1000,
@@ -384,6 +389,7 @@ impl GroupOwner {
     fn handle(&mut self, req: Box<GroupRequest>, now: u64, out: &mut Effects) {
         let (text_max, extra_max, page_max) = (self.text_max, self.extra_max, self.page_max);
         let waiting_max = self.waiting_max;
+        let receipts_live_max = self.receipts_live_max;
         let placement = self.placement.clone();
         let g = self.ready(req.group).expect("handled on a ready group");
         match &req.op {
@@ -412,6 +418,35 @@ impl GroupOwner {
                     out.push(Effect::Post(*shard, Envelope::GroupFanout(Box::new(f))));
                 }
                 return;
+            }
+            GroupOp::Read { seq, device, frame } => {
+                let Some(m) = g.members.get_mut(&req.user) else {
+                    return reply_err(out, &req, ErrorCode::NotMember);
+                };
+                m.read_seq = m.read_seq.max(*seq);
+                let conv = crate::store::group_conv(req.group);
+                let c = crate::store::Cursor { user: req.user, device: *device, conv, seq: *seq };
+                out.push(Effect::NoteRead(c));
+                // Live only in small groups: a large group's receipts would be a storm.
+                if g.members.len() <= receipts_live_max {
+                    for (shard, users) in g.lists(&placement).iter() {
+                        let f = GroupFanout {
+                            users: users.clone(),
+                            skip: req.origin,
+                            frame: frame.clone(),
+                            lossy: true,
+                        };
+                        out.push(Effect::Post(*shard, Envelope::GroupFanout(Box::new(f))));
+                    }
+                }
+                return;
+            }
+            GroupOp::ReadGet { seq } => {
+                if !g.members.contains_key(&req.user) {
+                    return reply_err(out, &req, ErrorCode::NotMember);
+                }
+                let r = read_state_frame(g, req.group, req.user, *seq, receipts_live_max);
+                return reply(out, &req, Ok(r));
             }
             GroupOp::Create(p) | GroupOp::Update(p) => {
                 if let Err(code) = check_profile(p, text_max, extra_max) {
@@ -679,12 +714,15 @@ impl Group {
     }
 
     fn from_load(l: GroupLoad, now: u64) -> Group {
+        let reads: HashMap<UserId, u64> = l.reads.iter().copied().collect();
         Group {
             members: l
                 .members
                 .iter()
                 .map(|m| {
-                    (m.user, Member { role: m.role, muted_until_ms: m.muted_until_ms, from_seq: m.from_seq })
+                    let read_seq = reads.get(&m.user).copied().unwrap_or(0);
+                    let (role, muted_until_ms, from_seq) = (m.role, m.muted_until_ms, m.from_seq);
+                    (m.user, Member { role, muted_until_ms, from_seq, read_seq })
                 })
                 .collect(),
             row: l.row,
@@ -706,7 +744,8 @@ impl Group {
             match w {
                 GroupWrite::Group(row) => self.row = row.clone(),
                 GroupWrite::Join { user, role } => {
-                    self.members.insert(*user, Member { role: *role, muted_until_ms: 0, from_seq: seq });
+                    let m = Member { role: *role, muted_until_ms: 0, from_seq: seq, read_seq: 0 };
+                    self.members.insert(*user, m);
                     self.requests.remove(user);
                     self.by_shard = None;
                 }
@@ -1023,10 +1062,33 @@ fn plan(
         | GroupOp::Get
         | GroupOp::Members { .. }
         | GroupOp::Requests
-        | GroupOp::Typing(_) => {
+        | GroupOp::Typing(_)
+        | GroupOp::Read { .. }
+        | GroupOp::ReadGet { .. } => {
             unreachable!("not a change")
         }
     }
+}
+
+/// A `READ_STATE` answer: how many members (the asker aside) read `seq`, and every member's
+/// position in a group of at most `list_max` members.
+fn read_state_frame(g: &Group, group: u64, asker: UserId, seq: u64, list_max: usize) -> Bytes {
+    let others = g.members.iter().filter(|(&u, _)| u != asker);
+    let read_count = others.clone().filter(|(_, m)| m.read_seq >= seq).count() as u32;
+    let reads = if g.members.len() <= list_max {
+        g.members.iter().map(|(&user, m)| protocol::ReadEntry { user, seq: m.read_seq }).collect()
+    } else {
+        Vec::new()
+    };
+    let state = protocol::ReadState {
+        conv: protocol::conv::GROUP,
+        peer: group,
+        seq,
+        read_count,
+        member_count: others.count() as u32,
+        reads,
+    };
+    Bytes::from(frame::encode(kind::READ_STATE, &state))
 }
 
 /// Whether `sender` may send to the group now.

@@ -65,6 +65,8 @@ pub enum Effect {
     NoticeFailed { group: u64, code: ErrorCode },
     /// Load a group from the store, then call [`GroupOwner::loaded`].
     LoadGroup(u64),
+    /// Keep a read position (written to the store with the shard's next flush).
+    NoteRead(crate::store::Cursor),
     /// Store (`Some`) or drop a join request, then call [`GroupOwner::request_saved`].
     SaveJoinRequest { group: u64, user: UserId, request: Option<JoinRequest> },
 }

@@ -121,6 +121,8 @@ pub struct Session {
     pub(crate) unknown_recipients: Cell<crate::guard::Budget>,
     /// Typing notices this minute (`typing_per_session_per_minute_max`).
     pub(crate) typing: Cell<crate::guard::Budget>,
+    /// Read receipts this minute (`reads_per_session_per_minute_max`).
+    pub(crate) reads: Cell<crate::guard::Budget>,
     /// Notified by the writer each time it has written: paced pushes wait on it.
     pub(crate) drained: LocalNotify,
     /// Since when the transport has held an incomplete frame (set and cleared by the transport).
@@ -151,6 +153,7 @@ impl Session {
             registrations: Cell::new(0),
             unknown_recipients: Cell::new(Default::default()),
             typing: Cell::new(Default::default()),
+            reads: Cell::new(Default::default()),
             closing: Cell::new(false),
             reply: RefCell::new(None),
             created: Instant::now(),
@@ -467,10 +470,10 @@ impl Session {
     }
 
     pub fn on_group_reply(&self, request_kind: u16, result: Result<Bytes, ErrorCode>) {
-        if request_kind == kind::TYPING {
-            // A typing notice is not waited for: only its refusal comes back.
+        if request_kind == kind::TYPING || request_kind == kind::READ {
+            // A typing notice or read receipt is not waited for: only its refusal comes back.
             if let Err(code) = result {
-                self.push(error_frame(code, kind::TYPING, 0));
+                self.push(error_frame(code, request_kind, 0));
             }
             return;
         }

@@ -307,6 +307,16 @@ impl Requests<'_> {
                 let (to, conv_kind, state) = (t.to.to_native(), t.conv, t.state);
                 self.typing(to, conv_kind, state)
             }
+            kind::READ => {
+                let r = access!(protocol::ArchivedRead);
+                let (conv_kind, peer, seq) = (r.conv, r.peer.to_native(), r.seq.to_native());
+                self.read(conv_kind, peer, seq)
+            }
+            kind::READ_GET => {
+                let r = access!(protocol::ArchivedReadGet);
+                let (conv_kind, peer, seq) = (r.conv, r.peer.to_native(), r.seq.to_native());
+                Box::pin(self.read_get(conv_kind, peer, seq)).await
+            }
             kind::MY_SESSIONS => {
                 let _ = access!(protocol::ArchivedMySessions);
                 self.sessions_call(0).await
@@ -761,6 +771,77 @@ impl Requests<'_> {
             self.shard.post(self.shard.place(|p| p.group(to)), Envelope::Group(Box::new(req)));
         }
         Flow::Continue
+    }
+
+    /// A read receipt: kept (per device), and pushed to the 1:1 peer's sessions (through its
+    /// user owner) or, in a small group, to the members' (through the group's owner, which
+    /// checks membership), and to this user's other sessions. Answered only when refused.
+    fn read(&self, conv_kind: u8, peer: u64, seq: u64) -> Flow {
+        let k = kind::READ;
+        let me = self.session.user();
+        let conv = match conv_kind {
+            conv::DIRECT if peer != 0 && !is_group_id(peer) => direct_key(me, peer),
+            conv::GROUP if is_group_id(peer) => group_conv(peer),
+            _ => return self.error(ErrorCode::InvalidConversation, k),
+        };
+        if seq == 0 {
+            return self.error(ErrorCode::Malformed, k);
+        }
+        let max = self.shard.cfg().limits.reads_per_session_per_minute_max;
+        let mut budget = self.session.reads.get();
+        let allowed = budget.take(now_ms(), max);
+        self.session.reads.set(budget);
+        if !allowed {
+            return self.error(ErrorCode::RateLimited, k);
+        }
+        // Stores keep sequence numbers as signed 64-bit integers.
+        let seq = seq.min(i64::MAX as u64);
+        let notice = protocol::ReadNotice { from: me, to: peer, conv: conv_kind, seq };
+        let frame = Bytes::from(frame::encode(kind::READ_NOTICE, &notice));
+        let device = self.session.device.get();
+        if conv_kind == conv::GROUP {
+            let op = GroupOp::Read { seq, device, frame };
+            let req = GroupRequest { origin: self.session.id, user: me, group: peer, op };
+            self.shard.post(self.shard.place(|p| p.group(peer)), Envelope::Group(Box::new(req)));
+            return Flow::Continue;
+        }
+        self.shard.note_read(Cursor { user: me, device, conv, seq });
+        let skip = crate::envelope::SessionRef::NONE;
+        if peer != me {
+            let env = Envelope::Fanout { user: peer, skip, frame: frame.clone() };
+            self.shard.post(self.shard.place(|p| p.user(peer)), env);
+        }
+        let env = Envelope::Fanout { user: me, skip: self.session.id, frame };
+        self.shard.post(self.shard.place(|p| p.user(me)), env);
+        Flow::Continue
+    }
+
+    /// How far a conversation was read: a 1:1 chat's two positions from the store, a group's
+    /// counts (and small groups' positions) from its owner.
+    async fn read_get(&self, conv_kind: u8, peer: u64, seq: u64) -> Flow {
+        let k = kind::READ_GET;
+        let me = self.session.user();
+        match conv_kind {
+            conv::DIRECT if peer != 0 && !is_group_id(peer) => {}
+            conv::GROUP if is_group_id(peer) => return self.group_call(peer, GroupOp::ReadGet { seq }).await,
+            _ => return self.error(ErrorCode::InvalidConversation, k),
+        }
+        let conv = direct_key(me, peer);
+        let store = self.shard.shared.store.clone();
+        let reads = match self.store_call(move || store.reads_of(conv)).await {
+            Ok(reads) => reads,
+            Err(code) => return self.error(code, k),
+        };
+        let peer_seq = reads.iter().find(|r| r.0 == peer).map_or(0, |r| r.1);
+        let state = protocol::ReadState {
+            conv: conv::DIRECT,
+            peer,
+            seq,
+            read_count: u32::from(peer_seq >= seq),
+            member_count: 1,
+            reads: reads.into_iter().map(|(user, seq)| protocol::ReadEntry { user, seq }).collect(),
+        };
+        self.reply(kind::READ_STATE, &state)
     }
 
     /// Replace this account's profile (checked against the limits), and answer with it.

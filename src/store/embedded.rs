@@ -32,7 +32,7 @@ use crate::{
 };
 
 /// Schema version written by this build.
-pub const SCHEMA_VERSION: i64 = 6;
+pub const SCHEMA_VERSION: i64 = 7;
 
 const SCHEMA_V1: &str = "
 CREATE TABLE accounts (
@@ -155,6 +155,18 @@ ALTER TABLE accounts ADD COLUMN banned_until_ms INTEGER NOT NULL DEFAULT 0;
 ";
 
 /// Version 6: user profiles (postcard blobs).
+/// Version 7: read positions (read receipts), per user, device and conversation.
+const SCHEMA_V7: &str = "
+CREATE TABLE reads (
+    user   INTEGER NOT NULL,
+    device INTEGER NOT NULL,
+    conv_a INTEGER NOT NULL,
+    conv_b INTEGER NOT NULL,
+    seq    INTEGER NOT NULL,
+    PRIMARY KEY (conv_a, conv_b, user, device)
+) WITHOUT ROWID;
+";
+
 const SCHEMA_V6: &str = "
 CREATE TABLE profiles (
     user_id    INTEGER PRIMARY KEY,
@@ -248,6 +260,12 @@ fn migrate(conn: &mut Connection) -> anyhow::Result<()> {
         let tx = conn.transaction()?;
         tx.execute_batch(SCHEMA_V6)?;
         tx.pragma_update(None, "user_version", 6)?;
+        tx.commit()?;
+    }
+    if version < 7 {
+        let tx = conn.transaction()?;
+        tx.execute_batch(SCHEMA_V7)?;
+        tx.pragma_update(None, "user_version", 7)?;
         tx.commit()?;
     }
     Ok(())
@@ -527,6 +545,28 @@ fn apply_group(tx: &rusqlite::Transaction<'_>, change: &GroupChange, seq: u64) -
     Ok(())
 }
 
+impl EmbeddedStore {
+    /// Advance the positions of `table` (`cursors` or `reads`: same columns), in conversations
+    /// that have a stored message.
+    fn save_positions(&self, table: &str, positions: &[Cursor]) -> Result<(), StoreError> {
+        self.with_aux(|c| {
+            let tx = c.transaction()?;
+            {
+                let mut up = tx.prepare_cached(&format!(
+                    "INSERT INTO {table} (user, device, conv_a, conv_b, seq) SELECT ?1, ?2, ?3, ?4, ?5
+                     WHERE EXISTS (SELECT 1 FROM messages WHERE conv_a = ?3 AND conv_b = ?4)
+                     ON CONFLICT (user, device, conv_a, conv_b) DO UPDATE SET seq = MAX(seq, excluded.seq)"
+                ))?;
+                for k in positions {
+                    up.execute(params![i(k.user), i(k.device), i(k.conv.0), i(k.conv.1), i(k.seq)])?;
+                }
+            }
+            tx.commit()
+        })
+        .map_err(unavailable)
+    }
+}
+
 impl Store for EmbeddedStore {
     fn load_group(&self, group: u64) -> Result<Option<GroupLoad>, StoreError> {
         let g = i(group);
@@ -584,7 +624,7 @@ impl Store for EmbeddedStore {
                     Ok(JoinRequest { user_id: u(r.get(0)?), note: r.get(1)?, ts_ms: u(r.get(2)?) })
                 })?
                 .collect::<rusqlite::Result<Vec<_>>>()?;
-            Ok(Some(GroupLoad { row, members, blocked, requests }))
+            Ok(Some(GroupLoad { row, members, blocked, requests, reads: Vec::new() }))
         })
     }
 
@@ -855,19 +895,20 @@ impl Store for EmbeddedStore {
     }
 
     fn save_cursors(&self, cursors: &[Cursor]) -> Result<(), StoreError> {
+        self.save_positions("cursors", cursors)
+    }
+
+    fn save_reads(&self, reads: &[Cursor]) -> Result<(), StoreError> {
+        self.save_positions("reads", reads)
+    }
+
+    fn reads_of(&self, conv: ConvKey) -> Result<Vec<(UserId, u64)>, StoreError> {
         self.with_aux(|c| {
-            let tx = c.transaction()?;
-            {
-                let mut up = tx.prepare_cached(
-                    "INSERT INTO cursors (user, device, conv_a, conv_b, seq) SELECT ?1, ?2, ?3, ?4, ?5
-                     WHERE EXISTS (SELECT 1 FROM messages WHERE conv_a = ?3 AND conv_b = ?4)
-                     ON CONFLICT (user, device, conv_a, conv_b) DO UPDATE SET seq = MAX(seq, excluded.seq)",
-                )?;
-                for k in cursors {
-                    up.execute(params![i(k.user), i(k.device), i(k.conv.0), i(k.conv.1), i(k.seq)])?;
-                }
-            }
-            tx.commit()
+            let mut st = c.prepare_cached(
+                "SELECT user, MAX(seq) FROM reads WHERE conv_a = ?1 AND conv_b = ?2 GROUP BY user ORDER BY user",
+            )?;
+            let rows = st.query_map(params![i(conv.0), i(conv.1)], |r| Ok((u(r.get(0)?), u(r.get(1)?))))?;
+            rows.collect()
         })
         .map_err(unavailable)
     }

@@ -71,6 +71,8 @@ pub enum ReplOp {
         updated_ms: u64,
         profile: UserProfile,
     },
+    /// Read positions (the greatest wins).
+    Reads(Vec<(UserId, ConvKey, u64)>),
     /// A whole group as a replica holds it, up to notice `seq` (a snapshot's).
     GroupState {
         group: u64,
@@ -107,6 +109,27 @@ struct MemoryInner {
     groups: HashMap<u64, MemGroup>,
     /// Per user: its groups, and the span of each membership, current or past.
     spans: HashMap<UserId, BTreeMap<u64, (u64, u64)>>,
+    /// Read positions per conversation and user (at most [`READS_MAX`] in all).
+    reads: HashMap<ConvKey, BTreeMap<UserId, u64>>,
+    read_count: usize,
+}
+
+/// Read positions the memory store keeps at most; beyond, new ones are dropped (logged).
+pub const READS_MAX: usize = 1 << 22;
+
+impl MemoryInner {
+    fn read(&mut self, user: UserId, conv: ConvKey, seq: u64) {
+        let full = self.read_count >= READS_MAX;
+        let users = self.reads.entry(conv).or_default();
+        match users.get_mut(&user) {
+            Some(s) => *s = (*s).max(seq),
+            None if full => log::warn!("memory store: {READS_MAX} read positions kept; one dropped"),
+            None => {
+                users.insert(user, seq);
+                self.read_count += 1;
+            }
+        }
+    }
 }
 
 #[derive(Default)]
@@ -242,6 +265,11 @@ impl MemoryStore {
                 }
             }
             ReplOp::Profile { user, updated_ms, profile } => g.set_profile(user, updated_ms, profile),
+            ReplOp::Reads(reads) => {
+                for (user, conv, seq) in reads {
+                    g.read(user, conv, seq);
+                }
+            }
             ReplOp::GroupState { group, seq, row, members, blocked, requests, spans } => {
                 if g.groups.get(&group).is_some_and(|m| m.seq >= seq) {
                     return;
@@ -288,6 +316,12 @@ impl MemoryStore {
                 }
             }
         }
+        let reads: Vec<_> = g
+            .reads
+            .iter()
+            .flat_map(|(&conv, users)| users.iter().map(move |(&u, &seq)| (u, conv, seq)))
+            .collect();
+        ops.extend(reads.chunks(SNAPSHOT_LIST_MAX).map(|c| ReplOp::Reads(c.to_vec())));
         let mut spans: HashMap<u64, Vec<(UserId, u64, u64)>> = HashMap::new();
         for (user, groups) in &g.spans {
             for (group, (from, to)) in groups {
@@ -424,6 +458,7 @@ impl Store for MemoryStore {
             members: m.members.values().copied().collect(),
             blocked: m.blocked.iter().copied().collect(),
             requests: m.requests.values().cloned().collect(),
+            reads: Vec::new(),
         }))
     }
 
@@ -484,6 +519,21 @@ impl Store for MemoryStore {
 
     fn save_cursors(&self, _cursors: &[Cursor]) -> Result<(), StoreError> {
         Ok(())
+    }
+
+    fn save_reads(&self, reads: &[Cursor]) -> Result<(), StoreError> {
+        let mut g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        for r in reads {
+            g.read(r.user, r.conv, r.seq);
+        }
+        drop(g);
+        self.publish(ReplOp::Reads(reads.iter().map(|r| (r.user, r.conv, r.seq)).collect()));
+        Ok(())
+    }
+
+    fn reads_of(&self, conv: ConvKey) -> Result<Vec<(UserId, u64)>, StoreError> {
+        let g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        Ok(g.reads.get(&conv).map(|u| u.iter().map(|(&u, &s)| (u, s)).collect()).unwrap_or_default())
     }
 }
 

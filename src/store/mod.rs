@@ -79,6 +79,8 @@ pub struct GroupLoad {
     pub members: Vec<MemberRow>,
     pub blocked: Vec<UserId>,
     pub requests: Vec<crate::protocol::JoinRequest>,
+    /// Each user's read position in the group ([`Store::reads_of`]).
+    pub reads: Vec<(UserId, u64)>,
 }
 
 /// One change of a group's stored state. Changes ride with the group notice that tells the
@@ -450,6 +452,14 @@ pub trait Store: Send + Sync + 'static {
     /// no stored message is not kept: a client acking made-up conversations cannot grow the
     /// store.
     fn save_cursors(&self, cursors: &[Cursor]) -> Result<(), StoreError>;
+
+    /// Advance read positions ("read up to seq", per device; a position never goes back). As
+    /// with cursors, a position in a conversation that has no stored message is not kept (the
+    /// memory store, which keeps no message, keeps every position, per user).
+    fn save_reads(&self, reads: &[Cursor]) -> Result<(), StoreError>;
+
+    /// Each user's read position in `conv` (the greatest of its devices'), by rising user id.
+    fn reads_of(&self, conv: ConvKey) -> Result<Vec<(UserId, u64)>, StoreError>;
 
     /// A group's row, current members, block list and pending join requests; `None` if the
     /// group was never created. Read from the group's partition.

@@ -53,7 +53,7 @@ use crate::{
 };
 
 /// Schema version written by this build.
-pub const SCHEMA_VERSION: i32 = 6;
+pub const SCHEMA_VERSION: i32 = 7;
 
 const SCHEMA_V1: &str = "
 CREATE SEQUENCE user_ids;
@@ -328,6 +328,36 @@ fn u(v: i64) -> u64 {
 }
 
 impl PostgresStore {
+    /// Advance the positions of `table` (`cursors` or `reads`: same columns) on the ranges of
+    /// their conversations, in conversations that have a stored message.
+    fn save_positions(&self, table: &'static str, cursors: &[Cursor]) -> Result<(), StoreError> {
+        let mut by_range: Vec<Vec<&Cursor>> = vec![Vec::new(); self.ranges.len()];
+        for c in cursors {
+            let slot = tim_shards::partition_of(crate::placement::conv_hash(c.conv));
+            by_range[self.owner[slot as usize] as usize].push(c);
+        }
+        for (index, group) in by_range.into_iter().enumerate().filter(|(_, g)| !g.is_empty()) {
+            let range = self.ranges[index].clone();
+            let col = |f: fn(&Cursor) -> u64| group.iter().map(|c| i(f(c))).collect::<Vec<i64>>();
+            let (users, devices, a, b, seqs) =
+                (col(|c| c.user), col(|c| c.device), col(|c| c.conv.0), col(|c| c.conv.1), col(|c| c.seq));
+            self.block_on(async move {
+                let conn = range.conn().await?;
+                let sql = format!(
+                    "INSERT INTO {table} (user_id, device, conv_a, conv_b, seq)
+                     SELECT k.* FROM UNNEST($1::int8[], $2::int8[], $3::int8[], $4::int8[], $5::int8[])
+                         AS k (user_id, device, conv_a, conv_b, seq)
+                     WHERE EXISTS (SELECT 1 FROM messages m WHERE m.conv_a = k.conv_a AND m.conv_b = k.conv_b)
+                     ON CONFLICT (user_id, device, conv_a, conv_b)
+                     DO UPDATE SET seq = GREATEST({table}.seq, excluded.seq)"
+                );
+                conn.timed(conn.client().execute(&sql, &[&users, &devices, &a, &b, &seqs])).await?;
+                Ok(())
+            })?;
+        }
+        Ok(())
+    }
+
     pub fn open(cfg: &PostgresConfig) -> anyhow::Result<PostgresStore> {
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(cfg.threads)
@@ -515,6 +545,18 @@ CREATE TABLE IF NOT EXISTS profiles (
 );
 ";
 
+/// Version 7: read positions (read receipts), on the range of their conversation.
+const SCHEMA_V7: &str = "
+CREATE TABLE IF NOT EXISTS reads (
+    user_id int8 NOT NULL,
+    device  int8 NOT NULL,
+    conv_a  int8 NOT NULL,
+    conv_b  int8 NOT NULL,
+    seq     int8 NOT NULL,
+    PRIMARY KEY (conv_a, conv_b, user_id, device)
+);
+";
+
 async fn migrate(r: &Range) -> Result<(), StoreError> {
     let mut conn = r.conn().await?;
     let client = &mut conn.client.as_mut().expect("present").client;
@@ -584,6 +626,10 @@ async fn migrate(r: &Range) -> Result<(), StoreError> {
     if version < 6 {
         tx.batch_execute(SCHEMA_V6).await.map_err(pg_err)?;
         tx.execute("INSERT INTO tim_schema (version) VALUES (6)", &[]).await.map_err(pg_err)?;
+    }
+    if version < 7 {
+        tx.batch_execute(SCHEMA_V7).await.map_err(pg_err)?;
+        tx.execute("INSERT INTO tim_schema (version) VALUES (7)", &[]).await.map_err(pg_err)?;
     }
     tx.commit().await.map_err(pg_err)?;
     conn.reusable.store(true, Ordering::Relaxed);
@@ -1573,31 +1619,25 @@ impl Store for PostgresStore {
     }
 
     fn save_cursors(&self, cursors: &[Cursor]) -> Result<(), StoreError> {
-        let mut by_range: Vec<Vec<&Cursor>> = vec![Vec::new(); self.ranges.len()];
-        for c in cursors {
-            let slot = tim_shards::partition_of(crate::placement::conv_hash(c.conv));
-            by_range[self.owner[slot as usize] as usize].push(c);
-        }
-        for (index, group) in by_range.into_iter().enumerate().filter(|(_, g)| !g.is_empty()) {
-            let range = self.ranges[index].clone();
-            let col = |f: fn(&Cursor) -> u64| group.iter().map(|c| i(f(c))).collect::<Vec<i64>>();
-            let (users, devices, a, b, seqs) =
-                (col(|c| c.user), col(|c| c.device), col(|c| c.conv.0), col(|c| c.conv.1), col(|c| c.seq));
-            self.block_on(async move {
-                let conn = range.conn().await?;
-                conn.timed(conn.client().execute(
-                    "INSERT INTO cursors (user_id, device, conv_a, conv_b, seq)
-                     SELECT k.* FROM UNNEST($1::int8[], $2::int8[], $3::int8[], $4::int8[], $5::int8[])
-                         AS k (user_id, device, conv_a, conv_b, seq)
-                     WHERE EXISTS (SELECT 1 FROM messages m WHERE m.conv_a = k.conv_a AND m.conv_b = k.conv_b)
-                     ON CONFLICT (user_id, device, conv_a, conv_b)
-                     DO UPDATE SET seq = GREATEST(cursors.seq, excluded.seq)",
-                    &[&users, &devices, &a, &b, &seqs],
+        self.save_positions("cursors", cursors)
+    }
+
+    fn save_reads(&self, reads: &[Cursor]) -> Result<(), StoreError> {
+        self.save_positions("reads", reads)
+    }
+
+    fn reads_of(&self, conv: ConvKey) -> Result<Vec<(UserId, u64)>, StoreError> {
+        let range = self.conv_range(conv).clone();
+        self.block_on(async move {
+            let conn = range.conn().await?;
+            let rows = conn
+                .timed(conn.client().query(
+                    "SELECT user_id, MAX(seq) FROM reads WHERE conv_a = $1 AND conv_b = $2
+                     GROUP BY user_id ORDER BY user_id",
+                    &[&i(conv.0), &i(conv.1)],
                 ))
                 .await?;
-                Ok(())
-            })?;
-        }
-        Ok(())
+            Ok(rows.iter().map(|r| (u(r.get(0)), u(r.get(1)))).collect())
+        })
     }
 }
