@@ -1327,6 +1327,19 @@ mod session_layout_tests {
         assert_eq!(got, expect, "the example of docs/PROTOCOL.md 6.16");
     }
 
+    /// The read receipt layouts of docs/PROTOCOL.md 5.18, 6.19 and 6.20.
+    #[test]
+    fn read_layouts() {
+        use std::mem::{align_of, offset_of, size_of};
+        assert_eq!((size_of::<ArchivedRead>(), align_of::<ArchivedRead>()), (24, 8));
+        assert_eq!((size_of::<ArchivedReadGet>(), align_of::<ArchivedReadGet>()), (24, 8));
+        assert_eq!((size_of::<ArchivedReadNotice>(), align_of::<ArchivedReadNotice>()), (32, 8));
+        assert_eq!(offset_of!(ArchivedReadNotice, seq), 24);
+        assert_eq!((size_of::<ArchivedReadState>(), align_of::<ArchivedReadState>()), (40, 8));
+        assert_eq!((offset_of!(ArchivedReadState, read_count), offset_of!(ArchivedReadState, reads)), (24, 32));
+        assert_eq!((size_of::<ArchivedReadEntry>(), align_of::<ArchivedReadEntry>()), (16, 8));
+    }
+
     /// The recall example of docs/PROTOCOL.md 5.17, and the Send layout of 5.7.
     #[test]
     fn recall_layout() {
