@@ -427,10 +427,27 @@ impl Client {
 
     /// Send a message of conversation kind `conv` (`to`: a user, or a group) without waiting.
     pub fn send_to(&mut self, conv: u8, to: u64, client_msg_id: u64, body: &[u8]) -> Result<()> {
+        self.send_flagged(conv, to, client_msg_id, 0, body)
+    }
+
+    /// [`Client::send_to`] with `Send::flags` ([`protocol::send_flags`]; `burn_secs` 0).
+    pub fn send_flagged(
+        &mut self,
+        conv: u8,
+        to: u64,
+        client_msg_id: u64,
+        flags: u8,
+        body: &[u8],
+    ) -> Result<()> {
         self.send_frame(
             kind::SEND,
-            &protocol::Send { conv, flags: 0, burn_secs: 0, to, client_msg_id, body: body.to_vec() },
+            &protocol::Send { conv, flags, burn_secs: 0, to, client_msg_id, body: body.to_vec() },
         )
+    }
+
+    /// Recall message `seq` of a conversation (a Send with the RECALL flag) without waiting.
+    pub fn recall_to(&mut self, conv: u8, to: u64, client_msg_id: u64, seq: u64) -> Result<()> {
+        self.send_flagged(conv, to, client_msg_id, protocol::send_flags::RECALL, &seq.to_le_bytes())
     }
 
     /// Recall message `seq` of a conversation (a Send with the RECALL flag) and wait for the
@@ -442,9 +459,7 @@ impl Client {
         client_msg_id: u64,
         seq: u64,
     ) -> Result<protocol::SendAck> {
-        let body = seq.to_le_bytes().to_vec();
-        let flags = protocol::send_flags::RECALL;
-        self.send_frame(kind::SEND, &protocol::Send { conv, flags, burn_secs: 0, to, client_msg_id, body })?;
+        self.recall_to(conv, to, client_msg_id, seq)?;
         self.wait_send(client_msg_id)
     }
 

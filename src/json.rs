@@ -192,6 +192,7 @@ keys! {
     GroupId = "group_id", Profile = "profile", Action = "action", UserId = "user_id",
     UntilMs = "until_ms", Note = "note", UserIds = "user_ids", AfterUser = "after_user",
     AfterGroup = "after_group", SessionId = "session_id", State = "state",
+    Flags = "flags", BurnSecs = "burn_secs",
 }
 
 const _: () = assert!(Key::ALL.len() <= 64, "fields are a u64 bit set");
@@ -237,8 +238,15 @@ const OPS: &[OpSpec] = &[
     op(
         "send",
         kind::SEND,
-        &[K::Conv, K::To, K::ClientMsgId, K::Body, K::BodyB64],
+        &[K::Conv, K::To, K::ClientMsgId, K::Body, K::BodyB64, K::Flags, K::BurnSecs],
         &[K::Conv, K::To, K::ClientMsgId],
+    ),
+    // A `Send` with the RECALL flag, its body the seq to take back (docs/PROTOCOL.md 5.7).
+    op(
+        "recall",
+        kind::SEND,
+        &[K::Conv, K::To, K::ClientMsgId, K::Seq],
+        &[K::Conv, K::To, K::ClientMsgId, K::Seq],
     ),
     op("delivery_ack", kind::DELIVERY_ACK, &[K::Conv, K::Peer, K::Seq], &[K::Conv, K::Peer, K::Seq]),
     op("logout", kind::LOGOUT, &[K::Reserved], &[]),
@@ -314,6 +322,8 @@ struct Fields<'a> {
     after_group: u64,
     session_id: u64,
     state: u8,
+    flags: u8,
+    burn_secs: u32,
     publishers: Vec<u64>,
     user_ids: Vec<u64>,
     profile: Profile<'a>,
@@ -419,10 +429,26 @@ fn build(f: Fields<'_>) -> Result<Request, RequestError> {
         ),
         kind::ISSUE_TOKEN => archive(k, &protocol::IssueToken { ttl_secs: f.ttl_secs }),
         kind::PING => archive(k, &protocol::Ping { nonce: f.nonce }),
+        kind::SEND if name == "recall" => {
+            key = f.client_msg_id;
+            let (flags, body) = (protocol::send_flags::RECALL, f.seq.to_le_bytes());
+            Ok(encode_send(
+                k,
+                SendRoot { conv: f.conv, flags, burn_secs: 0, to: f.to, client_msg_id: key },
+                &body,
+            ))
+        }
         kind::SEND | kind::STREAM => {
             key = f.client_msg_id;
             let body = bytes_field(f.body, f.body_b64, "body")?;
-            Ok(encode_send(k, f.conv, f.to, f.client_msg_id, &body))
+            let root = SendRoot {
+                conv: f.conv,
+                flags: f.flags,
+                burn_secs: f.burn_secs,
+                to: f.to,
+                client_msg_id: key,
+            };
+            Ok(encode_send(k, root, &body))
         }
         kind::DELIVERY_ACK => {
             ack_refused = match f.conv {
@@ -604,15 +630,26 @@ fn push_vec_ptr(bytes: &mut AlignedVec<16>, at: usize, len: usize) {
     bytes.extend_from_slice(&(len as u32).to_le_bytes());
 }
 
+/// The fields of a `Send` beside its body.
+#[derive(Clone, Copy)]
+struct SendRoot {
+    conv: u8,
+    flags: u8,
+    burn_secs: u32,
+    to: u64,
+    client_msg_id: u64,
+}
+
 /// A `Send` archive (kinds SEND and STREAM), written directly as rkyv lays it out
-/// (docs/PROTOCOL.md 5.7): the body, zeros to 8-align, then the 32-byte root — `conv` and 7
-/// padding bytes, `to`, `client_msg_id`, the body's relative pointer and length.
-fn encode_send(k: u16, conv: u8, to: u64, client_msg_id: u64, body: &[u8]) -> RequestFrame {
+/// (`protocol::Send`): the body, zeros to 8-align, then the 32-byte root — `conv`, `flags`, 2
+/// padding bytes, `burn_secs`, `to`, `client_msg_id`, the body's relative pointer and length.
+fn encode_send(k: u16, s: SendRoot, body: &[u8]) -> RequestFrame {
     let mut bytes = start_with_body(body, 32);
     let root = bytes.len() - HEADER_BYTES;
-    bytes.extend_from_slice(&[conv, 0, 0, 0, 0, 0, 0, 0]);
-    bytes.extend_from_slice(&to.to_le_bytes());
-    bytes.extend_from_slice(&client_msg_id.to_le_bytes());
+    bytes.extend_from_slice(&[s.conv, s.flags, 0, 0]);
+    bytes.extend_from_slice(&s.burn_secs.to_le_bytes());
+    bytes.extend_from_slice(&s.to.to_le_bytes());
+    bytes.extend_from_slice(&s.client_msg_id.to_le_bytes());
     push_vec_ptr(&mut bytes, root + 24, body.len());
     finish(k, bytes)
 }
@@ -699,6 +736,8 @@ impl<'de> Visitor<'de> for RequestVisitor {
                 K::AfterGroup => f.after_group = value!(U64Seed),
                 K::SessionId => f.session_id = value!(U64Seed),
                 K::State => f.state = value!(IntSeed::U8) as u8,
+                K::Flags => f.flags = value!(IntSeed::U8) as u8,
+                K::BurnSecs => f.burn_secs = value!(IntSeed::U32) as u32,
                 K::Publishers => f.publishers = value!(U64ListSeed),
                 K::UserIds => f.user_ids = value!(U64ListSeed),
                 K::Profile => f.profile = value!(ProfileSeed),
@@ -1459,12 +1498,34 @@ fn write_answer(frame: &[u8], corr: &mut Correlator, out: &mut String) -> Result
             o.u64s("to", stamp.to);
             o.num("conv", stamp.conv as u64);
             o.u64s("client_msg_id", send.client_msg_id.to_native());
+            // What is not a plain message's is written only when set.
+            let (flags, burn_secs) = (send.flags, send.burn_secs.to_native());
+            let state = payload[Stamp::STATE_AT];
+            let tombstone = state != msg_state::PLAIN;
+            if flags != 0 {
+                o.num("flags", flags as u64);
+            }
+            if burn_secs != 0 {
+                o.num("burn_secs", burn_secs as u64);
+            }
+            if tombstone {
+                o.num("state", state as u64);
+            }
             let body = send.body.as_slice();
-            if stamp.conv == conv::GROUP && stamp.from == 0 {
+            if tombstone {
+                // A recalled or burned message: its body is gone (empty).
+                o.bytes("body", body);
+            } else if stamp.conv == conv::GROUP && stamp.from == 0 {
                 // A group notice: its body is a GroupNotice archive (docs/PROTOCOL.md 7.3).
                 match notice(body, &mut o) {
                     Ok(()) => {}
                     Err(()) => o.b64("body", body),
+                }
+            } else if flags & send_flags::RECALL != 0 {
+                // A recall notice: its body is the seq it takes back (u64 LE).
+                match crate::store::recalled_seq(body) {
+                    Some(seq) => o.u64s("recall_seq", seq),
+                    None => o.b64("body", body),
                 }
             } else {
                 o.bytes("body", body);
@@ -2101,9 +2162,26 @@ mod tests {
             kind::GROUP_ADD_MEMBERS,
             &GroupAddMembers { group_id: G, user_ids: vec![4, 5] },
         );
-        // The ops are the client kinds, each once.
+        check(
+            r#"{"op":"send","conv":1,"to":2,"client_msg_id":3,"body":"x","flags":1,"burn_secs":30}"#,
+            kind::SEND,
+            &Send { conv: 1, flags: 1, burn_secs: 30, to: 2, client_msg_id: 3, body: b"x".to_vec() },
+        );
+        check(
+            r#"{"op":"recall","conv":2,"to":"4611686018427387911","client_msg_id":"8","seq":"258"}"#,
+            kind::SEND,
+            &Send {
+                conv: 2,
+                flags: send_flags::RECALL,
+                burn_secs: 0,
+                to: G,
+                client_msg_id: 8,
+                body: 258u64.to_le_bytes().to_vec(),
+            },
+        );
+        // The ops are the client kinds, each once but for `recall` (a kind of `send`).
         let client_kinds: Vec<u16> = (1..100).filter(|&k| kind::name(k) != "unknown").collect();
-        let mut op_kinds: Vec<u16> = OPS.iter().map(|o| o.kind).collect();
+        let mut op_kinds: Vec<u16> = OPS.iter().filter(|o| o.name != "recall").map(|o| o.kind).collect();
         op_kinds.sort();
         assert_eq!(op_kinds, client_kinds);
     }
@@ -2116,14 +2194,21 @@ mod tests {
             let body: Vec<u8> = (0..n).map(|i| (i * 7 + 1) as u8).collect();
             let s = protocol::Send {
                 conv: 2,
-                flags: 0,
-                burn_secs: 0,
+                flags: n as u8,
+                burn_secs: u32::MAX - n as u32,
                 to: G,
                 client_msg_id: u64::MAX - n as u64,
                 body: body.clone(),
             };
             for k in [kind::SEND, kind::STREAM] {
-                let f = encode_send(k, s.conv, s.to, s.client_msg_id, &body);
+                let root = SendRoot {
+                    conv: s.conv,
+                    flags: s.flags,
+                    burn_secs: s.burn_secs,
+                    to: s.to,
+                    client_msg_id: s.client_msg_id,
+                };
+                let f = encode_send(k, root, &body);
                 assert_eq!(f.as_bytes(), &frame::encode(k, &s)[..], "Send with a body of {n}");
                 let a = frame::access::<protocol::ArchivedSend>(f.payload()).unwrap();
                 assert_eq!(a.body.as_slice(), &body[..]);
@@ -2471,6 +2556,72 @@ mod tests {
         let junk = stamped(kind::DELIVER, &protocol::Send { body: b"junk".to_vec(), ..send }, stamp);
         let v = out(&mut Correlator::new(), &junk);
         assert_eq!((v.get("notice"), &v["body_b64"]), (None, &json!("anVuaw==")));
+    }
+
+    /// A recall notice shows its flags and the seq it takes back as `recall_seq` (no body); a
+    /// tombstone its `state` and an empty body; flags and burn_secs are left out when 0; a
+    /// recall whose body is no seq keeps it as `body_b64`.
+    #[test]
+    fn recalls_and_tombstones_as_json() {
+        use protocol::{msg_state, send_flags};
+        let stamp = Stamp { msg_id: 9, seq: 6, ts_ms: 1767225600123, from: 1, to: 2, conv: 1 };
+        let recall = protocol::Send {
+            conv: 1,
+            flags: send_flags::RECALL,
+            burn_secs: 0,
+            to: 2,
+            client_msg_id: 2,
+            body: 5u64.to_le_bytes().to_vec(),
+        };
+        let v = out(&mut Correlator::new(), &stamped(kind::DELIVER, &recall, stamp));
+        assert_eq!(
+            v,
+            json!({"type":"deliver","kind":107,"msg_id":"9","seq":"6","ts_ms":"1767225600123","from":"1",
+                   "to":"2","conv":1,"client_msg_id":"2","flags":2,"recall_seq":"5"})
+        );
+        let odd = protocol::Send { body: vec![5, 0, 0], ..recall.clone() };
+        let v = out(&mut Correlator::new(), &stamped(kind::DELIVER, &odd, stamp));
+        assert_eq!((&v["flags"], &v["body_b64"], v.get("recall_seq")), (&json!(2), &json!("BQAA"), None));
+
+        // A tombstone, as the store keeps it: the stamp's state byte set, the body gone.
+        let gone = protocol::Send { flags: 0, body: vec![], client_msg_id: 1, ..recall.clone() };
+        let mut f = BytesMut::from(&stamped(kind::HISTORY_MSG, &gone, Stamp { seq: 5, ..stamp })[..]);
+        f[HEADER_BYTES + Stamp::STATE_AT] = msg_state::RECALLED;
+        let v = out(&mut Correlator::new(), &f);
+        assert_eq!(
+            v,
+            json!({"type":"history_msg","kind":109,"msg_id":"9","seq":"5","ts_ms":"1767225600123","from":"1",
+                   "to":"2","conv":1,"client_msg_id":"1","state":1,"body":""})
+        );
+        let burned = protocol::Send { flags: send_flags::BURN_AFTER_READ, burn_secs: 30, ..gone };
+        let mut f = BytesMut::from(&stamped(kind::DELIVER, &burned, stamp)[..]);
+        f[HEADER_BYTES + Stamp::STATE_AT] = msg_state::BURNED;
+        let v = out(&mut Correlator::new(), &f);
+        assert_eq!(
+            (&v["flags"], &v["burn_secs"], &v["state"], &v["body"]),
+            (&json!(1), &json!(30), &json!(2), &json!(""))
+        );
+    }
+
+    /// A recall is answered as a send: its id goes to the send_ack or the error with its
+    /// client_msg_id; a recall the JSON layer refuses names op kind 6.
+    #[test]
+    fn recalls_are_matched_as_sends() {
+        let c = &mut logged_in();
+        send(c, r#"{"op":"send","id":"m","conv":1,"to":2,"client_msg_id":1,"body":"oops"}"#);
+        send(c, r#"{"op":"recall","id":"r1","conv":1,"to":2,"client_msg_id":2,"seq":"1"}"#);
+        send(c, r#"{"op":"recall","id":"r2","conv":1,"to":2,"client_msg_id":3,"seq":"1"}"#);
+        assert_eq!(id_of(c, &error_frame(ErrorCode::NotRecallable, kind::SEND, 3)), Some(json!("r2")));
+        assert_eq!(id_of(c, &ack(2)), Some(json!("r1")));
+        assert_eq!(id_of(c, &ack(1)), Some(json!("m")));
+        assert_eq!(c.held(), 0);
+        let e = refused(r#"{"op":"recall","id":"q","conv":1,"to":2,"client_msg_id":4}"#, c);
+        assert_eq!((&e["id"], &e["request_kind"], &e["code"]), (&json!("q"), &json!(6), &json!(1)));
+        assert_eq!(e["message"], json!("field `seq` is required for op `recall`"));
+        let e = refused(r#"{"op":"recall","conv":1,"to":2,"client_msg_id":4,"seq":1,"body":"x"}"#, c);
+        assert_eq!(e["message"], json!("field `body` does not belong to op `recall`"));
+        let e = refused(r#"{"op":"send","conv":1,"to":2,"client_msg_id":4,"flags":256}"#, c);
+        assert_eq!(e["message"], json!("field `flags`: 256 is out of range for a u8 (0 to 255)"));
     }
 
     /// Sends: a send_ack or an error of request_kind 6 gets the id of the send with its
@@ -2973,6 +3124,28 @@ mod tests {
         frame_of(
             r#"{"op":"group_create","id":4,"profile":{"name":"tim fans","topic":"all about tim","join_policy":1}}"#,
         );
+        // The recall of section 3.1, its notice and the tombstone of section 4.3.
+        let recall = r#"{"op":"recall","id":"r-1","conv":1,"to":"2","client_msg_id":"19","seq":"1"}"#;
+        assert!(doc.contains(recall));
+        let notice = protocol::Send {
+            conv: 1,
+            flags: protocol::send_flags::RECALL,
+            burn_secs: 0,
+            to: 2,
+            client_msg_id: 19,
+            body: 1u64.to_le_bytes().to_vec(),
+        };
+        assert_eq!(frame_of(recall).as_bytes(), &frame::encode(kind::SEND, &notice)[..]);
+        let at = Stamp { msg_id: 0x0123456789abcdf0, seq: 2, ts_ms: 1767225660123, ..stamp };
+        let text = answer(&stamped(kind::DELIVER, &notice, at), &mut Correlator::new());
+        assert!(doc.contains(&format!("```json\n{text}\n```")), "{text} is not in the document");
+        let c = &mut logged_in();
+        send(c, r#"{"op":"history","id":"h","conv":1,"peer":1}"#);
+        let gone = protocol::Send { body: vec![], ..hello };
+        let mut f = BytesMut::from(&stamped(kind::HISTORY_MSG, &gone, stamp)[..]);
+        f[HEADER_BYTES + Stamp::STATE_AT] = protocol::msg_state::RECALLED;
+        let text = answer(&f, c);
+        assert!(doc.contains(&format!("```json\n{text}\n```")), "{text} is not in the document");
     }
 
     /// A small seeded generator (xorshift64*), enough to mutate inputs reproducibly.

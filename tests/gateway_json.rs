@@ -5,6 +5,7 @@
 mod common;
 use std::time::Duration;
 
+use base64::Engine as _;
 use common::{gateway::*, *};
 use serde_json::{json, Value};
 use tim::{client::Event, protocol::ErrorCode};
@@ -221,4 +222,142 @@ fn json_bad_input(driver: &str) {
     let (_, _) = s.register("carol");
 }
 
-on_both_drivers!(json_talks_with_binary, json_bad_input);
+/// Recall over JSON (embedded store): a `recall` is acked like a send and carries its id; the
+/// peer (over JSON) gets the recall push with `recall_seq`, the sender's binary session the
+/// RECALL flag; history shows the tombstone (`state` 1, empty body) and the notice; a `send`
+/// with `flags` 2 is a recall too; refusals (NotRecallable, RecallExpired, Malformed) carry the
+/// request's id and client_msg_id.
+fn json_recall(driver: &str) {
+    let s = TestServer::start_with_store(
+        driver,
+        "backend = \"embedded\"\nsynchronous = \"normal\"",
+        "[messages]\nrecall_window_secs = 2\n",
+    );
+    let mut j = ws_connect(s.ws_addr.unwrap(), Some("tim.json"));
+    let jid = json_login(&mut j, "jay");
+    let mut k = ws_connect(s.ws_addr.unwrap(), Some("tim.json"));
+    let kid = json_login(&mut k, "kay");
+    next_of(&mut j, "catch_up_end");
+    next_of(&mut k, "catch_up_end");
+    let mut jay_desk = s.client();
+    jay_desk.login("jay", PASSWORD, 3, "desk").unwrap();
+    let (jay, kay) = (jid.to_string(), kid.to_string());
+
+    send(
+        &mut j,
+        json!({"op": "send", "id": "m", "conv": 1, "to": kay, "client_msg_id": "1", "body": "oops"}),
+    );
+    let sent = next_of(&mut j, "send_ack");
+    assert_eq!(sent["id"], json!("m"), "{sent}");
+    let seq = sent["seq"].as_str().unwrap().to_string();
+    let d = next_of(&mut k, "deliver");
+    assert_eq!(
+        (&d["body"], &d["seq"], d.get("flags"), d.get("state")),
+        (&json!("oops"), &json!(seq), None, None)
+    );
+    assert_eq!(jay_desk.next_delivery().unwrap().body, b"oops");
+
+    // The recall: acked with a seq of its own, and its id.
+    send(&mut j, json!({"op": "recall", "id": "r", "conv": 1, "to": kay, "client_msg_id": "2", "seq": seq}));
+    let ack = next_of(&mut j, "send_ack");
+    assert_eq!(
+        (&ack["id"], &ack["client_msg_id"], &ack["duplicate"]),
+        (&json!("r"), &json!("2"), &json!(false))
+    );
+    let recall_seq: u64 = ack["seq"].as_str().unwrap().parse().unwrap();
+    assert_eq!(recall_seq, seq.parse::<u64>().unwrap() + 1);
+    // Kay (JSON) gets the notice: flags 2 and recall_seq, no body.
+    let n = next_of(&mut k, "deliver");
+    assert_eq!(
+        (&n["from"], &n["seq"], &n["flags"], &n["recall_seq"], &n["client_msg_id"]),
+        (&json!(jay), &json!(recall_seq.to_string()), &json!(2), &json!(seq), &json!("2")),
+        "{n}"
+    );
+    assert!(n.get("body").is_none() && n.get("body_b64").is_none(), "{n}");
+    // Jay's other (binary) session gets the real thing: a Send with the RECALL flag.
+    let b = jay_desk.next_delivery().unwrap();
+    assert_eq!((b.flags, b.recalled_seq()), (tim::protocol::send_flags::RECALL, Some(seq.parse().unwrap())));
+
+    // Refusals carry the request id and the recall's client_msg_id: recalled already, another
+    // user's message, seq 0 (refused by the session as Malformed).
+    send(
+        &mut j,
+        json!({"op": "recall", "id": "again", "conv": 1, "to": kay, "client_msg_id": "3", "seq": seq}),
+    );
+    let e = next_of(&mut j, "error");
+    assert_eq!(
+        (&e["id"], &e["code"], &e["code_name"], &e["request_kind"], &e["client_msg_id"]),
+        (&json!("again"), &json!(35), &json!("NotRecallable"), &json!(6), &json!("3")),
+        "{e}"
+    );
+    send(&mut k, json!({"op": "recall", "id": 40, "conv": 1, "to": jay, "client_msg_id": "4", "seq": seq}));
+    let e = next_of(&mut k, "error");
+    assert_eq!((&e["id"], &e["code_name"]), (&json!(40), &json!("NotRecallable")), "{e}");
+    send(&mut j, json!({"op": "recall", "id": "zero", "conv": 1, "to": kay, "client_msg_id": "5", "seq": 0}));
+    let e = next_of(&mut j, "error");
+    assert_eq!((&e["id"], &e["code"], &e["client_msg_id"]), (&json!("zero"), &json!(1), &json!("5")), "{e}");
+
+    // `send` with flags 2 and the seq as body is a recall as well: kay takes back her own.
+    send(
+        &mut k,
+        json!({"op": "send", "id": "k1", "conv": 1, "to": jay, "client_msg_id": "6", "body": "mine"}),
+    );
+    let mine = next_of(&mut k, "send_ack")["seq"].as_str().unwrap().parse::<u64>().unwrap();
+    let body_b64 = base64::engine::general_purpose::STANDARD.encode(mine.to_le_bytes());
+    send(
+        &mut k,
+        json!({"op": "send", "id": "k2", "conv": 1, "to": jay, "client_msg_id": "7", "flags": 2, "body_b64": body_b64}),
+    );
+    assert_eq!(next_of(&mut k, "send_ack")["id"], json!("k2"));
+    loop {
+        let d = next_of(&mut j, "deliver");
+        if d["flags"] == json!(2) {
+            assert_eq!((&d["from"], &d["recall_seq"]), (&json!(kay), &json!(mine.to_string())), "{d}");
+            break;
+        }
+    }
+
+    // History (kay's): both tombstones, with state 1 and an empty body, and both notices.
+    send(&mut k, json!({"op": "history", "id": "h", "conv": 1, "peer": jay, "limit": 10}));
+    let mut page = Vec::new();
+    loop {
+        let v = next(&mut k);
+        match v["type"].as_str() {
+            Some("history_msg") => page.push(v),
+            Some("history_end") => break,
+            _ => {}
+        }
+    }
+    assert!(page.iter().all(|m| m["id"] == json!("h")));
+    let at =
+        |s: u64| page.iter().find(|m| m["seq"] == json!(s.to_string())).unwrap_or_else(|| panic!("seq {s}"));
+    let first = at(seq.parse().unwrap());
+    assert_eq!(
+        (&first["state"], &first["body"], &first["client_msg_id"]),
+        (&json!(1), &json!(""), &json!("1")),
+        "{first}"
+    );
+    assert_eq!(at(recall_seq)["recall_seq"], json!(seq));
+    assert_eq!((&at(mine)["state"], &at(mine)["body"]), (&json!(1), &json!("")));
+    assert_eq!(at(mine + 1)["recall_seq"], json!(mine.to_string()));
+
+    // Past the window: RecallExpired.
+    send(
+        &mut j,
+        json!({"op": "send", "id": "late", "conv": 1, "to": kay, "client_msg_id": "8", "body": "too late"}),
+    );
+    let late = next_of(&mut j, "send_ack")["seq"].as_str().unwrap().to_string();
+    std::thread::sleep(Duration::from_millis(3_000));
+    send(
+        &mut j,
+        json!({"op": "recall", "id": "exp", "conv": 1, "to": kay, "client_msg_id": "9", "seq": late}),
+    );
+    let e = next_of(&mut j, "error");
+    assert_eq!(
+        (&e["id"], &e["code"], &e["code_name"], &e["client_msg_id"]),
+        (&json!("exp"), &json!(36), &json!("RecallExpired"), &json!("9")),
+        "{e}"
+    );
+}
+
+on_both_drivers!(json_talks_with_binary, json_bad_input, json_recall);
