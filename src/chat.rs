@@ -27,7 +27,9 @@ use std::{
 use crate::{
     client::{self, Client, ClientError, Delivery, Event},
     clock,
-    protocol::{self, conv, group_action, group_event, kind, ErrorCode, SendAck, Stamp},
+    protocol::{
+        self, conv, group_action, group_event, kind, msg_state, send_flags, ErrorCode, SendAck, Stamp,
+    },
 };
 
 /// Where `tim serve` listens by default (`server.listen`, port 7100), seen from the same machine.
@@ -477,6 +479,8 @@ impl Seen {
 #[derive(Clone, Debug)]
 pub struct Outgoing {
     pub target: Target,
+    /// `Send::flags`: 0, or [`send_flags::RECALL`] for a recall (its body the seq).
+    pub flags: u8,
     pub body: Vec<u8>,
     /// Its line of stdin (send mode), for the error message.
     pub line: Option<u64>,
@@ -512,12 +516,21 @@ impl Outbox {
 
     /// Keep a new message; its `client_msg_id`, for the `Send` to write now.
     pub fn add(&mut self, target: Target, body: Vec<u8>, line: Option<u64>) -> u64 {
+        self.add_flagged(target, 0, body, line)
+    }
+
+    /// Keep a recall of message `seq` of `target`'s conversation; its `client_msg_id`.
+    pub fn add_recall(&mut self, target: Target, seq: u64) -> u64 {
+        self.add_flagged(target, send_flags::RECALL, seq.to_le_bytes().to_vec(), None)
+    }
+
+    fn add_flagged(&mut self, target: Target, flags: u8, body: Vec<u8>, line: Option<u64>) -> u64 {
         let mut id = self.next_id;
         while id == 0 || self.waiting.contains_key(&id) {
             id = id.wrapping_add(1);
         }
         self.next_id = id.wrapping_add(1);
-        self.waiting.insert(id, Outgoing { target, body, line, resends: 0, resend_at: None });
+        self.waiting.insert(id, Outgoing { target, flags, body, line, resends: 0, resend_at: None });
         id
     }
 
@@ -551,13 +564,13 @@ impl Outbox {
         }
     }
 
-    /// Messages whose resend is due at `now`: `(client_msg_id, target, body)`.
-    pub fn due(&mut self, now: Instant) -> Vec<(u64, Target, Vec<u8>)> {
+    /// Messages whose resend is due at `now`: `(client_msg_id, target, flags, body)`.
+    pub fn due(&mut self, now: Instant) -> Vec<(u64, Target, u8, Vec<u8>)> {
         let mut due = Vec::new();
         for (id, m) in &mut self.waiting {
             if m.resend_at.is_some_and(|at| at <= now) {
                 m.resend_at = None;
-                due.push((*id, m.target, m.body.clone()));
+                due.push((*id, m.target, m.flags, m.body.clone()));
             }
         }
         due
@@ -606,6 +619,8 @@ pub enum Input {
     Nick(String),
     /// `/profile ID`: a user's profile.
     Profile(String),
+    /// `/recall SEQ`: take back message SEQ of the current conversation.
+    Recall(String),
     Help,
     Quit,
     /// A command not understood (the line as typed).
@@ -629,6 +644,7 @@ commands:
   /logout ID       log session ID of your account out (from /sessions)
   /nick [NAME]     set your nickname (none: clear it)
   /profile ID      user ID's profile
+  /recall SEQ      take back message SEQ (the #SEQ of its line) of the current conversation
   /quit            leave (Ctrl-D and Ctrl-C too)
   //TEXT           send TEXT starting with one /";
 
@@ -672,6 +688,7 @@ pub fn parse_input(line: &[u8]) -> Input {
         ("logout", Some(id), None) => Input::LogoutSession(id.into()),
         ("nick", _, _) => Input::Nick(rest.into()),
         ("profile", Some(id), None) => Input::Profile(id.into()),
+        ("recall", Some(seq), None) => Input::Recall(seq.into()),
         ("help" | "?", _, _) => Input::Help,
         ("quit" | "exit" | "q", None, _) => Input::Quit,
         _ => Input::Unknown(String::from_utf8_lossy(line).into_owned()),
@@ -825,29 +842,71 @@ fn event_name(event: u8) -> String {
 }
 
 /// A message as a line: `[12:00:01] 5 → you: hello`, `[12:00:01] you → group 461…: hi all`,
-/// `[12:00:01] group 461…: 5 joined`; stream messages say `(stream)`.
+/// `[12:00:01] group 461…: 5 joined`; stream messages say `(stream)`, a recall notice
+/// `[seq 3 recalled by 5]`, a recalled message `(recalled)`.
 pub fn render(d: &Delivery, me: u64, stream: bool, now_ms: u64) -> String {
+    render_line(d, me, stream, now_ms, false)
+}
+
+/// [`render`] with the message's seq after the time, `[12:00:01 #4] 5 → you: hello`, as
+/// interactive mode prints messages (so that `/recall` can name them). A stream message has no
+/// seq of its own: it gets none.
+pub fn render_numbered(d: &Delivery, me: u64, stream: bool, now_ms: u64) -> String {
+    render_line(d, me, stream, now_ms, !stream)
+}
+
+fn render_line(d: &Delivery, me: u64, stream: bool, now_ms: u64, numbered: bool) -> String {
     let s = &d.stamp;
-    let when = time_text(s.ts_ms, now_ms);
+    let mut when = time_text(s.ts_ms, now_ms);
+    if numbered {
+        when = format!("{when} #{}", s.seq);
+    }
     if let Some(n) = client::group_notice(d) {
         return format!("[{when}] group {}: {}", s.to, notice_text(&n, me));
     }
     let to = if s.conv == conv::GROUP { format!("group {}", s.to) } else { who(s.to, me) };
     let stream = if stream { " (stream)" } else { "" };
-    format!("[{when}] {} → {to}{stream}: {}", who(s.from, me), body_text(&d.body))
+    format!("[{when}] {} → {to}{stream}: {}", who(s.from, me), content_text(d, me))
 }
 
-/// A message as one JSON object. `type`: message, notice or stream; `conv`: direct or group;
-/// `from`, `to` (a user, or the group), `seq`, `msg_id`, `ts_ms`; a message has
-/// `client_msg_id` and `text` (UTF-8) or `body_hex`; a notice has `event`, `actor`, `target`,
+/// What a message says: its body as text, or what became of it (a tombstone), or what a recall
+/// notice took back.
+fn content_text(d: &Delivery, me: u64) -> String {
+    match d.state {
+        msg_state::PLAIN => {}
+        msg_state::RECALLED => return "(recalled)".into(),
+        msg_state::BURNED => return "(burned)".into(),
+        other => return format!("(gone, state {other})"),
+    }
+    match d.recalled_seq() {
+        Some(seq) => format!("[seq {seq} recalled by {}]", who(d.stamp.from, me)),
+        None => body_text(&d.body),
+    }
+}
+
+fn state_name(state: u8) -> serde_json::Value {
+    match state {
+        msg_state::RECALLED => "recalled".into(),
+        msg_state::BURNED => "burned".into(),
+        other => other.into(),
+    }
+}
+
+/// A message as one JSON object. `type`: message, recall, notice or stream; `conv`: direct or
+/// group; `from`, `to` (a user, or the group), `seq`, `msg_id`, `ts_ms`; a message has
+/// `client_msg_id` and `text` (UTF-8) or `body_hex`, and `flags` and `state` (`recalled`,
+/// `burned`: a tombstone, its text empty) when they are not 0; a recall has `client_msg_id`,
+/// `flags` and `recall_seq` (the seq it took back); a notice has `event`, `actor`, `target`,
 /// `until_ms` and `users`. Ids are exact integers (group ids and `msg_id` pass 2^53).
 pub fn render_json(d: &Delivery, me: u64, stream: bool) -> serde_json::Value {
     let s = &d.stamp;
     let notice = client::group_notice(d);
-    let kind = match (stream, &notice) {
-        (true, _) => "stream",
-        (false, Some(_)) => "notice",
-        (false, None) => "message",
+    let recalled = if d.state == msg_state::PLAIN { d.recalled_seq() } else { None };
+    let kind = match (stream, &notice, recalled) {
+        (true, _, _) => "stream",
+        (false, Some(_), _) => "notice",
+        (false, None, Some(_)) => "recall",
+        (false, None, None) => "message",
     };
     let mut v = serde_json::json!({
         "type": kind,
@@ -870,9 +929,16 @@ pub fn render_json(d: &Delivery, me: u64, stream: bool) -> serde_json::Value {
         }
         None => {
             fields.insert("client_msg_id".into(), d.client_msg_id.into());
-            match std::str::from_utf8(&d.body) {
-                Ok(text) => fields.insert("text".into(), text.into()),
-                Err(_) => fields.insert("body_hex".into(), hex::encode(&d.body).into()),
+            if d.flags != 0 {
+                fields.insert("flags".into(), d.flags.into());
+            }
+            if d.state != msg_state::PLAIN {
+                fields.insert("state".into(), state_name(d.state));
+            }
+            match (recalled, std::str::from_utf8(&d.body)) {
+                (Some(seq), _) => fields.insert("recall_seq".into(), seq.into()),
+                (None, Ok(text)) => fields.insert("text".into(), text.into()),
+                (None, Err(_)) => fields.insert("body_hex".into(), hex::encode(&d.body).into()),
             };
         }
     }
@@ -883,12 +949,16 @@ pub fn render_json(d: &Delivery, me: u64, stream: bool) -> serde_json::Value {
 struct Printer {
     json: bool,
     me: u64,
+    /// Lines carry the message's seq ([`render_numbered`]).
+    numbered: bool,
 }
 
 impl Printer {
     fn delivery(&self, d: &Delivery, stream: bool) -> Result<(), ChatError> {
         let line = if self.json {
             render_json(d, self.me, stream).to_string()
+        } else if self.numbered {
+            render_numbered(d, self.me, stream, clock::now_ms())
         } else {
             render(d, self.me, stream, clock::now_ms())
         };
@@ -1129,8 +1199,8 @@ impl Session {
         Ok(())
     }
 
-    fn send(&mut self, id: u64, target: Target, body: &[u8]) -> Result<(), ChatError> {
-        self.write(|c| c.send_to(target.conv(), target.id(), id, body))
+    fn send(&mut self, id: u64, target: Target, flags: u8, body: &[u8]) -> Result<(), ChatError> {
+        self.write(|c| c.send_flagged(target.conv(), target.id(), id, flags, body))
     }
 
     /// A request and its answer (frames that come meanwhile are kept for `poll`).
@@ -1366,6 +1436,14 @@ fn body_refusal(body: &[u8], login: &protocol::LoginOk) -> Option<String> {
     })
 }
 
+/// The seq a recall in the outbox takes back (None: a plain message).
+fn recalled_seq(m: &Outgoing) -> Option<u64> {
+    if m.flags & send_flags::RECALL == 0 {
+        return None;
+    }
+    m.body.as_slice().try_into().ok().map(u64::from_le_bytes)
+}
+
 fn label(line: Option<u64>) -> String {
     line.map_or_else(|| "message".into(), |n| format!("line {n}"))
 }
@@ -1384,7 +1462,7 @@ fn send(args: &ChatArgs, target: Target, text: &[String]) -> Result<(), ChatErro
             return Err(ChatError::Failed(format!("message not sent: {why}")));
         }
         let id = outbox.add(target, body.clone(), None);
-        s.send(id, target, &body)?;
+        s.send(id, target, 0, &body)?;
     }
     loop {
         // Take lines while there is room; after a refusal take no more.
@@ -1408,10 +1486,10 @@ fn send(args: &ChatArgs, target: Target, text: &[String]) -> Result<(), ChatErro
                 break;
             }
             let id = outbox.add(target, line.clone(), Some(line_no));
-            s.send(id, target, &line)?;
+            s.send(id, target, 0, &line)?;
         }
-        for (id, t, body) in outbox.due(Instant::now()) {
-            s.send(id, t, &body)?;
+        for (id, t, flags, body) in outbox.due(Instant::now()) {
+            s.send(id, t, flags, &body)?;
         }
         if (lines.is_none() || refused > 0) && outbox.is_empty() {
             break;
@@ -1453,7 +1531,7 @@ fn send(args: &ChatArgs, target: Target, text: &[String]) -> Result<(), ChatErro
 /// `watch`: print messages until interrupted (or `count` of them).
 fn watch(args: &ChatArgs, json: bool, count: Option<u64>) -> Result<(), ChatError> {
     let mut s = Session::log_in(args, true)?;
-    let out = Printer { json, me: s.me };
+    let out = Printer { json, me: s.me, numbered: false };
     match watch_until(&mut s, &out, count) {
         Ok(Ended::Counted) => {
             s.drain_catch_up()?;
@@ -1504,7 +1582,7 @@ fn watch_until(s: &mut Session, out: &Printer, count: Option<u64>) -> Result<End
 fn history(args: &ChatArgs, with: Target, limit: u32, before: u64, json: bool) -> Result<(), ChatError> {
     let mut s = Session::log_in(args, false)?;
     let (page, end) = s.request("history", |c| c.history_of(with.conv(), with.id(), before, true, limit))?;
-    let out = Printer { json, me: s.me };
+    let out = Printer { json, me: s.me, numbered: false };
     for d in page.iter().rev() {
         out.delivery(d, false)?;
     }
@@ -1533,7 +1611,7 @@ fn interactive(args: &ChatArgs, target: Option<Target>) -> Result<(), ChatError>
         Some(t) => format!("talking to {t}; /help lists the commands"),
         None => "/to USERID or @USERID TEXT picks who to talk to; /help lists the commands".into(),
     });
-    let out = Printer { json: false, me: s.me };
+    let out = Printer { json: false, me: s.me, numbered: true };
     let mut chat =
         Chat { s, out, outbox: Outbox::new(random_u64()), target, older: HashMap::new(), quitting: None };
     let mut lines = Some(lines);
@@ -1552,8 +1630,8 @@ fn interactive(args: &ChatArgs, target: Option<Target>) -> Result<(), ChatError>
                 }
             }
         }
-        for (id, t, body) in chat.outbox.due(Instant::now()) {
-            chat.s.send(id, t, &body)?;
+        for (id, t, flags, body) in chat.outbox.due(Instant::now()) {
+            chat.s.send(id, t, flags, &body)?;
         }
         if let Some(since) = chat.quitting {
             if chat.outbox.is_empty() || since.elapsed() >= EXIT_ANSWERS_WAIT {
@@ -1574,9 +1652,14 @@ fn interactive(args: &ChatArgs, target: Option<Target>) -> Result<(), ChatError>
             Step::Event(Event::Error(e)) if e.request_kind == kind::SEND => {
                 match chat.outbox.refused(&e, Instant::now()) {
                     Answer::Retry => {}
-                    Answer::Refused(m) => {
-                        note(format!("not sent to {}: {}", m.target, code_text(e.code, &e.message)))
-                    }
+                    Answer::Refused(m) => match recalled_seq(&m) {
+                        Some(seq) => note(format!(
+                            "seq {seq} of {} not recalled: {}",
+                            m.target,
+                            code_text(e.code, &e.message)
+                        )),
+                        None => note(format!("not sent to {}: {}", m.target, code_text(e.code, &e.message))),
+                    },
                     Answer::Stray => note(format!("error: {}", code_text(e.code, &e.message))),
                 }
             }
@@ -1603,7 +1686,9 @@ impl Chat {
         if self.s.seen.receive(key, ack.seq) {
             self.s.seen.shown(key, ack.seq);
         }
-        self.out.delivery(&Delivery::plain(stamp, ack.client_msg_id, m.body), false)
+        let mut d = Delivery::plain(stamp, ack.client_msg_id, m.body);
+        d.flags = m.flags;
+        self.out.delivery(&d, false)
     }
 
     fn say(&mut self, body: Vec<u8>) -> Result<(), ChatError> {
@@ -1616,7 +1701,25 @@ impl Chat {
             return Ok(());
         }
         let id = self.outbox.add(target, body.clone(), None);
-        self.s.send(id, target, &body)
+        self.s.send(id, target, 0, &body)
+    }
+
+    /// `/recall SEQ`: a recall of message `seq` of the current conversation. Its ack prints
+    /// the recall as the others see it; a refusal is noted.
+    fn recall(&mut self, spec: &str) -> Result<(), ChatError> {
+        let Some(target) = self.target else {
+            note("no conversation yet: /to USERID or /group GROUPID, then /recall SEQ");
+            return Ok(());
+        };
+        let seq = match spec.trim_start_matches('#').parse::<u64>() {
+            Ok(seq) if seq > 0 => seq,
+            _ => {
+                note(format!("{spec} is no message seq (the #SEQ printed after a message's time)"));
+                return Ok(());
+            }
+        };
+        let id = self.outbox.add_recall(target, seq);
+        self.s.send(id, target, send_flags::RECALL, &seq.to_le_bytes())
     }
 
     fn talk_to(&mut self, t: Target) {
@@ -1746,6 +1849,7 @@ impl Chat {
                 Ok(t) => note(format!("{t} is no user")),
                 Err(why) => note(why),
             },
+            Input::Recall(spec) => self.recall(&spec)?,
             Input::Help => note(HELP),
             Input::Quit => self.quitting = Some(Instant::now()),
             Input::Unknown(text) => note(format!("not understood: {text} (/help lists the commands)")),
@@ -1928,6 +2032,8 @@ mod tests {
         assert_eq!(parse_input(b"/quit"), Input::Quit);
         assert_eq!(parse_input(b"/to"), Input::Unknown("/to".into()));
         assert_eq!(parse_input(b"/history many"), Input::Unknown("/history many".into()));
+        assert_eq!(parse_input(b"/recall 5"), Input::Recall("5".into()));
+        assert_eq!(parse_input(b"/recall"), Input::Unknown("/recall".into()));
     }
 
     /// Ids are decimal or 0x hex; names are refused with the reason (no lookup by name).
@@ -1978,6 +2084,39 @@ mod tests {
         assert_eq!(v["mine"], false);
     }
 
+    /// A recall notice names the seq it took back and who did; a tombstone says what became of
+    /// it; interactive lines carry the seq (a stream message's none).
+    #[test]
+    fn recalls_and_tombstones_render() {
+        let strip = |line: String| line.split_once("] ").map(|(_, rest)| rest.to_string()).unwrap();
+        let now = 1_767_225_600_123;
+        let mut recall = delivery(BOB, ALICE, conv::DIRECT, 6, &5u64.to_le_bytes());
+        recall.flags = send_flags::RECALL;
+        assert_eq!(strip(render(&recall, ALICE, false, now)), "2 → you: [seq 5 recalled by 2]");
+        assert_eq!(strip(render(&recall, BOB, false, now)), "you → 1: [seq 5 recalled by you]");
+        let v = render_json(&recall, ALICE, false);
+        assert_eq!(
+            (v["type"].as_str(), v["recall_seq"].as_u64(), v["flags"].as_u64()),
+            (Some("recall"), Some(5), Some(2))
+        );
+        assert!(v.get("text").is_none());
+
+        let mut gone = delivery(BOB, ALICE, conv::DIRECT, 5, b"");
+        gone.state = msg_state::RECALLED;
+        assert_eq!(strip(render(&gone, ALICE, false, now)), "2 → you: (recalled)");
+        let v = render_json(&gone, ALICE, false);
+        assert_eq!(
+            (v["type"].as_str(), v["state"].as_str(), v["text"].as_str()),
+            (Some("message"), Some("recalled"), Some(""))
+        );
+        assert!(v.get("flags").is_none());
+
+        let line = render_numbered(&delivery(BOB, ALICE, conv::DIRECT, 4, b"hi"), ALICE, false, now);
+        assert!(line.starts_with('[') && line.ends_with(" #4] 2 → you: hi"), "{line}");
+        let line = render_numbered(&delivery(BOB, ALICE, conv::DIRECT, 4, b"hi"), ALICE, true, now);
+        assert!(!line.contains('#'), "{line}");
+    }
+
     /// A group notice renders in words and as JSON with its event's name.
     #[test]
     fn notices_render_in_words() {
@@ -2026,7 +2165,7 @@ mod tests {
         assert!(matches!(outbox.refused(&error(a, ErrorCode::Busy), now), Answer::Retry));
         assert!(outbox.due(now).is_empty(), "after a pause");
         let later = now + RESEND_PAUSE;
-        assert_eq!(outbox.due(later), vec![(a, Target::User(BOB), b"a".to_vec())]);
+        assert_eq!(outbox.due(later), vec![(a, Target::User(BOB), 0, b"a".to_vec())]);
         assert!(outbox.due(later).is_empty(), "once");
         match outbox.refused(&error(b, ErrorCode::NotMember), now) {
             Answer::Refused(m) => assert_eq!(m.line, Some(2)),
@@ -2036,5 +2175,16 @@ mod tests {
         let ack = SendAck { client_msg_id: a, msg_id: 1, seq: 1, ts_ms: 0, duplicate: false };
         assert!(outbox.acked(&ack).is_some());
         assert!(outbox.is_empty());
+        // A recall is resent as it was: the RECALL flag, the seq as its body.
+        let r = outbox.add_recall(Target::User(BOB), 9);
+        assert!(matches!(outbox.refused(&error(r, ErrorCode::Busy), now), Answer::Retry));
+        assert_eq!(
+            outbox.due(later),
+            vec![(r, Target::User(BOB), send_flags::RECALL, 9u64.to_le_bytes().to_vec())]
+        );
+        match outbox.refused(&error(r, ErrorCode::NotRecallable), now) {
+            Answer::Refused(m) => assert_eq!(recalled_seq(&m), Some(9)),
+            other => panic!("{other:?}"),
+        }
     }
 }

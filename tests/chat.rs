@@ -5,7 +5,7 @@ mod common;
 
 use std::{
     io::{BufRead, BufReader, Read, Write},
-    process::{Child, Command, ExitStatus, Stdio},
+    process::{Child, ChildStdin, Command, ExitStatus, Stdio},
     sync::mpsc::{self, Receiver},
     time::{Duration, Instant},
 };
@@ -24,6 +24,8 @@ struct Running {
     child: Child,
     stdout: Stream,
     stderr: Stream,
+    /// Its stdin, while the test types into it ([`chat_typed`]).
+    input: Option<ChildStdin>,
 }
 
 /// One output of a child, line by line, as it comes.
@@ -94,6 +96,12 @@ impl Running {
         Finished { status, stdout: self.stdout.rest(), stderr: self.stderr.rest().join("\n") }
     }
 
+    /// Type one line into an interactive `tim chat` ([`chat_typed`]).
+    fn type_line(&mut self, line: &str) {
+        let input = self.input.as_mut().expect("started with chat_typed");
+        writeln!(input, "{line}").and_then(|()| input.flush()).unwrap();
+    }
+
     fn signal(&self, sig: i32) {
         // SAFETY: plain kill(2) on our own child's pid.
         unsafe { libc::kill(self.child.id() as i32, sig) };
@@ -113,8 +121,25 @@ fn chat(s: &TestServer, user: &str, args: &[&str], stdin: Option<&str>) -> Runni
     chat_as(s, &["--user", user], args, stdin)
 }
 
+/// `tim chat --addr SERVER --user USER interactive`, its stdin kept open for
+/// [`Running::type_line`] (closing it, on drop of the input, ends the chat).
+fn chat_typed(s: &TestServer, user: &str) -> Running {
+    let mut r = spawn_chat(s, &["--user", user], &["interactive"], true);
+    r.input = r.child.stdin.take();
+    r
+}
+
 /// As [`chat`], logging in with the options `login`.
 fn chat_as(s: &TestServer, login: &[&str], args: &[&str], stdin: Option<&str>) -> Running {
+    let mut r = spawn_chat(s, login, args, stdin.is_some());
+    if let Some(text) = stdin {
+        let mut pipe = r.child.stdin.take().unwrap();
+        pipe.write_all(text.as_bytes()).unwrap();
+    }
+    r
+}
+
+fn spawn_chat(s: &TestServer, login: &[&str], args: &[&str], stdin: bool) -> Running {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_tim"));
     // SAFETY: prctl is async-signal-safe. The child dies with the test's thread.
     unsafe {
@@ -128,17 +153,13 @@ fn chat_as(s: &TestServer, login: &[&str], args: &[&str], stdin: Option<&str>) -
         .args(login)
         .args(args)
         .env("TIM_PASSWORD", PASSWORD)
-        .stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
+        .stdin(if stdin { Stdio::piped() } else { Stdio::null() })
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
     let mut child = cmd.spawn().expect("start tim chat");
-    if let Some(text) = stdin {
-        let mut pipe = child.stdin.take().unwrap();
-        pipe.write_all(text.as_bytes()).unwrap();
-    }
     let stdout = Stream::new(child.stdout.take().unwrap());
     let stderr = Stream::new(child.stderr.take().unwrap());
-    Running { child, stdout, stderr }
+    Running { child, stdout, stderr, input: None }
 }
 
 /// The lines without their `[time] ` prefix.
@@ -363,6 +384,56 @@ fn interactive_mode_sends_what_is_typed() {
     assert!(typed.stderr.contains(&format!("talking to user {bob_id}")), "{typed:?}");
     assert_eq!(b.next_delivery().unwrap().body, b"hello from a script");
     assert_eq!(b.next_delivery().unwrap().body, b"and again");
+}
+
+/// `/recall SEQ` takes back a message of the current conversation (interactive lines carry
+/// their seq): the recall is echoed, the peer's watch shows the notice, `/history` the
+/// tombstone; refusals are noted on stderr and the chat goes on.
+#[test]
+fn interactive_recall() {
+    let s = TestServer::start_with_store("io_uring", EMBEDDED, "");
+    let (alice, alice_id) = s.register("alice");
+    let (bob, bob_id) = s.register("bob");
+    let mut watcher = chat(&s, &bob, &["watch", "--count", "2"], None);
+    watcher.stderr.wait_for("logged in as", "stderr");
+    let mut typed = chat_typed(&s, &alice);
+    typed.stderr.wait_for("logged in as", "stderr");
+    typed.type_line(&format!("/to {bob_id}"));
+    typed.type_line("oops, not for you");
+    let line = typed.stdout.wait_for(&format!("you → {bob_id}: oops, not for you"), "stdout");
+    // `[12:00:01 #1] you → 2: …`: the seq to recall.
+    let seq: u64 = line
+        .split_once(" #")
+        .and_then(|(_, rest)| rest.split_once(']'))
+        .and_then(|(n, _)| n.parse().ok())
+        .unwrap_or_else(|| panic!("no seq in {line:?}"));
+    typed.type_line(&format!("/recall {seq}"));
+    let recalled = typed.stdout.wait_for(&format!("[seq {seq} recalled by you]"), "stdout");
+    assert!(recalled.contains(&format!("#{}] you → {bob_id}: ", seq + 1)), "{recalled}");
+    // Refusals: recalled already, not a seq; then the tombstone in the history page.
+    typed.type_line(&format!("/recall {seq}"));
+    let refused = typed.stderr.wait_for("not recalled", "stderr");
+    assert!(
+        refused.contains(&format!("seq {seq} of user {bob_id} not recalled: NotRecallable (35)")),
+        "{refused}"
+    );
+    typed.type_line("/recall soon");
+    typed.stderr.wait_for("soon is no message seq", "stderr");
+    typed.type_line("/history");
+    typed.stdout.wait_for(&format!("#{seq}] you → {bob_id}: (recalled)"), "stdout");
+    typed.type_line("/quit");
+    let done = typed.finish();
+    assert!(done.status.success(), "{done:?}");
+
+    let watched = watcher.finish();
+    assert!(watched.status.success(), "{watched:?}");
+    assert_eq!(
+        messages(&watched.stdout),
+        [
+            format!("{alice_id} → you: oops, not for you"),
+            format!("{alice_id} → you: [seq {seq} recalled by {alice_id}]"),
+        ]
+    );
 }
 
 /// `/nick` sets the nickname (kept with the rest of the profile), `/profile` shows one,
