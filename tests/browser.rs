@@ -1,8 +1,9 @@
 //! The web chat page (web/) in a real browser: two headless Chromium pages, driven through
 //! chromedriver (WebDriver), register and log in on tim's own page, chat 1:1 by user id with
-//! delivery states (sending → sent, received → acknowledged), make a group and talk in it, use a
-//! live room, page back through history with "load older", after a reload find the
-//! conversations again from the store, and log out. Screenshots of both pages are saved.
+//! delivery states (sending → sent, received → acknowledged), make a group and talk in it, take
+//! a message back ("message recalled" on both pages, live and from history), use a live room,
+//! page back through history with "load older", after a reload find the conversations again
+//! from the store, and log out. Screenshots of both pages are saved.
 //!
 //! Needs Debian's `chromium` and `chromium-driver` packages (`/usr/bin/chromium`,
 //! `/usr/bin/chromedriver`; or set `CHROME` and `CHROMEDRIVER`). Without them the test fails.
@@ -166,6 +167,27 @@ const MESSAGE_JS: &str = r#"
 async fn wait_message(c: &Client, text: &str, state: Option<&str>) -> anyhow::Result<Value> {
     wait_js(c, &format!("message {text:?} in state {state:?}"), MESSAGE_JS, vec![json!(text), json!(state)])
         .await
+}
+
+/// Message `seq` of the open conversation, once it shows as recalled: `{text, italic,
+/// recall_action, notice_shown}` (`notice_shown`: a bubble for seq + 1, the recall notice).
+const RECALLED_JS: &str = r#"
+    const [seq] = arguments;
+    const li = document.querySelector(`#messages li[data-seq='${seq}']`);
+    if (!li || li.dataset.recalled !== 'true') return null;
+    const body = li.querySelector('[data-testid=message-body]');
+    return {text: body.textContent, italic: getComputedStyle(body).fontStyle === 'italic',
+            recall_action: !!li.querySelector('[data-testid=recall]'),
+            notice_shown: !!document.querySelector(`#messages li[data-seq='${BigInt(seq) + 1n}']`)};
+"#;
+
+async fn wait_recalled(c: &Client, seq: &str) -> anyhow::Result<Value> {
+    let v = wait_js(c, &format!("message {seq} recalled"), RECALLED_JS, vec![json!(seq)]).await?;
+    assert_eq!(v["text"], json!("message recalled"), "{v}");
+    assert_eq!(v["italic"], json!(true), "a recalled message is set apart: {v}");
+    assert_eq!(v["recall_action"], json!(false), "{v}");
+    assert_eq!(v["notice_shown"], json!(false), "the recall notice is no bubble: {v}");
+    Ok(v)
 }
 
 /// Open the page, register `name` with the form and wait until it is logged in; its user id.
@@ -358,6 +380,25 @@ async fn scenario(
     )
     .await?;
 
+    // Alice takes a message back with its "recall" action: both pages show it recalled, live.
+    let oops = "oops, wrong chat";
+    send(a, oops).await?;
+    let sent = wait_message(a, oops, Some("sent")).await?;
+    let oops_seq = sent["seq"].as_str().unwrap().to_string();
+    wait_message(b, oops, None).await?;
+    let theirs = js(
+        b,
+        "return !!document.querySelector(`#messages li[data-seq='${arguments[0]}'] [data-testid=recall]`);",
+        vec![json!(oops_seq)],
+    )
+    .await?;
+    assert_eq!(theirs, json!(false), "only one's own messages have the recall action");
+    click(a, &format!("#messages li[data-seq='{oops_seq}'] [data-testid=recall]")).await?;
+    wait_recalled(a, &oops_seq).await?;
+    wait_recalled(b, &oops_seq).await?;
+    assert_eq!(js(b, MESSAGE_JS, vec![json!(oops), json!(null)]).await?, Value::Null, "the text is gone");
+    screenshot(b, shots, "1-bob-recalled").await;
+
     // A live room: alice creates it, bob joins by its id, both publish.
     click(a, "#room-create-btn").await?;
     let room = wait_js(
@@ -463,6 +504,8 @@ async fn scenario(
     screenshot(b, shots, "3-bob-reloaded-history").await;
     open_conv(b, &group_key).await?;
     wait_message(b, to_group, Some("acked")).await?;
+    // From the store, the recalled message is a tombstone, and the recall notice no bubble.
+    wait_recalled(b, &oops_seq).await?;
     screenshot(b, shots, "4-bob-reloaded-group").await;
 
     // Logging out ends the session and brings back the form.

@@ -5,7 +5,7 @@
 
 import {
   TimClient, Conv, DeviceType, ErrorCode, GroupRole, NoticeEvent, RoomPublishPolicy, TimError,
-  bodyText, compareU64, isNotice, newClientMsgId, pageUrl, peerOf, u64,
+  bodyText, compareU64, isNotice, isRecalled, newClientMsgId, pageUrl, peerOf, recalledSeq, u64,
 } from "./tim.js";
 
 const $ = (id) => document.getElementById(id);
@@ -54,7 +54,8 @@ const state = {
 /**
  * A conversation: `kind` "direct" | "group" | "room", `id` the peer, group or room id, `msgs` by
  * key (`s<seq>` once stored, `c<client_msg_id>` while sending, `n<counter>` for room and system
- * lines), `oldest` the lowest seq loaded, `more` whether history goes further back.
+ * lines), `oldest` the lowest seq loaded, `more` whether history goes further back, `recalled`
+ * the seqs of recall notices seen whose message is not (or not yet) shown.
  */
 function conv(kind, id) {
   const key = `${kind[0]}:${id}`;
@@ -63,7 +64,7 @@ function conv(kind, id) {
     c = {
       key, kind, id, title: kind === "direct" ? userLabel(id) : kind === "group" ? `group ${id}` : `room ${id}`,
       msgs: new Map(), oldest: null, more: false, historyLoaded: false, unread: 0,
-      ackedSeq: "0", ackTimer: null, info: null, closed: false, nextLocal: 0,
+      ackedSeq: "0", ackTimer: null, info: null, closed: false, nextLocal: 0, recalled: new Set(),
     };
     state.convs.set(key, c);
     if (kind === "direct") {
@@ -165,16 +166,61 @@ function addStored(msg, how) {
   const c = msg.conv === Conv.GROUP ? conv("group", msg.to) : conv("direct", peerOf(msg, state.me));
   const key = `s${msg.seq}`;
   const mine = msg.from === state.me;
-  if (c.msgs.has(key)) return c; // a repeat (PROTOCOL.md 8.3): keep the first
+  const taken = recalledSeq(msg);
+  const old = c.msgs.get(key);
+  if (old) {
+    // A repeat (PROTOCOL.md 8.3): keep the first, but a tombstone tells it was recalled since.
+    if (isRecalled(msg)) markRecalled(c, msg.seq);
+    return c;
+  }
+  if (c.oldest === null || compareU64(msg.seq, c.oldest) < 0) c.oldest = msg.seq;
+  if (taken !== null) {
+    // A recall notice: not shown itself, but kept (hidden) so that it is acknowledged and its
+    // repeats dropped; the message it takes back is shown as recalled.
+    c.msgs.set(key, { seq: msg.seq, from: msg.from, ts: Number(msg.ts_ms), hidden: true, mine, state: mine ? "sent" : "received" });
+    markRecalled(c, taken);
+    return c;
+  }
   // Our own message that this page is still sending (its ack not yet in): the stored copy wins.
   if (mine) c.msgs.delete(`c${msg.client_msg_id}`);
   c.msgs.set(key, {
     seq: msg.seq, from: msg.from, ts: Number(msg.ts_ms), text: isNotice(msg) ? noticeText(msg.notice) : bodyText(msg),
     notice: isNotice(msg), mine, state: mine ? "sent" : "received",
+    recalled: isRecalled(msg) || c.recalled.has(msg.seq),
   });
+  c.recalled.delete(msg.seq);
   if (how !== "history" && !mine && state.current !== c.key) c.unread++;
-  if (c.oldest === null || compareU64(msg.seq, c.oldest) < 0) c.oldest = msg.seq;
   return c;
+}
+
+/** Message `seq` of conversation `c` was recalled: shown as such from now on (also if it is
+ * loaded only later, from a history page read before the recall). */
+function markRecalled(c, seq) {
+  const m = c.msgs.get(`s${seq}`);
+  if (!m) {
+    c.recalled.add(seq);
+    return;
+  }
+  m.recalled = true;
+  m.text = "";
+}
+
+/** Take back one of this user's messages (the "recall" action of its bubble). */
+async function recallMessage(c, m) {
+  if (!state.client?.session || m.recalling) return;
+  m.recalling = true;
+  renderMessages();
+  try {
+    const ack = await state.client.recall(c.kind === "group" ? Conv.GROUP : Conv.DIRECT, c.id, m.seq);
+    // The recall is a stored message of its own (this session is not sent it): kept hidden.
+    if (!c.msgs.has(`s${ack.seq}`)) c.msgs.set(`s${ack.seq}`, { seq: ack.seq, from: state.me, ts: Number(ack.ts_ms), hidden: true, mine: true, state: "sent" });
+    markRecalled(c, m.seq);
+  } catch (e) {
+    flash(`recall: ${e.codeName}: ${e.message}`);
+  } finally {
+    m.recalling = false;
+  }
+  if (state.current === c.key) renderMessages();
 }
 
 /** What a group notice says (PROTOCOL.md 7.3), in words. */
@@ -343,12 +389,13 @@ function renderMessages({ keepTop = false } = {}) {
   const atBottom = box.scrollHeight - box.scrollTop - box.clientHeight < 40;
   const fromBottom = box.scrollHeight - box.scrollTop;
   const ol = $("messages");
-  const entries = [...c.msgs.entries()];
+  // Recall notices are kept, hidden: they show as the change of the message they recall.
+  const entries = [...c.msgs.entries()].filter(([, m]) => !m.hidden);
   if (c.kind !== "room") {
     // Stored messages by seq (PROTOCOL.md 8.3: never by arrival), then those still sending.
     entries.sort(([, a], [, b]) => (a.seq && b.seq ? compareU64(a.seq, b.seq) : a.seq ? -1 : b.seq ? 1 : a.ts - b.ts));
   }
-  ol.replaceChildren(...entries.map(([key, m]) => messageItem(key, m)));
+  ol.replaceChildren(...entries.map(([key, m]) => messageItem(c, key, m)));
   // The first message of a new conversation ends "no messages yet".
   const hs = $("history-state");
   if (c.kind !== "room" && entries.length && hs.textContent === "no messages yet") hs.textContent = "start of the conversation";
@@ -362,11 +409,15 @@ const STATE_LABEL = {
   received: "received", acked: "received ✓", published: "published",
 };
 
-function messageItem(key, m) {
+function messageItem(c, key, m) {
   const li = document.createElement("li");
   li.dataset.testid = "message";
   li.dataset.key = key;
   li.className = m.notice || m.system ? "msg system" : m.mine ? "msg mine" : "msg theirs";
+  if (m.recalled) {
+    li.classList.add("recalled");
+    li.dataset.recalled = "true";
+  }
   if (m.seq) li.dataset.seq = m.seq;
   if (m.from) li.dataset.from = m.from;
   if (m.state) li.dataset.state = m.state;
@@ -381,14 +432,25 @@ function messageItem(key, m) {
   const body = document.createElement("span");
   body.className = "body";
   body.dataset.testid = "message-body";
-  body.textContent = m.text;
+  body.textContent = m.recalled ? "message recalled" : m.text;
   li.append(body);
   const meta = document.createElement("span");
   meta.className = "meta";
   const when = document.createElement("time");
   when.textContent = time(m.ts);
   meta.append(when);
-  if (m.state && !m.notice && !m.system) {
+  if (m.mine && m.seq && !m.recalled && !m.notice && !m.system && c.kind !== "room") {
+    const b = document.createElement("button");
+    b.type = "button";
+    b.className = "recall-btn";
+    b.dataset.testid = "recall";
+    b.textContent = m.recalling ? "recalling…" : "recall";
+    b.title = "Take this message back, for everyone in the chat";
+    b.disabled = !!m.recalling;
+    b.addEventListener("click", () => recallMessage(c, m));
+    meta.append(b);
+  }
+  if (m.state && !m.notice && !m.system && !m.recalled) {
     const s = document.createElement("span");
     s.className = `state state-${m.state}`;
     s.dataset.testid = "message-state";

@@ -30,6 +30,12 @@ export const NoticeEvent = Object.freeze({
 /** `my_role` / member `role` in group answers. */
 export const GroupRole = Object.freeze({ MEMBER: 0, MANAGER: 1, FOUNDER: 2, NOT_MEMBER: 255 });
 
+/** `flags` of a message (JSON.md 3.1, 4.3): a recall notice has RECALL. */
+export const SendFlags = Object.freeze({ BURN_AFTER_READ: 1, RECALL: 2, BURNED: 4 });
+
+/** `state` of a stored message (JSON.md 4.3): a tombstone's is not PLAIN. */
+export const MsgState = Object.freeze({ PLAIN: 0, RECALLED: 1, BURNED: 2 });
+
 /** `publish` policy of roomCreate (PROTOCOL.md 5.11). */
 export const RoomPublishPolicy = Object.freeze({ CREATOR: 0, LISTED: 1, SUBSCRIBERS: 2 });
 
@@ -40,7 +46,8 @@ export const RoomPublishPolicy = Object.freeze({ CREATOR: 0, LISTED: 1, SUBSCRIB
 export const ErrorCode = Object.freeze({
   Malformed: 1, UnknownKind: 2, NotLoggedIn: 10, AlreadyLoggedIn: 11, UnknownUser: 12,
   WrongPassword: 13, NameTaken: 14, InvalidName: 15, InvalidPassword: 16, InvalidToken: 17,
-  UnknownRecipient: 30, Busy: 33, BodyTooLarge: 34, LoginTimeout: 40, IdleTimeout: 41,
+  UnknownRecipient: 30, Busy: 33, BodyTooLarge: 34, NotRecallable: 35, RecallExpired: 36,
+  LoginTimeout: 40, IdleTimeout: 41,
   Replaced: 42, ShuttingDown: 43, RateLimited: 47, KickedByOperator: 48, Banned: 49, UnknownSession: 21, InvalidProfile: 22, LoggedOutElsewhere: 54, Internal: 50, StoreUnavailable: 51,
   Timeout: 52, RoomNotFound: 60, GroupNotFound: 70, NotMember: 71, NotManager: 72, Muted: 73,
   // This module's own:
@@ -112,6 +119,21 @@ export function isNotice(msg) {
   return msg.conv === Conv.GROUP && msg.from === "0";
 }
 
+/** The seq a recall notice takes back (a string), or null for any other message. */
+export function recalledSeq(msg) {
+  return (msg.flags & SendFlags.RECALL) !== 0 && typeof msg.recall_seq === "string" ? msg.recall_seq : null;
+}
+
+/** Whether a message is a recall notice (JSON.md 4.3): it changes another message, and is no message to show. */
+export function isRecall(msg) {
+  return recalledSeq(msg) !== null;
+}
+
+/** Whether a message was recalled: a tombstone (`state` RECALLED), its body gone. */
+export function isRecalled(msg) {
+  return msg.state === MsgState.RECALLED;
+}
+
 /** The text of a message body (`body`, or `body_b64` decoded as UTF-8 with replacement). */
 export function bodyText(msg) {
   if (typeof msg.body === "string") return msg.body;
@@ -166,11 +188,15 @@ const PUSH_TYPES = new Set([
   "room_closed", "missed", "group_join_request", "group_decision", "typing_notice",
 ]);
 
+/** Message types whose `flags` and `state` are filled in as 0 when the server leaves them out. */
+const MESSAGE_TYPES = new Set(["deliver", "history_msg", "stream_msg"]);
+
 /**
  * One connection to a tim server, speaking JSON. Events (`addEventListener`, or `on`), each a
  * CustomEvent whose `detail` is the server message unless said otherwise:
  *
- * - `deliver`: a message (live, or of the catch-up after login); group notices carry `notice`.
+ * - `deliver`: a message (live, or of the catch-up after login); group notices carry `notice`,
+ *   recall notices `recall_seq` (`isRecall`), recalled messages `state` 1 (`isRecalled`).
  * - `catch_up_end`, `resync`, `stream_msg`, `room_msg`, `room_closed`, `missed`, `broadcast`,
  *   `group_join_request`, `group_decision`, `kick` (the server closes after it).
  * - `error`: a TimError (`detail`) that answers no pending request: connection-level errors
@@ -299,12 +325,36 @@ export class TimClient extends EventTarget {
    * a fresh one is drawn. `onId(clientMsgId)` is called at once with the id used.
    * Refusals Busy, StoreUnavailable and Timeout are retried `sendRetries` times.
    */
-  send(to, body, { group = false, clientMsgId, onId } = {}) {
+  send(to, body, { group = false, clientMsgId, onId, flags = 0, burnSecs = 0 } = {}) {
+    const fields = bodyFields(body);
+    if (flags) fields.flags = flags;
+    if (burnSecs) fields.burn_secs = burnSecs;
     const m = {
+      op: "send",
       conv: group ? Conv.GROUP : Conv.DIRECT,
       to: u64(to),
       clientMsgId: clientMsgId !== undefined ? u64(clientMsgId) : newClientMsgId(),
-      fields: bodyFields(body),
+      fields,
+    };
+    if (onId) onId(m.clientMsgId);
+    return this._sendWithRetries(m);
+  }
+
+  /**
+   * Take back message `seq` of a conversation (`conv`: Conv.DIRECT with the peer's user id as
+   * `to`, or Conv.GROUP with the group id): your own message, or in a group anyone's if you
+   * manage it. Resolves with the recall's `send_ack` (the recall notice's own `seq`); rejects
+   * with a TimError: NotRecallable (35), RecallExpired (36), or a send's refusals. The peer and
+   * your other sessions get the recall notice as a `deliver` (`isRecall`). Retried and
+   * resendable with `{clientMsgId}` as `send` is.
+   */
+  recall(conv, to, seq, { clientMsgId, onId } = {}) {
+    const m = {
+      op: "recall",
+      conv,
+      to: u64(to),
+      clientMsgId: clientMsgId !== undefined ? u64(clientMsgId) : newClientMsgId(),
+      fields: { seq: u64(seq) },
     };
     if (onId) onId(m.clientMsgId);
     return this._sendWithRetries(m);
@@ -506,7 +556,7 @@ export class TimClient extends EventTarget {
       const next = this._held.shift();
       if (next) this._sendOnce(next.m).then(next.resolve, next.reject);
     };
-    return this._request({ op: "send", conv: m.conv, to: m.to, client_msg_id: m.clientMsgId, ...m.fields }).then(
+    return this._request({ op: m.op, conv: m.conv, to: m.to, client_msg_id: m.clientMsgId, ...m.fields }).then(
       (ack) => { done(); return ack; },
       (e) => {
         done();
@@ -552,6 +602,10 @@ export class TimClient extends EventTarget {
       msg = JSON.parse(text);
     } catch {
       return; // the server sends JSON only; nothing to do with anything else
+    }
+    if (MESSAGE_TYPES.has(msg.type)) {
+      msg.flags ??= 0;
+      msg.state ??= MsgState.PLAIN;
     }
     this._emit("message", msg);
     const p = msg.id !== undefined && msg.id !== null ? this._pending.get(msg.id) : undefined;
