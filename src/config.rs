@@ -451,7 +451,7 @@ pub struct SessionPolicy {
     pub policy: DevicePolicy,
 }
 
-/// What users may do with messages (docs/PROTOCOL.md 8.17).
+/// What users may do with messages (docs/PROTOCOL.md 5.17).
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct MessagePolicy {
