@@ -278,6 +278,8 @@ const OPS: &[OpSpec] = &[
     op("my_sessions", kind::MY_SESSIONS, &[K::Reserved], &[]),
     op("session_logout", kind::SESSION_LOGOUT, &[K::SessionId], &[K::SessionId]),
     op("typing", kind::TYPING, &[K::Conv, K::To, K::State], &[K::Conv, K::To]),
+    op("read", kind::READ, &[K::Conv, K::Peer, K::Seq], &[K::Conv, K::Peer, K::Seq]),
+    op("read_get", kind::READ_GET, &[K::Conv, K::Peer, K::Seq], &[K::Conv, K::Peer, K::Seq]),
     op("profile_update", kind::PROFILE_UPDATE, &[K::Profile], &[K::Profile]),
     op("profile_get", kind::PROFILE_GET, &[K::UserIds], &[K::UserIds]),
 ];
@@ -509,6 +511,8 @@ fn build(f: Fields<'_>) -> Result<Request, RequestError> {
         kind::MY_SESSIONS => archive(k, &protocol::MySessions { reserved: f.reserved }),
         kind::SESSION_LOGOUT => archive(k, &protocol::SessionLogout { session_id: f.session_id }),
         kind::TYPING => archive(k, &protocol::Typing { to: f.to, conv: f.conv, state: f.state }),
+        kind::READ => archive(k, &protocol::Read { conv: f.conv, peer: f.peer, seq: f.seq }),
+        kind::READ_GET => archive(k, &protocol::ReadGet { conv: f.conv, peer: f.peer, seq: f.seq }),
         kind::PROFILE_UPDATE => archive(k, &protocol::ProfileUpdate { profile: user_profile(f.profile)? }),
         kind::PROFILE_GET => archive(k, &protocol::ProfileGet { user_ids: f.user_ids }),
         kind::GROUP_ADD_MEMBERS => {
@@ -1227,6 +1231,7 @@ fn answered_in_order(k: u16) -> bool {
             | kind::MY_SESSIONS
             | kind::SESSION_LOGOUT
             | kind::PROFILE_UPDATE
+            | kind::READ_GET
             | kind::PROFILE_GET
     )
 }
@@ -1249,7 +1254,7 @@ impl Pending {
             kind::DELIVERY_ACK => {}
             // Refused only now and then, later (RateLimited, a group's refusal): its errors
             // carry no id.
-            kind::TYPING => {}
+            kind::TYPING | kind::READ => {}
             _ => {
                 debug_assert!(answered_in_order(k));
                 let q = &mut self.ordered;
@@ -1409,6 +1414,8 @@ fn type_name(k: u16) -> Option<&'static str> {
         kind::GROUP_DECISION => "group_decision",
         kind::SESSION_LIST => "session_list",
         kind::TYPING_NOTICE => "typing_notice",
+        kind::READ_NOTICE => "read_notice",
+        kind::READ_STATE => "read_state",
         kind::PROFILE_LIST => "profile_list",
         _ => return None,
     })
@@ -1670,6 +1677,30 @@ fn write_answer(frame: &[u8], corr: &mut Correlator, out: &mut String) -> Result
                 o.text("area", pr.area.as_str());
                 o.bytes("extra", pr.extra.as_slice());
                 o.close();
+                o.close();
+            }
+            o.close_arr();
+        }
+        kind::READ_NOTICE => {
+            let a = access!(ArchivedReadNotice);
+            o.u64s("from", a.from.to_native());
+            o.u64s("to", a.to.to_native());
+            o.num("conv", a.conv as u64);
+            o.u64s("seq", a.seq.to_native());
+        }
+        kind::READ_STATE => {
+            let a = access!(ArchivedReadState);
+            o.id(p.answer_in_order(|f| f == kind::READ_GET).as_deref());
+            o.num("conv", a.conv as u64);
+            o.u64s("peer", a.peer.to_native());
+            o.u64s("seq", a.seq.to_native());
+            o.num("read_count", a.read_count.to_native() as u64);
+            o.num("member_count", a.member_count.to_native() as u64);
+            o.open_arr("reads");
+            for r in a.reads.iter() {
+                o.open_elem_obj();
+                o.u64s("user", r.user.to_native());
+                o.u64s("seq", r.seq.to_native());
                 o.close();
             }
             o.close_arr();
@@ -2168,6 +2199,16 @@ mod tests {
             &Send { conv: 1, flags: 1, burn_secs: 30, to: 2, client_msg_id: 3, body: b"x".to_vec() },
         );
         check(
+            r#"{"op":"read","conv":1,"peer":"2","seq":"7"}"#,
+            kind::READ,
+            &Read { conv: 1, peer: 2, seq: 7 },
+        );
+        check(
+            r#"{"op":"read_get","conv":2,"peer":"4611686018427387911","seq":7}"#,
+            kind::READ_GET,
+            &ReadGet { conv: 2, peer: G, seq: 7 },
+        );
+        check(
             r#"{"op":"recall","conv":2,"to":"4611686018427387911","client_msg_id":"8","seq":"258"}"#,
             kind::SEND,
             &Send {
@@ -2498,6 +2539,21 @@ mod tests {
             c,
             enc(kind::GROUP_DECISION, &GroupDecision { group_id: G, approved: true, by: 1 }),
             json!({"type":"group_decision","kind":146,"group_id":"4611686018427387911","approved":true,"by":"1"}),
+        );
+        check(
+            c,
+            enc(kind::READ_NOTICE, &ReadNotice { from: 2, to: 1, conv: 1, seq: 5 }),
+            json!({"type":"read_notice","kind":118,"from":"2","to":"1","conv":1,"seq":"5"}),
+        );
+        let reads = vec![ReadEntry { user: 1, seq: 0 }, ReadEntry { user: 2, seq: 5 }];
+        check(
+            c,
+            enc(
+                kind::READ_STATE,
+                &ReadState { conv: 2, peer: G, seq: 5, read_count: 1, member_count: 1, reads },
+            ),
+            json!({"type":"read_state","kind":119,"conv":2,"peer":"4611686018427387911","seq":"5","read_count":1,
+                   "member_count":1,"reads":[{"user":"1","seq":"0"},{"user":"2","seq":"5"}]}),
         );
         // Every server kind has a type name.
         for k in 100..200 {
@@ -3192,6 +3248,8 @@ mod tests {
             kind::MY_SESSIONS => frame::access::<ArchivedMySessions>(p).is_ok(),
             kind::SESSION_LOGOUT => frame::access::<ArchivedSessionLogout>(p).is_ok(),
             kind::TYPING => frame::access::<ArchivedTyping>(p).is_ok(),
+            kind::READ => frame::access::<ArchivedRead>(p).is_ok(),
+            kind::READ_GET => frame::access::<ArchivedReadGet>(p).is_ok(),
             kind::PROFILE_UPDATE => frame::access::<ArchivedProfileUpdate>(p).is_ok(),
             kind::PROFILE_GET => frame::access::<ArchivedProfileGet>(p).is_ok(),
             kind::GROUP_ADD_MEMBERS => frame::access::<ArchivedGroupAddMembers>(p).is_ok(),

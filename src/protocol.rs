@@ -1336,7 +1336,10 @@ mod session_layout_tests {
         assert_eq!((size_of::<ArchivedReadNotice>(), align_of::<ArchivedReadNotice>()), (32, 8));
         assert_eq!(offset_of!(ArchivedReadNotice, seq), 24);
         assert_eq!((size_of::<ArchivedReadState>(), align_of::<ArchivedReadState>()), (40, 8));
-        assert_eq!((offset_of!(ArchivedReadState, read_count), offset_of!(ArchivedReadState, reads)), (24, 32));
+        assert_eq!(
+            (offset_of!(ArchivedReadState, read_count), offset_of!(ArchivedReadState, reads)),
+            (24, 32)
+        );
         assert_eq!((size_of::<ArchivedReadEntry>(), align_of::<ArchivedReadEntry>()), (16, 8));
     }
 
