@@ -587,36 +587,21 @@ impl Shard {
         }
     }
 
-    /// Write the cursors noted so far (the shard's last act before it stops, too). Cursors whose
-    /// write fails are kept for the next flush.
+    /// Write the cursors and read positions noted so far (the shard's last act before it
+    /// stops, too). Those whose write fails are kept for the next flush.
     pub async fn flush_cursors(&self) {
-        self.flush_reads().await;
-        let batch: Vec<Cursor> = self
-            .cursors
-            .borrow_mut()
-            .drain()
-            .map(|((user, device, conv), seq)| Cursor { user, device, conv, seq })
-            .collect();
-        if batch.is_empty() {
-            return;
-        }
-        let store = self.shared.store.clone();
-        let kept = batch.clone();
-        match self.shared.workers.store.run(move || store.save_cursors(&batch)).await {
-            Ok(Ok(())) => return,
-            Ok(Err(e)) => log::warn!("store: saving cursors: {e}"),
-            Err(e) => log::warn!("store: saving cursors: {e}"),
-        }
-        for c in kept {
-            self.note_cursor(c);
-        }
+        self.flush_positions(&self.reads, "read positions", |s, b| s.save_reads(b), Self::note_read).await;
+        self.flush_positions(&self.cursors, "cursors", |s, b| s.save_cursors(b), Self::note_cursor).await;
     }
 
-    /// Write the read positions noted so far; those whose write fails are kept for the next
-    /// flush.
-    async fn flush_reads(&self) {
-        let batch: Vec<Cursor> = self
-            .reads
+    async fn flush_positions(
+        &self,
+        pending: &RefCell<HashMap<(UserId, u64, ConvKey), u64, RandomState>>,
+        what: &str,
+        save: fn(&dyn Store, &[Cursor]) -> Result<(), StoreError>,
+        keep: fn(&Self, Cursor),
+    ) {
+        let batch: Vec<Cursor> = pending
             .borrow_mut()
             .drain()
             .map(|((user, device, conv), seq)| Cursor { user, device, conv, seq })
@@ -626,13 +611,13 @@ impl Shard {
         }
         let store = self.shared.store.clone();
         let kept = batch.clone();
-        match self.shared.workers.store.run(move || store.save_reads(&batch)).await {
+        match self.shared.workers.store.run(move || save(&*store, &batch)).await {
             Ok(Ok(())) => return,
-            Ok(Err(e)) => log::warn!("store: saving read positions: {e}"),
-            Err(e) => log::warn!("store: saving read positions: {e}"),
+            Ok(Err(e)) => log::warn!("store: saving {what}: {e}"),
+            Err(e) => log::warn!("store: saving {what}: {e}"),
         }
         for c in kept {
-            self.note_read(c);
+            keep(self, c);
         }
     }
 

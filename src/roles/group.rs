@@ -408,16 +408,7 @@ impl GroupOwner {
                 if let Err(code) = check_send(g, req.user, now) {
                     return reply_err(out, &req, code);
                 }
-                for (shard, users) in g.lists(&placement).iter() {
-                    let f = GroupFanout {
-                        users: users.clone(),
-                        skip: req.origin,
-                        frame: frame.clone(),
-                        lossy: true,
-                    };
-                    out.push(Effect::Post(*shard, Envelope::GroupFanout(Box::new(f))));
-                }
-                return;
+                return fan_out_lossy(g, &placement, req.origin, frame, out);
             }
             GroupOp::Read { seq, device, frame } => {
                 let Some(m) = g.members.get_mut(&req.user) else {
@@ -429,15 +420,7 @@ impl GroupOwner {
                 out.push(Effect::NoteRead(c));
                 // Live only in small groups: a large group's receipts would be a storm.
                 if g.members.len() <= receipts_live_max {
-                    for (shard, users) in g.lists(&placement).iter() {
-                        let f = GroupFanout {
-                            users: users.clone(),
-                            skip: req.origin,
-                            frame: frame.clone(),
-                            lossy: true,
-                        };
-                        out.push(Effect::Post(*shard, Envelope::GroupFanout(Box::new(f))));
-                    }
+                    fan_out_lossy(g, &placement, req.origin, frame, out);
                 }
                 return;
             }
@@ -1067,6 +1050,15 @@ fn plan(
         | GroupOp::ReadGet { .. } => {
             unreachable!("not a change")
         }
+    }
+}
+
+/// Push `frame` (a typing notice or read receipt) to the members' live sessions but `skip`,
+/// lossily: a session that does not keep up misses it.
+fn fan_out_lossy(g: &mut Group, placement: &Placement, skip: SessionRef, frame: &Bytes, out: &mut Effects) {
+    for (shard, users) in g.lists(placement).iter() {
+        let f = GroupFanout { users: users.clone(), skip, frame: frame.clone(), lossy: true };
+        out.push(Effect::Post(*shard, Envelope::GroupFanout(Box::new(f))));
     }
 }
 
