@@ -1,6 +1,7 @@
 //! The web chat page (web/) in a real browser: two headless Chromium pages, driven through
 //! chromedriver (WebDriver), register and log in on tim's own page, chat 1:1 by user id with
-//! delivery states (sending → sent, received → acknowledged), make a group and talk in it, take
+//! delivery states (sending → sent, received → acknowledged) and read receipts ("Seen", "Seen
+//! by 1"), make a group and talk in it, take
 //! a message back ("message recalled" on both pages, live and from history), use a live room,
 //! page back through history with "load older", after a reload find the conversations again
 //! from the store, and log out. Screenshots of both pages are saved.
@@ -190,6 +191,26 @@ async fn wait_recalled(c: &Client, seq: &str) -> anyhow::Result<Value> {
     Ok(v)
 }
 
+/// The read marker shown in the open conversation: `{seq, text}` of the one message that has it.
+const SEEN_JS: &str = r#"
+    const marks = [...document.querySelectorAll('#messages [data-testid=seen]')];
+    if (marks.length !== 1) return marks.length ? {count: marks.length} : null;
+    return {seq: marks[0].closest('li[data-testid=message]')?.dataset.seq ?? null, text: marks[0].textContent};
+"#;
+
+/// Wait until the open conversation marks message `seq` (and no other) as read with `text`.
+async fn wait_seen(c: &Client, seq: &str, text: &str) -> anyhow::Result<()> {
+    let want = json!({"seq": seq, "text": text});
+    wait_js(
+        c,
+        &format!("{text:?} under message {seq}"),
+        &format!("const v = (() => {{ {SEEN_JS} }})(); return JSON.stringify(v) === JSON.stringify(arguments[0]) ? v : null;"),
+        vec![want],
+    )
+    .await?;
+    Ok(())
+}
+
 /// Open the page, register `name` with the form and wait until it is logged in; its user id.
 async fn register(c: &Client, url: &str, name: &str) -> anyhow::Result<String> {
     c.goto(url).await?;
@@ -314,6 +335,10 @@ async fn scenario(
     assert_eq!(got["from"], json!(alice), "{got}");
     assert_eq!(got["from_label"], json!(format!("user {alice}")), "{got}");
     assert_eq!(got["mine"], json!(false));
+    // Bob's page, visible with the chat open, tells it read; alice's says so under her message.
+    let hello_seq = mine["seq"].as_str().unwrap().to_string();
+    wait_seen(a, &hello_seq, "Seen").await?;
+    assert_eq!(js(b, SEEN_JS, vec![]).await?, Value::Null, "bob has no message of his own yet");
     let reply = "hi alice, bob here";
     send(b, reply).await?;
     wait_message(b, reply, Some("sent")).await?;
@@ -321,6 +346,10 @@ async fn scenario(
     assert_eq!(back["from"], json!(bob), "{back}");
     wait_message(a, hello, Some("sent")).await?;
     wait_message(a, reply, Some("acked")).await?;
+    // Alice read bob's reply: his page marks it; hers still marks her message.
+    let reply_seq = back["seq"].as_str().unwrap().to_string();
+    wait_seen(b, &reply_seq, "Seen").await?;
+    wait_seen(a, &hello_seq, "Seen").await?;
     screenshot(a, shots, "1-alice-chat").await;
     screenshot(b, shots, "1-bob-chat").await;
 
@@ -371,6 +400,8 @@ async fn scenario(
     open_conv(b, &group_key).await?;
     let g = wait_message(b, to_group, None).await?;
     assert_eq!(g["from"], json!(alice), "{g}");
+    // Bob read it: alice's page counts him under her message.
+    wait_seen(a, g["seq"].as_str().unwrap(), "Seen by 1").await?;
     wait_message(b, &format!("user {alice} added you"), None).await?;
     wait_js(
         b,

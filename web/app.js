@@ -16,6 +16,8 @@ const HISTORY_PAGE = 30;
 const ACK_DELAY_MS = 150;
 /** Messages kept per live room (rooms have no history; older ones are dropped from view). */
 const ROOM_MESSAGES_MAX = 500;
+/** The open chat tells how far it was read (`read`) at most this often. */
+const READ_EVERY_MS = 1000;
 
 /** A stable id for this browser installation (PROTOCOL.md 5.3: one device, one cursor). */
 function deviceId() {
@@ -36,6 +38,9 @@ const state = {
    * the "is typing" line. */
   typingSentAt: 0,
   typingTimer: null,
+  /** When this page last sent a `read`, and the timer of the next one. */
+  readSentAt: 0,
+  readTimer: null,
   /** The logged-in user's id and name, kept after a disconnect to resend to the same account. */
   me: null,
   name: null,
@@ -55,7 +60,10 @@ const state = {
  * A conversation: `kind` "direct" | "group" | "room", `id` the peer, group or room id, `msgs` by
  * key (`s<seq>` once stored, `c<client_msg_id>` while sending, `n<counter>` for room and system
  * lines), `oldest` the lowest seq loaded, `more` whether history goes further back, `recalled`
- * the seqs of recall notices seen whose message is not (or not yet) shown.
+ * the seqs of recall notices seen whose message is not (or not yet) shown. Read receipts:
+ * `readSeq` how far this user read it (told or learnt), `reads` the others' positions by user
+ * id (1:1: the peer; groups of up to 100 members), `readCount` `{seq, count}` from the last
+ * `read_get` (what larger groups tell).
  */
 function conv(kind, id) {
   const key = `${kind[0]}:${id}`;
@@ -65,6 +73,7 @@ function conv(kind, id) {
       key, kind, id, title: kind === "direct" ? userLabel(id) : kind === "group" ? `group ${id}` : `room ${id}`,
       msgs: new Map(), oldest: null, more: false, historyLoaded: false, unread: 0,
       ackedSeq: "0", ackTimer: null, info: null, closed: false, nextLocal: 0, recalled: new Set(),
+      readSeq: "0", reads: new Map(), readCount: null,
     };
     state.convs.set(key, c);
     if (kind === "direct") {
@@ -267,6 +276,87 @@ function scheduleAck(c) {
   }, ACK_DELAY_MS);
 }
 
+// ---- read receipts (PROTOCOL.md 5.18) ----
+
+/** Conv.DIRECT or Conv.GROUP for a chat. */
+function convOf(c) {
+  return c.kind === "group" ? Conv.GROUP : Conv.DIRECT;
+}
+
+/** The highest seq of a chat's stored messages (`others`: of those not this user's), or "0". */
+function newestSeq(c, others = false) {
+  let top = "0";
+  for (const m of c.msgs.values()) if (m.seq && !(others && m.mine) && compareU64(m.seq, top) > 0) top = m.seq;
+  return top;
+}
+
+/** The open chat is read up to its newest message from others while the page is visible: tell
+ * the server, at most every READ_EVERY_MS and only when that moved on. */
+function markRead() {
+  const c = state.convs.get(state.current);
+  if (!c || c.kind === "room" || !state.client?.session || document.visibilityState !== "visible") return;
+  if (compareU64(newestSeq(c, true), c.readSeq) <= 0) return;
+  const wait = state.readSentAt + READ_EVERY_MS - Date.now();
+  if (wait > 0) {
+    if (!state.readTimer) state.readTimer = setTimeout(() => { state.readTimer = null; markRead(); }, wait);
+    return;
+  }
+  const top = newestSeq(c, true);
+  state.readSentAt = Date.now();
+  c.readSeq = top;
+  state.client.read(convOf(c), c.id, top);
+}
+
+/** Someone's position in a chat moved to `seq` (positions never go back). */
+function noteRead(c, user, seq) {
+  if (user === state.me) {
+    if (compareU64(seq, c.readSeq) > 0) c.readSeq = seq;
+    return;
+  }
+  const had = c.reads.get(user);
+  if (!had || compareU64(seq, had) > 0) c.reads.set(user, seq);
+}
+
+/** On opening a chat: how far it was read (`read_get` about this user's newest message). */
+async function loadReads(c) {
+  if (c.kind === "room" || !state.client?.session) return;
+  let seq = null;
+  for (const m of c.msgs.values()) if (m.mine && m.seq && !m.hidden && (!seq || compareU64(m.seq, seq) > 0)) seq = m.seq;
+  seq ??= newestSeq(c);
+  if (seq === "0") return;
+  try {
+    const r = await state.client.readGet(convOf(c), c.id, seq);
+    for (const p of r.reads || []) noteRead(c, p.user, p.seq);
+    c.readCount = { seq, count: r.read_count };
+  } catch {
+    return; // read receipts are a nicety: a refusal leaves the chat as it is
+  }
+  if (state.current === c.key) renderMessages();
+}
+
+/** The key of the message to mark as read, and the words: "Seen" under this user's newest
+ * message the peer read (1:1), "Seen by N" under this user's newest message (groups). */
+function seenMark(c, entries) {
+  if (c.kind === "direct") {
+    const peer = c.reads.get(String(c.id));
+    if (!peer) return null;
+    for (let i = entries.length - 1; i >= 0; i--) {
+      const [key, m] = entries[i];
+      if (m.mine && m.seq && !m.recalled && compareU64(m.seq, peer) <= 0) return { key, text: "Seen" };
+    }
+    return null;
+  }
+  if (c.kind !== "group") return null;
+  const last = [...entries].reverse().find(([, m]) => m.mine && m.seq && !m.recalled);
+  if (!last) return null;
+  const [key, m] = last;
+  let n = 0;
+  for (const [user, seq] of c.reads) if (user !== state.me && compareU64(seq, m.seq) >= 0) n++;
+  // Groups of over 100 members push no receipts: the count read_get gave, if about this message.
+  if (c.reads.size === 0 && c.readCount?.seq === m.seq) n = c.readCount.count;
+  return n > 0 ? { key, text: `Seen by ${n}` } : null;
+}
+
 // ---- sending ----
 
 async function sendText(c, text) {
@@ -395,13 +485,15 @@ function renderMessages({ keepTop = false } = {}) {
     // Stored messages by seq (PROTOCOL.md 8.3: never by arrival), then those still sending.
     entries.sort(([, a], [, b]) => (a.seq && b.seq ? compareU64(a.seq, b.seq) : a.seq ? -1 : b.seq ? 1 : a.ts - b.ts));
   }
-  ol.replaceChildren(...entries.map(([key, m]) => messageItem(c, key, m)));
+  const seen = seenMark(c, entries);
+  ol.replaceChildren(...entries.map(([key, m]) => messageItem(c, key, m, seen?.key === key ? seen.text : null)));
   // The first message of a new conversation ends "no messages yet".
   const hs = $("history-state");
   if (c.kind !== "room" && entries.length && hs.textContent === "no messages yet") hs.textContent = "start of the conversation";
   $("load-older-btn").hidden = !(c.kind !== "room" && c.more);
   if (keepTop) box.scrollTop = box.scrollHeight - fromBottom;
   else if (atBottom || entries.length < 8) box.scrollTop = box.scrollHeight;
+  markRead();
 }
 
 const STATE_LABEL = {
@@ -409,7 +501,7 @@ const STATE_LABEL = {
   received: "received", acked: "received ✓", published: "published",
 };
 
-function messageItem(c, key, m) {
+function messageItem(c, key, m, seen) {
   const li = document.createElement("li");
   li.dataset.testid = "message";
   li.dataset.key = key;
@@ -459,6 +551,13 @@ function messageItem(c, key, m) {
     meta.append(s);
   }
   li.append(meta);
+  if (seen) {
+    const s = document.createElement("span");
+    s.className = "seen";
+    s.dataset.testid = "seen";
+    s.textContent = seen;
+    li.append(s);
+  }
   return li;
 }
 
@@ -485,6 +584,7 @@ async function openConv(key) {
   if (c.kind === "room") $("room-info").textContent = c.closed ? "closed" : c.info || "";
   if (c.kind !== "room" && !c.historyLoaded) await loadHistory(c, false);
   else if (c.kind !== "room") $("history-state").textContent = c.more ? "" : c.msgs.size ? "start of the conversation" : "no messages yet";
+  loadReads(c);
   $("composer-input").focus();
 }
 
@@ -544,6 +644,14 @@ function wire(client) {
     const key = t.conv === Conv.GROUP ? `g:${t.to}` : `d:${t.from}`;
     if (state.current !== key) return;
     showTyping(t.state === 1 ? `${userLabel(t.from)} is typing…` : "");
+  });
+  client.on("read_notice", (r) => {
+    if (client !== state.client) return;
+    const key = r.conv === Conv.GROUP ? `g:${r.to}` : `d:${r.from === state.me ? r.to : r.from}`;
+    const c = state.convs.get(key);
+    if (!c) return;
+    noteRead(c, r.from, r.seq);
+    if (state.current === key) renderSoon();
   });
   client.on("deliver", (msg) => {
     if (client !== state.client) return;
@@ -838,6 +946,7 @@ function setup() {
     sendText(c, text);
   });
   $("composer-input").addEventListener("input", typed);
+  document.addEventListener("visibilitychange", markRead);
   onSubmit("nickname-form", async () => {
     if (!state.client?.session) return;
     try {

@@ -46,7 +46,7 @@ export const RoomPublishPolicy = Object.freeze({ CREATOR: 0, LISTED: 1, SUBSCRIB
 export const ErrorCode = Object.freeze({
   Malformed: 1, UnknownKind: 2, NotLoggedIn: 10, AlreadyLoggedIn: 11, UnknownUser: 12,
   WrongPassword: 13, NameTaken: 14, InvalidName: 15, InvalidPassword: 16, InvalidToken: 17,
-  UnknownRecipient: 30, Busy: 33, BodyTooLarge: 34, NotRecallable: 35, RecallExpired: 36,
+  UnknownRecipient: 30, InvalidConversation: 31, Busy: 33, BodyTooLarge: 34, NotRecallable: 35, RecallExpired: 36,
   LoginTimeout: 40, IdleTimeout: 41,
   Replaced: 42, ShuttingDown: 43, RateLimited: 47, KickedByOperator: 48, Banned: 49, UnknownSession: 21, InvalidProfile: 22, LoggedOutElsewhere: 54, Internal: 50, StoreUnavailable: 51,
   Timeout: 52, RoomNotFound: 60, GroupNotFound: 70, NotMember: 71, NotManager: 72, Muted: 73,
@@ -185,7 +185,7 @@ const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
 /** Server message types that are pushes: they never answer a request. */
 const PUSH_TYPES = new Set([
   "deliver", "stream_msg", "catch_up_end", "resync", "broadcast", "kick", "room_msg",
-  "room_closed", "missed", "group_join_request", "group_decision", "typing_notice",
+  "room_closed", "missed", "group_join_request", "group_decision", "typing_notice", "read_notice",
 ]);
 
 /** Message types whose `flags` and `state` are filled in as 0 when the server leaves them out. */
@@ -199,9 +199,12 @@ const MESSAGE_TYPES = new Set(["deliver", "history_msg", "stream_msg"]);
  *   recall notices `recall_seq` (`isRecall`), recalled messages `state` 1 (`isRecalled`).
  * - `catch_up_end`, `resync`, `stream_msg`, `room_msg`, `room_closed`, `missed`, `broadcast`,
  *   `group_join_request`, `group_decision`, `kick` (the server closes after it).
+ * - `typing_notice`: someone types (`from`, `to`, `conv`, `state`).
+ * - `read_notice`: someone read a conversation up to `seq` (`from` the reader, `to` the other
+ *   user or the group, `conv`): the peer, a group member, or this user on another device.
  * - `error`: a TimError (`detail`) that answers no pending request: connection-level errors
  *   (IdleTimeout, LoginTimeout, SlowConsumer ...), catch-up failures (request kind 2), refusals
- *   of `deliveryAck`, `stream` and `roomPublish`.
+ *   of `deliveryAck`, `read` (request kind 16), `typing`, `stream` and `roomPublish`.
  * - `close`: `detail` = `{code, reason, wasClean, kick, error}`: the WebSocket close, with the
  *   `kick` or closing `error` message that said why, if one came.
  * - `message`: every server message, before it is dispatched (for logging).
@@ -380,6 +383,25 @@ export class TimClient extends EventTarget {
       (m) => messages.push(m),
     );
     return { messages, more: end.more, count: end.count, conv: end.conv, peer: end.peer };
+  }
+
+  /**
+   * Tell that this device has read a conversation up to `seq` (PROTOCOL.md 5.18): `conv`
+   * Conv.DIRECT with the other user as `peer`, or Conv.GROUP with the group. No answer; a
+   * refusal comes as an `error` event (request kind 16). The peer (or, in a group of up to 100
+   * members, the members) and this user's other sessions get a `read_notice`.
+   */
+  read(conv, peer, seq) {
+    this._post({ op: "read", conv, peer: u64(peer), seq: u64(seq) });
+  }
+
+  /**
+   * How far a conversation was read, asked about message `seq`. Resolves with `read_state`:
+   * `read_count` users other than you read `seq`, of `member_count` (1 in a 1:1 chat); `reads`
+   * holds `{user, seq}` positions: both users (1:1) or every member (groups of up to 100).
+   */
+  readGet(conv, peer, seq) {
+    return this._request({ op: "read_get", conv, peer: u64(peer), seq: u64(seq) });
   }
 
   /** A stream message (never stored; typing indicators and such, PROTOCOL.md 5.12). No answer. */
