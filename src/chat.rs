@@ -77,6 +77,8 @@ const CATCH_UP_DRAIN_MAX: Duration = Duration::from_secs(5);
 const CATCH_UP_QUIET: Duration = Duration::from_millis(300);
 /// Messages in one `history` page unless `--limit` says otherwise.
 pub const HISTORY_PAGE_DEFAULT: u32 = 20;
+/// Interactive mode tells how far the current conversation was read at most this often.
+const READ_EVERY: Duration = Duration::from_secs(1);
 /// Groups `/groups` lists.
 const GROUPS_LISTED_MAX: u32 = 50;
 
@@ -621,6 +623,8 @@ pub enum Input {
     Profile(String),
     /// `/recall SEQ`: take back message SEQ of the current conversation.
     Recall(String),
+    /// `/seen [SEQ]`: how many read message SEQ (the newest shown) of the current conversation.
+    Seen(Option<String>),
     Help,
     Quit,
     /// A command not understood (the line as typed).
@@ -645,6 +649,7 @@ commands:
   /nick [NAME]     set your nickname (none: clear it)
   /profile ID      user ID's profile
   /recall SEQ      take back message SEQ (the #SEQ of its line) of the current conversation
+  /seen [SEQ]      how many read message SEQ (the newest shown) of the current conversation
   /quit            leave (Ctrl-D and Ctrl-C too)
   //TEXT           send TEXT starting with one /";
 
@@ -689,6 +694,8 @@ pub fn parse_input(line: &[u8]) -> Input {
         ("nick", _, _) => Input::Nick(rest.into()),
         ("profile", Some(id), None) => Input::Profile(id.into()),
         ("recall", Some(seq), None) => Input::Recall(seq.into()),
+        ("seen", None, _) => Input::Seen(None),
+        ("seen", Some(seq), None) => Input::Seen(Some(seq.into())),
         ("help" | "?", _, _) => Input::Help,
         ("quit" | "exit" | "q", None, _) => Input::Quit,
         _ => Input::Unknown(String::from_utf8_lossy(line).into_owned()),
@@ -748,6 +755,16 @@ fn who(id: u64, me: u64) -> String {
     } else {
         id.to_string()
     }
+}
+
+/// A read notice of the current conversation, as printed: `[seen up to #5 by 2]`.
+pub fn seen_text(n: &protocol::ReadNotice, me: u64) -> String {
+    format!("[seen up to #{} by {}]", n.seq, who(n.from, me))
+}
+
+/// A `ReadState`, as `/seen` prints it: `#5 read by 1 of 1`.
+pub fn read_state_text(r: &protocol::ReadState) -> String {
+    format!("#{} read by {} of {}", r.seq, r.read_count, r.member_count)
 }
 
 /// A body as text: UTF-8 with control characters escaped (a message must not drive the
@@ -962,6 +979,11 @@ impl Printer {
         } else {
             render(d, self.me, stream, clock::now_ms())
         };
+        self.line(&line)
+    }
+
+    /// One line on stdout.
+    fn line(&self, line: &str) -> Result<(), ChatError> {
         let mut out = io::stdout().lock();
         writeln!(out, "{line}").and_then(|()| out.flush()).map_err(ChatError::Output)
     }
@@ -1602,6 +1624,25 @@ struct Chat {
     /// Per conversation, where the next `/history` page starts (absent: at the newest).
     older: HashMap<Target, u64>,
     quitting: Option<Instant>,
+    /// Read receipts (docs/PROTOCOL.md 5.18): per conversation the newest seq printed (for
+    /// `/seen`), the newest of others' messages printed, and how far `Read` told.
+    newest: HashMap<Target, u64>,
+    incoming: HashMap<Target, u64>,
+    read_told: HashMap<Target, u64>,
+    read_at: Option<Instant>,
+    /// Per reader, the newest position printed for the current conversation.
+    seen_by: HashMap<u64, u64>,
+}
+
+/// Raise `map[key]` to `seq`, keeping the map within [`CONVERSATIONS_MAX`] conversations.
+fn raise(map: &mut HashMap<Target, u64>, key: Target, seq: u64) {
+    if !map.contains_key(&key) && map.len() >= CONVERSATIONS_MAX {
+        if let Some(&any) = map.keys().next() {
+            map.remove(&any);
+        }
+    }
+    let v = map.entry(key).or_insert(0);
+    *v = (*v).max(seq);
 }
 
 fn interactive(args: &ChatArgs, target: Option<Target>) -> Result<(), ChatError> {
@@ -1612,8 +1653,19 @@ fn interactive(args: &ChatArgs, target: Option<Target>) -> Result<(), ChatError>
         None => "/to USERID or @USERID TEXT picks who to talk to; /help lists the commands".into(),
     });
     let out = Printer { json: false, me: s.me, numbered: true };
-    let mut chat =
-        Chat { s, out, outbox: Outbox::new(random_u64()), target, older: HashMap::new(), quitting: None };
+    let mut chat = Chat {
+        s,
+        out,
+        outbox: Outbox::new(random_u64()),
+        target,
+        older: HashMap::new(),
+        quitting: None,
+        newest: HashMap::new(),
+        incoming: HashMap::new(),
+        read_told: HashMap::new(),
+        read_at: None,
+        seen_by: HashMap::new(),
+    };
     let mut lines = Some(lines);
     loop {
         for _ in 0..LINES_PER_TURN {
@@ -1641,12 +1693,16 @@ fn interactive(args: &ChatArgs, target: Option<Target>) -> Result<(), ChatError>
                 return chat.s.finish();
             }
         }
+        chat.tell_read()?;
         match chat.s.poll()? {
             Step::Stop => return chat.s.finish(),
             Step::Idle => {}
             Step::Event(Event::Deliver(d)) => {
-                chat.s.show(&chat.out, &d)?;
+                if chat.s.show(&chat.out, &d)? {
+                    chat.printed(&d);
+                }
             }
+            Step::Event(Event::ReadNotice(n)) => chat.read_notice(&n)?,
             Step::Event(Event::StreamMsg(d)) => chat.out.delivery(&d, true)?,
             Step::Event(Event::SendAck(ack)) => chat.acked(&ack)?,
             Step::Event(Event::Error(e)) if e.request_kind == kind::SEND => {
@@ -1686,9 +1742,83 @@ impl Chat {
         if self.s.seen.receive(key, ack.seq) {
             self.s.seen.shown(key, ack.seq);
         }
+        raise(&mut self.newest, m.target, ack.seq);
         let mut d = Delivery::plain(stamp, ack.client_msg_id, m.body);
         d.flags = m.flags;
         self.out.delivery(&d, false)
+    }
+
+    /// A delivered message was printed: its conversation is read up to it once current.
+    fn printed(&mut self, d: &Delivery) {
+        let key = ConvKey::of(&d.stamp, self.s.me);
+        let t = if key.conv == conv::GROUP { Target::Group(key.peer) } else { Target::User(key.peer) };
+        raise(&mut self.newest, t, d.stamp.seq);
+        if d.stamp.from != self.s.me {
+            raise(&mut self.incoming, t, d.stamp.seq);
+        }
+    }
+
+    /// Tell the server the current conversation is read up to the newest of the others'
+    /// messages printed, when that moved on (at most every [`READ_EVERY`]).
+    fn tell_read(&mut self) -> Result<(), ChatError> {
+        let Some(t) = self.target else { return Ok(()) };
+        let Some(&seq) = self.incoming.get(&t) else { return Ok(()) };
+        if self.read_told.get(&t).is_some_and(|&told| told >= seq)
+            || self.read_at.is_some_and(|at| at.elapsed() < READ_EVERY)
+        {
+            return Ok(());
+        }
+        self.read_at = Some(Instant::now());
+        raise(&mut self.read_told, t, seq);
+        self.s.write(|c| c.read(t.conv(), t.id(), seq))
+    }
+
+    /// Print how far the peer (or a group member) read the current conversation, once per
+    /// position reached. This user's own other devices are not shown.
+    fn read_notice(&mut self, n: &protocol::ReadNotice) -> Result<(), ChatError> {
+        let me = self.s.me;
+        let t = match n.conv {
+            conv::GROUP => Target::Group(n.to),
+            _ if n.to == me => Target::User(n.from),
+            _ => return Ok(()),
+        };
+        if n.from == me || self.target != Some(t) {
+            return Ok(());
+        }
+        let last = self.seen_by.entry(n.from).or_insert(0);
+        if n.seq <= *last {
+            return Ok(());
+        }
+        *last = n.seq;
+        self.out.line(&seen_text(n, me))
+    }
+
+    /// `/seen [SEQ]`: how many read message SEQ (else the newest printed) of the current
+    /// conversation.
+    fn seen(&mut self, spec: Option<&str>) -> Result<(), ChatError> {
+        let Some(t) = self.target else {
+            note("no conversation yet: /to USERID or /group GROUPID, then /seen");
+            return Ok(());
+        };
+        let seq = match spec {
+            Some(spec) => match spec.trim_start_matches('#').parse::<u64>() {
+                Ok(seq) if seq > 0 => seq,
+                _ => {
+                    note(format!("{spec} is no message seq (the #SEQ printed after a message's time)"));
+                    return Ok(());
+                }
+            },
+            None => match self.newest.get(&t) {
+                Some(&seq) => seq,
+                None => {
+                    note(format!("no message with {t} shown yet: /seen SEQ asks about message SEQ"));
+                    return Ok(());
+                }
+            },
+        };
+        let state = self.s.request("seen", |c| c.read_get(t.conv(), t.id(), seq))?;
+        note(read_state_text(&state));
+        Ok(())
     }
 
     fn say(&mut self, body: Vec<u8>) -> Result<(), ChatError> {
@@ -1725,6 +1855,7 @@ impl Chat {
     fn talk_to(&mut self, t: Target) {
         if self.target != Some(t) {
             note(format!("talking to {t}"));
+            self.seen_by.clear();
         }
         self.target = Some(t);
     }
@@ -1850,6 +1981,7 @@ impl Chat {
                 Err(why) => note(why),
             },
             Input::Recall(spec) => self.recall(&spec)?,
+            Input::Seen(spec) => self.seen(spec.as_deref())?,
             Input::Help => note(HELP),
             Input::Quit => self.quitting = Some(Instant::now()),
             Input::Unknown(text) => note(format!("not understood: {text} (/help lists the commands)")),
@@ -1873,6 +2005,7 @@ impl Chat {
         note(format!("{} stored messages with {t}:", page.len()));
         for d in page.iter().rev() {
             self.out.delivery(d, false)?;
+            raise(&mut self.newest, t, d.stamp.seq);
         }
         // Seq 1 is the first of every conversation: a page with `more` false ends there.
         let oldest = page.last().map_or(1, |d| d.stamp.seq);
@@ -2034,6 +2167,9 @@ mod tests {
         assert_eq!(parse_input(b"/history many"), Input::Unknown("/history many".into()));
         assert_eq!(parse_input(b"/recall 5"), Input::Recall("5".into()));
         assert_eq!(parse_input(b"/recall"), Input::Unknown("/recall".into()));
+        assert_eq!(parse_input(b"/seen"), Input::Seen(None));
+        assert_eq!(parse_input(b"/seen 7"), Input::Seen(Some("7".into())));
+        assert_eq!(parse_input(b"/seen 7 8"), Input::Unknown("/seen 7 8".into()));
     }
 
     /// Ids are decimal or 0x hex; names are refused with the reason (no lookup by name).
@@ -2118,6 +2254,21 @@ mod tests {
     }
 
     /// A group notice renders in words and as JSON with its event's name.
+    #[test]
+    fn read_receipts_render() {
+        let n = protocol::ReadNotice { from: BOB, to: ALICE, conv: conv::DIRECT, seq: 5 };
+        assert_eq!(seen_text(&n, ALICE), "[seen up to #5 by 2]");
+        let r = protocol::ReadState {
+            conv: conv::GROUP,
+            peer: GROUP,
+            seq: 9,
+            read_count: 2,
+            member_count: 3,
+            reads: Vec::new(),
+        };
+        assert_eq!(read_state_text(&r), "#9 read by 2 of 3");
+    }
+
     #[test]
     fn notices_render_in_words() {
         let notice = protocol::GroupNotice {

@@ -436,6 +436,57 @@ fn interactive_recall() {
     );
 }
 
+/// Read receipts in interactive mode: the peer's `Read` prints `[seen up to #N by PEER]` once
+/// per position, `/seen` asks how many read the newest message (`#N read by K of M`), and a
+/// message of the peer printed in the current conversation is told read (the peer gets the
+/// `ReadNotice`).
+#[test]
+fn interactive_read_receipts() {
+    let s = TestServer::start("io_uring", FAST_CURSORS);
+    let (alice, alice_id) = s.register("alice");
+    let (bob, bob_id) = s.register("bob");
+    let (mut b, _) = s.login(&bob, 3);
+    b.set_timeout(Some(WAIT)).unwrap();
+    let mut typed = chat_typed(&s, &alice);
+    typed.stderr.wait_for("logged in as", "stderr");
+    typed.type_line("/seen");
+    typed.stderr.wait_for("no conversation yet", "stderr");
+    typed.type_line(&format!("/to {bob_id}"));
+    typed.type_line("are you there?");
+    typed.stdout.wait_for(&format!("#1] you → {bob_id}: are you there?"), "stdout");
+    typed.type_line("/seen");
+    typed.stderr.wait_for("#1 read by 0 of 1", "stderr");
+
+    // Bob reads it (twice: the same position prints once); alice's chat says so.
+    assert_eq!(b.next_delivery().unwrap().body, b"are you there?");
+    b.read(1, alice_id, 1).unwrap();
+    b.read(1, alice_id, 1).unwrap();
+    typed.stdout.wait_for(&format!("[seen up to #1 by {bob_id}]"), "stdout");
+    std::thread::sleep(Duration::from_millis(200)); // > cursor_flush_ms: the position is stored
+    typed.type_line("/seen");
+    typed.stderr.wait_for("#1 read by 1 of 1", "stderr");
+
+    // Bob answers; alice's chat prints it and tells it read.
+    b.send_wait(alice_id, 7, b"yes").unwrap();
+    typed.stdout.wait_for(&format!("#2] {bob_id} → you: yes"), "stdout");
+    let notice = loop {
+        match b.recv().unwrap() {
+            tim::client::Event::ReadNotice(n) => break n,
+            _ => continue,
+        }
+    };
+    assert_eq!((notice.from, notice.to, notice.conv, notice.seq), (alice_id, bob_id, 1, 2));
+    typed.type_line("/seen 2");
+    typed.stderr.wait_for("#2 read by 0 of 1", "stderr");
+    typed.type_line("/seen soon");
+    typed.stderr.wait_for("soon is no message seq", "stderr");
+    typed.type_line("/quit");
+    let done = typed.finish();
+    assert!(done.status.success(), "{done:?}");
+    let seen: Vec<_> = done.stdout.iter().filter(|l| l.starts_with("[seen up to")).collect();
+    assert_eq!(seen, [&format!("[seen up to #1 by {bob_id}]")], "{done:?}");
+}
+
 /// `/nick` sets the nickname (kept with the rest of the profile), `/profile` shows one,
 /// `/sessions` lists the account's sessions and `/logout` closes another of them.
 #[test]
