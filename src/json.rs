@@ -1534,6 +1534,10 @@ fn write_answer(frame: &[u8], corr: &mut Correlator, out: &mut String) -> Result
                     Some(seq) => o.u64s("recall_seq", seq),
                     None => o.b64("body", body),
                 }
+            } else if flags & send_flags::BURNED != 0 && body.len().is_multiple_of(8) {
+                // A burn notice: its body lists the seqs burned (u64 LE each).
+                let seqs = body.chunks_exact(8).map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes")));
+                o.u64_list("burned_seqs", seqs);
             } else {
                 o.bytes("body", body);
             }
@@ -2649,6 +2653,11 @@ mod tests {
             json!({"type":"history_msg","kind":109,"msg_id":"9","seq":"5","ts_ms":"1767225600123","from":"1",
                    "to":"2","conv":1,"client_msg_id":"1","state":1,"body":""})
         );
+        // A burn notice lists the seqs burned.
+        let seqs: Vec<u8> = [3u64, 5].iter().flat_map(|s| s.to_le_bytes()).collect();
+        let notice = protocol::Send { flags: send_flags::BURNED, body: seqs, ..recall.clone() };
+        let v = out(&mut Correlator::new(), &stamped(kind::DELIVER, &notice, stamp));
+        assert_eq!((&v["flags"], &v["burned_seqs"], v.get("body")), (&json!(4), &json!(["3", "5"]), None));
         let burned = protocol::Send { flags: send_flags::BURN_AFTER_READ, burn_secs: 30, ..gone };
         let mut f = BytesMut::from(&stamped(kind::DELIVER, &burned, stamp)[..]);
         f[HEADER_BYTES + Stamp::STATE_AT] = msg_state::BURNED;

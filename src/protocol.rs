@@ -403,6 +403,8 @@ pub enum ErrorCode {
     NotRecallable = 35,
     /// A recall came later than `recall_window_secs` after the message.
     RecallExpired = 36,
+    /// Burn after read in a group (it is for 1:1 messages only).
+    BurnNotAllowed = 37,
     /// No login within `login_timeout_ms` of connecting. The connection is closed.
     LoginTimeout = 40,
     /// No bytes received within `idle_timeout_ms`. The connection is closed.
@@ -518,6 +520,7 @@ impl ErrorCode {
             34 => BodyTooLarge,
             35 => NotRecallable,
             36 => RecallExpired,
+            37 => BurnNotAllowed,
             40 => LoginTimeout,
             41 => IdleTimeout,
             42 => Replaced,
@@ -584,6 +587,7 @@ impl ErrorCode {
             BodyTooLarge => "body too large",
             NotRecallable => "not recallable",
             RecallExpired => "recall window passed",
+            BurnNotAllowed => "burn after read is for 1:1 messages",
             LoginTimeout => "login timeout",
             IdleTimeout => "idle timeout",
             Replaced => "replaced by a newer login",

@@ -321,6 +321,9 @@ async fn run_shard(
     monoio::spawn(shard.clone().run_fanout());
     // Delivery cursors (durable stores) and read positions (every store).
     monoio::spawn(shard.clone().run_cursor_flush());
+    if shard.shared.store.durable() && shard.id == 0 {
+        monoio::spawn(shard.clone().run_burn_sweep());
+    }
     let mut loops = Vec::new();
     for (kind, listener) in listeners {
         if ctx.driver == DriverKind::Epoll {

@@ -577,6 +577,70 @@ impl Shard {
         }
     }
 
+    /// Burn what is due, every second (durable stores): claim the due burn-after-read messages
+    /// and hand each conversation's owner a burn notice per sender, which burns them in its
+    /// commit (see [`crate::store::Edit::Burn`]). A claim whose notice is not stored is claimed
+    /// again after `BURN_CLAIM_MS`; every node may sweep (claims are exclusive).
+    pub async fn run_burn_sweep(self: Rc<Self>) {
+        const BATCH: usize = 1024;
+        while !self.shutting_down.get() {
+            let store = self.shared.store.clone();
+            let due =
+                match self.shared.workers.store.run(move || store.claim_due_burns(now_ms(), BATCH)).await {
+                    Ok(Ok(due)) => due,
+                    Ok(Err(e)) => {
+                        log::warn!("store: claiming due burns: {e}");
+                        Vec::new()
+                    }
+                    Err(e) => {
+                        log::warn!("store: claiming due burns: {e}");
+                        Vec::new()
+                    }
+                };
+            let full = due.len() >= BATCH;
+            self.post_burns(due);
+            if !full {
+                monoio::time::sleep(Duration::from_secs(1)).await;
+            }
+        }
+    }
+
+    /// One burn notice per (conversation, sender of the burned messages), from its recipient.
+    fn post_burns(&self, due: Vec<crate::store::DueBurn>) {
+        let mut by_conv: HashMap<(ConvKey, UserId), Vec<u64>, RandomState> = HashMap::default();
+        for d in due.into_iter().filter(|d| d.conv.0 != 0) {
+            by_conv.entry((d.conv, d.sender)).or_default().push(d.seq);
+        }
+        for ((conv, sender), mut seqs) in by_conv {
+            seqs.sort_unstable();
+            let reader = if conv.0 == sender { conv.1 } else { conv.0 };
+            let body = seqs.iter().flat_map(|s| s.to_le_bytes()).collect();
+            let send = protocol::Send {
+                conv: protocol::conv::DIRECT,
+                flags: protocol::send_flags::BURNED,
+                burn_secs: 0,
+                to: sender,
+                client_msg_id: 0,
+                body,
+            };
+            let archive = rkyv::to_bytes::<rkyv::rancor::Error>(&send).expect("a Send archives");
+            let sub = crate::envelope::Submit {
+                origin: SessionRef::NONE,
+                sender: reader,
+                to: sender,
+                conv: protocol::conv::DIRECT,
+                client_msg_id: 0,
+                sender_device: 0,
+                stream: false,
+                frame: crate::envelope::Submit::blank_deliver(&archive),
+                change: None,
+                refuse_new: None,
+                by_manager: false,
+            };
+            self.post(self.place(|p| p.conv(conv)), Envelope::Submit(Box::new(sub)));
+        }
+    }
+
     /// Write acknowledged cursors to the store every `cursor_flush_ms`, in one batch. A cursor
     /// lost in a crash only means a device gets those messages again at its next login.
     pub async fn run_cursor_flush(self: Rc<Self>) {

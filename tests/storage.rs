@@ -923,3 +923,72 @@ mod recall_on_every_store {
         super::store_recall("postgres")
     }
 }
+
+/// Burns on the durable stores: a burn-after-read message becomes due when its recipient's
+/// read is saved (not the sender's), a lifetime makes it due by itself, a due burn is claimed
+/// once (again only after `BURN_CLAIM_MS`), and a burn notice's edit leaves a tombstone that
+/// is never due again.
+fn store_burn(st: &str) {
+    use tim::protocol::{msg_state, send_flags, Stamp};
+    use tim::store::{DueBurn, Edit, BURN_CLAIM_MS};
+    let (store, _dir) = open_store(st);
+    let conv = (71, 72);
+    let now = tim::clock::now_ms();
+    let msg = |seq: u64, from: u64, flags: u8, burn_secs: u32, body: &[u8], edit: Option<Edit>| {
+        let stamp = Stamp { msg_id: 2000 + seq, seq, ts_ms: now, from, to: 72, conv: 1 };
+        let send = tim::protocol::Send {
+            conv: 1,
+            flags,
+            burn_secs,
+            to: 72,
+            client_msg_id: seq,
+            body: body.to_vec(),
+        };
+        let mut p = vec![0u8; Stamp::BYTES];
+        stamp.write(&mut p);
+        p.extend_from_slice(&rkyv::to_bytes::<rkyv::rancor::Error>(&send).unwrap());
+        StoredMessage { payload: bytes::Bytes::from(p), ts_ms: now, edit, ..message(conv, seq, from, seq) }
+    };
+    let burn = send_flags::BURN_AFTER_READ;
+    append(&*store, vec![msg(1, 71, burn, 0, b"secret", None), msg(2, 71, 0, 0, b"plain", None)]).unwrap();
+    append(&*store, vec![msg(3, 71, burn, 3600, b"an hour", None)]).unwrap();
+    assert!(store.claim_due_burns(now, 100).unwrap().is_empty(), "unread: nothing due");
+    let read = |user: u64, seq: u64| tim::store::Cursor { user, device: 1, conv, seq };
+    store.save_reads(&[read(71, 3)]).unwrap();
+    assert!(store.claim_due_burns(now + 10, 100).unwrap().is_empty(), "the sender's read burns nothing");
+    store.save_reads(&[read(72, 1)]).unwrap();
+    let t = tim::clock::now_ms() + 10;
+    let due = store.claim_due_burns(t, 100).unwrap();
+    assert_eq!(due, vec![DueBurn { conv, seq: 1, sender: 71 }]);
+    assert!(store.claim_due_burns(t, 100).unwrap().is_empty(), "claimed once");
+    assert_eq!(store.claim_due_burns(t + BURN_CLAIM_MS, 100).unwrap(), due, "a stale claim again");
+    // The lifetime of message 3 makes it due an hour on, read or not (and message 1's claim is
+    // stale again by then).
+    let mut later = store.claim_due_burns(now + 3_600_000, 100).unwrap();
+    later.sort_by_key(|d| d.seq);
+    assert_eq!(later, vec![DueBurn { conv, seq: 1, sender: 71 }, DueBurn { conv, seq: 3, sender: 71 }]);
+    // The burn notice's edit: tombstones, never due again; a second burn of them is refused.
+    let notice = |seq: u64| {
+        msg(seq, 72, send_flags::BURNED, 0, &1u64.to_le_bytes(), Some(Edit::Burn { seqs: vec![1, 3] }))
+    };
+    assert!(append(&*store, vec![notice(4)]).unwrap().is_empty());
+    let dups = append(&*store, vec![notice(5)]).unwrap();
+    assert!(matches!(dups[..], [(0, Unstored::Refused(_))]), "{dups:?}");
+    assert!(store.claim_due_burns(now + 10 * 3_600_000, 100).unwrap().is_empty());
+    let page = store.history(conv, 0, false, 50.into()).unwrap();
+    let states: Vec<(u64, u8)> =
+        page.payloads.iter().map(|p| (Stamp::read(p).unwrap().seq, p[Stamp::STATE_AT])).collect();
+    assert_eq!(states, [(1, msg_state::BURNED), (2, msg_state::PLAIN), (3, msg_state::BURNED), (4, 0)]);
+    store.close();
+}
+
+mod burn_on_durable_stores {
+    #[test]
+    fn embedded() {
+        super::store_burn("embedded")
+    }
+    #[test]
+    fn postgres() {
+        super::store_burn("postgres")
+    }
+}

@@ -110,7 +110,7 @@ impl Sequenced {
             client_msg_id: self.ack.client_msg_id,
             payload: self.frame.slice(frame::HEADER_BYTES..frame::HEADER_BYTES + len),
             group: self.change.clone(),
-            edit: self.edit,
+            edit: self.edit.clone(),
         }
     }
 }
@@ -374,6 +374,16 @@ impl ConvOwner {
                         waiting.push_back(WaitingStream { after: conv.last_seq, arrived_ms: now, sub });
                     }
                 }
+                ConvState::Ready if burn_notice(&sub) => {
+                    // A burn notice of the sweep (never a resend: the sweep claims each burn
+                    // once). Only durable stores have burns to sweep.
+                    conv.last_used_ms = now;
+                    let edit = edit_of(&sub, now, 0);
+                    let s = sequence(conv, &mut self.ids, sub, edit, now, self.durable, self.dedup_max);
+                    self.sequenced += 1;
+                    conv.open.push_back(s.ack.seq);
+                    out.push(Effect::Commit(s));
+                }
                 ConvState::Ready if sub.sender == 0 => {
                     // A group notice: never a resend (the group owner sends each once). Its
                     // change is committed in no-data mode too (the memory store keeps groups).
@@ -401,9 +411,9 @@ impl ConvOwner {
                             reject(out, sub.origin, sub.client_msg_id, code)
                         }
                         None => {
-                            let edit = recall_edit(&sub, now, self.recall_window_ms);
-                            if let (Some(edit), false) = (edit, self.durable) {
-                                if let Err(code) = check_recall(conv, &edit) {
+                            let edit = edit_of(&sub, now, self.recall_window_ms);
+                            if let (Some(edit), false) = (&edit, self.durable) {
+                                if let Err(code) = check_recall(conv, edit) {
                                     return reject(out, sub.origin, sub.client_msg_id, code);
                                 }
                             }
@@ -562,7 +572,7 @@ impl ConvOwner {
                     let sent = Sent { sender: s.sender, ack, committed: true, plain: false };
                     conv.remember_at(sent, self.dedup_max);
                 }
-                if sender_waiting {
+                if sender_waiting && s.origin != SessionRef::NONE {
                     out.push(Effect::Post(s.origin.owner(), Envelope::Acked { session: s.origin, ack }));
                 }
             }
@@ -750,6 +760,9 @@ impl ConvOwner {
 }
 
 fn reject(out: &mut Effects, session: SessionRef, client_msg_id: u64, code: ErrorCode) {
+    if session == SessionRef::NONE {
+        return; // a burn notice of the sweep: nobody waits for it
+    }
     out.push(Effect::Post(session.owner(), Envelope::Rejected { session, client_msg_id, code }));
 }
 
@@ -801,8 +814,9 @@ fn sequence(
 ) -> Sequenced {
     conv.last_seq += 1;
     let msg_id = ids.next(now);
-    if sub.sender == 0 {
-        // A group notice: its message id is also its (unique) client message id.
+    let burn = burn_notice(&sub);
+    if sub.sender == 0 || burn {
+        // A group or burn notice: its message id is also its (unique) client message id.
         sub.client_msg_id = msg_id;
     }
     let ack = AckInfo {
@@ -815,10 +829,10 @@ fn sequence(
     let stamp =
         Stamp { msg_id: ack.msg_id, seq: ack.seq, ts_ms: now, from: sub.sender, to: sub.to, conv: sub.conv };
     stamp.write(&mut sub.frame[frame::HEADER_BYTES..]);
-    if sub.sender != 0 {
-        if let (Some(edit), false) = (edit, durable) {
+    if sub.sender != 0 && !burn {
+        if let (Some(Edit::Recall { seq, .. }), false) = (&edit, durable) {
             // No-data mode: the recall was checked against the remembered sends.
-            if let Some(target) = conv.recent.iter_mut().find(|r| r.ack.seq == edit.seq()) {
+            if let Some(target) = conv.recent.iter_mut().find(|r| r.ack.seq == *seq) {
                 target.plain = false;
             }
         }
@@ -829,16 +843,32 @@ fn sequence(
     Sequenced { ack, origin, sender, to, conv, sender_device, frame: frame.freeze(), change, edit }
 }
 
-/// The edit a recall makes (`None` for any other message): the seq named by its body, to be
-/// taken back if it was sent by the recalling user (by anyone: a group manager's recall) within
-/// `window_ms` (0: ever). The session checked the body.
-fn recall_edit(sub: &Submit, now: u64, window_ms: u64) -> Option<Edit> {
+/// The `DELIVER` payload of a submitted frame.
+fn payload(sub: &Submit) -> &[u8] {
     let len = frame::Header::read(&sub.frame).len as usize;
-    let payload = &sub.frame[frame::HEADER_BYTES..frame::HEADER_BYTES + len];
-    if crate::store::payload_flags(payload) & send_flags::RECALL == 0 {
+    &sub.frame[frame::HEADER_BYTES..frame::HEADER_BYTES + len]
+}
+
+/// A burn notice (made by the burn sweep; a session refuses the flag from clients).
+fn burn_notice(sub: &Submit) -> bool {
+    crate::store::payload_flags(payload(sub)) & send_flags::BURNED != 0
+}
+
+/// The edit a recall or burn notice makes (`None` for any other message). A recall takes back
+/// the seq named by its body if it was sent by the recalling user (by anyone: a group
+/// manager's recall) within `window_ms` (0: ever); the session checked the body. A burn notice
+/// burns the seqs its body lists (u64 LE each).
+fn edit_of(sub: &Submit, now: u64, window_ms: u64) -> Option<Edit> {
+    let payload = payload(sub);
+    let flags = crate::store::payload_flags(payload);
+    if flags & (send_flags::RECALL | send_flags::BURNED) == 0 {
         return None;
     }
     let send = frame::access::<ArchivedSend>(&payload[Stamp::BYTES..]).ok()?;
+    if flags & send_flags::BURNED != 0 {
+        let seqs = send.body.chunks_exact(8).map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes")));
+        return Some(Edit::Burn { seqs: seqs.collect() });
+    }
     let seq = crate::store::recalled_seq(&send.body)?;
     let since_ms = if window_ms == 0 { 0 } else { now.saturating_sub(window_ms) };
     Some(Edit::Recall { seq, by: sub.sender, any_sender: sub.by_manager, since_ms })
@@ -847,7 +877,7 @@ fn recall_edit(sub: &Submit, now: u64, window_ms: u64) -> Option<Edit> {
 /// No-data mode keeps no message to check a recall against: it takes back only one of the
 /// conversation's sends it still remembers (those of resend dedup, see [`Conv::remember`]).
 fn check_recall(conv: &Conv, edit: &Edit) -> Result<(), ErrorCode> {
-    let Edit::Recall { seq, by, any_sender, since_ms } = *edit;
+    let Edit::Recall { seq, by, any_sender, since_ms } = *edit else { return Ok(()) };
     let target = conv.recent.iter().find(|r| r.ack.seq == seq).ok_or(ErrorCode::NotRecallable)?;
     if !target.plain || (!any_sender && target.sender != by) {
         return Err(ErrorCode::NotRecallable);
@@ -861,7 +891,7 @@ fn check_recall(conv: &Conv, edit: &Edit) -> Result<(), ErrorCode> {
 /// Ack a message to its sender (if `ack`) and fan it out to both users' sessions.
 fn publish(placement: &Placement, s: Sequenced, ack: bool, out: &mut Effects) {
     let Sequenced { ack: info, origin, sender, to, frame, conv, .. } = s;
-    if ack && sender != 0 {
+    if ack && sender != 0 && origin != SessionRef::NONE {
         out.push(Effect::Post(origin.owner(), Envelope::Acked { session: origin, ack: info }));
     }
     if conv == conv_kind::GROUP {

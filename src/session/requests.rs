@@ -383,6 +383,8 @@ impl Requests<'_> {
             // The body names the message to take back: its seq, 8 bytes little-endian (the
             // conversation's owner reads it again from the frame).
             (send_flags::RECALL, false) if m.burn_secs == 0 && recalled_seq(&m.body).is_some() => {}
+            (send_flags::BURN_AFTER_READ, false) if m.conv == conv::DIRECT => {}
+            (send_flags::BURN_AFTER_READ, false) => return reject(ErrorCode::BurnNotAllowed),
             _ => return reject(ErrorCode::Malformed),
         }
         // Copied once into the Deliver frame; after this no byte of the body is touched again.

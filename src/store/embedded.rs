@@ -32,7 +32,7 @@ use crate::{
 };
 
 /// Schema version written by this build.
-pub const SCHEMA_VERSION: i64 = 7;
+pub const SCHEMA_VERSION: i64 = 8;
 
 const SCHEMA_V1: &str = "
 CREATE TABLE accounts (
@@ -167,6 +167,13 @@ CREATE TABLE reads (
 ) WITHOUT ROWID;
 ";
 
+/// Version 8: when a burn-after-read message burns (see [`super::burn_at_ms`]; 0: never, below
+/// 0: claimed by a sweep at minus that time).
+const SCHEMA_V8: &str = "
+ALTER TABLE messages ADD COLUMN burn_at_ms INTEGER NOT NULL DEFAULT 0;
+CREATE INDEX messages_burn ON messages (burn_at_ms) WHERE burn_at_ms <> 0;
+";
+
 const SCHEMA_V6: &str = "
 CREATE TABLE profiles (
     user_id    INTEGER PRIMARY KEY,
@@ -268,6 +275,12 @@ fn migrate(conn: &mut Connection) -> anyhow::Result<()> {
         tx.pragma_update(None, "user_version", 7)?;
         tx.commit()?;
     }
+    if version < 8 {
+        let tx = conn.transaction()?;
+        tx.execute_batch(SCHEMA_V8)?;
+        tx.pragma_update(None, "user_version", 8)?;
+        tx.commit()?;
+    }
     Ok(())
 }
 
@@ -367,8 +380,9 @@ fn commit(conn: &mut Connection, jobs: &[Job]) -> rusqlite::Result<Vec<Duplicate
         // Only the dedup index is the conflict target: a conflict on the primary key (two owners
         // giving the same seq) still aborts the transaction.
         let mut insert = tx.prepare_cached(
-            "INSERT INTO messages (conv_a, conv_b, seq, msg_id, ts_ms, sender, sender_device, client_msg_id, payload)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)
+            "INSERT INTO messages (conv_a, conv_b, seq, msg_id, ts_ms, sender, sender_device, client_msg_id, payload,
+                                   burn_at_ms)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)
              ON CONFLICT (conv_a, conv_b, sender, client_msg_id) DO NOTHING",
         )?;
         let mut listed = tx.prepare_cached(
@@ -390,6 +404,7 @@ fn commit(conn: &mut Connection, jobs: &[Job]) -> rusqlite::Result<Vec<Duplicate
                     i(m.sender_device),
                     i(m.client_msg_id),
                     &m.payload[..],
+                    i(super::burn_at_ms(&m.payload, m.ts_ms)),
                 ])?;
                 if inserted == 0 {
                     // A duplicate notice's changes were stored with its original.
@@ -421,29 +436,34 @@ fn commit(conn: &mut Connection, jobs: &[Job]) -> rusqlite::Result<Vec<Duplicate
     Ok(out)
 }
 
-/// Make `edit` to its message of `conv` (read, checked and rewritten in the transaction);
-/// the inner `Err` says why it is refused.
+/// Make `edit` to its messages of `conv` (read, checked and rewritten in the transaction);
+/// the inner `Err` says why it is refused (none of its messages could be changed).
 fn apply_edit(
     tx: &rusqlite::Transaction<'_>,
     conv: ConvKey,
     edit: &Edit,
 ) -> rusqlite::Result<Result<(), ErrorCode>> {
-    let (a, b, seq) = (i(conv.0), i(conv.1), i(edit.seq()));
-    let payload: Option<Vec<u8>> = tx
-        .prepare_cached("SELECT payload FROM messages WHERE conv_a = ?1 AND conv_b = ?2 AND seq = ?3")?
-        .query_row(params![a, b, seq], |r| r.get(0))
-        .optional()?;
-    let Some(payload) = payload else { return Ok(Err(ErrorCode::NotRecallable)) };
-    match edit.apply(&payload) {
-        Ok(tombstone) => {
-            tx.prepare_cached(
-                "UPDATE messages SET payload = ?4 WHERE conv_a = ?1 AND conv_b = ?2 AND seq = ?3",
-            )?
-            .execute(params![a, b, seq, tombstone])?;
-            Ok(Ok(()))
+    let (a, b) = (i(conv.0), i(conv.1));
+    let mut refused = ErrorCode::NotRecallable;
+    let mut changed = 0;
+    for &seq in edit.seqs() {
+        let payload: Option<Vec<u8>> = tx
+            .prepare_cached("SELECT payload FROM messages WHERE conv_a = ?1 AND conv_b = ?2 AND seq = ?3")?
+            .query_row(params![a, b, i(seq)], |r| r.get(0))
+            .optional()?;
+        let Some(payload) = payload else { continue };
+        match edit.apply(&payload) {
+            Ok(tombstone) => {
+                tx.prepare_cached(
+                    "UPDATE messages SET payload = ?4, burn_at_ms = 0 WHERE conv_a = ?1 AND conv_b = ?2 AND seq = ?3",
+                )?
+                .execute(params![a, b, i(seq), tombstone])?;
+                changed += 1;
+            }
+            Err(code) => refused = code,
         }
-        Err(code) => Ok(Err(code)),
     }
+    Ok(if changed == 0 { Err(refused) } else { Ok(()) })
 }
 
 /// The stored message with `m`'s (conversation, sender, client message id).
@@ -899,7 +919,52 @@ impl Store for EmbeddedStore {
     }
 
     fn save_reads(&self, reads: &[Cursor]) -> Result<(), StoreError> {
-        self.save_positions("reads", reads)
+        self.save_positions("reads", reads)?;
+        // A read makes the peer's burn-after-read messages up to it due now.
+        let now = i(crate::clock::now_ms());
+        self.with_aux(|c| {
+            let tx = c.transaction()?;
+            {
+                let mut due = tx.prepare_cached(
+                    "UPDATE messages SET burn_at_ms = ?5
+                     WHERE conv_a = ?1 AND conv_b = ?2 AND seq <= ?3 AND sender <> ?4 AND burn_at_ms > ?5",
+                )?;
+                for r in reads.iter().filter(|r| r.conv.0 != 0) {
+                    due.execute(params![i(r.conv.0), i(r.conv.1), i(r.seq), i(r.user), now])?;
+                }
+            }
+            tx.commit()
+        })
+        .map_err(unavailable)
+    }
+
+    fn claim_due_burns(&self, now_ms: u64, limit: usize) -> Result<Vec<super::DueBurn>, StoreError> {
+        let (now, stale) = (i(now_ms), i(now_ms.saturating_sub(super::BURN_CLAIM_MS)));
+        self.with_aux(|c| {
+            let tx = c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+            let due: Vec<super::DueBurn> = {
+                let mut st = tx.prepare_cached(
+                    "SELECT conv_a, conv_b, seq, sender FROM messages
+                     WHERE burn_at_ms <> 0 AND ((burn_at_ms > 0 AND burn_at_ms <= ?1) OR (burn_at_ms < 0 AND -burn_at_ms <= ?2))
+                     LIMIT ?3",
+                )?;
+                let rows = st.query_map(params![now, stale, limit as i64], |r| {
+                    Ok(super::DueBurn { conv: (u(r.get(0)?), u(r.get(1)?)), seq: u(r.get(2)?), sender: u(r.get(3)?) })
+                })?;
+                rows.collect::<rusqlite::Result<_>>()?
+            };
+            {
+                let mut claim = tx.prepare_cached(
+                    "UPDATE messages SET burn_at_ms = -?4 WHERE conv_a = ?1 AND conv_b = ?2 AND seq = ?3",
+                )?;
+                for d in &due {
+                    claim.execute(params![i(d.conv.0), i(d.conv.1), i(d.seq), now.max(1)])?;
+                }
+            }
+            tx.commit()?;
+            Ok(due)
+        })
+        .map_err(unavailable)
     }
 
     fn reads_of(&self, conv: ConvKey) -> Result<Vec<(UserId, u64)>, StoreError> {

@@ -153,20 +153,25 @@ pub struct StoredMessage {
     pub edit: Option<Edit>,
 }
 
-/// A change a recall makes to an earlier message of its conversation (see [`Edit::apply`]).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+/// A change a recall or a burn notice makes to earlier messages of its conversation (see
+/// [`Edit::apply`]).
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum Edit {
     /// Take back message `seq`: it must be a plain message (no notice, not taken back or burned
     /// already) sent by `by` (by anyone when `any_sender`: a group manager's recall), stamped at
     /// or after `since_ms`.
     Recall { seq: u64, by: UserId, any_sender: bool, since_ms: u64 },
+    /// Burn messages `seqs` (burn-after-read messages that were read or whose lifetime ended);
+    /// refused only when none of them is left to burn.
+    Burn { seqs: Vec<u64> },
 }
 
 impl Edit {
-    /// The message this edit changes.
-    pub fn seq(&self) -> u64 {
-        match *self {
-            Edit::Recall { seq, .. } => seq,
+    /// The messages this edit changes.
+    pub fn seqs(&self) -> &[u64] {
+        match self {
+            Edit::Recall { seq, .. } => std::slice::from_ref(seq),
+            Edit::Burn { seqs } => seqs,
         }
     }
 
@@ -175,7 +180,19 @@ impl Edit {
     /// set, and the Send archive's root, with its body emptied: the body is gone from the store.
     pub fn apply(&self, payload: &[u8]) -> Result<Vec<u8>, crate::protocol::ErrorCode> {
         use crate::protocol::{msg_state, send_flags, ErrorCode, Stamp};
-        let Edit::Recall { by, any_sender, since_ms, .. } = *self;
+        let (by, any_sender, since_ms) = match *self {
+            Edit::Recall { by, any_sender, since_ms, .. } => (by, any_sender, since_ms),
+            Edit::Burn { .. } => {
+                let burnable = payload.len() > Stamp::STATE_AT
+                    && payload[Stamp::STATE_AT] == msg_state::PLAIN
+                    && payload_flags(payload) & send_flags::BURN_AFTER_READ != 0;
+                return if burnable {
+                    Ok(tombstone(payload, msg_state::BURNED))
+                } else {
+                    Err(ErrorCode::NotRecallable)
+                };
+            }
+        };
         let stamp = Stamp::read(payload).ok_or(ErrorCode::NotRecallable)?;
         let root = send_root(payload).ok_or(ErrorCode::NotRecallable)?;
         let flags = root[1];
@@ -199,6 +216,36 @@ pub fn recalled_seq(body: &[u8]) -> Option<u64> {
     let seq = u64::from_le_bytes(body.try_into().ok()?);
     (seq != 0).then_some(seq.min(i64::MAX as u64))
 }
+
+/// When a stored message burns (ms since the epoch): 0 for a message that never does,
+/// [`BURN_WHEN_READ`] for a burn-after-read message without a lifetime, else its acceptance time
+/// plus its `burn_secs`. Read from its payload (the Send root's flags and `burn_secs`).
+pub fn burn_at_ms(payload: &[u8], ts_ms: u64) -> u64 {
+    match send_root(payload) {
+        Some(r) if r[1] & crate::protocol::send_flags::BURN_AFTER_READ != 0 => {
+            match u32::from_le_bytes(r[4..8].try_into().expect("4 bytes")) {
+                0 => BURN_WHEN_READ,
+                secs => ts_ms.saturating_add(u64::from(secs) * 1000).min(BURN_WHEN_READ),
+            }
+        }
+        _ => 0,
+    }
+}
+
+/// `burn_at_ms` of a burn-after-read message without a lifetime: burns only once read.
+pub const BURN_WHEN_READ: u64 = i64::MAX as u64;
+
+/// A burn-after-read message that is due (read, or its lifetime over), claimed by a sweep
+/// ([`Store::claim_due_burns`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DueBurn {
+    pub conv: ConvKey,
+    pub seq: u64,
+    pub sender: UserId,
+}
+
+/// How long a claimed burn may wait for its notice's commit before a sweep claims it again.
+pub const BURN_CLAIM_MS: u64 = 60_000;
 
 /// A `DELIVER` payload's flags ([`crate::protocol::send_flags`]): byte 1 of its Send archive's
 /// root (the archive's last 32 bytes).
@@ -460,6 +507,16 @@ pub trait Store: Send + Sync + 'static {
 
     /// Each user's read position in `conv` (the greatest of its devices'), by rising user id.
     fn reads_of(&self, conv: ConvKey) -> Result<Vec<(UserId, u64)>, StoreError>;
+
+    /// Claim up to `limit` burn-after-read messages that are due at `now_ms` (read by their
+    /// recipient, whose read makes them due, or past their lifetime), and those claimed more
+    /// than [`BURN_CLAIM_MS`] ago whose burn was not stored. A claimed message is not claimed
+    /// again meanwhile, so sweeps on several nodes share the work. The memory store keeps no
+    /// message: nothing is ever due.
+    fn claim_due_burns(&self, now_ms: u64, limit: usize) -> Result<Vec<DueBurn>, StoreError> {
+        let _ = (now_ms, limit);
+        Ok(Vec::new())
+    }
 
     /// A group's row, current members, block list and pending join requests; `None` if the
     /// group was never created. Read from the group's partition.

@@ -53,7 +53,7 @@ use crate::{
 };
 
 /// Schema version written by this build.
-pub const SCHEMA_VERSION: i32 = 7;
+pub const SCHEMA_VERSION: i32 = 8;
 
 const SCHEMA_V1: &str = "
 CREATE SEQUENCE user_ids;
@@ -557,6 +557,13 @@ CREATE TABLE IF NOT EXISTS reads (
 );
 ";
 
+/// Version 8: when a burn-after-read message burns (see [`super::burn_at_ms`]; 0: never, below
+/// 0: claimed by a sweep at minus that time).
+const SCHEMA_V8: &str = "
+ALTER TABLE messages ADD COLUMN IF NOT EXISTS burn_at_ms int8 NOT NULL DEFAULT 0;
+CREATE INDEX IF NOT EXISTS messages_burn ON messages (burn_at_ms) WHERE burn_at_ms <> 0;
+";
+
 async fn migrate(r: &Range) -> Result<(), StoreError> {
     let mut conn = r.conn().await?;
     let client = &mut conn.client.as_mut().expect("present").client;
@@ -631,6 +638,10 @@ async fn migrate(r: &Range) -> Result<(), StoreError> {
         tx.batch_execute(SCHEMA_V7).await.map_err(pg_err)?;
         tx.execute("INSERT INTO tim_schema (version) VALUES (7)", &[]).await.map_err(pg_err)?;
     }
+    if version < 8 {
+        tx.batch_execute(SCHEMA_V8).await.map_err(pg_err)?;
+        tx.execute("INSERT INTO tim_schema (version) VALUES (8)", &[]).await.map_err(pg_err)?;
+    }
     tx.commit().await.map_err(pg_err)?;
     conn.reusable.store(true, Ordering::Relaxed);
     Ok(())
@@ -696,9 +707,10 @@ async fn load_batch(range: &Range, keys: &[(i64, i64, i64, i64)]) -> Result<Vec<
 /// transaction; not a group's conversation (0, group id), whose readers are its members.
 /// Answers the number of messages inserted.
 pub const INSERT_MESSAGES: &str = "WITH m AS (
-         INSERT INTO messages (conv_a, conv_b, seq, msg_id, ts_ms, sender, sender_device, client_msg_id, payload)
+         INSERT INTO messages (conv_a, conv_b, seq, msg_id, ts_ms, sender, sender_device, client_msg_id, payload,
+                               burn_at_ms)
          SELECT * FROM UNNEST($1::int8[], $2::int8[], $3::int8[], $4::int8[], $5::int8[], $6::int8[],
-                              $7::int8[], $8::int8[], $9::bytea[])
+                              $7::int8[], $8::int8[], $9::bytea[], $10::int8[])
          ON_CONFLICT
          RETURNING conv_a, conv_b),
      uc AS (
@@ -717,7 +729,7 @@ pub fn insert_messages_sql(on_conflict: bool) -> String {
 }
 
 /// The parameter types of [`INSERT_MESSAGES`].
-pub const INSERT_MESSAGES_TYPES: [Type; 9] = [
+pub const INSERT_MESSAGES_TYPES: [Type; 10] = [
     Type::INT8_ARRAY,
     Type::INT8_ARRAY,
     Type::INT8_ARRAY,
@@ -727,6 +739,7 @@ pub const INSERT_MESSAGES_TYPES: [Type; 9] = [
     Type::INT8_ARRAY,
     Type::INT8_ARRAY,
     Type::BYTEA_ARRAY,
+    Type::INT8_ARRAY,
 ];
 
 async fn insert_batch(range: &Range, batch: &[StoredMessage]) -> Result<super::Duplicates, StoreError> {
@@ -800,32 +813,38 @@ async fn apply_edit(
     conv: ConvKey,
     edit: &super::Edit,
 ) -> Result<Result<(), ErrorCode>, tokio_postgres::Error> {
-    let (a, b, seq) = (i(conv.0), i(conv.1), i(edit.seq()));
-    let key = [
-        (&a as &(dyn tokio_postgres::types::ToSql + Sync), Type::INT8),
-        (&b, Type::INT8),
-        (&seq, Type::INT8),
-    ];
-    let row = client
-        .query_typed(
-            "SELECT payload FROM messages WHERE conv_a = $1 AND conv_b = $2 AND seq = $3 FOR UPDATE",
-            &key,
-        )
-        .await?;
-    let Some(row) = row.first() else { return Ok(Err(ErrorCode::NotRecallable)) };
-    let payload: &[u8] = row.get(0);
-    match edit.apply(payload) {
-        Ok(tombstone) => {
-            client
-                .query_typed(
-                    "UPDATE messages SET payload = $4 WHERE conv_a = $1 AND conv_b = $2 AND seq = $3",
-                    &[key[0].clone(), key[1].clone(), key[2].clone(), (&tombstone, Type::BYTEA)],
-                )
-                .await?;
-            Ok(Ok(()))
+    let (a, b) = (i(conv.0), i(conv.1));
+    let mut refused = ErrorCode::NotRecallable;
+    let mut changed = 0;
+    for &seq in edit.seqs() {
+        let seq = i(seq);
+        let key = [
+            (&a as &(dyn tokio_postgres::types::ToSql + Sync), Type::INT8),
+            (&b, Type::INT8),
+            (&seq, Type::INT8),
+        ];
+        let row = client
+            .query_typed(
+                "SELECT payload FROM messages WHERE conv_a = $1 AND conv_b = $2 AND seq = $3 FOR UPDATE",
+                &key,
+            )
+            .await?;
+        let Some(row) = row.first() else { continue };
+        let payload: &[u8] = row.get(0);
+        match edit.apply(payload) {
+            Ok(tombstone) => {
+                client
+                    .query_typed(
+                        "UPDATE messages SET payload = $4, burn_at_ms = 0 WHERE conv_a = $1 AND conv_b = $2 AND seq = $3",
+                        &[key[0].clone(), key[1].clone(), key[2].clone(), (&tombstone, Type::BYTEA)],
+                    )
+                    .await?;
+                changed += 1;
+            }
+            Err(code) => refused = code,
         }
-        Err(code) => Ok(Err(code)),
     }
+    Ok(if changed == 0 { Err(refused) } else { Ok(()) })
 }
 
 /// Apply a group notice's changes (see [`GroupWrite`]) in the notice's transaction, in order;
@@ -976,8 +995,9 @@ async fn insert_messages_in(
         (col(|m| m.conv.0), col(|m| m.conv.1), col(|m| m.seq), col(|m| m.msg_id), col(|m| m.ts_ms));
     let (sender, device, cmid) = (col(|m| m.sender), col(|m| m.sender_device), col(|m| m.client_msg_id));
     let payload: Vec<&[u8]> = batch.iter().map(|m| &m.payload[..]).collect();
+    let burn: Vec<i64> = batch.iter().map(|m| i(super::burn_at_ms(&m.payload, m.ts_ms))).collect();
     let arr = Type::INT8_ARRAY;
-    let params: [(&(dyn tokio_postgres::types::ToSql + Sync), Type); 9] = [
+    let params: [(&(dyn tokio_postgres::types::ToSql + Sync), Type); 10] = [
         (&a, arr.clone()),
         (&b, arr.clone()),
         (&seq, arr.clone()),
@@ -987,6 +1007,7 @@ async fn insert_messages_in(
         (&device, arr.clone()),
         (&cmid, arr),
         (&payload, Type::BYTEA_ARRAY),
+        (&burn, Type::INT8_ARRAY),
     ];
     // Almost every batch holds no duplicate: a plain insert (which the dedup index still guards)
     // costs less than ON CONFLICT's speculative insertion, measured about half at 1024 rows.
@@ -1623,7 +1644,57 @@ impl Store for PostgresStore {
     }
 
     fn save_reads(&self, reads: &[Cursor]) -> Result<(), StoreError> {
-        self.save_positions("reads", reads)
+        self.save_positions("reads", reads)?;
+        // A read makes the peer's burn-after-read messages up to it due now.
+        let now = i(crate::clock::now_ms());
+        for r in reads.iter().filter(|r| r.conv.0 != 0) {
+            let range = self.conv_range(r.conv).clone();
+            let (a, b, seq, user) = (i(r.conv.0), i(r.conv.1), i(r.seq), i(r.user));
+            self.block_on(async move {
+                let conn = range.conn().await?;
+                conn.timed(conn.client().execute(
+                    "UPDATE messages SET burn_at_ms = $5
+                     WHERE conv_a = $1 AND conv_b = $2 AND seq <= $3 AND sender <> $4 AND burn_at_ms > $5",
+                    &[&a, &b, &seq, &user, &now],
+                ))
+                .await?;
+                Ok(())
+            })?;
+        }
+        Ok(())
+    }
+
+    fn claim_due_burns(&self, now_ms: u64, limit: usize) -> Result<Vec<super::DueBurn>, StoreError> {
+        let (now, stale) = (i(now_ms), i(now_ms.saturating_sub(super::BURN_CLAIM_MS)));
+        let mut out = Vec::new();
+        for range in self.ranges.clone() {
+            let lim = (limit - out.len().min(limit)) as i64;
+            if lim == 0 {
+                break;
+            }
+            let rows = self.block_on(async move {
+                let conn = range.conn().await?;
+                let rows = conn
+                    .timed(conn.client().query(
+                        "UPDATE messages SET burn_at_ms = -GREATEST($1, 1)
+                         WHERE (conv_a, conv_b, seq) IN (
+                             SELECT conv_a, conv_b, seq FROM messages
+                             WHERE burn_at_ms <> 0
+                               AND ((burn_at_ms > 0 AND burn_at_ms <= $1) OR (burn_at_ms < 0 AND -burn_at_ms <= $2))
+                             LIMIT $3 FOR UPDATE SKIP LOCKED)
+                         RETURNING conv_a, conv_b, seq, sender",
+                        &[&now, &stale, &lim],
+                    ))
+                    .await?;
+                Ok(rows)
+            })?;
+            out.extend(rows.iter().map(|r| super::DueBurn {
+                conv: (u(r.get(0)), u(r.get(1))),
+                seq: u(r.get(2)),
+                sender: u(r.get(3)),
+            }));
+        }
+        Ok(out)
     }
 
     fn reads_of(&self, conv: ConvKey) -> Result<Vec<(UserId, u64)>, StoreError> {
