@@ -94,6 +94,9 @@ pub enum Event {
     TypingNotice(protocol::TypingNotice),
     ReadNotice(protocol::ReadNotice),
     ReadState(protocol::ReadState),
+    RosterOk(protocol::RosterOk),
+    RosterList(protocol::RosterList),
+    RosterNotice(protocol::RosterNotice),
     ProfileList(protocol::ProfileList),
     GroupRequestPage(protocol::GroupRequestPage),
     GroupJoinRequest(protocol::GroupJoinRequest),
@@ -168,6 +171,9 @@ pub fn decode_event(k: u16, payload: &[u8]) -> Result<Event> {
         kind::TYPING_NOTICE => Event::TypingNotice(de::<protocol::ArchivedTypingNotice, _>(payload)?),
         kind::READ_NOTICE => Event::ReadNotice(de::<protocol::ArchivedReadNotice, _>(payload)?),
         kind::READ_STATE => Event::ReadState(de::<protocol::ArchivedReadState, _>(payload)?),
+        kind::ROSTER_OK => Event::RosterOk(de::<protocol::ArchivedRosterOk, _>(payload)?),
+        kind::ROSTER_LIST => Event::RosterList(de::<protocol::ArchivedRosterList, _>(payload)?),
+        kind::ROSTER_NOTICE => Event::RosterNotice(de::<protocol::ArchivedRosterNotice, _>(payload)?),
         kind::PROFILE_LIST => Event::ProfileList(de::<protocol::ArchivedProfileList, _>(payload)?),
         kind::GROUP_REQUEST_PAGE => {
             Event::GroupRequestPage(de::<protocol::ArchivedGroupRequestPage, _>(payload)?)
@@ -578,6 +584,25 @@ impl Client {
         });
         self.pending.retain(|e| !matches!(e, Event::Deliver(_)));
         Ok((got, end?))
+    }
+
+    /// A roster action ([`protocol::roster_action`]) on `user`; answered with whether the two
+    /// are friends now.
+    pub fn roster_action(&mut self, action: u8, user: u64, note: &str) -> Result<protocol::RosterOk> {
+        self.send_frame(kind::ROSTER_ACTION, &protocol::RosterAction { action, user, note: note.into() })?;
+        self.wait_for(kind::ROSTER_ACTION, |e| match e {
+            Event::RosterOk(r) => Some(r.clone()),
+            _ => None,
+        })
+    }
+
+    /// One of this account's roster lists ([`protocol::roster_list`]).
+    pub fn roster_get(&mut self, list: u8, after: u64, limit: u32) -> Result<protocol::RosterList> {
+        self.send_frame(kind::ROSTER_GET, &protocol::RosterGet { list, after, limit })?;
+        self.wait_for(kind::ROSTER_GET, |e| match e {
+            Event::RosterList(r) => Some(r.clone()),
+            _ => None,
+        })
     }
 
     /// Tell the server this device has read a conversation up to `seq` (no answer unless

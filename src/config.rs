@@ -352,6 +352,10 @@ pub struct Limits {
     /// Groups up to this many members push each read receipt to their members' sessions; a
     /// larger group only answers ReadGet with counts.
     pub receipts_live_members_max: usize,
+    /// Friends plus outgoing friend requests one user may have (TooManyFriends).
+    pub roster_entries_max: usize,
+    /// Bytes of a friend request's note (InvalidRoster).
+    pub roster_note_bytes_max: usize,
     /// Bytes of a profile's nickname, avatar URL or area (InvalidProfile).
     pub profile_text_bytes_max: usize,
     /// Bytes of a profile's extra data (InvalidProfile).
@@ -458,11 +462,13 @@ pub struct MessagePolicy {
     /// How long after sending a message may be recalled (a group manager: anyone's); 0: no
     /// limit.
     pub recall_window_secs: u64,
+    /// 1:1 messages only between friends (NotFriends otherwise).
+    pub require_friendship: bool,
 }
 
 impl Default for MessagePolicy {
     fn default() -> Self {
-        MessagePolicy { recall_window_secs: 120 }
+        MessagePolicy { recall_window_secs: 120, require_friendship: false }
     }
 }
 
@@ -560,6 +566,8 @@ impl Default for Limits {
             typing_per_session_per_minute_max: 120,
             reads_per_session_per_minute_max: 600,
             receipts_live_members_max: 100,
+            roster_entries_max: 5000,
+            roster_note_bytes_max: 256,
             profile_text_bytes_max: 256,
             profile_extra_bytes_max: 4096,
             profiles_per_request_max: 100,
@@ -886,6 +894,8 @@ unknown_recipients_per_connection_per_minute_max = 32 # sends to missing account
 typing_per_session_per_minute_max = 120 # typing notices per session; beyond: RateLimited
 reads_per_session_per_minute_max = 600 # read receipts per session; beyond: RateLimited
 receipts_live_members_max = 100     # groups up to this size push read receipts live; larger: counts on request
+roster_entries_max = 5000           # friends + outgoing friend requests per user; beyond: TooManyFriends
+roster_note_bytes_max = 256         # a friend request's note; longer: InvalidRoster
 profile_text_bytes_max = 256        # bytes of a profile's nickname, avatar URL or area (InvalidProfile)
 profile_extra_bytes_max = 4096      # bytes of a profile's extra data (InvalidProfile)
 profiles_per_request_max = 100      # users one ProfileGet may name (InvalidProfile)
@@ -910,6 +920,7 @@ policy = "kick_oldest"              # kick_oldest | refuse
 
 [messages]
 recall_window_secs = 120            # a message may be recalled this long after it was sent; 0 = no limit
+require_friendship = false          # 1:1 messages only between friends
 
 [security]
 name_key = ""                       # 64 hex digits keying the account-name hash; "" = kept in data_dir/name.key (memory store: random, or from cluster.secret in a cluster)

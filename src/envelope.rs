@@ -303,6 +303,9 @@ pub enum Envelope {
     Admin(AdminTask),
     /// → U: `user` was banned until `until_ms` (stored already; in the past: lifted).
     Ban { user: UserId, until_ms: u64 },
+    /// S → C: a 1:1 pair's roster changed (stored already): its new flags
+    /// ([`crate::roster::pair`]), for the sends of the conversation.
+    Pair { conv: ConvKey, flags: u8 },
     /// S → U: list `user`'s sessions to `origin` (as a `SESSION_LIST` frame in a `GroupReply`),
     /// after logging session `logout` out (0: none).
     Sessions { user: UserId, origin: SessionRef, logout: u64 },
@@ -336,7 +339,7 @@ impl Envelope {
         match self {
             Envelope::AttachResult { .. } | Envelope::Detach { .. } | Envelope::Kick { .. } => true,
             Envelope::RoomClosed { .. } | Envelope::Reattach { .. } | Envelope::Placement(_) => true,
-            Envelope::Fence { .. } | Envelope::Ban { .. } => true,
+            Envelope::Fence { .. } | Envelope::Ban { .. } | Envelope::Pair { .. } => true,
             Envelope::Acked { .. } | Envelope::Rejected { .. } | Envelope::StreamRefused { .. } => true,
             Envelope::TokenResult { .. } | Envelope::GroupReply { .. } => true,
             // A publish is answered only when refused, and publishes are not counted in flight.
@@ -361,6 +364,7 @@ impl Envelope {
             | Envelope::Sessions { user, .. }
             | Envelope::Reattach { user, .. } => p.user(*user),
             Envelope::Attach(a) => p.user(a.user),
+            Envelope::Pair { conv, .. } => p.conv(*conv),
             Envelope::Room(req) => p.room(req.room),
             Envelope::Group(req) => p.group(req.group),
             _ => return None,

@@ -49,6 +49,7 @@ pub mod notify;
 pub mod placement;
 pub mod protocol;
 pub mod roles;
+pub mod roster;
 pub mod server;
 pub mod session;
 pub mod shard;

@@ -44,6 +44,12 @@ pub mod kind {
     /// Who read a conversation how far (payload: a [`super::ReadGet`]); answered with
     /// `READ_STATE`.
     pub const READ_GET: u16 = 17;
+    /// Ask, accept, reject or cancel a friendship, remove a friend, block or unblock a user
+    /// (payload: a [`super::RosterAction`]); answered with `ROSTER_OK`.
+    pub const ROSTER_ACTION: u16 = 18;
+    /// One of this account's roster lists (payload: a [`super::RosterGet`]); answered with
+    /// `ROSTER_LIST`.
+    pub const ROSTER_GET: u16 = 19;
     pub const ROOM_CREATE: u16 = 20;
     pub const ROOM_SUBSCRIBE: u16 = 21;
     pub const ROOM_UNSUBSCRIBE: u16 = 22;
@@ -92,6 +98,13 @@ pub mod kind {
     pub const READ_NOTICE: u16 = 118;
     /// The answer to `READ_GET` (payload: a [`super::ReadState`]).
     pub const READ_STATE: u16 = 119;
+    /// The answer to `ROSTER_ACTION` (payload: a [`super::RosterOk`]).
+    pub const ROSTER_OK: u16 = 122;
+    /// The answer to `ROSTER_GET` (payload: a [`super::RosterList`]).
+    pub const ROSTER_LIST: u16 = 123;
+    /// A roster change between two users, to both users' sessions (payload: a
+    /// [`super::RosterNotice`]).
+    pub const ROSTER_NOTICE: u16 = 124;
     /// The answer to a room request that succeeded (create, subscribe, unsubscribe, delete).
     pub const ROOM_OK: u16 = 130;
     /// A message published to a live room: a [`super::RoomStamp`], then the publisher's
@@ -154,6 +167,11 @@ pub mod kind {
             READ_GET => "ReadGet",
             READ_NOTICE => "ReadNotice",
             READ_STATE => "ReadState",
+            ROSTER_ACTION => "RosterAction",
+            ROSTER_GET => "RosterGet",
+            ROSTER_OK => "RosterOk",
+            ROSTER_LIST => "RosterList",
+            ROSTER_NOTICE => "RosterNotice",
             REGISTER_OK => "RegisterOk",
             LOGIN_OK => "LoginOk",
             TOKEN_ISSUED => "TokenIssued",
@@ -405,6 +423,20 @@ pub enum ErrorCode {
     RecallExpired = 36,
     /// Burn after read in a group (it is for 1:1 messages only).
     BurnNotAllowed = 37,
+    /// The other user blocks this one: no message, no friend request.
+    Blocked = 90,
+    /// Not friends: a 1:1 message under `messages.require_friendship`, or removing a user who
+    /// is no friend.
+    NotFriends = 91,
+    /// A friend request to a friend.
+    AlreadyFriends = 92,
+    /// Accept, reject or cancel without such a pending request.
+    NoFriendRequest = 93,
+    /// The user has `roster_entries_max` friends and outgoing requests.
+    TooManyFriends = 94,
+    /// A roster request is invalid (unknown action or list, oneself, a note over its limit, a
+    /// request to a user one blocks).
+    InvalidRoster = 95,
     /// No login within `login_timeout_ms` of connecting. The connection is closed.
     LoginTimeout = 40,
     /// No bytes received within `idle_timeout_ms`. The connection is closed.
@@ -521,6 +553,12 @@ impl ErrorCode {
             35 => NotRecallable,
             36 => RecallExpired,
             37 => BurnNotAllowed,
+            90 => Blocked,
+            91 => NotFriends,
+            92 => AlreadyFriends,
+            93 => NoFriendRequest,
+            94 => TooManyFriends,
+            95 => InvalidRoster,
             40 => LoginTimeout,
             41 => IdleTimeout,
             42 => Replaced,
@@ -588,6 +626,12 @@ impl ErrorCode {
             NotRecallable => "not recallable",
             RecallExpired => "recall window passed",
             BurnNotAllowed => "burn after read is for 1:1 messages",
+            Blocked => "blocked by that user",
+            NotFriends => "not friends",
+            AlreadyFriends => "already friends",
+            NoFriendRequest => "no such friend request",
+            TooManyFriends => "too many friends",
+            InvalidRoster => "invalid roster request",
             LoginTimeout => "login timeout",
             IdleTimeout => "idle timeout",
             Replaced => "replaced by a newer login",
@@ -884,6 +928,87 @@ pub struct ReadState {
     /// Each user's read position (the asker's included), by rising user id: both users of a
     /// 1:1 chat; a group's members only up to `receipts_live_members_max` members, else empty.
     pub reads: Vec<ReadEntry>,
+}
+
+/// `RosterAction::action`, and `RosterNotice::event` (the action that changed the pair).
+pub mod roster_action {
+    /// Ask `user` for friendship (with a note); to a user who asked first: accept.
+    pub const REQUEST: u8 = 1;
+    pub const ACCEPT: u8 = 2;
+    pub const REJECT: u8 = 3;
+    /// End a friendship.
+    pub const REMOVE: u8 = 4;
+    /// Block `user`: no messages or requests from it, and no friendship or request left.
+    pub const BLOCK: u8 = 5;
+    pub const UNBLOCK: u8 = 6;
+    /// Withdraw one's own pending request.
+    pub const CANCEL: u8 = 7;
+}
+
+/// `RosterGet::list`.
+pub mod roster_list {
+    pub const FRIENDS: u8 = 0;
+    /// Requests others sent this user.
+    pub const INCOMING: u8 = 1;
+    /// Requests this user sent.
+    pub const OUTGOING: u8 = 2;
+    /// Users this user blocks.
+    pub const BLOCKED: u8 = 3;
+}
+
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct RosterAction {
+    pub action: u8,
+    pub user: u64,
+    /// A request's note (at most `roster_note_bytes_max` bytes); empty otherwise.
+    pub note: String,
+}
+
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct RosterOk {
+    pub action: u8,
+    pub user: u64,
+    /// Whether the two users are friends now (a request to a user who asked first makes them
+    /// friends at once).
+    pub friends: bool,
+}
+
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct RosterGet {
+    pub list: u8,
+    /// Entries with a user id above this one (0: from the start).
+    pub after: u64,
+    /// At most this many (0 or above `group_page_max`: `group_page_max`).
+    pub limit: u32,
+}
+
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct RosterEntry {
+    pub user: u64,
+    /// Since when (friends: since the friendship; requests and blocks: since they were made).
+    pub since_ms: u64,
+    /// A request's note (incoming and outgoing lists); empty otherwise.
+    pub note: String,
+}
+
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct RosterList {
+    pub list: u8,
+    /// By rising user id.
+    pub entries: Vec<RosterEntry>,
+    pub more: bool,
+}
+
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct RosterNotice {
+    /// What happened ([`roster_action`]): REQUEST, ACCEPT, REJECT, REMOVE or CANCEL.
+    pub event: u8,
+    /// Who did it.
+    pub from: u64,
+    /// To whom.
+    pub to: u64,
+    /// A request's note.
+    pub note: String,
 }
 
 /// A user's public profile. Texts are UTF-8 of at most `profile_text_bytes_max` bytes each,

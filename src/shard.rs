@@ -189,7 +189,7 @@ impl Shard {
             )),
             convs: RefCell::new(
                 ConvOwner::new(me, placement.clone(), store.durable(), &cfg.limits, RandomState::new())
-                    .with_recall_window(cfg.messages.recall_window_secs),
+                    .with_policy(&cfg.messages),
             ),
             commits: RefCell::new(CommitQueues::new(
                 store.partitions(),
@@ -829,6 +829,7 @@ impl Shard {
             Envelope::Ban { user, until_ms } => {
                 self.users.borrow_mut().ban(user, until_ms, now_ms(), &mut fx)
             }
+            Envelope::Pair { conv, flags } => self.convs.borrow_mut().set_pair(conv, flags),
             // The gateway sends back an envelope this shard placed by a table it has left.
             Envelope::Remote(r) => self.take_back(r.env),
             // The gateway's word that a new table is out (the table itself is taken from

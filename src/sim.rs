@@ -891,7 +891,7 @@ impl Sim {
                 ts_ms,
             })
             .collect();
-        ConvLoad { last_seq, recent }
+        ConvLoad { last_seq, recent, pair: 0 }
     }
 
     fn fire(&mut self, timer: Timer) -> Result<(), String> {
@@ -1062,6 +1062,7 @@ impl Sim {
                 unreachable!("the simulation runs one node")
             }
             Envelope::Admin(_) | Envelope::Ban { .. } => unreachable!("the simulation has no admin API"),
+            Envelope::Pair { .. } => unreachable!("the simulation has no roster"),
             Envelope::Sessions { .. } => unreachable!("the simulation's clients do not list sessions"),
             Envelope::Group(req) => {
                 if self.placement.group(req.group).shard() != dst {

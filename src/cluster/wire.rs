@@ -243,6 +243,11 @@ enum WireEnvelope<'a> {
         user: u64,
         until_ms: u64,
     },
+    Pair {
+        a: u64,
+        b: u64,
+        flags: u8,
+    },
 }
 
 /// [`RoomOp`].
@@ -516,6 +521,7 @@ impl<'a> WireEnvelope<'a> {
                 WireEnvelope::Sessions { user: *user, origin: origin.0, logout: *logout }
             }
             Envelope::Ban { user, until_ms } => WireEnvelope::Ban { user: *user, until_ms: *until_ms },
+            Envelope::Pair { conv, flags } => WireEnvelope::Pair { a: conv.0, b: conv.1, flags: *flags },
             // A shard's envelope for its gateway, and the gateway's tables for its shards, stay
             // on their node.
             Envelope::Remote(_) | Envelope::Placement(_) | Envelope::Fence { .. } | Envelope::Admin(_) => {
@@ -804,6 +810,7 @@ fn envelope(a: &ArchivedWireEnvelope<'_>, payload: &Bytes) -> Result<Envelope, W
             Envelope::Sessions { user: user.to_native(), origin: session(origin), logout: logout.to_native() }
         }
         W::Ban { user, until_ms } => Envelope::Ban { user: user.to_native(), until_ms: until_ms.to_native() },
+        W::Pair { a, b, flags } => Envelope::Pair { conv: (a.to_native(), b.to_native()), flags: *flags },
     })
 }
 
@@ -876,6 +883,7 @@ mod tests {
             },
             Envelope::Sessions { user: 44, origin: SessionRef::on(5, 3, 10), logout: 12 },
             Envelope::Ban { user: 43, until_ms: 1_767_225_600_000 },
+            Envelope::Pair { conv: (44, 45), flags: 5 },
             submit(None, None),
             submit(None, Some(ErrorCode::Muted)),
             Envelope::Acked {
@@ -1038,6 +1046,7 @@ mod tests {
             }
             Envelope::Sessions { user, origin, logout } => format!("Sessions {:?}", (user, origin, logout)),
             Envelope::Ban { user, until_ms } => format!("Ban {:?}", (user, until_ms)),
+            Envelope::Pair { conv, flags } => format!("Pair {:?}", (conv, flags)),
             Envelope::Remote(_) | Envelope::Placement(_) | Envelope::Fence { .. } | Envelope::Admin(_) => {
                 unreachable!("never encoded")
             }

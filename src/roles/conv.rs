@@ -125,6 +125,8 @@ enum ConvState {
 
 struct Conv {
     last_seq: u64,
+    /// A 1:1 pair's roster flags ([`crate::roster::pair`]).
+    pair: u8,
     /// The greatest seq published (stored, or sequenced without a store): what a stream
     /// message's stamp says it follows. A seq whose commit failed is not published, and may be
     /// given again after a reload.
@@ -176,6 +178,7 @@ impl Conv {
     fn new(state: ConvState, last_seq: u64, now: u64, generation: u64) -> Conv {
         Conv {
             last_seq,
+            pair: 0,
             published_seq: last_seq,
             state,
             recent: VecDeque::new(),
@@ -296,6 +299,8 @@ pub struct ConvOwner {
     dedup_max: usize,
     /// `messages.recall_window_secs` in ms; 0: no limit.
     recall_window_ms: u64,
+    /// `messages.require_friendship`.
+    require_friendship: bool,
     convs_max: usize,
     idle_ms: u64,
     /// Conversations in the order they were last used, roughly (a clock queue: an entry used
@@ -330,6 +335,7 @@ impl ConvOwner {
             dedup_window_ms: l.dedup_window_secs * 1000,
             dedup_max: l.dedup_per_conversation_max,
             recall_window_ms: 0,
+            require_friendship: false,
             convs_max: l.conversations_per_shard_max,
             idle_ms: l.conversation_idle_secs * 1000,
             lru: VecDeque::new(),
@@ -342,10 +348,19 @@ impl ConvOwner {
         }
     }
 
-    /// Recalls may take back messages up to `secs` old (0: any).
-    pub fn with_recall_window(mut self, secs: u64) -> ConvOwner {
-        self.recall_window_ms = secs.saturating_mul(1000);
+    /// The message policy: recalls may take back messages up to `recall_window_secs` old (0:
+    /// any); `require_friendship` refuses 1:1 messages between users who are not friends.
+    pub fn with_policy(mut self, p: &crate::config::MessagePolicy) -> ConvOwner {
+        self.recall_window_ms = p.recall_window_secs.saturating_mul(1000);
+        self.require_friendship = p.require_friendship;
         self
+    }
+
+    /// A pair's roster changed: its conversation (if held) checks sends by the new flags.
+    pub fn set_pair(&mut self, key: ConvKey, flags: u8) {
+        if let Some(c) = self.convs.get_mut(&key) {
+            c.pair = flags;
+        }
     }
 
     /// A send arrives: answer a resend from dedup, sequence a new one, or wait for the load.
@@ -361,87 +376,103 @@ impl ConvOwner {
             return;
         }
         match self.convs.get_mut(&key) {
-            Some(conv) => match &mut conv.state {
-                ConvState::Ready if sub.stream => {
-                    conv.last_used_ms = now;
-                    if conv.open.is_empty() {
-                        publish_stream(&self.placement, conv.published_seq, sub, now, out);
-                    } else {
-                        let waiting = conv.streams.get_or_insert_with(Default::default);
-                        if waiting.len() >= CONV_STREAMS_WAITING_MAX {
-                            waiting.pop_front();
-                        }
-                        waiting.push_back(WaitingStream { after: conv.last_seq, arrived_ms: now, sub });
+            Some(conv) => {
+                let by_pair = pair_refuses(conv.pair, self.require_friendship, &sub);
+                match &mut conv.state {
+                    ConvState::Ready if sub.stream && by_pair.is_some() => {
+                        refuse(out, &sub, by_pair.expect("checked"))
                     }
-                }
-                ConvState::Ready if burn_notice(&sub) => {
-                    // A burn notice of the sweep (never a resend: the sweep claims each burn
-                    // once). Only durable stores have burns to sweep.
-                    conv.last_used_ms = now;
-                    let edit = edit_of(&sub, now, 0);
-                    let s = sequence(conv, &mut self.ids, sub, edit, now, self.durable, self.dedup_max);
-                    self.sequenced += 1;
-                    conv.open.push_back(s.ack.seq);
-                    out.push(Effect::Commit(s));
-                }
-                ConvState::Ready if sub.sender == 0 => {
-                    // A group notice: never a resend (the group owner sends each once). Its
-                    // change is committed in no-data mode too (the memory store keeps groups).
-                    conv.last_used_ms = now;
-                    let s = sequence(conv, &mut self.ids, sub, None, now, self.durable, self.dedup_max);
-                    self.sequenced += 1;
-                    conv.open.push_back(s.ack.seq);
-                    out.push(Effect::Commit(s));
-                }
-                ConvState::Ready => {
-                    conv.last_used_ms = now;
-                    match conv.find(sub.sender, sub.client_msg_id, now, self.dedup_window_ms).copied() {
-                        Some(sent) if !sent.committed => {
-                            reject(out, sub.origin, sub.client_msg_id, ErrorCode::Busy)
+                    ConvState::Ready if sub.stream => {
+                        conv.last_used_ms = now;
+                        if conv.open.is_empty() {
+                            publish_stream(&self.placement, conv.published_seq, sub, now, out);
+                        } else {
+                            let waiting = conv.streams.get_or_insert_with(Default::default);
+                            if waiting.len() >= CONV_STREAMS_WAITING_MAX {
+                                waiting.pop_front();
+                            }
+                            waiting.push_back(WaitingStream { after: conv.last_seq, arrived_ms: now, sub });
                         }
-                        Some(sent) => {
-                            let ack = AckInfo { duplicate: true, ..sent.ack };
-                            out.push(Effect::Post(
-                                sub.origin.owner(),
-                                Envelope::Acked { session: sub.origin, ack },
-                            ));
-                        }
-                        None if sub.refuse_new.is_some() => {
-                            let code = sub.refuse_new.expect("checked");
-                            reject(out, sub.origin, sub.client_msg_id, code)
-                        }
-                        None => {
-                            let edit = edit_of(&sub, now, self.recall_window_ms);
-                            if let (Some(edit), false) = (&edit, self.durable) {
-                                if let Err(code) = check_recall(conv, edit) {
-                                    return reject(out, sub.origin, sub.client_msg_id, code);
+                    }
+                    ConvState::Ready if burn_notice(&sub) => {
+                        // A burn notice of the sweep (never a resend: the sweep claims each burn
+                        // once). Only durable stores have burns to sweep.
+                        conv.last_used_ms = now;
+                        let edit = edit_of(&sub, now, 0);
+                        let s = sequence(conv, &mut self.ids, sub, edit, now, self.durable, self.dedup_max);
+                        self.sequenced += 1;
+                        conv.open.push_back(s.ack.seq);
+                        out.push(Effect::Commit(s));
+                    }
+                    ConvState::Ready if sub.sender == 0 => {
+                        // A group notice: never a resend (the group owner sends each once). Its
+                        // change is committed in no-data mode too (the memory store keeps groups).
+                        conv.last_used_ms = now;
+                        let s = sequence(conv, &mut self.ids, sub, None, now, self.durable, self.dedup_max);
+                        self.sequenced += 1;
+                        conv.open.push_back(s.ack.seq);
+                        out.push(Effect::Commit(s));
+                    }
+                    ConvState::Ready => {
+                        conv.last_used_ms = now;
+                        match conv.find(sub.sender, sub.client_msg_id, now, self.dedup_window_ms).copied() {
+                            Some(sent) if !sent.committed => {
+                                reject(out, sub.origin, sub.client_msg_id, ErrorCode::Busy)
+                            }
+                            Some(sent) => {
+                                let ack = AckInfo { duplicate: true, ..sent.ack };
+                                out.push(Effect::Post(
+                                    sub.origin.owner(),
+                                    Envelope::Acked { session: sub.origin, ack },
+                                ));
+                            }
+                            None if sub.refuse_new.is_some() => {
+                                let code = sub.refuse_new.expect("checked");
+                                reject(out, sub.origin, sub.client_msg_id, code)
+                            }
+                            None if by_pair.is_some() => {
+                                reject(out, sub.origin, sub.client_msg_id, by_pair.expect("checked"))
+                            }
+                            None => {
+                                let edit = edit_of(&sub, now, self.recall_window_ms);
+                                if let (Some(edit), false) = (&edit, self.durable) {
+                                    if let Err(code) = check_recall(conv, edit) {
+                                        return reject(out, sub.origin, sub.client_msg_id, code);
+                                    }
+                                }
+                                let s = sequence(
+                                    conv,
+                                    &mut self.ids,
+                                    sub,
+                                    edit,
+                                    now,
+                                    self.durable,
+                                    self.dedup_max,
+                                );
+                                self.sequenced += 1;
+                                // Without a store a message is published at once, unless a group
+                                // notice sequenced before it is still being committed (the memory
+                                // store keeps groups): then it follows the notice through the same
+                                // commit queue, so that nobody gets it ahead of the notice.
+                                if self.durable || !conv.open.is_empty() {
+                                    conv.open.push_back(s.ack.seq);
+                                    out.push(Effect::Commit(s));
+                                } else {
+                                    conv.published_seq = s.ack.seq;
+                                    publish(&self.placement, s, true, out);
                                 }
                             }
-                            let s =
-                                sequence(conv, &mut self.ids, sub, edit, now, self.durable, self.dedup_max);
-                            self.sequenced += 1;
-                            // Without a store a message is published at once, unless a group
-                            // notice sequenced before it is still being committed (the memory
-                            // store keeps groups): then it follows the notice through the same
-                            // commit queue, so that nobody gets it ahead of the notice.
-                            if self.durable || !conv.open.is_empty() {
-                                conv.open.push_back(s.ack.seq);
-                                out.push(Effect::Commit(s));
-                            } else {
-                                conv.published_seq = s.ack.seq;
-                                publish(&self.placement, s, true, out);
-                            }
+                        }
+                    }
+                    ConvState::Loading(waiters) => {
+                        if waiters.len() < CONV_WAITERS_MAX {
+                            waiters.push(sub);
+                        } else {
+                            refuse(out, &sub, ErrorCode::Busy);
                         }
                     }
                 }
-                ConvState::Loading(waiters) => {
-                    if waiters.len() < CONV_WAITERS_MAX {
-                        waiters.push(sub);
-                    } else {
-                        refuse(out, &sub, ErrorCode::Busy);
-                    }
-                }
-            },
+            }
             None => {
                 if self.convs.len() >= self.convs_max && !self.make_room() {
                     return refuse(out, &sub, ErrorCode::Busy);
@@ -484,6 +515,7 @@ impl ConvOwner {
         match result {
             Ok(load) => {
                 conv.last_seq = conv.last_seq.max(load.last_seq);
+                conv.pair = load.pair;
                 conv.published_seq = conv.last_seq;
                 for r in load.recent.iter().rev().filter(|r| r.sender != 0) {
                     let ack = AckInfo {
@@ -776,6 +808,19 @@ pub(crate) fn refuse(out: &mut Effects, sub: &Submit, code: ErrorCode) {
     } else {
         reject(out, sub.origin, sub.client_msg_id, code);
     }
+}
+
+/// Why a 1:1 pair's roster flags refuse this send or stream message (the recipient blocks the
+/// sender; not friends under `require_friendship`), if they do. Group sends, notices and burn
+/// notices pass.
+fn pair_refuses(pair: u8, require_friendship: bool, sub: &Submit) -> Option<ErrorCode> {
+    if sub.conv != conv_kind::DIRECT || sub.sender == 0 || (pair == 0 && !require_friendship) {
+        return None;
+    }
+    if burn_notice(sub) {
+        return None;
+    }
+    crate::roster::may_message(pair, sub.sender, sub.to, require_friendship).err()
 }
 
 /// Stamp a stream message (msg_id 0; seq: the stored message it follows) and fan it out to

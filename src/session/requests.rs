@@ -317,6 +317,16 @@ impl Requests<'_> {
                 let (conv_kind, peer, seq) = (r.conv, r.peer.to_native(), r.seq.to_native());
                 Box::pin(self.read_get(conv_kind, peer, seq)).await
             }
+            kind::ROSTER_ACTION => {
+                let r = access!(protocol::ArchivedRosterAction);
+                let (action, user, note) = (r.action, r.user.to_native(), r.note.as_str().to_string());
+                Box::pin(self.roster_action(action, user, note)).await
+            }
+            kind::ROSTER_GET => {
+                let r = access!(protocol::ArchivedRosterGet);
+                let (list, after, limit) = (r.list, r.after.to_native(), r.limit.to_native());
+                Box::pin(self.roster_get(list, after, limit)).await
+            }
             kind::MY_SESSIONS => {
                 let _ = access!(protocol::ArchivedMySessions);
                 self.sessions_call(0).await
@@ -816,6 +826,65 @@ impl Requests<'_> {
         let env = Envelope::Fanout { user: me, skip: self.session.id, frame };
         self.shard.post(self.shard.place(|p| p.user(me)), env);
         Flow::Continue
+    }
+
+    /// A roster action, made in the store (both sides of the pair in one transaction). Then the
+    /// pair's conversation owner learns the new flags (for the sends it checks), and both users'
+    /// sessions (this one aside) get a `ROSTER_NOTICE` of what the other may see.
+    async fn roster_action(&self, action: u8, other: u64, note: String) -> Flow {
+        use protocol::roster_action as act;
+        let k = kind::ROSTER_ACTION;
+        let me = self.session.user();
+        let l = &self.shard.cfg().limits;
+        if !(act::REQUEST..=act::CANCEL).contains(&action)
+            || other == 0
+            || other == me
+            || is_group_id(other)
+            || note.len() > l.roster_note_bytes_max
+        {
+            return self.error(ErrorCode::InvalidRoster, k);
+        }
+        let note = if action == act::REQUEST { note } else { String::new() };
+        let (store, max, now) = (self.shard.shared.store.clone(), l.roster_entries_max, now_ms());
+        let n = note.clone();
+        let out = match self.store_call(move || store.roster_action(me, other, action, &n, now, max)).await {
+            Ok(Ok(out)) => out,
+            Ok(Err(code)) | Err(code) => return self.error(code, k),
+        };
+        let conv = direct_key(me, other);
+        let flags = if me < other {
+            crate::roster::pair_flags(&out.me, &out.them)
+        } else {
+            crate::roster::pair_flags(&out.them, &out.me)
+        };
+        self.shard.post(self.shard.place(|p| p.conv(conv)), Envelope::Pair { conv, flags });
+        if let Some(event) = out.notice {
+            let note = if event == act::REQUEST { note } else { String::new() };
+            let notice = protocol::RosterNotice { event, from: me, to: other, note };
+            let frame = Bytes::from(frame::encode(kind::ROSTER_NOTICE, &notice));
+            let skip = crate::envelope::SessionRef::NONE;
+            let env = Envelope::Fanout { user: other, skip, frame: frame.clone() };
+            self.shard.post(self.shard.place(|p| p.user(other)), env);
+            let env = Envelope::Fanout { user: me, skip: self.session.id, frame };
+            self.shard.post(self.shard.place(|p| p.user(me)), env);
+        }
+        self.reply(kind::ROSTER_OK, &protocol::RosterOk { action, user: other, friends: out.friends() })
+    }
+
+    /// One of this account's roster lists, from the store.
+    async fn roster_get(&self, list: u8, after: u64, limit: u32) -> Flow {
+        if list > protocol::roster_list::BLOCKED {
+            return self.error(ErrorCode::InvalidRoster, kind::ROSTER_GET);
+        }
+        let max = self.shard.cfg().limits.group_page_max;
+        let limit = if limit == 0 { max } else { limit.min(max) } as usize;
+        let (store, me) = (self.shard.shared.store.clone(), self.session.user());
+        match self.store_call(move || store.roster_list(me, list, after, limit)).await {
+            Ok((entries, more)) => {
+                self.reply(kind::ROSTER_LIST, &protocol::RosterList { list, entries, more })
+            }
+            Err(code) => self.error(code, kind::ROSTER_GET),
+        }
     }
 
     /// How far a conversation was read: a 1:1 chat's two positions from the store, a group's

@@ -32,7 +32,7 @@ use crate::{
 };
 
 /// Schema version written by this build.
-pub const SCHEMA_VERSION: i64 = 8;
+pub const SCHEMA_VERSION: i64 = 9;
 
 const SCHEMA_V1: &str = "
 CREATE TABLE accounts (
@@ -174,6 +174,20 @@ ALTER TABLE messages ADD COLUMN burn_at_ms INTEGER NOT NULL DEFAULT 0;
 CREATE INDEX messages_burn ON messages (burn_at_ms) WHERE burn_at_ms <> 0;
 ";
 
+/// Version 9: the roster, one row per user and other user it has a relation with (see
+/// [`crate::roster::Side`]); both rows of a pair change in one transaction.
+const SCHEMA_V9: &str = "
+CREATE TABLE roster (
+    user     INTEGER NOT NULL,
+    other    INTEGER NOT NULL,
+    state    INTEGER NOT NULL,
+    blocks   INTEGER NOT NULL,
+    note     TEXT NOT NULL,
+    since_ms INTEGER NOT NULL,
+    PRIMARY KEY (user, other)
+) WITHOUT ROWID;
+";
+
 const SCHEMA_V6: &str = "
 CREATE TABLE profiles (
     user_id    INTEGER PRIMARY KEY,
@@ -279,6 +293,12 @@ fn migrate(conn: &mut Connection) -> anyhow::Result<()> {
         let tx = conn.transaction()?;
         tx.execute_batch(SCHEMA_V8)?;
         tx.pragma_update(None, "user_version", 8)?;
+        tx.commit()?;
+    }
+    if version < 9 {
+        let tx = conn.transaction()?;
+        tx.execute_batch(SCHEMA_V9)?;
+        tx.pragma_update(None, "user_version", 9)?;
         tx.commit()?;
     }
     Ok(())
@@ -434,6 +454,49 @@ fn commit(conn: &mut Connection, jobs: &[Job]) -> rusqlite::Result<Vec<Duplicate
     }
     tx.commit()?;
     Ok(out)
+}
+
+/// `user`'s side of its pair with `other` (empty without a row).
+fn side(c: &Connection, user: UserId, other: UserId) -> rusqlite::Result<crate::roster::Side> {
+    c.prepare_cached("SELECT state, blocks, note, since_ms FROM roster WHERE user = ?1 AND other = ?2")?
+        .query_row(params![i(user), i(other)], |r| {
+            Ok(crate::roster::Side {
+                state: r.get(0)?,
+                blocks: r.get(1)?,
+                note: r.get(2)?,
+                since_ms: u(r.get(3)?),
+            })
+        })
+        .optional()
+        .map(Option::unwrap_or_default)
+}
+
+/// Keep `user`'s side of its pair with `other` (an empty side: no row).
+fn put_side(c: &Connection, user: UserId, other: UserId, s: &crate::roster::Side) -> rusqlite::Result<()> {
+    if s.is_empty() {
+        c.prepare_cached("DELETE FROM roster WHERE user = ?1 AND other = ?2")?
+            .execute(params![i(user), i(other)])?;
+    } else {
+        c.prepare_cached(
+            "INSERT INTO roster (user, other, state, blocks, note, since_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+             ON CONFLICT (user, other) DO UPDATE SET state = excluded.state, blocks = excluded.blocks,
+                 note = excluded.note, since_ms = excluded.since_ms",
+        )?
+        .execute(params![i(user), i(other), s.state, s.blocks, s.note, i(s.since_ms)])?;
+    }
+    Ok(())
+}
+
+/// The SQL condition of a roster list ([`crate::protocol::roster_list`]; an unknown list: none).
+pub(crate) fn roster_filter(list: u8) -> &'static str {
+    use crate::protocol::roster_list as l;
+    match list {
+        l::FRIENDS => "state = 3",
+        l::INCOMING => "state = 2",
+        l::OUTGOING => "state = 1",
+        l::BLOCKED => "blocks <> 0",
+        _ => "false",
+    }
 }
 
 /// Make `edit` to its messages of `conv` (read, checked and rewritten in the transaction);
@@ -853,7 +916,79 @@ impl Store for EmbeddedStore {
                 }
                 recent.push(r);
             }
-            Ok(ConvLoad { last_seq: last_seq.map_or(0, u), recent })
+            let pair = if conv.0 == 0 {
+                0
+            } else {
+                let low = side(c, conv.0, conv.1)?;
+                let high = side(c, conv.1, conv.0)?;
+                crate::roster::pair_flags(&low, &high)
+            };
+            Ok(ConvLoad { last_seq: last_seq.map_or(0, u), recent, pair })
+        })
+    }
+
+    fn roster_action(
+        &self,
+        user: UserId,
+        other: UserId,
+        action: u8,
+        note: &str,
+        now_ms: u64,
+        max: usize,
+    ) -> Result<Result<crate::roster::Outcome, ErrorCode>, StoreError> {
+        self.with_aux(|c| {
+            let tx = c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+            let exists: bool = tx.query_row(
+                "SELECT EXISTS (SELECT 1 FROM accounts WHERE id = ?1)",
+                params![i(other)],
+                |r| r.get(0),
+            )?;
+            if !exists {
+                return Ok(Err(ErrorCode::UnknownUser));
+            }
+            let (me, them) = (side(&tx, user, other)?, side(&tx, other, user)?);
+            let count: i64 = tx.query_row(
+                "SELECT count(*) FROM roster WHERE user = ?1 AND state IN (1, 3)",
+                params![i(user)],
+                |r| r.get(0),
+            )?;
+            let out = match crate::roster::apply(&me, &them, action, note, now_ms, count as usize, max) {
+                Ok(out) => out,
+                Err(code) => return Ok(Err(code)),
+            };
+            put_side(&tx, user, other, &out.me)?;
+            put_side(&tx, other, user, &out.them)?;
+            tx.commit()?;
+            Ok(Ok(out))
+        })
+        .map_err(unavailable)
+    }
+
+    fn roster_list(
+        &self,
+        user: UserId,
+        list: u8,
+        after: u64,
+        limit: usize,
+    ) -> Result<(Vec<crate::protocol::RosterEntry>, bool), StoreError> {
+        let filter = roster_filter(list);
+        let sql = format!(
+            "SELECT other, since_ms, note FROM roster WHERE user = ?1 AND other > ?2 AND {filter} ORDER BY other LIMIT ?3"
+        );
+        self.with_reader(|c| {
+            let mut st = c.prepare_cached(&sql)?;
+            let rows =
+                st.query_map(params![i(user), i(after.min(i64::MAX as u64)), limit as i64 + 1], |r| {
+                    Ok(crate::protocol::RosterEntry {
+                        user: u(r.get(0)?),
+                        since_ms: u(r.get(1)?),
+                        note: r.get(2)?,
+                    })
+                })?;
+            let mut entries = rows.collect::<rusqlite::Result<Vec<_>>>()?;
+            let more = entries.len() > limit;
+            entries.truncate(limit);
+            Ok((entries, more))
         })
     }
 

@@ -73,6 +73,13 @@ pub enum ReplOp {
     },
     /// Read positions (the greatest wins).
     Reads(Vec<(UserId, ConvKey, u64)>),
+    /// Both sides of a roster pair after a change (the later change wins).
+    Roster {
+        user: UserId,
+        other: UserId,
+        me: crate::roster::Side,
+        them: crate::roster::Side,
+    },
     /// A whole group as a replica holds it, up to notice `seq` (a snapshot's).
     GroupState {
         group: u64,
@@ -112,12 +119,36 @@ struct MemoryInner {
     /// Read positions per conversation and user (at most [`READS_MAX`] in all).
     reads: HashMap<ConvKey, BTreeMap<UserId, u64>>,
     read_count: usize,
+    /// Roster sides, per user and other user (empty sides are not kept).
+    roster: HashMap<UserId, BTreeMap<UserId, crate::roster::Side>>,
 }
 
 /// Read positions the memory store keeps at most; beyond, new ones are dropped (logged).
 pub const READS_MAX: usize = 1 << 22;
 
 impl MemoryInner {
+    fn side(&self, user: UserId, other: UserId) -> crate::roster::Side {
+        self.roster.get(&user).and_then(|m| m.get(&other)).cloned().unwrap_or_default()
+    }
+
+    fn put_side(&mut self, user: UserId, other: UserId, s: crate::roster::Side) {
+        let sides = self.roster.entry(user).or_default();
+        if s.is_empty() {
+            sides.remove(&other);
+        } else {
+            sides.insert(other, s);
+        }
+    }
+
+    /// Apply another replica's roster change unless this one holds a later one.
+    fn put_pair(&mut self, user: UserId, other: UserId, me: crate::roster::Side, them: crate::roster::Side) {
+        let held = self.side(user, other).since_ms.max(self.side(other, user).since_ms);
+        if held <= me.since_ms.max(them.since_ms) {
+            self.put_side(user, other, me);
+            self.put_side(other, user, them);
+        }
+    }
+
     fn read(&mut self, user: UserId, conv: ConvKey, seq: u64) {
         let full = self.read_count >= READS_MAX;
         let users = self.reads.entry(conv).or_default();
@@ -265,6 +296,7 @@ impl MemoryStore {
                 }
             }
             ReplOp::Profile { user, updated_ms, profile } => g.set_profile(user, updated_ms, profile),
+            ReplOp::Roster { user, other, me, them } => g.put_pair(user, other, me, them),
             ReplOp::Reads(reads) => {
                 for (user, conv, seq) in reads {
                     g.read(user, conv, seq);
@@ -314,6 +346,14 @@ impl MemoryStore {
                         profile: profile.clone(),
                     });
                 }
+            }
+        }
+        for (&user, sides) in &g.roster {
+            for (&other, me) in sides
+                .iter()
+                .filter(|(&o, _)| user < o || !g.roster.get(&o).is_some_and(|m| m.contains_key(&user)))
+            {
+                ops.push(ReplOp::Roster { user, other, me: me.clone(), them: g.side(other, user) });
             }
         }
         let reads: Vec<_> = g
@@ -492,8 +532,68 @@ impl Store for MemoryStore {
         Ok(g.spans.get(&user).and_then(|s| s.get(&group)).copied())
     }
 
-    fn load_conv(&self, _conv: ConvKey, _since_ms: u64, _recent_max: usize) -> Result<ConvLoad, StoreError> {
-        Ok(ConvLoad::default())
+    fn load_conv(&self, conv: ConvKey, _since_ms: u64, _recent_max: usize) -> Result<ConvLoad, StoreError> {
+        if conv.0 == 0 {
+            return Ok(ConvLoad::default());
+        }
+        let g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let pair = crate::roster::pair_flags(&g.side(conv.0, conv.1), &g.side(conv.1, conv.0));
+        Ok(ConvLoad { pair, ..Default::default() })
+    }
+
+    fn roster_action(
+        &self,
+        user: UserId,
+        other: UserId,
+        action: u8,
+        note: &str,
+        now_ms: u64,
+        max: usize,
+    ) -> Result<Result<crate::roster::Outcome, crate::protocol::ErrorCode>, StoreError> {
+        let mut g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        if !g.accounts.contains_key(&other) {
+            return Ok(Err(crate::protocol::ErrorCode::UnknownUser));
+        }
+        let (me, them) = (g.side(user, other), g.side(other, user));
+        let count = g.roster.get(&user).map_or(0, |m| {
+            m.values()
+                .filter(|s| matches!(s.state, crate::roster::state::OUTGOING | crate::roster::state::FRIEND))
+                .count()
+        });
+        let out = match crate::roster::apply(&me, &them, action, note, now_ms, count, max) {
+            Ok(out) => out,
+            Err(code) => return Ok(Err(code)),
+        };
+        g.put_side(user, other, out.me.clone());
+        g.put_side(other, user, out.them.clone());
+        drop(g);
+        self.publish(ReplOp::Roster { user, other, me: out.me.clone(), them: out.them.clone() });
+        Ok(Ok(out))
+    }
+
+    fn roster_list(
+        &self,
+        user: UserId,
+        list: u8,
+        after: u64,
+        limit: usize,
+    ) -> Result<(Vec<crate::protocol::RosterEntry>, bool), StoreError> {
+        use crate::{protocol::roster_list as l, roster::state};
+        let g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(sides) = g.roster.get(&user) else { return Ok((Vec::new(), false)) };
+        let keep = |s: &crate::roster::Side| match list {
+            l::FRIENDS => s.state == state::FRIEND,
+            l::INCOMING => s.state == state::INCOMING,
+            l::OUTGOING => s.state == state::OUTGOING,
+            l::BLOCKED => s.blocks,
+            _ => false,
+        };
+        let mut it = sides.range(after.saturating_add(1)..).filter(|(_, s)| keep(s)).map(|(&u, s)| {
+            crate::protocol::RosterEntry { user: u, since_ms: s.since_ms, note: s.note.clone() }
+        });
+        let entries: Vec<_> = it.by_ref().take(limit).collect();
+        let more = it.next().is_some();
+        Ok((entries, more))
     }
 
     fn history(

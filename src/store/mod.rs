@@ -305,6 +305,8 @@ pub struct LoadRequest {
 #[derive(Clone, Debug, Default)]
 pub struct ConvLoad {
     pub last_seq: u64,
+    /// A 1:1 pair's roster flags ([`crate::roster::pair`]): blocks and friendship.
+    pub pair: u8,
     /// Sends within the dedup window, newest first.
     pub recent: Vec<RecentSend>,
 }
@@ -507,6 +509,30 @@ pub trait Store: Send + Sync + 'static {
 
     /// Each user's read position in `conv` (the greatest of its devices'), by rising user id.
     fn reads_of(&self, conv: ConvKey) -> Result<Vec<(UserId, u64)>, StoreError>;
+
+    /// Apply roster action `action` of `user` to its pair with `other` at `now_ms` (both sides
+    /// read and written in one transaction, by [`crate::roster::apply`]); `max` is
+    /// `roster_entries_max`. The inner `Err` is a refusal (`UnknownUser` when `other` has no
+    /// account).
+    fn roster_action(
+        &self,
+        user: UserId,
+        other: UserId,
+        action: u8,
+        note: &str,
+        now_ms: u64,
+        max: usize,
+    ) -> Result<Result<crate::roster::Outcome, crate::protocol::ErrorCode>, StoreError>;
+
+    /// One of `user`'s roster lists ([`crate::protocol::roster_list`]), by rising user id after
+    /// `after`: at most `limit` entries, and whether more lie beyond.
+    fn roster_list(
+        &self,
+        user: UserId,
+        list: u8,
+        after: u64,
+        limit: usize,
+    ) -> Result<(Vec<crate::protocol::RosterEntry>, bool), StoreError>;
 
     /// Claim up to `limit` burn-after-read messages that are due at `now_ms` (read by their
     /// recipient, whose read makes them due, or past their lifetime), and those claimed more

@@ -53,7 +53,7 @@ use crate::{
 };
 
 /// Schema version written by this build.
-pub const SCHEMA_VERSION: i32 = 8;
+pub const SCHEMA_VERSION: i32 = 9;
 
 const SCHEMA_V1: &str = "
 CREATE SEQUENCE user_ids;
@@ -564,6 +564,20 @@ ALTER TABLE messages ADD COLUMN IF NOT EXISTS burn_at_ms int8 NOT NULL DEFAULT 0
 CREATE INDEX IF NOT EXISTS messages_burn ON messages (burn_at_ms) WHERE burn_at_ms <> 0;
 ";
 
+/// Version 9: the roster, one row per user and other user it has a relation with (see
+/// [`crate::roster::Side`]), both rows of a pair on the range of the pair's conversation.
+const SCHEMA_V9: &str = "
+CREATE TABLE IF NOT EXISTS roster (
+    user_id  int8 NOT NULL,
+    other    int8 NOT NULL,
+    state    int2 NOT NULL,
+    blocks   bool NOT NULL,
+    note     text NOT NULL,
+    since_ms int8 NOT NULL,
+    PRIMARY KEY (user_id, other)
+);
+";
+
 async fn migrate(r: &Range) -> Result<(), StoreError> {
     let mut conn = r.conn().await?;
     let client = &mut conn.client.as_mut().expect("present").client;
@@ -642,6 +656,10 @@ async fn migrate(r: &Range) -> Result<(), StoreError> {
         tx.batch_execute(SCHEMA_V8).await.map_err(pg_err)?;
         tx.execute("INSERT INTO tim_schema (version) VALUES (8)", &[]).await.map_err(pg_err)?;
     }
+    if version < 9 {
+        tx.batch_execute(SCHEMA_V9).await.map_err(pg_err)?;
+        tx.execute("INSERT INTO tim_schema (version) VALUES (9)", &[]).await.map_err(pg_err)?;
+    }
     tx.commit().await.map_err(pg_err)?;
     conn.reusable.store(true, Ordering::Relaxed);
     Ok(())
@@ -698,6 +716,26 @@ async fn load_batch(range: &Range, keys: &[(i64, i64, i64, i64)]) -> Result<Vec<
             seq: u(row.get(4)),
             ts_ms: u(row.get(5)),
         });
+    }
+    // The 1:1 pairs' roster flags (a group's key (0, id) has no roster rows).
+    let sides = conn
+        .timed(c.query(
+            "SELECT k.ord, r.user_id = k.a, r.state, r.blocks
+             FROM UNNEST($1::int8[], $2::int8[]) WITH ORDINALITY AS k (a, b, ord)
+             JOIN roster r ON (r.user_id = k.a AND r.other = k.b) OR (r.user_id = k.b AND r.other = k.a)",
+            &[&a, &b],
+        ))
+        .await?;
+    for row in &sides {
+        let at = row.get::<_, i64>(0) as usize - 1;
+        let (low, state, blocks): (bool, i16, bool) = (row.get(1), row.get(2), row.get(3));
+        let s = crate::roster::Side { state: state as u8, blocks, ..Default::default() };
+        let flags = if low {
+            crate::roster::pair_flags(&s, &Default::default())
+        } else {
+            crate::roster::pair_flags(&Default::default(), &s) & !crate::roster::pair::FRIENDS
+        };
+        out[at].pair |= flags;
     }
     Ok(out)
 }
@@ -804,6 +842,77 @@ async fn insert_with_groups(
         client.batch_execute("ROLLBACK").await?;
     }
     stored
+}
+
+/// A pair's roster flags ([`crate::roster::pair_flags`]).
+async fn pair_of(c: &Client, conv: ConvKey) -> Result<u8, tokio_postgres::Error> {
+    let rows = c
+        .query(
+            "SELECT user_id, state, blocks FROM roster
+             WHERE (user_id = $1 AND other = $2) OR (user_id = $2 AND other = $1)",
+            &[&i(conv.0), &i(conv.1)],
+        )
+        .await?;
+    let (mut low, mut high) = (crate::roster::Side::default(), crate::roster::Side::default());
+    for r in &rows {
+        let s = if u(r.get(0)) == conv.0 { &mut low } else { &mut high };
+        s.state = r.get::<_, i16>(1) as u8;
+        s.blocks = r.get(2);
+    }
+    Ok(crate::roster::pair_flags(&low, &high))
+}
+
+/// A roster action in one transaction on the pair's range: both rows read (locked), changed by
+/// [`crate::roster::apply`], written back (an empty side's row deleted). The caller rolls back
+/// what did not commit.
+#[allow(clippy::too_many_arguments)]
+async fn roster_tx(
+    c: &Client,
+    user: UserId,
+    other: UserId,
+    action: u8,
+    note: &str,
+    now_ms: u64,
+    count: usize,
+    max: usize,
+) -> Result<Result<crate::roster::Outcome, ErrorCode>, tokio_postgres::Error> {
+    c.batch_execute("BEGIN").await?;
+    let rows = c
+        .query(
+            "SELECT user_id, state, blocks, note, since_ms FROM roster
+             WHERE (user_id = $1 AND other = $2) OR (user_id = $2 AND other = $1) FOR UPDATE",
+            &[&i(user), &i(other)],
+        )
+        .await?;
+    let (mut me, mut them) = (crate::roster::Side::default(), crate::roster::Side::default());
+    for r in &rows {
+        let s = if u(r.get(0)) == user { &mut me } else { &mut them };
+        *s = crate::roster::Side {
+            state: r.get::<_, i16>(1) as u8,
+            blocks: r.get(2),
+            note: r.get(3),
+            since_ms: u(r.get(4)),
+        };
+    }
+    let out = match crate::roster::apply(&me, &them, action, note, now_ms, count, max) {
+        Ok(out) => out,
+        Err(code) => return Ok(Err(code)),
+    };
+    for (a, b, s) in [(user, other, &out.me), (other, user, &out.them)] {
+        if s.is_empty() {
+            c.execute("DELETE FROM roster WHERE user_id = $1 AND other = $2", &[&i(a), &i(b)]).await?;
+        } else {
+            c.execute(
+                "INSERT INTO roster (user_id, other, state, blocks, note, since_ms) VALUES ($1, $2, $3, $4, $5, $6)
+                 ON CONFLICT (user_id, other) DO UPDATE SET state = excluded.state, blocks = excluded.blocks,
+                     note = excluded.note, since_ms = excluded.since_ms",
+                &[&i(a), &i(b), &(s.state as i16), &s.blocks, &s.note, &i(s.since_ms)],
+            )
+            .await?;
+        }
+    }
+    c.batch_execute("COMMIT").await?;
+    Ok(Ok(out))
 }
 
 /// Make `edit` to its message of `conv` in the transaction (the row locked, checked, rewritten);
@@ -1465,8 +1574,82 @@ impl Store for PostgresStore {
                     ts_ms: u(r.get(4)),
                 })
                 .collect();
-            Ok(ConvLoad { last_seq: last.map_or(0, u), recent })
+            let pair = if conv.0 == 0 { 0 } else { conn.timed(pair_of(c, conv)).await? };
+            Ok(ConvLoad { last_seq: last.map_or(0, u), recent, pair })
         })
+    }
+
+    fn roster_action(
+        &self,
+        user: UserId,
+        other: UserId,
+        action: u8,
+        note: &str,
+        now_ms: u64,
+        max: usize,
+    ) -> Result<Result<crate::roster::Outcome, ErrorCode>, StoreError> {
+        if !self.account_exists(other)? {
+            return Ok(Err(ErrorCode::UnknownUser));
+        }
+        // The count spans every range; the pair's two rows change in one transaction on its own.
+        let counts = self.on_every_range(move |range| async move {
+            let conn = range.conn().await?;
+            let row = conn
+                .timed(conn.client().query_one(
+                    "SELECT count(*) FROM roster WHERE user_id = $1 AND state IN (1, 3)",
+                    &[&i(user)],
+                ))
+                .await?;
+            Ok(row.get::<_, i64>(0) as usize)
+        })?;
+        let count: usize = counts.into_iter().sum();
+        let range = self.conv_range(crate::placement::direct_key(user, other)).clone();
+        let note = note.to_string();
+        self.block_on(async move {
+            let conn = range.conn().await?;
+            let c = conn.client();
+            let out = conn.timed(roster_tx(c, user, other, action, &note, now_ms, count, max)).await;
+            if !matches!(out, Ok(Ok(_))) {
+                let _ = conn.timed(c.batch_execute("ROLLBACK")).await;
+            }
+            out
+        })
+    }
+
+    fn roster_list(
+        &self,
+        user: UserId,
+        list: u8,
+        after: u64,
+        limit: usize,
+    ) -> Result<(Vec<crate::protocol::RosterEntry>, bool), StoreError> {
+        let filter = super::embedded::roster_filter(list);
+        let sql = format!(
+            "SELECT other, since_ms, note FROM roster WHERE user_id = $1 AND other > $2 AND {filter}
+             ORDER BY other LIMIT $3"
+        );
+        let count = i64::try_from(limit).unwrap_or(i64::MAX).saturating_add(1);
+        let after = i(after.min(i64::MAX as u64));
+        let pages = self.on_every_range(move |range| {
+            let sql = sql.clone();
+            async move {
+                let conn = range.conn().await?;
+                let rows = conn.timed(conn.client().query(&sql, &[&i(user), &after, &count])).await?;
+                Ok(rows
+                    .iter()
+                    .map(|r| crate::protocol::RosterEntry {
+                        user: u(r.get(0)),
+                        since_ms: u(r.get(1)),
+                        note: r.get(2),
+                    })
+                    .collect::<Vec<_>>())
+            }
+        })?;
+        let mut entries: Vec<_> = pages.into_iter().flatten().collect();
+        entries.sort_by_key(|e| e.user);
+        let more = entries.len() > limit;
+        entries.truncate(limit);
+        Ok((entries, more))
     }
 
     /// Two statements for the whole batch on the partition's range (the last sequence numbers,
