@@ -1472,6 +1472,20 @@ mod session_layout_tests {
         assert_eq!((size_of::<ArchivedReadEntry>(), align_of::<ArchivedReadEntry>()), (16, 8));
     }
 
+    /// The roster layouts of docs/PROTOCOL.md 5.20 and 6.21 to 6.23.
+    #[test]
+    fn roster_layouts() {
+        use std::mem::{align_of, offset_of, size_of};
+        assert_eq!((size_of::<ArchivedRosterAction>(), align_of::<ArchivedRosterAction>()), (24, 8));
+        assert_eq!((offset_of!(ArchivedRosterAction, user), offset_of!(ArchivedRosterAction, note)), (8, 16));
+        assert_eq!((size_of::<ArchivedRosterOk>(), offset_of!(ArchivedRosterOk, friends)), (24, 16));
+        assert_eq!((size_of::<ArchivedRosterGet>(), offset_of!(ArchivedRosterGet, limit)), (24, 16));
+        assert_eq!((size_of::<ArchivedRosterEntry>(), align_of::<ArchivedRosterEntry>()), (24, 8));
+        assert_eq!((size_of::<ArchivedRosterList>(), align_of::<ArchivedRosterList>()), (16, 4));
+        assert_eq!((offset_of!(ArchivedRosterList, entries), offset_of!(ArchivedRosterList, more)), (4, 12));
+        assert_eq!((size_of::<ArchivedRosterNotice>(), offset_of!(ArchivedRosterNotice, note)), (32, 24));
+    }
+
     /// The recall example of docs/PROTOCOL.md 5.17, and the Send layout of 5.7.
     #[test]
     fn recall_layout() {

@@ -494,7 +494,7 @@ pub(crate) fn roster_filter(list: u8) -> &'static str {
         l::FRIENDS => "state = 3",
         l::INCOMING => "state = 2",
         l::OUTGOING => "state = 1",
-        l::BLOCKED => "blocks <> 0",
+        l::BLOCKED => "blocks",
         _ => "false",
     }
 }

@@ -228,7 +228,11 @@ impl Drop for Conn<'_> {
 }
 
 fn pg_err(e: tokio_postgres::Error) -> StoreError {
-    StoreError::Unavailable(e.to_string())
+    // tokio-postgres says only "db error" for an error the server reported: its message too.
+    match e.as_db_error() {
+        Some(d) => StoreError::Unavailable(format!("{e}: {} ({})", d.message(), d.code().code())),
+        None => StoreError::Unavailable(e.to_string()),
+    }
 }
 
 impl Range {
