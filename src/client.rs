@@ -97,6 +97,8 @@ pub enum Event {
     RosterOk(protocol::RosterOk),
     RosterList(protocol::RosterList),
     RosterNotice(protocol::RosterNotice),
+    PresenceList(protocol::PresenceList),
+    PresenceNotice(protocol::PresenceEntry),
     ProfileList(protocol::ProfileList),
     GroupRequestPage(protocol::GroupRequestPage),
     GroupJoinRequest(protocol::GroupJoinRequest),
@@ -174,6 +176,8 @@ pub fn decode_event(k: u16, payload: &[u8]) -> Result<Event> {
         kind::ROSTER_OK => Event::RosterOk(de::<protocol::ArchivedRosterOk, _>(payload)?),
         kind::ROSTER_LIST => Event::RosterList(de::<protocol::ArchivedRosterList, _>(payload)?),
         kind::ROSTER_NOTICE => Event::RosterNotice(de::<protocol::ArchivedRosterNotice, _>(payload)?),
+        kind::PRESENCE_LIST => Event::PresenceList(de::<protocol::ArchivedPresenceList, _>(payload)?),
+        kind::PRESENCE_NOTICE => Event::PresenceNotice(de::<protocol::ArchivedPresenceEntry, _>(payload)?),
         kind::PROFILE_LIST => Event::ProfileList(de::<protocol::ArchivedProfileList, _>(payload)?),
         kind::GROUP_REQUEST_PAGE => {
             Event::GroupRequestPage(de::<protocol::ArchivedGroupRequestPage, _>(payload)?)
@@ -592,6 +596,25 @@ impl Client {
         self.send_frame(kind::ROSTER_ACTION, &protocol::RosterAction { action, user, note: note.into() })?;
         self.wait_for(kind::ROSTER_ACTION, |e| match e {
             Event::RosterOk(r) => Some(r.clone()),
+            _ => None,
+        })
+    }
+
+    /// Set this account's presence ([`protocol::presence_state`]); answered with it.
+    pub fn presence_set(&mut self, state: u8, text: &str, extra: &[u8]) -> Result<protocol::PresenceEntry> {
+        let p = protocol::PresenceSet { state, text: text.into(), extra: extra.to_vec() };
+        self.send_frame(kind::PRESENCE_SET, &p)?;
+        self.wait_for(kind::PRESENCE_SET, |e| match e {
+            Event::PresenceList(l) => l.entries.first().cloned(),
+            _ => None,
+        })
+    }
+
+    /// The presence of some users, in the order asked.
+    pub fn presence_get(&mut self, user_ids: &[u64]) -> Result<Vec<protocol::PresenceEntry>> {
+        self.send_frame(kind::PRESENCE_GET, &protocol::PresenceGet { user_ids: user_ids.to_vec() })?;
+        self.wait_for(kind::PRESENCE_GET, |e| match e {
+            Event::PresenceList(l) => Some(l.entries.clone()),
             _ => None,
         })
     }

@@ -352,6 +352,12 @@ pub struct Limits {
     /// Groups up to this many members push each read receipt to their members' sessions; a
     /// larger group only answers ReadGet with counts.
     pub receipts_live_members_max: usize,
+    /// Bytes of a presence's status text (InvalidPresence).
+    pub presence_text_bytes_max: usize,
+    /// Bytes of a presence's extra data (InvalidPresence).
+    pub presence_extra_bytes_max: usize,
+    /// Users one PresenceGet may ask about (InvalidPresence).
+    pub presence_query_max: usize,
     /// Friends plus outgoing friend requests one user may have (TooManyFriends).
     pub roster_entries_max: usize,
     /// Bytes of a friend request's note (InvalidRoster).
@@ -453,6 +459,9 @@ pub struct SessionPolicy {
     pub per_device_type_max: usize,
     /// What happens when a login would go over a limit.
     pub policy: DevicePolicy,
+    /// When the last session of a user closes, the user goes offline (its presence is
+    /// forgotten); false: the presence it set stays until it sets another.
+    pub presence_auto_offline: bool,
 }
 
 /// What users may do with messages (docs/PROTOCOL.md 5.17).
@@ -567,6 +576,9 @@ impl Default for Limits {
             reads_per_session_per_minute_max: 600,
             receipts_live_members_max: 100,
             roster_entries_max: 5000,
+            presence_text_bytes_max: 128,
+            presence_extra_bytes_max: 256,
+            presence_query_max: 100,
             roster_note_bytes_max: 256,
             profile_text_bytes_max: 256,
             profile_extra_bytes_max: 4096,
@@ -590,7 +602,12 @@ impl Default for Limits {
 
 impl Default for SessionPolicy {
     fn default() -> Self {
-        SessionPolicy { per_account_max: 8, per_device_type_max: 2, policy: DevicePolicy::KickOldest }
+        SessionPolicy {
+            per_account_max: 8,
+            per_device_type_max: 2,
+            policy: DevicePolicy::KickOldest,
+            presence_auto_offline: true,
+        }
     }
 }
 
@@ -896,6 +913,9 @@ reads_per_session_per_minute_max = 600 # read receipts per session; beyond: Rate
 receipts_live_members_max = 100     # groups up to this size push read receipts live; larger: counts on request
 roster_entries_max = 5000           # friends + outgoing friend requests per user; beyond: TooManyFriends
 roster_note_bytes_max = 256         # a friend request's note; longer: InvalidRoster
+presence_text_bytes_max = 128       # a presence's status text; longer: InvalidPresence
+presence_extra_bytes_max = 256      # a presence's extra data; longer: InvalidPresence
+presence_query_max = 100            # users one PresenceGet may ask about
 profile_text_bytes_max = 256        # bytes of a profile's nickname, avatar URL or area (InvalidProfile)
 profile_extra_bytes_max = 4096      # bytes of a profile's extra data (InvalidProfile)
 profiles_per_request_max = 100      # users one ProfileGet may name (InvalidProfile)
@@ -917,6 +937,7 @@ cursors_pending_max = 262144        # cursors a shard holds between flushes; ack
 per_account_max = 8                 # sessions per account
 per_device_type_max = 2             # sessions per account and device type
 policy = "kick_oldest"              # kick_oldest | refuse
+presence_auto_offline = true        # the last session's end makes the user offline (else its presence stays)
 
 [messages]
 recall_window_secs = 120            # a message may be recalled this long after it was sent; 0 = no limit

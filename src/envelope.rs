@@ -105,6 +105,36 @@ pub fn conv_key(conv: u8, sender: UserId, to: UserId) -> ConvKey {
     }
 }
 
+impl PresenceMsg {
+    /// The envelope that carries it to `user`'s owner.
+    pub fn envelope(&self) -> Envelope {
+        let msg = postcard::to_allocvec(self).expect("a presence message encodes");
+        Envelope::Presence { user: self.user, msg: Bytes::from(msg) }
+    }
+}
+
+/// A presence message for `user`'s owner (it crosses nodes as postcard).
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct PresenceMsg {
+    pub user: UserId,
+    /// The asking session (`SessionRef` id; 0: none).
+    pub origin: u64,
+    pub op: PresenceOp,
+}
+
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub enum PresenceOp {
+    /// The user sets its presence; answered with a `PRESENCE_LIST` of it (a `GroupReply`).
+    Set { state: u8, text: String, extra: Vec<u8> },
+    /// A session of the user logged in: the user's friends and blocked users, from the store.
+    Roster { friends: Vec<UserId>, blocks: Vec<UserId> },
+    /// The user's relation to `other` changed (stored already).
+    Change { other: UserId, friend: bool, blocks: bool },
+    /// `asker` wants the presence of `users` (all owned by the owner of `user`, the first of
+    /// them); answered with a `PRESENCE_LIST`.
+    Ask { asker: UserId, users: Vec<UserId> },
+}
+
 /// What a session asks of a group's owner.
 pub enum GroupOp {
     Create(GroupProfile),
@@ -303,6 +333,9 @@ pub enum Envelope {
     Admin(AdminTask),
     /// → U: `user` was banned until `until_ms` (stored already; in the past: lifted).
     Ban { user: UserId, until_ms: u64 },
+    /// S → U: presence: a [`PresenceMsg`] for `user`'s owner, as postcard (it crosses nodes as
+    /// it is).
+    Presence { user: UserId, msg: Bytes },
     /// S → C: a 1:1 pair's roster changed (stored already): its new flags
     /// ([`crate::roster::pair`]), for the sends of the conversation.
     Pair { conv: ConvKey, flags: u8 },
@@ -340,6 +373,9 @@ impl Envelope {
             Envelope::AttachResult { .. } | Envelope::Detach { .. } | Envelope::Kick { .. } => true,
             Envelope::RoomClosed { .. } | Envelope::Reattach { .. } | Envelope::Placement(_) => true,
             Envelope::Fence { .. } | Envelope::Ban { .. } | Envelope::Pair { .. } => true,
+            // Answered requests (bounded by the sessions' one request each) and a user's roster
+            // for its presence (one per login or roster change).
+            Envelope::Presence { .. } => true,
             Envelope::Acked { .. } | Envelope::Rejected { .. } | Envelope::StreamRefused { .. } => true,
             Envelope::TokenResult { .. } | Envelope::GroupReply { .. } => true,
             // A publish is answered only when refused, and publishes are not counted in flight.
@@ -365,6 +401,7 @@ impl Envelope {
             | Envelope::Reattach { user, .. } => p.user(*user),
             Envelope::Attach(a) => p.user(a.user),
             Envelope::Pair { conv, .. } => p.conv(*conv),
+            Envelope::Presence { user, .. } => p.user(*user),
             Envelope::Room(req) => p.room(req.room),
             Envelope::Group(req) => p.group(req.group),
             _ => return None,

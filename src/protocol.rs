@@ -50,6 +50,12 @@ pub mod kind {
     /// One of this account's roster lists (payload: a [`super::RosterGet`]); answered with
     /// `ROSTER_LIST`.
     pub const ROSTER_GET: u16 = 19;
+    /// Set this account's presence (payload: a [`super::PresenceSet`]); answered with
+    /// `PRESENCE_LIST` holding it; friends get `PRESENCE_NOTICE`.
+    pub const PRESENCE_SET: u16 = 25;
+    /// The presence of some users (payload: a [`super::PresenceGet`]); answered with
+    /// `PRESENCE_LIST`.
+    pub const PRESENCE_GET: u16 = 26;
     pub const ROOM_CREATE: u16 = 20;
     pub const ROOM_SUBSCRIBE: u16 = 21;
     pub const ROOM_UNSUBSCRIBE: u16 = 22;
@@ -105,6 +111,10 @@ pub mod kind {
     /// A roster change between two users, to both users' sessions (payload: a
     /// [`super::RosterNotice`]).
     pub const ROSTER_NOTICE: u16 = 124;
+    /// The answer to `PRESENCE_SET` and `PRESENCE_GET` (payload: a [`super::PresenceList`]).
+    pub const PRESENCE_LIST: u16 = 125;
+    /// A friend's presence changed (payload: a [`super::PresenceEntry`]).
+    pub const PRESENCE_NOTICE: u16 = 126;
     /// The answer to a room request that succeeded (create, subscribe, unsubscribe, delete).
     pub const ROOM_OK: u16 = 130;
     /// A message published to a live room: a [`super::RoomStamp`], then the publisher's
@@ -172,6 +182,10 @@ pub mod kind {
             ROSTER_OK => "RosterOk",
             ROSTER_LIST => "RosterList",
             ROSTER_NOTICE => "RosterNotice",
+            PRESENCE_SET => "PresenceSet",
+            PRESENCE_GET => "PresenceGet",
+            PRESENCE_LIST => "PresenceList",
+            PRESENCE_NOTICE => "PresenceNotice",
             REGISTER_OK => "RegisterOk",
             LOGIN_OK => "LoginOk",
             TOKEN_ISSUED => "TokenIssued",
@@ -437,6 +451,9 @@ pub enum ErrorCode {
     /// A roster request is invalid (unknown action or list, oneself, a note over its limit, a
     /// request to a user one blocks).
     InvalidRoster = 95,
+    /// A presence request is invalid (unknown state, a text or extra data over its limit, no
+    /// ids or more than `presence_query_max`).
+    InvalidPresence = 96,
     /// No login within `login_timeout_ms` of connecting. The connection is closed.
     LoginTimeout = 40,
     /// No bytes received within `idle_timeout_ms`. The connection is closed.
@@ -559,6 +576,7 @@ impl ErrorCode {
             93 => NoFriendRequest,
             94 => TooManyFriends,
             95 => InvalidRoster,
+            96 => InvalidPresence,
             40 => LoginTimeout,
             41 => IdleTimeout,
             42 => Replaced,
@@ -632,6 +650,7 @@ impl ErrorCode {
             NoFriendRequest => "no such friend request",
             TooManyFriends => "too many friends",
             InvalidRoster => "invalid roster request",
+            InvalidPresence => "invalid presence request",
             LoginTimeout => "login timeout",
             IdleTimeout => "idle timeout",
             Replaced => "replaced by a newer login",
@@ -928,6 +947,51 @@ pub struct ReadState {
     /// Each user's read position (the asker's included), by rising user id: both users of a
     /// 1:1 chat; a group's members only up to `receipts_live_members_max` members, else empty.
     pub reads: Vec<ReadEntry>,
+}
+
+/// `PresenceSet::state` and `PresenceEntry::state`.
+pub mod presence_state {
+    /// No live session (or invisible, to others).
+    pub const OFFLINE: u8 = 0;
+    pub const ONLINE: u8 = 1;
+    pub const AWAY: u8 = 2;
+    pub const BUSY: u8 = 3;
+    /// Set only: appear offline to everybody else, and still receive everything.
+    pub const INVISIBLE: u8 = 4;
+}
+
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct PresenceSet {
+    /// ONLINE, AWAY, BUSY or INVISIBLE.
+    pub state: u8,
+    /// At most `presence_text_bytes_max` bytes.
+    pub text: String,
+    /// Opaque, at most `presence_extra_bytes_max` bytes.
+    pub extra: Vec<u8>,
+}
+
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct PresenceGet {
+    /// 1 to `presence_query_max` users.
+    pub user_ids: Vec<u64>,
+}
+
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct PresenceEntry {
+    pub user: u64,
+    /// As others see it ([`presence_state`]; an invisible user is OFFLINE but to itself).
+    pub state: u8,
+    /// When it took this state (ms since the epoch; 0: unknown).
+    pub since_ms: u64,
+    /// Status text and extra data (empty while OFFLINE).
+    pub text: String,
+    pub extra: Vec<u8>,
+}
+
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct PresenceList {
+    /// In the order asked.
+    pub entries: Vec<PresenceEntry>,
 }
 
 /// `RosterAction::action`, and `RosterNotice::event` (the action that changed the pair).

@@ -577,6 +577,29 @@ impl Shard {
         }
     }
 
+    /// Send `frame` to the live sessions of `users`: one `GroupFanout` per user owner.
+    fn fanout_users(&self, users: Vec<UserId>, frame: Bytes) {
+        let mut by_owner: Vec<(crate::placement::Owner, Vec<UserId>)> = Vec::new();
+        self.place(|p| {
+            for u in users {
+                let o = p.user(u);
+                match by_owner.iter_mut().find(|(x, _)| *x == o) {
+                    Some((_, list)) => list.push(u),
+                    None => by_owner.push((o, vec![u])),
+                }
+            }
+        });
+        for (owner, users) in by_owner {
+            let f = crate::envelope::GroupFanout {
+                users: users.into(),
+                skip: SessionRef::NONE,
+                frame: frame.clone(),
+                lossy: false,
+            };
+            self.post(owner, Envelope::GroupFanout(Box::new(f)));
+        }
+    }
+
     /// Burn what is due, every second (durable stores): claim the due burn-after-read messages
     /// and hand each conversation's owner a burn notice per sender, which burns them in its
     /// commit (see [`crate::store::Edit::Burn`]). A claim whose notice is not stored is claimed
@@ -735,7 +758,9 @@ impl Shard {
                 self.users.borrow().fanout(user, skip, &frame, &mut fx);
             }
             Envelope::Attach(a) => self.users.borrow_mut().attach(&a, now_ms(), &mut fx),
-            Envelope::Detach { user, session } => self.users.borrow_mut().detach(user, session),
+            Envelope::Detach { user, session } => {
+                self.users.borrow_mut().detach(user, session, now_ms(), &mut fx)
+            }
             Envelope::StoreToken { user, session, hash, expires_at_ms } => {
                 self.users.borrow_mut().store_token(user, session, hash, expires_at_ms, now_ms(), &mut fx)
             }
@@ -830,6 +855,12 @@ impl Shard {
                 self.users.borrow_mut().ban(user, until_ms, now_ms(), &mut fx)
             }
             Envelope::Pair { conv, flags } => self.convs.borrow_mut().set_pair(conv, flags),
+            Envelope::Presence { msg, .. } => {
+                match postcard::from_bytes::<crate::envelope::PresenceMsg>(&msg) {
+                    Ok(m) => self.users.borrow_mut().presence(m, now_ms(), &mut fx),
+                    Err(e) => log::error!("a presence message does not decode: {e}"),
+                }
+            }
             // The gateway sends back an envelope this shard placed by a table it has left.
             Envelope::Remote(r) => self.take_back(r.env),
             // The gateway's word that a new table is out (the table itself is taken from
@@ -1117,6 +1148,7 @@ impl Shard {
                 }
                 Effect::LoadGroup(group) => drop(monoio::spawn(self.rc().load_group(group))),
                 Effect::NoteRead(c) => self.note_read(c),
+                Effect::FanoutUsers { users, frame } => self.fanout_users(users, frame),
                 Effect::SaveJoinRequest { group, user, request } => {
                     drop(monoio::spawn(self.rc().save_join_request(group, user, request)))
                 }
@@ -1452,6 +1484,35 @@ impl Shard {
             }
         });
     }
+}
+
+/// After a login: read the user's friends and the users it blocks, and hand them to its user
+/// owner, which keeps them for its presence (and tells the friends it came online).
+pub async fn presence_hello(shard: Rc<Shard>, user: UserId) {
+    use protocol::roster_list as l;
+    let store = shard.shared.store.clone();
+    let max = shard.cfg().limits.roster_entries_max;
+    let read = shard
+        .shared
+        .workers
+        .store
+        .run(move || {
+            let ids =
+                |list| store.roster_list(user, list, 0, max).map(|(e, _)| e.iter().map(|e| e.user).collect());
+            Ok::<_, StoreError>((ids(l::FRIENDS)?, ids(l::BLOCKED)?))
+        })
+        .await;
+    let (friends, blocks) = match read {
+        Ok(Ok(lists)) => lists,
+        Ok(Err(e)) => return log::warn!("store: reading the roster of user {user}: {e}"),
+        Err(e) => return log::warn!("store: reading the roster of user {user}: {e}"),
+    };
+    let msg = crate::envelope::PresenceMsg {
+        user,
+        origin: 0,
+        op: crate::envelope::PresenceOp::Roster { friends, blocks },
+    };
+    shard.post(shard.place(|p| p.user(user)), msg.envelope());
 }
 
 /// After a login on a durable store: send the device what it has not acknowledged and that was

@@ -176,6 +176,7 @@ impl SimConfig {
                 per_account_max,
                 per_device_type_max: 1 + r.below(per_account_max as u64) as usize,
                 policy: if r.chance(50) { DevicePolicy::KickOldest } else { DevicePolicy::Refuse },
+                presence_auto_offline: true,
             },
             inflight_max: 1 + r.below(6) as usize,
             commit_batch_max: 1 + r.below(8) as usize,
@@ -806,8 +807,8 @@ impl Sim {
                 Effect::Post(dst, env) => self.post(shard, dst.shard(), env),
                 Effect::Sequence(sub) => self.sequence(shard, sub)?,
                 Effect::GroupPublish(p) => self.group_published(shard, p)?,
-                // Read positions are not part of the simulated store.
-                Effect::NoteRead(_) => {}
+                // Read positions and presence are not part of the simulation.
+                Effect::NoteRead(_) | Effect::FanoutUsers { .. } => {}
                 Effect::NoticeFailed { group, code } => {
                     self.notice_inflight.remove(&group);
                     self.note(format!("shard {shard}: notice of group {group} failed {code:?}"));
@@ -1062,7 +1063,7 @@ impl Sim {
                 unreachable!("the simulation runs one node")
             }
             Envelope::Admin(_) | Envelope::Ban { .. } => unreachable!("the simulation has no admin API"),
-            Envelope::Pair { .. } => unreachable!("the simulation has no roster"),
+            Envelope::Pair { .. } | Envelope::Presence { .. } => unreachable!("the simulation has no roster"),
             Envelope::Sessions { .. } => unreachable!("the simulation's clients do not list sessions"),
             Envelope::Group(req) => {
                 if self.placement.group(req.group).shard() != dst {
@@ -1114,7 +1115,7 @@ impl Sim {
                 self.shards[dst].users.fanout(user, skip, &frame, &mut fx)
             }
             Envelope::Attach(a) => self.shards[dst].users.attach(&a, now, &mut fx),
-            Envelope::Detach { user, session } => self.shards[dst].users.detach(user, session),
+            Envelope::Detach { user, session } => self.shards[dst].users.detach(user, session, now, &mut fx),
             Envelope::StoreToken { user, session, hash, expires_at_ms } => {
                 self.shards[dst].users.store_token(user, session, hash, expires_at_ms, now, &mut fx)
             }

@@ -17,7 +17,8 @@ fn next_notice(c: &mut Client) -> RosterNotice {
     loop {
         match c.recv().expect("a roster notice") {
             Event::RosterNotice(n) => return n,
-            Event::CatchUpEnd(_) | Event::Deliver(_) | Event::SendAck(_) => {}
+            // Friends' presence comes too (tests/presence.rs).
+            Event::CatchUpEnd(_) | Event::Deliver(_) | Event::SendAck(_) | Event::PresenceNotice(_) => {}
             other => panic!("expected a roster notice, got {other:?}"),
         }
     }

@@ -248,6 +248,12 @@ enum WireEnvelope<'a> {
         b: u64,
         flags: u8,
     },
+    /// A [`crate::envelope::PresenceMsg`] as postcard (rare, and of varied shapes).
+    Presence {
+        user: u64,
+        #[rkyv(with = AsVec)]
+        msg: &'a [u8],
+    },
 }
 
 /// [`RoomOp`].
@@ -522,6 +528,7 @@ impl<'a> WireEnvelope<'a> {
             }
             Envelope::Ban { user, until_ms } => WireEnvelope::Ban { user: *user, until_ms: *until_ms },
             Envelope::Pair { conv, flags } => WireEnvelope::Pair { a: conv.0, b: conv.1, flags: *flags },
+            Envelope::Presence { user, msg } => WireEnvelope::Presence { user: *user, msg },
             // A shard's envelope for its gateway, and the gateway's tables for its shards, stay
             // on their node.
             Envelope::Remote(_) | Envelope::Placement(_) | Envelope::Fence { .. } | Envelope::Admin(_) => {
@@ -811,6 +818,9 @@ fn envelope(a: &ArchivedWireEnvelope<'_>, payload: &Bytes) -> Result<Envelope, W
         }
         W::Ban { user, until_ms } => Envelope::Ban { user: user.to_native(), until_ms: until_ms.to_native() },
         W::Pair { a, b, flags } => Envelope::Pair { conv: (a.to_native(), b.to_native()), flags: *flags },
+        W::Presence { user, msg } => {
+            Envelope::Presence { user: user.to_native(), msg: shared(payload, msg)? }
+        }
     })
 }
 
@@ -884,6 +894,7 @@ mod tests {
             Envelope::Sessions { user: 44, origin: SessionRef::on(5, 3, 10), logout: 12 },
             Envelope::Ban { user: 43, until_ms: 1_767_225_600_000 },
             Envelope::Pair { conv: (44, 45), flags: 5 },
+            Envelope::Presence { user: 46, msg: Bytes::from_static(b"postcard") },
             submit(None, None),
             submit(None, Some(ErrorCode::Muted)),
             Envelope::Acked {
@@ -1047,6 +1058,7 @@ mod tests {
             Envelope::Sessions { user, origin, logout } => format!("Sessions {:?}", (user, origin, logout)),
             Envelope::Ban { user, until_ms } => format!("Ban {:?}", (user, until_ms)),
             Envelope::Pair { conv, flags } => format!("Pair {:?}", (conv, flags)),
+            Envelope::Presence { user, msg } => format!("Presence {user} {msg:?}"),
             Envelope::Remote(_) | Envelope::Placement(_) | Envelope::Fence { .. } | Envelope::Admin(_) => {
                 unreachable!("never encoded")
             }

@@ -65,6 +65,8 @@ pub enum Effect {
     NoticeFailed { group: u64, code: ErrorCode },
     /// Load a group from the store, then call [`GroupOwner::loaded`].
     LoadGroup(u64),
+    /// Send `frame` to every live session of `users` (their user owners fan it out).
+    FanoutUsers { users: Vec<UserId>, frame: bytes::Bytes },
     /// Keep a read position (written to the store with the shard's next flush).
     NoteRead(crate::store::Cursor),
     /// Store (`Some`) or drop a join request, then call [`GroupOwner::request_saved`].

@@ -13,9 +13,11 @@ use bytes::Bytes;
 use super::{Effect, Effects, InvariantError};
 use crate::{
     config::{DevicePolicy, SessionPolicy},
-    envelope::{Attach, DeviceInfo, Envelope, SessionRef},
+    envelope::{Attach, DeviceInfo, Envelope, PresenceMsg, PresenceOp, SessionRef},
     placement::{NodeId, Owner},
-    protocol::{kind, DeviceType, ErrorCode, SessionInfo, SessionList},
+    protocol::{
+        kind, presence_state, DeviceType, ErrorCode, PresenceEntry, PresenceList, SessionInfo, SessionList,
+    },
     store::UserId,
 };
 
@@ -32,11 +34,59 @@ struct UserLive {
     sessions: Vec<LiveSession>,
     /// (token hash, expiry in ms since the epoch).
     tokens: Vec<([u8; 32], u64)>,
+    /// Its presence, once it set one or a session said who its friends are.
+    presence: Option<Box<Presence>>,
+}
+
+/// A user's presence as its owner keeps it (in memory only).
+#[derive(Default)]
+struct Presence {
+    /// As set ([`presence_state`]); 0: never set (online while it has sessions).
+    state: u8,
+    text: String,
+    extra: Vec<u8>,
+    since_ms: u64,
+    /// Its friends (`None`: not known yet), who are told of its changes, and the users it
+    /// blocks, who see it offline.
+    friends: Option<Vec<UserId>>,
+    blocks: Vec<UserId>,
+    /// The state its friends were last told (OFFLINE before the first).
+    shown: u8,
 }
 
 impl UserLive {
     fn is_empty(&self) -> bool {
-        self.sessions.is_empty() && self.tokens.is_empty()
+        self.sessions.is_empty() && self.tokens.is_empty() && self.presence.is_none()
+    }
+
+    /// The state others see: offline without sessions (unless the presence it set outlives
+    /// them) or while invisible.
+    fn visible(&self, auto_offline: bool) -> u8 {
+        let set = self.presence.as_ref().map_or(0, |p| p.state);
+        if (self.sessions.is_empty() && (auto_offline || set == 0)) || set == presence_state::INVISIBLE {
+            presence_state::OFFLINE
+        } else if set == 0 {
+            presence_state::ONLINE
+        } else {
+            set
+        }
+    }
+
+    /// Its presence as `asker` sees it.
+    fn entry(&self, user: UserId, asker: UserId, auto_offline: bool) -> PresenceEntry {
+        let p = self.presence.as_deref();
+        let mut state = self.visible(auto_offline);
+        if asker == user && p.is_some_and(|p| p.state == presence_state::INVISIBLE) {
+            state = presence_state::INVISIBLE;
+        }
+        if asker != user && p.is_some_and(|p| p.blocks.contains(&asker)) {
+            state = presence_state::OFFLINE;
+        }
+        let (text, extra) = match p {
+            Some(p) if state != presence_state::OFFLINE => (p.text.clone(), p.extra.clone()),
+            _ => (String::new(), Vec::new()),
+        };
+        PresenceEntry { user, state, since_ms: p.map_or(0, |p| p.since_ms), text, extra }
     }
 }
 
@@ -57,6 +107,8 @@ pub struct UserOwner {
     /// before the ban was stored asks for its place after the ban's kicks (the store refuses the
     /// logins that read it after).
     banned: HashMap<UserId, u64, RandomState>,
+    /// `sessions.presence_auto_offline`.
+    auto_offline: bool,
 }
 
 /// How long a user owner refuses a banned user's logins by itself (longer than a login takes
@@ -66,12 +118,115 @@ pub const BAN_MARK_MS: u64 = 60_000;
 impl UserOwner {
     pub fn new(policy: SessionPolicy, tokens_per_user_max: usize, hasher: RandomState) -> UserOwner {
         assert!(policy.per_account_max > 0 && policy.per_device_type_max > 0);
+        let policy_auto_offline = policy.presence_auto_offline;
         UserOwner {
             users: HashMap::with_hasher(hasher.clone()),
             policy,
             tokens_per_user_max,
             banned: HashMap::with_hasher(hasher),
+            auto_offline: policy_auto_offline,
         }
+    }
+
+    /// A presence message for one of this owner's users.
+    pub fn presence(&mut self, m: PresenceMsg, now: u64, out: &mut Effects) {
+        let origin = SessionRef(m.origin);
+        match m.op {
+            PresenceOp::Set { state, text, extra } => {
+                let live = self.users.entry(m.user).or_default();
+                let p = live.presence.get_or_insert_with(Default::default);
+                let changed = (p.state, &p.text, &p.extra) != (state, &text, &extra);
+                if p.state != state {
+                    p.since_ms = now;
+                }
+                (p.state, p.text, p.extra) = (state, text, extra);
+                let entry = live.entry(m.user, m.user, self.auto_offline);
+                let frame = |k| Bytes::from(crate::frame::encode(k, &entry));
+                // The user's other sessions learn it as it is (invisible included).
+                if changed {
+                    self.fanout(m.user, origin, &frame(kind::PRESENCE_NOTICE), out);
+                }
+                let list = PresenceList { entries: vec![entry.clone()] };
+                let result = Ok(Bytes::from(crate::frame::encode(kind::PRESENCE_LIST, &list)));
+                let answer =
+                    Envelope::GroupReply { session: origin, request_kind: kind::PRESENCE_SET, result };
+                out.push(Effect::Post(origin.owner(), answer));
+                self.announce(m.user, changed, now, out);
+            }
+            PresenceOp::Roster { friends, blocks } => {
+                let live = self.users.entry(m.user).or_default();
+                let p = live.presence.get_or_insert_with(Default::default);
+                p.friends = Some(friends);
+                p.blocks = blocks;
+                self.announce(m.user, false, now, out);
+            }
+            PresenceOp::Change { other, friend, blocks } => {
+                let Some(p) = self.users.get_mut(&m.user).and_then(|l| l.presence.as_deref_mut()) else {
+                    return;
+                };
+                if let Some(f) = p.friends.as_mut() {
+                    f.retain(|&u| u != other);
+                    if friend {
+                        f.push(other);
+                        // A new friend learns where this user stands.
+                        let entry = self.users[&m.user].entry(m.user, other, self.auto_offline);
+                        if entry.state != presence_state::OFFLINE {
+                            let frame = Bytes::from(crate::frame::encode(kind::PRESENCE_NOTICE, &entry));
+                            out.push(Effect::FanoutUsers { users: vec![other], frame });
+                        }
+                    }
+                }
+                let p = self.users.get_mut(&m.user).and_then(|l| l.presence.as_deref_mut()).expect("held");
+                p.blocks.retain(|&u| u != other);
+                if blocks {
+                    p.blocks.push(other);
+                }
+            }
+            PresenceOp::Ask { asker, users } => {
+                let entries = users
+                    .iter()
+                    .map(|&u| match self.users.get(&u) {
+                        Some(live) => live.entry(u, asker, self.auto_offline),
+                        None => PresenceEntry {
+                            user: u,
+                            state: 0,
+                            since_ms: 0,
+                            text: String::new(),
+                            extra: Vec::new(),
+                        },
+                    })
+                    .collect();
+                let result =
+                    Ok(Bytes::from(crate::frame::encode(kind::PRESENCE_LIST, &PresenceList { entries })));
+                let answer =
+                    Envelope::GroupReply { session: origin, request_kind: kind::PRESENCE_GET, result };
+                out.push(Effect::Post(origin.owner(), answer));
+            }
+        }
+    }
+
+    /// Tell `user`'s friends (those it does not block) its presence if what they see changed
+    /// (or, with `force`, its text did), once its friends are known.
+    fn announce(&mut self, user: UserId, force: bool, now: u64, out: &mut Effects) {
+        let auto_offline = self.auto_offline;
+        let Some(live) = self.users.get_mut(&user) else { return };
+        let visible = live.visible(auto_offline);
+        let Some(p) = live.presence.as_deref_mut() else { return };
+        let Some(friends) = p.friends.as_ref() else { return };
+        if visible == p.shown && !(force && visible != presence_state::OFFLINE) {
+            return;
+        }
+        if visible != p.shown && p.state == 0 {
+            p.since_ms = now;
+        }
+        p.shown = visible;
+        let users: Vec<UserId> = friends.iter().copied().filter(|f| !p.blocks.contains(f)).collect();
+        if users.is_empty() {
+            return;
+        }
+        let entry = live.entry(user, 0, auto_offline);
+        let frame = Bytes::from(crate::frame::encode(kind::PRESENCE_NOTICE, &entry));
+        out.push(Effect::FanoutUsers { users, frame });
     }
 
     /// `user` is banned until `until_ms` (stored already): its tokens are void, its sessions are
@@ -99,6 +254,9 @@ impl UserOwner {
     /// older sessions or refusing as the device policy says, and answer the login's shard.
     pub fn attach(&mut self, a: &Attach, now: u64, out: &mut Effects) {
         let result = self.try_attach(a, now, out);
+        if result.is_ok() {
+            self.announce(a.user, false, now, out);
+        }
         out.push(Effect::Post(
             a.session.owner(),
             Envelope::AttachResult { session: a.session, user: a.user, result },
@@ -238,12 +396,20 @@ impl UserOwner {
     }
 
     /// A logged-in session ended (or a login's connection ended before it was answered).
-    pub fn detach(&mut self, user: UserId, session: SessionRef) {
-        if let Some(live) = self.users.get_mut(&user) {
-            live.sessions.retain(|s| s.session != session);
-            if live.is_empty() {
-                self.users.remove(&user);
+    /// When its last session ends, the user goes offline (friends are told) and, with
+    /// `presence_auto_offline`, its presence is forgotten.
+    pub fn detach(&mut self, user: UserId, session: SessionRef, now: u64, out: &mut Effects) {
+        let Some(live) = self.users.get_mut(&user) else { return };
+        live.sessions.retain(|s| s.session != session);
+        if live.sessions.is_empty() {
+            self.announce(user, false, now, out);
+            let live = self.users.get_mut(&user).expect("held");
+            if self.auto_offline {
+                live.presence = None;
             }
+        }
+        if self.users.get(&user).is_some_and(UserLive::is_empty) {
+            self.users.remove(&user);
         }
     }
 

@@ -12,7 +12,9 @@ use bytes::Bytes;
 use super::{error_frame, Flow, Reply, Session};
 use crate::{
     auth,
-    envelope::{Attach, Envelope, GroupOp, GroupRequest, RoomOp, RoomRequest, Submit},
+    envelope::{
+        Attach, Envelope, GroupOp, GroupRequest, PresenceMsg, PresenceOp, RoomOp, RoomRequest, Submit,
+    },
     frame,
     guard::Action,
     placement::direct_key,
@@ -317,6 +319,17 @@ impl Requests<'_> {
                 let (conv_kind, peer, seq) = (r.conv, r.peer.to_native(), r.seq.to_native());
                 Box::pin(self.read_get(conv_kind, peer, seq)).await
             }
+            kind::PRESENCE_SET => {
+                let p = access!(protocol::ArchivedPresenceSet);
+                let (state, text, extra) =
+                    (p.state, p.text.as_str().to_string(), p.extra.as_slice().to_vec());
+                Box::pin(self.presence_set(state, text, extra)).await
+            }
+            kind::PRESENCE_GET => {
+                let g = access!(protocol::ArchivedPresenceGet);
+                let ids: Vec<u64> = g.user_ids.iter().map(|u| u.to_native()).collect();
+                Box::pin(self.presence_get(ids)).await
+            }
             kind::ROSTER_ACTION => {
                 let r = access!(protocol::ArchivedRosterAction);
                 let (action, user, note) = (r.action, r.user.to_native(), r.note.as_str().to_string());
@@ -583,6 +596,8 @@ impl Requests<'_> {
                     protocol_version: protocol::PROTOCOL_VERSION,
                 };
                 let flow = self.reply(kind::LOGIN_OK, &ok);
+                // The user owner learns the user's friends and blocks, for its presence.
+                monoio::spawn(crate::shard::presence_hello(self.shard.clone(), user));
                 if self.shard.shared.store.durable() {
                     // Taken after the user owner attached this session: every message stamped
                     // later is fanned out to it live, so catch-up stops here (a message stamped
@@ -858,6 +873,12 @@ impl Requests<'_> {
             crate::roster::pair_flags(&out.them, &out.me)
         };
         self.shard.post(self.shard.place(|p| p.conv(conv)), Envelope::Pair { conv, flags });
+        // Both users' presence owners keep who is a friend (told of changes) and who is blocked.
+        for (user, other, blocks) in [(me, other, out.me.blocks), (other, me, out.them.blocks)] {
+            let op = PresenceOp::Change { other, friend: out.friends(), blocks };
+            let msg = PresenceMsg { user, origin: 0, op };
+            self.shard.post(self.shard.place(|p| p.user(user)), msg.envelope());
+        }
         if let Some(event) = out.notice {
             let note = if event == act::REQUEST { note } else { String::new() };
             let notice = protocol::RosterNotice { event, from: me, to: other, note };
@@ -869,6 +890,72 @@ impl Requests<'_> {
             self.shard.post(self.shard.place(|p| p.user(me)), env);
         }
         self.reply(kind::ROSTER_OK, &protocol::RosterOk { action, user: other, friends: out.friends() })
+    }
+
+    /// Set this account's presence at its user owner, which answers with it and tells the
+    /// friends.
+    async fn presence_set(&self, state: u8, text: String, extra: Vec<u8>) -> Flow {
+        use protocol::presence_state as ps;
+        let k = kind::PRESENCE_SET;
+        let l = &self.shard.cfg().limits;
+        if !(ps::ONLINE..=ps::INVISIBLE).contains(&state)
+            || text.len() > l.presence_text_bytes_max
+            || extra.len() > l.presence_extra_bytes_max
+        {
+            return self.error(ErrorCode::InvalidPresence, k);
+        }
+        let me = self.session.user();
+        let msg =
+            PresenceMsg { user: me, origin: self.session.id.0, op: PresenceOp::Set { state, text, extra } };
+        let owner = self.shard.place(|p| p.user(me));
+        match self.ask_owner(owner, msg.envelope()).await {
+            Ok(frame) => {
+                self.session.push(frame);
+                Flow::Continue
+            }
+            Err(code) => self.error(code, k),
+        }
+    }
+
+    /// The presence of some users: asked of each user owner in turn, answered in the order
+    /// asked.
+    async fn presence_get(&self, ids: Vec<u64>) -> Flow {
+        let k = kind::PRESENCE_GET;
+        if ids.is_empty() || ids.len() > self.shard.cfg().limits.presence_query_max {
+            return self.error(ErrorCode::InvalidPresence, k);
+        }
+        let me = self.session.user();
+        let mut by_owner: Vec<(crate::placement::Owner, Vec<u64>)> = Vec::new();
+        for &u in &ids {
+            let o = self.shard.place(|p| p.user(u));
+            match by_owner.iter_mut().find(|(x, _)| *x == o) {
+                Some((_, list)) if !list.contains(&u) => list.push(u),
+                Some(_) => {}
+                None => by_owner.push((o, vec![u])),
+            }
+        }
+        let mut found: Vec<protocol::PresenceEntry> = Vec::with_capacity(ids.len());
+        for (owner, users) in by_owner {
+            let msg = PresenceMsg {
+                user: users[0],
+                origin: self.session.id.0,
+                op: PresenceOp::Ask { asker: me, users },
+            };
+            let frame = match self.ask_owner(owner, msg.envelope()).await {
+                Ok(frame) => frame,
+                Err(code) => return self.error(code, k),
+            };
+            let Ok(list) = frame::access::<protocol::ArchivedPresenceList>(&frame[frame::HEADER_BYTES..])
+            else {
+                return self.error(ErrorCode::Internal, k);
+            };
+            match rkyv::deserialize::<protocol::PresenceList, rkyv::rancor::Error>(list) {
+                Ok(l) => found.extend(l.entries),
+                Err(_) => return self.error(ErrorCode::Internal, k),
+            }
+        }
+        let entries = ids.iter().filter_map(|u| found.iter().find(|e| e.user == *u).cloned()).collect();
+        self.reply(kind::PRESENCE_LIST, &protocol::PresenceList { entries })
     }
 
     /// One of this account's roster lists, from the store.

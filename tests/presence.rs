@@ -1,0 +1,131 @@
+//! Presence over real sockets: friends are told when a user comes online, changes its state or
+//! text, turns invisible or goes offline with its last session; anyone may ask (up to
+//! `presence_query_max` users), but an invisible user looks offline, and so does a user to those
+//! it blocks; a new friend learns where the other stands; with `presence_auto_offline = false`
+//! a set presence outlives the sessions. Every refusal.
+
+mod common;
+use std::time::Duration;
+
+use common::*;
+use tim::{
+    client::{Client, ClientError, Event},
+    protocol::{presence_state as ps, roster_action as act, ErrorCode, PresenceEntry},
+};
+
+/// The next presence notice `c` gets.
+fn next_presence(c: &mut Client) -> PresenceEntry {
+    loop {
+        match c.recv().expect("a presence notice") {
+            Event::PresenceNotice(p) => return p,
+            Event::CatchUpEnd(_) | Event::Deliver(_) | Event::RosterNotice(_) => {}
+            other => panic!("expected a presence notice, got {other:?}"),
+        }
+    }
+}
+
+/// No presence notice arrives at `c` within a short while.
+fn no_presence(c: &mut Client) {
+    c.set_timeout(Some(Duration::from_millis(300))).unwrap();
+    loop {
+        match c.recv() {
+            Err(_) => break,
+            Ok(Event::PresenceNotice(p)) => panic!("unexpected presence notice {p:?}"),
+            Ok(_) => {}
+        }
+    }
+    c.set_timeout(Some(Duration::from_secs(10))).unwrap();
+}
+
+fn code<T: std::fmt::Debug>(r: Result<T, ClientError>) -> ErrorCode {
+    match r {
+        Err(ClientError::Server { code, .. }) => ErrorCode::from_u16(code).expect("a known code"),
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+}
+
+fn states(c: &mut Client, ids: &[u64]) -> Vec<u8> {
+    c.presence_get(ids).unwrap().iter().map(|e| e.state).collect()
+}
+
+fn befriend(a: &mut Client, b: &mut Client, a_id: u64, b_id: u64) {
+    a.roster_action(act::REQUEST, b_id, "").unwrap();
+    b.roster_action(act::ACCEPT, a_id, "").unwrap();
+}
+
+#[test]
+fn presence() {
+    let s = TestServer::start("io_uring", "[limits]\npresence_query_max = 3\npresence_text_bytes_max = 8\n");
+    let (ann, ann_id) = s.register("ann");
+    let (bob, bob_id) = s.register("bob");
+    let (carol, carol_id) = s.register("carol");
+    let (dave, dave_id) = s.register("dave");
+    let (mut a, _) = s.login(&ann, 3);
+    let (mut b, _) = s.login(&bob, 3);
+    befriend(&mut a, &mut b, ann_id, bob_id);
+    // New friends learn where the other stands.
+    let p = next_presence(&mut b);
+    assert_eq!((p.user, p.state), (ann_id, ps::ONLINE));
+    let p = next_presence(&mut a);
+    assert_eq!((p.user, p.state), (bob_id, ps::ONLINE));
+    a.logout().unwrap();
+    let p = next_presence(&mut b);
+    assert_eq!((p.user, p.state, p.text.as_str()), (ann_id, ps::OFFLINE, ""));
+    // Ann logs in: bob (a friend) is told; carol (no friend) is not.
+    let (mut c, _) = s.login(&carol, 3);
+    let (mut a, _) = s.login(&ann, 3);
+    let p = next_presence(&mut b);
+    assert_eq!((p.user, p.state), (ann_id, ps::ONLINE));
+    no_presence(&mut c);
+    // A state with a text: answered, told to friends and to her other sessions.
+    let (mut a2, _) = s.login(&ann, 1);
+    let set = a.presence_set(ps::AWAY, "lunch", b"x").unwrap();
+    assert_eq!((set.state, set.text.as_str(), set.extra.as_slice()), (ps::AWAY, "lunch", &b"x"[..]));
+    let p = next_presence(&mut b);
+    assert_eq!((p.state, p.text.as_str()), (ps::AWAY, "lunch"));
+    assert_eq!(next_presence(&mut a2).state, ps::AWAY);
+    // Anyone may ask, in the order asked; a user never seen is offline.
+    assert_eq!(states(&mut c, &[bob_id, ann_id, dave_id]), [ps::ONLINE, ps::AWAY, ps::OFFLINE]);
+    // Invisible: offline to everybody else, itself excepted.
+    a.presence_set(ps::INVISIBLE, "", b"").unwrap();
+    assert_eq!(next_presence(&mut b).state, ps::OFFLINE);
+    assert_eq!(states(&mut c, &[ann_id]), [ps::OFFLINE]);
+    assert_eq!(states(&mut a, &[ann_id]), [ps::INVISIBLE]);
+    a.presence_set(ps::BUSY, "", b"").unwrap();
+    assert_eq!(next_presence(&mut b).state, ps::BUSY);
+    // A user sees offline whoever blocks it.
+    a.roster_action(act::BLOCK, carol_id, "").unwrap();
+    assert_eq!(states(&mut c, &[ann_id]), [ps::OFFLINE]);
+    // A new friend learns where the other stands.
+    let (mut d, _) = s.login(&dave, 3);
+    d.roster_action(act::REQUEST, ann_id, "").unwrap();
+    a.roster_action(act::ACCEPT, dave_id, "").unwrap();
+    let p = next_presence(&mut d);
+    assert_eq!((p.user, p.state), (ann_id, ps::BUSY));
+    // Refusals.
+    assert_eq!(code(a.presence_set(0, "", b"")), ErrorCode::InvalidPresence);
+    assert_eq!(code(a.presence_set(5, "", b"")), ErrorCode::InvalidPresence);
+    assert_eq!(code(a.presence_set(ps::AWAY, "123456789", b"")), ErrorCode::InvalidPresence);
+    assert_eq!(code(a.presence_get(&[])), ErrorCode::InvalidPresence);
+    assert_eq!(code(a.presence_get(&[1, 2, 3, 4])), ErrorCode::InvalidPresence);
+    // The last session's end: offline, and the presence forgotten.
+    drop(a2);
+    a.logout().unwrap();
+    assert_eq!(next_presence(&mut b).state, ps::OFFLINE);
+    let (_a, _) = s.login(&ann, 3);
+    assert_eq!(next_presence(&mut b).state, ps::ONLINE, "online again, not busy");
+}
+
+/// `presence_auto_offline = false`: a set presence outlives the sessions.
+#[test]
+fn presence_outlives_sessions() {
+    let s = TestServer::start("io_uring", "[sessions]\npresence_auto_offline = false\n");
+    let (ann, ann_id) = s.register("ann");
+    let (bob, _) = s.register("bob");
+    let (mut a, _) = s.login(&ann, 3);
+    let (mut b, _) = s.login(&bob, 3);
+    a.presence_set(ps::BUSY, "in a meeting", b"").unwrap();
+    a.logout().unwrap();
+    let e = b.presence_get(&[ann_id]).unwrap();
+    assert_eq!((e[0].state, e[0].text.as_str()), (ps::BUSY, "in a meeting"));
+}
