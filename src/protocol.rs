@@ -1550,6 +1550,21 @@ mod session_layout_tests {
         assert_eq!((size_of::<ArchivedRosterNotice>(), offset_of!(ArchivedRosterNotice, note)), (32, 24));
     }
 
+    /// The presence layouts of docs/PROTOCOL.md 5.21 and 6.24.
+    #[test]
+    fn presence_layouts() {
+        use std::mem::{align_of, offset_of, size_of};
+        assert_eq!((size_of::<ArchivedPresenceSet>(), align_of::<ArchivedPresenceSet>()), (20, 4));
+        assert_eq!((offset_of!(ArchivedPresenceSet, text), offset_of!(ArchivedPresenceSet, extra)), (4, 12));
+        assert_eq!((size_of::<ArchivedPresenceGet>(), align_of::<ArchivedPresenceGet>()), (8, 4));
+        assert_eq!((size_of::<ArchivedPresenceEntry>(), align_of::<ArchivedPresenceEntry>()), (40, 8));
+        assert_eq!(
+            (offset_of!(ArchivedPresenceEntry, since_ms), offset_of!(ArchivedPresenceEntry, text)),
+            (16, 24)
+        );
+        assert_eq!((size_of::<ArchivedPresenceList>(), align_of::<ArchivedPresenceList>()), (8, 4));
+    }
+
     /// The recall example of docs/PROTOCOL.md 5.17, and the Send layout of 5.7.
     #[test]
     fn recall_layout() {

@@ -919,11 +919,13 @@ impl Requests<'_> {
 
     /// The presence of some users: asked of each user owner in turn, answered in the order
     /// asked.
-    async fn presence_get(&self, ids: Vec<u64>) -> Flow {
+    async fn presence_get(&self, mut ids: Vec<u64>) -> Flow {
         let k = kind::PRESENCE_GET;
         if ids.is_empty() || ids.len() > self.shard.cfg().limits.presence_query_max {
             return self.error(ErrorCode::InvalidPresence, k);
         }
+        let mut seen = std::collections::HashSet::with_capacity(ids.len());
+        ids.retain(|u| seen.insert(*u));
         let me = self.session.user();
         let mut by_owner: Vec<(crate::placement::Owner, Vec<u64>)> = Vec::new();
         for &u in &ids {
