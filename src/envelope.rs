@@ -338,7 +338,9 @@ pub enum Envelope {
     Presence { user: UserId, msg: Bytes },
     /// S → C: a 1:1 pair's roster changed (stored already): its new flags
     /// ([`crate::roster::pair`]), for the sends of the conversation.
-    Pair { conv: ConvKey, flags: u8 },
+    /// C answers `origin` (a `GroupReply` of an empty frame) once it checks by them, so the
+    /// roster action is answered only after.
+    Pair { conv: ConvKey, flags: u8, origin: SessionRef },
     /// S → U: list `user`'s sessions to `origin` (as a `SESSION_LIST` frame in a `GroupReply`),
     /// after logging session `logout` out (0: none).
     Sessions { user: UserId, origin: SessionRef, logout: u64 },

@@ -854,7 +854,13 @@ impl Shard {
             Envelope::Ban { user, until_ms } => {
                 self.users.borrow_mut().ban(user, until_ms, now_ms(), &mut fx)
             }
-            Envelope::Pair { conv, flags } => self.convs.borrow_mut().set_pair(conv, flags),
+            Envelope::Pair { conv, flags, origin } => {
+                self.convs.borrow_mut().set_pair(conv, flags);
+                let result = Ok(Bytes::new());
+                let reply =
+                    Envelope::GroupReply { session: origin, request_kind: kind::ROSTER_ACTION, result };
+                self.post(origin.owner(), reply);
+            }
             Envelope::Presence { msg, .. } => {
                 match postcard::from_bytes::<crate::envelope::PresenceMsg>(&msg) {
                     Ok(m) => self.users.borrow_mut().presence(m, now_ms(), &mut fx),

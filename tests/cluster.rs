@@ -664,6 +664,39 @@ fn memory_store_cluster() {
             break;
         }
     }
+    // The social layer across nodes: bob (node 3) asks alice (node 1) for friendship; she is
+    // told, accepts, and they learn each other's presence; a block stops bob's messages (the
+    // pair's owner may be any node) and is replicated: read back from another node's store.
+    use tim::protocol::{presence_state as ps, roster_action as act, roster_list};
+    b.roster_action(act::REQUEST, alice, "hi from node 3").unwrap();
+    loop {
+        match a.recv().unwrap() {
+            tim::client::Event::RosterNotice(n) => {
+                assert_eq!((n.from, n.note.as_str()), (bob, "hi from node 3"));
+                break;
+            }
+            _ => continue,
+        }
+    }
+    assert!(a.roster_action(act::ACCEPT, bob, "").unwrap().friends);
+    a.presence_set(ps::BUSY, "across nodes", b"").unwrap();
+    loop {
+        match b.recv().unwrap() {
+            tim::client::Event::PresenceNotice(p) if p.user == alice && p.state == ps::BUSY => break,
+            _ => continue,
+        }
+    }
+    assert_eq!(b.presence_get(&[alice]).unwrap()[0].text, "across nodes");
+    a.roster_action(act::BLOCK, bob, "").unwrap();
+    match b.send_wait(alice, 50, b"?") {
+        Err(e) => assert_eq!(e.code(), Some(ErrorCode::Blocked), "{e}"),
+        Ok(a) => panic!("a blocked user's message was taken: {a:?}"),
+    }
+    let mut a2 = nodes[1].login("alice", 1);
+    let blocked = a2.roster_get(roster_list::BLOCKED, 0, 0).unwrap();
+    assert_eq!(blocked.entries.iter().map(|e| e.user).collect::<Vec<_>>(), [bob]);
+    a.roster_action(act::UNBLOCK, bob, "").unwrap();
+    drop(a2);
     // Alice writes to every peer; the last seq of each conversation.
     let mut last = std::collections::HashMap::new();
     for (i, &p) in peers.iter().enumerate() {

@@ -247,6 +247,7 @@ enum WireEnvelope<'a> {
         a: u64,
         b: u64,
         flags: u8,
+        origin: u64,
     },
     /// A [`crate::envelope::PresenceMsg`] as postcard (rare, and of varied shapes).
     Presence {
@@ -527,7 +528,9 @@ impl<'a> WireEnvelope<'a> {
                 WireEnvelope::Sessions { user: *user, origin: origin.0, logout: *logout }
             }
             Envelope::Ban { user, until_ms } => WireEnvelope::Ban { user: *user, until_ms: *until_ms },
-            Envelope::Pair { conv, flags } => WireEnvelope::Pair { a: conv.0, b: conv.1, flags: *flags },
+            Envelope::Pair { conv, flags, origin } => {
+                WireEnvelope::Pair { a: conv.0, b: conv.1, flags: *flags, origin: origin.0 }
+            }
             Envelope::Presence { user, msg } => WireEnvelope::Presence { user: *user, msg },
             // A shard's envelope for its gateway, and the gateway's tables for its shards, stay
             // on their node.
@@ -817,7 +820,9 @@ fn envelope(a: &ArchivedWireEnvelope<'_>, payload: &Bytes) -> Result<Envelope, W
             Envelope::Sessions { user: user.to_native(), origin: session(origin), logout: logout.to_native() }
         }
         W::Ban { user, until_ms } => Envelope::Ban { user: user.to_native(), until_ms: until_ms.to_native() },
-        W::Pair { a, b, flags } => Envelope::Pair { conv: (a.to_native(), b.to_native()), flags: *flags },
+        W::Pair { a, b, flags, origin } => {
+            Envelope::Pair { conv: (a.to_native(), b.to_native()), flags: *flags, origin: session(origin) }
+        }
         W::Presence { user, msg } => {
             Envelope::Presence { user: user.to_native(), msg: shared(payload, msg)? }
         }
@@ -893,7 +898,7 @@ mod tests {
             },
             Envelope::Sessions { user: 44, origin: SessionRef::on(5, 3, 10), logout: 12 },
             Envelope::Ban { user: 43, until_ms: 1_767_225_600_000 },
-            Envelope::Pair { conv: (44, 45), flags: 5 },
+            Envelope::Pair { conv: (44, 45), flags: 5, origin: SessionRef::on(5, 3, 11) },
             Envelope::Presence { user: 46, msg: Bytes::from_static(b"postcard") },
             submit(None, None),
             submit(None, Some(ErrorCode::Muted)),
@@ -1057,7 +1062,7 @@ mod tests {
             }
             Envelope::Sessions { user, origin, logout } => format!("Sessions {:?}", (user, origin, logout)),
             Envelope::Ban { user, until_ms } => format!("Ban {:?}", (user, until_ms)),
-            Envelope::Pair { conv, flags } => format!("Pair {:?}", (conv, flags)),
+            Envelope::Pair { conv, flags, origin } => format!("Pair {:?}", (conv, flags, origin)),
             Envelope::Presence { user, msg } => format!("Presence {user} {msg:?}"),
             Envelope::Remote(_) | Envelope::Placement(_) | Envelope::Fence { .. } | Envelope::Admin(_) => {
                 unreachable!("never encoded")

@@ -127,6 +127,8 @@ struct Conv {
     last_seq: u64,
     /// A 1:1 pair's roster flags ([`crate::roster::pair`]).
     pair: u8,
+    /// The flags came from a roster change (newer than what a load in flight may read).
+    pair_set: bool,
     /// The greatest seq published (stored, or sequenced without a store): what a stream
     /// message's stamp says it follows. A seq whose commit failed is not published, and may be
     /// given again after a reload.
@@ -179,6 +181,7 @@ impl Conv {
         Conv {
             last_seq,
             pair: 0,
+            pair_set: false,
             published_seq: last_seq,
             state,
             recent: VecDeque::new(),
@@ -360,6 +363,7 @@ impl ConvOwner {
     pub fn set_pair(&mut self, key: ConvKey, flags: u8) {
         if let Some(c) = self.convs.get_mut(&key) {
             c.pair = flags;
+            c.pair_set = true;
         }
     }
 
@@ -515,7 +519,9 @@ impl ConvOwner {
         match result {
             Ok(load) => {
                 conv.last_seq = conv.last_seq.max(load.last_seq);
-                conv.pair = load.pair;
+                if !conv.pair_set {
+                    conv.pair = load.pair;
+                }
                 conv.published_seq = conv.last_seq;
                 for r in load.recent.iter().rev().filter(|r| r.sender != 0) {
                     let ack = AckInfo {

@@ -872,7 +872,14 @@ impl Requests<'_> {
         } else {
             crate::roster::pair_flags(&out.them, &out.me)
         };
-        self.shard.post(self.shard.place(|p| p.conv(conv)), Envelope::Pair { conv, flags });
+        // Answered once the pair's conversation owner checks sends by the new flags: a send
+        // after the answer is judged by them.
+        let owner = self.shard.place(|p| p.conv(conv));
+        if let Err(code) =
+            self.ask_owner(owner, Envelope::Pair { conv, flags, origin: self.session.id }).await
+        {
+            return self.error(code, k);
+        }
         // Both users' presence owners keep who is a friend (told of changes) and who is blocked.
         for (user, other, blocks) in [(me, other, out.me.blocks), (other, me, out.them.blocks)] {
             let op = PresenceOp::Change { other, friend: out.friends(), blocks };
