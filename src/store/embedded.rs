@@ -172,6 +172,7 @@ CREATE TABLE reads (
 const SCHEMA_V8: &str = "
 ALTER TABLE messages ADD COLUMN burn_at_ms INTEGER NOT NULL DEFAULT 0;
 CREATE INDEX messages_burn ON messages (burn_at_ms) WHERE burn_at_ms <> 0;
+CREATE INDEX messages_burn_conv ON messages (conv_a, conv_b, seq) WHERE burn_at_ms > 0;
 ";
 
 /// Version 9: the roster, one row per user and other user it has a relation with (see
@@ -1061,8 +1062,9 @@ impl Store for EmbeddedStore {
             let tx = c.transaction()?;
             {
                 let mut due = tx.prepare_cached(
-                    "UPDATE messages SET burn_at_ms = ?5
-                     WHERE conv_a = ?1 AND conv_b = ?2 AND seq <= ?3 AND sender <> ?4 AND burn_at_ms > ?5",
+                    "UPDATE messages INDEXED BY messages_burn_conv SET burn_at_ms = ?5
+                     WHERE conv_a = ?1 AND conv_b = ?2 AND seq <= ?3 AND sender <> ?4
+                       AND burn_at_ms > 0 AND burn_at_ms > ?5",
                 )?;
                 for r in reads.iter().filter(|r| r.conv.0 != 0) {
                     due.execute(params![i(r.conv.0), i(r.conv.1), i(r.seq), i(r.user), now])?;
@@ -1075,6 +1077,18 @@ impl Store for EmbeddedStore {
 
     fn claim_due_burns(&self, now_ms: u64, limit: usize) -> Result<Vec<super::DueBurn>, StoreError> {
         let (now, stale) = (i(now_ms), i(now_ms.saturating_sub(super::BURN_CLAIM_MS)));
+        // Most sweeps find nothing: a read first, without taking the write lock.
+        let any: bool = self.with_reader(|c| {
+            c.query_row(
+                "SELECT EXISTS (SELECT 1 FROM messages
+                 WHERE burn_at_ms <> 0 AND ((burn_at_ms > 0 AND burn_at_ms <= ?1) OR (burn_at_ms < 0 AND -burn_at_ms <= ?2)))",
+                params![now, stale],
+                |r| r.get(0),
+            )
+        })?;
+        if !any {
+            return Ok(Vec::new());
+        }
         self.with_aux(|c| {
             let tx = c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
             let due: Vec<super::DueBurn> = {

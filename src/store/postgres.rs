@@ -566,6 +566,7 @@ CREATE TABLE IF NOT EXISTS reads (
 const SCHEMA_V8: &str = "
 ALTER TABLE messages ADD COLUMN IF NOT EXISTS burn_at_ms int8 NOT NULL DEFAULT 0;
 CREATE INDEX IF NOT EXISTS messages_burn ON messages (burn_at_ms) WHERE burn_at_ms <> 0;
+CREATE INDEX IF NOT EXISTS messages_burn_conv ON messages (conv_a, conv_b, seq) WHERE burn_at_ms > 0;
 ";
 
 /// Version 9: the roster, one row per user and other user it has a relation with (see
@@ -1832,16 +1833,25 @@ impl Store for PostgresStore {
 
     fn save_reads(&self, reads: &[Cursor]) -> Result<(), StoreError> {
         self.save_positions("reads", reads)?;
-        // A read makes the peer's burn-after-read messages up to it due now.
+        // A read makes the peer's burn-after-read messages up to it due now: one statement per
+        // range, through the partial index of burn messages (only they are looked at).
         let now = i(crate::clock::now_ms());
+        let mut by_range: Vec<Vec<&Cursor>> = vec![Vec::new(); self.ranges.len()];
         for r in reads.iter().filter(|r| r.conv.0 != 0) {
-            let range = self.conv_range(r.conv).clone();
-            let (a, b, seq, user) = (i(r.conv.0), i(r.conv.1), i(r.seq), i(r.user));
+            let slot = tim_shards::partition_of(crate::placement::conv_hash(r.conv));
+            by_range[self.owner[slot as usize] as usize].push(r);
+        }
+        for (index, group) in by_range.into_iter().enumerate().filter(|(_, g)| !g.is_empty()) {
+            let range = self.ranges[index].clone();
+            let col = |f: fn(&Cursor) -> u64| group.iter().map(|c| i(f(c))).collect::<Vec<i64>>();
+            let (a, b, seq, user) = (col(|c| c.conv.0), col(|c| c.conv.1), col(|c| c.seq), col(|c| c.user));
             self.block_on(async move {
                 let conn = range.conn().await?;
                 conn.timed(conn.client().execute(
-                    "UPDATE messages SET burn_at_ms = $5
-                     WHERE conv_a = $1 AND conv_b = $2 AND seq <= $3 AND sender <> $4 AND burn_at_ms > $5",
+                    "UPDATE messages m SET burn_at_ms = $5
+                     FROM UNNEST($1::int8[], $2::int8[], $3::int8[], $4::int8[]) AS k (a, b, seq, reader)
+                     WHERE m.conv_a = k.a AND m.conv_b = k.b AND m.seq <= k.seq AND m.sender <> k.reader
+                       AND m.burn_at_ms > 0 AND m.burn_at_ms > $5",
                     &[&a, &b, &seq, &user, &now],
                 ))
                 .await?;
