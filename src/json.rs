@@ -192,7 +192,7 @@ keys! {
     GroupId = "group_id", Profile = "profile", Action = "action", UserId = "user_id",
     UntilMs = "until_ms", Note = "note", UserIds = "user_ids", AfterUser = "after_user",
     AfterGroup = "after_group", SessionId = "session_id", State = "state",
-    Flags = "flags", BurnSecs = "burn_secs",
+    Flags = "flags", BurnSecs = "burn_secs", User = "user", List = "list", After = "after",
 }
 
 const _: () = assert!(Key::ALL.len() <= 64, "fields are a u64 bit set");
@@ -282,6 +282,8 @@ const OPS: &[OpSpec] = &[
     op("read_get", kind::READ_GET, &[K::Conv, K::Peer, K::Seq], &[K::Conv, K::Peer, K::Seq]),
     op("profile_update", kind::PROFILE_UPDATE, &[K::Profile], &[K::Profile]),
     op("profile_get", kind::PROFILE_GET, &[K::UserIds], &[K::UserIds]),
+    op("roster_action", kind::ROSTER_ACTION, &[K::Action, K::User, K::Note], &[K::Action, K::User]),
+    op("roster_get", kind::ROSTER_GET, &[K::List, K::After, K::Limit], &[K::List]),
 ];
 
 fn op_spec(name: &str) -> Option<&'static OpSpec> {
@@ -326,6 +328,9 @@ struct Fields<'a> {
     state: u8,
     flags: u8,
     burn_secs: u32,
+    user: u64,
+    list: u8,
+    after: u64,
     publishers: Vec<u64>,
     user_ids: Vec<u64>,
     profile: Profile<'a>,
@@ -515,6 +520,10 @@ fn build(f: Fields<'_>) -> Result<Request, RequestError> {
         kind::READ_GET => archive(k, &protocol::ReadGet { conv: f.conv, peer: f.peer, seq: f.seq }),
         kind::PROFILE_UPDATE => archive(k, &protocol::ProfileUpdate { profile: user_profile(f.profile)? }),
         kind::PROFILE_GET => archive(k, &protocol::ProfileGet { user_ids: f.user_ids }),
+        kind::ROSTER_ACTION => {
+            archive(k, &protocol::RosterAction { action: f.action, user: f.user, note: f.note.into_owned() })
+        }
+        kind::ROSTER_GET => archive(k, &protocol::RosterGet { list: f.list, after: f.after, limit: f.limit }),
         kind::GROUP_ADD_MEMBERS => {
             archive(k, &protocol::GroupAddMembers { group_id: f.group_id, user_ids: f.user_ids })
         }
@@ -742,6 +751,9 @@ impl<'de> Visitor<'de> for RequestVisitor {
                 K::State => f.state = value!(IntSeed::U8) as u8,
                 K::Flags => f.flags = value!(IntSeed::U8) as u8,
                 K::BurnSecs => f.burn_secs = value!(IntSeed::U32) as u32,
+                K::User => f.user = value!(U64Seed),
+                K::List => f.list = value!(IntSeed::U8) as u8,
+                K::After => f.after = value!(U64Seed),
                 K::Publishers => f.publishers = value!(U64ListSeed),
                 K::UserIds => f.user_ids = value!(U64ListSeed),
                 K::Profile => f.profile = value!(ProfileSeed),
@@ -1233,6 +1245,8 @@ fn answered_in_order(k: u16) -> bool {
             | kind::PROFILE_UPDATE
             | kind::READ_GET
             | kind::PROFILE_GET
+            | kind::ROSTER_ACTION
+            | kind::ROSTER_GET
     )
 }
 
@@ -1417,6 +1431,9 @@ fn type_name(k: u16) -> Option<&'static str> {
         kind::READ_NOTICE => "read_notice",
         kind::READ_STATE => "read_state",
         kind::PROFILE_LIST => "profile_list",
+        kind::ROSTER_OK => "roster_ok",
+        kind::ROSTER_LIST => "roster_list",
+        kind::ROSTER_NOTICE => "roster_notice",
         _ => return None,
     })
 }
@@ -1708,6 +1725,35 @@ fn write_answer(frame: &[u8], corr: &mut Correlator, out: &mut String) -> Result
                 o.close();
             }
             o.close_arr();
+        }
+        kind::ROSTER_OK => {
+            let a = access!(ArchivedRosterOk);
+            o.id(p.answer_in_order(|f| f == kind::ROSTER_ACTION).as_deref());
+            o.num("action", a.action as u64);
+            o.u64s("user", a.user.to_native());
+            o.flag("friends", a.friends);
+        }
+        kind::ROSTER_LIST => {
+            let a = access!(ArchivedRosterList);
+            o.id(p.answer_in_order(|f| f == kind::ROSTER_GET).as_deref());
+            o.num("list", a.list as u64);
+            o.open_arr("entries");
+            for e in a.entries.iter() {
+                o.open_elem_obj();
+                o.u64s("user", e.user.to_native());
+                o.u64s("since_ms", e.since_ms.to_native());
+                o.text("note", e.note.as_str());
+                o.close();
+            }
+            o.close_arr();
+            o.flag("more", a.more);
+        }
+        kind::ROSTER_NOTICE => {
+            let a = access!(ArchivedRosterNotice);
+            o.num("event", a.event as u64);
+            o.u64s("from", a.from.to_native());
+            o.u64s("to", a.to.to_native());
+            o.text("note", a.note.as_str());
         }
         kind::TYPING_NOTICE => {
             let a = access!(ArchivedTypingNotice);
@@ -2224,6 +2270,26 @@ mod tests {
                 body: 258u64.to_le_bytes().to_vec(),
             },
         );
+        check(
+            r#"{"op":"roster_action","action":1,"user":"2","note":"hi, it's alice"}"#,
+            kind::ROSTER_ACTION,
+            &RosterAction { action: roster_action::REQUEST, user: 2, note: "hi, it's alice".into() },
+        );
+        check(
+            r#"{"op":"roster_action","action":5,"user":3}"#,
+            kind::ROSTER_ACTION,
+            &RosterAction { action: roster_action::BLOCK, user: 3, note: "".into() },
+        );
+        check(
+            r#"{"op":"roster_get","list":1,"after":"7","limit":50}"#,
+            kind::ROSTER_GET,
+            &RosterGet { list: roster_list::INCOMING, after: 7, limit: 50 },
+        );
+        check(
+            r#"{"op":"roster_get","list":0}"#,
+            kind::ROSTER_GET,
+            &RosterGet { list: 0, after: 0, limit: 0 },
+        );
         // The ops are the client kinds, each once but for `recall` (a kind of `send`).
         let client_kinds: Vec<u16> = (1..100).filter(|&k| kind::name(k) != "unknown").collect();
         let mut op_kinds: Vec<u16> = OPS.iter().filter(|o| o.name != "recall").map(|o| o.kind).collect();
@@ -2559,6 +2625,35 @@ mod tests {
             json!({"type":"read_state","kind":119,"conv":2,"peer":"4611686018427387911","seq":"5","read_count":1,
                    "member_count":1,"reads":[{"user":"1","seq":"0"},{"user":"2","seq":"5"}]}),
         );
+        check(
+            c,
+            enc(kind::ROSTER_OK, &RosterOk { action: roster_action::ACCEPT, user: 2, friends: true }),
+            json!({"type":"roster_ok","kind":122,"action":2,"user":"2","friends":true}),
+        );
+        let entries = vec![
+            RosterEntry { user: 2, since_ms: 1767225600123, note: "hi".into() },
+            RosterEntry { user: 9, since_ms: 1767225600456, note: "".into() },
+        ];
+        check(
+            c,
+            enc(kind::ROSTER_LIST, &RosterList { list: roster_list::INCOMING, entries, more: true }),
+            json!({"type":"roster_list","kind":123,"list":1,"entries":[
+                {"user":"2","since_ms":"1767225600123","note":"hi"},
+                {"user":"9","since_ms":"1767225600456","note":""}],"more":true}),
+        );
+        check(
+            c,
+            enc(kind::ROSTER_LIST, &RosterList { list: roster_list::BLOCKED, entries: vec![], more: false }),
+            json!({"type":"roster_list","kind":123,"list":3,"entries":[],"more":false}),
+        );
+        check(
+            c,
+            enc(
+                kind::ROSTER_NOTICE,
+                &RosterNotice { event: roster_action::REQUEST, from: 2, to: 1, note: "hi \"you\"".into() },
+            ),
+            json!({"type":"roster_notice","kind":124,"event":1,"from":"2","to":"1","note":"hi \"you\""}),
+        );
         // Every server kind has a type name.
         for k in 100..200 {
             assert_eq!(type_name(k).is_some(), kind::name(k) != "unknown", "kind {k}");
@@ -2770,6 +2865,34 @@ mod tests {
         assert_eq!(c.held(), 0);
     }
 
+    /// Roster requests are answered in order: `roster_ok` and `roster_list` go to their own
+    /// kind's request at the front, refusals with `request_kind` 18 / 19 too, and a
+    /// `roster_notice` in between is a push.
+    #[test]
+    fn roster_answers_are_matched_in_order() {
+        let c = &mut logged_in();
+        send(c, r#"{"op":"roster_action","id":"a1","action":1,"user":2,"note":"hi"}"#);
+        send(c, r#"{"op":"roster_get","id":"g1","list":0}"#);
+        send(c, r#"{"op":"roster_action","id":"a2","action":2,"user":3}"#);
+        send(c, r#"{"op":"roster_get","id":"g2","list":9}"#);
+        let ok =
+            |action, user| enc(kind::ROSTER_OK, &protocol::RosterOk { action, user, friends: action == 2 });
+        let list = enc(kind::ROSTER_LIST, &protocol::RosterList { list: 0, entries: vec![], more: false });
+        let notice =
+            enc(kind::ROSTER_NOTICE, &protocol::RosterNotice { event: 1, from: 4, to: 1, note: "".into() });
+        assert_eq!(id_of(c, &list), None, "a roster_list while a roster_action is at the front");
+        assert_eq!(id_of(c, &ok(1, 2)), Some(json!("a1")));
+        assert_eq!(id_of(c, &notice), None);
+        assert_eq!(id_of(c, &list), Some(json!("g1")));
+        assert_eq!(id_of(c, &error_frame(ErrorCode::Blocked, kind::ROSTER_ACTION, 0)), Some(json!("a2")));
+        let v = out(c, &error_frame(ErrorCode::InvalidRoster, kind::ROSTER_GET, 0));
+        assert_eq!(
+            (&v["id"], &v["code"], &v["code_name"]),
+            (&json!("g2"), &json!(95), &json!("InvalidRoster"))
+        );
+        assert_eq!(c.held(), 0);
+    }
+
     /// After login the catch-up reports failures as errors of the login's kind: they take no
     /// id, and a later login request is still answered (AlreadyLoggedIn) with its own.
     #[test]
@@ -2908,6 +3031,7 @@ mod tests {
                 },
             ),
             enc(kind::GROUP_DECISION, &protocol::GroupDecision { group_id: G, approved: false, by: 1 }),
+            enc(kind::ROSTER_NOTICE, &protocol::RosterNotice { event: 1, from: 2, to: 1, note: "hi".into() }),
         ];
         let held = c.held();
         for f in &pushes {
@@ -3262,6 +3386,8 @@ mod tests {
             kind::PROFILE_UPDATE => frame::access::<ArchivedProfileUpdate>(p).is_ok(),
             kind::PROFILE_GET => frame::access::<ArchivedProfileGet>(p).is_ok(),
             kind::GROUP_ADD_MEMBERS => frame::access::<ArchivedGroupAddMembers>(p).is_ok(),
+            kind::ROSTER_ACTION => frame::access::<ArchivedRosterAction>(p).is_ok(),
+            kind::ROSTER_GET => frame::access::<ArchivedRosterGet>(p).is_ok(),
             _ => false,
         }
     }
@@ -3279,6 +3405,8 @@ mod tests {
             r#"{"op":"login","name":"alice","password":"pw","device_type":4,"device_id":"\u00e9"}"#,
             r#"{"op":"group_action","group_id":"4611686018427387911","action":10,"user_id":3,"note":"n"}"#,
             r#"{"op":"history","conv":1,"peer":2,"anchor_seq":20,"direction":1,"limit":3,"id":[1]}"#,
+            r#"{"op":"roster_action","id":"f","action":1,"user":"2","note":"hi \u00e9"}"#,
+            r#"{"op":"roster_get","list":2,"after":"9","limit":10}"#,
         ];
         let alphabet = br#"{}[]":,\0123456789-+.eEtrufalsn "#;
         let mut rng = Rng(0x9e37_79b9_7f4a_7c15);

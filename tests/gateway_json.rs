@@ -412,4 +412,119 @@ fn json_recall(driver: &str) {
     );
 }
 
-on_both_drivers!(json_talks_with_binary, json_bad_input, json_recall);
+/// Friends over JSON: a request (with its id, and the note in the other side's push), its
+/// listing, an accept (pushed back to the requester), both friend lists; refusals carry their
+/// ids; a block ends the friendship (the blocked side learns only of the removal) and refuses
+/// the blocked user's messages. A binary session of the requester's gets the notice of its
+/// own account's request.
+fn json_roster(driver: &str) {
+    let s = TestServer::start(driver, "");
+    let mut j = ws_connect(s.ws_addr.unwrap(), Some("tim.json"));
+    let jid = json_login(&mut j, "jay");
+    let mut k = ws_connect(s.ws_addr.unwrap(), Some("tim.json"));
+    let kid = json_login(&mut k, "kay");
+    let mut jay_desk = s.client();
+    jay_desk.login("jay", PASSWORD, 3, "desk").unwrap();
+    let (jay, kay) = (jid.to_string(), kid.to_string());
+
+    send(
+        &mut j,
+        json!({"op": "roster_action", "id": "f1", "action": 1, "user": kay, "note": "hi, it's \"jay\""}),
+    );
+    let ok = next_of(&mut j, "roster_ok");
+    assert_eq!(
+        (&ok["id"], &ok["action"], &ok["user"], &ok["friends"]),
+        (&json!("f1"), &json!(1), &json!(kay), &json!(false)),
+        "{ok}"
+    );
+    let n = next_of(&mut k, "roster_notice");
+    assert_eq!(
+        (&n["event"], &n["from"], &n["to"], &n["note"], n.get("id")),
+        (&json!(1), &json!(jay), &json!(kay), &json!("hi, it's \"jay\""), None),
+        "{n}"
+    );
+    loop {
+        if let Event::RosterNotice(r) = jay_desk.recv().unwrap() {
+            assert_eq!((r.event, r.from, r.to), (1, jid, kid));
+            break;
+        }
+    }
+    // Kay's incoming requests, jay's outgoing ones.
+    send(&mut k, json!({"op": "roster_get", "id": "in", "list": 1}));
+    let l = next_of(&mut k, "roster_list");
+    assert_eq!((&l["id"], &l["list"], &l["more"]), (&json!("in"), &json!(1), &json!(false)), "{l}");
+    let e = &l["entries"][0];
+    assert_eq!((&e["user"], &e["note"]), (&json!(jay), &json!("hi, it's \"jay\"")), "{l}");
+    assert!(e["since_ms"].as_str().unwrap().parse::<u64>().unwrap() > 1_700_000_000_000, "{l}");
+    send(&mut j, json!({"op": "roster_get", "id": "out", "list": 2, "after": 0, "limit": 10}));
+    let l = next_of(&mut j, "roster_list");
+    assert_eq!((&l["id"], &l["entries"][0]["user"]), (&json!("out"), &json!(kay)), "{l}");
+
+    // Kay accepts; jay's sessions hear of it.
+    send(&mut k, json!({"op": "roster_action", "id": 9, "action": 2, "user": jid}));
+    let ok = next_of(&mut k, "roster_ok");
+    assert_eq!((&ok["id"], &ok["action"], &ok["friends"]), (&json!(9), &json!(2), &json!(true)), "{ok}");
+    let n = next_of(&mut j, "roster_notice");
+    assert_eq!((&n["event"], &n["from"], &n["to"]), (&json!(2), &json!(kay), &json!(jay)), "{n}");
+    for (ws, other) in [(&mut j, &kay), (&mut k, &jay)] {
+        send(ws, json!({"op": "roster_get", "id": "friends", "list": 0}));
+        let l = next_of(ws, "roster_list");
+        let users: Vec<&Value> = l["entries"].as_array().unwrap().iter().map(|e| &e["user"]).collect();
+        assert_eq!((&l["id"], users), (&json!("friends"), vec![&json!(other)]), "{l}");
+    }
+    send(&mut j, json!({"op": "roster_get", "id": "out2", "list": 2}));
+    assert_eq!(next_of(&mut j, "roster_list")["entries"], json!([]), "the request is answered");
+
+    // Refusals, each with its id.
+    send(&mut j, json!({"op": "roster_action", "id": "again", "action": 1, "user": kay}));
+    let e = next_of(&mut j, "error");
+    assert_eq!(
+        (&e["id"], &e["code"], &e["code_name"], &e["request_kind"]),
+        (&json!("again"), &json!(92), &json!("AlreadyFriends"), &json!(18)),
+        "{e}"
+    );
+    send(&mut j, json!({"op": "roster_action", "id": "self", "action": 1, "user": jay}));
+    let e = next_of(&mut j, "error");
+    assert_eq!((&e["id"], &e["code"]), (&json!("self"), &json!(95)), "{e}");
+    send(&mut j, json!({"op": "roster_get", "id": "bad", "list": 9}));
+    let e = next_of(&mut j, "error");
+    assert_eq!((&e["id"], &e["code"], &e["request_kind"]), (&json!("bad"), &json!(95), &json!(19)), "{e}");
+    send(&mut j, json!({"op": "roster_action", "id": "nobody", "action": 1, "user": "999999"}));
+    let e = next_of(&mut j, "error");
+    assert_eq!((&e["id"], &e["code_name"]), (&json!("nobody"), &json!("UnknownUser")), "{e}");
+    send(&mut j, json!({"op": "roster_get", "id": "nolist"}));
+    let e = next_of(&mut j, "error");
+    assert_eq!((&e["id"], &e["code"], &e["request_kind"]), (&json!("nolist"), &json!(1), &json!(19)), "{e}");
+
+    // Kay blocks jay: jay learns only that the friendship ended; his messages and requests are
+    // refused; kay's blocked list has him.
+    send(&mut k, json!({"op": "roster_action", "id": "b", "action": 5, "user": jay}));
+    let ok = next_of(&mut k, "roster_ok");
+    assert_eq!((&ok["id"], &ok["friends"]), (&json!("b"), &json!(false)), "{ok}");
+    let n = next_of(&mut j, "roster_notice");
+    assert_eq!((&n["event"], &n["from"]), (&json!(4), &json!(kay)), "{n}");
+    send(&mut j, json!({"op": "send", "id": "m", "conv": 1, "to": kay, "client_msg_id": 1, "body": "hey?"}));
+    let e = next_of(&mut j, "error");
+    assert_eq!(
+        (&e["id"], &e["code"], &e["code_name"], &e["request_kind"]),
+        (&json!("m"), &json!(90), &json!("Blocked"), &json!(6)),
+        "{e}"
+    );
+    send(&mut j, json!({"op": "roster_action", "id": "r", "action": 1, "user": kay}));
+    let e = next_of(&mut j, "error");
+    assert_eq!((&e["id"], &e["code"]), (&json!("r"), &json!(90)), "{e}");
+    send(&mut k, json!({"op": "roster_get", "id": "bl", "list": 3}));
+    let l = next_of(&mut k, "roster_list");
+    assert_eq!(
+        (&l["id"], &l["list"], &l["entries"][0]["user"]),
+        (&json!("bl"), &json!(3), &json!(jay)),
+        "{l}"
+    );
+    send(&mut k, json!({"op": "roster_action", "id": "ub", "action": 6, "user": jay}));
+    assert_eq!(next_of(&mut k, "roster_ok")["id"], json!("ub"));
+    send(&mut j, json!({"op": "send", "id": "m2", "conv": 1, "to": kay, "client_msg_id": 2, "body": "hey"}));
+    assert_eq!(next_of(&mut j, "send_ack")["id"], json!("m2"));
+    assert_eq!(next_of(&mut k, "deliver")["body"], json!("hey"));
+}
+
+on_both_drivers!(json_talks_with_binary, json_bad_input, json_recall, json_roster);
