@@ -4,7 +4,9 @@
 //! by 1"), make a group and talk in it, take
 //! a message back ("message recalled" on both pages, live and from history), use a live room,
 //! page back through history with "load older", after a reload find the conversations again
-//! from the store, and log out. Screenshots of both pages are saved.
+//! from the store, become friends (a request with a note from alice's friends panel, shown live on
+//! bob's, accepted there: both list each other), send a message that burns after reading ("message
+//! burned" on both pages), and log out. Screenshots of both pages are saved.
 //!
 //! Needs Debian's `chromium` and `chromium-driver` packages (`/usr/bin/chromium`,
 //! `/usr/bin/chromedriver`; or set `CHROME` and `CHROMEDRIVER`). Without them the test fails.
@@ -154,6 +156,19 @@ async fn click(c: &Client, css: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Click the element `css` from within the page, once it is there (for lists the page may draw
+/// again at any time, where a WebDriver element can go stale between finding and clicking).
+async fn click_now(c: &Client, css: &str) -> anyhow::Result<()> {
+    wait_js(
+        c,
+        &format!("{css} to click"),
+        "const e = document.querySelector(arguments[0]); if (!e) return false; e.click(); return true;",
+        vec![json!(css)],
+    )
+    .await?;
+    Ok(())
+}
+
 /// The message shown with body `text` in the open conversation, once it matches `state` (any
 /// state if null): `{from, from_label, state, seq, mine}`.
 const MESSAGE_JS: &str = r#"
@@ -210,6 +225,30 @@ async fn wait_seen(c: &Client, seq: &str, text: &str) -> anyhow::Result<()> {
     .await?;
     Ok(())
 }
+
+/// The entry of user `arguments[1]` in the friends panel's list `arguments[0]` (`friends`,
+/// `incoming`, `outgoing`, `blocked`): `{name, note, lists}` (`lists`: every list that user is
+/// in), or null.
+const ROSTER_JS: &str = r#"
+    const [list, user] = arguments;
+    const li = document.querySelector(`#friends-block li[data-testid=roster-entry][data-list='${list}'][data-user='${user}']`);
+    if (!li) return null;
+    return {name: li.querySelector('[data-testid=roster-name]').textContent,
+            note: li.querySelector('[data-testid=roster-note]')?.textContent ?? null,
+            lists: [...document.querySelectorAll(`#friends-block li[data-user='${user}']`)].map(l => l.dataset.list)};
+"#;
+
+async fn wait_roster(c: &Client, list: &str, user: &str) -> anyhow::Result<Value> {
+    wait_js(c, &format!("user {user} in the {list} list"), ROSTER_JS, vec![json!(list), json!(user)]).await
+}
+
+/// The seqs of the open conversation's messages shown as burned, once there are some.
+const BURNED_JS: &str = r#"
+    const seqs = [...document.querySelectorAll('#messages li[data-burned=true]')]
+        .filter(li => li.querySelector('[data-testid=message-body]').textContent === 'message burned')
+        .map(li => li.dataset.seq);
+    return seqs.length ? seqs : null;
+"#;
 
 /// Open the page, register `name` with the form and wait until it is logged in; its user id.
 async fn register(c: &Client, url: &str, name: &str) -> anyhow::Result<String> {
@@ -538,6 +577,76 @@ async fn scenario(
     // From the store, the recalled message is a tombstone, and the recall notice no bubble.
     wait_recalled(b, &oops_seq).await?;
     screenshot(b, shots, "4-bob-reloaded-group").await;
+    let hidden = js(b, "return document.getElementById('burn-toggle').hidden;", vec![]).await?;
+    assert_eq!(hidden, json!(true), "no burn after read in a group");
+
+    // Friends: alice asks bob from her friends panel, with a note; bob's page shows the request
+    // live, he accepts; both pages list each other as friends, and the requests are gone.
+    fill(a, "#add-friend-id", &bob).await?;
+    fill(a, "#add-friend-note", "it's alice from the chat").await?;
+    click(a, "#add-friend-btn").await?;
+    let out = wait_roster(a, "outgoing", &bob).await?;
+    assert_eq!(out["note"], json!("“it's alice from the chat”"), "{out}");
+    let req = wait_roster(b, "incoming", &alice).await?;
+    assert_eq!(
+        (&req["name"], &req["note"], &req["lists"]),
+        (&json!(format!("Alice A ({alice})")), &json!("“it's alice from the chat”"), &json!(["incoming"])),
+        "{req}"
+    );
+    wait_js(
+        b,
+        "the request flashed",
+        "return document.getElementById('flash').textContent.includes('sent you a friend request');",
+        vec![],
+    )
+    .await?;
+    screenshot(b, shots, "5-bob-friend-request").await;
+    click_now(b, &format!("#incoming-list li[data-user='{alice}'] [data-testid=accept]")).await?;
+    let f = wait_roster(b, "friends", &alice).await?;
+    assert_eq!(f["lists"], json!(["friends"]), "bob: alice is a friend, no longer a request: {f}");
+    let f = wait_roster(a, "friends", &bob).await?;
+    assert_eq!(f["lists"], json!(["friends"]), "alice: bob is a friend, no longer a request: {f}");
+    wait_js(
+        a,
+        "the acceptance flashed",
+        "return document.getElementById('flash').textContent.includes('accepted your friend request');",
+        vec![],
+    )
+    .await?;
+    screenshot(a, shots, "5-alice-friends").await;
+
+    // Burn after read: alice ticks the toggle and writes; bob has the chat open, so his page
+    // reads it and it burns: both pages show "message burned", the burn notice is no bubble.
+    click_now(b, &format!("#friend-list li[data-user='{alice}'] [data-testid=chat]")).await?;
+    wait_js(
+        b,
+        "the chat with alice open from the friends list",
+        "return document.getElementById('conv-pane').dataset.key === arguments[0];",
+        vec![json!(format!("d:{alice}"))],
+    )
+    .await?;
+    let secret = "this message burns";
+    click(a, "#burn-check").await?;
+    send(a, secret).await?;
+    let burned_b = wait_js(b, "the message burned on bob's page", BURNED_JS, vec![]).await?;
+    let burned_a = wait_js(a, "the message burned on alice's page", BURNED_JS, vec![]).await?;
+    assert_eq!(burned_a, burned_b, "the same message burned on both pages");
+    let seq: u64 = burned_a[0].as_str().unwrap().parse()?;
+    for c in [a, b] {
+        assert_eq!(
+            js(c, MESSAGE_JS, vec![json!(secret), json!(null)]).await?,
+            Value::Null,
+            "the text is gone"
+        );
+        let notice = js(
+            c,
+            "return !!document.querySelector(`#messages li[data-seq='${arguments[0]}']`);",
+            vec![json!((seq + 1).to_string())],
+        )
+        .await?;
+        assert_eq!(notice, json!(false), "the burn notice is no bubble");
+    }
+    screenshot(a, shots, "6-alice-burned").await;
 
     // Logging out ends the session and brings back the form.
     click(a, "#logout-btn").await?;

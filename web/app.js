@@ -1,11 +1,12 @@
-// app.js — tim's web chat page: accounts, 1:1 chats by user id, groups, live rooms. Built on the
+// app.js — tim's web chat page: accounts, 1:1 chats by user id, friends, groups, live rooms. Built on the
 // client module tim.js (docs/CLIENTS.md); the DOM ids and data-testid attributes are what
 // tests/browser.rs drives. Nothing here is persisted but the device id, the last name typed and
 // the list of 1:1 chats per user (the protocol has no "my conversations" request).
 
 import {
-  TimClient, Conv, DeviceType, ErrorCode, GroupRole, NoticeEvent, RoomPublishPolicy, TimError,
-  bodyText, compareU64, isNotice, isRecalled, newClientMsgId, pageUrl, peerOf, recalledSeq, u64,
+  TimClient, Conv, DeviceType, ErrorCode, GroupRole, NoticeEvent, RoomPublishPolicy, RosterAction, RosterList,
+  SendFlags, TimError, bodyText, burnedSeqs, compareU64, isBurned, isNotice, isRecalled, newClientMsgId, pageUrl,
+  peerOf, recalledSeq, u64,
 } from "./tim.js";
 
 const $ = (id) => document.getElementById(id);
@@ -52,7 +53,10 @@ const state = {
   outbox: new Map(),
   /** A logout is under way (its close is no surprise). */
   loggingOut: false,
+  /** The roster (JSON.md 3.4): entries `{user, since_ms, note}` by user id, per list. */
+  roster: null,
 };
+state.roster = emptyRoster();
 
 // ---- conversations and messages ----
 
@@ -60,7 +64,8 @@ const state = {
  * A conversation: `kind` "direct" | "group" | "room", `id` the peer, group or room id, `msgs` by
  * key (`s<seq>` once stored, `c<client_msg_id>` while sending, `n<counter>` for room and system
  * lines), `oldest` the lowest seq loaded, `more` whether history goes further back, `recalled`
- * the seqs of recall notices seen whose message is not (or not yet) shown. Read receipts:
+ * the seqs of recall notices seen whose message is not (or not yet) shown, `burned` the same for
+ * burn notices (burn after read). Read receipts:
  * `readSeq` how far this user read it (told or learnt), `reads` the others' positions by user
  * id (1:1: the peer; groups of up to 100 members), `readCount` `{seq, count}` from the last
  * `read_get` (what larger groups tell).
@@ -72,7 +77,7 @@ function conv(kind, id) {
     c = {
       key, kind, id, title: kind === "direct" ? userLabel(id) : kind === "group" ? `group ${id}` : `room ${id}`,
       msgs: new Map(), oldest: null, more: false, historyLoaded: false, unread: 0,
-      ackedSeq: "0", ackTimer: null, info: null, closed: false, nextLocal: 0, recalled: new Set(),
+      ackedSeq: "0", ackTimer: null, info: null, closed: false, nextLocal: 0, recalled: new Set(), burned: new Set(),
       readSeq: "0", reads: new Map(), readCount: null,
     };
     state.convs.set(key, c);
@@ -104,6 +109,7 @@ async function loadNicknames(ids) {
   for (const c of state.convs.values()) if (c.kind === "direct") c.title = userLabel(c.id);
   $("nickname").value = state.nicknames.get(state.me) || "";
   renderLists();
+  renderRoster();
   if (state.current) $("conv-title").textContent = state.convs.get(state.current)?.title || "";
 }
 
@@ -134,6 +140,165 @@ async function showSessions(list) {
     }
     ul.append(li);
   }
+}
+
+// ---- friends (JSON.md 3.4) ----
+
+const ROSTER_LISTS = [
+  ["friends", RosterList.FRIENDS], ["incoming", RosterList.INCOMING],
+  ["outgoing", RosterList.OUTGOING], ["blocked", RosterList.BLOCKED],
+];
+
+const ROSTER_VERBS = {
+  [RosterAction.REQUEST]: "add friend", [RosterAction.ACCEPT]: "accept", [RosterAction.REJECT]: "reject",
+  [RosterAction.REMOVE]: "remove friend", [RosterAction.BLOCK]: "block", [RosterAction.UNBLOCK]: "unblock",
+  [RosterAction.CANCEL]: "cancel request",
+};
+
+function emptyRoster() {
+  return { friends: new Map(), incoming: new Map(), outgoing: new Map(), blocked: new Map() };
+}
+
+/** Read the four roster lists from the server and draw them (and the nicknames in them). */
+async function loadRoster() {
+  const client = state.client;
+  if (!client?.session) return;
+  const lists = [];
+  for (const [name, list] of ROSTER_LISTS) lists.push([name, await client.rosterGetAll(list)]);
+  if (client !== state.client) return;
+  for (const [name, entries] of lists) state.roster[name] = new Map(entries.map((e) => [e.user, e]));
+  renderRoster();
+  const unnamed = lists.flatMap(([, entries]) => entries.map((e) => e.user)).filter((u) => !state.nicknames.has(u));
+  if (unnamed.length) await loadNicknames(unnamed);
+}
+
+/** Read the roster again soon (after a burst of notices: once). */
+function rosterSoon() {
+  clearTimeout(rosterSoon.timer);
+  rosterSoon.timer = setTimeout(() => loadRoster().catch(() => {}), 200);
+}
+
+/** A roster change pushed by the server, shown at once (the lists are read again after it). */
+function applyRosterNotice(n) {
+  const r = state.roster;
+  const mine = n.from === state.me; // this user acted, on another device
+  const other = mine ? n.to : n.from;
+  const entry = { user: other, since_ms: String(Date.now()), note: n.note || "" };
+  switch (n.event) {
+    case RosterAction.REQUEST:
+      (mine ? r.outgoing : r.incoming).set(other, entry);
+      break;
+    case RosterAction.ACCEPT:
+      r.incoming.delete(other);
+      r.outgoing.delete(other);
+      r.friends.set(other, { ...entry, note: "" });
+      break;
+    case RosterAction.REJECT:
+    case RosterAction.CANCEL:
+      r.incoming.delete(other);
+      r.outgoing.delete(other);
+      break;
+    case RosterAction.REMOVE:
+      r.friends.delete(other);
+      break;
+  }
+  if (!mine) {
+    const who = userLabel(other);
+    const text = {
+      [RosterAction.REQUEST]: `${who} sent you a friend request${n.note ? `: “${n.note}”` : ""}`,
+      [RosterAction.ACCEPT]: `${who} accepted your friend request`,
+      [RosterAction.REJECT]: `${who} turned down your friend request`,
+      [RosterAction.REMOVE]: `${who} is no longer your friend`,
+      [RosterAction.CANCEL]: `${who} withdrew their friend request`,
+    }[n.event];
+    if (text) flash(text);
+  }
+  renderRoster();
+  if (!state.nicknames.has(other)) loadNicknames([other]).catch(() => {});
+}
+
+/** One roster action from the page; the lists are read again after it. */
+async function rosterDo(action, user, note = "") {
+  if (!state.client?.session) return;
+  try {
+    const ok = await state.client.rosterAction(action, user, note);
+    if (action === RosterAction.REQUEST) {
+      flash(ok.friends ? `You and ${userLabel(user)} are friends now.` : `Friend request sent to ${userLabel(user)}.`);
+    }
+  } catch (e) {
+    flash(`${ROSTER_VERBS[action] || "roster"}: ${e.codeName}: ${e.message}`);
+  }
+  try {
+    await loadRoster();
+  } catch (e) {
+    flash(`friends: ${e.codeName}: ${e.message}`);
+  }
+}
+
+/** Draw the friends panel: requests to this user (accept, reject, block), this user's requests
+ * (cancel), friends (chat, remove, block) and the blocked (unblock). */
+function renderRoster() {
+  const r = state.roster;
+  const button = (label, testid, fn, cls = "secondary") => {
+    const b = document.createElement("button");
+    b.type = "button";
+    b.className = cls;
+    b.dataset.testid = testid;
+    b.textContent = label;
+    b.addEventListener("click", fn);
+    return b;
+  };
+  const draw = (ulId, entries, list, what, actions) => {
+    const ul = $(ulId);
+    ul.replaceChildren();
+    for (const e of [...entries.values()].sort((x, y) => compareU64(x.user, y.user))) {
+      const li = document.createElement("li");
+      li.className = "roster-entry";
+      li.dataset.testid = "roster-entry";
+      li.dataset.list = list;
+      li.dataset.user = e.user;
+      const name = document.createElement("span");
+      name.className = "roster-name";
+      name.dataset.testid = "roster-name";
+      name.textContent = userLabel(e.user);
+      name.title = `since ${time(e.since_ms)}`;
+      li.append(name);
+      if (what) {
+        const k = document.createElement("span");
+        k.className = "roster-kind";
+        k.textContent = what;
+        li.append(k);
+      }
+      li.append(...actions(e));
+      if (e.note) {
+        const n = document.createElement("span");
+        n.className = "roster-note";
+        n.dataset.testid = "roster-note";
+        n.textContent = `“${e.note}”`;
+        li.append(n);
+      }
+      ul.append(li);
+    }
+  };
+  draw("incoming-list", r.incoming, "incoming", "wants to be friends", (e) => [
+    button("Accept", "accept", () => rosterDo(RosterAction.ACCEPT, e.user), ""),
+    button("Reject", "reject", () => rosterDo(RosterAction.REJECT, e.user)),
+    button("Block", "block", () => rosterDo(RosterAction.BLOCK, e.user)),
+  ]);
+  draw("outgoing-list", r.outgoing, "outgoing", "request sent", (e) => [
+    button("Cancel", "cancel", () => rosterDo(RosterAction.CANCEL, e.user)),
+  ]);
+  draw("friend-list", r.friends, "friends", "", (e) => [
+    button("Chat", "chat", () => openConv(conv("direct", e.user).key), ""),
+    button("Remove", "unfriend", () => rosterDo(RosterAction.REMOVE, e.user)),
+    button("Block", "block", () => rosterDo(RosterAction.BLOCK, e.user)),
+  ]);
+  draw("blocked-list", r.blocked, "blocked", "", (e) => [
+    button("Unblock", "unblock", () => rosterDo(RosterAction.UNBLOCK, e.user)),
+  ]);
+  $("no-friends").hidden = r.friends.size + r.incoming.size + r.outgoing.size > 0;
+  $("blocked-count").textContent = r.blocked.size ? `(${r.blocked.size})` : "";
+  $("blocked-block").hidden = r.blocked.size === 0;
 }
 
 /** Show (or hide, `text` empty) the "is typing" line of the open conversation. */
@@ -176,18 +341,22 @@ function addStored(msg, how) {
   const key = `s${msg.seq}`;
   const mine = msg.from === state.me;
   const taken = recalledSeq(msg);
+  const burned = burnedSeqs(msg);
   const old = c.msgs.get(key);
   if (old) {
-    // A repeat (PROTOCOL.md 8.3): keep the first, but a tombstone tells it was recalled since.
+    // A repeat (PROTOCOL.md 8.3): keep the first, but a tombstone tells it was recalled (or
+    // burned) since.
     if (isRecalled(msg)) markRecalled(c, msg.seq);
+    if (isBurned(msg)) markBurned(c, msg.seq);
     return c;
   }
   if (c.oldest === null || compareU64(msg.seq, c.oldest) < 0) c.oldest = msg.seq;
-  if (taken !== null) {
-    // A recall notice: not shown itself, but kept (hidden) so that it is acknowledged and its
-    // repeats dropped; the message it takes back is shown as recalled.
+  if (taken !== null || burned !== null) {
+    // A recall or burn notice: not shown itself, but kept (hidden) so that it is acknowledged
+    // and its repeats dropped; the messages it changes are shown as recalled or burned.
     c.msgs.set(key, { seq: msg.seq, from: msg.from, ts: Number(msg.ts_ms), hidden: true, mine, state: mine ? "sent" : "received" });
-    markRecalled(c, taken);
+    if (taken !== null) markRecalled(c, taken);
+    for (const seq of burned ?? []) markBurned(c, seq);
     return c;
   }
   // Our own message that this page is still sending (its ack not yet in): the stored copy wins.
@@ -196,8 +365,13 @@ function addStored(msg, how) {
     seq: msg.seq, from: msg.from, ts: Number(msg.ts_ms), text: isNotice(msg) ? noticeText(msg.notice) : bodyText(msg),
     notice: isNotice(msg), mine, state: mine ? "sent" : "received",
     recalled: isRecalled(msg) || c.recalled.has(msg.seq),
+    burned: isBurned(msg) || c.burned.has(msg.seq),
+    burn: (msg.flags & SendFlags.BURN_AFTER_READ) !== 0,
   });
+  const m = c.msgs.get(key);
+  if (m.burned) m.text = "";
   c.recalled.delete(msg.seq);
+  c.burned.delete(msg.seq);
   if (how !== "history" && !mine && state.current !== c.key) c.unread++;
   return c;
 }
@@ -211,6 +385,18 @@ function markRecalled(c, seq) {
     return;
   }
   m.recalled = true;
+  m.text = "";
+}
+
+/** Message `seq` of conversation `c` was burned after reading: shown as such from now on (also
+ * if it is loaded only later). */
+function markBurned(c, seq) {
+  const m = c.msgs.get(`s${seq}`);
+  if (!m) {
+    c.burned.add(seq);
+    return;
+  }
+  m.burned = true;
   m.text = "";
 }
 
@@ -342,7 +528,7 @@ function seenMark(c, entries) {
     if (!peer) return null;
     for (let i = entries.length - 1; i >= 0; i--) {
       const [key, m] = entries[i];
-      if (m.mine && m.seq && !m.recalled && compareU64(m.seq, peer) <= 0) return { key, text: "Seen" };
+      if (m.mine && m.seq && !m.recalled && !m.burned && compareU64(m.seq, peer) <= 0) return { key, text: "Seen" };
     }
     return null;
   }
@@ -362,9 +548,11 @@ function seenMark(c, entries) {
 async function sendText(c, text) {
   if (c.kind === "room") return publishToRoom(c, text);
   const clientMsgId = newClientMsgId();
-  const entry = { clientMsgId, convKey: c.key, group: c.kind === "group", to: c.id, text };
+  // Burn after read is for 1:1 chats only (the toggle shows there only).
+  const burn = c.kind === "direct" && $("burn-check").checked;
+  const entry = { clientMsgId, convKey: c.key, group: c.kind === "group", to: c.id, text, burn };
   state.outbox.set(clientMsgId, entry);
-  c.msgs.set(`c${clientMsgId}`, { seq: null, from: state.me, ts: Date.now(), text, mine: true, state: "sending", clientMsgId });
+  c.msgs.set(`c${clientMsgId}`, { seq: null, from: state.me, ts: Date.now(), text, mine: true, state: "sending", clientMsgId, burn });
   renderMessages();
   await trySend(entry);
 }
@@ -375,12 +563,14 @@ async function trySend(entry) {
   const local = () => c.msgs.get(`c${entry.clientMsgId}`);
   if (local()) local().state = "sending";
   try {
-    const ack = await state.client.send(entry.to, entry.text, { group: entry.group, clientMsgId: entry.clientMsgId });
+    const ack = await state.client.send(entry.to, entry.text, { group: entry.group, clientMsgId: entry.clientMsgId, burnAfterRead: entry.burn });
     state.outbox.delete(entry.clientMsgId);
     c.msgs.delete(`c${entry.clientMsgId}`);
     if (!c.msgs.has(`s${ack.seq}`)) {
-      c.msgs.set(`s${ack.seq}`, { seq: ack.seq, from: state.me, ts: Number(ack.ts_ms), text: entry.text, mine: true, state: "sent" });
+      c.msgs.set(`s${ack.seq}`, { seq: ack.seq, from: state.me, ts: Number(ack.ts_ms), text: entry.text, mine: true, state: "sent", burn: entry.burn });
     }
+    // Burned before its ack came in (the peer read it at once): the notice was kept.
+    if (c.burned.delete(ack.seq)) markBurned(c, ack.seq);
     if (c.oldest === null || compareU64(ack.seq, c.oldest) < 0) c.oldest = ack.seq;
   } catch (e) {
     const l = local();
@@ -509,7 +699,11 @@ function messageItem(c, key, m, seen) {
   if (m.recalled) {
     li.classList.add("recalled");
     li.dataset.recalled = "true";
+  } else if (m.burned) {
+    li.classList.add("burned");
+    li.dataset.burned = "true";
   }
+  if (m.burn) li.dataset.burn = "true";
   if (m.seq) li.dataset.seq = m.seq;
   if (m.from) li.dataset.from = m.from;
   if (m.state) li.dataset.state = m.state;
@@ -524,14 +718,21 @@ function messageItem(c, key, m, seen) {
   const body = document.createElement("span");
   body.className = "body";
   body.dataset.testid = "message-body";
-  body.textContent = m.recalled ? "message recalled" : m.text;
+  body.textContent = m.recalled ? "message recalled" : m.burned ? "message burned" : m.text;
   li.append(body);
   const meta = document.createElement("span");
   meta.className = "meta";
   const when = document.createElement("time");
   when.textContent = time(m.ts);
   meta.append(when);
-  if (m.mine && m.seq && !m.recalled && !m.notice && !m.system && c.kind !== "room") {
+  if (m.burn && !m.burned && !m.recalled) {
+    const f = document.createElement("span");
+    f.className = "burn-mark";
+    f.dataset.testid = "burn-mark";
+    f.textContent = "🔥 burns after reading";
+    meta.append(f);
+  }
+  if (m.mine && m.seq && !m.recalled && !m.burned && !m.notice && !m.system && c.kind !== "room") {
     const b = document.createElement("button");
     b.type = "button";
     b.className = "recall-btn";
@@ -542,7 +743,7 @@ function messageItem(c, key, m, seen) {
     b.addEventListener("click", () => recallMessage(c, m));
     meta.append(b);
   }
-  if (m.state && !m.notice && !m.system && !m.recalled) {
+  if (m.state && !m.notice && !m.system && !m.recalled && !m.burned) {
     const s = document.createElement("span");
     s.className = `state state-${m.state}`;
     s.dataset.testid = "message-state";
@@ -575,6 +776,8 @@ async function openConv(key) {
   $("conv-pane").dataset.kind = c.kind;
   $("group-tools").hidden = c.kind !== "group";
   $("room-tools").hidden = c.kind !== "room";
+  $("burn-toggle").hidden = c.kind !== "direct";
+  $("burn-check").checked = false;
   $("composer-input").disabled = c.closed;
   $("send-btn").disabled = c.closed;
   $("history-state").textContent = "";
@@ -652,6 +855,11 @@ function wire(client) {
     if (!c) return;
     noteRead(c, r.from, r.seq);
     if (state.current === key) renderSoon();
+  });
+  client.on("roster_notice", (n) => {
+    if (client !== state.client) return;
+    applyRosterNotice(n);
+    rosterSoon();
   });
   client.on("deliver", (msg) => {
     if (client !== state.client) return;
@@ -747,6 +955,7 @@ async function enterChatView(ok, name) {
     state.convs.clear();
     state.outbox.clear();
     state.current = null;
+    state.roster = emptyRoster();
   } else {
     // The same account again: a new session, so live rooms are gone and history is re-read.
     for (const [k, c] of state.convs) {
@@ -776,10 +985,16 @@ async function enterChatView(ok, name) {
   }
   // Sends whose outcome the last connection did not tell: again, with the same client_msg_id.
   for (const entry of state.outbox.values()) trySend(entry);
+  renderRoster();
   try {
     for (const g of await state.client.myGroupsAll()) refreshGroupInfo(conv("group", g));
   } catch (e) {
     flash(`groups: ${e.codeName}: ${e.message}`);
+  }
+  try {
+    await loadRoster();
+  } catch (e) {
+    flash(`friends: ${e.codeName}: ${e.message}`);
   }
   try {
     const direct = [...state.convs.values()].filter((c) => c.kind === "direct").map((c) => c.id);
@@ -838,6 +1053,7 @@ function setup() {
     state.outbox.clear();
     state.current = null;
     state.me = null;
+    state.roster = emptyRoster();
     leaveChatView("");
   });
 
@@ -846,6 +1062,15 @@ function setup() {
     if (!id) return;
     $("new-chat-id").value = "";
     openConv(conv("direct", id).key);
+  });
+
+  onSubmit("add-friend-form", async () => {
+    const id = idFrom("add-friend-id");
+    if (!id) return;
+    const note = $("add-friend-note").value.trim();
+    $("add-friend-id").value = "";
+    $("add-friend-note").value = "";
+    await rosterDo(RosterAction.REQUEST, id, note);
   });
 
   onSubmit("new-group-form", async () => {

@@ -36,6 +36,14 @@ export const SendFlags = Object.freeze({ BURN_AFTER_READ: 1, RECALL: 2, BURNED: 
 /** `state` of a stored message (JSON.md 4.3): a tombstone's is not PLAIN. */
 export const MsgState = Object.freeze({ PLAIN: 0, RECALLED: 1, BURNED: 2 });
 
+/** `action` of rosterAction, and `event` of a `roster_notice` (JSON.md 3.4). */
+export const RosterAction = Object.freeze({
+  REQUEST: 1, ACCEPT: 2, REJECT: 3, REMOVE: 4, BLOCK: 5, UNBLOCK: 6, CANCEL: 7,
+});
+
+/** `list` of rosterGet (JSON.md 3.4). */
+export const RosterList = Object.freeze({ FRIENDS: 0, INCOMING: 1, OUTGOING: 2, BLOCKED: 3 });
+
 /** `publish` policy of roomCreate (PROTOCOL.md 5.11). */
 export const RoomPublishPolicy = Object.freeze({ CREATOR: 0, LISTED: 1, SUBSCRIBERS: 2 });
 
@@ -47,9 +55,11 @@ export const ErrorCode = Object.freeze({
   Malformed: 1, UnknownKind: 2, NotLoggedIn: 10, AlreadyLoggedIn: 11, UnknownUser: 12,
   WrongPassword: 13, NameTaken: 14, InvalidName: 15, InvalidPassword: 16, InvalidToken: 17,
   UnknownRecipient: 30, InvalidConversation: 31, Busy: 33, BodyTooLarge: 34, NotRecallable: 35, RecallExpired: 36,
+  BurnNotAllowed: 37,
   LoginTimeout: 40, IdleTimeout: 41,
   Replaced: 42, ShuttingDown: 43, RateLimited: 47, KickedByOperator: 48, Banned: 49, UnknownSession: 21, InvalidProfile: 22, LoggedOutElsewhere: 54, Internal: 50, StoreUnavailable: 51,
   Timeout: 52, RoomNotFound: 60, GroupNotFound: 70, NotMember: 71, NotManager: 72, Muted: 73,
+  Blocked: 90, NotFriends: 91, AlreadyFriends: 92, NoFriendRequest: 93, TooManyFriends: 94, InvalidRoster: 95,
   // This module's own:
   /** The connection closed before the answer came. */
   Closed: -1,
@@ -134,6 +144,21 @@ export function isRecalled(msg) {
   return msg.state === MsgState.RECALLED;
 }
 
+/** Whether a message was burned after reading: a tombstone (`state` BURNED), its body gone. */
+export function isBurned(msg) {
+  return msg.state === MsgState.BURNED;
+}
+
+/** The seqs a burn notice says were burned (strings), or null for any other message. */
+export function burnedSeqs(msg) {
+  return (msg.flags & SendFlags.BURNED) !== 0 && Array.isArray(msg.burned_seqs) ? msg.burned_seqs : null;
+}
+
+/** Whether a message is a burn notice (JSON.md 4.3): it changes other messages, and is no message to show. */
+export function isBurnNotice(msg) {
+  return burnedSeqs(msg) !== null;
+}
+
 /** The text of a message body (`body`, or `body_b64` decoded as UTF-8 with replacement). */
 export function bodyText(msg) {
   if (typeof msg.body === "string") return msg.body;
@@ -186,6 +211,7 @@ const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
 const PUSH_TYPES = new Set([
   "deliver", "stream_msg", "catch_up_end", "resync", "broadcast", "kick", "room_msg",
   "room_closed", "missed", "group_join_request", "group_decision", "typing_notice", "read_notice",
+  "roster_notice",
 ]);
 
 /** Message types whose `flags` and `state` are filled in as 0 when the server leaves them out. */
@@ -202,6 +228,9 @@ const MESSAGE_TYPES = new Set(["deliver", "history_msg", "stream_msg"]);
  * - `typing_notice`: someone types (`from`, `to`, `conv`, `state`).
  * - `read_notice`: someone read a conversation up to `seq` (`from` the reader, `to` the other
  *   user or the group, `conv`): the peer, a group member, or this user on another device.
+ * - `roster_notice`: a friendship changed (`event` a RosterAction: REQUEST, ACCEPT, REJECT,
+ *   REMOVE or CANCEL; `from` who acted, `to` the other user, `note` a request's): another user
+ *   acting on this one, or this user on another device.
  * - `error`: a TimError (`detail`) that answers no pending request: connection-level errors
  *   (IdleTimeout, LoginTimeout, SlowConsumer ...), catch-up failures (request kind 2), refusals
  *   of `deliveryAck`, `read` (request kind 16), `typing`, `stream` and `roomPublish`.
@@ -327,9 +356,12 @@ export class TimClient extends EventTarget {
    * `clientMsgId`: give the id of an earlier attempt to resend it (after a reconnect); left out,
    * a fresh one is drawn. `onId(clientMsgId)` is called at once with the id used.
    * Refusals Busy, StoreUnavailable and Timeout are retried `sendRetries` times.
+   * `burnAfterRead: true` (or `flags: SendFlags.BURN_AFTER_READ`; 1:1 only, else
+   * BurnNotAllowed) makes it burn once the peer reads it, or `burnSecs` after it was sent.
    */
-  send(to, body, { group = false, clientMsgId, onId, flags = 0, burnSecs = 0 } = {}) {
+  send(to, body, { group = false, clientMsgId, onId, flags = 0, burnAfterRead = false, burnSecs = 0 } = {}) {
     const fields = bodyFields(body);
+    if (burnAfterRead) flags |= SendFlags.BURN_AFTER_READ;
     if (flags) fields.flags = flags;
     if (burnSecs) fields.burn_secs = burnSecs;
     const m = {
@@ -467,6 +499,38 @@ export class TimClient extends EventTarget {
    * updated_ms, profile}`, accounts only, in the order asked). */
   profileGet(userIds) {
     return this._request({ op: "profile_get", user_ids: userIds.map(u64) });
+  }
+
+  // ---- friends (JSON.md 3.4) ----
+
+  /**
+   * One roster action on `user` (see `RosterAction`): REQUEST (with a `note`), ACCEPT, REJECT,
+   * REMOVE, BLOCK, UNBLOCK, CANCEL. Resolves with `roster_ok` (`friends`: whether the two are
+   * friends now); rejects with a TimError: Blocked (90), NotFriends (91), AlreadyFriends (92),
+   * NoFriendRequest (93), TooManyFriends (94), InvalidRoster (95), UnknownUser (12).
+   */
+  rosterAction(action, user, note = "") {
+    return this._request({ op: "roster_action", action, user: u64(user), note });
+  }
+
+  /**
+   * One page of a roster list (see `RosterList`). Resolves with `roster_list` (`entries`:
+   * `{user, since_ms, note}` by rising user, `more`: ask again with `after` = the last user).
+   */
+  rosterGet(list, after = 0, limit = 0) {
+    return this._request({ op: "roster_get", list, after: u64(after), limit });
+  }
+
+  /** A whole roster list (pages through `rosterGet`). Resolves with an array of entries. */
+  async rosterGetAll(list) {
+    const all = [];
+    let after = "0";
+    for (;;) {
+      const page = await this.rosterGet(list, after);
+      all.push(...page.entries);
+      if (!page.more || page.entries.length === 0) return all;
+      after = page.entries[page.entries.length - 1].user;
+    }
   }
 
   /** The account's live sessions. Resolves with `session_list` (`sessions`: `{session_id,
