@@ -28,7 +28,8 @@ use crate::{
     client::{self, Client, ClientError, Delivery, Event},
     clock,
     protocol::{
-        self, conv, group_action, group_event, kind, msg_state, send_flags, ErrorCode, SendAck, Stamp,
+        self, conv, group_action, group_event, kind, msg_state, roster_action, roster_list, send_flags,
+        ErrorCode, SendAck, Stamp,
     },
 };
 
@@ -81,6 +82,8 @@ pub const HISTORY_PAGE_DEFAULT: u32 = 20;
 const READ_EVERY: Duration = Duration::from_secs(1);
 /// Groups `/groups` lists.
 const GROUPS_LISTED_MAX: u32 = 50;
+/// `/friends` and `/requests` list at most this many entries of a list.
+const ROSTER_LISTED_MAX: usize = 1000;
 
 // ---------------------------------------------------------------------------------------------
 // The command line.
@@ -625,6 +628,13 @@ pub enum Input {
     Recall(String),
     /// `/seen [SEQ]`: how many read message SEQ (the newest shown) of the current conversation.
     Seen(Option<String>),
+    /// `/friends`: friends (and the users blocked).
+    Friends,
+    /// `/requests`: friend requests to and from this user.
+    Requests,
+    /// A roster action ([`protocol::roster_action`]) on a user, with a note (`/add ID [NOTE]`,
+    /// `/accept ID`, `/reject ID`, `/cancel ID`, `/unfriend ID`, `/block ID`, `/unblock ID`).
+    Roster(u8, String, String),
     Help,
     Quit,
     /// A command not understood (the line as typed).
@@ -650,6 +660,15 @@ commands:
   /profile ID      user ID's profile
   /recall SEQ      take back message SEQ (the #SEQ of its line) of the current conversation
   /seen [SEQ]      how many read message SEQ (the newest shown) of the current conversation
+  /friends         your friends (and the users you block)
+  /requests        friend requests to you and from you
+  /add ID [NOTE]   ask user ID to be friends (with a note); accepts if ID asked you first
+  /accept ID       accept user ID's friend request
+  /reject ID       turn user ID's friend request down
+  /cancel ID       withdraw your friend request to user ID
+  /unfriend ID     end the friendship with user ID
+  /block ID        block user ID: no messages or requests from it
+  /unblock ID      unblock user ID
   /quit            leave (Ctrl-D and Ctrl-C too)
   //TEXT           send TEXT starting with one /";
 
@@ -696,6 +715,23 @@ pub fn parse_input(line: &[u8]) -> Input {
         ("recall", Some(seq), None) => Input::Recall(seq.into()),
         ("seen", None, _) => Input::Seen(None),
         ("seen", Some(seq), None) => Input::Seen(Some(seq.into())),
+        ("friends", None, _) => Input::Friends,
+        ("requests", None, _) => Input::Requests,
+        ("add", Some(id), _) => {
+            let note = rest[id.len()..].trim();
+            Input::Roster(roster_action::REQUEST, id.into(), note.into())
+        }
+        ("accept" | "reject" | "cancel" | "unfriend" | "block" | "unblock", Some(id), None) => {
+            let action = match name {
+                "accept" => roster_action::ACCEPT,
+                "reject" => roster_action::REJECT,
+                "cancel" => roster_action::CANCEL,
+                "unfriend" => roster_action::REMOVE,
+                "block" => roster_action::BLOCK,
+                _ => roster_action::UNBLOCK,
+            };
+            Input::Roster(action, id.into(), String::new())
+        }
         ("help" | "?", _, _) => Input::Help,
         ("quit" | "exit" | "q", None, _) => Input::Quit,
         _ => Input::Unknown(String::from_utf8_lossy(line).into_owned()),
@@ -760,6 +796,67 @@ fn who(id: u64, me: u64) -> String {
 /// A read notice of the current conversation, as printed: `[seen up to #5 by 2]`.
 pub fn seen_text(n: &protocol::ReadNotice, me: u64) -> String {
     format!("[seen up to #{} by {}]", n.seq, who(n.from, me))
+}
+
+/// A roster notice, as printed: `[friend request from 2: "hi"]`, `[2 accepted your friend
+/// request]`; this account's own changes (from another device) start with "you".
+pub fn roster_notice_text(n: &protocol::RosterNotice, me: u64) -> String {
+    use roster_action as act;
+    let note =
+        if n.note.is_empty() { String::new() } else { format!(": \"{}\"", body_text(n.note.as_bytes())) };
+    if n.from == me {
+        let to = n.to;
+        return match n.event {
+            act::REQUEST => format!("[you asked {to} to be friends{note}]"),
+            act::ACCEPT => format!("[you accepted {to}'s friend request]"),
+            act::REJECT => format!("[you turned down {to}'s friend request]"),
+            act::REMOVE => format!("[you are no longer friends with {to}]"),
+            act::CANCEL => format!("[you withdrew your friend request to {to}]"),
+            e => format!("[friendship change {e} with {to}]"),
+        };
+    }
+    let from = n.from;
+    match n.event {
+        act::REQUEST => format!("[friend request from {from}{note}]"),
+        act::ACCEPT => format!("[{from} accepted your friend request]"),
+        act::REJECT => format!("[{from} turned down your friend request]"),
+        act::REMOVE => format!("[{from} is no longer your friend]"),
+        act::CANCEL => format!("[{from} withdrew their friend request]"),
+        e => format!("[friendship change {e} from {from}]"),
+    }
+}
+
+/// What a roster action did, as printed after it.
+pub fn roster_ok_text(ok: &protocol::RosterOk) -> String {
+    use roster_action as act;
+    let u = ok.user;
+    match ok.action {
+        act::REQUEST if ok.friends => format!("user {u} had asked you: you are friends now"),
+        act::REQUEST => format!("asked user {u} to be friends"),
+        act::ACCEPT => format!("you and user {u} are friends now"),
+        act::REJECT => format!("turned down user {u}'s friend request"),
+        act::CANCEL => format!("withdrew your friend request to user {u}"),
+        act::REMOVE => format!("you are no longer friends with user {u}"),
+        act::BLOCK => format!("blocked user {u}"),
+        act::UNBLOCK => format!("unblocked user {u}"),
+        a => format!("roster action {a} on user {u} done"),
+    }
+}
+
+/// Roster entries, a line each: `  2  since 12:01  "hi"`.
+pub fn roster_entries_text(entries: &[protocol::RosterEntry], now_ms: u64) -> String {
+    entries
+        .iter()
+        .map(|e| {
+            let note = if e.note.is_empty() {
+                String::new()
+            } else {
+                format!("  \"{}\"", body_text(e.note.as_bytes()))
+            };
+            format!("  {}  since {}{note}", e.user, time_text(e.since_ms, now_ms))
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
 }
 
 /// A `ReadState`, as `/seen` prints it: `#5 read by 1 of 1`.
@@ -1351,6 +1448,7 @@ impl Session {
                 r.group_id,
                 body_text(r.request.note.as_bytes())
             )),
+            Event::RosterNotice(n) => note(roster_notice_text(n, self.me)),
             Event::GroupDecision(d) => note(format!(
                 "your request to join group {} was {} by user {}",
                 d.group_id,
@@ -1703,6 +1801,7 @@ fn interactive(args: &ChatArgs, target: Option<Target>) -> Result<(), ChatError>
                 }
             }
             Step::Event(Event::ReadNotice(n)) => chat.read_notice(&n)?,
+            Step::Event(Event::RosterNotice(n)) => chat.out.line(&roster_notice_text(&n, chat.s.me))?,
             Step::Event(Event::StreamMsg(d)) => chat.out.delivery(&d, true)?,
             Step::Event(Event::SendAck(ack)) => chat.acked(&ack)?,
             Step::Event(Event::Error(e)) if e.request_kind == kind::SEND => {
@@ -1982,6 +2081,26 @@ impl Chat {
             },
             Input::Recall(spec) => self.recall(&spec)?,
             Input::Seen(spec) => self.seen(spec.as_deref())?,
+            Input::Friends => self.roster_lists(&[
+                (roster_list::FRIENDS, "friends", "no friends yet (/add ID asks someone)"),
+                (roster_list::BLOCKED, "blocked", ""),
+            ])?,
+            Input::Requests => self.roster_lists(&[
+                (
+                    roster_list::INCOMING,
+                    "requests to you (/accept ID, /reject ID)",
+                    "no friend requests to you",
+                ),
+                (roster_list::OUTGOING, "your requests (/cancel ID)", "no friend requests from you"),
+            ])?,
+            Input::Roster(action, spec, text) => match resolve(&spec, false) {
+                Ok(Target::User(u)) => {
+                    let ok = self.s.request("friends", |c| c.roster_action(action, u, &text))?;
+                    note(roster_ok_text(&ok));
+                }
+                Ok(t) => note(format!("{t} is no user")),
+                Err(why) => note(why),
+            },
             Input::Help => note(HELP),
             Input::Quit => self.quitting = Some(Instant::now()),
             Input::Unknown(text) => note(format!("not understood: {text} (/help lists the commands)")),
@@ -2012,6 +2131,34 @@ impl Chat {
         self.older.insert(t, if end.more { oldest } else { 1 });
         if end.more {
             note("older ones: /history");
+        }
+        Ok(())
+    }
+
+    /// Print roster lists: `(list, title, what to say when it is empty ("": say nothing))`.
+    fn roster_lists(&mut self, lists: &[(u8, &str, &str)]) -> Result<(), ChatError> {
+        let now = crate::clock::now_ms();
+        for &(list, title, empty) in lists {
+            let mut entries = Vec::new();
+            let mut more = true;
+            while more && entries.len() < ROSTER_LISTED_MAX {
+                let after = entries.last().map_or(0, |e: &protocol::RosterEntry| e.user);
+                let page = self.s.request("friends", |c| c.roster_get(list, after, 0))?;
+                more = page.more && !page.entries.is_empty();
+                entries.extend(page.entries);
+            }
+            if entries.is_empty() {
+                if !empty.is_empty() {
+                    note(empty);
+                }
+                continue;
+            }
+            note(format!(
+                "{title} ({}{}):\n{}",
+                entries.len(),
+                if more { "+" } else { "" },
+                roster_entries_text(&entries, now)
+            ));
         }
         Ok(())
     }
@@ -2170,6 +2317,18 @@ mod tests {
         assert_eq!(parse_input(b"/seen"), Input::Seen(None));
         assert_eq!(parse_input(b"/seen 7"), Input::Seen(Some("7".into())));
         assert_eq!(parse_input(b"/seen 7 8"), Input::Unknown("/seen 7 8".into()));
+        assert_eq!(parse_input(b"/friends"), Input::Friends);
+        assert_eq!(parse_input(b"/requests"), Input::Requests);
+        assert_eq!(
+            parse_input(b"/add 2  hi there, it's me "),
+            Input::Roster(roster_action::REQUEST, "2".into(), "hi there, it's me".into())
+        );
+        assert_eq!(parse_input(b"/add 2"), Input::Roster(roster_action::REQUEST, "2".into(), "".into()));
+        assert_eq!(parse_input(b"/accept 3"), Input::Roster(roster_action::ACCEPT, "3".into(), "".into()));
+        assert_eq!(parse_input(b"/unfriend 3"), Input::Roster(roster_action::REMOVE, "3".into(), "".into()));
+        assert_eq!(parse_input(b"/unblock 3"), Input::Roster(roster_action::UNBLOCK, "3".into(), "".into()));
+        assert_eq!(parse_input(b"/block 3 4"), Input::Unknown("/block 3 4".into()));
+        assert_eq!(parse_input(b"/add"), Input::Unknown("/add".into()));
     }
 
     /// Ids are decimal or 0x hex; names are refused with the reason (no lookup by name).
@@ -2267,6 +2426,23 @@ mod tests {
             reads: Vec::new(),
         };
         assert_eq!(read_state_text(&r), "#9 read by 2 of 3");
+    }
+
+    #[test]
+    fn roster_notices_render() {
+        use protocol::RosterNotice;
+        let n = |event, from, to, note: &str| RosterNotice { event, from, to, note: note.into() };
+        assert_eq!(roster_notice_text(&n(1, BOB, ALICE, "hi"), ALICE), "[friend request from 2: \"hi\"]");
+        assert_eq!(roster_notice_text(&n(1, BOB, ALICE, ""), ALICE), "[friend request from 2]");
+        assert_eq!(roster_notice_text(&n(2, BOB, ALICE, ""), ALICE), "[2 accepted your friend request]");
+        assert_eq!(roster_notice_text(&n(4, BOB, ALICE, ""), ALICE), "[2 is no longer your friend]");
+        assert_eq!(roster_notice_text(&n(7, BOB, ALICE, ""), ALICE), "[2 withdrew their friend request]");
+        assert_eq!(
+            roster_notice_text(&n(1, ALICE, BOB, "a\nb"), ALICE),
+            "[you asked 2 to be friends: \"a\\nb\"]"
+        );
+        let ok = protocol::RosterOk { action: 1, user: BOB, friends: true };
+        assert_eq!(roster_ok_text(&ok), "user 2 had asked you: you are friends now");
     }
 
     #[test]

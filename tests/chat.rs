@@ -11,7 +11,7 @@ use std::{
 };
 
 use common::{TestServer, PASSWORD};
-use tim::protocol::{group_action, join_policy, GroupProfile};
+use tim::protocol::{group_action, join_policy, roster_action, roster_list, GroupProfile};
 
 /// The longest any `tim chat` run may take; then it is killed and the test fails.
 const WAIT: Duration = Duration::from_secs(30);
@@ -530,4 +530,74 @@ fn a_token_logs_in_once() {
     let again = chat_as(&s, &["--token", &token], &["watch"], None).finish();
     assert_eq!(again.status.code(), Some(1), "{again:?}");
     assert!(again.stderr.contains("InvalidToken"), "{again:?}");
+}
+
+/// Friends from the terminal: `/add` with a note (the other side, a binary client, gets the
+/// request), its acceptance printed as one line, `/friends` and `/requests` list, `/block`
+/// refuses the other's messages, `/unblock`; an incoming request printed with its note;
+/// refusals are noted and the chat goes on.
+#[test]
+fn interactive_friends() {
+    let s = TestServer::start("io_uring", "");
+    let (alice, alice_id) = s.register("alice");
+    let (bob, bob_id) = s.register("bob");
+    let (carol, carol_id) = s.register("carol");
+    let (mut b, _) = s.login(&bob, 3);
+    b.set_timeout(Some(WAIT)).unwrap();
+    let mut typed = chat_typed(&s, &alice);
+    typed.stderr.wait_for("logged in as", "stderr");
+    typed.type_line("/friends");
+    typed.stderr.wait_for("no friends yet", "stderr");
+    typed.type_line(&format!("/add {bob_id} hi bob, it's alice"));
+    typed.stderr.wait_for(&format!("asked user {bob_id} to be friends"), "stderr");
+    let n = loop {
+        if let tim::client::Event::RosterNotice(n) = b.recv().unwrap() {
+            break n;
+        }
+    };
+    assert_eq!((n.event, n.from, n.to, n.note.as_str()), (1, alice_id, bob_id, "hi bob, it's alice"));
+    typed.type_line("/requests");
+    let line = typed.stderr.wait_for(&format!("  {bob_id}  since "), "stderr");
+    assert!(line.ends_with("\"hi bob, it's alice\""), "{line}");
+    typed.stderr.wait_for("no friend requests to you", "stderr");
+
+    // Bob accepts: alice's chat prints it; both are friends.
+    assert!(b.roster_action(roster_action::ACCEPT, alice_id, "").unwrap().friends);
+    typed.stdout.wait_for(&format!("[{bob_id} accepted your friend request]"), "stdout");
+    typed.type_line("/friends");
+    typed.stderr.wait_for("friends (1):", "stderr");
+    typed.type_line(&format!("/add {bob_id}"));
+    typed.stderr.wait_for("AlreadyFriends", "stderr");
+
+    // Carol asks alice; alice's chat prints the request with its note, she accepts it.
+    let mut c = s.client();
+    c.login(&carol, PASSWORD, 3, "dev").unwrap();
+    c.roster_action(roster_action::REQUEST, alice_id, "carol here").unwrap();
+    typed.stdout.wait_for(&format!("[friend request from {carol_id}: \"carol here\"]"), "stdout");
+    typed.type_line(&format!("/accept {carol_id}"));
+    typed.stderr.wait_for(&format!("you and user {carol_id} are friends now"), "stderr");
+    let friends = c.roster_get(roster_list::FRIENDS, 0, 0).unwrap();
+    assert_eq!(friends.entries.iter().map(|e| e.user).collect::<Vec<_>>(), [alice_id]);
+
+    // Alice blocks bob: bob hears only that the friendship ended, and his messages are refused.
+    typed.type_line(&format!("/block {bob_id}"));
+    typed.stderr.wait_for(&format!("blocked user {bob_id}"), "stderr");
+    let n = loop {
+        if let tim::client::Event::RosterNotice(n) = b.recv().unwrap() {
+            break n;
+        }
+    };
+    assert_eq!((n.event, n.from), (roster_action::REMOVE, alice_id));
+    let refused = b.send_wait(alice_id, 1, b"still there?").unwrap_err();
+    assert!(refused.to_string().contains("Blocked"), "{refused}");
+    typed.type_line("/friends");
+    typed.stderr.wait_for("blocked (1):", "stderr");
+    typed.type_line(&format!("/unblock {bob_id}"));
+    typed.stderr.wait_for(&format!("unblocked user {bob_id}"), "stderr");
+    typed.type_line(&format!("/unfriend {bob_id}"));
+    typed.stderr.wait_for("NotFriends", "stderr");
+    typed.type_line("/quit");
+    let done = typed.finish();
+    assert!(done.status.success(), "{done:?}");
+    b.send_wait(alice_id, 2, b"unblocked").unwrap();
 }
