@@ -193,6 +193,7 @@ keys! {
     UntilMs = "until_ms", Note = "note", UserIds = "user_ids", AfterUser = "after_user",
     AfterGroup = "after_group", SessionId = "session_id", State = "state",
     Flags = "flags", BurnSecs = "burn_secs", User = "user", List = "list", After = "after",
+    Text = "text", Extra = "extra", ExtraB64 = "extra_b64",
 }
 
 const _: () = assert!(Key::ALL.len() <= 64, "fields are a u64 bit set");
@@ -283,6 +284,8 @@ const OPS: &[OpSpec] = &[
     op("profile_update", kind::PROFILE_UPDATE, &[K::Profile], &[K::Profile]),
     op("profile_get", kind::PROFILE_GET, &[K::UserIds], &[K::UserIds]),
     op("roster_action", kind::ROSTER_ACTION, &[K::Action, K::User, K::Note], &[K::Action, K::User]),
+    op("presence_set", kind::PRESENCE_SET, &[K::State, K::Text, K::Extra, K::ExtraB64], &[K::State]),
+    op("presence_get", kind::PRESENCE_GET, &[K::UserIds], &[K::UserIds]),
     op("roster_get", kind::ROSTER_GET, &[K::List, K::After, K::Limit], &[K::List]),
 ];
 
@@ -301,6 +304,9 @@ struct Fields<'a> {
     device_id: Cow<'a, str>,
     token: Cow<'a, str>,
     note: Cow<'a, str>,
+    text: Cow<'a, str>,
+    extra: Option<Cow<'a, str>>,
+    extra_b64: Option<Cow<'a, str>>,
     body: Option<Cow<'a, str>>,
     body_b64: Option<Cow<'a, str>>,
     device_type: u8,
@@ -524,6 +530,11 @@ fn build(f: Fields<'_>) -> Result<Request, RequestError> {
             archive(k, &protocol::RosterAction { action: f.action, user: f.user, note: f.note.into_owned() })
         }
         kind::ROSTER_GET => archive(k, &protocol::RosterGet { list: f.list, after: f.after, limit: f.limit }),
+        kind::PRESENCE_SET => {
+            let extra = bytes_field(f.extra, f.extra_b64, "extra")?.into_owned();
+            archive(k, &protocol::PresenceSet { state: f.state, text: f.text.into_owned(), extra })
+        }
+        kind::PRESENCE_GET => archive(k, &protocol::PresenceGet { user_ids: f.user_ids }),
         kind::GROUP_ADD_MEMBERS => {
             archive(k, &protocol::GroupAddMembers { group_id: f.group_id, user_ids: f.user_ids })
         }
@@ -724,6 +735,9 @@ impl<'de> Visitor<'de> for RequestVisitor {
                 K::DeviceId => f.device_id = value!(StrSeed),
                 K::Token => f.token = value!(StrSeed),
                 K::Note => f.note = value!(StrSeed),
+                K::Text => f.text = value!(StrSeed),
+                K::Extra => f.extra = Some(value!(StrSeed)),
+                K::ExtraB64 => f.extra_b64 = Some(value!(StrSeed)),
                 K::Body => f.body = Some(value!(StrSeed)),
                 K::BodyB64 => f.body_b64 = Some(value!(StrSeed)),
                 K::DeviceType => f.device_type = value!(IntSeed::U8) as u8,
@@ -1246,6 +1260,8 @@ fn answered_in_order(k: u16) -> bool {
             | kind::READ_GET
             | kind::PROFILE_GET
             | kind::ROSTER_ACTION
+            | kind::PRESENCE_SET
+            | kind::PRESENCE_GET
             | kind::ROSTER_GET
     )
 }
@@ -1434,6 +1450,8 @@ fn type_name(k: u16) -> Option<&'static str> {
         kind::ROSTER_OK => "roster_ok",
         kind::ROSTER_LIST => "roster_list",
         kind::ROSTER_NOTICE => "roster_notice",
+        kind::PRESENCE_LIST => "presence_list",
+        kind::PRESENCE_NOTICE => "presence_notice",
         _ => return None,
     })
 }
@@ -1748,6 +1766,18 @@ fn write_answer(frame: &[u8], corr: &mut Correlator, out: &mut String) -> Result
             o.close_arr();
             o.flag("more", a.more);
         }
+        kind::PRESENCE_LIST => {
+            let a = access!(ArchivedPresenceList);
+            o.id(p.answer_in_order(|f| f == kind::PRESENCE_SET || f == kind::PRESENCE_GET).as_deref());
+            o.open_arr("entries");
+            for e in a.entries.iter() {
+                o.open_elem_obj();
+                presence_entry(&mut o, e);
+                o.close();
+            }
+            o.close_arr();
+        }
+        kind::PRESENCE_NOTICE => presence_entry(&mut o, access!(ArchivedPresenceEntry)),
         kind::ROSTER_NOTICE => {
             let a = access!(ArchivedRosterNotice);
             o.num("event", a.event as u64);
@@ -1975,6 +2005,15 @@ impl<'a> Out<'a> {
         self.s.push(']');
         self.first = false;
     }
+}
+
+/// A `PresenceEntry`'s fields (a `presence_notice`, or an element of `presence_list`).
+fn presence_entry(o: &mut Out<'_>, e: &protocol::ArchivedPresenceEntry) {
+    o.u64s("user", e.user.to_native());
+    o.num("state", e.state as u64);
+    o.u64s("since_ms", e.since_ms.to_native());
+    o.text("text", e.text.as_str());
+    o.bytes("extra", e.extra.as_slice());
 }
 
 fn push_u64(s: &mut String, mut v: u64) {
@@ -2247,6 +2286,16 @@ mod tests {
             r#"{"op":"send","conv":1,"to":2,"client_msg_id":3,"body":"x","flags":1,"burn_secs":30}"#,
             kind::SEND,
             &Send { conv: 1, flags: 1, burn_secs: 30, to: 2, client_msg_id: 3, body: b"x".to_vec() },
+        );
+        check(
+            r#"{"op":"presence_set","state":2,"text":"lunch","extra_b64":"AP8="}"#,
+            kind::PRESENCE_SET,
+            &PresenceSet { state: 2, text: "lunch".into(), extra: vec![0, 255] },
+        );
+        check(
+            r#"{"op":"presence_get","user_ids":[2,"3"]}"#,
+            kind::PRESENCE_GET,
+            &PresenceGet { user_ids: vec![2, 3] },
         );
         check(
             r#"{"op":"read","conv":1,"peer":"2","seq":"7"}"#,
@@ -2653,6 +2702,17 @@ mod tests {
                 &RosterNotice { event: roster_action::REQUEST, from: 2, to: 1, note: "hi \"you\"".into() },
             ),
             json!({"type":"roster_notice","kind":124,"event":1,"from":"2","to":"1","note":"hi \"you\""}),
+        );
+        let entry = PresenceEntry { user: 2, state: 2, since_ms: 5, text: "lunch".into(), extra: vec![0xff] };
+        check(
+            c,
+            enc(kind::PRESENCE_NOTICE, &entry),
+            json!({"type":"presence_notice","kind":126,"user":"2","state":2,"since_ms":"5","text":"lunch","extra_b64":"/w=="}),
+        );
+        check(
+            c,
+            enc(kind::PRESENCE_LIST, &PresenceList { entries: vec![entry] }),
+            json!({"type":"presence_list","kind":125,"entries":[{"user":"2","state":2,"since_ms":"5","text":"lunch","extra_b64":"/w=="}]}),
         );
         // Every server kind has a type name.
         for k in 100..200 {
@@ -3387,6 +3447,8 @@ mod tests {
             kind::PROFILE_GET => frame::access::<ArchivedProfileGet>(p).is_ok(),
             kind::GROUP_ADD_MEMBERS => frame::access::<ArchivedGroupAddMembers>(p).is_ok(),
             kind::ROSTER_ACTION => frame::access::<ArchivedRosterAction>(p).is_ok(),
+            kind::PRESENCE_SET => frame::access::<ArchivedPresenceSet>(p).is_ok(),
+            kind::PRESENCE_GET => frame::access::<ArchivedPresenceGet>(p).is_ok(),
             kind::ROSTER_GET => frame::access::<ArchivedRosterGet>(p).is_ok(),
             _ => false,
         }

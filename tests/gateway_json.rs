@@ -475,6 +475,33 @@ fn json_roster(driver: &str) {
     send(&mut j, json!({"op": "roster_get", "id": "out2", "list": 2}));
     assert_eq!(next_of(&mut j, "roster_list")["entries"], json!([]), "the request is answered");
 
+    // Presence between the friends: jay's status reaches kay; kay asks for it; a bad state is
+    // refused with the request's id.
+    send(&mut j, json!({"op": "presence_set", "id": "p", "state": 2, "text": "lunch", "extra_b64": "AP8="}));
+    let l = next_of(&mut j, "presence_list");
+    assert_eq!(
+        (&l["id"], &l["entries"][0]["state"], &l["entries"][0]["text"]),
+        (&json!("p"), &json!(2), &json!("lunch")),
+        "{l}"
+    );
+    loop {
+        let n = next_of(&mut k, "presence_notice");
+        if n["user"] == json!(jay) && n["state"] == json!(2) {
+            assert_eq!((n.get("id"), &n["extra_b64"]), (None, &json!("AP8=")), "{n}");
+            break;
+        }
+    }
+    send(&mut k, json!({"op": "presence_get", "id": "pg", "user_ids": [jay, "999999"]}));
+    let l = next_of(&mut k, "presence_list");
+    assert_eq!(
+        (&l["id"], &l["entries"][0]["text"], &l["entries"][1]["state"]),
+        (&json!("pg"), &json!("lunch"), &json!(0)),
+        "{l}"
+    );
+    send(&mut j, json!({"op": "presence_set", "id": "p2", "state": 9}));
+    let e = next_of(&mut j, "error");
+    assert_eq!((&e["id"], &e["code"], &e["request_kind"]), (&json!("p2"), &json!(96), &json!(25)), "{e}");
+
     // Refusals, each with its id.
     send(&mut j, json!({"op": "roster_action", "id": "again", "action": 1, "user": kay}));
     let e = next_of(&mut j, "error");

@@ -52,6 +52,32 @@ struct Presence {
     blocks: Vec<UserId>,
     /// The state its friends were last told (OFFLINE before the first).
     shown: u8,
+    /// Roster changes that came before its friends were known (at most
+    /// [`PRESENCE_PENDING_MAX`]).
+    pending: Vec<(UserId, bool, bool)>,
+}
+
+/// Roster changes a user owner keeps for a user whose friends it is still waiting for.
+const PRESENCE_PENDING_MAX: usize = 64;
+
+impl Presence {
+    /// The user's relation to `other` changed; whether `other` just became a friend.
+    fn change(&mut self, other: UserId, friend: bool, blocks: bool) -> bool {
+        let mut became = false;
+        if let Some(f) = self.friends.as_mut() {
+            let was = f.contains(&other);
+            f.retain(|&u| u != other);
+            if friend {
+                f.push(other);
+            }
+            became = friend && !was;
+        }
+        self.blocks.retain(|&u| u != other);
+        if blocks {
+            self.blocks.push(other);
+        }
+        became
+    }
 }
 
 impl UserLive {
@@ -158,28 +184,32 @@ impl UserOwner {
                 let p = live.presence.get_or_insert_with(Default::default);
                 p.friends = Some(friends);
                 p.blocks = blocks;
+                // Changes that came while the roster was being read are newer than what it read
+                // (or the same): made again on top.
+                for (other, friend, blocks) in std::mem::take(&mut p.pending) {
+                    p.change(other, friend, blocks);
+                }
                 self.announce(m.user, false, now, out);
             }
             PresenceOp::Change { other, friend, blocks } => {
-                let Some(p) = self.users.get_mut(&m.user).and_then(|l| l.presence.as_deref_mut()) else {
-                    return;
-                };
-                if let Some(f) = p.friends.as_mut() {
-                    f.retain(|&u| u != other);
-                    if friend {
-                        f.push(other);
-                        // A new friend learns where this user stands.
-                        let entry = self.users[&m.user].entry(m.user, other, self.auto_offline);
-                        if entry.state != presence_state::OFFLINE {
-                            let frame = Bytes::from(crate::frame::encode(kind::PRESENCE_NOTICE, &entry));
-                            out.push(Effect::FanoutUsers { users: vec![other], frame });
-                        }
+                // Kept only for a user with live state: a login's roster read may be in flight.
+                let Some(live) = self.users.get_mut(&m.user) else { return };
+                let p = live.presence.get_or_insert_with(Default::default);
+                if p.friends.is_none() {
+                    if p.pending.len() >= PRESENCE_PENDING_MAX {
+                        p.pending.remove(0);
                     }
+                    p.pending.push((other, friend, blocks));
+                    return;
                 }
-                let p = self.users.get_mut(&m.user).and_then(|l| l.presence.as_deref_mut()).expect("held");
-                p.blocks.retain(|&u| u != other);
-                if blocks {
-                    p.blocks.push(other);
+                let became_friend = p.change(other, friend, blocks);
+                if became_friend {
+                    // A new friend learns where this user stands.
+                    let entry = live.entry(m.user, other, self.auto_offline);
+                    if entry.state != presence_state::OFFLINE {
+                        let frame = Bytes::from(crate::frame::encode(kind::PRESENCE_NOTICE, &entry));
+                        out.push(Effect::FanoutUsers { users: vec![other], frame });
+                    }
                 }
             }
             PresenceOp::Ask { asker, users } => {
