@@ -242,6 +242,27 @@ pub struct Args {
     /// Recipient choice for one-to-one.
     #[arg(long, value_enum, default_value = "fixed")]
     pub peer: PeerChoice,
+    /// One-to-one: before the measured run each user becomes friends with N others (N even;
+    /// --users at least N + 1): user u sends a RosterAction REQUEST to the N/2 users after it
+    /// (u + 1 ..= u + N/2, mod --users) and ACCEPTs the requests of the N/2 before it, over
+    /// the protocol, on its first connection. A user's presence changes reach its friends'
+    /// sessions (PresenceNotice).
+    #[arg(long, default_value_t = 0)]
+    pub friends: u32,
+    /// One-to-one: the fraction of each connection's operations (messages, presence changes,
+    /// typing notices) that are presence changes: a PresenceSet alternating AWAY and ONLINE
+    /// with a short status text, answered by PresenceList and pushed by the server to every
+    /// session of the user's friends (and to the user's other sessions) as a PresenceNotice.
+    /// Closed loop: an unanswered PresenceSet counts against --window like a message; open
+    /// loop: --rate is then operations per second.
+    #[arg(long, default_value_t = 0.0, value_name = "FRACTION")]
+    pub presence_share: f64,
+    /// One-to-one: the fraction of each connection's operations that are Typing (state 1) to
+    /// the peer of its next message (TypingNotice to the peer's sessions). Not answered; the
+    /// server refuses more than `limits.typing_per_session_per_minute_max` (default 120) per
+    /// session per minute with RateLimited (counted as errors and as typing_refused).
+    #[arg(long, default_value_t = 0.0, value_name = "FRACTION")]
+    pub typing_share: f64,
     /// Seconds after the duration during which acks and deliveries are still collected.
     #[arg(long, default_value_t = 3.0)]
     pub drain: f64,
@@ -340,6 +361,11 @@ pub struct Config {
     pub register_per_connection: u32,
     pub register_concurrency: u32,
     pub peer: PeerChoice,
+    /// One-to-one: friends per user (set up before the run), and the shares of operations
+    /// that are presence changes and typing notices.
+    pub friends: u32,
+    pub presence_share: f64,
+    pub typing_share: f64,
     pub password: String,
     pub user_prefix: String,
     pub device_type: u8,
@@ -441,6 +467,7 @@ impl Config {
                 connections / 2
             );
         }
+        check_side_ops(&a, users)?;
         check_transport(&a)?;
         let threads = a.threads.unwrap_or_else(tim_shards::runtime::available_cores).max(1);
         if a.password.len() < 8 {
@@ -492,6 +519,9 @@ impl Config {
             register_per_connection: a.register_per_connection.max(1),
             register_concurrency: a.register_concurrency.max(1),
             peer: a.peer,
+            friends: a.friends,
+            presence_share: a.presence_share,
+            typing_share: a.typing_share,
             password: a.password,
             user_prefix: a.user_prefix,
             device_type: a.device_type,
@@ -560,6 +590,29 @@ fn check_transport(a: &Args) -> anyhow::Result<()> {
     }
     if a.json_body != JsonBody::Text && a.transport != Transport::WsJson {
         bail!("--json-body is for --transport ws-json");
+    }
+    Ok(())
+}
+
+/// One-to-one's friends, presence changes and typing notices.
+fn check_side_ops(a: &Args, users: u32) -> anyhow::Result<()> {
+    let (p, t) = (a.presence_share, a.typing_share);
+    let used = a.friends > 0 || p != 0.0 || t != 0.0;
+    if used && a.scenario != ScenarioName::OneToOne {
+        bail!("--friends, --presence-share and --typing-share are for --scenario one-to-one");
+    }
+    if used && a.transport != Transport::Tcp {
+        bail!("--friends, --presence-share and --typing-share run over --transport tcp");
+    }
+    if !a.friends.is_multiple_of(2) {
+        bail!("--friends must be even (each user asks the N/2 users after it and accepts the N/2 before it)");
+    }
+    if a.friends > 0 && users < a.friends + 1 {
+        bail!("--friends {} needs at least {} users (--users {users})", a.friends, a.friends + 1);
+    }
+    let share_ok = |x: f64| x.is_finite() && (0.0..1.0).contains(&x);
+    if !share_ok(p) || !share_ok(t) || p + t >= 1.0 {
+        bail!("--presence-share and --typing-share must be within 0..1, their sum below 1");
     }
     Ok(())
 }

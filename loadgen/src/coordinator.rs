@@ -135,7 +135,13 @@ pub fn run(g: &Global) -> Outcome {
                 Scenario::Room(_) => {
                     s[C::Delivered as usize] + s[C::Missed as usize] >= s[C::Expected as usize]
                 }
-                _ => s[C::Inflight as usize] == 0 && s[C::Delivered as usize] >= s[C::Expected as usize],
+                // One-to-one with presence changes: also every change answered and its notices in.
+                _ => {
+                    s[C::Inflight as usize] == 0
+                        && s[C::Delivered as usize] >= s[C::Expected as usize]
+                        && s[C::PresenceInflight as usize] == 0
+                        && s[C::PresenceNotices as usize] >= s[C::PresenceExpected as usize]
+                }
             };
             if done {
                 let since = *settled_since.get_or_insert_with(Instant::now);

@@ -112,6 +112,20 @@ pub fn finish(g: &Global, o: &Outcome) -> bool {
         problems.push("nothing was done (no connection ready, or nothing answered)".into());
     }
 
+    // One-to-one's side operations: friends, presence changes, typing notices.
+    let side_ops = cfg.friends > 0 || cfg.presence_share > 0.0 || cfg.typing_share > 0.0;
+    let roster = match &g.scenario {
+        Scenario::Messaging(plan) => plan.as_one_to_one().map_or((0, 0.0), |o| {
+            (
+                o.roster_actions.load(Ordering::Relaxed) as u64,
+                o.roster_setup_us.load(Ordering::Relaxed) as f64 / 1e6,
+            )
+        }),
+        _ => (0, 0.0),
+    };
+    // Operations: messages acknowledged, presence changes answered, typing notices sent.
+    let ops = v.acked + c(C::PresenceAnswered) + c(C::TypingSent);
+
     // ---- readable summary ----
     let per_conn = if room_verdict.is_some() { "publisher" } else { "connection" };
     let load = match cfg.load {
@@ -228,6 +242,26 @@ pub fn finish(g: &Global, o: &Outcome) -> bool {
                 v.delivered_unacked,
                 c(C::Foreign)
             );
+            if side_ops {
+                println!(
+                    "  friends {} per user ({} roster actions, {:.2} s)  presence changes {} sent, {} answered \
+                     ({:.0}/s)  presence notices {} of {} owed (+{} others)  typing {} sent, {} refused, \
+                     {} notices  ({:.0} operations/s)",
+                    cfg.friends,
+                    roster.0,
+                    roster.1,
+                    c(C::PresenceSent),
+                    c(C::PresenceAnswered),
+                    c(C::PresenceAnswered) as f64 / secs,
+                    c(C::PresenceNotices),
+                    c(C::PresenceExpected),
+                    c(C::PresenceOtherNotices),
+                    c(C::TypingSent),
+                    c(C::TypingRefused),
+                    c(C::TypingNotices),
+                    ops as f64 / secs
+                );
+            }
             if !o.drained {
                 println!("  drain timed out after {:.2} s", o.drain_time.as_secs_f64());
             }
@@ -404,6 +438,24 @@ pub fn finish(g: &Global, o: &Outcome) -> bool {
             m.insert(format!("{name}_max_us"), json!(h.max()));
         }
         m.insert("stuck_connections".into(), json!(r.stuck));
+        if side_ops {
+            m.insert("friends".into(), json!(cfg.friends));
+            m.insert("presence_share".into(), json!(cfg.presence_share));
+            m.insert("typing_share".into(), json!(cfg.typing_share));
+            m.insert("roster_actions".into(), json!(roster.0));
+            m.insert("roster_setup_s".into(), json!(round3(roster.1)));
+            m.insert("presence_sent".into(), json!(c(C::PresenceSent)));
+            m.insert("presence_answered".into(), json!(c(C::PresenceAnswered)));
+            m.insert("presence_per_s".into(), json!(round3(c(C::PresenceAnswered) as f64 / secs)));
+            m.insert("presence_notices".into(), json!(c(C::PresenceNotices)));
+            m.insert("presence_notices_expected".into(), json!(c(C::PresenceExpected)));
+            m.insert("presence_notices_per_s".into(), json!(round3(c(C::PresenceNotices) as f64 / secs)));
+            m.insert("presence_other_notices".into(), json!(c(C::PresenceOtherNotices)));
+            m.insert("typing_sent".into(), json!(c(C::TypingSent)));
+            m.insert("typing_refused".into(), json!(c(C::TypingRefused)));
+            m.insert("typing_notices".into(), json!(c(C::TypingNotices)));
+            m.insert("ops_per_s".into(), json!(round3(ops as f64 / secs)));
+        }
         if room_verdict.is_some() {
             // sent: publishes; acked: publishes not refused; delivered, msgs_per_s: deliveries.
             m.insert("rooms".into(), json!(cfg.rooms));

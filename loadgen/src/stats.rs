@@ -55,6 +55,21 @@ pub enum C {
     SkippedWhileDown,
     /// `Resync` pushes received (a cluster node failed; a catch-up followed).
     Resyncs,
+    /// One-to-one side operations: presence changes sent (PresenceSet) and answered
+    /// (PresenceList), the PresenceNotices they are owed (to every live session of the user's
+    /// friends and to the user's other sessions, counted when answered) and received (those
+    /// carrying the loadgen's status text), other PresenceNotices (logins, new friends during
+    /// setup), Typing sent and refused, TypingNotices received.
+    PresenceSent,
+    PresenceAnswered,
+    PresenceExpected,
+    PresenceNotices,
+    PresenceOtherNotices,
+    TypingSent,
+    TypingRefused,
+    TypingNotices,
+    /// Gauge: presence changes sent and not yet answered.
+    PresenceInflight,
     Errors,
     Logins,
     /// Gauge: messages sent and not yet answered.
@@ -118,7 +133,7 @@ pub struct Stats {
 impl Default for Stats {
     fn default() -> Self {
         Stats {
-            counters: Default::default(),
+            counters: std::array::from_fn(|_| Cell::new(0)),
             total: RefCell::new(new_hists()),
             interval: RefCell::new(new_hists()),
             errors: RefCell::new(BTreeMap::new()),
@@ -189,11 +204,16 @@ pub fn error_name(code: u16, request_kind: u16) -> String {
 }
 
 /// What a thread shares with the coordinator.
-#[derive(Default)]
 pub struct Slot {
     counters: [AtomicU64; COUNTERS],
     /// Histograms handed over since the coordinator last took them.
     pub interval: Mutex<Option<Hists>>,
+}
+
+impl Default for Slot {
+    fn default() -> Self {
+        Slot { counters: std::array::from_fn(|_| AtomicU64::new(0)), interval: Mutex::new(None) }
+    }
 }
 
 impl Slot {

@@ -87,6 +87,14 @@ pub enum Incoming<'a> {
     /// A durable server finished replaying stored messages after login.
     CatchUpEnd,
     Resync,
+    /// The answer to one of our presence changes (`PresenceList`).
+    PresenceAnswer,
+    /// A friend's (or this user's other session's) presence change; `ours`: one of the run's
+    /// (its status text starts with [`PRESENCE_TEXT`]), else a login's or a new friend's.
+    PresenceNotice {
+        ours: bool,
+    },
+    TypingNotice,
     /// Frames the engine ignores (Pong, …).
     Ignore,
     /// A kind the scenario does not expect, or a payload that fails validation.
@@ -139,7 +147,28 @@ pub trait Plan: Send + Sync + 'static {
     fn classify<'a>(&self, k: u16, payload: &'a [u8]) -> Incoming<'a> {
         classify_im(k, payload)
     }
+
+    /// The shares of a connection's operations that are presence changes and typing notices
+    /// (the rest are messages); one-to-one only.
+    fn side_shares(&self) -> (f64, f64) {
+        (0.0, 0.0)
+    }
+
+    /// How many sessions a presence change of connection `conn` is owed to (its user's friends'
+    /// live connections and its user's other ones).
+    fn presence_fanout(&self, _live: &LiveSet, _conn: u32) -> u64 {
+        0
+    }
+
+    /// The one-to-one plan, for its setup steps.
+    fn as_one_to_one(&self) -> Option<&super::one_to_one::OneToOne> {
+        None
+    }
 }
+
+/// The status text of the run's presence changes starts with this (so that their notices are
+/// told from those of logins and new friendships).
+pub const PRESENCE_TEXT: &str = "lg-churn";
 
 /// How a tim server's frames read: deliveries in place (stamp + the sender's `Send` archive;
 /// a group notice by its stamp alone), everything else through `tim::client::decode_event`.
@@ -165,6 +194,9 @@ pub fn classify_im(k: u16, payload: &[u8]) -> Incoming<'_> {
         Ok(Event::Kick(k)) => Incoming::Kick { reason: k.reason },
         Ok(Event::CatchUpEnd(_)) => Incoming::CatchUpEnd,
         Ok(Event::Resync) => Incoming::Resync,
+        Ok(Event::PresenceList(_)) => Incoming::PresenceAnswer,
+        Ok(Event::PresenceNotice(p)) => Incoming::PresenceNotice { ours: p.text.starts_with(PRESENCE_TEXT) },
+        Ok(Event::TypingNotice(_)) => Incoming::TypingNotice,
         Ok(_) => Incoming::Ignore,
         Err(_) => Incoming::Unexpected(k),
     }
@@ -216,6 +248,15 @@ struct Conn {
     down_us: Cell<u64>,
     down_max_us: Cell<u64>,
     gave_up: Cell<bool>,
+    /// Shares of operations that are presence changes and typing notices; operations issued
+    /// (all kinds), this connection's place in the low-discrepancy sequence that picks their
+    /// kind, presence changes issued and not yet answered.
+    presence_share: f64,
+    typing_share: f64,
+    ops: Cell<u64>,
+    ops_offset: f64,
+    presence_sets: Cell<u64>,
+    presence_inflight: Cell<u32>,
 }
 
 /// Reconnect backoff: the first pause, and the most it doubles to (each pause is jittered
@@ -263,6 +304,7 @@ pub async fn run_joined(
         _ => PING_DEFAULT,
     };
     let conv = plan.conv();
+    let (presence_share, typing_share) = plan.side_shares();
     let c = Rc::new(Conn {
         w: w.clone(),
         idx,
@@ -298,6 +340,12 @@ pub async fn run_joined(
         down_us: Cell::new(0),
         down_max_us: Cell::new(0),
         gave_up: Cell::new(false),
+        presence_share,
+        typing_share,
+        ops: Cell::new(0),
+        ops_offset: (mix(0x0b5_5eed ^ idx as u64) >> 11) as f64 / (1u64 << 53) as f64,
+        presence_sets: Cell::new(0),
+        presence_inflight: Cell::new(0),
     });
     w.watch_phase(&c.wake);
     w.stats.add(C::Connected, 1);
@@ -340,6 +388,7 @@ pub async fn run_joined(
     }
     let send = std::mem::take(&mut *c.send.borrow_mut());
     w.stats.sub(C::Inflight, send.inflight.len() as u64);
+    w.stats.sub(C::PresenceInflight, c.presence_inflight.replace(0) as u64);
     let recv = std::mem::take(&mut *c.recv.borrow_mut());
     let mut l = ConnLedger::new(idx, send, recv);
     (l.duplicated, l.out_of_order) = (c.duplicated.get(), c.out_of_order.get());
@@ -473,6 +522,8 @@ impl Conn {
         // for its CatchUpEnd (only a durable server, which sent one at the first login, sends
         // a catch-up).
         self.recv.borrow_mut().new_life(self.caught_up.get());
+        // Presence changes in flight on the old socket are not answered any more.
+        w.stats.sub(C::PresenceInflight, self.presence_inflight.replace(0) as u64);
         let resent = self.send.borrow_mut().resend_all(w.now_us());
         w.stats.add(C::ResentAfterReconnect, resent);
         w.stats.add(C::Reconnects, 1);
@@ -504,7 +555,18 @@ impl Conn {
                 self.on_deliver(None, body);
             }
             Incoming::Refused { client_msg_id, code } => self.on_refused(client_msg_id, code),
-            Incoming::Error { code, request_kind } => self.w.stats.server_error(code, request_kind),
+            Incoming::Error { code, request_kind } => {
+                self.w.stats.server_error(code, request_kind);
+                match request_kind {
+                    kind::PRESENCE_SET => self.presence_done(false),
+                    kind::TYPING => self.w.stats.add(C::TypingRefused, 1),
+                    _ => {}
+                }
+            }
+            Incoming::PresenceAnswer => self.presence_done(true),
+            Incoming::PresenceNotice { ours: true } => self.w.stats.add(C::PresenceNotices, 1),
+            Incoming::PresenceNotice { ours: false } => self.w.stats.add(C::PresenceOtherNotices, 1),
+            Incoming::TypingNotice => self.w.stats.add(C::TypingNotices, 1),
             Incoming::Kick { reason } => {
                 let name = ErrorCode::from_u16(reason).map_or_else(|| "Unknown".into(), |c| format!("{c:?}"));
                 self.w.stats.error(&format!("kicked: {name}({reason})"));
@@ -724,7 +786,78 @@ impl Conn {
     }
 
     fn inflight(&self) -> usize {
-        self.send.borrow().inflight.len()
+        self.send.borrow().inflight.len() + self.presence_inflight.get() as usize
+    }
+
+    /// Issue the next operation: a presence change, a typing notice or (most often) the next
+    /// new message, as the connection's low-discrepancy sequence picks (operation k's point is
+    /// frac(offset + k × 0.618…): below the presence share, a presence change; below the sum of
+    /// both shares, a typing notice; else a message), so that each kind's share holds over
+    /// any stretch of operations, evenly spread. False when nothing could be issued.
+    fn issue_op(&self, sent_us: u64) -> bool {
+        if self.presence_share > 0.0 || self.typing_share > 0.0 {
+            let k = self.ops.get();
+            self.ops.set(k + 1);
+            let x = (self.ops_offset + k as f64 * GOLDEN).fract();
+            if x < self.presence_share {
+                self.set_presence();
+                return true;
+            }
+            if x < self.presence_share + self.typing_share && self.typing() {
+                return true;
+            }
+        }
+        self.issue(sent_us)
+    }
+
+    /// Queue a presence change: AWAY and ONLINE in turn, with a short status text naming the
+    /// connection and the change (so that each one changes what friends see even when the
+    /// user's other connections change it meanwhile: the server tells friends of changes only).
+    fn set_presence(&self) {
+        let n = self.presence_sets.get();
+        self.presence_sets.set(n + 1);
+        let (state, word) = if n.is_multiple_of(2) {
+            (protocol::presence_state::AWAY, "away")
+        } else {
+            (protocol::presence_state::ONLINE, "back")
+        };
+        let p = protocol::PresenceSet {
+            state,
+            text: format!("{PRESENCE_TEXT} {word} c{} n{n}", self.idx),
+            extra: Vec::new(),
+        };
+        self.io.borrow().queue(kind::PRESENCE_SET, &p);
+        self.presence_inflight.set(self.presence_inflight.get() + 1);
+        self.w.stats.add(C::PresenceSent, 1);
+        self.w.stats.add(C::PresenceInflight, 1);
+    }
+
+    /// Queue a Typing (state 1) to the peer of the next message; false if there is none.
+    fn typing(&self) -> bool {
+        let counter = self.send.borrow().next;
+        let Some(to) = self.plan.to(self.w.g.live(), self.idx, counter) else { return false };
+        if to == self.user_id {
+            return false;
+        }
+        self.io.borrow().queue(kind::TYPING, &protocol::Typing { to, conv: conv::DIRECT, state: 1 });
+        self.w.stats.add(C::TypingSent, 1);
+        true
+    }
+
+    /// A presence change was answered (`answered`) or refused.
+    fn presence_done(&self, answered: bool) {
+        let stats = &self.w.stats;
+        if self.presence_inflight.get() == 0 {
+            stats.error("presence answer without a change in flight");
+            return;
+        }
+        self.presence_inflight.set(self.presence_inflight.get() - 1);
+        stats.sub(C::PresenceInflight, 1);
+        if answered {
+            stats.add(C::PresenceAnswered, 1);
+            stats.add(C::PresenceExpected, self.plan.presence_fanout(self.w.g.live(), self.idx));
+        }
+        self.wake.notify();
     }
 }
 
@@ -757,12 +890,14 @@ async fn writer(c: Rc<Conn>) {
         let mut next_wake = if up { c.resend_due(now) } else { None };
         if phase == Phase::Run && c.sends {
             match g.cfg.load {
-                Load::Closed { window } if up => while c.inflight() < window as usize && c.issue(now) {},
+                Load::Closed { window } if up => while c.inflight() < window as usize && c.issue_op(now) {},
                 Load::Closed { .. } => {}
                 Load::Open { cap, .. } => {
                     let due_at = |k: u64| open_loop_due(run_start, offset_us, interval_us, k);
                     if up {
-                        while due_at(issued) <= now && c.inflight() < cap as usize && c.issue(due_at(issued))
+                        while due_at(issued) <= now
+                            && c.inflight() < cap as usize
+                            && c.issue_op(due_at(issued))
                         {
                             c.w.stats.record(H::Lag, now - due_at(issued));
                             issued += 1;
@@ -816,6 +951,9 @@ async fn writer(c: Rc<Conn>) {
     }
     c.io.borrow().shutdown();
 }
+
+/// The golden ratio's fractional part: the step of the operation-kind sequence.
+const GOLDEN: f64 = 0.618_033_988_749_894_9;
 
 /// Open loop: when a connection's `k`-th new message is due (µs since the run's base), its
 /// messages being `interval_us` apart from `run_start + offset_us`.

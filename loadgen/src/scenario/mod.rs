@@ -68,6 +68,9 @@ impl Scenario {
 /// Run connection slot `conn` on its thread until the run stops.
 pub async fn run_slot(w: &Rc<Worker>, conn: u32) {
     match &w.g.scenario {
+        Scenario::Messaging(plan) if plan.as_one_to_one().is_some_and(|o| o.friends > 0) => {
+            one_to_one::run(w, conn, plan.clone()).await
+        }
         Scenario::Messaging(plan) => messaging::run(w, conn, plan.clone()).await,
         Scenario::Idle => idle::run(w, conn).await,
         Scenario::LoginStorm => login_storm::run(w, conn).await,
