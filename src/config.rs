@@ -358,6 +358,9 @@ pub struct Limits {
     pub presence_extra_bytes_max: usize,
     /// Users one PresenceGet may ask about (InvalidPresence).
     pub presence_query_max: usize,
+    /// A user's presence changes within this window reach its friends as one notice (the
+    /// latest); 0: each change at once.
+    pub presence_coalesce_ms: u64,
     /// Friends plus outgoing friend requests one user may have (TooManyFriends).
     pub roster_entries_max: usize,
     /// Bytes of a friend request's note (InvalidRoster).
@@ -579,6 +582,7 @@ impl Default for Limits {
             presence_text_bytes_max: 128,
             presence_extra_bytes_max: 256,
             presence_query_max: 100,
+            presence_coalesce_ms: 250,
             roster_note_bytes_max: 256,
             profile_text_bytes_max: 256,
             profile_extra_bytes_max: 4096,
@@ -916,6 +920,7 @@ roster_note_bytes_max = 256         # a friend request's note; longer: InvalidRo
 presence_text_bytes_max = 128       # a presence's status text; longer: InvalidPresence
 presence_extra_bytes_max = 256      # a presence's extra data; longer: InvalidPresence
 presence_query_max = 100            # users one PresenceGet may ask about
+presence_coalesce_ms = 250          # a user's presence changes within this window reach friends as one notice; 0 = each at once
 profile_text_bytes_max = 256        # bytes of a profile's nickname, avatar URL or area (InvalidProfile)
 profile_extra_bytes_max = 4096      # bytes of a profile's extra data (InvalidProfile)
 profiles_per_request_max = 100      # users one ProfileGet may name (InvalidProfile)

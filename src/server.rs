@@ -321,6 +321,9 @@ async fn run_shard(
     monoio::spawn(shard.clone().run_fanout());
     // Delivery cursors (durable stores) and read positions (every store).
     monoio::spawn(shard.clone().run_cursor_flush());
+    if shard.cfg().limits.presence_coalesce_ms > 0 {
+        monoio::spawn(shard.clone().run_presence_flush());
+    }
     if shard.shared.store.durable() && shard.id == 0 {
         monoio::spawn(shard.clone().run_burn_sweep());
     }

@@ -182,11 +182,10 @@ impl Shard {
             undeferring: Cell::new(false),
             sessions: RefCell::new(HashMap::default()),
             next_session: Cell::new(1),
-            users: RefCell::new(UserOwner::new(
-                cfg.sessions.clone(),
-                cfg.limits.tokens_per_user_max,
-                RandomState::new(),
-            )),
+            users: RefCell::new(
+                UserOwner::new(cfg.sessions.clone(), cfg.limits.tokens_per_user_max, RandomState::new())
+                    .with_presence_coalescing(cfg.limits.presence_coalesce_ms),
+            ),
             convs: RefCell::new(
                 ConvOwner::new(me, placement.clone(), store.durable(), &cfg.limits, RandomState::new())
                     .with_policy(&cfg.messages),
@@ -574,6 +573,17 @@ impl Shard {
             *seq = (*seq).max(c.seq);
         } else if reads.len() < self.cfg().limits.cursors_pending_max {
             reads.insert(key, c.seq);
+        }
+    }
+
+    /// Every `presence_coalesce_ms`: tell friends the presence of the users that changed.
+    pub async fn run_presence_flush(self: Rc<Self>) {
+        let every = Duration::from_millis(self.cfg().limits.presence_coalesce_ms.max(1));
+        while !self.shutting_down.get() {
+            monoio::time::sleep(every).await;
+            let mut fx = Vec::new();
+            self.users.borrow_mut().flush_presence(now_ms(), &mut fx);
+            self.execute(&mut fx);
         }
     }
 

@@ -56,7 +56,8 @@ impl Server {
         let store = store.replace("{data}", &dir.path().join("data").display().to_string());
         let text = format!(
             "[server]\nlisten = \"127.0.0.1:0\"\nshards = 2\npin_cores = false\n\n\
-             [security]\nargon2_m_kib = 64\nargon2_t = 1\n\n[admin]\nlisten = \"\"\n\n[store]\n{store}\n"
+             [security]\nargon2_m_kib = 64\nargon2_t = 1\n\n[admin]\nlisten = \"\"\n\n\
+             [limits]\npresence_coalesce_ms = 0\n\n[store]\n{store}\n"
         );
         std::fs::write(&cfg, text).unwrap();
         let mut child = Command::new(tim_binary())

@@ -55,6 +55,10 @@ struct Presence {
     /// Roster changes that came before its friends were known (at most
     /// [`PRESENCE_PENDING_MAX`]).
     pending: Vec<(UserId, bool, bool)>,
+    /// A notice to friends waits for the end of the coalescing window (`forced`: its text or
+    /// extra data changed).
+    dirty: bool,
+    forced: bool,
 }
 
 /// Roster changes a user owner keeps for a user whose friends it is still waiting for.
@@ -135,6 +139,10 @@ pub struct UserOwner {
     banned: HashMap<UserId, u64, RandomState>,
     /// `sessions.presence_auto_offline`.
     auto_offline: bool,
+    /// `limits.presence_coalesce_ms` (0: no coalescing), and the users whose friends wait for
+    /// a notice.
+    coalesce_ms: u64,
+    dirty: Vec<UserId>,
 }
 
 /// How long a user owner refuses a banned user's logins by itself (longer than a login takes
@@ -151,6 +159,28 @@ impl UserOwner {
             tokens_per_user_max,
             banned: HashMap::with_hasher(hasher),
             auto_offline: policy_auto_offline,
+            coalesce_ms: 0,
+            dirty: Vec::new(),
+        }
+    }
+
+    /// Coalesce each user's presence notices to friends over `ms` (0: none).
+    pub fn with_presence_coalescing(mut self, ms: u64) -> UserOwner {
+        self.coalesce_ms = ms;
+        self
+    }
+
+    /// The end of a coalescing window: the users whose presence changed meanwhile tell their
+    /// friends where they stand now.
+    pub fn flush_presence(&mut self, now: u64, out: &mut Effects) {
+        for user in std::mem::take(&mut self.dirty) {
+            let Some(p) = self.users.get_mut(&user).and_then(|l| l.presence.as_deref_mut()) else { continue };
+            if !p.dirty {
+                continue;
+            }
+            p.dirty = false;
+            let force = std::mem::take(&mut p.forced);
+            self.announce_now(user, force, now, out);
         }
     }
 
@@ -238,6 +268,19 @@ impl UserOwner {
     /// Tell `user`'s friends (those it does not block) its presence if what they see changed
     /// (or, with `force`, its text did), once its friends are known.
     fn announce(&mut self, user: UserId, force: bool, now: u64, out: &mut Effects) {
+        if self.coalesce_ms == 0 {
+            return self.announce_now(user, force, now, out);
+        }
+        let Some(p) = self.users.get_mut(&user).and_then(|l| l.presence.as_deref_mut()) else { return };
+        p.forced |= force;
+        if !p.dirty {
+            p.dirty = true;
+            self.dirty.push(user);
+        }
+    }
+
+    /// [`UserOwner::announce`] at once.
+    fn announce_now(&mut self, user: UserId, force: bool, now: u64, out: &mut Effects) {
         let auto_offline = self.auto_offline;
         let Some(live) = self.users.get_mut(&user) else { return };
         let visible = live.visible(auto_offline);
@@ -432,7 +475,8 @@ impl UserOwner {
         let Some(live) = self.users.get_mut(&user) else { return };
         live.sessions.retain(|s| s.session != session);
         if live.sessions.is_empty() {
-            self.announce(user, false, now, out);
+            // At once: with `presence_auto_offline` its presence is forgotten right after.
+            self.announce_now(user, false, now, out);
             let live = self.users.get_mut(&user).expect("held");
             if self.auto_offline {
                 live.presence = None;
