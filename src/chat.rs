@@ -28,8 +28,8 @@ use crate::{
     client::{self, Client, ClientError, Delivery, Event},
     clock,
     protocol::{
-        self, conv, group_action, group_event, kind, msg_state, roster_action, roster_list, send_flags,
-        ErrorCode, SendAck, Stamp,
+        self, conv, group_action, group_event, kind, msg_state, presence_state, roster_action, roster_list,
+        send_flags, ErrorCode, SendAck, Stamp,
     },
 };
 
@@ -635,6 +635,10 @@ pub enum Input {
     /// A roster action ([`protocol::roster_action`]) on a user, with a note (`/add ID [NOTE]`,
     /// `/accept ID`, `/reject ID`, `/cancel ID`, `/unfriend ID`, `/block ID`, `/unblock ID`).
     Roster(u8, String, String),
+    /// `/status STATE [TEXT]`: set this user's presence (a [`presence_state`]) and status text.
+    Status(u8, String),
+    /// `/presence ID...`: users' presence.
+    Presence(Vec<String>),
     Help,
     Quit,
     /// A command not understood (the line as typed).
@@ -669,6 +673,8 @@ commands:
   /unfriend ID     end the friendship with user ID
   /block ID        block user ID: no messages or requests from it
   /unblock ID      unblock user ID
+  /status STATE [TEXT]  set your presence: online, away, busy or invisible, with a status text
+  /presence ID...  the presence of users (friends' changes are told as they come)
   /quit            leave (Ctrl-D and Ctrl-C too)
   //TEXT           send TEXT starting with one /";
 
@@ -732,14 +738,79 @@ pub fn parse_input(line: &[u8]) -> Input {
             };
             Input::Roster(action, id.into(), String::new())
         }
+        ("status", Some(state), _) => match presence_state_of(state) {
+            Some(st) => Input::Status(st, rest[state.len()..].trim().into()),
+            None => Input::Unknown(String::from_utf8_lossy(line).into_owned()),
+        },
+        ("presence", Some(_), _) => Input::Presence(rest.split_whitespace().map(String::from).collect()),
         ("help" | "?", _, _) => Input::Help,
         ("quit" | "exit" | "q", None, _) => Input::Quit,
         _ => Input::Unknown(String::from_utf8_lossy(line).into_owned()),
     }
 }
 
+/// A presence state settable with `/status`, by name.
+fn presence_state_of(name: &str) -> Option<u8> {
+    match name.to_ascii_lowercase().as_str() {
+        "online" => Some(presence_state::ONLINE),
+        "away" => Some(presence_state::AWAY),
+        "busy" => Some(presence_state::BUSY),
+        "invisible" => Some(presence_state::INVISIBLE),
+        _ => None,
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Messages as printed, without I/O.
+
+/// A presence state's name.
+pub fn presence_name(state: u8) -> String {
+    match state {
+        presence_state::OFFLINE => "offline".into(),
+        presence_state::ONLINE => "online".into(),
+        presence_state::AWAY => "away".into(),
+        presence_state::BUSY => "busy".into(),
+        presence_state::INVISIBLE => "invisible".into(),
+        s => format!("in state {s}"),
+    }
+}
+
+/// A presence: `away: lunch`, or `online` without a status text.
+fn presence_state_text(e: &protocol::PresenceEntry) -> String {
+    let name = presence_name(e.state);
+    if e.text.is_empty() {
+        name
+    } else {
+        format!("{name}: {}", body_text(e.text.as_bytes()))
+    }
+}
+
+/// Presence entries as `/presence` prints them, a line each: `  2  away: lunch  since 12:01`.
+pub fn presence_entries_text(entries: &[protocol::PresenceEntry], me: u64, now_ms: u64) -> String {
+    entries
+        .iter()
+        .map(|e| {
+            let since = if e.since_ms == 0 {
+                String::new()
+            } else {
+                format!("  since {}", time_text(e.since_ms, now_ms))
+            };
+            let you = if e.user == me { " (you)" } else { "" };
+            format!("  {}{you}  {}{since}", e.user, presence_state_text(e))
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// A presence notice, as printed: `[2 is away: lunch]`; this user's own (set from another
+/// session): `[you are busy]`.
+pub fn presence_notice_text(e: &protocol::PresenceEntry, me: u64) -> String {
+    if e.user == me {
+        format!("[you are {}]", presence_state_text(e))
+    } else {
+        format!("[{} is {}]", e.user, presence_state_text(e))
+    }
+}
 
 /// Sessions as `/sessions` prints them, a line each.
 pub fn sessions_text(sessions: &[protocol::SessionInfo]) -> String {
@@ -1802,6 +1873,7 @@ fn interactive(args: &ChatArgs, target: Option<Target>) -> Result<(), ChatError>
             }
             Step::Event(Event::ReadNotice(n)) => chat.read_notice(&n)?,
             Step::Event(Event::RosterNotice(n)) => chat.out.line(&roster_notice_text(&n, chat.s.me))?,
+            Step::Event(Event::PresenceNotice(e)) => chat.out.line(&presence_notice_text(&e, chat.s.me))?,
             Step::Event(Event::StreamMsg(d)) => chat.out.delivery(&d, true)?,
             Step::Event(Event::SendAck(ack)) => chat.acked(&ack)?,
             Step::Event(Event::Error(e)) if e.request_kind == kind::SEND => {
@@ -2101,6 +2173,24 @@ impl Chat {
                 Ok(t) => note(format!("{t} is no user")),
                 Err(why) => note(why),
             },
+            Input::Status(state, text) => {
+                let e = self.s.request("status", |c| c.presence_set(state, &text, &[]))?;
+                note(format!("you are {}", presence_state_text(&e)));
+            }
+            Input::Presence(specs) => {
+                let mut ids = Vec::with_capacity(specs.len());
+                for spec in &specs {
+                    match resolve(spec, false) {
+                        Ok(Target::User(u)) => ids.push(u),
+                        Ok(t) => note(format!("{t} is no user")),
+                        Err(why) => note(why),
+                    }
+                }
+                if !ids.is_empty() {
+                    let entries = self.s.request("presence", |c| c.presence_get(&ids))?;
+                    note(presence_entries_text(&entries, self.s.me, crate::clock::now_ms()));
+                }
+            }
             Input::Help => note(HELP),
             Input::Quit => self.quitting = Some(Instant::now()),
             Input::Unknown(text) => note(format!("not understood: {text} (/help lists the commands)")),
@@ -2329,6 +2419,13 @@ mod tests {
         assert_eq!(parse_input(b"/unblock 3"), Input::Roster(roster_action::UNBLOCK, "3".into(), "".into()));
         assert_eq!(parse_input(b"/block 3 4"), Input::Unknown("/block 3 4".into()));
         assert_eq!(parse_input(b"/add"), Input::Unknown("/add".into()));
+        assert_eq!(parse_input(b"/status away  out for lunch "), Input::Status(2, "out for lunch".into()));
+        assert_eq!(parse_input(b"/status Busy"), Input::Status(3, "".into()));
+        assert_eq!(parse_input(b"/status invisible"), Input::Status(4, "".into()));
+        assert_eq!(parse_input(b"/status offline"), Input::Unknown("/status offline".into()));
+        assert_eq!(parse_input(b"/status"), Input::Unknown("/status".into()));
+        assert_eq!(parse_input(b"/presence 2  3"), Input::Presence(vec!["2".into(), "3".into()]));
+        assert_eq!(parse_input(b"/presence"), Input::Unknown("/presence".into()));
     }
 
     /// Ids are decimal or 0x hex; names are refused with the reason (no lookup by name).
@@ -2443,6 +2540,24 @@ mod tests {
         );
         let ok = protocol::RosterOk { action: 1, user: BOB, friends: true };
         assert_eq!(roster_ok_text(&ok), "user 2 had asked you: you are friends now");
+    }
+
+    #[test]
+    fn presence_renders() {
+        let e = |user, state, text: &str| protocol::PresenceEntry {
+            user,
+            state,
+            since_ms: 0,
+            text: text.into(),
+            extra: Vec::new(),
+        };
+        assert_eq!(presence_notice_text(&e(BOB, 2, "lunch"), ALICE), "[2 is away: lunch]");
+        assert_eq!(presence_notice_text(&e(BOB, 0, ""), ALICE), "[2 is offline]");
+        assert_eq!(presence_notice_text(&e(ALICE, 3, "a\nb"), ALICE), "[you are busy: a\\nb]");
+        assert_eq!(
+            presence_entries_text(&[e(BOB, 1, ""), e(ALICE, 4, "")], ALICE, 0),
+            "  2  online\n  1 (you)  invisible"
+        );
     }
 
     #[test]

@@ -5,7 +5,8 @@
 //! a message back ("message recalled" on both pages, live and from history), use a live room,
 //! page back through history with "load older", after a reload find the conversations again
 //! from the store, become friends (a request with a note from alice's friends panel, shown live on
-//! bob's, accepted there: both list each other), send a message that burns after reading ("message
+//! bob's, accepted there: both list each other), see a friend's presence (alice sets "away" with
+//! a status text; bob's friends panel shows it live), send a message that burns after reading ("message
 //! burned" on both pages), and log out. Screenshots of both pages are saved.
 //!
 //! Needs Debian's `chromium` and `chromium-driver` packages (`/usr/bin/chromium`,
@@ -240,6 +241,28 @@ const ROSTER_JS: &str = r#"
 
 async fn wait_roster(c: &Client, list: &str, user: &str) -> anyhow::Result<Value> {
     wait_js(c, &format!("user {user} in the {list} list"), ROSTER_JS, vec![json!(list), json!(user)]).await
+}
+
+/// The presence shown for friend `arguments[0]` in the friends panel, once it is `arguments[1]`
+/// with status text `arguments[2]` (none if null): `{state, label, text, dot}`.
+const PRESENCE_JS: &str = r#"
+    const [user, state, text] = arguments;
+    const li = document.querySelector(`#friend-list li[data-list=friends][data-user='${user}']`);
+    if (!li || li.dataset.presence !== state) return null;
+    const shown = li.querySelector('[data-testid=presence-status]')?.textContent ?? null;
+    if (shown !== text) return null;
+    return {state: li.dataset.presence, label: li.querySelector('[data-testid=presence-label]')?.textContent ?? null,
+            text: shown, dot: li.querySelector('.presence-dot')?.className ?? null};
+"#;
+
+async fn wait_presence(c: &Client, user: &str, state: &str, text: Option<&str>) -> anyhow::Result<Value> {
+    wait_js(
+        c,
+        &format!("friend {user} shown {state} with text {text:?}"),
+        PRESENCE_JS,
+        vec![json!(user), json!(state), json!(text)],
+    )
+    .await
 }
 
 /// The seqs of the open conversation's messages shown as burned, once there are some.
@@ -614,6 +637,26 @@ async fn scenario(
     )
     .await?;
     screenshot(a, shots, "5-alice-friends").await;
+
+    // Presence: both are logged in, so bob's friends panel shows alice online (read with
+    // presence_get when the list loaded, or pushed). Alice sets "away" with a status text on her
+    // page; bob's panel shows it live (a presence_notice).
+    let p = wait_presence(b, &alice, "online", None).await?;
+    assert_eq!(p["dot"], json!("presence-dot presence-online"), "{p}");
+    fill(a, "#presence-text", "out for lunch").await?;
+    js(a, "document.getElementById('presence-state').value = '2';", vec![]).await?;
+    click(a, "#presence-btn").await?;
+    wait_js(
+        a,
+        "alice's own status set to away",
+        "return document.getElementById('presence-form').dataset.state === 'away';",
+        vec![],
+    )
+    .await?;
+    let p = wait_presence(b, &alice, "away", Some("out for lunch")).await?;
+    assert_eq!(p["dot"], json!("presence-dot presence-away"), "{p}");
+    assert_eq!(p["label"], json!("away"), "{p}");
+    screenshot(b, shots, "5-bob-alice-away").await;
 
     // Burn after read: alice ticks the toggle and writes; bob has the chat open, so his page
     // reads it and it burns: both pages show "message burned", the burn notice is no bubble.

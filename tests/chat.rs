@@ -11,7 +11,7 @@ use std::{
 };
 
 use common::{TestServer, PASSWORD};
-use tim::protocol::{group_action, join_policy, roster_action, roster_list, GroupProfile};
+use tim::protocol::{group_action, join_policy, presence_state, roster_action, roster_list, GroupProfile};
 
 /// The longest any `tim chat` run may take; then it is killed and the test fails.
 const WAIT: Duration = Duration::from_secs(30);
@@ -600,4 +600,68 @@ fn interactive_friends() {
     let done = typed.finish();
     assert!(done.status.success(), "{done:?}");
     b.send_wait(alice_id, 2, b"unblocked").unwrap();
+}
+
+/// Presence from the terminal: a friend's change printed as one line, `/status` sets this
+/// user's (the friend, a binary client, is told), `/presence` prints users' states and texts;
+/// an unknown state is not understood and the chat goes on.
+#[test]
+fn interactive_presence() {
+    let s = TestServer::start("io_uring", "");
+    let (alice, alice_id) = s.register("alice");
+    let (bob, bob_id) = s.register("bob");
+    let (_carol, carol_id) = s.register("carol");
+    let (mut b, _) = s.login(&bob, 3);
+    b.set_timeout(Some(WAIT)).unwrap();
+    let mut typed = chat_typed(&s, &alice);
+    typed.stderr.wait_for("logged in as", "stderr");
+    b.roster_action(roster_action::REQUEST, alice_id, "").unwrap();
+    typed.stdout.wait_for(&format!("[friend request from {bob_id}]"), "stdout");
+    typed.type_line(&format!("/accept {bob_id}"));
+    typed.stderr.wait_for(&format!("you and user {bob_id} are friends now"), "stderr");
+
+    // Bob goes away: alice's chat prints it as one line.
+    let e = b.presence_set(presence_state::AWAY, "lunch", b"").unwrap();
+    assert_eq!((e.user, e.state, e.text.as_str()), (bob_id, presence_state::AWAY, "lunch"));
+    typed.stdout.wait_for(&format!("[{bob_id} is away: lunch]"), "stdout");
+
+    // Alice sets busy with a text: bob is told.
+    typed.type_line("/status busy in a meeting");
+    typed.stderr.wait_for("you are busy: in a meeting", "stderr");
+    let n = loop {
+        if let tim::client::Event::PresenceNotice(n) = b.recv().unwrap() {
+            if n.state != presence_state::ONLINE {
+                break n;
+            }
+        }
+    };
+    assert_eq!((n.user, n.state, n.text.as_str()), (alice_id, presence_state::BUSY, "in a meeting"));
+
+    // `/presence`: a friend's state and text; a user never logged in is offline.
+    typed.type_line(&format!("/presence {bob_id} {carol_id}"));
+    let line = typed.stderr.wait_for(&format!("  {bob_id}  away: lunch"), "stderr");
+    assert!(line.contains("since "), "{line}");
+    let line = typed.stderr.wait_for(&format!("  {carol_id}  "), "stderr");
+    assert!(line.ends_with(&format!("  {carol_id}  offline")), "{line}");
+
+    // Invisible: bob sees alice offline; alice sees herself invisible.
+    typed.type_line("/status invisible");
+    typed.stderr.wait_for("you are invisible", "stderr");
+    let n = loop {
+        if let tim::client::Event::PresenceNotice(n) = b.recv().unwrap() {
+            if n.state != presence_state::BUSY {
+                break n;
+            }
+        }
+    };
+    assert_eq!((n.user, n.state), (alice_id, presence_state::OFFLINE));
+    assert_eq!(b.presence_get(&[alice_id]).unwrap()[0].state, presence_state::OFFLINE);
+    typed.type_line(&format!("/presence {alice_id}"));
+    typed.stderr.wait_for(&format!("  {alice_id} (you)  invisible"), "stderr");
+
+    typed.type_line("/status gone");
+    typed.stderr.wait_for("not understood: /status gone", "stderr");
+    typed.type_line("/quit");
+    let done = typed.finish();
+    assert!(done.status.success(), "{done:?}");
 }

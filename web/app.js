@@ -4,7 +4,7 @@
 // the list of 1:1 chats per user (the protocol has no "my conversations" request).
 
 import {
-  TimClient, Conv, DeviceType, ErrorCode, GroupRole, NoticeEvent, RoomPublishPolicy, RosterAction, RosterList,
+  TimClient, Conv, DeviceType, ErrorCode, GroupRole, NoticeEvent, PresenceState, RoomPublishPolicy, RosterAction, RosterList,
   SendFlags, TimError, bodyText, burnedSeqs, compareU64, isBurned, isNotice, isRecalled, newClientMsgId, pageUrl,
   peerOf, recalledSeq, u64,
 } from "./tim.js";
@@ -55,6 +55,8 @@ const state = {
   loggingOut: false,
   /** The roster (JSON.md 3.4): entries `{user, since_ms, note}` by user id, per list. */
   roster: null,
+  /** Friends' presence (PROTOCOL.md 5.21): entries `{user, state, since_ms, text}` by user id. */
+  presence: new Map(),
 };
 state.roster = emptyRoster();
 
@@ -168,8 +170,40 @@ async function loadRoster() {
   if (client !== state.client) return;
   for (const [name, entries] of lists) state.roster[name] = new Map(entries.map((e) => [e.user, e]));
   renderRoster();
+  const friends = [...state.roster.friends.keys()];
+  if (friends.length) await loadPresence(friends);
   const unnamed = lists.flatMap(([, entries]) => entries.map((e) => e.user)).filter((u) => !state.nicknames.has(u));
   if (unnamed.length) await loadNicknames(unnamed);
+}
+
+// ---- presence (PROTOCOL.md 5.21) ----
+
+const PRESENCE_NAMES = {
+  [PresenceState.OFFLINE]: "offline", [PresenceState.ONLINE]: "online", [PresenceState.AWAY]: "away",
+  [PresenceState.BUSY]: "busy", [PresenceState.INVISIBLE]: "invisible",
+};
+
+/** Read the presence of `ids` (100 a request) into `state.presence`, and draw the friends again. */
+async function loadPresence(ids) {
+  const client = state.client;
+  const all = [...new Set(ids.map(String))];
+  for (let i = 0; i < all.length; i += 100) {
+    const list = await client.presenceGet(all.slice(i, i + 100));
+    if (client !== state.client) return;
+    for (const e of list.entries) applyPresence(e);
+  }
+  renderRoster();
+}
+
+/** One presence entry (of `presence_list` or a `presence_notice`): a friend's, or this user's own. */
+function applyPresence(e) {
+  if (e.user === state.me) {
+    $("presence-state").value = String(e.state === PresenceState.OFFLINE ? PresenceState.ONLINE : e.state);
+    if (document.activeElement !== $("presence-text")) $("presence-text").value = e.text || "";
+    $("presence-form").dataset.state = PRESENCE_NAMES[e.state] || "online";
+  } else {
+    state.presence.set(e.user, e);
+  }
 }
 
 /** Read the roster again soon (after a burst of notices: once). */
@@ -262,7 +296,31 @@ function renderRoster() {
       name.dataset.testid = "roster-name";
       name.textContent = userLabel(e.user);
       name.title = `since ${time(e.since_ms)}`;
+      if (list === "friends") {
+        const p = state.presence.get(e.user);
+        const st = PRESENCE_NAMES[p?.state ?? PresenceState.OFFLINE] || "offline";
+        li.dataset.presence = st;
+        const dot = document.createElement("span");
+        dot.className = `presence-dot presence-${st}`;
+        dot.setAttribute("aria-hidden", "true");
+        li.append(dot);
+      }
       li.append(name);
+      if (list === "friends") {
+        const p = state.presence.get(e.user);
+        const label = document.createElement("span");
+        label.className = "presence-label";
+        label.dataset.testid = "presence-label";
+        label.textContent = li.dataset.presence;
+        li.append(label);
+        if (p?.text) {
+          const t = document.createElement("span");
+          t.className = "presence-status";
+          t.dataset.testid = "presence-status";
+          t.textContent = p.text;
+          li.append(t);
+        }
+      }
       if (what) {
         const k = document.createElement("span");
         k.className = "roster-kind";
@@ -856,6 +914,11 @@ function wire(client) {
     noteRead(c, r.from, r.seq);
     if (state.current === key) renderSoon();
   });
+  client.on("presence_notice", (e) => {
+    if (client !== state.client) return;
+    applyPresence(e);
+    if (e.user !== state.me) renderRoster();
+  });
   client.on("roster_notice", (n) => {
     if (client !== state.client) return;
     applyRosterNotice(n);
@@ -956,6 +1019,7 @@ async function enterChatView(ok, name) {
     state.outbox.clear();
     state.current = null;
     state.roster = emptyRoster();
+    state.presence.clear();
   } else {
     // The same account again: a new session, so live rooms are gone and history is re-read.
     for (const [k, c] of state.convs) {
@@ -990,6 +1054,11 @@ async function enterChatView(ok, name) {
     for (const g of await state.client.myGroupsAll()) refreshGroupInfo(conv("group", g));
   } catch (e) {
     flash(`groups: ${e.codeName}: ${e.message}`);
+  }
+  try {
+    await loadPresence([ok.user_id]);
+  } catch (e) {
+    flash(`presence: ${e.codeName}: ${e.message}`);
   }
   try {
     await loadRoster();
@@ -1063,6 +1132,18 @@ function setup() {
     $("new-chat-id").value = "";
     openConv(conv("direct", id).key);
   });
+
+  onSubmit("presence-form", async () => {
+    if (!state.client?.session) return;
+    try {
+      const list = await state.client.presenceSet(Number($("presence-state").value), $("presence-text").value.trim());
+      for (const e of list.entries) applyPresence(e);
+    } catch (e) {
+      flash(`status: ${e.codeName}: ${e.message}`);
+    }
+  });
+
+  $("presence-state").addEventListener("change", () => $("presence-form").requestSubmit());
 
   onSubmit("add-friend-form", async () => {
     const id = idFrom("add-friend-id");

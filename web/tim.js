@@ -44,6 +44,10 @@ export const RosterAction = Object.freeze({
 /** `list` of rosterGet (JSON.md 3.4). */
 export const RosterList = Object.freeze({ FRIENDS: 0, INCOMING: 1, OUTGOING: 2, BLOCKED: 3 });
 
+/** `state` of presenceSet and of presence entries (PROTOCOL.md 5.21). OFFLINE is
+ * only ever reported; INVISIBLE shows as OFFLINE to others (only one's own entry says INVISIBLE). */
+export const PresenceState = Object.freeze({ OFFLINE: 0, ONLINE: 1, AWAY: 2, BUSY: 3, INVISIBLE: 4 });
+
 /** `publish` policy of roomCreate (PROTOCOL.md 5.11). */
 export const RoomPublishPolicy = Object.freeze({ CREATOR: 0, LISTED: 1, SUBSCRIBERS: 2 });
 
@@ -211,7 +215,7 @@ const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
 const PUSH_TYPES = new Set([
   "deliver", "stream_msg", "catch_up_end", "resync", "broadcast", "kick", "room_msg",
   "room_closed", "missed", "group_join_request", "group_decision", "typing_notice", "read_notice",
-  "roster_notice",
+  "roster_notice", "presence_notice",
 ]);
 
 /** Message types whose `flags` and `state` are filled in as 0 when the server leaves them out. */
@@ -231,6 +235,9 @@ const MESSAGE_TYPES = new Set(["deliver", "history_msg", "stream_msg"]);
  * - `roster_notice`: a friendship changed (`event` a RosterAction: REQUEST, ACCEPT, REJECT,
  *   REMOVE or CANCEL; `from` who acted, `to` the other user, `note` a request's): another user
  *   acting on this one, or this user on another device.
+ * - `presence_notice`: one presence entry (`user`, `state` a PresenceState, `since_ms`, `text`,
+ *   `extra` or `extra_b64`): a friend's presence changed (coalesced over 250 ms), or this user's
+ *   own, set from another session.
  * - `error`: a TimError (`detail`) that answers no pending request: connection-level errors
  *   (IdleTimeout, LoginTimeout, SlowConsumer ...), catch-up failures (request kind 2), refusals
  *   of `deliveryAck`, `read` (request kind 16), `typing`, `stream` and `roomPublish`.
@@ -531,6 +538,30 @@ export class TimClient extends EventTarget {
       if (!page.more || page.entries.length === 0) return all;
       after = page.entries[page.entries.length - 1].user;
     }
+  }
+
+  // ---- presence (PROTOCOL.md 5.21) ----
+
+  /**
+   * Set this user's presence: `state` a PresenceState (ONLINE, AWAY, BUSY or INVISIBLE), a
+   * status `text`, and `extra` (a string or bytes). Resolves with `presence_list` holding the
+   * user's own entry. Friends get a `presence_notice`.
+   */
+  presenceSet(state, text = "", extra) {
+    const m = { op: "presence_set", state, text };
+    if (extra !== undefined && extra !== null) {
+      if (typeof extra === "string") m.extra = extra;
+      else m.extra_b64 = b64encode(extra instanceof ArrayBuffer ? new Uint8Array(extra) : extra);
+    }
+    return this._request(m);
+  }
+
+  /**
+   * Presence of some users, friends or not (one who blocks you, or is invisible, shows OFFLINE). Resolves with
+   * `presence_list` (`entries`: `{user, state, since_ms, text, extra}`, in the order asked).
+   */
+  presenceGet(userIds) {
+    return this._request({ op: "presence_get", user_ids: userIds.map(u64) });
   }
 
   /** The account's live sessions. Resolves with `session_list` (`sessions`: `{session_id,
