@@ -145,16 +145,40 @@ async fn wait_js(c: &Client, what: &str, script: &str, args: Vec<Value>) -> anyh
     }
 }
 
+/// Type `text` into `css`, found again if the page redrew it meanwhile (a "stale element").
 async fn fill(c: &Client, css: &str, text: &str) -> anyhow::Result<()> {
-    let e = c.find(Locator::Css(css)).await.with_context(|| format!("find {css}"))?;
-    e.clear().await?;
-    e.send_keys(text).await?;
-    Ok(())
+    let mut tries = 0;
+    loop {
+        let e = c.find(Locator::Css(css)).await.with_context(|| format!("find {css}"))?;
+        let done = async {
+            e.clear().await?;
+            e.send_keys(text).await
+        };
+        match done.await {
+            Ok(()) => return Ok(()),
+            Err(err) if tries < 5 && err.to_string().contains("stale") => {
+                tries += 1;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(err) => return Err(err).with_context(|| format!("fill {css}")),
+        }
+    }
 }
 
+/// Click `css`, found again if the page redrew it meanwhile.
 async fn click(c: &Client, css: &str) -> anyhow::Result<()> {
-    c.find(Locator::Css(css)).await.with_context(|| format!("find {css}"))?.click().await?;
-    Ok(())
+    let mut tries = 0;
+    loop {
+        let e = c.find(Locator::Css(css)).await.with_context(|| format!("find {css}"))?;
+        match e.click().await {
+            Ok(()) => return Ok(()),
+            Err(err) if tries < 5 && err.to_string().contains("stale") => {
+                tries += 1;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(err) => return Err(err).with_context(|| format!("click {css}")),
+        }
+    }
 }
 
 /// Click the element `css` from within the page, once it is there (for lists the page may draw
