@@ -883,6 +883,8 @@ pub fn roster_notice_text(n: &protocol::RosterNotice, me: u64) -> String {
             act::REJECT => format!("[you turned down {to}'s friend request]"),
             act::REMOVE => format!("[you are no longer friends with {to}]"),
             act::CANCEL => format!("[you withdrew your friend request to {to}]"),
+            act::BLOCK => format!("[you blocked {to}]"),
+            act::UNBLOCK => format!("[you unblocked {to}]"),
             e => format!("[friendship change {e} with {to}]"),
         };
     }

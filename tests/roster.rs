@@ -24,6 +24,16 @@ fn next_notice(c: &mut Client) -> RosterNotice {
     }
 }
 
+/// The next roster notice of `event` (earlier ones skipped).
+fn wait_notice(c: &mut Client, event: u8) -> RosterNotice {
+    loop {
+        let n = next_notice(c);
+        if n.event == event {
+            return n;
+        }
+    }
+}
+
 /// No roster notice arrives at `c` within a short while.
 fn no_notice(c: &mut Client) {
     c.set_timeout(Some(Duration::from_millis(300))).unwrap();
@@ -103,14 +113,20 @@ fn roster(store: &str) {
     assert_eq!(next_notice(&mut c).event, act::REJECT);
 
     // Ann blocks carol: carol's messages and requests to ann are refused; ann may still write.
+    // Ann's other session hears of the block; carol does not.
     a1.roster_action(act::BLOCK, carol_id, "").unwrap();
     no_notice(&mut c);
+    assert_eq!(
+        wait_notice(&mut a2, act::BLOCK),
+        RosterNotice { event: act::BLOCK, from: ann_id, to: carol_id, note: String::new() }
+    );
     assert_eq!(users(&mut a1, list::BLOCKED), [carol_id]);
     assert_eq!(code(c.send_wait(ann_id, 1, b"let me in")), ErrorCode::Blocked);
     assert_eq!(code(c.roster_action(act::REQUEST, ann_id, "")), ErrorCode::Blocked);
     a1.send_wait(carol_id, 1, b"goodbye").unwrap();
     // Unblocked: carol's messages go through again.
     a1.roster_action(act::UNBLOCK, carol_id, "").unwrap();
+    wait_notice(&mut a2, act::UNBLOCK);
     c.send_wait(ann_id, 2, b"hello again").unwrap();
     assert!(users(&mut a1, list::BLOCKED).is_empty());
 

@@ -886,14 +886,26 @@ impl Requests<'_> {
             let msg = PresenceMsg { user, origin: 0, op };
             self.shard.post(self.shard.place(|p| p.user(user)), msg.envelope());
         }
+        // The other user hears what it may see (never of a block); this user's other sessions
+        // hear the action itself, blocks included.
+        let own = if matches!(action, act::BLOCK | act::UNBLOCK) { Some(action) } else { out.notice };
+        let notice = |event| {
+            let note = if event == act::REQUEST { note.clone() } else { String::new() };
+            Bytes::from(frame::encode(
+                kind::ROSTER_NOTICE,
+                &protocol::RosterNotice { event, from: me, to: other, note },
+            ))
+        };
         if let Some(event) = out.notice {
-            let note = if event == act::REQUEST { note } else { String::new() };
-            let notice = protocol::RosterNotice { event, from: me, to: other, note };
-            let frame = Bytes::from(frame::encode(kind::ROSTER_NOTICE, &notice));
-            let skip = crate::envelope::SessionRef::NONE;
-            let env = Envelope::Fanout { user: other, skip, frame: frame.clone() };
+            let env = Envelope::Fanout {
+                user: other,
+                skip: crate::envelope::SessionRef::NONE,
+                frame: notice(event),
+            };
             self.shard.post(self.shard.place(|p| p.user(other)), env);
-            let env = Envelope::Fanout { user: me, skip: self.session.id, frame };
+        }
+        if let Some(event) = own {
+            let env = Envelope::Fanout { user: me, skip: self.session.id, frame: notice(event) };
             self.shard.post(self.shard.place(|p| p.user(me)), env);
         }
         self.reply(kind::ROSTER_OK, &protocol::RosterOk { action, user: other, friends: out.friends() })

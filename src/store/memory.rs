@@ -665,6 +665,51 @@ mod tests {
         }
     }
 
+    /// The roster and read positions reach the other replicas, by ops and by snapshot.
+    #[test]
+    fn social_state_replicates() {
+        use crate::protocol::{roster_action as act, roster_list};
+        let (a, mut arx) = replica();
+        let (b, _) = replica();
+        let ann = a.create_account(&[3; 32], "h".into()).unwrap();
+        let bob = a.create_account(&[4; 32], "h".into()).unwrap();
+        a.roster_action(ann, bob, act::REQUEST, "hi", 10, 100).unwrap().unwrap();
+        a.roster_action(bob, ann, act::ACCEPT, "", 20, 100).unwrap().unwrap();
+        a.roster_action(ann, bob, act::BLOCK, "", 30, 100).unwrap().unwrap();
+        a.save_reads(&[Cursor { user: ann, device: 1, conv: (ann, bob), seq: 5 }]).unwrap();
+        for op in drain(&mut arx) {
+            b.apply_remote(op);
+        }
+        let blocked = |s: &MemoryStore| s.roster_list(ann, roster_list::BLOCKED, 0, 10).unwrap().0;
+        assert_eq!(blocked(&b).iter().map(|e| e.user).collect::<Vec<_>>(), [bob]);
+        assert!(b.roster_list(bob, roster_list::FRIENDS, 0, 10).unwrap().0.is_empty(), "the block ended it");
+        assert_eq!(b.reads_of((ann, bob)).unwrap(), [(ann, 5)]);
+        assert_eq!(b.load_conv((ann, bob), 0, 0).unwrap().pair, crate::roster::pair::LOW_BLOCKS);
+        // An older change arriving late does not undo a newer one.
+        let stale = ReplOp::Roster {
+            user: ann,
+            other: bob,
+            me: crate::roster::Side {
+                state: crate::roster::state::FRIEND,
+                since_ms: 20,
+                ..Default::default()
+            },
+            them: crate::roster::Side {
+                state: crate::roster::state::FRIEND,
+                since_ms: 20,
+                ..Default::default()
+            },
+        };
+        b.apply_remote(stale);
+        assert_eq!(blocked(&b).len(), 1);
+        let (c, _) = replica();
+        for op in a.snapshot() {
+            c.apply_remote(op);
+        }
+        assert_eq!(blocked(&c).len(), 1);
+        assert_eq!(c.reads_of((ann, bob)).unwrap(), [(ann, 5)]);
+    }
+
     /// Writes go out as ops; another replica applies them in any order, twice, and ends up the
     /// same; a name registered on two replicas at once leads to the smaller id on both.
     #[test]
