@@ -2,10 +2,10 @@
 //! [`roster_action`] does to them. The rules live here once; each store reads a pair's two
 //! rows, calls [`apply`] and writes both rows back in one transaction.
 
-use crate::{
-    protocol::{roster_action as act, ErrorCode},
-    store::UserId,
-};
+use crate::protocol::{roster_action as act, ErrorCode};
+
+/// A user id (as the stores' `UserId`; this module sits below the stores).
+type UserId = u64;
 
 /// One user's side of a pair: its relation to the other, whether it blocks the other, and
 /// since when.
