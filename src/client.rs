@@ -239,6 +239,10 @@ pub struct Client {
     stream: Box<dyn Transport>,
     buf: AlignedBuf,
     pending: VecDeque<Event>,
+    /// A frame arriving in `PART_OUT` frames: its part id, kind and payload so far.
+    parts: Option<(u64, u16, AlignedBuf)>,
+    /// `PART_OUT` frames received so far.
+    pub parts_received: u64,
 }
 
 impl Client {
@@ -259,7 +263,13 @@ impl Client {
     /// A client over an open transport (see [`Transport`]).
     pub fn over(stream: Box<dyn Transport>) -> Result<Client> {
         stream.tcp().set_read_timeout(Some(Duration::from_secs(10)))?;
-        Ok(Client { stream, buf: AlignedBuf::new(64 * 1024), pending: VecDeque::new() })
+        Ok(Client {
+            stream,
+            buf: AlignedBuf::new(64 * 1024),
+            pending: VecDeque::new(),
+            parts: None,
+            parts_received: 0,
+        })
     }
 
     /// How long `recv` and the request helpers wait for a frame (None: forever).
@@ -310,12 +320,28 @@ impl Client {
             match frame::parse(self.buf.filled(), CLIENT_FRAME_BYTES_MAX) {
                 Parsed::Frame(h, total) => {
                     let payload = &self.buf.filled()[HEADER_BYTES..HEADER_BYTES + h.len as usize];
-                    let ev = decode_event(h.kind, payload);
+                    let ev = if h.kind == kind::PART_OUT {
+                        self.parts_received += 1;
+                        let whole = Self::take_part(&mut self.parts, payload);
+                        match whole {
+                            Ok(Some(buf)) => {
+                                let (k, whole) = buf;
+                                Some(decode_event(k, whole.filled()))
+                            }
+                            Ok(None) => None,
+                            Err(e) => Some(Err(e)),
+                        }
+                    } else {
+                        Some(decode_event(h.kind, payload))
+                    };
                     self.buf.start += total;
                     if self.buf.is_empty() {
                         self.buf.clear();
                     }
-                    return ev;
+                    match ev {
+                        Some(ev) => return ev,
+                        None => continue,
+                    }
                 }
                 Parsed::Partial { need } => {
                     self.buf.compact();
@@ -337,6 +363,65 @@ impl Client {
                 }
             }
         }
+    }
+
+    /// Add a `PART_OUT` frame's bytes to the frame being assembled; the whole frame's kind and
+    /// payload once its last part is in.
+    fn take_part(
+        parts: &mut Option<(u64, u16, AlignedBuf)>,
+        payload: &[u8],
+    ) -> Result<Option<(u16, AlignedBuf)>> {
+        let bad = |why: &str| ClientError::Malformed(format!("part: {why}"));
+        let (h, data) = protocol::part::PartHeader::read(payload).ok_or_else(|| bad("short"))?;
+        if h.offset == 0 {
+            if parts.is_some() {
+                return Err(bad("a new frame before the last one ended"));
+            }
+            *parts = Some((h.id, h.kind, AlignedBuf::new(frame::padded(h.total as usize).max(8))));
+        }
+        let (id, k, buf) = parts.as_mut().ok_or_else(|| bad("no first part"))?;
+        if *id != h.id
+            || *k != h.kind
+            || h.offset as usize != buf.end
+            || buf.end + data.len() > h.total as usize
+        {
+            return Err(bad("out of order"));
+        }
+        buf.spare()[..data.len()].copy_from_slice(data);
+        buf.end += data.len();
+        if buf.end < h.total as usize {
+            return Ok(None);
+        }
+        let (_, k, buf) = parts.take().expect("assembling");
+        Ok(Some((k, buf)))
+    }
+
+    /// Send a `Send` in `PART` frames of at most `part_bytes` bytes of payload each (5.22),
+    /// without waiting.
+    pub fn send_parts(
+        &mut self,
+        conv: u8,
+        to: u64,
+        client_msg_id: u64,
+        flags: u8,
+        body: &[u8],
+        part_bytes: usize,
+    ) -> Result<()> {
+        let f = frame::encode(
+            kind::SEND,
+            &protocol::Send { conv, flags, burn_secs: 0, to, client_msg_id, body: body.to_vec() },
+        );
+        let payload = &f[HEADER_BYTES..HEADER_BYTES + frame::payload_len(&f)];
+        for (i, chunk) in payload.chunks(part_bytes.max(1)).enumerate() {
+            let h = protocol::part::PartHeader {
+                id: client_msg_id,
+                total: payload.len() as u32,
+                offset: (i * part_bytes.max(1)) as u32,
+                kind: kind::SEND,
+            };
+            self.write_raw(&frame::raw(kind::PART, &[&h.bytes(), chunk]))?;
+        }
+        Ok(())
     }
 
     /// Read until `pick` accepts an event; an `Error` answering `request_kind` becomes
@@ -499,11 +584,27 @@ impl Client {
         self.wait_send(client_msg_id)
     }
 
+    /// Send a message in parts (5.22) of the largest size a server with the default
+    /// `frame_bytes_max` takes, and wait for its ack (or its error).
+    pub fn send_large_wait(
+        &mut self,
+        conv: u8,
+        to: u64,
+        client_msg_id: u64,
+        body: &[u8],
+    ) -> Result<protocol::SendAck> {
+        self.send_parts(conv, to, client_msg_id, 0, body, protocol::part::data_max(64 * 1024))?;
+        self.wait_send(client_msg_id)
+    }
+
     /// Wait for the ack (or the error) of the send `client_msg_id`.
     fn wait_send(&mut self, client_msg_id: u64) -> Result<protocol::SendAck> {
         self.wait_for(u16::MAX, |e| match e {
             Event::SendAck(a) if a.client_msg_id == client_msg_id => Some(Ok(a.clone())),
-            Event::Error(err) if err.request_kind == kind::SEND && err.client_msg_id == client_msg_id => {
+            Event::Error(err)
+                if matches!(err.request_kind, kind::SEND | kind::PART)
+                    && err.client_msg_id == client_msg_id =>
+            {
                 Some(Err(ClientError::Server {
                     code: err.code,
                     name: ErrorCode::from_u16(err.code),

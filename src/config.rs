@@ -302,6 +302,16 @@ pub struct Limits {
     pub frame_bytes_max: usize,
     /// Largest message body, in bytes.
     pub body_bytes_max: usize,
+    /// Largest body of a message sent in parts (a large message), in bytes.
+    pub large_body_bytes_max: usize,
+    /// Bytes of large messages one shard holds for its sessions at once (uploads in progress and
+    /// large sends not yet answered); a large message beyond it gets Busy.
+    pub large_shard_bytes_max: usize,
+    /// Bytes of large frames queued for one session (shared with other recipients) before it is
+    /// closed as a slow consumer.
+    pub session_large_outbound_bytes_max: usize,
+    /// A large message's upload is dropped (Timeout) when no part of it came for this long.
+    pub upload_idle_timeout_ms: u64,
     /// Size of a pooled read buffer, in bytes.
     pub read_buffer_bytes: usize,
     /// Read buffers kept in each shard's pool.
@@ -538,6 +548,10 @@ impl Default for Limits {
         Limits {
             frame_bytes_max: 64 * 1024,
             body_bytes_max: 32 * 1024,
+            large_body_bytes_max: 8 << 20,
+            large_shard_bytes_max: 64 << 20,
+            session_large_outbound_bytes_max: 32 << 20,
+            upload_idle_timeout_ms: 30_000,
             read_buffer_bytes: 64 * 1024,
             read_buffers_pooled_max: 64,
             connections_per_shard_max: 200_000,
@@ -726,6 +740,17 @@ impl Config {
         if l.body_bytes_max + 1024 > l.frame_bytes_max {
             bail!("limits.body_bytes_max must leave 1 KiB of room under limits.frame_bytes_max");
         }
+        if l.large_body_bytes_max < l.body_bytes_max || l.large_body_bytes_max > 1 << 30 {
+            bail!("limits.large_body_bytes_max must be within limits.body_bytes_max..1 GiB");
+        }
+        if l.large_shard_bytes_max < l.large_body_bytes_max + 1024
+            || l.session_large_outbound_bytes_max < l.large_body_bytes_max + 1024
+        {
+            bail!(
+                "limits.large_shard_bytes_max and limits.session_large_outbound_bytes_max must each hold \
+                 one large message (limits.large_body_bytes_max + 1 KiB)"
+            );
+        }
         // Answers that list a group's pending requests, or a page of members or groups, and the
         // notice of a GroupAddMembers, must each fit in one frame.
         let request_bytes = l.group_text_bytes_max + 64;
@@ -790,6 +815,7 @@ impl Config {
             ("limits.login_timeout_ms", l.login_timeout_ms as usize),
             ("limits.idle_timeout_ms", l.idle_timeout_ms as usize),
             ("limits.partial_frame_timeout_ms", l.partial_frame_timeout_ms as usize),
+            ("limits.upload_idle_timeout_ms", l.upload_idle_timeout_ms as usize),
             ("limits.token_ttl_secs", l.token_ttl_secs as usize),
             ("limits.history_page_max", l.history_page_max as usize),
             ("limits.catchup_messages_max", l.catchup_messages_max as usize),
@@ -875,6 +901,10 @@ threads = 2                 # threads of the runtime driving the PostgreSQL conn
 [limits]
 frame_bytes_max = 65536             # largest frame payload from a client (closes the connection)
 body_bytes_max = 32768              # largest message body
+large_body_bytes_max = 8388608     # largest body of a message sent in parts (a large message)
+large_shard_bytes_max = 67108864   # large messages held per shard at once (uploads, unanswered sends)
+session_large_outbound_bytes_max = 33554432 # large frames queued for a session before SlowConsumer
+upload_idle_timeout_ms = 30000     # a large message's upload with no part for this long is dropped
 read_buffer_bytes = 65536           # size of a pooled read buffer
 read_buffers_pooled_max = 64        # read buffers kept per shard
 connections_per_shard_max = 200000  # further connections get TooManyConnections

@@ -141,6 +141,31 @@ pub fn whole(kind: u16, payload: &[u8]) -> bytes::Bytes {
     f.freeze()
 }
 
+/// A whole frame of `kind` whose payload is `pieces`, one after another, padded.
+pub fn raw(kind: u16, pieces: &[&[u8]]) -> bytes::Bytes {
+    use bytes::BufMut;
+    let len: usize = pieces.iter().map(|p| p.len()).sum();
+    let mut f = bytes::BytesMut::with_capacity(frame_bytes(len));
+    f.put_u32_le(len as u32);
+    f.put_u16_le(kind);
+    f.put_u16_le(0);
+    for p in pieces {
+        f.put_slice(p);
+    }
+    f.put_bytes(0, padded(len) - len);
+    f.freeze()
+}
+
+/// The payload length a whole frame's header gives.
+pub fn payload_len(frame: &[u8]) -> usize {
+    u32::from_le_bytes(frame[0..4].try_into().expect("a frame header")) as usize
+}
+
+/// The kind a whole frame's header gives.
+pub fn kind_of(frame: &[u8]) -> u16 {
+    u16::from_le_bytes([frame[4], frame[5]])
+}
+
 /// A whole frame of `kind` with an empty payload (the header alone).
 pub fn encode_empty(kind: u16) -> Vec<u8> {
     let mut out = vec![0u8; HEADER_BYTES];
@@ -171,6 +196,14 @@ impl AlignedBuf {
 
     pub fn capacity(&self) -> usize {
         self.bytes.len()
+    }
+
+    /// A buffer holding a copy of `b`.
+    pub fn copy_of(b: &[u8]) -> AlignedBuf {
+        let mut buf = AlignedBuf::new(padded(b.len().max(1)));
+        buf.spare()[..b.len()].copy_from_slice(b);
+        buf.end = b.len();
+        buf
     }
 
     /// The filled part.

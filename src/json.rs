@@ -2141,6 +2141,7 @@ mod tests {
                 body_bytes_max: 6,
                 inflight_max: 7,
                 protocol_version: 1,
+                large_body_bytes_max: 8,
             },
         )
     }
@@ -3288,6 +3289,7 @@ mod tests {
             body_bytes_max: 32768,
             inflight_max: 256,
             protocol_version: 1,
+            large_body_bytes_max: 8 << 20,
         };
         assert_eq!(answer(&enc(kind::LOGIN_OK, &ok), alice), lines[3]);
         send(alice, lines[4]);

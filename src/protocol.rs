@@ -56,6 +56,8 @@ pub mod kind {
     /// The presence of some users (payload: a [`super::PresenceGet`]); answered with
     /// `PRESENCE_LIST`.
     pub const PRESENCE_GET: u16 = 26;
+    /// A part of a frame too large for one (a large `Send`): raw payload, see [`super::part`].
+    pub const PART: u16 = 27;
     pub const ROOM_CREATE: u16 = 20;
     pub const ROOM_SUBSCRIBE: u16 = 21;
     pub const ROOM_UNSUBSCRIBE: u16 = 22;
@@ -115,6 +117,9 @@ pub mod kind {
     pub const PRESENCE_LIST: u16 = 125;
     /// A friend's presence changed (payload: a [`super::PresenceEntry`]).
     pub const PRESENCE_NOTICE: u16 = 126;
+    /// A part of a frame whose payload is over the client's `frame_bytes_max` (a large
+    /// `Deliver` or `HistoryMsg`): raw payload, see [`super::part`].
+    pub const PART_OUT: u16 = 127;
     /// The answer to a room request that succeeded (create, subscribe, unsubscribe, delete).
     pub const ROOM_OK: u16 = 130;
     /// A message published to a live room: a [`super::RoomStamp`], then the publisher's
@@ -186,6 +191,8 @@ pub mod kind {
             PRESENCE_GET => "PresenceGet",
             PRESENCE_LIST => "PresenceList",
             PRESENCE_NOTICE => "PresenceNotice",
+            PART => "Part",
+            PART_OUT => "PartOut",
             REGISTER_OK => "RegisterOk",
             LOGIN_OK => "LoginOk",
             TOKEN_ISSUED => "TokenIssued",
@@ -224,6 +231,62 @@ pub mod conv {
     /// A group; `to` is the group id. In a stamp, `from` 0 marks a group notice (the body is
     /// a [`super::GroupNotice`] archive).
     pub const GROUP: u8 = 2;
+}
+
+/// Parts: a frame whose payload is too large for one frame travels as a run of part frames, in
+/// order, without gaps: a client's large `Send` as `PART` frames, a server's large `Deliver` or
+/// `HistoryMsg` as `PART_OUT` frames. A part's payload is raw, not an archive: a
+/// [`part::HEADER_BYTES`]-byte header, then the part's bytes of the whole payload.
+pub mod part {
+    /// Bytes of a part's header: `id` u64, `total` u32, `offset` u32, `kind` u16, 6 zero bytes.
+    pub const HEADER_BYTES: usize = 24;
+
+    /// A part's header.
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub struct PartHeader {
+        /// Client: the `client_msg_id` of the `Send`. Server: a number per connection.
+        pub id: u64,
+        /// The whole payload's length.
+        pub total: u32,
+        /// Where this part's bytes go in the whole payload.
+        pub offset: u32,
+        /// The whole frame's kind.
+        pub kind: u16,
+    }
+
+    impl PartHeader {
+        /// The header and the part's bytes of a `PART` payload (`None`: shorter than a header).
+        pub fn read(payload: &[u8]) -> Option<(PartHeader, &[u8])> {
+            if payload.len() < HEADER_BYTES {
+                return None;
+            }
+            let u64_at = |i: usize| u64::from_le_bytes(payload[i..i + 8].try_into().expect("8 bytes"));
+            let u32_at = |i: usize| u32::from_le_bytes(payload[i..i + 4].try_into().expect("4 bytes"));
+            let h = PartHeader {
+                id: u64_at(0),
+                total: u32_at(8),
+                offset: u32_at(12),
+                kind: u16::from_le_bytes([payload[16], payload[17]]),
+            };
+            Some((h, &payload[HEADER_BYTES..]))
+        }
+
+        /// The header's bytes.
+        pub fn bytes(&self) -> [u8; HEADER_BYTES] {
+            let mut b = [0u8; HEADER_BYTES];
+            b[0..8].copy_from_slice(&self.id.to_le_bytes());
+            b[8..12].copy_from_slice(&self.total.to_le_bytes());
+            b[12..16].copy_from_slice(&self.offset.to_le_bytes());
+            b[16..18].copy_from_slice(&self.kind.to_le_bytes());
+            b
+        }
+    }
+
+    /// The most bytes of the whole payload one part carries when parts may be at most
+    /// `frame_bytes_max` long: a multiple of 8.
+    pub fn data_max(frame_bytes_max: usize) -> usize {
+        (frame_bytes_max - HEADER_BYTES) & !7
+    }
 }
 
 /// `Send::flags`: at most one of these. Unknown bits are refused (`Malformed`).
@@ -437,6 +500,9 @@ pub enum ErrorCode {
     RecallExpired = 36,
     /// Burn after read in a group (it is for 1:1 messages only).
     BurnNotAllowed = 37,
+    /// A session sends one large message at a time: another is being uploaded or waits for its
+    /// answer.
+    UploadInProgress = 38,
     /// The other user blocks this one: no message, no friend request.
     Blocked = 90,
     /// Not friends: a 1:1 message under `messages.require_friendship`, or removing a user who
@@ -570,6 +636,7 @@ impl ErrorCode {
             35 => NotRecallable,
             36 => RecallExpired,
             37 => BurnNotAllowed,
+            38 => UploadInProgress,
             90 => Blocked,
             91 => NotFriends,
             92 => AlreadyFriends,
@@ -644,6 +711,7 @@ impl ErrorCode {
             NotRecallable => "not recallable",
             RecallExpired => "recall window passed",
             BurnNotAllowed => "burn after read is for 1:1 messages",
+            UploadInProgress => "another large message is in progress on this session",
             Blocked => "blocked by that user",
             NotFriends => "not friends",
             AlreadyFriends => "already friends",
@@ -1156,6 +1224,9 @@ pub struct LoginOk {
     /// The server's `inflight_per_session_max`: unacknowledged sends before it stops reading.
     pub inflight_max: u32,
     pub protocol_version: u16,
+    /// The server's `large_body_bytes_max`: the largest body of a `Send` sent in parts (where
+    /// older versions had padding).
+    pub large_body_bytes_max: u32,
 }
 
 #[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq)]

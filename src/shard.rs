@@ -105,6 +105,8 @@ pub struct Shard {
     undeferring: Cell<bool>,
     pub sessions: RefCell<HashMap<u64, Rc<Session>, RandomState>>,
     next_session: Cell<u64>,
+    /// Bytes of large messages this shard's sessions hold (`limits.large_shard_bytes_max`).
+    pub(crate) large_bytes: Rc<Cell<usize>>,
     /// The user owner role for this shard's partitions.
     users: RefCell<UserOwner>,
     /// The conversation owner role for this shard's partitions.
@@ -182,6 +184,7 @@ impl Shard {
             undeferring: Cell::new(false),
             sessions: RefCell::new(HashMap::default()),
             next_session: Cell::new(1),
+            large_bytes: Rc::new(Cell::new(0)),
             users: RefCell::new(
                 UserOwner::new(cfg.sessions.clone(), cfg.limits.tokens_per_user_max, RandomState::new())
                     .with_presence_coalescing(cfg.limits.presence_coalesce_ms),
@@ -516,6 +519,7 @@ impl Shard {
         let idle = Duration::from_millis(l.idle_timeout_ms);
         let answer_timeout = Duration::from_millis(l.answer_timeout_ms);
         let partial = Duration::from_millis(l.partial_frame_timeout_ms);
+        let upload_timeout = Duration::from_millis(l.upload_idle_timeout_ms);
         let tick = (login.min(idle).min(answer_timeout).min(partial) / 8)
             .clamp(Duration::from_millis(5), Duration::from_secs(1));
         let mut expired = Vec::new();
@@ -528,7 +532,10 @@ impl Shard {
                     Some(code) => expired.push((s.clone(), code)),
                     // Sends whose answer was lost or held up get Timeout: an in-flight count
                     // never leaks.
-                    None => s.fail_overdue_sends(now, answer_timeout),
+                    None => {
+                        s.fail_overdue_sends(now, answer_timeout);
+                        s.expire_upload(now, upload_timeout);
+                    }
                 }
             }
             for (s, code) in expired.drain(..) {
@@ -1561,6 +1568,8 @@ pub async fn catch_up(shard: Rc<Shard>, session: Rc<Session>, login_kind: u16, u
         }
         session.push_paced(frame::whole(kind::DELIVER, &p)).await;
     }
+    // After the last large message, not between its parts.
+    session.large_sent().await;
     session.push(Bytes::from(frame::encode(
         kind::CATCHUP_END,
         &protocol::CatchUpEnd { count, more: page.more, unavailable },

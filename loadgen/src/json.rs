@@ -542,6 +542,8 @@ pub fn server_frame(text: &[u8], out: &mut Vec<u8>) -> Result<Option<u16>, Strin
                 body_bytes_max: int("body_bytes_max", m.body_bytes_max)?,
                 inflight_max: int("inflight_max", m.inflight_max)?,
                 protocol_version: int("protocol_version", m.protocol_version)?,
+                // The JSON gateway's login_ok does not carry it; the loadgen does not send in parts.
+                large_body_bytes_max: 0,
             };
             frame::encode_into(k, &ok, out);
         }

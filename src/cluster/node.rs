@@ -196,7 +196,9 @@ pub fn start(
 pub fn record_bytes_max(cfg: &Config) -> usize {
     // A DeliverMany lists sessions besides its frame; a GroupFanout lists users.
     let lists = 8 * cfg.limits.group_members_max.max(cfg.limits.fanout_slice);
-    cfg.limits.frame_bytes_max + lists + 64 * 1024
+    // A large message's Deliver travels whole between nodes.
+    let frame = cfg.limits.frame_bytes_max.max(cfg.limits.large_body_bytes_max + 1024);
+    frame + lists + 64 * 1024
 }
 
 struct Settings {

@@ -12,10 +12,11 @@ pub mod requests;
 use std::{
     cell::{Cell, RefCell},
     collections::VecDeque,
+    rc::Rc,
     time::{Duration, Instant},
 };
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use futures_channel::oneshot;
 
 use crate::{
@@ -85,6 +86,63 @@ pub const ROOM_REQUESTS_INFLIGHT_MAX: u16 = 64;
 /// the lossy queue, never in the outbound queue that would close it as a slow consumer.
 const ROOM_REFILL_BYTES: usize = 64 * 1024;
 
+/// Bytes taken from a shard's budget for large messages (`large_shard_bytes_max`), given back
+/// when dropped.
+pub(crate) struct Reservation {
+    pool: Rc<Cell<usize>>,
+    bytes: usize,
+}
+
+impl Reservation {
+    /// Take `bytes` from `pool` if it stays within `max`.
+    pub(crate) fn take(pool: &Rc<Cell<usize>>, bytes: usize, max: usize) -> Option<Reservation> {
+        let used = pool.get();
+        (used + bytes <= max).then(|| {
+            pool.set(used + bytes);
+            Reservation { pool: pool.clone(), bytes }
+        })
+    }
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        self.pool.set(self.pool.get() - self.bytes);
+    }
+}
+
+/// A large `Send` arriving in parts: assembled in place as the `Deliver` frame it becomes.
+pub(crate) struct Upload {
+    /// The `client_msg_id` the parts carry.
+    pub(crate) id: u64,
+    /// The whole `Send` payload's length.
+    pub(crate) total: usize,
+    /// Payload bytes received so far.
+    pub(crate) received: usize,
+    /// The Deliver frame being built: header, blank stamp, then the payload received so far.
+    pub(crate) frame: BytesMut,
+    /// When the last part came.
+    pub(crate) last_part: Instant,
+    pub(crate) _reserved: Reservation,
+}
+
+/// The one large message a session may have at a time.
+pub(crate) enum Large {
+    Uploading(Upload),
+    /// Handed to its conversation owner; its memory counts until the send is answered.
+    InFlight {
+        id: u64,
+        _reserved: Reservation,
+    },
+}
+
+/// A frame too large for one, on its way out in parts.
+struct LargeOut {
+    /// The whole frame.
+    frame: Bytes,
+    /// The payload bytes already sent in parts.
+    next: usize,
+}
+
 pub struct Session {
     pub id: SessionRef,
     /// 0 until logged in.
@@ -134,6 +192,20 @@ pub struct Session {
     pub(crate) room_requests: Cell<u16>,
     /// The transport, as an index of [`crate::metrics::TRANSPORTS`].
     pub(crate) transport: Cell<u8>,
+    /// A large message uploading or in flight.
+    pub(crate) large: RefCell<Option<Large>>,
+    /// Frames too large for one frame, waiting to go out in parts (or whole, see `parts_out`).
+    large_out: RefCell<VecDeque<LargeOut>>,
+    /// Bytes of the frames in `large_out`.
+    large_out_bytes: Cell<usize>,
+    large_out_bytes_max: usize,
+    /// `limits.frame_bytes_max`: frames with longer payloads go out in parts.
+    frame_bytes_max: usize,
+    /// Large frames go out in `PART_OUT` frames (binary clients); false for the JSON gateway,
+    /// whose messages are not bound by `frame_bytes_max`.
+    pub(crate) parts_out: Cell<bool>,
+    /// The id of the next frame sent in parts.
+    parts_sent: Cell<u64>,
 }
 
 impl Session {
@@ -168,6 +240,13 @@ impl Session {
             rooms: RefCell::new(None),
             room_requests: Cell::new(0),
             transport: Cell::new(0),
+            large: RefCell::new(None),
+            large_out: RefCell::new(VecDeque::new()),
+            large_out_bytes: Cell::new(0),
+            large_out_bytes_max: l.session_large_outbound_bytes_max,
+            frame_bytes_max: l.frame_bytes_max,
+            parts_out: Cell::new(true),
+            parts_sent: Cell::new(0),
         }
     }
 
@@ -218,6 +297,10 @@ impl Session {
         if self.closing.get() {
             return;
         }
+        if frame::payload_len(&frame) > self.frame_bytes_max {
+            self.push_large(frame);
+            return;
+        }
         if self.out_bytes.get() + frame.len() > self.out_bytes_max {
             self.push_unchecked(error_frame(ErrorCode::SlowConsumer, 0, 0));
             self.close();
@@ -229,10 +312,78 @@ impl Session {
     /// Queue a frame once the outbound queue is under half its limit: for long streams of
     /// stored messages, which must not trip the slow-consumer limit by themselves.
     pub async fn push_paced(&self, frame: Bytes) {
-        while !self.closing.get() && self.out_bytes.get() + frame.len() > self.out_bytes_max / 2 {
+        self.large_sent().await;
+        let large = frame::payload_len(&frame) > self.frame_bytes_max;
+        while !large && !self.closing.get() && self.out_bytes.get() + frame.len() > self.out_bytes_max / 2 {
             self.drained.wait().await;
         }
         self.push(frame);
+    }
+
+    /// Wait until every large frame queued so far has gone to the outbound queue (its last part
+    /// queued): frames pushed after this come after it. Catch-up and history pages keep their
+    /// order so; live frames do not wait (they interleave with a large frame's parts).
+    pub async fn large_sent(&self) {
+        while !self.closing.get() && !self.large_out.borrow().is_empty() {
+            self.drained.wait().await;
+        }
+    }
+
+    /// Queue a frame whose payload is over `frame_bytes_max`: it goes out in parts, one at a time
+    /// as the outbound queue runs short, so that other frames interleave. Bytes of such frames
+    /// queued beyond `session_large_outbound_bytes_max` close the session as a slow consumer.
+    fn push_large(&self, frame: Bytes) {
+        if self.large_out_bytes.get() + frame.len() > self.large_out_bytes_max {
+            self.push_unchecked(error_frame(ErrorCode::SlowConsumer, 0, 0));
+            self.close();
+            return;
+        }
+        self.large_out_bytes.set(self.large_out_bytes.get() + frame.len());
+        self.large_out.borrow_mut().push_back(LargeOut { frame, next: 0 });
+        self.writer.notify();
+    }
+
+    /// Move the next parts of queued large frames to the outbound queue while it is short.
+    fn refill_large(&self) {
+        while self.out_bytes.get() < ROOM_REFILL_BYTES {
+            let mut q = self.large_out.borrow_mut();
+            let Some(l) = q.front_mut() else { break };
+            let len = frame::payload_len(&l.frame);
+            if !self.parts_out.get() {
+                let l = q.pop_front().expect("front");
+                drop(q);
+                self.large_out_bytes.set(self.large_out_bytes.get() - l.frame.len());
+                self.push_unchecked(l.frame);
+                continue;
+            }
+            if l.next == 0 {
+                self.parts_sent.set(self.parts_sent.get() + 1);
+            }
+            let payload = &l.frame[frame::HEADER_BYTES..frame::HEADER_BYTES + len];
+            let n = protocol::part::data_max(self.frame_bytes_max).min(len - l.next);
+            let h = protocol::part::PartHeader {
+                id: self.parts_sent.get(),
+                total: len as u32,
+                offset: l.next as u32,
+                kind: frame::kind_of(&l.frame),
+            };
+            let part = frame::raw(kind::PART_OUT, &[&h.bytes(), &payload[l.next..l.next + n]]);
+            l.next += n;
+            if l.next == len {
+                let l = q.pop_front().expect("front");
+                self.large_out_bytes.set(self.large_out_bytes.get() - l.frame.len());
+            }
+            drop(q);
+            self.push_unchecked(part);
+        }
+    }
+
+    /// Move lossy and large frames to the outbound queue while it is short. Called by the writer.
+    pub(crate) fn refill(&self) {
+        self.refill_rooms();
+        if !self.closing.get() {
+            self.refill_large();
+        }
     }
 
     fn push_unchecked(&self, frame: Bytes) {
@@ -296,8 +447,8 @@ impl Session {
     }
 
     /// Move lossy messages to the outbound queue while it is short (see [`ROOM_REFILL_BYTES`]),
-    /// a `MISSED` for each source that lost some first. Called by the writer.
-    pub(crate) fn refill_rooms(&self) {
+    /// a `MISSED` for each source that lost some first.
+    fn refill_rooms(&self) {
         let mut rooms = self.rooms.borrow_mut();
         let Some(r) = rooms.as_mut() else { return };
         for ((source, id), count) in r.missed.drain(..) {
@@ -417,6 +568,7 @@ impl Session {
         let i = pending.iter().position(|&(c, _, _)| c == client_msg_id)?;
         let (_, arrived, _) = pending.remove(i).expect("found");
         drop(pending);
+        self.large_answered(client_msg_id);
         self.release_inflight();
         Some(arrived)
     }
@@ -438,6 +590,33 @@ impl Session {
             self.push(error_frame(ErrorCode::Timeout, kind::SEND, cmid));
             self.release_inflight();
         }
+    }
+
+    /// A send was answered: if it was the large message in flight, its memory is free again.
+    fn large_answered(&self, client_msg_id: u64) {
+        let mut large = self.large.borrow_mut();
+        if matches!(&*large, Some(Large::InFlight { id, .. }) if *id == client_msg_id) {
+            *large = None;
+        }
+    }
+
+    /// Drop an upload that had no part for `timeout`, with `Error{Timeout}` for its id.
+    pub fn expire_upload(&self, now: Instant, timeout: Duration) {
+        let mut large = self.large.borrow_mut();
+        let id = match &*large {
+            Some(Large::Uploading(u)) if now.duration_since(u.last_part) >= timeout => u.id,
+            _ => return,
+        };
+        *large = None;
+        drop(large);
+        self.push(error_frame(ErrorCode::Timeout, kind::PART, id));
+    }
+
+    /// The session ends: its large messages' memory is free again.
+    pub(crate) fn drop_large(&self) {
+        self.large.borrow_mut().take();
+        self.large_out.borrow_mut().clear();
+        self.large_out_bytes.set(0);
     }
 
     fn release_inflight(&self) {

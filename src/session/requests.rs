@@ -9,7 +9,7 @@ use std::{rc::Rc, time::Instant};
 
 use bytes::Bytes;
 
-use super::{error_frame, Flow, Reply, Session};
+use super::{error_frame, Flow, Large, Reply, Reservation, Session, Upload};
 use crate::{
     auth,
     envelope::{
@@ -19,11 +19,24 @@ use crate::{
     guard::Action,
     placement::direct_key,
     protocol::{
-        self, conv, group_action, is_group_id, kind, send_flags, DeviceType, ErrorCode, GroupProfile,
+        self, conv, group_action, is_group_id, kind, send_flags, DeviceType, ErrorCode, GroupProfile, Stamp,
     },
     shard::{now_ms, Shard},
     store::{device_hash, group_conv, recalled_seq, Cursor, PageLimit, StoreError, UserId},
 };
+
+/// What a `Send`'s handling needs of it once checked (the archive's borrow ends there).
+struct SendHead {
+    conv: u8,
+    to: u64,
+    client_msg_id: u64,
+}
+
+impl SendHead {
+    fn of(m: &protocol::ArchivedSend) -> SendHead {
+        SendHead { conv: m.conv, to: m.to.to_native(), client_msg_id: m.client_msg_id.to_native() }
+    }
+}
 
 /// Bytes a `Send` archive may carry besides its body (its root struct and alignment padding).
 pub const SEND_OVERHEAD_BYTES_MAX: usize = 64;
@@ -77,15 +90,8 @@ impl Requests<'_> {
     /// boxed: they are rare, and inline they would make every idle connection's task as large as
     /// the largest of them.
     pub async fn frame(&mut self, k: u16, payload: &[u8]) -> Flow {
-        if k == kind::SEND {
-            // Stop taking sends at the in-flight limit until acks come back; the transport reads
-            // nothing more meanwhile.
-            while self.session.inflight.get() >= self.session.inflight_max {
-                self.session.reader.wait().await;
-                if self.session.closing.get() {
-                    return Flow::Close;
-                }
-            }
+        if k == kind::SEND && !self.inflight_room().await {
+            return Flow::Close;
         }
         let logged_in = self.session.user() != 0;
         if !logged_in
@@ -117,6 +123,7 @@ impl Requests<'_> {
                 let m = access!(protocol::ArchivedSend);
                 self.send(payload, m, true)
             }
+            kind::PART => self.part(payload).await,
             kind::DELIVERY_ACK => {
                 let a = access!(protocol::ArchivedDeliveryAck);
                 // Stores keep sequence numbers as signed 64-bit integers.
@@ -375,49 +382,77 @@ impl Requests<'_> {
         Flow::Continue
     }
 
+    /// Wait while the session is at its in-flight limit (the transport reads nothing more
+    /// meanwhile); false if the session closed.
+    async fn inflight_room(&self) -> bool {
+        while self.session.inflight.get() >= self.session.inflight_max {
+            self.session.reader.wait().await;
+            if self.session.closing.get() {
+                return false;
+            }
+        }
+        true
+    }
+
     /// A `Send` (`stream` false: sequenced, stored, acknowledged) or a `Stream` (`stream`
     /// true: to live sessions only, after the stored messages before it; no ack, no in-flight).
     fn send(&self, payload: &[u8], m: &protocol::ArchivedSend, stream: bool) -> Flow {
         crate::metrics::count_send();
-        let client_msg_id = m.client_msg_id.to_native();
+        let head = SendHead::of(m);
         let request_kind = if stream { kind::STREAM } else { kind::SEND };
-        let reject = |code: ErrorCode| {
-            self.session.push(error_frame(code, request_kind, client_msg_id));
-            Flow::Continue
-        };
-        let to = m.to.to_native();
-        match m.conv {
-            conv::DIRECT if to == 0 || is_group_id(to) => return reject(ErrorCode::UnknownRecipient),
-            conv::DIRECT => {}
-            conv::GROUP if !is_group_id(to) => return reject(ErrorCode::GroupNotFound),
-            conv::GROUP => {}
-            _ => return reject(ErrorCode::InvalidConversation),
-        }
-        // The payload is forwarded verbatim, so it may hold nothing but the body and the archive's
-        // own few bytes: bytes the archive does not reference would travel to every recipient.
-        if m.body.len() > self.shard.cfg().limits.body_bytes_max
-            || payload.len() > m.body.len() + SEND_OVERHEAD_BYTES_MAX
+        if let Err(code) =
+            self.check_send(&head, m, payload.len(), stream, self.shard.cfg().limits.body_bytes_max)
         {
-            return reject(ErrorCode::BodyTooLarge);
-        }
-        let sender = self.session.user();
-        match (m.flags, stream) {
-            (0, _) if m.burn_secs == 0 => {}
-            // The body names the message to take back: its seq, 8 bytes little-endian (the
-            // conversation's owner reads it again from the frame).
-            (send_flags::RECALL, false) if m.burn_secs == 0 && recalled_seq(&m.body).is_some() => {}
-            (send_flags::BURN_AFTER_READ, false) if m.conv == conv::DIRECT => {}
-            (send_flags::BURN_AFTER_READ, false) => return reject(ErrorCode::BurnNotAllowed),
-            _ => return reject(ErrorCode::Malformed),
+            self.session.push(error_frame(code, request_kind, head.client_msg_id));
+            return Flow::Continue;
         }
         // Copied once into the Deliver frame; after this no byte of the body is touched again.
         let f = Submit::blank_frame(if stream { kind::STREAM_MSG } else { kind::DELIVER }, payload);
+        self.submit(&head, f, stream);
+        Flow::Continue
+    }
+
+    /// The checks every `Send` (and `Stream`) passes before it goes to its owner.
+    fn check_send(
+        &self,
+        h: &SendHead,
+        m: &protocol::ArchivedSend,
+        payload_len: usize,
+        stream: bool,
+        body_max: usize,
+    ) -> Result<(), ErrorCode> {
+        match h.conv {
+            conv::DIRECT if h.to == 0 || is_group_id(h.to) => return Err(ErrorCode::UnknownRecipient),
+            conv::DIRECT => {}
+            conv::GROUP if !is_group_id(h.to) => return Err(ErrorCode::GroupNotFound),
+            conv::GROUP => {}
+            _ => return Err(ErrorCode::InvalidConversation),
+        }
+        // The payload is forwarded verbatim, so it may hold nothing but the body and the archive's
+        // own few bytes: bytes the archive does not reference would travel to every recipient.
+        if m.body.len() > body_max || payload_len > m.body.len() + SEND_OVERHEAD_BYTES_MAX {
+            return Err(ErrorCode::BodyTooLarge);
+        }
+        match (m.flags, stream) {
+            (0, _) if m.burn_secs == 0 => Ok(()),
+            // The body names the message to take back: its seq, 8 bytes little-endian (the
+            // conversation's owner reads it again from the frame).
+            (send_flags::RECALL, false) if m.burn_secs == 0 && recalled_seq(&m.body).is_some() => Ok(()),
+            (send_flags::BURN_AFTER_READ, false) if m.conv == conv::DIRECT => Ok(()),
+            (send_flags::BURN_AFTER_READ, false) => Err(ErrorCode::BurnNotAllowed),
+            _ => Err(ErrorCode::Malformed),
+        }
+    }
+
+    /// Hand a checked send, already in its Deliver frame `f`, to its conversation's owner.
+    fn submit(&self, h: &SendHead, f: bytes::BytesMut, stream: bool) {
+        let sender = self.session.user();
         let sub = Submit {
             origin: self.session.id,
             sender,
-            to,
-            conv: m.conv,
-            client_msg_id,
+            to: h.to,
+            conv: h.conv,
+            client_msg_id: h.client_msg_id,
             sender_device: self.session.device.get(),
             stream,
             frame: f,
@@ -425,15 +460,131 @@ impl Requests<'_> {
             refuse_new: None,
             by_manager: false,
         };
-        let dst = if m.conv == conv::GROUP {
-            self.shard.place(|p| p.group(to))
+        let dst = if h.conv == conv::GROUP {
+            self.shard.place(|p| p.group(h.to))
         } else {
-            self.shard.place(|p| p.conv(direct_key(sender, to)))
+            self.shard.place(|p| p.conv(direct_key(sender, h.to)))
         };
         if !stream {
-            self.session.send_started(client_msg_id, dst.node);
+            self.session.send_started(h.client_msg_id, dst.node);
         }
         self.shard.post(dst, Envelope::Submit(Box::new(sub)));
+    }
+
+    /// A part of a large `Send` (5.22): assembled in place as the Deliver frame it becomes, then
+    /// checked and sent like any `Send` once its last part is in.
+    async fn part(&self, payload: &[u8]) -> Flow {
+        let Some((h, data)) = protocol::part::PartHeader::read(payload) else {
+            return self.error(ErrorCode::Malformed, kind::PART);
+        };
+        let mut u = match self.add_part(&h, data) {
+            Ok(Some(u)) => u,
+            Ok(None) => return Flow::Continue,
+            Err(code) => return self.error_for(code, kind::PART, h.id),
+        };
+        let l = &self.shard.cfg().limits;
+        let total = u.total;
+        u.frame.resize(frame::frame_bytes(Stamp::BYTES + total), 0);
+        let start = frame::HEADER_BYTES + Stamp::BYTES;
+        let checked = {
+            let payload = &u.frame[start..start + total];
+            // The frame's buffer comes from the allocator, 16-aligned in practice; a payload that
+            // is not 8-aligned is validated from an aligned copy.
+            let copy;
+            let aligned = if (payload.as_ptr() as usize).is_multiple_of(8) {
+                payload
+            } else {
+                copy = frame::AlignedBuf::copy_of(payload);
+                copy.filled()
+            };
+            match frame::access::<protocol::ArchivedSend>(aligned) {
+                Err(_) => Err(ErrorCode::Malformed),
+                Ok(m) if m.client_msg_id != h.id => Err(ErrorCode::Malformed),
+                Ok(m) => {
+                    let head = SendHead::of(m);
+                    self.check_send(&head, m, total, false, l.large_body_bytes_max).map(|()| head)
+                }
+            }
+        };
+        let head = match checked {
+            Ok(head) => head,
+            Err(code) => {
+                crate::metrics::count_send();
+                return self.error_for(code, kind::SEND, h.id);
+            }
+        };
+        if !self.inflight_room().await {
+            return Flow::Close;
+        }
+        crate::metrics::count_send();
+        *self.session.large.borrow_mut() = Some(Large::InFlight { id: h.id, _reserved: u._reserved });
+        self.submit(&head, u.frame, false);
+        Flow::Continue
+    }
+
+    /// Add a part to this session's upload (starting one at offset 0); the whole upload once its
+    /// last part is in.
+    fn add_part(&self, h: &protocol::part::PartHeader, data: &[u8]) -> Result<Option<Upload>, ErrorCode> {
+        let l = &self.shard.cfg().limits;
+        let total = h.total as usize;
+        let mut large = self.session.large.borrow_mut();
+        if h.offset == 0 {
+            if large.is_some() {
+                return Err(ErrorCode::UploadInProgress);
+            }
+            if h.kind != kind::SEND || data.len() > total || data.is_empty() {
+                return Err(ErrorCode::Malformed);
+            }
+            if total > l.large_body_bytes_max + SEND_OVERHEAD_BYTES_MAX {
+                return Err(ErrorCode::BodyTooLarge);
+            }
+            let reserved = Reservation::take(&self.shard.large_bytes, total, l.large_shard_bytes_max)
+                .ok_or(ErrorCode::Busy)?;
+            let mut frame = bytes::BytesMut::with_capacity(frame::frame_bytes(Stamp::BYTES + total));
+            frame.extend_from_slice(&((Stamp::BYTES + total) as u32).to_le_bytes());
+            frame.extend_from_slice(&kind::DELIVER.to_le_bytes());
+            frame.extend_from_slice(&[0, 0]);
+            frame.resize(frame::HEADER_BYTES + Stamp::BYTES, 0);
+            let upload = Upload {
+                id: h.id,
+                total,
+                received: 0,
+                frame,
+                last_part: Instant::now(),
+                _reserved: reserved,
+            };
+            *large = Some(Large::Uploading(upload));
+        }
+        let Some(Large::Uploading(u)) = large.as_mut() else {
+            return Err(ErrorCode::Malformed);
+        };
+        if u.id != h.id {
+            // A stray part: the upload in progress stays.
+            return Err(ErrorCode::Malformed);
+        }
+        if h.kind != kind::SEND
+            || total != u.total
+            || h.offset as usize != u.received
+            || data.is_empty()
+            || u.received + data.len() > total
+        {
+            *large = None;
+            return Err(ErrorCode::Malformed);
+        }
+        u.frame.extend_from_slice(data);
+        u.received += data.len();
+        u.last_part = Instant::now();
+        if u.received < total {
+            return Ok(None);
+        }
+        match large.take() {
+            Some(Large::Uploading(u)) => Ok(Some(u)),
+            _ => unreachable!("uploading"),
+        }
+    }
+
+    fn error_for(&self, code: ErrorCode, request_kind: u16, client_msg_id: u64) -> Flow {
+        self.session.push(error_frame(code, request_kind, client_msg_id));
         Flow::Continue
     }
 
@@ -594,6 +745,7 @@ impl Requests<'_> {
                     body_bytes_max: limits.body_bytes_max as u32,
                     inflight_max: limits.inflight_per_session_max,
                     protocol_version: protocol::PROTOCOL_VERSION,
+                    large_body_bytes_max: limits.large_body_bytes_max as u32,
                 };
                 let flow = self.reply(kind::LOGIN_OK, &ok);
                 // The user owner learns the user's friends and blocks, for its presence.
@@ -676,6 +828,8 @@ impl Requests<'_> {
             self.session.push_paced(frame::whole(kind::HISTORY_MSG, &p)).await;
         }
         let end = protocol::HistoryEnd { conv: conv_kind, peer, count, more: page.more };
+        // After the page's last large message, not between its parts.
+        self.session.large_sent().await;
         self.reply(kind::HISTORY_END, &end)
     }
 

@@ -126,6 +126,7 @@ fn open_session(shard: &Rc<Shard>, peer: Option<std::net::SocketAddr>, transport
 fn close_session(shard: &Rc<Shard>, session: &Session) {
     let id = session.id;
     shard.sessions.borrow_mut().remove(&id.0);
+    session.drop_large();
     for room in session.take_rooms() {
         shard.forget_room_subscriber(id, room);
         shard.leave_room_owner(id, room);

@@ -667,7 +667,9 @@ impl Reader<'_> {
 
     fn choose_format(&self, json: bool) {
         if let Some(ws) = self.conn.io.borrow_mut().ws.as_mut() {
-            ws.json.get_or_insert(json);
+            let json = *ws.json.get_or_insert(json);
+            // A JSON message is not bound by frame_bytes_max: large frames go whole.
+            self.session.parts_out.set(!json);
         }
     }
 
@@ -740,13 +742,13 @@ impl Reader<'_> {
 /// lingering close.
 async fn write_loop(c: Rc<Layered>, session: Rc<Session>) {
     'outer: loop {
-        session.refill_rooms();
+        session.refill();
         while session.outq.borrow().is_empty() && !c.io.borrow().has_output() {
             if session.closing.get() {
                 break 'outer;
             }
             session.writer.wait().await;
-            session.refill_rooms();
+            session.refill();
         }
         let taken = {
             let mut io = c.io.borrow_mut();

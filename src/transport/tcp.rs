@@ -140,13 +140,13 @@ async fn write_loop(conn: Rc<Conn>, session: Rc<Session>) {
     let fd = conn.stream.as_raw_fd();
     let mut iov: Vec<libc::iovec> = Vec::with_capacity(sockio::IOV_MAX);
     'outer: loop {
-        session.refill_rooms();
+        session.refill();
         while session.outq.borrow().is_empty() {
             if session.closing.get() {
                 break 'outer;
             }
             session.writer.wait().await;
-            session.refill_rooms();
+            session.refill();
         }
         let written = loop {
             let sent = sockio::send_frames(fd, &session.outq.borrow(), &mut iov);
