@@ -1553,6 +1553,35 @@ const _: () = assert!(std::mem::align_of::<ArchivedMissed>() == 8);
 mod session_layout_tests {
     use super::*;
 
+    /// docs/PROTOCOL.md 5.22's example: a Send with a 100,000-byte body in two parts, and
+    /// LoginOk's size with `large_body_bytes_max` where padding was.
+    #[test]
+    fn part_layout() {
+        assert_eq!(std::mem::size_of::<ArchivedLoginOk>(), 48);
+        assert_eq!(std::mem::offset_of!(ArchivedLoginOk, large_body_bytes_max), 44);
+        let send = Send { conv: 1, flags: 0, burn_secs: 0, to: 2, client_msg_id: 9, body: vec![7; 100_000] };
+        let f = crate::frame::encode(kind::SEND, &send);
+        let payload = &f[8..8 + crate::frame::payload_len(&f)];
+        assert_eq!(payload.len(), 100_032);
+        assert_eq!(
+            &payload[100_000..],
+            &[
+                1, 0, 0, 0, 0, 0, 0, 0, 2, 0, 0, 0, 0, 0, 0, 0, 9, 0, 0, 0, 0, 0, 0, 0, 0x48, 0x79, 0xfe,
+                0xff, 0xa0, 0x86, 0x01, 0x00
+            ]
+        );
+        let max = part::data_max(65536);
+        assert_eq!(max, 65_512);
+        let h = part::PartHeader { id: 9, total: 100_032, offset: max as u32, kind: kind::SEND };
+        let second = crate::frame::raw(kind::PART, &[&h.bytes(), &payload[max..]]);
+        assert_eq!(&second[..8], &[0xf0, 0x86, 0, 0, 0x1b, 0, 0, 0]);
+        assert_eq!(
+            &second[8..32],
+            &[9, 0, 0, 0, 0, 0, 0, 0, 0xc0, 0x86, 1, 0, 0xe8, 0xff, 0, 0, 6, 0, 0, 0, 0, 0, 0, 0]
+        );
+        assert_eq!(part::PartHeader::read(&second[8..]).map(|(h2, d)| (h2, d.len())), Some((h, 34_520)));
+    }
+
     /// The layouts docs/PROTOCOL.md gives for the sessions requests and their answer.
     #[test]
     fn session_layouts() {
