@@ -20,6 +20,26 @@ pub struct Config {
     pub gateway: GatewayConfig,
     pub tls: TlsConfig,
     pub admin: AdminConfig,
+    /// Tenant domains (PROTOCOL 8.17); none by default: every account is in the default domain.
+    pub domains: Vec<DomainConfig>,
+}
+
+/// A tenant domain: accounts named `NAME@name` live in it.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct DomainConfig {
+    pub name: String,
+    /// 1..=255; part of the ids of its users, groups and rooms, so never reused for another.
+    pub id: u8,
+}
+
+impl Config {
+    /// The domain id of an account name: that of the configured domain after its last `@`, else
+    /// 0 (the default domain: the whole string is the name).
+    pub fn domain_of_name(&self, name: &str) -> u8 {
+        let Some((_, domain)) = name.rsplit_once('@') else { return 0 };
+        self.domains.iter().find(|d| d.name == domain).map_or(0, |d| d.id)
+    }
 }
 
 /// The admin HTTP API, `/metrics` and the health checks (docs/ADMIN.md).
@@ -648,6 +668,24 @@ impl Config {
     /// Check relations between options; called after overrides are applied.
     pub fn validate(&self) -> anyhow::Result<()> {
         let l = &self.limits;
+        for (i, d) in self.domains.iter().enumerate() {
+            if d.id == 0 {
+                bail!("domains: id 0 is the default domain's; give {:?} an id from 1 to 255", d.name);
+            }
+            let bad_name = d.name.is_empty()
+                || d.name.len() > 63
+                || d.name.contains('@')
+                || d.name.chars().any(|c| c.is_control() || c.is_whitespace());
+            if bad_name {
+                bail!(
+                    "domains: {:?} is not a domain name (1-63 bytes, no '@', spaces or control characters)",
+                    d.name
+                );
+            }
+            if self.domains[..i].iter().any(|o| o.id == d.id || o.name == d.name) {
+                bail!("domains: {:?} (id {}) repeats another domain's name or id", d.name, d.id);
+            }
+        }
         if !["auto", "io_uring", "epoll"].contains(&self.server.driver.as_str()) {
             bail!("server.driver must be auto, io_uring or epoll, not {:?}", self.server.driver);
         }
@@ -1011,6 +1049,12 @@ handshake_timeout_ms = 10000        # a WebSocket upgrade or TLS handshake must 
 listen = "127.0.0.1:7190"           # "" = off; an address other than loopback needs a token
 token = ""                          # bearer token for every request but the health checks (or TIM_ADMIN_TOKEN)
 metrics = true                      # count messages, acks and latencies per shard (false: not on the message path)
+
+# Tenants (PROTOCOL 8.17): accounts named NAME@DOMAIN belong to that domain; nothing crosses
+# domains. Each needs a fixed id (1-255, never reused: it is part of its users' and groups' ids).
+# [[domains]]
+# name = "acme.example"
+# id = 1
 "#;
 
 #[cfg(test)]

@@ -323,6 +323,20 @@ pub fn is_group_id(id: u64) -> bool {
     (GROUP_ID_MIN..1 << 63).contains(&id)
 }
 
+/// Bits 48 to 55 of a user, group or room id hold the id of its tenant domain (8.17); 0 is the
+/// default domain.
+pub const DOMAIN_SHIFT: u32 = 48;
+
+/// The tenant domain of a user, group or room id.
+pub fn domain_of(id: u64) -> u8 {
+    (id >> DOMAIN_SHIFT) as u8
+}
+
+/// `id` with its domain bits set to `domain`.
+pub fn in_domain(id: u64, domain: u8) -> u64 {
+    (id & !(0xff << DOMAIN_SHIFT)) | (domain as u64) << DOMAIN_SHIFT
+}
+
 /// Who may join a group (`GroupCreate.join_policy`).
 pub mod join_policy {
     /// Anyone not blocked joins at once.

@@ -19,7 +19,8 @@ use crate::{
     guard::Action,
     placement::direct_key,
     protocol::{
-        self, conv, group_action, is_group_id, kind, send_flags, DeviceType, ErrorCode, GroupProfile, Stamp,
+        self, conv, domain_of, group_action, in_domain, is_group_id, kind, send_flags, DeviceType, ErrorCode,
+        GroupProfile, Stamp,
     },
     shard::{now_ms, Shard},
     store::{device_hash, group_conv, recalled_seq, Cursor, PageLimit, StoreError, UserId},
@@ -192,7 +193,7 @@ impl Requests<'_> {
                 if publishers.len() > self.shard.cfg().limits.room_publishers_max {
                     return self.error(ErrorCode::InvalidRoom, k);
                 }
-                let room = self.shard.new_room_id();
+                let room = in_domain(self.shard.new_room_id(), domain_of(self.session.user()));
                 let op = RoomOp::Create {
                     publish: c.publish,
                     subscribers_max: c.subscribers_max.to_native(),
@@ -239,8 +240,10 @@ impl Requests<'_> {
                     return self.error(ErrorCode::Malformed, k);
                 };
                 // A new id, drawn at random in the group range.
-                let group =
-                    protocol::GROUP_ID_MIN | (self.shard.new_room_id() & (protocol::GROUP_ID_MIN - 1));
+                let group = in_domain(
+                    protocol::GROUP_ID_MIN | (self.shard.new_room_id() & (protocol::GROUP_ID_MIN - 1)),
+                    domain_of(self.session.user()),
+                );
                 Box::pin(self.group_change(group, GroupOp::Create(profile), self.session.user())).await
             }
             kind::GROUP_UPDATE => {
@@ -369,6 +372,15 @@ impl Requests<'_> {
 
     /// Hand a room request to the room's owner; its answer comes back as `RoomReply`.
     fn to_room(&self, room: u64, op: RoomOp) -> Flow {
+        if self.foreign(room) {
+            // A refused publish carries its client message id in place of the room.
+            let id = match &op {
+                RoomOp::Publish { client_msg_id, .. } => *client_msg_id,
+                _ => room,
+            };
+            self.session.push(error_frame(ErrorCode::RoomNotFound, op.request_kind(), id));
+            return Flow::Continue;
+        }
         if !matches!(op, RoomOp::Publish { .. }) {
             let n = self.session.room_requests.get();
             if n >= super::ROOM_REQUESTS_INFLIGHT_MAX {
@@ -380,6 +392,12 @@ impl Requests<'_> {
         let req = RoomRequest { origin: self.session.id, user: self.session.user(), room, op };
         self.shard.post(self.shard.place(|p| p.room(room)), Envelope::Room(Box::new(req)));
         Flow::Continue
+    }
+
+    /// Whether `id` (a user, group or room) is in another tenant domain than this session's
+    /// user (8.17): to this session it does not exist.
+    fn foreign(&self, id: u64) -> bool {
+        domain_of(id) != domain_of(self.session.user())
     }
 
     /// Wait while the session is at its in-flight limit (the transport reads nothing more
@@ -422,9 +440,11 @@ impl Requests<'_> {
         body_max: usize,
     ) -> Result<(), ErrorCode> {
         match h.conv {
-            conv::DIRECT if h.to == 0 || is_group_id(h.to) => return Err(ErrorCode::UnknownRecipient),
+            conv::DIRECT if h.to == 0 || is_group_id(h.to) || self.foreign(h.to) => {
+                return Err(ErrorCode::UnknownRecipient)
+            }
             conv::DIRECT => {}
-            conv::GROUP if !is_group_id(h.to) => return Err(ErrorCode::GroupNotFound),
+            conv::GROUP if !is_group_id(h.to) || self.foreign(h.to) => return Err(ErrorCode::GroupNotFound),
             conv::GROUP => {}
             _ => return Err(ErrorCode::InvalidConversation),
         }
@@ -595,6 +615,11 @@ impl Requests<'_> {
         if let Err(code) = auth::check_name(&name).and(auth::check_password(&password)) {
             return self.error(code, kind::REGISTER);
         }
+        // NAME@DOMAIN of a configured domain: an account of that tenant (8.17).
+        let domain = self.shard.cfg().domain_of_name(&name);
+        if domain != 0 && auth::check_name(name.rsplit_once('@').map_or("", |(local, _)| local)).is_err() {
+            return self.error(ErrorCode::InvalidName, kind::REGISTER);
+        }
         // Each registration costs a password hash and a store write: bounded per connection
         // and per source address.
         let n = self.session.registrations.get() + 1;
@@ -619,7 +644,7 @@ impl Requests<'_> {
         };
         let store = self.shard.shared.store.clone();
         let created = workers.store.run(move || {
-            store.create_account(&key, hash).map_err(|e| match e {
+            store.create_account_in(&key, hash, domain).map_err(|e| match e {
                 StoreError::NameTaken => ErrorCode::NameTaken,
                 StoreError::Unavailable(m) => {
                     log::warn!("store: {m}");
@@ -855,6 +880,9 @@ impl Requests<'_> {
         let max = self.shard.cfg().limits.groups_per_user_max;
         let store = self.shard.shared.store.clone();
         let me = self.session.user();
+        if self.foreign(joiner) {
+            return self.error(ErrorCode::UnknownUser, k);
+        }
         let counted = self
             .store_call(move || {
                 if joiner != me && !store.account_exists(joiner)? {
@@ -876,6 +904,9 @@ impl Requests<'_> {
         let k = kind::GROUP_ADD_MEMBERS;
         let max = self.shard.cfg().limits.groups_per_user_max;
         let store = self.shard.shared.store.clone();
+        if users.iter().any(|&u| self.foreign(u)) {
+            return self.error(ErrorCode::UnknownUser, k);
+        }
         let checked = users.clone();
         let counted = self.store_call(move || store.group_counts(&checked)).await;
         match counted {
@@ -891,7 +922,7 @@ impl Requests<'_> {
     /// Ask a group's owner, wait for its answer (at most `answer_timeout_ms`), write it.
     async fn group_call(&self, group: u64, op: GroupOp) -> Flow {
         let k = op.request_kind();
-        if !is_group_id(group) {
+        if !is_group_id(group) || self.foreign(group) {
             return self.error(ErrorCode::GroupNotFound, k);
         }
         let req = GroupRequest { origin: self.session.id, user: self.session.user(), group, op };
@@ -934,6 +965,10 @@ impl Requests<'_> {
         if state > 1 {
             return self.error(ErrorCode::Malformed, k);
         }
+        if self.foreign(to) {
+            // As to a user or group that does not exist: nobody to tell.
+            return Flow::Continue;
+        }
         let max = self.shard.cfg().limits.typing_per_session_per_minute_max;
         let mut budget = self.session.typing.get();
         let allowed = budget.take(now_ms(), max);
@@ -967,6 +1002,10 @@ impl Requests<'_> {
         };
         if seq == 0 {
             return self.error(ErrorCode::Malformed, k);
+        }
+        if self.foreign(peer) {
+            // No conversation crosses domains: there is nothing to have read.
+            return Flow::Continue;
         }
         let max = self.shard.cfg().limits.reads_per_session_per_minute_max;
         let mut budget = self.session.reads.get();
@@ -1012,6 +1051,9 @@ impl Requests<'_> {
             || note.len() > l.roster_note_bytes_max
         {
             return self.error(ErrorCode::InvalidRoster, k);
+        }
+        if self.foreign(other) {
+            return self.error(ErrorCode::UnknownUser, k);
         }
         let note = if action == act::REQUEST { note } else { String::new() };
         let (store, max, now) = (self.shard.shared.store.clone(), l.roster_entries_max, now_ms());
@@ -1101,7 +1143,19 @@ impl Requests<'_> {
         ids.retain(|u| seen.insert(*u));
         let me = self.session.user();
         let mut by_owner: Vec<(crate::placement::Owner, Vec<u64>)> = Vec::new();
-        for &u in &ids {
+        // Users of other domains are not asked about: they are OFFLINE, as unknown ids are.
+        let mut found: Vec<protocol::PresenceEntry> = ids
+            .iter()
+            .filter(|&&u| self.foreign(u))
+            .map(|&user| protocol::PresenceEntry {
+                user,
+                state: 0,
+                since_ms: 0,
+                text: String::new(),
+                extra: Vec::new(),
+            })
+            .collect();
+        for &u in ids.iter().filter(|&&u| !self.foreign(u)) {
             let o = self.shard.place(|p| p.user(u));
             match by_owner.iter_mut().find(|(x, _)| *x == o) {
                 Some((_, list)) if !list.contains(&u) => list.push(u),
@@ -1109,7 +1163,6 @@ impl Requests<'_> {
                 None => by_owner.push((o, vec![u])),
             }
         }
-        let mut found: Vec<protocol::PresenceEntry> = Vec::with_capacity(ids.len());
         for (owner, users) in by_owner {
             let msg = PresenceMsg {
                 user: users[0],
@@ -1207,11 +1260,13 @@ impl Requests<'_> {
     }
 
     /// The profiles of up to `profiles_per_request_max` users, from the store.
-    async fn profile_get(&self, ids: Vec<u64>) -> Flow {
+    async fn profile_get(&self, mut ids: Vec<u64>) -> Flow {
         let k = kind::PROFILE_GET;
         if ids.is_empty() || ids.len() > self.shard.cfg().limits.profiles_per_request_max {
             return self.error(ErrorCode::InvalidProfile, k);
         }
+        // Users of other domains are left out, as unknown ids are.
+        ids.retain(|&u| !self.foreign(u));
         let store = self.shard.shared.store.clone();
         match self.store_call(move || store.profiles(&ids)).await {
             Ok(found) => {

@@ -782,12 +782,23 @@ impl Store for EmbeddedStore {
         true
     }
 
-    fn create_account(&self, name: &NameKey, password_hash: String) -> Result<UserId, StoreError> {
+    fn create_account_in(
+        &self,
+        name: &NameKey,
+        password_hash: String,
+        domain: u8,
+    ) -> Result<UserId, StoreError> {
         let now = crate::clock::now_ms();
+        // The next id of the domain's range (protocol::DOMAIN_SHIFT): ids are always given here,
+        // so AUTOINCREMENT never picks one in another domain's range.
+        let lo = crate::protocol::in_domain(0, domain);
+        let hi = lo + (1 << crate::protocol::DOMAIN_SHIFT);
         let r = self.with_aux(|c| {
             c.execute(
-                "INSERT INTO accounts (name_key, password_hash, created_ms) VALUES (?1, ?2, ?3)",
-                params![&name[..], password_hash, i(now)],
+                "INSERT INTO accounts (id, name_key, password_hash, created_ms)
+                 VALUES ((SELECT COALESCE(MAX(id), ?4) + 1 FROM accounts WHERE id >= ?4 AND id < ?5),
+                         ?1, ?2, ?3)",
+                params![&name[..], password_hash, i(now), i(lo), i(hi)],
             )?;
             Ok(c.last_insert_rowid())
         });

@@ -6,7 +6,7 @@
 //! (an account, a group notice's changes, a join request) is applied here and handed, as a
 //! [`ReplOp`], to the node's cluster thread, which sends it to every member; a member that links
 //! up gets a [`MemoryStore::snapshot`]. Applying is idempotent and does not depend on order:
-//! - an account is added once; ids are drawn at random in `[1, 2^56)` (never a group id), so
+//! - an account is added once; ids are drawn at random below 2^48, the tenant domain in bits 48-55 (never a group id), so
 //!   nodes do not collide; two nodes that register one name at the same moment keep both
 //!   accounts, and on every replica the name leads to the smaller id;
 //! - a group's changes apply only over an older state (by the notice's seq, which rises across
@@ -27,7 +27,7 @@ use super::{
     Account, CatchUp, CommitDone, ConvKey, ConvLoad, Cursor, GroupLoad, GroupRow, GroupWrite, MemberRow,
     NameKey, Page, PageLimit, Store, StoreError, StoredMessage, UserId,
 };
-use crate::protocol::{JoinRequest, UserProfile};
+use crate::protocol::{in_domain, JoinRequest, UserProfile};
 
 #[derive(Default)]
 pub struct MemoryStore {
@@ -408,21 +408,27 @@ impl Store for MemoryStore {
         false
     }
 
-    fn create_account(&self, name: &NameKey, password_hash: String) -> Result<UserId, StoreError> {
+    fn create_account_in(
+        &self,
+        name: &NameKey,
+        password_hash: String,
+        domain: u8,
+    ) -> Result<UserId, StoreError> {
         let mut g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         if g.by_name.contains_key(name) {
             return Err(StoreError::NameTaken);
         }
+        // Below 2^48, then the domain in bits 48-55 (protocol::DOMAIN_SHIFT).
         let id = if self.replicate.is_some() {
             loop {
-                let id = u64::from_le_bytes(crate::auth::random_bytes::<8>()) >> 8;
-                if id != 0 && !g.accounts.contains_key(&id) {
+                let id = in_domain(u64::from_le_bytes(crate::auth::random_bytes::<8>()) >> 16, domain);
+                if id & ((1 << 48) - 1) != 0 && !g.accounts.contains_key(&id) {
                     break id;
                 }
             }
         } else {
             g.last_id += 1;
-            g.last_id
+            in_domain(g.last_id, domain)
         };
         g.by_name.insert(*name, id);
         g.accounts.insert(id, Account { id, password_hash: password_hash.clone(), banned_until_ms: 0 });

@@ -424,8 +424,18 @@ pub trait Store: Send + Sync + 'static {
     /// Whether acknowledged messages survive a restart (false in no-data mode).
     fn durable(&self) -> bool;
 
-    /// Create an account; fails with `NameTaken` if the name key exists.
-    fn create_account(&self, name: &NameKey, password_hash: String) -> Result<UserId, StoreError>;
+    /// Create an account in the default domain; fails with `NameTaken` if the name key exists.
+    fn create_account(&self, name: &NameKey, password_hash: String) -> Result<UserId, StoreError> {
+        self.create_account_in(name, password_hash, 0)
+    }
+    /// Create an account in tenant domain `domain`: its id carries the domain
+    /// ([`crate::protocol::domain_of`]). Fails with `NameTaken` if the name key exists.
+    fn create_account_in(
+        &self,
+        name: &NameKey,
+        password_hash: String,
+        domain: u8,
+    ) -> Result<UserId, StoreError>;
     fn account_by_name(&self, name: &NameKey) -> Result<Option<Account>, StoreError>;
     fn account_exists(&self, user: UserId) -> Result<bool, StoreError>;
     /// Ban `user` until `until_ms` ([`BANNED_FOREVER`]: for good; 0 lifts a ban). `false`: no

@@ -1413,8 +1413,15 @@ impl Store for PostgresStore {
         true
     }
 
-    fn create_account(&self, name: &NameKey, password_hash: String) -> Result<UserId, StoreError> {
+    fn create_account_in(
+        &self,
+        name: &NameKey,
+        password_hash: String,
+        domain: u8,
+    ) -> Result<UserId, StoreError> {
         let slot = Self::name_slot(name);
+        // The domain in bits 48-55 (protocol::DOMAIN_SHIFT); the sequence stays far below.
+        let domain_bits = crate::protocol::in_domain(0, domain);
         let range = self.range_of_slot(slot).clone();
         let now = crate::clock::now_ms();
         self.block_on(async move {
@@ -1422,9 +1429,9 @@ impl Store for PostgresStore {
             let row = conn
                 .timed(conn.client().query_opt(
                     "INSERT INTO accounts (id, name_key, password_hash, created_ms)
-                     VALUES (nextval('user_ids') * 4096 + $1, $2, $3, $4)
+                     VALUES (nextval('user_ids') * 4096 + $1 + $5, $2, $3, $4)
                      ON CONFLICT (name_key) DO NOTHING RETURNING id",
-                    &[&i(slot), &&name[..], &password_hash, &i(now)],
+                    &[&i(slot), &&name[..], &password_hash, &i(now), &i(domain_bits)],
                 ))
                 .await?;
             row.map(|r| u(r.get(0))).ok_or(StoreError::NameTaken)
