@@ -10,9 +10,15 @@
 //!
 //! Protocol v1 has no lookup of accounts by name (docs/PROTOCOL.md 8.2): peers are named by their
 //! numeric user id, which `tim chat` prints at login so that people can exchange them.
+//!
+//! A message longer than `body_bytes_max` goes up in `Part` frames (5.22), one large message at a
+//! time (`Session` queues the others); [`Client`] reassembles the `PartOut` frames (6.26) of
+//! large messages received. Binary and long messages print as their size ([`message_text`]).
+//! Peers' typing notices print ([`TypingShown`]); `tim chat` sends none: it reads whole lines
+//! (the terminal's line editing), so it never sees a user start typing.
 
 use std::{
-    collections::{BTreeSet, HashMap},
+    collections::{BTreeSet, HashMap, VecDeque},
     fmt,
     io::{self, BufRead, IsTerminal, Write},
     net::ToSocketAddrs,
@@ -84,6 +90,10 @@ const READ_EVERY: Duration = Duration::from_secs(1);
 const GROUPS_LISTED_MAX: u32 = 50;
 /// `/friends` and `/requests` list at most this many entries of a list.
 const ROSTER_LISTED_MAX: usize = 1000;
+/// A peer's "typing" prints at most this often (it repeats its notice every few seconds).
+pub const TYPING_SHOWN_EVERY: Duration = Duration::from_secs(5);
+/// Bytes of a message's text printed at most; a longer one is cut and its size said.
+pub const MESSAGE_SHOWN_BYTES_MAX: usize = 2048;
 
 // ---------------------------------------------------------------------------------------------
 // The command line.
@@ -591,6 +601,57 @@ impl Outbox {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Typing notices, without I/O.
+
+/// Which peers' typing was printed, and when: "typing" prints at most once per
+/// [`TYPING_SHOWN_EVERY`] per peer and conversation (peers repeat it every few seconds while
+/// they type), "stopped" only after a "typing" that no message of theirs followed.
+#[derive(Debug, Default)]
+pub struct TypingShown {
+    shown: HashMap<(ConvKey, u64), Instant>,
+}
+
+impl TypingShown {
+    /// A `TypingNotice` came at `now`: the line to print, if any. This user's own (from another
+    /// device, in a group) print nothing.
+    pub fn notice(&mut self, n: &protocol::TypingNotice, me: u64, now: Instant) -> Option<String> {
+        if n.from == me {
+            return None;
+        }
+        let peer = if n.conv == conv::GROUP { n.to } else { n.from };
+        let key = (ConvKey { conv: n.conv, peer }, n.from);
+        if n.state == 0 {
+            return self.shown.remove(&key).map(|_| typing_text(n, me));
+        }
+        if self.shown.get(&key).is_some_and(|&at| now.saturating_duration_since(at) < TYPING_SHOWN_EVERY) {
+            return None;
+        }
+        if self.shown.len() >= CONVERSATIONS_MAX {
+            self.shown.retain(|_, at| now.saturating_duration_since(*at) < TYPING_SHOWN_EVERY);
+        }
+        if self.shown.len() < CONVERSATIONS_MAX {
+            self.shown.insert(key, now);
+        }
+        Some(typing_text(n, me))
+    }
+
+    /// A message was printed: its sender has stopped typing it (their next notice prints).
+    pub fn message(&mut self, d: &Delivery, me: u64) {
+        self.shown.remove(&(ConvKey::of(&d.stamp, me), d.stamp.from));
+    }
+}
+
+/// A typing notice, as printed: `* 2 is typing…`, `* 2 stopped typing`, with ` in group G` for a
+/// group's.
+pub fn typing_text(n: &protocol::TypingNotice, me: u64) -> String {
+    let place = if n.conv == conv::GROUP { format!(" in group {}", n.to) } else { String::new() };
+    match n.state {
+        0 => format!("* {} stopped typing{place}", who(n.from, me)),
+        _ => format!("* {} is typing{place}…", who(n.from, me)),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
 // Interactive lines, without I/O.
 
 /// One line typed in interactive mode.
@@ -639,6 +700,8 @@ pub enum Input {
     Status(u8, String),
     /// `/presence ID...`: users' presence.
     Presence(Vec<String>),
+    /// `/file PATH`: send a file's bytes as one message to the current target.
+    File(String),
     Help,
     Quit,
     /// A command not understood (the line as typed).
@@ -675,6 +738,8 @@ commands:
   /unblock ID      unblock user ID
   /status STATE [TEXT]  set your presence: online, away, busy or invisible, with a status text
   /presence ID...  the presence of users (friends' changes are told as they come)
+  /file PATH       send the file's bytes as one message (up to the server's large_body_bytes_max,
+                   8 MiB by default; lines and files over body_bytes_max go up in parts)
   /quit            leave (Ctrl-D and Ctrl-C too)
   //TEXT           send TEXT starting with one /";
 
@@ -742,6 +807,7 @@ pub fn parse_input(line: &[u8]) -> Input {
             Some(st) => Input::Status(st, rest[state.len()..].trim().into()),
             None => Input::Unknown(String::from_utf8_lossy(line).into_owned()),
         },
+        ("file", Some(_), _) => Input::File(rest.into()),
         ("presence", Some(_), _) => Input::Presence(rest.split_whitespace().map(String::from).collect()),
         ("help" | "?", _, _) => Input::Help,
         ("quit" | "exit" | "q", None, _) => Input::Quit,
@@ -956,6 +1022,36 @@ pub fn body_text(body: &[u8]) -> String {
     }
 }
 
+/// A size in bytes as people read it: `512 bytes`, `1.5 KiB`, `3.0 MiB`.
+pub fn size_text(bytes: usize) -> String {
+    const KIB: f64 = 1024.0;
+    let b = bytes as f64;
+    if bytes < 1024 {
+        format!("{bytes} bytes")
+    } else if b < KIB * KIB {
+        format!("{:.1} KiB", b / KIB)
+    } else {
+        format!("{:.1} MiB", b / (KIB * KIB))
+    }
+}
+
+/// A message's body as printed: its text as [`body_text`] prints it, cut after
+/// [`MESSAGE_SHOWN_BYTES_MAX`] bytes with its size said (`… [text, 1.0 MiB]`); a body that is
+/// not UTF-8 as its size, `[binary message, 3.0 MiB]`.
+pub fn message_text(body: &[u8]) -> String {
+    let Ok(text) = std::str::from_utf8(body) else {
+        return format!("[binary message, {}]", size_text(body.len()));
+    };
+    if text.len() <= MESSAGE_SHOWN_BYTES_MAX {
+        return body_text(body);
+    }
+    let mut end = MESSAGE_SHOWN_BYTES_MAX;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}… [text, {}]", body_text(&body[..end]), size_text(body.len()))
+}
+
 /// Local time of `ts_ms`: `HH:MM:SS` on the day of `now_ms`, else with the date before it.
 pub fn time_text(ts_ms: u64, now_ms: u64) -> String {
     fn local(ms: u64) -> Option<libc::tm> {
@@ -1067,7 +1163,7 @@ fn content_text(d: &Delivery, me: u64) -> String {
     }
     match d.recalled_seq() {
         Some(seq) => format!("[seq {seq} recalled by {}]", who(d.stamp.from, me)),
-        None => body_text(&d.body),
+        None => message_text(&d.body),
     }
 }
 
@@ -1217,6 +1313,14 @@ struct Session {
     nonce: u64,
     seen: Seen,
     acks_flushed: Instant,
+    /// The large message (sent in parts) uploading or waiting for its answer: its
+    /// `client_msg_id`. The server takes one at a time (5.22).
+    large: Option<u64>,
+    /// Large messages waiting for their turn: `(client_msg_id, target, flags, body)`.
+    large_queue: VecDeque<(u64, Target, u8, Vec<u8>)>,
+    /// The last large message whose parts were refused: the refusals of its later parts
+    /// (`Malformed`, the upload being dropped) are dropped.
+    large_refused: Option<u64>,
 }
 
 /// How to log in.
@@ -1382,6 +1486,9 @@ impl Session {
             nonce: 0,
             seen: Seen::default(),
             acks_flushed: now,
+            large: None,
+            large_queue: VecDeque::new(),
+            large_refused: None,
         })
     }
 
@@ -1391,8 +1498,49 @@ impl Session {
         Ok(())
     }
 
+    /// Send a message: whole, or in parts (5.22) when it is longer than `body_bytes_max`, after
+    /// the large message before it was answered.
     fn send(&mut self, id: u64, target: Target, flags: u8, body: &[u8]) -> Result<(), ChatError> {
-        self.write(|c| c.send_flagged(target.conv(), target.id(), id, flags, body))
+        if body.len() <= self.login.body_bytes_max as usize {
+            return self.write(|c| c.send_flagged(target.conv(), target.id(), id, flags, body));
+        }
+        if self.large.is_some_and(|large| large != id) {
+            self.large_queue.push_back((id, target, flags, body.to_vec()));
+            return Ok(());
+        }
+        self.large = Some(id);
+        let part_bytes = protocol::part::data_max(self.login.frame_bytes_max as usize);
+        self.write(|c| c.send_parts(target.conv(), target.id(), id, flags, body, part_bytes))
+    }
+
+    /// An event answered the large message: the next one's turn. False for the refusal of a
+    /// part of a large message whose upload an earlier refusal dropped already (not news).
+    fn large_answered(&mut self, ev: &Event) -> Result<bool, ChatError> {
+        let (id, part_refused) = match ev {
+            Event::SendAck(ack) => (ack.client_msg_id, false),
+            Event::Error(e) if e.request_kind == kind::SEND => (e.client_msg_id, false),
+            Event::Error(e) if e.request_kind == kind::PART => {
+                if self.large_refused == Some(e.client_msg_id)
+                    && self.large != Some(e.client_msg_id)
+                    && e.code == ErrorCode::Malformed.code()
+                {
+                    return Ok(false);
+                }
+                (e.client_msg_id, true)
+            }
+            _ => return Ok(true),
+        };
+        if self.large != Some(id) {
+            return Ok(true);
+        }
+        if part_refused {
+            self.large_refused = Some(id);
+        }
+        self.large = None;
+        if let Some((id, target, flags, body)) = self.large_queue.pop_front() {
+            self.send(id, target, flags, &body)?;
+        }
+        Ok(true)
     }
 
     /// A request and its answer (frames that come meanwhile are kept for `poll`).
@@ -1426,7 +1574,7 @@ impl Session {
             Ok(Event::Kick(k)) => Err(ChatError::Kicked { reason: k.reason, message: k.message }),
             // Errors about no request (idle timeout, slow consumer, …) close the connection.
             Ok(Event::Error(e)) if e.request_kind == 0 => Err(ChatError::refused("closed by the server", &e)),
-            Ok(ev) => Ok(Step::Event(ev)),
+            Ok(ev) => Ok(if self.large_answered(&ev)? { Step::Event(ev) } else { Step::Idle }),
             Err(ClientError::Io(e))
                 if matches!(
                     e.kind(),
@@ -1616,17 +1764,35 @@ pub fn read_line(input: &mut impl BufRead, max: usize) -> io::Result<Option<Vec<
     Ok(Some(line))
 }
 
+/// The longest body this server takes: `large_body_bytes_max` (sent in parts), or
+/// `body_bytes_max` from a server that takes no large messages.
+fn body_limit(login: &protocol::LoginOk) -> usize {
+    login.body_bytes_max.max(login.large_body_bytes_max) as usize
+}
+
 /// What is wrong with `body` as a message to this server, if anything.
 fn body_refusal(body: &[u8], login: &protocol::LoginOk) -> Option<String> {
-    let max = login.body_bytes_max as usize;
+    let max = body_limit(login);
     (body.len() > max).then(|| {
-        let len = if body.len() > LINE_BYTES_MAX {
-            format!("over {LINE_BYTES_MAX}")
-        } else {
-            body.len().to_string()
-        };
-        format!("BodyTooLarge: {len} bytes; the server takes at most {max}")
+        format!(
+            "BodyTooLarge: {} bytes ({}); the server takes at most {max}",
+            body.len(),
+            size_text(body.len())
+        )
     })
+}
+
+/// What is wrong with a line of stdin as a message, if anything: a line is cut one byte past
+/// [`LINE_BYTES_MAX`] ([`read_line`]), so a longer one is refused whole.
+fn line_refusal(line: &[u8], login: &protocol::LoginOk) -> Option<String> {
+    if line.len() > LINE_BYTES_MAX {
+        let max = body_limit(login).max(LINE_BYTES_MAX);
+        return Some(format!(
+            "BodyTooLarge: over {LINE_BYTES_MAX} bytes, too long for a line (interactive /file PATH \
+             sends up to {max} bytes)"
+        ));
+    }
+    body_refusal(line, login)
 }
 
 /// The seq a recall in the outbox takes back (None: a plain message).
@@ -1673,7 +1839,7 @@ fn send(args: &ChatArgs, target: Target, text: &[String]) -> Result<(), ChatErro
             if line.is_empty() {
                 continue;
             }
-            if let Some(why) = body_refusal(&line, &s.login) {
+            if let Some(why) = line_refusal(&line, &s.login) {
                 note(format!("line {line_no} not sent: {why}"));
                 refused += 1;
                 break;
@@ -1696,7 +1862,7 @@ fn send(args: &ChatArgs, target: Target, text: &[String]) -> Result<(), ChatErro
             Step::Event(Event::SendAck(ack)) => {
                 outbox.acked(&ack);
             }
-            Step::Event(Event::Error(e)) if e.request_kind == kind::SEND => {
+            Step::Event(Event::Error(e)) if [kind::SEND, kind::PART].contains(&e.request_kind) => {
                 match outbox.refused(&e, Instant::now()) {
                     Answer::Retry => {}
                     Answer::Refused(m) => {
@@ -1803,6 +1969,8 @@ struct Chat {
     read_at: Option<Instant>,
     /// Per reader, the newest position printed for the current conversation.
     seen_by: HashMap<u64, u64>,
+    /// Peers' typing notices printed.
+    typing: TypingShown,
 }
 
 /// Raise `map[key]` to `seq`, keeping the map within [`CONVERSATIONS_MAX`] conversations.
@@ -1836,6 +2004,7 @@ fn interactive(args: &ChatArgs, target: Option<Target>) -> Result<(), ChatError>
         read_told: HashMap::new(),
         read_at: None,
         seen_by: HashMap::new(),
+        typing: TypingShown::default(),
     };
     let mut lines = Some(lines);
     loop {
@@ -1871,6 +2040,12 @@ fn interactive(args: &ChatArgs, target: Option<Target>) -> Result<(), ChatError>
             Step::Event(Event::Deliver(d)) => {
                 if chat.s.show(&chat.out, &d)? {
                     chat.printed(&d);
+                    chat.typing.message(&d, chat.s.me);
+                }
+            }
+            Step::Event(Event::TypingNotice(n)) => {
+                if let Some(line) = chat.typing.notice(&n, chat.s.me, Instant::now()) {
+                    chat.out.line(&line)?;
                 }
             }
             Step::Event(Event::ReadNotice(n)) => chat.read_notice(&n)?,
@@ -1878,7 +2053,7 @@ fn interactive(args: &ChatArgs, target: Option<Target>) -> Result<(), ChatError>
             Step::Event(Event::PresenceNotice(e)) => chat.out.line(&presence_notice_text(&e, chat.s.me))?,
             Step::Event(Event::StreamMsg(d)) => chat.out.delivery(&d, true)?,
             Step::Event(Event::SendAck(ack)) => chat.acked(&ack)?,
-            Step::Event(Event::Error(e)) if e.request_kind == kind::SEND => {
+            Step::Event(Event::Error(e)) if [kind::SEND, kind::PART].contains(&e.request_kind) => {
                 match chat.outbox.refused(&e, Instant::now()) {
                     Answer::Retry => {}
                     Answer::Refused(m) => match recalled_seq(&m) {
@@ -1999,9 +2174,54 @@ impl Chat {
             note("no one to send to yet: /to USERID, /group GROUPID, or @USERID TEXT");
             return Ok(());
         };
-        if let Some(why) = body_refusal(&body, &self.s.login) {
+        if let Some(why) = line_refusal(&body, &self.s.login) {
             note(format!("not sent: {why}"));
             return Ok(());
+        }
+        let id = self.outbox.add(target, body.clone(), None);
+        self.s.send(id, target, 0, &body)
+    }
+
+    /// `/file PATH`: the file's bytes as one message to the current target (in parts when
+    /// large). A file larger than the server takes, or one that cannot be read, is noted.
+    fn file(&mut self, path: &str) -> Result<(), ChatError> {
+        use std::io::Read;
+        let Some(target) = self.target else {
+            note("no one to send to yet: /to USERID or /group GROUPID, then /file PATH");
+            return Ok(());
+        };
+        let max = body_limit(&self.s.login);
+        let read = std::fs::File::open(path).and_then(|f| {
+            let len = f.metadata()?.len();
+            if len > max as u64 {
+                return Ok(Err(len));
+            }
+            let mut body = Vec::with_capacity(len as usize);
+            f.take(max as u64 + 1).read_to_end(&mut body)?;
+            Ok(if body.len() > max { Err(body.len() as u64) } else { Ok(body) })
+        });
+        let body = match read {
+            Ok(Ok(body)) => body,
+            Ok(Err(len)) => {
+                note(format!(
+                    "{path} not sent: BodyTooLarge: {len} bytes ({}); the server takes messages of at most \
+                     {max} bytes ({}, large_body_bytes_max)",
+                    size_text(len as usize),
+                    size_text(max)
+                ));
+                return Ok(());
+            }
+            Err(e) => {
+                note(format!("{path} not sent: {e}"));
+                return Ok(());
+            }
+        };
+        if body.is_empty() {
+            note(format!("{path} is empty: nothing sent"));
+            return Ok(());
+        }
+        if body.len() > self.s.login.body_bytes_max as usize {
+            note(format!("sending {path} ({}) to {target} in parts", size_text(body.len())));
         }
         let id = self.outbox.add(target, body.clone(), None);
         self.s.send(id, target, 0, &body)
@@ -2193,6 +2413,7 @@ impl Chat {
                     note(presence_entries_text(&entries, self.s.me, crate::clock::now_ms()));
                 }
             }
+            Input::File(path) => self.file(&path)?,
             Input::Help => note(HELP),
             Input::Quit => self.quitting = Some(Instant::now()),
             Input::Unknown(text) => note(format!("not understood: {text} (/help lists the commands)")),
@@ -2428,6 +2649,8 @@ mod tests {
         assert_eq!(parse_input(b"/status"), Input::Unknown("/status".into()));
         assert_eq!(parse_input(b"/presence 2  3"), Input::Presence(vec!["2".into(), "3".into()]));
         assert_eq!(parse_input(b"/presence"), Input::Unknown("/presence".into()));
+        assert_eq!(parse_input(b"/file  /tmp/a b.bin "), Input::File("/tmp/a b.bin".into()));
+        assert_eq!(parse_input(b"/file"), Input::Unknown("/file".into()));
     }
 
     /// Ids are decimal or 0x hex; names are refused with the reason (no lookup by name).
@@ -2448,6 +2671,56 @@ mod tests {
         assert_eq!(body_text("héllo\tthere".as_bytes()), "héllo\tthere");
         assert_eq!(body_text(b"\x1b[2Jboo\n"), "\\u{1b}[2Jboo\\n");
         assert_eq!(body_text(&[0xff, 0xfe, 0]), "<3 bytes>");
+    }
+
+    /// Messages print binary bodies as their size, long texts cut with their size.
+    #[test]
+    fn large_and_binary_messages_print_as_sizes() {
+        assert_eq!(size_text(1023), "1023 bytes");
+        assert_eq!(size_text(1536), "1.5 KiB");
+        assert_eq!(size_text(3 << 20), "3.0 MiB");
+        assert_eq!(message_text(b"hi\n"), "hi\\n");
+        assert_eq!(message_text(&[0xff, 0xfe, 0]), "[binary message, 3 bytes]");
+        let mut big = vec![0xffu8; 3 << 20];
+        big[0] = b'a';
+        assert_eq!(message_text(&big), "[binary message, 3.0 MiB]");
+        // 'é' is two bytes: the cut falls between characters.
+        let text = "é".repeat(MESSAGE_SHOWN_BYTES_MAX);
+        let shown = message_text(text.as_bytes());
+        let cut = "é".repeat(MESSAGE_SHOWN_BYTES_MAX / 2);
+        assert_eq!(shown, format!("{cut}… [text, 4.0 KiB]"));
+        let line = render(&delivery(BOB, ALICE, conv::DIRECT, 3, &big), ALICE, false, 0);
+        assert!(line.ends_with("2 → you: [binary message, 3.0 MiB]"), "{line}");
+    }
+
+    /// A peer's typing prints once per few seconds, its stop only after a "typing" shown, and
+    /// a message of theirs lets the next "typing" print at once; this user's own print nothing.
+    #[test]
+    fn typing_notices_print_sparingly() {
+        let n = |from, to, conv, state| protocol::TypingNotice { from, to, conv, state };
+        let mut t = TypingShown::default();
+        let start = Instant::now();
+        let later = |ms| start + Duration::from_millis(ms);
+        assert_eq!(t.notice(&n(BOB, ALICE, conv::DIRECT, 0), ALICE, start), None, "no typing shown");
+        assert_eq!(
+            t.notice(&n(BOB, ALICE, conv::DIRECT, 1), ALICE, start).as_deref(),
+            Some("* 2 is typing…")
+        );
+        assert_eq!(t.notice(&n(BOB, ALICE, conv::DIRECT, 1), ALICE, later(3_000)), None);
+        let again = t.notice(&n(BOB, ALICE, conv::DIRECT, 1), ALICE, start + TYPING_SHOWN_EVERY);
+        assert_eq!(again.as_deref(), Some("* 2 is typing…"));
+        assert_eq!(
+            t.notice(&n(BOB, ALICE, conv::DIRECT, 0), ALICE, later(6_000)).as_deref(),
+            Some("* 2 stopped typing")
+        );
+        assert_eq!(t.notice(&n(BOB, ALICE, conv::DIRECT, 0), ALICE, later(6_001)), None);
+        assert_eq!(
+            t.notice(&n(BOB, GROUP, conv::GROUP, 1), ALICE, start).as_deref(),
+            Some(format!("* 2 is typing in group {GROUP}…").as_str())
+        );
+        t.message(&delivery(BOB, GROUP, conv::GROUP, 4, b"hi"), ALICE);
+        assert!(t.notice(&n(BOB, GROUP, conv::GROUP, 1), ALICE, later(1)).is_some(), "after a message");
+        assert_eq!(t.notice(&n(ALICE, GROUP, conv::GROUP, 1), ALICE, start), None, "mine");
     }
 
     /// Lines and JSON name the sender, the recipient (you, a user, a group) and the text.

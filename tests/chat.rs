@@ -11,7 +11,9 @@ use std::{
 };
 
 use common::{TestServer, PASSWORD};
-use tim::protocol::{group_action, join_policy, presence_state, roster_action, roster_list, GroupProfile};
+use tim::protocol::{
+    conv, group_action, join_policy, presence_state, roster_action, roster_list, GroupProfile,
+};
 
 /// The longest any `tim chat` run may take; then it is killed and the test fails.
 const WAIT: Duration = Duration::from_secs(30);
@@ -664,4 +666,112 @@ fn interactive_presence() {
     typed.type_line("/quit");
     let done = typed.finish();
     assert!(done.status.success(), "{done:?}");
+}
+
+/// A peer's typing notices print as one line each on stdout — a repeat within a few seconds does
+/// not, the stop after them does.
+#[test]
+fn interactive_typing_notices() {
+    let s = TestServer::start("io_uring", "");
+    let (alice, alice_id) = s.register("alice");
+    let (bob, bob_id) = s.register("bob");
+    let (mut b, _) = s.login(&bob, 3);
+    b.set_timeout(Some(WAIT)).unwrap();
+    let mut typed = chat_typed(&s, &alice);
+    typed.stderr.wait_for("logged in as", "stderr");
+    b.typing(conv::DIRECT, alice_id, 1).unwrap();
+    b.typing(conv::DIRECT, alice_id, 1).unwrap();
+    typed.stdout.wait_for(&format!("* {bob_id} is typing…"), "stdout");
+    b.typing(conv::DIRECT, alice_id, 0).unwrap();
+    typed.stdout.wait_for(&format!("* {bob_id} stopped typing"), "stdout");
+    b.typing(conv::DIRECT, alice_id, 1).unwrap();
+    b.send_wait(alice_id, 1, b"done typing").unwrap();
+    typed.stdout.wait_for(&format!("{bob_id} → you: done typing"), "stdout");
+    typed.type_line("/quit");
+    let done = typed.finish();
+    assert!(done.status.success(), "{done:?}");
+    let typing: Vec<&String> = done.stdout.iter().filter(|l| l.starts_with("* ")).collect();
+    let (on, off) = (format!("* {bob_id} is typing…"), format!("* {bob_id} stopped typing"));
+    assert_eq!(typing, [&on, &off, &on], "{done:?}");
+}
+
+/// `/file PATH` sends a file's bytes as one message (in parts: it is over body_bytes_max), and a
+/// typed line over body_bytes_max goes in parts too, after it; the binary client gets both
+/// intact; the echoes print sizes. A file over large_body_bytes_max, or missing, is refused with
+/// a note and the chat goes on.
+#[test]
+fn interactive_file_and_long_lines_go_in_parts() {
+    let s = TestServer::start("io_uring", "[limits]\nlarge_body_bytes_max = 2097152\n");
+    let (alice, _) = s.register("alice");
+    let (bob, bob_id) = s.register("bob");
+    let (mut b, _) = s.login(&bob, 3);
+    b.set_timeout(Some(WAIT)).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let blob: Vec<u8> =
+        (0..(1u32 << 20) + 12_345).map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8).collect();
+    assert!(std::str::from_utf8(&blob).is_err());
+    let file = dir.path().join("blob.bin");
+    std::fs::write(&file, &blob).unwrap();
+    let too_big = dir.path().join("big.bin");
+    std::fs::write(&too_big, vec![b'x'; 3 << 20]).unwrap();
+    let long = "0123456789".repeat(4_000);
+
+    let mut typed = chat_typed(&s, &alice);
+    typed.stderr.wait_for("logged in as", "stderr");
+    typed.type_line(&format!("/to {bob_id}"));
+    typed.type_line(&format!("/file {}", file.display()));
+    typed.type_line(&long);
+    typed.stdout.wait_for(&format!("#1] you → {bob_id}: [binary message, 1.0 MiB]"), "stdout");
+    let echo = typed.stdout.wait_for(&format!("#2] you → {bob_id}: 0123"), "stdout");
+    assert!(echo.ends_with("… [text, 39.1 KiB]"), "{echo}");
+    assert!(echo.len() < 3_000, "cut: {} bytes", echo.len());
+    let d = b.next_delivery().unwrap();
+    assert!(d.stamp.seq == 1 && d.body == blob, "the file arrives intact");
+    let d = b.next_delivery().unwrap();
+    assert!(d.stamp.seq == 2 && d.body == long.as_bytes(), "the line arrives intact");
+    assert!(b.parts_received > 16, "{} parts", b.parts_received);
+
+    typed.type_line(&format!("/file {}", too_big.display()));
+    typed.stderr.wait_for("big.bin not sent: BodyTooLarge: 3145728 bytes (3.0 MiB)", "stderr");
+    typed.type_line(&format!("/file {}", dir.path().join("missing").display()));
+    typed.stderr.wait_for("missing not sent: No such file", "stderr");
+    typed.type_line("after the refusals");
+    typed.stdout.wait_for(&format!("#3] you → {bob_id}: after the refusals"), "stdout");
+    typed.type_line("/quit");
+    let done = typed.finish();
+    assert!(done.status.success(), "{done:?}");
+    assert_eq!(b.next_delivery().unwrap().body, b"after the refusals");
+}
+
+/// Large messages from a binary client (sent in Part frames, delivered in PartOut frames) reach
+/// a watch whole and print as their size: binary as `[binary message, 3.0 MiB]`, long text cut.
+#[test]
+fn large_messages_from_a_binary_client_are_shown() {
+    let s = TestServer::start("io_uring", "");
+    let (alice, alice_id) = s.register("alice");
+    let (bob, bob_id) = s.register("bob");
+    let mut watcher = chat(&s, &bob, &["watch", "--count", "2"], None);
+    watcher.stderr.wait_for("logged in as", "stderr");
+    let mut json_watcher = chat(&s, &bob, &["watch", "--json", "--count", "2"], None);
+    json_watcher.stderr.wait_for("logged in as", "stderr");
+    let (mut a, _) = s.login(&alice, 3);
+    let binary: Vec<u8> = (0..(3u32 << 20)).map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8).collect();
+    a.send_large_wait(conv::DIRECT, bob_id, 1, &binary).unwrap();
+    let text = "ab".repeat(50_000);
+    a.send_large_wait(conv::DIRECT, bob_id, 2, text.as_bytes()).unwrap();
+
+    let watched = watcher.finish();
+    assert!(watched.status.success(), "{watched:?}");
+    assert_eq!(
+        messages(&watched.stdout),
+        [
+            format!("{alice_id} → you: [binary message, 3.0 MiB]"),
+            format!("{alice_id} → you: {}… [text, 97.7 KiB]", "ab".repeat(1024)),
+        ]
+    );
+    let watched = json_watcher.finish();
+    assert!(watched.status.success(), "{:?}", watched.stderr);
+    let v = json(&watched.stdout);
+    assert_eq!(v[0]["body_hex"].as_str().map(str::len), Some(binary.len() * 2));
+    assert_eq!(v[1]["text"].as_str(), Some(text.as_str()), "JSON carries the whole text");
 }
