@@ -775,3 +775,31 @@ fn large_messages_from_a_binary_client_are_shown() {
     assert_eq!(v[0]["body_hex"].as_str().map(str::len), Some(binary.len() * 2));
     assert_eq!(v[1]["text"].as_str(), Some(text.as_str()), "JSON carries the whole text");
 }
+
+/// `send` sends piped lines over body_bytes_max in parts, one large message at a time and in
+/// order among the small ones; a line over 1 MiB is refused whole (exit 1).
+#[test]
+fn send_mode_sends_long_lines_in_parts() {
+    let s = TestServer::start("io_uring", "");
+    let (alice, _) = s.register("alice");
+    let (bob, bob_id) = s.register("bob");
+    let (mut b, _) = s.login(&bob, 3);
+    b.set_timeout(Some(WAIT)).unwrap();
+    let to = bob_id.to_string();
+    let (l1, l2) = ("a".repeat(50_000), "b".repeat(60_000));
+    let sent = chat(&s, &alice, &["send", "--to", &to], Some(&format!("{l1}\nshort\n{l2}\n"))).finish();
+    assert!(sent.status.success(), "{sent:?}");
+    let mut got: Vec<_> = (0..3).map(|_| b.next_delivery().unwrap()).collect();
+    got.sort_by_key(|d| d.stamp.seq);
+    let bodies: Vec<&[u8]> = got.iter().map(|d| d.body.as_slice()).collect();
+    assert_eq!(bodies, [l1.as_bytes(), b"short", l2.as_bytes()]);
+
+    let huge = "c".repeat((1 << 20) + 1);
+    let refused = chat(&s, &alice, &["send", "--to", &to], Some(&format!("{huge}\n"))).finish();
+    assert_eq!(refused.status.code(), Some(1), "{:?}", refused.stderr);
+    assert!(
+        refused.stderr.contains("line 1 not sent: BodyTooLarge: over 1048576 bytes"),
+        "{:?}",
+        refused.stderr
+    );
+}
