@@ -113,6 +113,9 @@ enum RequestError {
     Invalid(String),
     #[error("unknown op `{0}`")]
     UnknownOp(String),
+    /// A `send_part` whose `Part` frame would be over the server's `frame_bytes_max`.
+    #[error("{0}")]
+    TooLarge(String),
 }
 
 impl RequestError {
@@ -120,6 +123,7 @@ impl RequestError {
     fn code(&self) -> ErrorCode {
         match self {
             RequestError::UnknownOp(_) => ErrorCode::UnknownKind,
+            RequestError::TooLarge(_) => ErrorCode::FrameTooLarge,
             RequestError::Syntax(_) | RequestError::Invalid(_) => ErrorCode::Malformed,
         }
     }
@@ -128,9 +132,10 @@ impl RequestError {
 /// Convert one JSON request text: the frame for the session, or the `error` text to send back.
 /// The request's `id` (if any) is noted in `corr`, so that its answers carry it.
 pub fn request(text: &str, corr: &mut Correlator) -> Inbound {
-    match parse(text) {
+    match parse(text).and_then(|req| corr.pending.fits(req)) {
         Ok(req) => {
-            corr.pending.on_request(req.frame.kind(), req.key, req.ack_refused, req.id);
+            let p = &mut corr.pending;
+            p.on_request(req.frame.kind(), req.key, req.ack_refused, req.last_part, req.id);
             Inbound::Frame(req.frame)
         }
         Err(e) => {
@@ -157,6 +162,8 @@ struct Request {
     key: u64,
     /// A `delivery_ack` the session will refuse (InvalidConversation): it gets an answer.
     ack_refused: bool,
+    /// A `send_part` that ends the body: the whole `Send` is in, and is answered as a send.
+    last_part: bool,
 }
 
 macro_rules! keys {
@@ -194,6 +201,7 @@ keys! {
     AfterGroup = "after_group", SessionId = "session_id", State = "state",
     Flags = "flags", BurnSecs = "burn_secs", User = "user", List = "list", After = "after",
     Text = "text", Extra = "extra", ExtraB64 = "extra_b64",
+    BodyBytes = "body_bytes", Offset = "offset",
 }
 
 const _: () = assert!(Key::ALL.len() <= 64, "fields are a u64 bit set");
@@ -287,6 +295,23 @@ const OPS: &[OpSpec] = &[
     op("presence_set", kind::PRESENCE_SET, &[K::State, K::Text, K::Extra, K::ExtraB64], &[K::State]),
     op("presence_get", kind::PRESENCE_GET, &[K::UserIds], &[K::UserIds]),
     op("roster_get", kind::ROSTER_GET, &[K::List, K::After, K::Limit], &[K::List]),
+    // A chunk of a large message's body, as a `Part` of its `Send` (docs/PROTOCOL.md 5.22).
+    op(
+        "send_part",
+        kind::PART,
+        &[
+            K::Conv,
+            K::To,
+            K::ClientMsgId,
+            K::BodyBytes,
+            K::Offset,
+            K::Body,
+            K::BodyB64,
+            K::Flags,
+            K::BurnSecs,
+        ],
+        &[K::Conv, K::To, K::ClientMsgId, K::BodyBytes, K::Offset],
+    ),
 ];
 
 fn op_spec(name: &str) -> Option<&'static OpSpec> {
@@ -334,6 +359,8 @@ struct Fields<'a> {
     state: u8,
     flags: u8,
     burn_secs: u32,
+    body_bytes: u32,
+    offset: u32,
     user: u64,
     list: u8,
     after: u64,
@@ -419,6 +446,7 @@ fn build(f: Fields<'_>) -> Result<Request, RequestError> {
     }
     let mut key = 0;
     let mut ack_refused = false;
+    let mut last_part = false;
     let frame = match k {
         kind::REGISTER => {
             archive(k, &protocol::Register { name: f.name.into_owned(), password: f.password.into_owned() })
@@ -462,6 +490,20 @@ fn build(f: Fields<'_>) -> Result<Request, RequestError> {
                 client_msg_id: key,
             };
             Ok(encode_send(k, root, &body))
+        }
+        kind::PART => {
+            key = f.client_msg_id;
+            let chunk = bytes_field(f.body, f.body_b64, "body")?;
+            let root = SendRoot {
+                conv: f.conv,
+                flags: f.flags,
+                burn_secs: f.burn_secs,
+                to: f.to,
+                client_msg_id: key,
+            };
+            let (frame, last) = encode_part(root, f.body_bytes as usize, f.offset as usize, &chunk)?;
+            last_part = last;
+            Ok(frame)
         }
         kind::DELIVERY_ACK => {
             ack_refused = match f.conv {
@@ -540,7 +582,7 @@ fn build(f: Fields<'_>) -> Result<Request, RequestError> {
         }
         _ => return Err(invalid(format!("op `{name}` has no encoding"))),
     }?;
-    Ok(Request { frame, id: f.id, key, ack_refused })
+    Ok(Request { frame, id: f.id, key, ack_refused, last_part })
 }
 
 /// The first field of a bit set, in declaration order.
@@ -670,12 +712,63 @@ struct SendRoot {
 fn encode_send(k: u16, s: SendRoot, body: &[u8]) -> RequestFrame {
     let mut bytes = start_with_body(body, 32);
     let root = bytes.len() - HEADER_BYTES;
+    push_send_root(&mut bytes, s, root, body.len());
+    finish(k, bytes)
+}
+
+/// A `Send`'s 32-byte root, at payload offset `root` (its body of `body_len` bytes at 0).
+fn push_send_root(bytes: &mut AlignedVec<16>, s: SendRoot, root: usize, body_len: usize) {
     bytes.extend_from_slice(&[s.conv, s.flags, 0, 0]);
     bytes.extend_from_slice(&s.burn_secs.to_le_bytes());
     bytes.extend_from_slice(&s.to.to_le_bytes());
     bytes.extend_from_slice(&s.client_msg_id.to_le_bytes());
-    push_vec_ptr(&mut bytes, root + 24, body.len());
-    finish(k, bytes)
+    push_vec_ptr(bytes, root + 24, body_len);
+}
+
+/// The bytes a `send_part` chunk may add to its `Part` frame's payload beside itself: the
+/// part's header, at most 7 zeros to align the root, the 32-byte root. A chunk of at most
+/// `frame_bytes_max` − this always fits.
+pub const PART_CHUNK_OVERHEAD: usize = 64;
+
+const _: () = assert!(PART_CHUNK_OVERHEAD >= protocol::part::HEADER_BYTES + 7 + 32);
+
+/// A `Part` frame (docs/PROTOCOL.md 5.22) of the `Send` archive that [`encode_send`] writes for
+/// `s` and a body of `body_bytes` bytes. The body comes first in that archive, so `chunk`, the
+/// body's bytes from `offset` on, is the payload's bytes from `offset` on; the chunk that ends
+/// the body (`true`) also carries the zeros to the root's alignment and the root.
+fn encode_part(
+    s: SendRoot,
+    body_bytes: usize,
+    offset: usize,
+    chunk: &[u8],
+) -> Result<(RequestFrame, bool), RequestError> {
+    use protocol::part::{PartHeader, HEADER_BYTES as PART_HEADER};
+    if body_bytes > BODY_BYTES_MAX {
+        return Err(invalid(format!("field `body_bytes`: over {BODY_BYTES_MAX}")));
+    }
+    let end = offset + chunk.len();
+    if end > body_bytes {
+        return Err(invalid(format!(
+            "op `send_part`: the chunk ends at byte {end}, past `body_bytes` {body_bytes}"
+        )));
+    }
+    if chunk.is_empty() && body_bytes != 0 {
+        return Err(invalid("op `send_part`: the chunk is empty (only a body of 0 bytes is)".into()));
+    }
+    let last = end == body_bytes;
+    let root = frame::padded(body_bytes);
+    let total = root + 32;
+    let h = PartHeader { id: s.client_msg_id, total: total as u32, offset: offset as u32, kind: kind::SEND };
+    let tail = if last { total - body_bytes } else { 0 };
+    let mut bytes = AlignedVec::<16>::with_capacity(frame::frame_bytes(PART_HEADER + chunk.len() + tail));
+    bytes.extend_from_slice(&[0; HEADER_BYTES]);
+    bytes.extend_from_slice(&h.bytes());
+    bytes.extend_from_slice(chunk);
+    if last {
+        bytes.resize(bytes.len() + root - body_bytes, 0);
+        push_send_root(&mut bytes, s, root, body_bytes);
+    }
+    Ok((finish(kind::PART, bytes), last))
 }
 
 /// A `RoomPublish` archive, written as [`encode_send`] writes a `Send` (docs/PROTOCOL.md 5.11):
@@ -765,6 +858,8 @@ impl<'de> Visitor<'de> for RequestVisitor {
                 K::State => f.state = value!(IntSeed::U8) as u8,
                 K::Flags => f.flags = value!(IntSeed::U8) as u8,
                 K::BurnSecs => f.burn_secs = value!(IntSeed::U32) as u32,
+                K::BodyBytes => f.body_bytes = value!(IntSeed::U32) as u32,
+                K::Offset => f.offset = value!(IntSeed::U32) as u32,
                 K::User => f.user = value!(U64Seed),
                 K::List => f.list = value!(IntSeed::U8) as u8,
                 K::After => f.after = value!(U64Seed),
@@ -1150,6 +1245,7 @@ impl Correlator {
             + p.sends.items.len()
             + p.streams.items.len()
             + p.publishes.items.len()
+            + p.parts.items.len()
             + p.creates.items.len()
             + p.rooms.items.len()
             + p.acks.items.len()
@@ -1212,6 +1308,12 @@ struct Pending {
     /// Streams and publishes with an id (all of them before login), by `client_msg_id`.
     streams: Queue<(u64, Option<Id>)>,
     publishes: Queue<(u64, Option<Id>)>,
+    /// Parts (`send_part`) that may be refused, by `client_msg_id`: those with an id (all of
+    /// them before login), and every part that ends its body, marked `true` — its id waits in
+    /// `sends`, for the `Send`'s answer, unless the part itself is refused.
+    parts: Queue<(u64, bool, Option<Id>)>,
+    /// The server's `frame_bytes_max` from `login_ok` (0 before): no part is built larger.
+    frame_bytes_max: usize,
     /// Room creates, answered in the order the rooms' owners answer.
     creates: Queue<Option<Id>>,
     /// Room subscribe, unsubscribe and delete, by kind and `room_id`.
@@ -1228,6 +1330,8 @@ impl Default for Pending {
             sends: Queue::new(PENDING_MAX),
             streams: Queue::new(UNANSWERED_MAX),
             publishes: Queue::new(UNANSWERED_MAX),
+            parts: Queue::new(UNANSWERED_MAX),
+            frame_bytes_max: 0,
             creates: Queue::new(PENDING_MAX),
             rooms: Queue::new(PENDING_MAX),
             acks: Queue::new(PENDING_MAX),
@@ -1267,7 +1371,20 @@ fn answered_in_order(k: u16) -> bool {
 }
 
 impl Pending {
-    fn on_request(&mut self, k: u16, key: u64, ack_refused: bool, id: Option<Id>) {
+    /// `req`, unless it is a part too large for the server (which would close the connection).
+    fn fits(&self, req: Request) -> Result<Request, RequestError> {
+        let (n, max) = (req.frame.payload().len(), self.frame_bytes_max);
+        if req.frame.kind() != kind::PART || max == 0 || n <= max {
+            return Ok(req);
+        }
+        Err(RequestError::TooLarge(format!(
+            "op `send_part`: its part frame would be {n} bytes, over the server's frame_bytes_max {max}: \
+             send chunks of at most {} bytes",
+            max.saturating_sub(PART_CHUNK_OVERHEAD)
+        )))
+    }
+
+    fn on_request(&mut self, k: u16, key: u64, ack_refused: bool, last_part: bool, id: Option<Id>) {
         // Before login every request but register, login, login_token, ping and logout is
         // refused NotLoggedIn (client_msg_id 0), in order: hold them all, ids or not.
         let anyway = !self.logged_in;
@@ -1276,6 +1393,12 @@ impl Pending {
             kind::STREAM if anyway || id.is_some() => self.streams.push((key, id)),
             kind::ROOM_PUBLISH if anyway || id.is_some() => self.publishes.push((key, id)),
             kind::STREAM | kind::ROOM_PUBLISH => {}
+            kind::PART if last_part => {
+                self.sends.push((key, id));
+                self.parts.push((key, true, None));
+            }
+            kind::PART if anyway || id.is_some() => self.parts.push((key, false, id)),
+            kind::PART => {}
             kind::ROOM_CREATE => self.creates.push(id),
             kind::ROOM_SUBSCRIBE | kind::ROOM_UNSUBSCRIBE | kind::ROOM_DELETE => {
                 self.rooms.push((k, key, id))
@@ -1340,13 +1463,39 @@ impl Pending {
             q.items.retain(|e| e.1.is_some());
             q.lost = 0;
         }
+        self.parts.items.retain(|e| e.1 || e.2.is_some());
+        self.parts.lost = 0;
         self.acks.items.retain(|e| e.0);
         self.acks.lost = 0;
         self.sends.lost = 0;
     }
 
     fn on_send_answer(&mut self, client_msg_id: u64) -> Option<Id> {
+        // A large send is answered: its parts were all taken, so their ids are done with.
+        let parts = &mut self.parts.items;
+        if let Some(last) = parts.iter().position(|e| e.0 == client_msg_id && e.1) {
+            let mut i = 0;
+            parts.retain(|e| {
+                i += 1;
+                i > last + 1 || e.0 != client_msg_id
+            });
+        }
         self.sends.take(false, |e| e.0 == client_msg_id).and_then(|e| e.1)
+    }
+
+    /// A part refused (`error` with request_kind 27): the newest part with its `client_msg_id`
+    /// (parts have no success answer), or the oldest part of all for NotLoggedIn. A part that
+    /// ended its body takes its id back from `sends`: its `Send` will not be answered.
+    fn on_part_error(&mut self, not_logged_in: bool, client_msg_id: u64) -> Option<Id> {
+        let e = if not_logged_in {
+            self.parts.pop_front()
+        } else {
+            self.parts.take(true, |e| e.0 == client_msg_id)
+        };
+        match e? {
+            (cmid, true, _) => self.sends.take(true, |s| s.0 == cmid).and_then(|s| s.1),
+            (_, false, id) => id,
+        }
     }
 
     fn on_error(&mut self, code: u16, request_kind: u16, client_msg_id: u64) -> Option<Id> {
@@ -1356,6 +1505,7 @@ impl Pending {
             // NotLoggedIn carries client_msg_id 0: it answers the oldest.
             kind::SEND if not_logged_in => self.sends.pop_front().and_then(|e| e.1),
             kind::SEND => self.on_send_answer(client_msg_id),
+            kind::PART => self.on_part_error(not_logged_in, client_msg_id),
             kind::STREAM | kind::ROOM_PUBLISH => {
                 let q = if k == kind::STREAM { &mut self.streams } else { &mut self.publishes };
                 if not_logged_in {
@@ -1452,6 +1602,8 @@ fn type_name(k: u16) -> Option<&'static str> {
         kind::ROSTER_NOTICE => "roster_notice",
         kind::PRESENCE_LIST => "presence_list",
         kind::PRESENCE_NOTICE => "presence_notice",
+        // Never sent to a JSON session (large frames go whole), but named all the same.
+        kind::PART_OUT => "part_out",
         _ => return None,
     })
 }
@@ -1496,6 +1648,7 @@ fn write_answer(frame: &[u8], corr: &mut Correlator, out: &mut String) -> Result
             let a = access!(ArchivedLoginOk);
             o.id(p.answer_in_order(|f| f == kind::LOGIN || f == kind::LOGIN_TOKEN).as_deref());
             p.on_login();
+            p.frame_bytes_max = a.frame_bytes_max.to_native() as usize;
             o.u64s("user_id", a.user_id.to_native());
             o.u64s("session_id", a.session_id.to_native());
             o.u64s("server_time_ms", a.server_time_ms.to_native());
@@ -1504,6 +1657,7 @@ fn write_answer(frame: &[u8], corr: &mut Correlator, out: &mut String) -> Result
             o.num("body_bytes_max", a.body_bytes_max.to_native() as u64);
             o.num("inflight_max", a.inflight_max.to_native() as u64);
             o.num("protocol_version", a.protocol_version.to_native() as u64);
+            o.num("large_body_bytes_max", a.large_body_bytes_max.to_native() as u64);
         }
         kind::TOKEN_ISSUED => {
             let a = access!(ArchivedTokenIssued);
@@ -1832,6 +1986,15 @@ fn write_answer(frame: &[u8], corr: &mut Correlator, out: &mut String) -> Result
             o.flag("approved", a.approved);
             o.u64s("by", a.by.to_native());
         }
+        kind::PART_OUT => {
+            // Never queued for a JSON session (its large frames go whole); written all the same.
+            let (h, data) = part::PartHeader::read(payload).ok_or("payload shorter than a part header")?;
+            o.u64s("part_id", h.id);
+            o.num("total", h.total as u64);
+            o.num("offset", h.offset as u64);
+            o.num("part_kind", h.kind as u64);
+            o.b64("data", data);
+        }
         _ => return Err(format!("no JSON for kind {k}")),
     }
     o.close();
@@ -2146,6 +2309,25 @@ mod tests {
         )
     }
 
+    /// A `login_ok` announcing `frame_bytes_max`, after a `login` request.
+    fn logged_in_with(frame_bytes_max: u32) -> Correlator {
+        let mut c = Correlator::new();
+        send(&mut c, r#"{"op":"login","name":"a","password":"b"}"#);
+        let ok = protocol::LoginOk {
+            user_id: 1,
+            session_id: 2,
+            server_time_ms: 3,
+            idle_timeout_ms: 4,
+            frame_bytes_max,
+            body_bytes_max: 32768,
+            inflight_max: 256,
+            protocol_version: 1,
+            large_body_bytes_max: 8 << 20,
+        };
+        out(&mut c, &enc(kind::LOGIN_OK, &ok));
+        c
+    }
+
     fn pong() -> Bytes {
         enc(kind::PONG, &protocol::Pong { nonce: 0, server_time_ms: 0 })
     }
@@ -2340,6 +2522,19 @@ mod tests {
             kind::ROSTER_GET,
             &RosterGet { list: 0, after: 0, limit: 0 },
         );
+        // One chunk with the whole body: the whole Send payload in one part.
+        let whole = frame::encode(
+            kind::SEND,
+            &Send { conv: 1, flags: 0, burn_secs: 0, to: 2, client_msg_id: 9, body: b"hello".to_vec() },
+        );
+        let h = part::PartHeader { id: 9, total: 40, offset: 0, kind: kind::SEND };
+        let f = frame_of(
+            r#"{"op":"send_part","conv":1,"to":2,"client_msg_id":"9","body_bytes":5,"offset":0,"body":"hello"}"#,
+        );
+        assert_eq!(
+            f.as_bytes(),
+            &frame::raw(kind::PART, &[&h.bytes(), &whole[HEADER_BYTES..HEADER_BYTES + 40]])[..]
+        );
         // The ops are the client kinds, each once but for `recall` (a kind of `send`).
         let client_kinds: Vec<u16> = (1..100).filter(|&k| kind::name(k) != "unknown").collect();
         let mut op_kinds: Vec<u16> = OPS.iter().filter(|o| o.name != "recall").map(|o| o.kind).collect();
@@ -2486,7 +2681,8 @@ mod tests {
             c,
             login_ok(),
             json!({"type":"login_ok","kind":102,"user_id":"1","session_id":"2","server_time_ms":"3",
-                   "idle_timeout_ms":4,"frame_bytes_max":5,"body_bytes_max":6,"inflight_max":7,"protocol_version":1}),
+                   "idle_timeout_ms":4,"frame_bytes_max":5,"body_bytes_max":6,"inflight_max":7,"protocol_version":1,
+                   "large_body_bytes_max":8}),
         );
         check(
             c,
@@ -2715,6 +2911,12 @@ mod tests {
             enc(kind::PRESENCE_LIST, &PresenceList { entries: vec![entry] }),
             json!({"type":"presence_list","kind":125,"entries":[{"user":"2","state":2,"since_ms":"5","text":"lunch","extra_b64":"/w=="}]}),
         );
+        let h = part::PartHeader { id: 3, total: 100, offset: 96, kind: kind::DELIVER };
+        check(
+            c,
+            Bytes::from(frame::raw(kind::PART_OUT, &[&h.bytes(), &[1, 2, 3, 4]])),
+            json!({"type":"part_out","kind":127,"part_id":"3","total":100,"offset":96,"part_kind":107,"data_b64":"AQIDBA=="}),
+        );
         // Every server kind has a type name.
         for k in 100..200 {
             assert_eq!(type_name(k).is_some(), kind::name(k) != "unknown", "kind {k}");
@@ -2867,6 +3069,148 @@ mod tests {
         send(c, r#"{"op":"send","id":"second","conv":1,"to":2,"client_msg_id":6}"#);
         assert_eq!(id_of(c, &ack(6)), Some(json!("first")));
         assert_eq!(id_of(c, &ack(6)), Some(json!("second")));
+    }
+
+    /// The chunks of `send_part` requests, put together in order, are byte for byte the payload
+    /// rkyv makes of the whole `Send`, whatever the body's length and the chunks' size: each
+    /// part carries the client_msg_id, the whole payload's length and its offset, and the chunk
+    /// that ends the body brings the zeros and the root. Chunks of `frame_bytes_max` − 64
+    /// bytes always fit in a frame.
+    #[test]
+    fn send_parts_reassemble_to_the_send_archive() {
+        let c = &mut logged_in_with(65536);
+        for n in [0usize, 1, 5, 7, 8, 9, 15, 16, 17, 100, 1000, 65_472, 65_473, 65_480, 200_001] {
+            let body: Vec<u8> = (0..n).map(|i| (i * 31 + 7) as u8).collect();
+            let cmid = n as u64 + 1;
+            let send = protocol::Send { conv: 2, flags: 1, burn_secs: 30, to: G, client_msg_id: cmid, body };
+            let whole = frame::encode(kind::SEND, &send);
+            let want = &whole[HEADER_BYTES..HEADER_BYTES + payload_len(&whole)];
+            for chunk in [1usize, 3, 8, 1000, 65_472] {
+                if n / chunk > 1000 {
+                    continue;
+                }
+                let mut got = Vec::new();
+                let mut offset = 0;
+                loop {
+                    let end = (offset + chunk).min(n);
+                    let text = json!({"op":"send_part","conv":2,"to":G.to_string(),"client_msg_id":cmid,"flags":1,
+                        "burn_secs":30,"body_bytes":n,"offset":offset,"body_b64":B64.encode(&send.body[offset..end])})
+                    .to_string();
+                    let f = match request(&text, c) {
+                        Inbound::Frame(f) => f,
+                        Inbound::Error(e) => panic!("body {n}, chunks of {chunk}: refused: {e}"),
+                    };
+                    assert_eq!(f.kind(), kind::PART);
+                    assert!(f.payload().len() <= 65536, "body {n}, chunks of {chunk}: too large");
+                    let (h, data) = protocol::part::PartHeader::read(f.payload()).expect("a part header");
+                    let offset_now = got.len() as u32;
+                    let want_h = protocol::part::PartHeader {
+                        id: cmid,
+                        total: want.len() as u32,
+                        offset: offset_now,
+                        kind: 6,
+                    };
+                    assert_eq!(h, want_h);
+                    assert_eq!(&f.payload()[18..24], &[0; 6]);
+                    got.extend_from_slice(data);
+                    offset = end;
+                    if offset == n {
+                        break;
+                    }
+                }
+                assert_eq!(got, want, "body {n}, chunks of {chunk}");
+            }
+        }
+    }
+
+    /// What the JSON layer refuses of a `send_part`: a chunk past the body, an empty chunk, a
+    /// part larger than the server's frame_bytes_max (code 3, the connection stays open).
+    #[test]
+    fn send_part_refusals() {
+        let c = &mut logged_in_with(1024);
+        let part = |id: &str, body_bytes: usize, offset: usize, chunk: usize| {
+            json!({"op":"send_part","id":id,"conv":1,"to":2,"client_msg_id":1,"body_bytes":body_bytes,
+                   "offset":offset,"body":"x".repeat(chunk)})
+            .to_string()
+        };
+        let e = refused(&part("a", 4, 2, 3), c);
+        assert_eq!((&e["id"], &e["code"], &e["request_kind"]), (&json!("a"), &json!(1), &json!(27)));
+        assert_eq!(e["message"], json!("op `send_part`: the chunk ends at byte 5, past `body_bytes` 4"));
+        let e = refused(&part("b", 4, 0, 0), c);
+        assert_eq!(e["message"], json!("op `send_part`: the chunk is empty (only a body of 0 bytes is)"));
+        let e = refused(
+            r#"{"op":"send_part","conv":1,"to":2,"client_msg_id":1,"body_bytes":4,"body":"abcd"}"#,
+            c,
+        );
+        assert_eq!(e["message"], json!("field `offset` is required for op `send_part`"));
+        let e = refused(&part("c", 5000, 0, 1001), c);
+        assert_eq!(
+            (&e["id"], &e["code"], &e["code_name"], &e["request_kind"]),
+            (&json!("c"), &json!(3), &json!("FrameTooLarge"), &json!(27))
+        );
+        assert_eq!(
+            e["message"],
+            json!("op `send_part`: its part frame would be 1025 bytes, over the server's frame_bytes_max 1024: \
+                   send chunks of at most 960 bytes")
+        );
+        // The chunk that ends the body carries the root too.
+        let e = refused(&part("d", 1000, 0, 1000), c);
+        assert_eq!(e["code"], json!(3));
+        assert_eq!(c.held(), 0, "refused requests wait for nothing");
+        for (body_bytes, offset, chunk) in [(5000, 0, 1000), (961, 1, 960), (960, 0, 960), (0, 0, 0)] {
+            send(c, &part("ok", body_bytes, offset, chunk));
+        }
+    }
+
+    /// Parts have no success answer: a refusal (request_kind 27) goes to the newest part with
+    /// its client_msg_id; the part that ends the body is answered as a send (send_ack or error
+    /// 6), unless refused itself; before login, NotLoggedIn refusals go in order.
+    #[test]
+    fn parts_are_matched() {
+        let c = &mut logged_in_with(65536);
+        let part = |id: Option<&str>, cmid: u64, body_bytes: usize, offset: usize, chunk: usize| {
+            let mut v = json!({"op":"send_part","conv":1,"to":2,"client_msg_id":cmid,"body_bytes":body_bytes,
+                               "offset":offset,"body":"x".repeat(chunk)});
+            if let Some(id) = id {
+                v["id"] = json!(id);
+            }
+            v.to_string()
+        };
+        // A whole upload: the send_ack goes to the last part; the others' ids are let go.
+        send(c, &part(Some("p0"), 1, 6, 0, 3));
+        send(c, &part(None, 1, 6, 3, 1));
+        send(c, &part(Some("p1"), 1, 6, 4, 2));
+        assert_eq!(c.held(), 3);
+        assert_eq!(id_of(c, &ack(1)), Some(json!("p1")));
+        assert_eq!(c.held(), 0);
+        // A part refused (a gap): the newest part of that client_msg_id.
+        send(c, &part(Some("a0"), 2, 10, 0, 3));
+        send(c, &part(Some("a1"), 2, 10, 5, 3));
+        assert_eq!(id_of(c, &error_frame(ErrorCode::Malformed, kind::PART, 9)), None);
+        assert_eq!(id_of(c, &error_frame(ErrorCode::Malformed, kind::PART, 2)), Some(json!("a1")));
+        assert_eq!(id_of(c, &error_frame(ErrorCode::Timeout, kind::PART, 2)), Some(json!("a0")));
+        // The last part refused: its Send is never answered, and its id is not kept for one.
+        send(c, &part(Some("b"), 3, 4, 0, 4));
+        assert_eq!(id_of(c, &error_frame(ErrorCode::UploadInProgress, kind::PART, 3)), Some(json!("b")));
+        assert_eq!(c.held(), 0);
+        // The whole Send refused (request_kind 6), as a send's.
+        send(c, &part(Some("c"), 4, 4, 0, 4));
+        assert_eq!(id_of(c, &error_frame(ErrorCode::UnknownRecipient, kind::SEND, 4)), Some(json!("c")));
+        assert_eq!(c.held(), 0);
+        // Parts without id wait for nothing.
+        send(c, &part(None, 5, 4, 0, 2));
+        assert_eq!(c.held(), 0);
+        assert_eq!(id_of(c, &error_frame(ErrorCode::Busy, kind::PART, 5)), None);
+        // Before login: NotLoggedIn (client_msg_id 0) in request order, ids or not.
+        let c = &mut Correlator::new();
+        let nli = |k| error_frame(ErrorCode::NotLoggedIn, k, 0);
+        send(c, &part(None, 6, 4, 0, 2));
+        send(c, &part(Some("n1"), 7, 4, 0, 4));
+        send(c, r#"{"op":"send","id":"s","conv":1,"to":2,"client_msg_id":8}"#);
+        assert_eq!(id_of(c, &nli(kind::PART)), None);
+        assert_eq!(id_of(c, &nli(kind::PART)), Some(json!("n1")));
+        assert_eq!(id_of(c, &nli(kind::SEND)), Some(json!("s")));
+        assert_eq!(c.held(), 0);
     }
 
     /// Requests answered in order: each answer of the matching kind (or an error of the

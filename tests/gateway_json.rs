@@ -554,4 +554,200 @@ fn json_roster(driver: &str) {
     assert_eq!(next_of(&mut k, "deliver")["body"], json!("hey"));
 }
 
-on_both_drivers!(json_talks_with_binary, json_bad_input, json_recall, json_roster);
+/// Log in over JSON to an account that exists; returns the `login_ok`.
+fn json_login_again(ws: &mut Ws, name: &str, device_id: &str) -> Value {
+    send(
+        ws,
+        json!({"op": "login", "id": "again", "name": name, "password": PASSWORD, "device_type": 4, "device_id": device_id}),
+    );
+    let ok = next(ws);
+    assert_eq!((ok["type"].as_str(), &ok["id"]), (Some("login_ok"), &json!("again")), "{ok}");
+    ok
+}
+
+/// A body of `n` bytes that no shifted or truncated copy matches (and not UTF-8).
+fn large_body(n: usize, seed: u8) -> Vec<u8> {
+    (0..n).map(|i| (i as u32).wrapping_mul(2_654_435_761).to_le_bytes()[3] ^ seed).collect()
+}
+
+/// A `send_part` of `chunk` (base64) at `offset` of a body of `body_bytes` bytes.
+fn part_b64(cmid: u64, to: u64, body_bytes: usize, offset: usize, chunk: &[u8]) -> Value {
+    json!({"op": "send_part", "conv": 1, "to": to.to_string(), "client_msg_id": cmid.to_string(),
+           "body_bytes": body_bytes, "offset": offset,
+           "body_b64": base64::engine::general_purpose::STANDARD.encode(chunk)})
+}
+
+/// Send `body` from byte `from` on in `send_part` chunks of at most `chunk` bytes (base64), the
+/// last with `id`.
+fn send_parts_b64(ws: &mut Ws, cmid: u64, to: u64, body: &[u8], from: usize, chunk: usize, id: &str) {
+    let mut at = from;
+    while at < body.len() {
+        let end = (at + chunk).min(body.len());
+        let mut v = part_b64(cmid, to, body.len(), at, &body[at..end]);
+        if end == body.len() {
+            v["id"] = json!(id);
+        }
+        send(ws, v);
+        at = end;
+    }
+}
+
+/// The next `deliver` with this `client_msg_id`, skipping others.
+fn deliver_of(ws: &mut Ws, cmid: u64) -> Value {
+    loop {
+        let d = next_of(ws, "deliver");
+        if d["client_msg_id"] == json!(cmid.to_string()) {
+            return d;
+        }
+    }
+}
+
+fn b64_body(d: &Value) -> Vec<u8> {
+    let b64 = d["body_b64"].as_str().unwrap_or_else(|| panic!("no body_b64: {}", d["type"]));
+    base64::engine::general_purpose::STANDARD.decode(b64).unwrap()
+}
+
+/// Large messages over JSON (docs/JSON.md 3.1 `send_part`, PROTOCOL 5.22): a JSON client sends
+/// a 1 MiB message in chunks (base64), with a small message between them, and a long text in
+/// text chunks; a binary client gets them intact (through PartOut frames), the sender's other
+/// JSON session gets them whole; a binary client's large message reaches both JSON sessions
+/// whole. Refusals of chunks come as errors 27 with their ids, the connection going on.
+fn json_large(driver: &str) {
+    let s = TestServer::start(driver, "");
+    let mut j = ws_connect(s.ws_addr.unwrap(), Some("tim.json"));
+    let jid = json_login(&mut j, "jay");
+    let mut j2 = ws_connect(s.ws_addr.unwrap(), Some("tim.json"));
+    let ok = json_login_again(&mut j2, "jay", "tab-2");
+    assert_eq!(
+        (&ok["frame_bytes_max"], &ok["large_body_bytes_max"]),
+        (&json!(65536), &json!(8 << 20)),
+        "{ok}"
+    );
+    let chunk = 65536 - 64;
+    let (bob, bob_id) = s.register("bob");
+    let (mut b, _) = s.login(&bob, 3);
+
+    // 1 MiB and a few bytes, not UTF-8, in base64 chunks; a small send between two chunks.
+    let big = large_body((1 << 20) + 3, 7);
+    send(&mut j, part_b64(1, bob_id, big.len(), 0, &big[..chunk]));
+    send(
+        &mut j,
+        json!({"op": "send", "id": "small", "conv": 1, "to": bob_id.to_string(), "client_msg_id": 2, "body": "between"}),
+    );
+    send_parts_b64(&mut j, 1, bob_id, &big, chunk, chunk, "big");
+    let mut acks = [next_of(&mut j, "send_ack"), next_of(&mut j, "send_ack")];
+    acks.sort_by_key(|a| a["client_msg_id"].as_str().unwrap().to_string());
+    assert_eq!((&acks[0]["id"], &acks[0]["client_msg_id"]), (&json!("big"), &json!("1")), "{}", acks[0]);
+    assert_eq!((&acks[1]["id"], &acks[1]["client_msg_id"]), (&json!("small"), &json!("2")), "{}", acks[1]);
+    let mut got = std::collections::HashMap::new();
+    while got.len() < 2 {
+        let d = b.next_delivery().unwrap();
+        assert_eq!(d.stamp.from, jid);
+        got.insert(d.client_msg_id, d.body);
+    }
+    assert!(got[&1] == big, "bob's large message is intact");
+    assert_eq!(got[&2], b"between");
+    let d = deliver_of(&mut j2, 1);
+    assert_eq!(
+        (&d["from"], &d["to"], &d["conv"]),
+        (&json!(jid.to_string()), &json!(bob_id.to_string()), &json!(1))
+    );
+    assert!(b64_body(&d) == big, "jay's other session gets the large message whole");
+    assert_eq!(deliver_of(&mut j2, 2)["body"], json!("between"));
+
+    // A long text in text chunks, cut between characters (offsets in UTF-8 bytes).
+    let text = "héllo \"wörld\" ✓\n".repeat(15_000);
+    let mut at = 0;
+    while at < text.len() {
+        let mut end = (at + chunk).min(text.len());
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        let mut v = json!({"op": "send_part", "conv": 1, "to": bob_id.to_string(), "client_msg_id": 3,
+                           "body_bytes": text.len(), "offset": at, "body": &text[at..end]});
+        if end == text.len() {
+            v["id"] = json!("text");
+        }
+        send(&mut j, v);
+        at = end;
+    }
+    let ack = next_of(&mut j, "send_ack");
+    assert_eq!((&ack["id"], &ack["client_msg_id"]), (&json!("text"), &json!("3")), "{ack}");
+    let d = b.next_delivery().unwrap();
+    assert!(d.client_msg_id == 3 && d.body == text.as_bytes(), "bob's text is intact");
+    let d = deliver_of(&mut j2, 3);
+    assert!(d["body"].as_str() == Some(text.as_str()), "jay's other session gets the text whole");
+
+    // A binary client's large message reaches both JSON sessions whole.
+    let back = large_body((1 << 20) + 5, 9);
+    let ack = b.send_large_wait(tim::protocol::conv::DIRECT, jid, 1, &back).unwrap();
+    for ws in [&mut j, &mut j2] {
+        let d = deliver_of(ws, 1);
+        assert_eq!((&d["from"], &d["seq"]), (&json!(bob_id.to_string()), &json!(ack.seq.to_string())));
+        assert!(b64_body(&d) == back, "bob's large message reaches jay whole");
+    }
+
+    // Refusals, each with its chunk's id; the connection goes on.
+    // A chunk out of order: Malformed, request_kind 27.
+    let body = large_body(100_000, 3);
+    let mut v = part_b64(10, bob_id, body.len(), 0, &body[..1000]);
+    v["id"] = json!("o0");
+    send(&mut j, v);
+    let mut v = part_b64(10, bob_id, body.len(), 5000, &body[5000..6000]);
+    v["id"] = json!("o1");
+    send(&mut j, v);
+    let e = next_of(&mut j, "error");
+    assert_eq!(
+        (&e["id"], &e["code"], &e["request_kind"], &e["client_msg_id"]),
+        (&json!("o1"), &json!(1), &json!(27), &json!("10")),
+        "{e}"
+    );
+    // Over large_body_bytes_max: BodyTooLarge, request_kind 27.
+    let mut v = part_b64(11, bob_id, 9_000_000, 0, &body[..1000]);
+    v["id"] = json!("huge");
+    send(&mut j, v);
+    let e = next_of(&mut j, "error");
+    assert_eq!(
+        (&e["id"], &e["code"], &e["code_name"], &e["request_kind"], &e["client_msg_id"]),
+        (&json!("huge"), &json!(34), &json!("BodyTooLarge"), &json!(27), &json!("11")),
+        "{e}"
+    );
+    // One upload at a time: a second one is refused (UploadInProgress), the first goes on.
+    let mut v = part_b64(12, bob_id, body.len(), 0, &body[..1000]);
+    v["id"] = json!("u0");
+    send(&mut j, v);
+    let mut v = part_b64(13, bob_id, body.len(), 0, &body[..1000]);
+    v["id"] = json!("u1");
+    send(&mut j, v);
+    let e = next_of(&mut j, "error");
+    assert_eq!((&e["id"], &e["code"], &e["request_kind"]), (&json!("u1"), &json!(38), &json!(27)), "{e}");
+    // A chunk too large for a part frame: refused by the gateway (code 3), the upload untouched.
+    let mut v = part_b64(12, bob_id, body.len(), 1000, &body[1000..1000 + chunk + 1]);
+    v["id"] = json!("fat");
+    send(&mut j, v);
+    let e = next_of(&mut j, "error");
+    assert_eq!(
+        (&e["id"], &e["code"], &e["code_name"], &e["request_kind"]),
+        (&json!("fat"), &json!(3), &json!("FrameTooLarge"), &json!(27)),
+        "{e}"
+    );
+    send_parts_b64(&mut j, 12, bob_id, &body, 1000, chunk, "u-end");
+    let ack = next_of(&mut j, "send_ack");
+    assert_eq!((&ack["id"], &ack["client_msg_id"]), (&json!("u-end"), &json!("12")), "{ack}");
+    let d = b.next_delivery().unwrap();
+    assert!(d.client_msg_id == 12 && d.body == body, "the upload that went on is intact");
+    // The whole Send refused (an unknown recipient): request_kind 6, to the last chunk's id.
+    send_parts_b64(&mut j, 14, 999_999, &body, 0, chunk, "nobody");
+    let e = next_of(&mut j, "error");
+    assert_eq!(
+        (&e["id"], &e["code"], &e["request_kind"], &e["client_msg_id"]),
+        (&json!("nobody"), &json!(30), &json!(6), &json!("14")),
+        "{e}"
+    );
+    send(&mut j, json!({"op": "ping", "id": "still", "nonce": 1}));
+    assert_eq!(next_of(&mut j, "pong")["id"], json!("still"));
+    b.send_wait(jid, 20, b"others unaffected").unwrap();
+    assert_eq!(deliver_of(&mut j, 20)["body"], json!("others unaffected"));
+}
+
+on_both_drivers!(json_talks_with_binary, json_bad_input, json_recall, json_roster, json_large);

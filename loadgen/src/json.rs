@@ -374,6 +374,7 @@ struct ServerMsg<'a> {
     body_bytes_max: Val<'a>,
     inflight_max: Val<'a>,
     protocol_version: Val<'a>,
+    large_body_bytes_max: Val<'a>,
     nonce: Val<'a>,
     client_msg_id: Val<'a>,
     msg_id: Val<'a>,
@@ -409,6 +410,7 @@ impl<'a> ServerMsg<'a> {
                 b"body_bytes_max" => &mut m.body_bytes_max,
                 b"inflight_max" => &mut m.inflight_max,
                 b"protocol_version" => &mut m.protocol_version,
+                b"large_body_bytes_max" => &mut m.large_body_bytes_max,
                 b"nonce" => &mut m.nonce,
                 b"client_msg_id" => &mut m.client_msg_id,
                 b"msg_id" => &mut m.msg_id,
@@ -542,8 +544,8 @@ pub fn server_frame(text: &[u8], out: &mut Vec<u8>) -> Result<Option<u16>, Strin
                 body_bytes_max: int("body_bytes_max", m.body_bytes_max)?,
                 inflight_max: int("inflight_max", m.inflight_max)?,
                 protocol_version: int("protocol_version", m.protocol_version)?,
-                // The JSON gateway's login_ok does not carry it; the loadgen does not send in parts.
-                large_body_bytes_max: 0,
+                // Absent (0) from servers that do not take large messages.
+                large_body_bytes_max: int("large_body_bytes_max", m.large_body_bytes_max)?,
             };
             frame::encode_into(k, &ok, out);
         }
@@ -686,14 +688,19 @@ mod tests {
     #[test]
     fn answers_become_events() {
         type Check = fn(Event) -> bool;
-        let cases: [(&[u8], Check); 7] = [
+        let cases: [(&[u8], Check); 8] = [
             (
                 br#"{"type":"send_ack","kind":106,"id":"m1","client_msg_id":"17","msg_id":"9","seq":"3","ts_ms":"5","duplicate":true}"#,
                 |e| matches!(e, Event::SendAck(a) if a.client_msg_id == 17 && a.msg_id == 9 && a.seq == 3 && a.duplicate),
             ),
             (
-                br#"{"type":"login_ok","kind":102,"id":2,"user_id":"1","session_id":"281474976710659","server_time_ms":"1767225600000","idle_timeout_ms":90000,"frame_bytes_max":65536,"body_bytes_max":32768,"inflight_max":256,"protocol_version":1}"#,
-                |e| matches!(e, Event::LoginOk(ok) if ok.user_id == 1 && ok.inflight_max == 256 && ok.idle_timeout_ms == 90000),
+                br#"{"type":"login_ok","kind":102,"id":2,"user_id":"1","session_id":"281474976710659","server_time_ms":"1767225600000","idle_timeout_ms":90000,"frame_bytes_max":65536,"body_bytes_max":32768,"inflight_max":256,"protocol_version":1,"large_body_bytes_max":8388608}"#,
+                |e| matches!(e, Event::LoginOk(ok) if ok.user_id == 1 && ok.inflight_max == 256 && ok.idle_timeout_ms == 90000 && ok.large_body_bytes_max == 8388608),
+            ),
+            (
+                // An older server's login_ok, without large_body_bytes_max: 0.
+                br#"{"type":"login_ok","kind":102,"user_id":"1","session_id":"3","server_time_ms":"5","idle_timeout_ms":90000,"frame_bytes_max":65536,"body_bytes_max":32768,"inflight_max":256,"protocol_version":1}"#,
+                |e| matches!(e, Event::LoginOk(ok) if ok.user_id == 1 && ok.large_body_bytes_max == 0),
             ),
             (
                 br#"{"type":"error","kind":120,"id":"m2","code":30,"code_name":"UnknownRecipient","request_kind":6,"client_msg_id":"18","message":"unknown recipient"}"#,
