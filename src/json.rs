@@ -6,7 +6,9 @@
 //! Requests are parsed by serde_json into one flat set of typed fields (each field name has one
 //! type whatever the op), then checked against their op and archived: `send`, `stream` and
 //! `room_publish` by hand (their layout is fixed by docs/PROTOCOL.md; a test compares it with
-//! rkyv's), the rest with rkyv. Answers are written by hand into one `String`.
+//! rkyv's), the rest with rkyv. A `send_part` becomes one `Part` frame of a large `Send`'s
+//! archive, built by hand too: the chunk, and with the last chunk the `Send`'s root. Answers are
+//! written by hand into one `String`.
 //!
 //! Key types: [`Correlator`] (one per connection: which answer echoes which request `id`),
 //! [`Inbound`] and [`RequestFrame`] (what a request text becomes), [`request`], [`answer`].
