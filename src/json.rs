@@ -2916,7 +2916,7 @@ mod tests {
         let h = part::PartHeader { id: 3, total: 100, offset: 96, kind: kind::DELIVER };
         check(
             c,
-            Bytes::from(frame::raw(kind::PART_OUT, &[&h.bytes(), &[1, 2, 3, 4]])),
+            frame::raw(kind::PART_OUT, &[&h.bytes(), &[1, 2, 3, 4]]),
             json!({"type":"part_out","kind":127,"part_id":"3","total":100,"offset":96,"part_kind":107,"data_b64":"AQIDBA=="}),
         );
         // Every server kind has a type name.
