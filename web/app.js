@@ -17,6 +17,8 @@ const HISTORY_PAGE = 30;
 const ACK_DELAY_MS = 150;
 /** Messages kept per live room (rooms have no history; older ones are dropped from view). */
 const ROOM_MESSAGES_MAX = 500;
+/** A message body longer than this (in characters) is shown cut, with its size and "show all". */
+const LONG_TEXT_CHARS = 2000;
 /** The open chat tells how far it was read (`read`) at most this often. */
 const READ_EVERY_MS = 1000;
 
@@ -749,6 +751,38 @@ const STATE_LABEL = {
   received: "received", acked: "received ✓", published: "published",
 };
 
+/** A long message (a large one can be megabytes): its start, its size, and a "show all" button. */
+function longBody(li, body, m) {
+  m.size ??= new TextEncoder().encode(m.text).length;
+  li.dataset.size = String(m.size);
+  li.classList.add("long");
+  if (!m.expanded) body.textContent = `${m.text.slice(0, LONG_TEXT_CHARS)}…`;
+  const more = document.createElement("span");
+  more.className = "long-note";
+  more.dataset.testid = "message-size";
+  more.textContent = `${formatBytes(m.size)} message `;
+  const b = document.createElement("button");
+  b.type = "button";
+  b.className = "show-all-btn";
+  b.dataset.testid = "show-all";
+  b.textContent = m.expanded ? "show less" : "show all";
+  b.addEventListener("click", () => {
+    m.expanded = !m.expanded;
+    const box = $("messages-box");
+    const top = box.scrollTop;
+    renderMessages({ keepTop: true });
+    box.scrollTop = top;
+  });
+  more.append(b);
+  li.append(more);
+}
+
+function formatBytes(n) {
+  if (n < 1024) return `${n} B`;
+  if (n < 1024 * 1024) return `${(n / 1024).toFixed(1)} KB`;
+  return `${(n / (1024 * 1024)).toFixed(1)} MB`;
+}
+
 function messageItem(c, key, m, seen) {
   const li = document.createElement("li");
   li.dataset.testid = "message";
@@ -778,6 +812,7 @@ function messageItem(c, key, m, seen) {
   body.dataset.testid = "message-body";
   body.textContent = m.recalled ? "message recalled" : m.burned ? "message burned" : m.text;
   li.append(body);
+  if (!m.recalled && !m.burned && typeof m.text === "string" && m.text.length > LONG_TEXT_CHARS) longBody(li, body, m);
   const meta = document.createElement("span");
   meta.className = "meta";
   const when = document.createElement("time");

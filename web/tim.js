@@ -78,6 +78,15 @@ const CLIENT_CODE_NAMES = { [-1]: "Closed", [-2]: "NoAnswer", [-3]: "NotConnecte
 /** Send refusals after which the same message is sent again, with the same client_msg_id. */
 const SEND_RETRY_CODES = new Set([ErrorCode.Busy, ErrorCode.StoreUnavailable, ErrorCode.Timeout]);
 
+/** v1 kind of `send_part` (JSON.md 3.1): refusals of a large message's chunks carry it. */
+const PART_KIND = 27;
+
+/** Bytes a `send_part` chunk may have beside `frame_bytes_max` (JSON.md 3.1: chunk size). */
+const PART_CHUNK_OVERHEAD = 64;
+
+/** While the socket holds this many bytes unsent, a large message's next chunk waits. */
+const LARGE_BUFFERED_MAX = 1 << 20;
+
 /**
  * A refusal: the server's `error` message (JSON.md 4.2), or one of this module's own failures
  * (negative `code`). `code` is the number to switch on; `codeName` its name, for logs.
@@ -274,6 +283,8 @@ export class TimClient extends EventTarget {
     this._pingTimer = null;
     this._lastSentAt = 0;
     this._closing = { kick: null, error: null };
+    /** Large messages go one at a time: the last one's upload and answer. */
+    this._largeChain = Promise.resolve();
   }
 
   /** Subscribe to an event; returns a function that unsubscribes. `fn` gets `event.detail`. */
@@ -365,21 +376,62 @@ export class TimClient extends EventTarget {
    * Refusals Busy, StoreUnavailable and Timeout are retried `sendRetries` times.
    * `burnAfterRead: true` (or `flags: SendFlags.BURN_AFTER_READ`; 1:1 only, else
    * BurnNotAllowed) makes it burn once the peer reads it, or `burnSecs` after it was sent.
+   * A body over the server's `body_bytes_max` (login_ok) goes as a large message, in
+   * `send_part` chunks (JSON.md 3.1), up to `large_body_bytes_max` (8 MiB by default; longer
+   * ones are refused here with BodyTooLarge); large messages are sent one at a time, and the
+   * request timeout counts from the last chunk. Recipients get it whole, like any message.
    */
   send(to, body, { group = false, clientMsgId, onId, flags = 0, burnAfterRead = false, burnSecs = 0 } = {}) {
-    const fields = bodyFields(body);
+    const extra = {};
     if (burnAfterRead) flags |= SendFlags.BURN_AFTER_READ;
-    if (flags) fields.flags = flags;
-    if (burnSecs) fields.burn_secs = burnSecs;
+    if (flags) extra.flags = flags;
+    if (burnSecs) extra.burn_secs = burnSecs;
     const m = {
       op: "send",
       conv: group ? Conv.GROUP : Conv.DIRECT,
       to: u64(to),
       clientMsgId: clientMsgId !== undefined ? u64(clientMsgId) : newClientMsgId(),
-      fields,
+      fields: extra,
     };
     if (onId) onId(m.clientMsgId);
+    const large = this._largeBytes(body);
+    if (large === null) {
+      Object.assign(m.fields, bodyFields(body));
+    } else {
+      const max = this.session.large_body_bytes_max;
+      if (large.length > max) {
+        return Promise.reject(new TimError({
+          code: ErrorCode.BodyTooLarge, requestKind: 6, clientMsgId: m.clientMsgId,
+          message: `send: a body of ${large.length} bytes, over the server's large_body_bytes_max (${max})`,
+        }));
+      }
+      m.op = "send_part";
+      m.bytes = large;
+    }
     return this._sendWithRetries(m);
+  }
+
+  /**
+   * A body's bytes when it is too long for one `send` (over `body_bytes_max`) and the server
+   * takes large messages (`large_body_bytes_max` > 0): it then goes in `send_part` chunks
+   * (JSON.md 3.1). Else null: a plain `send`.
+   */
+  _largeBytes(body) {
+    const small = this.session?.body_bytes_max ?? 32768;
+    if (!this.session?.large_body_bytes_max || body == null) return null;
+    let bytes;
+    if (typeof body === "string") {
+      // At most 3 UTF-8 bytes per UTF-16 unit: shorter strings are surely small.
+      if (body.length * 3 <= small) return null;
+      bytes = new TextEncoder().encode(body);
+    } else if (body instanceof Uint8Array) {
+      bytes = body;
+    } else if (body instanceof ArrayBuffer) {
+      bytes = new Uint8Array(body);
+    } else {
+      return null; // bodyFields refuses it
+    }
+    return bytes.length > small ? bytes : null;
   }
 
   /**
@@ -673,7 +725,10 @@ export class TimClient extends EventTarget {
       const next = this._held.shift();
       if (next) this._sendOnce(next.m).then(next.resolve, next.reject);
     };
-    return this._request({ op: m.op, conv: m.conv, to: m.to, client_msg_id: m.clientMsgId, ...m.fields }).then(
+    const sent = m.op === "send_part"
+      ? this._requestLarge(m)
+      : this._request({ op: m.op, conv: m.conv, to: m.to, client_msg_id: m.clientMsgId, ...m.fields });
+    return sent.then(
       (ack) => { done(); return ack; },
       (e) => {
         done();
@@ -698,6 +753,53 @@ export class TimClient extends EventTarget {
       this._pending.set(id, { op: req.op, resolve, reject, timer, onPart });
       this._post({ ...req, id });
     });
+  }
+
+  /**
+   * Send a large message (`m.bytes`) in `send_part` chunks (JSON.md 3.1), one message at a time
+   * (the server takes one upload per session until it is answered, else UploadInProgress).
+   * Resolves with its `send_ack`; rejects with its refusal, a chunk's (request kind 27) or the
+   * message's (6).
+   */
+  _requestLarge(m) {
+    const run = this._largeChain.then(() => this._uploadOnce(m));
+    this._largeChain = run.catch(() => {});
+    return run;
+  }
+
+  _uploadOnce(m) {
+    if (!this.connected) {
+      return Promise.reject(new TimError({ code: ErrorCode.NotConnected, message: "send: not connected", clientMsgId: m.clientMsgId }));
+    }
+    // Every chunk carries the same request id: whichever answer comes (a chunk's refusal, or
+    // the message's send_ack or error) settles the send.
+    const id = `t${this._nextId++}`;
+    return new Promise((resolve, reject) => {
+      const entry = { op: "send_part", resolve, reject, timer: null };
+      this._pending.set(id, entry);
+      this._postChunks(m, id, entry).then(() => {
+        if (this._pending.get(id) !== entry) return; // answered (refused) already, or closed
+        entry.timer = setTimeout(() => {
+          this._pending.delete(id);
+          reject(new TimError({ code: ErrorCode.NoAnswer, message: `send: no answer in ${this.requestTimeoutMs} ms`, id, clientMsgId: m.clientMsgId }));
+        }, this.requestTimeoutMs);
+      });
+    });
+  }
+
+  /** Post a large message's chunks in order, pausing while the socket's buffer is full; stops at a refusal. */
+  async _postChunks(m, id, entry) {
+    const bytes = m.bytes;
+    const size = Math.max(1, (this.session?.frame_bytes_max ?? 65536) - PART_CHUNK_OVERHEAD);
+    const base = { op: "send_part", id, conv: m.conv, to: m.to, client_msg_id: m.clientMsgId, body_bytes: bytes.length, ...m.fields };
+    let at = 0;
+    do {
+      while (this.connected && this.ws.bufferedAmount > LARGE_BUFFERED_MAX && this._pending.get(id) === entry) await sleep(5);
+      if (!this.connected || this._pending.get(id) !== entry) return;
+      const end = Math.min(bytes.length, at + size);
+      this._post({ ...base, offset: at, body_b64: b64encode(bytes.subarray(at, end)) });
+      at = end;
+    } while (at < bytes.length);
   }
 
   _post(obj) {
@@ -736,6 +838,9 @@ export class TimClient extends EventTarget {
     }
     switch (msg.type) {
       case "error": {
+        // Refusals of the chunks after a large message's first refused one: that send was
+        // settled by the first.
+        if (msg.request_kind === PART_KIND && msg.id !== undefined) break;
         const e = new TimError(msg);
         if (msg.request_kind === 0) this._closing.error = msg; // errors that close say why
         this._emit("error", e);
