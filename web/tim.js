@@ -401,7 +401,7 @@ export class TimClient extends EventTarget {
       const max = this.session.large_body_bytes_max;
       if (large.length > max) {
         return Promise.reject(new TimError({
-          code: ErrorCode.BodyTooLarge, requestKind: 6, clientMsgId: m.clientMsgId,
+          code: ErrorCode.BodyTooLarge, codeName: "BodyTooLarge", requestKind: 6, clientMsgId: m.clientMsgId,
           message: `send: a body of ${large.length} bytes, over the server's large_body_bytes_max (${max})`,
         }));
       }
