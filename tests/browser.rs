@@ -7,7 +7,8 @@
 //! from the store, become friends (a request with a note from alice's friends panel, shown live on
 //! bob's, accepted there: both list each other), see a friend's presence (alice sets "away" with
 //! a status text; bob's friends panel shows it live), send a message that burns after reading ("message
-//! burned" on both pages), and log out. Screenshots of both pages are saved.
+//! burned" on both pages), paste and send a long text (a large message, shown cut with its size and
+//! "show all" on both pages), and log out. Screenshots of both pages are saved.
 //!
 //! Needs Debian's `chromium` and `chromium-driver` packages (`/usr/bin/chromium`,
 //! `/usr/bin/chromedriver`; or set `CHROME` and `CHROMEDRIVER`). Without them the test fails.
@@ -209,6 +210,17 @@ async fn wait_message(c: &Client, text: &str, state: Option<&str>) -> anyhow::Re
     wait_js(c, &format!("message {text:?} in state {state:?}"), MESSAGE_JS, vec![json!(text), json!(state)])
         .await
 }
+
+/// The long message of `size` bytes in the open conversation, once it is in `state` (any state
+/// if null): `{state, seq, shown, note}` (`shown`: the characters of its body on the page).
+const LONG_JS: &str = r#"
+    const [size, state] = arguments;
+    const li = document.querySelector(`#messages li.long[data-size='${size}']`);
+    if (!li || (state !== null && li.dataset.state !== state)) return null;
+    return {state: li.dataset.state ?? null, seq: li.dataset.seq ?? null,
+            shown: li.querySelector('[data-testid=message-body]').textContent.length,
+            note: li.querySelector('[data-testid=message-size]').textContent};
+"#;
 
 /// Message `seq` of the open conversation, once it shows as recalled: `{text, italic,
 /// recall_action, notice_shown}` (`notice_shown`: a bubble for seq + 1, the recall notice).
@@ -714,6 +726,36 @@ async fn scenario(
         assert_eq!(notice, json!(false), "the burn notice is no bubble");
     }
     screenshot(a, shots, "6-alice-burned").await;
+
+    // A large message: alice pastes a long text (over body_bytes_max, so tim.js sends it in
+    // send_part chunks); both pages show its start, its size and "show all", which shows it whole.
+    click(a, "#burn-check").await?;
+    let long: String = (0..4000).map(|i| format!("a long pasted text, line {i}\n")).collect();
+    js(
+        a,
+        "document.getElementById('composer-input').value = arguments[0]; document.getElementById('composer').requestSubmit();",
+        vec![json!(long)],
+    )
+    .await?;
+    let size = long.len().to_string();
+    let mine = wait_js(a, "alice's large message sent", LONG_JS, vec![json!(size), json!("sent")]).await?;
+    let theirs = wait_js(b, "bob's large message", LONG_JS, vec![json!(size), json!(null)]).await?;
+    for m in [&mine, &theirs] {
+        assert_eq!(m["shown"], json!(2001), "the start of it, and an ellipsis: {m}");
+        let note = format!("{:.1} KB message show all", long.len() as f64 / 1024.0);
+        assert_eq!(m["note"], json!(note), "{m}");
+    }
+    assert_eq!(mine["seq"], theirs["seq"], "the same message on both pages");
+    screenshot(b, shots, "7-bob-large-message").await;
+    click_now(b, &format!("#messages li[data-size='{size}'] [data-testid=show-all]")).await?;
+    wait_js(
+        b,
+        "the large message shown whole",
+        "const li = document.querySelector(`#messages li[data-size='${arguments[0]}']`); \
+         return li?.querySelector('[data-testid=message-body]').textContent === arguments[1];",
+        vec![json!(size), json!(long)],
+    )
+    .await?;
 
     // Logging out ends the session and brings back the form.
     click(a, "#logout-btn").await?;
