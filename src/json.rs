@@ -115,9 +115,12 @@ enum RequestError {
     Invalid(String),
     #[error("unknown op `{0}`")]
     UnknownOp(String),
-    /// A `send_part` whose `Part` frame would be over the server's `frame_bytes_max`.
+    /// A frame over the server's `frame_bytes_max` (which would close the connection).
     #[error("{0}")]
     TooLarge(String),
+    /// A `send`, `stream` or `room_publish` frame over `frame_bytes_max`: its body is too long.
+    #[error("{0}")]
+    BodyTooLarge(String),
 }
 
 impl RequestError {
@@ -126,6 +129,7 @@ impl RequestError {
         match self {
             RequestError::UnknownOp(_) => ErrorCode::UnknownKind,
             RequestError::TooLarge(_) => ErrorCode::FrameTooLarge,
+            RequestError::BodyTooLarge(_) => ErrorCode::BodyTooLarge,
             RequestError::Syntax(_) | RequestError::Invalid(_) => ErrorCode::Malformed,
         }
     }
@@ -1373,17 +1377,27 @@ fn answered_in_order(k: u16) -> bool {
 }
 
 impl Pending {
-    /// `req`, unless it is a part too large for the server (which would close the connection).
+    /// `req`, unless its frame is over the server's `frame_bytes_max` (known from `login_ok`):
+    /// the session would close the connection (FrameTooLarge); refused here, it stays open.
     fn fits(&self, req: Request) -> Result<Request, RequestError> {
         let (n, max) = (req.frame.payload().len(), self.frame_bytes_max);
-        if req.frame.kind() != kind::PART || max == 0 || n <= max {
+        if max == 0 || n <= max {
             return Ok(req);
         }
-        Err(RequestError::TooLarge(format!(
-            "op `send_part`: its part frame would be {n} bytes, over the server's frame_bytes_max {max}: \
-             send chunks of at most {} bytes",
-            max.saturating_sub(PART_CHUNK_OVERHEAD)
-        )))
+        let over = format!("its frame would be {n} bytes, over the server's frame_bytes_max {max}");
+        Err(match req.frame.kind() {
+            kind::PART => RequestError::TooLarge(format!(
+                "op `send_part`: {over}: send chunks of at most {} bytes",
+                max.saturating_sub(PART_CHUNK_OVERHEAD)
+            )),
+            kind::SEND => RequestError::BodyTooLarge(format!(
+                "{over}: send a body over body_bytes_max with `send_part` (a large message)"
+            )),
+            kind::STREAM | kind::ROOM_PUBLISH => {
+                RequestError::BodyTooLarge(format!("body too large: {over}"))
+            }
+            _ => RequestError::TooLarge(format!("request too large: {over}")),
+        })
     }
 
     fn on_request(&mut self, k: u16, key: u64, ack_refused: bool, last_part: bool, id: Option<Id>) {
@@ -2302,7 +2316,7 @@ mod tests {
                 session_id: 2,
                 server_time_ms: 3,
                 idle_timeout_ms: 4,
-                frame_bytes_max: 5,
+                frame_bytes_max: 65536,
                 body_bytes_max: 6,
                 inflight_max: 7,
                 protocol_version: 1,
@@ -2683,7 +2697,7 @@ mod tests {
             c,
             login_ok(),
             json!({"type":"login_ok","kind":102,"user_id":"1","session_id":"2","server_time_ms":"3",
-                   "idle_timeout_ms":4,"frame_bytes_max":5,"body_bytes_max":6,"inflight_max":7,"protocol_version":1,
+                   "idle_timeout_ms":4,"frame_bytes_max":65536,"body_bytes_max":6,"inflight_max":7,"protocol_version":1,
                    "large_body_bytes_max":8}),
         );
         check(
@@ -3152,12 +3166,37 @@ mod tests {
         );
         assert_eq!(
             e["message"],
-            json!("op `send_part`: its part frame would be 1025 bytes, over the server's frame_bytes_max 1024: \
-                   send chunks of at most 960 bytes")
+            json!(
+                "op `send_part`: its frame would be 1025 bytes, over the server's frame_bytes_max 1024: \
+                   send chunks of at most 960 bytes"
+            )
         );
         // The chunk that ends the body carries the root too.
         let e = refused(&part("d", 1000, 0, 1000), c);
         assert_eq!(e["code"], json!(3));
+        // A send too large for a frame: BodyTooLarge at once (the session would close).
+        let e = refused(
+            &json!({"op":"send","id":"s","conv":1,"to":2,"client_msg_id":3,"body":"x".repeat(1000)})
+                .to_string(),
+            c,
+        );
+        assert_eq!(
+            (&e["id"], &e["code"], &e["code_name"], &e["request_kind"]),
+            (&json!("s"), &json!(34), &json!("BodyTooLarge"), &json!(6))
+        );
+        assert_eq!(
+            e["message"],
+            json!(
+                "its frame would be 1032 bytes, over the server's frame_bytes_max 1024: \
+                   send a body over body_bytes_max with `send_part` (a large message)"
+            )
+        );
+        let e = refused(&json!({"op":"stream","conv":1,"to":2,"body":"x".repeat(1000)}).to_string(), c);
+        assert_eq!((&e["code"], &e["request_kind"]), (&json!(34), &json!(10)));
+        let e = refused(&json!({"op":"presence_set","state":1,"extra":"x".repeat(1100)}).to_string(), c);
+        assert_eq!((&e["code"], &e["request_kind"]), (&json!(3), &json!(25)));
+        send(c, &json!({"op":"send","conv":1,"to":2,"client_msg_id":3,"body":"x".repeat(990)}).to_string());
+        assert_eq!(id_of(c, &ack(3)), None);
         assert_eq!(c.held(), 0, "refused requests wait for nothing");
         for (body_bytes, offset, chunk) in [(5000, 0, 1000), (961, 1, 960), (960, 0, 960), (0, 0, 0)] {
             send(c, &part("ok", body_bytes, offset, chunk));

@@ -751,6 +751,13 @@ fn json_large(driver: &str) {
         (&json!("nobody"), &json!(30), &json!(6), &json!("14")),
         "{e}"
     );
+    // A send too long for a frame is refused (BodyTooLarge) instead of closing the connection.
+    send(
+        &mut j,
+        json!({"op": "send", "id": "long", "conv": 1, "to": bob_id, "client_msg_id": 15, "body": "a".repeat(100_000)}),
+    );
+    let e = next_of(&mut j, "error");
+    assert_eq!((&e["id"], &e["code"], &e["request_kind"]), (&json!("long"), &json!(34), &json!(6)), "{e}");
     send(&mut j, json!({"op": "ping", "id": "still", "nonce": 1}));
     assert_eq!(next_of(&mut j, "pong")["id"], json!("still"));
     b.send_wait(jid, 20, b"others unaffected").unwrap();
