@@ -34,11 +34,13 @@ pub struct DomainConfig {
 }
 
 impl Config {
-    /// The domain id of an account name: that of the configured domain after its last `@`, else
-    /// 0 (the default domain: the whole string is the name).
+    /// The domain id of an account name: that of the configured domain after its last `@`
+    /// (compared case-insensitively, as names are), else 0 (the default domain: the whole string
+    /// is the name).
     pub fn domain_of_name(&self, name: &str) -> u8 {
         let Some((_, domain)) = name.rsplit_once('@') else { return 0 };
-        self.domains.iter().find(|d| d.name == domain).map_or(0, |d| d.id)
+        let domain = domain.to_lowercase();
+        self.domains.iter().find(|d| d.name.to_lowercase() == domain).map_or(0, |d| d.id)
     }
 }
 

@@ -25,9 +25,8 @@ fn code<T: std::fmt::Debug>(r: Result<T, ClientError>) -> ErrorCode {
 /// The next error's code (other frames skipped).
 fn next_error(c: &mut Client) -> (ErrorCode, u16) {
     loop {
-        match c.recv().unwrap() {
-            Event::Error(e) => return (ErrorCode::from_u16(e.code).expect("known"), e.request_kind),
-            _ => {}
+        if let Event::Error(e) = c.recv().unwrap() {
+            return (ErrorCode::from_u16(e.code).expect("known"), e.request_kind);
         }
     }
 }
@@ -54,6 +53,8 @@ fn tenants(store: &str) {
     assert_eq!([domain_of(plain), domain_of(acme), domain_of(globex)], [0, 1, 2]);
     assert!(plain != acme && acme != globex);
     assert_eq!(code(s.client().register("alice@acme.example", PASSWORD)), ErrorCode::NameTaken);
+    assert_eq!(code(s.client().register("ALICE@Acme.Example", PASSWORD)), ErrorCode::NameTaken);
+    assert_eq!(domain_of(register(&s, "dave@ACME.example")), 1);
     assert_eq!(code(s.client().register("@acme.example", PASSWORD)), ErrorCode::InvalidName);
     assert_eq!(code(s.client().register("alice @acme.example", PASSWORD)), ErrorCode::InvalidName);
     // A suffix that is no configured domain is part of a default-domain name.
