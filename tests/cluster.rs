@@ -664,6 +664,16 @@ fn memory_store_cluster() {
             break;
         }
     }
+    // A large message (PROTOCOL 5.22) crosses nodes whole, and reaches bob in parts.
+    let big: Vec<u8> = (0..3u32 << 20).map(|i| (i * 7 + i / 4093) as u8).collect();
+    let lack = a.send_large_wait(tim::protocol::conv::DIRECT, bob, 3, &big).unwrap();
+    loop {
+        let d = b.next_delivery().unwrap();
+        if d.stamp.seq == lack.seq {
+            assert!(d.body == big, "the large body arrives intact across nodes");
+            break;
+        }
+    }
     // The social layer across nodes: bob (node 3) asks alice (node 1) for friendship; she is
     // told, accepts, and they learn each other's presence; a block stops bob's messages (the
     // pair's owner may be any node) and is replicated: read back from another node's store.

@@ -166,3 +166,37 @@ fn presence_coalesced() {
     assert!(!got.is_empty() && got.len() <= 2, "{got:?}");
     assert_eq!(got.last().unwrap(), &(ps::AWAY, "change 4".to_string()));
 }
+
+/// Ask the admin API (no token on loopback in tests) to ban `user`; its HTTP status.
+fn ban(s: &TestServer, user: u64) -> u16 {
+    use std::io::{Read, Write};
+    let mut c = std::net::TcpStream::connect(s.admin_addr.unwrap()).unwrap();
+    let req = format!(
+        "PUT /v1/bans/{user} HTTP/1.1\r\nHost: tim\r\nContent-Type: application/json\r\n\
+         Content-Length: 2\r\nConnection: close\r\n\r\n{{}}"
+    );
+    c.write_all(req.as_bytes()).unwrap();
+    let mut out = String::new();
+    c.read_to_string(&mut out).unwrap();
+    out.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0)
+}
+
+/// A banned user's friends see it go OFFLINE at once, even when set presences outlive sessions.
+#[test]
+fn banned_user_goes_offline() {
+    for auto_offline in [true, false] {
+        let s =
+            TestServer::start("io_uring", &format!("[sessions]\npresence_auto_offline = {auto_offline}\n"));
+        let (ann, ann_id) = s.register("ann");
+        let (bob, bob_id) = s.register("bob");
+        let (mut a, _) = s.login(&ann, 3);
+        let (mut b, _) = s.login(&bob, 3);
+        befriend(&mut a, &mut b, ann_id, bob_id);
+        a.presence_set(ps::BUSY, "in a meeting", b"").unwrap();
+        wait_presence(&mut b, ann_id, ps::BUSY);
+        assert_eq!(ban(&s, ann_id), 200);
+        let p = wait_presence(&mut b, ann_id, ps::OFFLINE);
+        assert_eq!((p.user, p.text.as_str()), (ann_id, ""), "auto_offline {auto_offline}");
+        assert_eq!(states(&mut b, &[ann_id]), vec![ps::OFFLINE]);
+    }
+}

@@ -312,15 +312,17 @@ impl UserOwner {
             return;
         }
         self.banned.insert(user, until_ms.min(now + BAN_MARK_MS));
-        if let Some(live) = self.users.remove(&user) {
-            for s in live.sessions {
-                let session = s.session;
-                out.push(Effect::Post(
-                    session.owner(),
-                    Envelope::Kick { session, reason: ErrorCode::Banned },
-                ));
-            }
+        let Some(live) = self.users.get_mut(&user) else { return };
+        for s in std::mem::take(&mut live.sessions) {
+            let session = s.session;
+            out.push(Effect::Post(session.owner(), Envelope::Kick { session, reason: ErrorCode::Banned }));
         }
+        // Its friends see it go OFFLINE now (its presence is forgotten with it, whatever
+        // `presence_auto_offline` says): the kicked sessions' ends find nothing left to announce.
+        let keep = std::mem::replace(&mut self.auto_offline, true);
+        self.announce_now(user, false, now, out);
+        self.auto_offline = keep;
+        self.users.remove(&user);
     }
 
     /// Give a login its place among the user's sessions (consuming its token, if any), kicking
