@@ -133,6 +133,17 @@ pub enum PresenceOp {
     /// `asker` wants the presence of `users` (all owned by the owner of `user`, the first of
     /// them); answered with a `PRESENCE_LIST`.
     Ask { asker: UserId, users: Vec<UserId> },
+    /// The user's previous owner hands its presence over (the user's partition moved); not
+    /// answered, nobody told (its friends know it already).
+    Handover {
+        state: u8,
+        text: String,
+        extra: Vec<u8>,
+        since_ms: u64,
+        friends: Option<Vec<UserId>>,
+        blocks: Vec<UserId>,
+        shown: u8,
+    },
 }
 
 /// What a session asks of a group's owner.

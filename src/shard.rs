@@ -1071,7 +1071,11 @@ impl Shard {
             table.nodes.len(),
             (0..tim_shards::PARTITIONS).filter(|&p| new.owner_of_partition(p) == me).count()
         );
-        let handed = self.users.borrow_mut().drop_moved(|u| new.user(u) == me, live, now_ms());
+        let (handed, presences) = self.users.borrow_mut().drop_moved(|u| new.user(u) == me, live, now_ms());
+        // So do their presences (what they set, and who their friends are).
+        for msg in presences {
+            self.post(new.user(msg.user), msg.envelope());
+        }
         // One-shot tokens of users that moved go to their new owner (SessionRef::NONE: no
         // answer is wanted).
         for (user, hash, expires_at_ms) in handed {

@@ -61,6 +61,9 @@ struct Presence {
     forced: bool,
 }
 
+/// A one-shot token handed to a user's new owner: user, token hash, expiry.
+pub type HandedToken = (UserId, [u8; 32], u64);
+
 /// Roster changes a user owner keeps for a user whose friends it is still waiting for.
 const PRESENCE_PENDING_MAX: usize = 64;
 
@@ -239,6 +242,24 @@ impl UserOwner {
                     if entry.state != presence_state::OFFLINE {
                         let frame = Bytes::from(crate::frame::encode(kind::PRESENCE_NOTICE, &entry));
                         out.push(Effect::FanoutUsers { users: vec![other], frame });
+                    }
+                }
+            }
+            PresenceOp::Handover { state, text, extra, since_ms, friends, blocks, shown } => {
+                // What this owner learned itself since the move (a set, a login's roster) is newer.
+                let live = self.users.entry(m.user).or_default();
+                let p = live.presence.get_or_insert_with(Default::default);
+                if p.state == 0 && p.text.is_empty() && p.extra.is_empty() {
+                    (p.state, p.text, p.extra, p.since_ms) = (state, text, extra, since_ms);
+                }
+                if p.friends.is_none() {
+                    if let Some(friends) = friends {
+                        p.friends = Some(friends);
+                        p.blocks = blocks;
+                        p.shown = shown;
+                        for (other, friend, blocks) in std::mem::take(&mut p.pending) {
+                            p.change(other, friend, blocks);
+                        }
                     }
                 }
             }
@@ -457,17 +478,23 @@ impl UserOwner {
         owns: impl Fn(UserId) -> bool,
         node_live: impl Fn(NodeId) -> bool,
         now: u64,
-    ) -> Vec<(UserId, [u8; 32], u64)> {
+    ) -> (Vec<HandedToken>, Vec<PresenceMsg>) {
         let mut handed = Vec::new();
+        let mut presences = Vec::new();
         self.users.retain(|&u, live| {
             if !owns(u) {
                 handed.extend(live.tokens.iter().filter(|&&(_, exp)| exp > now).map(|&(h, exp)| (u, h, exp)));
+                if let Some(p) = live.presence.take() {
+                    let Presence { state, text, extra, since_ms, friends, blocks, shown, .. } = *p;
+                    let op = PresenceOp::Handover { state, text, extra, since_ms, friends, blocks, shown };
+                    presences.push(PresenceMsg { user: u, origin: 0, op });
+                }
                 return false;
             }
             live.sessions.retain(|s| node_live(s.session.node()));
             !live.is_empty()
         });
-        handed
+        (handed, presences)
     }
 
     /// A logged-in session ended (or a login's connection ended before it was answered).
@@ -604,5 +631,54 @@ impl UserOwner {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::SessionPolicy;
+
+    fn ask(owner: &mut UserOwner, user: UserId, asker: UserId) -> PresenceEntry {
+        let mut out = Effects::new();
+        let op = PresenceOp::Ask { asker, users: vec![user] };
+        owner.presence(PresenceMsg { user, origin: SessionRef(0).0, op }, 10, &mut out);
+        for e in out {
+            if let Effect::Post(_, Envelope::GroupReply { result: Ok(f), .. }) = e {
+                let list = crate::frame::access::<crate::protocol::ArchivedPresenceList>(&f[8..]).unwrap();
+                let list: PresenceList = rkyv::deserialize::<_, rkyv::rancor::Error>(list).unwrap();
+                return list.entries[0].clone();
+            }
+        }
+        panic!("no answer");
+    }
+
+    /// A user whose partition moves keeps its presence: the old owner hands over what it set and
+    /// who its friends are, and the new owner answers with it (and tells friends of changes).
+    #[test]
+    fn presence_moves_with_the_partition() {
+        let policy = SessionPolicy { presence_auto_offline: false, ..SessionPolicy::default() };
+        let mut old = UserOwner::new(policy.clone(), 4, RandomState::new());
+        let mut new = UserOwner::new(policy, 4, RandomState::new());
+        let (ann, bob) = (7, 9);
+        let mut out = Effects::new();
+        let roster = PresenceOp::Roster { friends: vec![bob], blocks: vec![] };
+        old.presence(PresenceMsg { user: ann, origin: 0, op: roster }, 1, &mut out);
+        let set = PresenceOp::Set { state: presence_state::BUSY, text: "meeting".into(), extra: vec![] };
+        old.presence(PresenceMsg { user: ann, origin: 0, op: set }, 2, &mut out);
+        let (_, presences) = old.drop_moved(|_| false, |_| true, 3);
+        assert!(old.is_empty());
+        assert_eq!(presences.len(), 1);
+        for m in presences {
+            new.presence(m, 4, &mut out);
+        }
+        let e = ask(&mut new, ann, bob);
+        assert_eq!((e.state, e.text.as_str(), e.since_ms), (presence_state::BUSY, "meeting", 2));
+        // Its friends are known at the new owner: a change reaches bob.
+        let mut out = Effects::new();
+        let set = PresenceOp::Set { state: presence_state::AWAY, text: String::new(), extra: vec![] };
+        new.presence(PresenceMsg { user: ann, origin: 0, op: set }, 5, &mut out);
+        let told = out.iter().any(|e| matches!(e, Effect::FanoutUsers { users, .. } if users == &vec![bob]));
+        assert!(told, "bob is told of the change at the new owner");
     }
 }
