@@ -16,14 +16,17 @@ use tim::{
 /// shard 0 keeps the one slot busy, and deliveries are dropped at the cap (counted). The answers
 /// to alice's sends (owned by shard 1, for her session on shard 0) cross the same slot and are
 /// never dropped: every send gets exactly one answer — its ack, Busy (the cap, at her own
-/// shard) or Timeout (held up past `answer_timeout_ms`) — most of them acks, and the session
+/// shard) or Timeout (held up past `answer_timeout_ms`) — many of them acks, hardly any
+/// Timeout (a lost answer would be one), and the session
 /// keeps working.
 #[test]
 fn answers_are_not_lost_between_shards() {
     let s = TestServer::start_with_store(
         "io_uring",
         "backend = \"memory\"\ncommit_timeout_ms = 100",
-        "[limits]\nmesh_queue_capacity = 1\nmesh_overflow_max = 0\nanswer_timeout_ms = 300\n",
+        // 1 s: on a loaded machine (CI runs other tests beside) an answer held up in the one slot
+        // for a few hundred ms is not lost; lost answers would show as Timeouts all the same.
+        "[limits]\nmesh_queue_capacity = 1\nmesh_overflow_max = 0\nanswer_timeout_ms = 1000\n",
     );
     let (alice, alice_id) = s.register("alice");
     let mut peers = Vec::new();
@@ -77,7 +80,16 @@ fn answers_are_not_lost_between_shards() {
         "only acks, Busy and Timeout: {answers:?}"
     );
     let acked = answers.values().filter(|a| a.is_ok()).count();
-    assert!(acked * 2 > answers.len(), "{acked} of {} sends acknowledged ({dropped} dropped)", answers.len());
+    let busy = answers.values().filter(|a| matches!(a, Err(ErrorCode::Busy))).count();
+    let timeouts = answers.len() - acked - busy;
+    // A lost answer would show as a Timeout: there are (almost) none. Acks crossed the slot
+    // while deliveries were dropped there; how many sends get Busy at alice's own shard instead
+    // depends on the machine's load (once the flood keeps her shard's way out full, all do).
+    assert!(
+        acked >= 50 && timeouts * 10 <= answers.len(),
+        "{acked} of {} sends acknowledged, {busy} Busy, {timeouts} Timeout ({dropped} dropped)",
+        answers.len()
+    );
     // Still working: a send now is acknowledged.
     a.send(peers[0], N + 1, b"after").unwrap();
     loop {
