@@ -83,14 +83,23 @@ impl Submit {
 
     /// As [`Submit::blank_deliver`], for a frame of kind `k` (`DELIVER` or `STREAM_MSG`).
     pub fn blank_frame(k: u16, send_payload: &[u8]) -> BytesMut {
+        let mut f = Self::frame_head(k, send_payload.len());
+        f.put_slice(send_payload);
         let len = Stamp::BYTES + send_payload.len();
+        f.put_bytes(0, frame::padded(len) - len);
+        f
+    }
+
+    /// The start of a frame of kind `k` for a `Send` payload of `payload_len` bytes: header and
+    /// blank stamp, with room for the payload and padding (a large message's parts are appended
+    /// to it as they come).
+    pub fn frame_head(k: u16, payload_len: usize) -> BytesMut {
+        let len = Stamp::BYTES + payload_len;
         let mut f = BytesMut::with_capacity(frame::frame_bytes(len));
         f.put_u32_le(len as u32);
         f.put_u16_le(k);
         f.put_u16_le(0);
         f.put_bytes(0, Stamp::BYTES);
-        f.put_slice(send_payload);
-        f.put_bytes(0, frame::padded(len) - len);
         f
     }
 }

@@ -131,14 +131,7 @@ where
 
 /// A whole frame of `kind` around `payload` (a stored archive, copied once), padded.
 pub fn whole(kind: u16, payload: &[u8]) -> bytes::Bytes {
-    use bytes::BufMut;
-    let mut f = bytes::BytesMut::with_capacity(frame_bytes(payload.len()));
-    f.put_u32_le(payload.len() as u32);
-    f.put_u16_le(kind);
-    f.put_u16_le(0);
-    f.put_slice(payload);
-    f.put_bytes(0, padded(payload.len()) - payload.len());
-    f.freeze()
+    raw(kind, &[payload])
 }
 
 /// A whole frame of `kind` whose payload is `pieces`, one after another, padded.

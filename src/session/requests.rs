@@ -560,11 +560,7 @@ impl Requests<'_> {
             }
             let reserved = Reservation::take(&self.shard.large_bytes, total, l.large_shard_bytes_max)
                 .ok_or(ErrorCode::Busy)?;
-            let mut frame = bytes::BytesMut::with_capacity(frame::frame_bytes(Stamp::BYTES + total));
-            frame.extend_from_slice(&((Stamp::BYTES + total) as u32).to_le_bytes());
-            frame.extend_from_slice(&kind::DELIVER.to_le_bytes());
-            frame.extend_from_slice(&[0, 0]);
-            frame.resize(frame::HEADER_BYTES + Stamp::BYTES, 0);
+            let frame = Submit::frame_head(kind::DELIVER, total);
             let upload = Upload {
                 id: h.id,
                 total,
