@@ -187,16 +187,25 @@ fn other_frames_interleave() {
     let (bob, bob_id) = s.register("bob");
     let (mut a, _) = s.login(&ann, 3);
     let (mut b, _) = s.login(&bob, 3);
+    // 24 MiB queued for bob: more than the sockets can buffer while he does not read.
     let big = body(8 << 20, 3);
-    let large = a.send_large_wait(conv::DIRECT, bob_id, 1, &big).unwrap();
-    let small = a.send_wait(bob_id, 2, b"small one").unwrap();
-    let first = b.next_delivery().unwrap();
-    assert_eq!(first.stamp.seq, small.seq, "the small message overtakes the large one's parts");
-    let parts_before = b.parts_received;
-    let second = b.next_delivery().unwrap();
-    assert_eq!(second.stamp.seq, large.seq);
-    assert!(second.body == big);
-    assert!(parts_before > 0 && b.parts_received > parts_before + 10);
+    let larges: Vec<u64> =
+        (1..=3).map(|i| a.send_large_wait(conv::DIRECT, bob_id, i, &big).unwrap().seq).collect();
+    let small = a.send_wait(bob_id, 9, b"small one").unwrap();
+    let mut got = Vec::new();
+    let mut parts_at_small = 0;
+    while got.len() < 4 {
+        let d = b.next_delivery().unwrap();
+        if d.stamp.seq == small.seq {
+            parts_at_small = b.parts_received;
+        } else {
+            assert!(d.body == big);
+        }
+        got.push(d.stamp.seq);
+    }
+    let small_at = got.iter().position(|&s| s == small.seq).unwrap();
+    assert!(small_at < 3, "the small message overtakes the large ones' parts: {got:?} {larges:?}");
+    assert!(parts_at_small > 0 && b.parts_received > parts_at_small + 10);
 }
 
 /// Every refusal of a part, each with the session going on.
