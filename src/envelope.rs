@@ -135,21 +135,23 @@ pub struct PresenceMsg {
 pub enum PresenceOp {
     /// The user sets its presence; answered with a `PRESENCE_LIST` of it (a `GroupReply`).
     Set { state: u8, text: String, extra: Vec<u8> },
-    /// A session of the user logged in: the user's friends and blocked users, from the store.
-    Roster { friends: Vec<UserId>, blocks: Vec<UserId> },
-    /// The user's relation to `other` changed (stored already).
-    Change { other: UserId, friend: bool, blocks: bool },
+    /// A session of the user logged in: the user's audience (its friends and the users it
+    /// allowed to watch its presence) and blocked users, from the store.
+    Roster { audience: Vec<UserId>, blocks: Vec<UserId> },
+    /// The user's relation to `other` changed (stored already): whether `other` is in its
+    /// audience now, and whether the user blocks it.
+    Change { other: UserId, sees: bool, blocks: bool },
     /// `asker` wants the presence of `users` (all owned by the owner of `user`, the first of
     /// them); answered with a `PRESENCE_LIST`.
     Ask { asker: UserId, users: Vec<UserId> },
     /// The user's previous owner hands its presence over (the user's partition moved); not
-    /// answered, nobody told (its friends know it already).
+    /// answered, nobody told (its audience knows it already).
     Handover {
         state: u8,
         text: String,
         extra: Vec<u8>,
         since_ms: u64,
-        friends: Option<Vec<UserId>>,
+        audience: Option<Vec<UserId>>,
         blocks: Vec<UserId>,
         shown: u8,
     },

@@ -534,6 +534,11 @@ pub enum ErrorCode {
     /// A presence request is invalid (unknown state, a text or extra data over its limit, no
     /// ids or more than `presence_query_max`).
     InvalidPresence = 96,
+    /// A watch request for a user one watches already.
+    AlreadyWatching = 97,
+    /// Allow or deny without a pending watch request; unwatch without a watch or request;
+    /// revoke of a user who does not watch this one.
+    NoWatch = 98,
     /// No login within `login_timeout_ms` of connecting. The connection is closed.
     LoginTimeout = 40,
     /// No bytes received within `idle_timeout_ms`. The connection is closed.
@@ -658,6 +663,8 @@ impl ErrorCode {
             94 => TooManyFriends,
             95 => InvalidRoster,
             96 => InvalidPresence,
+            97 => AlreadyWatching,
+            98 => NoWatch,
             40 => LoginTimeout,
             41 => IdleTimeout,
             42 => Replaced,
@@ -733,6 +740,8 @@ impl ErrorCode {
             TooManyFriends => "too many friends",
             InvalidRoster => "invalid roster request",
             InvalidPresence => "invalid presence request",
+            AlreadyWatching => "already watching",
+            NoWatch => "no such watch or watch request",
             LoginTimeout => "login timeout",
             IdleTimeout => "idle timeout",
             Replaced => "replaced by a newer login",
@@ -1089,6 +1098,16 @@ pub mod roster_action {
     pub const UNBLOCK: u8 = 6;
     /// Withdraw one's own pending request.
     pub const CANCEL: u8 = 7;
+    /// Ask to see `user`'s presence without a friendship (again while pending: a reminder).
+    pub const WATCH: u8 = 8;
+    /// Let `user`, who asked, see this user's presence.
+    pub const ALLOW: u8 = 9;
+    /// Turn `user`'s watch request down.
+    pub const DENY: u8 = 10;
+    /// Stop watching `user`, or withdraw one's own watch request.
+    pub const UNWATCH: u8 = 11;
+    /// Stop `user` watching this user's presence.
+    pub const REVOKE: u8 = 12;
 }
 
 /// `RosterGet::list`.
@@ -1100,6 +1119,14 @@ pub mod roster_list {
     pub const OUTGOING: u8 = 2;
     /// Users this user blocks.
     pub const BLOCKED: u8 = 3;
+    /// Users who see this user's presence by a watch.
+    pub const WATCHERS: u8 = 4;
+    /// Users whose presence this user sees by a watch.
+    pub const WATCHING: u8 = 5;
+    /// Watch requests others sent this user.
+    pub const WATCH_INCOMING: u8 = 6;
+    /// Watch requests this user sent.
+    pub const WATCH_OUTGOING: u8 = 7;
 }
 
 #[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq)]
@@ -1147,7 +1174,8 @@ pub struct RosterList {
 
 #[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq)]
 pub struct RosterNotice {
-    /// What happened ([`roster_action`]): REQUEST, ACCEPT, REJECT, REMOVE or CANCEL.
+    /// What happened ([`roster_action`]): any action but BLOCK and UNBLOCK (those only to the
+    /// acting user's own other sessions).
     pub event: u8,
     /// Who did it.
     pub from: u64,

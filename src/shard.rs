@@ -1513,8 +1513,9 @@ impl Shard {
     }
 }
 
-/// After a login: read the user's friends and the users it blocks, and hand them to its user
-/// owner, which keeps them for its presence (and tells the friends it came online).
+/// After a login: read the user's audience (its friends and the users it allowed to watch its
+/// presence) and the users it blocks, and hand them to its user owner, which keeps them for its
+/// presence (and tells the audience it came online).
 pub async fn presence_hello(shard: Rc<Shard>, user: UserId) {
     use protocol::roster_list as l;
     let store = shard.shared.store.clone();
@@ -1526,10 +1527,14 @@ pub async fn presence_hello(shard: Rc<Shard>, user: UserId) {
         .run(move || {
             let ids =
                 |list| store.roster_list(user, list, 0, max).map(|(e, _)| e.iter().map(|e| e.user).collect());
-            Ok::<_, StoreError>((ids(l::FRIENDS)?, ids(l::BLOCKED)?))
+            let mut audience: Vec<UserId> = ids(l::FRIENDS)?;
+            audience.extend(ids(l::WATCHERS)?);
+            audience.sort_unstable();
+            audience.dedup();
+            Ok::<_, StoreError>((audience, ids(l::BLOCKED)?))
         })
         .await;
-    let (friends, blocks) = match read {
+    let (audience, blocks) = match read {
         Ok(Ok(lists)) => lists,
         Ok(Err(e)) => return log::warn!("store: reading the roster of user {user}: {e}"),
         Err(e) => return log::warn!("store: reading the roster of user {user}: {e}"),
@@ -1537,7 +1542,7 @@ pub async fn presence_hello(shard: Rc<Shard>, user: UserId) {
     let msg = crate::envelope::PresenceMsg {
         user,
         origin: 0,
-        op: crate::envelope::PresenceOp::Roster { friends, blocks },
+        op: crate::envelope::PresenceOp::Roster { audience, blocks },
     };
     shard.post(shard.place(|p| p.user(user)), msg.envelope());
 }

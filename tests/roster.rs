@@ -1,7 +1,8 @@
 //! The roster over real sockets, on every store: friend requests with a note, accept, reject,
 //! cancel, remove, block and unblock; both users' sessions are told; the lists; a block stops
 //! the blocked user's messages and requests; `messages.require_friendship`; every refusal; and
-//! (durable stores) the roster surviving a restart.
+//! (durable stores) the roster surviving a restart. Presence watches: asked, allowed or denied,
+//! withdrawn, revoked, ended by a block; the watcher sees the presence (and only it does).
 
 mod common;
 use std::time::Duration;
@@ -9,7 +10,7 @@ use std::time::Duration;
 use common::*;
 use tim::{
     client::{Client, ClientError, Event},
-    protocol::{roster_action as act, roster_list as list, ErrorCode, RosterNotice},
+    protocol::{presence_state as ps, roster_action as act, roster_list as list, ErrorCode, RosterNotice},
 };
 
 /// The next roster notice `c` gets.
@@ -99,7 +100,7 @@ fn roster(store: &str) {
         code(a1.roster_action(act::REQUEST, carol_id.wrapping_add(4096 * 1000), "")),
         ErrorCode::UnknownUser
     );
-    assert_eq!(code(a1.roster_get(7, 0, 0)), ErrorCode::InvalidRoster);
+    assert_eq!(code(a1.roster_get(8, 0, 0)), ErrorCode::InvalidRoster);
 
     // Carol asks ann, then cancels; asks again, ann rejects.
     c.roster_action(act::REQUEST, ann_id, "").unwrap();
@@ -161,6 +162,158 @@ fn roster(store: &str) {
     }
 }
 
+/// The next presence notice of `user` in `state` that `c` gets (others skipped).
+fn wait_presence(c: &mut Client, user: u64, state: u8) {
+    loop {
+        match c.recv().expect("a presence notice") {
+            Event::PresenceNotice(p) if p.user == user && p.state == state => return,
+            Event::PresenceNotice(_) | Event::RosterNotice(_) | Event::CatchUpEnd(_) => {}
+            other => panic!("expected a presence notice, got {other:?}"),
+        }
+    }
+}
+
+/// Both a roster notice of `event` and a presence notice of `user` in `state`, in either order.
+fn wait_notice_and_presence(c: &mut Client, event: u8, user: u64, state: u8) {
+    let (mut notice, mut presence) = (false, false);
+    while !(notice && presence) {
+        match c.recv().expect("notices") {
+            Event::RosterNotice(n) if n.event == event => notice = true,
+            Event::PresenceNotice(p) if p.user == user && p.state == state => presence = true,
+            Event::PresenceNotice(_) | Event::RosterNotice(_) | Event::CatchUpEnd(_) => {}
+            other => panic!("expected notices, got {other:?}"),
+        }
+    }
+}
+
+/// No presence notice arrives at `c` within a short while.
+fn no_presence(c: &mut Client) {
+    c.set_timeout(Some(Duration::from_millis(300))).unwrap();
+    loop {
+        match c.recv() {
+            Err(_) => break,
+            Ok(Event::PresenceNotice(p)) => panic!("unexpected presence notice {p:?}"),
+            Ok(_) => {}
+        }
+    }
+    c.set_timeout(Some(Duration::from_secs(10))).unwrap();
+}
+
+/// Presence watches: ann asks to watch bob's presence, bob denies, then allows: ann (no friend)
+/// sees bob's presence, one way; the lists; every refusal; revoke, unwatch and a block end a
+/// watch; and (durable stores) a watch survives a restart.
+fn watches(store: &str) {
+    let body = pg::store_body(store);
+    let dir = tempfile::tempdir().unwrap();
+    let s = TestServer::start_in(dir, "io_uring", &body, "");
+    let (ann, ann_id) = s.register("ann");
+    let (bob, bob_id) = s.register("bob");
+    let (carol, carol_id) = s.register("carol");
+    let (mut a1, _) = s.login(&ann, 3);
+    let (mut a2, _) = s.login(&ann, 1);
+    let (mut b, _) = s.login(&bob, 3);
+    let (mut c, _) = s.login(&carol, 3);
+
+    // Asked: bob and ann's other session are told; the lists say so.
+    assert!(!a1.roster_action(act::WATCH, bob_id, "").unwrap().friends);
+    let want = RosterNotice { event: act::WATCH, from: ann_id, to: bob_id, note: String::new() };
+    assert_eq!(next_notice(&mut b), want);
+    assert_eq!(next_notice(&mut a2), want);
+    assert_eq!(users(&mut b, list::WATCH_INCOMING), [ann_id]);
+    assert_eq!(users(&mut a1, list::WATCH_OUTGOING), [bob_id]);
+    assert!(users(&mut b, list::INCOMING).is_empty(), "no friend request");
+    // Refusals.
+    assert_eq!(code(a1.roster_action(act::ALLOW, bob_id, "")), ErrorCode::NoWatch, "one's own request");
+    assert_eq!(code(b.roster_action(act::DENY, carol_id, "")), ErrorCode::NoWatch);
+    assert_eq!(code(b.roster_action(act::REVOKE, ann_id, "")), ErrorCode::NoWatch);
+    assert_eq!(code(c.roster_action(act::UNWATCH, bob_id, "")), ErrorCode::NoWatch);
+    assert_eq!(code(a1.roster_action(act::WATCH, ann_id, "")), ErrorCode::InvalidRoster);
+    assert_eq!(code(a1.roster_action(13, bob_id, "")), ErrorCode::InvalidRoster);
+    // Denied; asked again; allowed: ann learns where bob stands at once.
+    b.roster_action(act::DENY, ann_id, "").unwrap();
+    assert_eq!(next_notice(&mut a1).event, act::DENY);
+    assert!(users(&mut a1, list::WATCH_OUTGOING).is_empty());
+    a1.roster_action(act::WATCH, bob_id, "").unwrap();
+    assert_eq!(next_notice(&mut b).event, act::WATCH);
+    b.presence_set(ps::BUSY, "in a meeting", b"").unwrap();
+    no_presence(&mut a1);
+    b.roster_action(act::ALLOW, ann_id, "").unwrap();
+    wait_notice_and_presence(&mut a1, act::ALLOW, bob_id, ps::BUSY);
+    assert_eq!(users(&mut b, list::WATCHERS), [ann_id]);
+    assert_eq!(users(&mut a1, list::WATCHING), [bob_id]);
+    assert!(users(&mut a1, list::FRIENDS).is_empty());
+    assert_eq!(code(a1.roster_action(act::WATCH, bob_id, "")), ErrorCode::AlreadyWatching);
+    // One way: bob does not see ann's changes; ann sees bob's.
+    a1.presence_set(ps::AWAY, "", b"").unwrap();
+    no_presence(&mut b);
+    b.presence_set(ps::ONLINE, "", b"").unwrap();
+    wait_presence(&mut a1, bob_id, ps::ONLINE);
+    // Bob's last session ends and a new one begins: the watcher is told both (the new
+    // session's owner reads the watch from the store).
+    drop(b);
+    wait_presence(&mut a1, bob_id, ps::OFFLINE);
+    let (b, _) = s.login(&bob, 3);
+    wait_presence(&mut a1, bob_id, ps::ONLINE);
+
+    // The durable stores keep the watch across a restart.
+    let (s, mut a1, mut b, mut c) = if store != "memory" {
+        drop((a1, a2, b, c));
+        let dir = s.stop_keep();
+        let s = TestServer::start_in(dir, "io_uring", &body, "");
+        let (mut a1, _) = s.login(&ann, 3);
+        assert_eq!(users(&mut a1, list::WATCHING), [bob_id]);
+        let (b, _) = s.login(&bob, 3);
+        wait_presence(&mut a1, bob_id, ps::ONLINE);
+        let (c, _) = s.login(&carol, 3);
+        (s, a1, b, c)
+    } else {
+        drop(a2);
+        (s, a1, b, c)
+    };
+
+    // Revoked: ann hears it, and no more of bob's presence.
+    b.roster_action(act::REVOKE, ann_id, "").unwrap();
+    assert_eq!(next_notice(&mut a1).event, act::REVOKE);
+    assert!(users(&mut a1, list::WATCHING).is_empty());
+    b.presence_set(ps::AWAY, "", b"").unwrap();
+    no_presence(&mut a1);
+    // Carol watches ann (allowed), then stops: ann is told.
+    c.roster_action(act::WATCH, ann_id, "").unwrap();
+    a1.roster_action(act::ALLOW, carol_id, "").unwrap();
+    assert_eq!(wait_notice(&mut c, act::ALLOW).from, ann_id);
+    c.roster_action(act::UNWATCH, ann_id, "").unwrap();
+    assert_eq!(wait_notice(&mut a1, act::UNWATCH).from, carol_id);
+    assert!(users(&mut a1, list::WATCHERS).is_empty());
+    // A block ends a watch: carol, allowed again, learns only that it was revoked; a blocked
+    // user cannot ask.
+    c.roster_action(act::WATCH, ann_id, "").unwrap();
+    wait_notice(&mut a1, act::WATCH);
+    a1.roster_action(act::ALLOW, carol_id, "").unwrap();
+    wait_notice(&mut c, act::ALLOW);
+    a1.roster_action(act::BLOCK, carol_id, "").unwrap();
+    assert_eq!(wait_notice(&mut c, act::REVOKE).from, ann_id);
+    assert!(users(&mut c, list::WATCHING).is_empty());
+    assert_eq!(code(c.roster_action(act::WATCH, ann_id, "")), ErrorCode::Blocked);
+    a1.presence_set(ps::BUSY, "", b"").unwrap();
+    no_presence(&mut c);
+    drop(s);
+}
+
+#[test]
+fn watches_embedded() {
+    watches("embedded");
+}
+
+#[test]
+fn watches_memory() {
+    watches("memory");
+}
+
+#[test]
+fn watches_postgres() {
+    watches("postgres");
+}
+
 #[test]
 fn roster_embedded() {
     roster("embedded");
@@ -177,7 +330,8 @@ fn roster_postgres() {
 }
 
 /// `messages.require_friendship`: 1:1 messages only between friends (notes to oneself pass);
-/// `roster_entries_max` bounds friends and outgoing requests.
+/// `roster_entries_max` bounds friends, outgoing requests and watches, and (on their own) the
+/// watchers a user allows; a watch does not make messages pass.
 #[test]
 fn friendship_required_and_limits() {
     let s = TestServer::start(
@@ -186,13 +340,26 @@ fn friendship_required_and_limits() {
     );
     let (ann, ann_id) = s.register("ann");
     let (bob, bob_id) = s.register("bob");
-    let (_, carol_id) = s.register("carol");
+    let (carol, carol_id) = s.register("carol");
     let (mut a, _) = s.login(&ann, 3);
     let (mut b, _) = s.login(&bob, 3);
+    let (mut c, _) = s.login(&carol, 3);
     assert_eq!(code(a.send_wait(bob_id, 1, b"hi")), ErrorCode::NotFriends);
     a.send_wait(ann_id, 1, b"note to self").unwrap();
     a.roster_action(act::REQUEST, bob_id, "").unwrap();
     assert_eq!(code(a.roster_action(act::REQUEST, carol_id, "")), ErrorCode::TooManyFriends);
+    assert_eq!(code(a.roster_action(act::WATCH, carol_id, "")), ErrorCode::TooManyFriends);
+    // Carol may allow one watcher: bob; dave's ask waits until bob's watch is revoked. A watch
+    // does not make messages pass.
+    let (dave, dave_id) = s.register("dave");
+    let (mut d, _) = s.login(&dave, 3);
+    b.roster_action(act::WATCH, carol_id, "").unwrap();
+    d.roster_action(act::WATCH, carol_id, "").unwrap();
+    c.roster_action(act::ALLOW, bob_id, "").unwrap();
+    assert_eq!(code(c.roster_action(act::ALLOW, dave_id, "")), ErrorCode::TooManyFriends);
+    c.roster_action(act::REVOKE, bob_id, "").unwrap();
+    c.roster_action(act::ALLOW, dave_id, "").unwrap();
+    assert_eq!(code(c.send_wait(dave_id, 1, b"watching me?")), ErrorCode::NotFriends);
     b.roster_action(act::ACCEPT, ann_id, "").unwrap();
     // The conversation owner learned the new flags: the refused send now goes through.
     a.send_wait(bob_id, 2, b"hi, friend").unwrap();

@@ -34,7 +34,7 @@ struct UserLive {
     sessions: Vec<LiveSession>,
     /// (token hash, expiry in ms since the epoch).
     tokens: Vec<([u8; 32], u64)>,
-    /// Its presence, once it set one or a session said who its friends are.
+    /// Its presence, once it set one or a session said who its audience is.
     presence: Option<Box<Presence>>,
 }
 
@@ -46,16 +46,16 @@ struct Presence {
     text: String,
     extra: Vec<u8>,
     since_ms: u64,
-    /// Its friends (`None`: not known yet), who are told of its changes, and the users it
-    /// blocks, who see it offline.
-    friends: Option<Vec<UserId>>,
+    /// Its audience (`None`: not known yet): its friends and the users it allowed to watch its
+    /// presence, who are told of its changes; and the users it blocks, who see it offline.
+    audience: Option<Vec<UserId>>,
     blocks: Vec<UserId>,
-    /// The state its friends were last told (OFFLINE before the first).
+    /// The state its audience was last told (OFFLINE before the first).
     shown: u8,
-    /// Roster changes that came before its friends were known (at most
+    /// Roster changes that came before its audience were known (at most
     /// [`PRESENCE_PENDING_MAX`]).
     pending: Vec<(UserId, bool, bool)>,
-    /// A notice to friends waits for the end of the coalescing window (`forced`: its text or
+    /// A notice to its audience waits for the end of the coalescing window (`forced`: its text or
     /// extra data changed).
     dirty: bool,
     forced: bool,
@@ -64,20 +64,20 @@ struct Presence {
 /// A one-shot token handed to a user's new owner: user, token hash, expiry.
 pub type HandedToken = (UserId, [u8; 32], u64);
 
-/// Roster changes a user owner keeps for a user whose friends it is still waiting for.
+/// Roster changes a user owner keeps for a user whose audience it is still waiting for.
 const PRESENCE_PENDING_MAX: usize = 64;
 
 impl Presence {
-    /// The user's relation to `other` changed; whether `other` just became a friend.
-    fn change(&mut self, other: UserId, friend: bool, blocks: bool) -> bool {
+    /// The user's relation to `other` changed; whether `other` just joined its audience.
+    fn change(&mut self, other: UserId, sees: bool, blocks: bool) -> bool {
         let mut became = false;
-        if let Some(f) = self.friends.as_mut() {
+        if let Some(f) = self.audience.as_mut() {
             let was = f.contains(&other);
             f.retain(|&u| u != other);
-            if friend {
+            if sees {
                 f.push(other);
             }
-            became = friend && !was;
+            became = sees && !was;
         }
         self.blocks.retain(|&u| u != other);
         if blocks {
@@ -142,7 +142,7 @@ pub struct UserOwner {
     banned: HashMap<UserId, u64, RandomState>,
     /// `sessions.presence_auto_offline`.
     auto_offline: bool,
-    /// `limits.presence_coalesce_ms` (0: no coalescing), and the users whose friends wait for
+    /// `limits.presence_coalesce_ms` (0: no coalescing), and the users whose audience waits for
     /// a notice.
     coalesce_ms: u64,
     dirty: Vec<UserId>,
@@ -167,14 +167,14 @@ impl UserOwner {
         }
     }
 
-    /// Coalesce each user's presence notices to friends over `ms` (0: none).
+    /// Coalesce each user's presence notices to their audiences over `ms` (0: none).
     pub fn with_presence_coalescing(mut self, ms: u64) -> UserOwner {
         self.coalesce_ms = ms;
         self
     }
 
     /// The end of a coalescing window: the users whose presence changed meanwhile tell their
-    /// friends where they stand now.
+    /// audience where they stand now.
     pub fn flush_presence(&mut self, now: u64, out: &mut Effects) {
         for user in std::mem::take(&mut self.dirty) {
             let Some(p) = self.users.get_mut(&user).and_then(|l| l.presence.as_deref_mut()) else { continue };
@@ -212,32 +212,32 @@ impl UserOwner {
                 out.push(Effect::Post(origin.owner(), answer));
                 self.announce(m.user, changed, now, out);
             }
-            PresenceOp::Roster { friends, blocks } => {
+            PresenceOp::Roster { audience, blocks } => {
                 let live = self.users.entry(m.user).or_default();
                 let p = live.presence.get_or_insert_with(Default::default);
-                p.friends = Some(friends);
+                p.audience = Some(audience);
                 p.blocks = blocks;
                 // Changes that came while the roster was being read are newer than what it read
                 // (or the same): made again on top.
-                for (other, friend, blocks) in std::mem::take(&mut p.pending) {
-                    p.change(other, friend, blocks);
+                for (other, sees, blocks) in std::mem::take(&mut p.pending) {
+                    p.change(other, sees, blocks);
                 }
                 self.announce(m.user, false, now, out);
             }
-            PresenceOp::Change { other, friend, blocks } => {
+            PresenceOp::Change { other, sees, blocks } => {
                 // Kept only for a user with live state: a login's roster read may be in flight.
                 let Some(live) = self.users.get_mut(&m.user) else { return };
                 let p = live.presence.get_or_insert_with(Default::default);
-                if p.friends.is_none() {
+                if p.audience.is_none() {
                     if p.pending.len() >= PRESENCE_PENDING_MAX {
                         p.pending.remove(0);
                     }
-                    p.pending.push((other, friend, blocks));
+                    p.pending.push((other, sees, blocks));
                     return;
                 }
-                let became_friend = p.change(other, friend, blocks);
-                if became_friend {
-                    // A new friend learns where this user stands.
+                let joined = p.change(other, sees, blocks);
+                if joined {
+                    // A new member of the audience learns where this user stands.
                     let entry = live.entry(m.user, other, self.auto_offline);
                     if entry.state != presence_state::OFFLINE {
                         let frame = Bytes::from(crate::frame::encode(kind::PRESENCE_NOTICE, &entry));
@@ -245,20 +245,20 @@ impl UserOwner {
                     }
                 }
             }
-            PresenceOp::Handover { state, text, extra, since_ms, friends, blocks, shown } => {
+            PresenceOp::Handover { state, text, extra, since_ms, audience, blocks, shown } => {
                 // What this owner learned itself since the move (a set, a login's roster) is newer.
                 let live = self.users.entry(m.user).or_default();
                 let p = live.presence.get_or_insert_with(Default::default);
                 if p.state == 0 && p.text.is_empty() && p.extra.is_empty() {
                     (p.state, p.text, p.extra, p.since_ms) = (state, text, extra, since_ms);
                 }
-                if p.friends.is_none() {
-                    if let Some(friends) = friends {
-                        p.friends = Some(friends);
+                if p.audience.is_none() {
+                    if let Some(audience) = audience {
+                        p.audience = Some(audience);
                         p.blocks = blocks;
                         p.shown = shown;
-                        for (other, friend, blocks) in std::mem::take(&mut p.pending) {
-                            p.change(other, friend, blocks);
+                        for (other, sees, blocks) in std::mem::take(&mut p.pending) {
+                            p.change(other, sees, blocks);
                         }
                     }
                 }
@@ -286,8 +286,8 @@ impl UserOwner {
         }
     }
 
-    /// Tell `user`'s friends (those it does not block) its presence if what they see changed
-    /// (or, with `force`, its text did), once its friends are known.
+    /// Tell `user`'s audience (those it does not block) its presence if what they see changed
+    /// (or, with `force`, its text did), once its audience is known.
     fn announce(&mut self, user: UserId, force: bool, now: u64, out: &mut Effects) {
         if self.coalesce_ms == 0 {
             return self.announce_now(user, force, now, out);
@@ -306,7 +306,7 @@ impl UserOwner {
         let Some(live) = self.users.get_mut(&user) else { return };
         let visible = live.visible(auto_offline);
         let Some(p) = live.presence.as_deref_mut() else { return };
-        let Some(friends) = p.friends.as_ref() else { return };
+        let Some(audience) = p.audience.as_ref() else { return };
         if visible == p.shown && !(force && visible != presence_state::OFFLINE) {
             return;
         }
@@ -314,7 +314,7 @@ impl UserOwner {
             p.since_ms = now;
         }
         p.shown = visible;
-        let users: Vec<UserId> = friends.iter().copied().filter(|f| !p.blocks.contains(f)).collect();
+        let users: Vec<UserId> = audience.iter().copied().filter(|f| !p.blocks.contains(f)).collect();
         if users.is_empty() {
             return;
         }
@@ -338,7 +338,7 @@ impl UserOwner {
             let session = s.session;
             out.push(Effect::Post(session.owner(), Envelope::Kick { session, reason: ErrorCode::Banned }));
         }
-        // Its friends see it go OFFLINE now (its presence is forgotten with it, whatever
+        // Its audience sees it go OFFLINE now (its presence is forgotten with it, whatever
         // `presence_auto_offline` says): the kicked sessions' ends find nothing left to announce.
         let keep = std::mem::replace(&mut self.auto_offline, true);
         self.announce_now(user, false, now, out);
@@ -485,8 +485,8 @@ impl UserOwner {
             if !owns(u) {
                 handed.extend(live.tokens.iter().filter(|&&(_, exp)| exp > now).map(|&(h, exp)| (u, h, exp)));
                 if let Some(p) = live.presence.take() {
-                    let Presence { state, text, extra, since_ms, friends, blocks, shown, .. } = *p;
-                    let op = PresenceOp::Handover { state, text, extra, since_ms, friends, blocks, shown };
+                    let Presence { state, text, extra, since_ms, audience, blocks, shown, .. } = *p;
+                    let op = PresenceOp::Handover { state, text, extra, since_ms, audience, blocks, shown };
                     presences.push(PresenceMsg { user: u, origin: 0, op });
                 }
                 return false;
@@ -498,7 +498,7 @@ impl UserOwner {
     }
 
     /// A logged-in session ended (or a login's connection ended before it was answered).
-    /// When its last session ends, the user goes offline (friends are told) and, with
+    /// When its last session ends, the user goes offline (its audience is told) and, with
     /// `presence_auto_offline`, its presence is forgotten.
     pub fn detach(&mut self, user: UserId, session: SessionRef, now: u64, out: &mut Effects) {
         let Some(live) = self.users.get_mut(&user) else { return };
@@ -654,7 +654,7 @@ mod tests {
     }
 
     /// A user whose partition moves keeps its presence: the old owner hands over what it set and
-    /// who its friends are, and the new owner answers with it (and tells friends of changes).
+    /// who its audience is, and the new owner answers with it (and tells its audience of changes).
     #[test]
     fn presence_moves_with_the_partition() {
         let policy = SessionPolicy { presence_auto_offline: false, ..SessionPolicy::default() };
@@ -662,7 +662,7 @@ mod tests {
         let mut new = UserOwner::new(policy, 4, RandomState::new());
         let (ann, bob) = (7, 9);
         let mut out = Effects::new();
-        let roster = PresenceOp::Roster { friends: vec![bob], blocks: vec![] };
+        let roster = PresenceOp::Roster { audience: vec![bob], blocks: vec![] };
         old.presence(PresenceMsg { user: ann, origin: 0, op: roster }, 1, &mut out);
         let set = PresenceOp::Set { state: presence_state::BUSY, text: "meeting".into(), extra: vec![] };
         old.presence(PresenceMsg { user: ann, origin: 0, op: set }, 2, &mut out);
@@ -674,7 +674,7 @@ mod tests {
         }
         let e = ask(&mut new, ann, bob);
         assert_eq!((e.state, e.text.as_str(), e.since_ms), (presence_state::BUSY, "meeting", 2));
-        // Its friends are known at the new owner: a change reaches bob.
+        // Its audience is known at the new owner: a change reaches bob.
         let mut out = Effects::new();
         let set = PresenceOp::Set { state: presence_state::AWAY, text: String::new(), extra: vec![] };
         new.presence(PresenceMsg { user: ann, origin: 0, op: set }, 5, &mut out);

@@ -1040,7 +1040,7 @@ impl Requests<'_> {
         let k = kind::ROSTER_ACTION;
         let me = self.session.user();
         let l = &self.shard.cfg().limits;
-        if !(act::REQUEST..=act::CANCEL).contains(&action)
+        if !(act::REQUEST..=act::REVOKE).contains(&action)
             || other == 0
             || other == me
             || is_group_id(other)
@@ -1072,15 +1072,16 @@ impl Requests<'_> {
         {
             return self.error(code, k);
         }
-        // Both users' presence owners keep who is a friend (told of changes) and who is blocked.
-        for (user, other, blocks) in [(me, other, out.me.blocks), (other, me, out.them.blocks)] {
-            let op = PresenceOp::Change { other, friend: out.friends(), blocks };
+        // Both users' presence owners keep who is told of changes (a friend or an allowed
+        // watcher) and who is blocked.
+        for (user, other, side) in [(me, other, &out.me), (other, me, &out.them)] {
+            let op = PresenceOp::Change { other, sees: side.shows_presence(), blocks: side.blocks };
             let msg = PresenceMsg { user, origin: 0, op };
             self.shard.post(self.shard.place(|p| p.user(user)), msg.envelope());
         }
         // The other user hears what it may see (never of a block); this user's other sessions
         // hear the action itself, blocks included.
-        let own = if matches!(action, act::BLOCK | act::UNBLOCK) { Some(action) } else { out.notice };
+        let own = if matches!(action, act::BLOCK | act::UNBLOCK) { vec![action] } else { out.notices.clone() };
         let notice = |event| {
             let note = if event == act::REQUEST { note.clone() } else { String::new() };
             Bytes::from(frame::encode(
@@ -1088,7 +1089,7 @@ impl Requests<'_> {
                 &protocol::RosterNotice { event, from: me, to: other, note },
             ))
         };
-        if let Some(event) = out.notice {
+        for &event in &out.notices {
             let env = Envelope::Fanout {
                 user: other,
                 skip: crate::envelope::SessionRef::NONE,
@@ -1096,7 +1097,7 @@ impl Requests<'_> {
             };
             self.shard.post(self.shard.place(|p| p.user(other)), env);
         }
-        if let Some(event) = own {
+        for event in own {
             let env = Envelope::Fanout { user: me, skip: self.session.id, frame: notice(event) };
             self.shard.post(self.shard.place(|p| p.user(me)), env);
         }
@@ -1184,7 +1185,7 @@ impl Requests<'_> {
 
     /// One of this account's roster lists, from the store.
     async fn roster_get(&self, list: u8, after: u64, limit: u32) -> Flow {
-        if list > protocol::roster_list::BLOCKED {
+        if list > protocol::roster_list::WATCH_OUTGOING {
             return self.error(ErrorCode::InvalidRoster, kind::ROSTER_GET);
         }
         let max = self.shard.cfg().limits.group_page_max;

@@ -32,7 +32,7 @@ use crate::{
 };
 
 /// Schema version written by this build.
-pub const SCHEMA_VERSION: i64 = 9;
+pub const SCHEMA_VERSION: i64 = 10;
 
 const SCHEMA_V1: &str = "
 CREATE TABLE accounts (
@@ -189,6 +189,12 @@ CREATE TABLE roster (
 ) WITHOUT ROWID;
 ";
 
+/// Version 10: presence watches on the roster ([`crate::roster::watch`] bits, and since when).
+const SCHEMA_V10: &str = "
+ALTER TABLE roster ADD COLUMN watch INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE roster ADD COLUMN watch_since_ms INTEGER NOT NULL DEFAULT 0;
+";
+
 const SCHEMA_V6: &str = "
 CREATE TABLE profiles (
     user_id    INTEGER PRIMARY KEY,
@@ -300,6 +306,12 @@ fn migrate(conn: &mut Connection) -> anyhow::Result<()> {
         let tx = conn.transaction()?;
         tx.execute_batch(SCHEMA_V9)?;
         tx.pragma_update(None, "user_version", 9)?;
+        tx.commit()?;
+    }
+    if version < 10 {
+        let tx = conn.transaction()?;
+        tx.execute_batch(SCHEMA_V10)?;
+        tx.pragma_update(None, "user_version", 10)?;
         tx.commit()?;
     }
     Ok(())
@@ -459,15 +471,19 @@ fn commit(conn: &mut Connection, jobs: &[Job]) -> rusqlite::Result<Vec<Duplicate
 
 /// `user`'s side of its pair with `other` (empty without a row).
 fn side(c: &Connection, user: UserId, other: UserId) -> rusqlite::Result<crate::roster::Side> {
-    c.prepare_cached("SELECT state, blocks, note, since_ms FROM roster WHERE user = ?1 AND other = ?2")?
-        .query_row(params![i(user), i(other)], |r| {
-            Ok(crate::roster::Side {
-                state: r.get(0)?,
-                blocks: r.get(1)?,
-                note: r.get(2)?,
-                since_ms: u(r.get(3)?),
-            })
+    c.prepare_cached(
+        "SELECT state, blocks, note, since_ms, watch, watch_since_ms FROM roster WHERE user = ?1 AND other = ?2",
+    )?
+    .query_row(params![i(user), i(other)], |r| {
+        Ok(crate::roster::Side {
+            state: r.get(0)?,
+            blocks: r.get(1)?,
+            note: r.get(2)?,
+            since_ms: u(r.get(3)?),
+            watch: r.get(4)?,
+            watch_since_ms: u(r.get(5)?),
         })
+    })
         .optional()
         .map(Option::unwrap_or_default)
 }
@@ -479,24 +495,46 @@ fn put_side(c: &Connection, user: UserId, other: UserId, s: &crate::roster::Side
             .execute(params![i(user), i(other)])?;
     } else {
         c.prepare_cached(
-            "INSERT INTO roster (user, other, state, blocks, note, since_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+            "INSERT INTO roster (user, other, state, blocks, note, since_ms, watch, watch_since_ms)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
              ON CONFLICT (user, other) DO UPDATE SET state = excluded.state, blocks = excluded.blocks,
-                 note = excluded.note, since_ms = excluded.since_ms",
+                 note = excluded.note, since_ms = excluded.since_ms, watch = excluded.watch,
+                 watch_since_ms = excluded.watch_since_ms",
         )?
-        .execute(params![i(user), i(other), s.state, s.blocks, s.note, i(s.since_ms)])?;
+        .execute(params![
+            i(user),
+            i(other),
+            s.state,
+            s.blocks,
+            s.note,
+            i(s.since_ms),
+            s.watch,
+            i(s.watch_since_ms)
+        ])?;
     }
     Ok(())
 }
 
-/// The SQL condition of a roster list ([`crate::protocol::roster_list`]; an unknown list: none).
-pub(crate) fn roster_filter(list: u8) -> &'static str {
+/// A roster list ([`crate::protocol::roster_list`]) in SQL: the condition on a row (an unknown
+/// list: none), and the columns of its entries' `since_ms` and `note` (what
+/// [`crate::roster::Side::listed`] says).
+pub(crate) fn roster_filter(list: u8) -> (&'static str, &'static str, &'static str) {
     use crate::protocol::roster_list as l;
-    match list {
+    let cond = match list {
         l::FRIENDS => "state = 3",
         l::INCOMING => "state = 2",
         l::OUTGOING => "state = 1",
         l::BLOCKED => "blocks",
+        l::WATCHERS => "(watch & 4) <> 0",
+        l::WATCHING => "(watch & 1) <> 0",
+        l::WATCH_INCOMING => "(watch & 8) <> 0",
+        l::WATCH_OUTGOING => "(watch & 2) <> 0",
         _ => "false",
+    };
+    match list {
+        l::INCOMING | l::OUTGOING => (cond, "since_ms", "note"),
+        l::FRIENDS | l::BLOCKED => (cond, "since_ms", "''"),
+        _ => (cond, "watch_since_ms", "''"),
     }
 }
 
@@ -960,7 +998,7 @@ impl Store for EmbeddedStore {
             }
             let (me, them) = (side(&tx, user, other)?, side(&tx, other, user)?);
             let count: i64 = tx.query_row(
-                "SELECT count(*) FROM roster WHERE user = ?1 AND state IN (1, 3)",
+                &format!("SELECT count(*) FROM roster WHERE user = ?1 AND {}", crate::roster::count_filter(action)),
                 params![i(user)],
                 |r| r.get(0),
             )?;
@@ -983,9 +1021,9 @@ impl Store for EmbeddedStore {
         after: u64,
         limit: usize,
     ) -> Result<(Vec<crate::protocol::RosterEntry>, bool), StoreError> {
-        let filter = roster_filter(list);
+        let (filter, since, note) = roster_filter(list);
         let sql = format!(
-            "SELECT other, since_ms, note FROM roster WHERE user = ?1 AND other > ?2 AND {filter} ORDER BY other LIMIT ?3"
+            "SELECT other, {since}, {note} FROM roster WHERE user = ?1 AND other > ?2 AND {filter} ORDER BY other LIMIT ?3"
         );
         self.with_reader(|c| {
             let mut st = c.prepare_cached(&sql)?;

@@ -142,8 +142,8 @@ impl MemoryInner {
 
     /// Apply another replica's roster change unless this one holds a later one.
     fn put_pair(&mut self, user: UserId, other: UserId, me: crate::roster::Side, them: crate::roster::Side) {
-        let held = self.side(user, other).since_ms.max(self.side(other, user).since_ms);
-        if held <= me.since_ms.max(them.since_ms) {
+        let held = self.side(user, other).changed_ms().max(self.side(other, user).changed_ms());
+        if held <= me.changed_ms().max(them.changed_ms()) {
             self.put_side(user, other, me);
             self.put_side(other, user, them);
         }
@@ -561,11 +561,7 @@ impl Store for MemoryStore {
             return Ok(Err(crate::protocol::ErrorCode::UnknownUser));
         }
         let (me, them) = (g.side(user, other), g.side(other, user));
-        let count = g.roster.get(&user).map_or(0, |m| {
-            m.values()
-                .filter(|s| matches!(s.state, crate::roster::state::OUTGOING | crate::roster::state::FRIEND))
-                .count()
-        });
+        let count = g.roster.get(&user).map_or(0, |m| m.values().filter(|s| crate::roster::counted(s, action)).count());
         let out = match crate::roster::apply(&me, &them, action, note, now_ms, count, max) {
             Ok(out) => out,
             Err(code) => return Ok(Err(code)),
@@ -584,18 +580,14 @@ impl Store for MemoryStore {
         after: u64,
         limit: usize,
     ) -> Result<(Vec<crate::protocol::RosterEntry>, bool), StoreError> {
-        use crate::{protocol::roster_list as l, roster::state};
         let g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         let Some(sides) = g.roster.get(&user) else { return Ok((Vec::new(), false)) };
-        let keep = |s: &crate::roster::Side| match list {
-            l::FRIENDS => s.state == state::FRIEND,
-            l::INCOMING => s.state == state::INCOMING,
-            l::OUTGOING => s.state == state::OUTGOING,
-            l::BLOCKED => s.blocks,
-            _ => false,
-        };
-        let mut it = sides.range(after.saturating_add(1)..).filter(|(_, s)| keep(s)).map(|(&u, s)| {
-            crate::protocol::RosterEntry { user: u, since_ms: s.since_ms, note: s.note.clone() }
+        use crate::protocol::roster_list as l;
+        let with_note = list == l::INCOMING || list == l::OUTGOING;
+        let mut it = sides.range(after.saturating_add(1)..).filter_map(|(&u, s)| {
+            let since_ms = s.listed(list)?;
+            let note = if with_note { s.note.clone() } else { String::new() };
+            Some(crate::protocol::RosterEntry { user: u, since_ms, note })
         });
         let entries: Vec<_> = it.by_ref().take(limit).collect();
         let more = it.next().is_some();

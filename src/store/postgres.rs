@@ -53,7 +53,7 @@ use crate::{
 };
 
 /// Schema version written by this build.
-pub const SCHEMA_VERSION: i32 = 9;
+pub const SCHEMA_VERSION: i32 = 10;
 
 const SCHEMA_V1: &str = "
 CREATE SEQUENCE user_ids;
@@ -583,6 +583,12 @@ CREATE TABLE IF NOT EXISTS roster (
 );
 ";
 
+/// Version 10: presence watches on the roster ([`crate::roster::watch`] bits, and since when).
+const SCHEMA_V10: &str = "
+ALTER TABLE roster ADD COLUMN IF NOT EXISTS watch int2 NOT NULL DEFAULT 0;
+ALTER TABLE roster ADD COLUMN IF NOT EXISTS watch_since_ms int8 NOT NULL DEFAULT 0;
+";
+
 async fn migrate(r: &Range) -> Result<(), StoreError> {
     let mut conn = r.conn().await?;
     let client = &mut conn.client.as_mut().expect("present").client;
@@ -664,6 +670,10 @@ async fn migrate(r: &Range) -> Result<(), StoreError> {
     if version < 9 {
         tx.batch_execute(SCHEMA_V9).await.map_err(pg_err)?;
         tx.execute("INSERT INTO tim_schema (version) VALUES (9)", &[]).await.map_err(pg_err)?;
+    }
+    if version < 10 {
+        tx.batch_execute(SCHEMA_V10).await.map_err(pg_err)?;
+        tx.execute("INSERT INTO tim_schema (version) VALUES (10)", &[]).await.map_err(pg_err)?;
     }
     tx.commit().await.map_err(pg_err)?;
     conn.reusable.store(true, Ordering::Relaxed);
@@ -884,7 +894,7 @@ async fn roster_tx(
     c.batch_execute("BEGIN").await?;
     let rows = c
         .query(
-            "SELECT user_id, state, blocks, note, since_ms FROM roster
+            "SELECT user_id, state, blocks, note, since_ms, watch, watch_since_ms FROM roster
              WHERE (user_id = $1 AND other = $2) OR (user_id = $2 AND other = $1) FOR UPDATE",
             &[&i(user), &i(other)],
         )
@@ -897,6 +907,8 @@ async fn roster_tx(
             blocks: r.get(2),
             note: r.get(3),
             since_ms: u(r.get(4)),
+            watch: r.get::<_, i16>(5) as u8,
+            watch_since_ms: u(r.get(6)),
         };
     }
     let out = match crate::roster::apply(&me, &them, action, note, now_ms, count, max) {
@@ -908,10 +920,21 @@ async fn roster_tx(
             c.execute("DELETE FROM roster WHERE user_id = $1 AND other = $2", &[&i(a), &i(b)]).await?;
         } else {
             c.execute(
-                "INSERT INTO roster (user_id, other, state, blocks, note, since_ms) VALUES ($1, $2, $3, $4, $5, $6)
+                "INSERT INTO roster (user_id, other, state, blocks, note, since_ms, watch, watch_since_ms)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
                  ON CONFLICT (user_id, other) DO UPDATE SET state = excluded.state, blocks = excluded.blocks,
-                     note = excluded.note, since_ms = excluded.since_ms",
-                &[&i(a), &i(b), &(s.state as i16), &s.blocks, &s.note, &i(s.since_ms)],
+                     note = excluded.note, since_ms = excluded.since_ms, watch = excluded.watch,
+                     watch_since_ms = excluded.watch_since_ms",
+                &[
+                    &i(a),
+                    &i(b),
+                    &(s.state as i16),
+                    &s.blocks,
+                    &s.note,
+                    &i(s.since_ms),
+                    &(s.watch as i16),
+                    &i(s.watch_since_ms),
+                ],
             )
             .await?;
         }
@@ -1604,15 +1627,14 @@ impl Store for PostgresStore {
             return Ok(Err(ErrorCode::UnknownUser));
         }
         // The count spans every range; the pair's two rows change in one transaction on its own.
-        let counts = self.on_every_range(move |range| async move {
-            let conn = range.conn().await?;
-            let row = conn
-                .timed(conn.client().query_one(
-                    "SELECT count(*) FROM roster WHERE user_id = $1 AND state IN (1, 3)",
-                    &[&i(user)],
-                ))
-                .await?;
-            Ok(row.get::<_, i64>(0) as usize)
+        let sql = format!("SELECT count(*) FROM roster WHERE user_id = $1 AND {}", crate::roster::count_filter(action));
+        let counts = self.on_every_range(move |range| {
+            let sql = sql.clone();
+            async move {
+                let conn = range.conn().await?;
+                let row = conn.timed(conn.client().query_one(&sql, &[&i(user)])).await?;
+                Ok(row.get::<_, i64>(0) as usize)
+            }
         })?;
         let count: usize = counts.into_iter().sum();
         let range = self.conv_range(crate::placement::direct_key(user, other)).clone();
@@ -1635,9 +1657,9 @@ impl Store for PostgresStore {
         after: u64,
         limit: usize,
     ) -> Result<(Vec<crate::protocol::RosterEntry>, bool), StoreError> {
-        let filter = super::embedded::roster_filter(list);
+        let (filter, since, note) = super::embedded::roster_filter(list);
         let sql = format!(
-            "SELECT other, since_ms, note FROM roster WHERE user_id = $1 AND other > $2 AND {filter}
+            "SELECT other, {since}, {note}::text FROM roster WHERE user_id = $1 AND other > $2 AND {filter}
              ORDER BY other LIMIT $3"
         );
         let count = i64::try_from(limit).unwrap_or(i64::MAX).saturating_add(1);
