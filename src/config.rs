@@ -393,7 +393,8 @@ pub struct Limits {
     /// A user's presence changes within this window reach its friends as one notice (the
     /// latest); 0: each change at once.
     pub presence_coalesce_ms: u64,
-    /// Friends plus outgoing friend requests one user may have (TooManyFriends).
+    /// Friends plus outgoing friend requests, watches and outgoing watch requests one user may
+    /// have; and, on their own, the users it allows to watch its presence (TooManyFriends).
     pub roster_entries_max: usize,
     /// Bytes of a friend request's note (InvalidRoster).
     pub roster_note_bytes_max: usize,
@@ -985,7 +986,7 @@ unknown_recipients_per_connection_per_minute_max = 32 # sends to missing account
 typing_per_session_per_minute_max = 120 # typing notices per session; beyond: RateLimited
 reads_per_session_per_minute_max = 600 # read receipts per session; beyond: RateLimited
 receipts_live_members_max = 100     # groups up to this size push read receipts live; larger: counts on request
-roster_entries_max = 5000           # friends + outgoing friend requests per user; beyond: TooManyFriends
+roster_entries_max = 5000           # friends + outgoing requests + watches per user (and watchers); beyond: TooManyFriends
 roster_note_bytes_max = 256         # a friend request's note; longer: InvalidRoster
 presence_text_bytes_max = 128       # a presence's status text; longer: InvalidPresence
 presence_extra_bytes_max = 256      # a presence's extra data; longer: InvalidPresence

@@ -88,7 +88,8 @@ impl Side {
     /// Whether this side counts against `roster_entries_max` as one who asks or holds: a
     /// friend, an outgoing request, a watch or an outgoing watch request.
     pub fn counts(&self) -> bool {
-        matches!(self.state, state::OUTGOING | state::FRIEND) || self.watch & (watch::WATCHING | watch::ASKED) != 0
+        matches!(self.state, state::OUTGOING | state::FRIEND)
+            || self.watch & (watch::WATCHING | watch::ASKED) != 0
     }
 }
 
@@ -396,7 +397,10 @@ mod tests {
     fn watches() {
         let none = Side::default();
         let asked = run(&none, &none, act::WATCH).unwrap();
-        assert_eq!((asked.me.watch, asked.them.watch, asked.notices.as_slice()), (watch::ASKED, watch::ASKED_BY, &[act::WATCH][..]));
+        assert_eq!(
+            (asked.me.watch, asked.them.watch, asked.notices.as_slice()),
+            (watch::ASKED, watch::ASKED_BY, &[act::WATCH][..])
+        );
         assert!(asked.me.counts() && !asked.them.counts() && !asked.me.is_empty());
         assert_eq!(run(&asked.me, &asked.them, act::ALLOW), Err(ErrorCode::NoWatch), "one's own request");
         assert_eq!(run(&asked.me, &asked.them, act::WATCH).unwrap().notices, [act::WATCH], "a reminder");

@@ -1081,7 +1081,8 @@ impl Requests<'_> {
         }
         // The other user hears what it may see (never of a block); this user's other sessions
         // hear the action itself, blocks included.
-        let own = if matches!(action, act::BLOCK | act::UNBLOCK) { vec![action] } else { out.notices.clone() };
+        let own =
+            if matches!(action, act::BLOCK | act::UNBLOCK) { vec![action] } else { out.notices.clone() };
         let notice = |event| {
             let note = if event == act::REQUEST { note.clone() } else { String::new() };
             Bytes::from(frame::encode(

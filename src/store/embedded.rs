@@ -998,7 +998,10 @@ impl Store for EmbeddedStore {
             }
             let (me, them) = (side(&tx, user, other)?, side(&tx, other, user)?);
             let count: i64 = tx.query_row(
-                &format!("SELECT count(*) FROM roster WHERE user = ?1 AND {}", crate::roster::count_filter(action)),
+                &format!(
+                    "SELECT count(*) FROM roster WHERE user = ?1 AND {}",
+                    crate::roster::count_filter(action)
+                ),
                 params![i(user)],
                 |r| r.get(0),
             )?;

@@ -561,7 +561,10 @@ impl Store for MemoryStore {
             return Ok(Err(crate::protocol::ErrorCode::UnknownUser));
         }
         let (me, them) = (g.side(user, other), g.side(other, user));
-        let count = g.roster.get(&user).map_or(0, |m| m.values().filter(|s| crate::roster::counted(s, action)).count());
+        let count = g
+            .roster
+            .get(&user)
+            .map_or(0, |m| m.values().filter(|s| crate::roster::counted(s, action)).count());
         let out = match crate::roster::apply(&me, &them, action, note, now_ms, count, max) {
             Ok(out) => out,
             Err(code) => return Ok(Err(code)),

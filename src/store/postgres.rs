@@ -1627,7 +1627,10 @@ impl Store for PostgresStore {
             return Ok(Err(ErrorCode::UnknownUser));
         }
         // The count spans every range; the pair's two rows change in one transaction on its own.
-        let sql = format!("SELECT count(*) FROM roster WHERE user_id = $1 AND {}", crate::roster::count_filter(action));
+        let sql = format!(
+            "SELECT count(*) FROM roster WHERE user_id = $1 AND {}",
+            crate::roster::count_filter(action)
+        );
         let counts = self.on_every_range(move |range| {
             let sql = sql.clone();
             async move {
