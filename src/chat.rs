@@ -693,8 +693,11 @@ pub enum Input {
     Friends,
     /// `/requests`: friend requests to and from this user.
     Requests,
+    /// `/watches`: presence watches both ways, and watch requests.
+    Watches,
     /// A roster action ([`protocol::roster_action`]) on a user, with a note (`/add ID [NOTE]`,
-    /// `/accept ID`, `/reject ID`, `/cancel ID`, `/unfriend ID`, `/block ID`, `/unblock ID`).
+    /// `/accept ID`, `/reject ID`, `/cancel ID`, `/unfriend ID`, `/block ID`, `/unblock ID`,
+    /// `/watch ID`, `/allow ID`, `/deny ID`, `/unwatch ID`, `/revoke ID`).
     Roster(u8, String, String),
     /// `/status STATE [TEXT]`: set this user's presence (a [`presence_state`]) and status text.
     Status(u8, String),
@@ -736,8 +739,13 @@ commands:
   /unfriend ID     end the friendship with user ID
   /block ID        block user ID: no messages or requests from it
   /unblock ID      unblock user ID
+  /watch ID        ask to see user ID's presence without being friends (ID answers /allow or /deny)
+  /allow ID        let user ID, who asked, see your presence    /deny ID: turn the ask down
+  /unwatch ID      stop watching user ID's presence (or withdraw the ask)
+  /revoke ID       stop user ID watching your presence
+  /watches         who watches your presence, whose you watch, and the asks
   /status STATE [TEXT]  set your presence: online, away, busy or invisible, with a status text
-  /presence ID...  the presence of users (friends' changes are told as they come)
+  /presence ID...  the presence of users (friends' and watched users' changes are told as they come)
   /file PATH       send the file's bytes as one message (up to the server's large_body_bytes_max,
                    8 MiB by default; lines and files over body_bytes_max go up in parts)
   /quit            leave (Ctrl-D and Ctrl-C too)
@@ -788,17 +796,28 @@ pub fn parse_input(line: &[u8]) -> Input {
         ("seen", Some(seq), None) => Input::Seen(Some(seq.into())),
         ("friends", None, _) => Input::Friends,
         ("requests", None, _) => Input::Requests,
+        ("watches", None, _) => Input::Watches,
         ("add", Some(id), _) => {
             let note = rest[id.len()..].trim();
             Input::Roster(roster_action::REQUEST, id.into(), note.into())
         }
-        ("accept" | "reject" | "cancel" | "unfriend" | "block" | "unblock", Some(id), None) => {
+        (
+            "accept" | "reject" | "cancel" | "unfriend" | "block" | "unblock" | "watch" | "allow" | "deny"
+            | "unwatch" | "revoke",
+            Some(id),
+            None,
+        ) => {
             let action = match name {
                 "accept" => roster_action::ACCEPT,
                 "reject" => roster_action::REJECT,
                 "cancel" => roster_action::CANCEL,
                 "unfriend" => roster_action::REMOVE,
                 "block" => roster_action::BLOCK,
+                "watch" => roster_action::WATCH,
+                "allow" => roster_action::ALLOW,
+                "deny" => roster_action::DENY,
+                "unwatch" => roster_action::UNWATCH,
+                "revoke" => roster_action::REVOKE,
                 _ => roster_action::UNBLOCK,
             };
             Input::Roster(action, id.into(), String::new())
@@ -951,6 +970,11 @@ pub fn roster_notice_text(n: &protocol::RosterNotice, me: u64) -> String {
             act::CANCEL => format!("[you withdrew your friend request to {to}]"),
             act::BLOCK => format!("[you blocked {to}]"),
             act::UNBLOCK => format!("[you unblocked {to}]"),
+            act::WATCH => format!("[you asked to see {to}'s presence]"),
+            act::ALLOW => format!("[you let {to} see your presence]"),
+            act::DENY => format!("[you turned down {to}'s ask to see your presence]"),
+            act::UNWATCH => format!("[you no longer watch {to}'s presence]"),
+            act::REVOKE => format!("[{to} no longer sees your presence]"),
             e => format!("[friendship change {e} with {to}]"),
         };
     }
@@ -961,6 +985,11 @@ pub fn roster_notice_text(n: &protocol::RosterNotice, me: u64) -> String {
         act::REJECT => format!("[{from} turned down your friend request]"),
         act::REMOVE => format!("[{from} is no longer your friend]"),
         act::CANCEL => format!("[{from} withdrew their friend request]"),
+        act::WATCH => format!("[{from} asks to see your presence (/allow {from} or /deny {from})]"),
+        act::ALLOW => format!("[{from} lets you see their presence]"),
+        act::DENY => format!("[{from} turned down your ask to see their presence]"),
+        act::UNWATCH => format!("[{from} no longer watches your presence]"),
+        act::REVOKE => format!("[you no longer see {from}'s presence]"),
         e => format!("[friendship change {e} from {from}]"),
     }
 }
@@ -978,6 +1007,11 @@ pub fn roster_ok_text(ok: &protocol::RosterOk) -> String {
         act::REMOVE => format!("you are no longer friends with user {u}"),
         act::BLOCK => format!("blocked user {u}"),
         act::UNBLOCK => format!("unblocked user {u}"),
+        act::WATCH => format!("asked to see user {u}'s presence"),
+        act::ALLOW => format!("user {u} sees your presence now"),
+        act::DENY => format!("turned down user {u}'s ask to see your presence"),
+        act::UNWATCH => format!("you no longer watch user {u}'s presence"),
+        act::REVOKE => format!("user {u} no longer sees your presence"),
         a => format!("roster action {a} on user {u} done"),
     }
 }
@@ -2387,6 +2421,12 @@ impl Chat {
                 ),
                 (roster_list::OUTGOING, "your requests (/cancel ID)", "no friend requests from you"),
             ])?,
+            Input::Watches => self.roster_lists(&[
+                (roster_list::WATCHING, "you watch (/unwatch ID)", "you watch nobody's presence (/watch ID)"),
+                (roster_list::WATCHERS, "watching you (/revoke ID)", "nobody watches your presence"),
+                (roster_list::WATCH_INCOMING, "asking to watch you (/allow ID, /deny ID)", ""),
+                (roster_list::WATCH_OUTGOING, "your asks to watch (/unwatch ID)", ""),
+            ])?,
             Input::Roster(action, spec, text) => match resolve(&spec, false) {
                 Ok(Target::User(u)) => {
                     let ok = self.s.request("friends", |c| c.roster_action(action, u, &text))?;
@@ -2640,6 +2680,10 @@ mod tests {
         assert_eq!(parse_input(b"/accept 3"), Input::Roster(roster_action::ACCEPT, "3".into(), "".into()));
         assert_eq!(parse_input(b"/unfriend 3"), Input::Roster(roster_action::REMOVE, "3".into(), "".into()));
         assert_eq!(parse_input(b"/unblock 3"), Input::Roster(roster_action::UNBLOCK, "3".into(), "".into()));
+        assert_eq!(parse_input(b"/watch 3"), Input::Roster(roster_action::WATCH, "3".into(), "".into()));
+        assert_eq!(parse_input(b"/allow 3"), Input::Roster(roster_action::ALLOW, "3".into(), "".into()));
+        assert_eq!(parse_input(b"/revoke 3"), Input::Roster(roster_action::REVOKE, "3".into(), "".into()));
+        assert_eq!(parse_input(b"/watches"), Input::Watches);
         assert_eq!(parse_input(b"/block 3 4"), Input::Unknown("/block 3 4".into()));
         assert_eq!(parse_input(b"/add"), Input::Unknown("/add".into()));
         assert_eq!(parse_input(b"/status away  out for lunch "), Input::Status(2, "out for lunch".into()));
@@ -2813,6 +2857,12 @@ mod tests {
             roster_notice_text(&n(1, ALICE, BOB, "a\nb"), ALICE),
             "[you asked 2 to be friends: \"a\\nb\"]"
         );
+        assert_eq!(
+            roster_notice_text(&n(8, BOB, ALICE, ""), ALICE),
+            "[2 asks to see your presence (/allow 2 or /deny 2)]"
+        );
+        assert_eq!(roster_notice_text(&n(12, BOB, ALICE, ""), ALICE), "[you no longer see 2's presence]");
+        assert_eq!(roster_notice_text(&n(9, ALICE, BOB, ""), ALICE), "[you let 2 see your presence]");
         let ok = protocol::RosterOk { action: 1, user: BOB, friends: true };
         assert_eq!(roster_ok_text(&ok), "user 2 had asked you: you are friends now");
     }

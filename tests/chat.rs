@@ -604,6 +604,50 @@ fn interactive_friends() {
     b.send_wait(alice_id, 2, b"unblocked").unwrap();
 }
 
+/// Presence watches from the terminal: `/watch` asks, the other's ALLOW prints and so do its
+/// presence changes after it; `/watches` lists; an ask to alice prints with how to answer, and
+/// `/allow` answers it; a revoke prints; a refusal names its code.
+#[test]
+fn interactive_watches() {
+    let s = TestServer::start("io_uring", "");
+    let (alice, alice_id) = s.register("alice");
+    let (bob, bob_id) = s.register("bob");
+    let (mut b, _) = s.login(&bob, 3);
+    b.set_timeout(Some(WAIT)).unwrap();
+    let mut typed = chat_typed(&s, &alice);
+    typed.stderr.wait_for("logged in as", "stderr");
+    typed.type_line(&format!("/watch {bob_id}"));
+    typed.stderr.wait_for(&format!("asked to see user {bob_id}'s presence"), "stderr");
+    b.presence_set(presence_state::AWAY, "lunch", b"").unwrap();
+    b.roster_action(roster_action::ALLOW, alice_id, "").unwrap();
+    typed.stdout.wait_for(&format!("[{bob_id} lets you see their presence]"), "stdout");
+    typed.stdout.wait_for(&format!("[{bob_id} is away: lunch]"), "stdout");
+    b.presence_set(presence_state::BUSY, "", b"").unwrap();
+    typed.stdout.wait_for(&format!("[{bob_id} is busy]"), "stdout");
+    typed.type_line("/watches");
+    typed.stderr.wait_for("you watch (/unwatch ID) (1):", "stderr");
+    typed.stderr.wait_for("nobody watches your presence", "stderr");
+    typed.type_line(&format!("/watch {bob_id}"));
+    typed.stderr.wait_for("AlreadyWatching", "stderr");
+    // Bob asks too: alice allows from the terminal.
+    b.roster_action(roster_action::WATCH, alice_id, "").unwrap();
+    typed.stdout.wait_for(
+        &format!("[{bob_id} asks to see your presence (/allow {bob_id} or /deny {bob_id})]"),
+        "stdout",
+    );
+    typed.type_line(&format!("/allow {bob_id}"));
+    typed.stderr.wait_for(&format!("user {bob_id} sees your presence now"), "stderr");
+    let watching = b.roster_get(roster_list::WATCHING, 0, 0).unwrap();
+    assert_eq!(watching.entries.iter().map(|e| e.user).collect::<Vec<_>>(), [alice_id]);
+    b.roster_action(roster_action::REVOKE, alice_id, "").unwrap();
+    typed.stdout.wait_for(&format!("[you no longer see {bob_id}'s presence]"), "stdout");
+    typed.type_line(&format!("/revoke {bob_id}"));
+    typed.stderr.wait_for(&format!("user {bob_id} no longer sees your presence"), "stderr");
+    typed.type_line("/quit");
+    let done = typed.finish();
+    assert!(done.status.success(), "{done:?}");
+}
+
 /// Presence from the terminal: a friend's change printed as one line, `/status` sets this
 /// user's (the friend, a binary client, is told), `/presence` prints users' states and texts;
 /// an unknown state is not understood and the chat goes on.
