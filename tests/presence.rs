@@ -7,53 +7,11 @@
 mod common;
 use std::time::Duration;
 
-use common::*;
+use common::{wait::*, *};
 use tim::{
-    client::{Client, ClientError, Event},
-    protocol::{presence_state as ps, roster_action as act, ErrorCode, PresenceEntry},
+    client::{Client, Event},
+    protocol::{presence_state as ps, roster_action as act, ErrorCode},
 };
-
-/// The next presence notice `c` gets.
-fn next_presence(c: &mut Client) -> PresenceEntry {
-    loop {
-        match c.recv().expect("a presence notice") {
-            Event::PresenceNotice(p) => return p,
-            Event::CatchUpEnd(_) | Event::Deliver(_) | Event::RosterNotice(_) => {}
-            other => panic!("expected a presence notice, got {other:?}"),
-        }
-    }
-}
-
-/// The next presence notice of `user` in `state` (repeats of where it stood before are
-/// skipped: friends may hear a state twice, e.g. as a new friend and after a login).
-fn wait_presence(c: &mut Client, user: u64, state: u8) -> PresenceEntry {
-    loop {
-        let p = next_presence(c);
-        if p.user == user && p.state == state {
-            return p;
-        }
-    }
-}
-
-/// No presence notice arrives at `c` within a short while.
-fn no_presence(c: &mut Client) {
-    c.set_timeout(Some(Duration::from_millis(300))).unwrap();
-    loop {
-        match c.recv() {
-            Err(_) => break,
-            Ok(Event::PresenceNotice(p)) => panic!("unexpected presence notice {p:?}"),
-            Ok(_) => {}
-        }
-    }
-    c.set_timeout(Some(Duration::from_secs(10))).unwrap();
-}
-
-fn code<T: std::fmt::Debug>(r: Result<T, ClientError>) -> ErrorCode {
-    match r {
-        Err(ClientError::Server { code, .. }) => ErrorCode::from_u16(code).expect("a known code"),
-        other => panic!("expected a refusal, got {other:?}"),
-    }
-}
 
 fn states(c: &mut Client, ids: &[u64]) -> Vec<u8> {
     c.presence_get(ids).unwrap().iter().map(|e| e.state).collect()

@@ -7,9 +7,9 @@
 mod common;
 use std::time::Duration;
 
-use common::*;
+use common::{wait::*, *};
 use tim::{
-    client::{Client, ClientError, Event},
+    client::{Client, Event},
     protocol::{presence_state as ps, roster_action as act, roster_list as list, ErrorCode, RosterNotice},
 };
 
@@ -46,13 +46,6 @@ fn no_notice(c: &mut Client) {
         }
     }
     c.set_timeout(Some(Duration::from_secs(10))).unwrap();
-}
-
-fn code<T: std::fmt::Debug>(r: Result<T, ClientError>) -> ErrorCode {
-    match r {
-        Err(ClientError::Server { code, .. }) => ErrorCode::from_u16(code).expect("a known code"),
-        other => panic!("expected a refusal, got {other:?}"),
-    }
 }
 
 fn users(c: &mut Client, which: u8) -> Vec<u64> {
@@ -162,17 +155,6 @@ fn roster(store: &str) {
     }
 }
 
-/// The next presence notice of `user` in `state` that `c` gets (others skipped).
-fn wait_presence(c: &mut Client, user: u64, state: u8) {
-    loop {
-        match c.recv().expect("a presence notice") {
-            Event::PresenceNotice(p) if p.user == user && p.state == state => return,
-            Event::PresenceNotice(_) | Event::RosterNotice(_) | Event::CatchUpEnd(_) => {}
-            other => panic!("expected a presence notice, got {other:?}"),
-        }
-    }
-}
-
 /// Both a roster notice of `event` and a presence notice of `user` in `state`, in either order.
 fn wait_notice_and_presence(c: &mut Client, event: u8, user: u64, state: u8) {
     let (mut notice, mut presence) = (false, false);
@@ -184,19 +166,6 @@ fn wait_notice_and_presence(c: &mut Client, event: u8, user: u64, state: u8) {
             other => panic!("expected notices, got {other:?}"),
         }
     }
-}
-
-/// No presence notice arrives at `c` within a short while.
-fn no_presence(c: &mut Client) {
-    c.set_timeout(Some(Duration::from_millis(300))).unwrap();
-    loop {
-        match c.recv() {
-            Err(_) => break,
-            Ok(Event::PresenceNotice(p)) => panic!("unexpected presence notice {p:?}"),
-            Ok(_) => {}
-        }
-    }
-    c.set_timeout(Some(Duration::from_secs(10))).unwrap();
 }
 
 /// Presence watches: ann asks to watch bob's presence, bob denies, then allows: ann (no friend)
@@ -294,6 +263,11 @@ fn watches(store: &str) {
     assert_eq!(wait_notice(&mut c, act::REVOKE).from, ann_id);
     assert!(users(&mut c, list::WATCHING).is_empty());
     assert_eq!(code(c.roster_action(act::WATCH, ann_id, "")), ErrorCode::Blocked);
+    assert_eq!(
+        code(a1.roster_action(act::WATCH, carol_id, "")),
+        ErrorCode::InvalidRoster,
+        "one blocks carol"
+    );
     a1.presence_set(ps::BUSY, "", b"").unwrap();
     no_presence(&mut c);
     drop(s);

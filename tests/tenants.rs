@@ -3,9 +3,9 @@
 //! room, presence or profile crosses domains; on all three stores.
 
 mod common;
-use common::*;
+use common::{wait::*, *};
 use tim::{
-    client::{Client, ClientError, Event},
+    client::{Client, Event},
     protocol::{
         self, domain_of, group_action, invite_policy, join_policy, kind, roster_action, ErrorCode,
         GroupProfile,
@@ -14,13 +14,6 @@ use tim::{
 
 const DOMAINS: &str = "[[domains]]\nname = \"acme.example\"\nid = 1\n\n\
                        [[domains]]\nname = \"globex.example\"\nid = 2\n";
-
-fn code<T: std::fmt::Debug>(r: Result<T, ClientError>) -> ErrorCode {
-    match r {
-        Err(ClientError::Server { code, .. }) => ErrorCode::from_u16(code).expect("a known code"),
-        other => panic!("expected a refusal, got {other:?}"),
-    }
-}
 
 /// The next error's code (other frames skipped).
 fn next_error(c: &mut Client) -> (ErrorCode, u16) {

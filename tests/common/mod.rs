@@ -13,6 +13,7 @@ use tim::client::Client;
 
 pub mod gateway;
 pub mod pg;
+pub mod wait;
 
 pub const PASSWORD: &str = "correct horse battery";
 /// A fixed name key, so that accounts are found again after a restart on the same data.
