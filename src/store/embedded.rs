@@ -1305,4 +1305,41 @@ mod tests {
             store.with_reader(|c| c.query_row("SELECT count(*) FROM cursors", [], |r| r.get(0))).unwrap();
         assert_eq!(kept, 1);
     }
+
+    /// A store of schema 9 (a roster without watches) opens at schema 10: its roster rows are
+    /// kept, with no watch, and take watches after.
+    #[test]
+    fn roster_rows_survive_the_watch_migration() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tim.db");
+        {
+            let c = Connection::open(&path).unwrap();
+            for (n, sql) in [
+                SCHEMA_V1, SCHEMA_V2, SCHEMA_V3, SCHEMA_V4, SCHEMA_V5, SCHEMA_V6, SCHEMA_V7, SCHEMA_V8,
+                SCHEMA_V9,
+            ]
+            .into_iter()
+            .enumerate()
+            {
+                c.execute_batch(sql).unwrap();
+                c.pragma_update(None, "user_version", n as i64 + 1).unwrap();
+            }
+            c.execute_batch(
+                "INSERT INTO accounts (id, name_key, password_hash, created_ms) VALUES (1, x'01', '', 0), (2, x'02', '', 0);
+                 INSERT INTO roster (user, other, state, blocks, note, since_ms) VALUES (1, 2, 3, 0, '', 5), (2, 1, 3, 0, '', 5);",
+            )
+            .unwrap();
+        }
+        let store = EmbeddedStore::open(&config(dir.path())).unwrap();
+        let version: i64 =
+            store.with_reader(|c| c.pragma_query_value(None, "user_version", |r| r.get(0))).unwrap();
+        assert_eq!(version, SCHEMA_VERSION);
+        let friends = store.roster_list(1, crate::protocol::roster_list::FRIENDS, 0, 10).unwrap().0;
+        assert_eq!(friends.iter().map(|e| (e.user, e.since_ms)).collect::<Vec<_>>(), [(2, 5)]);
+        let out =
+            store.roster_action(2, 1, crate::protocol::roster_action::WATCH, "", 9, 10).unwrap().unwrap();
+        assert_eq!((out.me.state, out.me.watch), (crate::roster::state::FRIEND, crate::roster::watch::ASKED));
+        let asks = store.roster_list(1, crate::protocol::roster_list::WATCH_INCOMING, 0, 10).unwrap().0;
+        assert_eq!(asks.iter().map(|e| (e.user, e.since_ms)).collect::<Vec<_>>(), [(2, 9)]);
+    }
 }
