@@ -36,13 +36,34 @@ export const SendFlags = Object.freeze({ BURN_AFTER_READ: 1, RECALL: 2, BURNED: 
 /** `state` of a stored message (JSON.md 4.3): a tombstone's is not PLAIN. */
 export const MsgState = Object.freeze({ PLAIN: 0, RECALLED: 1, BURNED: 2 });
 
-/** `action` of rosterAction, and `event` of a `roster_notice` (JSON.md 3.4). */
+/**
+ * `action` of rosterAction, and `event` of a `roster_notice` (JSON.md 3.4). REQUEST to CANCEL
+ * are about friendship; WATCH to REVOKE about presence watches (PROTOCOL.md 5.20): seeing a
+ * user's presence without being friends, once that user allows it (one way).
+ */
 export const RosterAction = Object.freeze({
   REQUEST: 1, ACCEPT: 2, REJECT: 3, REMOVE: 4, BLOCK: 5, UNBLOCK: 6, CANCEL: 7,
+  /** Ask to see a user's presence (again while pending: a reminder). */
+  WATCH: 8,
+  /** Let a user who asked see this user's presence (it is told it at once, and every change). */
+  ALLOW: 9,
+  /** Turn a user's watch request down. */
+  DENY: 10,
+  /** Stop watching a user's presence, or withdraw this user's own watch request. */
+  UNWATCH: 11,
+  /** Stop a user watching this user's presence. */
+  REVOKE: 12,
 });
 
-/** `list` of rosterGet (JSON.md 3.4). */
-export const RosterList = Object.freeze({ FRIENDS: 0, INCOMING: 1, OUTGOING: 2, BLOCKED: 3 });
+/**
+ * `list` of rosterGet (JSON.md 3.4): friends, friend requests to and from this user, blocked
+ * users; then the watches: WATCHERS (users who see this user's presence), WATCHING (users whose
+ * presence this user sees), and watch requests to (WATCH_INCOMING) and from (WATCH_OUTGOING) it.
+ */
+export const RosterList = Object.freeze({
+  FRIENDS: 0, INCOMING: 1, OUTGOING: 2, BLOCKED: 3,
+  WATCHERS: 4, WATCHING: 5, WATCH_INCOMING: 6, WATCH_OUTGOING: 7,
+});
 
 /** `state` of presenceSet and of presence entries (PROTOCOL.md 5.21). OFFLINE is
  * only ever reported; INVISIBLE shows as OFFLINE to others (only one's own entry says INVISIBLE). */
@@ -64,6 +85,7 @@ export const ErrorCode = Object.freeze({
   Replaced: 42, ShuttingDown: 43, RateLimited: 47, KickedByOperator: 48, Banned: 49, UnknownSession: 21, InvalidProfile: 22, LoggedOutElsewhere: 54, Internal: 50, StoreUnavailable: 51,
   Timeout: 52, RoomNotFound: 60, GroupNotFound: 70, NotMember: 71, NotManager: 72, Muted: 73,
   Blocked: 90, NotFriends: 91, AlreadyFriends: 92, NoFriendRequest: 93, TooManyFriends: 94, InvalidRoster: 95,
+  InvalidPresence: 96, AlreadyWatching: 97, NoWatch: 98,
   // This module's own:
   /** The connection closed before the answer came. */
   Closed: -1,
@@ -241,12 +263,15 @@ const MESSAGE_TYPES = new Set(["deliver", "history_msg", "stream_msg"]);
  * - `typing_notice`: someone types (`from`, `to`, `conv`, `state`).
  * - `read_notice`: someone read a conversation up to `seq` (`from` the reader, `to` the other
  *   user or the group, `conv`): the peer, a group member, or this user on another device.
- * - `roster_notice`: a friendship changed (`event` a RosterAction: REQUEST, ACCEPT, REJECT,
- *   REMOVE or CANCEL; `from` who acted, `to` the other user, `note` a request's): another user
- *   acting on this one, or this user on another device.
+ * - `roster_notice`: a friendship or a presence watch changed (`event` a RosterAction: REQUEST,
+ *   ACCEPT, REJECT, REMOVE, CANCEL, WATCH, ALLOW, DENY, UNWATCH or REVOKE, and BLOCK or UNBLOCK
+ *   from this user's other devices; `from` who acted, `to` the other user, `note` a request's):
+ *   another user acting on this one, or this user on another device. A blocked user is never
+ *   told of the block, only of what it lost (REMOVE, REJECT, CANCEL, REVOKE, DENY, UNWATCH).
  * - `presence_notice`: one presence entry (`user`, `state` a PresenceState, `since_ms`, `text`,
- *   `extra` or `extra_b64`): a friend's presence changed (coalesced over 250 ms), or this user's
- *   own, set from another session.
+ *   `extra` or `extra_b64`): the presence of a friend or of a user this one watches changed
+ *   (coalesced over 250 ms; also told at once after an ACCEPT or ALLOW), or this user's own,
+ *   set from another session.
  * - `error`: a TimError (`detail`) that answers no pending request: connection-level errors
  *   (IdleTimeout, LoginTimeout, SlowConsumer ...), catch-up failures (request kind 2), refusals
  *   of `deliveryAck`, `read` (request kind 16), `typing`, `stream` and `roomPublish`.
@@ -564,9 +589,13 @@ export class TimClient extends EventTarget {
 
   /**
    * One roster action on `user` (see `RosterAction`): REQUEST (with a `note`), ACCEPT, REJECT,
-   * REMOVE, BLOCK, UNBLOCK, CANCEL. Resolves with `roster_ok` (`friends`: whether the two are
-   * friends now); rejects with a TimError: Blocked (90), NotFriends (91), AlreadyFriends (92),
-   * NoFriendRequest (93), TooManyFriends (94), InvalidRoster (95), UnknownUser (12).
+   * REMOVE, BLOCK, UNBLOCK, CANCEL; and presence watches: WATCH (ask to see `user`'s presence),
+   * ALLOW or DENY (answer `user`'s ask), UNWATCH (stop watching, or withdraw the ask), REVOKE
+   * (stop `user` watching). Resolves with `roster_ok` (`friends`: whether the two are friends
+   * now); rejects with a TimError: Blocked (90), NotFriends (91), AlreadyFriends (92),
+   * NoFriendRequest (93), TooManyFriends (94: also WATCH or ALLOW past the roster limit),
+   * InvalidRoster (95), AlreadyWatching (97: WATCH of a user watched already), NoWatch (98: ALLOW,
+   * DENY, UNWATCH or REVOKE without the watch or request it needs), UnknownUser (12).
    */
   rosterAction(action, user, note = "") {
     return this._request({ op: "roster_action", action, user: u64(user), note });
@@ -597,7 +626,7 @@ export class TimClient extends EventTarget {
   /**
    * Set this user's presence: `state` a PresenceState (ONLINE, AWAY, BUSY or INVISIBLE), a
    * status `text`, and `extra` (a string or bytes). Resolves with `presence_list` holding the
-   * user's own entry. Friends get a `presence_notice`.
+   * user's own entry. Friends and allowed watchers get a `presence_notice`.
    */
   presenceSet(state, text = "", extra) {
     const m = { op: "presence_set", state, text };
