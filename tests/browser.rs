@@ -4,7 +4,9 @@
 //! by 1"), make a group and talk in it, take
 //! a message back ("message recalled" on both pages, live and from history), use a live room,
 //! page back through history with "load older", after a reload find the conversations again
-//! from the store, become friends (a request with a note from alice's friends panel, shown live on
+//! from the store, watch a non-friend's presence (bob asks to watch alice, she allows it live
+//! from her page, bob's watching list shows her status and follows it, she revokes it), become
+//! friends (a request with a note from alice's friends panel, shown live on
 //! bob's, accepted there: both list each other), see a friend's presence (alice sets "away" with
 //! a status text; bob's friends panel shows it live), send a message that burns after reading ("message
 //! burned" on both pages), paste and send a long text (a large message, shown cut with its size and
@@ -264,8 +266,8 @@ async fn wait_seen(c: &Client, seq: &str, text: &str) -> anyhow::Result<()> {
 }
 
 /// The entry of user `arguments[1]` in the friends panel's list `arguments[0]` (`friends`,
-/// `incoming`, `outgoing`, `blocked`): `{name, note, lists}` (`lists`: every list that user is
-/// in), or null.
+/// `incoming`, `outgoing`, `blocked`, `watchers`, `watching`, `watch-incoming`,
+/// `watch-outgoing`): `{name, note, lists}` (`lists`: every list that user is in), or null.
 const ROSTER_JS: &str = r#"
     const [list, user] = arguments;
     const li = document.querySelector(`#friends-block li[data-testid=roster-entry][data-list='${list}'][data-user='${user}']`);
@@ -279,11 +281,12 @@ async fn wait_roster(c: &Client, list: &str, user: &str) -> anyhow::Result<Value
     wait_js(c, &format!("user {user} in the {list} list"), ROSTER_JS, vec![json!(list), json!(user)]).await
 }
 
-/// The presence shown for friend `arguments[0]` in the friends panel, once it is `arguments[1]`
-/// with status text `arguments[2]` (none if null): `{state, label, text, dot}`.
+/// The presence shown for user `arguments[1]` in the friends panel's list `arguments[0]`
+/// (`friends` or `watching`), once it is `arguments[2]` with status text `arguments[3]` (none if
+/// null): `{state, label, text, dot}`.
 const PRESENCE_JS: &str = r#"
-    const [user, state, text] = arguments;
-    const li = document.querySelector(`#friend-list li[data-list=friends][data-user='${user}']`);
+    const [list, user, state, text] = arguments;
+    const li = document.querySelector(`#friends-block li[data-testid=roster-entry][data-list='${list}'][data-user='${user}']`);
     if (!li || li.dataset.presence !== state) return null;
     const shown = li.querySelector('[data-testid=presence-status]')?.textContent ?? null;
     if (shown !== text) return null;
@@ -291,14 +294,60 @@ const PRESENCE_JS: &str = r#"
             text: shown, dot: li.querySelector('.presence-dot')?.className ?? null};
 "#;
 
-async fn wait_presence(c: &Client, user: &str, state: &str, text: Option<&str>) -> anyhow::Result<Value> {
+async fn wait_presence(
+    c: &Client,
+    list: &str,
+    user: &str,
+    state: &str,
+    text: Option<&str>,
+) -> anyhow::Result<Value> {
     wait_js(
         c,
-        &format!("friend {user} shown {state} with text {text:?}"),
+        &format!("user {user} in the {list} list shown {state} with text {text:?}"),
         PRESENCE_JS,
-        vec![json!(user), json!(state), json!(text)],
+        vec![json!(list), json!(user), json!(state), json!(text)],
     )
     .await
+}
+
+/// Wait until user `user` is in no list of the friends panel.
+async fn wait_no_roster(c: &Client, user: &str) -> anyhow::Result<()> {
+    wait_js(
+        c,
+        &format!("user {user} in no roster list"),
+        "return !document.querySelector(`#friends-block li[data-testid=roster-entry][data-user='${arguments[0]}']`);",
+        vec![json!(user)],
+    )
+    .await?;
+    Ok(())
+}
+
+/// Wait until the page's banner says something containing `text`.
+async fn wait_flash(c: &Client, text: &str) -> anyhow::Result<()> {
+    wait_js(
+        c,
+        &format!("{text:?} flashed"),
+        "return document.getElementById('flash').textContent.includes(arguments[0]);",
+        vec![json!(text)],
+    )
+    .await?;
+    Ok(())
+}
+
+/// Set this page's presence from the status form: `state` the option's value (1 online, 2 away,
+/// 3 busy), with status `text`; wait until the page shows it set (`name`).
+async fn set_presence(c: &Client, state: &str, name: &str, text: &str) -> anyhow::Result<()> {
+    fill(c, "#presence-text", text).await?;
+    js(c, "document.getElementById('presence-state').value = arguments[0];", vec![json!(state)]).await?;
+    click(c, "#presence-btn").await?;
+    wait_js(
+        c,
+        &format!("own status set to {name}"),
+        "return document.getElementById('presence-form').dataset.state === arguments[0];",
+        vec![json!(name)],
+    )
+    .await?;
+    Ok(())
 }
 
 /// The seqs of the open conversation's messages shown as burned, once there are some.
@@ -639,6 +688,32 @@ async fn scenario(
     let hidden = js(b, "return document.getElementById('burn-toggle').hidden;", vec![]).await?;
     assert_eq!(hidden, json!(true), "no burn after read in a group");
 
+    // Presence watches: bob (no friend of alice) asks to see her status; alice's page shows the
+    // ask live and she allows it; bob's watching list shows her presence and follows it live
+    // (she goes busy with a text); then she revokes it: bob's page drops her.
+    fill(b, "#add-watch-id", &alice).await?;
+    click(b, "#add-watch-btn").await?;
+    let w = wait_roster(b, "watch-outgoing", &alice).await?;
+    assert_eq!(w["lists"], json!(["watch-outgoing"]), "{w}");
+    let w = wait_roster(a, "watch-incoming", &bob).await?;
+    assert_eq!(w["lists"], json!(["watch-incoming"]), "{w}");
+    wait_flash(a, "asks to see your status").await?;
+    click_now(a, &format!("#watch-incoming-list li[data-user='{bob}'] [data-testid=allow]")).await?;
+    let w = wait_roster(a, "watchers", &bob).await?;
+    assert_eq!(w["lists"], json!(["watchers"]), "alice: bob watches her, no longer asks: {w}");
+    let w = wait_roster(b, "watching", &alice).await?;
+    assert_eq!(w["lists"], json!(["watching"]), "bob: he watches alice, no longer asks: {w}");
+    let p = wait_presence(b, "watching", &alice, "online", None).await?;
+    assert_eq!(p["dot"], json!("presence-dot presence-online"), "{p}");
+    set_presence(a, "3", "busy", "in a meeting").await?;
+    let p = wait_presence(b, "watching", &alice, "busy", Some("in a meeting")).await?;
+    assert_eq!((&p["label"], &p["dot"]), (&json!("busy"), &json!("presence-dot presence-busy")), "{p}");
+    screenshot(b, shots, "5-bob-watching-alice").await;
+    click_now(a, &format!("#watchers-list li[data-user='{bob}'] [data-testid=revoke]")).await?;
+    wait_no_roster(b, &alice).await?;
+    wait_flash(b, "no longer lets you see their status").await?;
+    wait_no_roster(a, &bob).await?;
+
     // Friends: alice asks bob from her friends panel, with a note; bob's page shows the request
     // live, he accepts; both pages list each other as friends, and the requests are gone.
     fill(a, "#add-friend-id", &bob).await?;
@@ -674,22 +749,13 @@ async fn scenario(
     .await?;
     screenshot(a, shots, "5-alice-friends").await;
 
-    // Presence: both are logged in, so bob's friends panel shows alice online (read with
-    // presence_get when the list loaded, or pushed). Alice sets "away" with a status text on her
-    // page; bob's panel shows it live (a presence_notice).
-    let p = wait_presence(b, &alice, "online", None).await?;
-    assert_eq!(p["dot"], json!("presence-dot presence-online"), "{p}");
-    fill(a, "#presence-text", "out for lunch").await?;
-    js(a, "document.getElementById('presence-state').value = '2';", vec![]).await?;
-    click(a, "#presence-btn").await?;
-    wait_js(
-        a,
-        "alice's own status set to away",
-        "return document.getElementById('presence-form').dataset.state === 'away';",
-        vec![],
-    )
-    .await?;
-    let p = wait_presence(b, &alice, "away", Some("out for lunch")).await?;
+    // Presence: bob's friends panel shows alice as she left it, busy "in a meeting" (read with
+    // presence_get when the list loaded, or pushed on the acceptance). Alice sets "away" with a
+    // status text on her page; bob's panel shows it live (a presence_notice).
+    let p = wait_presence(b, "friends", &alice, "busy", Some("in a meeting")).await?;
+    assert_eq!(p["dot"], json!("presence-dot presence-busy"), "{p}");
+    set_presence(a, "2", "away", "out for lunch").await?;
+    let p = wait_presence(b, "friends", &alice, "away", Some("out for lunch")).await?;
     assert_eq!(p["dot"], json!("presence-dot presence-away"), "{p}");
     assert_eq!(p["label"], json!("away"), "{p}");
     screenshot(b, shots, "5-bob-alice-away").await;

@@ -1,4 +1,4 @@
-// app.js — tim's web chat page: accounts, 1:1 chats by user id, friends, groups, live rooms. Built on the
+// app.js — tim's web chat page: accounts, 1:1 chats by user id, friends and presence watches, groups, live rooms. Built on the
 // client module tim.js (docs/CLIENTS.md); the DOM ids and data-testid attributes are what
 // tests/browser.rs drives. Nothing here is persisted but the device id, the last name typed and
 // the list of 1:1 chats per user (the protocol has no "my conversations" request).
@@ -55,12 +55,13 @@ const state = {
   outbox: new Map(),
   /** A logout is under way (its close is no surprise). */
   loggingOut: false,
-  /** The roster (JSON.md 3.4): entries `{user, since_ms, note}` by user id, per list. */
+  /** The roster (JSON.md 3.4): entries `{user, since_ms, note}` by user id, per list (the keys
+   * of ROSTER_LISTS). */
   roster: null,
-  /** Friends' presence (PROTOCOL.md 5.21): entries `{user, state, since_ms, text}` by user id. */
+  /** The presence (PROTOCOL.md 5.21) of friends and of watched users: entries `{user, state,
+   * since_ms, text}` by user id. */
   presence: new Map(),
 };
-state.roster = emptyRoster();
 
 // ---- conversations and messages ----
 
@@ -148,32 +149,48 @@ async function showSessions(list) {
 
 // ---- friends (JSON.md 3.4) ----
 
+/** The roster lists the page keeps: the key in `state.roster`, and the `RosterList` read into
+ * it. The watch lists (PROTOCOL.md 5.20): `watchers` see this user's presence, this user sees
+ * `watching`'s; `watchIncoming` ask this user to watch it, `watchOutgoing` are its own asks. */
 const ROSTER_LISTS = [
   ["friends", RosterList.FRIENDS], ["incoming", RosterList.INCOMING],
   ["outgoing", RosterList.OUTGOING], ["blocked", RosterList.BLOCKED],
+  ["watchers", RosterList.WATCHERS], ["watching", RosterList.WATCHING],
+  ["watchIncoming", RosterList.WATCH_INCOMING], ["watchOutgoing", RosterList.WATCH_OUTGOING],
 ];
 
 const ROSTER_VERBS = {
   [RosterAction.REQUEST]: "add friend", [RosterAction.ACCEPT]: "accept", [RosterAction.REJECT]: "reject",
   [RosterAction.REMOVE]: "remove friend", [RosterAction.BLOCK]: "block", [RosterAction.UNBLOCK]: "unblock",
-  [RosterAction.CANCEL]: "cancel request",
+  [RosterAction.CANCEL]: "cancel request", [RosterAction.WATCH]: "watch", [RosterAction.ALLOW]: "allow",
+  [RosterAction.DENY]: "deny", [RosterAction.UNWATCH]: "unwatch", [RosterAction.REVOKE]: "revoke",
 };
 
 function emptyRoster() {
-  return { friends: new Map(), incoming: new Map(), outgoing: new Map(), blocked: new Map() };
+  return Object.fromEntries(ROSTER_LISTS.map(([name]) => [name, new Map()]));
 }
 
-/** Read the four roster lists from the server and draw them (and the nicknames in them). */
+/** The users whose presence the page shows (and is told of): friends and watched users. */
+function presenceUsers() {
+  return [...new Set([...state.roster.friends.keys(), ...state.roster.watching.keys()])];
+}
+
+/** Forget the presence of `user` once it is neither a friend nor watched (it is told no more). */
+function forgetPresence(user) {
+  if (!state.roster.friends.has(user) && !state.roster.watching.has(user)) state.presence.delete(user);
+}
+
+/** Read the roster lists from the server and draw them (and the nicknames in them). */
 async function loadRoster() {
   const client = state.client;
   if (!client?.session) return;
-  const lists = [];
-  for (const [name, list] of ROSTER_LISTS) lists.push([name, await client.rosterGetAll(list)]);
+  const lists = await Promise.all(ROSTER_LISTS.map(async ([name, list]) => [name, await client.rosterGetAll(list)]));
   if (client !== state.client) return;
   for (const [name, entries] of lists) state.roster[name] = new Map(entries.map((e) => [e.user, e]));
+  for (const user of [...state.presence.keys()]) forgetPresence(user);
   renderRoster();
-  const friends = [...state.roster.friends.keys()];
-  if (friends.length) await loadPresence(friends);
+  const shown = presenceUsers();
+  if (shown.length) await loadPresence(shown);
   const unnamed = lists.flatMap(([, entries]) => entries.map((e) => e.user)).filter((u) => !state.nicknames.has(u));
   if (unnamed.length) await loadNicknames(unnamed);
 }
@@ -185,7 +202,7 @@ const PRESENCE_NAMES = {
   [PresenceState.BUSY]: "busy", [PresenceState.INVISIBLE]: "invisible",
 };
 
-/** Read the presence of `ids` (100 a request) into `state.presence`, and draw the friends again. */
+/** Read the presence of `ids` (100 a request) into `state.presence`, and draw the roster again. */
 async function loadPresence(ids) {
   const client = state.client;
   const all = [...new Set(ids.map(String))];
@@ -197,7 +214,8 @@ async function loadPresence(ids) {
   renderRoster();
 }
 
-/** One presence entry (of `presence_list` or a `presence_notice`): a friend's, or this user's own. */
+/** One presence entry (of `presence_list` or a `presence_notice`): a friend's or a watched
+ * user's, or this user's own. */
 function applyPresence(e) {
   if (e.user === state.me) {
     $("presence-state").value = String(e.state === PresenceState.OFFLINE ? PresenceState.ONLINE : e.state);
@@ -236,6 +254,43 @@ function applyRosterNotice(n) {
       break;
     case RosterAction.REMOVE:
       r.friends.delete(other);
+      forgetPresence(other);
+      break;
+  }
+  // Presence watches (PROTOCOL.md 5.20): who acted decides which side of the watch changed.
+  const asked = r.watchIncoming.has(other); // before the notice: `other` asked to watch this user
+  switch (n.event) {
+    case RosterAction.WATCH:
+      (mine ? r.watchOutgoing : r.watchIncoming).set(other, entry);
+      break;
+    case RosterAction.ALLOW:
+      if (mine) {
+        r.watchIncoming.delete(other);
+        r.watchers.set(other, entry);
+      } else {
+        r.watchOutgoing.delete(other);
+        r.watching.set(other, entry); // its presence comes in a presence_notice (unless offline)
+      }
+      break;
+    case RosterAction.DENY:
+      (mine ? r.watchIncoming : r.watchOutgoing).delete(other);
+      break;
+    case RosterAction.UNWATCH:
+      if (mine) {
+        r.watching.delete(other);
+        r.watchOutgoing.delete(other);
+        forgetPresence(other);
+      } else {
+        r.watchers.delete(other);
+        r.watchIncoming.delete(other);
+      }
+      break;
+    case RosterAction.REVOKE:
+      if (mine) r.watchers.delete(other);
+      else {
+        r.watching.delete(other);
+        forgetPresence(other);
+      }
       break;
   }
   if (!mine) {
@@ -246,6 +301,11 @@ function applyRosterNotice(n) {
       [RosterAction.REJECT]: `${who} turned down your friend request`,
       [RosterAction.REMOVE]: `${who} is no longer your friend`,
       [RosterAction.CANCEL]: `${who} withdrew their friend request`,
+      [RosterAction.WATCH]: `${who} asks to see your status`,
+      [RosterAction.ALLOW]: `${who} lets you see their status`,
+      [RosterAction.DENY]: `${who} turned down your request to see their status`,
+      [RosterAction.UNWATCH]: asked ? `${who} withdrew their request to see your status` : `${who} no longer watches your status`,
+      [RosterAction.REVOKE]: `${who} no longer lets you see their status`,
     }[n.event];
     if (text) flash(text);
   }
@@ -260,6 +320,8 @@ async function rosterDo(action, user, note = "") {
     const ok = await state.client.rosterAction(action, user, note);
     if (action === RosterAction.REQUEST) {
       flash(ok.friends ? `You and ${userLabel(user)} are friends now.` : `Friend request sent to ${userLabel(user)}.`);
+    } else if (action === RosterAction.WATCH) {
+      flash(`Asked ${userLabel(user)} to let you see their status.`);
     }
   } catch (e) {
     flash(`${ROSTER_VERBS[action] || "roster"}: ${e.codeName}: ${e.message}`);
@@ -272,7 +334,9 @@ async function rosterDo(action, user, note = "") {
 }
 
 /** Draw the friends panel: requests to this user (accept, reject, block), this user's requests
- * (cancel), friends (chat, remove, block) and the blocked (unblock). */
+ * (cancel), friends (chat, remove, block; with their presence) and the blocked (unblock); then
+ * the presence watches: asks to watch this user (allow, deny, block), this user's asks (cancel), the
+ * users it watches (unwatch; with their presence) and its watchers (revoke). */
 function renderRoster() {
   const r = state.roster;
   const button = (label, testid, fn, cls = "secondary") => {
@@ -284,6 +348,7 @@ function renderRoster() {
     b.addEventListener("click", fn);
     return b;
   };
+  const withPresence = (list) => list === "friends" || list === "watching";
   const draw = (ulId, entries, list, what, actions) => {
     const ul = $(ulId);
     ul.replaceChildren();
@@ -298,7 +363,7 @@ function renderRoster() {
       name.dataset.testid = "roster-name";
       name.textContent = userLabel(e.user);
       name.title = `since ${time(e.since_ms)}`;
-      if (list === "friends") {
+      if (withPresence(list)) {
         const p = state.presence.get(e.user);
         const st = PRESENCE_NAMES[p?.state ?? PresenceState.OFFLINE] || "offline";
         li.dataset.presence = st;
@@ -308,7 +373,7 @@ function renderRoster() {
         li.append(dot);
       }
       li.append(name);
-      if (list === "friends") {
+      if (withPresence(list)) {
         const p = state.presence.get(e.user);
         const label = document.createElement("span");
         label.className = "presence-label";
@@ -355,6 +420,20 @@ function renderRoster() {
   ]);
   draw("blocked-list", r.blocked, "blocked", "", (e) => [
     button("Unblock", "unblock", () => rosterDo(RosterAction.UNBLOCK, e.user)),
+  ]);
+  draw("watch-incoming-list", r.watchIncoming, "watch-incoming", "wants to see your status", (e) => [
+    button("Allow", "allow", () => rosterDo(RosterAction.ALLOW, e.user), ""),
+    button("Deny", "deny", () => rosterDo(RosterAction.DENY, e.user)),
+    button("Block", "block", () => rosterDo(RosterAction.BLOCK, e.user)),
+  ]);
+  draw("watch-outgoing-list", r.watchOutgoing, "watch-outgoing", "asked to see their status", (e) => [
+    button("Cancel", "cancel-watch", () => rosterDo(RosterAction.UNWATCH, e.user)),
+  ]);
+  draw("watching-list", r.watching, "watching", "", (e) => [
+    button("Unwatch", "unwatch", () => rosterDo(RosterAction.UNWATCH, e.user)),
+  ]);
+  draw("watchers-list", r.watchers, "watchers", "sees your status", (e) => [
+    button("Revoke", "revoke", () => rosterDo(RosterAction.REVOKE, e.user)),
   ]);
   $("no-friends").hidden = r.friends.size + r.incoming.size + r.outgoing.size > 0;
   $("blocked-count").textContent = r.blocked.size ? `(${r.blocked.size})` : "";
@@ -1140,6 +1219,7 @@ function idFrom(inputId) {
 }
 
 function setup() {
+  state.roster = emptyRoster();
   $("auth-name").value = localStorage.getItem("tim.last_name") || "";
   onSubmit("auth-form", () => authenticate(false));
   $("register-btn").addEventListener("click", () => {
@@ -1187,6 +1267,13 @@ function setup() {
     $("add-friend-id").value = "";
     $("add-friend-note").value = "";
     await rosterDo(RosterAction.REQUEST, id, note);
+  });
+
+  onSubmit("add-watch-form", async () => {
+    const id = idFrom("add-watch-id");
+    if (!id) return;
+    $("add-watch-id").value = "";
+    await rosterDo(RosterAction.WATCH, id);
   });
 
   onSubmit("new-group-form", async () => {
