@@ -10,7 +10,10 @@ use std::{
 
 use common::*;
 use serde_json::{json, Value};
-use tim::{client::Event, protocol::ErrorCode};
+use tim::{
+    client::Event,
+    protocol::{presence_state, roster_action, ErrorCode},
+};
 
 const TOKEN: &str = "test-admin-token-0123456789";
 
@@ -226,7 +229,15 @@ fn refusals(driver: &str) {
     assert_eq!(http(a, "GET", "/healthz", None, None).0, 200);
 }
 
-on_both_drivers!(token_and_health, users_and_messages, groups, refusals, bans, profiles_and_sessions);
+on_both_drivers!(
+    token_and_health,
+    users_and_messages,
+    groups,
+    refusals,
+    bans,
+    profiles_and_sessions,
+    roster_and_presence
+);
 
 /// A non-loopback admin listener without a token is refused at start, with a clear error.
 #[test]
@@ -363,4 +374,61 @@ fn profiles_and_sessions(driver: &str) {
     }
     assert_eq!(call(&s, "GET", "/v1/users/ann/profile", json!(null)).0, 400);
     assert_eq!(call(&s, "POST", &format!("/v1/users/{ann_id}/sessions"), json!({})).0, 405);
+}
+
+/// A user's roster lists and presence read by the operator: what the user itself would read
+/// (an invisible user is `invisible`), paged; bad lists and parameters refused; no session is
+/// made (the user does not come online by it).
+fn roster_and_presence(driver: &str) {
+    let s = start(driver);
+    let (ann, ann_id) = s.register("ann");
+    let (bob, bob_id) = s.register("bob");
+    let (_, carol_id) = s.register("carol");
+    let roster =
+        |user: u64, query: &str| call(&s, "GET", &format!("/v1/users/{user}/roster?{query}"), json!(null));
+    let users =
+        |v: &Value| v["entries"].as_array().unwrap().iter().map(|e| uid(&e["user_id"])).collect::<Vec<_>>();
+    let (st, v) = call(&s, "GET", &format!("/v1/users/{ann_id}/presence"), json!(null));
+    assert_eq!((st, v["state"].as_str(), v["since_ms"].as_str()), (200, Some("offline"), Some("0")), "{v}");
+    let (mut a, _) = s.login(&ann, 3);
+    let (mut b, _) = s.login(&bob, 3);
+    a.roster_action(roster_action::REQUEST, bob_id, "hi bob").unwrap();
+    a.roster_action(roster_action::REQUEST, carol_id, "hi carol").unwrap();
+    b.roster_action(roster_action::ACCEPT, ann_id, "").unwrap();
+    a.roster_action(roster_action::WATCH, bob_id, "").unwrap();
+    b.roster_action(roster_action::ALLOW, ann_id, "").unwrap();
+    let (st, v) = roster(ann_id, "");
+    assert_eq!((st, v["list"].as_str(), users(&v)), (200, Some("friends"), vec![bob_id]), "{v}");
+    let (st, v) = roster(ann_id, "list=outgoing");
+    assert_eq!((st, users(&v)), (200, vec![carol_id]), "{v}");
+    assert_eq!(v["entries"][0]["note"].as_str(), Some("hi carol"), "{v}");
+    assert_eq!(users(&roster(ann_id, "list=watching").1), [bob_id]);
+    assert_eq!(users(&roster(bob_id, "list=watchers").1), [ann_id]);
+    let (_, v) = roster(bob_id, &format!("list=friends&after={ann_id}&limit=5"));
+    assert_eq!((users(&v), v["more"].as_bool()), (vec![], Some(false)), "{v}");
+    a.presence_set(presence_state::INVISIBLE, "hiding", b"\xff").unwrap();
+    let (st, v) = call(&s, "GET", &format!("/v1/users/{ann_id}/presence"), json!(null));
+    assert_eq!(
+        (st, v["state"].as_str(), v["text"].as_str()),
+        (200, Some("invisible"), Some("hiding")),
+        "{v}"
+    );
+    assert_eq!(v["extra_b64"].as_str(), Some("/w=="), "{v}");
+    // Carol has no session: reading her roster and presence does not bring her online.
+    let (st, v) = roster(carol_id, "list=incoming");
+    assert_eq!((st, users(&v)), (200, vec![ann_id]), "{v}");
+    assert_eq!(a.presence_get(&[carol_id]).unwrap()[0].state, presence_state::OFFLINE);
+    // Refusals.
+    for (query, want) in [("list=pals", 400), ("list=friends&after=x", 400), ("colour=red", 400)] {
+        assert_eq!(roster(ann_id, query).0, want, "{query}");
+    }
+    for path in ["/v1/users/999999999/roster", "/v1/users/999999999/presence"] {
+        let (st, v) = call(&s, "GET", path, json!(null));
+        assert_eq!(
+            (st, v["error"]["code"].as_u64()),
+            (404, Some(ErrorCode::UnknownUser.code() as u64)),
+            "{v}"
+        );
+    }
+    assert_eq!(call(&s, "PUT", &format!("/v1/users/{ann_id}/roster"), json!({})).0, 405);
 }

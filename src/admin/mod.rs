@@ -281,6 +281,8 @@ async fn handle(state: &Arc<State>, req: Request<Incoming>) -> Response<Full<Byt
         (&Method::GET, ["v1", "users", user, "profile"]) => profile_get(state, user).await,
         (&Method::PUT, ["v1", "users", user, "profile"]) => profile_put(state, user, &body).await,
         (&Method::GET, ["v1", "users", user, "sessions"]) => user_sessions(state, user).await,
+        (&Method::GET, ["v1", "users", user, "roster"]) => user_roster(state, user, &query).await,
+        (&Method::GET, ["v1", "users", user, "presence"]) => user_presence(state, user).await,
         (&Method::GET, ["v1", "online"]) => online_count(state).await,
         (&Method::GET, ["v1", "online", "users"]) => online_users(state, &query).await,
         (&Method::POST, ["v1", "groups"]) => group_create(state, &body).await,
@@ -294,7 +296,7 @@ async fn handle(state: &Arc<State>, req: Request<Incoming>) -> Response<Full<Byt
             | ["v1", "accounts" | "tokens" | "messages" | "broadcasts" | "kicks" | "online" | "groups" | "cluster"]
             | ["v1", "online", "users"]
             | ["v1", "bans", _]
-            | ["v1", "users", _, "profile" | "sessions"]
+            | ["v1", "users", _, "profile" | "sessions" | "roster" | "presence"]
             | ["v1", "groups", _]
             | ["v1", "groups", _, "members"]
             | ["v1", "groups", _, "members", _],
@@ -680,18 +682,23 @@ async fn ban_status(state: &State, seg: &str) -> ApiResult {
     }
 }
 
+/// Opaque extra data into `v`: as `extra` when it is UTF-8 text, else as `extra_b64`.
+fn put_extra(v: &mut Value, extra: &[u8]) {
+    use base64::Engine as _;
+    match std::str::from_utf8(extra) {
+        Ok(text) => v["extra"] = json!(text),
+        Err(_) => v["extra_b64"] = json!(base64::engine::general_purpose::STANDARD.encode(extra)),
+    }
+}
+
 /// A profile entry as JSON (the WebSocket mapping's `profile_list` entry).
 fn profile_json(e: &protocol::ProfileEntry) -> Value {
-    use base64::Engine as _;
     let p = &e.profile;
     let mut profile = json!({
         "nickname": p.nickname, "avatar_url": p.avatar_url, "gender": p.gender,
         "birthday": p.birthday, "area": p.area,
     });
-    match std::str::from_utf8(&p.extra) {
-        Ok(text) => profile["extra"] = json!(text),
-        Err(_) => profile["extra_b64"] = json!(base64::engine::general_purpose::STANDARD.encode(&p.extra)),
-    }
+    put_extra(&mut profile, &p.extra);
     json!({ "user_id": id(e.user_id), "updated_ms": id(e.updated_ms), "profile": profile })
 }
 
@@ -765,6 +772,76 @@ async fn user_sessions(state: &State, seg: &str) -> ApiResult {
         })
         .collect();
     Ok((StatusCode::OK, json!({ "user_id": id(user), "sessions": sessions })))
+}
+
+/// The names of the roster lists ([`protocol::roster_list`]) in `GET /v1/users/{user}/roster`.
+const ROSTER_LIST_NAMES: [&str; 8] = [
+    "friends",
+    "incoming",
+    "outgoing",
+    "blocked",
+    "watchers",
+    "watching",
+    "watch_incoming",
+    "watch_outgoing",
+];
+
+/// `GET /v1/users/{user}/roster?list=NAME&after=USER&limit=N`: a page of one of the user's
+/// roster lists, read as the user's own `RosterGet`.
+async fn user_roster(state: &State, seg: &str, query: &str) -> ApiResult {
+    let user = user_seg(seg)?;
+    let (mut list, mut after, mut limit) = (0u8, 0u64, 0u32);
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        let (k, val) = pair.split_once('=').unwrap_or((pair, ""));
+        let number =
+            || val.parse::<u64>().map_err(|_| ApiError::bad(format!("query `{k}`: expected a number")));
+        match k {
+            "list" => {
+                list = ROSTER_LIST_NAMES.iter().position(|&n| n == val).ok_or_else(|| {
+                    ApiError::bad(format!("unknown list `{val}` (one of {})", ROSTER_LIST_NAMES.join(", ")))
+                })? as u8
+            }
+            "after" => after = number()?,
+            "limit" => limit = number()?.min(u32::MAX.into()) as u32,
+            _ => return Err(ApiError::bad(format!("unknown query parameter `{k}`"))),
+        }
+    }
+    let user = existing_user(state, user).await?;
+    let req = frame::encode(kind::ROSTER_GET, &protocol::RosterGet { list, after, limit });
+    let events = as_user(state, user, req, answered).await?;
+    let Some(page) = events.iter().find_map(|e| match e {
+        Event::RosterList(l) => Some(l.clone()),
+        _ => None,
+    }) else {
+        return Err(ErrorCode::Internal.into());
+    };
+    let entries: Vec<Value> = page
+        .entries
+        .iter()
+        .map(|e| json!({ "user_id": id(e.user), "since_ms": id(e.since_ms), "note": e.note }))
+        .collect();
+    let list = ROSTER_LIST_NAMES[usize::from(list)];
+    Ok((StatusCode::OK, json!({ "user_id": id(user), "list": list, "entries": entries, "more": page.more })))
+}
+
+/// `GET /v1/users/{user}/presence`: the user's presence as the user itself sees it (an invisible
+/// user is `invisible`, not `offline`).
+async fn user_presence(state: &State, seg: &str) -> ApiResult {
+    let user = existing_user(state, user_seg(seg)?).await?;
+    let req = frame::encode(kind::PRESENCE_GET, &protocol::PresenceGet { user_ids: vec![user] });
+    let events = as_user(state, user, req, answered).await?;
+    let Some(e) = events.iter().find_map(|e| match e {
+        Event::PresenceList(l) => l.entries.first().cloned(),
+        _ => None,
+    }) else {
+        return Err(ErrorCode::Internal.into());
+    };
+    let mut v = json!({
+        "user_id": id(e.user), "state": crate::chat::presence_name(e.state), "since_ms": id(e.since_ms),
+        "text": e.text,
+    });
+    put_extra(&mut v, &e.extra);
+    Ok((StatusCode::OK, v))
 }
 
 async fn online_all(state: &State) -> Result<Vec<(u64, u64)>, ApiError> {
