@@ -5,40 +5,11 @@
 use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use tim::{client::Client, config::Config};
-
-const PASSWORD: &str = "bench password";
-
-fn start() -> tim::server::Server {
-    let mut cfg = Config::default();
-    cfg.server.listen = "127.0.0.1:0".parse().unwrap();
-    cfg.server.shards = 2;
-    cfg.gateway.ws_listen = None;
-    cfg.admin.listen = None;
-    cfg.server.pin_cores = false;
-    // The memory store, as the figures in docs/BENCHMARKS.md were taken (the default is now the
-    // embedded store, whose data directory a second run would find).
-    cfg.store.backend = "memory".into();
-    cfg.security.argon2_m_kib = 64;
-    cfg.security.argon2_t = 1;
-    tim::server::start(cfg).expect("server starts")
-}
-
-/// A logged-in client of `name` whose session sits on `shard`.
-fn login_on(server: &tim::server::Server, name: &str, device_type: u8, shard: u64) -> Client {
-    for _ in 0..200 {
-        let mut c = Client::connect(server.addr).unwrap();
-        let ok = c.login(name, PASSWORD, device_type, "bench").unwrap();
-        if ok.session_id >> 48 == shard {
-            return c;
-        }
-        c.logout().unwrap();
-    }
-    panic!("no session on shard {shard}");
-}
+use tim::client::Client;
+use tim_bench::{login_on, loopback_server, PASSWORD};
 
 fn e2e(c: &mut Criterion) {
-    let server = start();
+    let server = loopback_server();
     let mut reg = Client::connect(server.addr).unwrap();
     reg.register("bench-a", PASSWORD).unwrap();
     let b_id = reg.register("bench-b", PASSWORD).unwrap();

@@ -10,40 +10,12 @@
 use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use tim::{client::Client, config::Config, protocol::conv};
-
-const PASSWORD: &str = "bench password";
+use tim::{client::Client, protocol::conv};
+use tim_bench::{login_on, loopback_server, PASSWORD};
 
 /// The body sizes measured; those over `limits.body_bytes_max` (32 KiB) are sent in parts.
 const SIZES: [(usize, &str); 4] =
     [(16 << 10, "16KiB"), (256 << 10, "256KiB"), (1 << 20, "1MiB"), (4 << 20, "4MiB")];
-
-fn start() -> tim::server::Server {
-    let mut cfg = Config::default();
-    cfg.server.listen = "127.0.0.1:0".parse().unwrap();
-    cfg.server.shards = 2;
-    // The default is the embedded store, under ./tim-data: this measures the server, not SQLite.
-    cfg.store.backend = "memory".into();
-    cfg.gateway.ws_listen = None;
-    cfg.admin.listen = None;
-    cfg.server.pin_cores = false;
-    cfg.security.argon2_m_kib = 64;
-    cfg.security.argon2_t = 1;
-    tim::server::start(cfg).expect("server starts")
-}
-
-/// A logged-in client of `name` whose session sits on `shard` (as in e2e.rs).
-fn login_on(server: &tim::server::Server, name: &str, device_type: u8, shard: u64) -> Client {
-    for _ in 0..200 {
-        let mut c = Client::connect(server.addr).unwrap();
-        let ok = c.login(name, PASSWORD, device_type, "bench").unwrap();
-        if ok.session_id >> 48 == shard {
-            return c;
-        }
-        c.logout().unwrap();
-    }
-    panic!("no session on shard {shard}");
-}
 
 /// A body of `n` bytes that is not one repeated byte.
 fn body(n: usize) -> Vec<u8> {
@@ -51,7 +23,7 @@ fn body(n: usize) -> Vec<u8> {
 }
 
 fn large(c: &mut Criterion) {
-    let server = start();
+    let server = loopback_server();
     let mut reg = Client::connect(server.addr).unwrap();
     reg.register("bench-a", PASSWORD).unwrap();
     let b_id = reg.register("bench-b", PASSWORD).unwrap();
