@@ -1,6 +1,6 @@
 //! The roster: friendships, friend requests, blocks and presence watches between two users,
-//! and what each [`roster_action`] does to them. The rules live here once; each store reads a pair's two
-//! rows, calls [`apply`] and writes both rows back in one transaction.
+//! and what each [`roster_action`] does to them. The rules live here once; each store reads a
+//! pair's two rows, calls [`apply`] and writes both rows back in one transaction.
 
 use crate::protocol::{roster_action as act, ErrorCode};
 
